@@ -1,0 +1,54 @@
+// Shared by the forward kernels: the per-call parameters and the MergeQ tile lists.
+// Offsets and strides are in vec4 units (4 elements), so Q/K/V may be views into one interleaved buffer.
+
+struct Params {
+    seq_len: u32,
+    num_heads: u32,
+    num_kv_heads: u32,
+    tiles: u32,
+    heads_per_pattern: u32,
+    block_size: u32,
+    causal: u32,
+    scale_log2: f32,     // softmax scale * log2(e): scores live in the base-2 domain
+    q_off: u32,
+    k_off: u32,
+    v_off: u32,
+    o_off: u32,
+    q_stride: u32,       // vec4s from one token to the next
+    kv_stride: u32,
+    o_stride: u32,
+    lse_off: u32,        // in f32 elements
+    neg_inf: f32,        // -inf, written for rows with no active key
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+// tile_ptr[pattern * tiles + tile] .. tile_ptr[... + 1] indexes `entries`.
+@group(0) @binding(6) var<storage, read> tile_ptr: array<u32>;
+// entries[e] = (kv_block, rows): rows < 2^31 is a prefix row count; otherwise bit b of the low 31 bits
+// says whether the tile's b-th merged query block attends.
+@group(0) @binding(7) var<storage, read> entries: array<vec2<u32>>;
+
+const ROWMASK_BITS_FLAG: u32 = 0x80000000u;
+// Stands for -inf inside the kernels (WGSL has no infinity literal).
+const NEG_BIG: f32 = -3.0e38;
+
+fn row_attends(rows: u32, r: u32) -> bool {
+    if rows < ROWMASK_BITS_FLAG {
+        return r < rows;
+    }
+    return ((rows >> (r / params.block_size)) & 1u) == 1u;
+}
+
+// Head-major offsets in vec4 units.
+fn q_index(b: u32, tok: u32, head: u32, c4: u32, d4: u32) -> u32 {
+    return params.q_off + (b * params.seq_len + tok) * params.q_stride + head * d4 + c4;
+}
+fn kv_index(off: u32, b: u32, tok: u32, kv_head: u32, c4: u32, d4: u32) -> u32 {
+    return off + (b * params.seq_len + tok) * params.kv_stride + kv_head * d4 + c4;
+}
+fn o_index(b: u32, tok: u32, head: u32, c4: u32, d4: u32) -> u32 {
+    return params.o_off + (b * params.seq_len + tok) * params.o_stride + head * d4 + c4;
+}

@@ -1,0 +1,196 @@
+//! The public op: [`Attention`] binds a layout and a problem shape to a device, plans once, and runs the
+//! forward pass on host slices or on GPU buffers the caller owns.
+//!
+//! The data path reads top-down: [`Layout`] (config) → [`Layout::index`] (compressed index) →
+//! [`crate::plan`] (variant, tiles, [`MergeQPlan`]) → kernel → [`Output`].
+
+use crate::error::{Error, Result};
+use crate::gpu::{Context, GpuForward, TensorView};
+use crate::layout::Layout;
+use crate::plan::{self, DType, DispatchPlan, MergeQPlan, Shape};
+use std::sync::Arc;
+
+/// Element types host slices may hold. Sealed: `f32` and `half::f16`.
+pub trait Element: bytemuck::Pod + private::Sealed {
+    /// The matching [`DType`].
+    const DTYPE: DType;
+    /// Widens to f32.
+    fn to_f32(self) -> f32;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Element for half::f16 {
+    const DTYPE: DType = DType::F16;
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+mod private {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+}
+
+/// What a forward call returns on the host.
+#[derive(Clone, Debug)]
+pub struct Output<T> {
+    /// `[batch, seq, heads, head_dim]`.
+    pub out: Vec<T>,
+    /// Natural-log log-sum-exp of each row's scaled scores, `[batch, heads, seq]` (`-inf` for a row with
+    /// no active key, possible only with custom masks).
+    pub lse: Vec<f32>,
+}
+
+/// An S2 attention op: one layout, one shape, one device, planned once.
+pub struct Attention {
+    layout: Layout,
+    shape: Shape,
+    mergeq: Arc<MergeQPlan>,
+    gpu: GpuForward,
+}
+
+impl std::fmt::Debug for Attention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attention").field("shape", &self.shape).field("plan", self.gpu.plan()).finish()
+    }
+}
+
+impl Attention {
+    /// Plans `layout` at `shape` for the device of `ctx` and compiles (or fetches) its pipeline.
+    pub fn new(ctx: &Context, layout: &Layout, shape: Shape) -> Result<Self> {
+        shape.validate(layout)?;
+        if shape.dtype == DType::BF16 {
+            return Err(Error::Unsupported("bf16 has no WGSL kernel; use f16 or f32 (or the CUDA backend)".into()));
+        }
+        let plan = plan::plan_portable(&shape, layout, ctx.caps())?;
+        let mergeq = Arc::new(MergeQPlan::build(&layout.index(shape.seq_len), layout.block_size(), layout.causal(), plan.tile_q));
+        check_sizes(ctx, layout, &shape)?;
+        let gpu = GpuForward::new(ctx, layout, shape, plan, mergeq.clone())?;
+        Ok(Self { layout: layout.clone(), shape, mergeq, gpu })
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+    /// The shape.
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+    /// The dispatch plan.
+    pub fn plan(&self) -> &DispatchPlan {
+        self.gpu.plan()
+    }
+    /// The MergeQ tile lists the kernel reads.
+    pub fn mergeq(&self) -> &MergeQPlan {
+        &self.mergeq
+    }
+    /// Buffers the op has created so far (to check that steady-state calls allocate nothing).
+    pub fn buffers_created(&self) -> usize {
+        self.gpu.buffers_created()
+    }
+
+    /// A human-readable account of what will run and why.
+    pub fn explain(&self) -> String {
+        let s = &self.shape;
+        format!(
+            "{} x {} tokens, {} heads / {} kv heads, head_dim {}, {}: {}; {} tiles x {} patterns, longest tile list {} KV blocks{}",
+            s.batch,
+            s.seq_len,
+            self.layout.num_heads(),
+            self.layout.num_kv_heads(),
+            s.head_dim,
+            s.dtype,
+            self.gpu.plan(),
+            self.mergeq.tiles(),
+            self.mergeq.patterns(),
+            self.mergeq.max_tile_len(),
+            if self.mergeq.all_prefix() { ", prefix row masks" } else { ", per-block row masks" }
+        )
+    }
+
+    /// Runs on host slices in `[batch, seq, heads, head_dim]` layout (K and V with `num_kv_heads`).
+    pub fn forward<T: Element>(&self, q: &[T], k: &[T], v: &[T]) -> Result<Output<T>> {
+        if T::DTYPE != self.gpu.dtype() {
+            return Err(Error::DType { tensor: "q", expected: self.gpu.dtype().name(), got: T::DTYPE.name() });
+        }
+        let tokens = self.shape.batch as usize * self.shape.seq_len as usize;
+        let d = self.shape.head_dim as usize;
+        let qn = tokens * self.layout.num_heads() as usize * d;
+        let kn = tokens * self.layout.num_kv_heads() as usize * d;
+        let layout = |h: u32| format!("[batch {}, seq {}, heads {h}, head_dim {d}]", self.shape.batch, self.shape.seq_len);
+        for (name, len, want, h) in
+            [("q", q.len(), qn, self.layout.num_heads()), ("k", k.len(), kn, self.layout.num_kv_heads()), ("v", v.len(), kn, self.layout.num_kv_heads())]
+        {
+            if len != want {
+                return Err(Error::Length { tensor: name, got: len, expected: want, layout: layout(h) });
+            }
+        }
+        let (out, lse) = self.gpu.run_host(bytemuck::cast_slice(q), bytemuck::cast_slice(k), bytemuck::cast_slice(v))?;
+        Ok(Output { out: bytemuck::pod_collect_to_vec(&out), lse })
+    }
+
+    /// Records the forward pass into the caller's `encoder`, reading and writing the caller's buffers.
+    /// `lse` is `(buffer, first element)` for `[batch, heads, seq]` f32 values. Nothing is submitted.
+    pub fn encode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        out: &TensorView<'_>,
+        lse: (&wgpu::Buffer, u64),
+    ) -> Result<()> {
+        self.gpu.encode(encoder, q, k, v, out, lse, None)
+    }
+
+    /// As [`Attention::encode`], writing GPU timestamps at the start and end of the pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_timed(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        out: &TensorView<'_>,
+        lse: (&wgpu::Buffer, u64),
+        timestamps: wgpu::ComputePassTimestampWrites<'_>,
+    ) -> Result<()> {
+        self.gpu.encode(encoder, q, k, v, out, lse, Some(timestamps))
+    }
+}
+
+/// Refuses problems whose tensors cannot be bound on this device, naming the limit.
+fn check_sizes(ctx: &Context, layout: &Layout, shape: &Shape) -> Result<()> {
+    let caps = ctx.caps();
+    let tokens = shape.batch as u64 * shape.seq_len as u64;
+    let bytes = tokens * layout.num_heads() as u64 * shape.head_dim as u64 * shape.dtype.size();
+    for (what, limit, max) in [
+        ("the q/out tensors", "max_storage_buffer_binding_size", caps.max_storage_binding),
+        ("the q/out tensors", "max_buffer_size", caps.max_buffer),
+    ] {
+        if bytes > max {
+            return Err(Error::DeviceLimit { what: format!("{what} ({bytes} bytes)"), limit, needed: bytes, max });
+        }
+    }
+    if shape.batch > caps.max_dispatch || layout.num_heads() > caps.max_dispatch {
+        return Err(Error::DeviceLimit {
+            what: "batch and heads as dispatch dimensions".into(),
+            limit: "max_compute_workgroups_per_dimension",
+            needed: shape.batch.max(layout.num_heads()) as u64,
+            max: caps.max_dispatch as u64,
+        });
+    }
+    // Vec4 offsets are u32 in the kernel.
+    if bytes / shape.dtype.size() / 4 > u32::MAX as u64 {
+        return Err(Error::Shape(format!("{bytes} bytes per tensor exceeds the kernel's 2^34-element addressing")));
+    }
+    Ok(())
+}

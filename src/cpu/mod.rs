@@ -1,0 +1,11 @@
+//! CPU code: the f64 oracle every kernel is judged against, and CPU twins of the GPU stages.
+//!
+//! As in vello, each GPU stage has a CPU twin of the same name that follows the same algorithm (here:
+//! the same MergeQ tile walk and the same online softmax), so a planning bug shows up on the CPU without a
+//! GPU, and a kernel bug shows up as a disagreement between the kernel and its twin.
+
+mod forward;
+mod reference;
+
+pub use forward::forward_portable;
+pub use reference::{attention_reference, rel_l2_error, Reference};

@@ -1,0 +1,334 @@
+//! `Context`: one wgpu device (picked by the library or adopted from the embedding app), what it can do,
+//! and the compiled pipelines, cached for the context's lifetime.
+
+use super::shaders::{self, Kernel};
+use crate::error::{Error, Result};
+use crate::plan::{DType, DeviceCaps};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+/// How to pick an adapter. The defaults read `S2ATTN_ADAPTER` (a case-insensitive substring of the
+/// adapter name) and `S2ATTN_BACKEND` (`vulkan`, `gl`, `metal` or `dx12`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContextOptions {
+    /// Substring of the adapter name to require.
+    pub adapter: Option<String>,
+    /// Backend to require (`vulkan`, `gl`, `metal`, `dx12`).
+    pub backend: Option<String>,
+}
+
+impl ContextOptions {
+    /// Options from `S2ATTN_ADAPTER` and `S2ATTN_BACKEND`.
+    pub fn from_env() -> Self {
+        Self { adapter: std::env::var("S2ATTN_ADAPTER").ok(), backend: std::env::var("S2ATTN_BACKEND").ok() }
+    }
+}
+
+/// What a device is and can do, as reported to users and used by the planner.
+#[derive(Clone, Debug)]
+pub struct Capabilities {
+    /// wgpu's adapter description.
+    pub info: wgpu::AdapterInfo,
+    /// Features enabled on the device.
+    pub features: wgpu::Features,
+    /// The device's limits.
+    pub limits: wgpu::Limits,
+    /// Cooperative-matrix shapes, e.g. `16x16x16 f16->f32`.
+    pub coop_shapes: Vec<String>,
+    /// The planner's view.
+    pub caps: DeviceCaps,
+}
+
+impl fmt::Display for Capabilities {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &self.info;
+        writeln!(f, "adapter  {} ({:?}, {:?})", i.name, i.backend, i.device_type)?;
+        writeln!(f, "driver   {} {}", i.driver, i.driver_info)?;
+        writeln!(
+            f,
+            "features f16={} subgroups={} (sizes {}..{}) timestamps={} coop=[{}]",
+            self.caps.shader_f16,
+            self.caps.subgroups,
+            i.subgroup_min_size,
+            i.subgroup_max_size,
+            self.caps.timestamps,
+            self.coop_shapes.join(", ")
+        )?;
+        write!(
+            f,
+            "limits   workgroup memory {} B, invocations {}, storage binding {} MiB, buffer {} MiB",
+            self.caps.max_workgroup_storage,
+            self.caps.max_invocations,
+            self.caps.max_storage_binding >> 20,
+            self.caps.max_buffer >> 20
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PipelineKey {
+    kernel: Kernel,
+    dtype: DType,
+    constants: Vec<(&'static str, u32)>,
+}
+
+struct Inner {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    capabilities: Capabilities,
+    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+}
+
+/// A GPU device with its queue and pipeline cache. `Clone` shares it.
+#[derive(Clone)]
+pub struct Context(Arc<Inner>);
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Context").field(&self.0.capabilities.info.name).finish()
+    }
+}
+
+fn backend_name(b: wgpu::Backend) -> &'static str {
+    match b {
+        wgpu::Backend::Vulkan => "vulkan",
+        wgpu::Backend::Metal => "metal",
+        wgpu::Backend::Dx12 => "dx12",
+        wgpu::Backend::Gl => "gl",
+        wgpu::Backend::BrowserWebGpu => "webgpu",
+        _ => "other",
+    }
+}
+
+fn parse_backend(name: &str) -> Result<wgpu::Backends> {
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "vulkan" | "vk" => wgpu::Backends::VULKAN,
+        "gl" | "gles" | "opengl" => wgpu::Backends::GL,
+        "metal" => wgpu::Backends::METAL,
+        "dx12" | "d3d12" => wgpu::Backends::DX12,
+        other => {
+            return Err(Error::NoAdapter(format!("unknown backend `{other}` (S2ATTN_BACKEND): use vulkan, gl, metal or dx12")))
+        }
+    })
+}
+
+/// A one-line description of an adapter wgpu can see.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdapterSummary {
+    /// Adapter name.
+    pub name: String,
+    /// Backend (`vulkan`, `gl`, ...).
+    pub backend: String,
+    /// Device type (`DiscreteGpu`, `Cpu`, ...).
+    pub device_type: String,
+}
+
+fn instance() -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+}
+
+fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
+    let ty = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    };
+    let be = match info.backend {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        _ => 1,
+    };
+    (ty, be)
+}
+
+impl Context {
+    /// Opens the best adapter allowed by `S2ATTN_ADAPTER` / `S2ATTN_BACKEND` (discrete GPUs first, then
+    /// integrated, then software; native APIs before GL).
+    pub fn new() -> Result<Self> {
+        Self::with_options(&ContextOptions::from_env())
+    }
+
+    /// Every adapter wgpu can see, best first.
+    pub fn adapters() -> Vec<AdapterSummary> {
+        let mut list = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()));
+        list.sort_by_key(|a| rank(&a.get_info()));
+        list.iter()
+            .map(|a| {
+                let i = a.get_info();
+                AdapterSummary { name: i.name, backend: backend_name(i.backend).into(), device_type: format!("{:?}", i.device_type) }
+            })
+            .collect()
+    }
+
+    /// Opens the best adapter matching `options`.
+    pub fn with_options(options: &ContextOptions) -> Result<Self> {
+        let backends = match &options.backend {
+            Some(b) => parse_backend(b)?,
+            None => wgpu::Backends::all(),
+        };
+        let mut list = pollster::block_on(instance().enumerate_adapters(backends));
+        let seen: Vec<String> =
+            list.iter().map(|a| format!("{} ({})", a.get_info().name, backend_name(a.get_info().backend))).collect();
+        if let Some(want) = &options.adapter {
+            let want = want.to_lowercase();
+            list.retain(|a| a.get_info().name.to_lowercase().contains(&want));
+        }
+        list.sort_by_key(|a| rank(&a.get_info()));
+        let Some(adapter) = list.into_iter().next() else {
+            return Err(Error::NoAdapter(format!(
+                "none matches adapter={:?} backend={:?}; adapters seen: [{}]{}",
+                options.adapter,
+                options.backend,
+                seen.join(", "),
+                if seen.is_empty() { " (install a Vulkan driver, e.g. `apt-get install mesa-vulkan-drivers`)" } else { "" }
+            )));
+        };
+        Self::open(adapter)
+    }
+
+    fn open(adapter: wgpu::Adapter) -> Result<Self> {
+        let wanted = wgpu::Features::SHADER_F16
+            | wgpu::Features::SUBGROUP
+            | wgpu::Features::TIMESTAMP_QUERY
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
+            | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        let features = adapter.features() & wanted;
+        let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+            // SAFETY: the only experimental feature enabled is cooperative matrices, which the kernels
+            // use solely with the shapes the adapter lists.
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
+        let coop = adapter.cooperative_matrix_properties();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("s2attn"),
+            required_features: features,
+            required_limits: adapter.limits(),
+            experimental_features: experimental,
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::Device(format!("{}: {e}", adapter.get_info().name)))?;
+        Ok(Self::build(adapter.get_info(), device, queue, &coop))
+    }
+
+    /// Adopts a device the embedding application already owns. `info` describes its adapter
+    /// (`adapter.get_info()`); `coop` its cooperative-matrix shapes (`adapter.cooperative_matrix_properties()`,
+    /// or empty to keep to the portable kernels).
+    pub fn from_device(
+        info: wgpu::AdapterInfo,
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        coop: &[wgpu::CooperativeMatrixProperties],
+    ) -> Self {
+        Self::build(info, device, queue, coop)
+    }
+
+    fn build(info: wgpu::AdapterInfo, device: wgpu::Device, queue: wgpu::Queue, coop: &[wgpu::CooperativeMatrixProperties]) -> Self {
+        let features = device.features();
+        let limits = device.limits();
+        let coop_enabled = features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+        let coop_shapes: Vec<String> = coop
+            .iter()
+            .map(|c| format!("{}x{}x{} {:?}->{:?}", c.m_size, c.n_size, c.k_size, c.ab_type, c.cr_type))
+            .collect();
+        let coop_f16_16x16 = coop_enabled
+            && coop.iter().any(|c| {
+                (c.m_size, c.n_size, c.k_size) == (16, 16, 16)
+                    && c.ab_type == wgpu::CooperativeScalarType::F16
+                    && c.cr_type == wgpu::CooperativeScalarType::F32
+            });
+        let caps = DeviceCaps {
+            name: info.name.clone(),
+            backend: backend_name(info.backend).into(),
+            max_workgroup_storage: limits.max_compute_workgroup_storage_size,
+            max_invocations: limits.max_compute_invocations_per_workgroup,
+            max_storage_binding: limits.max_storage_buffer_binding_size as u64,
+            max_buffer: limits.max_buffer_size,
+            max_dispatch: limits.max_compute_workgroups_per_dimension,
+            coop_f16_16x16,
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+        };
+        Self(Arc::new(Inner {
+            device,
+            queue,
+            capabilities: Capabilities { info, features, limits, coop_shapes, caps },
+            pipelines: Mutex::default(),
+        }))
+    }
+
+    /// The wgpu device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.0.device
+    }
+    /// The wgpu queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.0.queue
+    }
+    /// What the device is and can do.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.0.capabilities
+    }
+    /// The planner's view of the device.
+    pub fn caps(&self) -> &DeviceCaps {
+        &self.0.capabilities.caps
+    }
+    /// Adapter name.
+    pub fn adapter_name(&self) -> &str {
+        &self.0.capabilities.info.name
+    }
+    /// Backend name (`vulkan`, `gl`, ...).
+    pub fn backend_name(&self) -> &'static str {
+        backend_name(self.0.capabilities.info.backend)
+    }
+
+    /// Blocks until all submitted work has finished.
+    pub fn wait(&self) -> Result<()> {
+        self.0
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::Device(format!("waiting for the GPU: {e}")))
+    }
+
+    /// The compiled pipeline for `kernel` in `dtype` with `constants` (override name, value), compiled on
+    /// first use and cached.
+    pub(crate) fn pipeline(
+        &self,
+        kernel: Kernel,
+        dtype: DType,
+        constants: &[(&'static str, u32)],
+    ) -> Result<wgpu::ComputePipeline> {
+        let key = PipelineKey { kernel, dtype, constants: constants.to_vec() };
+        let mut cache = self.0.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = cache.get(&key) {
+            return Ok(p.clone());
+        }
+        let source = shaders::compose(kernel, dtype)?;
+        let device = &self.0.device;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(kernel.name()),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let values: Vec<(&str, f64)> = constants.iter().map(|&(k, v)| (k, v as f64)).collect();
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(kernel.name()),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: wgpu::PipelineCompilationOptions { constants: &values, zero_initialize_workgroup_memory: false },
+            cache: None,
+        });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(Error::Shader { name: kernel.name().into(), message: err.to_string() });
+        }
+        cache.insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+}

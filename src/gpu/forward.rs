@@ -1,0 +1,365 @@
+//! Host side of the WGSL forward kernels: index buffers built once per op, bind groups cached per set of
+//! tensor views, encoding into a caller's command encoder, and the host-slice convenience path.
+
+use super::shaders::Kernel;
+use super::Context;
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::plan::{DType, DispatchPlan, KernelVariant, MergeQPlan, Shape};
+use std::sync::{Arc, Mutex};
+use wgpu::util::DeviceExt;
+
+/// A tensor in a GPU buffer: `[batch, seq, heads, head_dim]` rows starting `offset` elements into
+/// `buffer`, consecutive tokens `token_stride` elements apart (heads * head_dim when contiguous; larger for
+/// views into an interleaved QKV buffer). Offsets and strides must be multiples of 4 elements.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorView<'a> {
+    /// The buffer (needs `STORAGE` usage).
+    pub buffer: &'a wgpu::Buffer,
+    /// First element, in elements.
+    pub offset: u64,
+    /// Elements from one token to the next; `None` means contiguous.
+    pub token_stride: Option<u64>,
+}
+
+impl<'a> TensorView<'a> {
+    /// A contiguous tensor at the start of `buffer`.
+    pub fn new(buffer: &'a wgpu::Buffer) -> Self {
+        Self { buffer, offset: 0, token_stride: None }
+    }
+    /// A view `offset` elements in, tokens `token_stride` elements apart.
+    pub fn strided(buffer: &'a wgpu::Buffer, offset: u64, token_stride: u64) -> Self {
+        Self { buffer, offset, token_stride: Some(token_stride) }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    seq_len: u32,
+    num_heads: u32,
+    num_kv_heads: u32,
+    tiles: u32,
+    heads_per_pattern: u32,
+    block_size: u32,
+    causal: u32,
+    scale_log2: f32,
+    q_off: u32,
+    k_off: u32,
+    v_off: u32,
+    o_off: u32,
+    q_stride: u32,
+    kv_stride: u32,
+    o_stride: u32,
+    lse_off: u32,
+    neg_inf: f32,
+    _pad: [u32; 3],
+}
+
+#[derive(Clone, PartialEq, Eq)]
+struct BindKey {
+    buffers: [wgpu::Buffer; 5],
+    words: [u32; 8],
+}
+
+struct HostBuffers {
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    o: wgpu::Buffer,
+    lse: wgpu::Buffer,
+    readback: wgpu::Buffer,
+}
+
+/// Bind groups kept per distinct set of views (an app usually alternates between a few).
+const BIND_CACHE: usize = 8;
+
+pub(crate) struct GpuForward {
+    ctx: Context,
+    shape: Shape,
+    num_heads: u32,
+    num_kv_heads: u32,
+    base: Params,
+    plan: DispatchPlan,
+    tiles: u32,
+    pipeline: wgpu::ComputePipeline,
+    tile_ptr: wgpu::Buffer,
+    entries: wgpu::Buffer,
+    binds: Mutex<Vec<(BindKey, wgpu::BindGroup)>>,
+    host: Mutex<Option<HostBuffers>>,
+    buffers_created: std::sync::atomic::AtomicUsize,
+}
+
+impl GpuForward {
+    pub(crate) fn new(ctx: &Context, layout: &Layout, shape: Shape, plan: DispatchPlan, mergeq: Arc<MergeQPlan>) -> Result<Self> {
+        let kernel = match plan.variant {
+            KernelVariant::Portable => Kernel::ForwardPortable,
+            other => return Err(Error::Unsupported(format!("{} is not a wgpu kernel", other.name()))),
+        };
+        let pipeline = ctx.pipeline(
+            kernel,
+            shape.dtype,
+            &[("D", shape.head_dim), ("BQ", plan.tile_q), ("BK", plan.tile_kv), ("WG", plan.workgroup_size)],
+        )?;
+        let device = ctx.device();
+        let entries_words = mergeq.gpu_entries();
+        // wgpu refuses empty bindings; an empty plan (impossible for valid layouts) still gets one word.
+        let entries_bytes: &[u8] =
+            if entries_words.is_empty() { bytemuck::bytes_of(&[0u32; 2]) } else { bytemuck::cast_slice(&entries_words) };
+        let tile_ptr = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("s2attn tile_ptr"),
+            contents: bytemuck::cast_slice(mergeq.row_ptr()),
+            usage: wgpu::BufferUsages::STORAGE,
+        });
+        let entries = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("s2attn entries"),
+            contents: entries_bytes,
+            usage: wgpu::BufferUsages::STORAGE,
+        });
+        let base = Params {
+            seq_len: shape.seq_len,
+            num_heads: layout.num_heads(),
+            num_kv_heads: layout.num_kv_heads(),
+            tiles: mergeq.tiles(),
+            heads_per_pattern: layout.num_heads() / layout.num_patterns(),
+            block_size: layout.block_size(),
+            causal: layout.causal() as u32,
+            scale_log2: shape.softmax_scale() * std::f32::consts::LOG2_E,
+            q_off: 0,
+            k_off: 0,
+            v_off: 0,
+            o_off: 0,
+            q_stride: 0,
+            kv_stride: 0,
+            o_stride: 0,
+            lse_off: 0,
+            neg_inf: f32::NEG_INFINITY,
+            _pad: [0; 3],
+        };
+        Ok(Self {
+            ctx: ctx.clone(),
+            shape,
+            num_heads: layout.num_heads(),
+            num_kv_heads: layout.num_kv_heads(),
+            base,
+            plan,
+            tiles: mergeq.tiles(),
+            pipeline,
+            tile_ptr,
+            entries,
+            binds: Mutex::default(),
+            host: Mutex::default(),
+            buffers_created: 2.into(),
+        })
+    }
+
+    /// Buffers this op has created so far (index, params and host staging buffers).
+    pub(crate) fn buffers_created(&self) -> usize {
+        self.buffers_created.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn tokens(&self) -> u64 {
+        self.shape.batch as u64 * self.shape.seq_len as u64
+    }
+
+    /// Checks a view and returns (offset, stride) in vec4 units.
+    fn check_view(&self, name: &'static str, view: &TensorView<'_>, heads: u32) -> Result<(u32, u32)> {
+        let row = heads as u64 * self.shape.head_dim as u64;
+        let stride = view.token_stride.unwrap_or(row);
+        if stride < row {
+            return Err(Error::Shape(format!("{name}: token_stride {stride} is smaller than heads * head_dim = {row}")));
+        }
+        if view.offset % 4 != 0 || stride % 4 != 0 {
+            return Err(Error::Shape(format!(
+                "{name}: offset {} and token_stride {stride} must be multiples of 4 elements",
+                view.offset
+            )));
+        }
+        let elems = view.offset + (self.tokens() - 1) * stride + row;
+        let needed = elems * self.shape.dtype.size();
+        self.check_buffer(name, view.buffer, needed)?;
+        let to_u32 = |x: u64| {
+            u32::try_from(x / 4).map_err(|_| Error::Shape(format!("{name}: offset/stride {x} exceed 2^34 elements")))
+        };
+        Ok((to_u32(view.offset)?, to_u32(stride)?))
+    }
+
+    fn check_buffer(&self, name: &'static str, buffer: &wgpu::Buffer, needed: u64) -> Result<()> {
+        if buffer.size() < needed {
+            return Err(Error::BufferTooSmall { tensor: name, got: buffer.size(), needed });
+        }
+        let max = self.ctx.caps().max_storage_binding;
+        if buffer.size() > max {
+            return Err(Error::DeviceLimit {
+                what: format!("binding the {name} buffer ({} bytes)", buffer.size()),
+                limit: "max_storage_buffer_binding_size",
+                needed: buffer.size(),
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Records the forward pass into `encoder`. `lse` receives `[batch, heads, seq]` f32 starting at
+    /// element `lse_offset`.
+    pub(crate) fn encode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        o: &TensorView<'_>,
+        lse: (&wgpu::Buffer, u64),
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()> {
+        let (q_off, q_stride) = self.check_view("q", q, self.num_heads)?;
+        let (k_off, kv_stride) = self.check_view("k", k, self.num_kv_heads)?;
+        let (v_off, v_stride) = self.check_view("v", v, self.num_kv_heads)?;
+        let (o_off, o_stride) = self.check_view("out", o, self.num_heads)?;
+        if v_stride != kv_stride {
+            return Err(Error::Shape(format!("k and v token strides differ ({} vs {} elements)", kv_stride * 4, v_stride * 4)));
+        }
+        let lse_elems = self.tokens() * self.num_heads as u64;
+        self.check_buffer("lse", lse.0, (lse.1 + lse_elems) * 4)?;
+        let lse_off = u32::try_from(lse.1).map_err(|_| Error::Shape("lse offset exceeds u32".into()))?;
+        let key = BindKey {
+            buffers: [q.buffer.clone(), k.buffer.clone(), v.buffer.clone(), o.buffer.clone(), lse.0.clone()],
+            words: [q_off, k_off, v_off, o_off, q_stride, kv_stride, o_stride, lse_off],
+        };
+        let bind = self.bind_group(key)?;
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("s2attn forward"),
+            timestamp_writes: timestamps,
+        });
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(self.tiles, self.num_heads, self.shape.batch);
+        Ok(())
+    }
+
+    fn bind_group(&self, key: BindKey) -> Result<wgpu::BindGroup> {
+        let mut binds = self.binds.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pos) = binds.iter().position(|(k, _)| *k == key) {
+            let hit = binds.remove(pos);
+            let group = hit.1.clone();
+            binds.push(hit);
+            return Ok(group);
+        }
+        let w = key.words;
+        let params = Params {
+            q_off: w[0],
+            k_off: w[1],
+            v_off: w[2],
+            o_off: w[3],
+            q_stride: w[4],
+            kv_stride: w[5],
+            o_stride: w[6],
+            lse_off: w[7],
+            ..self.base
+        };
+        let device = self.ctx.device();
+        let params_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("s2attn params"),
+            contents: bytemuck::bytes_of(&params),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        self.buffers_created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let b = &key.buffers;
+        let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("s2attn forward"),
+            layout: &self.pipeline.get_bind_group_layout(0),
+            entries: &[
+                wgpu::BindGroupEntry { binding: 0, resource: params_buf.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 1, resource: b[0].as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 2, resource: b[1].as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 3, resource: b[2].as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 4, resource: b[3].as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 5, resource: b[4].as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 6, resource: self.tile_ptr.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 7, resource: self.entries.as_entire_binding() },
+            ],
+        });
+        if binds.len() == BIND_CACHE {
+            binds.remove(0);
+        }
+        binds.push((key, group.clone()));
+        Ok(group)
+    }
+
+    /// Uploads host tensors (raw bytes of the op's dtype), runs, and reads back `(out bytes, lse)`.
+    pub(crate) fn run_host(&self, q: &[u8], k: &[u8], v: &[u8]) -> Result<(Vec<u8>, Vec<f32>)> {
+        let device = self.ctx.device();
+        let queue = self.ctx.queue();
+        let es = self.shape.dtype.size();
+        let row = self.shape.head_dim as u64 * es;
+        let q_bytes = self.tokens() * self.num_heads as u64 * row;
+        let kv_bytes = self.tokens() * self.num_kv_heads as u64 * row;
+        let lse_bytes = self.tokens() * self.num_heads as u64 * 4;
+        let mut host = self.host.lock().unwrap_or_else(|e| e.into_inner());
+        let bufs = match &mut *host {
+            Some(b) => b,
+            slot => {
+                let mk = |label, size, usage| {
+                    device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+                };
+                let input = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+                let output = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+                self.buffers_created.fetch_add(6, std::sync::atomic::Ordering::Relaxed);
+                slot.insert(HostBuffers {
+                    q: mk("s2attn q", q_bytes, input),
+                    k: mk("s2attn k", kv_bytes, input),
+                    v: mk("s2attn v", kv_bytes, input),
+                    o: mk("s2attn out", q_bytes, output),
+                    lse: mk("s2attn lse", lse_bytes, output),
+                    readback: mk("s2attn readback", q_bytes + lse_bytes, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
+                })
+            }
+        };
+        queue.write_buffer(&bufs.q, 0, q);
+        queue.write_buffer(&bufs.k, 0, k);
+        queue.write_buffer(&bufs.v, 0, v);
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("s2attn forward") });
+        self.encode(
+            &mut encoder,
+            &TensorView::new(&bufs.q),
+            &TensorView::new(&bufs.k),
+            &TensorView::new(&bufs.v),
+            &TensorView::new(&bufs.o),
+            (&bufs.lse, 0),
+            None,
+        )?;
+        encoder.copy_buffer_to_buffer(&bufs.o, 0, &bufs.readback, 0, q_bytes);
+        encoder.copy_buffer_to_buffer(&bufs.lse, 0, &bufs.readback, q_bytes, lse_bytes);
+        queue.submit([encoder.finish()]);
+        let bytes = read_buffer(&self.ctx, &bufs.readback, q_bytes + lse_bytes)?;
+        let (o, l) = bytes.split_at(q_bytes as usize);
+        Ok((o.to_vec(), bytemuck::pod_collect_to_vec(l)))
+    }
+
+    pub(crate) fn plan(&self) -> &DispatchPlan {
+        &self.plan
+    }
+
+    pub(crate) fn dtype(&self) -> DType {
+        self.shape.dtype
+    }
+}
+
+/// Maps a `MAP_READ` buffer after the queue drains and copies its first `len` bytes out.
+pub(crate) fn read_buffer(ctx: &Context, buffer: &wgpu::Buffer, len: u64) -> Result<Vec<u8>> {
+    let slice = buffer.slice(..len);
+    let (tx, rx) = std::sync::mpsc::channel();
+    slice.map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.wait()?;
+    rx.recv()
+        .map_err(|_| Error::Device("buffer mapping was dropped".into()))?
+        .map_err(|e| Error::Device(format!("mapping the readback buffer: {e}")))?;
+    let out = slice
+        .get_mapped_range()
+        .map_err(|e| Error::Device(format!("reading the mapped buffer: {e}")))?
+        .to_vec();
+    buffer.unmap();
+    Ok(out)
+}

@@ -1,0 +1,86 @@
+//! The WGSL sources, embedded with `include_str!`, and the one generator that composes them.
+//!
+//! WGSL has no includes, so kernels name shared pieces with `#include shared/<file>.wgsl` lines and the
+//! storage accessors with `#include storage`; [`compose`] splices them in. Everything else a kernel
+//! varies on (head dim, tile sizes, workgroup size) is a WGSL override constant, so there is exactly one
+//! source per kernel and no copy-pasted variants.
+
+use crate::error::{Error, Result};
+use crate::plan::DType;
+
+/// Shared pieces, by the path kernels include them with.
+const SHARED: &[(&str, &str)] = &[
+    ("shared/params.wgsl", include_str!("../../shaders/shared/params.wgsl")),
+    ("shared/storage_f32.wgsl", include_str!("../../shaders/shared/storage_f32.wgsl")),
+    ("shared/storage_f16.wgsl", include_str!("../../shaders/shared/storage_f16.wgsl")),
+];
+
+/// A kernel source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// `shaders/forward_portable.wgsl`.
+    ForwardPortable,
+}
+
+impl Kernel {
+    /// Every kernel (the naga test validates each in each storage type).
+    pub const ALL: &'static [Kernel] = &[Kernel::ForwardPortable];
+
+    /// File name under `shaders/`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::ForwardPortable => "forward_portable.wgsl",
+        }
+    }
+
+    fn source(self) -> &'static str {
+        match self {
+            Kernel::ForwardPortable => include_str!("../../shaders/forward_portable.wgsl"),
+        }
+    }
+
+    /// Storage types the kernel is built for.
+    pub fn dtypes(self) -> &'static [DType] {
+        match self {
+            Kernel::ForwardPortable => &[DType::F32, DType::F16],
+        }
+    }
+}
+
+/// The full WGSL text of `kernel` for `dtype` storage.
+pub fn compose(kernel: Kernel, dtype: DType) -> Result<String> {
+    let storage = match dtype {
+        DType::F32 => "shared/storage_f32.wgsl",
+        DType::F16 => "shared/storage_f16.wgsl",
+        DType::BF16 => {
+            return Err(Error::Unsupported("bf16 storage has no WGSL kernel; use the CUDA backend".into()));
+        }
+    };
+    let mut out = String::new();
+    for line in kernel.source().lines() {
+        match line.trim().strip_prefix("#include ") {
+            Some(path) => {
+                let path = if path.trim() == "storage" { storage } else { path.trim() };
+                let (_, text) = SHARED.iter().find(|(p, _)| *p == path).ok_or_else(|| Error::Shader {
+                    name: kernel.name().into(),
+                    message: format!("unknown include `{path}`"),
+                })?;
+                out.push_str(text);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// Parses and validates composed WGSL with naga, returning the error text with source context.
+pub fn validate(name: &str, source: &str) -> Result<()> {
+    let module = naga::front::wgsl::parse_str(source)
+        .map_err(|e| Error::Shader { name: name.into(), message: e.emit_to_string(source) })?;
+    let mut validator = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all());
+    validator
+        .validate(&module)
+        .map_err(|e| Error::Shader { name: name.into(), message: e.emit_to_string(source) })?;
+    Ok(())
+}
