@@ -16,11 +16,11 @@ fn main() {
 
 fn run() -> s2attn::Result<()> {
     let ctx = Context::new()?;
-    println!("{}\n", ctx.capabilities());
+    println!("{}\n", ctx.describe());
 
     let seq_len: u32 = std::env::var("SEQ").ok().and_then(|s| s.parse().ok()).unwrap_or(2048);
     let (heads, kv_heads, head_dim) = (8, 4, 64);
-    let config = S2Config::new(heads, 64, 4, 8).kv_heads(kv_heads);
+    let config = S2Config::new(heads, 64, 4, 4).kv_heads(kv_heads);
     let layout = Layout::s2(config.clone())?;
     println!(
         "layout   S2 block {} local {} vert_stride {} heads {heads}/{kv_heads}: density {:.3} (per head {:?}), union complete: {}",
@@ -51,29 +51,26 @@ fn run() -> s2attn::Result<()> {
     let n_kv = (seq_len * kv_heads * head_dim) as usize;
     let (q, k, v) = (rand(n_q), rand(n_kv), rand(n_kv));
 
-    op.forward(&q, &k, &v)?; // warm-up: first-use pipeline and buffer creation
-    let runs = 5;
-    let mut times = Vec::new();
-    let mut result = None;
-    for _ in 0..runs {
-        let t = Instant::now();
-        result = Some(op.forward(&q, &k, &v)?);
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    let median = times[runs / 2];
-    let out = result.expect("runs > 0");
+    let out = op.forward(&q, &k, &v)?;
+    let timing = op.time_forward(&q, &k, &v, 1, 5)?;
     let pairs = layout.active_pairs(seq_len) as f64;
+    let flops = 4.0 * head_dim as f64 * pairs;
     println!(
-        "time     {median:.2} ms median of {runs} host round trips (upload, kernel, readback); {:.3} GFLOP on active blocks",
-        4.0 * head_dim as f64 * pairs / 1e9
+        "time     {:.3} ms median of 5 ({}), {:.3} GFLOP on active blocks = {:.1} GFLOP/s",
+        timing.median_ms(),
+        if timing.gpu_timestamps { "GPU timestamps" } else { "wall clock" },
+        flops / 1e9,
+        flops / timing.median_ms() / 1e6
     );
 
     let t = Instant::now();
     let reference = attention_reference(&layout, 1, seq_len, head_dim, shape.softmax_scale() as f64, &q, &k, &v);
     let err = rel_l2_error(out.out.iter().map(|&x| x as f64), &reference.out);
     let lse_err = rel_l2_error(out.lse.iter().map(|&x| x as f64), &reference.lse);
-    println!("check    ‖out−ref‖/‖ref‖ = {err:.2e}, lse {lse_err:.2e} (f64 oracle took {:.1} s)", t.elapsed().as_secs_f64());
+    println!(
+        "check    ‖out−ref‖/‖ref‖ = {err:.2e}, lse {lse_err:.2e} (f64 oracle took {:.1} s)",
+        t.elapsed().as_secs_f64()
+    );
     if !(err < 1e-5 && lse_err < 1e-5) {
         return Err(s2attn::Error::Device(format!("result off the oracle: {err:.2e}")));
     }

@@ -5,12 +5,14 @@
 //! [`crate::plan`] (variant, tiles, [`MergeQPlan`]) → kernel → [`Output`].
 
 use crate::error::{Error, Result};
-use crate::gpu::{Context, GpuForward, TensorView};
+use crate::context::Context;
+use crate::gpu::{GpuForward, TensorView, Timing, WgpuContext};
 use crate::layout::Layout;
 use crate::plan::{self, DType, DispatchPlan, MergeQPlan, Shape};
+
 use std::sync::Arc;
 
-/// Element types host slices may hold. Sealed: `f32` and `half::f16`.
+/// Element types host slices may hold. Sealed: `f32`, `half::f16` and `half::bf16` (CUDA only).
 pub trait Element: bytemuck::Pod + private::Sealed {
     /// The matching [`DType`].
     const DTYPE: DType;
@@ -32,10 +34,18 @@ impl Element for half::f16 {
     }
 }
 
+impl Element for half::bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+
 mod private {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
 }
 
 /// What a forward call returns on the host.
@@ -48,17 +58,25 @@ pub struct Output<T> {
     pub lse: Vec<f32>,
 }
 
+/// The backend-specific half of an op.
+enum Engine {
+    Wgpu(GpuForward),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::CudaForward),
+}
+
 /// An S2 attention op: one layout, one shape, one device, planned once.
 pub struct Attention {
     layout: Layout,
     shape: Shape,
     mergeq: Arc<MergeQPlan>,
-    gpu: GpuForward,
+    plan: DispatchPlan,
+    engine: Engine,
 }
 
 impl std::fmt::Debug for Attention {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Attention").field("shape", &self.shape).field("plan", self.gpu.plan()).finish()
+        f.debug_struct("Attention").field("shape", &self.shape).field("plan", &self.plan).finish()
     }
 }
 
@@ -66,14 +84,31 @@ impl Attention {
     /// Plans `layout` at `shape` for the device of `ctx` and compiles (or fetches) its pipeline.
     pub fn new(ctx: &Context, layout: &Layout, shape: Shape) -> Result<Self> {
         shape.validate(layout)?;
+        #[cfg(feature = "cuda")]
+        if let Some(cuda) = ctx.cuda() {
+            let plan = crate::cuda::plan_forward(&shape, layout, cuda.caps())?;
+            let mergeq = layout.mergeq(shape.seq_len, plan.tile_q);
+            let engine = Engine::Cuda(crate::cuda::CudaForward::new(cuda, layout, shape, &plan, mergeq.clone())?);
+            return Ok(Self { layout: layout.clone(), shape, mergeq, plan, engine });
+        }
         if shape.dtype == DType::BF16 {
             return Err(Error::Unsupported("bf16 has no WGSL kernel; use f16 or f32 (or the CUDA backend)".into()));
         }
+        let ctx = ctx.require_wgpu("Attention::new")?;
         let plan = plan::plan_portable(&shape, layout, ctx.caps())?;
-        let mergeq = Arc::new(MergeQPlan::build(&layout.index(shape.seq_len), layout.block_size(), layout.causal(), plan.tile_q));
+        let mergeq = layout.mergeq(shape.seq_len, plan.tile_q);
         check_sizes(ctx, layout, &shape)?;
-        let gpu = GpuForward::new(ctx, layout, shape, plan, mergeq.clone())?;
-        Ok(Self { layout: layout.clone(), shape, mergeq, gpu })
+        let engine = Engine::Wgpu(GpuForward::new(ctx, layout, shape, plan.clone(), mergeq.clone())?);
+        Ok(Self { layout: layout.clone(), shape, mergeq, plan, engine })
+    }
+
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn wgpu(&self, what: &str) -> Result<&GpuForward> {
+        match &self.engine {
+            Engine::Wgpu(g) => Ok(g),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(_) => Err(Error::Unsupported(format!("{what} needs a wgpu op; this one runs on CUDA"))),
+        }
     }
 
     /// The layout.
@@ -86,7 +121,7 @@ impl Attention {
     }
     /// The dispatch plan.
     pub fn plan(&self) -> &DispatchPlan {
-        self.gpu.plan()
+        &self.plan
     }
     /// The MergeQ tile lists the kernel reads.
     pub fn mergeq(&self) -> &MergeQPlan {
@@ -94,7 +129,11 @@ impl Attention {
     }
     /// Buffers the op has created so far (to check that steady-state calls allocate nothing).
     pub fn buffers_created(&self) -> usize {
-        self.gpu.buffers_created()
+        match &self.engine {
+            Engine::Wgpu(g) => g.buffers_created(),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(_) => 0,
+        }
     }
 
     /// A human-readable account of what will run and why.
@@ -108,7 +147,7 @@ impl Attention {
             self.layout.num_kv_heads(),
             s.head_dim,
             s.dtype,
-            self.gpu.plan(),
+            self.plan,
             self.mergeq.tiles(),
             self.mergeq.patterns(),
             self.mergeq.max_tile_len(),
@@ -118,8 +157,34 @@ impl Attention {
 
     /// Runs on host slices in `[batch, seq, heads, head_dim]` layout (K and V with `num_kv_heads`).
     pub fn forward<T: Element>(&self, q: &[T], k: &[T], v: &[T]) -> Result<Output<T>> {
-        if T::DTYPE != self.gpu.dtype() {
-            return Err(Error::DType { tensor: "q", expected: self.gpu.dtype().name(), got: T::DTYPE.name() });
+        self.check_host(q, k, v)?;
+        let (q, k, v) = (bytemuck::cast_slice(q), bytemuck::cast_slice(k), bytemuck::cast_slice(v));
+        let (out, lse) = match &self.engine {
+            Engine::Wgpu(g) => g.run_host(q, k, v)?,
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(c) => c.run_host(q, k, v)?,
+        };
+        Ok(Output { out: bytemuck::pod_collect_to_vec(&out), lse })
+    }
+
+    /// Times the kernel alone: uploads the inputs once, runs `warmup` untimed passes, then `iters` timed
+    /// ones (GPU timestamps or CUDA events where available, else wall clock around a waited submit).
+    pub fn time_forward<T: Element>(&self, q: &[T], k: &[T], v: &[T], warmup: u32, iters: u32) -> Result<Timing> {
+        self.check_host(q, k, v)?;
+        if iters == 0 {
+            return Err(Error::Shape("time_forward needs iters >= 1".into()));
+        }
+        let (q, k, v) = (bytemuck::cast_slice(q), bytemuck::cast_slice(k), bytemuck::cast_slice(v));
+        match &self.engine {
+            Engine::Wgpu(g) => g.time(q, k, v, warmup, iters),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(c) => c.time(q, k, v, warmup, iters),
+        }
+    }
+
+    fn check_host<T: Element>(&self, q: &[T], k: &[T], v: &[T]) -> Result<()> {
+        if T::DTYPE != self.shape.dtype {
+            return Err(Error::DType { tensor: "q", expected: self.shape.dtype.name(), got: T::DTYPE.name() });
         }
         let tokens = self.shape.batch as usize * self.shape.seq_len as usize;
         let d = self.shape.head_dim as usize;
@@ -133,8 +198,7 @@ impl Attention {
                 return Err(Error::Length { tensor: name, got: len, expected: want, layout: layout(h) });
             }
         }
-        let (out, lse) = self.gpu.run_host(bytemuck::cast_slice(q), bytemuck::cast_slice(k), bytemuck::cast_slice(v))?;
-        Ok(Output { out: bytemuck::pod_collect_to_vec(&out), lse })
+        Ok(())
     }
 
     /// Records the forward pass into the caller's `encoder`, reading and writing the caller's buffers.
@@ -148,7 +212,7 @@ impl Attention {
         out: &TensorView<'_>,
         lse: (&wgpu::Buffer, u64),
     ) -> Result<()> {
-        self.gpu.encode(encoder, q, k, v, out, lse, None)
+        self.wgpu("Attention::encode")?.encode(encoder, q, k, v, out, lse, None)
     }
 
     /// As [`Attention::encode`], writing GPU timestamps at the start and end of the pass.
@@ -163,12 +227,12 @@ impl Attention {
         lse: (&wgpu::Buffer, u64),
         timestamps: wgpu::ComputePassTimestampWrites<'_>,
     ) -> Result<()> {
-        self.gpu.encode(encoder, q, k, v, out, lse, Some(timestamps))
+        self.wgpu("Attention::encode_timed")?.encode(encoder, q, k, v, out, lse, Some(timestamps))
     }
 }
 
 /// Refuses problems whose tensors cannot be bound on this device, naming the limit.
-fn check_sizes(ctx: &Context, layout: &Layout, shape: &Shape) -> Result<()> {
+fn check_sizes(ctx: &WgpuContext, layout: &Layout, shape: &Shape) -> Result<()> {
     let caps = ctx.caps();
     let tokens = shape.batch as u64 * shape.seq_len as u64;
     let bytes = tokens * layout.num_heads() as u64 * shape.head_dim as u64 * shape.dtype.size();

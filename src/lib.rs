@@ -26,7 +26,10 @@
 #![warn(missing_docs)]
 
 mod attention;
+mod context;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod error;
 pub mod gpu;
 pub mod layout;
@@ -34,6 +37,7 @@ pub mod plan;
 
 pub use attention::{Attention, Element, Output};
 pub use error::{Error, Result};
-pub use gpu::{Context, ContextOptions, TensorView};
+pub use context::{Backend, Context, ContextOptions};
+pub use gpu::{TensorView, Timing};
 pub use layout::{BlockIndex, BlockMask, Direction, Layout, S2Config};
 pub use plan::{DType, DispatchPlan, KernelVariant, MergeQPlan, Shape};

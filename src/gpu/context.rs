@@ -1,29 +1,13 @@
-//! `Context`: one wgpu device (picked by the library or adopted from the embedding app), what it can do,
+//! `WgpuContext`: one wgpu device (picked by the library or adopted from the embedding app), what it can do,
 //! and the compiled pipelines, cached for the context's lifetime.
 
 use super::shaders::{self, Kernel};
 use crate::error::{Error, Result};
+use crate::context::ContextOptions;
 use crate::plan::{DType, DeviceCaps};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
-
-/// How to pick an adapter. The defaults read `S2ATTN_ADAPTER` (a case-insensitive substring of the
-/// adapter name) and `S2ATTN_BACKEND` (`vulkan`, `gl`, `metal` or `dx12`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ContextOptions {
-    /// Substring of the adapter name to require.
-    pub adapter: Option<String>,
-    /// Backend to require (`vulkan`, `gl`, `metal`, `dx12`).
-    pub backend: Option<String>,
-}
-
-impl ContextOptions {
-    /// Options from `S2ATTN_ADAPTER` and `S2ATTN_BACKEND`.
-    pub fn from_env() -> Self {
-        Self { adapter: std::env::var("S2ATTN_ADAPTER").ok(), backend: std::env::var("S2ATTN_BACKEND").ok() }
-    }
-}
 
 /// What a device is and can do, as reported to users and used by the planner.
 #[derive(Clone, Debug)]
@@ -82,11 +66,11 @@ struct Inner {
 
 /// A GPU device with its queue and pipeline cache. `Clone` shares it.
 #[derive(Clone)]
-pub struct Context(Arc<Inner>);
+pub struct WgpuContext(Arc<Inner>);
 
-impl fmt::Debug for Context {
+impl fmt::Debug for WgpuContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Context").field(&self.0.capabilities.info.name).finish()
+        f.debug_tuple("WgpuContext").field(&self.0.capabilities.info.name).finish()
     }
 }
 
@@ -101,14 +85,16 @@ fn backend_name(b: wgpu::Backend) -> &'static str {
     }
 }
 
-fn parse_backend(name: &str) -> Result<wgpu::Backends> {
+pub(crate) fn parse_backend(name: &str) -> Result<wgpu::Backends> {
     Ok(match name.to_ascii_lowercase().as_str() {
         "vulkan" | "vk" => wgpu::Backends::VULKAN,
         "gl" | "gles" | "opengl" => wgpu::Backends::GL,
         "metal" => wgpu::Backends::METAL,
         "dx12" | "d3d12" => wgpu::Backends::DX12,
         other => {
-            return Err(Error::NoAdapter(format!("unknown backend `{other}` (S2ATTN_BACKEND): use vulkan, gl, metal or dx12")))
+            return Err(Error::NoAdapter(format!(
+                "unknown backend `{other}` (S2ATTN_BACKEND): use auto, cuda, wgpu, vulkan, gl, metal or dx12"
+            )))
         }
     })
 }
@@ -143,13 +129,7 @@ fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
     (ty, be)
 }
 
-impl Context {
-    /// Opens the best adapter allowed by `S2ATTN_ADAPTER` / `S2ATTN_BACKEND` (discrete GPUs first, then
-    /// integrated, then software; native APIs before GL).
-    pub fn new() -> Result<Self> {
-        Self::with_options(&ContextOptions::from_env())
-    }
-
+impl WgpuContext {
     /// Every adapter wgpu can see, best first.
     pub fn adapters() -> Vec<AdapterSummary> {
         let mut list = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()));
@@ -162,9 +142,10 @@ impl Context {
             .collect()
     }
 
-    /// Opens the best adapter matching `options`.
+    /// Opens the best adapter matching `options` (discrete GPUs first, then integrated, then software;
+    /// native APIs before GL).
     pub fn with_options(options: &ContextOptions) -> Result<Self> {
-        let backends = match &options.backend {
+        let backends = match &options.wgpu_backend {
             Some(b) => parse_backend(b)?,
             None => wgpu::Backends::all(),
         };
@@ -180,7 +161,7 @@ impl Context {
             return Err(Error::NoAdapter(format!(
                 "none matches adapter={:?} backend={:?}; adapters seen: [{}]{}",
                 options.adapter,
-                options.backend,
+                options.wgpu_backend,
                 seen.join(", "),
                 if seen.is_empty() { " (install a Vulkan driver, e.g. `apt-get install mesa-vulkan-drivers`)" } else { "" }
             )));

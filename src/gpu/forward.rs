@@ -2,12 +2,42 @@
 //! tensor views, encoding into a caller's command encoder, and the host-slice convenience path.
 
 use super::shaders::Kernel;
-use super::Context;
+use super::WgpuContext as Context;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::plan::{DType, DispatchPlan, KernelVariant, MergeQPlan, Shape};
+use crate::plan::{DispatchPlan, KernelVariant, MergeQPlan, Shape};
 use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
+
+/// Per-pass times of a timed run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Timing {
+    /// One sample per timed pass, in milliseconds.
+    pub samples_ms: Vec<f64>,
+    /// Whether the samples are GPU timestamps (else wall clock around a waited submit).
+    pub gpu_timestamps: bool,
+}
+
+impl Timing {
+    fn sorted(&self) -> Vec<f64> {
+        let mut s = self.samples_ms.clone();
+        s.sort_by(f64::total_cmp);
+        s
+    }
+    /// Median sample (NaN when there is none).
+    pub fn median_ms(&self) -> f64 {
+        let s = self.sorted();
+        s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+    /// Fastest sample.
+    pub fn min_ms(&self) -> f64 {
+        self.sorted().first().copied().unwrap_or(f64::NAN)
+    }
+    /// Slowest sample.
+    pub fn max_ms(&self) -> f64 {
+        self.sorted().last().copied().unwrap_or(f64::NAN)
+    }
+}
 
 /// A tensor in a GPU buffer: `[batch, seq, heads, head_dim]` rows starting `offset` elements into
 /// `buffer`, consecutive tokens `token_stride` elements apart (heads * head_dim when contiguous; larger for
@@ -80,7 +110,6 @@ pub(crate) struct GpuForward {
     num_heads: u32,
     num_kv_heads: u32,
     base: Params,
-    plan: DispatchPlan,
     tiles: u32,
     pipeline: wgpu::ComputePipeline,
     tile_ptr: wgpu::Buffer,
@@ -142,7 +171,6 @@ impl GpuForward {
             num_heads: layout.num_heads(),
             num_kv_heads: layout.num_kv_heads(),
             base,
-            plan,
             tiles: mergeq.tiles(),
             pipeline,
             tile_ptr,
@@ -288,6 +316,108 @@ impl GpuForward {
 
     /// Uploads host tensors (raw bytes of the op's dtype), runs, and reads back `(out bytes, lse)`.
     pub(crate) fn run_host(&self, q: &[u8], k: &[u8], v: &[u8]) -> Result<(Vec<u8>, Vec<f32>)> {
+        self.with_host_buffers(q, k, v, |bufs, q_bytes, lse_bytes| {
+            let device = self.ctx.device();
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("s2attn forward") });
+            self.encode_host(&mut encoder, bufs, None)?;
+            encoder.copy_buffer_to_buffer(&bufs.o, 0, &bufs.readback, 0, q_bytes);
+            encoder.copy_buffer_to_buffer(&bufs.lse, 0, &bufs.readback, q_bytes, lse_bytes);
+            self.ctx.queue().submit([encoder.finish()]);
+            let bytes = read_buffer(&self.ctx, &bufs.readback, q_bytes + lse_bytes)?;
+            let (o, l) = bytes.split_at(q_bytes as usize);
+            Ok((o.to_vec(), bytemuck::pod_collect_to_vec(l)))
+        })
+    }
+
+    fn encode_host(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        bufs: &HostBuffers,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()> {
+        self.encode(
+            encoder,
+            &TensorView::new(&bufs.q),
+            &TensorView::new(&bufs.k),
+            &TensorView::new(&bufs.v),
+            &TensorView::new(&bufs.o),
+            (&bufs.lse, 0),
+            timestamps,
+        )
+    }
+
+    /// Times `iters` forward passes over device-resident copies of the inputs after `warmup` untimed
+    /// ones: GPU timestamps around each pass where the device has them, else the wall clock around each
+    /// waited submit.
+    pub(crate) fn time(&self, q: &[u8], k: &[u8], v: &[u8], warmup: u32, iters: u32) -> Result<Timing> {
+        self.with_host_buffers(q, k, v, |bufs, _, _| {
+            let device = self.ctx.device();
+            let queue = self.ctx.queue();
+            for _ in 0..warmup {
+                let mut encoder = device.create_command_encoder(&Default::default());
+                self.encode_host(&mut encoder, bufs, None)?;
+                queue.submit([encoder.finish()]);
+            }
+            self.ctx.wait()?;
+            if !self.ctx.caps().timestamps {
+                let mut samples_ms = Vec::with_capacity(iters as usize);
+                for _ in 0..iters {
+                    let mut encoder = device.create_command_encoder(&Default::default());
+                    self.encode_host(&mut encoder, bufs, None)?;
+                    let t = std::time::Instant::now();
+                    queue.submit([encoder.finish()]);
+                    self.ctx.wait()?;
+                    samples_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                return Ok(Timing { samples_ms, gpu_timestamps: false });
+            }
+            let count = 2 * iters;
+            let set = device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("s2attn timing"),
+                ty: wgpu::QueryType::Timestamp,
+                count,
+            });
+            let bytes = count as u64 * 8;
+            let resolve = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("s2attn timestamps"),
+                size: bytes,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let readback = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("s2attn timestamps readback"),
+                size: bytes,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut encoder = device.create_command_encoder(&Default::default());
+            for i in 0..iters {
+                let writes = wgpu::ComputePassTimestampWrites {
+                    query_set: &set,
+                    beginning_of_pass_write_index: Some(2 * i),
+                    end_of_pass_write_index: Some(2 * i + 1),
+                };
+                self.encode_host(&mut encoder, bufs, Some(writes))?;
+            }
+            encoder.resolve_query_set(&set, 0..count, &resolve, 0);
+            encoder.copy_buffer_to_buffer(&resolve, 0, &readback, 0, bytes);
+            queue.submit([encoder.finish()]);
+            let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&read_buffer(&self.ctx, &readback, bytes)?);
+            let period_ns = queue.get_timestamp_period() as f64;
+            let samples_ms = ticks.chunks(2).map(|t| t[1].wrapping_sub(t[0]) as f64 * period_ns / 1e6).collect();
+            Ok(Timing { samples_ms, gpu_timestamps: true })
+        })
+    }
+
+    /// Creates the op's own tensors on first use, uploads `q`, `k`, `v` and calls `f` with them and the
+    /// output and LSE byte counts.
+    fn with_host_buffers<R>(
+        &self,
+        q: &[u8],
+        k: &[u8],
+        v: &[u8],
+        f: impl FnOnce(&HostBuffers, u64, u64) -> Result<R>,
+    ) -> Result<R> {
         let device = self.ctx.device();
         let queue = self.ctx.queue();
         let es = self.shape.dtype.size();
@@ -318,31 +448,9 @@ impl GpuForward {
         queue.write_buffer(&bufs.q, 0, q);
         queue.write_buffer(&bufs.k, 0, k);
         queue.write_buffer(&bufs.v, 0, v);
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("s2attn forward") });
-        self.encode(
-            &mut encoder,
-            &TensorView::new(&bufs.q),
-            &TensorView::new(&bufs.k),
-            &TensorView::new(&bufs.v),
-            &TensorView::new(&bufs.o),
-            (&bufs.lse, 0),
-            None,
-        )?;
-        encoder.copy_buffer_to_buffer(&bufs.o, 0, &bufs.readback, 0, q_bytes);
-        encoder.copy_buffer_to_buffer(&bufs.lse, 0, &bufs.readback, q_bytes, lse_bytes);
-        queue.submit([encoder.finish()]);
-        let bytes = read_buffer(&self.ctx, &bufs.readback, q_bytes + lse_bytes)?;
-        let (o, l) = bytes.split_at(q_bytes as usize);
-        Ok((o.to_vec(), bytemuck::pod_collect_to_vec(l)))
+        f(bufs, q_bytes, lse_bytes)
     }
 
-    pub(crate) fn plan(&self) -> &DispatchPlan {
-        &self.plan
-    }
-
-    pub(crate) fn dtype(&self) -> DType {
-        self.shape.dtype
-    }
 }
 
 /// Maps a `MAP_READ` buffer after the queue drains and copies its first `len` bytes out.

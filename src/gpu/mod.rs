@@ -4,6 +4,7 @@ mod context;
 mod forward;
 pub mod shaders;
 
-pub use context::{AdapterSummary, Capabilities, Context, ContextOptions};
+pub use context::{AdapterSummary, Capabilities, WgpuContext};
+pub(crate) use context::parse_backend;
 pub(crate) use forward::GpuForward;
-pub use forward::TensorView;
+pub use forward::{TensorView, Timing};

@@ -17,6 +17,7 @@ pub use index::{BlockIndex, ColumnIndex};
 pub use mask::BlockMask;
 
 use crate::error::{Error, Result};
+use crate::plan::MergeQPlan;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -176,6 +177,7 @@ struct Inner {
     causal: bool,
     num_patterns: u32,
     index_cache: Mutex<HashMap<u32, Arc<BlockIndex>>>,
+    mergeq_cache: Mutex<HashMap<(u32, u32), Arc<MergeQPlan>>>,
 }
 
 /// A validated attention pattern at block granularity, shared cheaply (`Clone` is an `Arc` clone).
@@ -195,6 +197,7 @@ impl Layout {
             num_patterns,
             pattern: Pattern::S2(config),
             index_cache: Mutex::default(),
+            mergeq_cache: Mutex::default(),
         }))
     }
 
@@ -225,6 +228,7 @@ impl Layout {
             num_patterns: mask.heads(),
             pattern: Pattern::Custom(mask),
             index_cache: Mutex::default(),
+            mergeq_cache: Mutex::default(),
         }))
     }
 
@@ -340,6 +344,16 @@ impl Layout {
     pub fn index(&self, seq_len: u32) -> Arc<BlockIndex> {
         let mut cache = self.0.index_cache.lock().unwrap_or_else(|e| e.into_inner());
         cache.entry(seq_len).or_insert_with(|| Arc::new(BlockIndex::build(self, seq_len))).clone()
+    }
+
+    /// The MergeQ tile lists for `seq_len` tokens in tiles of `tile_q` rows, built once and cached.
+    pub fn mergeq(&self, seq_len: u32, tile_q: u32) -> Arc<MergeQPlan> {
+        if let Some(p) = self.0.mergeq_cache.lock().unwrap_or_else(|e| e.into_inner()).get(&(seq_len, tile_q)) {
+            return p.clone();
+        }
+        let plan = Arc::new(MergeQPlan::build(&self.index(seq_len), self.block_size(), self.causal(), tile_q));
+        self.0.mergeq_cache.lock().unwrap_or_else(|e| e.into_inner()).insert((seq_len, tile_q), plan.clone());
+        plan
     }
 
     /// Query-key pairs that are computed (active elements, summed over query heads), per batch element.

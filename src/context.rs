@@ -1,0 +1,209 @@
+//! `Context`: the device an op runs on, on whichever backend the machine offers, and how it is chosen.
+//!
+//! [`Backend::Auto`] takes the CUDA backend when the crate is built with the `cuda` feature and a CUDA
+//! device answers, and wgpu otherwise (falling back silently when CUDA fails to open: no driver, no
+//! NVRTC, unsupported architecture).
+
+use crate::error::{Error, Result};
+use crate::gpu::{parse_backend, Capabilities, WgpuContext};
+use crate::plan::DeviceCaps;
+use std::fmt;
+
+/// Which backend runs the kernels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// CUDA if built in and present, else wgpu.
+    #[default]
+    Auto,
+    /// WGSL through wgpu (Vulkan, Metal, DX12, GL).
+    Wgpu,
+    /// CUDA C through NVRTC (feature `cuda`).
+    Cuda,
+}
+
+/// How to pick a device. [`ContextOptions::from_env`] reads `S2ATTN_BACKEND` (`auto`, `cuda`, `wgpu`, or a
+/// wgpu API: `vulkan`, `gl`, `metal`, `dx12`) and `S2ATTN_ADAPTER` (a case-insensitive substring of the
+/// adapter name).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContextOptions {
+    /// Backend family.
+    pub backend: Backend,
+    /// wgpu API to require (`vulkan`, `gl`, `metal`, `dx12`).
+    pub wgpu_backend: Option<String>,
+    /// Substring of the adapter name to require.
+    pub adapter: Option<String>,
+    /// CUDA device ordinal.
+    pub cuda_device: usize,
+}
+
+impl ContextOptions {
+    /// Options from `S2ATTN_BACKEND` and `S2ATTN_ADAPTER`.
+    pub fn from_env() -> Result<Self> {
+        let mut o = Self { adapter: std::env::var("S2ATTN_ADAPTER").ok(), ..Self::default() };
+        if let Ok(b) = std::env::var("S2ATTN_BACKEND") {
+            match b.to_ascii_lowercase().as_str() {
+                "" | "auto" => {}
+                "cuda" => o.backend = Backend::Cuda,
+                "wgpu" => o.backend = Backend::Wgpu,
+                api => {
+                    parse_backend(api)?;
+                    o.backend = Backend::Wgpu;
+                    o.wgpu_backend = Some(api.to_string());
+                }
+            }
+        }
+        Ok(o)
+    }
+    /// Options for one wgpu adapter: `api` (`vulkan`, `gl`, ...) and a name substring, either optional.
+    pub fn wgpu(api: Option<&str>, adapter: Option<&str>) -> Self {
+        Self {
+            backend: Backend::Wgpu,
+            wgpu_backend: api.map(str::to_string),
+            adapter: adapter.map(str::to_string),
+            cuda_device: 0,
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Device {
+    Wgpu(WgpuContext),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::CudaContext),
+}
+
+/// A device to run attention on. `Clone` shares it.
+#[derive(Clone)]
+pub struct Context(Device);
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Context({} on {})", self.adapter_name(), self.backend_name())
+    }
+}
+
+impl Context {
+    /// Opens the device chosen by the environment ([`ContextOptions::from_env`]).
+    pub fn new() -> Result<Self> {
+        Self::with_options(&ContextOptions::from_env()?)
+    }
+
+    /// Opens the device `options` describe.
+    pub fn with_options(options: &ContextOptions) -> Result<Self> {
+        match options.backend {
+            Backend::Wgpu => Ok(Self(Device::Wgpu(WgpuContext::with_options(options)?))),
+            Backend::Cuda => Self::open_cuda(options),
+            Backend::Auto => {
+                if cfg!(feature = "cuda") && options.wgpu_backend.is_none() && options.adapter.is_none() {
+                    if let Ok(ctx) = Self::open_cuda(options) {
+                        return Ok(ctx);
+                    }
+                }
+                Ok(Self(Device::Wgpu(WgpuContext::with_options(options)?)))
+            }
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn open_cuda(options: &ContextOptions) -> Result<Self> {
+        Ok(Self(Device::Cuda(crate::cuda::CudaContext::open(options.cuda_device)?)))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn open_cuda(_: &ContextOptions) -> Result<Self> {
+        Err(Error::Unsupported("the CUDA backend is not built in: rebuild with `--features cuda`".into()))
+    }
+
+    /// Wraps an open wgpu context.
+    pub fn from_wgpu(ctx: WgpuContext) -> Self {
+        Self(Device::Wgpu(ctx))
+    }
+
+    /// Adopts a wgpu device the embedding application already owns (see [`WgpuContext::from_device`]).
+    pub fn from_wgpu_device(
+        info: wgpu::AdapterInfo,
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        coop: &[wgpu::CooperativeMatrixProperties],
+    ) -> Self {
+        Self::from_wgpu(WgpuContext::from_device(info, device, queue, coop))
+    }
+
+    /// The wgpu context, when this is a wgpu device.
+    pub fn wgpu(&self) -> Option<&WgpuContext> {
+        match &self.0 {
+            Device::Wgpu(c) => Some(c),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => None,
+        }
+    }
+
+    /// The wgpu context, or an error naming the operation that needs one.
+    pub(crate) fn require_wgpu(&self, what: &str) -> Result<&WgpuContext> {
+        self.wgpu().ok_or_else(|| Error::Unsupported(format!("{what} needs a wgpu context, this one is {}", self.backend_name())))
+    }
+
+    /// The CUDA context, when this is a CUDA device.
+    #[cfg(feature = "cuda")]
+    pub fn cuda(&self) -> Option<&crate::cuda::CudaContext> {
+        match &self.0 {
+            Device::Cuda(c) => Some(c),
+            Device::Wgpu(_) => None,
+        }
+    }
+
+    /// The backend family.
+    pub fn backend(&self) -> Backend {
+        match &self.0 {
+            Device::Wgpu(_) => Backend::Wgpu,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => Backend::Cuda,
+        }
+    }
+
+    /// Backend name: `cuda`, or the wgpu API (`vulkan`, `gl`, `metal`, `dx12`).
+    pub fn backend_name(&self) -> &'static str {
+        match &self.0 {
+            Device::Wgpu(c) => c.backend_name(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => "cuda",
+        }
+    }
+
+    /// Adapter or device name.
+    pub fn adapter_name(&self) -> &str {
+        &self.caps().name
+    }
+
+    /// The planner's view of the device.
+    pub fn caps(&self) -> &DeviceCaps {
+        match &self.0 {
+            Device::Wgpu(c) => c.caps(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(c) => c.caps(),
+        }
+    }
+
+    /// The full wgpu capability report, for wgpu devices.
+    pub fn capabilities(&self) -> Option<&Capabilities> {
+        self.wgpu().map(WgpuContext::capabilities)
+    }
+
+    /// A multi-line description of the device (name, backend, driver, features, limits).
+    pub fn describe(&self) -> String {
+        match &self.0 {
+            Device::Wgpu(c) => c.capabilities().to_string(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(c) => c.describe(),
+        }
+    }
+
+    /// Blocks until all submitted work has finished.
+    pub fn wait(&self) -> Result<()> {
+        match &self.0 {
+            Device::Wgpu(c) => c.wait(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(c) => c.wait(),
+        }
+    }
+}
