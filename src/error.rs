@@ -98,6 +98,16 @@ pub enum Error {
     /// The device could not be created or was lost.
     #[error("device error: {0}")]
     Device(String),
+    /// One device of a multi-device call failed; no partial output is returned.
+    #[error("device {index} ({device}) failed: {message}")]
+    DeviceFailed {
+        /// Position of the device in the multi-device set.
+        index: usize,
+        /// Adapter name and backend.
+        device: String,
+        /// What went wrong there.
+        message: String,
+    },
     /// A shader failed to parse, validate or compile.
     #[error("shader `{name}`: {message}")]
     Shader {

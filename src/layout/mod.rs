@@ -166,6 +166,8 @@ pub(crate) fn validate_heads(num_heads: u32, num_kv_heads: u32) -> Result<()> {
 enum Pattern {
     S2(S2Config),
     Custom(BlockMask),
+    /// A contiguous range of another layout's heads, its patterns starting at `first_pattern`.
+    Heads { parent: Layout, first_pattern: u32 },
 }
 
 #[derive(Debug)]
@@ -232,6 +234,40 @@ impl Layout {
         }))
     }
 
+    /// The sub-layout of KV heads `kv_heads` (with their query heads): the same patterns those heads have
+    /// here, renumbered from 0. Used to split one call across devices by whole KV groups. The range must
+    /// not cut a pattern shared by several KV heads unless it stays inside it.
+    pub fn kv_head_range(&self, kv_heads: std::ops::Range<u32>) -> Result<Self> {
+        let (h_n, hk_n) = (self.num_heads(), self.num_kv_heads());
+        if kv_heads.start >= kv_heads.end || kv_heads.end > hk_n {
+            return Err(Error::Shape(format!("KV head range {kv_heads:?} is empty or exceeds {hk_n} KV heads")));
+        }
+        let group = h_n / hk_n;
+        let (h0, n) = (kv_heads.start * group, (kv_heads.end - kv_heads.start) * group);
+        let per_pattern = h_n / self.num_patterns();
+        let first = self.pattern_of_head(h0);
+        let last = self.pattern_of_head(h0 + n - 1);
+        let num_patterns = if first == last {
+            1
+        } else if h0 % per_pattern == 0 && n % per_pattern == 0 {
+            last - first + 1
+        } else {
+            return Err(Error::Shape(format!(
+                "KV head range {kv_heads:?} cuts a pattern shared by {per_pattern} query heads; split on multiples of it"
+            )));
+        };
+        Ok(Self::from_inner(Inner {
+            num_heads: n,
+            num_kv_heads: kv_heads.end - kv_heads.start,
+            block_size: self.block_size(),
+            causal: self.causal(),
+            num_patterns,
+            pattern: Pattern::Heads { parent: self.clone(), first_pattern: first },
+            index_cache: Mutex::default(),
+            mergeq_cache: Mutex::default(),
+        }))
+    }
+
     fn from_inner(inner: Inner) -> Self {
         Self(Arc::new(inner))
     }
@@ -256,7 +292,7 @@ impl Layout {
     pub fn s2_config(&self) -> Option<&S2Config> {
         match &self.0.pattern {
             Pattern::S2(c) => Some(c),
-            Pattern::Custom(_) => None,
+            Pattern::Custom(_) | Pattern::Heads { .. } => None,
         }
     }
     /// Distinct patterns; query head `h` uses pattern [`Layout::pattern_of_head`]`(h)`.
@@ -276,6 +312,9 @@ impl Layout {
     pub fn check_seq_len(&self, seq_len: u32) -> Result<()> {
         if seq_len == 0 {
             return Err(Error::Shape("seq_len must be >= 1".into()));
+        }
+        if let Pattern::Heads { parent, .. } = &self.0.pattern {
+            return parent.check_seq_len(seq_len);
         }
         if let Pattern::Custom(m) = &self.0.pattern {
             let nb = self.blocks(seq_len);
@@ -299,6 +338,7 @@ impl Layout {
                 c.active(pattern, qb, kb)
             }
             Pattern::Custom(m) => m.get(pattern, qb, kb) && (!m.causal() || kb <= qb),
+            Pattern::Heads { parent, first_pattern } => parent.block_active(first_pattern + pattern, qb, kb),
         }
     }
 
