@@ -4,8 +4,8 @@
 //! The data path reads top-down: [`Layout`] (config) → [`Layout::index`] (compressed index) →
 //! [`crate::plan`] (variant, tiles, [`MergeQPlan`]) → kernel → [`Output`].
 
-use crate::error::{Error, Result};
 use crate::context::Context;
+use crate::error::{Error, Result};
 use crate::gpu::{GpuForward, TensorView, Timing, WgpuContext};
 use crate::layout::Layout;
 use crate::plan::{self, DType, DispatchPlan, MergeQPlan, Shape};
@@ -18,12 +18,17 @@ pub trait Element: bytemuck::Pod + private::Sealed {
     const DTYPE: DType;
     /// Widens to f32.
     fn to_f32(self) -> f32;
+    /// Rounds from f32.
+    fn from_f32(x: f32) -> Self;
 }
 
 impl Element for f32 {
     const DTYPE: DType = DType::F32;
     fn to_f32(self) -> f32 {
         self
+    }
+    fn from_f32(x: f32) -> Self {
+        x
     }
 }
 
@@ -32,12 +37,18 @@ impl Element for half::f16 {
     fn to_f32(self) -> f32 {
         half::f16::to_f32(self)
     }
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
 }
 
 impl Element for half::bf16 {
     const DTYPE: DType = DType::BF16;
     fn to_f32(self) -> f32 {
         half::bf16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
     }
 }
 
@@ -108,6 +119,15 @@ impl Attention {
             Engine::Wgpu(g) => Ok(g),
             #[cfg(feature = "cuda")]
             Engine::Cuda(_) => Err(Error::Unsupported(format!("{what} needs a wgpu op; this one runs on CUDA"))),
+        }
+    }
+
+    /// The CUDA half of the op, for the embedding entry points in `src/cuda/attention_ext.rs`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_engine(&self) -> Option<&crate::cuda::CudaForward> {
+        match &self.engine {
+            Engine::Cuda(c) => Some(c),
+            Engine::Wgpu(_) => None,
         }
     }
 
@@ -190,10 +210,13 @@ impl Attention {
         let d = self.shape.head_dim as usize;
         let qn = tokens * self.layout.num_heads() as usize * d;
         let kn = tokens * self.layout.num_kv_heads() as usize * d;
-        let layout = |h: u32| format!("[batch {}, seq {}, heads {h}, head_dim {d}]", self.shape.batch, self.shape.seq_len);
-        for (name, len, want, h) in
-            [("q", q.len(), qn, self.layout.num_heads()), ("k", k.len(), kn, self.layout.num_kv_heads()), ("v", v.len(), kn, self.layout.num_kv_heads())]
-        {
+        let layout =
+            |h: u32| format!("[batch {}, seq {}, heads {h}, head_dim {d}]", self.shape.batch, self.shape.seq_len);
+        for (name, len, want, h) in [
+            ("q", q.len(), qn, self.layout.num_heads()),
+            ("k", k.len(), kn, self.layout.num_kv_heads()),
+            ("v", v.len(), kn, self.layout.num_kv_heads()),
+        ] {
             if len != want {
                 return Err(Error::Length { tensor: name, got: len, expected: want, layout: layout(h) });
             }

@@ -26,6 +26,7 @@
 #![warn(missing_docs)]
 
 mod attention;
+mod backward;
 mod context;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -33,11 +34,14 @@ pub mod cuda;
 mod error;
 pub mod gpu;
 pub mod layout;
+mod multi;
 pub mod plan;
 
 pub use attention::{Attention, Element, Output};
-pub use error::{Error, Result};
+pub use backward::{AttentionGrad, Grads};
 pub use context::{Backend, Context, ContextOptions};
+pub use error::{Error, Result};
 pub use gpu::{TensorView, Timing};
 pub use layout::{BlockIndex, BlockMask, Direction, Layout, S2Config};
+pub use multi::{Assignment, MultiDevice, MultiPlan};
 pub use plan::{DType, DispatchPlan, KernelVariant, MergeQPlan, Shape};
