@@ -153,16 +153,19 @@ impl MultiDevice {
 
     /// The set without device `index`, for re-planning after it failed. Measured speeds are kept.
     pub fn without(&self, index: usize) -> Result<Self> {
-        if index >= self.members.len() || self.members.len() == 1 {
-            return Err(Error::Shape(format!("cannot remove device {index} from a set of {}", self.members.len())));
+        if index >= self.members.len() {
+            return Err(Error::Shape(format!("no device {index} in a set of {}", self.members.len())));
         }
-        let members: Vec<_> =
-            self.members.iter().enumerate().filter(|&(i, _)| i != index).map(|(_, m)| m.clone()).collect();
-        let speeds = self
-            .lock_speeds()
-            .iter()
-            .map(|(k, v)| (*k, v.iter().enumerate().filter(|&(i, _)| i != index).map(|(_, s)| *s).collect()))
-            .collect();
+        self.subset(&(0..self.members.len()).filter(|&i| i != index).collect::<Vec<_>>())
+    }
+
+    /// The set of the devices at `indices` (in that order), keeping their measured speeds.
+    pub fn subset(&self, indices: &[usize]) -> Result<Self> {
+        if indices.is_empty() || indices.iter().any(|&i| i >= self.members.len()) {
+            return Err(Error::Shape(format!("device subset {indices:?} of a set of {}", self.members.len())));
+        }
+        let members = indices.iter().map(|&i| self.members[i].clone()).collect();
+        let speeds = self.lock_speeds().iter().map(|(k, v)| (*k, indices.iter().map(|&i| v[i]).collect())).collect();
         Ok(Self { members, speeds: Mutex::new(speeds) })
     }
 
