@@ -1,0 +1,447 @@
+// S2-Attention forward on tensor cores (sm_80+): mma.sync m16n8k16 with ldmatrix and cp.async.
+// Compiled at run time by NVRTC (src/cuda/compile.rs); specialised by the defines below, which the host
+// passes as -D options (src/cuda/forward.rs). Self-contained: no CUDA headers, so NVRTC needs no include
+// path. f32 accumulation, base-2 online softmax, O and natural-log LSE out.
+//
+// One CTA per (query tile, head, batch); tiles in reverse order (longest lists first). The CTA walks its
+// MergeQ tile list (`row_ptr`, `entries` = [kv_block, rowmask] pairs, src/plan/mergeq.rs) in chunks of
+// BLOCK_K keys, prefetching the next chunk's K and V (cp.async, two stages) while it computes this one.
+// Each warp owns ROWS_PER_WARP consecutive query rows, so it can skip a chunk that its rows don't attend
+// (row masks, causality) and only masks chunks that need it (causal diagonal, partial block, row masks).
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+#ifndef BLOCK_Q
+#define BLOCK_Q 128
+#endif
+#ifndef BLOCK_K
+#define BLOCK_K 64
+#endif
+#ifndef WARPS
+#define WARPS 4
+#endif
+#ifndef IS_BF16
+#define IS_BF16 0
+#endif
+#ifndef MIN_BLOCKS
+#define MIN_BLOCKS 2
+#endif
+
+#define NT (WARPS * 32)
+#define ROWS_PER_WARP (BLOCK_Q / WARPS)
+#define MT (ROWS_PER_WARP / 16)     // 16-row mma tiles per warp
+#define NK (BLOCK_K / 8)            // 8-key score tiles per chunk
+#define ND (HEAD_DIM / 8)           // 8-wide output tiles
+#define KD (HEAD_DIM / 16)          // k-steps of Q K^T
+#define KK (BLOCK_K / 16)           // k-steps of P V
+#define LDS (HEAD_DIM + 8)          // smem row stride (elements): 16 B of padding keeps ldmatrix conflict-free
+#define CPR (HEAD_DIM / 8)          // 16-byte chunks per row
+
+#if (ROWS_PER_WARP % 16) != 0 || MT < 1 || MT > 2
+#error "BLOCK_Q / WARPS must be 16 or 32"
+#endif
+#if (HEAD_DIM % 16) != 0 || (BLOCK_K % 16) != 0
+#error "HEAD_DIM and BLOCK_K must be multiples of 16"
+#endif
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+#define ROWMASK_BITS 0x80000000u
+
+struct Params {
+    const u16* q;          // [batch, seq, heads, D] (token stride q_tok, batch stride q_batch), elements
+    const u16* k;          // [batch, seq, kv_heads, D]
+    const u16* v;
+    u16* o;                // [batch, seq, heads, D]
+    float* lse;            // [batch, heads, seq]
+    const u32* row_ptr;    // patterns * tiles + 1
+    const u32* entries;    // [kv_block, rowmask] pairs
+    long long q_tok, q_batch;
+    long long kv_tok, kv_batch;
+    long long o_tok, o_batch;
+    long long lse_batch;   // elements between batches of LSE (heads * seq when contiguous)
+    u32 seq_len;
+    u32 num_heads;
+    u32 kv_group;          // query heads per KV head
+    u32 heads_per_pattern;
+    u32 tiles;
+    u32 block_size;
+    u32 causal;
+    float scale_log2;      // softmax scale * log2(e)
+};
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u64 a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (u32)a;
+}
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
+    int bytes = valid ? 16 : 0;  // 0: zero-fill the destination
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+#if IS_BF16
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// Two f32 -> one register of two 16-bit values, `lo` in the low half.
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r;
+#if IS_BF16
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ float fast_log2(float x) {
+    float y;
+    asm("lg2.approx.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+#define NEG_INF __int_as_float(0xff800000)
+
+// Whether tile row `r` attends the entry's block (before causality).
+__device__ __forceinline__ bool row_attends(u32 rm, u32 r, u32 bs) {
+    return (rm & ROWMASK_BITS) ? ((rm >> (r / bs)) & 1u) : (r < rm);
+}
+
+// Rows [r0, r0 + n) against a row mask: bit 0 = some row attends, bit 1 = every row attends.
+__device__ __forceinline__ int rows_attend(u32 rm, u32 r0, u32 n, u32 bs) {
+    if (rm & ROWMASK_BITS) {
+        u32 lo = r0 / bs, hi = (r0 + n - 1) / bs;
+        u32 want = ((hi >= 31u) ? 0x7fffffffu : ((1u << (hi + 1)) - 1u)) & ~((1u << lo) - 1u);
+        u32 got = rm & want;
+        return (got != 0u ? 1 : 0) | (got == want ? 2 : 0);
+    }
+    return (r0 < rm ? 1 : 0) | (r0 + n <= rm ? 2 : 0);
+}
+
+struct Walk {
+    u32 e, e_end, c;  // entry, end, sub-chunk within the entry's block
+};
+
+// Advances `w` (inclusive) to the next chunk this tile computes; false when the list is exhausted.
+__device__ __forceinline__ bool next_chunk(Walk& w, const Params& p, u32 row_last) {
+    const u32 per_block = p.block_size / BLOCK_K;
+    while (w.e < w.e_end) {
+        u32 kb = p.entries[2 * w.e];
+        u32 k0 = kb * p.block_size + w.c * BLOCK_K;
+        if (k0 < p.seq_len && !(p.causal && k0 > row_last)) return true;
+        // Later sub-chunks of this block lie further right: skip to the next entry.
+        w.e++;
+        w.c = 0;
+    }
+    (void)per_block;
+    return false;
+}
+
+__device__ __forceinline__ void step_chunk(Walk& w, const Params& p) {
+    if (++w.c == p.block_size / BLOCK_K) {
+        w.c = 0;
+        w.e++;
+    }
+}
+
+// Stages rows [tok0, tok0 + rows) of one head into smem (row stride LDS); rows past seq are zero-filled.
+template <int ROWS>
+__device__ __forceinline__ void load_rows(u16* dst, const u16* base, long long tok_stride, u32 tok0, u32 seq,
+                                          int tid) {
+    constexpr int N = ROWS * CPR;
+    if constexpr (NT % CPR == 0) {
+        // Each thread copies one 16-byte column `c` of rows r, r + NT / CPR, ...
+        constexpr int STEP = NT / CPR;
+        const int c = tid % CPR;
+        u32 tok = tok0 + tid / CPR;
+        const u16* src = base + (long long)tok * tok_stride + c * 8;
+        u32 dst_addr = smem_addr(dst + (tid / CPR) * LDS + c * 8);
+#pragma unroll 4
+        for (int j = 0; j < ROWS / STEP; ++j) {
+            cp_async16(dst_addr, tok < seq ? src : base, tok < seq);
+            tok += STEP;
+            src += STEP * tok_stride;
+            dst_addr += STEP * LDS * 2;
+        }
+    } else {
+#pragma unroll 1
+        for (int i = tid; i < N; i += NT) {
+            int r = i / CPR, c = i % CPR;
+            u32 tok = tok0 + r;
+            bool ok = tok < seq;
+            const u16* src = base + (ok ? (long long)tok * tok_stride : 0) + c * 8;
+            cp_async16(smem_addr(dst + r * LDS + c * 8), src, ok);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Params p) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    u16* q_s = (u16*)smem_raw;                   // [BLOCK_Q][LDS]
+    u16* k_s = q_s + BLOCK_Q * LDS;              // [2][BLOCK_K][LDS]
+    u16* v_s = k_s + 2 * BLOCK_K * LDS;          // [2][BLOCK_K][LDS]
+
+    const int tid = threadIdx.x;
+    const int warp = tid / 32, lane = tid % 32;
+    const u32 tile = p.tiles - 1u - blockIdx.x;
+    const u32 head = blockIdx.y;
+    const u32 b = blockIdx.z;
+    const u32 kvh = head / p.kv_group;
+    const u32 pattern = head / p.heads_per_pattern;
+    const u32 row0 = tile * BLOCK_Q;
+    const u32 seq = p.seq_len;
+    const u32 row_last = min(row0 + BLOCK_Q, seq) - 1u;
+
+    const u16* qg = p.q + (long long)b * p.q_batch + (long long)head * HEAD_DIM;
+    const u16* kg = p.k + (long long)b * p.kv_batch + (long long)kvh * HEAD_DIM;
+    const u16* vg = p.v + (long long)b * p.kv_batch + (long long)kvh * HEAD_DIM;
+
+    const u32 slot = pattern * p.tiles + tile;
+    Walk cur;
+    cur.e = p.row_ptr[slot];
+    cur.e_end = p.row_ptr[slot + 1];
+    cur.c = 0;
+    bool has_cur = next_chunk(cur, p, row_last);
+
+    // Per-thread state: rows g and g+8 of each of the warp's MT tiles.
+    const int g = lane / 4, t = lane % 4;
+    const u32 wr0 = warp * ROWS_PER_WARP;  // first tile row of this warp
+    float o_acc[MT][ND][4];
+    float row_m[MT][2], row_l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < ND; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) o_acc[mt][n][i] = 0.f;
+        row_m[mt][0] = row_m[mt][1] = NEG_INF;
+        row_l[mt][0] = row_l[mt][1] = 0.f;
+    }
+
+    load_rows<BLOCK_Q>(q_s, qg, p.q_tok, row0, seq, tid);
+    if (has_cur) {
+        u32 k0 = p.entries[2 * cur.e] * p.block_size + cur.c * BLOCK_K;
+        load_rows<BLOCK_K>(k_s, kg, p.kv_tok, k0, seq, tid);
+        load_rows<BLOCK_K>(v_s, vg, p.kv_tok, k0, seq, tid);
+    }
+    cp_async_commit();
+
+    Walk nxt = cur;
+    bool has_nxt = false;
+    if (has_cur) {
+        step_chunk(nxt, p);
+        has_nxt = next_chunk(nxt, p, row_last);
+    }
+
+    const u32 q_base = smem_addr(q_s);
+    int stage = 0;
+    while (has_cur) {
+        // Prefetch the next chunk into the other stage (its last readers passed the barrier below).
+        if (has_nxt) {
+            u32 k1 = p.entries[2 * nxt.e] * p.block_size + nxt.c * BLOCK_K;
+            load_rows<BLOCK_K>(k_s + (stage ^ 1) * BLOCK_K * LDS, kg, p.kv_tok, k1, seq, tid);
+            load_rows<BLOCK_K>(v_s + (stage ^ 1) * BLOCK_K * LDS, vg, p.kv_tok, k1, seq, tid);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+
+        const u32 rm = p.entries[2 * cur.e + 1];
+        const u32 k0 = p.entries[2 * cur.e] * p.block_size + cur.c * BLOCK_K;
+        const u32 wq0 = row0 + wr0;  // first query token of this warp
+        int att = rows_attend(rm, wr0, ROWS_PER_WARP, p.block_size);
+        bool skip = (att & 1) == 0 || wq0 >= seq || (p.causal && k0 > wq0 + ROWS_PER_WARP - 1u);
+        if (!skip) {
+            bool need_mask = (att & 2) == 0 || k0 + BLOCK_K > seq || (p.causal && k0 + BLOCK_K - 1u > wq0);
+            const u32 k_base = smem_addr(k_s + stage * BLOCK_K * LDS);
+            const u32 v_base = smem_addr(v_s + stage * BLOCK_K * LDS);
+
+            // S = Q K^T for this warp's rows.
+            float s[MT][NK][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int n = 0; n < NK; ++n)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) s[mt][n][i] = 0.f;
+#pragma unroll
+            for (int kd = 0; kd < KD; ++kd) {
+                u32 a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    u32 row = wr0 + mt * 16 + (lane % 16);
+                    u32 col = kd * 16 + (lane / 16) * 8;
+                    ldmatrix_x4(a[mt], q_base + (row * LDS + col) * 2);
+                }
+#pragma unroll
+                for (int np = 0; np < NK / 2; ++np) {
+                    u32 bf[4];
+                    u32 key = np * 16 + (lane % 8) + (lane / 16) * 8;
+                    u32 col = kd * 16 + ((lane / 8) % 2) * 8;
+                    ldmatrix_x4(bf, k_base + (key * LDS + col) * 2);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816(s[mt][2 * np], a[mt], bf[0], bf[1]);
+                        mma16816(s[mt][2 * np + 1], a[mt], bf[2], bf[3]);
+                    }
+                }
+            }
+
+            if (need_mask) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        u32 tr = wr0 + mt * 16 + g + h * 8;
+                        u32 qi = row0 + tr;
+                        bool row_ok = row_attends(rm, tr, p.block_size);
+#pragma unroll
+                        for (int n = 0; n < NK; ++n)
+#pragma unroll
+                            for (int e = 0; e < 2; ++e) {
+                                u32 kj = k0 + n * 8 + 2 * t + e;
+                                bool ok = row_ok && kj < seq && !(p.causal && kj > qi);
+                                if (!ok) s[mt][n][2 * h + e] = NEG_INF;
+                            }
+                    }
+            }
+
+            // Online softmax (base 2, scale folded in), then P V.
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    float mx = NEG_INF;
+#pragma unroll
+                    for (int n = 0; n < NK; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    float m_new = fmaxf(row_m[mt][h], mx * p.scale_log2);
+                    float m_use = (m_new == NEG_INF) ? 0.f : m_new;
+                    float alpha = fast_exp2(row_m[mt][h] - m_use);
+                    row_m[mt][h] = m_new;
+                    float sum = 0.f;
+#pragma unroll
+                    for (int n = 0; n < NK; ++n)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            float x = fast_exp2(fmaf(s[mt][n][2 * h + e], p.scale_log2, -m_use));
+                            s[mt][n][2 * h + e] = x;
+                            sum += x;
+                        }
+                    row_l[mt][h] = row_l[mt][h] * alpha + sum;
+#pragma unroll
+                    for (int n = 0; n < ND; ++n) {
+                        o_acc[mt][n][2 * h] *= alpha;
+                        o_acc[mt][n][2 * h + 1] *= alpha;
+                    }
+                }
+
+#pragma unroll
+            for (int kk = 0; kk < KK; ++kk) {
+                u32 pa[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    pa[mt][0] = pack2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    pa[mt][1] = pack2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    pa[mt][2] = pack2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    pa[mt][3] = pack2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                }
+#pragma unroll
+                for (int dp = 0; dp < ND / 2; ++dp) {
+                    u32 bf[4];
+                    u32 key = kk * 16 + (lane % 16);
+                    u32 col = dp * 16 + (lane / 16) * 8;
+                    ldmatrix_x4_trans(bf, v_base + (key * LDS + col) * 2);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816(o_acc[mt][2 * dp], pa[mt], bf[0], bf[1]);
+                        mma16816(o_acc[mt][2 * dp + 1], pa[mt], bf[2], bf[3]);
+                    }
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with this stage before it is refilled
+
+        cur = nxt;
+        has_cur = has_nxt;
+        if (has_nxt) {
+            step_chunk(nxt, p);
+            has_nxt = next_chunk(nxt, p, row_last);
+        }
+        stage ^= 1;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // Epilogue: O / l through smem (q_s) for 16-byte stores; LSE from lane t == 0 of each quad.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float l = row_l[mt][h];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            float inv = l > 0.f ? 1.f / l : 0.f;
+            u32 tr = wr0 + mt * 16 + g + h * 8;
+#pragma unroll
+            for (int n = 0; n < ND; ++n) {
+                u32 v2 = pack2(o_acc[mt][n][2 * h] * inv, o_acc[mt][n][2 * h + 1] * inv);
+                *(u32*)(q_s + tr * LDS + n * 8 + 2 * t) = v2;
+            }
+            u32 qi = row0 + tr;
+            if (t == 0 && qi < seq) {
+                float lse = l > 0.f ? (row_m[mt][h] + fast_log2(l)) * 0.6931471805599453f : NEG_INF;
+                p.lse[(long long)b * p.lse_batch + (long long)head * seq + qi] = lse;
+            }
+        }
+    __syncthreads();
+    u16* og = p.o + (long long)b * p.o_batch + (long long)head * HEAD_DIM;
+#pragma unroll
+    for (int j = 0; j < (BLOCK_Q * CPR + NT - 1) / NT; ++j) {
+        int i = tid + j * NT;
+        if (BLOCK_Q * CPR % NT != 0 && i >= BLOCK_Q * CPR) break;
+        int r = i / CPR, c = i % CPR;
+        u32 tok = row0 + r;
+        if (tok < seq) {
+            uint4 x = *(const uint4*)(q_s + r * LDS + c * 8);
+            *(uint4*)(og + (long long)tok * p.o_tok + c * 8) = x;
+        }
+    }
+}

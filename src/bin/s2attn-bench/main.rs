@@ -1,0 +1,158 @@
+//! `s2attn-bench`: the cross-vendor benchmark tool. Runs a grid of S2-attention problems (and the dense
+//! attention of the same shapes) on every adapter and backend of the machine, checks each configuration
+//! against the f64 oracle, merges peer results (`torch_peers.py` JSON lines), and prints a table, JSON
+//! lines, markdown and an SVG plot. `s2attn-bench --help` lists the flags.
+//!
+//! Exit status: 0 when every row was measured or skipped with a note, 1 when nothing was measured or a
+//! check exceeded its tolerance, 2 on a bad command line or unreadable file.
+
+mod grid;
+mod plot;
+mod report;
+mod run;
+
+use grid::{Args, Mode};
+use std::fs;
+use std::io::{BufWriter, IsTerminal, Write};
+
+fn main() {
+    let code = match bench() {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("s2attn-bench: {msg}");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+/// The peer rows of every `--peers` file, and their lines verbatim (for `--json`).
+fn read_peers(args: &Args) -> Result<(Vec<report::Row>, Vec<String>), String> {
+    let (mut rows, mut raw) = (Vec::new(), Vec::new());
+    for path in &args.peers {
+        let text = fs::read_to_string(path).map_err(|e| format!("--peers {}: {e}", path.display()))?;
+        rows.extend(report::parse_peers(&text, &path.display().to_string())?);
+        raw.extend(text.lines().map(str::trim).filter(|l| l.starts_with('{')).map(String::from));
+    }
+    Ok((rows, raw))
+}
+
+fn bench() -> Result<i32, String> {
+    let args = grid::parse_args(std::env::args().skip(1)).map_err(|e| e.to_string())?;
+    if args.help {
+        print!("{}", grid::HELP);
+        return Ok(0);
+    }
+    let mut notes = Vec::new();
+    if args.list {
+        for t in run::open_targets(&args, &mut notes) {
+            println!("{:<7} {}", t.backend, t.adapter);
+            if args.verbose {
+                println!("{}\n", t.ctx.describe());
+            }
+        }
+        notes.iter().for_each(|n| println!("note: {n}"));
+        return Ok(0);
+    }
+    let (peers, peer_lines) = read_peers(&args)?;
+    let mut json = match &args.json {
+        Some(path) => {
+            let f = fs::File::create(path).map_err(|e| format!("--json {}: {e}", path.display()))?;
+            Some((BufWriter::new(f), path.clone()))
+        }
+        None => None,
+    };
+    let mut write_line = |line: &str| -> Result<(), String> {
+        if let Some((w, path)) = json.as_mut() {
+            writeln!(w, "{line}").and_then(|_| w.flush()).map_err(|e| format!("--json {}: {e}", path.display()))?;
+        }
+        Ok(())
+    };
+    for line in &peer_lines {
+        write_line(line)?;
+    }
+
+    for m in args.modes.iter().filter(|m| **m != Mode::Fwd) {
+        let msg = format!("mode {}: not implemented yet (only fwd is); its grid points are skipped", m.name());
+        eprintln!("s2attn-bench: {msg}");
+        notes.push(msg);
+    }
+    let fwd: Vec<Mode> = args.modes.iter().copied().filter(|m| *m == Mode::Fwd).collect();
+    let problems = args.grid.problems(&fwd);
+    let targets = if problems.is_empty() { Vec::new() } else { run::open_targets(&args, &mut notes) };
+    for n in &notes {
+        eprintln!("note: {n}");
+    }
+    if !problems.is_empty() && targets.is_empty() {
+        eprintln!("s2attn-bench: no device to run on (see the notes above; `--list` shows what this machine has)");
+    }
+
+    let tty = std::io::stderr().is_terminal();
+    let total = targets.len() * problems.len();
+    let mut runner = run::Runner::new(&args);
+    let mut ours = Vec::new();
+    let mut done = 0;
+    for (ti, t) in targets.iter().enumerate() {
+        if args.verbose {
+            eprintln!("{}", t.ctx.describe());
+        }
+        for p in &problems {
+            done += 1;
+            let line = format!("[{done}/{total}] {} {}: {p}", t.backend, t.adapter);
+            if tty {
+                eprint!("\r\x1b[2K{line}");
+            } else {
+                eprintln!("{line}");
+            }
+            for r in runner.run(ti, t, p) {
+                if let Some(e) = &r.error {
+                    eprintln!(
+                        "{}error: {} on {} ({p}): {e}",
+                        if tty { "\r\x1b[2K" } else { "" },
+                        r.implementation,
+                        t.adapter
+                    );
+                }
+                write_line(&r.to_json())?;
+                ours.push(r);
+            }
+        }
+    }
+    if tty && total > 0 {
+        eprint!("\r\x1b[2K");
+    }
+
+    let mut table = report::build_table(&ours, &peers);
+    if !runner.dense_skipped.is_empty() {
+        let seqs: Vec<String> = runner.dense_skipped.iter().map(u32::to_string).collect();
+        table.notes.push(format!(
+            "dense not timed at seq {} (beyond --dense-max-seq {})",
+            seqs.join(", "),
+            args.dense_max_seq.unwrap_or_default()
+        ));
+    }
+    table.notes.extend(notes.iter().filter(|n| n.starts_with("mode ")).cloned());
+    print!("{}", report::render_text(&table));
+    if args.markdown {
+        println!();
+        print!("{}", report::render_markdown(&table));
+    }
+    if let Some(path) = &args.plot {
+        let all: Vec<report::Row> = ours.iter().chain(&peers).cloned().collect();
+        let title = format!("S2 attention forward: {}", table.caption);
+        fs::write(path, plot::svg(&all, &title)).map_err(|e| format!("--plot {}: {e}", path.display()))?;
+    }
+
+    let measured = ours.iter().filter(|r| r.measured()).count();
+    if measured == 0 {
+        eprintln!("s2attn-bench: nothing was measured");
+        return Ok(1);
+    }
+    if !runner.over_tolerance.is_empty() {
+        for m in &runner.over_tolerance {
+            eprintln!("s2attn-bench: check failed: {m}");
+        }
+        return Ok(1);
+    }
+    Ok(0)
+}

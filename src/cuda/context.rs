@@ -1,0 +1,223 @@
+//! [`CudaContext`]: one CUDA device opened through the driver API (loaded at run time), its capabilities
+//! for the planner, its stream, and the compiled-kernel cache.
+
+use super::compile::{self, KernelKey};
+use crate::error::{Error, Result};
+use crate::plan::DeviceCaps;
+use cudarc::driver::sys::CUdevice_attribute as Attr;
+use cudarc::driver::{CudaFunction, CudaStream};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Oldest compute capability the kernels run on: `mma.sync` with bf16, `ldmatrix` and `cp.async`.
+pub const MIN_ARCH: (i32, i32) = (8, 0);
+
+struct Inner {
+    ctx: Arc<cudarc::driver::CudaContext>,
+    stream: Arc<CudaStream>,
+    caps: DeviceCaps,
+    arch: (i32, i32),
+    sms: u32,
+    l2_bytes: u32,
+    driver: i32,
+    nvrtc: (i32, i32),
+    total_mem: usize,
+    kernels: Mutex<HashMap<KernelKey, CudaFunction>>,
+}
+
+/// A CUDA device: the driver context, the stream kernels run on, and the kernels compiled for it so far.
+/// `Clone` shares it.
+#[derive(Clone)]
+pub struct CudaContext(Arc<Inner>);
+
+impl std::fmt::Debug for CudaContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaContext({}, sm_{}{})", self.0.caps.name, self.0.arch.0, self.0.arch.1)
+    }
+}
+
+fn driver_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+impl CudaContext {
+    /// Opens device `ordinal`. Fails with [`Error::Cuda`] when the driver or NVRTC cannot be loaded or no
+    /// such device exists, and with [`Error::Unsupported`] when its compute capability is below 8.0.
+    pub fn open(ordinal: usize) -> Result<Self> {
+        // SAFETY: probing loads the shared library and nothing else.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::Cuda(
+                "no CUDA driver: libcuda could not be loaded (install the NVIDIA driver, or add the folder \
+                 holding libcuda.so.1 to LD_LIBRARY_PATH)"
+                    .into(),
+            ));
+        }
+        // SAFETY: as above.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(Error::Cuda(
+                "no NVRTC: libnvrtc could not be loaded (install CUDA's NVRTC, e.g. the cuda-nvrtc package or \
+                 the nvidia-cuda-nvrtc wheel, and add its lib folder to LD_LIBRARY_PATH)"
+                    .into(),
+            ));
+        }
+        // cudarc panics when a library lacks an entry point it needs (a driver older than its bindings).
+        std::panic::catch_unwind(|| Self::open_checked(ordinal)).unwrap_or_else(|_| {
+            Err(Error::Cuda("the CUDA driver or NVRTC library lacks an entry point s2attn needs (too old?)".into()))
+        })
+    }
+
+    fn open_checked(ordinal: usize) -> Result<Self> {
+        cudarc::driver::result::init()
+            .map_err(driver_err("cuInit (is an NVIDIA GPU present and its driver loaded?)"))?;
+        let count = cudarc::driver::result::device::get_count().map_err(driver_err("cuDeviceGetCount"))?;
+        if count <= 0 {
+            return Err(Error::Cuda("no CUDA device: the driver loaded but reports no GPU".into()));
+        }
+        if ordinal >= count as usize {
+            return Err(Error::Cuda(format!("CUDA device {ordinal} requested, but only {count} present")));
+        }
+        let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(driver_err("creating the CUDA context"))?;
+        let arch = ctx.compute_capability().map_err(driver_err("reading the compute capability"))?;
+        let name = ctx.name().map_err(driver_err("reading the device name"))?;
+        if arch < MIN_ARCH {
+            return Err(Error::Unsupported(format!(
+                "{name} has compute capability {}.{}; the CUDA kernels need {}.{} or newer (mma.sync bf16, \
+                 cp.async): use the wgpu backend",
+                arch.0, arch.1, MIN_ARCH.0, MIN_ARCH.1
+            )));
+        }
+        let attr = |a: Attr| ctx.attribute(a).map_err(driver_err("reading a device attribute"));
+        let smem = attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        let threads = attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK)?;
+        let grid = attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_X)?;
+        let sms = attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let l2 = attr(Attr::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?;
+        let total_mem = ctx.total_mem().map_err(driver_err("reading the memory size"))?;
+        let mut driver = 0;
+        // SAFETY: plain out-parameter.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) }
+            .result()
+            .map_err(driver_err("cuDriverGetVersion"))?;
+        let nvrtc = compile::nvrtc_version()?;
+        let caps = DeviceCaps {
+            name,
+            backend: "cuda".into(),
+            max_workgroup_storage: smem.max(0) as u32,
+            max_invocations: threads.max(0) as u32,
+            max_storage_binding: total_mem as u64,
+            max_buffer: total_mem as u64,
+            max_dispatch: grid.max(0) as u32,
+            coop_f16_16x16: true,
+            shader_f16: true,
+            subgroups: true,
+            timestamps: true,
+        };
+        let stream = ctx.default_stream();
+        Ok(Self(Arc::new(Inner {
+            ctx,
+            stream,
+            caps,
+            arch,
+            sms: sms.max(1) as u32,
+            l2_bytes: l2.max(0) as u32,
+            driver,
+            nvrtc,
+            total_mem,
+            kernels: Mutex::default(),
+        })))
+    }
+
+    /// The planner's view of the device (shared memory per block, threads, grid limits).
+    pub fn caps(&self) -> &DeviceCaps {
+        &self.0.caps
+    }
+
+    /// Compute capability `(major, minor)`.
+    pub fn arch(&self) -> (i32, i32) {
+        self.0.arch
+    }
+
+    /// Streaming multiprocessors.
+    pub fn multiprocessors(&self) -> u32 {
+        self.0.sms
+    }
+
+    /// The cudarc context (to allocate memory the op can read, or to wrap a stream).
+    pub fn cudarc(&self) -> &Arc<cudarc::driver::CudaContext> {
+        &self.0.ctx
+    }
+
+    /// The stream the op's host-slice and timing paths run on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.0.stream
+    }
+
+    /// A multi-line description: device, compute capability, memory, driver, NVRTC and kernel cache.
+    pub fn describe(&self) -> String {
+        let i = &self.0;
+        format!(
+            "{} (CUDA device {}, compute capability {}.{}, {} SMs, {:.1} GiB, L2 {} MiB)\n\
+             driver {}.{}, NVRTC {}.{}\n\
+             shared memory per block (opt-in) {} B, threads per block {}\n\
+             kernel disk cache: {}\n\
+             kernels compiled this session: {}",
+            i.caps.name,
+            i.ctx.ordinal(),
+            i.arch.0,
+            i.arch.1,
+            i.sms,
+            i.total_mem as f64 / (1u64 << 30) as f64,
+            i.l2_bytes >> 20,
+            i.driver / 1000,
+            (i.driver % 1000) / 10,
+            i.nvrtc.0,
+            i.nvrtc.1,
+            i.caps.max_workgroup_storage,
+            i.caps.max_invocations,
+            compile::disk_cache_status(),
+            i.kernels.lock().map(|k| k.len()).unwrap_or(0),
+        )
+    }
+
+    /// Blocks until all work on the op stream has finished, reporting any asynchronous error.
+    pub fn wait(&self) -> Result<()> {
+        self.0.stream.synchronize().map_err(driver_err("synchronizing the stream"))
+    }
+
+    /// The kernel `key` from `source` (function `entry`), compiled for this device: from memory, else the
+    /// disk cache, else NVRTC. `smem` raises the kernel's dynamic shared-memory limit.
+    pub(crate) fn kernel(&self, key: &KernelKey, source: &str, entry: &str, smem: u32) -> Result<CudaFunction> {
+        let mut cache = self.0.kernels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = cache.get(key) {
+            return Ok(f.clone());
+        }
+        let f = self.load(key, source, entry)?;
+        if smem > 48 * 1024 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(driver_err("raising the kernel's shared-memory limit"))?;
+        }
+        cache.insert(key.clone(), f.clone());
+        Ok(f)
+    }
+
+    fn load(&self, key: &KernelKey, source: &str, entry: &str) -> Result<CudaFunction> {
+        let (bin, from_disk) = compile::cubin(key, source, self.0.driver)?;
+        let module = match self.0.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bin)) {
+            Ok(m) => m,
+            Err(_) if from_disk => {
+                // A cached file the driver refused (truncated, stale): drop it and compile afresh once.
+                compile::evict(key, source, self.0.driver);
+                let (bin, _) = compile::cubin(key, source, self.0.driver)?;
+                self.0
+                    .ctx
+                    .load_module(cudarc::nvrtc::Ptx::from_binary(bin))
+                    .map_err(driver_err("loading the compiled kernel module"))?
+            }
+            Err(e) => return Err(driver_err("loading the compiled kernel module")(e)),
+        };
+        module.load_function(entry).map_err(driver_err("finding the kernel entry point"))
+    }
+}

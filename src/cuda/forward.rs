@@ -1,0 +1,441 @@
+//! Host side of the CUDA forward kernel: the tile lists uploaded once per op, launches on host slices,
+//! on cudarc slices and on raw device pointers the caller owns, and CUDA-event timing.
+
+use super::compile::{KernelKey, S2_FORWARD_SRC};
+use super::context::CudaContext;
+use super::plan::WARPS;
+use crate::error::{Error, Result};
+use crate::gpu::Timing;
+use crate::layout::Layout;
+use crate::plan::{DType, DispatchPlan, MergeQPlan, Shape};
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use std::sync::{Arc, Mutex};
+
+/// A tensor in CUDA memory the caller owns: `[batch, seq, heads, head_dim]` elements of the op's dtype
+/// starting at `ptr`, consecutive tokens `token_stride` elements apart (`None`: `heads * head_dim`,
+/// contiguous) and consecutive sequences `seq_len * token_stride` apart. `ptr` must be 16-byte aligned
+/// and the stride a multiple of 8 elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CudaTensor {
+    /// Device address of the first element.
+    pub ptr: CUdeviceptr,
+    /// Elements from one token to the next; `None` means contiguous.
+    pub token_stride: Option<u64>,
+}
+
+impl CudaTensor {
+    /// A contiguous tensor at `ptr`.
+    pub fn new(ptr: CUdeviceptr) -> Self {
+        Self { ptr, token_stride: None }
+    }
+    /// A view whose tokens are `token_stride` elements apart (e.g. one of Q, K, V in a packed QKV buffer).
+    pub fn strided(ptr: CUdeviceptr, token_stride: u64) -> Self {
+        Self { ptr, token_stride: Some(token_stride) }
+    }
+}
+
+/// The kernel's parameter block; mirrors `struct Params` in `shaders/cuda/s2_forward.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Params {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    lse: u64,
+    row_ptr: u64,
+    entries: u64,
+    q_tok: i64,
+    q_batch: i64,
+    kv_tok: i64,
+    kv_batch: i64,
+    o_tok: i64,
+    o_batch: i64,
+    lse_batch: i64,
+    seq_len: u32,
+    num_heads: u32,
+    kv_group: u32,
+    heads_per_pattern: u32,
+    tiles: u32,
+    block_size: u32,
+    causal: u32,
+    scale_log2: f32,
+}
+
+// SAFETY: plain-old-data with the C layout the kernel declares.
+unsafe impl DeviceRepr for Params {}
+
+struct HostBuffers {
+    q: CudaSlice<u8>,
+    k: CudaSlice<u8>,
+    v: CudaSlice<u8>,
+    o: CudaSlice<u8>,
+    lse: CudaSlice<f32>,
+}
+
+/// One planned CUDA forward op: the compiled kernel, the tile lists on the device, and (after the first
+/// host-slice call) device copies of the inputs, reused by later calls.
+pub struct CudaForward {
+    ctx: CudaContext,
+    shape: Shape,
+    num_heads: u32,
+    num_kv_heads: u32,
+    base: Params,
+    grid: (u32, u32, u32),
+    smem: u32,
+    func: CudaFunction,
+    /// The tile offsets and lists; owned here, read by the kernel through the addresses in `base`.
+    _lists: (CudaSlice<u32>, CudaSlice<u32>),
+    host: Mutex<Option<HostBuffers>>,
+}
+
+impl std::fmt::Debug for CudaForward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaForward").field("shape", &self.shape).field("grid", &self.grid).finish()
+    }
+}
+
+fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+    move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+impl CudaForward {
+    /// Compiles (or fetches) the kernel `plan` names and uploads the tile lists of `mergeq`.
+    pub fn new(
+        ctx: &CudaContext,
+        layout: &Layout,
+        shape: Shape,
+        plan: &DispatchPlan,
+        mergeq: Arc<MergeQPlan>,
+    ) -> Result<Self> {
+        if mergeq.tile_q() != plan.tile_q || mergeq.seq_len() != shape.seq_len {
+            return Err(Error::Shape(format!(
+                "MergeQ plan is for {} tokens in tiles of {}, the dispatch plan for {} in tiles of {}",
+                mergeq.seq_len(),
+                mergeq.tile_q(),
+                shape.seq_len,
+                plan.tile_q
+            )));
+        }
+        let bf16 = match shape.dtype {
+            DType::F16 => 0,
+            DType::BF16 => 1,
+            DType::F32 => return Err(Error::Unsupported("f32 has no CUDA kernel".into())),
+        };
+        if plan.tile_kv == 0 || layout.block_size() % plan.tile_kv != 0 {
+            return Err(Error::Shape(format!(
+                "key chunk {} does not divide block size {}",
+                plan.tile_kv,
+                layout.block_size()
+            )));
+        }
+        let rows_per_warp = plan.tile_q / WARPS;
+        let key = KernelKey {
+            name: "s2_forward.cu",
+            defines: vec![
+                ("HEAD_DIM", shape.head_dim as i64),
+                ("BLOCK_Q", plan.tile_q as i64),
+                ("BLOCK_K", plan.tile_kv as i64),
+                ("WARPS", WARPS as i64),
+                ("IS_BF16", bf16),
+                ("MIN_BLOCKS", if rows_per_warp > 16 || shape.head_dim > 128 { 2 } else { 3 }),
+            ],
+            arch: ctx.arch(),
+        };
+        let smem = plan.workgroup_bytes;
+        let func = ctx.kernel(&key, S2_FORWARD_SRC, "s2_forward", smem)?;
+        let stream = ctx.stream();
+        let row_ptr = stream.clone_htod(mergeq.row_ptr()).map_err(cuda_err("uploading the tile offsets"))?;
+        let mut words: Vec<u32> = mergeq.gpu_entries().iter().flatten().copied().collect();
+        if words.is_empty() {
+            words.extend([0, 0]);
+        }
+        let entries = stream.clone_htod(&words).map_err(cuda_err("uploading the tile lists"))?;
+        let lists = {
+            let (r, _r) = row_ptr.device_ptr(stream);
+            let (e, _e) = entries.device_ptr(stream);
+            (r, e)
+        };
+        let (h, hk, d) = (layout.num_heads() as i64, layout.num_kv_heads() as i64, shape.head_dim as i64);
+        let seq = shape.seq_len as i64;
+        let base = Params {
+            row_ptr: lists.0,
+            entries: lists.1,
+            q_tok: h * d,
+            q_batch: seq * h * d,
+            kv_tok: hk * d,
+            kv_batch: seq * hk * d,
+            o_tok: h * d,
+            o_batch: seq * h * d,
+            lse_batch: h * seq,
+            seq_len: shape.seq_len,
+            num_heads: layout.num_heads(),
+            kv_group: layout.num_heads() / layout.num_kv_heads(),
+            heads_per_pattern: layout.num_heads() / layout.num_patterns(),
+            tiles: mergeq.tiles(),
+            block_size: layout.block_size(),
+            causal: layout.causal() as u32,
+            scale_log2: shape.softmax_scale() * std::f32::consts::LOG2_E,
+            ..Params::default()
+        };
+        Ok(Self {
+            ctx: ctx.clone(),
+            shape,
+            num_heads: layout.num_heads(),
+            num_kv_heads: layout.num_kv_heads(),
+            base,
+            grid: (mergeq.tiles(), layout.num_heads(), shape.batch),
+            smem,
+            func,
+            _lists: (row_ptr, entries),
+            host: Mutex::default(),
+        })
+    }
+
+    /// The context the op runs on.
+    pub fn context(&self) -> &CudaContext {
+        &self.ctx
+    }
+
+    fn elems(&self, heads: u32) -> usize {
+        self.shape.batch as usize * self.shape.seq_len as usize * heads as usize * self.shape.head_dim as usize
+    }
+
+    fn lse_elems(&self) -> usize {
+        self.shape.batch as usize * self.num_heads as usize * self.shape.seq_len as usize
+    }
+
+    /// Checks a caller's tensor and returns its token stride in elements.
+    fn check_tensor(&self, name: &'static str, t: &CudaTensor, heads: u32) -> Result<i64> {
+        let row = heads as u64 * self.shape.head_dim as u64;
+        let stride = t.token_stride.unwrap_or(row);
+        if stride < row {
+            return Err(Error::Shape(format!(
+                "{name}: token_stride {stride} is smaller than heads * head_dim = {row}"
+            )));
+        }
+        if stride % 8 != 0 || t.ptr % 16 != 0 {
+            return Err(Error::Shape(format!(
+                "{name}: the kernel loads 16-byte vectors, so the pointer must be 16-byte aligned and token_stride a \
+                 multiple of 8 elements (got pointer {:#x}, stride {stride})",
+                t.ptr
+            )));
+        }
+        Ok(stride as i64)
+    }
+
+    fn launch(&self, stream: &CudaStream, params: &Params) -> Result<()> {
+        let cfg = LaunchConfig { grid_dim: self.grid, block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: self.smem };
+        let mut args = stream.launch_builder(&self.func);
+        args.arg(params);
+        // SAFETY: `params` points at buffers checked for size and alignment by every caller, the tile lists
+        // are owned by `self`, and the launch shape matches the kernel's compile-time configuration.
+        unsafe { args.launch(cfg) }.map_err(cuda_err("launching s2_forward"))?;
+        Ok(())
+    }
+
+    /// Runs on caller-owned device memory: `q`, `k`, `v`, `out` as [`CudaTensor`]s of the op's dtype and
+    /// `lse` an f32 `[batch, heads, seq]` buffer, on `stream` (which must belong to this op's context;
+    /// `None`: the op's own stream). Nothing is waited for.
+    ///
+    /// # Safety
+    /// Each pointer must address device memory of this context that holds the whole tensor its view
+    /// describes (`out` and `lse` writable), and stay valid until the work on the stream has finished.
+    pub unsafe fn forward_device(
+        &self,
+        stream: Option<&CudaStream>,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        out: &CudaTensor,
+        lse: CUdeviceptr,
+    ) -> Result<()> {
+        let stream = stream.unwrap_or(self.ctx.stream());
+        if stream.context() != self.ctx.cudarc() {
+            return Err(Error::Cuda("the stream belongs to another CUDA context than the op".into()));
+        }
+        if lse % 4 != 0 {
+            return Err(Error::Shape(format!("lse pointer {lse:#x} is not 4-byte aligned")));
+        }
+        let q_tok = self.check_tensor("q", q, self.num_heads)?;
+        let k_tok = self.check_tensor("k", k, self.num_kv_heads)?;
+        let v_tok = self.check_tensor("v", v, self.num_kv_heads)?;
+        let o_tok = self.check_tensor("out", out, self.num_heads)?;
+        if k_tok != v_tok {
+            return Err(Error::Shape(format!("k and v must share a token stride (got {k_tok} and {v_tok})")));
+        }
+        let seq = self.shape.seq_len as i64;
+        let params = Params {
+            q: q.ptr,
+            k: k.ptr,
+            v: v.ptr,
+            o: out.ptr,
+            lse,
+            q_tok,
+            q_batch: q_tok * seq,
+            kv_tok: k_tok,
+            kv_batch: k_tok * seq,
+            o_tok,
+            o_batch: o_tok * seq,
+            ..self.base
+        };
+        self.launch(stream, &params)
+    }
+
+    /// Runs on contiguous cudarc buffers (of any element type whose size matches the op's dtype, e.g.
+    /// `CudaSlice<u16>` or `CudaSlice<half::f16>`), on `q`'s stream, recording reads and writes so that
+    /// cudarc orders later work on them.
+    pub fn forward_slices<T, L>(
+        &self,
+        q: &impl DevicePtr<T>,
+        k: &impl DevicePtr<T>,
+        v: &impl DevicePtr<T>,
+        out: &mut impl DevicePtrMut<T>,
+        lse: &mut impl DevicePtrMut<L>,
+    ) -> Result<()> {
+        let size = self.shape.dtype.size() as usize;
+        let check = |name: &'static str, bytes: usize, elems: usize, elem: usize| {
+            if std::mem::size_of::<T>() != elem && name != "lse" {
+                return Err(Error::DType {
+                    tensor: name,
+                    expected: self.shape.dtype.name(),
+                    got: "an element of another size",
+                });
+            }
+            if bytes < elems * elem {
+                return Err(Error::BufferTooSmall { tensor: name, got: bytes as u64, needed: (elems * elem) as u64 });
+            }
+            Ok(())
+        };
+        check("q", q.num_bytes(), self.elems(self.num_heads), size)?;
+        check("k", k.num_bytes(), self.elems(self.num_kv_heads), size)?;
+        check("v", v.num_bytes(), self.elems(self.num_kv_heads), size)?;
+        check("out", out.num_bytes(), self.elems(self.num_heads), size)?;
+        if std::mem::size_of::<L>() != 4 {
+            return Err(Error::DType { tensor: "lse", expected: "f32", got: "an element of another size" });
+        }
+        check("lse", lse.num_bytes(), self.lse_elems(), 4)?;
+        let stream = q.stream().clone();
+        let (qp, _q) = q.device_ptr(&stream);
+        let (kp, _k) = k.device_ptr(&stream);
+        let (vp, _v) = v.device_ptr(&stream);
+        let (op, _o) = out.device_ptr_mut(&stream);
+        let (lp, _l) = lse.device_ptr_mut(&stream);
+        // SAFETY: every buffer was checked to hold its whole tensor; cudarc keeps them alive and ordered
+        // through the events the guards above record when they drop, after the launch.
+        unsafe {
+            self.forward_device(
+                Some(&stream),
+                &CudaTensor::new(qp),
+                &CudaTensor::new(kp),
+                &CudaTensor::new(vp),
+                &CudaTensor::new(op),
+                lp,
+            )
+        }
+    }
+
+    /// Uploads `q`, `k`, `v` (raw bytes of the op's dtype) into the op's reusable device buffers, with the
+    /// outputs poisoned (all bits set: NaN) so that an unwritten element cannot pass for a result.
+    fn with_host_buffers<R>(
+        &self,
+        q: &[u8],
+        k: &[u8],
+        v: &[u8],
+        f: impl FnOnce(&mut HostBuffers) -> Result<R>,
+    ) -> Result<R> {
+        let size = self.shape.dtype.size() as usize;
+        for (name, got, want) in [
+            ("q", q.len(), self.elems(self.num_heads) * size),
+            ("k", k.len(), self.elems(self.num_kv_heads) * size),
+            ("v", v.len(), self.elems(self.num_kv_heads) * size),
+        ] {
+            if got != want {
+                return Err(Error::Length {
+                    tensor: name,
+                    got: got / size,
+                    expected: want / size,
+                    layout: format!("{:?}", self.shape),
+                });
+            }
+        }
+        let stream = self.ctx.stream();
+        let mut guard = self.host.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            let alloc = |n: usize| stream.alloc_zeros::<u8>(n).map_err(cuda_err("allocating device buffers"));
+            *guard = Some(HostBuffers {
+                q: alloc(q.len())?,
+                k: alloc(k.len())?,
+                v: alloc(v.len())?,
+                o: alloc(q.len())?,
+                lse: stream.alloc_zeros::<f32>(self.lse_elems()).map_err(cuda_err("allocating device buffers"))?,
+            });
+        }
+        let Some(bufs) = guard.as_mut() else { return Err(Error::Cuda("device buffers missing".into())) };
+        stream.memcpy_htod(q, &mut bufs.q).map_err(cuda_err("copying q to the device"))?;
+        stream.memcpy_htod(k, &mut bufs.k).map_err(cuda_err("copying k to the device"))?;
+        stream.memcpy_htod(v, &mut bufs.v).map_err(cuda_err("copying v to the device"))?;
+        poison(stream, &mut bufs.o)?;
+        poison(stream, &mut bufs.lse)?;
+        f(bufs)
+    }
+
+    /// Runs on host bytes (the op's dtype) and returns the output bytes and the LSE.
+    pub fn run_host(&self, q: &[u8], k: &[u8], v: &[u8]) -> Result<(Vec<u8>, Vec<f32>)> {
+        self.with_host_buffers(q, k, v, |b| {
+            let stream = self.ctx.stream();
+            let HostBuffers { q, k, v, o, lse } = b;
+            self.forward_slices::<u8, f32>(q, k, v, o, lse)?;
+            let out = stream.clone_dtoh(o).map_err(cuda_err("copying the output back"))?;
+            let lse = stream.clone_dtoh(lse).map_err(cuda_err("copying the LSE back"))?;
+            stream.synchronize().map_err(cuda_err("running s2_forward"))?;
+            Ok((out, lse))
+        })
+    }
+
+    /// Times `iters` launches with CUDA events after `warmup` untimed ones, inputs uploaded once.
+    pub fn time(&self, q: &[u8], k: &[u8], v: &[u8], warmup: u32, iters: u32) -> Result<Timing> {
+        self.with_host_buffers(q, k, v, |b| {
+            let stream = self.ctx.stream();
+            let ctx = self.ctx.cudarc();
+            let (qp, _q) = b.q.device_ptr(stream);
+            let (kp, _k) = b.k.device_ptr(stream);
+            let (vp, _v) = b.v.device_ptr(stream);
+            let (op, _o) = b.o.device_ptr_mut(stream);
+            let (lp, _l) = b.lse.device_ptr_mut(stream);
+            let (q, k, v, o) = (CudaTensor::new(qp), CudaTensor::new(kp), CudaTensor::new(vp), CudaTensor::new(op));
+            // SAFETY: the op's own buffers, sized for the shape when they were allocated.
+            let run = || unsafe { self.forward_device(Some(stream), &q, &k, &v, &o, lp) };
+            for _ in 0..warmup {
+                run()?;
+            }
+            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+            let mut events = Vec::with_capacity(iters as usize);
+            for _ in 0..iters {
+                let start = ctx.new_event(flags).map_err(cuda_err("creating an event"))?;
+                let end = ctx.new_event(flags).map_err(cuda_err("creating an event"))?;
+                start.record(stream).map_err(cuda_err("recording an event"))?;
+                run()?;
+                end.record(stream).map_err(cuda_err("recording an event"))?;
+                events.push((start, end));
+            }
+            stream.synchronize().map_err(cuda_err("running s2_forward"))?;
+            let samples_ms = events
+                .iter()
+                .map(|(s, e)| s.elapsed_ms(e).map(f64::from).map_err(cuda_err("reading an event")))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Timing { samples_ms, gpu_timestamps: true })
+        })
+    }
+}
+
+fn poison<T>(stream: &Arc<CudaStream>, buf: &mut CudaSlice<T>) -> Result<()> {
+    let bytes = buf.num_bytes();
+    let (ptr, _g) = buf.device_ptr_mut(stream);
+    // SAFETY: `ptr` addresses `bytes` bytes of this live allocation, on its own stream.
+    unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xff, bytes, stream.cu_stream()) }
+        .map_err(cuda_err("poisoning the outputs"))
+}

@@ -1,0 +1,142 @@
+//! The CUDA planner: picks the `mma.sync` kernel's query tile (MergeQ), key chunk, warps and shared
+//! memory for a problem and a device. Pure arithmetic on [`DeviceCaps`], so it is tested without a GPU.
+
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::plan::{DType, DeviceCaps, DispatchPlan, KernelVariant, Shape};
+
+/// Head dimensions the CUDA kernel is built for.
+pub const CUDA_HEAD_DIMS: &[u32] = &[32, 64, 96, 128, 256];
+
+/// Warps per CTA: each owns `tile_q / WARPS` consecutive query rows.
+pub(crate) const WARPS: u32 = 4;
+
+/// CTAs below which a 128-row tile leaves the GPU underfilled and 64-row tiles are used instead (about
+/// two CTAs on each of an H100's 132 SMs).
+const FEW_CTAS: u64 = 264;
+
+/// Shared memory of the kernel: the Q tile plus two stages of K and V chunks, rows padded by 8 elements.
+pub(crate) fn smem_bytes(tile_q: u32, tile_kv: u32, head_dim: u32) -> u32 {
+    (tile_q + 4 * tile_kv) * (head_dim + 8) * 2
+}
+
+/// Plans the CUDA forward kernel for `shape` on a device with `caps`.
+///
+/// Query tiles are 128 rows (MergeQ: two 64-token blocks, or eight 16-token blocks, share each K/V load)
+/// unless the grid would be too small to fill the GPU or the head dimension needs the registers (256);
+/// key chunks are 64 keys (or the block size when smaller), halved until the shared memory fits.
+pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result<DispatchPlan> {
+    match shape.dtype {
+        DType::F16 | DType::BF16 => {}
+        DType::F32 => {
+            return Err(Error::Unsupported(
+                "f32 has no tensor-core CUDA kernel: use f16 or bf16 on the CUDA backend, or f32 on the wgpu \
+                 backend (Backend::Wgpu)"
+                    .into(),
+            ))
+        }
+    }
+    let d = shape.head_dim;
+    if !CUDA_HEAD_DIMS.contains(&d) {
+        return Err(Error::HeadDim { got: d, what: "the CUDA mma kernel", supported: CUDA_HEAD_DIMS });
+    }
+    let bs = layout.block_size();
+    let heads = layout.num_heads() as u64 * shape.batch as u64;
+    let mut tile_q = if d > 128 { 64 } else { 128 };
+    if tile_q == 128 && (shape.seq_len as u64).div_ceil(128) * heads < FEW_CTAS {
+        tile_q = 64;
+    }
+    let mut tile_kv = bs.min(64);
+    while smem_bytes(tile_q, tile_kv, d) > caps.max_workgroup_storage && tile_kv > 16 {
+        tile_kv /= 2;
+    }
+    let bytes = smem_bytes(tile_q, tile_kv, d);
+    if bytes > caps.max_workgroup_storage {
+        return Err(Error::DeviceLimit {
+            what: format!("the CUDA kernel at head_dim {d}"),
+            limit: "max shared memory per block (opt-in)",
+            needed: bytes as u64,
+            max: caps.max_workgroup_storage as u64,
+        });
+    }
+    let tiles = shape.seq_len.div_ceil(tile_q);
+    if tiles > caps.max_dispatch {
+        return Err(Error::DeviceLimit {
+            what: format!("{tiles} query tiles of {tile_q} rows"),
+            limit: "max grid dimension x",
+            needed: tiles as u64,
+            max: caps.max_dispatch as u64,
+        });
+    }
+    if layout.num_heads() > 65_535 || shape.batch > 65_535 {
+        return Err(Error::Shape("heads and batch must each be at most 65535 (CUDA grid y and z)".into()));
+    }
+    let merged = if tile_q > bs {
+        format!("MergeQ: {} blocks of {bs} per tile", tile_q / bs)
+    } else {
+        format!("tile within a block of {bs}")
+    };
+    Ok(DispatchPlan {
+        variant: KernelVariant::CudaMma,
+        tile_q,
+        tile_kv,
+        workgroup_size: WARPS * 32,
+        workgroup_bytes: bytes,
+        reason: format!("mma.sync m16n8k16, {} rows per warp, 2-stage cp.async K/V; {merged}", tile_q / WARPS),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::S2Config;
+
+    fn h100() -> DeviceCaps {
+        DeviceCaps {
+            name: "test".into(),
+            backend: "cuda".into(),
+            max_workgroup_storage: 227 * 1024,
+            max_invocations: 1024,
+            max_storage_binding: 80 << 30,
+            max_buffer: 80 << 30,
+            max_dispatch: i32::MAX as u32,
+            ..DeviceCaps::default()
+        }
+    }
+
+    #[test]
+    fn paper_shape_merges_two_blocks() {
+        let layout = Layout::s2(S2Config::new(32, 64, 16, 16)).unwrap();
+        let plan = plan_forward(&Shape::new(1, 16384, 128, DType::F16), &layout, &h100()).unwrap();
+        assert_eq!((plan.tile_q, plan.tile_kv), (128, 64));
+        assert!(plan.workgroup_bytes <= 227 * 1024 / 2, "two CTAs per SM must fit: {}", plan.workgroup_bytes);
+    }
+
+    #[test]
+    fn small_grids_take_smaller_tiles_and_small_blocks_small_chunks() {
+        let layout = Layout::s2(S2Config::new(2, 16, 4, 4)).unwrap();
+        let plan = plan_forward(&Shape::new(1, 1000, 64, DType::BF16), &layout, &h100()).unwrap();
+        assert_eq!((plan.tile_q, plan.tile_kv), (64, 16));
+    }
+
+    #[test]
+    fn f32_and_odd_head_dims_are_refused() {
+        let layout = Layout::s2(S2Config::new(2, 64, 4, 4)).unwrap();
+        assert!(matches!(
+            plan_forward(&Shape::new(1, 128, 64, DType::F32), &layout, &h100()),
+            Err(Error::Unsupported(_))
+        ));
+        assert!(matches!(
+            plan_forward(&Shape::new(1, 128, 80, DType::F16), &layout, &h100()),
+            Err(Error::HeadDim { .. })
+        ));
+    }
+
+    #[test]
+    fn chunks_shrink_to_fit_small_shared_memory() {
+        let layout = Layout::s2(S2Config::new(32, 64, 4, 4)).unwrap();
+        let caps = DeviceCaps { max_workgroup_storage: 99 * 1024, ..h100() };
+        let plan = plan_forward(&Shape::new(4, 8192, 256, DType::F16), &layout, &caps).unwrap();
+        assert!(plan.workgroup_bytes <= 99 * 1024 && plan.tile_kv < 64, "{plan}");
+    }
+}
