@@ -42,6 +42,9 @@ fn run() -> s2attn::Result<()> {
         (env("SEQ", 8192), env("HEADS", 32), env("KV_HEADS", 8), env("HEAD_DIM", 128), env("ITERS", 5));
     let set = MultiDevice::open_all()?;
     println!("devices: {:?}", set.device_names());
+    for s in set.skipped() {
+        println!("skipped: {s}");
+    }
     let layout = Layout::s2(S2Config::new(heads, 64, 16, 16).kv_heads(kv_heads))?;
 
     // Correctness of the split on a small size.

@@ -51,6 +51,7 @@ pub struct MultiDevice {
     members: Vec<Arc<Member>>,
     /// Query-key pairs per millisecond, per device, per problem class.
     speeds: Mutex<HashMap<ProblemClass, Vec<f64>>>,
+    skipped: Vec<String>,
 }
 
 impl fmt::Debug for MultiDevice {
@@ -115,20 +116,36 @@ impl fmt::Display for MultiPlan {
 
 impl MultiDevice {
     /// Opens every wgpu adapter the machine has (each API of each GPU is a device), plus the CUDA device
-    /// when built with the `cuda` feature and one is present.
+    /// when built with the `cuda` feature and one is present. Devices that fail to open are left out and
+    /// listed by [`MultiDevice::skipped`].
     pub fn open_all() -> Result<Self> {
         let mut contexts = Vec::new();
+        let mut skipped = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for a in WgpuContext::adapters() {
             if seen.insert((a.name.clone(), a.backend.clone())) {
-                contexts.push(Context::with_options(&ContextOptions::wgpu(Some(&a.backend), Some(&a.name)))?);
+                match Context::with_options(&ContextOptions::wgpu(Some(&a.backend), Some(&a.name))) {
+                    Ok(c) => contexts.push(c),
+                    Err(e) => skipped.push(format!("{} ({}): {e}", a.name, a.backend)),
+                }
             }
         }
         #[cfg(feature = "cuda")]
-        if let Ok(c) = Context::with_options(&ContextOptions { backend: crate::Backend::Cuda, ..Default::default() }) {
-            contexts.push(c);
+        match Context::with_options(&ContextOptions { backend: crate::Backend::Cuda, ..Default::default() }) {
+            Ok(c) => contexts.push(c),
+            Err(e) => skipped.push(format!("cuda: {e}")),
         }
-        Self::new(contexts)
+        if contexts.is_empty() {
+            return Err(Error::NoAdapter(format!("no device could be opened: [{}]", skipped.join("; "))));
+        }
+        let mut set = Self::new(contexts)?;
+        set.skipped = skipped;
+        Ok(set)
+    }
+
+    /// Devices [`MultiDevice::open_all`] saw but could not open, with the reason.
+    pub fn skipped(&self) -> &[String] {
+        &self.skipped
     }
 
     /// Uses the given devices.
@@ -143,7 +160,7 @@ impl MultiDevice {
                 Arc::new(Member { ctx, name, fail: AtomicBool::new(false) })
             })
             .collect();
-        Ok(Self { members, speeds: Mutex::default() })
+        Ok(Self { members, speeds: Mutex::default(), skipped: Vec::new() })
     }
 
     /// Device names (`adapter (backend)`), in index order.
@@ -166,7 +183,7 @@ impl MultiDevice {
         }
         let members = indices.iter().map(|&i| self.members[i].clone()).collect();
         let speeds = self.lock_speeds().iter().map(|(k, v)| (*k, indices.iter().map(|&i| v[i]).collect())).collect();
-        Ok(Self { members, speeds: Mutex::new(speeds) })
+        Ok(Self { members, speeds: Mutex::new(speeds), skipped: self.skipped.clone() })
     }
 
     /// Makes device `index` fail its next calls (`true`) or work again (`false`): for testing fault handling.

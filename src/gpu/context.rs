@@ -2,8 +2,8 @@
 //! and the compiled pipelines, cached for the context's lifetime.
 
 use super::shaders::{self, Kernel};
-use crate::error::{Error, Result};
 use crate::context::ContextOptions;
+use crate::error::{Error, Result};
 use crate::plan::{DType, DeviceCaps};
 use std::collections::HashMap;
 use std::fmt;
@@ -58,6 +58,8 @@ struct PipelineKey {
 }
 
 struct Inner {
+    /// Kept alive with the device when the context created it.
+    instance: Option<wgpu::Instance>,
     device: wgpu::Device,
     queue: wgpu::Queue,
     capabilities: Capabilities,
@@ -137,7 +139,11 @@ impl WgpuContext {
         list.iter()
             .map(|a| {
                 let i = a.get_info();
-                AdapterSummary { name: i.name, backend: backend_name(i.backend).into(), device_type: format!("{:?}", i.device_type) }
+                AdapterSummary {
+                    name: i.name,
+                    backend: backend_name(i.backend).into(),
+                    device_type: format!("{:?}", i.device_type),
+                }
             })
             .collect()
     }
@@ -149,7 +155,9 @@ impl WgpuContext {
             Some(b) => parse_backend(b)?,
             None => wgpu::Backends::all(),
         };
-        let mut list = pollster::block_on(instance().enumerate_adapters(backends));
+        // The instance must outlive the device: on GL (EGL) dropping it loses the device.
+        let instance = instance();
+        let mut list = pollster::block_on(instance.enumerate_adapters(backends));
         let seen: Vec<String> =
             list.iter().map(|a| format!("{} ({})", a.get_info().name, backend_name(a.get_info().backend))).collect();
         if let Some(want) = &options.adapter {
@@ -163,13 +171,17 @@ impl WgpuContext {
                 options.adapter,
                 options.wgpu_backend,
                 seen.join(", "),
-                if seen.is_empty() { " (install a Vulkan driver, e.g. `apt-get install mesa-vulkan-drivers`)" } else { "" }
+                if seen.is_empty() {
+                    " (install a Vulkan driver, e.g. `apt-get install mesa-vulkan-drivers`)"
+                } else {
+                    ""
+                }
             )));
         };
-        Self::open(adapter)
+        Self::open(instance, adapter)
     }
 
-    fn open(adapter: wgpu::Adapter) -> Result<Self> {
+    fn open(instance: wgpu::Instance, adapter: wgpu::Adapter) -> Result<Self> {
         let wanted = wgpu::Features::SHADER_F16
             | wgpu::Features::SUBGROUP
             | wgpu::Features::TIMESTAMP_QUERY
@@ -193,7 +205,11 @@ impl WgpuContext {
             trace: wgpu::Trace::Off,
         }))
         .map_err(|e| Error::Device(format!("{}: {e}", adapter.get_info().name)))?;
-        Ok(Self::build(adapter.get_info(), device, queue, &coop))
+        let mut ctx = Self::build(adapter.get_info(), device, queue, &coop);
+        if let Some(inner) = Arc::get_mut(&mut ctx.0) {
+            inner.instance = Some(instance);
+        }
+        Ok(ctx)
     }
 
     /// Adopts a device the embedding application already owns. `info` describes its adapter
@@ -208,7 +224,12 @@ impl WgpuContext {
         Self::build(info, device, queue, coop)
     }
 
-    fn build(info: wgpu::AdapterInfo, device: wgpu::Device, queue: wgpu::Queue, coop: &[wgpu::CooperativeMatrixProperties]) -> Self {
+    fn build(
+        info: wgpu::AdapterInfo,
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        coop: &[wgpu::CooperativeMatrixProperties],
+    ) -> Self {
         let features = device.features();
         let limits = device.limits();
         let coop_enabled = features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
@@ -236,6 +257,7 @@ impl WgpuContext {
             timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
         };
         Self(Arc::new(Inner {
+            instance: None,
             device,
             queue,
             capabilities: Capabilities { info, features, limits, coop_shapes, caps },
@@ -303,7 +325,10 @@ impl WgpuContext {
             layout: None,
             module: &module,
             entry_point: Some("main"),
-            compilation_options: wgpu::PipelineCompilationOptions { constants: &values, zero_initialize_workgroup_memory: false },
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &values,
+                zero_initialize_workgroup_memory: false,
+            },
             cache: None,
         });
         if let Some(err) = pollster::block_on(scope.pop()) {
