@@ -4,8 +4,10 @@
 //! the same MergeQ tile walk and the same online softmax), so a planning bug shows up on the CPU without a
 //! GPU, and a kernel bug shows up as a disagreement between the kernel and its twin.
 
+mod backward;
 mod forward;
 mod reference;
 
+pub use backward::{attention_backward_reference, backward_portable, BackwardInputs};
 pub use forward::forward_portable;
 pub use reference::{attention_reference, rel_l2_error, Reference};

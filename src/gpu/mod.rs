@@ -1,9 +1,12 @@
-//! The wgpu backend: device context, shader composition and the forward kernels' host side.
+//! The wgpu backend: device context, shader composition and the forward and backward kernels' host side.
 
+mod backward;
 mod context;
 mod forward;
 pub mod shaders;
 
+pub(crate) use backward::GpuBackward;
+pub use backward::GradBuffers;
 pub use context::{AdapterSummary, Capabilities, WgpuContext};
 pub(crate) use context::parse_backend;
 pub(crate) use forward::GpuForward;

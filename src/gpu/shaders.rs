@@ -1,7 +1,8 @@
 //! The WGSL sources, embedded with `include_str!`, and the one generator that composes them.
 //!
-//! WGSL has no includes, so kernels name shared pieces with `#include shared/<file>.wgsl` lines and the
-//! storage accessors with `#include storage`; [`compose`] splices them in. Everything else a kernel
+//! WGSL has no includes, so kernels name shared pieces with `#include shared/<file>.wgsl` lines, the
+//! storage accessors with `#include storage` and the backward's gradient accessors with
+//! `#include grad_storage`; [`compose`] splices them in. Everything else a kernel
 //! varies on (head dim, tile sizes, workgroup size) is a WGSL override constant, so there is exactly one
 //! source per kernel and no copy-pasted variants.
 
@@ -13,6 +14,9 @@ const SHARED: &[(&str, &str)] = &[
     ("shared/params.wgsl", include_str!("../../shaders/shared/params.wgsl")),
     ("shared/storage_f32.wgsl", include_str!("../../shaders/shared/storage_f32.wgsl")),
     ("shared/storage_f16.wgsl", include_str!("../../shaders/shared/storage_f16.wgsl")),
+    ("shared/backward.wgsl", include_str!("../../shaders/shared/backward.wgsl")),
+    ("shared/grads_f32.wgsl", include_str!("../../shaders/shared/grads_f32.wgsl")),
+    ("shared/grads_f16.wgsl", include_str!("../../shaders/shared/grads_f16.wgsl")),
 ];
 
 /// A kernel source.
@@ -20,38 +24,46 @@ const SHARED: &[(&str, &str)] = &[
 pub enum Kernel {
     /// `shaders/forward_portable.wgsl`.
     ForwardPortable,
+    /// `shaders/backward_dq.wgsl`: D = rowsum(dO * O) and dQ.
+    BackwardDq,
+    /// `shaders/backward_dkdv.wgsl`: dK and dV.
+    BackwardDkDv,
 }
 
 impl Kernel {
     /// Every kernel (the naga test validates each in each storage type).
-    pub const ALL: &'static [Kernel] = &[Kernel::ForwardPortable];
+    pub const ALL: &'static [Kernel] = &[Kernel::ForwardPortable, Kernel::BackwardDq, Kernel::BackwardDkDv];
 
     /// File name under `shaders/`.
     pub fn name(self) -> &'static str {
         match self {
             Kernel::ForwardPortable => "forward_portable.wgsl",
+            Kernel::BackwardDq => "backward_dq.wgsl",
+            Kernel::BackwardDkDv => "backward_dkdv.wgsl",
         }
     }
 
     fn source(self) -> &'static str {
         match self {
             Kernel::ForwardPortable => include_str!("../../shaders/forward_portable.wgsl"),
+            Kernel::BackwardDq => include_str!("../../shaders/backward_dq.wgsl"),
+            Kernel::BackwardDkDv => include_str!("../../shaders/backward_dkdv.wgsl"),
         }
     }
 
     /// Storage types the kernel is built for.
     pub fn dtypes(self) -> &'static [DType] {
         match self {
-            Kernel::ForwardPortable => &[DType::F32, DType::F16],
+            Kernel::ForwardPortable | Kernel::BackwardDq | Kernel::BackwardDkDv => &[DType::F32, DType::F16],
         }
     }
 }
 
 /// The full WGSL text of `kernel` for `dtype` storage.
 pub fn compose(kernel: Kernel, dtype: DType) -> Result<String> {
-    let storage = match dtype {
-        DType::F32 => "shared/storage_f32.wgsl",
-        DType::F16 => "shared/storage_f16.wgsl",
+    let (storage, grads) = match dtype {
+        DType::F32 => ("shared/storage_f32.wgsl", "shared/grads_f32.wgsl"),
+        DType::F16 => ("shared/storage_f16.wgsl", "shared/grads_f16.wgsl"),
         DType::BF16 => {
             return Err(Error::Unsupported("bf16 storage has no WGSL kernel; use the CUDA backend".into()));
         }
@@ -60,7 +72,11 @@ pub fn compose(kernel: Kernel, dtype: DType) -> Result<String> {
     for line in kernel.source().lines() {
         match line.trim().strip_prefix("#include ") {
             Some(path) => {
-                let path = if path.trim() == "storage" { storage } else { path.trim() };
+                let path = match path.trim() {
+                    "storage" => storage,
+                    "grad_storage" => grads,
+                    other => other,
+                };
                 let (_, text) = SHARED.iter().find(|(p, _)| *p == path).ok_or_else(|| Error::Shader {
                     name: kernel.name().into(),
                     message: format!("unknown include `{path}`"),

@@ -4,8 +4,10 @@
 //! The planner is pure Rust and knows devices only through [`DeviceCaps`], so it is tested without a GPU.
 //! Each backend fills `DeviceCaps` from what its device reports.
 
+mod column;
 mod mergeq;
 
+pub use column::{backward_workgroup_bytes, plan_backward_portable, BackwardPlan, ColumnPlan, QueryEntry};
 pub use mergeq::{KvEntry, MergeQPlan, RowMask, ROWMASK_BITS_FLAG};
 
 use crate::error::{Error, Result};

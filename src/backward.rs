@@ -1,0 +1,158 @@
+//! The public backward op: [`AttentionGrad`] binds a layout and a shape to a device, plans the two
+//! backward passes once, and turns what [`Attention::forward`](crate::Attention::forward) returns (O and
+//! the LSE) plus the output gradient dO into [`Grads`] (dQ, dK, dV).
+//!
+//! The data path: [`Layout::index`] → [`plan::plan_backward_portable`] (tiles) → the forward's
+//! [`MergeQPlan`] (dQ pass) and the [`ColumnPlan`] built from [`BlockIndex::transpose`](crate::BlockIndex::transpose)
+//! (dK/dV pass) → the portable WGSL kernels → [`Grads`].
+
+use crate::attention::Element;
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::gpu::{GpuBackward, GradBuffers};
+use crate::layout::Layout;
+use crate::plan::{self, BackwardPlan, ColumnPlan, DType, MergeQPlan, Shape};
+use std::sync::Arc;
+
+/// Gradients of a loss with respect to Q, K and V, in their layouts (`[batch, seq, heads, head_dim]`;
+/// dK and dV with `num_kv_heads`, each summed over the query heads of its GQA group).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grads<T> {
+    /// dL/dQ.
+    pub dq: Vec<T>,
+    /// dL/dK.
+    pub dk: Vec<T>,
+    /// dL/dV.
+    pub dv: Vec<T>,
+}
+
+/// The backward of an S2 attention op: one layout, one shape, one device, planned once.
+///
+/// Deterministic by construction: no atomics anywhere. The dQ pass writes each dQ row from one
+/// workgroup walking its query tile's KV list in a fixed order; the dK/dV pass writes each dK, dV row from
+/// one workgroup that sums the query heads of its GQA group and their query tiles in a fixed order. Two
+/// calls with the same inputs on the same device give bitwise-identical gradients.
+///
+/// Runs on wgpu devices (the portable WGSL kernels, f32 and f16 storage, f32 accumulation). A CUDA
+/// context is refused with [`Error::Unsupported`] until the CUDA backward exists.
+pub struct AttentionGrad {
+    layout: Layout,
+    shape: Shape,
+    plan: BackwardPlan,
+    mergeq: Arc<MergeQPlan>,
+    columns: ColumnPlan,
+    engine: GpuBackward,
+}
+
+impl std::fmt::Debug for AttentionGrad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttentionGrad").field("shape", &self.shape).field("plan", &self.plan).finish()
+    }
+}
+
+impl AttentionGrad {
+    /// Plans the backward of `layout` at `shape` for the device of `ctx` and compiles (or fetches) its
+    /// pipelines.
+    pub fn new(ctx: &Context, layout: &Layout, shape: Shape) -> Result<Self> {
+        shape.validate(layout)?;
+        if shape.dtype == DType::BF16 {
+            return Err(Error::Unsupported("bf16 has no WGSL backward; use f16 or f32".into()));
+        }
+        let ctx = ctx.require_wgpu("AttentionGrad::new (the backward has no CUDA kernels yet)")?;
+        let plan = plan::plan_backward_portable(&shape, layout, ctx.caps())?;
+        let mergeq = layout.mergeq(shape.seq_len, plan.dq.tile_q);
+        let index = layout.index(shape.seq_len);
+        let columns = ColumnPlan::build(&index, layout.block_size(), layout.causal(), plan.dkdv.tile_q);
+        let engine = GpuBackward::new(ctx, layout, shape, &plan, &mergeq, &columns)?;
+        Ok(Self { layout: layout.clone(), shape, plan, mergeq, columns, engine })
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+    /// The shape.
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+    /// The two passes' dispatch plans.
+    pub fn plan(&self) -> &BackwardPlan {
+        &self.plan
+    }
+    /// The row lists the dQ pass walks (the forward's MergeQ lists at the dQ tile size).
+    pub fn mergeq(&self) -> &MergeQPlan {
+        &self.mergeq
+    }
+    /// The column lists the dK/dV pass walks.
+    pub fn columns(&self) -> &ColumnPlan {
+        &self.columns
+    }
+
+    /// A human-readable account of what will run and why.
+    pub fn explain(&self) -> String {
+        let s = &self.shape;
+        format!(
+            "backward {} x {} tokens, {} heads / {} kv heads, head_dim {}, {}: {}; longest row list {} KV blocks, \
+             longest column list {} query tiles",
+            s.batch,
+            s.seq_len,
+            self.layout.num_heads(),
+            self.layout.num_kv_heads(),
+            s.head_dim,
+            s.dtype,
+            self.plan,
+            self.mergeq.max_tile_len(),
+            self.columns.max_column_len()
+        )
+    }
+
+    /// Gradients from host slices: `q`, `k`, `v` as given to the forward, `out` and `lse` as it returned
+    /// them ([`Output`](crate::Output)), and `d_out` (dL/dO, shaped like `out`).
+    pub fn backward<T: Element>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        out: &[T],
+        lse: &[f32],
+        d_out: &[T],
+    ) -> Result<Grads<T>> {
+        if T::DTYPE != self.shape.dtype {
+            return Err(Error::DType { tensor: "q", expected: self.shape.dtype.name(), got: T::DTYPE.name() });
+        }
+        let (batch, seq, d) = (self.shape.batch as usize, self.shape.seq_len as usize, self.shape.head_dim as usize);
+        let (h, hk) = (self.layout.num_heads(), self.layout.num_kv_heads());
+        let rows = |heads: u32| format!("[batch {batch}, seq {seq}, heads {heads}, head_dim {d}]");
+        let lens = [
+            ("q", q.len(), h),
+            ("k", k.len(), hk),
+            ("v", v.len(), hk),
+            ("out", out.len(), h),
+            ("d_out", d_out.len(), h),
+        ];
+        for (tensor, got, heads) in lens {
+            let expected = batch * seq * heads as usize * d;
+            if got != expected {
+                return Err(Error::Length { tensor, got, expected, layout: rows(heads) });
+            }
+        }
+        if lse.len() != batch * h as usize * seq {
+            let layout = format!("[batch {batch}, heads {h}, seq {seq}] f32");
+            return Err(Error::Length { tensor: "lse", got: lse.len(), expected: batch * h as usize * seq, layout });
+        }
+        use bytemuck::cast_slice as bytes;
+        let [dq, dk, dv] =
+            self.engine.run_host([bytes(q), bytes(k), bytes(v), bytes(out), bytes(lse), bytes(d_out)])?;
+        Ok(Grads {
+            dq: bytemuck::pod_collect_to_vec(&dq),
+            dk: bytemuck::pod_collect_to_vec(&dk),
+            dv: bytemuck::pod_collect_to_vec(&dv),
+        })
+    }
+
+    /// Records both backward passes into the caller's `encoder`, reading and writing the caller's buffers
+    /// (see [`GradBuffers`]). Nothing is submitted.
+    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder, buffers: &GradBuffers<'_>) -> Result<()> {
+        self.engine.encode(encoder, buffers)
+    }
+}

@@ -1,0 +1,341 @@
+//! Host side of the portable WGSL backward: the dQ pass (`backward_dq.wgsl`, which also writes
+//! `D = rowsum(dO * O)`) over the forward's MergeQ row lists, then the dK/dV pass (`backward_dkdv.wgsl`)
+//! over the column plan. Index buffers, params and the D scratch buffer are built once per op; bind groups
+//! are cached per set of caller buffers; the host-slice path owns its own tensors.
+
+use super::forward::read_buffer;
+use super::shaders::Kernel;
+use super::WgpuContext as Context;
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::plan::{BackwardPlan, ColumnPlan, MergeQPlan, Shape};
+use std::sync::Mutex;
+use wgpu::util::DeviceExt;
+
+/// The GPU buffers of one backward call, each a contiguous tensor from offset 0: inputs `q`, `k`, `v`,
+/// `out` (the forward's O), `d_out` in the op's dtype as `[batch, seq, heads (kv heads for k, v),
+/// head_dim]`, `lse` as the forward's `[batch, heads, seq]` f32; outputs `dq`, `dk`, `dv` shaped like
+/// `q`, `k`, `v`. Every buffer needs `STORAGE` usage; the outputs must not alias any other buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct GradBuffers<'a> {
+    /// Queries.
+    pub q: &'a wgpu::Buffer,
+    /// Keys.
+    pub k: &'a wgpu::Buffer,
+    /// Values.
+    pub v: &'a wgpu::Buffer,
+    /// The forward's output O.
+    pub out: &'a wgpu::Buffer,
+    /// The forward's log-sum-exp (f32).
+    pub lse: &'a wgpu::Buffer,
+    /// Gradient of the loss with respect to O.
+    pub d_out: &'a wgpu::Buffer,
+    /// Receives dQ.
+    pub dq: &'a wgpu::Buffer,
+    /// Receives dK (summed over each KV head's query heads).
+    pub dk: &'a wgpu::Buffer,
+    /// Receives dV (summed over each KV head's query heads).
+    pub dv: &'a wgpu::Buffer,
+}
+
+impl GradBuffers<'_> {
+    /// `(name, buffer, binding)` of every caller tensor, as the kernels bind them.
+    fn tensors(&self) -> [(&'static str, &wgpu::Buffer, u32); 9] {
+        [
+            ("q", self.q, 1),
+            ("k", self.k, 2),
+            ("v", self.v, 3),
+            ("out", self.out, 4),
+            ("lse", self.lse, 5),
+            ("d_out", self.d_out, 9),
+            ("dk", self.dk, 10),
+            ("dv", self.dv, 11),
+            ("dq", self.dq, 12),
+        ]
+    }
+}
+
+/// One kernel: its pipeline, params, index lists, dispatch size and the bindings it uses.
+struct Pass {
+    pipeline: wgpu::ComputePipeline,
+    params: wgpu::Buffer,
+    ptr: wgpu::Buffer,
+    entries: wgpu::Buffer,
+    dispatch: [u32; 3],
+    bindings: &'static [u32],
+    label: &'static str,
+}
+
+/// Bindings of the params uniform, the index lists and the D scratch buffer (the rest are caller tensors).
+const PARAMS: u32 = 0;
+const LIST_PTR: u32 = 6;
+const LIST_ENTRIES: u32 = 7;
+const DELTA: u32 = 8;
+
+struct HostBuffers {
+    tensors: [wgpu::Buffer; 9],
+    readback: wgpu::Buffer,
+}
+
+/// Bind-group pairs kept per distinct set of caller buffers.
+const BIND_CACHE: usize = 4;
+
+pub(crate) struct GpuBackward {
+    ctx: Context,
+    shape: Shape,
+    num_heads: u32,
+    num_kv_heads: u32,
+    passes: [Pass; 2],
+    delta: wgpu::Buffer,
+    binds: Mutex<Vec<(Vec<wgpu::Buffer>, [wgpu::BindGroup; 2])>>,
+    host: Mutex<Option<HostBuffers>>,
+}
+
+impl GpuBackward {
+    pub(crate) fn new(
+        ctx: &Context,
+        layout: &Layout,
+        shape: Shape,
+        plan: &BackwardPlan,
+        mergeq: &MergeQPlan,
+        columns: &ColumnPlan,
+    ) -> Result<Self> {
+        check_limits(ctx, layout, &shape)?;
+        let device = ctx.device();
+        let d = shape.head_dim;
+        let (heads, kv_heads) = (layout.num_heads(), layout.num_kv_heads());
+        // The `Params` uniform of shaders/shared/params.wgsl, word by word; offsets 0, strides in vec4s.
+        let params = |tiles: u32| -> [u32; 20] {
+            let (q_stride, kv_stride) = (heads * d / 4, kv_heads * d / 4);
+            let scale_log2 = shape.softmax_scale() * std::f32::consts::LOG2_E;
+            let head_words = [shape.seq_len, heads, kv_heads, tiles, heads / layout.num_patterns()];
+            let mut w = [0u32; 20];
+            w[..5].copy_from_slice(&head_words);
+            w[5..8].copy_from_slice(&[layout.block_size(), layout.causal() as u32, scale_log2.to_bits()]);
+            w[12..15].copy_from_slice(&[q_stride, kv_stride, q_stride]);
+            w[16] = f32::NEG_INFINITY.to_bits();
+            w
+        };
+        let storage = |label, words: &[u8]| {
+            // wgpu refuses empty bindings; an empty list (impossible for valid layouts) still gets a word.
+            let contents = if words.is_empty() { &[0u8; 8][..] } else { words };
+            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents,
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+        };
+        let uniform = |words: [u32; 20]| {
+            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("s2attn backward params"),
+                contents: bytemuck::cast_slice(&words),
+                usage: wgpu::BufferUsages::UNIFORM,
+            })
+        };
+        let pipeline = |kernel, p: &crate::plan::DispatchPlan| {
+            let constants = [("D", d), ("BQ", p.tile_q), ("BK", p.tile_kv), ("WG", p.workgroup_size)];
+            ctx.pipeline(kernel, shape.dtype, &constants)
+        };
+        let dq = Pass {
+            pipeline: pipeline(Kernel::BackwardDq, &plan.dq)?,
+            params: uniform(params(mergeq.tiles())),
+            ptr: storage("s2attn backward row_ptr", bytemuck::cast_slice(mergeq.row_ptr())),
+            entries: storage("s2attn backward row entries", bytemuck::cast_slice(&mergeq.gpu_entries())),
+            dispatch: [mergeq.tiles(), heads, shape.batch],
+            bindings: &[PARAMS, 1, 2, 3, 4, 5, LIST_PTR, LIST_ENTRIES, DELTA, 9, 12],
+            label: "s2attn backward dQ",
+        };
+        let dkdv = Pass {
+            pipeline: pipeline(Kernel::BackwardDkDv, &plan.dkdv)?,
+            params: uniform(params(columns.kv_blocks())),
+            ptr: storage("s2attn backward col_ptr", bytemuck::cast_slice(columns.col_ptr())),
+            entries: storage("s2attn backward column entries", bytemuck::cast_slice(&columns.gpu_entries())),
+            dispatch: [shape.seq_len.div_ceil(plan.dkdv.tile_kv), kv_heads, shape.batch],
+            bindings: &[PARAMS, 1, 2, 3, 5, LIST_PTR, LIST_ENTRIES, DELTA, 9, 10, 11],
+            label: "s2attn backward dK/dV",
+        };
+        let delta = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("s2attn backward D"),
+            size: shape.batch as u64 * heads as u64 * shape.seq_len as u64 * 4,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        Ok(Self {
+            ctx: ctx.clone(),
+            shape,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            passes: [dq, dkdv],
+            delta,
+            binds: Mutex::default(),
+            host: Mutex::default(),
+        })
+    }
+
+    /// Bytes of each caller tensor, in [`GradBuffers::tensors`] order.
+    fn tensor_bytes(&self) -> [u64; 9] {
+        let tokens = self.shape.batch as u64 * self.shape.seq_len as u64;
+        let row = self.shape.head_dim as u64 * self.shape.dtype.size();
+        let (q, kv) = (tokens * self.num_heads as u64 * row, tokens * self.num_kv_heads as u64 * row);
+        let lse = tokens * self.num_heads as u64 * 4;
+        [q, kv, kv, q, lse, q, kv, kv, q]
+    }
+
+    fn check(&self, b: &GradBuffers<'_>) -> Result<()> {
+        let tensors = b.tensors();
+        let max = self.ctx.caps().max_storage_binding;
+        for ((name, buffer, _), needed) in tensors.iter().zip(self.tensor_bytes()) {
+            if buffer.size() < needed {
+                return Err(Error::BufferTooSmall { tensor: name, got: buffer.size(), needed });
+            }
+            if buffer.size() > max {
+                return Err(Error::DeviceLimit {
+                    what: format!("binding the {name} buffer ({} bytes)", buffer.size()),
+                    limit: "max_storage_buffer_binding_size",
+                    needed: buffer.size(),
+                    max,
+                });
+            }
+        }
+        // Buffers the kernels write (and `out`, bound writable by the storage accessors) stand alone.
+        for (i, (name, buffer, _)) in tensors.iter().enumerate() {
+            if let Some((other, _, _)) = tensors.iter().skip(i + 1).find(|t| t.1 == *buffer) {
+                if ["out", "dq", "dk", "dv"].iter().any(|w| w == name || w == other) {
+                    return Err(Error::Shape(format!("{name} and {other} are the same buffer: outputs may not alias")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records both backward passes into `encoder`, reading and writing the caller's buffers.
+    pub(crate) fn encode(&self, encoder: &mut wgpu::CommandEncoder, buffers: &GradBuffers<'_>) -> Result<()> {
+        self.check(buffers)?;
+        let groups = self.bind_groups(buffers);
+        for (pass, group) in self.passes.iter().zip(&groups) {
+            let mut cp = encoder
+                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(pass.label), timestamp_writes: None });
+            cp.set_pipeline(&pass.pipeline);
+            cp.set_bind_group(0, group, &[]);
+            let [x, y, z] = pass.dispatch;
+            cp.dispatch_workgroups(x, y, z);
+        }
+        Ok(())
+    }
+
+    fn bind_groups(&self, buffers: &GradBuffers<'_>) -> [wgpu::BindGroup; 2] {
+        let tensors = buffers.tensors();
+        let key: Vec<wgpu::Buffer> = tensors.iter().map(|t| t.1.clone()).collect();
+        let mut binds = self.binds.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pos) = binds.iter().position(|(k, _)| *k == key) {
+            let hit = binds.remove(pos);
+            let groups = hit.1.clone();
+            binds.push(hit);
+            return groups;
+        }
+        let group = |pass: &Pass| {
+            let resource = |binding: u32| match binding {
+                PARAMS => &pass.params,
+                LIST_PTR => &pass.ptr,
+                LIST_ENTRIES => &pass.entries,
+                DELTA => &self.delta,
+                other => tensors.iter().find(|t| t.2 == other).map_or(&self.delta, |t| t.1),
+            };
+            let entries: Vec<wgpu::BindGroupEntry<'_>> = pass
+                .bindings
+                .iter()
+                .map(|&binding| wgpu::BindGroupEntry { binding, resource: resource(binding).as_entire_binding() })
+                .collect();
+            self.ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(pass.label),
+                layout: &pass.pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            })
+        };
+        let groups = [group(&self.passes[0]), group(&self.passes[1])];
+        if binds.len() == BIND_CACHE {
+            binds.remove(0);
+        }
+        binds.push((key, groups.clone()));
+        groups
+    }
+
+    /// Uploads host tensors (raw bytes of the op's dtype; `lse` f32) in [`GradBuffers`] input order
+    /// `q, k, v, out, lse, d_out`, runs both passes and reads back `[dq, dk, dv]` bytes.
+    pub(crate) fn run_host(&self, inputs: [&[u8]; 6]) -> Result<[Vec<u8>; 3]> {
+        let device = self.ctx.device();
+        let queue = self.ctx.queue();
+        let bytes = self.tensor_bytes();
+        let mut host = self.host.lock().unwrap_or_else(|e| e.into_inner());
+        let bufs = match &mut *host {
+            Some(b) => b,
+            slot => {
+                let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
+                let mk = |size| {
+                    device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("s2attn backward tensor"),
+                        size,
+                        usage,
+                        mapped_at_creation: false,
+                    })
+                };
+                let readback = device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("s2attn backward readback"),
+                    size: bytes[6..].iter().sum(),
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                slot.insert(HostBuffers { tensors: bytes.map(mk), readback })
+            }
+        };
+        for (buffer, data) in bufs.tensors.iter().zip(inputs) {
+            queue.write_buffer(buffer, 0, data);
+        }
+        let t = &bufs.tensors;
+        let grads = GradBuffers {
+            q: &t[0],
+            k: &t[1],
+            v: &t[2],
+            out: &t[3],
+            lse: &t[4],
+            d_out: &t[5],
+            dk: &t[6],
+            dv: &t[7],
+            dq: &t[8],
+        };
+        let mut encoder =
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("s2attn backward") });
+        self.encode(&mut encoder, &grads)?;
+        let mut at = 0;
+        for (buffer, &size) in t[6..].iter().zip(&bytes[6..]) {
+            encoder.copy_buffer_to_buffer(buffer, 0, &bufs.readback, at, size);
+            at += size;
+        }
+        queue.submit([encoder.finish()]);
+        let all = read_buffer(&self.ctx, &bufs.readback, at)?;
+        let (dk, rest) = all.split_at(bytes[6] as usize);
+        let (dv, dq) = rest.split_at(bytes[7] as usize);
+        Ok([dq.to_vec(), dk.to_vec(), dv.to_vec()])
+    }
+}
+
+/// Refuses problems whose tensors cannot be bound or addressed on this device, naming the limit.
+fn check_limits(ctx: &Context, layout: &Layout, shape: &Shape) -> Result<()> {
+    let caps = ctx.caps();
+    let elems = shape.batch as u64 * shape.seq_len as u64 * layout.num_heads() as u64 * shape.head_dim as u64;
+    let bytes = elems * shape.dtype.size();
+    let limits = [
+        ("max_storage_buffer_binding_size", caps.max_storage_binding),
+        ("max_buffer_size", caps.max_buffer),
+        ("max_compute_workgroups_per_dimension", caps.max_dispatch as u64),
+    ];
+    let needs = [bytes, bytes, shape.batch.max(layout.num_heads()) as u64];
+    if let Some(((limit, max), needed)) = limits.into_iter().zip(needs).find(|((_, max), needed)| needed > max) {
+        return Err(Error::DeviceLimit { what: "the backward's q/dq tensors and dispatch".into(), limit, needed, max });
+    }
+    // Vec4 offsets are u32 in the kernels.
+    if elems / 4 > u32::MAX as u64 {
+        return Err(Error::Shape(format!("{elems} elements per tensor exceed the kernels' 2^34-element addressing")));
+    }
+    Ok(())
+}
