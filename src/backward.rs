@@ -9,7 +9,7 @@
 use crate::attention::Element;
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::gpu::{GpuBackward, GradBuffers};
+use crate::gpu::{GpuBackward, GradBuffers, Stamps, Timing};
 use crate::layout::Layout;
 use crate::plan::{self, BackwardPlan, ColumnPlan, DType, MergeQPlan, Shape};
 use std::sync::Arc;
@@ -117,12 +117,50 @@ impl AttentionGrad {
         lse: &[f32],
         d_out: &[T],
     ) -> Result<Grads<T>> {
+        let [dq, dk, dv] = self.engine.run_host(self.host_inputs(q, k, v, out, lse, d_out)?)?;
+        Ok(Grads {
+            dq: bytemuck::pod_collect_to_vec(&dq),
+            dk: bytemuck::pod_collect_to_vec(&dk),
+            dv: bytemuck::pod_collect_to_vec(&dv),
+        })
+    }
+
+    /// Times the backward kernels alone: uploads the inputs (as [`AttentionGrad::backward`] takes them)
+    /// once, runs `warmup` untimed passes, then `iters` timed ones (GPU timestamps from the start of the dQ
+    /// pass to the end of the dK/dV pass where available, else wall clock around a waited submit).
+    #[allow(clippy::too_many_arguments)]
+    pub fn time_backward<T: Element>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        out: &[T],
+        lse: &[f32],
+        d_out: &[T],
+        (warmup, iters): (u32, u32),
+    ) -> Result<Timing> {
+        if iters == 0 {
+            return Err(Error::Shape("time_backward needs iters >= 1".into()));
+        }
+        self.engine.time(self.host_inputs(q, k, v, out, lse, d_out)?, warmup, iters)
+    }
+
+    /// Checks the host slices' element type and lengths, naming the first wrong one, and returns their
+    /// bytes in the order the engine uploads them.
+    fn host_inputs<'a, T: Element>(
+        &self,
+        q: &'a [T],
+        k: &'a [T],
+        v: &'a [T],
+        out: &'a [T],
+        lse: &'a [f32],
+        d_out: &'a [T],
+    ) -> Result<[&'a [u8]; 6]> {
         if T::DTYPE != self.shape.dtype {
             return Err(Error::DType { tensor: "q", expected: self.shape.dtype.name(), got: T::DTYPE.name() });
         }
         let (batch, seq, d) = (self.shape.batch as usize, self.shape.seq_len as usize, self.shape.head_dim as usize);
         let (h, hk) = (self.layout.num_heads(), self.layout.num_kv_heads());
-        let rows = |heads: u32| format!("[batch {batch}, seq {seq}, heads {heads}, head_dim {d}]");
         let lens = [
             ("q", q.len(), h),
             ("k", k.len(), hk),
@@ -133,26 +171,34 @@ impl AttentionGrad {
         for (tensor, got, heads) in lens {
             let expected = batch * seq * heads as usize * d;
             if got != expected {
-                return Err(Error::Length { tensor, got, expected, layout: rows(heads) });
+                let layout = format!("[batch {batch}, seq {seq}, heads {heads}, head_dim {d}]");
+                return Err(Error::Length { tensor, got, expected, layout });
             }
         }
-        if lse.len() != batch * h as usize * seq {
+        let expected = batch * h as usize * seq;
+        if lse.len() != expected {
             let layout = format!("[batch {batch}, heads {h}, seq {seq}] f32");
-            return Err(Error::Length { tensor: "lse", got: lse.len(), expected: batch * h as usize * seq, layout });
+            return Err(Error::Length { tensor: "lse", got: lse.len(), expected, layout });
         }
         use bytemuck::cast_slice as bytes;
-        let [dq, dk, dv] =
-            self.engine.run_host([bytes(q), bytes(k), bytes(v), bytes(out), bytes(lse), bytes(d_out)])?;
-        Ok(Grads {
-            dq: bytemuck::pod_collect_to_vec(&dq),
-            dk: bytemuck::pod_collect_to_vec(&dk),
-            dv: bytemuck::pod_collect_to_vec(&dv),
-        })
+        Ok([bytes(q), bytes(k), bytes(v), bytes(out), bytes(lse), bytes(d_out)])
     }
 
     /// Records both backward passes into the caller's `encoder`, reading and writing the caller's buffers
     /// (see [`GradBuffers`]). Nothing is submitted.
     pub fn encode(&self, encoder: &mut wgpu::CommandEncoder, buffers: &GradBuffers<'_>) -> Result<()> {
-        self.engine.encode(encoder, buffers)
+        self.engine.encode(encoder, buffers, None)
+    }
+
+    /// As [`AttentionGrad::encode`], writing GPU timestamps `begin` (at the start of the dQ pass) and
+    /// `end` (at the end of the dK/dV pass) into `query_set`.
+    pub fn encode_timed(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        buffers: &GradBuffers<'_>,
+        query_set: &wgpu::QuerySet,
+        (begin, end): (u32, u32),
+    ) -> Result<()> {
+        self.engine.encode(encoder, buffers, Some(Stamps { set: query_set, begin, end }))
     }
 }

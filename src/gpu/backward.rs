@@ -5,7 +5,8 @@
 
 use super::forward::read_buffer;
 use super::shaders::Kernel;
-use super::WgpuContext as Context;
+use super::timing::{time_encoded, Stamps};
+use super::{Timing, WgpuContext as Context};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::plan::{BackwardPlan, ColumnPlan, MergeQPlan, Shape};
@@ -209,12 +210,23 @@ impl GpuBackward {
     }
 
     /// Records both backward passes into `encoder`, reading and writing the caller's buffers.
-    pub(crate) fn encode(&self, encoder: &mut wgpu::CommandEncoder, buffers: &GradBuffers<'_>) -> Result<()> {
+    /// With `stamps`, the dQ pass writes the beginning timestamp and the dK/dV pass the end one.
+    pub(crate) fn encode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        buffers: &GradBuffers<'_>,
+        stamps: Option<Stamps<'_>>,
+    ) -> Result<()> {
         self.check(buffers)?;
         let groups = self.bind_groups(buffers);
-        for (pass, group) in self.passes.iter().zip(&groups) {
-            let mut cp = encoder
-                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(pass.label), timestamp_writes: None });
+        for (i, (pass, group)) in self.passes.iter().zip(&groups).enumerate() {
+            let timestamp_writes = stamps.map(|s| wgpu::ComputePassTimestampWrites {
+                query_set: s.set,
+                beginning_of_pass_write_index: (i == 0).then_some(s.begin),
+                end_of_pass_write_index: (i == 1).then_some(s.end),
+            });
+            let mut cp =
+                encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(pass.label), timestamp_writes });
             cp.set_pipeline(&pass.pipeline);
             cp.set_bind_group(0, group, &[]);
             let [x, y, z] = pass.dispatch;
@@ -263,33 +275,64 @@ impl GpuBackward {
     /// Uploads host tensors (raw bytes of the op's dtype; `lse` f32) in [`GradBuffers`] input order
     /// `q, k, v, out, lse, d_out`, runs both passes and reads back `[dq, dk, dv]` bytes.
     pub(crate) fn run_host(&self, inputs: [&[u8]; 6]) -> Result<[Vec<u8>; 3]> {
+        let bytes = self.tensor_bytes();
+        self.with_host_buffers(inputs, |grads, readback| {
+            let mut encoder = self
+                .ctx
+                .device()
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("s2attn backward") });
+            self.encode(&mut encoder, grads, None)?;
+            let mut at = 0;
+            for (buffer, &size) in [grads.dk, grads.dv, grads.dq].into_iter().zip(&bytes[6..]) {
+                encoder.copy_buffer_to_buffer(buffer, 0, readback, at, size);
+                at += size;
+            }
+            self.ctx.queue().submit([encoder.finish()]);
+            let all = read_buffer(&self.ctx, readback, at)?;
+            let (dk, rest) = all.split_at(bytes[6] as usize);
+            let (dv, dq) = rest.split_at(bytes[7] as usize);
+            Ok([dq.to_vec(), dk.to_vec(), dv.to_vec()])
+        })
+    }
+
+    /// Times both passes over device-resident copies of the inputs (see [`time_encoded`]).
+    pub(crate) fn time(&self, inputs: [&[u8]; 6], warmup: u32, iters: u32) -> Result<Timing> {
+        self.with_host_buffers(inputs, |grads, _| {
+            time_encoded(&self.ctx, warmup, iters, |encoder, stamps| self.encode(encoder, grads, stamps))
+        })
+    }
+
+    /// Creates the op's own tensors on first use, uploads the inputs and calls `f` with the tensors and
+    /// the readback buffer (room for dK, dV, dQ).
+    fn with_host_buffers<R>(
+        &self,
+        inputs: [&[u8]; 6],
+        f: impl FnOnce(&GradBuffers<'_>, &wgpu::Buffer) -> Result<R>,
+    ) -> Result<R> {
         let device = self.ctx.device();
-        let queue = self.ctx.queue();
         let bytes = self.tensor_bytes();
         let mut host = self.host.lock().unwrap_or_else(|e| e.into_inner());
         let bufs = match &mut *host {
             Some(b) => b,
             slot => {
-                let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
-                let mk = |size| {
+                let mk = |label, size, usage| {
                     device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some("s2attn backward tensor"),
+                        label: Some(label),
                         size,
                         usage,
                         mapped_at_creation: false,
                     })
                 };
-                let readback = device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("s2attn backward readback"),
-                    size: bytes[6..].iter().sum(),
-                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                });
-                slot.insert(HostBuffers { tensors: bytes.map(mk), readback })
+                let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
+                let readback = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+                slot.insert(HostBuffers {
+                    tensors: bytes.map(|size| mk("s2attn backward tensor", size, usage)),
+                    readback: mk("s2attn backward readback", bytes[6..].iter().sum(), readback),
+                })
             }
         };
         for (buffer, data) in bufs.tensors.iter().zip(inputs) {
-            queue.write_buffer(buffer, 0, data);
+            self.ctx.queue().write_buffer(buffer, 0, data);
         }
         let t = &bufs.tensors;
         let grads = GradBuffers {
@@ -303,19 +346,7 @@ impl GpuBackward {
             dv: &t[7],
             dq: &t[8],
         };
-        let mut encoder =
-            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("s2attn backward") });
-        self.encode(&mut encoder, &grads)?;
-        let mut at = 0;
-        for (buffer, &size) in t[6..].iter().zip(&bytes[6..]) {
-            encoder.copy_buffer_to_buffer(buffer, 0, &bufs.readback, at, size);
-            at += size;
-        }
-        queue.submit([encoder.finish()]);
-        let all = read_buffer(&self.ctx, &bufs.readback, at)?;
-        let (dk, rest) = all.split_at(bytes[6] as usize);
-        let (dv, dq) = rest.split_at(bytes[7] as usize);
-        Ok([dq.to_vec(), dk.to_vec(), dv.to_vec()])
+        f(&grads, &bufs.readback)
     }
 }
 

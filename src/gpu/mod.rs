@@ -4,6 +4,7 @@ mod backward;
 mod context;
 mod forward;
 pub mod shaders;
+mod timing;
 
 pub(crate) use backward::GpuBackward;
 pub use backward::GradBuffers;
@@ -11,3 +12,4 @@ pub use context::{AdapterSummary, Capabilities, WgpuContext};
 pub(crate) use context::parse_backend;
 pub(crate) use forward::GpuForward;
 pub use forward::{TensorView, Timing};
+pub(crate) use timing::Stamps;
