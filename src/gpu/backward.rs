@@ -105,17 +105,20 @@ impl GpuBackward {
         let device = ctx.device();
         let d = shape.head_dim;
         let (heads, kv_heads) = (layout.num_heads(), layout.num_kv_heads());
-        // The `Params` uniform of shaders/shared/params.wgsl, word by word; offsets 0, strides in vec4s.
+        // The `Params` uniform of shaders/shared/params.wgsl, field by field: seq_len, num_heads,
+        // num_kv_heads, tiles, heads_per_pattern, block_size, causal, scale_log2, q/k/v/o offsets (0),
+        // q/kv/o token strides (vec4s), lse_off (0), neg_inf, 3 words of padding.
         let params = |tiles: u32| -> [u32; 20] {
             let (q_stride, kv_stride) = (heads * d / 4, kv_heads * d / 4);
             let scale_log2 = shape.softmax_scale() * std::f32::consts::LOG2_E;
-            let head_words = [shape.seq_len, heads, kv_heads, tiles, heads / layout.num_patterns()];
-            let mut w = [0u32; 20];
-            w[..5].copy_from_slice(&head_words);
-            w[5..8].copy_from_slice(&[layout.block_size(), layout.causal() as u32, scale_log2.to_bits()]);
-            w[12..15].copy_from_slice(&[q_stride, kv_stride, q_stride]);
-            w[16] = f32::NEG_INFINITY.to_bits();
-            w
+            let (heads_per_pattern, causal) = (heads / layout.num_patterns(), layout.causal() as u32);
+            #[rustfmt::skip]
+            let words = [
+                shape.seq_len, heads, kv_heads, tiles, heads_per_pattern, layout.block_size(), causal,
+                scale_log2.to_bits(), 0, 0, 0, 0, q_stride, kv_stride, q_stride, 0,
+                f32::NEG_INFINITY.to_bits(), 0, 0, 0,
+            ];
+            words
         };
         let storage = |label, words: &[u8]| {
             // wgpu refuses empty bindings; an empty list (impossible for valid layouts) still gets a word.
@@ -186,6 +189,9 @@ impl GpuBackward {
         let tensors = b.tensors();
         let max = self.ctx.caps().max_storage_binding;
         for ((name, buffer, _), needed) in tensors.iter().zip(self.tensor_bytes()) {
+            if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+                return Err(Error::Shape(format!("the {name} buffer lacks STORAGE usage ({:?})", buffer.usage())));
+            }
             if buffer.size() < needed {
                 return Err(Error::BufferTooSmall { tensor: name, got: buffer.size(), needed });
             }
@@ -251,6 +257,7 @@ impl GpuBackward {
                 LIST_PTR => &pass.ptr,
                 LIST_ENTRIES => &pass.entries,
                 DELTA => &self.delta,
+                // Every other binding a pass lists is a caller tensor's.
                 other => tensors.iter().find(|t| t.2 == other).map_or(&self.delta, |t| t.1),
             };
             let entries: Vec<wgpu::BindGroupEntry<'_>> = pass
