@@ -225,11 +225,38 @@ fn custom_masks_with_block_row_masks_and_empty_rows() {
     assert!(!op.mergeq().all_prefix(), "the mask was meant to need per-block row masks");
 }
 
+/// Grids of >= 264 CTAs take 128-row tiles: two 64-row warpgroups on wgmma (sm_90) or four 32-row warps on
+/// mma.sync (`S2ATTN_CUDA_KERNEL=mma`, or 16-key chunks), including 128-row MergeQ tiles of eight 16-token
+/// blocks with per-block row masks.
+#[test]
+fn large_grids_take_128_row_tiles() {
+    let Some(ctx) = cuda() else { return };
+    let layout = s2(4, 2, 64, 3, 4);
+    let op =
+        check::<half::f16>(ctx, "128-row tiles, block 64, d128", &layout, Shape::new(8, 1100, 128, DType::F16), 71);
+    assert_eq!(op.plan().tile_q, 128, "{}", op.explain());
+    let op = check::<half::bf16>(ctx, "128-row tiles, bf16 d64", &layout, Shape::new(9, 1000, 64, DType::BF16), 72);
+    assert_eq!(op.plan().tile_q, 128, "{}", op.explain());
+    let big = s2(2, 2, 128, 2, 3);
+    let op = check::<half::f16>(ctx, "128-row tiles, block 128", &big, Shape::new(17, 1000, 128, DType::F16), 73);
+    assert_eq!(op.plan().tile_q, 128, "{}", op.explain());
+    let dense = Layout::dense(4, 4, 64, false).unwrap_or_else(|e| panic!("{e}"));
+    check::<half::f16>(ctx, "128-row tiles, dense bidirectional", &dense, Shape::new(9, 900, 64, DType::F16), 74);
+    let (bs, nb) = (16, 24);
+    let mask =
+        BlockMask::from_fn(2, nb, nb, bs, true, |h, q, k| q != 3 && (k == q || (k == 0 && q != 1) || (k + h) % 3 == 0))
+            .unwrap_or_else(|e| panic!("{e}"));
+    let custom = Layout::custom(mask, 4, 2).unwrap_or_else(|e| panic!("{e}"));
+    let op =
+        check::<half::f16>(ctx, "128-row tiles, custom mask", &custom, Shape::new(24, nb * bs - 5, 64, DType::F16), 75);
+    assert_eq!(op.plan().tile_q, 128, "{}", op.explain());
+}
+
 #[test]
 fn repeated_runs_agree() {
     let Some(ctx) = cuda() else { return };
     let layout = s2(4, 4, 64, 4, 4);
-    let shape = Shape::new(2, 2048, 128, DType::F16);
+    let shape = Shape::new(4, 4096, 128, DType::F16);
     let op = Attention::new(ctx, &layout, shape).unwrap_or_else(|e| panic!("{e}"));
     let x = inputs::<half::f16>(&layout, &shape, 51);
     let a = op.forward(&x.q, &x.k, &x.v).unwrap_or_else(|e| panic!("{e}"));

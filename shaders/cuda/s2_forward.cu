@@ -1,4 +1,6 @@
-// S2-Attention forward on tensor cores (sm_80+): mma.sync m16n8k16 with ldmatrix and cp.async.
+// S2-Attention forward on tensor cores: mma.sync m16n8k16 with ldmatrix and cp.async (sm_80+), or, with
+// USE_WGMMA=1, Hopper's warpgroup MMA (sm_90a: wgmma.mma_async, Q and P as register operands, K and V read
+// by the tensor cores straight from shared memory through matrix descriptors).
 // Compiled at run time by NVRTC (src/cuda/compile.rs); specialised by the defines below, which the host
 // passes as -D options (src/cuda/forward.rs). Self-contained: no CUDA headers, so NVRTC needs no include
 // path. f32 accumulation, base-2 online softmax, O and natural-log LSE out.
@@ -27,10 +29,25 @@
 #ifndef MIN_BLOCKS
 #define MIN_BLOCKS 2
 #endif
+#ifndef USE_WGMMA
+#define USE_WGMMA 0
+#endif
 
 #define NT (WARPS * 32)
+#if USE_WGMMA
+// Two warpgroups of 64 rows; each warp holds the accumulators of 16 of its warpgroup's rows.
+#define GROUP_ROWS 64
+#define MT 1
+#define KV_STAGE (BLOCK_K * HEAD_DIM)  // K/V chunk in core-matrix order (8 rows x 16 bytes each)
+#if WARPS != 8 || BLOCK_Q != 128 || BLOCK_K != 64 || (HEAD_DIM != 64 && HEAD_DIM != 128)
+#error "the wgmma kernel is built for 8 warps, 128 x 64 tiles and head dims 64 / 128"
+#endif
+#else
 #define ROWS_PER_WARP (BLOCK_Q / WARPS)
+#define GROUP_ROWS ROWS_PER_WARP
 #define MT (ROWS_PER_WARP / 16)     // 16-row mma tiles per warp
+#define KV_STAGE (BLOCK_K * LDS)
+#endif
 #define NK (BLOCK_K / 8)            // 8-key score tiles per chunk
 #define ND (HEAD_DIM / 8)           // 8-wide output tiles
 #define KD (HEAD_DIM / 16)          // k-steps of Q K^T
@@ -38,7 +55,7 @@
 #define LDS (HEAD_DIM + 8)          // smem row stride (elements): 16 B of padding keeps ldmatrix conflict-free
 #define CPR (HEAD_DIM / 8)          // 16-byte chunks per row
 
-#if (ROWS_PER_WARP % 16) != 0 || MT < 1 || MT > 2
+#if (GROUP_ROWS % 16) != 0 || MT < 1 || MT > 2
 #error "BLOCK_Q / WARPS must be 16 or 32"
 #endif
 #if (HEAD_DIM % 16) != 0 || (BLOCK_K % 16) != 0
@@ -50,6 +67,12 @@ typedef unsigned short u16;
 typedef unsigned long long u64;
 
 #define ROWMASK_BITS 0x80000000u
+
+#if IS_BF16
+#define MMA_TYPE "bf16"
+#else
+#define MMA_TYPE "f16"
+#endif
 
 struct Params {
     const u16* q;          // [batch, seq, heads, D] (token stride q_tok, batch stride q_batch), elements
@@ -136,6 +159,67 @@ __device__ __forceinline__ float fast_log2(float x) {
     return y;
 }
 
+#if USE_WGMMA
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Pins accumulator registers at this point, so that no access to them moves across an async MMA's issue/wait.
+template <int N>
+__device__ __forceinline__ void fence_regs(float* r) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// Shared-memory matrix descriptor, no swizzle: 8 x 16-byte core matrices, `lbo` bytes apart along K and
+// `sbo` bytes apart along M/N (the roles the PTX ISA gives them for K-major and, with the transpose bit,
+// MN-major operands in the interleaved layout).
+__device__ __forceinline__ u64 make_desc(u32 addr, u32 lbo, u32 sbo) {
+    return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)((lbo >> 4) & 0x3FFFu) << 16) | ((u64)((sbo >> 4) & 0x3FFFu) << 32);
+}
+
+// D[64 x 64] (+)= A[64 x 16] (registers, mma.sync A layout per warp) * B[16 x 64] (shared memory,
+// descriptor); `accumulate` 0 overwrites D. Asynchronous: fence before, commit + wait after.
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_n64(float* d, const u32 (&a)[4], u64 desc, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "setp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." MMA_TYPE "." MMA_TYPE " {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate), "n"(TRANS_B));
+}
+
+// D[64 x 128] (+)= A[64 x 16] (registers, mma.sync A layout per warp) * B[16 x 128] (shared memory,
+// descriptor); `accumulate` 0 overwrites D. Asynchronous: fence before, commit + wait after.
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_n128(float* d, const u32 (&a)[4], u64 desc, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "setp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." MMA_TYPE "." MMA_TYPE " {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate), "n"(TRANS_B));
+}
+#endif
+
 #define NEG_INF __int_as_float(0xff800000)
 
 // Whether tile row `r` attends the entry's block (before causality).
@@ -211,11 +295,39 @@ __device__ __forceinline__ void load_rows(u16* dst, const u16* base, long long t
     }
 }
 
+#if USE_WGMMA
+// Stages ROWS key rows of one head in core-matrix order: the 16-byte chunk (row r, column chunk c) lands at
+// chunk index ((r / 8) * CPR + c) * 8 + r % 8, so each 8 x 16-byte core matrix is 128 contiguous bytes.
+// Thread i copies chunk i of that order: writes are contiguous, and the 8 rows of one core matrix are read
+// by 8 neighbouring lanes. Rows past seq are zero-filled.
+template <int ROWS>
+__device__ __forceinline__ void load_kv(u16* dst, const u16* base, long long tok_stride, u32 tok0, u32 seq,
+                                        int tid) {
+    constexpr int N = ROWS * CPR;
+    static_assert(N % NT == 0, "whole chunks per thread");
+#pragma unroll
+    for (int j = 0; j < N / NT; ++j) {
+        int i = tid + j * NT;
+        int r = (i / (8 * CPR)) * 8 + i % 8, c = (i / 8) % CPR;
+        u32 tok = tok0 + r;
+        bool ok = tok < seq;
+        const u16* src = base + (ok ? (long long)tok * tok_stride : 0) + c * 8;
+        cp_async16(smem_addr(dst + i * 8), src, ok);
+    }
+}
+#else
+template <int ROWS>
+__device__ __forceinline__ void load_kv(u16* dst, const u16* base, long long tok_stride, u32 tok0, u32 seq,
+                                        int tid) {
+    load_rows<ROWS>(dst, base, tok_stride, tok0, seq, tid);
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Params p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* q_s = (u16*)smem_raw;                   // [BLOCK_Q][LDS]
-    u16* k_s = q_s + BLOCK_Q * LDS;              // [2][BLOCK_K][LDS]
-    u16* v_s = k_s + 2 * BLOCK_K * LDS;          // [2][BLOCK_K][LDS]
+    u16* k_s = q_s + BLOCK_Q * LDS;              // [2][KV_STAGE]
+    u16* v_s = k_s + 2 * KV_STAGE;               // [2][KV_STAGE]
 
     const int tid = threadIdx.x;
     const int warp = tid / 32, lane = tid % 32;
@@ -241,7 +353,14 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Pa
 
     // Per-thread state: rows g and g+8 of each of the warp's MT tiles.
     const int g = lane / 4, t = lane % 4;
-    const u32 wr0 = warp * ROWS_PER_WARP;  // first tile row of this warp
+#if USE_WGMMA
+    const u32 gr0 = (warp / 4) * GROUP_ROWS;     // first tile row of this warp's warpgroup
+    const u32 wr0 = gr0 + (warp % 4) * 16;       // first tile row of this warp's accumulators
+    u32 qa[KD][4];                               // this warp's Q rows as wgmma A fragments
+#else
+    const u32 wr0 = warp * ROWS_PER_WARP;        // first tile row of this warp
+    const u32 gr0 = wr0;
+#endif
     float o_acc[MT][ND][4];
     float row_m[MT][2], row_l[MT][2];
 #pragma unroll
@@ -257,8 +376,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Pa
     load_rows<BLOCK_Q>(q_s, qg, p.q_tok, row0, seq, tid);
     if (has_cur) {
         u32 k0 = p.entries[2 * cur.e] * p.block_size + cur.c * BLOCK_K;
-        load_rows<BLOCK_K>(k_s, kg, p.kv_tok, k0, seq, tid);
-        load_rows<BLOCK_K>(v_s, vg, p.kv_tok, k0, seq, tid);
+        load_kv<BLOCK_K>(k_s, kg, p.kv_tok, k0, seq, tid);
+        load_kv<BLOCK_K>(v_s, vg, p.kv_tok, k0, seq, tid);
     }
     cp_async_commit();
 
@@ -271,29 +390,60 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Pa
 
     const u32 q_base = smem_addr(q_s);
     int stage = 0;
+#if USE_WGMMA
+    bool first = true;
+#endif
     while (has_cur) {
         // Prefetch the next chunk into the other stage (its last readers passed the barrier below).
         if (has_nxt) {
             u32 k1 = p.entries[2 * nxt.e] * p.block_size + nxt.c * BLOCK_K;
-            load_rows<BLOCK_K>(k_s + (stage ^ 1) * BLOCK_K * LDS, kg, p.kv_tok, k1, seq, tid);
-            load_rows<BLOCK_K>(v_s + (stage ^ 1) * BLOCK_K * LDS, vg, p.kv_tok, k1, seq, tid);
+            load_kv<BLOCK_K>(k_s + (stage ^ 1) * KV_STAGE, kg, p.kv_tok, k1, seq, tid);
+            load_kv<BLOCK_K>(v_s + (stage ^ 1) * KV_STAGE, vg, p.kv_tok, k1, seq, tid);
         }
         cp_async_commit();
         cp_async_wait<1>();
+#if USE_WGMMA
+        // cp.async wrote through the generic proxy; the tensor cores read through the async proxy.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
         __syncthreads();
+#if USE_WGMMA
+        if (first) {
+            first = false;
+#pragma unroll
+            for (int kd = 0; kd < KD; ++kd) {
+                u32 row = wr0 + (lane % 16);
+                u32 col = kd * 16 + (lane / 16) * 8;
+                ldmatrix_x4(qa[kd], q_base + (row * LDS + col) * 2);
+            }
+        }
+#endif
 
         const u32 rm = p.entries[2 * cur.e + 1];
         const u32 k0 = p.entries[2 * cur.e] * p.block_size + cur.c * BLOCK_K;
-        const u32 wq0 = row0 + wr0;  // first query token of this warp
-        int att = rows_attend(rm, wr0, ROWS_PER_WARP, p.block_size);
-        bool skip = (att & 1) == 0 || wq0 >= seq || (p.causal && k0 > wq0 + ROWS_PER_WARP - 1u);
+        // Skip decisions are uniform over the group (warp, or warpgroup for wgmma) of rows gr0.. .
+        const u32 gq0 = row0 + gr0;  // first query token of the group
+        int att = rows_attend(rm, gr0, GROUP_ROWS, p.block_size);
+        bool skip = (att & 1) == 0 || gq0 >= seq || (p.causal && k0 > gq0 + GROUP_ROWS - 1u);
         if (!skip) {
-            bool need_mask = (att & 2) == 0 || k0 + BLOCK_K > seq || (p.causal && k0 + BLOCK_K - 1u > wq0);
-            const u32 k_base = smem_addr(k_s + stage * BLOCK_K * LDS);
-            const u32 v_base = smem_addr(v_s + stage * BLOCK_K * LDS);
+            bool need_mask = (att & 2) == 0 || k0 + BLOCK_K > seq || (p.causal && k0 + BLOCK_K - 1u > gq0);
+            const u32 k_base = smem_addr(k_s + stage * KV_STAGE);
+            const u32 v_base = smem_addr(v_s + stage * KV_STAGE);
 
             // S = Q K^T for this warp's rows.
             float s[MT][NK][4];
+#if USE_WGMMA
+            // K chunk as B (K-major): 16-byte chunks of one key row are 128 bytes apart along d (LBO), key
+            // groups of 8 are CPR * 128 bytes apart (SBO); each k-step of 16 columns advances 256 bytes.
+            fence_regs<NK * 4>(&s[0][0][0]);
+            wgmma_fence();
+#pragma unroll
+            for (int kd = 0; kd < KD; ++kd)
+                wgmma_n64<0>(&s[0][0][0], qa[kd], make_desc(k_base + kd * 256, 128, CPR * 128), kd > 0);
+            wgmma_commit();
+            wgmma_wait();
+            fence_regs<NK * 4>(&s[0][0][0]);
+#else
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -322,6 +472,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Pa
                     }
                 }
             }
+
+#endif
 
             if (need_mask) {
 #pragma unroll
@@ -373,6 +525,29 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Pa
                     }
                 }
 
+#if USE_WGMMA
+            // O += P V, V chunk as B with the transpose bit (N-major): key groups of 8 (K) are CPR * 128
+            // bytes apart (LBO), d groups of 8 (N) 128 bytes apart (SBO); each k-step of 16 keys advances
+            // two key groups.
+            fence_regs<ND * 4>(&o_acc[0][0][0]);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < KK; ++kk) {
+                u32 pa[4];
+                pa[0] = pack2(s[0][2 * kk][0], s[0][2 * kk][1]);
+                pa[1] = pack2(s[0][2 * kk][2], s[0][2 * kk][3]);
+                pa[2] = pack2(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+                pa[3] = pack2(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+#if HEAD_DIM == 128
+                wgmma_n128<1>(&o_acc[0][0][0], pa, make_desc(v_base + kk * 2 * CPR * 128, CPR * 128, 128), 1);
+#else
+                wgmma_n64<1>(&o_acc[0][0][0], pa, make_desc(v_base + kk * 2 * CPR * 128, CPR * 128, 128), 1);
+#endif
+            }
+            wgmma_commit();
+            wgmma_wait();
+            fence_regs<ND * 4>(&o_acc[0][0][0]);
+#else
 #pragma unroll
             for (int kk = 0; kk < KK; ++kk) {
                 u32 pa[MT][4];
@@ -396,6 +571,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Pa
                     }
                 }
             }
+#endif
         }
         __syncthreads();  // every warp is done with this stage before it is refilled
 

@@ -52,12 +52,14 @@ pub(crate) struct KernelKey {
     pub defines: Vec<(&'static str, i64)>,
     /// Compute capability (major, minor).
     pub arch: (i32, i32),
+    /// Target the architecture-specific variant (`sm_90a`: wgmma), which runs on that exact chip only.
+    pub arch_specific: bool,
 }
 
 impl KernelKey {
     /// The `--gpu-architecture` value: a real architecture, so that NVRTC emits a CUBIN.
     fn target(&self) -> String {
-        format!("sm_{}{}", self.arch.0, self.arch.1)
+        format!("sm_{}{}{}", self.arch.0, self.arch.1, if self.arch_specific { "a" } else { "" })
     }
 
     fn options(&self) -> Vec<String> {
@@ -217,9 +219,12 @@ mod tests {
 
     #[test]
     fn options_name_a_real_architecture() {
-        let key = KernelKey { name: "s2_forward.cu", defines: vec![("HEAD_DIM", 128)], arch: (9, 0) };
+        let key =
+            KernelKey { name: "s2_forward.cu", defines: vec![("HEAD_DIM", 128)], arch: (9, 0), arch_specific: false };
         let o = key.options();
         assert!(o.contains(&"--gpu-architecture=sm_90".to_string()), "{o:?}");
+        let o = KernelKey { arch_specific: true, ..key }.options();
+        assert!(o.contains(&"--gpu-architecture=sm_90a".to_string()), "{o:?}");
         assert!(o.contains(&"-DHEAD_DIM=128".to_string()), "{o:?}");
     }
 

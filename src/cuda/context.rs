@@ -112,6 +112,7 @@ impl CudaContext {
             subgroups: true,
             timestamps: true,
         };
+        super::plan::register_arch(&caps.name, arch);
         let stream = ctx.default_stream();
         Ok(Self(Arc::new(Inner {
             ctx,

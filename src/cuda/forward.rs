@@ -3,7 +3,7 @@
 
 use super::compile::{KernelKey, S2_FORWARD_SRC};
 use super::context::CudaContext;
-use super::plan::WARPS;
+use super::plan::{WARPS, WGMMA_WARPS};
 use crate::error::{Error, Result};
 use crate::gpu::Timing;
 use crate::layout::Layout;
@@ -85,6 +85,7 @@ pub struct CudaForward {
     num_kv_heads: u32,
     base: Params,
     grid: (u32, u32, u32),
+    threads: u32,
     smem: u32,
     func: CudaFunction,
     /// The tile offsets and lists; owned here, read by the kernel through the addresses in `base`.
@@ -132,18 +133,32 @@ impl CudaForward {
                 layout.block_size()
             )));
         }
-        let rows_per_warp = plan.tile_q / WARPS;
+        let warps = plan.workgroup_size / 32;
+        let wgmma = warps == WGMMA_WARPS;
+        if !wgmma && warps != WARPS {
+            return Err(Error::Shape(format!("the CUDA kernels run 4 or 8 warps, the plan asks for {warps}")));
+        }
+        let rows_per_warp = plan.tile_q / warps;
+        let min_blocks = if wgmma {
+            1
+        } else if rows_per_warp > 16 || shape.head_dim > 128 {
+            2
+        } else {
+            3
+        };
         let key = KernelKey {
             name: "s2_forward.cu",
             defines: vec![
                 ("HEAD_DIM", shape.head_dim as i64),
                 ("BLOCK_Q", plan.tile_q as i64),
                 ("BLOCK_K", plan.tile_kv as i64),
-                ("WARPS", WARPS as i64),
+                ("WARPS", warps as i64),
                 ("IS_BF16", bf16),
-                ("MIN_BLOCKS", if rows_per_warp > 16 || shape.head_dim > 128 { 2 } else { 3 }),
+                ("MIN_BLOCKS", min_blocks),
+                ("USE_WGMMA", wgmma as i64),
             ],
             arch: ctx.arch(),
+            arch_specific: wgmma,
         };
         let smem = plan.workgroup_bytes;
         let func = ctx.kernel(&key, S2_FORWARD_SRC, "s2_forward", smem)?;
@@ -188,6 +203,7 @@ impl CudaForward {
             num_kv_heads: layout.num_kv_heads(),
             base,
             grid: (mergeq.tiles(), layout.num_heads(), shape.batch),
+            threads: warps * 32,
             smem,
             func,
             _lists: (row_ptr, entries),
@@ -228,7 +244,7 @@ impl CudaForward {
     }
 
     fn launch(&self, stream: &CudaStream, params: &Params) -> Result<()> {
-        let cfg = LaunchConfig { grid_dim: self.grid, block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: self.smem };
+        let cfg = LaunchConfig { grid_dim: self.grid, block_dim: (self.threads, 1, 1), shared_mem_bytes: self.smem };
         let mut args = stream.launch_builder(&self.func);
         args.arg(params);
         // SAFETY: `params` points at buffers checked for size and alignment by every caller, the tile lists
@@ -286,7 +302,7 @@ impl CudaForward {
     }
 
     /// Runs on contiguous cudarc buffers (of any element type whose size matches the op's dtype, e.g.
-    /// `CudaSlice<u16>` or `CudaSlice<half::f16>`), on `q`'s stream, recording reads and writes so that
+    /// `CudaSlice<u16>` or `CudaSlice<half::f16>`, or raw bytes, `CudaSlice<u8>`), on `q`'s stream, recording reads and writes so that
     /// cudarc orders later work on them.
     pub fn forward_slices<T, L>(
         &self,
@@ -298,7 +314,8 @@ impl CudaForward {
     ) -> Result<()> {
         let size = self.shape.dtype.size() as usize;
         let check = |name: &'static str, bytes: usize, elems: usize, elem: usize| {
-            if std::mem::size_of::<T>() != elem && name != "lse" {
+            let t = std::mem::size_of::<T>();
+            if name != "lse" && t != elem && t != 1 {
                 return Err(Error::DType {
                     tensor: name,
                     expected: self.shape.dtype.name(),

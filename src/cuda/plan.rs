@@ -1,15 +1,49 @@
-//! The CUDA planner: picks the `mma.sync` kernel's query tile (MergeQ), key chunk, warps and shared
-//! memory for a problem and a device. Pure arithmetic on [`DeviceCaps`], so it is tested without a GPU.
+//! The CUDA planner: picks the kernel flavour (`mma.sync` everywhere from sm_80, or Hopper's `wgmma` on
+//! sm_90), its query tile (MergeQ), key chunk, warps and shared memory for a problem and a device. Pure
+//! arithmetic on [`DeviceCaps`] plus the compute capability registered for the device's name, so it is
+//! tested without a GPU.
 
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::plan::{DType, DeviceCaps, DispatchPlan, KernelVariant, Shape};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Compute capability per device name, registered when a [`super::CudaContext`] opens (one name is one
+/// chip, so one capability), for the planner, which sees devices only through [`DeviceCaps`].
+static ARCHS: Mutex<Option<HashMap<String, (i32, i32)>>> = Mutex::new(None);
+
+/// Records that devices named `name` have compute capability `arch`.
+pub(crate) fn register_arch(name: &str, arch: (i32, i32)) {
+    ARCHS.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(HashMap::new).insert(name.to_string(), arch);
+}
+
+fn arch_of(caps: &DeviceCaps) -> Option<(i32, i32)> {
+    ARCHS.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|m| m.get(&caps.name).copied())
+}
+
+/// Which kernel flavour `S2ATTN_CUDA_KERNEL` asks for: `mma`, `wgmma`, or `auto` (unset).
+fn requested_flavour() -> Result<Option<bool>> {
+    match std::env::var("S2ATTN_CUDA_KERNEL").ok().as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("") | Some("auto") => Ok(None),
+        Some("mma") => Ok(Some(false)),
+        Some("wgmma") => Ok(Some(true)),
+        Some(other) => Err(Error::Unsupported(format!("S2ATTN_CUDA_KERNEL={other}: use mma, wgmma or auto"))),
+    }
+}
+
+/// Shared memory of the wgmma kernel: the padded Q tile plus two stages of K and V in core-matrix order.
+pub(crate) fn wgmma_smem_bytes(head_dim: u32) -> u32 {
+    (128 * (head_dim + 8) + 4 * 64 * head_dim) * 2
+}
 
 /// Head dimensions the CUDA kernel is built for.
 pub const CUDA_HEAD_DIMS: &[u32] = &[32, 64, 96, 128, 256];
 
-/// Warps per CTA: each owns `tile_q / WARPS` consecutive query rows.
+/// Warps per CTA of the mma.sync kernel: each owns `tile_q / WARPS` consecutive query rows.
 pub(crate) const WARPS: u32 = 4;
+/// Warps per CTA of the wgmma kernel: two warpgroups, each owning 64 consecutive query rows.
+pub(crate) const WGMMA_WARPS: u32 = 8;
 
 /// CTAs below which a 128-row tile leaves the GPU underfilled and 64-row tiles are used instead (about
 /// two CTAs on each of an H100's 132 SMs).
@@ -24,7 +58,9 @@ pub(crate) fn smem_bytes(tile_q: u32, tile_kv: u32, head_dim: u32) -> u32 {
 ///
 /// Query tiles are 128 rows (MergeQ: two 64-token blocks, or eight 16-token blocks, share each K/V load)
 /// unless the grid would be too small to fill the GPU or the head dimension needs the registers (256);
-/// key chunks are 64 keys (or the block size when smaller), halved until the shared memory fits.
+/// key chunks are 64 keys (or the block size when smaller), halved until the shared memory fits. On
+/// sm_90 the 128 x 64 tiles of head dims 64 and 128 run on `wgmma` (two warpgroups of 64 rows); elsewhere
+/// on `mma.sync` (four warps). `S2ATTN_CUDA_KERNEL=mma|wgmma` forces a flavour (for comparisons).
 pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result<DispatchPlan> {
     match shape.dtype {
         DType::F16 | DType::BF16 => {}
@@ -71,11 +107,33 @@ pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result
     if layout.num_heads() > 65_535 || shape.batch > 65_535 {
         return Err(Error::Shape("heads and batch must each be at most 65535 (CUDA grid y and z)".into()));
     }
+    let want = requested_flavour()?;
+    let eligible = tile_q == 128 && tile_kv == 64 && (d == 64 || d == 128);
+    let hopper = arch_of(caps) == Some((9, 0));
+    if want == Some(true) && !(eligible && hopper) {
+        return Err(Error::Unsupported(format!(
+            "S2ATTN_CUDA_KERNEL=wgmma needs an sm_90 device, head_dim 64 or 128, blocks of >= 64 tokens and a grid \
+             of >= {FEW_CTAS} 128-row tiles (this: {:?}, head_dim {d}, block {bs}, tile {tile_q})",
+            arch_of(caps)
+        )));
+    }
     let merged = if tile_q > bs {
         format!("MergeQ: {} blocks of {bs} per tile", tile_q / bs)
     } else {
         format!("tile within a block of {bs}")
     };
+    if eligible && hopper && want != Some(false) && wgmma_smem_bytes(d) <= caps.max_workgroup_storage {
+        return Ok(DispatchPlan {
+            variant: KernelVariant::CudaMma,
+            tile_q,
+            tile_kv,
+            workgroup_size: WGMMA_WARPS * 32,
+            workgroup_bytes: wgmma_smem_bytes(d),
+            reason: format!(
+                "wgmma m64n{tile_kv}k16 / m64n{d}k16, 2 warpgroups x 64 rows, 2-stage cp.async K/V; {merged}"
+            ),
+        });
+    }
     Ok(DispatchPlan {
         variant: KernelVariant::CudaMma,
         tile_q,
@@ -108,8 +166,23 @@ mod tests {
     fn paper_shape_merges_two_blocks() {
         let layout = Layout::s2(S2Config::new(32, 64, 16, 16)).unwrap();
         let plan = plan_forward(&Shape::new(1, 16384, 128, DType::F16), &layout, &h100()).unwrap();
-        assert_eq!((plan.tile_q, plan.tile_kv), (128, 64));
+        assert_eq!((plan.tile_q, plan.tile_kv, plan.workgroup_size), (128, 64, 128));
         assert!(plan.workgroup_bytes <= 227 * 1024 / 2, "two CTAs per SM must fit: {}", plan.workgroup_bytes);
+    }
+
+    #[test]
+    fn hopper_takes_wgmma_for_eligible_tiles_only() {
+        let caps = DeviceCaps { name: "planner-test sm_90 device".into(), ..h100() };
+        register_arch(&caps.name, (9, 0));
+        let layout = Layout::s2(S2Config::new(32, 64, 16, 16)).unwrap();
+        let plan = plan_forward(&Shape::new(1, 16384, 128, DType::BF16), &layout, &caps).unwrap();
+        if requested_flavour().unwrap() != Some(false) {
+            assert_eq!(plan.workgroup_size, WGMMA_WARPS * 32, "{plan}");
+            assert_eq!(plan.workgroup_bytes, wgmma_smem_bytes(128));
+        }
+        let small = Layout::s2(S2Config::new(32, 16, 16, 16)).unwrap();
+        let plan = plan_forward(&Shape::new(1, 16384, 128, DType::F16), &small, &caps).unwrap();
+        assert_eq!(plan.workgroup_size, WARPS * 32, "16-token blocks give 16-key chunks: mma.sync, {plan}");
     }
 
     #[test]
