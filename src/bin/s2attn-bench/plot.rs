@@ -6,10 +6,9 @@ use crate::report::Row;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-const W: f64 = 960.0;
+const PLOT_W: f64 = 600.0;
 const H: f64 = 540.0;
 const LEFT: f64 = 70.0;
-const RIGHT: f64 = 330.0;
 const TOP: f64 = 40.0;
 const BOTTOM: f64 = 50.0;
 const COLORS: [&str; 10] =
@@ -63,7 +62,8 @@ pub fn series(rows: &[Row]) -> Vec<Series> {
         let dense = r.is_dense();
         let mut label = r.implementation.clone();
         if devices > 1 {
-            let _ = write!(label, " @ {}", r.device);
+            // "llvmpipe (LLVM 15.0.6, 256 bits)" -> "llvmpipe"
+            let _ = write!(label, " @ {}", r.device.split(" (").next().unwrap_or_default());
         }
         for (name, f, sparse_only) in &varying {
             if !(dense && *sparse_only) {
@@ -87,20 +87,24 @@ pub fn series(rows: &[Row]) -> Vec<Series> {
 /// The SVG document for `rows` (an empty plot with a message when nothing was measured).
 pub fn svg(rows: &[Row], title: &str) -> String {
     let lines = series(rows);
+    // Legend width from the longest label (about 7 px a character at 12 px).
+    let longest = lines.iter().map(|s| s.label.chars().count()).max().unwrap_or(0) as f64;
+    let right = (longest * 7.0 + 70.0).max(200.0);
+    let w = LEFT + PLOT_W + right;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{H}" viewBox="0 0 {w} {H}" font-family="sans-serif" font-size="12">"#
     );
-    let _ = writeln!(out, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(out, r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"#, W / 2.0, esc(title));
+    let _ = writeln!(out, r#"<rect width="{w}" height="{H}" fill="white"/>"#);
+    let _ = writeln!(out, r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"#, w / 2.0, esc(title));
     let points: Vec<(u32, f64)> = lines.iter().flat_map(|s| s.points.iter().copied()).collect();
     if points.is_empty() {
-        let _ = writeln!(out, r#"<text x="{}" y="{}" text-anchor="middle">no measurements</text>"#, W / 2.0, H / 2.0);
+        let _ = writeln!(out, r#"<text x="{}" y="{}" text-anchor="middle">no measurements</text>"#, w / 2.0, H / 2.0);
         out.push_str("</svg>\n");
         return out;
     }
-    let (pw, ph) = (W - LEFT - RIGHT, H - TOP - BOTTOM);
+    let (pw, ph) = (PLOT_W, H - TOP - BOTTOM);
     let seqs: BTreeSet<u32> = points.iter().map(|p| p.0).collect();
     let (smin, smax) = (*seqs.first().unwrap_or(&1) as f64, *seqs.last().unwrap_or(&1) as f64);
     let (mut x0, mut x1) = (smin.log2(), smax.log2());
@@ -181,7 +185,7 @@ pub fn svg(rows: &[Row], title: &str) -> String {
             let _ = writeln!(out, r#"<circle cx="{x}" cy="{y}" r="3" fill="{color}"/>"#);
         }
         let ly = TOP + 10.0 + i as f64 * 18.0;
-        let lx = W - RIGHT + 16.0;
+        let lx = LEFT + PLOT_W + 16.0;
         let _ = writeln!(
             out,
             r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{color}" stroke-width="2"{dash}/>"#,

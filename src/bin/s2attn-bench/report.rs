@@ -392,10 +392,10 @@ pub fn build_table(ours: &[Row], peers: &[Row]) -> Table {
             let dense = (r.is_ours() && !r.is_dense())
                 .then(|| dense_ms.get(&(r.key(), r.backend.clone(), r.adapter.clone())))
                 .flatten();
-            cells.push(opt(dense.map(|d| d / ms), |x| format!("{x:.2}")));
+            cells.push(opt(dense.map(|d| d / ms), fmt_num));
             for p in &peer_names {
                 let ratio = r.is_ours().then(|| peer_ms.get(&(r.key(), p.clone()))).flatten().map(|t| t / ms);
-                cells.push(opt(ratio, |x| format!("{x:.2}")));
+                cells.push(opt(ratio, fmt_num));
             }
             cells
         })
