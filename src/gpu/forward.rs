@@ -123,6 +123,7 @@ impl GpuForward {
     pub(crate) fn new(ctx: &Context, layout: &Layout, shape: Shape, plan: DispatchPlan, mergeq: Arc<MergeQPlan>) -> Result<Self> {
         let kernel = match plan.variant {
             KernelVariant::Portable => Kernel::ForwardPortable,
+            KernelVariant::Coop => Kernel::ForwardCoop,
             other => return Err(Error::Unsupported(format!("{} is not a wgpu kernel", other.name()))),
         };
         let pipeline = ctx.pipeline(

@@ -5,6 +5,7 @@ mod context;
 mod forward;
 pub mod shaders;
 mod timing;
+mod tune;
 
 pub(crate) use backward::GpuBackward;
 pub use backward::GradBuffers;
@@ -13,3 +14,4 @@ pub(crate) use context::parse_backend;
 pub(crate) use forward::GpuForward;
 pub use forward::{TensorView, Timing};
 pub(crate) use timing::Stamps;
+pub(crate) use tune::ForwardTuner;

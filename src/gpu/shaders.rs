@@ -24,6 +24,8 @@ const SHARED: &[(&str, &str)] = &[
 pub enum Kernel {
     /// `shaders/forward_portable.wgsl`.
     ForwardPortable,
+    /// `shaders/forward_coop.wgsl`: the forward pass on cooperative matrices (f16 storage).
+    ForwardCoop,
     /// `shaders/backward_dq.wgsl`: D = rowsum(dO * O) and dQ.
     BackwardDq,
     /// `shaders/backward_dkdv.wgsl`: dK and dV.
@@ -32,12 +34,14 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel (the naga test validates each in each storage type).
-    pub const ALL: &'static [Kernel] = &[Kernel::ForwardPortable, Kernel::BackwardDq, Kernel::BackwardDkDv];
+    pub const ALL: &'static [Kernel] =
+        &[Kernel::ForwardPortable, Kernel::ForwardCoop, Kernel::BackwardDq, Kernel::BackwardDkDv];
 
     /// File name under `shaders/`.
     pub fn name(self) -> &'static str {
         match self {
             Kernel::ForwardPortable => "forward_portable.wgsl",
+            Kernel::ForwardCoop => "forward_coop.wgsl",
             Kernel::BackwardDq => "backward_dq.wgsl",
             Kernel::BackwardDkDv => "backward_dkdv.wgsl",
         }
@@ -46,6 +50,7 @@ impl Kernel {
     fn source(self) -> &'static str {
         match self {
             Kernel::ForwardPortable => include_str!("../../shaders/forward_portable.wgsl"),
+            Kernel::ForwardCoop => include_str!("../../shaders/forward_coop.wgsl"),
             Kernel::BackwardDq => include_str!("../../shaders/backward_dq.wgsl"),
             Kernel::BackwardDkDv => include_str!("../../shaders/backward_dkdv.wgsl"),
         }
@@ -55,6 +60,7 @@ impl Kernel {
     pub fn dtypes(self) -> &'static [DType] {
         match self {
             Kernel::ForwardPortable | Kernel::BackwardDq | Kernel::BackwardDkDv => &[DType::F32, DType::F16],
+            Kernel::ForwardCoop => &[DType::F16],
         }
     }
 }

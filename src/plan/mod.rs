@@ -5,9 +5,11 @@
 //! Each backend fills `DeviceCaps` from what its device reports.
 
 mod column;
+mod coop;
 mod mergeq;
 
 pub use column::{backward_workgroup_bytes, plan_backward_portable, BackwardPlan, ColumnPlan, QueryEntry};
+pub use coop::{coop_workgroup_bytes, plan_coop, CoopTile, TuneTarget, COOP_HEAD_DIMS, TUNE_MAX_SEQ};
 pub use mergeq::{KvEntry, MergeQPlan, RowMask, ROWMASK_BITS_FLAG};
 
 use crate::error::{Error, Result};
@@ -241,4 +243,24 @@ pub fn plan_portable(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Resul
         workgroup_bytes: bytes,
         reason: format!("largest tiles fitting {} B of workgroup memory", caps.max_workgroup_storage),
     })
+}
+
+/// Plans a wgpu forward: the cooperative-matrix kernel where the adapter has 16x16 f16 matrices and the
+/// shape suits it (tile autotuned on `target`, see [`plan_coop`]), else the portable kernel, with the
+/// reason the coop kernel was passed over in the plan's reason.
+pub fn plan_wgpu(
+    shape: &Shape,
+    layout: &Layout,
+    caps: &DeviceCaps,
+    target: Option<&mut dyn TuneTarget>,
+) -> Result<DispatchPlan> {
+    match plan_coop(shape, layout, caps, target) {
+        Ok(plan) => Ok(plan),
+        Err(why) if caps.coop_f16_16x16 => {
+            let mut plan = plan_portable(shape, layout, caps)?;
+            plan.reason = format!("{}; not coop: {why}", plan.reason);
+            Ok(plan)
+        }
+        Err(_) => plan_portable(shape, layout, caps),
+    }
 }
