@@ -27,6 +27,7 @@
 
 mod attention;
 mod backward;
+pub mod capi;
 mod context;
 pub mod cpu;
 #[cfg(feature = "cuda")]

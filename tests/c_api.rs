@@ -1,0 +1,101 @@
+//! The C API from C: compiles `tests/c/smoke.c` with the system C compiler (`$CC`, else `cc`) against the
+//! `cdylib` and the `staticlib` cargo built next to this test binary, runs it, and fails with its output
+//! when any of its checks (outputs against attention computed in C, error codes) fails.
+#![cfg(unix)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const CC_HELP: &str = "tests/c_api.rs compiles tests/c/smoke.c and needs a C compiler: install one \
+     (Debian: `apt-get install gcc`) or point $CC at it";
+
+/// The directory cargo put this test binary in (`target/<profile>/deps`), where it also put the library
+/// artifacts of the same build.
+fn deps_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    exe.parent().expect("the test binary has a directory").to_path_buf()
+}
+
+/// `name` in the deps directory, or a failure saying what is missing and why it should be there.
+fn artifact(name: &str) -> PathBuf {
+    let path = deps_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: Cargo.toml's [lib] must list crate-type = [\"lib\", \"cdylib\", \"staticlib\"]",
+        path.display()
+    );
+    path
+}
+
+fn shared_library() -> PathBuf {
+    artifact(if cfg!(target_os = "macos") { "libs2attn.dylib" } else { "libs2attn.so" })
+}
+
+/// Compiles smoke.c into `exe` with `link` appended to the command line.
+fn compile(exe: &Path, link: &[&std::ffi::OsStr]) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
+    let mut cmd = Command::new(&cc);
+    cmd.args(["-std=c11", "-O1", "-Wall", "-Wextra", "-Werror"])
+        .arg("-I")
+        .arg(root.join("include"))
+        .arg(root.join("tests/c/smoke.c"))
+        .arg("-o")
+        .arg(exe)
+        .args(link)
+        .arg("-lm");
+    let out = match cmd.output() {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!("{CC_HELP} ({cc:?} not found)"),
+        Err(e) => panic!("running {cc:?}: {e}"),
+    };
+    assert!(
+        out.status.success(),
+        "compiling smoke.c failed ({:?}):\n{}{}",
+        cmd,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs the compiled program and fails with its output unless it passes.
+fn run(exe: &Path) {
+    let mut cmd = Command::new(exe);
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        cmd.env("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {}: {e}", exe.display()));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{stdout}");
+    assert!(out.status.success(), "{} failed ({}):\n{stdout}\n{stderr}", exe.display(), out.status);
+    assert!(stdout.contains("all C API checks passed"), "smoke.c ended early:\n{stdout}\n{stderr}");
+}
+
+fn out_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c_api");
+    std::fs::create_dir_all(&dir).expect("creating the C test's output directory");
+    dir
+}
+
+#[test]
+fn smoke_c_against_the_shared_library() {
+    let lib = shared_library();
+    let exe = out_dir().join("smoke_shared");
+    let rpath = format!("-Wl,-rpath,{}", deps_dir().display());
+    compile(&exe, &[lib.as_os_str(), rpath.as_ref()]);
+    run(&exe);
+}
+
+/// The static archive with the system libraries the Rust standard library needs on Linux (what
+/// `cargo rustc --lib -- --print native-static-libs` reports there); this is the link line the header
+/// documents.
+#[test]
+#[cfg(target_os = "linux")]
+fn smoke_c_against_the_static_library() {
+    let lib = artifact("libs2attn.a");
+    let exe = out_dir().join("smoke_static");
+    let mut link: Vec<&std::ffi::OsStr> = vec![lib.as_os_str()];
+    link.extend(["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-lc"].map(std::ffi::OsStr::new));
+    compile(&exe, &link);
+    run(&exe);
+}
