@@ -1,4 +1,4 @@
-//! A small S2 forward (4 heads, 2 KV heads, head dim 64, block 32, local 2, vert_stride 4, 1024 tokens, f32)
+//! A small S2 forward (4 heads, 2 KV heads, head dim 64, block 32, local 2, vert_stride 4, 512 tokens, f32)
 //! on every wgpu adapter of the machine, timed on the GPU with `Attention::time_forward` (timestamps
 //! where the adapter has them, else wall clock around a waited submit). With no adapter it prints a note
 //! and measures nothing.
@@ -10,7 +10,7 @@ use s2attn::gpu::WgpuContext;
 use s2attn::{Attention, Context, ContextOptions, DType, Layout, S2Config, Shape};
 use std::time::Duration;
 
-const SEQ: u32 = 1024;
+const SEQ: u32 = 512;
 const HEAD_DIM: u32 = 64;
 
 fn inputs(n: usize, mut x: u64) -> Vec<f32> {

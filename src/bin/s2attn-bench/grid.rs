@@ -268,8 +268,8 @@ impl Default for Args {
             modes: vec![Mode::Fwd],
             backends: None,
             adapter: None,
-            warmup: 3,
-            iters: 10,
+            warmup: 1,
+            iters: 3,
             check_seq: 512,
             dense: true,
             dense_max_seq: None,
@@ -296,15 +296,18 @@ GRID FLAGS (comma-separated lists; the grid is their cartesian product; `4k` = 4
   --kv-heads 8         KV heads (default = heads)  --head-dim 128      features per head
   --block 64           tokens per block            --local 16          local window, blocks
   --vert-stride 16,64  stripe stride, blocks       --dtype f16,f32     storage type (bf16: CUDA only)
-  --batch 1            sequences per call          --causal true,false
+  --batch 1            sequences per call          --causal true,false (false: bidirectional, a
+                                                                       window of `local` blocks each side)
   --mode fwd           fwd (fwd+bwd and decode are not implemented yet)
 OPTIONS:
   --preset quick|paper quick: seconds on lavapipe (default); paper: 32 heads, head dim 128, block 64,
-                       local 16, vert_stride 16 and 64, seq 4k..128k, fp16. Later flags override it.
+                       local 16, vert_stride 16 and 64, seq 4k..128k, fp16. Other flags override it.
   --backend LIST       vulkan,gl,metal,dx12 (wgpu APIs), wgpu (all of them), cuda, auto (the device
                        S2ATTN_BACKEND/S2ATTN_ADAPTER pick); default: every adapter and backend
+                       (software adapters such as lavapipe only when there is no GPU)
   --adapter SUBSTR     only devices whose name contains SUBSTR (case-insensitive)
-  --iters N            timed passes, median reported (default 10)   --warmup N   untimed passes (default 3)
+  --iters N            timed passes, median reported (quick 3, paper 10)
+  --warmup N           untimed passes first (quick 1, paper 3)
   --check-seq N        sequence length of the oracle check (default 512, 0 = none)
   --no-dense           do not time dense attention   --dense-max-seq N   time dense only up to N tokens
   --json FILE          write JSON lines (peer rows first, then ours as they are measured)

@@ -19,6 +19,8 @@ pub struct Target {
     pub backend: String,
     /// Adapter or device name.
     pub adapter: String,
+    /// A CPU rasteriser (lavapipe, llvmpipe, WARP).
+    pub software: bool,
 }
 
 fn wants(args: &Args, backend: &str) -> bool {
@@ -33,7 +35,8 @@ fn name_matches(args: &Args, name: &str) -> bool {
 }
 
 /// Opens the devices the command line names (all of them by default). Devices that fail to open, and
-/// backends that were asked for and are absent, become notes.
+/// backends that were asked for and are absent, become notes. Without `--adapter`, software adapters are
+/// left out when a hardware device is present (a paper grid on lavapipe would take days).
 pub fn open_targets(args: &Args, notes: &mut Vec<String>) -> Vec<Target> {
     let mut targets: Vec<Target> = Vec::new();
     let mut push = |ctx: Context, notes: &mut Vec<String>| {
@@ -41,7 +44,8 @@ pub fn open_targets(args: &Args, notes: &mut Vec<String>) -> Vec<Target> {
         if !name_matches(args, &adapter) {
             notes.push(format!("{adapter} ({backend}) skipped: its name does not contain {:?}", args.adapter));
         } else if !targets.iter().any(|t| t.backend == backend && t.adapter == adapter) {
-            targets.push(Target { ctx, backend, adapter });
+            let software = ctx.capabilities().is_some_and(|c| c.info.device_type == wgpu::DeviceType::Cpu);
+            targets.push(Target { ctx, backend, adapter, software });
         }
     };
     let explicit = |b: &str| args.backends.as_ref().is_some_and(|l| l.iter().any(|x| x == b));
@@ -72,6 +76,15 @@ pub fn open_targets(args: &Args, notes: &mut Vec<String>) -> Vec<Target> {
             Ok(ctx) => push(ctx, notes),
             Err(e) => notes.push(format!("cuda: {e}")),
         }
+    }
+    if args.adapter.is_none() && targets.iter().any(|t| !t.software) {
+        for t in targets.iter().filter(|t| t.software) {
+            notes.push(format!(
+                "{} ({}) skipped: software adapter beside a GPU (name it with --adapter to include it)",
+                t.adapter, t.backend
+            ));
+        }
+        targets.retain(|t| !t.software);
     }
     targets
 }
