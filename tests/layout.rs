@@ -445,3 +445,80 @@ fn indexes_are_cached_per_sequence_length() {
     assert!(std::sync::Arc::ptr_eq(&m, &l.mergeq(100, 64)));
     assert!(!std::sync::Arc::ptr_eq(&m, &l.mergeq(100, 32)));
 }
+
+#[test]
+fn extreme_parameters_follow_the_rule_without_overflow() {
+    // Any u32 is a valid offset, stride or window: the rule is evaluated without wrapping or panicking.
+    let m = u32::MAX;
+    let cases = [
+        S2Config::new(4, 16, 1, 4).offset(m),
+        S2Config::new(4, 16, 1, 7).offset(m - 2),
+        S2Config::new(2, 16, 1, m),
+        S2Config::new(2, 16, 1, m).offset(m),
+        S2Config::new(8, 16, m, 3),
+        S2Config::new(2, 16, 1, 3).bidirectional(m, m),
+        S2Config::new(2, 16, 1, 3).bidirectional(1, m).offset(m),
+        S2Config::new(70_000, 16, 1, m - 1).kv_heads(70_000),
+    ];
+    for c in cases {
+        let l = layout(&c);
+        for qh in [0, 1, c.num_heads - 1] {
+            let p = l.pattern_of_head(qh);
+            for qb in 0..12 {
+                for kb in 0..12 {
+                    assert_eq!(l.block_active(p, qb, kb), rule(&c, qh, qb, kb), "{c:?}: head {qh} ({qb}, {kb})");
+                }
+            }
+        }
+        let want: usize = (0..l.num_patterns())
+            .map(|p| (0..12).map(|qb| (0..12).filter(|&kb| l.block_active(p, qb, kb)).count()).sum::<usize>())
+            .sum();
+        assert_eq!(l.index(12 * 16).nnz(), want, "{c:?}");
+    }
+}
+
+#[test]
+fn kv_head_ranges_are_sub_layouts_of_their_parent() {
+    let mut parents = vec![
+        layout(&S2Config::new(8, 16, 1, 4).kv_heads(4)),
+        layout(&S2Config::new(8, 16, 2, 3).kv_heads(2).homo_head(true)),
+        layout(&S2Config::new(4, 32, 1, 4).dense_heads(1).offset(1)),
+        layout(&S2Config::new(4, 16, 1, 2).bidirectional(1, 1)),
+    ];
+    let mut rng = Rng::new(5);
+    for (mask, h, kv) in custom_cases(&mut rng).into_iter().filter(|(m, ..)| m.block_size() == 16) {
+        parents.push(Layout::custom(mask, h, kv).expect("custom"));
+    }
+    for parent in &parents {
+        let (h_n, hk_n) = (parent.num_heads(), parent.num_kv_heads());
+        let group = h_n / hk_n;
+        let seq = parent.block_size() * 5 + 3;
+        for start in 0..hk_n {
+            for end in start + 1..=hk_n {
+                let Ok(sub) = parent.kv_head_range(start..end) else {
+                    continue; // ranges that cut a shared pattern are refused (checked below)
+                };
+                assert_eq!((sub.num_heads(), sub.num_kv_heads()), ((end - start) * group, end - start));
+                assert_eq!(sub.causal(), parent.causal());
+                for h in 0..sub.num_heads() {
+                    let (ps, pp) = (sub.pattern_of_head(h), parent.pattern_of_head(start * group + h));
+                    for i in 0..seq {
+                        for j in 0..seq {
+                            assert_eq!(
+                                sub.element_active(ps, i, j),
+                                parent.element_active(pp, i, j),
+                                "{parent:?} KV heads {start}..{end}: head {h} element ({i}, {j})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert!(parent.kv_head_range(0..0).is_err() && parent.kv_head_range(0..hk_n + 1).is_err());
+    }
+    // A mask shared by 2 query heads cannot be split between them (4 query heads on 4 KV heads).
+    let mask = BlockMask::from_fn(2, 4, 4, 16, true, |h, q, k| (q + k + h) % 2 == 0).expect("mask");
+    let l = Layout::custom(mask, 4, 4).expect("custom");
+    assert!(matches!(l.kv_head_range(1..3), Err(Error::Shape(_))));
+    assert!(l.kv_head_range(2..4).is_ok() && l.kv_head_range(1..2).is_ok());
+}

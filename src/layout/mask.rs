@@ -48,7 +48,7 @@ impl BlockMask {
         causal: bool,
         f: impl Fn(u32, u32, u32) -> bool,
     ) -> Result<Self> {
-        let mut bits = Vec::with_capacity((heads * q_blocks * kv_blocks) as usize);
+        let mut bits = Vec::with_capacity(heads as usize * q_blocks as usize * kv_blocks as usize);
         for h in 0..heads {
             for q in 0..q_blocks {
                 for k in 0..kv_blocks {

@@ -136,7 +136,9 @@ impl S2Config {
     fn active(&self, kv_head: u32, qb: u32, kb: u32) -> bool {
         let dense = kv_head >= self.num_kv_heads - self.num_dense_heads;
         let phase_head = if self.homo_head { 0 } else { kv_head };
-        let stripe = |d: u32| (d + phase_head * self.step() + self.head_sliding_offset) % self.vert_stride == 0;
+        // In u64: any u32 offset, stride or head count is valid and must not wrap.
+        let phase = phase_head as u64 * self.step() as u64 + self.head_sliding_offset as u64;
+        let stripe = |d: u32| (d as u64 + phase) % self.vert_stride as u64 == 0;
         match self.direction {
             Direction::Causal => kb <= qb && (dense || qb - kb < self.local_blocks || stripe(kb)),
             Direction::Bidirectional { left, right } => {
@@ -167,7 +169,10 @@ enum Pattern {
     S2(S2Config),
     Custom(BlockMask),
     /// A contiguous range of another layout's heads, its patterns starting at `first_pattern`.
-    Heads { parent: Layout, first_pattern: u32 },
+    Heads {
+        parent: Layout,
+        first_pattern: u32,
+    },
 }
 
 #[derive(Debug)]
@@ -350,7 +355,11 @@ impl Layout {
     /// Blocks the pattern could attend at most: the causal triangle, or the full square.
     fn possible_blocks(&self, nb: u32) -> u64 {
         let nb = nb as u64;
-        if self.0.causal { nb * (nb + 1) / 2 } else { nb * nb }
+        if self.0.causal {
+            nb * (nb + 1) / 2
+        } else {
+            nb * nb
+        }
     }
 
     /// Active blocks over possible blocks (causal triangle or square) for pattern `pattern`.
