@@ -106,10 +106,10 @@ impl Attention {
             return Err(Error::Unsupported("bf16 has no WGSL kernel; use f16 or f32 (or the CUDA backend)".into()));
         }
         let ctx = ctx.require_wgpu("Attention::new")?;
+        check_sizes(ctx, layout, &shape)?;
         let mut tuner = crate::gpu::ForwardTuner::new(ctx, layout, shape);
         let plan = plan::plan_wgpu(&shape, layout, ctx.caps(), Some(&mut tuner))?;
         let mergeq = layout.mergeq(shape.seq_len, plan.tile_q);
-        check_sizes(ctx, layout, &shape)?;
         let engine = Engine::Wgpu(GpuForward::new(ctx, layout, shape, plan.clone(), mergeq.clone())?);
         Ok(Self { layout: layout.clone(), shape, mergeq, plan, engine })
     }

@@ -119,6 +119,31 @@ pub enum Error {
     /// A requested feature or backend is not available on this machine.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A sequence id the KV cache does not hold (never added, or already removed).
+    #[error("sequence {0} is not in the KV cache (never added, or removed)")]
+    UnknownSequence(u64),
+    /// An append would take a sequence past the KV cache's page table capacity.
+    #[error("page table overflow: sequence {seq} would hold {tokens} tokens, the page table has room for {capacity}")]
+    PageTableOverflow {
+        /// The sequence.
+        seq: u64,
+        /// Tokens it would hold after the append.
+        tokens: u64,
+        /// `max_seq_len` of the cache.
+        capacity: u64,
+    },
+    /// The KV cache's page pool has too few free pages.
+    #[error("KV cache out of pages: {what} needs {needed} more pages, {free} of {capacity} are free")]
+    CacheFull {
+        /// The operation that needed them.
+        what: String,
+        /// Pages it needed.
+        needed: u64,
+        /// Free pages.
+        free: u64,
+        /// Pages in the pool.
+        capacity: u64,
+    },
     /// Errors from the CUDA backend (driver, NVRTC, launch).
     #[error("cuda: {0}")]
     Cuda(String),

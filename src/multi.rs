@@ -419,6 +419,6 @@ mod tests {
         assert_eq!(runs, vec![0..2, 2..2]);
         let runs = partition(&[1.0, 1.0, 1.0], &[1.0, 1.0]);
         assert_eq!(runs.iter().map(|r| r.len()).sum::<usize>(), 3);
-        assert!(runs.iter().all(|r| r.len() >= 1));
+        assert!(runs.iter().all(|r| !r.is_empty()));
     }
 }

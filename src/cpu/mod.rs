@@ -7,7 +7,9 @@
 mod backward;
 mod forward;
 mod reference;
+mod varlen;
 
 pub use backward::{attention_backward_reference, backward_portable, BackwardInputs};
 pub use forward::forward_portable;
 pub use reference::{attention_reference, rel_l2_error, Reference};
+pub use varlen::{attend_worklist, varlen_reference};

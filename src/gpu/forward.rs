@@ -120,7 +120,13 @@ pub(crate) struct GpuForward {
 }
 
 impl GpuForward {
-    pub(crate) fn new(ctx: &Context, layout: &Layout, shape: Shape, plan: DispatchPlan, mergeq: Arc<MergeQPlan>) -> Result<Self> {
+    pub(crate) fn new(
+        ctx: &Context,
+        layout: &Layout,
+        shape: Shape,
+        plan: DispatchPlan,
+        mergeq: Arc<MergeQPlan>,
+    ) -> Result<Self> {
         let kernel = match plan.variant {
             KernelVariant::Portable => Kernel::ForwardPortable,
             KernelVariant::Coop => Kernel::ForwardCoop,
@@ -134,8 +140,11 @@ impl GpuForward {
         let device = ctx.device();
         let entries_words = mergeq.gpu_entries();
         // wgpu refuses empty bindings; an empty plan (impossible for valid layouts) still gets one word.
-        let entries_bytes: &[u8] =
-            if entries_words.is_empty() { bytemuck::bytes_of(&[0u32; 2]) } else { bytemuck::cast_slice(&entries_words) };
+        let entries_bytes: &[u8] = if entries_words.is_empty() {
+            bytemuck::bytes_of(&[0u32; 2])
+        } else {
+            bytemuck::cast_slice(&entries_words)
+        };
         let tile_ptr = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("s2attn tile_ptr"),
             contents: bytemuck::cast_slice(mergeq.row_ptr()),
@@ -196,7 +205,9 @@ impl GpuForward {
         let row = heads as u64 * self.shape.head_dim as u64;
         let stride = view.token_stride.unwrap_or(row);
         if stride < row {
-            return Err(Error::Shape(format!("{name}: token_stride {stride} is smaller than heads * head_dim = {row}")));
+            return Err(Error::Shape(format!(
+                "{name}: token_stride {stride} is smaller than heads * head_dim = {row}"
+            )));
         }
         if view.offset % 4 != 0 || stride % 4 != 0 {
             return Err(Error::Shape(format!(
@@ -231,6 +242,7 @@ impl GpuForward {
 
     /// Records the forward pass into `encoder`. `lse` receives `[batch, heads, seq]` f32 starting at
     /// element `lse_offset`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn encode(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -246,7 +258,11 @@ impl GpuForward {
         let (v_off, v_stride) = self.check_view("v", v, self.num_kv_heads)?;
         let (o_off, o_stride) = self.check_view("out", o, self.num_heads)?;
         if v_stride != kv_stride {
-            return Err(Error::Shape(format!("k and v token strides differ ({} vs {} elements)", kv_stride * 4, v_stride * 4)));
+            return Err(Error::Shape(format!(
+                "k and v token strides differ ({} vs {} elements)",
+                kv_stride * 4,
+                v_stride * 4
+            )));
         }
         let lse_elems = self.tokens() * self.num_heads as u64;
         self.check_buffer("lse", lse.0, (lse.1 + lse_elems) * 4)?;
@@ -319,7 +335,8 @@ impl GpuForward {
     pub(crate) fn run_host(&self, q: &[u8], k: &[u8], v: &[u8]) -> Result<(Vec<u8>, Vec<f32>)> {
         self.with_host_buffers(q, k, v, |bufs, q_bytes, lse_bytes| {
             let device = self.ctx.device();
-            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("s2attn forward") });
+            let mut encoder =
+                device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("s2attn forward") });
             self.encode_host(&mut encoder, bufs, None)?;
             encoder.copy_buffer_to_buffer(&bufs.o, 0, &bufs.readback, 0, q_bytes);
             encoder.copy_buffer_to_buffer(&bufs.lse, 0, &bufs.readback, q_bytes, lse_bytes);
@@ -431,7 +448,12 @@ impl GpuForward {
             Some(b) => b,
             slot => {
                 let mk = |label, size, usage| {
-                    device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+                    device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some(label),
+                        size,
+                        usage,
+                        mapped_at_creation: false,
+                    })
                 };
                 let input = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
                 let output = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
@@ -442,7 +464,11 @@ impl GpuForward {
                     v: mk("s2attn v", kv_bytes, input),
                     o: mk("s2attn out", q_bytes, output),
                     lse: mk("s2attn lse", lse_bytes, output),
-                    readback: mk("s2attn readback", q_bytes + lse_bytes, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
+                    readback: mk(
+                        "s2attn readback",
+                        q_bytes + lse_bytes,
+                        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    ),
                 })
             }
         };
@@ -451,7 +477,6 @@ impl GpuForward {
         queue.write_buffer(&bufs.v, 0, v);
         f(bufs, q_bytes, lse_bytes)
     }
-
 }
 
 /// Maps a `MAP_READ` buffer after the queue drains and copies its first `len` bytes out.
@@ -465,10 +490,7 @@ pub(crate) fn read_buffer(ctx: &Context, buffer: &wgpu::Buffer, len: u64) -> Res
     rx.recv()
         .map_err(|_| Error::Device("buffer mapping was dropped".into()))?
         .map_err(|e| Error::Device(format!("mapping the readback buffer: {e}")))?;
-    let out = slice
-        .get_mapped_range()
-        .map_err(|e| Error::Device(format!("reading the mapped buffer: {e}")))?
-        .to_vec();
+    let out = slice.get_mapped_range().map_err(|e| Error::Device(format!("reading the mapped buffer: {e}")))?.to_vec();
     buffer.unmap();
     Ok(out)
 }

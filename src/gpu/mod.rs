@@ -2,6 +2,7 @@
 
 mod backward;
 mod context;
+pub(crate) mod decode;
 mod forward;
 pub mod shaders;
 mod timing;

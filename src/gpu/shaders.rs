@@ -17,6 +17,8 @@ const SHARED: &[(&str, &str)] = &[
     ("shared/backward.wgsl", include_str!("../../shaders/shared/backward.wgsl")),
     ("shared/grads_f32.wgsl", include_str!("../../shaders/shared/grads_f32.wgsl")),
     ("shared/grads_f16.wgsl", include_str!("../../shaders/shared/grads_f16.wgsl")),
+    ("shared/decode.wgsl", include_str!("../../shaders/shared/decode.wgsl")),
+    ("shared/online_softmax.wgsl", include_str!("../../shaders/shared/online_softmax.wgsl")),
 ];
 
 /// A kernel source.
@@ -30,12 +32,22 @@ pub enum Kernel {
     BackwardDq,
     /// `shaders/backward_dkdv.wgsl`: dK and dV.
     BackwardDkDv,
+    /// `shaders/decode_split.wgsl`: decode and variable-length attention over a work list.
+    DecodeSplit,
+    /// `shaders/decode_combine.wgsl`: merges the split-KV partials of decode by their LSE.
+    DecodeCombine,
 }
 
 impl Kernel {
     /// Every kernel (the naga test validates each in each storage type).
-    pub const ALL: &'static [Kernel] =
-        &[Kernel::ForwardPortable, Kernel::ForwardCoop, Kernel::BackwardDq, Kernel::BackwardDkDv];
+    pub const ALL: &'static [Kernel] = &[
+        Kernel::ForwardPortable,
+        Kernel::ForwardCoop,
+        Kernel::BackwardDq,
+        Kernel::BackwardDkDv,
+        Kernel::DecodeSplit,
+        Kernel::DecodeCombine,
+    ];
 
     /// File name under `shaders/`.
     pub fn name(self) -> &'static str {
@@ -44,6 +56,8 @@ impl Kernel {
             Kernel::ForwardCoop => "forward_coop.wgsl",
             Kernel::BackwardDq => "backward_dq.wgsl",
             Kernel::BackwardDkDv => "backward_dkdv.wgsl",
+            Kernel::DecodeSplit => "decode_split.wgsl",
+            Kernel::DecodeCombine => "decode_combine.wgsl",
         }
     }
 
@@ -53,13 +67,19 @@ impl Kernel {
             Kernel::ForwardCoop => include_str!("../../shaders/forward_coop.wgsl"),
             Kernel::BackwardDq => include_str!("../../shaders/backward_dq.wgsl"),
             Kernel::BackwardDkDv => include_str!("../../shaders/backward_dkdv.wgsl"),
+            Kernel::DecodeSplit => include_str!("../../shaders/decode_split.wgsl"),
+            Kernel::DecodeCombine => include_str!("../../shaders/decode_combine.wgsl"),
         }
     }
 
     /// Storage types the kernel is built for.
     pub fn dtypes(self) -> &'static [DType] {
         match self {
-            Kernel::ForwardPortable | Kernel::BackwardDq | Kernel::BackwardDkDv => &[DType::F32, DType::F16],
+            Kernel::ForwardPortable
+            | Kernel::BackwardDq
+            | Kernel::BackwardDkDv
+            | Kernel::DecodeSplit
+            | Kernel::DecodeCombine => &[DType::F32, DType::F16],
             Kernel::ForwardCoop => &[DType::F16],
         }
     }
@@ -100,9 +120,8 @@ pub fn compose(kernel: Kernel, dtype: DType) -> Result<String> {
 pub fn validate(name: &str, source: &str) -> Result<()> {
     let module = naga::front::wgsl::parse_str(source)
         .map_err(|e| Error::Shader { name: name.into(), message: e.emit_to_string(source) })?;
-    let mut validator = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all());
-    validator
-        .validate(&module)
-        .map_err(|e| Error::Shader { name: name.into(), message: e.emit_to_string(source) })?;
+    let mut validator =
+        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all());
+    validator.validate(&module).map_err(|e| Error::Shader { name: name.into(), message: e.emit_to_string(source) })?;
     Ok(())
 }

@@ -1,0 +1,422 @@
+//! Host side of the decode kernels (`shaders/decode_split.wgsl`, `shaders/decode_combine.wgsl`): the
+//! workgroup shape for a row count ([`AttendPlan`]), both pipelines, and encoding one call's
+//! [`WorkList`] (uploaded fresh, so several calls may share an encoder) as one compute pass: the split
+//! pass, then the combine pass when the list split a family.
+
+use super::forward::read_buffer;
+use super::shaders::Kernel;
+use super::timing::time_encoded;
+use super::{TensorView, Timing, WgpuContext};
+use crate::error::{Error, Result};
+use crate::inference::WorkList;
+use crate::plan::{DType, DeviceCaps};
+use std::fmt;
+use std::sync::Mutex;
+use wgpu::util::DeviceExt;
+
+/// Vec4 accumulators per invocation the split kernel holds (`MAX_ACC`).
+const MAX_ACC: u32 = 16;
+/// Rows an item may have (the entries' 64-bit row masks).
+pub const MAX_ROWS: u32 = 64;
+
+/// The split kernel's workgroup shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttendPlan {
+    /// Query rows per work item (`group * n_tok`).
+    pub rows: u32,
+    /// Query tokens per work item.
+    pub n_tok: u32,
+    /// Keys staged per step (divides the block size).
+    pub tile_kv: u32,
+    /// Invocations per workgroup.
+    pub workgroup_size: u32,
+    /// Workgroup memory in bytes.
+    pub workgroup_bytes: u32,
+}
+
+impl fmt::Display for AttendPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} rows ({} tokens) x {} keys per step, {} invocations, {} B workgroup memory",
+            self.rows, self.n_tok, self.tile_kv, self.workgroup_size, self.workgroup_bytes
+        )
+    }
+}
+
+/// Workgroup bytes of the split kernel: Q rows, padded K and V chunks, scores, row statistics.
+fn split_bytes(rows: u32, tile_kv: u32, head_dim: u32) -> u32 {
+    4 * (rows * head_dim + 2 * tile_kv * (head_dim + 4) + rows * tile_kv + 3 * rows)
+}
+
+/// The widest item (first of `n_tok_choices` that fits) and the largest key chunk that fit the device.
+pub fn plan_attend(
+    caps: &DeviceCaps,
+    head_dim: u32,
+    group: u32,
+    n_tok_choices: &[u32],
+    block_size: u32,
+) -> Result<AttendPlan> {
+    let wg = 128u32.min(caps.max_invocations.max(32));
+    let d4 = head_dim / 4;
+    for &n_tok in n_tok_choices {
+        let rows = group * n_tok;
+        if rows == 0 || rows > MAX_ROWS || rows * d4 > wg * MAX_ACC {
+            continue;
+        }
+        for tile_kv in [64u32, 32, 16, 8] {
+            let bytes = split_bytes(rows, tile_kv, head_dim);
+            if tile_kv <= block_size && block_size % tile_kv == 0 && bytes <= caps.max_workgroup_storage {
+                return Ok(AttendPlan { rows, n_tok, tile_kv, workgroup_size: wg, workgroup_bytes: bytes });
+            }
+        }
+    }
+    let n_tok = n_tok_choices.last().copied().unwrap_or(1);
+    let rows = group * n_tok;
+    if rows > MAX_ROWS || rows * d4 > wg * MAX_ACC {
+        return Err(Error::Shape(format!(
+            "{group} query heads per KV head x {n_tok} query tokens = {rows} rows per work item exceeds the decode \
+             kernel's {} (at most {MAX_ROWS}, and rows * head_dim / 4 <= {})",
+            MAX_ROWS.min(wg * MAX_ACC / d4.max(1)),
+            wg * MAX_ACC
+        )));
+    }
+    Err(Error::DeviceLimit {
+        what: format!("the decode kernel at head_dim {head_dim}, {rows} rows"),
+        limit: "max_compute_workgroup_storage_size",
+        needed: split_bytes(rows, 8, head_dim) as u64,
+        max: caps.max_workgroup_storage as u64,
+    })
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    num_heads: u32,
+    n_tok: u32,
+    block_size: u32,
+    causal: u32,
+    scale_log2: f32,
+    q_off: u32,
+    q_stride: u32,
+    o_off: u32,
+    o_stride: u32,
+    k_off: u32,
+    v_off: u32,
+    kv_tok_stride: u32,
+    lse_off: u32,
+    lse_head_stride: u32,
+    n_items: u32,
+    neg_inf: f32,
+}
+
+/// Where one call reads K and V: buffers (pools or packed tensors) and element offsets.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KvSource<'a> {
+    pub k: &'a wgpu::Buffer,
+    pub v: &'a wgpu::Buffer,
+    pub k_off: u64,
+    pub v_off: u64,
+}
+
+/// One call: its work list, softmax scale and K/V source.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Call<'a> {
+    pub list: &'a WorkList,
+    pub scale: f32,
+    pub kv: KvSource<'a>,
+}
+
+/// What one call reads and writes besides K and V.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowIo<'a> {
+    /// Q rows (`[tokens, heads, head_dim]`, strided views allowed).
+    pub q: TensorView<'a>,
+    /// O rows, as Q.
+    pub o: TensorView<'a>,
+    /// LSE buffer and first element.
+    pub lse: (&'a wgpu::Buffer, u64),
+    /// Packed query tokens (rows of Q and O).
+    pub tokens: u64,
+    /// LSE elements the call writes from its first element.
+    pub lse_len: u64,
+}
+
+/// Both decode pipelines for one (dtype, head_dim, plan), and the partials scratch they share.
+pub(crate) struct GpuAttend {
+    ctx: WgpuContext,
+    dtype: DType,
+    head_dim: u32,
+    num_heads: u32,
+    plan: AttendPlan,
+    split: wgpu::ComputePipeline,
+    combine: wgpu::ComputePipeline,
+    /// (partial O, partial LSE, slots they hold), grown on demand.
+    partials: Mutex<Option<(wgpu::Buffer, wgpu::Buffer, u32)>>,
+}
+
+impl GpuAttend {
+    pub(crate) fn new(
+        ctx: &WgpuContext,
+        dtype: DType,
+        head_dim: u32,
+        num_heads: u32,
+        plan: AttendPlan,
+    ) -> Result<Self> {
+        let d = ("D", head_dim);
+        let split = ctx.pipeline(
+            Kernel::DecodeSplit,
+            dtype,
+            &[d, ("R", plan.rows), ("BK", plan.tile_kv), ("WG", plan.workgroup_size)],
+        )?;
+        let combine =
+            ctx.pipeline(Kernel::DecodeCombine, dtype, &[d, ("R", plan.rows), ("WG", plan.workgroup_size)])?;
+        Ok(Self { ctx: ctx.clone(), dtype, head_dim, num_heads, plan, split, combine, partials: Mutex::default() })
+    }
+
+    pub(crate) fn plan(&self) -> &AttendPlan {
+        &self.plan
+    }
+
+    /// Checks a Q/O view of `tokens` rows; returns (offset, token stride) in vec4 units.
+    fn view(&self, name: &'static str, view: &TensorView<'_>, tokens: u64) -> Result<(u32, u32)> {
+        let row = self.num_heads as u64 * self.head_dim as u64;
+        let stride = view.token_stride.unwrap_or(row);
+        if stride < row || view.offset % 4 != 0 || stride % 4 != 0 {
+            return Err(Error::Shape(format!(
+                "{name}: offset {} and token_stride {stride} must be multiples of 4 elements, the stride at least \
+                 heads * head_dim = {row}",
+                view.offset
+            )));
+        }
+        let needed = (view.offset + (tokens.max(1) - 1) * stride + row) * self.dtype.size();
+        self.bindable(name, view.buffer, needed)?;
+        Ok((vec4(name, view.offset)?, vec4(name, stride)?))
+    }
+
+    fn bindable(&self, name: &'static str, buffer: &wgpu::Buffer, needed: u64) -> Result<()> {
+        if buffer.size() < needed {
+            return Err(Error::BufferTooSmall { tensor: name, got: buffer.size(), needed });
+        }
+        let max = self.ctx.caps().max_storage_binding;
+        if buffer.size() > max {
+            return Err(Error::DeviceLimit {
+                what: format!("binding the {name} buffer ({} bytes)", buffer.size()),
+                limit: "max_storage_buffer_binding_size",
+                needed: buffer.size(),
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Partial buffers holding at least `slots` slots.
+    fn partials(&self, slots: u32) -> (wgpu::Buffer, wgpu::Buffer) {
+        let mut held = self.partials.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((o, l, n)) = &*held {
+            if *n >= slots {
+                return (o.clone(), l.clone());
+            }
+        }
+        let n = slots.max(1).next_power_of_two();
+        let rows = n as u64 * self.plan.rows as u64;
+        let mk = |label, size| {
+            self.ctx.device().create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        let o = mk("s2attn decode partial O", rows * self.head_dim as u64 * 4);
+        let l = mk("s2attn decode partial LSE", rows * 4);
+        *held = Some((o.clone(), l.clone(), n));
+        (o, l)
+    }
+
+    /// Records `list` into `encoder` as one compute pass (split, then combine if needed).
+    pub(crate) fn encode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        call: &Call<'_>,
+        io: &RowIo<'_>,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()> {
+        let Call { list, scale, kv } = *call;
+        let shape = list.shape();
+        if shape.rows() != self.plan.rows {
+            return Err(Error::Shape(format!(
+                "work list of {} rows on a kernel planned for {}",
+                shape.rows(),
+                self.plan.rows
+            )));
+        }
+        let (q_off, q_stride) = self.view("q", &io.q, io.tokens)?;
+        let (o_off, o_stride) = self.view("out", &io.o, io.tokens)?;
+        self.bindable("lse", io.lse.0, (io.lse.1 + io.lse_len) * 4)?;
+        self.bindable("k", kv.k, 0)?;
+        self.bindable("v", kv.v, 0)?;
+        let params = Params {
+            num_heads: self.num_heads,
+            n_tok: shape.n_tok,
+            block_size: shape.block_size,
+            causal: shape.causal as u32,
+            scale_log2: scale * std::f32::consts::LOG2_E,
+            q_off,
+            q_stride,
+            o_off,
+            o_stride,
+            k_off: vec4("k", kv.k_off)?,
+            v_off: vec4("v", kv.v_off)?,
+            kv_tok_stride: shape.kv_tok_stride,
+            lse_off: u32::try_from(io.lse.1).map_err(|_| Error::Shape("lse offset exceeds u32".into()))?,
+            lse_head_stride: shape.lse_head_stride,
+            n_items: list.items().len() as u32,
+            neg_inf: f32::NEG_INFINITY,
+        };
+        let device = self.ctx.device();
+        let storage = |label, bytes: &[u8], usage| {
+            // wgpu refuses empty bindings: an empty list still gets 16 bytes.
+            let padded = [0u8; 48];
+            let contents = if bytes.is_empty() { &padded[..] } else { bytes };
+            device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents, usage })
+        };
+        let uniform = wgpu::BufferUsages::UNIFORM;
+        let read = wgpu::BufferUsages::STORAGE;
+        let split_params = storage("s2attn decode params", bytemuck::bytes_of(&params), uniform);
+        let combine_params = Params { n_items: list.split_families().len() as u32, ..params };
+        let combine_params = storage("s2attn combine params", bytemuck::bytes_of(&combine_params), uniform);
+        let items = storage("s2attn decode items", bytemuck::cast_slice(list.items()), read);
+        let families = storage("s2attn decode families", bytemuck::cast_slice(list.split_families()), read);
+        let entries = storage("s2attn decode entries", bytemuck::cast_slice(list.entries()), read);
+        let (part_o, part_lse) = self.partials(list.partial_slots());
+        let bind = |pipeline: &wgpu::ComputePipeline, entries: &[(u32, &wgpu::Buffer)]| {
+            let entries: Vec<wgpu::BindGroupEntry> = entries
+                .iter()
+                .map(|&(binding, b)| wgpu::BindGroupEntry { binding, resource: b.as_entire_binding() })
+                .collect();
+            device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("s2attn decode"),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            })
+        };
+        let split = bind(
+            &self.split,
+            &[
+                (0, &split_params),
+                (1, io.q.buffer),
+                (2, kv.k),
+                (3, kv.v),
+                (4, io.o.buffer),
+                (5, &items),
+                (6, &entries),
+                (7, &part_o),
+                (8, &part_lse),
+                (9, io.lse.0),
+            ],
+        );
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("s2attn decode"),
+            timestamp_writes: timestamps,
+        });
+        pass.set_pipeline(&self.split);
+        pass.set_bind_group(0, &split, &[]);
+        self.dispatch(&mut pass, list.items().len() as u32);
+        if !list.split_families().is_empty() {
+            let combine = bind(
+                &self.combine,
+                &[(0, &combine_params), (4, io.o.buffer), (5, &families), (7, &part_o), (8, &part_lse), (9, io.lse.0)],
+            );
+            pass.set_pipeline(&self.combine);
+            pass.set_bind_group(0, &combine, &[]);
+            self.dispatch(&mut pass, list.split_families().len() as u32);
+        }
+        Ok(())
+    }
+
+    /// One workgroup per item, folded into a second dimension past the per-dimension limit.
+    fn dispatch(&self, pass: &mut wgpu::ComputePass<'_>, n: u32) {
+        let x = n.clamp(1, self.ctx.caps().max_dispatch.max(1));
+        pass.dispatch_workgroups(x, n.div_ceil(x).max(1), 1);
+    }
+
+    /// Runs `list` on host data: uploads Q (raw bytes of the dtype), runs, reads back `(out, lse)`.
+    pub(crate) fn run_host(&self, call: &Call<'_>, q: &[u8], tokens: u64, lse_len: u64) -> Result<(Vec<u8>, Vec<f32>)> {
+        let device = self.ctx.device();
+        let q_buf = upload(&self.ctx, "s2attn decode q", q);
+        let o_bytes = q.len() as u64;
+        let out = scratch(&self.ctx, "s2attn decode out", o_bytes, wgpu::BufferUsages::COPY_SRC);
+        let lse = scratch(&self.ctx, "s2attn decode lse", lse_len * 4, wgpu::BufferUsages::COPY_SRC);
+        let readback =
+            scratch(&self.ctx, "s2attn decode readback", o_bytes + lse_len * 4, wgpu::BufferUsages::MAP_READ);
+        let mut encoder = device.create_command_encoder(&Default::default());
+        let io = RowIo { q: TensorView::new(&q_buf), o: TensorView::new(&out), lse: (&lse, 0), tokens, lse_len };
+        self.encode(&mut encoder, call, &io, None)?;
+        encoder.copy_buffer_to_buffer(&out, 0, &readback, 0, o_bytes);
+        encoder.copy_buffer_to_buffer(&lse, 0, &readback, o_bytes, lse_len * 4);
+        self.ctx.queue().submit([encoder.finish()]);
+        let bytes = read_buffer(&self.ctx, &readback, o_bytes + lse_len * 4)?;
+        let (o, l) = bytes.split_at(o_bytes as usize);
+        Ok((o.to_vec(), bytemuck::pod_collect_to_vec(l)))
+    }
+
+    /// Times `list` on device-resident Q: `warmup` untimed calls, then `iters` timed ones (GPU timestamps
+    /// around each pass where the device has them, else the wall clock around each waited submit).
+    pub(crate) fn time(
+        &self,
+        call: &Call<'_>,
+        q: &[u8],
+        tokens: u64,
+        lse_len: u64,
+        warmup: u32,
+        iters: u32,
+    ) -> Result<Timing> {
+        let q_buf = upload(&self.ctx, "s2attn decode q", q);
+        let out = scratch(&self.ctx, "s2attn decode out", q.len() as u64, wgpu::BufferUsages::empty());
+        let lse = scratch(&self.ctx, "s2attn decode lse", lse_len * 4, wgpu::BufferUsages::empty());
+        let io = RowIo { q: TensorView::new(&q_buf), o: TensorView::new(&out), lse: (&lse, 0), tokens, lse_len };
+        time_encoded(&self.ctx, warmup, iters, |encoder, stamps| {
+            let writes = stamps.map(|s| wgpu::ComputePassTimestampWrites {
+                query_set: s.set,
+                beginning_of_pass_write_index: Some(s.begin),
+                end_of_pass_write_index: Some(s.end),
+            });
+            self.encode(encoder, call, &io, writes)
+        })
+    }
+}
+
+/// `x` elements as vec4 units in u32.
+fn vec4(name: &str, x: u64) -> Result<u32> {
+    if x % 4 != 0 {
+        return Err(Error::Shape(format!("{name}: offset {x} must be a multiple of 4 elements")));
+    }
+    u32::try_from(x / 4).map_err(|_| Error::Shape(format!("{name}: offset/stride {x} exceeds 2^34 elements")))
+}
+
+/// A storage buffer holding `bytes` (padded to 4 bytes, at least 16).
+pub(crate) fn upload(ctx: &WgpuContext, label: &str, bytes: &[u8]) -> wgpu::Buffer {
+    let mut contents = bytes.to_vec();
+    contents.resize(bytes.len().next_multiple_of(4).max(16), 0);
+    ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents: &contents,
+        usage: wgpu::BufferUsages::STORAGE,
+    })
+}
+
+/// An uninitialised buffer of `size` bytes (at least 16): storage unless `usage` says `MAP_READ`.
+fn scratch(ctx: &WgpuContext, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    let usage = if usage.contains(wgpu::BufferUsages::MAP_READ) {
+        usage | wgpu::BufferUsages::COPY_DST
+    } else {
+        usage | wgpu::BufferUsages::STORAGE
+    };
+    ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: size.next_multiple_of(4).max(16),
+        usage,
+        mapped_at_creation: false,
+    })
+}

@@ -1,0 +1,258 @@
+//! `Decode`: attention of the last few tokens of many sequences against their KV history in a
+//! [`KvCache`], on the portable WGSL decode kernels.
+//!
+//! Per call the host flattens the cache's page tables into a [`WorkList`] (like vLLM's per-call block
+//! tables): one family per (sequence, KV head) whose rows are the query heads of that KV head's group
+//! times the queried tokens, so a GQA group reads each page once; entries are the resident pages its
+//! rows attend. Long families are split over several workgroups ([`SplitPolicy`], flash-decoding) and
+//! merged by their LSE in a combine pass.
+
+use super::kv_cache::{KvCache, SeqId};
+use super::worklist::{RowShape, SplitPolicy, WorkItem, WorkList, WorkListBuilder};
+use crate::attention::{Element, Output};
+use crate::error::{Error, Result};
+use crate::gpu::decode::{plan_attend, Call, GpuAttend, KvSource, RowIo};
+use crate::gpu::{TensorView, Timing, WgpuContext};
+use crate::layout::Layout;
+use crate::plan::DType;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// The decode op for one [`KvCache`]: Q `[sequences, q_len, heads, head_dim]` → O of the same shape and
+/// LSE `[sequences, heads, q_len]`, the queried tokens being the last `q_len` of each sequence.
+pub struct Decode {
+    ctx: WgpuContext,
+    layout: Layout,
+    cache_id: u64,
+    head_dim: u32,
+    dtype: DType,
+    scale: f32,
+    policy: SplitPolicy,
+    /// Kernels by queried tokens per sequence.
+    kernels: Mutex<HashMap<u32, Arc<GpuAttend>>>,
+}
+
+impl std::fmt::Debug for Decode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decode").field("head_dim", &self.head_dim).field("dtype", &self.dtype).finish()
+    }
+}
+
+impl Decode {
+    /// A decode op reading `cache`, with softmax scale `1/sqrt(head_dim)` and the default [`SplitPolicy`].
+    /// Compiles the single-token kernel.
+    pub fn new(cache: &KvCache) -> Result<Self> {
+        let head_dim = cache.config().head_dim;
+        let op = Self {
+            ctx: cache.wgpu().clone(),
+            layout: cache.layout().clone(),
+            cache_id: cache.id(),
+            head_dim,
+            dtype: cache.config().dtype,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            policy: SplitPolicy::default(),
+            kernels: Mutex::default(),
+        };
+        op.kernel(1)?;
+        Ok(op)
+    }
+
+    /// Overrides the softmax scale.
+    pub fn with_scale(mut self, scale: f32) -> Result<Self> {
+        self.scale = super::checked_scale(scale)?;
+        Ok(self)
+    }
+
+    /// Overrides when long histories are split over several workgroups.
+    pub fn with_split_policy(mut self, policy: SplitPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    fn kernel(&self, q_len: u32) -> Result<Arc<GpuAttend>> {
+        let mut kernels = self.kernels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = kernels.get(&q_len) {
+            return Ok(k.clone());
+        }
+        let group = self.layout.num_heads() / self.layout.num_kv_heads();
+        let plan = plan_attend(self.ctx.caps(), self.head_dim, group, &[q_len], self.layout.block_size())?;
+        let k = Arc::new(GpuAttend::new(&self.ctx, self.dtype, self.head_dim, self.layout.num_heads(), plan)?);
+        kernels.insert(q_len, k.clone());
+        Ok(k)
+    }
+
+    /// The work list of a call querying the last `q_len` tokens of each of `seqs`.
+    pub fn work_list(&self, cache: &KvCache, seqs: &[SeqId], q_len: u32) -> Result<WorkList> {
+        if cache.id() != self.cache_id {
+            return Err(Error::Shape("cache: this Decode op was built for another KvCache".into()));
+        }
+        if seqs.is_empty() {
+            return Err(Error::Shape("seqs: a decode call needs at least one sequence".into()));
+        }
+        let window = cache.config().query_window;
+        if q_len == 0 || q_len > window {
+            return Err(Error::Shape(format!(
+                "q_len {q_len}: a decode call queries 1..={window} tokens per sequence (the cache's query_window)"
+            )));
+        }
+        let (h_n, hk_n) = (self.layout.num_heads(), self.layout.num_kv_heads());
+        let group = h_n / hk_n;
+        let bs = self.layout.block_size();
+        let d4 = self.head_dim / 4;
+        let shape = RowShape {
+            num_heads: h_n,
+            group,
+            n_tok: q_len,
+            block_size: bs,
+            causal: true,
+            kv_tok_stride: d4,
+            lse_head_stride: q_len,
+        };
+        let mut builder = WorkListBuilder::new(&self.layout, shape);
+        for (si, &seq) in seqs.iter().enumerate() {
+            let si = si as u32;
+            for kvh in 0..hk_n {
+                let (len, resident) = cache.resident(seq, kvh)?;
+                if len < q_len {
+                    return Err(Error::Shape(format!(
+                        "seqs[{si}] ({seq}) holds {len} tokens, fewer than the {q_len} queried"
+                    )));
+                }
+                let rows = WorkItem {
+                    head0: kvh * group,
+                    tok0: si * q_len,
+                    pos0: len - q_len,
+                    n_valid: q_len,
+                    kv_len: len,
+                    lse0: (si * h_n + kvh * group) * q_len,
+                    ..WorkItem::default()
+                };
+                debug_assert!(
+                    self.all_resident(cache, seq, kvh, &rows),
+                    "{seq}: a page KV head {kvh} needs was evicted"
+                );
+                builder.family(rows, resident.map(|(kb, page)| (kb, page.index() * bs * d4)));
+            }
+        }
+        Ok(builder.finish(&self.policy))
+    }
+
+    /// Whether every block the rows attend is resident (the eviction rule's promise).
+    fn all_resident(&self, cache: &KvCache, seq: SeqId, kvh: u32, rows: &WorkItem) -> bool {
+        let Ok(table) = cache.page_table(seq, kvh) else { return false };
+        let group = self.layout.num_heads() / self.layout.num_kv_heads();
+        let bs = self.layout.block_size();
+        (0..group).all(|g| {
+            let p = self.layout.pattern_of_head(kvh * group + g);
+            (rows.pos0..rows.pos0 + rows.n_valid).all(|pos| {
+                let qb = pos / bs;
+                (0..=qb).all(|kb| !self.layout.block_active(p, qb, kb) || table.get(kb).is_some())
+            })
+        })
+    }
+
+    /// A human-readable account of a call: kernel shape, families, splits, blocks read.
+    pub fn explain(&self, cache: &KvCache, seqs: &[SeqId], q_len: u32) -> Result<String> {
+        let list = self.work_list(cache, seqs, q_len)?;
+        let kernel = self.kernel(q_len)?;
+        let split = match list.blocks_per_split() {
+            u32::MAX => "no split".to_string(),
+            b => format!(
+                "split at {b} blocks into {} items, {} combined families",
+                list.items().len(),
+                list.split_families().len()
+            ),
+        };
+        Ok(format!(
+            "decode {} sequences x {q_len} tokens: {}; {} families, {} KV blocks read, {split}",
+            seqs.len(),
+            kernel.plan(),
+            list.families(),
+            list.entries().len()
+        ))
+    }
+
+    fn q_len_of(&self, seqs: &[SeqId], q_elems: usize) -> Result<u32> {
+        if seqs.is_empty() {
+            return Err(Error::Shape("seqs: a decode call needs at least one sequence".into()));
+        }
+        let per = seqs.len() * self.layout.num_heads() as usize * self.head_dim as usize;
+        let q_len = q_elems / per;
+        if q_len == 0 || q_elems % per != 0 {
+            return Err(Error::Length {
+                tensor: "q",
+                got: q_elems,
+                expected: q_len.max(1) * per,
+                layout: format!(
+                    "[sequences {}, q_len, heads {}, head_dim {}]",
+                    seqs.len(),
+                    self.layout.num_heads(),
+                    self.head_dim
+                ),
+            });
+        }
+        u32::try_from(q_len).map_err(|_| Error::Shape(format!("q_len {q_len} exceeds u32")))
+    }
+
+    fn check_dtype<T: Element>(&self) -> Result<()> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::DType { tensor: "q", expected: self.dtype.name(), got: T::DTYPE.name() });
+        }
+        Ok(())
+    }
+
+    fn call<'a>(&self, cache: &'a KvCache, list: &'a WorkList) -> Call<'a> {
+        let (k, v) = cache.pools();
+        Call { list, scale: self.scale, kv: KvSource { k, v, k_off: 0, v_off: 0 } }
+    }
+
+    /// Runs on host data: `q` is `[seqs.len(), q_len, heads, head_dim]` (q_len from its length).
+    pub fn run<T: Element>(&self, cache: &KvCache, seqs: &[SeqId], q: &[T]) -> Result<Output<T>> {
+        self.check_dtype::<T>()?;
+        let q_len = self.q_len_of(seqs, q.len())?;
+        let list = self.work_list(cache, seqs, q_len)?;
+        let tokens = seqs.len() as u64 * q_len as u64;
+        let lse_len = tokens * self.layout.num_heads() as u64;
+        let (out, lse) =
+            self.kernel(q_len)?.run_host(&self.call(cache, &list), bytemuck::cast_slice(q), tokens, lse_len)?;
+        Ok(Output { out: bytemuck::pod_collect_to_vec(&out), lse })
+    }
+
+    /// Times the kernels alone on device-resident `q` (as [`Decode::run`]): `warmup` untimed calls, then
+    /// `iters` timed ones with GPU timestamps where the device has them.
+    pub fn time<T: Element>(
+        &self,
+        cache: &KvCache,
+        seqs: &[SeqId],
+        q: &[T],
+        warmup: u32,
+        iters: u32,
+    ) -> Result<Timing> {
+        self.check_dtype::<T>()?;
+        let q_len = self.q_len_of(seqs, q.len())?;
+        let list = self.work_list(cache, seqs, q_len)?;
+        let tokens = seqs.len() as u64 * q_len as u64;
+        let lse_len = tokens * self.layout.num_heads() as u64;
+        self.kernel(q_len)?.time(&self.call(cache, &list), bytemuck::cast_slice(q), tokens, lse_len, warmup, iters)
+    }
+
+    /// Records a call into the caller's `encoder` on caller-owned buffers: `q` and `out` hold
+    /// `[seqs.len() * q_len]` token rows of `[heads, head_dim]`, `lse` receives `[seqs.len(), heads,
+    /// q_len]` f32 from its first element. Nothing is submitted; submit before the cache changes again.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        cache: &KvCache,
+        seqs: &[SeqId],
+        q_len: u32,
+        q: &TensorView<'_>,
+        out: &TensorView<'_>,
+        lse: (&wgpu::Buffer, u64),
+    ) -> Result<()> {
+        let list = self.work_list(cache, seqs, q_len)?;
+        let tokens = seqs.len() as u64 * q_len as u64;
+        let io = RowIo { q: *q, o: *out, lse, tokens, lse_len: tokens * self.layout.num_heads() as u64 };
+        self.kernel(q_len)?.encode(encoder, &self.call(cache, &list), &io, None)
+    }
+}

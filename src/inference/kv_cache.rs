@@ -1,0 +1,443 @@
+//! `KvCache`: the library-owned paged KV cache of an S2 (or any causal) layout on a wgpu device.
+//!
+//! Two pools of fixed-size pages live on the GPU (K and V, one page = one layout block of one KV head).
+//! Each sequence has a [`PageTable`] per KV head mapping its logical blocks to pages. Appending tokens
+//! writes their K and V rows into pages; before that the cache frees every page no future query of the
+//! page's KV head can attend ([`Retention`](super::retention)): for S2 layouts a KV head keeps its local
+//! window and its vertical stripes, dense heads keep everything. Future queries are the last
+//! `query_window` tokens of a sequence (1 for plain decoding, more for speculative decoding), so a block
+//! that leaves every future query's reach is never read again and its page is reused. Blocks no future
+//! query needs are not even written: a long prompt appended at once only ever occupies its resident pages.
+//!
+//! Every mutation checks all its arguments and the pool's room first and changes nothing when it fails.
+
+use super::page_table::{KvPage, PagePool, PageTable};
+use super::retention::Retention;
+use crate::attention::Element;
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::gpu::WgpuContext;
+use crate::layout::Layout;
+use crate::plan::{DType, PORTABLE_HEAD_DIMS};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A sequence in a [`KvCache`], handed out by [`KvCache::add_sequence`]. Ids are never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(u64);
+
+impl SeqId {
+    /// The id as a number (for logs and error messages).
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for SeqId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "seq#{}", self.0)
+    }
+}
+
+/// How a [`KvCache`] is shaped and sized.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvCacheConfig {
+    /// Features per head (as the attention op's).
+    pub head_dim: u32,
+    /// Storage type of K and V: f32 or f16.
+    pub dtype: DType,
+    /// The page table's capacity: the most tokens one sequence may hold.
+    pub max_seq_len: u32,
+    /// Sequences of `max_seq_len` tokens the pool is sized for, when `max_pages` is not set.
+    pub sequences: u32,
+    /// Pages in the pool; `None` sizes it for `sequences` sequences at their peak residency.
+    pub max_pages: Option<u32>,
+    /// Trailing tokens of a sequence that a later decode call may query (>= 1; more than 1 for
+    /// speculative decoding). Pages that only earlier queries could attend are freed.
+    pub query_window: u32,
+}
+
+impl KvCacheConfig {
+    /// A cache for one sequence of up to `max_seq_len` tokens, queried one token at a time.
+    pub fn new(head_dim: u32, dtype: DType, max_seq_len: u32) -> Self {
+        Self { head_dim, dtype, max_seq_len, sequences: 1, max_pages: None, query_window: 1 }
+    }
+    /// Sizes the pool for `n` sequences of `max_seq_len` tokens.
+    pub fn sequences(mut self, n: u32) -> Self {
+        self.sequences = n;
+        self
+    }
+    /// Sets the pool's size in pages explicitly.
+    pub fn max_pages(mut self, pages: u32) -> Self {
+        self.max_pages = Some(pages);
+        self
+    }
+    /// Lets decode calls query the last `tokens` tokens of a sequence (speculative decoding).
+    pub fn query_window(mut self, tokens: u32) -> Self {
+        self.query_window = tokens;
+        self
+    }
+}
+
+/// What a [`KvCache`] holds against what a dense cache would, from [`KvCache::memory_report`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryReport {
+    /// Sequences in the cache.
+    pub sequences: usize,
+    /// Tokens over all sequences.
+    pub tokens: u64,
+    /// Bytes of one page, K and V together.
+    pub page_bytes: u64,
+    /// Pages in use.
+    pub resident_pages: u64,
+    /// Pages a dense paged cache with the same page size would use.
+    pub dense_pages: u64,
+    /// Pages in the pool (allocated on the device).
+    pub pool_pages: u64,
+    /// Bytes a dense cache would hold: every token's K and V rows of every KV head.
+    pub dense_bytes: u64,
+}
+
+impl MemoryReport {
+    /// Bytes of the pages in use.
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident_pages * self.page_bytes
+    }
+    /// Bytes allocated on the device for the pool.
+    pub fn pool_bytes(&self) -> u64 {
+        self.pool_pages * self.page_bytes
+    }
+    /// Resident bytes over dense bytes (0 for an empty cache).
+    pub fn fraction(&self) -> f64 {
+        if self.dense_bytes == 0 {
+            return 0.0;
+        }
+        self.resident_bytes() as f64 / self.dense_bytes as f64
+    }
+}
+
+impl fmt::Display for MemoryReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        write!(
+            f,
+            "{} sequences, {} tokens: {} pages resident = {:.2} MiB, dense {:.2} MiB ({:.3} of dense); pool {} pages = {:.2} MiB",
+            self.sequences,
+            self.tokens,
+            self.resident_pages,
+            mib(self.resident_bytes()),
+            mib(self.dense_bytes),
+            self.fraction(),
+            self.pool_pages,
+            mib(self.pool_bytes())
+        )
+    }
+}
+
+#[derive(Debug)]
+struct Sequence {
+    len: u32,
+    /// One page table per KV head.
+    tables: Vec<PageTable>,
+}
+
+/// A paged KV cache on the GPU for one layout. See the module docs for the eviction rule.
+pub struct KvCache {
+    ctx: WgpuContext,
+    layout: Layout,
+    config: KvCacheConfig,
+    id: u64,
+    retention: Retention,
+    pool: PagePool,
+    k_pool: wgpu::Buffer,
+    v_pool: wgpu::Buffer,
+    seqs: HashMap<u64, Sequence>,
+    next_seq: u64,
+}
+
+impl fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KvCache").field("config", &self.config).field("report", &self.memory_report()).finish()
+    }
+}
+
+static NEXT_CACHE: AtomicU64 = AtomicU64::new(1);
+
+impl KvCache {
+    /// A cache for `layout` (causal) on the wgpu device of `ctx`, its pool allocated up front.
+    pub fn new(ctx: &Context, layout: &Layout, config: KvCacheConfig) -> Result<Self> {
+        let ctx = ctx.require_wgpu("KvCache::new")?.clone();
+        let (retention, pool_pages) = Self::size(layout, &config)?;
+        let page_elems = layout.block_size() as u64 * config.head_dim as u64;
+        let pool_bytes = pool_pages as u64 * page_elems * config.dtype.size();
+        let caps = ctx.caps();
+        for (limit, max) in
+            [("max_storage_buffer_binding_size", caps.max_storage_binding), ("max_buffer_size", caps.max_buffer)]
+        {
+            if pool_bytes > max {
+                return Err(Error::DeviceLimit {
+                    what: format!("a KV cache pool of {pool_pages} pages (config.max_pages / sequences)"),
+                    limit,
+                    needed: pool_bytes,
+                    max,
+                });
+            }
+        }
+        let pool = |label| {
+            ctx.device().create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: pool_bytes,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        };
+        Ok(Self {
+            k_pool: pool("s2attn kv cache K"),
+            v_pool: pool("s2attn kv cache V"),
+            ctx,
+            layout: layout.clone(),
+            config,
+            id: NEXT_CACHE.fetch_add(1, Ordering::Relaxed),
+            retention,
+            pool: PagePool::new(pool_pages),
+            seqs: HashMap::new(),
+            next_seq: 0,
+        })
+    }
+
+    /// Pages one sequence of `config.max_seq_len` tokens holds at its peak under `layout`'s eviction rule
+    /// (what the pool reserves per sequence when `max_pages` is not set).
+    pub fn pages_per_sequence(layout: &Layout, config: &KvCacheConfig) -> Result<u32> {
+        Self::validate(layout, config)?;
+        Ok(Self::peak_pages(layout, config, &Retention::new(layout, layout.blocks(config.max_seq_len))))
+    }
+
+    fn validate(layout: &Layout, config: &KvCacheConfig) -> Result<()> {
+        if !layout.causal() {
+            return Err(Error::Unsupported("a KV cache needs a causal layout (decoding is causal)".into()));
+        }
+        if !PORTABLE_HEAD_DIMS.contains(&config.head_dim) {
+            return Err(Error::HeadDim { got: config.head_dim, what: "the KV cache", supported: PORTABLE_HEAD_DIMS });
+        }
+        if config.dtype == DType::BF16 {
+            return Err(Error::Unsupported("bf16 KV cache: the WGSL decode kernels take f32 or f16".into()));
+        }
+        layout.check_seq_len(config.max_seq_len)?;
+        if config.query_window == 0 || config.query_window > config.max_seq_len {
+            return Err(Error::Shape(format!(
+                "query_window must be in 1..={} (max_seq_len), got {}",
+                config.max_seq_len, config.query_window
+            )));
+        }
+        if config.max_pages == Some(0) || (config.max_pages.is_none() && config.sequences == 0) {
+            return Err(Error::Shape("a KV cache needs max_pages >= 1 (or sequences >= 1)".into()));
+        }
+        Ok(())
+    }
+
+    fn size(layout: &Layout, config: &KvCacheConfig) -> Result<(Retention, u32)> {
+        Self::validate(layout, config)?;
+        let retention = Retention::new(layout, layout.blocks(config.max_seq_len));
+        let pages = match config.max_pages {
+            Some(p) => p as u64,
+            None => Self::peak_pages(layout, config, &retention) as u64 * config.sequences as u64,
+        };
+        let pages = u32::try_from(pages)
+            .map_err(|_| Error::Shape(format!("{pages} pages exceed the 2^32 pages a pool can index")))?;
+        Ok((retention, pages))
+    }
+
+    fn peak_pages(layout: &Layout, config: &KvCacheConfig, retention: &Retention) -> u32 {
+        let bs = layout.block_size();
+        // With its last token at the start of block b, a sequence's future queries start earliest.
+        let qb_min_at = |b: u32| (b * bs + 1).saturating_sub(config.query_window) / bs;
+        (0..layout.num_kv_heads()).map(|kvh| retention.peak_resident(kvh, qb_min_at)).sum()
+    }
+
+    /// The first query block a future query of a sequence of `len` tokens can lie in.
+    fn qb_min(&self, len: u32) -> u32 {
+        len.saturating_sub(self.config.query_window) / self.layout.block_size()
+    }
+
+    /// Starts an empty sequence.
+    pub fn add_sequence(&mut self) -> SeqId {
+        let id = self.next_seq;
+        self.next_seq += 1;
+        let tables = vec![PageTable::default(); self.layout.num_kv_heads() as usize];
+        self.seqs.insert(id, Sequence { len: 0, tables });
+        SeqId(id)
+    }
+
+    /// Removes a finished sequence and frees its pages.
+    pub fn remove_sequence(&mut self, seq: SeqId) -> Result<()> {
+        let mut s = self.seqs.remove(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
+        for table in &mut s.tables {
+            table.drain().for_each(|p| self.pool.release(p));
+        }
+        Ok(())
+    }
+
+    fn sequence(&self, seq: SeqId) -> Result<&Sequence> {
+        self.seqs.get(&seq.0).ok_or(Error::UnknownSequence(seq.0))
+    }
+
+    /// Tokens appended to `seq` so far.
+    pub fn seq_len(&self, seq: SeqId) -> Result<u32> {
+        Ok(self.sequence(seq)?.len)
+    }
+
+    /// The page table of `seq` for KV head `kv_head`.
+    pub fn page_table(&self, seq: SeqId, kv_head: u32) -> Result<&PageTable> {
+        let s = self.sequence(seq)?;
+        s.tables.get(kv_head as usize).ok_or_else(|| {
+            Error::Shape(format!("kv_head {kv_head} is out of range: the layout has {} KV heads", s.tables.len()))
+        })
+    }
+
+    /// The sequences in the cache, in ascending id order.
+    pub fn sequences(&self) -> Vec<SeqId> {
+        let mut ids: Vec<SeqId> = self.seqs.keys().map(|&i| SeqId(i)).collect();
+        ids.sort();
+        ids
+    }
+
+    /// Appends `tokens` new tokens to `seq`: `k` and `v` are `[tokens, kv_heads, head_dim]` in the cache's
+    /// dtype. Frees the pages no future query needs any more, then writes the new rows (those of blocks
+    /// some future query needs). Fails without changing anything on an unknown sequence, wrong lengths,
+    /// a page table overflow or a full pool.
+    pub fn append<T: Element>(&mut self, seq: SeqId, k: &[T], v: &[T]) -> Result<()> {
+        if T::DTYPE != self.config.dtype {
+            return Err(Error::DType { tensor: "k", expected: self.config.dtype.name(), got: T::DTYPE.name() });
+        }
+        let (hk, d) = (self.layout.num_kv_heads() as usize, self.config.head_dim as usize);
+        let row = hk * d;
+        let layout = format!("[tokens, kv_heads {hk}, head_dim {d}]");
+        if k.is_empty() || k.len() % row != 0 {
+            let expected = (k.len() / row).max(1) * row;
+            return Err(Error::Length { tensor: "k", got: k.len(), expected, layout });
+        }
+        if v.len() != k.len() {
+            return Err(Error::Length { tensor: "v", got: v.len(), expected: k.len(), layout });
+        }
+        let len0 = self.sequence(seq)?.len;
+        let tokens = len0 as u64 + (k.len() / row) as u64;
+        if tokens > self.config.max_seq_len as u64 {
+            return Err(Error::PageTableOverflow { seq: seq.0, tokens, capacity: self.config.max_seq_len as u64 });
+        }
+        let len1 = tokens as u32;
+        let bs = self.layout.block_size();
+        let qb_min = self.qb_min(len1);
+        let touched = len0 / bs..=(len1 - 1) / bs;
+
+        // Plan: pages to free and blocks that need a new page; check the pool's room before changing anything.
+        let s = &self.seqs[&seq.0];
+        let mut evict = Vec::new();
+        let mut fresh = Vec::new();
+        for (kvh, table) in s.tables.iter().enumerate() {
+            let kvh = kvh as u32;
+            evict.extend(
+                table.resident().filter(|&(kb, _)| !self.retention.keeps(kvh, kb, qb_min)).map(|(kb, _)| (kvh, kb)),
+            );
+            fresh.extend(
+                touched
+                    .clone()
+                    .filter(|&kb| table.get(kb).is_none() && self.retention.keeps(kvh, kb, qb_min))
+                    .map(|kb| (kvh, kb)),
+            );
+        }
+        let room = self.pool.free() as u64 + evict.len() as u64;
+        if fresh.len() as u64 > room {
+            return Err(Error::CacheFull {
+                what: format!("appending {} tokens to {seq}", len1 - len0),
+                needed: fresh.len() as u64 - evict.len() as u64,
+                free: self.pool.free() as u64,
+                capacity: self.pool.capacity() as u64,
+            });
+        }
+
+        let s = self.seqs.get_mut(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
+        for (kvh, kb) in evict {
+            if let Some(page) = s.tables[kvh as usize].remove(kb) {
+                self.pool.release(page);
+            }
+        }
+        for (kvh, kb) in fresh {
+            let page =
+                self.pool.alloc().ok_or_else(|| Error::Device("KV page pool accounting is inconsistent".into()))?;
+            s.tables[kvh as usize].insert(kb, page);
+        }
+        s.len = len1;
+
+        let s = &self.seqs[&seq.0];
+        let (k, v): (&[u8], &[u8]) = (bytemuck::cast_slice(k), bytemuck::cast_slice(v));
+        let es = self.config.dtype.size() as usize;
+        for (kvh, table) in s.tables.iter().enumerate() {
+            for kb in touched.clone() {
+                let Some(page) = table.get(kb) else { continue };
+                let lo = len0.max(kb * bs);
+                let hi = len1.min((kb + 1) * bs);
+                let gather = |src: &[u8]| -> Vec<u8> {
+                    (lo..hi)
+                        .flat_map(|t| &src[(((t - len0) as usize * hk + kvh) * d) * es..][..d * es])
+                        .copied()
+                        .collect()
+                };
+                let at = (page.index() as u64 * bs as u64 + (lo - kb * bs) as u64) * d as u64 * es as u64;
+                self.ctx.queue().write_buffer(&self.k_pool, at, &gather(k));
+                self.ctx.queue().write_buffer(&self.v_pool, at, &gather(v));
+            }
+        }
+        Ok(())
+    }
+
+    /// Pages in use and what a dense cache would hold.
+    pub fn memory_report(&self) -> MemoryReport {
+        let hk = self.layout.num_kv_heads() as u64;
+        let d = self.config.head_dim as u64;
+        let es = self.config.dtype.size();
+        let tokens: u64 = self.seqs.values().map(|s| s.len as u64).sum();
+        MemoryReport {
+            sequences: self.seqs.len(),
+            tokens,
+            page_bytes: 2 * self.layout.block_size() as u64 * d * es,
+            resident_pages: (self.pool.capacity() - self.pool.free()) as u64,
+            dense_pages: self.seqs.values().map(|s| self.layout.blocks(s.len) as u64 * hk).sum(),
+            pool_pages: self.pool.capacity() as u64,
+            dense_bytes: tokens * hk * d * 2 * es,
+        }
+    }
+
+    /// The layout the cache serves.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+    /// The configuration it was built with.
+    pub fn config(&self) -> &KvCacheConfig {
+        &self.config
+    }
+    /// Tokens per page (the layout's block size).
+    pub fn page_tokens(&self) -> u32 {
+        self.layout.block_size()
+    }
+    /// Free pages in the pool.
+    pub fn free_pages(&self) -> u32 {
+        self.pool.free()
+    }
+    /// The K and V pools: `[pages, block_size, head_dim]` each, page `p` of a [`PageTable`] at index
+    /// `p.index()` (for kernels of other backends, and for apps that read the cache directly).
+    pub fn pools(&self) -> (&wgpu::Buffer, &wgpu::Buffer) {
+        (&self.k_pool, &self.v_pool)
+    }
+    pub(crate) fn wgpu(&self) -> &WgpuContext {
+        &self.ctx
+    }
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+    /// Resident pages of `seq` for `kv_head` with the sequence's length (for the decode work list).
+    pub(crate) fn resident(&self, seq: SeqId, kv_head: u32) -> Result<(u32, impl Iterator<Item = (u32, KvPage)> + '_)> {
+        let s = self.sequence(seq)?;
+        Ok((s.len, s.tables[kv_head as usize].resident()))
+    }
+}

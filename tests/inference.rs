@@ -1,0 +1,557 @@
+//! Inference against the f64 oracle on whatever wgpu adapter the tests find (lavapipe in CI): the paged
+//! KV cache (appends across page boundaries, eviction checked against every future query, memory report,
+//! clear errors that change nothing), decode (after prefill, token by token, speculative, mixed lengths,
+//! split-KV with combine, GQA, custom per-head masks, caller-owned NaN-poisoned buffers) and
+//! variable-length / chunked prefill (packed sequences, CPU twin of the work list). Sizes are tiny:
+//! lavapipe runs ~2 GFLOP/s and the oracle is O(history^2) per sequence.
+
+mod common;
+
+use common::{from_bytes, poisoned, read_back, tolerance, upload, wgpu_context, Rng, F32_TOL};
+use s2attn::cpu::{attend_worklist, rel_l2_error, varlen_reference, Reference};
+use s2attn::inference::SplitPolicy;
+use s2attn::{
+    Attention, BlockMask, DType, Decode, Error, KvCache, KvCacheConfig, Layout, S2Config, SeqId, SeqLens, Shape,
+    TensorView, VarlenAttention,
+};
+
+const D: u32 = 32;
+const F32_F16: [DType; 2] = [DType::F32, DType::F16];
+
+fn s2(c: S2Config) -> Layout {
+    Layout::s2(c).expect("valid S2 config")
+}
+
+/// Per-query-head random block patterns, so the heads of one GQA group differ: the diagonal, random
+/// blocks within 5 blocks back, and random far blocks on a per-head stride (holes make them non-monotone).
+fn custom(blocks: u32, seed: u64) -> Layout {
+    let coin = |h: u32, qb: u32, kb: u32| Rng::new(seed * 1_000_003 + ((h * 64 + qb) * 64 + kb) as u64).chance(0.5);
+    let mask = BlockMask::from_fn(4, blocks, blocks, 16, true, |h, qb, kb| {
+        let near = qb >= kb && qb - kb < 5 && coin(h, qb, kb);
+        qb == kb || near || (kb % (3 + h) == 0 && (qb + h) % 2 == 0)
+    });
+    Layout::custom(mask.expect("mask"), 4, 2).expect("layout")
+}
+
+/// Host values converted to the element type and back through the op.
+fn as_f16(x: &[f32]) -> Vec<half::f16> {
+    x.iter().map(|&v| half::f16::from_f32(v)).collect()
+}
+
+/// One sequence of a cache with its full K/V history (`[len, kv_heads, D]`, rounded to the dtype).
+struct Seq {
+    id: SeqId,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+struct Fixture {
+    layout: Layout,
+    dtype: DType,
+    cache: KvCache,
+    decode: Decode,
+    rng: Rng,
+}
+
+impl Fixture {
+    fn new(layout: &Layout, dtype: DType, config: KvCacheConfig, seed: u64) -> Self {
+        let cache = KvCache::new(wgpu_context(), layout, config).unwrap_or_else(|e| panic!("KvCache::new: {e}"));
+        let decode = Decode::new(&cache).unwrap_or_else(|e| panic!("Decode::new: {e}"));
+        Self { layout: layout.clone(), dtype, cache, decode, rng: Rng::new(seed) }
+    }
+
+    fn kv_row(&self) -> usize {
+        (self.layout.num_kv_heads() * D) as usize
+    }
+
+    fn add(&mut self) -> Seq {
+        Seq { id: self.cache.add_sequence(), k: Vec::new(), v: Vec::new() }
+    }
+
+    /// Appends `n` fresh random tokens to `seq`, in the cache and in its history.
+    fn append(&mut self, seq: &mut Seq, n: u32) {
+        let len = n as usize * self.kv_row();
+        let (k, v) = (self.rng.tensor(len, self.dtype), self.rng.tensor(len, self.dtype));
+        let r = match self.dtype {
+            DType::F32 => self.cache.append(seq.id, &k, &v),
+            _ => self.cache.append(seq.id, &as_f16(&k), &as_f16(&v)),
+        };
+        r.unwrap_or_else(|e| panic!("append {n} tokens to {}: {e}", seq.id));
+        seq.k.extend(k);
+        seq.v.extend(v);
+    }
+
+    fn len(&self, seq: &Seq) -> u32 {
+        (seq.k.len() / self.kv_row()) as u32
+    }
+
+    /// Decodes the last `q_len` tokens of every sequence with fresh queries; judges O and LSE against the
+    /// oracle on the full histories.
+    fn check_decode(&mut self, seqs: &[&Seq], q_len: u32, what: &str) {
+        let h = self.layout.num_heads();
+        let q = self.rng.tensor((seqs.len() as u32 * q_len * h * D) as usize, self.dtype);
+        let ids: Vec<SeqId> = seqs.iter().map(|s| s.id).collect();
+        let (out, lse) = match self.dtype {
+            DType::F32 => {
+                let o = self.decode.run(&self.cache, &ids, &q).unwrap_or_else(|e| panic!("{what}: decode: {e}"));
+                (o.out, o.lse)
+            }
+            _ => {
+                let o = self.decode.run(&self.cache, &ids, &as_f16(&q)).unwrap_or_else(|e| panic!("{what}: {e}"));
+                (o.out.iter().map(|x| x.to_f32()).collect(), o.lse)
+            }
+        };
+        let want = self.oracle(seqs, q_len, &q);
+        // Decode's LSE is [sequences, heads, q_len]; the oracle's [heads, total_q].
+        let n = seqs.len() as u32;
+        let lse_packed: Vec<f32> = (0..h)
+            .flat_map(|hd| (0..n * q_len).map(move |t| (hd, t)))
+            .map(|(hd, t)| lse[((t / q_len * h + hd) * q_len + t % q_len) as usize])
+            .collect();
+        judge(what, self.dtype, &out, &lse_packed, &want);
+    }
+
+    fn oracle(&self, seqs: &[&Seq], q_len: u32, q: &[f32]) -> Reference {
+        let lens = SeqLens::from_lens(&vec![q_len; seqs.len()], &seqs.iter().map(|s| self.len(s)).collect::<Vec<_>>())
+            .expect("lens");
+        let k: Vec<f32> = seqs.iter().flat_map(|s| s.k.iter().copied()).collect();
+        let v: Vec<f32> = seqs.iter().flat_map(|s| s.v.iter().copied()).collect();
+        varlen_reference(&self.layout, &lens, D, 1.0 / (D as f64).sqrt(), q, &k, &v)
+    }
+
+    /// Every block some query at a position >= `len - window` (up to the page table's capacity) attends is
+    /// resident, found by brute force over the layout; returns the resident count that minimum implies.
+    fn check_residency(&self, seq: &Seq) -> u64 {
+        let cfg = self.cache.config();
+        let (bs, group) = (self.layout.block_size(), self.layout.num_heads() / self.layout.num_kv_heads());
+        let len = self.len(seq);
+        let first_q = len.saturating_sub(cfg.query_window) / bs;
+        let last_q = self.layout.blocks(cfg.max_seq_len);
+        let mut needed = 0;
+        for kvh in 0..self.layout.num_kv_heads() {
+            let table = self.cache.page_table(seq.id, kvh).expect("page table");
+            for kb in 0..self.layout.blocks(len) {
+                let need = (first_q.max(kb)..last_q).any(|qb| {
+                    (kvh * group..(kvh + 1) * group)
+                        .any(|h| self.layout.block_active(self.layout.pattern_of_head(h), qb, kb))
+                });
+                if need {
+                    needed += 1;
+                    assert!(
+                        table.get(kb).is_some(),
+                        "{}: KV head {kvh} block {kb} was evicted at length {len}",
+                        seq.id
+                    );
+                }
+            }
+        }
+        needed
+    }
+}
+
+/// O within the dtype's tolerance, LSE within f32's, no NaN, -inf exactly where the oracle has it.
+fn judge(what: &str, dtype: DType, out: &[f32], lse: &[f32], want: &Reference) {
+    assert_eq!(out.len(), want.out.len(), "{what}: output length");
+    assert!(!out.iter().any(|x| x.is_nan()), "{what}: NaN in the output");
+    let err = rel_l2_error(out.iter().map(|&x| x as f64), &want.out);
+    let lse_err = rel_l2_error(lse.iter().map(|&x| x as f64), &want.lse);
+    assert!(err < tolerance(dtype), "{what}: ‖out−ref‖/‖ref‖ = {err:.3e} ({dtype})");
+    assert!(lse_err < F32_TOL * 10.0, "{what}: lse error {lse_err:.3e}");
+}
+
+#[test]
+fn decode_after_prefill_equals_the_last_rows_of_a_full_forward() {
+    let layout = s2(S2Config::new(4, 16, 2, 3).kv_heads(2));
+    for (i, dtype) in F32_F16.into_iter().enumerate() {
+        let len = 150;
+        let mut f = Fixture::new(&layout, dtype, KvCacheConfig::new(D, dtype, 256), 10 + i as u64);
+        let mut seq = f.add();
+        f.append(&mut seq, len);
+        // The full forward over the same history with random queries; decode queries its last row.
+        let h = layout.num_heads() as usize;
+        let q = f.rng.tensor(len as usize * h * D as usize, dtype);
+        let op = Attention::new(wgpu_context(), &layout, Shape::new(1, len, D, dtype)).expect("forward op");
+        let last_q = &q[(len as usize - 1) * h * D as usize..];
+        let (fwd_out, fwd_lse, dec_out, dec_lse) = match dtype {
+            DType::F32 => {
+                let fwd = op.forward(&q, &seq.k, &seq.v).expect("forward");
+                let dec = f.decode.run(&f.cache, &[seq.id], last_q).expect("decode");
+                (fwd.out, fwd.lse, dec.out, dec.lse)
+            }
+            _ => {
+                let fwd = op.forward(&as_f16(&q), &as_f16(&seq.k), &as_f16(&seq.v)).expect("forward");
+                let dec = f.decode.run(&f.cache, &[seq.id], &as_f16(last_q)).expect("decode");
+                let w = |x: Vec<half::f16>| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
+                (w(fwd.out), fwd.lse, w(dec.out), dec.lse)
+            }
+        };
+        let row = (len as usize - 1) * h * D as usize;
+        let fwd_last_lse: Vec<f32> = (0..h).map(|hd| fwd_lse[hd * len as usize + len as usize - 1]).collect();
+        let want = f.oracle(&[&seq], 1, last_q);
+        judge("decode vs oracle", dtype, &dec_out, &dec_lse, &want);
+        judge("forward's last row vs oracle", dtype, &fwd_out[row..], &fwd_last_lse, &want);
+        let diff = rel_l2_error(
+            dec_out.iter().map(|&x| x as f64),
+            &fwd_out[row..].iter().map(|&x| x as f64).collect::<Vec<_>>(),
+        );
+        assert!(diff < tolerance(dtype), "decode and the forward's last row differ by {diff:.3e} ({dtype})");
+    }
+}
+
+#[test]
+fn appends_across_page_boundaries_and_eviction_keeps_what_later_queries_need() {
+    let layouts = [
+        ("S2 GQA", s2(S2Config::new(4, 16, 2, 3).kv_heads(2))),
+        ("S2 dense KV head + offset", s2(S2Config::new(4, 16, 1, 4).kv_heads(2).dense_heads(1).offset(1))),
+        ("S2 homo_head", s2(S2Config::new(4, 16, 2, 3).homo_head(true))),
+        ("custom per-head masks", custom(20, 7)),
+        ("dense", Layout::dense(4, 2, 16, true).expect("dense")),
+    ];
+    // Chunks crossing page boundaries at odd places: one token at a time across a boundary, a whole
+    // page, a page and a bit, a long prompt.
+    let chunks = [1, 3, 12, 1, 1, 16, 17, 1, 40, 1, 1, 1, 90, 2, 1];
+    for (li, (name, layout)) in layouts.iter().enumerate() {
+        let dtype = F32_F16[li % 2];
+        let config = KvCacheConfig::new(D, dtype, 320).sequences(1).query_window(2);
+        let mut f = Fixture::new(layout, dtype, config, 100 + li as u64);
+        let mut seq = f.add();
+        let mut evicted = false;
+        for (ci, &n) in chunks.iter().enumerate() {
+            f.append(&mut seq, n);
+            let needed = f.check_residency(&seq);
+            let report = f.cache.memory_report();
+            // Nothing beyond what some future query needs stays resident either.
+            assert_eq!(report.resident_pages, needed, "{name}: resident pages after chunk {ci}");
+            evicted |= report.resident_pages < report.dense_pages;
+            let q_len = if ci % 2 == 0 { 1 } else { 2.min(f.len(&seq)) };
+            f.check_decode(&[&seq], q_len, &format!("{name} ({dtype}) after chunk {ci}, length {}", f.len(&seq)));
+        }
+        if *name == "dense" {
+            assert!(!evicted, "a dense layout evicted a page");
+        } else {
+            assert!(evicted, "{name}: nothing was ever evicted, the test checks no eviction");
+        }
+    }
+}
+
+#[test]
+fn memory_report_counts_resident_and_dense_bytes() {
+    let layout = s2(S2Config::new(4, 16, 2, 4).kv_heads(2));
+    let mut f = Fixture::new(&layout, DType::F16, KvCacheConfig::new(D, DType::F16, 1024).sequences(2), 300);
+    let (mut a, mut b) = (f.add(), f.add());
+    f.append(&mut a, 700);
+    f.append(&mut b, 100);
+    let r = f.cache.memory_report();
+    let (hk, es) = (layout.num_kv_heads() as u64, 2);
+    assert_eq!(r.sequences, 2);
+    assert_eq!(r.tokens, 800);
+    assert_eq!(r.page_bytes, 2 * 16 * D as u64 * es);
+    assert_eq!(r.dense_bytes, 800 * hk * D as u64 * 2 * es);
+    assert_eq!(r.dense_pages, (layout.blocks(700) + layout.blocks(100)) as u64 * hk);
+    assert_eq!(r.resident_pages, f.check_residency(&a) + f.check_residency(&b));
+    assert_eq!(r.resident_bytes(), r.resident_pages * r.page_bytes);
+    assert!(r.fraction() < 0.5, "S2 with stride 4 should hold well under half of dense: {r}");
+    // The pool was sized from the eviction rule for two sequences at their peak; both fit.
+    let per_seq = KvCache::pages_per_sequence(&layout, f.cache.config()).expect("pages");
+    assert_eq!(r.pool_pages, 2 * per_seq as u64);
+    f.append(&mut a, 324);
+    f.append(&mut b, 924);
+    // Removing a sequence frees its pages.
+    let before = f.cache.free_pages();
+    let held = f.cache.page_table(a.id, 0).expect("table").len() + f.cache.page_table(a.id, 1).expect("table").len();
+    f.cache.remove_sequence(a.id).expect("remove");
+    assert_eq!(f.cache.free_pages() as usize, before as usize + held);
+    println!("{}", f.cache.memory_report());
+}
+
+#[test]
+fn mixed_lengths_in_one_batch_and_speculative_queries() {
+    let layout = s2(S2Config::new(4, 16, 2, 3).kv_heads(2));
+    for (i, dtype) in F32_F16.into_iter().enumerate() {
+        let config = KvCacheConfig::new(D, dtype, 256).sequences(5).query_window(3);
+        let mut f = Fixture::new(&layout, dtype, config, 400 + i as u64);
+        let mut seqs: Vec<Seq> = (0..5).map(|_| f.add()).collect();
+        for (s, n) in seqs.iter_mut().zip([3, 16, 33, 130, 77]) {
+            f.append(s, n);
+        }
+        let all: Vec<&Seq> = seqs.iter().collect();
+        f.check_decode(&all, 1, &format!("mixed lengths, 1 token ({dtype})"));
+        f.check_decode(&all, 3, &format!("mixed lengths, 3 tokens ({dtype})"));
+        // A subset in another order, one sequence twice.
+        f.check_decode(&[all[3], all[0], all[3]], 2, &format!("subset ({dtype})"));
+    }
+}
+
+#[test]
+fn long_histories_split_over_workgroups_and_combine() {
+    let layout = s2(S2Config::new(8, 16, 2, 2).kv_heads(2));
+    let config = KvCacheConfig::new(D, DType::F32, 640).sequences(2);
+    let mut f = Fixture::new(&layout, DType::F32, config, 500);
+    let (mut a, mut b) = (f.add(), f.add());
+    f.append(&mut a, 600);
+    f.append(&mut b, 45);
+    for (name, policy) in [
+        ("never split", SplitPolicy::never()),
+        ("split to 2 blocks", SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 2 }),
+        ("split to 1 block", SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 1 }),
+        ("default", SplitPolicy::default()),
+    ] {
+        f.decode = Decode::new(&f.cache).expect("decode").with_split_policy(policy);
+        let list = f.decode.work_list(&f.cache, &[a.id, b.id], 1).expect("work list");
+        let split = !list.split_families().is_empty();
+        assert_eq!(
+            split,
+            policy.min_blocks_per_split != u32::MAX,
+            "{name}: {}",
+            f.decode.explain(&f.cache, &[a.id, b.id], 1).expect("explain")
+        );
+        f.check_decode(&[&a, &b], 1, name);
+    }
+}
+
+#[test]
+fn varlen_prefill_packed_and_chunked_against_the_oracle_and_the_cpu_twin() {
+    let cases = [
+        ("S2 GQA", s2(S2Config::new(4, 16, 2, 3).kv_heads(2))),
+        ("custom per-head masks", custom(8, 11)),
+        ("S2 bidirectional", s2(S2Config::new(4, 16, 1, 3).kv_heads(2).bidirectional(1, 1))),
+    ];
+    // Full prefills, chunks at the end of longer histories, an empty query chunk, a single query.
+    let q_lens = [5, 0, 33, 17, 1, 40];
+    let k_lens = [5, 9, 70, 100, 64, 40];
+    let lens = SeqLens::from_lens(&q_lens, &k_lens).expect("lens");
+    for (ci, (name, layout)) in cases.iter().enumerate() {
+        for (di, dtype) in F32_F16.into_iter().enumerate() {
+            let mut rng = Rng::new(600 + 2 * ci as u64 + di as u64);
+            let (h, hk) = (layout.num_heads(), layout.num_kv_heads());
+            let q = rng.tensor((lens.total_q() * h * D) as usize, dtype);
+            let k = rng.tensor((lens.total_k() * hk * D) as usize, dtype);
+            let v = rng.tensor((lens.total_k() * hk * D) as usize, dtype);
+            let want = varlen_reference(layout, &lens, D, 1.0 / (D as f64).sqrt(), &q, &k, &v);
+            for policy in [SplitPolicy::never(), SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 1 }] {
+                let op = VarlenAttention::new(wgpu_context(), layout, D, dtype)
+                    .expect("varlen op")
+                    .with_split_policy(policy);
+                let what = format!("{name} ({dtype}, {policy:?})");
+                let (out, lse) = match dtype {
+                    DType::F32 => {
+                        let o = op.forward(&lens, &q, &k, &v).unwrap_or_else(|e| panic!("{what}: {e}"));
+                        (o.out, o.lse)
+                    }
+                    _ => {
+                        let o = op
+                            .forward(&lens, &as_f16(&q), &as_f16(&k), &as_f16(&v))
+                            .unwrap_or_else(|e| panic!("{what}: {e}"));
+                        (o.out.iter().map(|x| x.to_f32()).collect(), o.lse)
+                    }
+                };
+                judge(&what, dtype, &out, &lse, &want);
+                let list = op.work_list(&lens, None).expect("work list");
+                let (twin_out, twin_lse) =
+                    attend_worklist(&list, D, 1.0 / (D as f32).sqrt(), &q, &k, &v, want.lse.len());
+                judge(&format!("CPU twin, {what}"), DType::F32, &twin_out, &twin_lse, &want);
+            }
+        }
+    }
+}
+
+#[test]
+fn varlen_of_whole_sequences_matches_the_forward() {
+    let layout = s2(S2Config::new(4, 32, 2, 2).kv_heads(1));
+    let mut rng = Rng::new(700);
+    let len = 97;
+    let (h, hk) = (layout.num_heads(), layout.num_kv_heads());
+    let q = rng.tensor((len * h * D) as usize, DType::F32);
+    let k = rng.tensor((len * hk * D) as usize, DType::F32);
+    let v = rng.tensor((len * hk * D) as usize, DType::F32);
+    let lens = SeqLens::new(&[0, len], &[0, len]).expect("lens");
+    let got = s2attn::varlen_forward(wgpu_context(), &layout, &lens, &q, &k, &v).expect("varlen");
+    let op = Attention::new(wgpu_context(), &layout, Shape::new(1, len, D, DType::F32)).expect("forward op");
+    let fwd = op.forward(&q, &k, &v).expect("forward");
+    let want = varlen_reference(&layout, &lens, D, 1.0 / (D as f64).sqrt(), &q, &k, &v);
+    judge("varlen", DType::F32, &got.out, &got.lse, &want);
+    // Batch 1's [batch, heads, seq] LSE is varlen's [heads, total_q].
+    let diff = rel_l2_error(got.out.iter().map(|&x| x as f64), &fwd.out.iter().map(|&x| x as f64).collect::<Vec<_>>());
+    let lse_diff =
+        rel_l2_error(got.lse.iter().map(|&x| x as f64), &fwd.lse.iter().map(|&x| x as f64).collect::<Vec<_>>());
+    assert!(diff < F32_TOL && lse_diff < F32_TOL, "varlen vs forward: out {diff:.3e}, lse {lse_diff:.3e}");
+}
+
+#[test]
+fn decode_and_varlen_encode_into_poisoned_caller_buffers() {
+    let layout = s2(S2Config::new(4, 16, 2, 3).kv_heads(2));
+    let (device, queue) = common::device();
+    for (i, dtype) in F32_F16.into_iter().enumerate() {
+        let es = dtype.size();
+        let mut f = Fixture::new(&layout, dtype, KvCacheConfig::new(D, dtype, 128).sequences(2), 800 + i as u64);
+        let (mut a, mut b) = (f.add(), f.add());
+        f.append(&mut a, 70);
+        f.append(&mut b, 19);
+        let h = layout.num_heads();
+        let q = f.rng.tensor((2 * h * D) as usize, dtype);
+        let row = (h * D) as u64;
+        // Q at an offset, O at an offset with a padded token stride, LSE at an offset: all else poison.
+        let mut q_padded = vec![f32::NAN; 8 + q.len()];
+        q_padded[8..].copy_from_slice(&q);
+        let q_buf = upload(&common::to_bytes(dtype, &q_padded));
+        let out = poisoned((4 + 2 * (row + 8)) * es);
+        let lse = poisoned((6 + 2 * h as u64) * 4);
+        let mut encoder = device.create_command_encoder(&Default::default());
+        f.decode
+            .encode(
+                &mut encoder,
+                &f.cache,
+                &[a.id, b.id],
+                1,
+                &TensorView::strided(&q_buf, 8, row),
+                &TensorView::strided(&out, 4, row + 8),
+                (&lse, 6),
+            )
+            .expect("decode encode");
+        queue.submit([encoder.finish()]);
+        let out_all = from_bytes(dtype, &read_back(&out));
+        let lse_all: Vec<f32> = bytemuck::pod_collect_to_vec(&read_back(&lse));
+        let mut got = Vec::new();
+        for t in 0..2 {
+            let at = 4 + t * (row as usize + 8);
+            got.extend_from_slice(&out_all[at..at + row as usize]);
+            assert!(out_all[at + row as usize..at + row as usize + 8].iter().all(|x| x.is_nan()), "O padding written");
+        }
+        assert!(lse_all[..6].iter().all(|x| x.is_nan()) && lse_all[6 + 2 * h as usize..].iter().all(|x| x.is_nan()));
+        let lse_dec = &lse_all[6..6 + 2 * h as usize];
+        let lse_packed: Vec<f32> = (0..h as usize).flat_map(|hd| [lse_dec[hd], lse_dec[h as usize + hd]]).collect();
+        judge(&format!("Decode::encode ({dtype})"), dtype, &got, &lse_packed, &f.oracle(&[&a, &b], 1, &q));
+
+        // Varlen on caller buffers: K and V interleaved per token in one buffer.
+        let lens = SeqLens::from_lens(&[3, 20], &[9, 20]).expect("lens");
+        let op = VarlenAttention::new(wgpu_context(), &layout, D, dtype).expect("varlen op");
+        let hk = layout.num_kv_heads() as usize;
+        let kv_row = hk * D as usize;
+        let q = f.rng.tensor(lens.total_q() as usize * row as usize, dtype);
+        let k = f.rng.tensor(lens.total_k() as usize * kv_row, dtype);
+        let v = f.rng.tensor(lens.total_k() as usize * kv_row, dtype);
+        let kv: Vec<f32> =
+            k.chunks(kv_row).zip(v.chunks(kv_row)).flat_map(|(a, b)| a.iter().chain(b).copied()).collect();
+        let (q_buf, kv_buf) = (upload(&common::to_bytes(dtype, &q)), upload(&common::to_bytes(dtype, &kv)));
+        let out = poisoned(lens.total_q() as u64 * row * es);
+        let lse = poisoned(lens.total_q() as u64 * h as u64 * 4);
+        let mut encoder = device.create_command_encoder(&Default::default());
+        op.encode(
+            &mut encoder,
+            &lens,
+            &TensorView::new(&q_buf),
+            &TensorView::strided(&kv_buf, 0, 2 * kv_row as u64),
+            &TensorView::strided(&kv_buf, kv_row as u64, 2 * kv_row as u64),
+            &TensorView::new(&out),
+            (&lse, 0),
+        )
+        .expect("varlen encode");
+        queue.submit([encoder.finish()]);
+        let want = varlen_reference(&layout, &lens, D, 1.0 / (D as f64).sqrt(), &q, &k, &v);
+        let lse_got: Vec<f32> = bytemuck::pod_collect_to_vec(&read_back(&lse));
+        judge(
+            &format!("VarlenAttention::encode ({dtype})"),
+            dtype,
+            &from_bytes(dtype, &read_back(&out)),
+            &lse_got,
+            &want,
+        );
+    }
+}
+
+#[test]
+fn bad_inputs_give_clear_errors_and_change_nothing() {
+    let layout = s2(S2Config::new(4, 16, 2, 3).kv_heads(2));
+    let config = KvCacheConfig::new(D, DType::F32, 64).max_pages(6).query_window(2);
+    let mut f = Fixture::new(&layout, DType::F32, config, 900);
+    let mut a = f.add();
+    f.append(&mut a, 20);
+    let row = f.kv_row();
+    let tokens = |n: usize| vec![0.5f32; n * row];
+
+    // Unknown sequences: never added, or removed.
+    let ghost = f.cache.add_sequence();
+    f.cache.remove_sequence(ghost).expect("remove");
+    for err in [
+        f.cache.append(ghost, &tokens(1), &tokens(1)).err(),
+        f.cache.remove_sequence(ghost).err(),
+        f.cache.seq_len(ghost).err(),
+        f.decode.run(&f.cache, &[a.id, ghost], &vec![0f32; 2 * 4 * D as usize]).err(),
+    ] {
+        assert_eq!(err, Some(Error::UnknownSequence(ghost.get())));
+    }
+    let msg = Error::UnknownSequence(ghost.get()).to_string();
+    assert!(msg.contains(&ghost.get().to_string()) && msg.contains("not in the KV cache"), "{msg}");
+
+    // Page table overflow: 20 + 45 > 64 tokens; nothing changes.
+    let before = (f.cache.memory_report(), f.cache.page_table(a.id, 0).expect("table").clone());
+    match f.cache.append(a.id, &tokens(45), &tokens(45)) {
+        Err(Error::PageTableOverflow { seq, tokens, capacity }) => {
+            assert_eq!((seq, tokens, capacity), (a.id.get(), 65, 64))
+        }
+        other => panic!("expected PageTableOverflow, got {other:?}"),
+    }
+    // Pool exhaustion: a second sequence of 40 tokens needs more than the 6 pages; nothing changes.
+    let b = f.cache.add_sequence();
+    match f.cache.append(b, &tokens(40), &tokens(40)) {
+        Err(Error::CacheFull { needed, free, capacity, .. }) => {
+            assert!(needed > free && capacity == 6, "{needed} {free}")
+        }
+        other => panic!("expected CacheFull, got {other:?}"),
+    }
+    assert_eq!(f.cache.seq_len(b), Ok(0));
+    assert_eq!(f.cache.seq_len(a.id), Ok(20));
+    assert_eq!(
+        (f.cache.memory_report().resident_pages, f.cache.page_table(a.id, 0).expect("table").clone()),
+        (before.0.resident_pages, before.1)
+    );
+    f.check_decode(&[&a], 2, "after refused appends");
+
+    // Wrong lengths and types.
+    assert!(matches!(f.cache.append(a.id, &tokens(1)[1..], &tokens(1)), Err(Error::Length { tensor: "k", .. })));
+    assert!(matches!(f.cache.append(a.id, &tokens(2), &tokens(1)), Err(Error::Length { tensor: "v", .. })));
+    assert!(matches!(f.cache.append::<f32>(a.id, &[], &[]), Err(Error::Length { tensor: "k", .. })));
+    let h16 = vec![half::f16::ZERO; row];
+    assert!(matches!(f.cache.append(a.id, &h16, &h16), Err(Error::DType { .. })));
+    assert!(matches!(
+        f.decode.run(&f.cache, &[a.id], &vec![0f32; 4 * D as usize + 4]),
+        Err(Error::Length { tensor: "q", .. })
+    ));
+    // More queried tokens than the query window; an empty sequence; no sequence.
+    let e = f.decode.run(&f.cache, &[a.id], &vec![0f32; 3 * 4 * D as usize]).expect_err("q_len 3 > window 2");
+    assert!(e.to_string().contains("q_len 3"), "{e}");
+    let e = f.decode.run(&f.cache, &[b], &vec![0f32; 4 * D as usize]).expect_err("empty sequence");
+    assert!(e.to_string().contains("holds 0 tokens"), "{e}");
+    assert!(matches!(f.decode.run::<f32>(&f.cache, &[], &[]), Err(Error::Shape(_))));
+    // A decode op built for another cache; a cache for a non-causal layout.
+    let other = KvCache::new(wgpu_context(), &layout, KvCacheConfig::new(D, DType::F32, 64)).expect("cache");
+    let e = f.decode.run(&other, &[a.id], &vec![0f32; 4 * D as usize]).expect_err("other cache");
+    assert!(e.to_string().contains("another KvCache"), "{e}");
+    let bidir = s2(S2Config::new(4, 16, 2, 3).bidirectional(1, 1));
+    assert!(matches!(
+        KvCache::new(wgpu_context(), &bidir, KvCacheConfig::new(D, DType::F32, 64)),
+        Err(Error::Unsupported(_))
+    ));
+    assert!(matches!(
+        KvCache::new(wgpu_context(), &layout, KvCacheConfig::new(D, DType::F32, 64).query_window(0)),
+        Err(Error::Shape(_))
+    ));
+
+    // cu_seqlens that do not describe packed sequences.
+    for (q, k, needle) in [
+        (&[0, 3][..], &[0, 2][..], "3 queries but 2 keys"),
+        (&[1, 3], &[0, 3], "cu_seqlens_q must start at 0"),
+        (&[0, 3, 2], &[0, 3, 4], "cu_seqlens_q decreases at index 2"),
+        (&[0, 3], &[0, 3, 4], "cu_seqlens_q has 2 offsets, cu_seqlens_k 3"),
+    ] {
+        let e = SeqLens::new(q, k).expect_err(needle);
+        assert!(matches!(e, Error::Shape(_)) && e.to_string().contains(needle), "{e}");
+    }
+    let op = VarlenAttention::new(wgpu_context(), &layout, D, DType::F32).expect("varlen");
+    let lens = SeqLens::from_lens(&[2], &[4]).expect("lens");
+    let e = op.forward(&lens, &vec![0f32; 2 * 4 * D as usize], &tokens(3), &tokens(4)).expect_err("short k");
+    assert!(
+        matches!(e, Error::Length { tensor: "k", got, expected, .. } if got == 3 * row && expected == 4 * row),
+        "{e}"
+    );
+}
