@@ -372,6 +372,9 @@ impl GpuAttend {
         warmup: u32,
         iters: u32,
     ) -> Result<Timing> {
+        if iters == 0 {
+            return Err(Error::Shape("timing needs iters >= 1".into()));
+        }
         let q_buf = upload(&self.ctx, "s2attn decode q", q);
         let out = scratch(&self.ctx, "s2attn decode out", q.len() as u64, wgpu::BufferUsages::empty());
         let lse = scratch(&self.ctx, "s2attn decode lse", lse_len * 4, wgpu::BufferUsages::empty());
