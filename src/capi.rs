@@ -670,17 +670,22 @@ pub unsafe extern "C" fn s2attn_forward(
         let shape = op.op.shape();
         let es = shape.dtype.size() as usize;
         let layout = |t: &str| format!("[batch {}, seq {}, {t}]", shape.batch, shape.seq_len);
-        let out_bytes = check_ptr(out, out_len, es, "out")?;
-        if out_len != op.q_elems {
-            let l = layout("heads, head_dim");
-            return Err(Error::Length { tensor: "out", got: out_len, expected: op.q_elems, layout: l }.into());
+        // Lengths first: no slice is formed over a length the op does not expect.
+        let lse_len = if lse.is_null() { op.lse_elems } else { lse_len };
+        for (tensor, got, expected, rows) in [
+            ("q", q_len, op.q_elems, "heads, head_dim"),
+            ("k", k_len, op.kv_elems, "kv_heads, head_dim"),
+            ("v", v_len, op.kv_elems, "kv_heads, head_dim"),
+            ("out", out_len, op.q_elems, "heads, head_dim"),
+            ("lse", lse_len, op.lse_elems, "heads, stored [batch, heads, seq]"),
+        ] {
+            if got != expected {
+                return Err(Error::Length { tensor, got, expected, layout: layout(rows) }.into());
+            }
         }
+        let out_bytes = check_ptr(out, out_len, es, "out")?;
         if !lse.is_null() {
             check_ptr(lse.cast(), lse_len, 4, "lse")?;
-            if lse_len != op.lse_elems {
-                let l = layout("heads (stored [batch, heads, seq])");
-                return Err(Error::Length { tensor: "lse", got: lse_len, expected: op.lse_elems, layout: l }.into());
-            }
         }
         let (o, l) = {
             // SAFETY: the caller guarantees each input is valid for its length; `input` checks null, alignment

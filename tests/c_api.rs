@@ -16,19 +16,24 @@ fn deps_dir() -> PathBuf {
     exe.parent().expect("the test binary has a directory").to_path_buf()
 }
 
-/// `name` in the deps directory, or a failure saying what is missing and why it should be there.
-fn artifact(name: &str) -> PathBuf {
-    let path = deps_dir().join(name);
+/// A private link to (or copy of) `name` from the deps directory, in `dir`. The copy keeps the test independent of
+/// other cargo runs sharing the target directory: with a `cdylib` crate type the library's file names carry
+/// no hash, so a concurrent build with another profile or feature set rewrites them in place.
+fn artifact(name: &str, dir: &Path) -> PathBuf {
+    let src = deps_dir().join(name);
     assert!(
-        path.is_file(),
-        "{} not found: Cargo.toml's [lib] must list crate-type = [\"lib\", \"cdylib\", \"staticlib\"]",
-        path.display()
+        src.is_file(),
+        "{} not found: Cargo.toml's [lib] must list crate-type = [\"lib\", \"cdylib\", \"staticlib\"] (or a \
+         concurrent cargo build in the same target directory is rewriting it: rerun)",
+        src.display()
     );
-    path
-}
-
-fn shared_library() -> PathBuf {
-    artifact(if cfg!(target_os = "macos") { "libs2attn.dylib" } else { "libs2attn.so" })
+    let dst = dir.join(name);
+    let _ = std::fs::remove_file(&dst);
+    // A hard link pins the file as it is now (a rebuild replaces it with a new file); copy across devices.
+    if std::fs::hard_link(&src, &dst).is_err() {
+        std::fs::copy(&src, &dst).unwrap_or_else(|e| panic!("copying {} (a concurrent build?): {e}", src.display()));
+    }
+    dst
 }
 
 /// Compiles smoke.c into `exe` with `link` appended to the command line.
@@ -71,17 +76,19 @@ fn run(exe: &Path) {
     assert!(stdout.contains("all C API checks passed"), "smoke.c ended early:\n{stdout}\n{stderr}");
 }
 
-fn out_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c_api");
+/// A directory of this test's own under cargo's scratch space.
+fn out_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c_api").join(name);
     std::fs::create_dir_all(&dir).expect("creating the C test's output directory");
     dir
 }
 
 #[test]
 fn smoke_c_against_the_shared_library() {
-    let lib = shared_library();
-    let exe = out_dir().join("smoke_shared");
-    let rpath = format!("-Wl,-rpath,{}", deps_dir().display());
+    let dir = out_dir("shared");
+    let lib = artifact(if cfg!(target_os = "macos") { "libs2attn.dylib" } else { "libs2attn.so" }, &dir);
+    let exe = dir.join("smoke");
+    let rpath = format!("-Wl,-rpath,{}", dir.display());
     compile(&exe, &[lib.as_os_str(), rpath.as_ref()]);
     run(&exe);
 }
@@ -92,8 +99,9 @@ fn smoke_c_against_the_shared_library() {
 #[test]
 #[cfg(target_os = "linux")]
 fn smoke_c_against_the_static_library() {
-    let lib = artifact("libs2attn.a");
-    let exe = out_dir().join("smoke_static");
+    let dir = out_dir("static");
+    let lib = artifact("libs2attn.a", &dir);
+    let exe = dir.join("smoke");
     let mut link: Vec<&std::ffi::OsStr> = vec![lib.as_os_str()];
     link.extend(["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-lc"].map(std::ffi::OsStr::new));
     compile(&exe, &link);
