@@ -8,7 +8,8 @@
 //! 1. [`layout`]: [`S2Config`] / [`BlockMask`] → [`Layout`] → compressed [`BlockIndex`] per sequence length;
 //! 2. [`plan`]: ([`Shape`], [`Layout`], device caps) → [`DispatchPlan`] + [`MergeQPlan`] tile lists;
 //! 3. [`gpu`]: WGSL kernels through wgpu (Vulkan, Metal, DX12, GL);
-//! 4. [`Attention`]: the op users call, returning [`Output`] (O and log-sum-exp).
+//! 4. [`Attention`]: the op users call, returning [`Output`] (O and log-sum-exp); [`AttentionGrad`] turns
+//!    that and dO into [`Grads`] (dQ, dK, dV) for training, deterministically.
 //!
 //! [`cpu`] holds the f64 oracle and the CPU twins of the kernels.
 //!
