@@ -8,7 +8,9 @@
 
 mod common;
 
-use common::{from_bytes, poisoned, read_back, to_bytes, tolerance, upload, wgpu_context, Inputs, Problem, Rng};
+use common::{
+    from_bytes, poisoned, random_mask, read_back, to_bytes, tolerance, upload, wgpu_context, Inputs, Problem, Rng,
+};
 use s2attn::cpu::{attention_backward_reference, attention_reference, backward_portable, rel_l2_error, BackwardInputs};
 use s2attn::gpu::GradBuffers;
 use s2attn::plan::{backward_workgroup_bytes, plan_backward_portable, ColumnPlan, DeviceCaps, MergeQPlan, RowMask};
@@ -90,14 +92,6 @@ fn check_both(l: &Layout, batch: u32, seq: u32, d: u32, seed: u64) {
     for (i, dtype) in F32_F16.into_iter().enumerate() {
         check(&Problem::new(l, batch, seq, d, dtype), seed * 2 + i as u64);
     }
-}
-
-/// A random custom mask (diagonal on, 40% of the other blocks) with row `empty_row`, if any, left empty in
-/// every head.
-fn random_mask(seed: u64, heads: u32, blocks: u32, bs: u32, causal: bool, empty_row: Option<u32>) -> BlockMask {
-    let coin = |h: u32, q: u32, k: u32| Rng::new(seed ^ ((h as u64) << 40 | (q as u64) << 20 | k as u64)).chance(0.4);
-    BlockMask::from_fn(heads, blocks, blocks, bs, causal, |h, q, k| Some(q) != empty_row && (q == k || coin(h, q, k)))
-        .expect("mask")
 }
 
 fn custom(mask: BlockMask, heads: u32, kv_heads: u32) -> Layout {
