@@ -13,7 +13,7 @@
 
 override D: u32 = 64u;           // head dim (multiple of 4)
 override R: u32 = 4u;            // query rows per item (<= 64)
-override BK: u32 = 16u;          // keys per chunk (divides the block size)
+override BK: u32 = 16u;          // keys per chunk (a multiple of 4 dividing the block size)
 override WG: u32 = 64u;          // invocations
 override KP: u32 = D / 4u + 1u;  // vec4 stride of staged K/V rows, padded against bank conflicts
 const MAX_ACC: u32 = 16u;        // vec4 accumulators per invocation (R * D / 4 <= WG * MAX_ACC)
@@ -21,7 +21,7 @@ const MAX_ACC: u32 = 16u;        // vec4 accumulators per invocation (R * D / 4 
 var<workgroup> q_s: array<vec4<f32>, R * D / 4u>;  // query rows, pre-scaled by scale * log2(e)
 var<workgroup> k_s: array<vec4<f32>, BK * KP>;
 var<workgroup> v_s: array<vec4<f32>, BK * KP>;
-var<workgroup> p_s: array<f32, R * BK>;            // scores, then probabilities
+var<workgroup> p_s: array<vec4<f32>, R * BK / 4u>; // scores, then probabilities (row r at r * BK / 4)
 var<workgroup> m_s: array<f32, R>;                 // running row max (base 2)
 var<workgroup> l_s: array<f32, R>;                 // running row sum
 var<workgroup> alpha_s: array<f32, R>;             // this chunk's rescale factor
@@ -100,7 +100,7 @@ fn main(
                     }
                     s = dot.x + dot.y + dot.z + dot.w;
                 }
-                p_s[i] = s;
+                p_s[i / 4u][i % 4u] = s;
             }
             workgroupBarrier();
             if lid < R {
@@ -113,8 +113,10 @@ fn main(
                     let r = i / d4;
                     let c = i % d4;
                     var a = acc[j] * alpha_s[r];
-                    for (var kk = 0u; kk < BK; kk++) {
-                        a += p_s[r * BK + kk] * v_s[kk * KP + c];
+                    for (var k4 = 0u; k4 < BK / 4u; k4++) {
+                        let p = p_s[r * BK / 4u + k4];
+                        let v0 = 4u * k4 * KP + c;
+                        a += p.x * v_s[v0] + p.y * v_s[v0 + KP] + p.z * v_s[v0 + 2u * KP] + p.w * v_s[v0 + 3u * KP];
                     }
                     acc[j] = a;
                 }

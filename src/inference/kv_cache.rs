@@ -164,6 +164,9 @@ impl fmt::Debug for KvCache {
 
 static NEXT_CACHE: AtomicU64 = AtomicU64::new(1);
 
+/// Bytes of K/V rows an append stages before handing them to the device.
+const FLUSH_BYTES: u64 = 256 << 20;
+
 impl KvCache {
     /// A cache for `layout` (causal) on the wgpu device of `ctx`, its pool allocated up front.
     pub fn new(ctx: &Context, layout: &Layout, config: KvCacheConfig) -> Result<Self> {
@@ -372,20 +375,30 @@ impl KvCache {
         let s = &self.seqs[&seq.0];
         let (k, v): (&[u8], &[u8]) = (bytemuck::cast_slice(k), bytemuck::cast_slice(v));
         let es = self.config.dtype.size() as usize;
+        let mut staged = 0u64;
         for (kvh, table) in s.tables.iter().enumerate() {
             for kb in touched.clone() {
                 let Some(page) = table.get(kb) else { continue };
                 let lo = len0.max(kb * bs);
                 let hi = len1.min((kb + 1) * bs);
                 let gather = |src: &[u8]| -> Vec<u8> {
-                    (lo..hi)
-                        .flat_map(|t| &src[(((t - len0) as usize * hk + kvh) * d) * es..][..d * es])
-                        .copied()
-                        .collect()
+                    let mut rows = Vec::with_capacity((hi - lo) as usize * d * es);
+                    for t in lo..hi {
+                        rows.extend_from_slice(&src[(((t - len0) as usize * hk + kvh) * d) * es..][..d * es]);
+                    }
+                    rows
                 };
                 let at = (page.index() as u64 * bs as u64 + (lo - kb * bs) as u64) * d as u64 * es as u64;
                 self.ctx.queue().write_buffer(&self.k_pool, at, &gather(k));
                 self.ctx.queue().write_buffer(&self.v_pool, at, &gather(v));
+                staged += 2 * (hi - lo) as u64 * (d * es) as u64;
+                if staged >= FLUSH_BYTES {
+                    // Hand the staged writes to the device so that a long prompt's staging memory is
+                    // reclaimed as it goes instead of piling up until the next submit.
+                    self.ctx.queue().submit([]);
+                    self.ctx.wait()?;
+                    staged = 0;
+                }
             }
         }
         Ok(())
