@@ -74,7 +74,9 @@ impl MergeQPlan {
             for t in 0..tiles {
                 if tile_q <= block_size {
                     let qb = t * tile_q / block_size;
-                    entries.extend(index.row(p, qb).iter().map(|&kv_block| KvEntry { kv_block, rows: RowMask::Prefix(tile_q) }));
+                    entries.extend(
+                        index.row(p, qb).iter().map(|&kv_block| KvEntry { kv_block, rows: RowMask::Prefix(tile_q) }),
+                    );
                 } else {
                     let per = tile_q / block_size;
                     let first = t * per;
