@@ -174,6 +174,11 @@ impl KvCache {
         let (retention, pool_pages) = Self::size(layout, &config)?;
         let page_elems = layout.block_size() as u64 * config.head_dim as u64;
         let pool_bytes = pool_pages as u64 * page_elems * config.dtype.size();
+        if pool_pages as u64 * page_elems / 4 > u32::MAX as u64 {
+            return Err(Error::Shape(format!(
+                "a KV cache pool of {pool_pages} pages exceeds the decode kernel's 2^34-element addressing"
+            )));
+        }
         let caps = ctx.caps();
         for (limit, max) in
             [("max_storage_buffer_binding_size", caps.max_storage_binding), ("max_buffer_size", caps.max_buffer)]
