@@ -369,61 +369,14 @@ impl GpuForward {
     /// waited submit.
     pub(crate) fn time(&self, q: &[u8], k: &[u8], v: &[u8], warmup: u32, iters: u32) -> Result<Timing> {
         self.with_host_buffers(q, k, v, |bufs, _, _| {
-            let device = self.ctx.device();
-            let queue = self.ctx.queue();
-            for _ in 0..warmup {
-                let mut encoder = device.create_command_encoder(&Default::default());
-                self.encode_host(&mut encoder, bufs, None)?;
-                queue.submit([encoder.finish()]);
-            }
-            self.ctx.wait()?;
-            if !self.ctx.caps().timestamps {
-                let mut samples_ms = Vec::with_capacity(iters as usize);
-                for _ in 0..iters {
-                    let mut encoder = device.create_command_encoder(&Default::default());
-                    self.encode_host(&mut encoder, bufs, None)?;
-                    let t = std::time::Instant::now();
-                    queue.submit([encoder.finish()]);
-                    self.ctx.wait()?;
-                    samples_ms.push(t.elapsed().as_secs_f64() * 1e3);
-                }
-                return Ok(Timing { samples_ms, gpu_timestamps: false });
-            }
-            let count = 2 * iters;
-            let set = device.create_query_set(&wgpu::QuerySetDescriptor {
-                label: Some("s2attn timing"),
-                ty: wgpu::QueryType::Timestamp,
-                count,
-            });
-            let bytes = count as u64 * 8;
-            let resolve = device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("s2attn timestamps"),
-                size: bytes,
-                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            });
-            let readback = device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("s2attn timestamps readback"),
-                size: bytes,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            let mut encoder = device.create_command_encoder(&Default::default());
-            for i in 0..iters {
-                let writes = wgpu::ComputePassTimestampWrites {
-                    query_set: &set,
-                    beginning_of_pass_write_index: Some(2 * i),
-                    end_of_pass_write_index: Some(2 * i + 1),
-                };
-                self.encode_host(&mut encoder, bufs, Some(writes))?;
-            }
-            encoder.resolve_query_set(&set, 0..count, &resolve, 0);
-            encoder.copy_buffer_to_buffer(&resolve, 0, &readback, 0, bytes);
-            queue.submit([encoder.finish()]);
-            let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&read_buffer(&self.ctx, &readback, bytes)?);
-            let period_ns = queue.get_timestamp_period() as f64;
-            let samples_ms = ticks.chunks(2).map(|t| t[1].wrapping_sub(t[0]) as f64 * period_ns / 1e6).collect();
-            Ok(Timing { samples_ms, gpu_timestamps: true })
+            super::timing::time_encoded(&self.ctx, warmup, iters, |encoder, stamps| {
+                let writes = stamps.map(|s| wgpu::ComputePassTimestampWrites {
+                    query_set: s.set,
+                    beginning_of_pass_write_index: Some(s.begin),
+                    end_of_pass_write_index: Some(s.end),
+                });
+                self.encode_host(encoder, bufs, writes)
+            })
         })
     }
 
