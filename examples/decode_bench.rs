@@ -11,7 +11,9 @@
 //! A cache whose pool exceeds one storage binding (dense at 128k, batch 16) is split into several caches
 //! by sequences; their steps are timed one after the other and summed (the row says so).
 
-use s2attn::{Context, DType, Decode, KvCache, KvCacheConfig, Layout, MemoryReport, S2Config, SeqId};
+use s2attn::{
+    Backend, Context, ContextOptions, DType, Decode, KvCache, KvCacheConfig, Layout, MemoryReport, S2Config, SeqId,
+};
 use std::time::Instant;
 
 const HEADS: u32 = 32;
@@ -99,7 +101,12 @@ struct Measured {
 }
 
 fn run(args: &Args) -> s2attn::Result<()> {
-    let ctx = Context::new()?;
+    // The decode kernels are WGSL: take the wgpu device the environment names (never CUDA under Auto).
+    let mut options = ContextOptions::from_env()?;
+    if options.backend == Backend::Auto {
+        options.backend = Backend::Wgpu;
+    }
+    let ctx = Context::with_options(&options)?;
     println!("{}\n", ctx.describe());
     let bw = copy_bandwidth(&ctx)?;
     println!("copy bandwidth {:.0} GB/s (read + write of a device-to-device copy)\n", bw / 1e9);
