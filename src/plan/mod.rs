@@ -206,7 +206,7 @@ pub fn plan_portable(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Resul
         if tile_q * d / 4 > wg * PORTABLE_MAX_ACC {
             continue;
         }
-        for tile_kv in [32u32, 16] {
+        for tile_kv in [32u32, 16, 8] {
             let tile_kv = tile_kv.min(bs);
             let bytes = portable_workgroup_bytes(tile_q, tile_kv, d);
             if bytes <= caps.max_workgroup_storage {
@@ -222,7 +222,7 @@ pub fn plan_portable(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Resul
         return Err(Error::DeviceLimit {
             what: format!("the portable kernel at head_dim {d}"),
             limit: "max_compute_workgroup_storage_size",
-            needed: portable_workgroup_bytes(16, 16, d) as u64,
+            needed: portable_workgroup_bytes(16, 8, d) as u64,
             max: caps.max_workgroup_storage as u64,
         });
     };
