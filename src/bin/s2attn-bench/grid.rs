@@ -1,5 +1,5 @@
-//! Command line of `s2attn-bench`: hand-written argument parsing, the `paper` and `quick` presets, and the
-//! grid of problems (the cartesian product of every list flag) the runner walks.
+//! Command line of `s2attn-bench`: hand-written argument parsing, the `paper`, `decode` and `quick`
+//! presets, and the grid of problems (the cartesian product of every list flag) the runner walks.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -9,9 +9,9 @@ use std::path::PathBuf;
 pub enum Mode {
     /// One forward pass over the whole sequence.
     Fwd,
-    /// Forward then backward (not implemented yet).
+    /// The forward, then the backward (dQ, dK, dV) on its O and LSE with a random dO.
     FwdBwd,
-    /// One query token per sequence against a KV history (not implemented yet).
+    /// One query token per sequence (`batch` sequences) against a KV history of `seq` tokens.
     Decode,
 }
 
@@ -163,6 +163,24 @@ impl Grid {
         }
     }
 
+    /// The `decode` preset: the paper-like decode setting of issue 7 (32 query heads, 8 KV heads, head dim
+    /// 128, block 64, local 16, vert_stride 16, fp16) at KV histories of 32k and 128k tokens, batch 1 and
+    /// 16.
+    pub fn decode() -> Self {
+        Self {
+            seq: vec![32768, 131072],
+            heads: vec![32],
+            kv_heads: vec![8],
+            head_dim: vec![128],
+            block: vec![64],
+            local: vec![16],
+            vert_stride: vec![16],
+            dtype: vec![Precision::F16],
+            batch: vec![1, 16],
+            causal: vec![true],
+        }
+    }
+
     /// The `quick` preset: a few seconds on lavapipe, exercising GQA, MergeQ and both WGSL dtypes.
     pub fn quick() -> Self {
         Self {
@@ -243,6 +261,8 @@ pub struct Args {
     pub check_seq: u32,
     /// Whether to time the dense causal attention of the same shape.
     pub dense: bool,
+    /// Input sets rotate while one call touches fewer bytes than this (`--rotate-mib`; 0 = never).
+    pub rotate_bytes: u64,
     /// Longest sequence at which dense is timed (`--dense-max-seq`).
     pub dense_max_seq: Option<u32>,
     /// JSON lines output file.
@@ -272,6 +292,7 @@ impl Default for Args {
             iters: 3,
             check_seq: 512,
             dense: true,
+            rotate_bytes: DEFAULT_ROTATE_MIB << 20,
             dense_max_seq: None,
             json: None,
             peers: Vec::new(),
@@ -284,30 +305,43 @@ impl Default for Args {
     }
 }
 
+/// Default `--rotate-mib`: about twice a large GPU's L2 (the H100 has 50 MB, the MI300X 256 MB of
+/// Infinity Cache is the exception), so that rotated inputs do not stay resident between passes.
+pub const DEFAULT_ROTATE_MIB: u64 = 128;
+
 /// The `--help` text.
 pub const HELP: &str = "\
 s2attn-bench: times S2 (block-sparse) attention and dense attention of the same shape on every adapter and
 backend of this machine, checks each configuration against the f64 oracle, and compares with peers.
 
-USAGE: s2attn-bench [--preset quick|paper] [GRID FLAGS] [OPTIONS]
+USAGE: s2attn-bench [--preset quick|paper|decode] [GRID FLAGS] [OPTIONS]
 
 GRID FLAGS (comma-separated lists; the grid is their cartesian product; `4k` = 4096):
-  --seq 4096,16384     sequence lengths            --heads 32          query heads
+  --seq 4096,16384     sequence lengths (decode:   --heads 32          query heads
+                       KV history per sequence)
   --kv-heads 8         KV heads (default = heads)  --head-dim 128      features per head
   --block 64           tokens per block            --local 16          local window, blocks
   --vert-stride 16,64  stripe stride, blocks       --dtype f16,f32     storage type (bf16: CUDA only)
   --batch 1            sequences per call          --causal true,false (false: bidirectional, a
                                                                        window of `local` blocks each side)
-  --mode fwd           fwd (fwd+bwd and decode are not implemented yet)
+  --mode fwd           fwd: one forward over the whole sequence;
+                       fwd+bwd: the forward plus the backward (dQ, dK, dV with a random dO); the time is
+                         the sum of the forward pass and the backward passes, FLOPs 3.5x the forward's;
+                       decode: one query token per sequence against a KV cache of `seq` tokens of history
+                         (the peer script's --mode decode); the time is the decode kernels alone
 OPTIONS:
-  --preset quick|paper quick: seconds on lavapipe (default); paper: 32 heads, head dim 128, block 64,
-                       local 16, vert_stride 16 and 64, seq 4k..128k, fp16. Other flags override it.
+  --preset NAME        quick: seconds on lavapipe (default); paper: 32 heads, head dim 128, block 64,
+                       local 16, vert_stride 16 and 64, seq 4k..128k, fp16; decode: mode decode, 32 heads,
+                       8 KV heads, head dim 128, block 64, local 16, vert_stride 16, seq 32k and 128k,
+                       batch 1 and 16, fp16. Other flags override it.
   --backend LIST       vulkan,gl,metal,dx12 (wgpu APIs), wgpu (all of them), cuda, auto (the device
                        S2ATTN_BACKEND/S2ATTN_ADAPTER pick); default: every adapter and backend
                        (software adapters such as lavapipe only when there is no GPU)
   --adapter SUBSTR     only devices whose name contains SUBSTR (case-insensitive)
-  --iters N            timed passes, median reported (quick 3, paper 10)
-  --warmup N           untimed passes first (quick 1, paper 3)
+  --iters N            timed passes, median reported (quick 3, paper and decode 10)
+  --warmup N           untimed passes first (quick 1, paper and decode 3)
+  --rotate-mib N       when one call touches fewer than N MiB (default 128, about 2x a large L2), upload
+                       several fresh input sets and rotate through them, pass by pass (0 = never)
   --check-seq N        sequence length of the oracle check (default 512, 0 = none)
   --no-dense           do not time dense attention   --dense-max-seq N   time dense only up to N tokens
   --json FILE          write JSON lines (peer rows first, then ours as they are measured)
@@ -401,6 +435,7 @@ const VALUE_FLAGS: &[&str] = &[
     "--warmup",
     "--check-seq",
     "--dense-max-seq",
+    "--rotate-mib",
     "--json",
     "--peers",
     "--plot",
@@ -457,7 +492,13 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Args, ArgEr
                     a.iters = 10;
                     a.warmup = 3;
                 }
-                other => return err(format!("--preset: unknown preset `{other}` (use quick or paper)")),
+                "decode" => {
+                    a.grid = Grid::decode();
+                    a.modes = vec![Mode::Decode];
+                    a.iters = 10;
+                    a.warmup = 3;
+                }
+                other => return err(format!("--preset: unknown preset `{other}` (use quick, paper or decode)")),
             }
         }
     }
@@ -509,6 +550,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Args, ArgEr
             "--warmup" => a.warmup = single(f, &v, 0)?,
             "--check-seq" => a.check_seq = single(f, &v, 0)?,
             "--dense-max-seq" => a.dense_max_seq = Some(single(f, &v, 1)?),
+            "--rotate-mib" => a.rotate_bytes = (single(f, &v, 0)? as u64) << 20,
             "--no-dense" => a.dense = false,
             "--json" => a.json = Some(PathBuf::from(v)),
             "--peers" => a.peers.push(PathBuf::from(v)),
@@ -552,6 +594,30 @@ mod tests {
     }
 
     #[test]
+    fn decode_preset_sets_the_mode_and_flags_override_it() {
+        let a = parse("--preset decode").unwrap();
+        assert_eq!(a.modes, vec![Mode::Decode]);
+        assert_eq!((a.grid.seq.clone(), a.grid.batch.clone()), (vec![32768, 131072], vec![1, 16]));
+        assert_eq!((a.grid.heads[0], a.grid.kv_heads[0], a.grid.head_dim[0]), (32, 8, 128));
+        assert_eq!((a.iters, a.warmup), (10, 3));
+        let p = a.grid.problems(&a.modes);
+        assert_eq!(p.len(), 4);
+        assert!(p.iter().all(|x| x.mode == Mode::Decode && x.kv_heads == 8 && x.dtype == Precision::F16));
+        let b = parse("--mode fwd+bwd --preset decode --seq 1k").unwrap();
+        assert_eq!(b.modes, vec![Mode::FwdBwd], "--mode overrides the preset's mode");
+        assert_eq!(b.grid.seq, vec![1024]);
+        let c = parse("--preset paper --mode fwd+bwd").unwrap();
+        assert!(c.grid.problems(&c.modes).iter().all(|x| x.mode == Mode::FwdBwd));
+    }
+
+    #[test]
+    fn rotate_mib_defaults_to_128_and_zero_turns_it_off() {
+        assert_eq!(parse("").unwrap().rotate_bytes, 128 << 20);
+        assert_eq!(parse("--rotate-mib 0").unwrap().rotate_bytes, 0);
+        assert_eq!(parse("--rotate-mib 2k").unwrap().rotate_bytes, 2048 << 20);
+    }
+
+    #[test]
     fn grid_is_the_cartesian_product_with_kv_default() {
         let a = parse("--preset paper --seq 4k,8k --causal true,false").unwrap();
         let p = a.grid.problems(&a.modes);
@@ -585,6 +651,7 @@ mod tests {
             ("--frobnicate", "unknown argument `--frobnicate`"),
             ("--seq", "--seq needs a value"),
             ("--preset huge", "unknown preset `huge`"),
+            ("--rotate-mib lots", "--rotate-mib: `lots` is not a count"),
             ("--dtype f8", "unknown type `f8`"),
             ("--backend opencl", "unknown backend `opencl`"),
             ("--causal maybe", "not true or false"),

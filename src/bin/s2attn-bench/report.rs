@@ -1,6 +1,6 @@
 //! Results of `s2attn-bench`: the JSON-lines row (the peer script's fields plus ours), the work a row does
-//! (FLOPs on active blocks, compulsory bytes), reading peer files, and the terminal / markdown tables with
-//! the sparse-over-dense speed-up and the ratio of each peer's time to ours.
+//! (FLOPs on active blocks, compulsory bytes, per mode), reading peer files, and the terminal / markdown
+//! tables with the sparse-over-dense speed-up and the ratio of each peer's time to ours.
 
 use crate::grid::Precision;
 use s2attn::{Layout, S2Config};
@@ -50,14 +50,16 @@ pub struct Row {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_ms: Option<f64>,
     /// Active blocks over the causal triangle (square when bidirectional) of what ran: 1 for dense runs.
+    /// Decode: the fraction of the history's KV blocks the last query row reads, averaged over heads.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub density: Option<f64>,
     /// Device name.
     pub device: String,
-    /// Effective TFLOP/s on active blocks: `4 * head_dim * active query-key pairs * batch / time`.
+    /// Effective TFLOP/s on active blocks: `4 * head_dim * active query-key pairs * batch / time` for the
+    /// forward and decode, 3.5 times that for `fwd+bwd` (FlashAttention's count: backward = 2.5 forwards).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tflops: Option<f64>,
-    /// Achieved GB/s on compulsory traffic: Q, K, V read once, O written once, LSE (f32) written once.
+    /// Achieved GB/s on compulsory traffic (see [`work`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gbps: Option<f64>,
     /// The larger of the relative L2 errors of O and LSE against the f64 oracle at `check_seq`.
@@ -78,6 +80,15 @@ pub struct Row {
     /// Timed passes behind the median.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iters: Option<u32>,
+    /// Input sets the timed passes rotated through (1: the same inputs every pass).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_sets: Option<u32>,
+    /// Decode: bytes of KV history the cache holds (resident pages, all sequences).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_bytes: Option<u64>,
+    /// Decode: bytes a dense KV cache of the same histories would hold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_dense_bytes: Option<u64>,
     /// Why nothing was measured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -112,6 +123,9 @@ impl Default for Row {
             backend: None,
             timer: None,
             iters: None,
+            input_sets: None,
+            kv_bytes: None,
+            kv_dense_bytes: None,
             error: None,
         }
     }
@@ -188,26 +202,86 @@ pub fn row_layout(r: &Row, dense: bool) -> s2attn::Result<Layout> {
     Layout::s2(c)
 }
 
-/// What one call does: FLOPs on active blocks and compulsory bytes.
+/// What one call does: FLOPs on active blocks, compulsory bytes, and the bytes of distinct tensors it
+/// touches.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Work {
-    /// `4 * head_dim * active query-key pairs * batch`.
+    /// `fwd`: `4 * head_dim * active query-key pairs * batch`; `fwd+bwd`: 3.5 times that; `decode`: the
+    /// forward's count for the last query row of each sequence.
     pub flops: f64,
-    /// Q, K, V and O once each in the storage type, plus the f32 LSE.
+    /// Compulsory traffic. `fwd`: Q, K, V read and O written in the storage type, the f32 LSE written.
+    /// `fwd+bwd`: that plus the backward's reads of Q, K, V, O, dO, LSE and writes of dQ, dK, dV. `decode`:
+    /// the K and V blocks some query head of each KV head reads, once per KV head, plus Q, O and LSE.
     pub bytes: f64,
-    /// Active blocks over possible blocks.
+    /// Bytes of the distinct tensors one call touches (what input-set rotation must exceed the cache
+    /// with): the forward's Q, K, V, O, LSE, plus dO, dQ, dK, dV for `fwd+bwd`; `bytes` for decode.
+    pub footprint: f64,
+    /// Active blocks over possible blocks (decode: KV blocks the last row reads over the history's).
     pub density: f64,
 }
 
-/// The work of `layout` at the row's sizes.
+/// Bytes per element of the row's storage type.
+fn elem_bytes(r: &Row) -> f64 {
+    Precision::parse(&r.dtype).map_or(2.0, |p| p.dtype().size() as f64)
+}
+
+/// The work of `layout` at the row's sizes and mode.
 pub fn work(layout: &Layout, r: &Row) -> Work {
+    if r.mode == "decode" {
+        return decode_work(layout, r);
+    }
     let pairs = layout.active_pairs(r.seq) as f64 * r.batch as f64;
-    let elem = Precision::parse(&r.dtype).map_or(2.0, |p| p.dtype().size() as f64);
+    let elem = elem_bytes(r);
     let tokens = r.batch as f64 * r.seq as f64;
     let qo = 2.0 * tokens * r.heads as f64 * r.head_dim as f64 * elem;
     let kv = 2.0 * tokens * r.kv_heads as f64 * r.head_dim as f64 * elem;
     let lse = tokens * r.heads as f64 * 4.0;
-    Work { flops: 4.0 * r.head_dim as f64 * pairs, bytes: qo + kv + lse, density: layout.density(r.seq) }
+    let fwd = Work {
+        flops: 4.0 * r.head_dim as f64 * pairs,
+        bytes: qo + kv + lse,
+        footprint: qo + kv + lse,
+        density: layout.density(r.seq),
+    };
+    if r.mode != "fwd+bwd" {
+        return fwd;
+    }
+    Work {
+        flops: fwd.flops * 3.5,
+        bytes: 3.0 * (qo + kv) + 2.0 * lse,
+        footprint: 2.0 * (qo + kv) + lse,
+        density: fwd.density,
+    }
+}
+
+/// Decode of one token per sequence at position `seq - 1` against `seq` tokens of history.
+fn decode_work(layout: &Layout, r: &Row) -> Work {
+    let (bs, seq) = (layout.block_size(), r.seq.max(1));
+    let nb = layout.blocks(seq);
+    let qb = (seq - 1) / bs;
+    let tokens_in = |kb: u32| (seq - kb * bs).min(bs) as f64;
+    let (h, hk) = (layout.num_heads(), layout.num_kv_heads());
+    let group = (h / hk.max(1)).max(1);
+    let (mut pairs, mut blocks, mut kv_tokens) = (0f64, 0f64, 0f64);
+    for kvh in 0..hk {
+        for kb in 0..=qb {
+            let mut read = false;
+            for head in kvh * group..(kvh + 1) * group {
+                if layout.block_active(layout.pattern_of_head(head), qb, kb) {
+                    pairs += tokens_in(kb);
+                    blocks += 1.0;
+                    read = true;
+                }
+            }
+            if read {
+                kv_tokens += tokens_in(kb);
+            }
+        }
+    }
+    let elem = elem_bytes(r);
+    let d = r.head_dim as f64;
+    let per_seq = 2.0 * kv_tokens * d * elem + 2.0 * h as f64 * d * elem + h as f64 * 4.0;
+    let bytes = per_seq * r.batch as f64;
+    Work { flops: 4.0 * d * pairs * r.batch as f64, bytes, footprint: bytes, density: blocks / (h as f64 * nb as f64) }
 }
 
 /// Fills `tflops` and `gbps` from `ms` and the work.
@@ -237,7 +311,7 @@ pub fn parse_peers(text: &str, source: &str) -> Result<Vec<Row>, String> {
         if r.mode.is_empty() {
             r.mode = "fwd".into();
         }
-        if r.measured() && r.tflops.is_none() && r.mode == "fwd" {
+        if r.measured() && r.tflops.is_none() && ["fwd", "fwd+bwd", "decode"].contains(&r.mode.as_str()) {
             if let Ok(layout) = row_layout(&r, r.is_dense()) {
                 let w = work(&layout, &r);
                 set_rates(&mut r, &w);
@@ -523,6 +597,74 @@ mod tests {
         assert!((rows[0].tflops.unwrap() - want).abs() < 1e-9, "{:?}", rows[0].tflops);
         let e = parse_peers("{\"impl\": 3}", "bad.jsonl").unwrap_err();
         assert!(e.contains("bad.jsonl:1"), "{e}");
+    }
+
+    fn with_mode(mode: &str, seq: u32) -> Row {
+        Row { mode: mode.into(), ..ours("s2attn/vulkan/portable", seq, 4, 1.0) }
+    }
+
+    #[test]
+    fn fwd_bwd_counts_three_and_a_half_forwards_and_both_passes_bytes() {
+        let layout = row_layout(&with_mode("fwd", 512), false).unwrap();
+        let (f, fb) = (work(&layout, &with_mode("fwd", 512)), work(&layout, &with_mode("fwd+bwd", 512)));
+        assert!((fb.flops / f.flops - 3.5).abs() < 1e-12);
+        assert_eq!(fb.density, f.density);
+        // fp16, 512 tokens: Q and O 4 heads, K and V 2 heads, 64 features; LSE f32 over 4 heads.
+        let (qo, kv, lse) = (2.0 * 512.0 * 4.0 * 64.0 * 2.0, 2.0 * 512.0 * 2.0 * 64.0 * 2.0, 512.0 * 4.0 * 4.0);
+        assert_eq!((f.bytes, f.footprint), (qo + kv + lse, qo + kv + lse));
+        assert_eq!((fb.bytes, fb.footprint), (3.0 * (qo + kv) + 2.0 * lse, 2.0 * (qo + kv) + lse));
+    }
+
+    #[test]
+    fn decode_work_counts_the_last_row_against_brute_force() {
+        for seq in [1, 31, 32, 33, 200, 512] {
+            for dense in [false, true] {
+                let mut r = with_mode("decode", seq);
+                r.batch = 3;
+                let layout = row_layout(&r, dense).unwrap();
+                let w = work(&layout, &r);
+                let (mut pairs, mut read) = (0u64, 0u64);
+                for kvh in 0..2 {
+                    let mut kv_tokens = std::collections::BTreeSet::new();
+                    for h in kvh * 2..kvh * 2 + 2 {
+                        for j in 0..seq {
+                            if layout.element_active(layout.pattern_of_head(h), seq - 1, j) {
+                                pairs += 1;
+                                kv_tokens.insert(j);
+                            }
+                        }
+                    }
+                    read += kv_tokens.len() as u64;
+                }
+                let want_flops = 4.0 * 64.0 * pairs as f64 * 3.0;
+                assert_eq!(w.flops, want_flops, "seq {seq} dense {dense}");
+                let want_bytes = 3.0 * (2.0 * read as f64 * 64.0 * 2.0 + 2.0 * 4.0 * 64.0 * 2.0 + 4.0 * 4.0);
+                assert_eq!(w.bytes, want_bytes, "seq {seq} dense {dense}");
+                assert!(w.density > 0.0 && w.density <= 1.0);
+                if dense {
+                    assert_eq!(w.density, 1.0);
+                    assert_eq!(pairs, 4 * seq as u64);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn peer_rows_of_every_mode_get_rates() {
+        let line = |mode: &str| {
+            format!(
+                r#"{{"impl": "flex-s2", "mode": "{mode}", "batch": 2, "seq": 1024, "heads": 4, "kv_heads": 2, "head_dim": 64, "block": 32, "local": 2, "vert_stride": 4, "offset": 0, "dtype": "fp16", "causal": true, "density": 0.4, "device": "H100", "ms": 2.0}}"#
+            )
+        };
+        let text = ["fwd", "fwd+bwd", "decode"].map(line).join("\n");
+        let rows = parse_peers(&text, "p.jsonl").unwrap();
+        let layout = row_layout(&rows[0], false).unwrap();
+        for r in &rows {
+            let want = work(&layout, r).flops / 2e-3 / 1e12;
+            assert!((r.tflops.unwrap() - want).abs() < 1e-12 * want, "{r:?}");
+        }
+        assert!((rows[1].tflops.unwrap() / rows[0].tflops.unwrap() - 3.5).abs() < 1e-9);
+        assert!(rows[2].tflops.unwrap() < rows[0].tflops.unwrap() / 100.0, "decode is one row per sequence");
     }
 
     #[test]

@@ -1,12 +1,16 @@
-//! Measuring for `s2attn-bench`: opening every device the command line asks for, fresh random inputs,
-//! timing the sparse op and the dense op of the same shape with `Attention::time_forward`, and checking each
-//! configuration against the f64 oracle at a small sequence length.
+//! Measuring for `s2attn-bench`: opening every device the command line asks for, then per grid point the
+//! sparse op and the dense op of the same shape, in the point's mode: the forward (`fwd`), the forward plus
+//! the backward (`fwd+bwd`, see [`crate::timer`]) or decode (see [`crate::decode`]), on fresh random input
+//! sets rotated while they fit in cache (see [`data::set_count`]), and each configuration checked against
+//! the f64 oracle at a small size (see [`crate::check`]).
 
-use crate::grid::{Args, Precision, Problem};
+use crate::check::{DecodeOracle, Dims, PassOracle};
+use crate::data::{self, Sample, Set};
+use crate::grid::{Args, Mode, Precision, Problem};
 use crate::report::{self, Row};
-use s2attn::cpu::{attention_reference, rel_l2_error, Reference};
 use s2attn::gpu::WgpuContext;
-use s2attn::{Attention, Backend, Context, ContextOptions, Element, Layout, Shape, Timing};
+use s2attn::{Attention, AttentionGrad, Backend, Context, ContextOptions, Layout, Shape, Timing};
+use std::any::Any;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -89,7 +93,8 @@ pub fn open_targets(args: &Args, notes: &mut Vec<String>) -> Vec<Target> {
     targets
 }
 
-/// Relative error the oracle check must stay under for a storage type (f16/bf16 outputs are rounded).
+/// Relative error the oracle check must stay under for a storage type (f16/bf16 outputs are rounded; the
+/// gradients of `fwd+bwd` are held to the same bounds, as in the library's tests).
 pub fn tolerance(p: Precision) -> f64 {
     match p {
         Precision::F32 => 1e-4,
@@ -98,102 +103,9 @@ pub fn tolerance(p: Precision) -> f64 {
     }
 }
 
-/// Element types the benchmark generates.
-trait Sample: Element + Send {
-    /// Rounds an f32 to this type.
-    fn quantize(x: f32) -> Self;
-}
-impl Sample for f32 {
-    fn quantize(x: f32) -> Self {
-        x
-    }
-}
-impl Sample for half::f16 {
-    fn quantize(x: f32) -> Self {
-        half::f16::from_f32(x)
-    }
-}
-impl Sample for half::bf16 {
-    fn quantize(x: f32) -> Self {
-        half::bf16::from_f32(x)
-    }
-}
-
-/// `n` values uniform in [-1, 1) from a xorshift stream, filled on every core (large tensors are GBs).
-fn random<T: Sample>(n: usize, seed: u64) -> Vec<T> {
-    let mut out = vec![T::quantize(0.0); n];
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(16);
-    let chunk = n.div_ceil(threads).max(1 << 16);
-    std::thread::scope(|s| {
-        for (i, part) in out.chunks_mut(chunk).enumerate() {
-            s.spawn(move || {
-                let mut x = (seed ^ 0x9e37_79b9_7f4a_7c15).wrapping_mul(i as u64 * 2 + 1) | 1;
-                for v in part {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    *v = T::quantize((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0);
-                }
-            });
-        }
-    });
-    out
-}
-
-/// Q, K, V in the problem's storage type.
-enum Inputs {
-    F32([Vec<f32>; 3]),
-    F16([Vec<half::f16>; 3]),
-    Bf16([Vec<half::bf16>; 3]),
-}
-
-impl Inputs {
-    fn new(dtype: Precision, nq: usize, nkv: usize, seed: u64) -> Self {
-        fn three<T: Sample>(nq: usize, nkv: usize, seed: u64) -> [Vec<T>; 3] {
-            [random(nq, seed), random(nkv, seed.wrapping_add(1)), random(nkv, seed.wrapping_add(2))]
-        }
-        match dtype {
-            Precision::F32 => Inputs::F32(three(nq, nkv, seed)),
-            Precision::F16 => Inputs::F16(three(nq, nkv, seed)),
-            Precision::Bf16 => Inputs::Bf16(three(nq, nkv, seed)),
-        }
-    }
-    fn time(&self, op: &Attention, warmup: u32, iters: u32) -> s2attn::Result<Timing> {
-        match self {
-            Inputs::F32([q, k, v]) => op.time_forward(q, k, v, warmup, iters),
-            Inputs::F16([q, k, v]) => op.time_forward(q, k, v, warmup, iters),
-            Inputs::Bf16([q, k, v]) => op.time_forward(q, k, v, warmup, iters),
-        }
-    }
-    /// Runs the op and returns (out, lse) widened to f64.
-    fn forward(&self, op: &Attention) -> s2attn::Result<(Vec<f64>, Vec<f64>)> {
-        fn widen<T: Element>(o: s2attn::Output<T>) -> (Vec<f64>, Vec<f64>) {
-            (o.out.into_iter().map(|x| x.to_f32() as f64).collect(), o.lse.into_iter().map(|x| x as f64).collect())
-        }
-        Ok(match self {
-            Inputs::F32([q, k, v]) => widen(op.forward(q, k, v)?),
-            Inputs::F16([q, k, v]) => widen(op.forward(q, k, v)?),
-            Inputs::Bf16([q, k, v]) => widen(op.forward(q, k, v)?),
-        })
-    }
-    /// The same values as f32, for the oracle.
-    fn to_f32(&self) -> [Vec<f32>; 3] {
-        fn w<T: Element>(x: &[Vec<T>; 3]) -> [Vec<f32>; 3] {
-            [0, 1, 2].map(|i| x[i].iter().map(|v| v.to_f32()).collect())
-        }
-        match self {
-            Inputs::F32(x) => x.clone(),
-            Inputs::F16(x) => w(x),
-            Inputs::Bf16(x) => w(x),
-        }
-    }
-}
-
-/// The oracle's answer for one checked configuration, with the inputs it was computed from.
-struct Oracle {
-    inputs: Inputs,
-    reference: Reference,
-}
+/// How a row's error begins when the backend lacks what the mode needs (the library's
+/// `Error::Unsupported`): such rows are notes, not failures.
+pub const UNSUPPORTED: &str = "unsupported: ";
 
 /// A sparse or dense configuration, as far as the oracle check is concerned.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -205,13 +117,19 @@ struct CheckKey {
 /// A finished measurement (before it becomes a row).
 #[derive(Clone)]
 struct Measured {
-    variant: &'static str,
+    variant: String,
     timing: Timing,
     check: Option<(f64, u32)>,
+    sets: u32,
+    kv_bytes: Option<(u64, u64)>,
 }
 
-/// What Q/K/V depend on: (batch, seq, heads, kv_heads, head_dim, dtype).
-type InputKey = (u32, u32, u32, u32, u32, Precision);
+/// What the cached host inputs depend on: (tensors per set, batch, seq, heads, kv_heads, head_dim, dtype,
+/// sets).
+type InputKey = (usize, u32, u32, u32, u32, u32, Precision, usize);
+
+/// Shared, type-erased data (typed host inputs, oracles), downcast by element type.
+type Shared = Arc<dyn Any + Send + Sync>;
 
 /// The row fields a grid point fixes.
 fn problem_row(p: &Problem) -> Row {
@@ -236,8 +154,8 @@ fn problem_row(p: &Problem) -> Row {
 pub struct Runner<'a> {
     args: &'a Args,
     seed: u64,
-    inputs: Option<(InputKey, Inputs)>,
-    oracles: HashMap<CheckKey, Arc<Oracle>>,
+    inputs: Option<(InputKey, Shared)>,
+    oracles: HashMap<CheckKey, Shared>,
     checks: HashMap<(usize, CheckKey), Result<(f64, u32), String>>,
     /// Dense timings per (target, problem with the sparsity fields zeroed).
     dense: HashMap<(usize, Problem), Result<Measured, String>>,
@@ -260,6 +178,30 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(format!("panicked: {}", panic_message(p))))
 }
 
+fn msg(e: s2attn::Error) -> String {
+    e.to_string()
+}
+
+/// Times the forward on a CUDA op, rotating through `sets` (`time_forward` with one set).
+#[cfg(feature = "cuda")]
+fn time_cuda<T: Sample>(
+    t: &Target,
+    op: &Attention,
+    sets: &[Set<T>],
+    lse: u64,
+    runs: (u32, u32),
+) -> Result<Timing, String> {
+    if let [s] = sets {
+        return op.time_forward(&s[0], &s[1], &s[2], runs.0, runs.1).map_err(msg);
+    }
+    crate::timer::time_cuda(&t.ctx, op, sets, lse, runs)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn time_cuda<T: Sample>(t: &Target, _: &Attention, _: &[Set<T>], _: u64, _: (u32, u32)) -> Result<Timing, String> {
+    Err(format!("{} is not a wgpu device and this build has no CUDA", t.adapter))
+}
+
 impl<'a> Runner<'a> {
     /// A runner for `args`.
     pub fn new(args: &'a Args) -> Self {
@@ -275,6 +217,11 @@ impl<'a> Runner<'a> {
         }
     }
 
+    fn next_seed(&mut self) -> u64 {
+        self.seed = self.seed.wrapping_add(0x1000_0000);
+        self.seed
+    }
+
     /// The row fields every measurement of `p` on `t` shares.
     fn base(p: &Problem, t: &Target, implementation: String) -> Row {
         Row {
@@ -288,7 +235,7 @@ impl<'a> Runner<'a> {
 
     fn row(&mut self, p: &Problem, t: &Target, dense: bool, m: Result<Measured, String>) -> Row {
         let prefix = if dense { "s2attn-dense" } else { "s2attn" };
-        let variant = m.as_ref().map_or("unplanned", |m| m.variant);
+        let variant = m.as_ref().map_or("unplanned", |m| m.variant.as_str());
         let mut r = Self::base(p, t, format!("{prefix}/{}/{variant}", t.backend));
         let layout = report::row_layout(&r, dense);
         match (m, layout) {
@@ -302,6 +249,9 @@ impl<'a> Runner<'a> {
                 r.density = Some(w.density);
                 r.timer = Some(if m.timing.gpu_timestamps { "gpu" } else { "wall" }.into());
                 r.iters = Some(m.timing.samples_ms.len() as u32);
+                r.input_sets = Some(m.sets);
+                r.kv_bytes = m.kv_bytes.map(|k| k.0);
+                r.kv_dense_bytes = m.kv_bytes.map(|k| k.1);
                 report::set_rates(&mut r, &w);
                 if let Some((err, cs)) = m.check {
                     r.max_rel_err = Some(err);
@@ -326,77 +276,156 @@ impl<'a> Runner<'a> {
         report::row_layout(&problem_row(p), dense)
     }
 
-    fn inputs(&mut self, p: &Problem) -> &Inputs {
-        let key = (p.batch, p.seq, p.heads, p.kv_heads, p.head_dim, p.dtype);
-        if self.inputs.as_ref().is_none_or(|(k, _)| *k != key) {
-            self.inputs = None; // free the previous set first: at 128k they are GBs
-            self.seed = self.seed.wrapping_add(0x1000);
-            let tokens = p.batch as usize * p.seq as usize;
-            let nq = tokens * p.heads as usize * p.head_dim as usize;
-            let nkv = tokens * p.kv_heads as usize * p.head_dim as usize;
-            self.inputs = Some((key, Inputs::new(p.dtype, nq, nkv, self.seed)));
+    /// `n` host input sets for `p`: `[q, k, v]`, plus `d_out` for `fwd+bwd`. The last sets generated are
+    /// kept for the next grid point of the same shape (the dense run, other sparsity settings).
+    fn host_sets<T: Sample>(&mut self, p: &Problem, n: usize) -> Arc<Vec<Set<T>>> {
+        let tokens = p.batch as usize * p.seq as usize;
+        let nq = tokens * p.heads as usize * p.head_dim as usize;
+        let nkv = tokens * p.kv_heads as usize * p.head_dim as usize;
+        let lens: &[usize] = if p.mode == Mode::FwdBwd { &[nq, nkv, nkv, nq] } else { &[nq, nkv, nkv] };
+        let key = (lens.len(), p.batch, p.seq, p.heads, p.kv_heads, p.head_dim, p.dtype, n);
+        if let Some((k, shared)) = &self.inputs {
+            if *k == key {
+                if let Ok(sets) = shared.clone().downcast::<Vec<Set<T>>>() {
+                    return sets;
+                }
+            }
         }
-        match &self.inputs {
-            Some((_, i)) => i,
-            None => unreachable!("inputs were just generated"),
-        }
+        self.inputs = None; // free the previous sets first: at 128k they are GBs
+        let sets = Arc::new(data::sets::<T>(n, lens, self.next_seed()));
+        self.inputs = Some((key, sets.clone()));
+        sets
     }
 
-    /// Error against the oracle of `p`'s layout at `min(seq, --check-seq)` tokens, batch 1.
-    fn check(&mut self, ti: usize, t: &Target, p: &Problem, dense: bool) -> Option<Result<(f64, u32), String>> {
+    /// The oracle cached under `key`, built by `build` on first use.
+    fn oracle<O: Send + Sync + 'static>(
+        &mut self,
+        key: CheckKey,
+        build: impl FnOnce(u64) -> Result<O, String>,
+    ) -> Result<Arc<O>, String> {
+        if let Some(o) = self.oracles.get(&key).and_then(|o| o.clone().downcast::<O>().ok()) {
+            return Ok(o);
+        }
+        let o = Arc::new(build(self.next_seed())?);
+        self.oracles.insert(key, o.clone());
+        Ok(o)
+    }
+
+    /// Error against the oracle of `p`'s layout at `min(seq, --check-seq)` tokens: batch 1, or for decode
+    /// up to two sequences.
+    fn check<T: Sample>(
+        &mut self,
+        ti: usize,
+        t: &Target,
+        p: &Problem,
+        dense: bool,
+    ) -> Option<Result<(f64, u32), String>> {
         let cs = p.seq.min(self.args.check_seq);
         if cs == 0 {
             return None;
         }
-        let small = Problem { batch: 1, seq: cs, ..*p };
+        let batch = if p.mode == Mode::Decode { p.batch.min(2) } else { 1 };
+        let small = Problem { batch, seq: cs, ..*p };
         let key = CheckKey { dense, problem: small };
         if let Some(r) = self.checks.get(&(ti, key)) {
             return Some(r.clone());
         }
+        let dims = Dims { batch, seq: cs, head_dim: p.head_dim, dtype: p.dtype.dtype() };
         let result = guarded(|| {
-            let layout = Self::layout(&small, dense).map_err(|e| e.to_string())?;
-            let op = Attention::new(&t.ctx, &layout, Shape::new(1, cs, p.head_dim, p.dtype.dtype()))
-                .map_err(|e| e.to_string())?;
-            let oracle = match self.oracles.get(&key) {
-                Some(o) => o.clone(),
-                None => {
-                    let nq = (cs * p.heads * p.head_dim) as usize;
-                    let nkv = (cs * p.kv_heads * p.head_dim) as usize;
-                    self.seed = self.seed.wrapping_add(0x1000);
-                    let inputs = Inputs::new(p.dtype, nq, nkv, self.seed);
-                    let [q, k, v] = inputs.to_f32();
-                    let scale = 1.0 / (p.head_dim as f64).sqrt();
-                    let reference = attention_reference(&layout, 1, cs, p.head_dim, scale, &q, &k, &v);
-                    let o = Arc::new(Oracle { inputs, reference });
-                    self.oracles.insert(key, o.clone());
-                    o
+            let layout = Self::layout(&small, dense).map_err(msg)?;
+            let err = match p.mode {
+                Mode::Fwd | Mode::FwdBwd => {
+                    let backward = p.mode == Mode::FwdBwd;
+                    let o = self.oracle(key, |seed| Ok(PassOracle::<T>::new(&layout, &dims, backward, seed)))?;
+                    o.error(&t.ctx, &layout, &dims)?
+                }
+                Mode::Decode => {
+                    let o = self.oracle(key, |seed| DecodeOracle::<T>::new(&layout, &dims, seed))?;
+                    o.error(&t.ctx, &layout, &dims)?
                 }
             };
-            let (out, lse) = oracle.inputs.forward(&op).map_err(|e| e.to_string())?;
-            let e_out = rel_l2_error(out, &oracle.reference.out);
-            let e_lse = rel_l2_error(lse, &oracle.reference.lse);
-            Ok((e_out.max(e_lse), cs))
+            Ok((err, cs))
         });
         self.checks.insert((ti, key), result.clone());
         Some(result)
     }
 
-    fn measure(&mut self, ti: usize, t: &Target, p: &Problem, dense: bool) -> Result<Measured, String> {
-        let (warmup, iters) = (self.args.warmup, self.args.iters);
-        let layout = Self::layout(p, dense).map_err(|e| e.to_string())?;
+    /// Times the forward, or the forward then the backward, of `p` under `layout` on `t`, over `n` input
+    /// sets. Returns the implementation's variant name (`<forward>+<backward>` when they differ).
+    fn time_pass<T: Sample>(
+        &mut self,
+        t: &Target,
+        p: &Problem,
+        layout: &Layout,
+        n: usize,
+    ) -> Result<(String, Timing), String> {
         let shape = Shape::new(p.batch, p.seq, p.head_dim, p.dtype.dtype());
-        let op = Attention::new(&t.ctx, &layout, shape).map_err(|e| e.to_string())?;
+        let op = Attention::new(&t.ctx, layout, shape).map_err(msg)?;
+        let grad = match p.mode {
+            Mode::FwdBwd => Some(AttentionGrad::new(&t.ctx, layout, shape).map_err(msg)?),
+            _ => None,
+        };
+        let fwd = op.plan().variant.name();
+        let variant = match &grad {
+            Some(g) if g.plan().dq.variant.name() != fwd => format!("{fwd}+{}", g.plan().dq.variant.name()),
+            _ => fwd.to_string(),
+        };
         if self.args.verbose {
-            eprintln!("  plan {}: {}", if dense { "dense" } else { "sparse" }, op.explain());
+            eprintln!("  plan: {}", op.explain());
+            if let Some(g) = &grad {
+                eprintln!("  plan: {}", g.explain());
+            }
         }
-        let variant = op.plan().variant.name();
-        let timing = guarded(|| self.inputs(p).time(&op, warmup, iters).map_err(|e| e.to_string()))?;
-        let check = match self.check(ti, t, p, dense) {
+        let sets = self.host_sets::<T>(p, n);
+        let lse = p.batch as u64 * p.heads as u64 * p.seq as u64;
+        let runs = (self.args.warmup, self.args.iters);
+        let timing = guarded(|| match t.ctx.wgpu() {
+            Some(ctx) => crate::timer::time_wgpu(ctx, &op, grad.as_ref(), &sets, lse, runs),
+            None => time_cuda(t, &op, &sets, lse, runs),
+        })?;
+        Ok((variant, timing))
+    }
+
+    fn measure_typed<T: Sample>(
+        &mut self,
+        ti: usize,
+        t: &Target,
+        p: &Problem,
+        dense: bool,
+    ) -> Result<Measured, String> {
+        let layout = Self::layout(p, dense).map_err(msg)?;
+        let w = report::work(&layout, &problem_row(p));
+        let runs = (self.args.warmup, self.args.iters);
+        let sets = data::set_count(w.footprint as u64, self.args.rotate_bytes, runs.0 + runs.1);
+        let (variant, timing, kv_bytes) = match p.mode {
+            Mode::Fwd | Mode::FwdBwd => {
+                let (variant, timing) = self.time_pass::<T>(t, p, &layout, sets)?;
+                (variant, timing, None)
+            }
+            Mode::Decode => {
+                let seed = self.next_seed();
+                let d = guarded(|| crate::decode::time::<T>(&t.ctx, &layout, p, sets, runs, seed))?;
+                if self.args.verbose {
+                    eprintln!("  plan: {}", d.explain);
+                }
+                // Decode exposes no kernel variant; its WGSL kernels are the portable ones.
+                ("portable".to_string(), d.timing, Some(d.kv_bytes))
+            }
+        };
+        let check = match self.check::<T>(ti, t, p, dense) {
             None => None,
             Some(Ok(c)) => Some(c),
             Some(Err(e)) => return Err(format!("oracle check: {e}")),
         };
-        Ok(Measured { variant, timing, check })
+        Ok(Measured { variant, timing, check, sets: sets as u32, kv_bytes })
+    }
+
+    fn measure(&mut self, ti: usize, t: &Target, p: &Problem, dense: bool) -> Result<Measured, String> {
+        match p.dtype {
+            Precision::F32 => self.measure_typed::<f32>(ti, t, p, dense),
+            Precision::F16 => self.measure_typed::<half::f16>(ti, t, p, dense),
+            Precision::Bf16 => self.measure_typed::<half::bf16>(ti, t, p, dense),
+        }
     }
 
     /// Measures `p` on target `ti`: the sparse row, then the dense row of the same shape (timed once per
