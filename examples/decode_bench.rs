@@ -8,8 +8,8 @@
 //! `cargo run --release --example decode_bench -- [--ctx 32768,131072] [--batch 1,16] [--kv-heads 8,32]
 //! [--iters 20] [--warmup 5] [--no-dense]` (env: `S2ATTN_ADAPTER`, `S2ATTN_BACKEND`).
 //!
-//! A cache whose pool exceeds one storage binding (dense at 128k, batch 16) is split into several caches
-//! by sequences; their steps are timed one after the other and summed (the row says so).
+//! A cache larger than one storage binding (dense at 128k, batch 16) spreads over several segments; one
+//! decode call then runs one split pass per segment, all inside the one timed compute pass.
 
 use s2attn::{
     Backend, Context, ContextOptions, DType, Decode, KvCache, KvCacheConfig, Layout, MemoryReport, S2Config, SeqId,
@@ -96,7 +96,6 @@ struct Measured {
     /// KV bytes the step reads (attended pages, K and V).
     read_bytes: u64,
     report: MemoryReport,
-    parts: usize,
     explain: String,
 }
 
@@ -122,23 +121,22 @@ fn run(args: &Args) -> s2attn::Result<()> {
                     None
                 };
                 let ideal_ms = sparse.read_bytes as f64 / bw * 1e3;
+                println!("ctx {ctx_len} batch {batch} kv_heads {kv_heads}");
                 println!(
-                    "ctx {ctx_len} batch {batch} kv_heads {kv_heads}\n  S2    {:.4} ms, reads {:.1} MB ({:.1} GB/s), {:.2}x the read time at copy bandwidth{}\n        {}\n        {}",
+                    "  S2    {:.4} ms, reads {:.1} MB ({:.1} GB/s), {:.2}x the read time at copy bandwidth\n        {}\n        {}",
                     sparse.ms,
                     sparse.read_bytes as f64 / 1e6,
                     sparse.read_bytes as f64 / sparse.ms / 1e6,
                     sparse.ms / ideal_ms,
-                    parts(&sparse),
                     sparse.report,
                     sparse.explain
                 );
                 if let Some(d) = &dense {
                     println!(
-                        "  dense {:.4} ms, reads {:.1} MB ({:.1} GB/s){}; S2 is {:.2}x faster\n        {}",
+                        "  dense {:.4} ms, reads {:.1} MB ({:.1} GB/s); S2 is {:.2}x faster\n        {}",
                         d.ms,
                         d.read_bytes as f64 / 1e6,
                         d.read_bytes as f64 / d.ms / 1e6,
-                        parts(d),
                         d.ms / sparse.ms,
                         d.explain
                     );
@@ -147,7 +145,7 @@ fn run(args: &Args) -> s2attn::Result<()> {
                     "| {} | {ctx_len} | {batch} | {kv_heads} | {:.4} | {} | {} | {:.3} | {:.2} |",
                     ctx.adapter_name(),
                     sparse.ms,
-                    dense.as_ref().map_or("-".into(), |d| format!("{:.4}{}", d.ms, if d.parts > 1 { "*" } else { "" })),
+                    dense.as_ref().map_or("-".into(), |d| format!("{:.4}", d.ms)),
                     dense.as_ref().map_or("-".into(), |d| format!("{:.2}x", d.ms / sparse.ms)),
                     sparse.report.fraction(),
                     sparse.ms / ideal_ms,
@@ -160,88 +158,46 @@ fn run(args: &Args) -> s2attn::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     rows.iter().for_each(|r| println!("{r}"));
-    if rows.iter().any(|r| r.contains('*')) {
-        println!("\n\\* dense pool larger than one storage binding: timed as several caches, summed");
-    }
     Ok(())
 }
 
-fn parts(m: &Measured) -> String {
-    if m.parts > 1 {
-        format!(" (timed as {} caches, summed)", m.parts)
-    } else {
-        String::new()
-    }
-}
-
-/// Fills caches with `batch` sequences of `ctx_len` random tokens and times one decode step.
+/// Fills a cache with `batch` sequences of `ctx_len` random tokens and times one decode step.
 fn measure(ctx: &Context, layout: &Layout, ctx_len: u32, batch: u32, args: &Args) -> s2attn::Result<Measured> {
-    let config = KvCacheConfig::new(HEAD_DIM, DType::F16, ctx_len);
-    let per_seq = KvCache::pages_per_sequence(layout, &config)? as u64;
-    let pool_bytes_per_seq = per_seq * (BLOCK * HEAD_DIM) as u64 * 2;
-    let caps = ctx.caps();
-    let room = caps.max_storage_binding.min(caps.max_buffer);
-    let per_cache = (room / pool_bytes_per_seq.max(1)).clamp(1, batch as u64) as u32;
+    let config = KvCacheConfig::new(HEAD_DIM, DType::F16, ctx_len).sequences(batch);
+    let mut cache = KvCache::new(ctx, layout, config)?;
     let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ ctx_len as u64);
     let kv_row = (layout.num_kv_heads() * HEAD_DIM) as usize;
     let chunk_k = rng.f16s(CHUNK as usize * kv_row);
     let chunk_v = rng.f16s(CHUNK as usize * kv_row);
-    let mut m = Measured { ms: 0.0, read_bytes: 0, report: empty_report(), parts: 0, explain: String::new() };
-    let mut left = batch;
-    while left > 0 {
-        let n = left.min(per_cache);
-        left -= n;
-        let mut cache = KvCache::new(ctx, layout, config.clone().sequences(n))?;
-        let t = Instant::now();
-        let seqs: Vec<SeqId> = (0..n).map(|_| cache.add_sequence()).collect();
-        for &s in &seqs {
-            let mut len = 0;
-            while len < ctx_len {
-                let c = CHUNK.min(ctx_len - len) as usize;
-                cache.append(s, &chunk_k[..c * kv_row], &chunk_v[..c * kv_row])?;
-                len += c as u32;
-            }
+    let t = Instant::now();
+    let seqs: Vec<SeqId> = (0..batch).map(|_| cache.add_sequence()).collect();
+    for &s in &seqs {
+        let mut len = 0;
+        while len < ctx_len {
+            let c = CHUNK.min(ctx_len - len) as usize;
+            cache.append(s, &chunk_k[..c * kv_row], &chunk_v[..c * kv_row])?;
+            len += c as u32;
         }
-        ctx.wait()?;
-        let fill_s = t.elapsed().as_secs_f64();
-        let decode = Decode::new(&cache)?;
-        let q = rng.f16s((n * HEADS * HEAD_DIM) as usize);
-        let timing = decode.time(&cache, &seqs, &q, args.warmup, args.iters)?;
-        let list = decode.work_list(&cache, &seqs, 1)?;
-        m.ms += timing.median_ms();
-        m.read_bytes += list.entries().len() as u64 * 2 * (BLOCK * HEAD_DIM) as u64 * 2;
-        let r = cache.memory_report();
-        m.report = MemoryReport {
-            sequences: m.report.sequences + r.sequences,
-            tokens: m.report.tokens + r.tokens,
-            page_bytes: r.page_bytes,
-            resident_pages: m.report.resident_pages + r.resident_pages,
-            dense_pages: m.report.dense_pages + r.dense_pages,
-            pool_pages: m.report.pool_pages + r.pool_pages,
-            dense_bytes: m.report.dense_bytes + r.dense_bytes,
-        };
-        m.parts += 1;
-        m.explain = format!(
-            "{} (fill {fill_s:.1} s, {} timestamps, min {:.4} / max {:.4} ms)",
-            decode.explain(&cache, &seqs, 1)?,
-            if timing.gpu_timestamps { "GPU" } else { "wall-clock" },
-            timing.min_ms(),
-            timing.max_ms()
-        );
     }
-    Ok(m)
-}
-
-fn empty_report() -> MemoryReport {
-    MemoryReport {
-        sequences: 0,
-        tokens: 0,
-        page_bytes: 0,
-        resident_pages: 0,
-        dense_pages: 0,
-        pool_pages: 0,
-        dense_bytes: 0,
-    }
+    ctx.wait()?;
+    let fill_s = t.elapsed().as_secs_f64();
+    let decode = Decode::new(&cache)?;
+    let q = rng.f16s((batch * HEADS * HEAD_DIM) as usize);
+    let timing = decode.time(&cache, &seqs, &q, args.warmup, args.iters)?;
+    let blocks: usize = decode.work_lists(&cache, &seqs, 1)?.iter().map(|(_, l)| l.entries().len()).sum();
+    let explain = format!(
+        "{} (fill {fill_s:.1} s, {} timestamps, min {:.4} / max {:.4} ms)",
+        decode.explain(&cache, &seqs, 1)?,
+        if timing.gpu_timestamps { "GPU" } else { "wall-clock" },
+        timing.min_ms(),
+        timing.max_ms()
+    );
+    Ok(Measured {
+        ms: timing.median_ms(),
+        read_bytes: blocks as u64 * 2 * (BLOCK * HEAD_DIM) as u64 * 2,
+        report: cache.memory_report(),
+        explain,
+    })
 }
 
 /// Device-to-device copy bandwidth in bytes per second (bytes read plus bytes written), from the wall

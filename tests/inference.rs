@@ -269,7 +269,11 @@ fn mixed_lengths_in_one_batch_and_speculative_queries() {
     let layout = s2(S2Config::new(4, 16, 2, 3).kv_heads(2));
     for (i, dtype) in F32_F16.into_iter().enumerate() {
         let config = KvCacheConfig::new(D, dtype, 256).sequences(5).query_window(3);
+        let per_seq = KvCache::pages_per_sequence(&layout, &config).expect("pages");
+        // f16 spreads the five sequences over three segments.
+        let config = if dtype == DType::F16 { config.segment_pages(2 * per_seq) } else { config };
         let mut f = Fixture::new(&layout, dtype, config, 400 + i as u64);
+        assert_eq!(f.cache.segments(), if dtype == DType::F16 { 3 } else { 1 });
         let mut seqs: Vec<Seq> = (0..5).map(|_| f.add()).collect();
         for (s, n) in seqs.iter_mut().zip([3, 16, 33, 130, 77]) {
             f.append(s, n);
@@ -283,29 +287,33 @@ fn mixed_lengths_in_one_batch_and_speculative_queries() {
 }
 
 #[test]
-fn long_histories_split_over_workgroups_and_combine() {
+fn long_histories_split_over_workgroups_and_combine_across_cache_segments() {
     let layout = s2(S2Config::new(8, 16, 2, 2).kv_heads(2));
     let config = KvCacheConfig::new(D, DType::F32, 640).sequences(2);
-    let mut f = Fixture::new(&layout, DType::F32, config, 500);
-    let (mut a, mut b) = (f.add(), f.add());
-    f.append(&mut a, 600);
-    f.append(&mut b, 45);
-    for (name, policy) in [
-        ("never split", SplitPolicy::never()),
-        ("split to 2 blocks", SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 2 }),
-        ("split to 1 block", SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 1 }),
-        ("default", SplitPolicy::default()),
-    ] {
-        f.decode = Decode::new(&f.cache).expect("decode").with_split_policy(policy);
-        let list = f.decode.work_list(&f.cache, &[a.id, b.id], 1).expect("work list");
-        let split = !list.split_families().is_empty();
-        assert_eq!(
-            split,
-            policy.min_blocks_per_split != u32::MAX,
-            "{name}: {}",
-            f.decode.explain(&f.cache, &[a.id, b.id], 1).expect("explain")
-        );
-        f.check_decode(&[&a, &b], 1, name);
+    let per_seq = KvCache::pages_per_sequence(&layout, &config).expect("pages");
+    // One segment for both sequences, then one segment each (one pass per segment in one call).
+    for (segments, config) in [(1, config.clone()), (2, config.segment_pages(per_seq))] {
+        let mut f = Fixture::new(&layout, DType::F32, config, 500 + segments);
+        assert_eq!(f.cache.segments(), segments as usize);
+        let (mut a, mut b) = (f.add(), f.add());
+        f.append(&mut a, 600);
+        f.append(&mut b, 45);
+        for (name, policy) in [
+            ("never split", SplitPolicy::never()),
+            ("split to 2 blocks", SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 2 }),
+            ("split to 1 block", SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 1 }),
+            ("default", SplitPolicy::default()),
+        ] {
+            f.decode = Decode::new(&f.cache).expect("decode").with_split_policy(policy);
+            let lists = f.decode.work_lists(&f.cache, &[b.id, a.id], 1).expect("work lists");
+            assert_eq!(lists.len(), segments as usize, "one work list per segment");
+            let split = lists.iter().any(|(_, l)| !l.split_families().is_empty());
+            let explain = f.decode.explain(&f.cache, &[a.id, b.id], 1).expect("explain");
+            assert_eq!(split, policy.min_blocks_per_split != u32::MAX, "{name}: {explain}");
+            let what = format!("{name}, {segments} segments");
+            f.check_decode(&[&b, &a], 1, &what);
+            f.check_decode(&[&a, &b, &a], 1, &what);
+        }
     }
 }
 
@@ -536,6 +544,11 @@ fn bad_inputs_give_clear_errors_and_change_nothing() {
         KvCache::new(wgpu_context(), &layout, KvCacheConfig::new(D, DType::F32, 64).query_window(0)),
         Err(Error::Shape(_))
     ));
+    // A segment smaller than one sequence's peak; a segment that does not exist.
+    let e = KvCache::new(wgpu_context(), &layout, KvCacheConfig::new(D, DType::F32, 64).segment_pages(1))
+        .expect_err("segment below a sequence's peak");
+    assert!(e.to_string().contains("segment_pages 1 is below one sequence's peak"), "{e}");
+    assert!(matches!(f.cache.pools(1), Err(Error::Shape(_))) && f.cache.pools(0).is_ok());
 
     // cu_seqlens that do not describe packed sequences.
     for (q, k, needle) in [

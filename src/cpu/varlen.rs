@@ -70,7 +70,7 @@ pub fn attend_worklist(
     let mut out = vec![0f32; q.len()];
     let mut lse = vec![f32::NEG_INFINITY; lse_len];
     let mut partials =
-        vec![Row { m: f32::NEG_INFINITY, l: 0.0, acc: vec![0.0; d] }; (list.partial_slots() * rows) as usize];
+        vec![Row { m: f32::NEG_INFINITY, l: 0.0, acc: vec![0.0; d] }; (list.partial_slots().end * rows) as usize];
     let o_at = |it: &WorkItem, r: u32| ((it.tok0 + r % n_tok) * sh.num_heads + it.head0 + r / n_tok) as usize * d;
     let lse_at = |it: &WorkItem, r: u32| (it.lse0 + (r / n_tok) * sh.lse_head_stride + r % n_tok) as usize;
     for it in list.items() {

@@ -119,12 +119,12 @@ pub(crate) struct KvSource<'a> {
     pub v_off: u64,
 }
 
-/// One call: its work list, softmax scale and K/V source.
-#[derive(Clone, Copy, Debug)]
+/// One call: its softmax scale and its parts, each a work list with the K/V it reads (one part per KV
+/// cache segment; partial slots of different parts do not overlap).
+#[derive(Clone, Debug)]
 pub(crate) struct Call<'a> {
-    pub list: &'a WorkList,
     pub scale: f32,
-    pub kv: KvSource<'a>,
+    pub parts: Vec<(&'a WorkList, KvSource<'a>)>,
 }
 
 /// What one call reads and writes besides K and V.
@@ -234,7 +234,8 @@ impl GpuAttend {
         (o, l)
     }
 
-    /// Records `list` into `encoder` as one compute pass (split, then combine if needed).
+    /// Records a call into `encoder` as one compute pass: the split pass of every part, then the combine
+    /// pass of every part that split a family.
     pub(crate) fn encode(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -242,54 +243,19 @@ impl GpuAttend {
         io: &RowIo<'_>,
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) -> Result<()> {
-        let Call { list, scale, kv } = *call;
-        let shape = list.shape();
-        if shape.rows() != self.plan.rows {
-            return Err(Error::Shape(format!(
-                "work list of {} rows on a kernel planned for {}",
-                shape.rows(),
-                self.plan.rows
-            )));
-        }
         let (q_off, q_stride) = self.view("q", &io.q, io.tokens)?;
         let (o_off, o_stride) = self.view("out", &io.o, io.tokens)?;
         self.bindable("lse", io.lse.0, (io.lse.1 + io.lse_len) * 4)?;
-        self.bindable("k", kv.k, 0)?;
-        self.bindable("v", kv.v, 0)?;
-        let params = Params {
-            num_heads: self.num_heads,
-            n_tok: shape.n_tok,
-            block_size: shape.block_size,
-            causal: shape.causal as u32,
-            scale_log2: scale * std::f32::consts::LOG2_E,
-            q_off,
-            q_stride,
-            o_off,
-            o_stride,
-            k_off: vec4("k", kv.k_off)?,
-            v_off: vec4("v", kv.v_off)?,
-            kv_tok_stride: shape.kv_tok_stride,
-            lse_off: u32::try_from(io.lse.1).map_err(|_| Error::Shape("lse offset exceeds u32".into()))?,
-            lse_head_stride: shape.lse_head_stride,
-            n_items: list.items().len() as u32,
-            neg_inf: f32::NEG_INFINITY,
-        };
+        let lse_off = u32::try_from(io.lse.1).map_err(|_| Error::Shape("lse offset exceeds u32".into()))?;
+        let slots = call.parts.iter().map(|(list, _)| list.partial_slots().end).max().unwrap_or(0);
+        let (part_o, part_lse) = self.partials(slots);
         let device = self.ctx.device();
         let storage = |label, bytes: &[u8], usage| {
-            // wgpu refuses empty bindings: an empty list still gets 16 bytes.
+            // wgpu refuses empty bindings: an empty list still gets 48 bytes.
             let padded = [0u8; 48];
             let contents = if bytes.is_empty() { &padded[..] } else { bytes };
             device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents, usage })
         };
-        let uniform = wgpu::BufferUsages::UNIFORM;
-        let read = wgpu::BufferUsages::STORAGE;
-        let split_params = storage("s2attn decode params", bytemuck::bytes_of(&params), uniform);
-        let combine_params = Params { n_items: list.split_families().len() as u32, ..params };
-        let combine_params = storage("s2attn combine params", bytemuck::bytes_of(&combine_params), uniform);
-        let items = storage("s2attn decode items", bytemuck::cast_slice(list.items()), read);
-        let families = storage("s2attn decode families", bytemuck::cast_slice(list.split_families()), read);
-        let entries = storage("s2attn decode entries", bytemuck::cast_slice(list.entries()), read);
-        let (part_o, part_lse) = self.partials(list.partial_slots());
         let bind = |pipeline: &wgpu::ComputePipeline, entries: &[(u32, &wgpu::Buffer)]| {
             let entries: Vec<wgpu::BindGroupEntry> = entries
                 .iter()
@@ -301,36 +267,82 @@ impl GpuAttend {
                 entries: &entries,
             })
         };
-        let split = bind(
-            &self.split,
-            &[
-                (0, &split_params),
-                (1, io.q.buffer),
-                (2, kv.k),
-                (3, kv.v),
-                (4, io.o.buffer),
-                (5, &items),
-                (6, &entries),
-                (7, &part_o),
-                (8, &part_lse),
-                (9, io.lse.0),
-            ],
-        );
+        let (uniform, read) = (wgpu::BufferUsages::UNIFORM, wgpu::BufferUsages::STORAGE);
+        // Per part: (split bind group, items), (combine bind group, families).
+        let mut groups = Vec::with_capacity(call.parts.len());
+        for (list, kv) in &call.parts {
+            let shape = list.shape();
+            if shape.rows() != self.plan.rows {
+                return Err(Error::Shape(format!(
+                    "work list of {} rows on a kernel planned for {}",
+                    shape.rows(),
+                    self.plan.rows
+                )));
+            }
+            self.bindable("k", kv.k, 0)?;
+            self.bindable("v", kv.v, 0)?;
+            let params = Params {
+                num_heads: self.num_heads,
+                n_tok: shape.n_tok,
+                block_size: shape.block_size,
+                causal: shape.causal as u32,
+                scale_log2: call.scale * std::f32::consts::LOG2_E,
+                q_off,
+                q_stride,
+                o_off,
+                o_stride,
+                k_off: vec4("k", kv.k_off)?,
+                v_off: vec4("v", kv.v_off)?,
+                kv_tok_stride: shape.kv_tok_stride,
+                lse_off,
+                lse_head_stride: shape.lse_head_stride,
+                n_items: list.items().len() as u32,
+                neg_inf: f32::NEG_INFINITY,
+            };
+            let split_params = storage("s2attn decode params", bytemuck::bytes_of(&params), uniform);
+            let items = storage("s2attn decode items", bytemuck::cast_slice(list.items()), read);
+            let entries = storage("s2attn decode entries", bytemuck::cast_slice(list.entries()), read);
+            let split = bind(
+                &self.split,
+                &[
+                    (0, &split_params),
+                    (1, io.q.buffer),
+                    (2, kv.k),
+                    (3, kv.v),
+                    (4, io.o.buffer),
+                    (5, &items),
+                    (6, &entries),
+                    (7, &part_o),
+                    (8, &part_lse),
+                    (9, io.lse.0),
+                ],
+            );
+            let families = list.split_families();
+            let combine = (!families.is_empty()).then(|| {
+                let params = Params { n_items: families.len() as u32, ..params };
+                let params = storage("s2attn combine params", bytemuck::bytes_of(&params), uniform);
+                let families = storage("s2attn decode families", bytemuck::cast_slice(families), read);
+                let entries =
+                    [(0, &params), (4, io.o.buffer), (5, &families), (7, &part_o), (8, &part_lse), (9, io.lse.0)];
+                bind(&self.combine, &entries)
+            });
+            groups.push(((split, list.items().len() as u32), combine.map(|c| (c, families.len() as u32))));
+        }
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("s2attn decode"),
             timestamp_writes: timestamps,
         });
         pass.set_pipeline(&self.split);
-        pass.set_bind_group(0, &split, &[]);
-        self.dispatch(&mut pass, list.items().len() as u32);
-        if !list.split_families().is_empty() {
-            let combine = bind(
-                &self.combine,
-                &[(0, &combine_params), (4, io.o.buffer), (5, &families), (7, &part_o), (8, &part_lse), (9, io.lse.0)],
-            );
+        for ((split, n), _) in &groups {
+            pass.set_bind_group(0, split, &[]);
+            self.dispatch(&mut pass, *n);
+        }
+        if groups.iter().any(|(_, c)| c.is_some()) {
             pass.set_pipeline(&self.combine);
-            pass.set_bind_group(0, &combine, &[]);
-            self.dispatch(&mut pass, list.split_families().len() as u32);
+            for (combine, n) in groups.iter().filter_map(|(_, c)| c.as_ref()) {
+                pass.set_bind_group(0, combine, &[]);
+                self.dispatch(&mut pass, *n);
+            }
         }
         Ok(())
     }

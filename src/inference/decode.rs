@@ -81,8 +81,10 @@ impl Decode {
         Ok(k)
     }
 
-    /// The work list of a call querying the last `q_len` tokens of each of `seqs`.
-    pub fn work_list(&self, cache: &KvCache, seqs: &[SeqId], q_len: u32) -> Result<WorkList> {
+    /// The work lists of a call querying the last `q_len` tokens of each of `seqs`: one per KV cache
+    /// segment the sequences live in, as `(segment, list)`; rows are numbered by the sequences' positions
+    /// in `seqs`, partial slots of different lists do not overlap.
+    pub fn work_lists(&self, cache: &KvCache, seqs: &[SeqId], q_len: u32) -> Result<Vec<(usize, WorkList)>> {
         if cache.id() != self.cache_id {
             return Err(Error::Shape("cache: this Decode op was built for another KvCache".into()));
         }
@@ -108,33 +110,44 @@ impl Decode {
             kv_tok_stride: d4,
             lse_head_stride: q_len,
         };
-        let mut builder = WorkListBuilder::new(&self.layout, shape);
-        for (si, &seq) in seqs.iter().enumerate() {
-            let si = si as u32;
-            for kvh in 0..hk_n {
-                let (len, resident) = cache.resident(seq, kvh)?;
-                if len < q_len {
-                    return Err(Error::Shape(format!(
-                        "seqs[{si}] ({seq}) holds {len} tokens, fewer than the {q_len} queried"
-                    )));
+        let segments = seqs.iter().map(|&s| cache.segment_of(s)).collect::<Result<Vec<usize>>>()?;
+        let mut used = segments.clone();
+        used.sort_unstable();
+        used.dedup();
+        let mut lists = Vec::with_capacity(used.len());
+        let mut first_slot = 0;
+        for segment in used {
+            let mut builder = WorkListBuilder::new(&self.layout, shape);
+            for (si, &seq) in seqs.iter().enumerate().filter(|&(i, _)| segments[i] == segment) {
+                let si = si as u32;
+                for kvh in 0..hk_n {
+                    let (len, resident) = cache.resident(seq, kvh)?;
+                    if len < q_len {
+                        return Err(Error::Shape(format!(
+                            "seqs[{si}] ({seq}) holds {len} tokens, fewer than the {q_len} queried"
+                        )));
+                    }
+                    let rows = WorkItem {
+                        head0: kvh * group,
+                        tok0: si * q_len,
+                        pos0: len - q_len,
+                        n_valid: q_len,
+                        kv_len: len,
+                        lse0: (si * h_n + kvh * group) * q_len,
+                        ..WorkItem::default()
+                    };
+                    debug_assert!(
+                        self.all_resident(cache, seq, kvh, &rows),
+                        "{seq}: a page KV head {kvh} needs was evicted"
+                    );
+                    builder.family(rows, resident.map(|(kb, page)| (kb, page.index() * bs * d4)));
                 }
-                let rows = WorkItem {
-                    head0: kvh * group,
-                    tok0: si * q_len,
-                    pos0: len - q_len,
-                    n_valid: q_len,
-                    kv_len: len,
-                    lse0: (si * h_n + kvh * group) * q_len,
-                    ..WorkItem::default()
-                };
-                debug_assert!(
-                    self.all_resident(cache, seq, kvh, &rows),
-                    "{seq}: a page KV head {kvh} needs was evicted"
-                );
-                builder.family(rows, resident.map(|(kb, page)| (kb, page.index() * bs * d4)));
             }
+            let list = builder.finish(&self.policy, first_slot);
+            first_slot = list.partial_slots().end;
+            lists.push((segment, list));
         }
-        Ok(builder.finish(&self.policy))
+        Ok(lists)
     }
 
     /// Whether every block the rows attend is resident (the eviction rule's promise).
@@ -153,22 +166,25 @@ impl Decode {
 
     /// A human-readable account of a call: kernel shape, families, splits, blocks read.
     pub fn explain(&self, cache: &KvCache, seqs: &[SeqId], q_len: u32) -> Result<String> {
-        let list = self.work_list(cache, seqs, q_len)?;
+        let lists = self.work_lists(cache, seqs, q_len)?;
         let kernel = self.kernel(q_len)?;
-        let split = match list.blocks_per_split() {
-            u32::MAX => "no split".to_string(),
-            b => format!(
-                "split at {b} blocks into {} items, {} combined families",
-                list.items().len(),
-                list.split_families().len()
+        let sum = |f: &dyn Fn(&WorkList) -> usize| lists.iter().map(|(_, l)| f(l)).sum::<usize>();
+        let bps: Vec<u32> = lists.iter().map(|(_, l)| l.blocks_per_split()).filter(|&b| b != u32::MAX).collect();
+        let split = match bps.iter().max() {
+            None => "no split".to_string(),
+            Some(b) => format!(
+                "split at <= {b} blocks into {} items, {} combined families",
+                sum(&|l| l.items().len()),
+                sum(&|l| l.split_families().len())
             ),
         };
         Ok(format!(
-            "decode {} sequences x {q_len} tokens: {}; {} families, {} KV blocks read, {split}",
+            "decode {} sequences x {q_len} tokens: {}; {} families in {} KV cache segments, {} KV blocks read, {split}",
             seqs.len(),
             kernel.plan(),
-            list.families(),
-            list.entries().len()
+            sum(&|l| l.families()),
+            lists.len(),
+            sum(&|l| l.entries().len())
         ))
     }
 
@@ -201,20 +217,26 @@ impl Decode {
         Ok(())
     }
 
-    fn call<'a>(&self, cache: &'a KvCache, list: &'a WorkList) -> Call<'a> {
-        let (k, v) = cache.pools();
-        Call { list, scale: self.scale, kv: KvSource { k, v, k_off: 0, v_off: 0 } }
+    fn call<'a>(&self, cache: &'a KvCache, lists: &'a [(usize, WorkList)]) -> Result<Call<'a>> {
+        let parts = lists
+            .iter()
+            .map(|(segment, list)| {
+                let (k, v) = cache.pools(*segment)?;
+                Ok((list, KvSource { k, v, k_off: 0, v_off: 0 }))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Call { scale: self.scale, parts })
     }
 
     /// Runs on host data: `q` is `[seqs.len(), q_len, heads, head_dim]` (q_len from its length).
     pub fn run<T: Element>(&self, cache: &KvCache, seqs: &[SeqId], q: &[T]) -> Result<Output<T>> {
         self.check_dtype::<T>()?;
         let q_len = self.q_len_of(seqs, q.len())?;
-        let list = self.work_list(cache, seqs, q_len)?;
+        let lists = self.work_lists(cache, seqs, q_len)?;
         let tokens = seqs.len() as u64 * q_len as u64;
         let lse_len = tokens * self.layout.num_heads() as u64;
         let (out, lse) =
-            self.kernel(q_len)?.run_host(&self.call(cache, &list), bytemuck::cast_slice(q), tokens, lse_len)?;
+            self.kernel(q_len)?.run_host(&self.call(cache, &lists)?, bytemuck::cast_slice(q), tokens, lse_len)?;
         Ok(Output { out: bytemuck::pod_collect_to_vec(&out), lse })
     }
 
@@ -230,10 +252,10 @@ impl Decode {
     ) -> Result<Timing> {
         self.check_dtype::<T>()?;
         let q_len = self.q_len_of(seqs, q.len())?;
-        let list = self.work_list(cache, seqs, q_len)?;
+        let lists = self.work_lists(cache, seqs, q_len)?;
         let tokens = seqs.len() as u64 * q_len as u64;
         let lse_len = tokens * self.layout.num_heads() as u64;
-        self.kernel(q_len)?.time(&self.call(cache, &list), bytemuck::cast_slice(q), tokens, lse_len, warmup, iters)
+        self.kernel(q_len)?.time(&self.call(cache, &lists)?, bytemuck::cast_slice(q), tokens, lse_len, warmup, iters)
     }
 
     /// Records a call into the caller's `encoder` on caller-owned buffers: `q` and `out` hold
@@ -250,9 +272,9 @@ impl Decode {
         out: &TensorView<'_>,
         lse: (&wgpu::Buffer, u64),
     ) -> Result<()> {
-        let list = self.work_list(cache, seqs, q_len)?;
+        let lists = self.work_lists(cache, seqs, q_len)?;
         let tokens = seqs.len() as u64 * q_len as u64;
         let io = RowIo { q: *q, o: *out, lse, tokens, lse_len: tokens * self.layout.num_heads() as u64 };
-        self.kernel(q_len)?.encode(encoder, &self.call(cache, &list), &io, None)
+        self.kernel(q_len)?.encode(encoder, &self.call(cache, &lists)?, &io, None)
     }
 }

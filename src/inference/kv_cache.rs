@@ -1,7 +1,9 @@
 //! `KvCache`: the library-owned paged KV cache of an S2 (or any causal) layout on a wgpu device.
 //!
-//! Two pools of fixed-size pages live on the GPU (K and V, one page = one layout block of one KV head).
-//! Each sequence has a [`PageTable`] per KV head mapping its logical blocks to pages. Appending tokens
+//! Pools of fixed-size pages live on the GPU (K and V, one page = one layout block of one KV head), in one
+//! or more *segments* of at most one storage binding each (a dense cache of long sequences outgrows one
+//! binding); each sequence lives in one segment. Each sequence has a [`PageTable`] per KV head mapping its
+//! logical blocks to pages of its segment. Appending tokens
 //! writes their K and V rows into pages; before that the cache frees every page no future query of the
 //! page's KV head can attend ([`Retention`](super::retention)): for S2 layouts a KV head keeps its local
 //! window and its vertical stripes, dense heads keep everything. Future queries are the last
@@ -56,12 +58,15 @@ pub struct KvCacheConfig {
     /// Trailing tokens of a sequence that a later decode call may query (>= 1; more than 1 for
     /// speculative decoding). Pages that only earlier queries could attend are freed.
     pub query_window: u32,
+    /// The most pages one segment (one K and one V buffer) holds; `None`: as many as one storage
+    /// binding takes.
+    pub segment_pages: Option<u32>,
 }
 
 impl KvCacheConfig {
     /// A cache for one sequence of up to `max_seq_len` tokens, queried one token at a time.
     pub fn new(head_dim: u32, dtype: DType, max_seq_len: u32) -> Self {
-        Self { head_dim, dtype, max_seq_len, sequences: 1, max_pages: None, query_window: 1 }
+        Self { head_dim, dtype, max_seq_len, sequences: 1, max_pages: None, query_window: 1, segment_pages: None }
     }
     /// Sizes the pool for `n` sequences of `max_seq_len` tokens.
     pub fn sequences(mut self, n: u32) -> Self {
@@ -76,6 +81,11 @@ impl KvCacheConfig {
     /// Lets decode calls query the last `tokens` tokens of a sequence (speculative decoding).
     pub fn query_window(mut self, tokens: u32) -> Self {
         self.query_window = tokens;
+        self
+    }
+    /// Caps the pages of one segment (below what one storage binding takes).
+    pub fn segment_pages(mut self, pages: u32) -> Self {
+        self.segment_pages = Some(pages);
         self
     }
 }
@@ -138,8 +148,19 @@ impl fmt::Display for MemoryReport {
 #[derive(Debug)]
 struct Sequence {
     len: u32,
+    /// The segment holding its pages.
+    segment: usize,
     /// One page table per KV head.
     tables: Vec<PageTable>,
+}
+
+/// One K buffer and one V buffer of pages, with their free list.
+#[derive(Debug)]
+struct Segment {
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    pool: PagePool,
+    sequences: usize,
 }
 
 /// A paged KV cache on the GPU for one layout. See the module docs for the eviction rule.
@@ -149,9 +170,7 @@ pub struct KvCache {
     config: KvCacheConfig,
     id: u64,
     retention: Retention,
-    pool: PagePool,
-    k_pool: wgpu::Buffer,
-    v_pool: wgpu::Buffer,
+    segments: Vec<Segment>,
     seqs: HashMap<u64, Sequence>,
     next_seq: u64,
 }
@@ -171,47 +190,94 @@ impl KvCache {
     /// A cache for `layout` (causal) on the wgpu device of `ctx`, its pool allocated up front.
     pub fn new(ctx: &Context, layout: &Layout, config: KvCacheConfig) -> Result<Self> {
         let ctx = ctx.require_wgpu("KvCache::new")?.clone();
-        let (retention, pool_pages) = Self::size(layout, &config)?;
-        let page_elems = layout.block_size() as u64 * config.head_dim as u64;
-        let pool_bytes = pool_pages as u64 * page_elems * config.dtype.size();
-        if pool_pages as u64 * page_elems / 4 > u32::MAX as u64 {
-            return Err(Error::Shape(format!(
-                "a KV cache pool of {pool_pages} pages exceeds the decode kernel's 2^34-element addressing"
+        Self::validate(layout, &config)?;
+        let retention = Retention::new(layout, layout.blocks(config.max_seq_len));
+        let sizes = Self::segment_sizes(layout, &config, &retention, ctx.caps())?;
+        let page_bytes = layout.block_size() as u64 * config.head_dim as u64 * config.dtype.size();
+        let device = ctx.device();
+        let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let segments: Vec<Segment> = sizes
+            .iter()
+            .map(|&pages| {
+                let pool = |label| {
+                    device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some(label),
+                        size: pages as u64 * page_bytes,
+                        usage: wgpu::BufferUsages::STORAGE
+                            | wgpu::BufferUsages::COPY_DST
+                            | wgpu::BufferUsages::COPY_SRC,
+                        mapped_at_creation: false,
+                    })
+                };
+                let (k, v) = (pool("s2attn kv cache K"), pool("s2attn kv cache V"));
+                Segment { k, v, pool: PagePool::new(pages), sequences: 0 }
+            })
+            .collect();
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            let pages: u64 = sizes.iter().map(|&p| p as u64).sum();
+            return Err(Error::Device(format!(
+                "allocating a KV cache of {pages} pages ({} bytes): {e}",
+                2 * pages * page_bytes
             )));
         }
-        let caps = ctx.caps();
-        for (limit, max) in
-            [("max_storage_buffer_binding_size", caps.max_storage_binding), ("max_buffer_size", caps.max_buffer)]
-        {
-            if pool_bytes > max {
-                return Err(Error::DeviceLimit {
-                    what: format!("a KV cache pool of {pool_pages} pages (config.max_pages / sequences)"),
-                    limit,
-                    needed: pool_bytes,
-                    max,
-                });
-            }
-        }
-        let pool = |label| {
-            ctx.device().create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: pool_bytes,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            })
-        };
         Ok(Self {
-            k_pool: pool("s2attn kv cache K"),
-            v_pool: pool("s2attn kv cache V"),
             ctx,
             layout: layout.clone(),
             config,
             id: NEXT_CACHE.fetch_add(1, Ordering::Relaxed),
             retention,
-            pool: PagePool::new(pool_pages),
+            segments,
             seqs: HashMap::new(),
             next_seq: 0,
         })
+    }
+
+    /// Pages per segment: whole sequences at their peak per segment when sized by `sequences`, else
+    /// `max_pages` cut at what one binding (and the kernel's u32 vec4 addressing) takes.
+    fn segment_sizes(
+        layout: &Layout,
+        config: &KvCacheConfig,
+        retention: &Retention,
+        caps: &crate::plan::DeviceCaps,
+    ) -> Result<Vec<u32>> {
+        let page_elems = layout.block_size() as u64 * config.head_dim as u64;
+        let page_bytes = page_elems * config.dtype.size();
+        let binding = caps.max_storage_binding.min(caps.max_buffer);
+        let cap =
+            (binding / page_bytes).min((1u64 << 34) / page_elems).min(config.segment_pages.map_or(u64::MAX, u64::from));
+        let limit = if caps.max_storage_binding <= caps.max_buffer {
+            "max_storage_buffer_binding_size"
+        } else {
+            "max_buffer_size"
+        };
+        if cap == 0 {
+            return Err(Error::DeviceLimit { what: "one KV page".into(), limit, needed: page_bytes, max: binding });
+        }
+        let chunks = |total: u64, per: u64| -> Vec<u32> {
+            (0..total.div_ceil(per)).map(|i| (total - i * per).min(per) as u32).collect()
+        };
+        match config.max_pages {
+            Some(p) => Ok(chunks(p as u64, cap)),
+            None => {
+                let peak = Self::peak_pages(layout, config, retention) as u64;
+                if peak > cap {
+                    if config.segment_pages.is_some_and(|s| (s as u64) < peak) {
+                        return Err(Error::Shape(format!(
+                            "segment_pages {} is below one sequence's peak of {peak} pages",
+                            cap
+                        )));
+                    }
+                    return Err(Error::DeviceLimit {
+                        what: format!("one sequence's peak of {peak} KV pages in one pool buffer"),
+                        limit,
+                        needed: peak * page_bytes,
+                        max: binding,
+                    });
+                }
+                let per_segment = cap / peak.max(1);
+                Ok(chunks(config.sequences as u64, per_segment).into_iter().map(|n| (n as u64 * peak) as u32).collect())
+            }
+        }
     }
 
     /// Pages one sequence of `config.max_seq_len` tokens holds at its peak under `layout`'s eviction rule
@@ -244,18 +310,6 @@ impl KvCache {
         Ok(())
     }
 
-    fn size(layout: &Layout, config: &KvCacheConfig) -> Result<(Retention, u32)> {
-        Self::validate(layout, config)?;
-        let retention = Retention::new(layout, layout.blocks(config.max_seq_len));
-        let pages = match config.max_pages {
-            Some(p) => p as u64,
-            None => Self::peak_pages(layout, config, &retention) as u64 * config.sequences as u64,
-        };
-        let pages = u32::try_from(pages)
-            .map_err(|_| Error::Shape(format!("{pages} pages exceed the 2^32 pages a pool can index")))?;
-        Ok((retention, pages))
-    }
-
     fn peak_pages(layout: &Layout, config: &KvCacheConfig, retention: &Retention) -> u32 {
         let bs = layout.block_size();
         // With its last token at the start of block b, a sequence's future queries start earliest.
@@ -268,20 +322,26 @@ impl KvCache {
         len.saturating_sub(self.config.query_window) / self.layout.block_size()
     }
 
-    /// Starts an empty sequence.
+    /// Starts an empty sequence, in the segment holding the fewest sequences (then the most free pages).
     pub fn add_sequence(&mut self) -> SeqId {
         let id = self.next_seq;
         self.next_seq += 1;
+        let segment = (0..self.segments.len())
+            .min_by_key(|&i| (self.segments[i].sequences, std::cmp::Reverse(self.segments[i].pool.free())))
+            .unwrap_or(0);
+        self.segments[segment].sequences += 1;
         let tables = vec![PageTable::default(); self.layout.num_kv_heads() as usize];
-        self.seqs.insert(id, Sequence { len: 0, tables });
+        self.seqs.insert(id, Sequence { len: 0, segment, tables });
         SeqId(id)
     }
 
     /// Removes a finished sequence and frees its pages.
     pub fn remove_sequence(&mut self, seq: SeqId) -> Result<()> {
         let mut s = self.seqs.remove(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
+        let segment = &mut self.segments[s.segment];
+        segment.sequences -= 1;
         for table in &mut s.tables {
-            table.drain().for_each(|p| self.pool.release(p));
+            table.drain().for_each(|p| segment.pool.release(p));
         }
         Ok(())
     }
@@ -354,30 +414,32 @@ impl KvCache {
                     .map(|kb| (kvh, kb)),
             );
         }
-        let room = self.pool.free() as u64 + evict.len() as u64;
+        let (n_segments, segment) = (self.segments.len(), &mut self.segments[s.segment]);
+        let room = segment.pool.free() as u64 + evict.len() as u64;
         if fresh.len() as u64 > room {
             return Err(Error::CacheFull {
-                what: format!("appending {} tokens to {seq}", len1 - len0),
+                what: format!("appending {} tokens to {seq} (segment {} of {n_segments})", len1 - len0, s.segment),
                 needed: fresh.len() as u64 - evict.len() as u64,
-                free: self.pool.free() as u64,
-                capacity: self.pool.capacity() as u64,
+                free: segment.pool.free() as u64,
+                capacity: segment.pool.capacity() as u64,
             });
         }
 
         let s = self.seqs.get_mut(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
         for (kvh, kb) in evict {
             if let Some(page) = s.tables[kvh as usize].remove(kb) {
-                self.pool.release(page);
+                segment.pool.release(page);
             }
         }
         for (kvh, kb) in fresh {
             let page =
-                self.pool.alloc().ok_or_else(|| Error::Device("KV page pool accounting is inconsistent".into()))?;
+                segment.pool.alloc().ok_or_else(|| Error::Device("KV page pool accounting is inconsistent".into()))?;
             s.tables[kvh as usize].insert(kb, page);
         }
         s.len = len1;
 
         let s = &self.seqs[&seq.0];
+        let segment = &self.segments[s.segment];
         let (k, v): (&[u8], &[u8]) = (bytemuck::cast_slice(k), bytemuck::cast_slice(v));
         let es = self.config.dtype.size() as usize;
         let mut staged = 0u64;
@@ -394,8 +456,8 @@ impl KvCache {
                     rows
                 };
                 let at = (page.index() as u64 * bs as u64 + (lo - kb * bs) as u64) * d as u64 * es as u64;
-                self.ctx.queue().write_buffer(&self.k_pool, at, &gather(k));
-                self.ctx.queue().write_buffer(&self.v_pool, at, &gather(v));
+                self.ctx.queue().write_buffer(&segment.k, at, &gather(k));
+                self.ctx.queue().write_buffer(&segment.v, at, &gather(v));
                 staged += 2 * (hi - lo) as u64 * (d * es) as u64;
                 if staged >= FLUSH_BYTES {
                     // Hand the staged writes to the device so that a long prompt's staging memory is
@@ -419,9 +481,9 @@ impl KvCache {
             sequences: self.seqs.len(),
             tokens,
             page_bytes: 2 * self.layout.block_size() as u64 * d * es,
-            resident_pages: (self.pool.capacity() - self.pool.free()) as u64,
+            resident_pages: self.segments.iter().map(|g| (g.pool.capacity() - g.pool.free()) as u64).sum(),
             dense_pages: self.seqs.values().map(|s| self.layout.blocks(s.len) as u64 * hk).sum(),
-            pool_pages: self.pool.capacity() as u64,
+            pool_pages: self.segments.iter().map(|g| g.pool.capacity() as u64).sum(),
             dense_bytes: tokens * hk * d * 2 * es,
         }
     }
@@ -438,14 +500,26 @@ impl KvCache {
     pub fn page_tokens(&self) -> u32 {
         self.layout.block_size()
     }
-    /// Free pages in the pool.
+    /// Free pages in the pool (all segments).
     pub fn free_pages(&self) -> u32 {
-        self.pool.free()
+        self.segments.iter().map(|g| g.pool.free()).sum()
     }
-    /// The K and V pools: `[pages, block_size, head_dim]` each, page `p` of a [`PageTable`] at index
-    /// `p.index()` (for kernels of other backends, and for apps that read the cache directly).
-    pub fn pools(&self) -> (&wgpu::Buffer, &wgpu::Buffer) {
-        (&self.k_pool, &self.v_pool)
+    /// Segments (pairs of K and V buffers) of the pool.
+    pub fn segments(&self) -> usize {
+        self.segments.len()
+    }
+    /// The segment holding the pages of `seq`.
+    pub fn segment_of(&self, seq: SeqId) -> Result<usize> {
+        Ok(self.sequence(seq)?.segment)
+    }
+    /// The K and V buffers of segment `segment`: `[pages, block_size, head_dim]` each, page `p` of a
+    /// [`PageTable`] of a sequence in that segment at index `p.index()` (for kernels of other backends, and
+    /// for apps that read the cache directly).
+    pub fn pools(&self, segment: usize) -> Result<(&wgpu::Buffer, &wgpu::Buffer)> {
+        let g = self.segments.get(segment).ok_or_else(|| {
+            Error::Shape(format!("segment {segment} is out of range: the cache has {}", self.segments.len()))
+        })?;
+        Ok((&g.k, &g.v))
     }
     pub(crate) fn wgpu(&self) -> &WgpuContext {
         &self.ctx

@@ -217,7 +217,7 @@ impl VarlenAttention {
                 }
             }
         }
-        Ok(builder.finish(&self.policy))
+        Ok(builder.finish(&self.policy, 0))
     }
 
     fn check<T: Element>(&self, lens: &SeqLens, q: &[T], k: &[T], v: &[T]) -> Result<()> {
@@ -248,7 +248,8 @@ impl VarlenAttention {
         let list = self.work_list(lens, None)?;
         let upload = |name, x: &[T]| crate::gpu::decode::upload(&self.ctx, name, bytemuck::cast_slice(x));
         let (k_buf, v_buf) = (upload("s2attn varlen k", k), upload("s2attn varlen v", v));
-        let call = Call { list: &list, scale: self.scale, kv: KvSource { k: &k_buf, v: &v_buf, k_off: 0, v_off: 0 } };
+        let call =
+            Call { scale: self.scale, parts: vec![(&list, KvSource { k: &k_buf, v: &v_buf, k_off: 0, v_off: 0 })] };
         let tokens = lens.total_q() as u64;
         let lse_len = tokens * self.layout.num_heads() as u64;
         let (out, lse) = self.kernel.run_host(&call, bytemuck::cast_slice(q), tokens, lse_len)?;
@@ -286,7 +287,7 @@ impl VarlenAttention {
         let kv = KvSource { k: k.buffer, v: v.buffer, k_off: k.offset, v_off: v.offset };
         let tokens = lens.total_q() as u64;
         let io = RowIo { q: *q, o: *out, lse, tokens, lse_len: tokens * self.layout.num_heads() as u64 };
-        self.kernel.encode(encoder, &Call { list: &list, scale: self.scale, kv }, &io, None)
+        self.kernel.encode(encoder, &Call { scale: self.scale, parts: vec![(&list, kv)] }, &io, None)
     }
 }
 

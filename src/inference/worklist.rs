@@ -119,7 +119,7 @@ pub struct WorkList {
     items: Vec<WorkItem>,
     families: Vec<WorkItem>,
     entries: Vec<WorkEntry>,
-    slots: u32,
+    slots: Range<u32>,
     blocks_per_split: u32,
     family_count: usize,
 }
@@ -141,9 +141,9 @@ impl WorkList {
     pub fn entries(&self) -> &[WorkEntry] {
         &self.entries
     }
-    /// Partial slots the split items write.
-    pub fn partial_slots(&self) -> u32 {
-        self.slots
+    /// Partial slots the split items write (a call over several lists gives each its own range).
+    pub fn partial_slots(&self) -> Range<u32> {
+        self.slots.clone()
     }
     /// Families (before splitting).
     pub fn families(&self) -> usize {
@@ -205,12 +205,13 @@ impl<'a> WorkListBuilder<'a> {
         self.families.push((rows, e0..self.entries.len() as u32));
     }
 
-    /// Splits the families by `policy` into items and combine records.
-    pub(crate) fn finish(self, policy: &SplitPolicy) -> WorkList {
+    /// Splits the families by `policy` into items and combine records, numbering partial slots from
+    /// `first_slot`.
+    pub(crate) fn finish(self, policy: &SplitPolicy, first_slot: u32) -> WorkList {
         let bps = policy.blocks_per_split(self.families.len(), self.entries.len());
         let mut items = Vec::with_capacity(self.families.len());
         let mut families = Vec::new();
-        let mut slots = 0u32;
+        let mut slots = first_slot;
         for (rows, range) in &self.families {
             let n = range.end - range.start;
             let nsplit = n.div_ceil(bps).max(1);
@@ -232,7 +233,7 @@ impl<'a> WorkListBuilder<'a> {
             items,
             families,
             entries: self.entries,
-            slots,
+            slots: first_slot..slots,
             blocks_per_split: bps,
             family_count: self.families.len(),
         }
