@@ -83,6 +83,12 @@ enum {
     S2ATTN_ERR_UNSUPPORTED = 26,
     /** The CUDA backend failed (driver, NVRTC, launch). */
     S2ATTN_ERR_CUDA = 27,
+    /** A sequence id the KV cache does not hold (never added, or removed). */
+    S2ATTN_ERR_UNKNOWN_SEQUENCE = 28,
+    /** An append would take a sequence past the cache's max_seq_len. */
+    S2ATTN_ERR_PAGE_TABLE_OVERFLOW = 29,
+    /** The KV cache's page pool has too few free pages. */
+    S2ATTN_ERR_CACHE_FULL = 30,
     /** An error newer than this header; the message says what it is. */
     S2ATTN_ERR_OTHER = 99
 };
@@ -218,6 +224,87 @@ s2attn_status s2attn_forward(const s2attn_op *op, const void *q, size_t q_len, c
 
 /** Releases an op (NULL is a no-op). */
 void s2attn_op_free(s2attn_op *op);
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Paged KV cache and decode                                                                              */
+/* ---------------------------------------------------------------------------------------------------- */
+
+/*
+ * A KV cache holds the K and V rows of many sequences in fixed-size pages on the device (one page = one
+ * layout block of one KV head). For S2 layouts it frees every page no future query can attend (a KV head
+ * keeps its local window and its stripes), so resident memory stays a fraction of a dense cache. A decode
+ * step attends the last q_len tokens of each listed sequence (1 for plain decoding) to its cached history;
+ * append the new tokens' K and V first, then decode with their Q.
+ */
+
+typedef struct S2attnKvCache s2attn_kv_cache;
+typedef struct S2attnDecode s2attn_decode;
+
+typedef struct s2attn_kv_cache_params {
+    uint32_t head_dim;     /**< features per head */
+    int32_t dtype;         /**< S2ATTN_F32 or S2ATTN_F16 */
+    uint32_t max_seq_len;  /**< the most tokens one sequence may hold */
+    uint32_t sequences;    /**< sequences of max_seq_len tokens the pool is sized for (when max_pages is 0) */
+    uint32_t max_pages;    /**< pages in the pool; 0 sizes it from sequences */
+    uint32_t query_window; /**< trailing tokens a decode step may query: 1, or more for speculative decoding */
+} s2attn_kv_cache_params;
+
+/** One sequence of up to max_seq_len tokens, decoded one token at a time. */
+s2attn_kv_cache_params s2attn_kv_cache_params_init(uint32_t head_dim, int32_t dtype, uint32_t max_seq_len);
+
+/** What a cache holds against what a dense cache would. */
+typedef struct s2attn_memory_report {
+    uint64_t sequences;      /**< sequences in the cache */
+    uint64_t tokens;         /**< tokens over all sequences */
+    uint64_t page_bytes;     /**< bytes of one page, K and V together */
+    uint64_t resident_pages; /**< pages in use */
+    uint64_t dense_pages;    /**< pages a dense paged cache would use */
+    uint64_t pool_pages;     /**< pages allocated in the pool */
+    uint64_t resident_bytes; /**< bytes of the pages in use */
+    uint64_t dense_bytes;    /**< bytes a dense cache would hold */
+    uint64_t pool_bytes;     /**< bytes allocated for the pool */
+} s2attn_memory_report;
+
+/** A cache for a causal layout on ctx's device (wgpu), its pool allocated up front. */
+s2attn_status s2attn_kv_cache_create(const s2attn_context *ctx, const s2attn_layout *layout,
+                                     const s2attn_kv_cache_params *params, s2attn_kv_cache **out);
+
+/** Starts an empty sequence; writes its id (never reused) to *seq. */
+s2attn_status s2attn_kv_cache_add_sequence(s2attn_kv_cache *cache, uint64_t *seq);
+
+/** Removes a finished sequence and frees its pages. */
+s2attn_status s2attn_kv_cache_remove_sequence(s2attn_kv_cache *cache, uint64_t seq);
+
+/**
+ * Appends tokens to a sequence: k and v hold len elements each, [tokens, num_kv_heads, head_dim] in the
+ * cache's dtype. Changes nothing when it fails (unknown sequence, wrong length, overflow, full pool).
+ */
+s2attn_status s2attn_kv_cache_append(s2attn_kv_cache *cache, uint64_t seq, const void *k, const void *v, size_t len);
+
+/** Writes the number of tokens appended to seq so far to *len. */
+s2attn_status s2attn_kv_cache_seq_len(const s2attn_kv_cache *cache, uint64_t seq, uint32_t *len);
+
+/** Fills *report. */
+s2attn_status s2attn_kv_cache_memory(const s2attn_kv_cache *cache, s2attn_memory_report *report);
+
+/** Releases a cache (NULL is a no-op). */
+void s2attn_kv_cache_free(s2attn_kv_cache *cache);
+
+/** The decode op for cache (compiles its kernel); scale 0 means 1/sqrt(head_dim). */
+s2attn_status s2attn_decode_create(const s2attn_kv_cache *cache, float scale, s2attn_decode **out);
+
+/**
+ * One decode step, blocking until the result is back. seqs lists n_seqs sequence ids; q and out hold
+ * q_elems / out_elems elements, [n_seqs, q_len, num_heads, head_dim] in the cache's dtype, where q_len
+ * (<= query_window) follows from q_elems; lse may be NULL, else it receives [n_seqs, num_heads, q_len]
+ * floats (lse_len = q_elems / head_dim). Must run with the cache the op was created for.
+ */
+s2attn_status s2attn_decode_run(const s2attn_decode *decode, const s2attn_kv_cache *cache, const uint64_t *seqs,
+                                size_t n_seqs, const void *q, size_t q_elems, void *out, size_t out_elems, float *lse,
+                                size_t lse_len);
+
+/** Releases a decode op (NULL is a no-op). */
+void s2attn_decode_free(s2attn_decode *decode);
 
 #ifdef __cplusplus
 }

@@ -5,12 +5,15 @@
 //! wrong length is an error code and no Rust panic crosses the FFI boundary. Handles own clones of what
 //! they need (a context and a layout are shared `Arc`s), so they may be freed in any order.
 //!
-//! The header is hand-written; keep the two in step (`tests/c/smoke.c` calls every function).
+//! The header is hand-written; keep the two in step (`tests/c/smoke.c` calls every function). The KV cache
+//! and decode entry points are in [`inference`].
 
 use crate::{Attention, Backend, BlockMask, Context, ContextOptions, DType, Element, Error, Layout, S2Config, Shape};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+
+pub mod inference;
 
 /// A status code (`s2attn_status` in C): 0 on success, else one of the `S2ATTN_ERR_*` constants.
 pub type Status = i32;
@@ -59,6 +62,12 @@ pub const S2ATTN_ERR_SHADER: Status = 25;
 pub const S2ATTN_ERR_UNSUPPORTED: Status = 26;
 /// [`Error::Cuda`].
 pub const S2ATTN_ERR_CUDA: Status = 27;
+/// [`Error::UnknownSequence`].
+pub const S2ATTN_ERR_UNKNOWN_SEQUENCE: Status = 28;
+/// [`Error::PageTableOverflow`].
+pub const S2ATTN_ERR_PAGE_TABLE_OVERFLOW: Status = 29;
+/// [`Error::CacheFull`].
+pub const S2ATTN_ERR_CACHE_FULL: Status = 30;
 /// An [`Error`] variant newer than this list (the message still says what went wrong).
 pub const S2ATTN_ERR_OTHER: Status = 99;
 
@@ -93,6 +102,9 @@ pub fn status_of(e: &Error) -> Status {
         Error::Shader { .. } => S2ATTN_ERR_SHADER,
         Error::Unsupported(_) => S2ATTN_ERR_UNSUPPORTED,
         Error::Cuda(_) => S2ATTN_ERR_CUDA,
+        Error::UnknownSequence(_) => S2ATTN_ERR_UNKNOWN_SEQUENCE,
+        Error::PageTableOverflow { .. } => S2ATTN_ERR_PAGE_TABLE_OVERFLOW,
+        Error::CacheFull { .. } => S2ATTN_ERR_CACHE_FULL,
         _ => S2ATTN_ERR_OTHER,
     }
 }
@@ -273,6 +285,9 @@ pub extern "C" fn s2attn_status_name(status: Status) -> *const c_char {
         S2ATTN_ERR_SHADER => c"S2ATTN_ERR_SHADER",
         S2ATTN_ERR_UNSUPPORTED => c"S2ATTN_ERR_UNSUPPORTED",
         S2ATTN_ERR_CUDA => c"S2ATTN_ERR_CUDA",
+        S2ATTN_ERR_UNKNOWN_SEQUENCE => c"S2ATTN_ERR_UNKNOWN_SEQUENCE",
+        S2ATTN_ERR_PAGE_TABLE_OVERFLOW => c"S2ATTN_ERR_PAGE_TABLE_OVERFLOW",
+        S2ATTN_ERR_CACHE_FULL => c"S2ATTN_ERR_CACHE_FULL",
         S2ATTN_ERR_OTHER => c"S2ATTN_ERR_OTHER",
         _ => c"S2ATTN_ERR_UNKNOWN",
     };
@@ -754,6 +769,9 @@ mod tests {
             S2ATTN_ERR_SHADER,
             S2ATTN_ERR_UNSUPPORTED,
             S2ATTN_ERR_CUDA,
+            S2ATTN_ERR_UNKNOWN_SEQUENCE,
+            S2ATTN_ERR_PAGE_TABLE_OVERFLOW,
+            S2ATTN_ERR_CACHE_FULL,
             S2ATTN_ERR_OTHER,
         ];
         let mut names = std::collections::HashSet::new();

@@ -6,8 +6,9 @@
  *
  * Covers: S2 layouts (GQA, head_sliding_offset, homo_head + dense heads, bidirectional), a dense layout, a
  * custom mask with an empty row (zeros, lse = -inf), f32 and f16, a custom softmax scale, outputs poisoned
- * with NaN, and the error codes for null pointers, wrong lengths, misaligned arrays, bad enums and invalid
- * parameters; handles freed in any order.
+ * with NaN; chat-style decoding through the paged KV cache (prompts in chunks, then one token at a time)
+ * with its memory report; the error codes for null pointers, wrong lengths, misaligned arrays, bad enums,
+ * invalid parameters, unknown sequences, a full pool and a page-table overflow; handles freed in any order.
  */
 #include "s2attn.h"
 
@@ -130,39 +131,46 @@ static size_t q_elems(const problem_t *p) { return (size_t)p->batch * p->seq * p
 static size_t kv_elems(const problem_t *p) { return (size_t)p->batch * p->seq * p->kv_heads * p->dim; }
 static size_t lse_elems(const problem_t *p) { return (size_t)p->batch * p->heads * p->seq; }
 
+/* One output row: query token qi of head h against keys 0..n_keys-1 of one sequence, whose K and V are
+ * [n_keys, p->kv_heads, p->dim]. Writes p->dim outputs and returns the row's lse (-inf with no key). */
+static double attend_row(const problem_t *p, const mask_t *m, uint32_t h, uint32_t qi, uint32_t n_keys,
+                         const double *q_row, const double *k, const double *v, double *o) {
+    uint32_t kvh = h / (p->heads / p->kv_heads);
+    double mx = -INFINITY, sum = 0;
+    double *s = malloc(sizeof(double) * n_keys);
+    for (uint32_t j = 0; j < n_keys; j++) {
+        s[j] = -INFINITY;
+        if (!element_active(m, h, qi, j)) continue;
+        const double *kr = k + ((size_t)j * p->kv_heads + kvh) * p->dim;
+        double dot = 0;
+        for (uint32_t d = 0; d < p->dim; d++) dot += q_row[d] * kr[d];
+        s[j] = dot * p->scale;
+        if (s[j] > mx) mx = s[j];
+    }
+    for (uint32_t d = 0; d < p->dim; d++) o[d] = 0;
+    for (uint32_t j = 0; mx > -INFINITY && j < n_keys; j++) {
+        if (s[j] == -INFINITY) continue;
+        double w = exp(s[j] - mx);
+        const double *vr = v + ((size_t)j * p->kv_heads + kvh) * p->dim;
+        sum += w;
+        for (uint32_t d = 0; d < p->dim; d++) o[d] += w * vr[d];
+    }
+    free(s);
+    if (mx == -INFINITY) return -INFINITY;
+    for (uint32_t d = 0; d < p->dim; d++) o[d] /= sum;
+    return mx + log(sum);
+}
+
 static void reference(const problem_t *p, const mask_t *m, const double *q, const double *k, const double *v,
                       double *out, double *lse) {
-    uint32_t group = p->heads / p->kv_heads;
-    double *s = malloc(sizeof(double) * p->seq);
+    size_t kv_seq = (size_t)p->seq * p->kv_heads * p->dim;
     for (uint32_t b = 0; b < p->batch; b++)
         for (uint32_t h = 0; h < p->heads; h++)
             for (uint32_t i = 0; i < p->seq; i++) {
-                const double *qr = q + (((size_t)b * p->seq + i) * p->heads + h) * p->dim;
-                double *o = out + (((size_t)b * p->seq + i) * p->heads + h) * p->dim;
-                double mx = -INFINITY, sum = 0;
-                for (uint32_t j = 0; j < p->seq; j++) {
-                    s[j] = -INFINITY;
-                    if (!element_active(m, h, i, j)) continue;
-                    const double *kr = k + (((size_t)b * p->seq + j) * p->kv_heads + h / group) * p->dim;
-                    double dot = 0;
-                    for (uint32_t d = 0; d < p->dim; d++) dot += qr[d] * kr[d];
-                    s[j] = dot * p->scale;
-                    if (s[j] > mx) mx = s[j];
-                }
-                for (uint32_t d = 0; d < p->dim; d++) o[d] = 0;
-                lse[((size_t)b * p->heads + h) * p->seq + i] = -INFINITY;
-                if (mx == -INFINITY) continue;
-                for (uint32_t j = 0; j < p->seq; j++) {
-                    if (s[j] == -INFINITY) continue;
-                    double w = exp(s[j] - mx);
-                    const double *vr = v + (((size_t)b * p->seq + j) * p->kv_heads + h / group) * p->dim;
-                    sum += w;
-                    for (uint32_t d = 0; d < p->dim; d++) o[d] += w * vr[d];
-                }
-                for (uint32_t d = 0; d < p->dim; d++) o[d] /= sum;
-                lse[((size_t)b * p->heads + h) * p->seq + i] = mx + log(sum);
+                size_t row = (((size_t)b * p->seq + i) * p->heads + h) * p->dim;
+                lse[((size_t)b * p->heads + h) * p->seq + i] =
+                    attend_row(p, m, h, i, p->seq, q + row, k + b * kv_seq, v + b * kv_seq, out + row);
             }
-    free(s);
 }
 
 /* ||got - want|| / ||want|| over finite entries of want; non-finite entries must match exactly; a NaN in
@@ -181,6 +189,53 @@ static double rel_l2(const double *got, const double *want, size_t n) {
     return den == 0 ? sqrt(num) : sqrt(num / den);
 }
 
+/* ---- host arrays in the API's element types ---- */
+
+static size_t elem_size(int dtype) { return dtype == S2ATTN_F32 ? 4 : 2; }
+
+static double *random_values(size_t n) {
+    double *x = malloc(sizeof(double) * n);
+    for (size_t i = 0; i < n; i++) x[i] = next_value();
+    return x;
+}
+
+/* x as f32 or f16 (exact for next_value()'s values); NULL x gives NaN everywhere (poisoned outputs). */
+static void *typed(const double *x, size_t n, int dtype) {
+    void *t = malloc(elem_size(dtype) * (n ? n : 1));
+    for (size_t i = 0; i < n; i++) {
+        if (dtype == S2ATTN_F32)
+            ((float *)t)[i] = x ? (float)x[i] : NAN;
+        else
+            ((uint16_t *)t)[i] = x ? f16_bits_exact(x[i]) : 0x7E00;
+    }
+    return t;
+}
+
+static double *widened(const void *t, size_t n, int dtype) {
+    double *x = malloc(sizeof(double) * n);
+    for (size_t i = 0; i < n; i++) x[i] = dtype == S2ATTN_F32 ? ((const float *)t)[i] : f16_to_double(((const uint16_t *)t)[i]);
+    return x;
+}
+
+static float *nan_floats(size_t n) {
+    float *x = malloc(sizeof(float) * n);
+    for (size_t i = 0; i < n; i++) x[i] = NAN;
+    return x;
+}
+
+/* Checks O (in the op's dtype) and the lse against the reference; frees got and got_lse. */
+static void compare(const char *name, int dtype, void *got, const double *want, size_t n, float *got_lse,
+                    const double *want_lse, size_t nl) {
+    double *o = widened(got, n, dtype), *l = malloc(sizeof(double) * nl);
+    for (size_t i = 0; i < nl; i++) l[i] = got_lse[i];
+    double tol = dtype == S2ATTN_F32 ? 1e-5 : 2e-3;
+    double err = rel_l2(o, want, n), lse_err = rel_l2(l, want_lse, nl);
+    CHECK(err < tol, "%s: |out - ref| / |ref| = %.3e >= %.0e", name, err, tol);
+    CHECK(lse_err < 1e-4, "%s: lse error %.3e", name, lse_err);
+    printf("%-40s out error %.2e, lse error %.2e\n", name, err, lse_err);
+    free(o), free(l), free(got), free(got_lse);
+}
+
 /* ---- one problem through the API ---- */
 
 /* Runs `op` on fresh inputs of `dtype`, outputs poisoned with NaN, and checks O and the lse. */
@@ -189,41 +244,17 @@ static void run_and_check(const char *name, const s2attn_op *op, const problem_t
     MUST(s2attn_op_sizes(op, &sq, &skv, &sl));
     CHECK(sq == nq && skv == nkv && sl == nl, "%s: op sizes %zu/%zu/%zu, expected %zu/%zu/%zu", name, sq, skv, sl,
           nq, nkv, nl);
-    double *q = malloc(sizeof(double) * nq), *k = malloc(sizeof(double) * nkv), *v = malloc(sizeof(double) * nkv);
-    for (size_t i = 0; i < nq; i++) q[i] = next_value();
-    for (size_t i = 0; i < nkv; i++) k[i] = next_value();
-    for (size_t i = 0; i < nkv; i++) v[i] = next_value();
+    double *q = random_values(nq), *k = random_values(nkv), *v = random_values(nkv);
     double *want = malloc(sizeof(double) * nq), *want_lse = malloc(sizeof(double) * nl);
     reference(p, m, q, k, v, want, want_lse);
 
-    double *got = malloc(sizeof(double) * nq), *got_lse = malloc(sizeof(double) * nl);
-    float *lse = malloc(sizeof(float) * nl);
-    for (size_t i = 0; i < nl; i++) lse[i] = NAN;
-    s2attn_status st;
-    if (dtype == S2ATTN_F32) {
-        float *qf = malloc(sizeof(float) * nq), *kf = malloc(sizeof(float) * nkv), *vf = malloc(sizeof(float) * nkv);
-        float *of = malloc(sizeof(float) * nq);
-        for (size_t i = 0; i < nq; i++) qf[i] = (float)q[i], of[i] = NAN;
-        for (size_t i = 0; i < nkv; i++) kf[i] = (float)k[i], vf[i] = (float)v[i];
-        st = s2attn_forward(op, qf, nq, kf, nkv, vf, nkv, of, nq, lse, nl);
-        for (size_t i = 0; i < nq; i++) got[i] = of[i];
-        free(qf), free(kf), free(vf), free(of);
-    } else {
-        uint16_t *qh = malloc(2 * nq), *kh = malloc(2 * nkv), *vh = malloc(2 * nkv), *oh = malloc(2 * nq);
-        for (size_t i = 0; i < nq; i++) qh[i] = f16_bits_exact(q[i]), oh[i] = 0x7E00; /* NaN */
-        for (size_t i = 0; i < nkv; i++) kh[i] = f16_bits_exact(k[i]), vh[i] = f16_bits_exact(v[i]);
-        st = s2attn_forward(op, qh, nq, kh, nkv, vh, nkv, oh, nq, lse, nl);
-        for (size_t i = 0; i < nq; i++) got[i] = f16_to_double(oh[i]);
-        free(qh), free(kh), free(vh), free(oh);
-    }
+    void *qt = typed(q, nq, dtype), *kt = typed(k, nkv, dtype), *vt = typed(v, nkv, dtype), *ot = typed(NULL, nq, dtype);
+    float *lse = nan_floats(nl);
+    s2attn_status st = s2attn_forward(op, qt, nq, kt, nkv, vt, nkv, ot, nq, lse, nl);
     CHECK(st == S2ATTN_OK, "%s: s2attn_forward returned %s", name, s2attn_status_name(st));
-    for (size_t i = 0; i < nl; i++) got_lse[i] = lse[i];
-    double tol = dtype == S2ATTN_F32 ? 1e-5 : 2e-3;
-    double err = rel_l2(got, want, nq), lse_err = rel_l2(got_lse, want_lse, nl);
-    CHECK(err < tol, "%s: |out - ref| / |ref| = %.3e >= %.0e", name, err, tol);
-    CHECK(lse_err < 1e-4, "%s: lse error %.3e", name, lse_err);
-    printf("%-40s out error %.2e, lse error %.2e\n", name, err, lse_err);
-    free(q), free(k), free(v), free(want), free(want_lse), free(got), free(got_lse), free(lse);
+    compare(name, dtype, ot, want, nq, lse, want_lse, nl);
+    free(qt), free(kt), free(vt);
+    free(q), free(k), free(v), free(want), free(want_lse);
 }
 
 static s2attn_op *make_op(const s2attn_context *ctx, const s2attn_layout *layout, const problem_t *p, int dtype,
@@ -302,6 +333,193 @@ static void check_custom_mask(const s2attn_context *ctx) {
     mask_t m = {.kind = 1, .bits = bits, .mask_heads = H, .q_blocks = QB, .kv_blocks = KB, .block_size = 16,
                 .causal = 1, .num_heads = 4};
     check_layout(ctx, "custom mask with an empty row f32", l, &m, p, S2ATTN_F32, 0.0f);
+}
+
+/* ---- the KV cache and decode ---- */
+
+/* Appends tokens from..to-1 of a sequence's history (rows of `row` elements) and checks its length. */
+static void append_tokens(s2attn_kv_cache *cache, uint64_t id, const double *k, const double *v, uint32_t from,
+                          uint32_t to, size_t row, int dtype) {
+    size_t n = (size_t)(to - from) * row;
+    void *kt = typed(k + from * row, n, dtype), *vt = typed(v + from * row, n, dtype);
+    MUST(s2attn_kv_cache_append(cache, id, kt, vt, n));
+    uint32_t len = 0;
+    MUST(s2attn_kv_cache_seq_len(cache, id, &len));
+    CHECK(len == to, "sequence %llu holds %u tokens, expected %u", (unsigned long long)id, len, to);
+    free(kt), free(vt);
+}
+
+/* Chat-style decoding: two sequences' prompts appended in chunks, then steps that append one token to each
+ * and attend its query to the cached history. Each output is held against attend_row over the whole
+ * history under the S2 mask, so pages the cache evicted must be ones no later query attends; the memory
+ * report is held against the eviction rule counted here. */
+static void check_decode(const s2attn_context *ctx, int dtype) {
+    enum { H = 4, HK = 2, D = 32, MAXLEN = 128, NSEQ = 2, STEPS = 3, BS = 16 };
+    s2attn_s2_params sp = s2attn_s2_params_init(H, BS, 2, 3);
+    sp.num_kv_heads = HK;
+    sp.head_sliding_offset = 1;
+    s2attn_layout *l = NULL;
+    MUST(s2attn_layout_s2(&sp, &l));
+    s2attn_kv_cache_params cp = s2attn_kv_cache_params_init(D, dtype, MAXLEN);
+    cp.sequences = NSEQ;
+    s2attn_kv_cache *cache = NULL;
+    MUST(s2attn_kv_cache_create(ctx, l, &cp, &cache));
+    s2attn_layout_free(l);
+    s2attn_decode *dec = NULL;
+    MUST(s2attn_decode_create(cache, 0.0f, &dec));
+
+    const size_t row = (size_t)HK * D;
+    const uint32_t prompt[NSEQ] = {70, 45};
+    uint64_t ids[NSEQ];
+    uint32_t len[NSEQ];
+    double *hist_k[NSEQ], *hist_v[NSEQ]; /* [MAXLEN, HK, D] per sequence */
+    for (int s = 0; s < NSEQ; s++) {
+        MUST(s2attn_kv_cache_add_sequence(cache, &ids[s]));
+        hist_k[s] = random_values(MAXLEN * row);
+        hist_v[s] = random_values(MAXLEN * row);
+        append_tokens(cache, ids[s], hist_k[s], hist_v[s], 0, 33, row, dtype); /* ends mid-block */
+        append_tokens(cache, ids[s], hist_k[s], hist_v[s], 33, prompt[s], row, dtype);
+        len[s] = prompt[s];
+    }
+    problem_t p = {.batch = 1, .heads = H, .kv_heads = HK, .dim = D, .scale = 1.0 / sqrt((double)D)};
+    mask_t m = {.kind = 0, .s2 = sp};
+    const size_t nq = (size_t)NSEQ * H * D, nl = (size_t)NSEQ * H;
+    for (int step = 0; step < STEPS; step++) {
+        for (int s = 0; s < NSEQ; s++) {
+            append_tokens(cache, ids[s], hist_k[s], hist_v[s], len[s], len[s] + 1, row, dtype);
+            len[s]++;
+        }
+        double *q = random_values(nq), *want = malloc(sizeof(double) * nq), *want_lse = malloc(sizeof(double) * nl);
+        for (int s = 0; s < NSEQ; s++)
+            for (int h = 0; h < H; h++) {
+                size_t r = (size_t)s * H + h; /* q [seq, q_len 1, head, D]; lse [seq, head, q_len 1] */
+                want_lse[r] = attend_row(&p, &m, h, len[s] - 1, len[s], q + r * D, hist_k[s], hist_v[s], want + r * D);
+            }
+        void *qt = typed(q, nq, dtype), *ot = typed(NULL, nq, dtype);
+        float *lse = nan_floats(nl);
+        MUST(s2attn_decode_run(dec, cache, ids, NSEQ, qt, nq, ot, nq, lse, nl));
+        char name[64];
+        snprintf(name, sizeof name, "decode step %d %s", step, dtype == S2ATTN_F32 ? "f32" : "f16");
+        compare(name, dtype, ot, want, nq, lse, want_lse, nl);
+        free(qt), free(q), free(want), free(want_lse);
+    }
+
+    /* KV head kvh keeps block kb while some future query block qb >= qb_min = (len - 1) / BS attends it;
+     * the earliest such block, max(qb_min, kb), is the one to ask. */
+    uint64_t tokens = 0, resident = 0, dense = 0;
+    for (int s = 0; s < NSEQ; s++) {
+        uint32_t blocks = (len[s] + BS - 1) / BS, qb_min = (len[s] - 1) / BS;
+        tokens += len[s];
+        for (uint32_t kvh = 0; kvh < HK; kvh++)
+            for (uint32_t kb = 0; kb < blocks; kb++) {
+                dense++;
+                resident += s2_block_active(&sp, kvh, qb_min > kb ? qb_min : kb, kb);
+            }
+    }
+    s2attn_memory_report r;
+    MUST(s2attn_kv_cache_memory(cache, &r));
+    uint64_t es = elem_size(dtype), page = 2 * BS * D * es;
+    printf("kv cache %s: %llu of %llu pages resident, %llu of %llu bytes\n", dtype == S2ATTN_F32 ? "f32" : "f16",
+           (unsigned long long)r.resident_pages, (unsigned long long)r.dense_pages,
+           (unsigned long long)r.resident_bytes, (unsigned long long)r.dense_bytes);
+    CHECK(r.sequences == NSEQ && r.tokens == tokens, "memory report: %llu sequences, %llu tokens",
+          (unsigned long long)r.sequences, (unsigned long long)r.tokens);
+    CHECK(r.page_bytes == page && r.dense_pages == dense && r.resident_pages == resident,
+          "memory report: page %llu B, %llu dense / %llu resident pages; expected %llu, %llu, %llu",
+          (unsigned long long)r.page_bytes, (unsigned long long)r.dense_pages, (unsigned long long)r.resident_pages,
+          (unsigned long long)page, (unsigned long long)dense, (unsigned long long)resident);
+    CHECK(resident < dense, "the S2 layout must evict something here");
+    CHECK(r.resident_bytes == resident * page && r.dense_bytes == tokens * row * es * 2 &&
+              r.pool_bytes == r.pool_pages * page && r.pool_pages >= resident,
+          "memory report byte counts");
+
+    MUST(s2attn_kv_cache_remove_sequence(cache, ids[0]));
+    uint32_t n = 0;
+    EXPECT_STATUS(S2ATTN_ERR_UNKNOWN_SEQUENCE, s2attn_kv_cache_seq_len(cache, ids[0], &n));
+    MUST(s2attn_kv_cache_memory(cache, &r));
+    CHECK(r.sequences == 1 && r.tokens == len[1], "after removal: %llu sequences", (unsigned long long)r.sequences);
+    for (int s = 0; s < NSEQ; s++) free(hist_k[s]), free(hist_v[s]);
+    s2attn_decode_free(dec);
+    s2attn_kv_cache_free(cache);
+}
+
+static void check_decode_errors(const s2attn_context *ctx) {
+    enum { D = 32, ROW = 2 * D, MAXLEN = 64 };
+    s2attn_s2_params sp = s2attn_s2_params_init(2, 16, 1, 2);
+    s2attn_layout *l = NULL, *bidir = NULL;
+    MUST(s2attn_layout_s2(&sp, &l));
+    s2attn_kv_cache_params cp = s2attn_kv_cache_params_init(D, S2ATTN_F32, MAXLEN);
+    s2attn_kv_cache *cache = NULL;
+    EXPECT_STATUS(S2ATTN_ERR_NULL_POINTER, s2attn_kv_cache_create(NULL, l, &cp, &cache));
+    EXPECT_STATUS(S2ATTN_ERR_NULL_POINTER, s2attn_kv_cache_create(ctx, l, NULL, &cache));
+    cp.dtype = 9;
+    EXPECT_STATUS(S2ATTN_ERR_INVALID_ARGUMENT, s2attn_kv_cache_create(ctx, l, &cp, &cache));
+    cp.dtype = S2ATTN_BF16;
+    EXPECT_STATUS(S2ATTN_ERR_UNSUPPORTED, s2attn_kv_cache_create(ctx, l, &cp, &cache));
+    cp = s2attn_kv_cache_params_init(33, S2ATTN_F32, MAXLEN);
+    EXPECT_STATUS(S2ATTN_ERR_HEAD_DIM, s2attn_kv_cache_create(ctx, l, &cp, &cache));
+    cp = s2attn_kv_cache_params_init(D, S2ATTN_F32, MAXLEN);
+    cp.query_window = 0;
+    EXPECT_STATUS(S2ATTN_ERR_SHAPE, s2attn_kv_cache_create(ctx, l, &cp, &cache));
+    cp = s2attn_kv_cache_params_init(D, S2ATTN_F32, MAXLEN);
+    s2attn_s2_params bp = sp;
+    bp.bidirectional = 1, bp.window_left = 1;
+    MUST(s2attn_layout_s2(&bp, &bidir));
+    EXPECT_STATUS(S2ATTN_ERR_UNSUPPORTED, s2attn_kv_cache_create(ctx, bidir, &cp, &cache));
+    s2attn_layout_free(bidir);
+    CHECK(cache == NULL, "failed caches leave NULL");
+
+    float *kv = calloc((size_t)(MAXLEN + 1) * ROW, sizeof(float));
+    uint64_t id = 0;
+    /* One page per KV head for the first token: a one-page pool is full at once. */
+    cp.max_pages = 1;
+    MUST(s2attn_kv_cache_create(ctx, l, &cp, &cache));
+    MUST(s2attn_kv_cache_add_sequence(cache, &id));
+    EXPECT_STATUS(S2ATTN_ERR_CACHE_FULL, s2attn_kv_cache_append(cache, id, kv, kv, ROW));
+    s2attn_kv_cache_free(cache);
+
+    cp.max_pages = 0;
+    MUST(s2attn_kv_cache_create(ctx, l, &cp, &cache));
+    EXPECT_STATUS(S2ATTN_ERR_NULL_POINTER, s2attn_kv_cache_add_sequence(cache, NULL));
+    EXPECT_STATUS(S2ATTN_ERR_NULL_POINTER, s2attn_kv_cache_add_sequence(NULL, &id));
+    MUST(s2attn_kv_cache_add_sequence(cache, &id));
+    EXPECT_STATUS(S2ATTN_ERR_PAGE_TABLE_OVERFLOW, s2attn_kv_cache_append(cache, id, kv, kv, (size_t)(MAXLEN + 1) * ROW));
+    EXPECT_STATUS(S2ATTN_ERR_LENGTH, s2attn_kv_cache_append(cache, id, kv, kv, ROW - 1));
+    EXPECT_STATUS(S2ATTN_ERR_UNKNOWN_SEQUENCE, s2attn_kv_cache_append(cache, id + 100, kv, kv, ROW));
+    EXPECT_STATUS(S2ATTN_ERR_NULL_POINTER, s2attn_kv_cache_append(cache, id, NULL, kv, ROW));
+    uint32_t n = 99;
+    MUST(s2attn_kv_cache_seq_len(cache, id, &n));
+    CHECK(n == 0, "failed appends changed the sequence (%u tokens)", n);
+    MUST(s2attn_kv_cache_append(cache, id, kv, kv, ROW));
+    EXPECT_STATUS(S2ATTN_ERR_NULL_POINTER, s2attn_kv_cache_seq_len(cache, id, NULL));
+    EXPECT_STATUS(S2ATTN_ERR_NULL_POINTER, s2attn_kv_cache_memory(cache, NULL));
+    EXPECT_STATUS(S2ATTN_ERR_UNKNOWN_SEQUENCE, s2attn_kv_cache_remove_sequence(cache, id + 100));
+
+    s2attn_decode *dec = NULL;
+    EXPECT_STATUS(S2ATTN_ERR_NULL_POINTER, s2attn_decode_create(NULL, 0.0f, &dec));
+    EXPECT_STATUS(S2ATTN_ERR_SHAPE, s2attn_decode_create(cache, -2.0f, &dec));
+    MUST(s2attn_decode_create(cache, 0.0f, &dec));
+    size_t nq = ROW; /* 1 sequence x 1 token x 2 heads x D */
+    float *q = calloc(2 * nq, sizeof(float)), *o = nan_floats(2 * nq), lse[4];
+    uint64_t unknown = id + 100;
+    EXPECT_STATUS(S2ATTN_ERR_UNKNOWN_SEQUENCE, s2attn_decode_run(dec, cache, &unknown, 1, q, nq, o, nq, lse, 2));
+    EXPECT_STATUS(S2ATTN_ERR_NULL_POINTER, s2attn_decode_run(dec, cache, NULL, 1, q, nq, o, nq, lse, 2));
+    EXPECT_STATUS(S2ATTN_ERR_NULL_POINTER, s2attn_decode_run(dec, cache, &id, 1, NULL, nq, o, nq, lse, 2));
+    EXPECT_STATUS(S2ATTN_ERR_NULL_POINTER, s2attn_decode_run(NULL, cache, &id, 1, q, nq, o, nq, lse, 2));
+    EXPECT_STATUS(S2ATTN_ERR_LENGTH, s2attn_decode_run(dec, cache, &id, 1, q, nq, o, nq - 1, lse, 2));
+    EXPECT_STATUS(S2ATTN_ERR_LENGTH, s2attn_decode_run(dec, cache, &id, 1, q, nq, o, nq, lse, 3));
+    EXPECT_STATUS(S2ATTN_ERR_LENGTH, s2attn_decode_run(dec, cache, &id, 1, q, nq - 4, o, nq - 4, NULL, 0));
+    EXPECT_STATUS(S2ATTN_ERR_SHAPE, s2attn_decode_run(dec, cache, &id, 1, q, 2 * nq, o, 2 * nq, NULL, 0));
+    CHECK(isnan(o[0]), "a failed decode wrote its output");
+    MUST(s2attn_decode_run(dec, cache, &id, 1, q, nq, o, nq, NULL, 0));
+    CHECK(o[0] == 0.0f && isnan(o[nq]), "zero inputs give zero output, and nothing past out_elems is written");
+
+    free(kv), free(q), free(o);
+    s2attn_decode_free(dec);
+    s2attn_kv_cache_free(cache);
+    s2attn_layout_free(l);
+    s2attn_decode_free(NULL);
+    s2attn_kv_cache_free(NULL);
 }
 
 static void check_errors(const s2attn_context *ctx) {
@@ -396,7 +614,10 @@ int main(void) {
 
     check_s2_layouts(ctx);
     check_custom_mask(ctx);
+    check_decode(ctx, S2ATTN_F32);
+    check_decode(ctx, S2ATTN_F16);
     check_errors(ctx);
+    check_decode_errors(ctx);
 
     /* An op keeps the device alive after its context handle is freed. */
     s2attn_s2_params p = s2attn_s2_params_init(2, 16, 1, 2);
