@@ -166,6 +166,11 @@ impl Row {
             seq: self.seq,
         }
     }
+    /// The comparison key of a dense implementation's row, whose sparsity fields say nothing about what
+    /// it computed: they are zeroed, so one dense peer row serves every sparse setting of its shape.
+    pub fn dense_key(&self) -> Key {
+        Key { local: 0, vert_stride: 0, offset: 0, ..self.key() }
+    }
     /// Whether this row is one of ours (sparse or dense).
     pub fn is_ours(&self) -> bool {
         self.implementation.starts_with("s2attn")
@@ -385,10 +390,12 @@ pub fn build_table(ours: &[Row], peers: &[Row]) -> Table {
     let peers: Vec<&Row> = peers.iter().filter(|r| r.measured()).collect();
     let all: Vec<&Row> = ours.iter().chain(&peers).copied().collect();
 
-    // Peer time per (key, peer impl): the fastest if a peer file repeats a row.
+    // Peer time per (key, peer impl): the fastest if a peer file repeats a row. Dense peers are keyed
+    // without the sparsity fields (see `Row::dense_key`).
+    let peer_key = |r: &Row, imp: &str| if is_dense_impl(imp) { r.dense_key() } else { r.key() };
     let mut peer_ms: BTreeMap<(Key, String), f64> = BTreeMap::new();
     for p in &peers {
-        let e = peer_ms.entry((p.key(), p.implementation.clone())).or_insert(f64::INFINITY);
+        let e = peer_ms.entry((peer_key(p, &p.implementation), p.implementation.clone())).or_insert(f64::INFINITY);
         *e = e.min(p.ms.unwrap_or(f64::INFINITY));
     }
     let peer_names: BTreeSet<String> = peers.iter().map(|p| p.implementation.clone()).collect();
@@ -468,7 +475,7 @@ pub fn build_table(ours: &[Row], peers: &[Row]) -> Table {
                 .flatten();
             cells.push(opt(dense.map(|d| d / ms), fmt_num));
             for p in &peer_names {
-                let ratio = r.is_ours().then(|| peer_ms.get(&(r.key(), p.clone()))).flatten().map(|t| t / ms);
+                let ratio = r.is_ours().then(|| peer_ms.get(&(peer_key(r, p), p.clone()))).flatten().map(|t| t / ms);
                 cells.push(opt(ratio, fmt_num));
             }
             cells
@@ -680,7 +687,7 @@ mod tests {
         flash.backend = None;
         let mut other = ours("flex-s2", 1024, 8, 1.0); // a different vert_stride: no ratio
         other.device = "llvmpipe".into();
-        let t = build_table(&rows, &[flash, other]);
+        let t = build_table(&rows, &[flash.clone(), other.clone()]);
         let col = |name: &str| t.header.iter().position(|h| h == name).unwrap();
         assert!(t.header.contains(&"vs".to_string()), "vert_stride varies: {:?}", t.header);
         assert!(t.caption.contains("head_dim 64") && t.caption.contains("device llvmpipe"), "{}", t.caption);
@@ -701,6 +708,12 @@ mod tests {
         assert_eq!(sparse[col("torch-flash/ours")], "1.50");
         assert_eq!(sparse[col("flex-s2/ours")], "-");
         assert_eq!(t.rows[3][col("torch-flash/ours")], "-", "peers get no ratio to themselves");
+        // A dense peer measured at one vert_stride serves every sparse setting of its shape.
+        let t = build_table(&[ours("s2attn/vulkan/portable", 1024, 8, 1.5)], &[flash, other]);
+        let col = |name: &str| t.header.iter().position(|h| h == name).unwrap();
+        let mine = t.rows.iter().find(|r| r[0] == "s2attn/vulkan/portable").unwrap();
+        assert_eq!(mine[col("torch-flash/ours")], "2.00");
+        assert_eq!(mine[col("flex-s2/ours")], "0.667");
         let text = render_text(&t);
         assert!(text.lines().nth(1).unwrap().starts_with("impl"), "{text}");
     }

@@ -80,10 +80,10 @@ fn upload<T: Sample>(ctx: &WgpuContext, sets: &[Set<T>], outputs: &[u64]) -> Vec
 /// Where one timed pass writes its timestamps: the query set and its first query.
 type Stamps<'a> = Option<(&'a wgpu::QuerySet, u32)>;
 
-/// Times passes recorded by `encode(encoder, pass, stamps)`: `warmup` untimed passes in one submit, then
-/// `iters` timed ones. A timed pass with stamps writes `2 * pairs` queries from the first one given; its
-/// sample is the sum over the pairs of end minus start. Without timestamps, each pass is its own waited
-/// submit and the sample is its wall clock.
+/// Times passes recorded by `encode(encoder, pass, stamps)`: `warmup` untimed passes (a submit each), then
+/// `iters` timed ones (one submit per query set of up to 4096 stamps). A timed pass with stamps writes
+/// `2 * pairs` queries from the first one given; its sample is the sum over the pairs of end minus start.
+/// Without timestamps, each pass is its own waited submit and the sample is its wall clock.
 fn time_rotating(
     ctx: &WgpuContext,
     (warmup, iters): (u32, u32),
@@ -92,11 +92,11 @@ fn time_rotating(
 ) -> Result<Timing, String> {
     let (device, queue) = (ctx.device(), ctx.queue());
     let e = |e: s2attn::Error| e.to_string();
-    let mut encoder = device.create_command_encoder(&Default::default());
     for r in 0..warmup {
+        let mut encoder = device.create_command_encoder(&Default::default());
         encode(&mut encoder, r, None).map_err(e)?;
+        queue.submit([encoder.finish()]);
     }
-    queue.submit([encoder.finish()]);
     ctx.wait().map_err(e)?;
     let mut samples_ms = Vec::with_capacity(iters as usize);
     if !ctx.caps().timestamps {
