@@ -138,6 +138,13 @@ fn fwd_bwd_rows_have_time_density_and_small_gradient_error() {
     assert_eq!(rows.len(), 4, "{rows:?}");
     for r in &rows {
         check_row(r, "fwd+bwd");
+        if r["timer"] == "gpu" {
+            // The forward pass and the backward passes on their own.
+            assert!(
+                r["fwd_ms"].as_f64().is_some_and(|x| x > 0.0) && r["bwd_ms"].as_f64().is_some_and(|x| x > 0.0),
+                "{r}"
+            );
+        }
     }
 }
 

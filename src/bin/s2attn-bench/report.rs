@@ -80,6 +80,12 @@ pub struct Row {
     /// Timed passes behind the median.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iters: Option<u32>,
+    /// `fwd+bwd` with GPU timestamps: the median of the forward pass alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fwd_ms: Option<f64>,
+    /// `fwd+bwd` with GPU timestamps: the median of the backward passes (dQ, then dK/dV) alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bwd_ms: Option<f64>,
     /// Input sets the timed passes rotated through (1: the same inputs every pass).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub input_sets: Option<u32>,
@@ -123,6 +129,8 @@ impl Default for Row {
             backend: None,
             timer: None,
             iters: None,
+            fwd_ms: None,
+            bwd_ms: None,
             input_sets: None,
             kv_bytes: None,
             kv_dense_bytes: None,

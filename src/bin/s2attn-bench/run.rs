@@ -8,6 +8,7 @@ use crate::check::{DecodeOracle, Dims, PassOracle};
 use crate::data::{self, Sample, Set};
 use crate::grid::{Args, Mode, Precision, Problem};
 use crate::report::{self, Row};
+use crate::timer::Timed;
 use s2attn::gpu::WgpuContext;
 use s2attn::{Attention, AttentionGrad, Backend, Context, ContextOptions, Layout, Shape, Timing};
 use std::any::Any;
@@ -122,6 +123,7 @@ struct Measured {
     check: Option<(f64, u32)>,
     sets: u32,
     kv_bytes: Option<(u64, u64)>,
+    split_ms: Option<(f64, f64)>,
 }
 
 /// What the cached host inputs depend on: (tensors per set, batch, seq, heads, kv_heads, head_dim, dtype,
@@ -252,6 +254,8 @@ impl<'a> Runner<'a> {
                 r.input_sets = Some(m.sets);
                 r.kv_bytes = m.kv_bytes.map(|k| k.0);
                 r.kv_dense_bytes = m.kv_bytes.map(|k| k.1);
+                r.fwd_ms = m.split_ms.map(|s| s.0);
+                r.bwd_ms = m.split_ms.map(|s| s.1);
                 report::set_rates(&mut r, &w);
                 if let Some((err, cs)) = m.check {
                     r.max_rel_err = Some(err);
@@ -358,7 +362,7 @@ impl<'a> Runner<'a> {
         p: &Problem,
         layout: &Layout,
         n: usize,
-    ) -> Result<(String, Timing), String> {
+    ) -> Result<(String, Timed), String> {
         let shape = Shape::new(p.batch, p.seq, p.head_dim, p.dtype.dtype());
         let op = Attention::new(&t.ctx, layout, shape).map_err(msg)?;
         let grad = match p.mode {
@@ -381,7 +385,7 @@ impl<'a> Runner<'a> {
         let runs = (self.args.warmup, self.args.iters);
         let timing = guarded(|| match t.ctx.wgpu() {
             Some(ctx) => crate::timer::time_wgpu(ctx, &op, grad.as_ref(), &sets, lse, runs),
-            None => time_cuda(t, &op, &sets, lse, runs),
+            None => time_cuda(t, &op, &sets, lse, runs).map(|timing| Timed { timing, split_ms: None }),
         })?;
         Ok((variant, timing))
     }
@@ -397,10 +401,10 @@ impl<'a> Runner<'a> {
         let w = report::work(&layout, &problem_row(p));
         let runs = (self.args.warmup, self.args.iters);
         let sets = data::set_count(w.footprint as u64, self.args.rotate_bytes, runs.0 + runs.1);
-        let (variant, timing, kv_bytes) = match p.mode {
+        let (variant, Timed { timing, split_ms }, kv_bytes) = match p.mode {
             Mode::Fwd | Mode::FwdBwd => {
-                let (variant, timing) = self.time_pass::<T>(t, p, &layout, sets)?;
-                (variant, timing, None)
+                let (variant, timed) = self.time_pass::<T>(t, p, &layout, sets)?;
+                (variant, timed, None)
             }
             Mode::Decode => {
                 let seed = self.next_seed();
@@ -409,7 +413,7 @@ impl<'a> Runner<'a> {
                     eprintln!("  plan: {}", d.explain);
                 }
                 // Decode exposes no kernel variant; its WGSL kernels are the portable ones.
-                ("portable".to_string(), d.timing, Some(d.kv_bytes))
+                ("portable".to_string(), Timed { timing: d.timing, split_ms: None }, Some(d.kv_bytes))
             }
         };
         let check = match self.check::<T>(ti, t, p, dense) {
@@ -417,7 +421,7 @@ impl<'a> Runner<'a> {
             Some(Ok(c)) => Some(c),
             Some(Err(e)) => return Err(format!("oracle check: {e}")),
         };
-        Ok(Measured { variant, timing, check, sets: sets as u32, kv_bytes })
+        Ok(Measured { variant, timing, check, sets: sets as u32, kv_bytes, split_ms })
     }
 
     fn measure(&mut self, ti: usize, t: &Target, p: &Problem, dense: bool) -> Result<Measured, String> {

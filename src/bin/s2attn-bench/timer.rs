@@ -82,14 +82,15 @@ type Stamps<'a> = Option<(&'a wgpu::QuerySet, u32)>;
 
 /// Times passes recorded by `encode(encoder, pass, stamps)`: `warmup` untimed passes (a submit each), then
 /// `iters` timed ones (one submit per query set of up to 4096 stamps). A timed pass with stamps writes
-/// `2 * pairs` queries from the first one given; its sample is the sum over the pairs of end minus start.
-/// Without timestamps, each pass is its own waited submit and the sample is its wall clock.
+/// `2 * pairs` queries from the first one given; its sample is the sum over the pairs of end minus start,
+/// and each pair's own samples come back too (one list per pair). Without timestamps, each pass is its
+/// own waited submit, the sample is its wall clock, and there are no per-pair samples.
 fn time_rotating(
     ctx: &WgpuContext,
     (warmup, iters): (u32, u32),
     pairs: u32,
     encode: impl Fn(&mut wgpu::CommandEncoder, u32, Stamps<'_>) -> s2attn::Result<()>,
-) -> Result<Timing, String> {
+) -> Result<(Timing, Vec<Vec<f64>>), String> {
     let (device, queue) = (ctx.device(), ctx.queue());
     let e = |e: s2attn::Error| e.to_string();
     for r in 0..warmup {
@@ -109,8 +110,9 @@ fn time_rotating(
             ctx.wait().map_err(e)?;
             samples_ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        return Ok(Timing { samples_ms, gpu_timestamps: false });
+        return Ok((Timing { samples_ms, gpu_timestamps: false }, Vec::new()));
     }
+    let mut parts = vec![Vec::with_capacity(iters as usize); pairs as usize];
     let per_pass = 2 * pairs;
     let passes_per_set = (wgpu::QUERY_SET_MAX_QUERIES / per_pass).max(1);
     let period_ns = queue.get_timestamp_period() as f64;
@@ -143,12 +145,13 @@ fn time_rotating(
         queue.submit([encoder.finish()]);
         let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&read(ctx, &readback)?);
         for pass in ticks.chunks(per_pass as usize) {
-            let ticks: f64 = pass.chunks(2).map(|t| t[1].wrapping_sub(t[0]) as f64).sum();
-            samples_ms.push(ticks * period_ns / 1e6);
+            let ms: Vec<f64> = pass.chunks(2).map(|t| t[1].wrapping_sub(t[0]) as f64 * period_ns / 1e6).collect();
+            samples_ms.push(ms.iter().sum());
+            parts.iter_mut().zip(ms).for_each(|(part, ms)| part.push(ms));
         }
         done += n;
     }
-    Ok(Timing { samples_ms, gpu_timestamps: true })
+    Ok((Timing { samples_ms, gpu_timestamps: true }, parts))
 }
 
 /// Maps and copies a readback buffer.
@@ -167,6 +170,15 @@ fn read(ctx: &WgpuContext, buffer: &wgpu::Buffer) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// A timed configuration: the samples, and with a backward and GPU timestamps the median milliseconds
+/// of the forward pass and of the backward passes on their own.
+pub struct Timed {
+    /// Per timed pass (forward, or forward plus backward).
+    pub timing: Timing,
+    /// (forward, backward) medians.
+    pub split_ms: Option<(f64, f64)>,
+}
+
 /// Times the forward of `op` alone (`bwd` = `None`), or the forward and then the backward `bwd` of the
 /// same set, rotating through `sets` (`[q, k, v]`, plus `d_out` with a backward). `lse_elems` is the
 /// forward's LSE length.
@@ -177,7 +189,7 @@ pub fn time_wgpu<T: Sample>(
     sets: &[Set<T>],
     lse_elems: u64,
     runs: (u32, u32),
-) -> Result<Timing, String> {
+) -> Result<Timed, String> {
     let Some(first) = sets.first() else { return Err("no input set".into()) };
     let bytes = |i: usize| std::mem::size_of_val(first[i].as_slice()) as u64;
     let mut outputs = vec![bytes(0), lse_elems * 4];
@@ -189,7 +201,7 @@ pub fn time_wgpu<T: Sample>(
     }
     let gpu = upload(ctx, sets, &outputs);
     let pairs = if bwd.is_some() { 2 } else { 1 };
-    time_rotating(ctx, runs, pairs, |encoder, pass, stamps| {
+    let (timing, parts) = time_rotating(ctx, runs, pairs, |encoder, pass, stamps| {
         let s = &gpu[pass as usize % gpu.len()];
         let view = |b| TensorView::new(b);
         let (q, k, v, o) = (view(&s.inputs[0]), view(&s.inputs[1]), view(&s.inputs[2]), view(&s.outputs[0]));
@@ -214,7 +226,13 @@ pub fn time_wgpu<T: Sample>(
             }
         }
         Ok(())
-    })
+    })?;
+    let median = |x: &[f64]| Timing { samples_ms: x.to_vec(), gpu_timestamps: true }.median_ms();
+    let split_ms = match parts.as_slice() {
+        [f, b] => Some((median(f), median(b))),
+        _ => None,
+    };
+    Ok(Timed { timing, split_ms })
 }
 
 /// Times the CUDA forward of `op` rotating through `sets` (`[q, k, v]`), each on device buffers the
