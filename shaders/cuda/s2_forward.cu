@@ -32,6 +32,12 @@
 #ifndef USE_WGMMA
 #define USE_WGMMA 0
 #endif
+#ifndef RESCALE_VOTE
+#define RESCALE_VOTE 1
+#endif
+#ifndef TREE_REDUCE
+#define TREE_REDUCE 1
+#endif
 
 #define NT (WARPS * 32)
 #if USE_WGMMA
@@ -222,6 +228,30 @@ __device__ __forceinline__ void wgmma_n128(float* d, const u32 (&a)[4], u64 desc
 
 #define NEG_INF __int_as_float(0xff800000)
 
+// Max / sum over one row's 2 * CNT scores (score tiles LO .. LO + CNT - 1, row half h). With TREE_REDUCE a
+// pairwise tree (log2 dependent steps instead of 2 * CNT: the softmax row reductions were latency-bound),
+// else left to right.
+template <int LO, int CNT>
+__device__ __forceinline__ float row_max(const float (&s)[NK][4], int h) {
+    if constexpr (CNT == 1) {
+        return fmaxf(s[LO][2 * h], s[LO][2 * h + 1]);
+    } else if constexpr (TREE_REDUCE) {
+        return fmaxf(row_max<LO, CNT / 2>(s, h), row_max<LO + CNT / 2, CNT / 2>(s, h));
+    } else {
+        return fmaxf(row_max<LO, CNT - 1>(s, h), row_max<LO + CNT - 1, 1>(s, h));
+    }
+}
+template <int LO, int CNT>
+__device__ __forceinline__ float row_sum(const float (&s)[NK][4], int h) {
+    if constexpr (CNT == 1) {
+        return s[LO][2 * h] + s[LO][2 * h + 1];
+    } else if constexpr (TREE_REDUCE) {
+        return row_sum<LO, CNT / 2>(s, h) + row_sum<LO + CNT / 2, CNT / 2>(s, h);
+    } else {
+        return row_sum<LO, CNT - 1>(s, h) + row_sum<LO + CNT - 1, 1>(s, h);
+    }
+}
+
 // Whether tile row `r` attends the entry's block (before causality).
 __device__ __forceinline__ bool row_attends(u32 rm, u32 r, u32 bs) {
     return (rm & ROWMASK_BITS) ? ((rm >> (r / bs)) & 1u) : (r < rm);
@@ -244,7 +274,6 @@ struct Walk {
 
 // Advances `w` (inclusive) to the next chunk this tile computes; false when the list is exhausted.
 __device__ __forceinline__ bool next_chunk(Walk& w, const Params& p, u32 row_last) {
-    const u32 per_block = p.block_size / BLOCK_K;
     while (w.e < w.e_end) {
         u32 kb = p.entries[2 * w.e];
         u32 k0 = kb * p.block_size + w.c * BLOCK_K;
@@ -253,7 +282,6 @@ __device__ __forceinline__ bool next_chunk(Walk& w, const Params& p, u32 row_las
         w.e++;
         w.c = 0;
     }
-    (void)per_block;
     return false;
 }
 
@@ -272,13 +300,14 @@ __device__ __forceinline__ void load_rows(u16* dst, const u16* base, long long t
     if constexpr (NT % CPR == 0) {
         // Each thread copies one 16-byte column `c` of rows r, r + NT / CPR, ...
         constexpr int STEP = NT / CPR;
-        const int c = tid % CPR;
-        u32 tok = tok0 + tid / CPR;
+        constexpr int ITERS = (ROWS + STEP - 1) / STEP;
+        const int c = tid % CPR, r = tid / CPR;
+        u32 tok = tok0 + r;
         const u16* src = base + (long long)tok * tok_stride + c * 8;
-        u32 dst_addr = smem_addr(dst + (tid / CPR) * LDS + c * 8);
+        u32 dst_addr = smem_addr(dst + r * LDS + c * 8);
 #pragma unroll 4
-        for (int j = 0; j < ROWS / STEP; ++j) {
-            cp_async16(dst_addr, tok < seq ? src : base, tok < seq);
+        for (int j = 0; j < ITERS; ++j) {
+            if (ROWS % STEP == 0 || r + j * STEP < ROWS) cp_async16(dst_addr, tok < seq ? src : base, tok < seq);
             tok += STEP;
             src += STEP * tok_stride;
             dst_addr += STEP * LDS * 2;
@@ -495,53 +524,66 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Pa
             }
 
             // Online softmax (base 2, scale folded in), then P V.
+            float alpha[MT][2];
+            bool rescale = false;
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    float mx = NEG_INF;
-#pragma unroll
-                    for (int n = 0; n < NK; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]));
+                    float mx = row_max<0, NK>(s[mt], h);
                     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                     float m_new = fmaxf(row_m[mt][h], mx * p.scale_log2);
                     float m_use = (m_new == NEG_INF) ? 0.f : m_new;
-                    float alpha = fast_exp2(row_m[mt][h] - m_use);
+                    alpha[mt][h] = fast_exp2(row_m[mt][h] - m_use);
+                    rescale |= m_new != row_m[mt][h];
                     row_m[mt][h] = m_new;
-                    float sum = 0.f;
 #pragma unroll
                     for (int n = 0; n < NK; ++n)
 #pragma unroll
                         for (int e = 0; e < 2; ++e) {
                             float x = fast_exp2(fmaf(s[mt][n][2 * h + e], p.scale_log2, -m_use));
                             s[mt][n][2 * h + e] = x;
-                            sum += x;
                         }
-                    row_l[mt][h] = row_l[mt][h] * alpha + sum;
-#pragma unroll
-                    for (int n = 0; n < ND; ++n) {
-                        o_acc[mt][n][2 * h] *= alpha;
-                        o_acc[mt][n][2 * h + 1] *= alpha;
-                    }
+                    float sum = row_sum<0, NK>(s[mt], h);
+                    row_l[mt][h] = row_l[mt][h] * alpha[mt][h] + sum;
                 }
+            // Once the running maxima settle (most chunks of a long list), alpha is 1 for every row of the
+            // warp and the rescale of O is skipped (a warp-uniform branch).
+            if (!RESCALE_VOTE || __any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+#pragma unroll
+                        for (int n = 0; n < ND; ++n) {
+                            o_acc[mt][n][2 * h] *= alpha[mt][h];
+                            o_acc[mt][n][2 * h + 1] *= alpha[mt][h];
+                        }
+            }
 
 #if USE_WGMMA
             // O += P V, V chunk as B with the transpose bit (N-major): key groups of 8 (K) are CPR * 128
             // bytes apart (LBO), d groups of 8 (N) 128 bytes apart (SBO); each k-step of 16 keys advances
             // two key groups.
+            // P is packed before the fence: wgmma may read its A registers only after one.
+            u32 pa[KK][4];
+#pragma unroll
+            for (int kk = 0; kk < KK; ++kk) {
+                pa[kk][0] = pack2(s[0][2 * kk][0], s[0][2 * kk][1]);
+                pa[kk][1] = pack2(s[0][2 * kk][2], s[0][2 * kk][3]);
+                pa[kk][2] = pack2(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+                pa[kk][3] = pack2(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+                asm volatile("" : "+r"(pa[kk][0]), "+r"(pa[kk][1]), "+r"(pa[kk][2]), "+r"(pa[kk][3])::"memory");
+            }
             fence_regs<ND * 4>(&o_acc[0][0][0]);
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < KK; ++kk) {
-                u32 pa[4];
-                pa[0] = pack2(s[0][2 * kk][0], s[0][2 * kk][1]);
-                pa[1] = pack2(s[0][2 * kk][2], s[0][2 * kk][3]);
-                pa[2] = pack2(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
-                pa[3] = pack2(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
 #if HEAD_DIM == 128
-                wgmma_n128<1>(&o_acc[0][0][0], pa, make_desc(v_base + kk * 2 * CPR * 128, CPR * 128, 128), 1);
+                wgmma_n128<1>(&o_acc[0][0][0], pa[kk], make_desc(v_base + kk * 2 * CPR * 128, CPR * 128, 128), 1);
 #else
-                wgmma_n64<1>(&o_acc[0][0][0], pa, make_desc(v_base + kk * 2 * CPR * 128, CPR * 128, 128), 1);
+                wgmma_n64<1>(&o_acc[0][0][0], pa[kk], make_desc(v_base + kk * 2 * CPR * 128, CPR * 128, 128), 1);
 #endif
             }
             wgmma_commit();

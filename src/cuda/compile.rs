@@ -49,7 +49,7 @@ pub(crate) struct KernelKey {
     /// Source file name, for messages and cache file names.
     pub name: &'static str,
     /// `-D` defines, in order.
-    pub defines: Vec<(&'static str, i64)>,
+    pub defines: Vec<(String, i64)>,
     /// Compute capability (major, minor).
     pub arch: (i32, i32),
     /// Target the architecture-specific variant (`sm_90a`: wgmma), which runs on that exact chip only.
@@ -219,8 +219,12 @@ mod tests {
 
     #[test]
     fn options_name_a_real_architecture() {
-        let key =
-            KernelKey { name: "s2_forward.cu", defines: vec![("HEAD_DIM", 128)], arch: (9, 0), arch_specific: false };
+        let key = KernelKey {
+            name: "s2_forward.cu",
+            defines: vec![("HEAD_DIM".into(), 128)],
+            arch: (9, 0),
+            arch_specific: false,
+        };
         let o = key.options();
         assert!(o.contains(&"--gpu-architecture=sm_90".to_string()), "{o:?}");
         let o = KernelKey { arch_specific: true, ..key }.options();

@@ -3,7 +3,7 @@
 
 use super::compile::{KernelKey, S2_FORWARD_SRC};
 use super::context::CudaContext;
-use super::plan::{WARPS, WGMMA_WARPS};
+use super::plan::{is_wgmma, WARPS};
 use crate::error::{Error, Result};
 use crate::gpu::Timing;
 use crate::layout::Layout;
@@ -134,32 +134,32 @@ impl CudaForward {
             )));
         }
         let warps = plan.workgroup_size / 32;
-        let wgmma = warps == WGMMA_WARPS;
-        if !wgmma && warps != WARPS {
+        let wgmma = is_wgmma(plan);
+        if warps != WARPS && warps != 2 * WARPS {
             return Err(Error::Shape(format!("the CUDA kernels run 4 or 8 warps, the plan asks for {warps}")));
         }
         let rows_per_warp = plan.tile_q / warps;
-        let min_blocks = if wgmma {
+        let min_blocks = if wgmma || warps > WARPS {
             1
         } else if rows_per_warp > 16 || shape.head_dim > 128 {
             2
         } else {
             3
         };
-        let key = KernelKey {
-            name: "s2_forward.cu",
-            defines: vec![
-                ("HEAD_DIM", shape.head_dim as i64),
-                ("BLOCK_Q", plan.tile_q as i64),
-                ("BLOCK_K", plan.tile_kv as i64),
-                ("WARPS", warps as i64),
-                ("IS_BF16", bf16),
-                ("MIN_BLOCKS", min_blocks),
-                ("USE_WGMMA", wgmma as i64),
-            ],
-            arch: ctx.arch(),
-            arch_specific: wgmma,
-        };
+        let mut defines: Vec<(String, i64)> = [
+            ("HEAD_DIM", shape.head_dim as i64),
+            ("BLOCK_Q", plan.tile_q as i64),
+            ("BLOCK_K", plan.tile_kv as i64),
+            ("WARPS", warps as i64),
+            ("IS_BF16", bf16),
+            ("MIN_BLOCKS", min_blocks),
+            ("USE_WGMMA", wgmma as i64),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        defines.extend(extra_defines()?);
+        let key = KernelKey { name: "s2_forward.cu", defines, arch: ctx.arch(), arch_specific: wgmma };
         let smem = plan.workgroup_bytes;
         let func = ctx.kernel(&key, S2_FORWARD_SRC, "s2_forward", smem)?;
         let stream = ctx.stream();
@@ -447,6 +447,25 @@ impl CudaForward {
             Ok(Timing { samples_ms, gpu_timestamps: true })
         })
     }
+}
+
+/// Extra `-D` defines from `S2ATTN_CUDA_DEFINES` (`NAME=VALUE,NAME=VALUE`), for tuning experiments; they
+/// come after the planner's (NVRTC keeps the last definition) and are part of the kernel cache key.
+fn extra_defines() -> Result<Vec<(String, i64)>> {
+    let Ok(spec) = std::env::var("S2ATTN_CUDA_DEFINES") else { return Ok(Vec::new()) };
+    spec.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| {
+            let bad = || Error::Unsupported(format!("S2ATTN_CUDA_DEFINES: `{pair}` is not NAME=INTEGER"));
+            let (name, value) = pair.split_once('=').ok_or_else(bad)?;
+            let name = name.trim();
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(bad());
+            }
+            let value = value.trim().parse::<i64>().map_err(|_| bad())?;
+            Ok((name.to_string(), value))
+        })
+        .collect()
 }
 
 fn poison<T>(stream: &Arc<CudaStream>, buf: &mut CudaSlice<T>) -> Result<()> {
