@@ -263,6 +263,9 @@ pub struct Args {
     pub dense: bool,
     /// Input sets rotate while one call touches fewer bytes than this (`--rotate-mib`; 0 = never).
     pub rotate_bytes: u64,
+    /// Seconds the passes of one measurement may take (`--budget-s`): fewer warm-ups and timed passes
+    /// when they are slow (wgpu forward and forward+backward). `None`: always `warmup` and `iters`.
+    pub budget_s: Option<f64>,
     /// Longest sequence at which dense is timed (`--dense-max-seq`).
     pub dense_max_seq: Option<u32>,
     /// JSON lines output file.
@@ -293,6 +296,7 @@ impl Default for Args {
             check_seq: 512,
             dense: true,
             rotate_bytes: DEFAULT_ROTATE_MIB << 20,
+            budget_s: None,
             dense_max_seq: None,
             json: None,
             peers: Vec::new(),
@@ -342,6 +346,9 @@ OPTIONS:
   --warmup N           untimed passes first (quick 1, paper and decode 3)
   --rotate-mib N       when one call touches fewer than N MiB (default 128, about 2x a large L2), upload
                        several fresh input sets and rotate through them, pass by pass (0 = never)
+  --budget-s S         let the passes of one measurement take about S seconds: warm-ups stop after S/4,
+                       timed passes are cut to fit the rest (at least one; the row's `iters` says how
+                       many ran). For slow points (a long fwd+bwd); default: no budget
   --check-seq N        sequence length of the oracle check (default 512, 0 = none)
   --no-dense           do not time dense attention   --dense-max-seq N   time dense only up to N tokens
   --json FILE          write JSON lines (peer rows first, then ours as they are measured)
@@ -436,6 +443,7 @@ const VALUE_FLAGS: &[&str] = &[
     "--check-seq",
     "--dense-max-seq",
     "--rotate-mib",
+    "--budget-s",
     "--json",
     "--peers",
     "--plot",
@@ -551,6 +559,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Args, ArgEr
             "--check-seq" => a.check_seq = single(f, &v, 0)?,
             "--dense-max-seq" => a.dense_max_seq = Some(single(f, &v, 1)?),
             "--rotate-mib" => a.rotate_bytes = (single(f, &v, 0)? as u64) << 20,
+            "--budget-s" => a.budget_s = Some(single(f, &v, 1)? as f64),
             "--no-dense" => a.dense = false,
             "--json" => a.json = Some(PathBuf::from(v)),
             "--peers" => a.peers.push(PathBuf::from(v)),
@@ -615,6 +624,7 @@ mod tests {
         assert_eq!(parse("").unwrap().rotate_bytes, 128 << 20);
         assert_eq!(parse("--rotate-mib 0").unwrap().rotate_bytes, 0);
         assert_eq!(parse("--rotate-mib 2k").unwrap().rotate_bytes, 2048 << 20);
+        assert_eq!((parse("").unwrap().budget_s, parse("--budget-s 60").unwrap().budget_s), (None, Some(60.0)));
     }
 
     #[test]
@@ -652,6 +662,7 @@ mod tests {
             ("--seq", "--seq needs a value"),
             ("--preset huge", "unknown preset `huge`"),
             ("--rotate-mib lots", "--rotate-mib: `lots` is not a count"),
+            ("--budget-s 0", "--budget-s: 0 is below the minimum 1"),
             ("--dtype f8", "unknown type `f8`"),
             ("--backend opencl", "unknown backend `opencl`"),
             ("--causal maybe", "not true or false"),

@@ -384,7 +384,7 @@ impl<'a> Runner<'a> {
         let lse = p.batch as u64 * p.heads as u64 * p.seq as u64;
         let runs = (self.args.warmup, self.args.iters);
         let timing = guarded(|| match t.ctx.wgpu() {
-            Some(ctx) => crate::timer::time_wgpu(ctx, &op, grad.as_ref(), &sets, lse, runs),
+            Some(ctx) => crate::timer::time_wgpu(ctx, &op, grad.as_ref(), &sets, lse, runs, self.args.budget_s),
             None => time_cuda(t, &op, &sets, lse, runs).map(|timing| Timed { timing, split_ms: None }),
         })?;
         Ok((variant, timing))

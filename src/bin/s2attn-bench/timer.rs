@@ -81,24 +81,46 @@ fn upload<T: Sample>(ctx: &WgpuContext, sets: &[Set<T>], outputs: &[u64]) -> Vec
 type Stamps<'a> = Option<(&'a wgpu::QuerySet, u32)>;
 
 /// Times passes recorded by `encode(encoder, pass, stamps)`: `warmup` untimed passes (a submit each), then
-/// `iters` timed ones (one submit per query set of up to 4096 stamps). A timed pass with stamps writes
+/// `iters` timed ones (one submit per query set of up to 4096 stamps). With a `budget` (seconds), each
+/// warm-up is waited for and timed on the wall clock; warm-ups stop once they have taken a quarter of the
+/// budget, and the timed passes are cut to what the rest of the budget holds at the last warm-up's pace
+/// (at least one). A timed pass with stamps writes
 /// `2 * pairs` queries from the first one given; its sample is the sum over the pairs of end minus start,
 /// and each pair's own samples come back too (one list per pair). Without timestamps, each pass is its
 /// own waited submit, the sample is its wall clock, and there are no per-pair samples.
 fn time_rotating(
     ctx: &WgpuContext,
     (warmup, iters): (u32, u32),
+    budget: Option<f64>,
     pairs: u32,
     encode: impl Fn(&mut wgpu::CommandEncoder, u32, Stamps<'_>) -> s2attn::Result<()>,
 ) -> Result<(Timing, Vec<Vec<f64>>), String> {
     let (device, queue) = (ctx.device(), ctx.queue());
     let e = |e: s2attn::Error| e.to_string();
-    for r in 0..warmup {
+    let (mut spent, mut pace, mut warmed) = (0.0, None, 0);
+    while warmed < warmup {
         let mut encoder = device.create_command_encoder(&Default::default());
-        encode(&mut encoder, r, None).map_err(e)?;
-        queue.submit([encoder.finish()]);
+        encode(&mut encoder, warmed, None).map_err(e)?;
+        let commands = encoder.finish();
+        let t = std::time::Instant::now();
+        queue.submit([commands]);
+        warmed += 1;
+        if let Some(b) = budget {
+            ctx.wait().map_err(e)?;
+            let s = t.elapsed().as_secs_f64();
+            spent += s;
+            pace = Some(s);
+            if spent >= b / 4.0 {
+                break;
+            }
+        }
     }
     ctx.wait().map_err(e)?;
+    let iters = match (budget, pace) {
+        (Some(b), Some(p)) if p > 0.0 => (((b - spent) / p).floor().max(1.0) as u32).min(iters),
+        _ => iters,
+    };
+    let warmup = warmed;
     let mut samples_ms = Vec::with_capacity(iters as usize);
     if !ctx.caps().timestamps {
         for i in 0..iters {
@@ -181,7 +203,8 @@ pub struct Timed {
 
 /// Times the forward of `op` alone (`bwd` = `None`), or the forward and then the backward `bwd` of the
 /// same set, rotating through `sets` (`[q, k, v]`, plus `d_out` with a backward). `lse_elems` is the
-/// forward's LSE length.
+/// forward's LSE length; `runs` is (warm-ups, timed passes), cut to fit `budget` seconds when given.
+#[allow(clippy::too_many_arguments)]
 pub fn time_wgpu<T: Sample>(
     ctx: &WgpuContext,
     op: &Attention,
@@ -189,6 +212,7 @@ pub fn time_wgpu<T: Sample>(
     sets: &[Set<T>],
     lse_elems: u64,
     runs: (u32, u32),
+    budget: Option<f64>,
 ) -> Result<Timed, String> {
     let Some(first) = sets.first() else { return Err("no input set".into()) };
     let bytes = |i: usize| std::mem::size_of_val(first[i].as_slice()) as u64;
@@ -201,7 +225,7 @@ pub fn time_wgpu<T: Sample>(
     }
     let gpu = upload(ctx, sets, &outputs);
     let pairs = if bwd.is_some() { 2 } else { 1 };
-    let (timing, parts) = time_rotating(ctx, runs, pairs, |encoder, pass, stamps| {
+    let (timing, parts) = time_rotating(ctx, runs, budget, pairs, |encoder, pass, stamps| {
         let s = &gpu[pass as usize % gpu.len()];
         let view = |b| TensorView::new(b);
         let (q, k, v, o) = (view(&s.inputs[0]), view(&s.inputs[1]), view(&s.inputs[2]), view(&s.outputs[0]));
