@@ -568,3 +568,49 @@ fn bad_inputs_give_clear_errors_and_change_nothing() {
         "{e}"
     );
 }
+
+#[test]
+fn steady_state_decode_creates_no_buffers() {
+    // Two sequences decoded one token at a time for 100 steps after a short warm-up, alternating the host
+    // path and `encode` into caller buffers; every step judged against the oracle, and the op creates no
+    // device buffer after the warm-up (the work list goes into reused buffers).
+    let layout = s2(S2Config::new(4, 16, 2, 3).kv_heads(2));
+    let dtype = DType::F32;
+    let mut f = Fixture::new(&layout, dtype, KvCacheConfig::new(D, dtype, 320).sequences(2), 900);
+    let (mut a, mut b) = (f.add(), f.add());
+    f.append(&mut a, 150);
+    f.append(&mut b, 37);
+    let (device, queue) = common::device();
+    let h = layout.num_heads();
+    let row = (h * D) as usize;
+    let q_buf = poisoned((2 * row * 4) as u64);
+    let out = poisoned((2 * row * 4) as u64);
+    let lse = poisoned((2 * h * 4) as u64);
+    let step = |f: &mut Fixture, a: &mut Seq, b: &mut Seq, i: u32| {
+        f.append(a, 1);
+        f.append(b, 1);
+        if i % 2 == 0 {
+            f.check_decode(&[a, b], 1, &format!("steady-state host step {i}"));
+            return;
+        }
+        let q = f.rng.tensor(2 * row, dtype);
+        queue.write_buffer(&q_buf, 0, bytemuck::cast_slice(&q));
+        let mut encoder = device.create_command_encoder(&Default::default());
+        let (qv, ov) = (TensorView::new(&q_buf), TensorView::new(&out));
+        f.decode.encode(&mut encoder, &f.cache, &[a.id, b.id], 1, &qv, &ov, (&lse, 0)).expect("decode encode");
+        queue.submit([encoder.finish()]);
+        let got: Vec<f32> = bytemuck::pod_collect_to_vec(&read_back(&out));
+        let lse_dec: Vec<f32> = bytemuck::pod_collect_to_vec(&read_back(&lse));
+        let lse_packed: Vec<f32> = (0..h as usize).flat_map(|hd| [lse_dec[hd], lse_dec[h as usize + hd]]).collect();
+        judge(&format!("steady-state encode step {i}"), dtype, &got, &lse_packed, &f.oracle(&[a, b], 1, &q));
+    };
+    for i in 0..2 {
+        step(&mut f, &mut a, &mut b, i);
+    }
+    let warm = f.decode.buffers_created();
+    assert!(warm > 0, "the op reports the buffers it created");
+    for i in 2..102 {
+        step(&mut f, &mut a, &mut b, i);
+        assert_eq!(f.decode.buffers_created(), warm, "step {i} created device buffers");
+    }
+}

@@ -1,7 +1,7 @@
 //! Host side of the decode kernels (`shaders/decode_split.wgsl`, `shaders/decode_combine.wgsl`): the
 //! workgroup shape for a row count ([`AttendPlan`]), both pipelines, and encoding one call's
-//! [`WorkList`] (uploaded fresh, so several calls may share an encoder) as one compute pass: the split
-//! pass, then the combine pass when the list split a family.
+//! [`WorkList`] (written into buffers reused from call to call, `decode/buffers.rs`) as one compute
+//! pass: the split pass, then the combine pass when the list split a family.
 
 use super::forward::read_buffer;
 use super::shaders::Kernel;
@@ -9,10 +9,14 @@ use super::timing::time_encoded;
 use super::{TensorView, Timing, WgpuContext};
 use crate::error::{Error, Result};
 use crate::inference::WorkList;
+use crate::inference::{WorkEntry, WorkItem};
 use crate::plan::{DType, DeviceCaps};
+use buffers::{BindKey, CallBuffers, PartBuffers};
 use std::fmt;
 use std::sync::Mutex;
 use wgpu::util::DeviceExt;
+
+mod buffers;
 
 /// Vec4 accumulators per invocation the split kernel holds (`MAX_ACC`).
 const MAX_ACC: u32 = 16;
@@ -124,6 +128,11 @@ pub(crate) struct KvSource<'a> {
 #[derive(Clone, Debug)]
 pub(crate) struct Call<'a> {
     pub scale: f32,
+    /// The most entries any call of this op can hold per part (a KV cache segment's pages; 0 when
+    /// unknown): caps the geometric growth of the reused buffers.
+    pub max_entries: u64,
+    /// The most partial slots any call of this op writes (0 when unknown).
+    pub max_slots: u64,
     pub parts: Vec<(&'a WorkList, KvSource<'a>)>,
 }
 
@@ -142,7 +151,7 @@ pub(crate) struct RowIo<'a> {
     pub lse_len: u64,
 }
 
-/// Both decode pipelines for one (dtype, head_dim, plan), and the partials scratch they share.
+/// Both decode pipelines for one (dtype, head_dim, plan), and the buffers their calls reuse.
 pub(crate) struct GpuAttend {
     ctx: WgpuContext,
     dtype: DType,
@@ -151,8 +160,7 @@ pub(crate) struct GpuAttend {
     plan: AttendPlan,
     split: wgpu::ComputePipeline,
     combine: wgpu::ComputePipeline,
-    /// (partial O, partial LSE, slots they hold), grown on demand.
-    partials: Mutex<Option<(wgpu::Buffer, wgpu::Buffer, u32)>>,
+    buffers: Mutex<CallBuffers>,
 }
 
 impl GpuAttend {
@@ -171,11 +179,17 @@ impl GpuAttend {
         )?;
         let combine =
             ctx.pipeline(Kernel::DecodeCombine, dtype, &[d, ("R", plan.rows), ("WG", plan.workgroup_size)])?;
-        Ok(Self { ctx: ctx.clone(), dtype, head_dim, num_heads, plan, split, combine, partials: Mutex::default() })
+        let buffers = Mutex::new(CallBuffers::new(ctx));
+        Ok(Self { ctx: ctx.clone(), dtype, head_dim, num_heads, plan, split, combine, buffers })
     }
 
     pub(crate) fn plan(&self) -> &AttendPlan {
         &self.plan
+    }
+
+    /// Device buffers created so far (constant once the calls stop growing).
+    pub(crate) fn buffers_created(&self) -> usize {
+        self.buffers.lock().unwrap_or_else(|e| e.into_inner()).created
     }
 
     /// Checks a Q/O view of `tokens` rows; returns (offset, token stride) in vec4 units.
@@ -210,32 +224,39 @@ impl GpuAttend {
         Ok(())
     }
 
-    /// Partial buffers holding at least `slots` slots.
-    fn partials(&self, slots: u32) -> (wgpu::Buffer, wgpu::Buffer) {
-        let mut held = self.partials.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((o, l, n)) = &*held {
-            if *n >= slots {
-                return (o.clone(), l.clone());
-            }
+    /// Grows the reused buffers to hold `call` (capped by its bound); forgets the cached bind groups when
+    /// one was replaced.
+    fn reserve(&self, held: &mut CallBuffers, call: &Call<'_>) {
+        let ctx = &self.ctx;
+        let mut created = 0;
+        while held.parts.len() < call.parts.len() {
+            held.parts.push(PartBuffers::new(ctx, std::mem::size_of::<Params>() as u64));
+            created += PartBuffers::BUFFERS;
         }
-        let n = slots.max(1).next_power_of_two();
-        let rows = n as u64 * self.plan.rows as u64;
-        let mk = |label, size| {
-            self.ctx.device().create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size,
-                usage: wgpu::BufferUsages::STORAGE,
-                mapped_at_creation: false,
-            })
-        };
-        let o = mk("s2attn decode partial O", rows * self.head_dim as u64 * 4);
-        let l = mk("s2attn decode partial LSE", rows * 4);
-        *held = Some((o.clone(), l.clone(), n));
-        (o, l)
+        let (item, entry) = (std::mem::size_of::<WorkItem>() as u64, std::mem::size_of::<WorkEntry>() as u64);
+        // Entries of one part are at most its pool's pages; families too (each holds a page); items at
+        // most entries plus families; partial slots at most the items of all parts.
+        let bound = call.max_entries;
+        for ((list, _), part) in call.parts.iter().zip(&mut held.parts) {
+            created += part.items.reserve(ctx, list.items().len() as u64 * item, 2 * bound * item) as usize;
+            created += part.entries.reserve(ctx, list.entries().len() as u64 * entry, bound * entry) as usize;
+            created += part.families.reserve(ctx, list.split_families().len() as u64 * item, bound * item) as usize;
+        }
+        let slots = call.parts.iter().map(|(list, _)| list.partial_slots().end).max().unwrap_or(0) as u64;
+        let slot_bound = call.max_slots;
+        let rows = self.plan.rows as u64;
+        let o_row = rows * self.head_dim as u64 * 4;
+        created += held.part_o.reserve(ctx, slots * o_row, slot_bound * o_row) as usize;
+        created += held.part_lse.reserve(ctx, slots * rows * 4, slot_bound * rows * 4) as usize;
+        if created > 0 {
+            held.created += created;
+            held.forget_binds();
+        }
     }
 
     /// Records a call into `encoder` as one compute pass: the split pass of every part, then the combine
-    /// pass of every part that split a family.
+    /// pass of every part that split a family. The work list goes to reused buffers with
+    /// `queue.write_buffer`, which lands at the next submit: submit before encoding this op again.
     pub(crate) fn encode(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -247,29 +268,8 @@ impl GpuAttend {
         let (o_off, o_stride) = self.view("out", &io.o, io.tokens)?;
         self.bindable("lse", io.lse.0, (io.lse.1 + io.lse_len) * 4)?;
         let lse_off = u32::try_from(io.lse.1).map_err(|_| Error::Shape("lse offset exceeds u32".into()))?;
-        let slots = call.parts.iter().map(|(list, _)| list.partial_slots().end).max().unwrap_or(0);
-        let (part_o, part_lse) = self.partials(slots);
-        let device = self.ctx.device();
-        let storage = |label, bytes: &[u8], usage| {
-            // wgpu refuses empty bindings: an empty list still gets 48 bytes.
-            let padded = [0u8; 48];
-            let contents = if bytes.is_empty() { &padded[..] } else { bytes };
-            device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents, usage })
-        };
-        let bind = |pipeline: &wgpu::ComputePipeline, entries: &[(u32, &wgpu::Buffer)]| {
-            let entries: Vec<wgpu::BindGroupEntry> = entries
-                .iter()
-                .map(|&(binding, b)| wgpu::BindGroupEntry { binding, resource: b.as_entire_binding() })
-                .collect();
-            device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("s2attn decode"),
-                layout: &pipeline.get_bind_group_layout(0),
-                entries: &entries,
-            })
-        };
-        let (uniform, read) = (wgpu::BufferUsages::UNIFORM, wgpu::BufferUsages::STORAGE);
-        // Per part: (split bind group, items), (combine bind group, families).
-        let mut groups = Vec::with_capacity(call.parts.len());
+        // Check every part before writing anything.
+        let mut params = Vec::with_capacity(call.parts.len());
         for (list, kv) in &call.parts {
             let shape = list.shape();
             if shape.rows() != self.plan.rows {
@@ -281,7 +281,7 @@ impl GpuAttend {
             }
             self.bindable("k", kv.k, 0)?;
             self.bindable("v", kv.v, 0)?;
-            let params = Params {
+            params.push(Params {
                 num_heads: self.num_heads,
                 n_tok: shape.n_tok,
                 block_size: shape.block_size,
@@ -298,36 +298,36 @@ impl GpuAttend {
                 lse_head_stride: shape.lse_head_stride,
                 n_items: list.items().len() as u32,
                 neg_inf: f32::NEG_INFINITY,
-            };
-            let split_params = storage("s2attn decode params", bytemuck::bytes_of(&params), uniform);
-            let items = storage("s2attn decode items", bytemuck::cast_slice(list.items()), read);
-            let entries = storage("s2attn decode entries", bytemuck::cast_slice(list.entries()), read);
-            let split = bind(
-                &self.split,
-                &[
-                    (0, &split_params),
-                    (1, io.q.buffer),
-                    (2, kv.k),
-                    (3, kv.v),
-                    (4, io.o.buffer),
-                    (5, &items),
-                    (6, &entries),
-                    (7, &part_o),
-                    (8, &part_lse),
-                    (9, io.lse.0),
-                ],
-            );
-            let families = list.split_families();
-            let combine = (!families.is_empty()).then(|| {
-                let params = Params { n_items: families.len() as u32, ..params };
-                let params = storage("s2attn combine params", bytemuck::bytes_of(&params), uniform);
-                let families = storage("s2attn decode families", bytemuck::cast_slice(families), read);
-                let entries =
-                    [(0, &params), (4, io.o.buffer), (5, &families), (7, &part_o), (8, &part_lse), (9, io.lse.0)];
-                bind(&self.combine, &entries)
             });
-            groups.push(((split, list.items().len() as u32), combine.map(|c| (c, families.len() as u32))));
         }
+        let mut held = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
+        self.reserve(&mut held, call);
+        let queue = self.ctx.queue();
+        // Per part: (split bind group, items), (combine bind group, split families).
+        let mut groups = Vec::with_capacity(call.parts.len());
+        for (i, ((list, kv), params)) in call.parts.iter().zip(&params).enumerate() {
+            let part = &held.parts[i];
+            let families = list.split_families();
+            queue.write_buffer(&part.split_params, 0, bytemuck::bytes_of(params));
+            let combine_params = Params { n_items: families.len() as u32, ..*params };
+            queue.write_buffer(&part.combine_params, 0, bytemuck::bytes_of(&combine_params));
+            for (buffer, bytes) in [
+                (&part.items, bytemuck::cast_slice::<_, u8>(list.items())),
+                (&part.entries, bytemuck::cast_slice(list.entries())),
+                (&part.families, bytemuck::cast_slice(families)),
+            ] {
+                if !bytes.is_empty() {
+                    queue.write_buffer(buffer.get(), 0, bytes);
+                }
+            }
+            let key = BindKey { part: i, buffers: [io.q.buffer, io.o.buffer, io.lse.0, kv.k, kv.v].map(|b| b.clone()) };
+            let (split, combine) = held.binds(key, |held| self.bind_groups(held, i, io, kv));
+            groups.push((
+                (split, list.items().len() as u32),
+                (!families.is_empty()).then_some((combine, families.len() as u32)),
+            ));
+        }
+        drop(held);
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("s2attn decode"),
             timestamp_writes: timestamps,
@@ -347,28 +347,94 @@ impl GpuAttend {
         Ok(())
     }
 
+    /// The split and combine bind groups of part `i` on the caller's buffers.
+    fn bind_groups(
+        &self,
+        held: &CallBuffers,
+        i: usize,
+        io: &RowIo<'_>,
+        kv: &KvSource<'_>,
+    ) -> (wgpu::BindGroup, wgpu::BindGroup) {
+        let part = &held.parts[i];
+        let (part_o, part_lse) = (held.part_o.get(), held.part_lse.get());
+        let bind = |pipeline: &wgpu::ComputePipeline, entries: &[(u32, &wgpu::Buffer)]| {
+            let entries: Vec<wgpu::BindGroupEntry> = entries
+                .iter()
+                .map(|&(binding, b)| wgpu::BindGroupEntry { binding, resource: b.as_entire_binding() })
+                .collect();
+            self.ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("s2attn decode"),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            })
+        };
+        let split = bind(
+            &self.split,
+            &[
+                (0, &part.split_params),
+                (1, io.q.buffer),
+                (2, kv.k),
+                (3, kv.v),
+                (4, io.o.buffer),
+                (5, part.items.get()),
+                (6, part.entries.get()),
+                (7, part_o),
+                (8, part_lse),
+                (9, io.lse.0),
+            ],
+        );
+        let combine = bind(
+            &self.combine,
+            &[
+                (0, &part.combine_params),
+                (4, io.o.buffer),
+                (5, part.families.get()),
+                (7, part_o),
+                (8, part_lse),
+                (9, io.lse.0),
+            ],
+        );
+        (split, combine)
+    }
+
     /// One workgroup per item, folded into a second dimension past the per-dimension limit.
     fn dispatch(&self, pass: &mut wgpu::ComputePass<'_>, n: u32) {
         let x = n.clamp(1, self.ctx.caps().max_dispatch.max(1));
         pass.dispatch_workgroups(x, n.div_ceil(x).max(1), 1);
     }
 
-    /// Runs `list` on host data: uploads Q (raw bytes of the dtype), runs, reads back `(out, lse)`.
+    /// Runs `list` on host data: uploads Q (raw bytes of the dtype), runs, reads back `(out, lse)`; the
+    /// staging buffers are reused from call to call.
     pub(crate) fn run_host(&self, call: &Call<'_>, q: &[u8], tokens: u64, lse_len: u64) -> Result<(Vec<u8>, Vec<f32>)> {
         let device = self.ctx.device();
-        let q_buf = upload(&self.ctx, "s2attn decode q", q);
         let o_bytes = q.len() as u64;
-        let out = scratch(&self.ctx, "s2attn decode out", o_bytes, wgpu::BufferUsages::COPY_SRC);
-        let lse = scratch(&self.ctx, "s2attn decode lse", lse_len * 4, wgpu::BufferUsages::COPY_SRC);
-        let readback =
-            scratch(&self.ctx, "s2attn decode readback", o_bytes + lse_len * 4, wgpu::BufferUsages::MAP_READ);
+        let lse_bytes = lse_len * 4;
+        let (q_buf, out, lse, readback) = {
+            let mut held = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
+            let h = &mut held.host;
+            let created = h.q.reserve(&self.ctx, o_bytes, 0) as usize
+                + h.out.reserve(&self.ctx, o_bytes, 0) as usize
+                + h.lse.reserve(&self.ctx, lse_bytes, 0) as usize
+                + h.readback.reserve(&self.ctx, o_bytes + lse_bytes, 0) as usize;
+            let bufs = (h.q.get().clone(), h.out.get().clone(), h.lse.get().clone(), h.readback.get().clone());
+            held.created += created;
+            bufs
+        };
+        // Q's bytes padded to whole words (f16 rows are whole vec4s, so this only guards odd inputs).
+        if q.len() % 4 == 0 {
+            self.ctx.queue().write_buffer(&q_buf, 0, q);
+        } else {
+            let mut padded = q.to_vec();
+            padded.resize(q.len().next_multiple_of(4), 0);
+            self.ctx.queue().write_buffer(&q_buf, 0, &padded);
+        }
         let mut encoder = device.create_command_encoder(&Default::default());
         let io = RowIo { q: TensorView::new(&q_buf), o: TensorView::new(&out), lse: (&lse, 0), tokens, lse_len };
         self.encode(&mut encoder, call, &io, None)?;
         encoder.copy_buffer_to_buffer(&out, 0, &readback, 0, o_bytes);
-        encoder.copy_buffer_to_buffer(&lse, 0, &readback, o_bytes, lse_len * 4);
+        encoder.copy_buffer_to_buffer(&lse, 0, &readback, o_bytes, lse_bytes);
         self.ctx.queue().submit([encoder.finish()]);
-        let bytes = read_buffer(&self.ctx, &readback, o_bytes + lse_len * 4)?;
+        let bytes = read_buffer(&self.ctx, &readback, o_bytes + lse_bytes)?;
         let (o, l) = bytes.split_at(o_bytes as usize);
         Ok((o.to_vec(), bytemuck::pod_collect_to_vec(l)))
     }

@@ -69,6 +69,13 @@ impl Decode {
         self
     }
 
+    /// Device buffers this op has created so far: constant over steady-state calls (the work list goes
+    /// into reused buffers that grow geometrically, never past what the cache's pool can need).
+    pub fn buffers_created(&self) -> usize {
+        let kernels = self.kernels.lock().unwrap_or_else(|e| e.into_inner());
+        kernels.values().map(|k| k.buffers_created()).sum()
+    }
+
     fn kernel(&self, q_len: u32) -> Result<Arc<GpuAttend>> {
         let mut kernels = self.kernels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(k) = kernels.get(&q_len) {
@@ -225,7 +232,10 @@ impl Decode {
                 Ok((list, KvSource { k, v, k_off: 0, v_off: 0 }))
             })
             .collect::<Result<_>>()?;
-        Ok(Call { scale: self.scale, parts })
+        // A list splits only when it has fewer families than target workgroups, into at most
+        // entries / blocks_per_split + families <= 2 * target items (partial slots).
+        let max_slots = 2 * self.policy.target_workgroups as u64 * cache.segments() as u64;
+        Ok(Call { scale: self.scale, max_entries: cache.max_segment_pages() as u64, max_slots, parts })
     }
 
     /// Runs on host data: `q` is `[seqs.len(), q_len, heads, head_dim]` (q_len from its length).
@@ -261,6 +271,8 @@ impl Decode {
     /// Records a call into the caller's `encoder` on caller-owned buffers: `q` and `out` hold
     /// `[seqs.len() * q_len]` token rows of `[heads, head_dim]`, `lse` receives `[seqs.len(), heads,
     /// q_len]` f32 from its first element. Nothing is submitted; submit before the cache changes again.
+    /// The work list is written into buffers this op reuses (`queue.write_buffer`, applied at the next
+    /// submit), so submit before encoding this op again; different `Decode` ops may share an encoder.
     #[allow(clippy::too_many_arguments)]
     pub fn encode(
         &self,

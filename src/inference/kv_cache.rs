@@ -521,6 +521,10 @@ impl KvCache {
         })?;
         Ok((&g.k, &g.v))
     }
+    /// Pages of the largest segment (the most KV blocks one decode call part can read).
+    pub(crate) fn max_segment_pages(&self) -> u32 {
+        self.segments.iter().map(|g| g.pool.capacity()).max().unwrap_or(0)
+    }
     pub(crate) fn wgpu(&self) -> &WgpuContext {
         &self.ctx
     }

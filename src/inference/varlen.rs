@@ -248,8 +248,12 @@ impl VarlenAttention {
         let list = self.work_list(lens, None)?;
         let upload = |name, x: &[T]| crate::gpu::decode::upload(&self.ctx, name, bytemuck::cast_slice(x));
         let (k_buf, v_buf) = (upload("s2attn varlen k", k), upload("s2attn varlen v", v));
-        let call =
-            Call { scale: self.scale, parts: vec![(&list, KvSource { k: &k_buf, v: &v_buf, k_off: 0, v_off: 0 })] };
+        let call = Call {
+            scale: self.scale,
+            max_entries: 0,
+            max_slots: 0,
+            parts: vec![(&list, KvSource { k: &k_buf, v: &v_buf, k_off: 0, v_off: 0 })],
+        };
         let tokens = lens.total_q() as u64;
         let lse_len = tokens * self.layout.num_heads() as u64;
         let (out, lse) = self.kernel.run_host(&call, bytemuck::cast_slice(q), tokens, lse_len)?;
@@ -257,7 +261,8 @@ impl VarlenAttention {
     }
 
     /// Records a call into the caller's `encoder` on caller-owned buffers (strided views allowed; K and V
-    /// must share a token stride). `lse` receives `[heads, total_q]` f32 from its first element.
+    /// must share a token stride). `lse` receives `[heads, total_q]` f32 from its first element. The work
+    /// list goes into buffers this op reuses (written at the next submit): submit before encoding it again.
     #[allow(clippy::too_many_arguments)]
     pub fn encode(
         &self,
@@ -287,7 +292,12 @@ impl VarlenAttention {
         let kv = KvSource { k: k.buffer, v: v.buffer, k_off: k.offset, v_off: v.offset };
         let tokens = lens.total_q() as u64;
         let io = RowIo { q: *q, o: *out, lse, tokens, lse_len: tokens * self.layout.num_heads() as u64 };
-        self.kernel.encode(encoder, &Call { scale: self.scale, parts: vec![(&list, kv)] }, &io, None)
+        self.kernel.encode(
+            encoder,
+            &Call { scale: self.scale, max_entries: 0, max_slots: 0, parts: vec![(&list, kv)] },
+            &io,
+            None,
+        )
     }
 }
 
