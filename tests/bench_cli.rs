@@ -146,6 +146,12 @@ fn fwd_bwd_rows_have_time_density_and_small_gradient_error() {
             );
         }
     }
+    // The saved rows report again without a device (`--from`), e.g. to merge runs split over several calls.
+    let saved = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench_cli_fwd_bwd.jsonl");
+    let out = bench(&["--from", saved.to_str().unwrap_or_default(), "--markdown"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("mode fwd+bwd") && stdout.matches("| s2attn").count() == 4, "{stdout}");
 }
 
 #[test]

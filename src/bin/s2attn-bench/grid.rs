@@ -272,6 +272,8 @@ pub struct Args {
     pub json: Option<PathBuf>,
     /// Peer JSON lines files to merge.
     pub peers: Vec<PathBuf>,
+    /// JSON lines of earlier runs (`--from`) to report instead of measuring.
+    pub from: Vec<PathBuf>,
     /// SVG plot output file.
     pub plot: Option<PathBuf>,
     /// Print a markdown table.
@@ -300,6 +302,7 @@ impl Default for Args {
             dense_max_seq: None,
             json: None,
             peers: Vec::new(),
+            from: Vec::new(),
             plot: None,
             markdown: false,
             list: false,
@@ -353,6 +356,8 @@ OPTIONS:
   --no-dense           do not time dense attention   --dense-max-seq N   time dense only up to N tokens
   --json FILE          write JSON lines (peer rows first, then ours as they are measured)
   --peers FILE         merge peer JSON lines (torch_peers.py output; repeatable) and print ratios
+  --from FILE          measure nothing: report the rows of earlier --json files (ours and peers, repeatable),
+                       e.g. to merge runs split over several device calls
   --plot FILE.svg      time (log) against sequence length, one line per implementation
   --markdown           print a markdown table for BENCHMARKS.md
   --list               list the devices and exit          -v, --verbose   print plans and devices
@@ -446,6 +451,7 @@ const VALUE_FLAGS: &[&str] = &[
     "--budget-s",
     "--json",
     "--peers",
+    "--from",
     "--plot",
 ];
 /// Flags that take none.
@@ -563,6 +569,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Args, ArgEr
             "--no-dense" => a.dense = false,
             "--json" => a.json = Some(PathBuf::from(v)),
             "--peers" => a.peers.push(PathBuf::from(v)),
+            "--from" => a.from.push(PathBuf::from(v)),
             "--plot" => a.plot = Some(PathBuf::from(v)),
             "--markdown" => a.markdown = true,
             "--list" => a.list = true,

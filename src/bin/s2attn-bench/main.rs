@@ -17,7 +17,6 @@ mod report;
 mod run;
 mod timer;
 
-use grid::Args;
 use std::fs;
 use std::io::{BufWriter, IsTerminal, Write};
 
@@ -32,11 +31,11 @@ fn main() {
     std::process::exit(code);
 }
 
-/// The peer rows of every `--peers` file, and their lines verbatim (for `--json`).
-fn read_peers(args: &Args) -> Result<(Vec<report::Row>, Vec<String>), String> {
+/// The rows of every file given to `flag` (`--peers`, `--from`), and their lines verbatim (for `--json`).
+fn read_rows(flag: &str, paths: &[std::path::PathBuf]) -> Result<(Vec<report::Row>, Vec<String>), String> {
     let (mut rows, mut raw) = (Vec::new(), Vec::new());
-    for path in &args.peers {
-        let text = fs::read_to_string(path).map_err(|e| format!("--peers {}: {e}", path.display()))?;
+    for path in paths {
+        let text = fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
         rows.extend(report::parse_peers(&text, &path.display().to_string())?);
         raw.extend(text.lines().map(str::trim).filter(|l| l.starts_with('{')).map(String::from));
     }
@@ -60,7 +59,12 @@ fn bench() -> Result<i32, String> {
         notes.iter().for_each(|n| println!("note: {n}"));
         return Ok(0);
     }
-    let (peers, peer_lines) = read_peers(&args)?;
+    // Rows of earlier runs (`--from`): ours are reported as if measured now, the rest are peers.
+    let (mut peers, mut peer_lines) = read_rows("--peers", &args.peers)?;
+    let (saved, saved_lines) = read_rows("--from", &args.from)?;
+    let (mut ours, saved_peers): (Vec<report::Row>, Vec<report::Row>) = saved.into_iter().partition(|r| r.is_ours());
+    peers.extend(saved_peers);
+    peer_lines.extend(saved_lines);
     let mut json = match &args.json {
         Some(path) => {
             let f = fs::File::create(path).map_err(|e| format!("--json {}: {e}", path.display()))?;
@@ -78,7 +82,7 @@ fn bench() -> Result<i32, String> {
         write_line(line)?;
     }
 
-    let problems = args.grid.problems(&args.modes);
+    let problems = if args.from.is_empty() { args.grid.problems(&args.modes) } else { Vec::new() };
     let targets = if problems.is_empty() { Vec::new() } else { run::open_targets(&args, &mut notes) };
     for n in &notes {
         eprintln!("note: {n}");
@@ -90,7 +94,6 @@ fn bench() -> Result<i32, String> {
     let tty = std::io::stderr().is_terminal();
     let total = targets.len() * problems.len();
     let mut runner = run::Runner::new(&args);
-    let mut ours = Vec::new();
     let mut done = 0;
     for (ti, t) in targets.iter().enumerate() {
         if args.verbose {
@@ -139,8 +142,8 @@ fn bench() -> Result<i32, String> {
     }
     if let Some(path) = &args.plot {
         let all: Vec<report::Row> = ours.iter().chain(&peers).cloned().collect();
-        let modes: Vec<&str> = args.modes.iter().map(|m| m.name()).collect();
-        let title = format!("S2 attention {}: {}", modes.join(", "), table.caption);
+        let modes: std::collections::BTreeSet<&str> = all.iter().map(|r| r.mode.as_str()).collect();
+        let title = format!("S2 attention {}: {}", modes.into_iter().collect::<Vec<_>>().join(", "), table.caption);
         fs::write(path, plot::svg(&all, &title)).map_err(|e| format!("--plot {}: {e}", path.display()))?;
     }
 

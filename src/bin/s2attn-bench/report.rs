@@ -385,7 +385,8 @@ const FIELDS: [Field; 10] = [
 ];
 
 /// Builds the comparison table: our rows and the peers', grouped by configuration and sequence length,
-/// ours first; `×dense` is the time of our dense row on the same device over the sparse row's; each
+/// ours first; `×dense` is the time of our dense row of the same shape (any sparsity fields) on the same
+/// device over the sparse row's; each
 /// `<peer>/ours` column is that peer's time over our row's at the same configuration.
 pub fn build_table(ours: &[Row], peers: &[Row]) -> Table {
     let mut notes = Vec::new();
@@ -409,7 +410,7 @@ pub fn build_table(ours: &[Row], peers: &[Row]) -> Table {
     let peer_names: BTreeSet<String> = peers.iter().map(|p| p.implementation.clone()).collect();
     let mut dense_ms: BTreeMap<(Key, Option<String>, Option<String>), f64> = BTreeMap::new();
     for r in ours.iter().filter(|r| r.is_dense()) {
-        dense_ms.insert((r.key(), r.backend.clone(), r.adapter.clone()), r.ms.unwrap_or(f64::NAN));
+        dense_ms.insert((r.dense_key(), r.backend.clone(), r.adapter.clone()), r.ms.unwrap_or(f64::NAN));
     }
 
     let varying: Vec<&Field> =
@@ -479,7 +480,7 @@ pub fn build_table(ours: &[Row], peers: &[Row]) -> Table {
             cells.push(opt(r.gbps, fmt_num));
             cells.push(opt(r.max_rel_err, |e| format!("{e:.1e}")));
             let dense = (r.is_ours() && !r.is_dense())
-                .then(|| dense_ms.get(&(r.key(), r.backend.clone(), r.adapter.clone())))
+                .then(|| dense_ms.get(&(r.dense_key(), r.backend.clone(), r.adapter.clone())))
                 .flatten();
             cells.push(opt(dense.map(|d| d / ms), fmt_num));
             for p in &peer_names {
@@ -716,12 +717,14 @@ mod tests {
         assert_eq!(sparse[col("torch-flash/ours")], "1.50");
         assert_eq!(sparse[col("flex-s2/ours")], "-");
         assert_eq!(t.rows[3][col("torch-flash/ours")], "-", "peers get no ratio to themselves");
-        // A dense peer measured at one vert_stride serves every sparse setting of its shape.
-        let t = build_table(&[ours("s2attn/vulkan/portable", 1024, 8, 1.5)], &[flash, other]);
+        // A dense row (a peer's or ours) measured at one vert_stride serves every sparse setting of its shape.
+        let mine = [ours("s2attn/vulkan/portable", 1024, 8, 1.5), ours("s2attn-dense/vulkan/portable", 1024, 4, 5.0)];
+        let t = build_table(&mine, &[flash, other]);
         let col = |name: &str| t.header.iter().position(|h| h == name).unwrap();
         let mine = t.rows.iter().find(|r| r[0] == "s2attn/vulkan/portable").unwrap();
         assert_eq!(mine[col("torch-flash/ours")], "2.00");
         assert_eq!(mine[col("flex-s2/ours")], "0.667");
+        assert_eq!(mine[col("×dense")], "3.33", "our dense row of the same shape, measured at another stride");
         let text = render_text(&t);
         assert!(text.lines().nth(1).unwrap().starts_with("impl"), "{text}");
     }
