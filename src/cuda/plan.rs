@@ -51,6 +51,17 @@ fn requested_tile_q() -> Result<Option<u32>> {
     }
 }
 
+/// A key chunk forced by `S2ATTN_CUDA_TILE_KV` (16, 32 or 64 keys; capped at the block size), for tuning.
+fn requested_tile_kv() -> Result<Option<u32>> {
+    match std::env::var("S2ATTN_CUDA_TILE_KV").ok().filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => match v.parse::<u32>() {
+            Ok(t @ (16 | 32 | 64)) => Ok(Some(t)),
+            _ => Err(Error::Unsupported(format!("S2ATTN_CUDA_TILE_KV={v}: use 16, 32 or 64"))),
+        },
+    }
+}
+
 /// Shared memory of the wgmma kernel: the padded Q tile plus two stages of K and V in core-matrix order.
 pub(crate) fn wgmma_smem_bytes(head_dim: u32) -> u32 {
     (128 * (head_dim + 8) + 4 * 64 * head_dim) * 2
@@ -82,7 +93,8 @@ pub(crate) fn smem_bytes(tile_q: u32, tile_kv: u32, head_dim: u32) -> u32 {
 /// key chunks are 64 keys (or the block size when smaller), halved until the shared memory fits. On
 /// sm_90 the 128 x 64 tiles of head dim 128 can run on `wgmma` (two warpgroups of 64 rows); elsewhere
 /// on `mma.sync` (four warps). `S2ATTN_CUDA_KERNEL=wgmma` asks for wgmma wherever it applies (sm_90, head
-/// dim 128, 128 x 64 tiles), `mma` for mma.sync everywhere; `S2ATTN_CUDA_TILE_Q` forces the tile.
+/// dim 128, 128 x 64 tiles), `mma` for mma.sync everywhere; `S2ATTN_CUDA_TILE_Q` / `S2ATTN_CUDA_TILE_KV`
+/// force the query tile / key chunk (tuning experiments).
 pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result<DispatchPlan> {
     match shape.dtype {
         DType::F16 | DType::BF16 => {}
@@ -110,6 +122,9 @@ pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result
     // 64 rows per warp would need more registers than a thread has: 256-row tiles take 8 warps.
     let warps = if tile_q > 128 { 2 * WARPS } else { WARPS };
     let mut tile_kv = bs.min(64);
+    if let Some(forced) = requested_tile_kv()? {
+        tile_kv = forced.min(bs);
+    }
     if tile_q / warps > 16 && d > 128 {
         return Err(Error::Unsupported(format!("head_dim {d} takes tiles of at most {} rows", 16 * warps)));
     }
