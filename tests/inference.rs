@@ -614,3 +614,69 @@ fn steady_state_decode_creates_no_buffers() {
         assert_eq!(f.decode.buffers_created(), warm, "step {i} created device buffers");
     }
 }
+
+#[test]
+fn append_encoded_from_device_buffers_equals_the_host_append() {
+    // One cache filled by the host path, one by `append_encoded` from an interleaved [K | V | pad] buffer
+    // (strided views at an offset), with the same rows: a prompt in one call (some of its blocks are never
+    // needed), a chunk, then single tokens, each submitted. The pools end up byte for byte equal, and
+    // decoding the encoded cache matches the oracle.
+    let layout = s2(S2Config::new(4, 16, 2, 3).kv_heads(2));
+    let (device, queue) = common::device();
+    for (i, dtype) in F32_F16.into_iter().enumerate() {
+        let config = KvCacheConfig::new(D, dtype, 256);
+        let mut host = Fixture::new(&layout, dtype, config.clone(), 1_000 + i as u64);
+        let mut dev = Fixture::new(&layout, dtype, config, 0);
+        let mut seq = host.add();
+        let dev_seq = dev.cache.add_sequence();
+        let row = host.kv_row();
+        for (step, n) in [150u32, 7].into_iter().chain(std::iter::repeat_n(1, 20)).enumerate() {
+            let before = seq.k.len();
+            host.append(&mut seq, n);
+            let (k, v) = (&seq.k[before..], &seq.v[before..]);
+            let stride = 2 * row + 4;
+            let mut inter = vec![f32::NAN; 4 + n as usize * stride];
+            for t in 0..n as usize {
+                inter[4 + t * stride..][..row].copy_from_slice(&k[t * row..][..row]);
+                inter[4 + t * stride + row..][..row].copy_from_slice(&v[t * row..][..row]);
+            }
+            let buf = upload(&common::to_bytes(dtype, &inter));
+            let kv = TensorView::strided(&buf, 4, stride as u64);
+            let vv = TensorView::strided(&buf, 4 + row as u64, stride as u64);
+            let mut encoder = device.create_command_encoder(&Default::default());
+            dev.cache.append_encoded(&mut encoder, dev_seq, &kv, &vv, n).unwrap_or_else(|e| panic!("step {step}: {e}"));
+            queue.submit([encoder.finish()]);
+            assert_eq!(dev.cache.seq_len(dev_seq).expect("len"), host.len(&seq));
+        }
+        let (hk, hv) = host.cache.pools(0).expect("host pools");
+        let (dk, dv) = dev.cache.pools(0).expect("device pools");
+        assert!(read_back(hk) == read_back(dk), "K pools differ ({dtype})");
+        assert!(read_back(hv) == read_back(dv), "V pools differ ({dtype})");
+        let dev_view = Seq { id: dev_seq, k: seq.k.clone(), v: seq.v.clone() };
+        dev.check_decode(&[&dev_view], 1, &format!("decode after append_encoded ({dtype})"));
+    }
+}
+
+#[test]
+fn append_encoded_refuses_bad_views_and_changes_nothing() {
+    let layout = s2(S2Config::new(4, 16, 2, 3).kv_heads(2));
+    let (device, _) = common::device();
+    let mut f = Fixture::new(&layout, DType::F16, KvCacheConfig::new(D, DType::F16, 64), 1_100);
+    let mut seq = f.add();
+    f.append(&mut seq, 10);
+    let row = f.kv_row() as u64;
+    let small = upload(&vec![0u8; (row * 2) as usize]);
+    let big = upload(&vec![0u8; (row * 2 * 70) as usize]);
+    let mut encoder = device.create_command_encoder(&Default::default());
+    let cases: [(&str, TensorView, u32); 4] = [
+        ("too small", TensorView::new(&small), 2),
+        ("odd f16 offset", TensorView::strided(&big, 1, row), 1),
+        ("stride below a row", TensorView::strided(&big, 0, row - 4), 1),
+        ("past max_seq_len", TensorView::new(&big), 60),
+    ];
+    for (what, view, n) in cases {
+        let r = f.cache.append_encoded(&mut encoder, seq.id, &view, &view, n);
+        assert!(r.is_err(), "{what}: accepted");
+        assert_eq!(f.cache.seq_len(seq.id).expect("len"), 10, "{what}: the sequence changed");
+    }
+}

@@ -36,6 +36,9 @@ pub enum Kernel {
     DecodeSplit,
     /// `shaders/decode_combine.wgsl`: merges the split-KV partials of decode by their LSE.
     DecodeCombine,
+    /// `shaders/kv_append.wgsl`: scatters K/V rows from device buffers into KV cache pages (32-bit words,
+    /// so it serves every storage type).
+    KvAppend,
 }
 
 impl Kernel {
@@ -47,6 +50,7 @@ impl Kernel {
         Kernel::BackwardDkDv,
         Kernel::DecodeSplit,
         Kernel::DecodeCombine,
+        Kernel::KvAppend,
     ];
 
     /// File name under `shaders/`.
@@ -58,6 +62,7 @@ impl Kernel {
             Kernel::BackwardDkDv => "backward_dkdv.wgsl",
             Kernel::DecodeSplit => "decode_split.wgsl",
             Kernel::DecodeCombine => "decode_combine.wgsl",
+            Kernel::KvAppend => "kv_append.wgsl",
         }
     }
 
@@ -69,6 +74,7 @@ impl Kernel {
             Kernel::BackwardDkDv => include_str!("../../shaders/backward_dkdv.wgsl"),
             Kernel::DecodeSplit => include_str!("../../shaders/decode_split.wgsl"),
             Kernel::DecodeCombine => include_str!("../../shaders/decode_combine.wgsl"),
+            Kernel::KvAppend => include_str!("../../shaders/kv_append.wgsl"),
         }
     }
 
@@ -81,6 +87,8 @@ impl Kernel {
             | Kernel::DecodeSplit
             | Kernel::DecodeCombine => &[DType::F32, DType::F16],
             Kernel::ForwardCoop => &[DType::F16],
+            // Words, whatever the storage type: composed (and compiled) once, as f32.
+            Kernel::KvAppend => &[DType::F32],
         }
     }
 }

@@ -13,12 +13,13 @@
 //!
 //! Every mutation checks all its arguments and the pool's room first and changes nothing when it fails.
 
+use super::kv_append;
 use super::page_table::{KvPage, PagePool, PageTable};
 use super::retention::Retention;
 use crate::attention::Element;
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::gpu::WgpuContext;
+use crate::gpu::{TensorView, WgpuContext};
 use crate::layout::Layout;
 use crate::plan::{DType, PORTABLE_HEAD_DIMS};
 use std::collections::HashMap;
@@ -173,6 +174,8 @@ pub struct KvCache {
     segments: Vec<Segment>,
     seqs: HashMap<u64, Sequence>,
     next_seq: u64,
+    /// The kernel of [`KvCache::append_encoded`], compiled on first use.
+    appender: Option<kv_append::Appender>,
 }
 
 impl fmt::Debug for KvCache {
@@ -229,6 +232,7 @@ impl KvCache {
             segments,
             seqs: HashMap::new(),
             next_seq: 0,
+            appender: None,
         })
     }
 
@@ -388,8 +392,116 @@ impl KvCache {
         if v.len() != k.len() {
             return Err(Error::Length { tensor: "v", got: v.len(), expected: k.len(), layout });
         }
+        let (len0, len1) = self.claim(seq, (k.len() / row) as u64)?;
+        let bs = self.layout.block_size();
+        let touched = len0 / bs..=(len1 - 1) / bs;
+
+        let s = &self.seqs[&seq.0];
+        let segment = &self.segments[s.segment];
+        let (k, v): (&[u8], &[u8]) = (bytemuck::cast_slice(k), bytemuck::cast_slice(v));
+        let es = self.config.dtype.size() as usize;
+        let mut staged = 0u64;
+        for (kvh, table) in s.tables.iter().enumerate() {
+            for kb in touched.clone() {
+                let Some(page) = table.get(kb) else { continue };
+                let lo = len0.max(kb * bs);
+                let hi = len1.min((kb + 1) * bs);
+                let gather = |src: &[u8]| -> Vec<u8> {
+                    let mut rows = Vec::with_capacity((hi - lo) as usize * d * es);
+                    for t in lo..hi {
+                        rows.extend_from_slice(&src[(((t - len0) as usize * hk + kvh) * d) * es..][..d * es]);
+                    }
+                    rows
+                };
+                let at = (page.index() as u64 * bs as u64 + (lo - kb * bs) as u64) * d as u64 * es as u64;
+                self.ctx.queue().write_buffer(&segment.k, at, &gather(k));
+                self.ctx.queue().write_buffer(&segment.v, at, &gather(v));
+                staged += 2 * (hi - lo) as u64 * (d * es) as u64;
+                if staged >= FLUSH_BYTES {
+                    // Hand the staged writes to the device so that a long prompt's staging memory is
+                    // reclaimed as it goes instead of piling up until the next submit.
+                    self.ctx.queue().submit([]);
+                    self.ctx.wait()?;
+                    staged = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records an append of `tokens` tokens to `seq` from device buffers into the caller's `encoder` (a
+    /// small scatter kernel; nothing is submitted): `k` and `v` are `[tokens, kv_heads, head_dim]` rows in
+    /// the cache's dtype (strided views allowed, e.g. the K and V columns of an interleaved QKV buffer;
+    /// offsets and strides in whole 32-bit words). The page tables change now, as with
+    /// [`KvCache::append`]; the rows land when the encoder is submitted, so submit before this cache's
+    /// pages are read, and before the next `append_encoded` of this cache (its page offsets go into a
+    /// reused buffer at the next submit). Fails without changing anything as `append` does, and on views
+    /// too small or misaligned.
+    pub fn append_encoded(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        seq: SeqId,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        tokens: u32,
+    ) -> Result<()> {
+        if tokens == 0 {
+            return Err(Error::Shape("append_encoded: tokens must be at least 1".into()));
+        }
+        let (hk, d) = (self.layout.num_kv_heads(), self.config.head_dim);
+        let row = hk as u64 * d as u64;
+        let dtype = self.config.dtype;
+        let (k_off, k_stride) = kv_append::source_words(&self.ctx, "k", k, tokens, row, dtype)?;
+        let (v_off, v_stride) = kv_append::source_words(&self.ctx, "v", v, tokens, row, dtype)?;
+        let s = self.sequence(seq)?;
+        let pool_words = self.segments[s.segment].k.size() / 4;
+        if pool_words > u32::MAX as u64 {
+            return Err(Error::Unsupported(format!(
+                "append_encoded addresses pool segments in 32-bit words; this one has {pool_words} (cap segment_pages)"
+            )));
+        }
+        if self.appender.is_none() {
+            let max_pages = hk as u64 * (self.layout.blocks(self.config.max_seq_len) as u64 + 1);
+            self.appender = Some(kv_append::Appender::new(&self.ctx, max_pages)?);
+        }
+        let (len0, len1) = self.claim(seq, tokens as u64)?;
+        let bs = self.layout.block_size();
+        let (first, last) = (len0 / bs, (len1 - 1) / bs);
+        let row_words = (d as u64 * dtype.size() / 4) as u32;
+        let s = &self.seqs[&seq.0];
+        let page_words: Vec<u32> = s
+            .tables
+            .iter()
+            .flat_map(|table| {
+                (first..=last).map(move |kb| table.get(kb).map_or(u32::MAX, |p| p.index() * bs * row_words))
+            })
+            .collect();
+        let params = kv_append::AppendParams {
+            tokens,
+            kv_heads: hk,
+            row_words,
+            block_size: bs,
+            len0,
+            first_block: first,
+            blocks: last - first + 1,
+            k_off,
+            k_stride,
+            v_off,
+            v_stride,
+            pad: 0,
+        };
+        let segment = &self.segments[s.segment];
+        let appender = self.appender.as_mut().ok_or_else(|| Error::Device("the append kernel is missing".into()))?;
+        appender.encode(encoder, &params, &page_words, [k.buffer, v.buffer], [&segment.k, &segment.v])
+    }
+
+    /// Makes room for `new_tokens` more tokens of `seq`: frees the pages no future query needs any more,
+    /// gives a page to every touched block some future query needs, and sets the new length. Checks the
+    /// page table's capacity and the pool's room first and changes nothing when either fails. Returns the
+    /// length before and after.
+    fn claim(&mut self, seq: SeqId, new_tokens: u64) -> Result<(u32, u32)> {
         let len0 = self.sequence(seq)?.len;
-        let tokens = len0 as u64 + (k.len() / row) as u64;
+        let tokens = len0 as u64 + new_tokens;
         if tokens > self.config.max_seq_len as u64 {
             return Err(Error::PageTableOverflow { seq: seq.0, tokens, capacity: self.config.max_seq_len as u64 });
         }
@@ -438,37 +550,7 @@ impl KvCache {
         }
         s.len = len1;
 
-        let s = &self.seqs[&seq.0];
-        let segment = &self.segments[s.segment];
-        let (k, v): (&[u8], &[u8]) = (bytemuck::cast_slice(k), bytemuck::cast_slice(v));
-        let es = self.config.dtype.size() as usize;
-        let mut staged = 0u64;
-        for (kvh, table) in s.tables.iter().enumerate() {
-            for kb in touched.clone() {
-                let Some(page) = table.get(kb) else { continue };
-                let lo = len0.max(kb * bs);
-                let hi = len1.min((kb + 1) * bs);
-                let gather = |src: &[u8]| -> Vec<u8> {
-                    let mut rows = Vec::with_capacity((hi - lo) as usize * d * es);
-                    for t in lo..hi {
-                        rows.extend_from_slice(&src[(((t - len0) as usize * hk + kvh) * d) * es..][..d * es]);
-                    }
-                    rows
-                };
-                let at = (page.index() as u64 * bs as u64 + (lo - kb * bs) as u64) * d as u64 * es as u64;
-                self.ctx.queue().write_buffer(&segment.k, at, &gather(k));
-                self.ctx.queue().write_buffer(&segment.v, at, &gather(v));
-                staged += 2 * (hi - lo) as u64 * (d * es) as u64;
-                if staged >= FLUSH_BYTES {
-                    // Hand the staged writes to the device so that a long prompt's staging memory is
-                    // reclaimed as it goes instead of piling up until the next submit.
-                    self.ctx.queue().submit([]);
-                    self.ctx.wait()?;
-                    staged = 0;
-                }
-            }
-        }
-        Ok(())
+        Ok((len0, len1))
     }
 
     /// Pages in use and what a dense cache would hold.

@@ -7,6 +7,7 @@
 //! [`KvCache::pools`] and [`PageTable`]s.
 
 mod decode;
+mod kv_append;
 mod kv_cache;
 mod page_table;
 mod retention;
