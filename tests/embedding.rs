@@ -11,6 +11,7 @@ use common::{
     assert_matches, device, from_bytes, poisoned, read_back, scatter, to_bytes, upload, wgpu_context, Got, Inputs,
     Placement, Problem,
 };
+use s2attn::inference::{Decode, KvCache, KvCacheConfig, VarlenAttention};
 use s2attn::{Attention, Context, DType, Layout, S2Config, TensorView};
 use wgpu::util::DeviceExt;
 
@@ -215,4 +216,44 @@ fn steady_state_encodes_create_no_buffers() {
         };
         assert_matches(&format!("view set {set}"), &p, &got, &want);
     }
+}
+
+#[test]
+fn a_device_below_the_kernels_limits_is_refused_by_name() {
+    // WebGPU's downlevel limits allow 4 storage buffers per stage; the kernels bind more. Creating the ops
+    // fails with Error::DeviceLimit naming the limit (not a bare wgpu validation error); a wider storage
+    // limit on the same adapter is accepted, so the check is the limit and not the adapter.
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
+        .unwrap_or_else(|e| panic!("the test needs a wgpu adapter (lavapipe: mesa-vulkan-drivers): {e}"));
+    let open = |storage: u32| {
+        let limits =
+            wgpu::Limits { max_storage_buffers_per_shader_stage: storage, ..wgpu::Limits::downlevel_defaults() };
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("low-limit app device"),
+            required_limits: limits,
+            ..Default::default()
+        }))
+        .expect("a downlevel device");
+        Context::from_wgpu_device(adapter.get_info(), device, queue, &[])
+    };
+    let l = s2(S2Config::new(4, 16, 2, 3).kv_heads(2));
+    let p = Problem::new(&l, 1, 64, 32, DType::F32);
+    let low = open(4);
+    let named = |what: &str, r: Result<(), s2attn::Error>| match r {
+        Err(s2attn::Error::DeviceLimit { limit, needed, max, .. }) => {
+            assert_eq!(limit, "max_storage_buffers_per_shader_stage", "{what}");
+            assert!(needed > max && max == 4, "{what}: needed {needed}, max {max}");
+        }
+        other => panic!("{what}: expected DeviceLimit, got {other:?}"),
+    };
+    named("Attention::new", Attention::new(&low, &l, p.shape()).map(|_| ()));
+    let cache = KvCache::new(&low, &l, KvCacheConfig::new(32, DType::F32, 64)).expect("the cache needs no kernel");
+    named("Decode::new", Decode::new(&cache).map(|_| ()));
+    named("VarlenAttention::new", VarlenAttention::new(&low, &l, 32, DType::F32).map(|_| ()));
+
+    let wide = open(10);
+    let op = Attention::new(&wide, &l, p.shape()).expect("10 storage buffers per stage suffice");
+    let x = p.inputs(14_000);
+    assert_matches("downlevel device with 10 storage buffers", &p, &common::run_host_op(&op, &p, &x), &p.reference(&x));
 }

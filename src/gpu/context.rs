@@ -299,6 +299,32 @@ impl WgpuContext {
             .map_err(|e| Error::Device(format!("waiting for the GPU: {e}")))
     }
 
+    /// Refuses a kernel the device cannot run, naming the limit, before wgpu would fail with a bare
+    /// validation error: its storage buffers per stage, and its workgroup size (`WG`).
+    fn check_kernel_limits(&self, kernel: Kernel, source: &str, constants: &[(&'static str, u32)]) -> Result<()> {
+        let limits = &self.0.capabilities.limits;
+        let buffers = shaders::storage_buffers(kernel.name(), source)?;
+        if buffers > limits.max_storage_buffers_per_shader_stage {
+            return Err(Error::DeviceLimit {
+                what: format!("the {} kernel", kernel.name()),
+                limit: "max_storage_buffers_per_shader_stage",
+                needed: buffers as u64,
+                max: limits.max_storage_buffers_per_shader_stage as u64,
+            });
+        }
+        if let Some(&(_, wg)) = constants.iter().find(|(name, _)| *name == "WG") {
+            if wg > limits.max_compute_invocations_per_workgroup || wg > limits.max_compute_workgroup_size_x {
+                return Err(Error::DeviceLimit {
+                    what: format!("the {} kernel's workgroup", kernel.name()),
+                    limit: "max_compute_invocations_per_workgroup",
+                    needed: wg as u64,
+                    max: limits.max_compute_invocations_per_workgroup.min(limits.max_compute_workgroup_size_x) as u64,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The compiled pipeline for `kernel` in `dtype` with `constants` (override name, value), compiled on
     /// first use and cached.
     pub(crate) fn pipeline(
@@ -313,6 +339,7 @@ impl WgpuContext {
             return Ok(p.clone());
         }
         let source = shaders::compose(kernel, dtype)?;
+        self.check_kernel_limits(kernel, &source, constants)?;
         let device = &self.0.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         // wgpu's default checks wrap every loop in a 64-bit iteration counter (`force_loop_bounding`),

@@ -133,3 +133,27 @@ pub fn validate(name: &str, source: &str) -> Result<()> {
     validator.validate(&module).map_err(|e| Error::Shader { name: name.into(), message: e.emit_to_string(source) })?;
     Ok(())
 }
+
+/// Storage buffers the entry point `main` of composed WGSL binds (what
+/// `max_storage_buffers_per_shader_stage` limits).
+pub fn storage_buffers(name: &str, source: &str) -> Result<u32> {
+    let module = naga::front::wgsl::parse_str(source)
+        .map_err(|e| Error::Shader { name: name.into(), message: e.emit_to_string(source) })?;
+    let mut validator =
+        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all());
+    let info = validator
+        .validate(&module)
+        .map_err(|e| Error::Shader { name: name.into(), message: e.emit_to_string(source) })?;
+    let main = module
+        .entry_points
+        .iter()
+        .position(|e| e.name == "main")
+        .ok_or_else(|| Error::Shader { name: name.into(), message: "no entry point `main`".into() })?;
+    let uses = info.get_entry_point(main);
+    let count = module
+        .global_variables
+        .iter()
+        .filter(|&(h, g)| matches!(g.space, naga::AddressSpace::Storage { .. }) && !uses[h].is_empty())
+        .count();
+    Ok(count as u32)
+}
