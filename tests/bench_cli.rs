@@ -91,7 +91,21 @@ fn help_lists_the_flags() {
     let out = bench(&["--help"]);
     assert!(out.status.success());
     let help = text(&out.stdout);
-    for f in ["--preset", "--seq", "--backend", "--json", "--peers", "--plot", "--markdown", "--dense-max-seq"] {
+    for f in [
+        "--preset",
+        "--seq",
+        "--backend",
+        "--json",
+        "--peers",
+        "--plot",
+        "--markdown",
+        "--dense-max-seq",
+        "--rotate-mib",
+        "--budget-s",
+        "--from",
+        "fwd+bwd",
+        "decode",
+    ] {
         assert!(help.contains(f), "{f} missing from --help");
     }
 }
