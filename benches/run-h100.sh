@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The device runs behind BENCHMARKS.md, on a tree staged with `../shared/gpu/stage.sh --features cuda`.
+# On the GPU host, from the project root: `bash benches/run-h100.sh <part>`; logs and JSON go to $OUT.
+#   fwd      torch_peers.py (FlashAttention-2, cuDNN, FlexAttention-S2) then s2attn-bench on Vulkan and CUDA,
+#            paper settings (32 heads, head dim 128, block 64, local 16), 16k/64k/128k, vert_stride 16 and 64
+#   bf16     the same for the CUDA backend in bf16 against FlexAttention-S2 in bf16
+#   fwdbwd   forward+backward against the peers' autograd
+#   decode   decode against the peers' decode, and the decode loop example
+#   extra    test binaries (wgpu and CUDA), quickstart, multi-device (Vulkan + GL of the same GPU)
+set -uo pipefail
+part=${1:?usage: run-h100.sh fwd|bf16|fwdbwd|decode|extra}
+source .gpu/env.sh
+export XDG_RUNTIME_DIR=/tmp PYTHONUNBUFFERED=1
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+peers=.gpu/peers/torch_peers.py
+paper="--heads 32 --head-dim 128 --block 64 --local 16"
+case $part in
+fwd)
+    python3 $peers --seq 16384 65536 131072 --vert-stride 16 | tee $OUT/peers.jsonl
+    python3 $peers --seq 16384 65536 131072 --vert-stride 64 --impls flex-s2 | tee -a $OUT/peers.jsonl
+    s2attn-bench $paper --seq 16k,64k,128k --vert-stride 16,64 --dtype f16 --backend vulkan,cuda \
+        --iters 10 --warmup 2 --dense-max-seq 16384 --peers $OUT/peers.jsonl --json $OUT/fwd.jsonl \
+        --plot $OUT/fwd.svg --markdown 2>&1 | tee $OUT/fwd.log
+    ;;
+bf16)
+    python3 $peers --seq 16384 65536 131072 --vert-stride 16 --dtype bf16 --impls flex-s2 | tee $OUT/peers.jsonl
+    python3 $peers --seq 16384 65536 131072 --vert-stride 64 --dtype bf16 --impls flex-s2 | tee -a $OUT/peers.jsonl
+    s2attn-bench $paper --seq 16k,64k,128k --vert-stride 16,64 --dtype bf16 --backend cuda --no-dense \
+        --iters 10 --warmup 2 --peers $OUT/peers.jsonl --json $OUT/bf16.jsonl --markdown 2>&1 | tee $OUT/bf16.log
+    ;;
+fwdbwd)
+    python3 $peers --mode fwd+bwd --seq 16384 65536 --vert-stride 16 | tee $OUT/peers.jsonl
+    s2attn-bench $paper --mode fwd+bwd --seq 16k,64k --vert-stride 16 --dtype f16 --backend vulkan \
+        --iters 5 --warmup 1 --dense-max-seq 16384 --peers $OUT/peers.jsonl --json $OUT/fwdbwd.jsonl \
+        --markdown 2>&1 | tee $OUT/fwdbwd.log
+    ;;
+decode)
+    python3 $peers --mode decode --seq 131072 --kv-heads 8 --batch 1 | tee $OUT/peers.jsonl
+    python3 $peers --mode decode --seq 131072 --kv-heads 8 --batch 16 | tee -a $OUT/peers.jsonl
+    s2attn-bench --preset decode --backend vulkan --peers $OUT/peers.jsonl --json $OUT/decode.jsonl \
+        --markdown 2>&1 | tee $OUT/decode.log
+    for p in 32768 131072; do
+        PROMPT=$p LAYERS=4 TOKENS=64 HEADS=32 KV_HEADS=8 HEAD_DIM=128 decode_loop 2>&1 | tee -a $OUT/decode_loop.log
+    done
+    ;;
+extra)
+    for t in .gpu/bin/test-*; do
+        echo "== $t"; S2ATTN_BACKEND=vulkan $t 2>&1 | tail -3
+    done | tee $OUT/tests.log
+    quickstart 2>&1 | tee $OUT/quickstart.log
+    SEQ=16384 ITERS=3 multi_device 2>&1 | tee $OUT/multi.log
+    ;;
+*) echo "unknown part $part"; exit 2 ;;
+esac
