@@ -5,18 +5,29 @@
 // One workgroup per (query tile, head, batch) of BQ rows; subgroup g owns rows 16g..16g+15 and keeps
 // their Q (D/16 A matrices) and O (D/16 f32 C matrices) in registers for the whole tile. For each chunk of
 // BK keys of each KV block in the tile's list:
-//   1. the workgroup stages K and V rows (f16, 8-byte vector loads, padded rows against bank conflicts);
-//   2. each subgroup computes S = Q K^T (BK/16 C matrices) and stores it to workgroup memory;
-//   3. two invocations per row run the online softmax in base 2 (masking only chunks that touch the
-//      causal diagonal, the sequence end or a merged-query row mask) and write P as f16;
-//   4. each subgroup loads P as A matrices and accumulates O += P V.
+//   1. the workgroup stores the chunk's K and V rows, fetched into registers during the previous chunk,
+//      to workgroup memory (padded rows against bank conflicts) and fetches the next chunk's (the only
+//      two workgroup barriers of the chunk);
+//   2. each subgroup whose rows see the chunk at all computes S = Q K^T (BK/16 C matrices, each as two
+//      half-length accumulation chains) and stores it to its rows of workgroup memory;
+//   3. the subgroup's own lanes, two per row, run the online softmax in base 2 (masking only chunks that
+//      touch the causal diagonal, the sequence end or a merged-query row mask) and write P as f16;
+//   4. the subgroup loads P as A matrices and accumulates O += P V.
+// Steps 2-4 touch only the subgroup's rows, so they synchronise with subgroup barriers and subgroups
+// drift apart within a chunk (one's softmax overlaps another's matrix products).
 // Row maxima are updated lazily (FlashAttention-4): the running max moves only when a row's chunk max
 // exceeds it by more than TAU (log2 units), so P <= 2^TAU fits f16 and the O rescale -- a trip of the C
 // matrices through workgroup memory -- is skipped unless some row of the tile needed it.
 //
-// Coop ops and barriers must sit in workgroup-uniform control flow (naga checks it), so every branch
-// around them depends only on params, the tile lists or workgroupUniformLoad results.
+// The matrices are named variables (q0..q7, o0..o7; the upper four only when D is 128), not arrays: the
+// NVIDIA Vulkan driver keeps arrays of cooperative matrices in local memory (pipeline statistics: 512 B
+// of local memory, 2x slower). Cooperative matrices have subgroup scope, so coop ops need only
+// subgroup-uniform control flow; naga's uniformity check asks for workgroup-uniform flow, and its
+// `derivative_uniformity` diagnostic (which governs all of its uniformity errors) is turned off below.
+// Every branch around coop ops and subgroup barriers here depends only on overrides, params, the tile
+// lists, the subgroup index or subgroup-wide votes; workgroup barriers sit in workgroup-uniform flow.
 
+diagnostic(off, derivative_uniformity);
 enable f16;
 enable wgpu_cooperative_matrix;
 
@@ -31,16 +42,22 @@ enable wgpu_cooperative_matrix;
 // LSE out, [batch, heads, seq], f32.
 @group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;
 
-override D: u32 = 128u;   // head dim: 64 or 128 (a multiple of 16, at most 16 * MAX_D16)
+override D: u32 = 128u;   // head dim: 64 or 128
 override BQ: u32 = 64u;   // query rows per tile: 16 per subgroup
 override BK: u32 = 32u;   // keys per chunk: 16, 32 or 64, dividing the block size
 override WG: u32 = 128u;  // invocations: 2 * BQ (two per query row in the softmax)
 override TAU: f32 = 8.0;  // lazy rescale threshold, log2 units
 override NSG: u32 = BQ / 16u;  // subgroups the kernel needs (subgroup size WG / NSG)
+override NPF: u32 = BK * D / 4u / WG;  // K (and V) vec4s each invocation fetches per chunk
 
-const MAX_D16: u32 = 8u;  // head dim at most 128
 const MAX_BK8: u32 = 8u;  // BK at most 64
+const MAX_PF: u32 = 8u;   // NPF at most 8
 const LN2: f32 = 0.6931471805599453;
+
+alias AM = coop_mat16x16<f16, A>;
+alias BM = coop_mat16x16<f16, B>;
+alias CM = coop_mat16x16<f32, C>;
+alias Fetch = array<vec4<f16>, MAX_PF>;
 
 // Padded row strides: K/V rows D + 8 halves, P rows BK + 8 halves, S rows BK + 8 floats. With these, the
 // 8 row starts an LDSM-style matrix load touches land in distinct 16-byte bank groups, and the softmax
@@ -53,8 +70,161 @@ var<workgroup> k_s: array<vec4<f16>, BK * KS4>;
 var<workgroup> v_s: array<vec4<f16>, BK * KS4>;
 var<workgroup> p_s: array<vec4<f16>, BQ * PS4>;
 var<workgroup> s_s: array<vec4<f32>, BQ * SS4>;
-var<workgroup> rescale_s: u32;  // set when some row's softmax moved its max: rescale O this chunk
 var<workgroup> shape_ok_s: u32;
+
+// What one workgroup works on.
+struct Tile {
+    b: u32,
+    head: u32,
+    kv_head: u32,
+    row0: u32,      // first query row
+    row_last: u32,  // last query row inside the sequence
+    lid: u32,
+    g: u32,         // the invocation's subgroup: tile rows 16g..16g+15 in the matrix products
+}
+
+// First key of chunk `c` (chunks are the tile list's KV blocks cut into BK keys).
+fn chunk_k0(c: u32, subs: u32) -> u32 {
+    return entries[c / subs].x * params.block_size + (c % subs) * BK;
+}
+
+// The first chunk at or after `c` with keys inside the sequence that some row may see (causality).
+fn next_chunk(c: u32, c_end: u32, subs: u32, row_last: u32) -> u32 {
+    var n = c;
+    while n < c_end {
+        let k0 = chunk_k0(n, subs);
+        if k0 < params.seq_len && (params.causal == 0u || k0 <= row_last) {
+            break;
+        }
+        n++;
+    }
+    return n;
+}
+
+// Loads the chunk at `k0` into registers (zeros past the sequence end, so that P V never sees garbage).
+fn fetch(t: Tile, k0: u32, fk: ptr<function, Fetch>, fv: ptr<function, Fetch>) {
+    let d4 = D / 4u;
+    for (var n = 0u; n < NPF; n++) {
+        let i = t.lid + n * WG;
+        let tok = k0 + i / d4;
+        var kx = vec4<f16>(0.0h);
+        var vx = vec4<f16>(0.0h);
+        if tok < params.seq_len {
+            kx = k_buf[kv_index(params.k_off, t.b, tok, t.kv_head, i % d4, d4)];
+            vx = v_buf[kv_index(params.v_off, t.b, tok, t.kv_head, i % d4, d4)];
+        }
+        (*fk)[n] = kx;
+        (*fv)[n] = vx;
+    }
+}
+
+// Stores fetched rows to k_s / v_s.
+fn stash(t: Tile, fk: ptr<function, Fetch>, fv: ptr<function, Fetch>) {
+    let d4 = D / 4u;
+    for (var n = 0u; n < NPF; n++) {
+        let i = t.lid + n * WG;
+        k_s[(i / d4) * KS4 + i % d4] = (*fk)[n];
+        v_s[(i / d4) * KS4 + i % d4] = (*fv)[n];
+    }
+}
+
+// Q columns 16j..16j+15 of the subgroup's rows, staged through p_s.
+fn stage_q(t: Tile, j: u32) -> AM {
+    let d4 = D / 4u;
+    for (var i = t.lid; i < BQ * 4u; i += WG) {
+        let tok = t.row0 + i / 4u;
+        var x = vec4<f16>(0.0h);
+        if tok < params.seq_len {
+            x = q_buf[q_index(t.b, tok, t.head, j * 4u + i % 4u, d4)];
+        }
+        p_s[(i / 4u) * PS4 + i % 4u] = x;
+    }
+    workgroupBarrier();
+    let m = coopLoadT<AM>(&p_s[16u * t.g * PS4], PS4);
+    workgroupBarrier();
+    return m;
+}
+
+// K rows 16kt.. as the columns of a B matrix (column-major load), head dims 16j..
+fn kmat(kt: u32, j: u32) -> BM {
+    return coopLoad<BM>(&k_s[kt * 16u * KS4 + j * 4u], KS4);
+}
+
+// V rows 16kt.. as the rows of a B matrix, head dims 16j..
+fn vmat(kt: u32, j: u32) -> BM {
+    return coopLoadT<BM>(&v_s[kt * 16u * KS4 + j * 4u], KS4);
+}
+
+// Scores of the subgroup's rows against keys 16kt..16kt+15.
+fn qk(kt: u32, q0: AM, q1: AM, q2: AM, q3: AM, q4: AM, q5: AM, q6: AM, q7: AM) -> CM {
+    // Two chains (even and odd head-dim blocks) halve the dependent multiply-add latency.
+    var s = coopMultiplyAdd(q0, kmat(kt, 0u), CM());
+    var u = coopMultiplyAdd(q1, kmat(kt, 1u), CM());
+    s = coopMultiplyAdd(q2, kmat(kt, 2u), s);
+    u = coopMultiplyAdd(q3, kmat(kt, 3u), u);
+    if D > 64u {
+        s = coopMultiplyAdd(q4, kmat(kt, 4u), s);
+        u = coopMultiplyAdd(q5, kmat(kt, 5u), u);
+        s = coopMultiplyAdd(q6, kmat(kt, 6u), s);
+        u = coopMultiplyAdd(q7, kmat(kt, 7u), u);
+    }
+    return s + u;
+}
+
+// O += P V for keys 16kt..16kt+15.
+fn pv(
+    t: Tile,
+    kt: u32,
+    o0: ptr<function, CM>,
+    o1: ptr<function, CM>,
+    o2: ptr<function, CM>,
+    o3: ptr<function, CM>,
+    o4: ptr<function, CM>,
+    o5: ptr<function, CM>,
+    o6: ptr<function, CM>,
+    o7: ptr<function, CM>,
+) {
+    let pa = coopLoadT<AM>(&p_s[16u * t.g * PS4 + kt * 4u], PS4);
+    *o0 = coopMultiplyAdd(pa, vmat(kt, 0u), *o0);
+    *o1 = coopMultiplyAdd(pa, vmat(kt, 1u), *o1);
+    *o2 = coopMultiplyAdd(pa, vmat(kt, 2u), *o2);
+    *o3 = coopMultiplyAdd(pa, vmat(kt, 3u), *o3);
+    if D > 64u {
+        *o4 = coopMultiplyAdd(pa, vmat(kt, 4u), *o4);
+        *o5 = coopMultiplyAdd(pa, vmat(kt, 5u), *o5);
+        *o6 = coopMultiplyAdd(pa, vmat(kt, 6u), *o6);
+        *o7 = coopMultiplyAdd(pa, vmat(kt, 7u), *o7);
+    }
+}
+
+// Multiplies row r of an O matrix by `alpha`, through the subgroup's rows of workgroup memory (C
+// matrices are opaque).
+fn rescale(t: Tile, m: CM, alpha: f32) -> CM {
+    let r = t.lid / 2u;
+    let h = t.lid % 2u;
+    coopStoreT(m, &s_s[16u * t.g * SS4], SS4);
+    subgroupBarrier();
+    s_s[r * SS4 + h] *= alpha;
+    s_s[r * SS4 + h + 2u] *= alpha;
+    subgroupBarrier();
+    let out = coopLoadT<CM>(&s_s[16u * t.g * SS4], SS4);
+    subgroupBarrier();
+    return out;
+}
+
+// Writes head dims 16j..16j+15 of O / l through workgroup memory; each invocation 8 of its row.
+fn write_o(t: Tile, m: CM, j: u32, inv_l: f32) {
+    let r = t.lid / 2u;
+    let h = t.lid % 2u;
+    let qi = t.row0 + r;
+    workgroupBarrier();
+    coopStoreT(m, &s_s[16u * t.g * SS4], SS4);
+    workgroupBarrier();
+    if qi < params.seq_len {
+        o_buf[o_index(t.b, qi, t.head, j * 4u + h, D / 4u)] = vec4<f16>(s_s[r * SS4 + h] * inv_l);
+        o_buf[o_index(t.b, qi, t.head, j * 4u + h + 2u, D / 4u)] = vec4<f16>(s_s[r * SS4 + h + 2u] * inv_l);
+    }
+}
 
 @compute @workgroup_size(WG)
 fn main(
@@ -63,177 +233,186 @@ fn main(
     @builtin(subgroup_id) sg_id: u32,
     @builtin(num_subgroups) n_sg: u32,
 ) {
-    let d4 = D / 4u;
     // Longest tiles (latest in a causal sequence) first, for load balance.
     let tile = params.tiles - 1u - wg.x;
     let head = wg.y;
-    let b = wg.z;
-    let kv_head = head / (params.num_heads / params.num_kv_heads);
-    let pattern = head / params.heads_per_pattern;
     let row0 = tile * BQ;
     let seq = params.seq_len;
     let causal = params.causal != 0u;
-    let row_last = min(row0 + BQ, seq) - 1u;
+    let t = Tile(
+        wg.z,
+        head,
+        head / (params.num_heads / params.num_kv_heads),
+        row0,
+        min(row0 + BQ, seq) - 1u,
+        lid,
+        min(sg_id, NSG - 1u),
+    );
+    let pattern = head / params.heads_per_pattern;
     // Softmax role: invocations 2r and 2r+1 own tile row r, each half of its vec4 columns (interleaved).
     let r = lid / 2u;
     let h = lid % 2u;
     let qi = row0 + r;
-    // Matrix role: subgroup g owns tile rows 16g..16g+15.
-    let g = min(sg_id, NSG - 1u);
 
     // The row split needs exactly NSG subgroups; any other subgroup size poisons the tile (NaN) rather
     // than returning silently wrong rows. The planner only picks this kernel where that holds.
     if lid == 0u {
         shape_ok_s = u32(n_sg == NSG);
-        rescale_s = 0u;
     }
     if workgroupUniformLoad(&shape_ok_s) == 0u {
         let nan = params.neg_inf - params.neg_inf;
-        for (var i = lid; i < BQ * d4; i += WG) {
-            let tok = row0 + i / d4;
+        for (var i = lid; i < BQ * D / 4u; i += WG) {
+            let tok = row0 + i / (D / 4u);
             if tok < seq {
-                o_buf[o_index(b, tok, head, i % d4, d4)] = vec4<f16>(f16(nan));
+                o_buf[o_index(t.b, tok, head, i % (D / 4u), D / 4u)] = vec4<f16>(f16(nan));
             }
         }
         return;
     }
 
-    // Q: staged 16 columns at a time through p_s into the subgroup's A matrices (raw f16, unscaled).
-    var qa: array<coop_mat16x16<f16, A>, MAX_D16>;
-    var o: array<coop_mat16x16<f32, C>, MAX_D16>;
-    for (var j = 0u; j < D / 16u; j++) {
-        for (var i = lid; i < BQ * 4u; i += WG) {
-            let tok = row0 + i / 4u;
-            var x = vec4<f16>(0.0h);
-            if tok < seq {
-                x = (q_buf[q_index(b, tok, head, j * 4u + i % 4u, d4)]);
-            }
-            p_s[(i / 4u) * PS4 + i % 4u] = x;
-        }
-        workgroupBarrier();
-        qa[j] = coopLoadT<coop_mat16x16<f16, A>>(&p_s[16u * g * PS4], PS4);
-        o[j] = coop_mat16x16<f32, C>();
-        workgroupBarrier();
+    // Q (raw f16, unscaled: the scale is applied to S in f32) and the O accumulators.
+    let q0 = stage_q(t, 0u);
+    let q1 = stage_q(t, 1u);
+    let q2 = stage_q(t, 2u);
+    let q3 = stage_q(t, 3u);
+    var q4 = AM();
+    var q5 = AM();
+    var q6 = AM();
+    var q7 = AM();
+    if D > 64u {
+        q4 = stage_q(t, 4u);
+        q5 = stage_q(t, 5u);
+        q6 = stage_q(t, 6u);
+        q7 = stage_q(t, 7u);
     }
+    var o0 = CM();
+    var o1 = CM();
+    var o2 = CM();
+    var o3 = CM();
+    var o4 = CM();
+    var o5 = CM();
+    var o6 = CM();
+    var o7 = CM();
 
     var m = NEG_BIG;  // running (lazy) row max, base 2
     var l = 0.0;      // running row sum relative to m
-    var alpha = 1.0;  // this chunk's rescale factor for the row
     let slot = pattern * params.tiles + tile;
     let subs = params.block_size / BK;
     let c_end = tile_ptr[slot + 1u] * subs;
-    for (var c = tile_ptr[slot] * subs; c < c_end; c++) {
-        let entry = entries[c / subs];
-        let k0 = entry.x * params.block_size + (c % subs) * BK;
-        if k0 >= seq || (causal && k0 > row_last) {
-            continue;
-        }
-        workgroupBarrier(); // the previous chunk is done with k_s, v_s, p_s, s_s and rescale_s
-        if lid == 0u {
-            rescale_s = 0u;
-        }
-
-        for (var i = lid; i < BK * d4; i += WG) {
-            let tok = k0 + i / d4;
-            var kx = vec4<f16>(0.0h);
-            var vx = vec4<f16>(0.0h);
-            if tok < seq {
-                kx = (k_buf[kv_index(params.k_off, b, tok, kv_head, i % d4, d4)]);
-                vx = (v_buf[kv_index(params.v_off, b, tok, kv_head, i % d4, d4)]);
-            }
-            k_s[(i / d4) * KS4 + i % d4] = kx;
-            v_s[(i / d4) * KS4 + i % d4] = vx;
+    var c = next_chunk(tile_ptr[slot] * subs, c_end, subs, t.row_last);
+    var fk: Fetch;
+    var fv: Fetch;
+    if c < c_end {
+        fetch(t, chunk_k0(c, subs), &fk, &fv);
+    }
+    while c < c_end {
+        let rows = entries[c / subs].y;
+        let k0 = chunk_k0(c, subs);
+        workgroupBarrier(); // every subgroup is done with the previous chunk's k_s and v_s
+        stash(t, &fk, &fv);
+        c = next_chunk(c + 1u, c_end, subs, t.row_last);
+        if c < c_end {
+            fetch(t, chunk_k0(c, subs), &fk, &fv); // in flight during this chunk's math
         }
         workgroupBarrier();
 
-        // S = Q K^T: K rows are the columns of the B matrix, i.e. a column-major load.
-        for (var t = 0u; t < BK / 16u; t++) {
-            var sc = coop_mat16x16<f32, C>();
-            for (var j = 0u; j < D / 16u; j++) {
-                let kb = coopLoad<coop_mat16x16<f16, B>>(&k_s[t * 16u * KS4 + j * 4u], KS4);
-                sc = coopMultiplyAdd(qa[j], kb, sc);
+        // Subgroups whose 16 rows all precede the chunk (causal) or sit outside its row mask skip it.
+        let sg_row0 = row0 + 16u * t.g;
+        if sg_row0 < seq && (!causal || k0 <= sg_row0 + 15u) && row_attends(rows, 16u * t.g) {
+            // S = Q K^T, BK/16 independent accumulators, then to the subgroup's rows of s_s.
+            let s0 = qk(0u, q0, q1, q2, q3, q4, q5, q6, q7);
+            var s1 = CM();
+            var s2 = CM();
+            var s3 = CM();
+            if BK > 16u {
+                s1 = qk(1u, q0, q1, q2, q3, q4, q5, q6, q7);
             }
-            coopStoreT(sc, &s_s[16u * g * SS4 + t * 4u], SS4);
-        }
-        workgroupBarrier();
+            if BK > 32u {
+                s2 = qk(2u, q0, q1, q2, q3, q4, q5, q6, q7);
+                s3 = qk(3u, q0, q1, q2, q3, q4, q5, q6, q7);
+            }
+            coopStoreT(s0, &s_s[16u * t.g * SS4], SS4);
+            if BK > 16u {
+                coopStoreT(s1, &s_s[16u * t.g * SS4 + 4u], SS4);
+            }
+            if BK > 32u {
+                coopStoreT(s2, &s_s[16u * t.g * SS4 + 8u], SS4);
+                coopStoreT(s3, &s_s[16u * t.g * SS4 + 12u], SS4);
+            }
+            subgroupBarrier();
 
-        // Online softmax, base 2. Only chunks on the causal diagonal, at the sequence end or under a
-        // partial row mask pay for the element mask.
-        let rows = entry.y;
-        let need_mask = k0 + BK > seq || (causal && k0 + BK - 1u > row0) || rows < BQ || rows >= ROWMASK_BITS_FLAG;
-        let row_ok = qi < seq && row_attends(rows, r);
-        var sv: array<vec4<f32>, MAX_BK8>;
-        var mx = NEG_BIG;
-        for (var i = 0u; i < BK / 8u; i++) {
-            var x = s_s[r * SS4 + 2u * i + h] * params.scale_log2;
-            if need_mask {
-                let kj = vec4<u32>(k0 + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
-                let ok = vec4<bool>(row_ok) & (kj < vec4<u32>(seq)) & (vec4<bool>(!causal) | (kj <= vec4<u32>(qi)));
-                x = select(vec4<f32>(NEG_BIG), x, ok);
+            // Online softmax, base 2, on the subgroup's own rows. Only chunks on the causal diagonal, at
+            // the sequence end or under a partial row mask pay for the element mask.
+            let need_mask = k0 + BK > seq || (causal && k0 + BK - 1u > row0) || rows < BQ || rows >= ROWMASK_BITS_FLAG;
+            let row_ok = qi < seq && row_attends(rows, r);
+            var sv: array<vec4<f32>, MAX_BK8>;
+            var mx = NEG_BIG;
+            for (var i = 0u; i < BK / 8u; i++) {
+                var x = s_s[r * SS4 + 2u * i + h] * params.scale_log2;
+                if need_mask {
+                    let kj = vec4<u32>(k0 + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
+                    let ok = vec4<bool>(row_ok) & (kj < vec4<u32>(seq)) & (vec4<bool>(!causal) | (kj <= vec4<u32>(qi)));
+                    x = select(vec4<f32>(NEG_BIG), x, ok);
+                }
+                sv[i] = x;
+                mx = max(mx, max(max(x.x, x.y), max(x.z, x.w)));
             }
-            sv[i] = x;
-            mx = max(mx, max(max(x.x, x.y), max(x.z, x.w)));
-        }
-        mx = max(mx, subgroupShuffleXor(mx, 1u));
-        var m_new = m;
-        if mx > m + TAU {
-            m_new = mx;
-        }
-        alpha = exp2(m - m_new);
-        var sum = 0.0;
-        for (var i = 0u; i < BK / 8u; i++) {
-            var p = exp2(sv[i] - vec4<f32>(m_new));
-            if need_mask {
-                p = select(p, vec4<f32>(0.0), sv[i] <= vec4<f32>(NEG_BIG));
+            mx = max(mx, subgroupShuffleXor(mx, 1u));
+            var m_new = m;
+            if mx > m + TAU {
+                m_new = mx;
             }
-            sum += p.x + p.y + p.z + p.w;
-            p_s[r * PS4 + 2u * i + h] = vec4<f16>(p);
-        }
-        sum += subgroupShuffleXor(sum, 1u);
-        if m_new != m && l > 0.0 {
-            rescale_s = 1u;
-        }
-        l = l * alpha + sum;
-        m = m_new;
-        // The uniform load is also the barrier that publishes P.
-        if workgroupUniformLoad(&rescale_s) != 0u {
-            for (var j = 0u; j < D / 16u; j++) {
-                coopStoreT(o[j], &s_s[16u * g * SS4], SS4);
-                workgroupBarrier();
-                s_s[r * SS4 + h] *= alpha;
-                s_s[r * SS4 + h + 2u] *= alpha;
-                workgroupBarrier();
-                o[j] = coopLoadT<coop_mat16x16<f32, C>>(&s_s[16u * g * SS4], SS4);
-                workgroupBarrier();
+            let alpha = exp2(m - m_new);
+            var sum = 0.0;
+            for (var i = 0u; i < BK / 8u; i++) {
+                var p = exp2(sv[i] - vec4<f32>(m_new));
+                if need_mask {
+                    p = select(p, vec4<f32>(0.0), sv[i] <= vec4<f32>(NEG_BIG));
+                }
+                sum += p.x + p.y + p.z + p.w;
+                p_s[r * PS4 + 2u * i + h] = vec4<f16>(p);
             }
-        }
+            sum += subgroupShuffleXor(sum, 1u);
+            let moved = subgroupAny(m_new != m && l > 0.0);
+            l = l * alpha + sum;
+            m = m_new;
+            subgroupBarrier(); // P is complete
+            if moved {
+                o0 = rescale(t, o0, alpha);
+                o1 = rescale(t, o1, alpha);
+                o2 = rescale(t, o2, alpha);
+                o3 = rescale(t, o3, alpha);
+                if D > 64u {
+                    o4 = rescale(t, o4, alpha);
+                    o5 = rescale(t, o5, alpha);
+                    o6 = rescale(t, o6, alpha);
+                    o7 = rescale(t, o7, alpha);
+                }
+            }
 
-        // O += P V: V rows are the rows of the B matrix (row-major load).
-        for (var t = 0u; t < BK / 16u; t++) {
-            let pa = coopLoadT<coop_mat16x16<f16, A>>(&p_s[16u * g * PS4 + t * 4u], PS4);
-            for (var j = 0u; j < D / 16u; j++) {
-                let vb = coopLoadT<coop_mat16x16<f16, B>>(&v_s[t * 16u * KS4 + j * 4u], KS4);
-                o[j] = coopMultiplyAdd(pa, vb, o[j]);
+            for (var kt = 0u; kt < BK / 16u; kt++) {
+                pv(t, kt, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
             }
         }
     }
 
-    // Epilogue: O / l through workgroup memory, 16 columns at a time; each invocation writes 8 of its row.
+    // Epilogue: O / l, 16 head dims at a time; then the LSE.
     let inv_l = select(0.0, 1.0 / l, l > 0.0);
-    for (var j = 0u; j < D / 16u; j++) {
-        workgroupBarrier();
-        coopStoreT(o[j], &s_s[16u * g * SS4], SS4);
-        workgroupBarrier();
-        if qi < seq {
-            o_buf[o_index(b, qi, head, j * 4u + h, d4)] = vec4<f16>(s_s[r * SS4 + h] * inv_l);
-            o_buf[o_index(b, qi, head, j * 4u + h + 2u, d4)] = vec4<f16>(s_s[r * SS4 + h + 2u] * inv_l);
-        }
+    write_o(t, o0, 0u, inv_l);
+    write_o(t, o1, 1u, inv_l);
+    write_o(t, o2, 2u, inv_l);
+    write_o(t, o3, 3u, inv_l);
+    if D > 64u {
+        write_o(t, o4, 4u, inv_l);
+        write_o(t, o5, 5u, inv_l);
+        write_o(t, o6, 6u, inv_l);
+        write_o(t, o7, 7u, inv_l);
     }
     if h == 0u && qi < seq {
         var lse = params.neg_inf;
         if l > 0.0 {
             lse = (m + log2(l)) * LN2;
         }
-        lse_buf[params.lse_off + (b * params.num_heads + head) * seq + qi] = lse;
+        lse_buf[params.lse_off + (t.b * params.num_heads + head) * seq + qi] = lse;
     }
 }

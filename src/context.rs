@@ -140,7 +140,9 @@ impl Context {
 
     /// The wgpu context, or an error naming the operation that needs one.
     pub(crate) fn require_wgpu(&self, what: &str) -> Result<&WgpuContext> {
-        self.wgpu().ok_or_else(|| Error::Unsupported(format!("{what} needs a wgpu context, this one is {}", self.backend_name())))
+        self.wgpu().ok_or_else(|| {
+            Error::Unsupported(format!("{what} needs a wgpu context, this one is {}", self.backend_name()))
+        })
     }
 
     /// The CUDA context, when this is a CUDA device.

@@ -10,8 +10,8 @@ mod tune;
 
 pub(crate) use backward::GpuBackward;
 pub use backward::GradBuffers;
-pub use context::{AdapterSummary, Capabilities, WgpuContext};
 pub(crate) use context::parse_backend;
+pub use context::{AdapterSummary, Capabilities, WgpuContext};
 pub(crate) use forward::GpuForward;
 pub use forward::{TensorView, Timing};
 pub(crate) use timing::Stamps;

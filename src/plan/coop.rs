@@ -102,7 +102,12 @@ pub fn candidates(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Vec<Coop
     for tile_q in TILE_Q {
         for tile_kv in TILE_KV {
             let tile = CoopTile { tile_q, tile_kv };
+            // Each invocation fetches the same whole number of K/V vec4s per chunk, at most MAX_PF (8).
+            let fetches = tile_kv * shape.head_dim / 4;
+            let wg = coop_workgroup_size(tile);
             if bs % tile_kv != 0
+                || fetches % wg != 0
+                || fetches / wg > 8
                 || tile_q / bs > 31
                 || coop_workgroup_bytes(tile, shape.head_dim) > caps.max_workgroup_storage
                 || coop_workgroup_size(tile) > caps.max_invocations
