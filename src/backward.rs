@@ -33,15 +33,24 @@ pub struct Grads<T> {
 /// one workgroup that sums the query heads of its GQA group and their query tiles in a fixed order. Two
 /// calls with the same inputs on the same device give bitwise-identical gradients.
 ///
-/// Runs on wgpu devices (the portable WGSL kernels, f32 and f16 storage, f32 accumulation). A CUDA
-/// context is refused with [`Error::Unsupported`] until the CUDA backward exists.
+/// Runs on wgpu devices (the portable WGSL kernels, f32 and f16 storage, f32 accumulation) and, with the
+/// `cuda` feature, on CUDA contexts (`shaders/cuda/s2_backward.cu`: tensor cores, f16 and bf16, the same
+/// two passes, equally deterministic).
 pub struct AttentionGrad {
     layout: Layout,
     shape: Shape,
     plan: BackwardPlan,
     mergeq: Arc<MergeQPlan>,
     columns: ColumnPlan,
-    engine: GpuBackward,
+    engine: Engine,
+}
+
+/// The backend-specific half of the op (one per op: the variants' sizes do not matter).
+#[allow(clippy::large_enum_variant)]
+enum Engine {
+    Wgpu(GpuBackward),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::CudaBackward),
 }
 
 impl std::fmt::Debug for AttentionGrad {
@@ -55,16 +64,34 @@ impl AttentionGrad {
     /// pipelines.
     pub fn new(ctx: &Context, layout: &Layout, shape: Shape) -> Result<Self> {
         shape.validate(layout)?;
-        if shape.dtype == DType::BF16 {
-            return Err(Error::Unsupported("bf16 has no WGSL backward; use f16 or f32".into()));
+        let index = layout.index(shape.seq_len);
+        #[cfg(feature = "cuda")]
+        if let Some(cuda) = ctx.cuda() {
+            let plan = crate::cuda::plan_backward_cuda(&shape, layout, cuda.caps().max_workgroup_storage)?;
+            let mergeq = layout.mergeq(shape.seq_len, plan.dq.tile_q);
+            let columns = ColumnPlan::build(&index, layout.block_size(), layout.causal(), plan.dkdv.tile_q);
+            let engine = Engine::Cuda(crate::cuda::CudaBackward::new(cuda, layout, shape, &plan, &mergeq, &columns)?);
+            return Ok(Self { layout: layout.clone(), shape, plan, mergeq, columns, engine });
         }
-        let ctx = ctx.require_wgpu("AttentionGrad::new (the backward has no CUDA kernels yet)")?;
+        if shape.dtype == DType::BF16 {
+            return Err(Error::Unsupported("bf16 has no WGSL backward; use f16 or f32 (or the CUDA backend)".into()));
+        }
+        let ctx = ctx.require_wgpu("AttentionGrad::new")?;
         let plan = plan::plan_backward_portable(&shape, layout, ctx.caps())?;
         let mergeq = layout.mergeq(shape.seq_len, plan.dq.tile_q);
-        let index = layout.index(shape.seq_len);
         let columns = ColumnPlan::build(&index, layout.block_size(), layout.causal(), plan.dkdv.tile_q);
-        let engine = GpuBackward::new(ctx, layout, shape, &plan, &mergeq, &columns)?;
+        let engine = Engine::Wgpu(GpuBackward::new(ctx, layout, shape, &plan, &mergeq, &columns)?);
         Ok(Self { layout: layout.clone(), shape, plan, mergeq, columns, engine })
+    }
+
+    /// The wgpu half of the op, or an error naming `what` on a CUDA op.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn wgpu(&self, what: &str) -> Result<&GpuBackward> {
+        match &self.engine {
+            Engine::Wgpu(g) => Ok(g),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(_) => Err(Error::Unsupported(format!("{what} needs a wgpu op; this one runs on CUDA"))),
+        }
     }
 
     /// The layout.
@@ -117,7 +144,12 @@ impl AttentionGrad {
         lse: &[f32],
         d_out: &[T],
     ) -> Result<Grads<T>> {
-        let [dq, dk, dv] = self.engine.run_host(self.host_inputs(q, k, v, out, lse, d_out)?)?;
+        let inputs = self.host_inputs(q, k, v, out, lse, d_out)?;
+        let [dq, dk, dv] = match &self.engine {
+            Engine::Wgpu(g) => g.run_host(inputs)?,
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(c) => c.run_host(inputs)?,
+        };
         Ok(Grads {
             dq: bytemuck::pod_collect_to_vec(&dq),
             dk: bytemuck::pod_collect_to_vec(&dk),
@@ -127,7 +159,8 @@ impl AttentionGrad {
 
     /// Times the backward kernels alone: uploads the inputs (as [`AttentionGrad::backward`] takes them)
     /// once, runs `warmup` untimed passes, then `iters` timed ones (GPU timestamps from the start of the dQ
-    /// pass to the end of the dK/dV pass where available, else wall clock around a waited submit).
+    /// pass to the end of the dK/dV pass where available (CUDA events on CUDA), else wall clock around a waited
+    /// submit).
     #[allow(clippy::too_many_arguments)]
     pub fn time_backward<T: Element>(
         &self,
@@ -142,7 +175,12 @@ impl AttentionGrad {
         if iters == 0 {
             return Err(Error::Shape("time_backward needs iters >= 1".into()));
         }
-        self.engine.time(self.host_inputs(q, k, v, out, lse, d_out)?, warmup, iters)
+        let inputs = self.host_inputs(q, k, v, out, lse, d_out)?;
+        match &self.engine {
+            Engine::Wgpu(g) => g.time(inputs, warmup, iters),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(c) => c.time(inputs, warmup, iters),
+        }
     }
 
     /// Checks the host slices' element type and lengths, naming the first wrong one, and returns their
@@ -187,7 +225,7 @@ impl AttentionGrad {
     /// Records both backward passes into the caller's `encoder`, reading and writing the caller's buffers
     /// (see [`GradBuffers`]). Nothing is submitted.
     pub fn encode(&self, encoder: &mut wgpu::CommandEncoder, buffers: &GradBuffers<'_>) -> Result<()> {
-        self.engine.encode(encoder, buffers, None)
+        self.wgpu("AttentionGrad::encode")?.encode(encoder, buffers, None)
     }
 
     /// As [`AttentionGrad::encode`], writing GPU timestamps `begin` (at the start of the dQ pass) and
@@ -199,6 +237,6 @@ impl AttentionGrad {
         query_set: &wgpu::QuerySet,
         (begin, end): (u32, u32),
     ) -> Result<()> {
-        self.engine.encode(encoder, buffers, Some(Stamps { set: query_set, begin, end }))
+        self.wgpu("AttentionGrad::encode_timed")?.encode(encoder, buffers, Some(Stamps { set: query_set, begin, end }))
     }
 }

@@ -9,14 +9,18 @@
 //! - [`plan_forward`]: the planner for the `mma.sync` kernel (tile sizes, shared memory);
 //! - [`CudaForward`]: one planned op, on host slices or on device memory the caller owns
 //!   ([`CudaTensor`], cudarc slices); reachable from [`crate::Attention`] through
-//!   [`crate::Attention::forward_cuda`] and friends.
+//!   [`crate::Attention::forward_cuda`] and friends;
+//! - [`CudaBackward`]: the backward (dQ pass, then dK/dV pass), run by [`crate::AttentionGrad`] on a CUDA
+//!   context.
 
 mod attention_ext;
+mod backward;
 mod compile;
 mod context;
 mod forward;
 mod plan;
 
+pub use backward::{plan_backward_cuda, CudaBackward, CUDA_BACKWARD_HEAD_DIMS};
 pub use compile::cache_dir;
 pub use context::CudaContext;
 pub use forward::{CudaForward, CudaTensor};

@@ -1,0 +1,389 @@
+//! Host side of the CUDA backward (`shaders/cuda/s2_backward.cu`): the plan (tiles, shared memory), the
+//! two kernels (dQ pass with D fused, then the dK/dV pass over the column lists), the row and column lists
+//! and the D / LSE scratch on the device, launches on host slices, and CUDA-event timing.
+//! [`crate::AttentionGrad`] runs it on a CUDA [`crate::Context`].
+
+use super::compile::{KernelKey, S2_FORWARD_SRC};
+use super::context::CudaContext;
+use crate::error::{Error, Result};
+use crate::gpu::Timing;
+use crate::layout::Layout;
+use crate::plan::{BackwardPlan, ColumnPlan, DType, DispatchPlan, KernelVariant, MergeQPlan, Shape};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig};
+use cudarc::driver::{PushKernelArg, ValidAsZeroBits};
+use std::sync::{Arc, Mutex};
+
+/// The backward kernels' source; compiled after the forward's, whose primitives it uses.
+const S2_BACKWARD_SRC: &str = include_str!("../../shaders/cuda/s2_backward.cu");
+
+/// Head dimensions the CUDA backward is built for (dK and dV of 16 keys x head_dim stay in registers).
+pub const CUDA_BACKWARD_HEAD_DIMS: &[u32] = &[32, 64, 96, 128];
+
+/// Query rows per step of the dK/dV pass (its column plan's tile) and per CTA of the dQ pass.
+const TILE_Q: u32 = 64;
+/// Warps of the dQ pass: 16 query rows each.
+const DQ_WARPS: u32 = TILE_Q / 16;
+
+/// The kernels' parameter block; mirrors `struct BwdParams` in `shaders/cuda/s2_backward.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Params {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    d_o: u64,
+    dq: u64,
+    dk: u64,
+    dv: u64,
+    lse: u64,
+    lse2: u64,
+    delta: u64,
+    row_ptr: u64,
+    row_entries: u64,
+    col_ptr: u64,
+    col_entries: u64,
+    q_tok: i64,
+    q_batch: i64,
+    kv_tok: i64,
+    kv_batch: i64,
+    lse_batch: i64,
+    seq_len: u32,
+    seq_pad: u32,
+    num_heads: u32,
+    kv_group: u32,
+    heads_per_pattern: u32,
+    q_tiles: u32,
+    kv_blocks: u32,
+    block_size: u32,
+    causal: u32,
+    scale_log2: f32,
+    scale: f32,
+}
+
+// SAFETY: plain-old-data with the C layout the kernels declare.
+unsafe impl DeviceRepr for Params {}
+
+/// Shared memory of either pass: `rows` resident rows (Q and dO, or K and V) and two stages of `step`
+/// staged rows (K and V, or Q and dO), padded by 8 elements, plus the dK/dV pass's LSE and D stages.
+fn smem_bytes(rows: u32, step: u32, head_dim: u32, stats: bool) -> u32 {
+    (2 * rows + 4 * step) * (head_dim + 8) * 2 + if stats { 4 * step * 4 } else { 0 }
+}
+
+/// Plans the CUDA backward: the dQ pass in query tiles of 64 rows (four warps) and key chunks of
+/// `min(64, block)`, the dK/dV pass in key tiles of `min(64, block)` (16 keys a warp) and query steps of
+/// 64 rows.
+pub fn plan_backward_cuda(shape: &Shape, layout: &Layout, max_smem: u32) -> Result<BackwardPlan> {
+    if !matches!(shape.dtype, DType::F16 | DType::BF16) {
+        return Err(Error::Unsupported("the CUDA backward runs f16 and bf16; use those, or f32 on wgpu".into()));
+    }
+    let d = shape.head_dim;
+    if !CUDA_BACKWARD_HEAD_DIMS.contains(&d) {
+        return Err(Error::HeadDim { got: d, what: "the CUDA backward", supported: CUDA_BACKWARD_HEAD_DIMS });
+    }
+    let chunk = layout.block_size().min(64);
+    let plan = |tile_q, tile_kv, warps: u32, bytes, reason: String| -> Result<DispatchPlan> {
+        if bytes > max_smem {
+            return Err(Error::DeviceLimit {
+                what: format!("the CUDA backward at head_dim {d}"),
+                limit: "max shared memory per block (opt-in)",
+                needed: bytes as u64,
+                max: max_smem as u64,
+            });
+        }
+        Ok(DispatchPlan {
+            variant: KernelVariant::CudaMma,
+            tile_q,
+            tile_kv,
+            workgroup_size: warps * 32,
+            workgroup_bytes: bytes,
+            reason,
+        })
+    };
+    Ok(BackwardPlan {
+        dq: plan(
+            TILE_Q,
+            chunk,
+            DQ_WARPS,
+            smem_bytes(TILE_Q, chunk, d, false),
+            "mma.sync m16n8k16, 16 rows per warp, 2-stage cp.async K/V, D fused".into(),
+        )?,
+        dkdv: plan(
+            TILE_Q,
+            chunk,
+            chunk / 16,
+            smem_bytes(chunk, TILE_Q, d, true),
+            "mma.sync m16n8k16, 16 keys per warp, 2-stage cp.async Q/dO, GQA summed in the CTA".into(),
+        )?,
+    })
+}
+
+/// One compiled kernel and its launch shape.
+struct Launch {
+    func: CudaFunction,
+    grid: (u32, u32, u32),
+    threads: u32,
+    smem: u32,
+}
+
+struct HostBuffers {
+    inputs: [CudaSlice<u8>; 5],
+    lse: CudaSlice<f32>,
+    grads: [CudaSlice<u8>; 3],
+}
+
+/// One planned CUDA backward: both kernels, the lists and the scratch on the device, and (after the first
+/// host-slice call) device copies of the inputs and gradients, reused by later calls.
+pub struct CudaBackward {
+    ctx: CudaContext,
+    shape: Shape,
+    heads: u32,
+    kv_heads: u32,
+    base: Params,
+    kernels: [Launch; 2],
+    /// Row and column lists and the D / LSE scratch, read by the kernels through `base`.
+    _owned: ([CudaSlice<u32>; 4], [CudaSlice<f32>; 2]),
+    host: Mutex<Option<HostBuffers>>,
+}
+
+impl std::fmt::Debug for CudaBackward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackward").field("shape", &self.shape).finish()
+    }
+}
+
+fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+    move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+fn upload(stream: &Arc<CudaStream>, words: &[u32]) -> Result<CudaSlice<u32>> {
+    let words: &[u32] = if words.is_empty() { &[0, 0] } else { words };
+    stream.clone_htod(words).map_err(cuda_err("uploading the backward's lists"))
+}
+
+fn alloc<T: DeviceRepr + ValidAsZeroBits>(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<T>> {
+    stream.alloc_zeros::<T>(n.max(1)).map_err(cuda_err("allocating the backward's buffers"))
+}
+
+impl CudaBackward {
+    /// Compiles (or fetches) both kernels for `plan` and uploads `mergeq`'s row lists (dQ pass) and
+    /// `columns` (dK/dV pass), both in tiles of `plan.dq.tile_q` rows.
+    pub fn new(
+        ctx: &CudaContext,
+        layout: &Layout,
+        shape: Shape,
+        plan: &BackwardPlan,
+        mergeq: &MergeQPlan,
+        columns: &ColumnPlan,
+    ) -> Result<Self> {
+        if mergeq.tile_q() != TILE_Q || columns.tile_q() != TILE_Q || mergeq.seq_len() != shape.seq_len {
+            return Err(Error::Shape(format!("the CUDA backward walks lists of {TILE_Q}-row tiles")));
+        }
+        if layout.num_heads() > 65_535 || shape.batch > 65_535 {
+            return Err(Error::Shape("heads and batch must each be at most 65535 (CUDA grid y and z)".into()));
+        }
+        let bf16 = (shape.dtype == DType::BF16) as i64;
+        let source = format!("{S2_FORWARD_SRC}\n#line 1 \"s2_backward.cu\"\n{S2_BACKWARD_SRC}");
+        let seq = shape.seq_len;
+        let kernel = |pass: i64, p: &DispatchPlan, rows: u32, step: u32, entry: &str, grid| -> Result<_> {
+            let warps = p.workgroup_size / 32;
+            let defines = [
+                ("HEAD_DIM", shape.head_dim as i64),
+                ("BLOCK_Q", rows as i64),
+                ("BLOCK_K", step as i64),
+                ("WARPS", warps as i64),
+                ("IS_BF16", bf16),
+                ("PASS", pass),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            let key = KernelKey { name: "s2_backward.cu", defines, arch: ctx.arch(), arch_specific: false };
+            let func = ctx.kernel(&key, &source, entry, p.workgroup_bytes)?;
+            Ok(Launch { func, grid, threads: p.workgroup_size, smem: p.workgroup_bytes })
+        };
+        let (heads, kv_heads) = (layout.num_heads(), layout.num_kv_heads());
+        let key_tile = plan.dkdv.workgroup_size / 32 * 16;
+        let kernels = [
+            kernel(0, &plan.dq, TILE_Q, plan.dq.tile_kv, "s2_backward_dq", (mergeq.tiles(), heads, shape.batch))?,
+            kernel(
+                1,
+                &plan.dkdv,
+                key_tile,
+                TILE_Q,
+                "s2_backward_dkdv",
+                (seq.div_ceil(key_tile), kv_heads, shape.batch),
+            )?,
+        ];
+        let stream = ctx.stream();
+        let flat = |e: Vec<[u32; 2]>| e.into_iter().flatten().collect::<Vec<u32>>();
+        let lists = [
+            upload(stream, mergeq.row_ptr())?,
+            upload(stream, &flat(mergeq.gpu_entries()))?,
+            upload(stream, columns.col_ptr())?,
+            upload(stream, &flat(columns.gpu_entries()))?,
+        ];
+        let seq_pad = seq.div_ceil(TILE_Q) * TILE_Q;
+        let stats = shape.batch as usize * heads as usize * seq_pad as usize;
+        let scratch = [alloc::<f32>(stream, stats)?, alloc::<f32>(stream, stats)?];
+        let ptr = |s: &CudaSlice<u32>| s.device_ptr(stream).0;
+        let fptr = |s: &CudaSlice<f32>| s.device_ptr(stream).0;
+        let (h, hk, d) = (heads as i64, kv_heads as i64, shape.head_dim as i64);
+        let base = Params {
+            lse2: fptr(&scratch[0]),
+            delta: fptr(&scratch[1]),
+            row_ptr: ptr(&lists[0]),
+            row_entries: ptr(&lists[1]),
+            col_ptr: ptr(&lists[2]),
+            col_entries: ptr(&lists[3]),
+            q_tok: h * d,
+            q_batch: seq as i64 * h * d,
+            kv_tok: hk * d,
+            kv_batch: seq as i64 * hk * d,
+            lse_batch: h * seq as i64,
+            seq_len: seq,
+            seq_pad,
+            num_heads: heads,
+            kv_group: heads / kv_heads,
+            heads_per_pattern: heads / layout.num_patterns(),
+            q_tiles: mergeq.tiles(),
+            kv_blocks: columns.kv_blocks(),
+            block_size: layout.block_size(),
+            causal: layout.causal() as u32,
+            scale_log2: shape.softmax_scale() * std::f32::consts::LOG2_E,
+            scale: shape.softmax_scale(),
+            ..Params::default()
+        };
+        Ok(Self {
+            ctx: ctx.clone(),
+            shape,
+            heads,
+            kv_heads,
+            base,
+            kernels,
+            _owned: (lists, scratch),
+            host: Mutex::default(),
+        })
+    }
+
+    fn elems(&self, heads: u32) -> usize {
+        self.shape.batch as usize * self.shape.seq_len as usize * heads as usize * self.shape.head_dim as usize
+    }
+
+    /// Launches both passes on `stream` with the tensor addresses in `p`.
+    ///
+    /// # Safety
+    /// `p` must address live device buffers of this context sized for the op's shape.
+    unsafe fn launch(&self, stream: &CudaStream, p: &Params) -> Result<()> {
+        for k in &self.kernels {
+            let cfg = LaunchConfig { grid_dim: k.grid, block_dim: (k.threads, 1, 1), shared_mem_bytes: k.smem };
+            let mut args = stream.launch_builder(&k.func);
+            args.arg(p);
+            // SAFETY: forwarded to the caller; the lists and scratch are owned by `self`, and the launch
+            // shape matches the kernels' compile-time configuration.
+            unsafe { args.launch(cfg) }.map_err(cuda_err("launching the CUDA backward"))?;
+        }
+        Ok(())
+    }
+
+    /// Uploads host inputs (`q, k, v, out, lse, d_out` bytes, `lse` f32) into the op's own buffers, poisons
+    /// the gradients, and calls `f` with the launch parameters addressing them.
+    fn with_host_buffers<R>(
+        &self,
+        inputs: [&[u8]; 6],
+        f: impl FnOnce(&Params, &HostBuffers) -> Result<R>,
+    ) -> Result<R> {
+        let stream = self.ctx.stream();
+        let size = self.shape.dtype.size() as usize;
+        let (q_bytes, kv_bytes) = (self.elems(self.heads) * size, self.elems(self.kv_heads) * size);
+        let mut guard = self.host.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            *guard = Some(HostBuffers {
+                inputs: [
+                    alloc(stream, q_bytes)?,
+                    alloc(stream, kv_bytes)?,
+                    alloc(stream, kv_bytes)?,
+                    alloc(stream, q_bytes)?,
+                    alloc(stream, q_bytes)?,
+                ],
+                lse: alloc(stream, inputs[4].len() / 4)?,
+                grads: [alloc(stream, q_bytes)?, alloc(stream, kv_bytes)?, alloc(stream, kv_bytes)?],
+            });
+        }
+        let Some(bufs) = guard.as_mut() else { return Err(Error::Cuda("device buffers missing".into())) };
+        let [q, k, v, o, lse, d_o] = inputs;
+        for (buf, data) in bufs.inputs.iter_mut().zip([q, k, v, o, d_o]) {
+            stream.memcpy_htod(data, buf).map_err(cuda_err("copying an input to the device"))?;
+        }
+        let lse: Vec<f32> = bytemuck::pod_collect_to_vec(lse);
+        stream.memcpy_htod(&lse, &mut bufs.lse).map_err(cuda_err("copying the LSE to the device"))?;
+        for g in &mut bufs.grads {
+            let bytes = g.num_bytes();
+            let (ptr, _g) = g.device_ptr_mut(stream);
+            // SAFETY: `ptr` addresses `bytes` bytes of this live allocation, on its own stream.
+            unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xff, bytes, stream.cu_stream()) }
+                .map_err(cuda_err("poisoning the gradients"))?;
+        }
+        let a = |s: &CudaSlice<u8>| s.device_ptr(stream).0;
+        let p = Params {
+            q: a(&bufs.inputs[0]),
+            k: a(&bufs.inputs[1]),
+            v: a(&bufs.inputs[2]),
+            o: a(&bufs.inputs[3]),
+            d_o: a(&bufs.inputs[4]),
+            lse: bufs.lse.device_ptr(stream).0,
+            dq: a(&bufs.grads[0]),
+            dk: a(&bufs.grads[1]),
+            dv: a(&bufs.grads[2]),
+            ..self.base
+        };
+        f(&p, bufs)
+    }
+
+    /// Runs both passes on host bytes (`q, k, v, out, lse, d_out`; lengths checked by the caller) and
+    /// returns `[dq, dk, dv]` bytes.
+    pub(crate) fn run_host(&self, inputs: [&[u8]; 6]) -> Result<[Vec<u8>; 3]> {
+        self.with_host_buffers(inputs, |p, bufs| {
+            let stream = self.ctx.stream();
+            // SAFETY: the op's own buffers, sized for the shape when they were allocated.
+            unsafe { self.launch(stream, p)? };
+            let mut out = Vec::with_capacity(3);
+            for g in &bufs.grads {
+                out.push(stream.clone_dtoh(g).map_err(cuda_err("copying a gradient back"))?);
+            }
+            stream.synchronize().map_err(cuda_err("running the CUDA backward"))?;
+            let [dq, dk, dv]: [Vec<u8>; 3] = out.try_into().map_err(|_| Error::Cuda("gradients missing".into()))?;
+            Ok([dq, dk, dv])
+        })
+    }
+
+    /// Times `iters` backward passes (dQ start to dK/dV end) with CUDA events after `warmup` untimed ones,
+    /// inputs uploaded once.
+    pub(crate) fn time(&self, inputs: [&[u8]; 6], warmup: u32, iters: u32) -> Result<Timing> {
+        self.with_host_buffers(inputs, |p, _| {
+            let stream = self.ctx.stream();
+            // SAFETY: the op's own buffers, sized for the shape when they were allocated.
+            let run = || unsafe { self.launch(stream, p) };
+            for _ in 0..warmup {
+                run()?;
+            }
+            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+            let ctx = self.ctx.cudarc();
+            let mut events = Vec::with_capacity(iters as usize);
+            for _ in 0..iters {
+                let start = ctx.new_event(flags).map_err(cuda_err("creating an event"))?;
+                let end = ctx.new_event(flags).map_err(cuda_err("creating an event"))?;
+                start.record(stream).map_err(cuda_err("recording an event"))?;
+                run()?;
+                end.record(stream).map_err(cuda_err("recording an event"))?;
+                events.push((start, end));
+            }
+            stream.synchronize().map_err(cuda_err("running the CUDA backward"))?;
+            let samples_ms = events
+                .iter()
+                .map(|(s, e)| s.elapsed_ms(e).map(f64::from).map_err(cuda_err("reading an event")))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Timing { samples_ms, gpu_timestamps: true })
+        })
+    }
+}
