@@ -184,6 +184,7 @@ impl WgpuContext {
     fn open(instance: wgpu::Instance, adapter: wgpu::Adapter) -> Result<Self> {
         let wanted = wgpu::Features::SHADER_F16
             | wgpu::Features::SUBGROUP
+            | wgpu::Features::SUBGROUP_BARRIER
             | wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
             | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;

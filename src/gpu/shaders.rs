@@ -103,12 +103,7 @@ pub fn compose(kernel: Kernel, dtype: DType) -> Result<String> {
         }
     };
     let mut out = String::new();
-    // EXPERIMENT (issue 4, not for commit): S2ATTN_COOP_WGSL swaps in a coop kernel variant from a file.
-    let experiment = match kernel {
-        Kernel::ForwardCoop => std::env::var("S2ATTN_COOP_WGSL").ok().and_then(|p| std::fs::read_to_string(p).ok()),
-        _ => None,
-    };
-    for line in experiment.as_deref().unwrap_or(kernel.source()).lines() {
+    for line in kernel.source().lines() {
         match line.trim().strip_prefix("#include ") {
             Some(path) => {
                 let path = match path.trim() {

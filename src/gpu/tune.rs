@@ -32,16 +32,21 @@ impl TuneTarget for ForwardTuner<'_> {
         (i.subgroup_min_size, i.subgroup_max_size)
     }
 
+    fn subgroup_barriers(&self) -> bool {
+        self.ctx.capabilities().features.contains(wgpu::Features::SUBGROUP_BARRIER)
+    }
+
     fn measure(&mut self, plan: &DispatchPlan) -> Result<f64> {
         let shape = Shape { batch: 1, seq_len: self.shape.seq_len.min(TUNE_MAX_SEQ), ..self.shape };
         let row = shape.seq_len as usize * shape.head_dim as usize * shape.dtype.size() as usize;
         let q_bytes = row * self.layout.num_heads() as usize;
         let kv_bytes = row * self.layout.num_kv_heads() as usize;
-        if self.data.len() < q_bytes {
-            // Random f16 values in [-1, 1) (never zeros: matrix units run faster on them). K and V
-            // reuse Q's bytes; the timing does not care.
+        // Q, K and V are slices of one buffer at different offsets: random f16 values in [-1, 1) (never
+        // zeros, which matrix units run faster on), and never K = Q (a self-similar score matrix).
+        let (k_at, v_at) = (row / 2 + 16, row + 32);
+        if self.data.len() < q_bytes.max(v_at + kv_bytes) {
             let mut x = 0x9E37_79B9_7F4A_7C15u64;
-            self.data = (0..q_bytes / 2)
+            self.data = (0..q_bytes.max(v_at + kv_bytes) / 2)
                 .flat_map(|_| {
                     x ^= x << 13;
                     x ^= x >> 7;
@@ -53,7 +58,7 @@ impl TuneTarget for ForwardTuner<'_> {
         }
         let mergeq = self.layout.mergeq(shape.seq_len, plan.tile_q);
         let forward = GpuForward::new(self.ctx, self.layout, shape, plan.clone(), mergeq)?;
-        let (q, kv) = (&self.data[..q_bytes], &self.data[..kv_bytes]);
-        Ok(forward.time(q, kv, kv, 1, 5)?.median_ms())
+        let (q, k, v) = (&self.data[..q_bytes], &self.data[k_at..][..kv_bytes], &self.data[v_at..][..kv_bytes]);
+        Ok(forward.time(q, k, v, 2, 5)?.median_ms())
     }
 }
