@@ -37,6 +37,7 @@ mod error;
 pub mod gpu;
 pub mod inference;
 pub mod layout;
+pub mod model;
 mod multi;
 pub mod plan;
 

@@ -12,7 +12,7 @@ pub(crate) use backward::GpuBackward;
 pub use backward::GradBuffers;
 pub(crate) use context::parse_backend;
 pub use context::{AdapterSummary, Capabilities, WgpuContext};
-pub(crate) use forward::GpuForward;
+pub(crate) use forward::{read_buffer, GpuForward};
 pub use forward::{TensorView, Timing};
 pub(crate) use timing::Stamps;
 pub(crate) use tune::ForwardTuner;

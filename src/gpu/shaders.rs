@@ -19,6 +19,7 @@ const SHARED: &[(&str, &str)] = &[
     ("shared/grads_f16.wgsl", include_str!("../../shaders/shared/grads_f16.wgsl")),
     ("shared/decode.wgsl", include_str!("../../shaders/shared/decode.wgsl")),
     ("shared/online_softmax.wgsl", include_str!("../../shaders/shared/online_softmax.wgsl")),
+    ("model/weights.wgsl", include_str!("../../shaders/model/weights.wgsl")),
 ];
 
 /// A kernel source.
@@ -39,6 +40,18 @@ pub enum Kernel {
     /// `shaders/kv_append.wgsl`: scatters K/V rows from device buffers into KV cache pages (32-bit words,
     /// so it serves every storage type).
     KvAppend,
+    /// `shaders/model/embed.wgsl`: the example transformer's embedding lookup ([`crate::model`]).
+    ModelEmbed,
+    /// `shaders/model/rmsnorm.wgsl`: RMSNorm.
+    ModelRmsNorm,
+    /// `shaders/model/matmul.wgsl`: activations times f32 or f16 weights, optionally added to the output.
+    ModelMatmul,
+    /// `shaders/model/rope.wgsl`: rotary position embedding of Q and K, in place.
+    ModelRope,
+    /// `shaders/model/swiglu.wgsl`: the SiLU-gated MLP activation.
+    ModelSwiglu,
+    /// `shaders/model/argmax.wgsl`: greedy sampling on the GPU.
+    ModelArgmax,
 }
 
 impl Kernel {
@@ -51,6 +64,12 @@ impl Kernel {
         Kernel::DecodeSplit,
         Kernel::DecodeCombine,
         Kernel::KvAppend,
+        Kernel::ModelEmbed,
+        Kernel::ModelRmsNorm,
+        Kernel::ModelMatmul,
+        Kernel::ModelRope,
+        Kernel::ModelSwiglu,
+        Kernel::ModelArgmax,
     ];
 
     /// File name under `shaders/`.
@@ -63,6 +82,12 @@ impl Kernel {
             Kernel::DecodeSplit => "decode_split.wgsl",
             Kernel::DecodeCombine => "decode_combine.wgsl",
             Kernel::KvAppend => "kv_append.wgsl",
+            Kernel::ModelEmbed => "model/embed.wgsl",
+            Kernel::ModelRmsNorm => "model/rmsnorm.wgsl",
+            Kernel::ModelMatmul => "model/matmul.wgsl",
+            Kernel::ModelRope => "model/rope.wgsl",
+            Kernel::ModelSwiglu => "model/swiglu.wgsl",
+            Kernel::ModelArgmax => "model/argmax.wgsl",
         }
     }
 
@@ -75,6 +100,12 @@ impl Kernel {
             Kernel::DecodeSplit => include_str!("../../shaders/decode_split.wgsl"),
             Kernel::DecodeCombine => include_str!("../../shaders/decode_combine.wgsl"),
             Kernel::KvAppend => include_str!("../../shaders/kv_append.wgsl"),
+            Kernel::ModelEmbed => include_str!("../../shaders/model/embed.wgsl"),
+            Kernel::ModelRmsNorm => include_str!("../../shaders/model/rmsnorm.wgsl"),
+            Kernel::ModelMatmul => include_str!("../../shaders/model/matmul.wgsl"),
+            Kernel::ModelRope => include_str!("../../shaders/model/rope.wgsl"),
+            Kernel::ModelSwiglu => include_str!("../../shaders/model/swiglu.wgsl"),
+            Kernel::ModelArgmax => include_str!("../../shaders/model/argmax.wgsl"),
         }
     }
 
@@ -89,6 +120,13 @@ impl Kernel {
             Kernel::ForwardCoop => &[DType::F16],
             // Words, whatever the storage type: composed (and compiled) once, as f32.
             Kernel::KvAppend => &[DType::F32],
+            // f32 activations; f16 weights are words unpacked in the kernel (an override constant).
+            Kernel::ModelEmbed
+            | Kernel::ModelRmsNorm
+            | Kernel::ModelMatmul
+            | Kernel::ModelRope
+            | Kernel::ModelSwiglu
+            | Kernel::ModelArgmax => &[DType::F32],
         }
     }
 }
