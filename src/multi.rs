@@ -367,7 +367,12 @@ impl MultiDevice {
 /// slowest device's time; runs may be empty. Exact dynamic programme over split points.
 fn partition(cost: &[f64], speeds: &[f64]) -> Vec<Range<usize>> {
     let (n, m) = (cost.len(), speeds.len());
-    let prefix: Vec<f64> = std::iter::once(0.0).chain(cost.iter().scan(0.0, |acc, c| Some(*acc + c))).collect();
+    let prefix: Vec<f64> = std::iter::once(0.0)
+        .chain(cost.iter().scan(0.0, |acc, c| {
+            *acc += c;
+            Some(*acc)
+        }))
+        .collect();
     // best[j][i]: minimal makespan placing the first i units on the first j devices.
     let mut best = vec![vec![f64::INFINITY; n + 1]; m + 1];
     let mut cut = vec![vec![0usize; n + 1]; m + 1];
