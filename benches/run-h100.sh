@@ -9,10 +9,10 @@
 #   extra    test binaries (wgpu and CUDA), quickstart, multi-device (Vulkan + GL of the same GPU)
 set -uo pipefail
 part=${1:?usage: run-h100.sh fwd|bf16|fwdbwd|decode|extra}
-source .gpu/env.sh
+source ${STAGE:-.gpu}/env.sh
 export XDG_RUNTIME_DIR=/tmp PYTHONUNBUFFERED=1
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
-peers=.gpu/peers/torch_peers.py
+peers=${STAGE:-.gpu}/peers/torch_peers.py
 paper="--heads 32 --head-dim 128 --block 64 --local 16"
 case $part in
 fwd)
@@ -44,7 +44,7 @@ decode)
     done
     ;;
 extra)
-    for t in $(ls .gpu/bin/test-* | grep -v -e bench_cli -e c_api); do
+    for t in $(ls ${STAGE:-.gpu}/bin/test-* | grep -v -e bench_cli -e c_api); do
         echo "== $t"; S2ATTN_BACKEND=vulkan $t 2>&1 | tail -3
     done | tee $OUT/tests.log
     quickstart 2>&1 | tee $OUT/quickstart.log
