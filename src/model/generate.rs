@@ -87,7 +87,7 @@ impl Model {
         Ok(bytemuck::pod_collect_to_vec(&read_buffer(&self.gpu, &b.read_ids, n as u64 * 4)?))
     }
 
-    /// Feeds `tokens` (the prompt, or more of it) in chunks of `prefill_chunk` rows, one submit each, and
+    /// Feeds `tokens` (the prompt, or more of it) in chunks of [`State::prefill_rows`] rows, one submit each, and
     /// returns the greedy next token (also kept on the GPU for [`Model::step`]).
     pub fn prefill(&self, state: &mut State, tokens: &[u32]) -> Result<u32> {
         let n = u32::try_from(tokens.len()).map_err(|_| Error::Shape("prompt longer than 2^32 tokens".into()))?;
@@ -100,7 +100,7 @@ impl Model {
         self.check_state(state, n)?;
         let start = state.len;
         self.gpu.queue().write_buffer(&state.buffers.ids, start as u64 * 4, bytemuck::cast_slice(tokens));
-        let chunk = self.config.prefill_chunk.min(state.max_seq_len);
+        let chunk = state.chunk;
         let mut done = 0;
         while done < n {
             let m = chunk.min(n - done);

@@ -6,6 +6,7 @@
 use super::ops::{self, Binder, Bound};
 use super::transformer::Model;
 use crate::error::{Error, Result};
+use crate::gpu::decode::plan_attend;
 use crate::inference::{Decode, KvCache, KvCacheConfig, MemoryReport, SeqId};
 use crate::plan::DType;
 
@@ -44,6 +45,8 @@ pub(super) struct Buffers {
 pub struct State {
     pub(super) model_id: u64,
     pub(super) max_seq_len: u32,
+    /// Prompt rows per prefill submit.
+    pub(super) chunk: u32,
     /// Tokens in the KV caches; `ids[len]` is the next token (predicted, not yet fed).
     pub(super) len: u32,
     pub(super) caches: Vec<KvCache>,
@@ -73,12 +76,12 @@ impl State {
             return Err(Error::Shape("max_seq_len must be positive".into()));
         }
         let gpu = &model.gpu;
-        let chunk = c.prefill_chunk.min(max_seq_len) as u64;
+        let chunk = prefill_rows(model, max_seq_len)?;
         let mut caches = Vec::with_capacity(c.layers.len());
         let mut decodes = Vec::with_capacity(c.layers.len());
         let mut seqs = Vec::with_capacity(c.layers.len());
         for i in 0..c.layers.len() {
-            let config = KvCacheConfig::new(c.head_dim, DType::F32, max_seq_len).query_window(chunk as u32);
+            let config = KvCacheConfig::new(c.head_dim, DType::F32, max_seq_len).query_window(chunk);
             let mut cache = KvCache::new(&model.ctx, &c.layout(i)?, config)?;
             seqs.push(cache.add_sequence());
             decodes.push(Decode::new(&cache)?);
@@ -93,19 +96,20 @@ impl State {
                 mapped_at_creation: false,
             })
         };
+        let rows = chunk as u64;
         let (d, q, f, v) = (c.d_model as u64, (c.heads * c.head_dim) as u64, c.ffn as u64, c.vocab as u64);
         let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
         let read = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
         // Params slots: embed, final norm, LM head, argmax, and per layer 4 ops plus 4 matmuls in 2 row modes.
         let slots = 4 + 12 * c.layers.len();
         let buffers = Buffers {
-            x: mk("model x", chunk * d, storage),
-            h: mk("model h", chunk * d, storage),
-            qkv: mk("model qkv", chunk * c.qkv_cols() as u64, storage),
-            attn: mk("model attn", chunk * q, storage),
-            lse: mk("model lse", chunk * c.heads as u64, storage),
-            gu: mk("model gate-up", chunk * 2 * f, storage),
-            act: mk("model act", chunk * f, storage),
+            x: mk("model x", rows * d, storage),
+            h: mk("model h", rows * d, storage),
+            qkv: mk("model qkv", rows * c.qkv_cols() as u64, storage),
+            attn: mk("model attn", rows * q, storage),
+            lse: mk("model lse", rows * c.heads as u64, storage),
+            gu: mk("model gate-up", rows * 2 * f, storage),
+            act: mk("model act", rows * f, storage),
             last: mk("model last row", d, storage),
             logits: mk("model logits", v, storage | copy),
             ids: mk("model ids", max_seq_len as u64 + 1, storage | copy),
@@ -144,6 +148,7 @@ impl State {
         Ok(Self {
             model_id: model.id,
             max_seq_len,
+            chunk,
             len: 0,
             caches,
             decodes,
@@ -156,6 +161,12 @@ impl State {
             argmax,
             staging,
         })
+    }
+
+    /// Prompt rows per prefill submit: the config's `prefill_chunk`, cut to what one decode call can
+    /// query (the GQA group times the rows, within the decode kernel's limits) and to `max_seq_len`.
+    pub fn prefill_rows(&self) -> u32 {
+        self.chunk
     }
 
     /// Tokens in the KV caches (prompt and fed generated tokens).
@@ -177,4 +188,17 @@ impl State {
     pub fn buffers_created(&self) -> usize {
         self.decodes.iter().map(|d| d.buffers_created()).sum()
     }
+}
+
+/// See [`State::prefill_rows`].
+fn prefill_rows(model: &Model, max_seq_len: u32) -> Result<u32> {
+    let c = &model.config;
+    let group = c.heads / c.kv_heads;
+    let caps = model.gpu.caps();
+    (1..=c.prefill_chunk.min(max_seq_len))
+        .rev()
+        .find(|&rows| plan_attend(caps, c.head_dim, group, &[rows], c.block_size).is_ok())
+        .ok_or_else(|| {
+            Error::Unsupported(format!("no decode kernel for head_dim {} and {group} heads per KV head", c.head_dim))
+        })
 }
