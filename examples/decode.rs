@@ -9,7 +9,8 @@
 //! `cargo run --release --example decode` (small defaults, seconds on a software rasterizer); env
 //! `PROMPT`, `TOKENS`, `LAYERS`, `D_MODEL`, `HEADS`, `KV_HEADS`, `HEAD_DIM`, `VOCAB`, `FFN` (default 4
 //! `D_MODEL`), `CHUNK` (prefill rows per submit), `WEIGHTS` (`f32` or `f16`), `LOCAL` and `STRIDE` (the S2
-//! layers' local blocks and vertical stride, block 64; small defaults so that a short prompt shows them).
+//! layers' local blocks and vertical stride, block 64; small defaults so that a short prompt shows them),
+//! `ONLY` (`dense` or `hybrid`: one of the two runs).
 //! A GPU-sized run:
 //! `PROMPT=32768 TOKENS=64 LAYERS=4 D_MODEL=2048 HEADS=32 KV_HEADS=8 HEAD_DIM=128 VOCAB=32000 LOCAL=16
 //! STRIDE=16 WEIGHTS=f16 cargo run --release --example decode`.
@@ -88,7 +89,9 @@ fn run(r: &Run) -> s2attn::Result<()> {
     );
     // A deterministic prompt of valid ids.
     let prompt: Vec<u32> = (0..r.prompt as u64).map(|i| ((i * 2_654_435_761) % c.vocab as u64) as u32).collect();
-    for (name, config) in [("dense", c.clone().all_dense()), ("hybrid S2 (layer 0 dense)", c.clone())] {
+    let only = std::env::var("ONLY").unwrap_or_default();
+    let runs = [("dense", c.clone().all_dense()), ("hybrid S2 (layer 0 dense)", c.clone())];
+    for (name, config) in runs.into_iter().filter(|(name, _)| name.starts_with(only.as_str())) {
         let model = Model::random(&ctx, config, 7)?;
         let mut state = State::new(&model, r.prompt + r.tokens + 1)?;
         let t = Instant::now();
