@@ -3,6 +3,7 @@
 # On the GPU host, from the project root: `bash benches/run-h100.sh <part>`; logs and JSON go to $OUT.
 #   fwd      torch_peers.py (FlashAttention-2, cuDNN, FlexAttention-S2) then s2attn-bench on Vulkan and CUDA,
 #            paper settings (32 heads, head dim 128, block 64, local 16), 16k/64k/128k, vert_stride 16 and 64
+#   both     fwd then bf16 in one call
 #   bf16     the same for the CUDA backend in bf16 against FlexAttention-S2 in bf16
 #   fwdbwd   forward+backward against the peers' autograd
 #   decode   decode against the peers' decode, and the decode loop example
@@ -13,7 +14,7 @@ source ${STAGE:-.gpu}/env.sh
 export XDG_RUNTIME_DIR=/tmp PYTHONUNBUFFERED=1
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
 peers=${STAGE:-.gpu}/peers/torch_peers.py
-paper="--heads 32 --head-dim 128 --block 64 --local 16"
+paper="--heads 32 --kv-heads 32 --head-dim 128 --block 64 --local 16"
 case $part in
 fwd)
     python3 $peers --seq 16384 65536 131072 --vert-stride 16 | tee $OUT/peers.jsonl
@@ -21,6 +22,9 @@ fwd)
     s2attn-bench $paper --seq 16k,64k,128k --vert-stride 16,64 --dtype f16 --backend vulkan,cuda \
         --iters 10 --warmup 2 --dense-max-seq 16384 --peers $OUT/peers.jsonl --json $OUT/fwd.jsonl \
         --plot $OUT/fwd.svg --markdown 2>&1 | tee $OUT/fwd.log
+    ;;
+both)
+    bash "$0" fwd && mv $OUT/peers.jsonl $OUT/peers-fp16.jsonl && bash "$0" bf16
     ;;
 bf16)
     python3 $peers --seq 16384 65536 131072 --vert-stride 16 --dtype bf16 --impls flex-s2 | tee $OUT/peers.jsonl
