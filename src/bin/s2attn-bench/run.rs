@@ -385,7 +385,21 @@ impl<'a> Runner<'a> {
         let runs = (self.args.warmup, self.args.iters);
         let timing = guarded(|| match t.ctx.wgpu() {
             Some(ctx) => crate::timer::time_wgpu(ctx, &op, grad.as_ref(), &sets, lse, runs, self.args.budget_s),
-            None => time_cuda(t, &op, &sets, lse, runs).map(|timing| Timed { timing, split_ms: None }),
+            None => {
+                let fwd = time_cuda(t, &op, &sets, lse, runs)?;
+                match &grad {
+                    None => Ok(Timed { timing: fwd, split_ms: None }),
+                    Some(g) => {
+                        // The backward of a CUDA op, on the first input set with its own forward's O and LSE.
+                        let s = &sets[0];
+                        let out = op.forward(&s[0], &s[1], &s[2]).map_err(msg)?;
+                        let bwd = g.time_backward(&s[0], &s[1], &s[2], &out.out, &out.lse, &s[3], runs).map_err(msg)?;
+                        let samples_ms = fwd.samples_ms.iter().zip(&bwd.samples_ms).map(|(f, b)| f + b).collect();
+                        let split_ms = Some((fwd.median_ms(), bwd.median_ms()));
+                        Ok(Timed { timing: Timing { samples_ms, gpu_timestamps: fwd.gpu_timestamps }, split_ms })
+                    }
+                }
+            }
         })?;
         Ok((variant, timing))
     }
