@@ -157,6 +157,27 @@ impl Attention {
         }
     }
 
+    /// Restricts a causal wgpu op to the query rows from `first_row` on (a multiple of the plan's query
+    /// tile): rows before it are left unwritten. Keys after the last row are never needed by a causal
+    /// layout, so a sequence-parallel share of rows `[r0, r1)` is an op over the first `r1` tokens
+    /// restricted to rows from `r0`.
+    pub(crate) fn restrict_to_rows_from(&mut self, first_row: u32) -> Result<()> {
+        let tile_q = self.plan.tile_q;
+        if !self.layout.causal() || first_row % tile_q != 0 {
+            return Err(Error::Shape(format!(
+                "a row range must start on a query tile ({tile_q} rows) of a causal layout, got row {first_row}"
+            )));
+        }
+        match &mut self.engine {
+            Engine::Wgpu(g) => {
+                g.restrict_to_tiles_from(first_row / tile_q);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(_) => Err(Error::Unsupported("row ranges are not implemented on the CUDA backend".into())),
+        }
+    }
+
     /// A human-readable account of what will run and why.
     pub fn explain(&self) -> String {
         let s = &self.shape;

@@ -48,5 +48,5 @@ pub use error::{Error, Result};
 pub use gpu::{TensorView, Timing};
 pub use inference::{varlen_forward, Decode, KvCache, KvCacheConfig, MemoryReport, SeqId, SeqLens, VarlenAttention};
 pub use layout::{BlockIndex, BlockMask, Direction, Layout, S2Config};
-pub use multi::{Assignment, MultiDevice, MultiPlan};
+pub use multi::{Assignment, MultiDevice, MultiPlan, Split};
 pub use plan::{DType, DispatchPlan, KernelVariant, MergeQPlan, Shape};

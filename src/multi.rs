@@ -69,12 +69,28 @@ pub struct Assignment {
     pub device_name: String,
     /// The KV heads it computes (with their query heads).
     pub kv_heads: Range<u32>,
+    /// The query rows it computes (all of them in a split by heads).
+    pub rows: Range<u32>,
     /// Predicted kernel time from the measured speed, in milliseconds.
     pub expected_ms: f64,
 }
 
+/// How a call is divided among devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// By whole KV groups: each device computes all rows of some heads.
+    Heads,
+    /// By query rows (sequence parallel, causal layouts): each device computes all heads of a range of
+    /// rows, reading only the keys up to its last row.
+    Rows,
+}
+
+/// Query rows per unit of a split by rows: a multiple of every kernel's query tile.
+const ROW_UNIT: u32 = 128;
+
 /// A call split across devices: inspect [`MultiPlan::assignments`], run with [`MultiDevice::forward`].
 pub struct MultiPlan {
+    split: Split,
     assignments: Vec<Assignment>,
     ops: Vec<Attention>,
     layout: Layout,
@@ -82,6 +98,10 @@ pub struct MultiPlan {
 }
 
 impl MultiPlan {
+    /// Whether the call is split by heads or by query rows.
+    pub fn split(&self) -> Split {
+        self.split
+    }
     /// Which heads run where, and the time expected on each device.
     pub fn assignments(&self) -> &[Assignment] {
         &self.assignments
@@ -101,12 +121,14 @@ impl fmt::Display for MultiPlan {
         for a in &self.assignments {
             writeln!(
                 f,
-                "device {} {}: kv heads {}..{} ({} query heads), expected {:.3} ms",
+                "device {} {}: kv heads {}..{} ({} query heads), rows {}..{}, expected {:.3} ms",
                 a.device,
                 a.device_name,
                 a.kv_heads.start,
                 a.kv_heads.end,
                 (a.kv_heads.end - a.kv_heads.start) * self.layout.num_heads() / self.layout.num_kv_heads(),
+                a.rows.start,
+                a.rows.end,
                 a.expected_ms
             )?;
         }
@@ -257,44 +279,69 @@ impl MultiDevice {
         Ok(speeds)
     }
 
-    /// Splits the call of `layout` at `shape` across the devices by whole KV groups, in proportion to their
-    /// speeds, and builds each device's op.
+    /// Splits the call of `layout` at `shape` across the devices in proportion to their speeds: by whole KV
+    /// groups, or, for causal layouts on wgpu devices, by query rows when that balances better (few KV
+    /// groups, long sequences). Builds each device's op.
     pub fn plan(&self, layout: &Layout, shape: Shape) -> Result<MultiPlan> {
         shape.validate(layout)?;
         let speeds = self.speeds(layout, &shape)?;
-        // Split granularity: one KV head, unless a pattern spans several KV heads (then whole patterns).
-        let group = layout.num_heads() / layout.num_kv_heads();
-        let per_pattern = layout.num_heads() / layout.num_patterns();
-        let unit = if layout.num_patterns() == 1 { 1 } else { (per_pattern / group).max(1) };
-        let units = layout.num_kv_heads() / unit;
-        let cost: Vec<f64> = (0..units)
-            .map(|u| layout.kv_head_range(u * unit..(u + 1) * unit).map(|l| l.active_pairs(shape.seq_len) as f64))
-            .collect::<Result<_>>()?;
-        let cost: Vec<f64> = cost.iter().map(|c| c * shape.batch as f64).collect();
         // Fastest devices first; each takes a contiguous run of units (possibly none).
         let mut order: Vec<usize> = (0..self.members.len()).filter(|&i| speeds[i] > 0.0).collect();
         order.sort_by(|&a, &b| speeds[b].total_cmp(&speeds[a]));
-        let runs = partition(&cost, &order.iter().map(|&i| speeds[i]).collect::<Vec<_>>());
+        let order_speeds: Vec<f64> = order.iter().map(|&i| speeds[i]).collect();
+        let makespan = |cost: &[f64], runs: &[Range<usize>]| {
+            runs.iter().zip(&order_speeds).map(|(r, s)| cost[r.clone()].iter().sum::<f64>() / s).fold(0.0, f64::max)
+        };
+
+        // Split granularity by heads: one KV head, unless a pattern spans several KV heads (whole patterns).
+        let group = layout.num_heads() / layout.num_kv_heads();
+        let per_pattern = layout.num_heads() / layout.num_patterns();
+        let unit = if layout.num_patterns() == 1 { 1 } else { (per_pattern / group).max(1) };
+        let head_cost: Vec<f64> = (0..layout.num_kv_heads() / unit)
+            .map(|u| {
+                let sub = layout.kv_head_range(u * unit..(u + 1) * unit)?;
+                Ok(sub.active_pairs(shape.seq_len) as f64 * shape.batch as f64)
+            })
+            .collect::<Result<_>>()?;
+        let head_runs = partition(&head_cost, &order_speeds);
+        let mut split = Split::Heads;
+        let all_wgpu = self.members.iter().all(|m| m.ctx.wgpu().is_some());
+        let row_cost = if layout.causal() && all_wgpu { row_unit_costs(layout, &shape) } else { Vec::new() };
+        let row_runs = partition(&row_cost, &order_speeds);
+        if row_cost.len() > 1 && makespan(&row_cost, &row_runs) < 0.97 * makespan(&head_cost, &head_runs) {
+            split = Split::Rows;
+        }
         let mut assignments = Vec::new();
         let mut ops = Vec::new();
-        for (slot, run) in runs.into_iter().enumerate() {
+        let runs = if split == Split::Heads { &head_runs } else { &row_runs };
+        for (slot, run) in runs.iter().enumerate() {
             if run.is_empty() {
                 continue;
             }
             let device = order[slot];
-            let kv_heads = run.start as u32 * unit..run.end as u32 * unit;
-            let sub = layout.kv_head_range(kv_heads.clone())?;
             let member = &self.members[device];
-            let op = Attention::new(&member.ctx, &sub, shape).map_err(|e| Error::DeviceFailed {
-                index: device,
-                device: member.name.clone(),
-                message: e.to_string(),
-            })?;
-            let expected_ms = cost[run].iter().sum::<f64>() / speeds[device];
-            assignments.push(Assignment { device, device_name: member.name.clone(), kv_heads, expected_ms });
+            let failed =
+                |e: Error| Error::DeviceFailed { index: device, device: member.name.clone(), message: e.to_string() };
+            let (kv_heads, rows, op, cost) = match split {
+                Split::Heads => {
+                    let kv_heads = run.start as u32 * unit..run.end as u32 * unit;
+                    let sub = layout.kv_head_range(kv_heads.clone())?;
+                    let op = Attention::new(&member.ctx, &sub, shape).map_err(failed)?;
+                    (kv_heads, 0..shape.seq_len, op, head_cost[run.clone()].iter().sum::<f64>())
+                }
+                Split::Rows => {
+                    let rows = run.start as u32 * ROW_UNIT..(run.end as u32 * ROW_UNIT).min(shape.seq_len);
+                    let prefix = Shape { seq_len: rows.end, ..shape };
+                    let mut op = Attention::new(&member.ctx, layout, prefix).map_err(failed)?;
+                    op.restrict_to_rows_from(rows.start).map_err(failed)?;
+                    (0..layout.num_kv_heads(), rows, op, row_cost[run.clone()].iter().sum::<f64>())
+                }
+            };
+            let expected_ms = cost / speeds[device];
+            assignments.push(Assignment { device, device_name: member.name.clone(), kv_heads, rows, expected_ms });
             ops.push(op);
         }
-        Ok(MultiPlan { assignments, ops, layout: layout.clone(), shape })
+        Ok(MultiPlan { split, assignments, ops, layout: layout.clone(), shape })
     }
 
     /// Runs `plan` on host slices in `[batch, seq, heads, head_dim]` layout: each device's share
@@ -314,9 +361,13 @@ impl MultiDevice {
                 });
             }
         }
-        // Columns [h0, h1) of every token row.
-        let gather = |x: &[T], heads: usize, r: Range<usize>| -> Vec<T> {
-            x.chunks_exact(heads * d).flat_map(|row| row[r.start * d..r.end * d].iter().copied()).collect()
+        let seq = shape.seq_len as usize;
+        // Heads `hr` of tokens 0..rows of every sequence: the share's own `[batch, rows, heads, d]` tensor.
+        let gather = |x: &[T], heads: usize, hr: Range<usize>, rows: usize| -> Vec<T> {
+            x.chunks_exact(seq * heads * d)
+                .flat_map(|sequence| sequence[..rows * heads * d].chunks_exact(heads * d))
+                .flat_map(|token| token[hr.start * d..hr.end * d].iter().copied())
+                .collect()
         };
         let results: Vec<Result<Output<T>>> = std::thread::scope(|s| {
             let handles: Vec<_> = plan
@@ -327,7 +378,9 @@ impl MultiDevice {
                     let member = &self.members[a.device];
                     let kv = a.kv_heads.start as usize..a.kv_heads.end as usize;
                     let qh = kv.start * group..kv.end * group;
-                    let (qp, kp, vp) = (gather(q, h_n, qh), gather(k, hk_n, kv.clone()), gather(v, hk_n, kv));
+                    let rows = a.rows.end as usize;
+                    let (qp, kp, vp) =
+                        (gather(q, h_n, qh, rows), gather(k, hk_n, kv.clone(), rows), gather(v, hk_n, kv, rows));
                     s.spawn(move || {
                         if member.fail.load(Ordering::Relaxed) {
                             return Err(Error::Device("injected failure".into()));
@@ -350,17 +403,36 @@ impl MultiDevice {
                 message: e.to_string(),
             })?;
             let (h0, hs) = (a.kv_heads.start as usize * group, (a.kv_heads.end - a.kv_heads.start) as usize * group);
-            for (t, row) in part.out.chunks_exact(hs * d).enumerate() {
-                out[(t * h_n + h0) * d..][..hs * d].copy_from_slice(row);
-            }
-            let seq = shape.seq_len as usize;
+            let (r0, r1) = (a.rows.start as usize, a.rows.end as usize);
             for b in 0..shape.batch as usize {
-                let src = &part.lse[b * hs * seq..][..hs * seq];
-                lse[(b * h_n + h0) * seq..][..hs * seq].copy_from_slice(src);
+                for t in r0..r1 {
+                    let src = &part.out[((b * r1 + t) * hs) * d..][..hs * d];
+                    out[((b * seq + t) * h_n + h0) * d..][..hs * d].copy_from_slice(src);
+                }
+                for h in 0..hs {
+                    let src = &part.lse[(b * hs + h) * r1 + r0..(b * hs + h) * r1 + r1];
+                    lse[(b * h_n + h0 + h) * seq + r0..(b * h_n + h0 + h) * seq + r1].copy_from_slice(src);
+                }
             }
         }
         Ok(Output { out, lse })
     }
+}
+
+/// Work of each `ROW_UNIT` rows of a causal call (query-key pairs over all heads and the batch), from the
+/// block index: later rows attend more blocks.
+fn row_unit_costs(layout: &Layout, shape: &Shape) -> Vec<f64> {
+    let (bs, seq) = (layout.block_size(), shape.seq_len);
+    let index = layout.index(seq);
+    let mut cost = vec![0.0; seq.div_ceil(ROW_UNIT) as usize];
+    for h in 0..layout.num_heads() {
+        let p = layout.pattern_of_head(h);
+        for qb in 0..index.q_blocks() {
+            let rows = (bs.min(seq - qb * bs)) as f64;
+            cost[(qb * bs / ROW_UNIT) as usize] += rows * (index.row(p, qb).len() as u32 * bs) as f64;
+        }
+    }
+    cost.iter().map(|c| c * shape.batch as f64).collect()
 }
 
 /// Splits `cost` (in order) into one contiguous run per device (`speeds`, fastest first), minimising the

@@ -3,7 +3,7 @@
 //! it. In CI the two devices are lavapipe (Vulkan) and llvmpipe (GL), or two devices on one adapter.
 
 use s2attn::cpu::{attention_reference, rel_l2_error};
-use s2attn::{Attention, Context, ContextOptions, DType, Error, Layout, MultiDevice, S2Config, Shape};
+use s2attn::{Attention, Context, ContextOptions, DType, Error, Layout, MultiDevice, S2Config, Shape, Split};
 
 fn two_devices() -> Vec<Context> {
     let vulkan = Context::with_options(&ContextOptions::wgpu(Some("vulkan"), None));
@@ -32,7 +32,7 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn check_split(config: S2Config, seq: u32, speeds: Vec<f64>, seed: u64) {
+fn check_split(config: S2Config, seq: u32, speeds: Vec<f64>, seed: u64) -> Split {
     let set = MultiDevice::new(two_devices()).unwrap();
     let layout = Layout::s2(config).unwrap();
     let shape = Shape::new(2, seq, 32, DType::F32);
@@ -40,8 +40,10 @@ fn check_split(config: S2Config, seq: u32, speeds: Vec<f64>, seed: u64) {
     let plan = set.plan(&layout, shape).unwrap();
     println!("{plan}");
     assert_eq!(plan.assignments().len(), 2, "equal speeds share the work: {plan}");
-    let covered: u32 = plan.assignments().iter().map(|a| a.kv_heads.end - a.kv_heads.start).sum();
-    assert_eq!(covered, layout.num_kv_heads(), "every KV head is assigned once");
+    // Every (KV head, row) is assigned exactly once.
+    let covered: u32 =
+        plan.assignments().iter().map(|a| (a.kv_heads.end - a.kv_heads.start) * (a.rows.end - a.rows.start)).sum();
+    assert_eq!(covered, layout.num_kv_heads() * seq, "every KV head and row is assigned once: {plan}");
     let (h, hk) = (layout.num_heads() as usize, layout.num_kv_heads() as usize);
     let tokens = 2 * seq as usize;
     let q = random(tokens * h * 32, seed);
@@ -59,6 +61,15 @@ fn check_split(config: S2Config, seq: u32, speeds: Vec<f64>, seed: u64) {
         rel_l2_error(split.out.iter().map(|&x| x as f64), &single.out.iter().map(|&x| x as f64).collect::<Vec<_>>());
     assert!(err < 1e-5 && lse_err < 1e-5, "split vs oracle: out {err:.2e}, lse {lse_err:.2e}");
     assert!(vs_single < 1e-5, "split vs single device: {vs_single:.2e}");
+    plan.split()
+}
+
+#[test]
+fn one_kv_group_is_split_by_query_rows() {
+    // A single KV group cannot be split by heads: the planner splits the rows (sequence parallel), and
+    // each share reads only the keys up to its last row.
+    let split = check_split(S2Config::new(2, 16, 2, 3).kv_heads(1), 700, vec![1.0, 1.0], 11);
+    assert_eq!(split, Split::Rows);
 }
 
 #[test]

@@ -110,7 +110,9 @@ pub(crate) struct GpuForward {
     num_heads: u32,
     num_kv_heads: u32,
     base: Params,
-    tiles: u32,
+    /// Query tiles dispatched: the last `dispatched` of the plan's tiles (all of them unless the op was
+    /// restricted to the rows from some tile on, for a sequence-parallel split).
+    dispatched: u32,
     pipeline: wgpu::ComputePipeline,
     tile_ptr: wgpu::Buffer,
     entries: wgpu::Buffer,
@@ -181,7 +183,7 @@ impl GpuForward {
             num_heads: layout.num_heads(),
             num_kv_heads: layout.num_kv_heads(),
             base,
-            tiles: mergeq.tiles(),
+            dispatched: mergeq.tiles(),
             pipeline,
             tile_ptr,
             entries,
@@ -189,6 +191,12 @@ impl GpuForward {
             host: Mutex::default(),
             buffers_created: 2.into(),
         })
+    }
+
+    /// Computes only the query tiles from `first_tile` on (the kernels walk tiles from the last one back,
+    /// so a suffix of tiles is a prefix of the dispatch). Rows before the first tile's are left unwritten.
+    pub(crate) fn restrict_to_tiles_from(&mut self, first_tile: u32) {
+        self.dispatched = self.base.tiles - first_tile.min(self.base.tiles);
     }
 
     /// Buffers this op has created so far (index, params and host staging buffers).
@@ -278,7 +286,7 @@ impl GpuForward {
         });
         pass.set_pipeline(&self.pipeline);
         pass.set_bind_group(0, &bind, &[]);
-        pass.dispatch_workgroups(self.tiles, self.num_heads, self.shape.batch);
+        pass.dispatch_workgroups(self.dispatched, self.num_heads, self.shape.batch);
         Ok(())
     }
 
