@@ -8,6 +8,10 @@
 //!     [--dtype f16,bf16] [--iters 10] [--heads 32] [--dim 128] [--block 64] [--local 16] [--stride 16]
 //! ```
 
+#[cfg(feature = "cuda")]
+#[path = "common/args.rs"]
+mod args;
+
 #[cfg(not(feature = "cuda"))]
 fn main() {
     eprintln!("cuda_backward needs the `cuda` feature: cargo run --release --features cuda --example cuda_backward");
@@ -26,37 +30,18 @@ fn main() {
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     use s2attn::{Attention, AttentionGrad, Backend, Context, ContextOptions, DType, Element, Layout, S2Config, Shape};
 
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let list = |flag: &str, default: &str| -> Result<Vec<String>, String> {
-        let v = match args.iter().position(|a| a == flag) {
-            Some(i) => args.get(i + 1).cloned().ok_or(format!("{flag} needs a value"))?,
-            None => default.to_string(),
-        };
-        Ok(v.split(',').map(str::to_string).collect())
-    };
-    let nums = |flag: &str, default: &str| -> Result<Vec<u32>, String> {
-        list(flag, default)?.iter().map(|s| s.parse::<u32>().map_err(|e| format!("{flag} {s}: {e}"))).collect()
-    };
-    let one = |flag: &str, default: u32| -> Result<u32, String> { Ok(nums(flag, &default.to_string())?[0]) };
-    let (heads, dim, block) = (one("--heads", 32)?, one("--dim", 128)?, one("--block", 64)?);
-    let (local, stride, iters) = (one("--local", 16)?, one("--stride", 16)?, one("--iters", 10)?);
-    let seqs = nums("--seq", "16384,65536,131072")?;
-    let dtypes = list("--dtype", "f16")?;
+    let args = args::Args::from_env();
+    let (heads, dim, block) = (args.one("--heads", 32)?, args.one("--dim", 128)?, args.one("--block", 64)?);
+    let (local, stride, iters) = (args.one("--local", 16)?, args.one("--stride", 16)?, args.one("--iters", 10)?);
+    let seqs = args.nums("--seq", "16384,65536,131072")?;
+    let dtypes = args.list("--dtype", "f16")?;
 
     let ctx = Context::with_options(&ContextOptions { backend: Backend::Cuda, ..Default::default() })?;
     println!("{}", ctx.describe());
     let layout = Layout::s2(S2Config::new(heads, block, local, stride))?;
     let max_seq = seqs.iter().copied().max().unwrap_or(0) as usize;
     let elems = max_seq * heads as usize * dim as usize;
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let raw: Vec<f32> = (0..3 * elems)
-        .map(|_| {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect();
+    let raw = args::random_inputs(3 * elems);
 
     fn row<T: Element>(
         ctx: &Context,

@@ -8,6 +8,10 @@
 //! ```
 //! Without flags it runs the paper's four rows in both dtypes.
 
+#[cfg(feature = "cuda")]
+#[path = "common/args.rs"]
+mod args;
+
 #[cfg(not(feature = "cuda"))]
 fn main() {
     eprintln!("cuda_forward needs the `cuda` feature: cargo run --release --features cuda --example cuda_forward");
@@ -26,41 +30,22 @@ fn main() {
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     use s2attn::{Attention, Backend, Context, ContextOptions, DType, Layout, S2Config, Shape};
 
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let list = |flag: &str, default: &str| -> Result<Vec<String>, String> {
-        let v = match args.iter().position(|a| a == flag) {
-            Some(i) => args.get(i + 1).cloned().ok_or(format!("{flag} needs a value"))?,
-            None => default.to_string(),
-        };
-        Ok(v.split(',').map(str::to_string).collect())
-    };
-    let nums = |flag: &str, default: &str| -> Result<Vec<u32>, String> {
-        list(flag, default)?.iter().map(|s| s.parse::<u32>().map_err(|e| format!("{flag} {s}: {e}"))).collect()
-    };
-    let one = |flag: &str, default: u32| -> Result<u32, String> { Ok(nums(flag, &default.to_string())?[0]) };
-    let heads = one("--heads", 32)?;
-    let dim = one("--dim", 128)?;
-    let block = one("--block", 64)?;
-    let local = one("--local", 16)?;
-    let iters = one("--iters", 20)?;
-    let strides = nums("--stride", "16,64")?;
-    let seqs = nums("--seq", "16384,65536,131072")?;
-    let dtypes = list("--dtype", "f16,bf16")?;
+    let args = args::Args::from_env();
+    let heads = args.one("--heads", 32)?;
+    let dim = args.one("--dim", 128)?;
+    let block = args.one("--block", 64)?;
+    let local = args.one("--local", 16)?;
+    let iters = args.one("--iters", 20)?;
+    let strides = args.nums("--stride", "16,64")?;
+    let seqs = args.nums("--seq", "16384,65536,131072")?;
+    let dtypes = args.list("--dtype", "f16,bf16")?;
 
     let ctx = Context::with_options(&ContextOptions { backend: Backend::Cuda, ..Default::default() })?;
     println!("{}", ctx.describe());
     let max_seq = seqs.iter().copied().max().unwrap_or(0) as usize;
     let elems = max_seq * heads as usize * dim as usize;
     // Random inputs in [-1, 1) (never zeros), generated once at the largest size; smaller rows use a prefix.
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let raw: Vec<f32> = (0..3 * elems)
-        .map(|_| {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect();
+    let raw = args::random_inputs(3 * elems);
     println!("| dtype | seq | vert_stride | density | median ms | min ms | TFLOP/s (effective) | plan |");
     println!("|---|---|---|---|---|---|---|---|");
     for dt in &dtypes {
@@ -82,7 +67,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         for &seq in &seqs {
             for &stride in &strides {
                 // The paper's rows: vert_stride 64 only at the longest length, unless asked for explicitly.
-                if stride != strides[0] && seq as usize != max_seq && args.iter().all(|a| a != "--stride") {
+                if stride != strides[0] && seq as usize != max_seq && !args.has("--stride") {
                     continue;
                 }
                 let layout = Layout::s2(S2Config::new(heads, block, local, stride))?;
