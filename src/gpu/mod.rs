@@ -15,4 +15,5 @@ pub use context::{AdapterSummary, Capabilities, WgpuContext};
 pub(crate) use forward::{read_buffer, GpuForward};
 pub use forward::{TensorView, Timing};
 pub(crate) use timing::Stamps;
+pub use timing::TimestampQueries;
 pub(crate) use tune::ForwardTuner;

@@ -46,32 +46,69 @@ pub(crate) fn time_encoded(
         }
         return Ok(Timing { samples_ms, gpu_timestamps: false });
     }
-    let count = 2 * iters;
-    let set = device.create_query_set(&wgpu::QuerySetDescriptor {
-        label: Some("s2attn timing"),
-        ty: wgpu::QueryType::Timestamp,
-        count,
-    });
-    let bytes = count as u64 * 8;
-    let buffer = |label, usage| {
-        device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size: bytes,
-            usage,
-            mapped_at_creation: false,
-        })
-    };
-    let resolve = buffer("s2attn timestamps", wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC);
-    let readback = buffer("s2attn timestamps readback", wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
+    let queries = TimestampQueries::new(ctx, 2 * iters);
     let mut encoder = device.create_command_encoder(&Default::default());
     for i in 0..iters {
-        encode(&mut encoder, Some(Stamps { set: &set, begin: 2 * i, end: 2 * i + 1 }))?;
+        encode(&mut encoder, Some(Stamps { set: queries.set(), begin: 2 * i, end: 2 * i + 1 }))?;
     }
-    encoder.resolve_query_set(&set, 0..count, &resolve, 0);
-    encoder.copy_buffer_to_buffer(&resolve, 0, &readback, 0, bytes);
+    queries.resolve(&mut encoder);
     queue.submit([encoder.finish()]);
-    let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&read_buffer(ctx, &readback, bytes)?);
-    let period_ns = queue.get_timestamp_period() as f64;
-    let samples_ms = ticks.chunks(2).map(|t| t[1].wrapping_sub(t[0]) as f64 * period_ns / 1e6).collect();
+    let samples_ms = queries.read_pairs_ms(ctx)?;
     Ok(Timing { samples_ms, gpu_timestamps: true })
+}
+
+/// A timestamp query set and the buffers that bring its ticks back to the host: the plumbing behind
+/// GPU-timestamp timing, for callers that record their own timed passes (as `s2attn-bench` does).
+///
+/// Record passes that write the queries of [`set`](Self::set), then [`resolve`](Self::resolve) into the
+/// same (or a later) encoder, submit it, and [`read_pairs_ms`](Self::read_pairs_ms). Needs a device with
+/// timestamps (`ctx.caps().timestamps`).
+pub struct TimestampQueries {
+    set: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    count: u32,
+}
+
+impl TimestampQueries {
+    /// A query set of `count` timestamps (at most `wgpu::QUERY_SET_MAX_QUERIES`) and its buffers.
+    pub fn new(ctx: &WgpuContext, count: u32) -> Self {
+        let device = ctx.device();
+        let set = device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("s2attn timing"),
+            ty: wgpu::QueryType::Timestamp,
+            count,
+        });
+        let buffer = |label, usage| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: count as u64 * 8,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let resolve = buffer("s2attn timestamps", wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC);
+        let readback =
+            buffer("s2attn timestamps readback", wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
+        TimestampQueries { set, resolve, readback, count }
+    }
+
+    /// The query set the timed passes write.
+    pub fn set(&self) -> &wgpu::QuerySet {
+        &self.set
+    }
+
+    /// Records resolving every query and copying the ticks to the readback buffer.
+    pub fn resolve(&self, encoder: &mut wgpu::CommandEncoder) {
+        encoder.resolve_query_set(&self.set, 0..self.count, &self.resolve, 0);
+        encoder.copy_buffer_to_buffer(&self.resolve, 0, &self.readback, 0, self.count as u64 * 8);
+    }
+
+    /// Waits for the device, reads the ticks back and returns, for each pair of queries (`2i`, `2i + 1`),
+    /// the milliseconds from the first to the second.
+    pub fn read_pairs_ms(&self, ctx: &WgpuContext) -> Result<Vec<f64>> {
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&read_buffer(ctx, &self.readback, self.count as u64 * 8)?);
+        let period_ns = ctx.queue().get_timestamp_period() as f64;
+        Ok(ticks.chunks(2).map(|t| t[1].wrapping_sub(t[0]) as f64 * period_ns / 1e6).collect())
+    }
 }

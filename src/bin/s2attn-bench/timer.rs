@@ -10,7 +10,7 @@
 //! [`Attention::forward_cuda`] between CUDA events.
 
 use crate::data::{Sample, Set};
-use s2attn::gpu::{GradBuffers, WgpuContext};
+use s2attn::gpu::{GradBuffers, TimestampQueries, WgpuContext};
 use s2attn::{Attention, AttentionGrad, TensorView, Timing};
 
 /// Device copies of one input set and the outputs its passes write: `inputs` are `q, k, v` (and `d_out`
@@ -137,59 +137,23 @@ fn time_rotating(
     let mut parts = vec![Vec::with_capacity(iters as usize); pairs as usize];
     let per_pass = 2 * pairs;
     let passes_per_set = (wgpu::QUERY_SET_MAX_QUERIES / per_pass).max(1);
-    let period_ns = queue.get_timestamp_period() as f64;
     let mut done = 0;
     while done < iters {
         let n = passes_per_set.min(iters - done);
-        let count = n * per_pass;
-        let set = device.create_query_set(&wgpu::QuerySetDescriptor {
-            label: Some("s2attn-bench timing"),
-            ty: wgpu::QueryType::Timestamp,
-            count,
-        });
-        let bytes = count as u64 * 8;
-        let buffer = |label, usage| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: bytes,
-                usage,
-                mapped_at_creation: false,
-            })
-        };
-        let resolve = buffer("s2attn-bench stamps", wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC);
-        let readback = buffer("s2attn-bench readback", wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
+        let queries = TimestampQueries::new(ctx, n * per_pass);
         let mut encoder = device.create_command_encoder(&Default::default());
         for i in 0..n {
-            encode(&mut encoder, warmup + done + i, Some((&set, i * per_pass))).map_err(e)?;
+            encode(&mut encoder, warmup + done + i, Some((queries.set(), i * per_pass))).map_err(e)?;
         }
-        encoder.resolve_query_set(&set, 0..count, &resolve, 0);
-        encoder.copy_buffer_to_buffer(&resolve, 0, &readback, 0, bytes);
+        queries.resolve(&mut encoder);
         queue.submit([encoder.finish()]);
-        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&read(ctx, &readback)?);
-        for pass in ticks.chunks(per_pass as usize) {
-            let ms: Vec<f64> = pass.chunks(2).map(|t| t[1].wrapping_sub(t[0]) as f64 * period_ns / 1e6).collect();
+        for ms in queries.read_pairs_ms(ctx).map_err(e)?.chunks(pairs as usize) {
             samples_ms.push(ms.iter().sum());
-            parts.iter_mut().zip(ms).for_each(|(part, ms)| part.push(ms));
+            parts.iter_mut().zip(ms).for_each(|(part, &ms)| part.push(ms));
         }
         done += n;
     }
     Ok((Timing { samples_ms, gpu_timestamps: true }, parts))
-}
-
-/// Maps and copies a readback buffer.
-fn read(ctx: &WgpuContext, buffer: &wgpu::Buffer) -> Result<Vec<u8>, String> {
-    let slice = buffer.slice(..);
-    let (tx, rx) = std::sync::mpsc::channel();
-    slice.map_async(wgpu::MapMode::Read, move |r| {
-        let _ = tx.send(r);
-    });
-    ctx.wait().map_err(|e| e.to_string())?;
-    rx.recv()
-        .map_err(|_| "timestamp readback: the mapping was dropped".to_string())?
-        .map_err(|e| format!("timestamp readback: {e}"))?;
-    let out = slice.get_mapped_range().map_err(|e| format!("timestamp readback: {e}"))?.to_vec();
-    buffer.unmap();
-    Ok(out)
 }
 
 /// A timed configuration: the samples, and with a backward and GPU timestamps the median milliseconds
