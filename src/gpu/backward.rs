@@ -322,14 +322,7 @@ impl GpuBackward {
         let bufs = match &mut *host {
             Some(b) => b,
             slot => {
-                let mk = |label, size, usage| {
-                    device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some(label),
-                        size,
-                        usage,
-                        mapped_at_creation: false,
-                    })
-                };
+                let mk = |label, size, usage| super::forward::new_buffer(device, label, size, usage);
                 let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
                 let readback = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
                 slot.insert(HostBuffers {

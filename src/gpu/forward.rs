@@ -408,14 +408,7 @@ impl GpuForward {
         let bufs = match &mut *host {
             Some(b) => b,
             slot => {
-                let mk = |label, size, usage| {
-                    device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some(label),
-                        size,
-                        usage,
-                        mapped_at_creation: false,
-                    })
-                };
+                let mk = |label, size, usage| new_buffer(device, label, size, usage);
                 let input = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
                 let output = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
                 self.buffers_created.fetch_add(6, std::sync::atomic::Ordering::Relaxed);
@@ -438,6 +431,11 @@ impl GpuForward {
         queue.write_buffer(&bufs.v, 0, v);
         f(bufs, q_bytes, lse_bytes)
     }
+}
+
+/// A buffer of `size` bytes with `usage`, not mapped at creation.
+pub(crate) fn new_buffer(device: &wgpu::Device, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
 }
 
 /// Maps a `MAP_READ` buffer after the queue drains and copies its first `len` bytes out.
