@@ -209,19 +209,7 @@ impl GpuAttend {
     }
 
     fn bindable(&self, name: &'static str, buffer: &wgpu::Buffer, needed: u64) -> Result<()> {
-        if buffer.size() < needed {
-            return Err(Error::BufferTooSmall { tensor: name, got: buffer.size(), needed });
-        }
-        let max = self.ctx.caps().max_storage_binding;
-        if buffer.size() > max {
-            return Err(Error::DeviceLimit {
-                what: format!("binding the {name} buffer ({} bytes)", buffer.size()),
-                limit: "max_storage_buffer_binding_size",
-                needed: buffer.size(),
-                max,
-            });
-        }
-        Ok(())
+        super::forward::check_binding(&self.ctx, name, buffer, needed)
     }
 
     /// Grows the reused buffers to hold `call` (capped by its bound); forgets the cached bind groups when

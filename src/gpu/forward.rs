@@ -233,19 +233,7 @@ impl GpuForward {
     }
 
     fn check_buffer(&self, name: &'static str, buffer: &wgpu::Buffer, needed: u64) -> Result<()> {
-        if buffer.size() < needed {
-            return Err(Error::BufferTooSmall { tensor: name, got: buffer.size(), needed });
-        }
-        let max = self.ctx.caps().max_storage_binding;
-        if buffer.size() > max {
-            return Err(Error::DeviceLimit {
-                what: format!("binding the {name} buffer ({} bytes)", buffer.size()),
-                limit: "max_storage_buffer_binding_size",
-                needed: buffer.size(),
-                max,
-            });
-        }
-        Ok(())
+        check_binding(&self.ctx, name, buffer, needed)
     }
 
     /// Records the forward pass into `encoder`. `lse` receives `[batch, heads, seq]` f32 starting at
@@ -436,6 +424,23 @@ impl GpuForward {
 /// A buffer of `size` bytes with `usage`, not mapped at creation.
 pub(crate) fn new_buffer(device: &wgpu::Device, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
     device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+}
+
+/// Checks that `buffer` holds `needed` bytes and can be bound as one storage binding on `ctx`'s device.
+pub(crate) fn check_binding(ctx: &Context, name: &'static str, buffer: &wgpu::Buffer, needed: u64) -> Result<()> {
+    if buffer.size() < needed {
+        return Err(Error::BufferTooSmall { tensor: name, got: buffer.size(), needed });
+    }
+    let max = ctx.caps().max_storage_binding;
+    if buffer.size() > max {
+        return Err(Error::DeviceLimit {
+            what: format!("binding the {name} buffer ({} bytes)", buffer.size()),
+            limit: "max_storage_buffer_binding_size",
+            needed: buffer.size(),
+            max,
+        });
+    }
+    Ok(())
 }
 
 /// Maps a `MAP_READ` buffer after the queue drains and copies its first `len` bytes out.
