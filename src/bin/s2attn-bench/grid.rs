@@ -492,6 +492,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Args, ArgEr
     }
 
     let mut a = Args::default();
+    let pairs_have_kv_heads = pairs.iter().any(|(f, _)| f == "--kv-heads");
     for (flag, value) in &pairs {
         if flag == "--preset" {
             let v = value.as_deref().unwrap_or_default();
@@ -522,7 +523,14 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Args, ArgEr
         match f {
             "--preset" => {}
             "--seq" => a.grid.seq = counts(f, &v, 1)?,
-            "--heads" => a.grid.heads = counts(f, &v, 1)?,
+            "--heads" => {
+                a.grid.heads = counts(f, &v, 1)?;
+                // `--kv-heads` defaults to the heads given here, not to the preset's KV count (quick's 2
+                // KV heads must not turn an explicit `--heads 32` into 16-way GQA).
+                if !pairs_have_kv_heads {
+                    a.grid.kv_heads = vec![0];
+                }
+            }
             "--kv-heads" => a.grid.kv_heads = counts(f, &v, 1)?,
             "--head-dim" => a.grid.head_dim = counts(f, &v, 1)?,
             "--block" => a.grid.block = counts(f, &v, 1)?,
@@ -632,6 +640,16 @@ mod tests {
         assert_eq!(parse("--rotate-mib 0").unwrap().rotate_bytes, 0);
         assert_eq!(parse("--rotate-mib 2k").unwrap().rotate_bytes, 2048 << 20);
         assert_eq!((parse("").unwrap().budget_s, parse("--budget-s 60").unwrap().budget_s), (None, Some(60.0)));
+    }
+
+    #[test]
+    fn explicit_heads_do_not_inherit_a_presets_kv_heads() {
+        let kv = |s: &str| parse(s).unwrap().grid.problems(&[Mode::Fwd])[0].kv_heads;
+        assert_eq!(kv("--heads 32"), 32, "the default (quick) preset's 2 KV heads must not leak");
+        assert_eq!(kv("--preset decode --heads 16"), 16);
+        assert_eq!(kv("--heads 32 --kv-heads 8"), 8);
+        assert_eq!(kv("--kv-heads 8 --heads 32"), 8, "in any order");
+        assert_eq!(kv("--preset decode"), 8);
     }
 
     #[test]
