@@ -1,7 +1,9 @@
 //! The example transformer (`s2attn::model`) against its CPU f64 reference at a tiny size: logits after
 //! the prefill and after every generated token, greedy tokens, the pipelined `generate` path against
 //! step-by-step decoding, with f32 and f16 weights and a hybrid (dense + S2) stack whose S2 layer masks
-//! part of the context and evicts pages.
+//! part of the context and evicts pages. The prompt (40 tokens) is longer than a prefill chunk (16
+//! rows): a fresh state prefills through the forward attention op (f32 and f16 Q/K/V), a prompt fed in
+//! two parts runs its second part on the decode kernels over the caches.
 
 mod common;
 
@@ -14,7 +16,8 @@ const STEPS: usize = 5;
 const SEED: u64 = 11;
 
 /// 2 layers (dense, S2), d_model 64, 4 heads / 2 KV heads of 32, vocab 97; block 16 so the S2 layer's
-/// mask leaves blocks out at 45 tokens; prefill in chunks of 16 (16, 16, 8: a partial chunk too).
+/// mask leaves blocks out at 45 tokens; prefill in chunks of 16 (16, 16, 8: a partial chunk too);
+/// prefill attention in f32.
 fn tiny(weights: DType) -> ModelConfig {
     let mut c = ModelConfig::new(97, 64, 4, 2, 32, 2);
     c.ffn = 96;
@@ -23,6 +26,7 @@ fn tiny(weights: DType) -> ModelConfig {
     c.vert_stride = 2;
     c.prefill_chunk = 16;
     c.weight_dtype = weights;
+    c.prefill_dtype = Some(DType::F32);
     c
 }
 
@@ -37,8 +41,10 @@ fn argmax(x: &[f64]) -> (usize, f64) {
     (order[0], x[order[0]] - x[order[1]])
 }
 
-fn check_against_reference(weights: DType) {
-    let config = tiny(weights);
+/// Prefills the prompt (in one call, or split at `split`: the rest fed after), steps, and holds every
+/// logit within `rel` (relative to the largest logit) of the reference.
+fn check_against_reference(config: ModelConfig, split: Option<usize>, rel: f64) {
+    let weights = config.weight_dtype;
     let s2 = config.layout(1).expect("layout");
     assert!(s2.density((PROMPT + STEPS) as u32) < 1.0, "the S2 layer must mask something at this size");
     let ctx = wgpu_context();
@@ -48,7 +54,14 @@ fn check_against_reference(weights: DType) {
     let prompt = prompt(config.vocab);
     let mut tokens = prompt.clone();
     let mut gpu_logits = Vec::new();
-    tokens.push(model.prefill(&mut state, &prompt).expect("prefill"));
+    let first = match split {
+        None => model.prefill(&mut state, &prompt).expect("prefill"),
+        Some(at) => {
+            model.prefill(&mut state, &prompt[..at]).expect("prefill");
+            model.prefill(&mut state, &prompt[at..]).expect("prefill, continued")
+        }
+    };
+    tokens.push(first);
     gpu_logits.push(model.logits(&state).expect("logits"));
     for _ in 0..STEPS {
         tokens.push(model.step(&mut state).expect("step"));
@@ -67,7 +80,7 @@ fn check_against_reference(weights: DType) {
         let want = &reference[pos];
         let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
         let err = gpu.iter().zip(want).fold(0f64, |m, (&g, &r)| m.max((g as f64 - r).abs()));
-        let tol = 1e-4 * (1.0 + scale);
+        let tol = rel * (1.0 + scale);
         assert!(err <= tol, "{weights} weights, position {pos}: max |logit error| {err:e} > {tol:e} (scale {scale})");
         // Greedy agreement wherever the reference's top two are further apart than the error allows.
         let (best, margin) = argmax(want);
@@ -81,12 +94,32 @@ fn check_against_reference(weights: DType) {
 
 #[test]
 fn logits_and_greedy_tokens_match_the_reference_f32_weights() {
-    check_against_reference(DType::F32);
+    check_against_reference(tiny(DType::F32), None, 1e-4);
 }
 
 #[test]
 fn logits_and_greedy_tokens_match_the_reference_f16_weights() {
-    check_against_reference(DType::F16);
+    check_against_reference(tiny(DType::F16), None, 1e-4);
+}
+
+#[test]
+fn prefill_through_the_forward_op_in_f16_matches_the_reference() {
+    let mut config = tiny(DType::F32);
+    config.prefill_dtype = Some(DType::F16);
+    let model = Model::random(wgpu_context(), config.clone(), SEED).expect("model");
+    assert_eq!(model.prefill_dtype(), DType::F16);
+    // f16 Q/K/V (10-bit mantissas) in the prompt's attention; decode steps stay f32.
+    check_against_reference(config, None, 5e-3);
+}
+
+#[test]
+fn prompt_fed_in_two_parts_matches_the_reference() {
+    // 24 tokens through the forward op, then 16 more on the decode kernels (chunks of 16, 8).
+    let config = tiny(DType::F32);
+    let model = Model::random(wgpu_context(), config.clone(), SEED).expect("model");
+    let state = State::new(&model, 64).expect("state");
+    assert_eq!((state.prefill_rows(), state.decode_prefill_rows()), (16, 16));
+    check_against_reference(config, Some(24), 1e-4);
 }
 
 #[test]

@@ -19,6 +19,8 @@ const SHARED: &[(&str, &str)] = &[
     ("shared/grads_f16.wgsl", include_str!("../../shaders/shared/grads_f16.wgsl")),
     ("shared/decode.wgsl", include_str!("../../shaders/shared/decode.wgsl")),
     ("shared/online_softmax.wgsl", include_str!("../../shaders/shared/online_softmax.wgsl")),
+    ("shared/coop_chunks.wgsl", include_str!("../../shaders/shared/coop_chunks.wgsl")),
+    ("shared/coop_backward.wgsl", include_str!("../../shaders/shared/coop_backward.wgsl")),
     ("model/weights.wgsl", include_str!("../../shaders/model/weights.wgsl")),
 ];
 
@@ -33,6 +35,10 @@ pub enum Kernel {
     BackwardDq,
     /// `shaders/backward_dkdv.wgsl`: dK and dV.
     BackwardDkDv,
+    /// `shaders/backward_coop_dq.wgsl`: D and dQ on cooperative matrices (f16 storage).
+    BackwardCoopDq,
+    /// `shaders/backward_coop_dkdv.wgsl`: dK and dV on cooperative matrices (f16 storage).
+    BackwardCoopDkDv,
     /// `shaders/decode_split.wgsl`: decode and variable-length attention over a work list.
     DecodeSplit,
     /// `shaders/decode_combine.wgsl`: merges the split-KV partials of decode by their LSE.
@@ -52,6 +58,8 @@ pub enum Kernel {
     ModelSwiglu,
     /// `shaders/model/argmax.wgsl`: greedy sampling on the GPU.
     ModelArgmax,
+    /// `shaders/model/cast.wgsl`: strided f32/f16 copy (the prefill packs Q/K/V for the forward op).
+    ModelCast,
 }
 
 impl Kernel {
@@ -61,6 +69,8 @@ impl Kernel {
         Kernel::ForwardCoop,
         Kernel::BackwardDq,
         Kernel::BackwardDkDv,
+        Kernel::BackwardCoopDq,
+        Kernel::BackwardCoopDkDv,
         Kernel::DecodeSplit,
         Kernel::DecodeCombine,
         Kernel::KvAppend,
@@ -70,6 +80,7 @@ impl Kernel {
         Kernel::ModelRope,
         Kernel::ModelSwiglu,
         Kernel::ModelArgmax,
+        Kernel::ModelCast,
     ];
 
     /// File name under `shaders/`.
@@ -79,6 +90,8 @@ impl Kernel {
             Kernel::ForwardCoop => "forward_coop.wgsl",
             Kernel::BackwardDq => "backward_dq.wgsl",
             Kernel::BackwardDkDv => "backward_dkdv.wgsl",
+            Kernel::BackwardCoopDq => "backward_coop_dq.wgsl",
+            Kernel::BackwardCoopDkDv => "backward_coop_dkdv.wgsl",
             Kernel::DecodeSplit => "decode_split.wgsl",
             Kernel::DecodeCombine => "decode_combine.wgsl",
             Kernel::KvAppend => "kv_append.wgsl",
@@ -88,6 +101,7 @@ impl Kernel {
             Kernel::ModelRope => "model/rope.wgsl",
             Kernel::ModelSwiglu => "model/swiglu.wgsl",
             Kernel::ModelArgmax => "model/argmax.wgsl",
+            Kernel::ModelCast => "model/cast.wgsl",
         }
     }
 
@@ -97,6 +111,8 @@ impl Kernel {
             Kernel::ForwardCoop => include_str!("../../shaders/forward_coop.wgsl"),
             Kernel::BackwardDq => include_str!("../../shaders/backward_dq.wgsl"),
             Kernel::BackwardDkDv => include_str!("../../shaders/backward_dkdv.wgsl"),
+            Kernel::BackwardCoopDq => include_str!("../../shaders/backward_coop_dq.wgsl"),
+            Kernel::BackwardCoopDkDv => include_str!("../../shaders/backward_coop_dkdv.wgsl"),
             Kernel::DecodeSplit => include_str!("../../shaders/decode_split.wgsl"),
             Kernel::DecodeCombine => include_str!("../../shaders/decode_combine.wgsl"),
             Kernel::KvAppend => include_str!("../../shaders/kv_append.wgsl"),
@@ -106,6 +122,7 @@ impl Kernel {
             Kernel::ModelRope => include_str!("../../shaders/model/rope.wgsl"),
             Kernel::ModelSwiglu => include_str!("../../shaders/model/swiglu.wgsl"),
             Kernel::ModelArgmax => include_str!("../../shaders/model/argmax.wgsl"),
+            Kernel::ModelCast => include_str!("../../shaders/model/cast.wgsl"),
         }
     }
 
@@ -117,7 +134,7 @@ impl Kernel {
             | Kernel::BackwardDkDv
             | Kernel::DecodeSplit
             | Kernel::DecodeCombine => &[DType::F32, DType::F16],
-            Kernel::ForwardCoop => &[DType::F16],
+            Kernel::ForwardCoop | Kernel::BackwardCoopDq | Kernel::BackwardCoopDkDv => &[DType::F16],
             // Words, whatever the storage type: composed (and compiled) once, as f32.
             Kernel::KvAppend => &[DType::F32],
             // f32 activations; f16 weights are words unpacked in the kernel (an override constant).
@@ -126,7 +143,8 @@ impl Kernel {
             | Kernel::ModelMatmul
             | Kernel::ModelRope
             | Kernel::ModelSwiglu
-            | Kernel::ModelArgmax => &[DType::F32],
+            | Kernel::ModelArgmax
+            | Kernel::ModelCast => &[DType::F32],
         }
     }
 }

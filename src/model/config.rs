@@ -43,13 +43,18 @@ pub struct ModelConfig {
     pub local_blocks: u32,
     /// S2 vertical stride in blocks.
     pub vert_stride: u32,
-    /// Prompt tokens per prefill submit (rows of the prefill matmuls, queried tokens of its attention).
+    /// Prompt rows per prefill matmul pass (the prefill of a fresh state runs each layer's matmuls over
+    /// the prompt in chunks of this many rows, then its attention over the whole prompt at once).
     pub prefill_chunk: u32,
+    /// Storage type of Q, K and V in the prefill's forward attention op (f32 or f16); `None`: f16 where
+    /// the device has cooperative matrices (the tensor-core kernel), f32 elsewhere.
+    pub prefill_dtype: Option<DType>,
 }
 
 impl ModelConfig {
     /// A hybrid model of `layers` layers as the paper recommends: layer 0 dense, the others S2 (block 64,
-    /// 16 local blocks, vertical stride 16); MLP width 4 `d_model`, f32 weights, prefill in chunks of 128.
+    /// 16 local blocks, vertical stride 16); MLP width 4 `d_model`, f32 weights, prefill matmuls in chunks
+    /// of 512 rows, the prefill attention's dtype chosen by the device.
     pub fn new(vocab: u32, d_model: u32, heads: u32, kv_heads: u32, head_dim: u32, layers: u32) -> Self {
         let layers = (0..layers).map(|i| if i == 0 { LayerAttention::Dense } else { LayerAttention::S2 }).collect();
         Self {
@@ -66,7 +71,8 @@ impl ModelConfig {
             block_size: 64,
             local_blocks: 16,
             vert_stride: 16,
-            prefill_chunk: 128,
+            prefill_chunk: 512,
+            prefill_dtype: None,
         }
     }
 
@@ -111,6 +117,9 @@ impl ModelConfig {
         }
         if self.head_dim % 2 != 0 {
             return Err(Error::Shape(format!("head_dim {} must be even (RoPE rotates pairs)", self.head_dim)));
+        }
+        if let Some(dtype) = self.prefill_dtype.filter(|d| !matches!(d, DType::F32 | DType::F16)) {
+            return Err(Error::Unsupported(format!("prefill attention in {dtype}: use f32 or f16")));
         }
         if !matches!(self.weight_dtype, DType::F32 | DType::F16) {
             return Err(Error::Unsupported(format!("model weights in {}: use f32 or f16", self.weight_dtype)));

@@ -2,8 +2,8 @@
 //! records the whole forward pass (all layers: norms, projections, RoPE, KV append, attention, MLP; then
 //! the final norm, LM head and argmax) into one encoder and submits it once per prompt chunk or token.
 
-use super::ops::{dispatch, elementwise, matmul_groups, MATMUL_TM};
-use super::state::State;
+use super::ops::{dispatch, elementwise, matmul_groups, Bound, MATMUL_TM};
+use super::state::{LayerOps, State};
 use super::transformer::Model;
 use crate::error::{Error, Result};
 use crate::gpu::{read_buffer, TensorView};
@@ -30,20 +30,12 @@ impl Model {
         let c = &self.config;
         let gpu = &self.gpu;
         let pos0 = state.len;
-        let mode = usize::from(m > 1);
-        let tm = [1, MATMUL_TM][mode];
         let (d, qkv_cols, q) = (c.d_model, c.qkv_cols(), c.heads * c.head_dim);
-        let eps = c.norm_eps.to_bits();
         let State { caches, decodes, seqs, buffers: b, embed, layers, final_norm, lm_head, argmax, staging, .. } =
             state;
         dispatch(gpu, encoder, staging, embed, &[m, d, pos0, c.vocab], elementwise(m as u64 * d as u64))?;
         for (l, ops) in layers.iter().enumerate() {
-            dispatch(gpu, encoder, staging, &ops.attn_norm, &[m, d, 0, eps], (m as u64, 1))?;
-            let qkv_params = [m, qkv_cols, d, 0, 0, d, 0, qkv_cols];
-            dispatch(gpu, encoder, staging, &ops.qkv[mode], &qkv_params, matmul_groups(m, qkv_cols, tm))?;
-            let rope = [m, c.heads + c.kv_heads, c.head_dim, qkv_cols, pos0, c.rope_theta.to_bits()];
-            let pairs = m as u64 * (c.heads + c.kv_heads) as u64 * (c.head_dim / 2) as u64;
-            dispatch(gpu, encoder, staging, &ops.rope, &rope, elementwise(pairs))?;
+            self.encode_pre_attention(encoder, staging, ops, m, 0, pos0)?;
             let row = qkv_cols as u64;
             let k = TensorView::strided(&b.qkv, q as u64, row);
             let v = TensorView::strided(&b.qkv, (q + c.kv_heads * c.head_dim) as u64, row);
@@ -51,30 +43,89 @@ impl Model {
             let q_view = TensorView::strided(&b.qkv, 0, row);
             let out = TensorView::new(&b.attn);
             decodes[l].encode(encoder, &caches[l], &[seqs[l]], m, &q_view, &out, (&b.lse, 0))?;
-            let wo = [m, d, q, 1, 0, q, 0, d];
-            dispatch(gpu, encoder, staging, &ops.wo[mode], &wo, matmul_groups(m, d, tm))?;
-            dispatch(gpu, encoder, staging, &ops.mlp_norm, &[m, d, 0, eps], (m as u64, 1))?;
-            let f = c.ffn;
-            let gu = [m, 2 * f, d, 0, 0, d, 0, 2 * f];
-            dispatch(gpu, encoder, staging, &ops.gu[mode], &gu, matmul_groups(m, 2 * f, tm))?;
-            dispatch(gpu, encoder, staging, &ops.swiglu, &[m, f], elementwise(m as u64 * f as u64))?;
-            let down = [m, d, f, 1, 0, f, 0, d];
-            dispatch(gpu, encoder, staging, &ops.down[mode], &down, matmul_groups(m, d, tm))?;
+            self.encode_post_attention(encoder, staging, ops, m, 0)?;
         }
         if predict {
-            dispatch(gpu, encoder, staging, final_norm, &[1, d, m - 1, eps], (1, 1))?;
-            let lm = [1, c.vocab, d, 0, 0, d, 0, c.vocab];
-            dispatch(gpu, encoder, staging, lm_head, &lm, matmul_groups(1, c.vocab, 1))?;
-            dispatch(gpu, encoder, staging, argmax, &[c.vocab, pos0 + m], (1, 1))?;
+            self.encode_predict(encoder, staging, [final_norm, lm_head, argmax], m - 1, pos0 + m)?;
         }
         state.len += m;
         Ok(())
     }
 
+    /// Records a layer's ops before attention for `m` rows whose residual stream starts at row `x_row` of
+    /// the bound `x`, at positions `pos0..`: RMSNorm, the QKV projection and RoPE (into the chunk's QKV).
+    pub(super) fn encode_pre_attention(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        staging: &mut [u32],
+        ops: &LayerOps,
+        m: u32,
+        x_row: u32,
+        pos0: u32,
+    ) -> Result<()> {
+        let (c, gpu) = (&self.config, &self.gpu);
+        let mode = usize::from(m > 1);
+        let tm = [1, MATMUL_TM][mode];
+        let (d, qkv_cols) = (c.d_model, c.qkv_cols());
+        dispatch(gpu, encoder, staging, &ops.attn_norm, &[m, d, x_row, c.norm_eps.to_bits()], (m as u64, 1))?;
+        let qkv_params = [m, qkv_cols, d, 0, 0, d, 0, qkv_cols];
+        dispatch(gpu, encoder, staging, &ops.qkv[mode], &qkv_params, matmul_groups(m, qkv_cols, tm))?;
+        let rope = [m, c.heads + c.kv_heads, c.head_dim, qkv_cols, pos0, c.rope_theta.to_bits()];
+        let pairs = m as u64 * (c.heads + c.kv_heads) as u64 * (c.head_dim / 2) as u64;
+        dispatch(gpu, encoder, staging, &ops.rope, &rope, elementwise(pairs))
+    }
+
+    /// Records a layer's ops after attention (its output in the chunk's `attn` rows) for `m` rows whose
+    /// residual stream starts at row `x_row`: the output projection, the MLP and both residual adds.
+    pub(super) fn encode_post_attention(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        staging: &mut [u32],
+        ops: &LayerOps,
+        m: u32,
+        x_row: u32,
+    ) -> Result<()> {
+        let (c, gpu) = (&self.config, &self.gpu);
+        let mode = usize::from(m > 1);
+        let tm = [1, MATMUL_TM][mode];
+        let (d, q, f) = (c.d_model, c.heads * c.head_dim, c.ffn);
+        let x_off = x_row * d;
+        let wo = [m, d, q, 1, 0, q, x_off, d];
+        dispatch(gpu, encoder, staging, &ops.wo[mode], &wo, matmul_groups(m, d, tm))?;
+        dispatch(gpu, encoder, staging, &ops.mlp_norm, &[m, d, x_row, c.norm_eps.to_bits()], (m as u64, 1))?;
+        let gu = [m, 2 * f, d, 0, 0, d, 0, 2 * f];
+        dispatch(gpu, encoder, staging, &ops.gu[mode], &gu, matmul_groups(m, 2 * f, tm))?;
+        dispatch(gpu, encoder, staging, &ops.swiglu, &[m, f], elementwise(m as u64 * f as u64))?;
+        let down = [m, d, f, 1, 0, f, x_off, d];
+        dispatch(gpu, encoder, staging, &ops.down[mode], &down, matmul_groups(m, d, tm))
+    }
+
+    /// Records the final norm of residual row `x_row`, the LM head and the argmax into `ids[id_slot]`.
+    pub(super) fn encode_predict(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        staging: &mut [u32],
+        [final_norm, lm_head, argmax]: [&Bound; 3],
+        x_row: u32,
+        id_slot: u32,
+    ) -> Result<()> {
+        let (c, gpu) = (&self.config, &self.gpu);
+        let d = c.d_model;
+        dispatch(gpu, encoder, staging, final_norm, &[1, d, x_row, c.norm_eps.to_bits()], (1, 1))?;
+        let lm = [1, c.vocab, d, 0, 0, d, 0, c.vocab];
+        dispatch(gpu, encoder, staging, lm_head, &lm, matmul_groups(1, c.vocab, 1))?;
+        dispatch(gpu, encoder, staging, argmax, &[c.vocab, id_slot], (1, 1))
+    }
+
     /// Writes the staged params and submits `encoder`.
     fn submit(&self, state: &State, encoder: wgpu::CommandEncoder) {
+        self.submit_with(&state.buffers.params, &state.staging, encoder);
+    }
+
+    /// Writes `staging` into `params` and submits `encoder`.
+    pub(super) fn submit_with(&self, params: &wgpu::Buffer, staging: &[u32], encoder: wgpu::CommandEncoder) {
         let queue = self.gpu.queue();
-        queue.write_buffer(&state.buffers.params, 0, bytemuck::cast_slice(&state.staging));
+        queue.write_buffer(params, 0, bytemuck::cast_slice(staging));
         queue.submit([encoder.finish()]);
     }
 
@@ -87,8 +138,12 @@ impl Model {
         Ok(bytemuck::pod_collect_to_vec(&read_buffer(&self.gpu, &b.read_ids, n as u64 * 4)?))
     }
 
-    /// Feeds `tokens` (the prompt, or more of it) in chunks of [`State::prefill_rows`] rows, one submit each, and
-    /// returns the greedy next token (also kept on the GPU for [`Model::step`]).
+    /// Feeds `tokens` (the prompt, or more of it) and returns the greedy next token (also kept on the GPU
+    /// for [`Model::step`]). On a fresh state each layer runs its matmuls over the prompt in chunks of
+    /// [`State::prefill_rows`] rows and its attention over the whole prompt with the library's forward
+    /// op ([`crate::Attention`]: the tensor-core kernel where the device has one), K/V going into the
+    /// paged caches on the GPU; more prompt after earlier tokens runs in chunks of
+    /// [`State::decode_prefill_rows`] rows on the decode kernels over the caches, one submit each.
     pub fn prefill(&self, state: &mut State, tokens: &[u32]) -> Result<u32> {
         let n = u32::try_from(tokens.len()).map_err(|_| Error::Shape("prompt longer than 2^32 tokens".into()))?;
         if n == 0 {
@@ -100,6 +155,10 @@ impl Model {
         self.check_state(state, n)?;
         let start = state.len;
         self.gpu.queue().write_buffer(&state.buffers.ids, start as u64 * 4, bytemuck::cast_slice(tokens));
+        if start == 0 {
+            self.prefill_forward(state, n)?;
+            return Ok(self.read_ids(state, n, 1)?[0]);
+        }
         let chunk = state.chunk;
         let mut done = 0;
         while done < n {

@@ -23,6 +23,7 @@
 mod config;
 mod generate;
 mod ops;
+mod prefill;
 pub mod reference;
 mod state;
 mod transformer;

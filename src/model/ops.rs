@@ -28,11 +28,19 @@ pub(super) struct Pipelines {
     pub rope: wgpu::ComputePipeline,
     pub swiglu: wgpu::ComputePipeline,
     pub argmax: wgpu::ComputePipeline,
+    /// f32 activations into the prefill attention's storage type, and back.
+    pub pack: wgpu::ComputePipeline,
+    pub unpack: wgpu::ComputePipeline,
 }
 
 impl Pipelines {
-    pub fn new(ctx: &WgpuContext, weights: DType) -> Result<Self> {
+    /// Pipelines for weights stored as `weights` and a prefill attention in `attention`.
+    pub fn new(ctx: &WgpuContext, weights: DType, attention: DType) -> Result<Self> {
         let f16 = u32::from(weights == DType::F16);
+        let a16 = u32::from(attention == DType::F16);
+        let cast = |src: u32, dst: u32| {
+            ctx.pipeline(Kernel::ModelCast, DType::F32, &[("WG", WG), ("SRC_F16", src), ("DST_F16", dst)])
+        };
         let f32 = DType::F32;
         Ok(Self {
             embed: ctx.pipeline(Kernel::ModelEmbed, f32, &[("WG", WG), ("W_F16", f16)])?,
@@ -44,6 +52,8 @@ impl Pipelines {
             rope: ctx.pipeline(Kernel::ModelRope, f32, &[("WG", WG)])?,
             swiglu: ctx.pipeline(Kernel::ModelSwiglu, f32, &[("WG", WG)])?,
             argmax: ctx.pipeline(Kernel::ModelArgmax, f32, &[])?,
+            pack: cast(0, a16)?,
+            unpack: cast(a16, 0)?,
         })
     }
 }

@@ -4,7 +4,7 @@
 //! group, made once.
 
 use super::ops::{self, Binder, Bound};
-use super::transformer::Model;
+use super::transformer::{LayerBuffers, Model};
 use crate::error::{Error, Result};
 use crate::gpu::decode::plan_attend;
 use crate::inference::{Decode, KvCache, KvCacheConfig, MemoryReport, SeqId};
@@ -45,8 +45,10 @@ pub(super) struct Buffers {
 pub struct State {
     pub(super) model_id: u64,
     pub(super) max_seq_len: u32,
-    /// Prompt rows per prefill submit.
+    /// Rows per decode-kernel prefill submit (a prompt fed after earlier tokens).
     pub(super) chunk: u32,
+    /// Rows of the activation buffers: per matmul pass of the forward-op prefill.
+    pub(super) rows: u32,
     /// Tokens in the KV caches; `ids[len]` is the next token (predicted, not yet fed).
     pub(super) len: u32,
     pub(super) caches: Vec<KvCache>,
@@ -76,7 +78,8 @@ impl State {
             return Err(Error::Shape("max_seq_len must be positive".into()));
         }
         let gpu = &model.gpu;
-        let chunk = prefill_rows(model, max_seq_len)?;
+        let chunk = decode_prefill_rows(model, max_seq_len)?;
+        let rows = c.prefill_chunk.min(max_seq_len).max(chunk);
         let mut caches = Vec::with_capacity(c.layers.len());
         let mut decodes = Vec::with_capacity(c.layers.len());
         let mut seqs = Vec::with_capacity(c.layers.len());
@@ -96,7 +99,7 @@ impl State {
                 mapped_at_creation: false,
             })
         };
-        let rows = chunk as u64;
+        let rows = rows as u64;
         let (d, q, f, v) = (c.d_model as u64, (c.heads * c.head_dim) as u64, c.ffn as u64, c.vocab as u64);
         let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
         let read = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
@@ -121,26 +124,8 @@ impl State {
         let b = &buffers;
         let mut binder = Binder::new(gpu, &b.params);
         let embed = binder.bind(&p.embed, &[&b.ids, &model.embed, &b.x])?;
-        let mut layers = Vec::with_capacity(c.layers.len());
-        for w in &model.layers {
-            let mut both = |x: &wgpu::Buffer, w: &wgpu::Buffer, y: &wgpu::Buffer| -> Result<[Bound; 2]> {
-                Ok([binder.bind(&p.matmul[0], &[x, w, y])?, binder.bind(&p.matmul[1], &[x, w, y])?])
-            };
-            let qkv = both(&b.h, &w.wqkv, &b.qkv)?;
-            let wo = both(&b.attn, &w.wo, &b.x)?;
-            let gu = both(&b.h, &w.wgu, &b.gu)?;
-            let down = both(&b.act, &w.wdown, &b.x)?;
-            layers.push(LayerOps {
-                attn_norm: binder.bind(&p.norm, &[&b.x, &w.attn_norm, &b.h])?,
-                qkv,
-                rope: binder.bind(&p.rope, &[&b.qkv])?,
-                wo,
-                mlp_norm: binder.bind(&p.norm, &[&b.x, &w.mlp_norm, &b.h])?,
-                gu,
-                swiglu: binder.bind(&p.swiglu, &[&b.gu, &b.act])?,
-                down,
-            });
-        }
+        let layers =
+            model.layers.iter().map(|w| bind_layer(&mut binder, model, w, &b.x, b)).collect::<Result<Vec<_>>>()?;
         let final_norm = binder.bind(&p.norm, &[&b.x, &model.final_norm, &b.last])?;
         let lm_head = binder.bind(&p.matmul[0], &[&b.last, &model.lm_head, &b.logits])?;
         let argmax = binder.bind(&p.argmax, &[&b.logits, &b.ids])?;
@@ -149,6 +134,7 @@ impl State {
             model_id: model.id,
             max_seq_len,
             chunk,
+            rows: rows as u32,
             len: 0,
             caches,
             decodes,
@@ -163,9 +149,16 @@ impl State {
         })
     }
 
-    /// Prompt rows per prefill submit: the config's `prefill_chunk`, cut to what one decode call can
-    /// query (the GQA group times the rows, within the decode kernel's limits) and to `max_seq_len`.
+    /// Prompt rows per matmul pass of the prefill of a fresh state: the config's `prefill_chunk`, cut to
+    /// `max_seq_len`.
     pub fn prefill_rows(&self) -> u32 {
+        self.rows
+    }
+
+    /// Prompt rows per submit when a prompt is fed after earlier tokens (its attention runs on the
+    /// decode kernels over the KV caches): `prefill_chunk` cut to 64, to what one decode call can query
+    /// and to `max_seq_len`.
+    pub fn decode_prefill_rows(&self) -> u32 {
         self.chunk
     }
 
@@ -190,12 +183,41 @@ impl State {
     }
 }
 
-/// See [`State::prefill_rows`].
-fn prefill_rows(model: &Model, max_seq_len: u32) -> Result<u32> {
+/// Binds one layer's ops on `model`'s pipelines: the residual stream in `x` (the chunk's own or the
+/// whole prompt's), every other activation in `b`.
+pub(super) fn bind_layer(
+    binder: &mut Binder<'_>,
+    model: &Model,
+    w: &LayerBuffers,
+    x: &wgpu::Buffer,
+    b: &Buffers,
+) -> Result<LayerOps> {
+    let p = &model.pipelines;
+    let both = |binder: &mut Binder<'_>, x: &wgpu::Buffer, w: &wgpu::Buffer, y: &wgpu::Buffer| -> Result<[Bound; 2]> {
+        Ok([binder.bind(&p.matmul[0], &[x, w, y])?, binder.bind(&p.matmul[1], &[x, w, y])?])
+    };
+    Ok(LayerOps {
+        attn_norm: binder.bind(&p.norm, &[x, &w.attn_norm, &b.h])?,
+        qkv: both(binder, &b.h, &w.wqkv, &b.qkv)?,
+        rope: binder.bind(&p.rope, &[&b.qkv])?,
+        wo: both(binder, &b.attn, &w.wo, x)?,
+        mlp_norm: binder.bind(&p.norm, &[x, &w.mlp_norm, &b.h])?,
+        gu: both(binder, &b.h, &w.wgu, &b.gu)?,
+        swiglu: binder.bind(&p.swiglu, &[&b.gu, &b.act])?,
+        down: both(binder, &b.act, &w.wdown, x)?,
+    })
+}
+
+/// Rows per decode-kernel prefill submit (a prompt fed after earlier tokens): small, since the KV
+/// caches keep this many trailing tokens queryable (S2 layers evict later).
+const DECODE_PREFILL_ROWS: u32 = 64;
+
+/// See [`State::decode_prefill_rows`].
+fn decode_prefill_rows(model: &Model, max_seq_len: u32) -> Result<u32> {
     let c = &model.config;
     let group = c.heads / c.kv_heads;
     let caps = model.gpu.caps();
-    (1..=c.prefill_chunk.min(max_seq_len))
+    (1..=c.prefill_chunk.min(DECODE_PREFILL_ROWS).min(max_seq_len))
         .rev()
         .find(|&rows| plan_attend(caps, c.head_dim, group, &[rows], c.block_size).is_ok())
         .ok_or_else(|| {

@@ -29,6 +29,8 @@ pub struct Model {
     pub(super) gpu: WgpuContext,
     pub(super) config: ModelConfig,
     pub(super) pipelines: Pipelines,
+    /// Storage type of the prefill attention's Q/K/V (see [`ModelConfig::prefill_dtype`]).
+    pub(super) attention_dtype: DType,
     pub(super) embed: wgpu::Buffer,
     pub(super) layers: Vec<LayerBuffers>,
     pub(super) final_norm: wgpu::Buffer,
@@ -62,7 +64,9 @@ impl Model {
                 config.layers.len()
             )));
         }
-        let pipelines = Pipelines::new(&gpu, config.weight_dtype)?;
+        let attention_dtype =
+            config.prefill_dtype.unwrap_or(if gpu.caps().coop_f16_16x16 { DType::F16 } else { DType::F32 });
+        let pipelines = Pipelines::new(&gpu, config.weight_dtype, attention_dtype)?;
         let mut weight_bytes = 0;
         let mut upload = |name: &'static str, values: &[f32], expected: u64| -> Result<wgpu::Buffer> {
             if values.len() as u64 != expected {
@@ -123,6 +127,7 @@ impl Model {
             gpu,
             config,
             pipelines,
+            attention_dtype,
             embed,
             layers,
             final_norm,
@@ -135,6 +140,11 @@ impl Model {
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// Storage type of Q/K/V in the prefill's forward attention op.
+    pub fn prefill_dtype(&self) -> DType {
+        self.attention_dtype
     }
 
     /// Bytes of weights on the device.
