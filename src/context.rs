@@ -186,6 +186,18 @@ impl Context {
         }
     }
 
+    /// Whether this device has kernels for `dtype` storage: wgpu adapters run f32 everywhere and f16 where
+    /// the adapter has `SHADER_F16` (bf16 has no WGSL type); CUDA runs f16 and bf16 on tensor cores only.
+    pub fn supports_dtype(&self, dtype: crate::DType) -> bool {
+        match (&self.0, dtype) {
+            (Device::Wgpu(_), crate::DType::F32) => true,
+            (Device::Wgpu(c), crate::DType::F16) => c.caps().shader_f16,
+            (Device::Wgpu(_), crate::DType::BF16) => false,
+            #[cfg(feature = "cuda")]
+            (Device::Cuda(_), d) => d != crate::DType::F32,
+        }
+    }
+
     /// The full wgpu capability report, for wgpu devices.
     pub fn capabilities(&self) -> Option<&Capabilities> {
         self.wgpu().map(WgpuContext::capabilities)

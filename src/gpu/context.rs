@@ -113,7 +113,14 @@ pub struct AdapterSummary {
 }
 
 fn instance() -> wgpu::Instance {
-    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    // The kernels never dispatch indirectly, and wgpu's indirect-call validation compiles a compute
+    // pipeline at device creation that NVIDIA's GL driver rejects ("Parent device is lost"): leave it off
+    // unless WGPU_VALIDATION_INDIRECT_CALL asks for it.
+    if std::env::var_os("WGPU_VALIDATION_INDIRECT_CALL").is_none() {
+        desc.flags.remove(wgpu::InstanceFlags::VALIDATION_INDIRECT_CALL);
+    }
+    wgpu::Instance::new(desc)
 }
 
 fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
@@ -348,11 +355,11 @@ impl WgpuContext {
         // 15-30% slower on the H100 with it). Bounds checks stay on; only loop bounding is off.
         let mut checks = wgpu::ShaderRuntimeChecks::checked();
         checks.force_loop_bounding = false;
-        // The coop kernel indexes its workgroup and register arrays only with offsets derived from its
+        // The coop kernels index their workgroup and register arrays only with offsets derived from their
         // override constants (every row and column of a staged tile lies inside its array, as the
         // planner sizes them), so naga's index clamps only cost time: 18% on the H100. Buffers keep the
         // device's robust access.
-        if kernel == Kernel::ForwardCoop {
+        if matches!(kernel, Kernel::ForwardCoop | Kernel::BackwardCoopDq | Kernel::BackwardCoopDkDv) {
             checks.bounds_checks = false;
         }
         let descriptor = wgpu::ShaderModuleDescriptor {
