@@ -72,61 +72,7 @@ var<workgroup> p_s: array<vec4<f16>, BQ * PS4>;
 var<workgroup> s_s: array<vec4<f32>, BQ * SS4>;
 var<workgroup> shape_ok_s: u32;
 
-// What one workgroup works on.
-struct Tile {
-    b: u32,
-    head: u32,
-    kv_head: u32,
-    row0: u32,      // first query row
-    row_last: u32,  // last query row inside the sequence
-    lid: u32,
-    g: u32,         // the invocation's subgroup: tile rows 16g..16g+15 in the matrix products
-}
-
-// First key of chunk `c` (chunks are the tile list's KV blocks cut into BK keys).
-fn chunk_k0(c: u32, subs: u32) -> u32 {
-    return entries[c / subs].x * params.block_size + (c % subs) * BK;
-}
-
-// The first chunk at or after `c` with keys inside the sequence that some row may see (causality).
-fn next_chunk(c: u32, c_end: u32, subs: u32, row_last: u32) -> u32 {
-    var n = c;
-    while n < c_end {
-        let k0 = chunk_k0(n, subs);
-        if k0 < params.seq_len && (params.causal == 0u || k0 <= row_last) {
-            break;
-        }
-        n++;
-    }
-    return n;
-}
-
-// Loads the chunk at `k0` into registers (zeros past the sequence end, so that P V never sees garbage).
-fn fetch(t: Tile, k0: u32, fk: ptr<function, Fetch>, fv: ptr<function, Fetch>) {
-    let d4 = D / 4u;
-    for (var n = 0u; n < NPF; n++) {
-        let i = t.lid + n * WG;
-        let tok = k0 + i / d4;
-        var kx = vec4<f16>(0.0h);
-        var vx = vec4<f16>(0.0h);
-        if tok < params.seq_len {
-            kx = k_buf[kv_index(params.k_off, t.b, tok, t.kv_head, i % d4, d4)];
-            vx = v_buf[kv_index(params.v_off, t.b, tok, t.kv_head, i % d4, d4)];
-        }
-        (*fk)[n] = kx;
-        (*fv)[n] = vx;
-    }
-}
-
-// Stores fetched rows to k_s / v_s.
-fn stash(t: Tile, fk: ptr<function, Fetch>, fv: ptr<function, Fetch>) {
-    let d4 = D / 4u;
-    for (var n = 0u; n < NPF; n++) {
-        let i = t.lid + n * WG;
-        k_s[(i / d4) * KS4 + i % d4] = (*fk)[n];
-        v_s[(i / d4) * KS4 + i % d4] = (*fv)[n];
-    }
-}
+#include shared/coop_chunks.wgsl
 
 // Q columns 16j..16j+15 of the subgroup's rows, staged through p_s.
 fn stage_q(t: Tile, j: u32) -> AM {
@@ -143,32 +89,6 @@ fn stage_q(t: Tile, j: u32) -> AM {
     let m = coopLoadT<AM>(&p_s[16u * t.g * PS4], PS4);
     workgroupBarrier();
     return m;
-}
-
-// K rows 16kt.. as the columns of a B matrix (column-major load), head dims 16j..
-fn kmat(kt: u32, j: u32) -> BM {
-    return coopLoad<BM>(&k_s[kt * 16u * KS4 + j * 4u], KS4);
-}
-
-// V rows 16kt.. as the rows of a B matrix, head dims 16j..
-fn vmat(kt: u32, j: u32) -> BM {
-    return coopLoadT<BM>(&v_s[kt * 16u * KS4 + j * 4u], KS4);
-}
-
-// Scores of the subgroup's rows against keys 16kt..16kt+15.
-fn qk(kt: u32, q0: AM, q1: AM, q2: AM, q3: AM, q4: AM, q5: AM, q6: AM, q7: AM) -> CM {
-    // Two chains (even and odd head-dim blocks) halve the dependent multiply-add latency.
-    var s = coopMultiplyAdd(q0, kmat(kt, 0u), CM());
-    var u = coopMultiplyAdd(q1, kmat(kt, 1u), CM());
-    s = coopMultiplyAdd(q2, kmat(kt, 2u), s);
-    u = coopMultiplyAdd(q3, kmat(kt, 3u), u);
-    if D > 64u {
-        s = coopMultiplyAdd(q4, kmat(kt, 4u), s);
-        u = coopMultiplyAdd(q5, kmat(kt, 5u), u);
-        s = coopMultiplyAdd(q6, kmat(kt, 6u), s);
-        u = coopMultiplyAdd(q7, kmat(kt, 7u), u);
-    }
-    return s + u;
 }
 
 // O += P V for keys 16kt..16kt+15.
