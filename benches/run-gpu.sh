@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# The device runs behind BENCHMARKS.md, on a tree staged with `../shared/gpu/stage.sh --features cuda`.
-# On the GPU host, from the project root: `bash benches/run-h100.sh <part>`; logs and JSON go to $OUT.
+# The device runs behind BENCHMARKS.md, on a tree staged with `../shared/gpu/stage.sh --features cuda`
+# (STAGE names the staged folder, default .gpu). Run on the H100 (2026-11-25) and the H200 (2026-12-01).
+# On the GPU host, from the project root: `bash benches/run-gpu.sh <part>`; logs and JSON go to $OUT.
+#   paper    issue 3's run: torch_peers.py at the paper preset's lengths (4k..128k; FlashAttention-2, cuDNN,
+#            FlexAttention-S2 at vert_stride 16, FlexAttention-S2 at 64), then `s2attn-bench --preset paper` on
+#            Vulkan and CUDA with --peers, JSON, plot and markdown; then the GL adapter and multi-device
 #   fwd      torch_peers.py (FlashAttention-2, cuDNN, FlexAttention-S2) then s2attn-bench on Vulkan and CUDA,
 #            paper settings (32 heads, head dim 128, block 64, local 16), 16k/64k/128k, vert_stride 16 and 64
 #   both     fwd then bf16 in one call
@@ -9,13 +13,23 @@
 #   decode   decode against the peers' decode, and the decode loop example
 #   extra    test binaries (wgpu and CUDA), quickstart, multi-device (Vulkan + GL of the same GPU)
 set -uo pipefail
-part=${1:?usage: run-h100.sh fwd|bf16|fwdbwd|decode|extra}
+part=${1:?usage: run-gpu.sh paper|fwd|bf16|fwdbwd|decode|extra}
 source ${STAGE:-.gpu}/env.sh
 export XDG_RUNTIME_DIR=/tmp PYTHONUNBUFFERED=1
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
 peers=${STAGE:-.gpu}/peers/torch_peers.py
 paper="--heads 32 --kv-heads 32 --head-dim 128 --block 64 --local 16"
 case $part in
+paper)
+    seqs="4096 8192 16384 32768 65536 131072"
+    python3 $peers --seq $seqs --vert-stride 16 | tee $OUT/peers.jsonl
+    python3 $peers --seq $seqs --vert-stride 64 --impls flex-s2 | tee -a $OUT/peers.jsonl
+    s2attn-bench --preset paper --backend vulkan,cuda --peers $OUT/peers.jsonl --json $OUT/paper.jsonl \
+        --plot $OUT/paper.svg --markdown 2>&1 | tee $OUT/paper.log
+    # the GL adapter of the same GPU alone, then every device together (issue 8)
+    S2ATTN_BACKEND=gl quickstart 2>&1 | tail -4 | tee $OUT/multi.log
+    SEQ=16384 ITERS=5 multi_device 2>&1 | tee -a $OUT/multi.log
+    ;;
 fwd)
     python3 $peers --seq 16384 65536 131072 --vert-stride 16 | tee $OUT/peers.jsonl
     python3 $peers --seq 16384 65536 131072 --vert-stride 64 --impls flex-s2 | tee -a $OUT/peers.jsonl
