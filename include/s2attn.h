@@ -1,7 +1,8 @@
 /*
  * s2attn.h - C API of s2attn: S2-Attention (arXiv 2407.17678) on GPUs of every vendor.
  *
- * Hand-written to match src/capi.rs; tests/c/smoke.c exercises every function.
+ * Hand-written to match src/capi.rs and the files under src/capi/; tests/c/smoke.c and tests/c/buffers.c exercise
+ * every function.
  *
  * Link against libs2attn.so / libs2attn.dylib (cdylib) or libs2attn.a (staticlib; then also link the
  * system libraries `cargo rustc --lib -- --print native-static-libs` lists, on Linux typically
@@ -305,6 +306,109 @@ s2attn_status s2attn_decode_run(const s2attn_decode *decode, const s2attn_kv_cac
 
 /** Releases a decode op (NULL is a no-op). */
 void s2attn_decode_free(s2attn_decode *decode);
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Device buffers: run on memory that stays on the GPU                                                   */
+/* ---------------------------------------------------------------------------------------------------- */
+
+/*
+ * An s2attn_buffer is a storage buffer on a context's device (wgpu). Write it from host memory once, then
+ * run the forward pass, KV-cache appends and decode steps on views of it with no host round trip: each of
+ * those calls records its GPU work, submits it and returns at once; work runs in call order, and
+ * s2attn_buffer_read (or s2attn_context_synchronize) waits for it. A view names a tensor inside a
+ * buffer at an element offset with a token stride, so Q, K and V interleaved in one QKV buffer
+ * ([tokens, (num_heads + 2 num_kv_heads) head_dim], as a fused projection writes them) are used in place:
+ *
+ *     uint64_t row = (H + 2 * HK) * D;
+ *     s2attn_tensor_view q = {qkv, 0, row}, k = {qkv, H * D, row}, v = {qkv, (H + HK) * D, row};
+ *     s2attn_tensor_view o = {out, 0, 0};
+ *     s2attn_forward_buffers(op, &q, &k, &v, &o, lse, 0);
+ *
+ * Offsets and strides are in elements of the op's (or cache's) dtype and must be multiples of 4. Views
+ * that run past their buffer are S2ATTN_ERR_BUFFER_TOO_SMALL, misaligned ones S2ATTN_ERR_SHAPE or
+ * S2ATTN_ERR_INVALID_ARGUMENT, a buffer of another device S2ATTN_ERR_INVALID_ARGUMENT. Buffers need a wgpu
+ * context; on a CUDA context use s2attn_forward_cuda.
+ */
+
+typedef struct S2attnBuffer s2attn_buffer;
+
+/** A tensor inside a buffer: first element `offset`, tokens `token_stride` elements apart (0: contiguous). */
+typedef struct s2attn_tensor_view {
+    const s2attn_buffer *buffer;
+    uint64_t offset;
+    uint64_t token_stride;
+} s2attn_tensor_view;
+
+/** A zero-filled buffer of `bytes` bytes (a positive multiple of 4) on ctx's device. */
+s2attn_status s2attn_buffer_create(const s2attn_context *ctx, uint64_t bytes, s2attn_buffer **out);
+
+/** The buffer's size in bytes; 0 for NULL. */
+uint64_t s2attn_buffer_size(const s2attn_buffer *buffer);
+
+/**
+ * Copies `bytes` bytes of host `data` into the buffer at byte `offset` (both multiples of 4). The data is
+ * taken at once (reuse `data` freely) and lands before any later call's GPU work.
+ */
+s2attn_status s2attn_buffer_write(const s2attn_buffer *buffer, uint64_t offset, const void *data, size_t bytes);
+
+/** Waits for all submitted work, then copies `bytes` bytes from byte `offset` (multiples of 4) into `data`. */
+s2attn_status s2attn_buffer_read(const s2attn_buffer *buffer, uint64_t offset, void *data, size_t bytes);
+
+/** Releases a buffer (NULL is a no-op); work already submitted on it still completes. */
+void s2attn_buffer_free(s2attn_buffer *buffer);
+
+/** Blocks until all work submitted on ctx's device (wgpu or CUDA) has finished. */
+s2attn_status s2attn_context_synchronize(const s2attn_context *ctx);
+
+/**
+ * The forward pass on buffers: q, k, v, out views in the op's dtype (K and V share a token stride); the
+ * f32 log-sum-exp [batch, num_heads, seq] goes into `lse` from element `lse_offset` (lse NULL: not
+ * wanted). Submits and returns without waiting.
+ */
+s2attn_status s2attn_forward_buffers(const s2attn_op *op, const s2attn_tensor_view *q, const s2attn_tensor_view *k,
+                                     const s2attn_tensor_view *v, const s2attn_tensor_view *out,
+                                     const s2attn_buffer *lse, uint64_t lse_offset);
+
+/**
+ * Appends `tokens` tokens to seq from buffers: k and v views of [tokens, num_kv_heads, head_dim] rows in
+ * the cache's dtype (e.g. the K and V columns of a QKV buffer). Submits and returns; changes nothing
+ * when it fails.
+ */
+s2attn_status s2attn_kv_cache_append_buffers(s2attn_kv_cache *cache, uint64_t seq, const s2attn_tensor_view *k,
+                                             const s2attn_tensor_view *v, uint32_t tokens);
+
+/**
+ * One decode step on buffers: the last q_len tokens of each of the n_seqs sequences attend their cached
+ * history; q and out are views of [n_seqs, q_len, num_heads, head_dim] rows in the cache's dtype (q may
+ * be the Q columns of a QKV buffer); the f32 log-sum-exp [n_seqs, num_heads, q_len] goes into `lse` from
+ * element `lse_offset` (NULL: not wanted). Submits and returns without waiting.
+ */
+s2attn_status s2attn_decode_run_buffers(const s2attn_decode *decode, const s2attn_kv_cache *cache,
+                                        const uint64_t *seqs, size_t n_seqs, uint32_t q_len,
+                                        const s2attn_tensor_view *q, const s2attn_tensor_view *out,
+                                        const s2attn_buffer *lse, uint64_t lse_offset);
+
+/*
+ * Caller CUDA memory (define S2ATTN_CUDA before including this header to declare it). The op must have
+ * been created on a CUDA context (s2attn_context_create_with("cuda", ...)); the pointers are CUdeviceptr
+ * values of that context's device. The call is always exported: a library built without the `cuda`
+ * feature, or an op on wgpu, returns S2ATTN_ERR_UNSUPPORTED.
+ */
+#ifdef S2ATTN_CUDA
+/** A tensor in CUDA memory: `ptr` (16-byte aligned), tokens `token_stride` elements apart (a multiple of 8; 0: contiguous). */
+typedef struct s2attn_cuda_tensor {
+    unsigned long long ptr; /**< a CUdeviceptr */
+    uint64_t token_stride;
+} s2attn_cuda_tensor;
+
+/**
+ * The forward pass on CUDA memory, on the op's stream: q, k, v, out in the op's dtype, the f32
+ * log-sum-exp [batch, num_heads, seq] at device address `lse`. Returns without waiting; synchronize with
+ * s2attn_context_synchronize before reading the results from another stream.
+ */
+s2attn_status s2attn_forward_cuda(const s2attn_op *op, const s2attn_cuda_tensor *q, const s2attn_cuda_tensor *k,
+                                  const s2attn_cuda_tensor *v, const s2attn_cuda_tensor *out, unsigned long long lse);
+#endif
 
 #ifdef __cplusplus
 }

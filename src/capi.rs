@@ -5,14 +5,16 @@
 //! wrong length is an error code and no Rust panic crosses the FFI boundary. Handles own clones of what
 //! they need (a context and a layout are shared `Arc`s), so they may be freed in any order.
 //!
-//! The header is hand-written; keep the two in step (`tests/c/smoke.c` calls every function). The KV cache
-//! and decode entry points are in [`inference`].
+//! The header is hand-written; keep the two in step (`tests/c/smoke.c` and `tests/c/buffers.c` call every
+//! function). The KV cache and decode entry points are in [`inference`], device-resident buffers and the
+//! entry points that run on them (and on caller CUDA memory) in [`buffers`].
 
 use crate::{Attention, Backend, BlockMask, Context, ContextOptions, DType, Element, Error, Layout, S2Config, Shape};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+pub mod buffers;
 pub mod inference;
 
 /// A status code (`s2attn_status` in C): 0 on success, else one of the `S2ATTN_ERR_*` constants.
@@ -577,6 +579,9 @@ pub unsafe extern "C" fn s2attn_layout_free(layout: *mut S2attnLayout) {
 /// `s2attn_op`: an [`Attention`] op with its element counts and explanation.
 pub struct S2attnOp {
     op: Attention,
+    ctx: Context,
+    /// The LSE of buffer calls that want none.
+    scratch: buffers::Scratch,
     q_elems: usize,
     kv_elems: usize,
     lse_elems: usize,
@@ -616,8 +621,9 @@ pub unsafe extern "C" fn s2attn_op_create(
         let kv_elems = usize_of(tokens * l.num_kv_heads() as u64 * head_dim as u64, "k")?;
         let lse_elems = usize_of(tokens * l.num_heads() as u64, "lse")?;
         let explain = c_string(&op.explain());
+        let ctx = ctx.ctx.clone();
         // SAFETY: `out` checked by `clear_out`.
-        unsafe { put(out, S2attnOp { op, q_elems, kv_elems, lse_elems, explain }) };
+        unsafe { put(out, S2attnOp { op, ctx, scratch: Default::default(), q_elems, kv_elems, lse_elems, explain }) };
         Ok(())
     })
 }

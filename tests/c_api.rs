@@ -1,6 +1,7 @@
-//! The C API from C: compiles `tests/c/smoke.c` with the system C compiler (`$CC`, else `cc`) against the
-//! `cdylib` and the `staticlib` cargo built next to this test binary, runs it, and fails with its output
-//! when any of its checks (outputs against attention computed in C, error codes) fails.
+//! The C API from C: compiles `tests/c/smoke.c` (host memory) and `tests/c/buffers.c` (device buffers)
+//! with the system C compiler (`$CC`, else `cc`) against the `cdylib` and the `staticlib` cargo built next
+//! to this test binary, runs them, and fails with their output when any of their checks (outputs against
+//! attention computed in C and against the host path, error codes) fails.
 #![cfg(unix)]
 
 use std::path::{Path, PathBuf};
@@ -36,15 +37,15 @@ fn artifact(name: &str, dir: &Path) -> PathBuf {
     dst
 }
 
-/// Compiles smoke.c into `exe` with `link` appended to the command line.
-fn compile(exe: &Path, link: &[&std::ffi::OsStr]) {
+/// Compiles `tests/c/<source>` into `exe` with `link` appended to the command line.
+fn compile(source: &str, exe: &Path, link: &[&std::ffi::OsStr]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
     let mut cmd = Command::new(&cc);
     cmd.args(["-std=c11", "-O1", "-Wall", "-Wextra", "-Werror"])
         .arg("-I")
         .arg(root.join("include"))
-        .arg(root.join("tests/c/smoke.c"))
+        .arg(root.join("tests/c").join(source))
         .arg("-o")
         .arg(exe)
         .args(link)
@@ -56,7 +57,7 @@ fn compile(exe: &Path, link: &[&std::ffi::OsStr]) {
     };
     assert!(
         out.status.success(),
-        "compiling smoke.c failed ({:?}):\n{}{}",
+        "compiling {source} failed ({:?}):\n{}{}",
         cmd,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
@@ -73,7 +74,7 @@ fn run(exe: &Path) {
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     println!("{stdout}");
     assert!(out.status.success(), "{} failed ({}):\n{stdout}\n{stderr}", exe.display(), out.status);
-    assert!(stdout.contains("all C API checks passed"), "smoke.c ended early:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("all C API checks passed"), "{} ended early:\n{stdout}\n{stderr}", exe.display());
 }
 
 /// A directory of this test's own under cargo's scratch space.
@@ -89,7 +90,17 @@ fn smoke_c_against_the_shared_library() {
     let lib = artifact(if cfg!(target_os = "macos") { "libs2attn.dylib" } else { "libs2attn.so" }, &dir);
     let exe = dir.join("smoke");
     let rpath = format!("-Wl,-rpath,{}", dir.display());
-    compile(&exe, &[lib.as_os_str(), rpath.as_ref()]);
+    compile("smoke.c", &exe, &[lib.as_os_str(), rpath.as_ref()]);
+    run(&exe);
+}
+
+#[test]
+fn buffers_c_against_the_shared_library() {
+    let dir = out_dir("buffers");
+    let lib = artifact(if cfg!(target_os = "macos") { "libs2attn.dylib" } else { "libs2attn.so" }, &dir);
+    let exe = dir.join("buffers");
+    let rpath = format!("-Wl,-rpath,{}", dir.display());
+    compile("buffers.c", &exe, &[lib.as_os_str(), rpath.as_ref()]);
     run(&exe);
 }
 
@@ -104,6 +115,6 @@ fn smoke_c_against_the_static_library() {
     let exe = dir.join("smoke");
     let mut link: Vec<&std::ffi::OsStr> = vec![lib.as_os_str()];
     link.extend(["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-lc"].map(std::ffi::OsStr::new));
-    compile(&exe, &link);
+    compile("smoke.c", &exe, &link);
     run(&exe);
 }

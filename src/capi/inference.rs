@@ -62,28 +62,32 @@ pub struct S2attnMemoryReport {
 /// it handed out.
 pub struct S2attnKvCache {
     inner: Mutex<CacheState>,
+    /// The device the cache was made on.
+    pub(super) ctx: crate::Context,
 }
 
-struct CacheState {
-    cache: KvCache,
+pub(super) struct CacheState {
+    pub(super) cache: KvCache,
     ids: HashMap<u64, SeqId>,
 }
 
 impl S2attnKvCache {
-    fn lock(&self) -> MutexGuard<'_, CacheState> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, CacheState> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl CacheState {
-    fn seq(&self, id: u64) -> Ffi<SeqId> {
+    pub(super) fn seq(&self, id: u64) -> Ffi<SeqId> {
         self.ids.get(&id).copied().ok_or(Fail::Lib(Error::UnknownSequence(id)))
     }
 }
 
 /// `s2attn_decode`: a [`Decode`] op for one cache.
 pub struct S2attnDecode {
-    decode: Decode,
+    pub(super) decode: Decode,
+    /// The LSE of buffer calls that want none.
+    pub(super) scratch: super::buffers::Scratch,
 }
 
 const _: () = {
@@ -117,7 +121,7 @@ pub unsafe extern "C" fn s2attn_kv_cache_create(
         let cache = KvCache::new(&ctx.ctx, &layout.layout, config)?;
         let state = CacheState { cache, ids: HashMap::new() };
         // SAFETY: `out` checked by `clear_out`.
-        unsafe { put(out, S2attnKvCache { inner: Mutex::new(state) }) };
+        unsafe { put(out, S2attnKvCache { inner: Mutex::new(state), ctx: ctx.ctx.clone() }) };
         Ok(())
     })
 }
@@ -189,7 +193,7 @@ pub unsafe extern "C" fn s2attn_kv_cache_append(
     })
 }
 
-fn cast<'a, T: bytemuck::Pod>(bytes: &'a [u8], what: &str) -> Ffi<&'a [T]> {
+pub(super) fn cast<'a, T: bytemuck::Pod>(bytes: &'a [u8], what: &str) -> Ffi<&'a [T]> {
     bytemuck::try_cast_slice(bytes).map_err(|e| Fail::Arg(format!("{what}: {e}")))
 }
 
@@ -279,7 +283,7 @@ pub unsafe extern "C" fn s2attn_decode_create(
             decode = decode.with_scale(scale)?;
         }
         // SAFETY: `out` checked by `clear_out`.
-        unsafe { put(out, S2attnDecode { decode }) };
+        unsafe { put(out, S2attnDecode { decode, scratch: Default::default() }) };
         Ok(())
     })
 }
