@@ -1,36 +1,77 @@
 // Decode and variable-length attention over a host-built work list (see shared/decode.wgsl): one
 // workgroup per work item, R query rows (the query heads of one KV group times the item's query tokens)
 // against the item's KV blocks, read through the entries' offsets (pages of the KV cache, or blocks of
-// packed K/V). Portable: plain f32 arithmetic and workgroup memory, f16 storage unpacked. CPU twin:
-// src/cpu/varlen.rs (`attend_worklist`).
+// packed K/V). Portable: plain f32 arithmetic and workgroup memory; f16 storage is unpacked from words,
+// so no `enable f16` is needed. CPU twin: src/cpu/varlen.rs (`attend_worklist`).
 //
-// Per KV chunk of BK keys: K and V staged together (coalesced: a block's keys are contiguous), S = Q K^T
-// (each invocation a few scores), per-row online softmax in base 2 (one invocation per row), O += P V
-// (each invocation a fixed slice of O in registers).
+// K and V are read as 16-byte words (vec4<u32>: 8 halves or 4 floats), coalesced, one chunk of BK keys
+// ahead: the loads of chunk c + 1 are issued into registers before chunk c is computed, so their latency
+// hides behind the arithmetic. Per chunk: the staged chunk goes to workgroup memory, S = Q K^T (one key
+// per invocation, a few rows each), then every invocation of the O pass takes its row's chunk maximum
+// from the scores itself (no serial softmax step, no extra barrier), rescales its own accumulators and
+// adds P V for its keys. When the rows hold fewer outputs than the workgroup has invocations, KS
+// invocations share an output, each over every KS-th key, and their partial sums meet at the end.
 
-#include storage
 #include shared/decode.wgsl
 
-override D: u32 = 64u;           // head dim (multiple of 4)
-override R: u32 = 4u;            // query rows per item (<= 64)
-override BK: u32 = 16u;          // keys per chunk (a multiple of 4 dividing the block size)
-override WG: u32 = 64u;          // invocations
-override KP: u32 = D / 4u + 1u;  // vec4 stride of staged K/V rows, padded against bank conflicts
-const MAX_ACC: u32 = 16u;        // vec4 accumulators per invocation (R * D / 4 <= WG * MAX_ACC)
+override D: u32 = 64u;            // head dim (multiple of 8)
+override R: u32 = 4u;             // query rows per item (<= 64)
+override BK: u32 = 16u;           // keys per chunk (divides the block size and WG)
+override WG: u32 = 64u;           // invocations
+override HALF: u32 = 1u;          // 1: f16 storage, 0: f32
+override NL: u32 = 1u;            // 16-byte words of K (and of V) each invocation loads per chunk
+override NA: u32 = 1u;            // outputs (16-byte words of a row of O) per invocation
+override KS: u32 = 1u;            // invocations sharing one output (key splits)
+override EW: u32 = 8u - 4u * (1u - HALF); // elements per 16-byte word
+override W: u32 = D / EW;         // 16-byte words per key row
+override KP: u32 = W + 1u;        // padded word stride of staged K rows (no bank conflicts in S = Q K^T)
+const MAX_NL: u32 = 16u;
+const MAX_NA: u32 = 16u;
 
-var<workgroup> q_s: array<vec4<f32>, R * D / 4u>;  // query rows, pre-scaled by scale * log2(e)
-var<workgroup> k_s: array<vec4<f32>, BK * KP>;
-var<workgroup> v_s: array<vec4<f32>, BK * KP>;
-var<workgroup> p_s: array<vec4<f32>, R * BK / 4u>; // scores, then probabilities (row r at r * BK / 4)
-var<workgroup> m_s: array<f32, R>;                 // running row max (base 2)
-var<workgroup> l_s: array<f32, R>;                 // running row sum
-var<workgroup> alpha_s: array<f32, R>;             // this chunk's rescale factor
+// Q and O as 32-bit words; K and V as 16-byte words.
+@group(0) @binding(1) var<storage, read> q_buf: array<u32>;
+@group(0) @binding(2) var<storage, read> k_buf: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read> v_buf: array<vec4<u32>>;
+@group(0) @binding(4) var<storage, read_write> o_buf: array<u32>;
 
-#include shared/online_softmax.wgsl
+var<workgroup> q_s: array<vec4<f32>, R * D / 4u>; // query rows, pre-scaled by scale * log2(e)
+var<workgroup> k_s: array<vec4<u32>, BK * KP>;
+var<workgroup> v_s: array<vec4<u32>, BK * W>;
+var<workgroup> p_s: array<f32, R * BK>;          // scores of the chunk (row r at r * BK)
 
 fn row_attends(mask: vec2<u32>, r: u32) -> bool {
     let word = select(mask.x, mask.y, r >= 32u);
     return ((word >> (r % 32u)) & 1u) == 1u;
+}
+
+// Four elements of Q at vec4 unit u (element 4u).
+fn load_q4(u: u32) -> vec4<f32> {
+    if HALF == 1u {
+        return vec4<f32>(unpack2x16float(q_buf[2u * u]), unpack2x16float(q_buf[2u * u + 1u]));
+    }
+    return bitcast<vec4<f32>>(vec4<u32>(q_buf[4u * u], q_buf[4u * u + 1u], q_buf[4u * u + 2u], q_buf[4u * u + 3u]));
+}
+fn store_o4(u: u32, x: vec4<f32>) {
+    if HALF == 1u {
+        o_buf[2u * u] = pack2x16float(x.xy);
+        o_buf[2u * u + 1u] = pack2x16float(x.zw);
+    } else {
+        let b = bitcast<vec4<u32>>(x);
+        o_buf[4u * u] = b.x;
+        o_buf[4u * u + 1u] = b.y;
+        o_buf[4u * u + 2u] = b.z;
+        o_buf[4u * u + 3u] = b.w;
+    }
+}
+// A 16-byte word as its first and last four elements (f32 storage: all four in `lo`).
+fn lo4(w: vec4<u32>) -> vec4<f32> {
+    if HALF == 1u {
+        return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+    }
+    return bitcast<vec4<f32>>(w);
+}
+fn hi4(w: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w));
 }
 
 @compute @workgroup_size(WG)
@@ -46,111 +87,219 @@ fn main(
     let it = items[id];
     let d4 = D / 4u;
     let causal = params.causal != 0u;
-    // The last position a valid row queries: no key after it is needed in a causal layout.
-    let last_pos = it.pos0 + it.n_valid - 1u;
+    // Keys past this one are never needed: the sequence's end, or (causal) the last valid row's position.
+    var key_end = it.kv_len;
+    if causal {
+        key_end = min(key_end, it.pos0 + it.n_valid);
+    }
+    // 16-byte word offsets: K/V offsets and strides are in vec4 units of 4 elements.
+    let per = EW / 4u;
+    let k_off = params.k_off / per;
+    let v_off = params.v_off / per;
+    let tok_stride = params.kv_tok_stride / per;
 
     for (var i = lid; i < R * d4; i += WG) {
         var x = vec4<f32>(0.0);
         if row_valid(it, i / d4) {
-            x = load_q(q_index(it, i / d4, i % d4, d4)) * params.scale_log2;
+            x = load_q4(q_index(it, i / d4, i % d4, d4)) * params.scale_log2;
         }
         q_s[i] = x;
     }
-    if lid < R {
-        m_s[lid] = NEG_BIG;
-        l_s[lid] = 0.0;
-    }
-    var acc: array<vec4<f32>, MAX_ACC>;
-    for (var j = 0u; j < MAX_ACC; j++) {
-        acc[j] = vec4<f32>(0.0);
-    }
-    let n_acc = (R * d4 + WG - 1u) / WG;
 
-    for (var e = it.e0; e < it.e1; e++) {
-        let entry = entries[e];
-        for (var sub = 0u; sub < params.block_size; sub += BK) {
-            let k0 = entry.y + sub;
-            if k0 >= it.kv_len || (causal && k0 > last_pos) {
-                break;
+    // The O pass: output o = lid % (R * W) (row o / W, word o % W), key split ks = lid / (R * W).
+    let n_out = R * W;
+    let ks = lid / n_out;
+    let active_o = lid < KS * n_out;
+    var acc_lo: array<vec4<f32>, MAX_NA>;
+    var acc_hi: array<vec4<f32>, MAX_NA>;
+    var m_r: array<f32, MAX_NA>;
+    var l_r: array<f32, MAX_NA>;
+    for (var j = 0u; j < NA; j++) {
+        acc_lo[j] = vec4<f32>(0.0);
+        acc_hi[j] = vec4<f32>(0.0);
+        m_r[j] = NEG_BIG;
+        l_r[j] = 0.0;
+    }
+
+    // Chunks: entry e0 + c / per_block, keys (c % per_block) * BK of it.
+    let per_block = params.block_size / BK;
+    let n_chunks = (it.e1 - it.e0) * per_block;
+    var pk: array<vec4<u32>, MAX_NL>;
+    var pv: array<vec4<u32>, MAX_NL>;
+    // Loads chunk c into pk / pv (zeros past the keys needed).
+    var c = 0u;
+    var next_k0 = 0u;
+    if n_chunks > 0u {
+        let entry = entries[it.e0];
+        next_k0 = entry.y;
+        for (var j = 0u; j < NL; j++) {
+            let i = lid + j * WG;
+            let kk = i / W;
+            var kx = vec4<u32>(0u);
+            var vx = vec4<u32>(0u);
+            if i < BK * W && entry.y + kk < key_end {
+                let at = entry.x / per + kk * tok_stride + i % W;
+                kx = k_buf[k_off + at];
+                vx = v_buf[v_off + at];
             }
-            workgroupBarrier(); // the previous chunk's P V is done with k_s, v_s and p_s
-            for (var i = lid; i < BK * d4; i += WG) {
-                let kk = i / d4;
-                var kx = vec4<f32>(0.0);
-                var vx = vec4<f32>(0.0);
-                if k0 + kk < it.kv_len {
-                    let at = entry.x + (sub + kk) * params.kv_tok_stride + i % d4;
-                    kx = load_k(params.k_off + at);
-                    vx = load_v(params.v_off + at);
-                }
-                k_s[kk * KP + i % d4] = kx;
-                v_s[kk * KP + i % d4] = vx;
+            pk[j] = kx;
+            pv[j] = vx;
+        }
+    }
+    loop {
+        if c >= n_chunks {
+            break;
+        }
+        let k0 = next_k0;
+        if k0 >= key_end {
+            break;
+        }
+        let entry = entries[it.e0 + c / per_block];
+        workgroupBarrier(); // the previous chunk's O pass is done with k_s, v_s and p_s
+        for (var j = 0u; j < NL; j++) {
+            let i = lid + j * WG;
+            if i < BK * W {
+                k_s[(i / W) * KP + i % W] = pk[j];
+                v_s[i] = pv[j];
             }
-            workgroupBarrier();
-            for (var i = lid; i < R * BK; i += WG) {
-                let r = i / BK;
-                let kk = i % BK;
-                let kpos = k0 + kk;
-                var s = NEG_BIG;
-                if row_valid(it, r) && kpos < it.kv_len && (!causal || kpos <= it.pos0 + r % params.n_tok)
-                    && row_attends(entry.zw, r) {
-                    var dot = vec4<f32>(0.0);
-                    for (var c = 0u; c < d4; c++) {
-                        dot += q_s[r * d4 + c] * k_s[kk * KP + c];
+        }
+        workgroupBarrier();
+        // Prefetch the next chunk while this one is computed.
+        c += 1u;
+        if c < n_chunks {
+            let ne = entries[it.e0 + c / per_block];
+            let sub = (c % per_block) * BK;
+            next_k0 = ne.y + sub;
+            if next_k0 < key_end {
+                for (var j = 0u; j < NL; j++) {
+                    let i = lid + j * WG;
+                    let kk = i / W;
+                    var kx = vec4<u32>(0u);
+                    var vx = vec4<u32>(0u);
+                    if i < BK * W && next_k0 + kk < key_end {
+                        let at = ne.x / per + (sub + kk) * tok_stride + i % W;
+                        kx = k_buf[k_off + at];
+                        vx = v_buf[v_off + at];
                     }
-                    s = dot.x + dot.y + dot.z + dot.w;
+                    pk[j] = kx;
+                    pv[j] = vx;
                 }
-                p_s[i / 4u][i % 4u] = s;
             }
-            workgroupBarrier();
-            if lid < R {
-                online_softmax_row(lid);
-            }
-            workgroupBarrier();
-            for (var j = 0u; j < n_acc; j++) {
-                let i = lid + j * WG;
-                if i < R * d4 {
-                    let r = i / d4;
-                    let c = i % d4;
-                    var a = acc[j] * alpha_s[r];
-                    for (var k4 = 0u; k4 < BK / 4u; k4++) {
-                        let p = p_s[r * BK / 4u + k4];
-                        let v0 = 4u * k4 * KP + c;
-                        a += p.x * v_s[v0] + p.y * v_s[v0 + KP] + p.z * v_s[v0 + 2u * KP] + p.w * v_s[v0 + 3u * KP];
+        }
+        // S = Q K^T: key kk = lid % BK, rows lid / BK, + WG / BK, ...
+        let kk = lid % BK;
+        let kpos = k0 + kk;
+        for (var r = lid / BK; r < R; r += WG / BK) {
+            var s = NEG_BIG;
+            if row_valid(it, r) && kpos < key_end && (!causal || kpos <= it.pos0 + r % params.n_tok)
+                && row_attends(entry.zw, r) {
+                var dot = vec4<f32>(0.0);
+                for (var w = 0u; w < W; w++) {
+                    let kw = k_s[kk * KP + w];
+                    if HALF == 1u {
+                        dot += q_s[r * d4 + 2u * w] * lo4(kw) + q_s[r * d4 + 2u * w + 1u] * hi4(kw);
+                    } else {
+                        dot += q_s[r * d4 + w] * lo4(kw);
                     }
-                    acc[j] = a;
+                }
+                s = dot.x + dot.y + dot.z + dot.w;
+            }
+            p_s[r * BK + kk] = s;
+        }
+        workgroupBarrier();
+        // O += P V with the running maximum of each row (every invocation of a row finds the same).
+        if active_o {
+            for (var j = 0u; j < NA; j++) {
+                let o = lid % n_out + j * WG;
+                if o < n_out {
+                    let r = o / W;
+                    let w = o % W;
+                    var mc = NEG_BIG;
+                    for (var k = 0u; k < BK; k++) {
+                        mc = max(mc, p_s[r * BK + k]);
+                    }
+                    let m_new = max(m_r[j], mc);
+                    if m_new > NEG_BIG {
+                        let alpha = exp2(m_r[j] - m_new);
+                        var a_lo = acc_lo[j] * alpha;
+                        var a_hi = acc_hi[j] * alpha;
+                        var l = l_r[j] * alpha;
+                        for (var k = ks; k < BK; k += KS) {
+                            let s = p_s[r * BK + k];
+                            let p = select(0.0, exp2(s - m_new), s > NEG_BIG);
+                            let vw = v_s[k * W + w];
+                            l += p;
+                            a_lo += p * lo4(vw);
+                            if HALF == 1u {
+                                a_hi += p * hi4(vw);
+                            }
+                        }
+                        acc_lo[j] = a_lo;
+                        acc_hi[j] = a_hi;
+                        l_r[j] = l;
+                        m_r[j] = m_new;
+                    }
                 }
             }
         }
     }
 
-    workgroupBarrier();
-    for (var j = 0u; j < n_acc; j++) {
-        let i = lid + j * WG;
-        let r = i / d4;
-        if i < R * d4 && row_valid(it, r) {
-            let l = l_s[r];
-            var x = vec4<f32>(0.0);
+    // Key splits meet: split ks > 0 leaves its sums in k_s (accumulators) and v_s (row sums), split 0 adds.
+    if KS > 1u {
+        workgroupBarrier();
+        if active_o && ks > 0u {
+            let t = lid - n_out;
+            k_s[2u * t] = bitcast<vec4<u32>>(acc_lo[0]);
+            k_s[2u * t + 1u] = bitcast<vec4<u32>>(acc_hi[0]);
+            v_s[t] = vec4<u32>(bitcast<u32>(l_r[0]), 0u, 0u, 0u);
+        }
+        workgroupBarrier();
+        if ks == 0u {
+            for (var s = 1u; s < KS; s++) {
+                let t = (s - 1u) * n_out + lid;
+                acc_lo[0] += bitcast<vec4<f32>>(k_s[2u * t]);
+                acc_hi[0] += bitcast<vec4<f32>>(k_s[2u * t + 1u]);
+                l_r[0] += bitcast<f32>(v_s[t].x);
+            }
+        }
+    }
+    if !active_o || ks != 0u {
+        return;
+    }
+    for (var j = 0u; j < NA; j++) {
+        let o = lid + j * WG;
+        let r = o / W;
+        let w = o % W;
+        if o < n_out && row_valid(it, r) {
+            let l = l_r[j];
+            var inv = 0.0;
             if l > 0.0 {
-                x = acc[j] / l;
+                inv = 1.0 / l;
             }
+            // Word w of the row holds elements w * EW ..: vec4 units (w * EW) / 4 (and + 1 for f16).
+            let u = w * EW / 4u;
             if it.nsplit == 1u {
-                store_o(o_index(it, r, i % d4, d4), x);
+                store_o4(o_index(it, r, u, d4), acc_lo[j] * inv);
+                if HALF == 1u {
+                    store_o4(o_index(it, r, u + 1u, d4), acc_hi[j] * inv);
+                }
             } else {
-                part_o[(it.slot * R + r) * d4 + i % d4] = x;
+                part_o[(it.slot * R + r) * d4 + u] = acc_lo[j] * inv;
+                if HALF == 1u {
+                    part_o[(it.slot * R + r) * d4 + u + 1u] = acc_hi[j] * inv;
+                }
             }
-        }
-    }
-    if lid < R && row_valid(it, lid) {
-        let l = l_s[lid];
-        var lse2 = NEG_BIG;
-        if l > 0.0 {
-            lse2 = m_s[lid] + log2(l);
-        }
-        if it.nsplit == 1u {
-            lse_buf[lse_index(it, lid)] = lse_out(lse2);
-        } else {
-            part_lse[it.slot * R + lid] = lse2;
+            if w == 0u {
+                var lse2 = NEG_BIG;
+                if l > 0.0 {
+                    lse2 = m_r[j] + log2(l);
+                }
+                if it.nsplit == 1u {
+                    lse_buf[lse_index(it, r)] = lse_out(lse2);
+                } else {
+                    part_lse[it.slot * R + r] = lse2;
+                }
+            }
         }
     }
 }

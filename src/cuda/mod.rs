@@ -17,12 +17,14 @@ mod attention_ext;
 mod backward;
 mod compile;
 mod context;
+mod decode;
 mod forward;
 mod plan;
 
 pub use backward::{plan_backward_cuda, CudaBackward, CUDA_BACKWARD_HEAD_DIMS};
 pub use compile::cache_dir;
 pub use context::CudaContext;
+pub use decode::{CudaDecode, DecodePart};
 pub use forward::{CudaForward, CudaTensor};
 pub use plan::{plan_forward, CUDA_HEAD_DIMS};
 

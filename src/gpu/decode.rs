@@ -18,10 +18,14 @@ use wgpu::util::DeviceExt;
 
 mod buffers;
 
-/// Vec4 accumulators per invocation the split kernel holds (`MAX_ACC`).
+/// 16-byte words of K (and of V) one invocation of the split kernel loads per chunk (`MAX_NL`).
+const MAX_LOADS: u32 = 16;
+/// Outputs (16-byte words of a row of O) one invocation of the split kernel holds (`MAX_NA`).
 const MAX_ACC: u32 = 16;
 /// Rows an item may have (the entries' 64-bit row masks).
 pub const MAX_ROWS: u32 = 64;
+/// Invocations of the split kernel's workgroup (fewer where the device allows fewer).
+const SPLIT_WORKGROUP: u32 = 128;
 
 /// The split kernel's workgroup shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,24 +40,45 @@ pub struct AttendPlan {
     pub workgroup_size: u32,
     /// Workgroup memory in bytes.
     pub workgroup_bytes: u32,
+    /// 16-byte words of K (and of V) each invocation loads per step.
+    pub loads: u32,
+    /// Outputs (16-byte words of a row of O) each invocation accumulates.
+    pub accumulators: u32,
+    /// Invocations sharing one output, each over every `key_splits`-th key.
+    pub key_splits: u32,
 }
 
 impl fmt::Display for AttendPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} rows ({} tokens) x {} keys per step, {} invocations, {} B workgroup memory",
-            self.rows, self.n_tok, self.tile_kv, self.workgroup_size, self.workgroup_bytes
+            "{} rows ({} tokens) x {} keys per step, {} invocations ({} x 16 B loads of K and V each, {} outputs, \
+             {} key splits), {} B workgroup memory",
+            self.rows,
+            self.n_tok,
+            self.tile_kv,
+            self.workgroup_size,
+            self.loads,
+            self.accumulators,
+            self.key_splits,
+            self.workgroup_bytes
         )
     }
 }
 
-/// Workgroup bytes of the split kernel: Q rows, padded K and V chunks, scores, row statistics.
-fn split_bytes(rows: u32, tile_kv: u32, head_dim: u32) -> u32 {
-    4 * (rows * head_dim + 2 * tile_kv * (head_dim + 4) + rows * tile_kv + 3 * rows)
+/// Elements of `dtype` in one 16-byte word.
+fn word_elems(dtype: DType) -> u32 {
+    (16 / dtype.size()) as u32
 }
 
-/// The widest item (first of `n_tok_choices` that fits) and the largest key chunk that fit the device.
+/// Workgroup bytes of the split kernel: Q rows (f32), padded K and plain V chunks (16-byte words), scores.
+fn split_bytes(rows: u32, tile_kv: u32, head_dim: u32, dtype: DType) -> u32 {
+    let w = head_dim / word_elems(dtype);
+    4 * rows * head_dim + 16 * tile_kv * (2 * w + 1) + 4 * rows * tile_kv
+}
+
+/// [`plan_attend_for`] f32 storage: whether a row count fits, for any storage type (f32 words hold the
+/// fewest elements, so what fits for f32 fits for f16).
 pub fn plan_attend(
     caps: &DeviceCaps,
     head_dim: u32,
@@ -61,34 +86,70 @@ pub fn plan_attend(
     n_tok_choices: &[u32],
     block_size: u32,
 ) -> Result<AttendPlan> {
-    let wg = 128u32.min(caps.max_invocations.max(32));
-    let d4 = head_dim / 4;
+    plan_attend_for(caps, DType::F32, head_dim, group, n_tok_choices, block_size)
+}
+
+/// The widest item (first of `n_tok_choices` that fits) and the largest key chunk that fit the device,
+/// for `dtype` storage.
+pub fn plan_attend_for(
+    caps: &DeviceCaps,
+    dtype: DType,
+    head_dim: u32,
+    group: u32,
+    n_tok_choices: &[u32],
+    block_size: u32,
+) -> Result<AttendPlan> {
+    let wg = SPLIT_WORKGROUP.min(caps.max_invocations.max(8));
+    let w = head_dim / word_elems(dtype);
     for &n_tok in n_tok_choices {
         let rows = group * n_tok;
-        if rows == 0 || rows > MAX_ROWS || rows * d4 > wg * MAX_ACC {
+        let n_out = rows * w;
+        let accumulators = n_out.div_ceil(wg);
+        if rows == 0 || rows > MAX_ROWS || accumulators > MAX_ACC {
             continue;
         }
         for tile_kv in [64u32, 32, 16, 8] {
-            let bytes = split_bytes(rows, tile_kv, head_dim);
-            if tile_kv <= block_size && block_size % tile_kv == 0 && bytes <= caps.max_workgroup_storage {
-                return Ok(AttendPlan { rows, n_tok, tile_kv, workgroup_size: wg, workgroup_bytes: bytes });
+            let bytes = split_bytes(rows, tile_kv, head_dim, dtype);
+            let loads = (tile_kv * w).div_ceil(wg);
+            if tile_kv > block_size || block_size % tile_kv != 0 || wg % tile_kv != 0 || loads > MAX_LOADS {
+                continue;
             }
+            if bytes > caps.max_workgroup_storage {
+                continue;
+            }
+            // Key splits leave their partial sums in the K (two words each) and V (one word) chunks.
+            let mut key_splits = if accumulators == 1 { (wg / n_out).max(1) } else { 1 };
+            while key_splits > 1
+                && (2 * (key_splits - 1) * n_out > tile_kv * (w + 1) || (key_splits - 1) * n_out > tile_kv * w)
+            {
+                key_splits -= 1;
+            }
+            return Ok(AttendPlan {
+                rows,
+                n_tok,
+                tile_kv,
+                workgroup_size: wg,
+                workgroup_bytes: bytes,
+                loads,
+                accumulators,
+                key_splits,
+            });
         }
     }
     let n_tok = n_tok_choices.last().copied().unwrap_or(1);
     let rows = group * n_tok;
-    if rows > MAX_ROWS || rows * d4 > wg * MAX_ACC {
+    if rows > MAX_ROWS || (rows * w).div_ceil(wg) > MAX_ACC {
         return Err(Error::Shape(format!(
             "{group} query heads per KV head x {n_tok} query tokens = {rows} rows per work item exceeds the decode \
-             kernel's {} (at most {MAX_ROWS}, and rows * head_dim / 4 <= {})",
-            MAX_ROWS.min(wg * MAX_ACC / d4.max(1)),
-            wg * MAX_ACC
+             kernel's {} (at most {MAX_ROWS}, and rows * head_dim <= {} elements)",
+            MAX_ROWS.min(wg * MAX_ACC / w.max(1)),
+            wg * MAX_ACC * word_elems(dtype)
         )));
     }
     Err(Error::DeviceLimit {
         what: format!("the decode kernel at head_dim {head_dim}, {rows} rows"),
         limit: "max_compute_workgroup_storage_size",
-        needed: split_bytes(rows, 8, head_dim) as u64,
+        needed: split_bytes(rows, 8, head_dim, dtype) as u64,
         max: caps.max_workgroup_storage as u64,
     })
 }
@@ -175,10 +236,18 @@ impl GpuAttend {
         let split = ctx.pipeline(
             Kernel::DecodeSplit,
             dtype,
-            &[d, ("R", plan.rows), ("BK", plan.tile_kv), ("WG", plan.workgroup_size)],
+            &[
+                d,
+                ("R", plan.rows),
+                ("BK", plan.tile_kv),
+                ("WG", plan.workgroup_size),
+                ("HALF", (dtype == DType::F16) as u32),
+                ("NL", plan.loads),
+                ("NA", plan.accumulators),
+                ("KS", plan.key_splits),
+            ],
         )?;
-        let combine =
-            ctx.pipeline(Kernel::DecodeCombine, dtype, &[d, ("R", plan.rows), ("WG", plan.workgroup_size)])?;
+        let combine = ctx.pipeline(Kernel::DecodeCombine, dtype, &[d, ("R", plan.rows), ("WG", 64)])?;
         let buffers = Mutex::new(CallBuffers::new(ctx));
         Ok(Self { ctx: ctx.clone(), dtype, head_dim, num_heads, plan, split, combine, buffers })
     }
@@ -269,6 +338,16 @@ impl GpuAttend {
             }
             self.bindable("k", kv.k, 0)?;
             self.bindable("v", kv.v, 0)?;
+            // K and V are read in 16-byte words: offsets and the token stride in whole words.
+            let word = word_elems(self.dtype) as u64;
+            if kv.k_off % word != 0 || kv.v_off % word != 0 || (shape.kv_tok_stride as u64 * 4) % word != 0 {
+                return Err(Error::Shape(format!(
+                    "k/v: offsets ({}, {}) and token stride ({}) must be multiples of {word} elements (16 bytes)",
+                    kv.k_off,
+                    kv.v_off,
+                    shape.kv_tok_stride as u64 * 4
+                )));
+            }
             params.push(Params {
                 num_heads: self.num_heads,
                 n_tok: shape.n_tok,

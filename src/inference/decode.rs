@@ -8,10 +8,11 @@
 //! merged by their LSE in a combine pass.
 
 use super::kv_cache::{KvCache, SeqId};
+use super::pool_storage::PoolDevice;
 use super::worklist::{RowShape, SplitPolicy, WorkItem, WorkList, WorkListBuilder};
 use crate::attention::{Element, Output};
 use crate::error::{Error, Result};
-use crate::gpu::decode::{plan_attend, Call, GpuAttend, KvSource, RowIo};
+use crate::gpu::decode::{plan_attend_for, Call, GpuAttend, KvSource, RowIo};
 use crate::gpu::{TensorView, Timing, WgpuContext};
 use crate::layout::Layout;
 use crate::plan::DType;
@@ -21,15 +22,26 @@ use std::sync::{Arc, Mutex};
 /// The decode op for one [`KvCache`]: Q `[sequences, q_len, heads, head_dim]` → O of the same shape and
 /// LSE `[sequences, heads, q_len]`, the queried tokens being the last `q_len` of each sequence.
 pub struct Decode {
-    ctx: WgpuContext,
+    engine: Engine,
     layout: Layout,
     cache_id: u64,
     head_dim: u32,
     dtype: DType,
     scale: f32,
     policy: SplitPolicy,
-    /// Kernels by queried tokens per sequence.
-    kernels: Mutex<HashMap<u32, Arc<GpuAttend>>>,
+}
+
+/// The kernels of a [`Decode`], by queried tokens per sequence, on the cache's device.
+enum Engine {
+    Wgpu {
+        ctx: WgpuContext,
+        kernels: Mutex<HashMap<u32, Arc<GpuAttend>>>,
+    },
+    #[cfg(feature = "cuda")]
+    Cuda {
+        ctx: crate::cuda::CudaContext,
+        kernels: Mutex<HashMap<u32, Arc<crate::cuda::CudaDecode>>>,
+    },
 }
 
 impl std::fmt::Debug for Decode {
@@ -39,21 +51,31 @@ impl std::fmt::Debug for Decode {
 }
 
 impl Decode {
-    /// A decode op reading `cache`, with softmax scale `1/sqrt(head_dim)` and the default [`SplitPolicy`].
-    /// Compiles the single-token kernel.
+    /// A decode op reading `cache`, with softmax scale `1/sqrt(head_dim)` and the default [`SplitPolicy`]
+    /// (on CUDA: [`SplitPolicy::for_compute_units`] of the device's SMs). Compiles the single-token
+    /// kernel: WGSL for a cache of wgpu buffers, CUDA for one in CUDA memory.
     pub fn new(cache: &KvCache) -> Result<Self> {
         let head_dim = cache.config().head_dim;
+        let (engine, policy) = match cache.device() {
+            PoolDevice::Wgpu(ctx) => {
+                (Engine::Wgpu { ctx: ctx.clone(), kernels: Mutex::default() }, SplitPolicy::default())
+            }
+            #[cfg(feature = "cuda")]
+            PoolDevice::Cuda(ctx) => (
+                Engine::Cuda { ctx: ctx.clone(), kernels: Mutex::default() },
+                SplitPolicy::for_compute_units(ctx.multiprocessors()),
+            ),
+        };
         let op = Self {
-            ctx: cache.wgpu().clone(),
+            engine,
             layout: cache.layout().clone(),
             cache_id: cache.id(),
             head_dim,
             dtype: cache.config().dtype,
             scale: 1.0 / (head_dim as f32).sqrt(),
-            policy: SplitPolicy::default(),
-            kernels: Mutex::default(),
+            policy,
         };
-        op.kernel(1)?;
+        op.plan_text(1)?;
         Ok(op)
     }
 
@@ -71,21 +93,76 @@ impl Decode {
 
     /// Device buffers this op has created so far: constant over steady-state calls (the work list goes
     /// into reused buffers that grow geometrically, never past what the cache's pool can need).
+    /// (The CUDA path uploads each call's work list into fresh allocations: 0.)
     pub fn buffers_created(&self) -> usize {
-        let kernels = self.kernels.lock().unwrap_or_else(|e| e.into_inner());
-        kernels.values().map(|k| k.buffers_created()).sum()
+        match &self.engine {
+            Engine::Wgpu { kernels, .. } => {
+                let kernels = kernels.lock().unwrap_or_else(|e| e.into_inner());
+                kernels.values().map(|k| k.buffers_created()).sum()
+            }
+            #[cfg(feature = "cuda")]
+            Engine::Cuda { .. } => 0,
+        }
     }
 
     fn kernel(&self, q_len: u32) -> Result<Arc<GpuAttend>> {
-        let mut kernels = self.kernels.lock().unwrap_or_else(|e| e.into_inner());
+        #[allow(irrefutable_let_patterns)]
+        let Engine::Wgpu { ctx, kernels } = &self.engine
+        else {
+            return Err(Error::Unsupported("this Decode op runs on CUDA: no WGSL kernel".into()));
+        };
+        let mut kernels = kernels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(k) = kernels.get(&q_len) {
             return Ok(k.clone());
         }
         let group = self.layout.num_heads() / self.layout.num_kv_heads();
-        let plan = plan_attend(self.ctx.caps(), self.head_dim, group, &[q_len], self.layout.block_size())?;
-        let k = Arc::new(GpuAttend::new(&self.ctx, self.dtype, self.head_dim, self.layout.num_heads(), plan)?);
+        let plan = plan_attend_for(ctx.caps(), self.dtype, self.head_dim, group, &[q_len], self.layout.block_size())?;
+        let k = Arc::new(GpuAttend::new(ctx, self.dtype, self.head_dim, self.layout.num_heads(), plan)?);
         kernels.insert(q_len, k.clone());
         Ok(k)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_kernel(&self, q_len: u32) -> Result<Arc<crate::cuda::CudaDecode>> {
+        let Engine::Cuda { ctx, kernels } = &self.engine else {
+            return Err(Error::Unsupported("this Decode op runs on wgpu: no CUDA kernel".into()));
+        };
+        let mut kernels = kernels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = kernels.get(&q_len) {
+            return Ok(k.clone());
+        }
+        let rows = self.layout.num_heads() / self.layout.num_kv_heads() * q_len;
+        let k = Arc::new(crate::cuda::CudaDecode::new(
+            ctx,
+            self.dtype,
+            self.head_dim,
+            self.layout.num_heads(),
+            rows,
+            self.layout.block_size(),
+        )?);
+        kernels.insert(q_len, k.clone());
+        Ok(k)
+    }
+
+    /// The kernel's plan, as text.
+    fn plan_text(&self, q_len: u32) -> Result<String> {
+        #[cfg(feature = "cuda")]
+        if let Engine::Cuda { .. } = &self.engine {
+            return Ok(self.cuda_kernel(q_len)?.to_string());
+        }
+        Ok(self.kernel(q_len)?.plan().to_string())
+    }
+
+    /// The parts of a CUDA call: each work list with its segment's K and V pools.
+    #[cfg(feature = "cuda")]
+    fn cuda_parts<'a>(cache: &'a KvCache, lists: &'a [(usize, WorkList)]) -> Result<Vec<crate::cuda::DecodePart<'a>>> {
+        lists
+            .iter()
+            .map(|(segment, list)| {
+                let (k, v) = cache.cuda_pools(*segment)?;
+                Ok(crate::cuda::DecodePart { list, k, v })
+            })
+            .collect()
     }
 
     /// The work lists of a call querying the last `q_len` tokens of each of `seqs`: one per KV cache
@@ -174,7 +251,7 @@ impl Decode {
     /// A human-readable account of a call: kernel shape, families, splits, blocks read.
     pub fn explain(&self, cache: &KvCache, seqs: &[SeqId], q_len: u32) -> Result<String> {
         let lists = self.work_lists(cache, seqs, q_len)?;
-        let kernel = self.kernel(q_len)?;
+        let plan = self.plan_text(q_len)?;
         let sum = |f: &dyn Fn(&WorkList) -> usize| lists.iter().map(|(_, l)| f(l)).sum::<usize>();
         let bps: Vec<u32> = lists.iter().map(|(_, l)| l.blocks_per_split()).filter(|&b| b != u32::MAX).collect();
         let split = match bps.iter().max() {
@@ -188,7 +265,7 @@ impl Decode {
         Ok(format!(
             "decode {} sequences x {q_len} tokens: {}; {} families in {} KV cache segments, {} KV blocks read, {split}",
             seqs.len(),
-            kernel.plan(),
+            plan,
             sum(&|l| l.families()),
             lists.len(),
             sum(&|l| l.entries().len())
@@ -245,6 +322,12 @@ impl Decode {
         let lists = self.work_lists(cache, seqs, q_len)?;
         let tokens = seqs.len() as u64 * q_len as u64;
         let lse_len = tokens * self.layout.num_heads() as u64;
+        #[cfg(feature = "cuda")]
+        if let Engine::Cuda { .. } = &self.engine {
+            let parts = Self::cuda_parts(cache, &lists)?;
+            let (out, lse) = self.cuda_kernel(q_len)?.run(&parts, self.scale, bytemuck::cast_slice(q), lse_len)?;
+            return Ok(Output { out: bytemuck::pod_collect_to_vec(&out), lse });
+        }
         let (out, lse) =
             self.kernel(q_len)?.run_host(&self.call(cache, &lists)?, bytemuck::cast_slice(q), tokens, lse_len)?;
         Ok(Output { out: bytemuck::pod_collect_to_vec(&out), lse })
@@ -265,6 +348,11 @@ impl Decode {
         let lists = self.work_lists(cache, seqs, q_len)?;
         let tokens = seqs.len() as u64 * q_len as u64;
         let lse_len = tokens * self.layout.num_heads() as u64;
+        #[cfg(feature = "cuda")]
+        if let Engine::Cuda { .. } = &self.engine {
+            let parts = Self::cuda_parts(cache, &lists)?;
+            return self.cuda_kernel(q_len)?.time(&parts, self.scale, bytemuck::cast_slice(q), lse_len, warmup, iters);
+        }
         self.kernel(q_len)?.time(&self.call(cache, &lists)?, bytemuck::cast_slice(q), tokens, lse_len, warmup, iters)
     }
 

@@ -15,6 +15,7 @@
 
 use super::kv_append;
 use super::page_table::{KvPage, PagePool, PageTable};
+use super::pool_storage::{PoolDevice, PoolPair};
 use super::retention::Retention;
 use crate::attention::Element;
 use crate::context::Context;
@@ -155,22 +156,22 @@ struct Sequence {
     tables: Vec<PageTable>,
 }
 
-/// One K buffer and one V buffer of pages, with their free list.
-#[derive(Debug)]
+/// One K pool and one V pool of pages, with their free list.
 struct Segment {
-    k: wgpu::Buffer,
-    v: wgpu::Buffer,
+    pools: PoolPair,
     pool: PagePool,
     sequences: usize,
 }
 
 /// A paged KV cache on the GPU for one layout. See the module docs for the eviction rule.
 pub struct KvCache {
-    ctx: WgpuContext,
+    ctx: PoolDevice,
     layout: Layout,
     config: KvCacheConfig,
     id: u64,
     retention: Retention,
+    /// Pages one sequence of `max_seq_len` tokens holds at its peak.
+    peak: u32,
     segments: Vec<Segment>,
     seqs: HashMap<u64, Sequence>,
     next_seq: u64,
@@ -190,44 +191,30 @@ static NEXT_CACHE: AtomicU64 = AtomicU64::new(1);
 const FLUSH_BYTES: u64 = 256 << 20;
 
 impl KvCache {
-    /// A cache for `layout` (causal) on the wgpu device of `ctx`, its pool allocated up front.
+    /// A cache for `layout` (causal) on the device of `ctx` (wgpu buffers, or CUDA memory on a CUDA
+    /// context), its pool allocated up front.
     pub fn new(ctx: &Context, layout: &Layout, config: KvCacheConfig) -> Result<Self> {
-        let ctx = ctx.require_wgpu("KvCache::new")?.clone();
+        let ctx = PoolDevice::of(ctx)?;
         Self::validate(layout, &config)?;
+        if config.dtype == DType::BF16 && ctx.wgpu().is_some() {
+            return Err(Error::Unsupported("bf16 KV cache: the WGSL decode kernels take f32 or f16".into()));
+        }
         let retention = Retention::new(layout, layout.blocks(config.max_seq_len));
         let sizes = Self::segment_sizes(layout, &config, &retention, ctx.caps())?;
         let page_bytes = layout.block_size() as u64 * config.head_dim as u64 * config.dtype.size();
-        let device = ctx.device();
-        let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let segments: Vec<Segment> = sizes
-            .iter()
-            .map(|&pages| {
-                let pool = |label| {
-                    device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some(label),
-                        size: pages as u64 * page_bytes,
-                        usage: wgpu::BufferUsages::STORAGE
-                            | wgpu::BufferUsages::COPY_DST
-                            | wgpu::BufferUsages::COPY_SRC,
-                        mapped_at_creation: false,
-                    })
-                };
-                let (k, v) = (pool("s2attn kv cache K"), pool("s2attn kv cache V"));
-                Segment { k, v, pool: PagePool::new(pages), sequences: 0 }
-            })
+        let pairs = ctx.alloc(sizes.iter().map(|&pages| pages as u64 * page_bytes))?;
+        let segments: Vec<Segment> = pairs
+            .into_iter()
+            .zip(&sizes)
+            .map(|(pools, &pages)| Segment { pools, pool: PagePool::new(pages), sequences: 0 })
             .collect();
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            let pages: u64 = sizes.iter().map(|&p| p as u64).sum();
-            return Err(Error::Device(format!(
-                "allocating a KV cache of {pages} pages ({} bytes): {e}",
-                2 * pages * page_bytes
-            )));
-        }
+        let peak = Self::peak_pages(layout, &config, &retention);
         Ok(Self {
             ctx,
             layout: layout.clone(),
             config,
             id: NEXT_CACHE.fetch_add(1, Ordering::Relaxed),
+            peak,
             retention,
             segments,
             seqs: HashMap::new(),
@@ -298,9 +285,6 @@ impl KvCache {
         if !PORTABLE_HEAD_DIMS.contains(&config.head_dim) {
             return Err(Error::HeadDim { got: config.head_dim, what: "the KV cache", supported: PORTABLE_HEAD_DIMS });
         }
-        if config.dtype == DType::BF16 {
-            return Err(Error::Unsupported("bf16 KV cache: the WGSL decode kernels take f32 or f16".into()));
-        }
         layout.check_seq_len(config.max_seq_len)?;
         if config.query_window == 0 || config.query_window > config.max_seq_len {
             return Err(Error::Shape(format!(
@@ -326,12 +310,19 @@ impl KvCache {
         len.saturating_sub(self.config.query_window) / self.layout.block_size()
     }
 
-    /// Starts an empty sequence, in the segment holding the fewest sequences (then the most free pages).
+    /// Starts an empty sequence, in the segment with the most room left once every sequence it holds has
+    /// grown to its peak (segments sized by `sequences` hold different numbers of whole sequences), then
+    /// the one holding the fewest sequences.
     pub fn add_sequence(&mut self) -> SeqId {
         let id = self.next_seq;
         self.next_seq += 1;
+        let peak = self.peak as i64;
         let segment = (0..self.segments.len())
-            .min_by_key(|&i| (self.segments[i].sequences, std::cmp::Reverse(self.segments[i].pool.free())))
+            .min_by_key(|&i| {
+                let g = &self.segments[i];
+                let room = g.pool.capacity() as i64 - g.sequences as i64 * peak;
+                (std::cmp::Reverse(room), g.sequences, std::cmp::Reverse(g.pool.free()))
+            })
             .unwrap_or(0);
         self.segments[segment].sequences += 1;
         let tables = vec![PageTable::default(); self.layout.num_kv_heads() as usize];
@@ -397,34 +388,37 @@ impl KvCache {
         let touched = len0 / bs..=(len1 - 1) / bs;
 
         let s = &self.seqs[&seq.0];
-        let segment = &self.segments[s.segment];
+        let segment = &mut self.segments[s.segment];
         let (k, v): (&[u8], &[u8]) = (bytemuck::cast_slice(k), bytemuck::cast_slice(v));
         let es = self.config.dtype.size() as usize;
-        let mut staged = 0u64;
+        // Rows of consecutive pages go to the device in one write (a fresh sequence's pages are).
+        let mut pending: (u64, Vec<u8>, Vec<u8>) = (0, Vec::new(), Vec::new());
         for (kvh, table) in s.tables.iter().enumerate() {
             for kb in touched.clone() {
                 let Some(page) = table.get(kb) else { continue };
                 let lo = len0.max(kb * bs);
                 let hi = len1.min((kb + 1) * bs);
-                let gather = |src: &[u8]| -> Vec<u8> {
-                    let mut rows = Vec::with_capacity((hi - lo) as usize * d * es);
-                    for t in lo..hi {
-                        rows.extend_from_slice(&src[(((t - len0) as usize * hk + kvh) * d) * es..][..d * es]);
-                    }
-                    rows
-                };
                 let at = (page.index() as u64 * bs as u64 + (lo - kb * bs) as u64) * d as u64 * es as u64;
-                self.ctx.queue().write_buffer(&segment.k, at, &gather(k));
-                self.ctx.queue().write_buffer(&segment.v, at, &gather(v));
-                staged += 2 * (hi - lo) as u64 * (d * es) as u64;
-                if staged >= FLUSH_BYTES {
-                    // Hand the staged writes to the device so that a long prompt's staging memory is
-                    // reclaimed as it goes instead of piling up until the next submit.
-                    self.ctx.queue().submit([]);
-                    self.ctx.wait()?;
-                    staged = 0;
+                if pending.0 + pending.1.len() as u64 != at || pending.1.len() as u64 >= FLUSH_BYTES / 2 {
+                    if !pending.1.is_empty() {
+                        self.ctx.write(&mut segment.pools, pending.0, &pending.1, &pending.2)?;
+                    }
+                    if pending.1.len() as u64 >= FLUSH_BYTES / 2 {
+                        // Hand the staged writes to the device so that a long prompt's staging memory
+                        // is reclaimed as it goes instead of piling up until the next submit.
+                        self.ctx.flush()?;
+                    }
+                    pending = (at, Vec::new(), Vec::new());
+                }
+                for t in lo..hi {
+                    let src = (((t - len0) as usize * hk + kvh) * d) * es;
+                    pending.1.extend_from_slice(&k[src..][..d * es]);
+                    pending.2.extend_from_slice(&v[src..][..d * es]);
                 }
             }
+        }
+        if !pending.1.is_empty() {
+            self.ctx.write(&mut segment.pools, pending.0, &pending.1, &pending.2)?;
         }
         Ok(())
     }
@@ -451,10 +445,12 @@ impl KvCache {
         let (hk, d) = (self.layout.num_kv_heads(), self.config.head_dim);
         let row = hk as u64 * d as u64;
         let dtype = self.config.dtype;
-        let (k_off, k_stride) = kv_append::source_words(&self.ctx, "k", k, tokens, row, dtype)?;
-        let (v_off, v_stride) = kv_append::source_words(&self.ctx, "v", v, tokens, row, dtype)?;
+        let wgpu = self.wgpu_ctx("append_encoded")?;
+        let (k_off, k_stride) = kv_append::source_words(wgpu, "k", k, tokens, row, dtype)?;
+        let (v_off, v_stride) = kv_append::source_words(wgpu, "v", v, tokens, row, dtype)?;
+        let ctx = self.wgpu_ctx("append_encoded")?.clone();
         let s = self.sequence(seq)?;
-        let pool_words = self.segments[s.segment].k.size() / 4;
+        let pool_words = self.segments[s.segment].pools.bytes() / 4;
         if pool_words > u32::MAX as u64 {
             return Err(Error::Unsupported(format!(
                 "append_encoded addresses pool segments in 32-bit words; this one has {pool_words} (cap segment_pages)"
@@ -462,7 +458,7 @@ impl KvCache {
         }
         if self.appender.is_none() {
             let max_pages = hk as u64 * (self.layout.blocks(self.config.max_seq_len) as u64 + 1);
-            self.appender = Some(kv_append::Appender::new(&self.ctx, max_pages)?);
+            self.appender = Some(kv_append::Appender::new(&ctx, max_pages)?);
         }
         let (len0, len1) = self.claim(seq, tokens as u64)?;
         let bs = self.layout.block_size();
@@ -490,9 +486,10 @@ impl KvCache {
             v_stride,
             pad: 0,
         };
-        let segment = &self.segments[s.segment];
+        let (pool_k, pool_v) =
+            self.segments[s.segment].pools.wgpu().ok_or_else(|| Error::Device("no wgpu pools".into()))?;
         let appender = self.appender.as_mut().ok_or_else(|| Error::Device("the append kernel is missing".into()))?;
-        appender.encode(encoder, &params, &page_words, [k.buffer, v.buffer], [&segment.k, &segment.v])
+        appender.encode(encoder, &params, &page_words, [k.buffer, v.buffer], [pool_k, pool_v])
     }
 
     /// Makes room for `new_tokens` more tokens of `seq`: frees the pages no future query needs any more,
@@ -597,18 +594,40 @@ impl KvCache {
     /// The K and V buffers of segment `segment`: `[pages, block_size, head_dim]` each, page `p` of a
     /// [`PageTable`] of a sequence in that segment at index `p.index()` (for kernels of other backends, and
     /// for apps that read the cache directly).
+    /// Fails with [`Error::Unsupported`] on a cache in CUDA memory (see `cuda_pools`).
     pub fn pools(&self, segment: usize) -> Result<(&wgpu::Buffer, &wgpu::Buffer)> {
-        let g = self.segments.get(segment).ok_or_else(|| {
+        self.segment(segment)?
+            .pools
+            .wgpu()
+            .ok_or_else(|| Error::Unsupported("KvCache::pools: this cache's pools live in CUDA memory".into()))
+    }
+
+    /// The K and V pools of segment `segment` of a cache in CUDA memory, laid out as [`KvCache::pools`].
+    #[cfg(feature = "cuda")]
+    pub fn cuda_pools(
+        &self,
+        segment: usize,
+    ) -> Result<(&cudarc::driver::CudaSlice<u8>, &cudarc::driver::CudaSlice<u8>)> {
+        self.segment(segment)?
+            .pools
+            .cuda()
+            .ok_or_else(|| Error::Unsupported("KvCache::cuda_pools: this cache's pools are wgpu buffers".into()))
+    }
+
+    fn segment(&self, segment: usize) -> Result<&Segment> {
+        self.segments.get(segment).ok_or_else(|| {
             Error::Shape(format!("segment {segment} is out of range: the cache has {}", self.segments.len()))
-        })?;
-        Ok((&g.k, &g.v))
+        })
     }
     /// Pages of the largest segment (the most KV blocks one decode call part can read).
     pub(crate) fn max_segment_pages(&self) -> u32 {
         self.segments.iter().map(|g| g.pool.capacity()).max().unwrap_or(0)
     }
-    pub(crate) fn wgpu(&self) -> &WgpuContext {
+    pub(crate) fn device(&self) -> &PoolDevice {
         &self.ctx
+    }
+    fn wgpu_ctx(&self, what: &str) -> Result<&WgpuContext> {
+        self.ctx.wgpu().ok_or_else(|| Error::Unsupported(format!("KvCache::{what} needs a wgpu device")))
     }
     pub(crate) fn id(&self) -> u64 {
         self.id

@@ -10,6 +10,7 @@ mod decode;
 mod kv_append;
 mod kv_cache;
 mod page_table;
+mod pool_storage;
 mod retention;
 mod varlen;
 mod worklist;

@@ -10,7 +10,7 @@ use super::worklist::{RowShape, SplitPolicy, WorkItem, WorkList, WorkListBuilder
 use crate::attention::{Element, Output};
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::gpu::decode::{plan_attend, Call, GpuAttend, KvSource, RowIo};
+use crate::gpu::decode::{plan_attend_for, Call, GpuAttend, KvSource, RowIo};
 use crate::gpu::{TensorView, WgpuContext};
 use crate::layout::Layout;
 use crate::plan::{DType, PORTABLE_HEAD_DIMS};
@@ -138,7 +138,7 @@ impl VarlenAttention {
         let group = layout.num_heads() / layout.num_kv_heads();
         // As many query tokens per item as the 64 rows and the device's workgroup memory allow.
         let choices: Vec<u32> = [64u32, 32, 16, 8, 4, 2, 1].into_iter().filter(|&t| group * t <= 64).collect();
-        let plan = plan_attend(ctx.caps(), head_dim, group, &choices, layout.block_size())?;
+        let plan = plan_attend_for(ctx.caps(), dtype, head_dim, group, &choices, layout.block_size())?;
         let kernel = GpuAttend::new(&ctx, dtype, head_dim, layout.num_heads(), plan)?;
         Ok(Self {
             ctx,

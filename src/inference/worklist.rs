@@ -62,14 +62,26 @@ pub struct SplitPolicy {
     pub min_blocks_per_split: u32,
 }
 
+/// Workgroups per compute unit the split aims at: enough resident items per SM (about 4 of 128
+/// invocations fit at once) for two waves, so that the loads of one hide behind the other.
+const WORKGROUPS_PER_UNIT: u32 = 8;
+/// Compute units assumed where the device does not say (wgpu exposes no count): a 132-SM H100/H200.
+/// Extra items on a smaller GPU cost only their combine.
+const DEFAULT_UNITS: u32 = 128;
+
 impl Default for SplitPolicy {
-    /// 512 workgroups (a few per compute unit on large GPUs), at least 2 blocks per split.
+    /// [`SplitPolicy::for_compute_units`] of a large GPU (128 units: 1024 workgroups).
     fn default() -> Self {
-        Self { target_workgroups: 512, min_blocks_per_split: 2 }
+        Self::for_compute_units(DEFAULT_UNITS)
     }
 }
 
 impl SplitPolicy {
+    /// Splits until a call offers about 8 workgroups per compute unit (streaming multiprocessor), at
+    /// least 2 KV blocks per split (one block would cost a partial write per block read).
+    pub fn for_compute_units(units: u32) -> Self {
+        Self { target_workgroups: units.max(1) * WORKGROUPS_PER_UNIT, min_blocks_per_split: 2 }
+    }
     /// Never split: one item per family.
     pub fn never() -> Self {
         Self { target_workgroups: 0, min_blocks_per_split: u32::MAX }

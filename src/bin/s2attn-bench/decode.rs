@@ -1,8 +1,8 @@
 //! `--mode decode` for `s2attn-bench`: one query token per sequence against a KV history, as the peer
 //! script's `--mode decode` times it (`--batch` sequences, `--seq` tokens of history each).
 //!
-//! Each input set is a [`KvCache`] of the problem's layout holding `batch` sequences of `seq` fresh random
-//! tokens (appended in chunks, so the cache keeps only the pages the layout's eviction rule retains) and a
+//! Each input set is a [`KvCache`] of the problem's layout holding `batch` sequences of `seq` random
+//! tokens (one random chunk appended repeatedly, so the cache keeps only the pages the layout's eviction rule retains) and a
 //! random query `[batch, 1, heads, head_dim]`. What is timed is [`Decode::time`]: the decode kernels alone
 //! (split passes and the LSE combine) on device-resident inputs. With several sets the calls rotate
 //! through the caches, one timed call each, so a call does not find its pages in cache from the last.
@@ -34,15 +34,16 @@ fn filled<T: Sample>(ctx: &Context, layout: &Layout, p: &Problem, seed: u64) -> 
     let mut cache = KvCache::new(ctx, layout, config).map_err(msg)?;
     let row = layout.num_kv_heads() as usize * p.head_dim as usize;
     let mut seqs = Vec::with_capacity(p.batch as usize);
-    let mut chunk_seed = seed;
+    // One random chunk per cache, appended over and over: the timed kernels read every resident page
+    // whatever it holds, and generating 128k x 32 KV heads x 16 sequences of fresh rows takes minutes.
+    let n = CHUNK.min(p.seq) as usize;
+    let (k, v) = (random::<T>(n * row, seed), random::<T>(n * row, seed.wrapping_add(1)));
     for _ in 0..p.batch {
         let id = cache.add_sequence();
         let mut done = 0;
         while done < p.seq {
             let n = CHUNK.min(p.seq - done) as usize;
-            chunk_seed = chunk_seed.wrapping_add(0x100);
-            let (k, v) = (random::<T>(n * row, chunk_seed), random::<T>(n * row, chunk_seed.wrapping_add(1)));
-            cache.append(id, &k, &v).map_err(msg)?;
+            cache.append(id, &k[..n * row], &v[..n * row]).map_err(msg)?;
             done += n as u32;
         }
         seqs.push(id);

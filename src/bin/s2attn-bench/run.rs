@@ -355,7 +355,7 @@ impl<'a> Runner<'a> {
     }
 
     /// Times the forward, or the forward then the backward, of `p` under `layout` on `t`, over `n` input
-    /// sets. Returns the implementation's variant name (`<forward>+<backward>` when they differ).
+    /// sets. Returns the implementation's variant name (`<forward>+<backward>` for `fwd+bwd`).
     fn time_pass<T: Sample>(
         &mut self,
         t: &Target,
@@ -371,8 +371,8 @@ impl<'a> Runner<'a> {
         };
         let fwd = op.plan().variant.name();
         let variant = match &grad {
-            Some(g) if g.plan().dq.variant.name() != fwd => format!("{fwd}+{}", g.plan().dq.variant.name()),
-            _ => fwd.to_string(),
+            Some(g) => format!("{fwd}+{}", g.plan().dq.variant.name()),
+            None => fwd.to_string(),
         };
         if self.args.verbose {
             eprintln!("  plan: {}", op.explain());
@@ -426,8 +426,9 @@ impl<'a> Runner<'a> {
                 if self.args.verbose {
                     eprintln!("  plan: {}", d.explain);
                 }
-                // Decode exposes no kernel variant; its WGSL kernels are the portable ones.
-                ("portable".to_string(), Timed { timing: d.timing, split_ms: None }, Some(d.kv_bytes))
+                // Decode exposes no kernel variant: its WGSL kernels are the portable ones, on CUDA s2_decode.cu.
+                let variant = if t.ctx.wgpu().is_some() { "portable" } else { "decode" };
+                (variant.to_string(), Timed { timing: d.timing, split_ms: None }, Some(d.kv_bytes))
             }
         };
         let check = match self.check::<T>(ti, t, p, dense) {

@@ -1,0 +1,321 @@
+// Split-KV decode over a host-built work list (the same list the WGSL kernels read, see
+// shaders/shared/decode.wgsl and src/inference/worklist.rs), on KV cache pools in CUDA memory.
+// Compiled by NVRTC (src/cuda/decode.rs) with
+//   HEAD_DIM, ROWS (query rows per item), BK (keys per step), NT (threads), IS_BF16, PASS (0 split, 1 combine).
+//
+// Split pass, one CTA per work item: its R = group * n_tok query rows against its KV blocks, K/V read as
+// 16-byte words, coalesced, one step of BK keys ahead (the next step's loads are in flight in registers
+// while this one is computed). Per step: stage K/V in shared memory, S = Q K^T (one key per thread, a
+// few rows each), then each thread of the O pass takes its row's step maximum from the scores (same
+// value in every thread of the row), rescales its accumulators and adds P V over its keys; KS threads
+// share an output when the rows hold fewer outputs than the CTA has threads. Items of split families
+// write a partial (O / l, base-2 LSE) that the combine pass merges by LSE.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+#define W (HEAD_DIM / 8)                 // 16-byte words per key row
+#define KP (W + 1)                       // padded word stride of staged K rows
+#define NL ((BK * W + NT - 1) / NT)      // words of K (and of V) each thread loads per step
+#define NOUT (ROWS * W)                  // outputs: one 16-byte word (8 elements) of one row
+#define NA ((NOUT + NT - 1) / NT)        // outputs per thread
+#define KS ((NA == 1 && NT / NOUT > 1) ? NT / NOUT : 1) // threads sharing an output
+#define D4 (HEAD_DIM / 4)
+#define NEG_BIG (-3.0e38f)
+
+#if (HEAD_DIM % 8) != 0 || (NT % BK) != 0 || ROWS > 64
+#error "HEAD_DIM must be a multiple of 8, BK divide NT, ROWS be at most 64"
+#endif
+
+struct Item {
+    u32 head0, tok0, pos0, n_valid, kv_len, e0, e1, slot, lse0, nsplit, pad0, pad1;
+};
+
+struct Params {
+    const u16* q;         // [tokens, heads, HEAD_DIM]
+    const uint4* k;       // pool words
+    const uint4* v;
+    u16* o;               // as q
+    float* lse;           // natural log, indexed as the work list says
+    const Item* items;    // split items (PASS 0) or combine records (PASS 1)
+    const uint4* entries; // (base in 4-element units, first key, row mask lo, hi)
+    float* part_o;        // [slot, ROWS, HEAD_DIM]
+    float* part_lse;      // [slot, ROWS], base 2
+    u32 n_items;
+    u32 num_heads;
+    u32 n_tok;
+    u32 block_size;
+    u32 causal;
+    float scale_log2;
+    u32 kv_tok_stride;    // 4-element units from one key to the next
+    u32 lse_head_stride;
+};
+
+__device__ __forceinline__ float to_f32(u16 x) {
+#if IS_BF16
+    return __uint_as_float(((u32)x) << 16);
+#else
+    float f;
+    asm("{ .reg .b16 h; mov.b16 h, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "h"(x));
+    return f;
+#endif
+}
+
+__device__ __forceinline__ u16 from_f32(float f) {
+    u16 x;
+#if IS_BF16
+    asm("{ .reg .b16 h; cvt.rn.bf16.f32 h, %1; mov.b16 %0, h; }" : "=h"(x) : "f"(f));
+#else
+    asm("{ .reg .b16 h; cvt.rn.f16.f32 h, %1; mov.b16 %0, h; }" : "=h"(x) : "f"(f));
+#endif
+    return x;
+}
+
+// The 8 elements of a 16-byte word.
+__device__ __forceinline__ void unpack8(uint4 w, float* x) {
+    const u32 a[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        x[2 * i] = to_f32((u16)(a[i] & 0xffffu));
+        x[2 * i + 1] = to_f32((u16)(a[i] >> 16));
+    }
+}
+
+__device__ __forceinline__ bool row_valid(const Item& it, u32 r, u32 n_tok) { return r % n_tok < it.n_valid; }
+
+__device__ __forceinline__ long long row_index(const Params& p, const Item& it, u32 r) {
+    return ((long long)(it.tok0 + r % p.n_tok) * p.num_heads + it.head0 + r / p.n_tok) * HEAD_DIM;
+}
+
+__device__ __forceinline__ u32 lse_index(const Params& p, const Item& it, u32 r) {
+    return it.lse0 + (r / p.n_tok) * p.lse_head_stride + r % p.n_tok;
+}
+
+__device__ __forceinline__ float lse_out(float lse2) { return lse2 > NEG_BIG ? lse2 * 0.6931471805599453f : __int_as_float(0xff800000); }
+
+#if PASS == 0
+
+extern "C" __global__ void __launch_bounds__(NT) s2_decode_split(const Params p) {
+    const u32 id = blockIdx.x + blockIdx.y * gridDim.x;
+    if (id >= p.n_items) return;
+    const Item it = p.items[id];
+    const u32 tid = threadIdx.x;
+    extern __shared__ uint4 smem[];
+    uint4* k_s = smem;                                  // [BK][KP]
+    uint4* v_s = k_s + BK * KP;                         // [BK][W]
+    float* q_s = (float*)(v_s + BK * W);                // [ROWS][HEAD_DIM], pre-scaled
+    float* p_s = q_s + ROWS * HEAD_DIM;                 // [ROWS][BK]
+    float* red = p_s + ROWS * BK;                       // key-split partials: [(KS - 1) * NOUT][9]
+
+    const bool causal = p.causal != 0;
+    u32 key_end = it.kv_len;
+    if (causal) key_end = min(key_end, it.pos0 + it.n_valid);
+    const u32 tok_stride = p.kv_tok_stride / 2;         // 16-byte words (2-byte elements)
+
+    for (u32 i = tid; i < ROWS * HEAD_DIM; i += NT) {
+        const u32 r = i / HEAD_DIM;
+        float x = 0.f;
+        if (row_valid(it, r, p.n_tok)) x = to_f32(p.q[row_index(p, it, r) + i % HEAD_DIM]) * p.scale_log2;
+        q_s[i] = x;
+    }
+
+    const u32 ks = tid / NOUT;
+    const bool active_o = tid < KS * NOUT;
+    float acc[NA][8];
+    float m_r[NA], l_r[NA];
+#pragma unroll
+    for (int j = 0; j < NA; j++) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[j][e] = 0.f;
+        m_r[j] = NEG_BIG;
+        l_r[j] = 0.f;
+    }
+
+    const u32 per_block = p.block_size / BK;
+    const u32 n_chunks = (it.e1 - it.e0) * per_block;
+    uint4 pk[NL], pv[NL];
+    u32 next_k0 = 0;
+    auto load = [&](u32 c) {
+        const uint4 e = p.entries[it.e0 + c / per_block];
+        const u32 sub = (c % per_block) * BK;
+        next_k0 = e.y + sub;
+#pragma unroll
+        for (int j = 0; j < NL; j++) {
+            const u32 i = tid + j * NT;
+            const u32 kk = i / W;
+            uint4 kx = make_uint4(0, 0, 0, 0), vx = kx;
+            if (i < BK * W && next_k0 + kk < key_end) {
+                const size_t at = e.x / 2 + (size_t)(sub + kk) * tok_stride + i % W;
+                kx = __ldg(p.k + at);
+                vx = __ldg(p.v + at);
+            }
+            pk[j] = kx;
+            pv[j] = vx;
+        }
+    };
+    if (n_chunks > 0) load(0);
+    for (u32 c = 0; c < n_chunks;) {
+        const u32 k0 = next_k0;
+        if (k0 >= key_end) break;
+        const uint4 entry = p.entries[it.e0 + c / per_block];
+        __syncthreads(); // the previous step's O pass is done with k_s, v_s, p_s
+#pragma unroll
+        for (int j = 0; j < NL; j++) {
+            const u32 i = tid + j * NT;
+            if (i < BK * W) {
+                k_s[(i / W) * KP + i % W] = pk[j];
+                v_s[i] = pv[j];
+            }
+        }
+        __syncthreads();
+        c++;
+        if (c < n_chunks) load(c);
+
+        // S = Q K^T.
+        const u32 kk = tid % BK;
+        const u32 kpos = k0 + kk;
+        for (u32 r = tid / BK; r < ROWS; r += NT / BK) {
+            float s = NEG_BIG;
+            const u32 word = r < 32 ? entry.z : entry.w;
+            if (row_valid(it, r, p.n_tok) && kpos < key_end && (!causal || kpos <= it.pos0 + r % p.n_tok)
+                && ((word >> (r % 32)) & 1u)) {
+                float dot = 0.f;
+#pragma unroll
+                for (int w = 0; w < W; w++) {
+                    float x[8];
+                    unpack8(k_s[kk * KP + w], x);
+                    const float4 qa = *(const float4*)(q_s + r * HEAD_DIM + 8 * w);
+                    const float4 qb = *(const float4*)(q_s + r * HEAD_DIM + 8 * w + 4);
+                    dot += qa.x * x[0] + qa.y * x[1] + qa.z * x[2] + qa.w * x[3] + qb.x * x[4] + qb.y * x[5]
+                        + qb.z * x[6] + qb.w * x[7];
+                }
+                s = dot;
+            }
+            p_s[r * BK + kk] = s;
+        }
+        __syncthreads();
+
+        // O += P V with each row's running maximum.
+        if (active_o) {
+#pragma unroll
+            for (int j = 0; j < NA; j++) {
+                const u32 o = tid % NOUT + j * NT;
+                if (o < NOUT) {
+                    const u32 r = o / W, w = o % W;
+                    float mc = NEG_BIG;
+#pragma unroll 8
+                    for (int k = 0; k < BK; k++) mc = fmaxf(mc, p_s[r * BK + k]);
+                    const float m_new = fmaxf(m_r[j], mc);
+                    if (m_new > NEG_BIG) {
+                        const float alpha = exp2f(m_r[j] - m_new);
+                        float l = l_r[j] * alpha;
+#pragma unroll
+                        for (int e = 0; e < 8; e++) acc[j][e] *= alpha;
+                        for (u32 k = ks; k < BK; k += KS) {
+                            const float s = p_s[r * BK + k];
+                            const float pr = s > NEG_BIG ? exp2f(s - m_new) : 0.f;
+                            float x[8];
+                            unpack8(v_s[k * W + w], x);
+                            l += pr;
+#pragma unroll
+                            for (int e = 0; e < 8; e++) acc[j][e] += pr * x[e];
+                        }
+                        l_r[j] = l;
+                        m_r[j] = m_new;
+                    }
+                }
+            }
+        }
+    }
+
+#if KS > 1
+    __syncthreads();
+    if (active_o && ks > 0) {
+        float* t = red + (tid - NOUT) * 9;
+#pragma unroll
+        for (int e = 0; e < 8; e++) t[e] = acc[0][e];
+        t[8] = l_r[0];
+    }
+    __syncthreads();
+    if (ks == 0) {
+        for (u32 s = 1; s < KS; s++) {
+            const float* t = red + ((s - 1) * NOUT + tid) * 9;
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[0][e] += t[e];
+            l_r[0] += t[8];
+        }
+    }
+#endif
+    if (!active_o || ks != 0) return;
+#pragma unroll
+    for (int j = 0; j < NA; j++) {
+        const u32 o = tid + j * NT;
+        const u32 r = o / W, w = o % W;
+        if (o < NOUT && row_valid(it, r, p.n_tok)) {
+            const float l = l_r[j];
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            if (it.nsplit == 1) {
+                u32 words[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    words[e] = (u32)from_f32(acc[j][2 * e] * inv) | ((u32)from_f32(acc[j][2 * e + 1] * inv) << 16);
+                *(uint4*)(p.o + row_index(p, it, r) + 8 * w) = make_uint4(words[0], words[1], words[2], words[3]);
+            } else {
+                float4* dst = (float4*)(p.part_o + ((size_t)it.slot * ROWS + r) * HEAD_DIM + 8 * w);
+                dst[0] = make_float4(acc[j][0] * inv, acc[j][1] * inv, acc[j][2] * inv, acc[j][3] * inv);
+                dst[1] = make_float4(acc[j][4] * inv, acc[j][5] * inv, acc[j][6] * inv, acc[j][7] * inv);
+            }
+            if (w == 0) {
+                const float lse2 = l > 0.f ? m_r[j] + log2f(l) : NEG_BIG;
+                if (it.nsplit == 1) p.lse[lse_index(p, it, r)] = lse_out(lse2);
+                else p.part_lse[it.slot * ROWS + r] = lse2;
+            }
+        }
+    }
+}
+
+#else
+
+// Combine: one CTA per split family, merging its nsplit partials by their base-2 LSE.
+extern "C" __global__ void __launch_bounds__(NT) s2_decode_combine(const Params p) {
+    const u32 id = blockIdx.x + blockIdx.y * gridDim.x;
+    if (id >= p.n_items) return;
+    const Item fam = p.items[id];
+    __shared__ float lse_s[ROWS];
+    const u32 tid = threadIdx.x;
+    if (tid < ROWS) {
+        float m = NEG_BIG;
+        for (u32 s = 0; s < fam.nsplit; s++) m = fmaxf(m, p.part_lse[(fam.slot + s) * ROWS + tid]);
+        float lse2 = NEG_BIG;
+        if (m > NEG_BIG) {
+            float sum = 0.f;
+            for (u32 s = 0; s < fam.nsplit; s++) sum += exp2f(p.part_lse[(fam.slot + s) * ROWS + tid] - m);
+            lse2 = m + log2f(sum);
+        }
+        lse_s[tid] = lse2;
+        if (row_valid(fam, tid, p.n_tok)) p.lse[lse_index(p, fam, tid)] = lse_out(lse2);
+    }
+    __syncthreads();
+    for (u32 i = tid; i < ROWS * D4; i += NT) {
+        const u32 r = i / D4, c = i % D4;
+        if (!row_valid(fam, r, p.n_tok)) continue;
+        const float lse2 = lse_s[r];
+        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (lse2 > NEG_BIG) {
+            for (u32 s = 0; s < fam.nsplit; s++) {
+                const size_t slot = (size_t)(fam.slot + s) * ROWS + r;
+                const float wgt = exp2f(p.part_lse[slot] - lse2);
+                const float4 y = ((const float4*)p.part_o)[slot * D4 + c];
+                x.x += wgt * y.x;
+                x.y += wgt * y.y;
+                x.z += wgt * y.z;
+                x.w += wgt * y.w;
+            }
+        }
+        const u32 lo = (u32)from_f32(x.x) | ((u32)from_f32(x.y) << 16);
+        const u32 hi = (u32)from_f32(x.z) | ((u32)from_f32(x.w) << 16);
+        *(uint2*)(p.o + row_index(p, fam, r) + 4 * c) = make_uint2(lo, hi);
+    }
+}
+
+#endif

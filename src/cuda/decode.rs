@@ -1,0 +1,313 @@
+//! [`CudaDecode`]: the CUDA decode kernels (`shaders/cuda/s2_decode.cu`, split pass then LSE combine)
+//! over the host-built [`WorkList`]s of [`crate::Decode`], reading a [`crate::KvCache`] whose pools live
+//! in CUDA memory. Compiled by NVRTC per (dtype, head dim, rows, key step); launches on host queries and
+//! CUDA-event timing.
+
+use super::compile::KernelKey;
+use super::context::CudaContext;
+use crate::error::{Error, Result};
+use crate::gpu::Timing;
+use crate::inference::WorkList;
+use crate::plan::DType;
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::fmt;
+use std::sync::Arc;
+
+const S2_DECODE_SRC: &str = include_str!("../../shaders/cuda/s2_decode.cu");
+/// Threads of the split CTA.
+const THREADS: u32 = 128;
+/// Threads of the combine CTA.
+const COMBINE_THREADS: u32 = 64;
+/// Rows an item may have (the entries' 64-bit row masks).
+const MAX_ROWS: u32 = 64;
+
+/// One part of a call: a work list and the K/V pools of its KV cache segment.
+pub struct DecodePart<'a> {
+    /// The part's work list.
+    pub list: &'a WorkList,
+    /// K pool bytes.
+    pub k: &'a CudaSlice<u8>,
+    /// V pool bytes.
+    pub v: &'a CudaSlice<u8>,
+}
+
+/// Mirrors `struct Params` in `shaders/cuda/s2_decode.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Params {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    lse: u64,
+    items: u64,
+    entries: u64,
+    part_o: u64,
+    part_lse: u64,
+    n_items: u32,
+    num_heads: u32,
+    n_tok: u32,
+    block_size: u32,
+    causal: u32,
+    scale_log2: f32,
+    kv_tok_stride: u32,
+    lse_head_stride: u32,
+}
+
+// SAFETY: plain-old-data with the C layout the kernel declares.
+unsafe impl DeviceRepr for Params {}
+
+/// The split and combine kernels for one (dtype, head dim, rows, key step).
+pub struct CudaDecode {
+    ctx: CudaContext,
+    split: CudaFunction,
+    combine: CudaFunction,
+    rows: u32,
+    tile_kv: u32,
+    smem: u32,
+    head_dim: u32,
+    num_heads: u32,
+    dtype: DType,
+}
+
+impl fmt::Display for CudaDecode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "CUDA s2_decode: {} rows x {} keys per step, {THREADS} threads, {} B shared memory, 16 B loads",
+            self.rows, self.tile_kv, self.smem
+        )
+    }
+}
+
+fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+    move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+/// Shared bytes of the split kernel: K (padded) and V steps, Q rows, scores, key-split partials.
+fn split_smem(rows: u32, tile_kv: u32, head_dim: u32) -> u32 {
+    let w = head_dim / 8;
+    let n_out = rows * w;
+    let ks = if n_out <= THREADS { (THREADS / n_out).max(1) } else { 1 };
+    16 * tile_kv * (2 * w + 1) + 4 * rows * head_dim + 4 * rows * tile_kv + 4 * 9 * (ks - 1) * n_out
+}
+
+impl CudaDecode {
+    /// Compiles (or fetches) the kernels for items of `rows` query rows over `block_size`-key pages.
+    pub fn new(
+        ctx: &CudaContext,
+        dtype: DType,
+        head_dim: u32,
+        num_heads: u32,
+        rows: u32,
+        block_size: u32,
+    ) -> Result<Self> {
+        if dtype == DType::F32 {
+            return Err(Error::Unsupported("the CUDA decode kernel takes f16 or bf16 KV caches".into()));
+        }
+        if head_dim % 8 != 0 || head_dim > 256 {
+            return Err(Error::HeadDim {
+                got: head_dim,
+                what: "the CUDA decode kernel",
+                supported: &[32, 64, 96, 128, 256],
+            });
+        }
+        if rows == 0 || rows > MAX_ROWS || (rows * head_dim / 8).div_ceil(THREADS) > 16 {
+            return Err(Error::Shape(format!("{rows} rows per work item exceed the CUDA decode kernel's {MAX_ROWS}")));
+        }
+        let caps = ctx.caps();
+        let tile_kv = [64u32, 32, 16, 8]
+            .into_iter()
+            .find(|&t| {
+                block_size % t == 0
+                    && (t * head_dim / 8).div_ceil(THREADS) <= 16
+                    && split_smem(rows, t, head_dim) <= caps.max_workgroup_storage
+            })
+            .ok_or_else(|| Error::DeviceLimit {
+                what: format!("the CUDA decode kernel at head_dim {head_dim}, {rows} rows"),
+                limit: "shared memory per block",
+                needed: split_smem(rows, 8, head_dim) as u64,
+                max: caps.max_workgroup_storage as u64,
+            })?;
+        let smem = split_smem(rows, tile_kv, head_dim);
+        let bf16 = (dtype == DType::BF16) as i64;
+        let kernel = |pass: i64, threads: u32, entry: &str, smem: u32| -> Result<CudaFunction> {
+            let defines = [
+                ("HEAD_DIM", head_dim as i64),
+                ("ROWS", rows as i64),
+                ("BK", tile_kv as i64),
+                ("NT", threads as i64),
+                ("IS_BF16", bf16),
+                ("PASS", pass),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            let key = KernelKey { name: "s2_decode.cu", defines, arch: ctx.arch(), arch_specific: false };
+            ctx.kernel(&key, S2_DECODE_SRC, entry, smem)
+        };
+        let split = kernel(0, THREADS, "s2_decode_split", smem)?;
+        let combine = kernel(1, COMBINE_THREADS, "s2_decode_combine", 0)?;
+        Ok(Self { ctx: ctx.clone(), split, combine, rows, tile_kv, smem, head_dim, num_heads, dtype })
+    }
+
+    /// Uploads the parts' work lists and allocates the partials; returns per part (split params,
+    /// combine params) with Q/O/LSE left for the caller, and the owned device buffers.
+    #[allow(clippy::type_complexity)]
+    fn prepare(
+        &self,
+        stream: &Arc<CudaStream>,
+        parts: &[DecodePart<'_>],
+        scale: f32,
+    ) -> Result<(Vec<(Params, Params)>, Vec<CudaSlice<u32>>, [CudaSlice<f32>; 2])> {
+        let up = |words: &[u32]| -> Result<CudaSlice<u32>> {
+            let words: &[u32] = if words.is_empty() { &[0; 4] } else { words };
+            stream.clone_htod(words).map_err(cuda_err("uploading the decode work list"))
+        };
+        let slots = parts.iter().map(|p| p.list.partial_slots().end).max().unwrap_or(0).max(1) as usize;
+        let rows = self.rows as usize;
+        let part_o = stream
+            .alloc_zeros::<f32>(slots * rows * self.head_dim as usize)
+            .map_err(cuda_err("allocating the decode partials"))?;
+        let part_lse = stream.alloc_zeros::<f32>(slots * rows).map_err(cuda_err("allocating the decode partials"))?;
+        let mut owned = Vec::new();
+        let mut params = Vec::new();
+        for part in parts {
+            let list = part.list;
+            let shape = list.shape();
+            if shape.rows() != self.rows {
+                return Err(Error::Shape(format!("work list of {} rows on a kernel for {}", shape.rows(), self.rows)));
+            }
+            if shape.kv_tok_stride % 2 != 0 {
+                return Err(Error::Shape("k/v token stride must be a multiple of 8 elements".into()));
+            }
+            let items = up(bytemuck::cast_slice(list.items()))?;
+            let entries = up(bytemuck::cast_slice(list.entries()))?;
+            let families = up(bytemuck::cast_slice(list.split_families()))?;
+            let base = Params {
+                k: part.k.device_ptr(stream).0,
+                v: part.v.device_ptr(stream).0,
+                entries: entries.device_ptr(stream).0,
+                part_o: part_o.device_ptr(stream).0,
+                part_lse: part_lse.device_ptr(stream).0,
+                num_heads: self.num_heads,
+                n_tok: shape.n_tok,
+                block_size: shape.block_size,
+                causal: shape.causal as u32,
+                scale_log2: scale * std::f32::consts::LOG2_E,
+                kv_tok_stride: shape.kv_tok_stride,
+                lse_head_stride: shape.lse_head_stride,
+                ..Params::default()
+            };
+            let split = Params { items: items.device_ptr(stream).0, n_items: list.items().len() as u32, ..base };
+            let combine =
+                Params { items: families.device_ptr(stream).0, n_items: list.split_families().len() as u32, ..base };
+            params.push((split, combine));
+            owned.extend([items, entries, families]);
+        }
+        Ok((params, owned, [part_o, part_lse]))
+    }
+
+    /// Launches every part's split pass, then every combine pass, with `q`/`o`/`lse` addresses.
+    ///
+    /// # Safety
+    /// The parameters must address live device buffers sized for the call.
+    unsafe fn launch(&self, stream: &CudaStream, params: &[(Params, Params)], io: (u64, u64, u64)) -> Result<()> {
+        let max_x = self.ctx.caps().max_dispatch.clamp(1, 65_535);
+        let grid = |n: u32| (n.clamp(1, max_x), n.div_ceil(max_x).max(1), 1);
+        for pass in 0..2 {
+            for (split, combine) in params {
+                let (p, func, threads, smem) = if pass == 0 {
+                    (split, &self.split, THREADS, self.smem)
+                } else {
+                    (combine, &self.combine, COMBINE_THREADS, 0)
+                };
+                if p.n_items == 0 {
+                    continue;
+                }
+                let p = Params { q: io.0, o: io.1, lse: io.2, ..*p };
+                let cfg =
+                    LaunchConfig { grid_dim: grid(p.n_items), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
+                let mut args = stream.launch_builder(func);
+                args.arg(&p);
+                // SAFETY: forwarded to the caller; the launch shape matches the compiled configuration.
+                unsafe { args.launch(cfg) }.map_err(cuda_err("launching the CUDA decode"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn io(&self, stream: &Arc<CudaStream>, q: &[u8], lse_len: u64) -> Result<[CudaSlice<u8>; 3]> {
+        let q_dev = stream.clone_htod(q).map_err(cuda_err("uploading the decode queries"))?;
+        let mut o = stream.alloc_zeros::<u8>(q.len().max(16)).map_err(cuda_err("allocating the decode output"))?;
+        let mut lse =
+            stream.alloc_zeros::<u8>((lse_len as usize * 4).max(16)).map_err(cuda_err("allocating the LSE"))?;
+        // Poison the outputs so that a row the kernels miss shows.
+        for buf in [&mut o, &mut lse] {
+            let bytes = buf.num_bytes();
+            let (ptr, _g) = cudarc::driver::DevicePtrMut::device_ptr_mut(buf, stream);
+            // SAFETY: `ptr` addresses `bytes` bytes of this live allocation, on its own stream.
+            unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xff, bytes, stream.cu_stream()) }
+                .map_err(cuda_err("poisoning the decode outputs"))?;
+        }
+        Ok([q_dev, o, lse])
+    }
+
+    /// Runs a call on host queries (`[tokens, heads, head_dim]` bytes of the dtype); returns (O bytes,
+    /// LSE).
+    pub fn run(&self, parts: &[DecodePart<'_>], scale: f32, q: &[u8], lse_len: u64) -> Result<(Vec<u8>, Vec<f32>)> {
+        let stream = self.ctx.stream();
+        let (params, _owned, _partials) = self.prepare(stream, parts, scale)?;
+        let [q_dev, o, lse] = self.io(stream, q, lse_len)?;
+        let io = (q_dev.device_ptr(stream).0, o.device_ptr(stream).0, lse.device_ptr(stream).0);
+        // SAFETY: the work lists, partials and I/O buffers above are alive and sized for the call.
+        unsafe { self.launch(stream, &params, io)? };
+        let out = stream.clone_dtoh(&o).map_err(cuda_err("reading the decode output"))?;
+        let lse = stream.clone_dtoh(&lse).map_err(cuda_err("reading the LSE"))?;
+        stream.synchronize().map_err(cuda_err("running the CUDA decode"))?;
+        Ok((out[..q.len()].to_vec(), bytemuck::pod_collect_to_vec(&lse[..lse_len as usize * 4])))
+    }
+
+    /// Times `iters` calls (split start to combine end) with CUDA events after `warmup` untimed ones, on
+    /// work lists and queries uploaded once.
+    pub fn time(
+        &self,
+        parts: &[DecodePart<'_>],
+        scale: f32,
+        q: &[u8],
+        lse_len: u64,
+        warmup: u32,
+        iters: u32,
+    ) -> Result<Timing> {
+        if iters == 0 {
+            return Err(Error::Shape("timing needs iters >= 1".into()));
+        }
+        let stream = self.ctx.stream();
+        let (params, _owned, _partials) = self.prepare(stream, parts, scale)?;
+        let [q_dev, o, lse] = self.io(stream, q, lse_len)?;
+        let io = (q_dev.device_ptr(stream).0, o.device_ptr(stream).0, lse.device_ptr(stream).0);
+        // SAFETY: as in `run`.
+        let run = || unsafe { self.launch(stream, &params, io) };
+        for _ in 0..warmup {
+            run()?;
+        }
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let ctx = self.ctx.cudarc();
+        let mut events = Vec::with_capacity(iters as usize);
+        for _ in 0..iters {
+            let start = ctx.new_event(flags).map_err(cuda_err("creating an event"))?;
+            let end = ctx.new_event(flags).map_err(cuda_err("creating an event"))?;
+            start.record(stream).map_err(cuda_err("recording an event"))?;
+            run()?;
+            end.record(stream).map_err(cuda_err("recording an event"))?;
+            events.push((start, end));
+        }
+        stream.synchronize().map_err(cuda_err("running the CUDA decode"))?;
+        let samples_ms = events
+            .iter()
+            .map(|(s, e)| s.elapsed_ms(e).map(f64::from).map_err(cuda_err("reading an event")))
+            .collect::<Result<Vec<_>>>()?;
+        let _ = self.dtype;
+        Ok(Timing { samples_ms, gpu_timestamps: true })
+    }
+}

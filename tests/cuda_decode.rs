@@ -1,0 +1,184 @@
+//! The CUDA decode path against the f64 oracle: a `KvCache` whose pages live in CUDA memory (same page
+//! planning and eviction as the wgpu cache) decoded by `shaders/cuda/s2_decode.cu` (split pass + LSE
+//! combine): mixed lengths across page boundaries, GQA groups of 1/4/8, speculative queries, split
+//! policies from never to one block per split, several cache segments, fp16 and bf16, and the wgpu-only
+//! entry points refusing clearly. Every test needs a CUDA device and skips with a message without one.
+//!
+//! Tolerances (‖out − ref‖ / ‖ref‖, outputs poisoned before each run): fp16 2e-3 (f16 storage, f32
+//! accumulation), bf16 1e-2 (8 significant bits of storage); LSE 1e-4.
+#![cfg(feature = "cuda")]
+
+use s2attn::cpu::{rel_l2_error, varlen_reference};
+use s2attn::inference::SplitPolicy;
+use s2attn::{
+    Backend, Context, ContextOptions, DType, Decode, Error, KvCache, KvCacheConfig, Layout, S2Config, SeqLens,
+};
+use std::sync::OnceLock;
+
+/// The CUDA context, or `None` (after saying why) on machines without one.
+fn cuda() -> Option<&'static Context> {
+    static CTX: OnceLock<Option<Context>> = OnceLock::new();
+    CTX.get_or_init(|| match Context::with_options(&ContextOptions { backend: Backend::Cuda, ..Default::default() }) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("skipping the CUDA decode tests: no usable CUDA device ({e})");
+            None
+        }
+    })
+    .as_ref()
+}
+
+/// xorshift64*: uniform values in [-1, 1), rounded to the storage type.
+fn random(n: usize, seed: u64, dtype: DType) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            let x = ((s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+            round(x, dtype)
+        })
+        .collect()
+}
+
+fn round(x: f32, dtype: DType) -> f32 {
+    match dtype {
+        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+        _ => half::f16::from_f32(x).to_f32(),
+    }
+}
+
+/// Decodes the last `q_len` tokens of sequences of `lens` tokens under `layout` on CUDA with `policy`,
+/// and returns (O error, LSE error) against the oracle on the full histories.
+#[allow(clippy::too_many_arguments)]
+fn decode_error(
+    ctx: &Context,
+    layout: &Layout,
+    d: u32,
+    dtype: DType,
+    lens: &[u32],
+    q_len: u32,
+    policy: SplitPolicy,
+    segment_pages: Option<u32>,
+    seed: u64,
+) -> (f64, f64) {
+    let (h, hk) = (layout.num_heads(), layout.num_kv_heads());
+    let max = *lens.iter().max().expect("lens");
+    let mut config = KvCacheConfig::new(d, dtype, max).sequences(lens.len() as u32).query_window(q_len);
+    if let Some(p) = segment_pages {
+        config = config.segment_pages(p);
+    }
+    let mut cache = KvCache::new(ctx, layout, config).expect("CUDA KV cache");
+    let row = (hk * d) as usize;
+    let (mut ks, mut vs, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, &len) in lens.iter().enumerate() {
+        let k = random(len as usize * row, seed + 10 * i as u64, dtype);
+        let v = random(len as usize * row, seed + 10 * i as u64 + 1, dtype);
+        let id = cache.add_sequence();
+        // Appends of odd sizes, across page boundaries.
+        let mut done = 0usize;
+        for step in [1usize, 37, 64, 5, 300].iter().cycle() {
+            if done == len as usize {
+                break;
+            }
+            let n = (*step).min(len as usize - done);
+            let r = done * row..(done + n) * row;
+            match dtype {
+                DType::BF16 => {
+                    let conv = |x: &[f32]| x.iter().map(|&y| half::bf16::from_f32(y)).collect::<Vec<_>>();
+                    cache.append(id, &conv(&k[r.clone()]), &conv(&v[r])).expect("append");
+                }
+                _ => {
+                    let conv = |x: &[f32]| x.iter().map(|&y| half::f16::from_f32(y)).collect::<Vec<_>>();
+                    cache.append(id, &conv(&k[r.clone()]), &conv(&v[r])).expect("append");
+                }
+            }
+            done += n;
+        }
+        ks.extend(k);
+        vs.extend(v);
+        ids.push(id);
+    }
+    let q = random((lens.len() as u32 * q_len * h * d) as usize, seed + 99, dtype);
+    let op = Decode::new(&cache).expect("CUDA decode").with_split_policy(policy);
+    let (out, lse): (Vec<f32>, Vec<f32>) = match dtype {
+        DType::BF16 => {
+            let qb: Vec<half::bf16> = q.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            let o = op.run(&cache, &ids, &qb).expect("decode");
+            (o.out.iter().map(|x| x.to_f32()).collect(), o.lse)
+        }
+        _ => {
+            let qh: Vec<half::f16> = q.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let o = op.run(&cache, &ids, &qh).expect("decode");
+            (o.out.iter().map(|x| x.to_f32()).collect(), o.lse)
+        }
+    };
+    let seq_lens = SeqLens::from_lens(&vec![q_len; lens.len()], lens).expect("lens");
+    let want = varlen_reference(layout, &seq_lens, d, 1.0 / (d as f64).sqrt(), &q, &ks, &vs);
+    assert!(!out.iter().any(|x| x.is_nan()), "NaN in the output");
+    // Decode's LSE is [sequences, heads, q_len]; the oracle's [heads, total_q].
+    let n = lens.len() as u32;
+    let lse_packed: Vec<f64> = (0..h)
+        .flat_map(|hd| (0..n * q_len).map(move |t| (hd, t)))
+        .map(|(hd, t)| lse[((t / q_len * h + hd) * q_len + t % q_len) as usize] as f64)
+        .collect();
+    (rel_l2_error(out.iter().map(|&x| x as f64), &want.out), rel_l2_error(lse_packed, &want.lse))
+}
+
+fn tol(dtype: DType) -> f64 {
+    if dtype == DType::BF16 {
+        1e-2
+    } else {
+        2e-3
+    }
+}
+
+#[test]
+fn cuda_decode_matches_the_oracle_over_groups_lengths_and_splits() {
+    let Some(ctx) = cuda() else { return };
+    let policies = [
+        ("never split", SplitPolicy::never()),
+        ("one block per split", SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 1 }),
+        ("default", SplitPolicy::for_compute_units(132)),
+    ];
+    let mut seed = 1;
+    for (heads, kv_heads, d, block) in [(8, 8, 128, 64), (8, 2, 128, 64), (16, 2, 64, 32), (4, 1, 128, 16)] {
+        let layout = Layout::s2(S2Config::new(heads, block, 3, 4).kv_heads(kv_heads)).expect("layout");
+        for dtype in [DType::F16, DType::BF16] {
+            for (name, policy) in policies {
+                for q_len in [1u32, 2] {
+                    seed += 1;
+                    let lens = [1u32, 65, 700, 333];
+                    let (e, l) = decode_error(ctx, &layout, d, dtype, &lens, q_len, policy, None, seed);
+                    let what =
+                        format!("{heads}/{kv_heads} heads, d {d}, block {block}, {dtype}, {name}, q_len {q_len}");
+                    assert!(e < tol(dtype), "{what}: ‖out−ref‖/‖ref‖ = {e:.3e}");
+                    assert!(l < 1e-4, "{what}: lse error {l:.3e}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_decode_runs_one_pass_per_cache_segment() {
+    let Some(ctx) = cuda() else { return };
+    let layout = Layout::s2(S2Config::new(8, 64, 2, 4).kv_heads(2)).expect("layout");
+    let config = KvCacheConfig::new(128, DType::F16, 2000);
+    let per_seq = KvCache::pages_per_sequence(&layout, &config).expect("pages");
+    let policy = SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 2 };
+    let (e, l) = decode_error(ctx, &layout, 128, DType::F16, &[2000, 129, 1500], 1, policy, Some(per_seq), 7);
+    assert!(e < 2e-3 && l < 1e-4, "three segments: out {e:.3e}, lse {l:.3e}");
+}
+
+#[test]
+fn cuda_cache_refuses_the_wgpu_entry_points_clearly() {
+    let Some(ctx) = cuda() else { return };
+    let layout = Layout::s2(S2Config::new(4, 16, 2, 2)).expect("layout");
+    let cache = KvCache::new(ctx, &layout, KvCacheConfig::new(64, DType::F16, 256)).expect("cache");
+    assert!(matches!(cache.pools(0), Err(Error::Unsupported(_))), "pools() of a CUDA cache");
+    assert!(cache.cuda_pools(0).is_ok());
+    let f32_cache = KvCache::new(ctx, &layout, KvCacheConfig::new(64, DType::F32, 256)).expect("f32 cache");
+    assert!(matches!(Decode::new(&f32_cache), Err(Error::Unsupported(_))), "f32 decode on CUDA");
+}
