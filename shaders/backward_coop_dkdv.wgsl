@@ -2,65 +2,79 @@
 // bindings, params and column lists as the portable backward_dkdv.wgsl (CPU twin:
 // src/cpu/backward/portable.rs).
 //
-// One workgroup per (KV tile of BK keys, KV head, batch); subgroup g owns keys 16g..16g+15 and keeps their
-// dK and dV accumulators (2 x D/16 f32 C matrices) in registers; the tile's K and V rows stay in workgroup
-// memory and are loaded as A matrices where needed (in registers they would not leave room for the
-// accumulators). For each query head of the KV head's GQA group, for each BQ-row query tile of the KV
-// block's column list (the transposed index, src/plan/column.rs):
+// One workgroup per (KV tile of BK keys, KV head, batch). Subgroup g = kt + (BK/16) * qs owns keys
+// 16kt..16kt+15 of the tile and rows 16qs..16qs+15 of every staged query tile (BQ rows, so BK/16 x BQ/16
+// subgroups), and keeps dK and dV accumulators of its keys (2 x D/16 f32 C matrices) in registers; the
+// tile's K and V rows stay in workgroup memory and are loaded as A matrices where needed (in registers
+// they would not leave room for the accumulators). For each query head of the KV head's GQA group, for
+// each BQ-row query tile of the KV block's column list (the transposed index, src/plan/column.rs):
 //   1. the workgroup stages the tile's Q and dO rows, their LSE (base 2; +BIG where the row is masked,
 //      past the end or without keys, so that P = 0 there) and D from pass 1;
-//   2. each subgroup whose keys some row of the tile sees computes S^T = K Q^T and dP^T = V dO^T (BQ/16
-//      C matrices each: four independent accumulation chains);
-//   3. its lanes (two per key) recompute P^T = exp2(S^T * scale_log2 - LSE) from S^T in s_s (masked on
-//      the causal diagonal and at the sequence end), read dP^T through s_s and write P^T and
+//   2. each subgroup whose keys some of its rows see computes S^T = K Q^T and dP^T = V dO^T (one C matrix
+//      each, as two half-length chains), S^T to its rows of s_s;
+//   3. its lanes (two per key) recompute P^T = exp2(S^T * scale_log2 - LSE) (masked on the causal
+//      diagonal and at the sequence end), read dP^T through s_s and write P^T and
 //      dS^T = P^T * (dP^T - D) as f16;
-//   4. dV += P^T dO and dK += dS^T Q.
+//   4. dV += P^T dO and dK += dS^T Q over its 16 rows.
 // Steps 2-4 touch only the subgroup's rows and synchronise with subgroup barriers (see the uniformity
-// note in forward_coop.wgsl). The group's query heads and tiles are summed in a fixed order inside one
-// workgroup and dK, dV written once per element: deterministic, no atomics.
+// note in forward_coop.wgsl). At the end the subgroups of each key range add their partial sums in a
+// fixed order (qs = 1, 2, .. into qs = 0) through workgroup memory; the group's query heads and tiles are
+// summed in a fixed order as well, and dK, dV written once per element: deterministic, no atomics.
 
 diagnostic(off, derivative_uniformity);
 enable f16;
 enable wgpu_cooperative_matrix;
 
 #include shared/params.wgsl
+
 #include shared/coop_backward.wgsl
-
-override NSG: u32 = BK / 16u;        // subgroups the kernel needs
-override PS4: u32 = (BQ + 8u) / 4u;  // vec4s per P^T / dS^T row
-override SS4: u32 = (BQ + 8u) / 4u;  // vec4s per S^T / dP^T row (>= 16 columns: also dK/dV staging)
-
-const MAX_BQ8: u32 = 4u;  // BQ at most 32
+override NKT: u32 = BK / 16u;        // key ranges of 16
+override NSG: u32 = NKT * (BQ / 16u); // subgroups the kernel needs
+override PS4: u32 = 6u;               // vec4s per P^T / dS^T row (16 queries, padded)
+override SS4: u32 = 6u;               // vec4s per S^T / dP^T row (16 queries, padded; also dK/dV staging)
 
 var<workgroup> k_s: array<vec4<f16>, BK * KS4>;
 var<workgroup> v_s: array<vec4<f16>, BK * KS4>;
 var<workgroup> q_s: array<vec4<f16>, BQ * KS4>;
 var<workgroup> do_s: array<vec4<f16>, BQ * KS4>;
-var<workgroup> p_s: array<vec4<f16>, BK * PS4>;
-var<workgroup> ds_s: array<vec4<f16>, BK * PS4>;
-var<workgroup> s_s: array<vec4<f32>, BK * SS4>;
+var<workgroup> p_s: array<vec4<f16>, 16u * NSG * PS4>;
+var<workgroup> ds_s: array<vec4<f16>, 16u * NSG * PS4>;
+var<workgroup> s_s: array<vec4<f32>, 16u * NSG * SS4>;
 var<workgroup> lse_s: array<vec4<f32>, BQ / 4u>;
 var<workgroup> delta_s: array<vec4<f32>, BQ / 4u>;
 var<workgroup> shape_ok_s: u32;
 
-// S^T = K Q^T and dP^T = V dO^T of subgroup g's keys against the staged queries 16qt.. (qt = 0, 1).
-fn scores(g: u32, s0: ptr<function, CM>, s1: ptr<function, CM>, e0: ptr<function, CM>, e1: ptr<function, CM>) {
-    for (var j = 0u; j < D / 16u; j++) {
-        let ka = coopLoadT<AM>(&k_s[16u * g * KS4 + 4u * j], KS4);
-        let va = coopLoadT<AM>(&v_s[16u * g * KS4 + 4u * j], KS4);
-        *s0 = coopMultiplyAdd(ka, coopLoad<BM>(&q_s[4u * j], KS4), *s0);
-        *e0 = coopMultiplyAdd(va, coopLoad<BM>(&do_s[4u * j], KS4), *e0);
-        if BQ > 16u {
-            *s1 = coopMultiplyAdd(ka, coopLoad<BM>(&q_s[16u * KS4 + 4u * j], KS4), *s1);
-            *e1 = coopMultiplyAdd(va, coopLoad<BM>(&do_s[16u * KS4 + 4u * j], KS4), *e1);
-        }
-    }
+#include shared/coop_grad_out.wgsl
+
+// What one subgroup works on.
+struct Sub {
+    g: u32,   // subgroup: its rows of s_s, p_s, ds_s are 16g..16g+15
+    kt: u32,  // its keys: 16kt.. of the tile (the rows of its A matrices)
+    qs: u32,  // its queries: rows 16qs.. of each staged query tile
 }
 
-// dV += P^T dO and dK += dS^T Q for staged queries 16qt..16qt+15 (dO, Q rows as the rows of B).
+// S^T = K Q^T (`grad` false) or dP^T = V dO^T (true) of the subgroup's keys against its queries, as two
+// half-length accumulation chains (even and odd head-dim blocks).
+fn scores(u: Sub, grad: bool) -> CM {
+    var s = CM();
+    var t = CM();
+    let ka = 16u * u.kt * KS4;
+    let qb = 16u * u.qs * KS4;
+    for (var j = 0u; j < D / 16u; j += 2u) {
+        if grad {
+            s = coopMultiplyAdd(coopLoadT<AM>(&v_s[ka + 4u * j], KS4), coopLoad<BM>(&do_s[qb + 4u * j], KS4), s);
+            t = coopMultiplyAdd(coopLoadT<AM>(&v_s[ka + 4u * j + 4u], KS4), coopLoad<BM>(&do_s[qb + 4u * j + 4u], KS4), t);
+        } else {
+            s = coopMultiplyAdd(coopLoadT<AM>(&k_s[ka + 4u * j], KS4), coopLoad<BM>(&q_s[qb + 4u * j], KS4), s);
+            t = coopMultiplyAdd(coopLoadT<AM>(&k_s[ka + 4u * j + 4u], KS4), coopLoad<BM>(&q_s[qb + 4u * j + 4u], KS4), t);
+        }
+    }
+    return s + t;
+}
+
+// dV += P^T dO and dK += dS^T Q over the subgroup's queries (dO, Q rows as the rows of B matrices).
 fn accumulate(
-    g: u32,
-    qt: u32,
+    u: Sub,
     v0: ptr<function, CM>,
     v1: ptr<function, CM>,
     v2: ptr<function, CM>,
@@ -78,9 +92,9 @@ fn accumulate(
     k6: ptr<function, CM>,
     k7: ptr<function, CM>,
 ) {
-    let pa = coopLoadT<AM>(&p_s[16u * g * PS4 + 4u * qt], PS4);
-    let da = coopLoadT<AM>(&ds_s[16u * g * PS4 + 4u * qt], PS4);
-    let at = 16u * qt * KS4;
+    let pa = coopLoadT<AM>(&p_s[16u * u.g * PS4], PS4);
+    let da = coopLoadT<AM>(&ds_s[16u * u.g * PS4], PS4);
+    let at = 16u * u.qs * KS4;
     *v0 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at], KS4), *v0);
     *k0 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at], KS4), *k0);
     *v1 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 4u], KS4), *v1);
@@ -101,30 +115,56 @@ fn accumulate(
     }
 }
 
-// Stages `n` rows of D/4 vec4s from token `tok0` of `head` into `dst`-selected workgroup arrays: 0 K and V
-// (KV head), 1 Q and dO (query head); zeros past the end.
-fn stage(which: u32, b: u32, head: u32, tok0: u32, n: u32, lid: u32) {
+// Stages `n` rows of D/4 vec4s from token `tok0`: K and V of KV head `head` (`queries` false) or Q and
+// dO of query head `head` (true); zeros past the end.
+fn stage(queries: bool, b: u32, head: u32, tok0: u32, n: u32, lid: u32) {
     let d4 = D / 4u;
     for (var i = lid; i < n * d4; i += WG) {
         let tok = tok0 + i / d4;
         let at = (i / d4) * KS4 + i % d4;
         var x = vec4<f16>(0.0h);
         var y = vec4<f16>(0.0h);
-        if which == 0u {
-            if tok < params.seq_len {
-                x = k_buf[kv_index(params.k_off, b, tok, head, i % d4, d4)];
-                y = v_buf[kv_index(params.v_off, b, tok, head, i % d4, d4)];
-            }
-            k_s[at] = x;
-            v_s[at] = y;
-        } else {
+        if queries {
             if tok < params.seq_len {
                 x = q_buf[q_index(b, tok, head, i % d4, d4)];
                 y = do_buf[o_index(b, tok, head, i % d4, d4)];
             }
             q_s[at] = x;
             do_s[at] = y;
+        } else {
+            if tok < params.seq_len {
+                x = k_buf[kv_index(params.k_off, b, tok, head, i % d4, d4)];
+                y = v_buf[kv_index(params.v_off, b, tok, head, i % d4, d4)];
+            }
+            k_s[at] = x;
+            v_s[at] = y;
         }
+    }
+}
+
+// Adds the partial sums of the key range's other subgroups (qs = 1, 2, ..) into subgroup qs = 0's `m`,
+// through s_s, in a fixed order. Called by every subgroup (workgroup barriers); only qs = 0 uses the result.
+fn reduce(u: Sub, m: CM) -> CM {
+    var acc = m;
+    for (var src = 1u; src < BQ / 16u; src++) {
+        workgroupBarrier();
+        if u.qs == src {
+            coopStoreT(m, &s_s[16u * u.g * SS4], SS4);
+        }
+        workgroupBarrier();
+        if u.qs == 0u {
+            acc = acc + coopLoadT<CM>(&s_s[16u * (u.kt + src * NKT) * SS4], SS4);
+        }
+    }
+    workgroupBarrier(); // s_s is free again for the epilogue's staging
+    return acc;
+}
+
+// The reduced dK or dV matrix `m` (head dims 16j..) of subgroup qs = 0, written times `scale`.
+fn finish(u: Sub, m: CM, lid: u32, k0: u32, b: u32, kv_head: u32, j: u32, scale: f32, which: u32) {
+    let total = reduce(u, m);
+    if u.qs == 0u {
+        write_grad(total, u.g, lid, k0, b, kv_head, j, scale, which);
     }
 }
 
@@ -145,13 +185,15 @@ fn main(
     let seq = params.seq_len;
     let causal = params.causal != 0u;
     let g = min(sg_id, NSG - 1u);
-    // Elementwise role: lanes 2r and 2r+1 own key row r of the tile, each half of its vec4 columns.
-    let r = lid / 2u;
+    let u = Sub(g, g % NKT, g / NKT);
+    // Elementwise role: lanes 2r and 2r+1 of the subgroup own its key 16kt + r, each half of the row's
+    // vec4 columns (interleaved); `row` is that key's row in s_s, p_s and ds_s.
+    let row = lid / 2u;
     let h = lid % 2u;
-    let kj = k0 + r;
-    let key0 = k0 + 16u * g;
+    let kj = k0 + 16u * u.kt + row % 16u;
+    let key0 = k0 + 16u * u.kt;
 
-    // The key split needs exactly NSG subgroups; any other subgroup size poisons dK and dV (NaN).
+    // The split needs exactly NSG subgroups; any other subgroup size poisons dK and dV (NaN).
     if lid == 0u {
         shape_ok_s = u32(n_sg == NSG);
     }
@@ -167,7 +209,7 @@ fn main(
         return;
     }
 
-    stage(0u, b, kv_head, k0, BK, lid);
+    stage(false, b, kv_head, k0, BK, lid);
     var v0 = CM();
     var v1 = CM();
     var v2 = CM();
@@ -191,89 +233,82 @@ fn main(
         for (var e = tile_ptr[slot]; e < e_end; e++) {
             let entry = entries[e];
             let row0 = entry.x * BQ;
-            let row_last = min(row0 + BQ, seq) - 1u;
-            if causal && row_last < k0 {
+            if causal && min(row0 + BQ, seq) - 1u < k0 {
                 continue; // every row of the tile precedes every key
             }
             workgroupBarrier(); // every subgroup is done with the previous tile's q_s, do_s, lse_s, delta_s
-            stage(1u, b, head, row0, BQ, lid);
-            for (var i = lid; i < BQ; i += WG) {
-                let tok = row0 + i;
-                var lse = POS_BIG;
-                var delta = 0.0;
-                if tok < seq && row_attends(entry.y, i) {
-                    lse = lse_log2(stat_index(b, head, tok));
-                    delta = delta_buf[stat_index(b, head, tok)];
+            stage(true, b, head, row0, BQ, lid);
+            for (var i = lid; i < BQ / 4u; i += WG) {
+                var lse = vec4<f32>(POS_BIG);
+                var delta = vec4<f32>(0.0);
+                for (var c = 0u; c < 4u; c++) {
+                    let tok = row0 + 4u * i + c;
+                    if tok < seq && row_attends(entry.y, 4u * i + c) {
+                        lse[c] = lse_log2(stat_index(b, head, tok));
+                        delta[c] = delta_buf[stat_index(b, head, tok)];
+                    }
                 }
-                lse_s[i / 4u][i % 4u] = lse;
-                delta_s[i / 4u][i % 4u] = delta;
+                lse_s[i] = lse;
+                delta_s[i] = delta;
             }
             workgroupBarrier();
 
-            // Subgroups whose 16 keys all follow every row of the tile (causal) or lie past the end skip it.
-            if key0 < seq && (!causal || key0 <= row_last) {
-                var s0 = CM();
-                var s1 = CM();
-                var e0 = CM();
-                var e1 = CM();
-                scores(g, &s0, &s1, &e0, &e1);
-                coopStoreT(s0, &s_s[16u * g * SS4], SS4);
-                if BQ > 16u {
-                    coopStoreT(s1, &s_s[16u * g * SS4 + 4u], SS4);
-                }
+            // Subgroups whose keys lie past the end, or follow all of its rows (causal), skip the tile.
+            let q0 = row0 + 16u * u.qs;
+            if key0 < seq && q0 < seq && (!causal || key0 <= min(q0 + 15u, seq - 1u)) {
+                let st = scores(u, false);
+                let dpt = scores(u, true);
+                coopStoreT(st, &s_s[16u * g * SS4], SS4);
                 subgroupBarrier();
 
-                // P^T from the LSE of each column's query; the element mask only where the tile touches
-                // the causal diagonal or the sequence end (row masks and rows past the end: LSE = +BIG).
-                let need_mask = k0 + BK > seq || (causal && k0 + BK - 1u > row0);
-                var pr: array<vec4<f32>, MAX_BQ8>;
-                for (var i = 0u; i < BQ / 8u; i++) {
-                    var p = exp2(s_s[r * SS4 + 2u * i + h] * params.scale_log2 - lse_s[2u * i + h]);
+                // P^T from the LSE of each column's query; the element mask only where the subgroup's
+                // square touches the causal diagonal or the sequence end (row masks and rows past the
+                // end: LSE = +BIG).
+                let need_mask = key0 + 16u > seq || (causal && key0 + 15u > q0);
+                var pr: array<vec4<f32>, 2>;
+                for (var i = 0u; i < 2u; i++) {
+                    var p = exp2(s_s[row * SS4 + 2u * i + h] * params.scale_log2 - lse_s[4u * u.qs + 2u * i + h]);
                     if need_mask {
-                        let qi = vec4<u32>(row0 + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
+                        let qi = vec4<u32>(q0 + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
                         let ok = vec4<bool>(kj < seq) & (vec4<bool>(!causal) | (vec4<u32>(kj) <= qi));
                         p = select(vec4<f32>(0.0), p, ok);
                     }
                     pr[i] = p;
                 }
                 subgroupBarrier(); // S^T is read: dP^T takes its place
-                coopStoreT(e0, &s_s[16u * g * SS4], SS4);
-                if BQ > 16u {
-                    coopStoreT(e1, &s_s[16u * g * SS4 + 4u], SS4);
-                }
+                coopStoreT(dpt, &s_s[16u * g * SS4], SS4);
                 subgroupBarrier();
-                for (var i = 0u; i < BQ / 8u; i++) {
-                    let dp = s_s[r * SS4 + 2u * i + h];
-                    p_s[r * PS4 + 2u * i + h] = vec4<f16>(pr[i]);
-                    ds_s[r * PS4 + 2u * i + h] = vec4<f16>(pr[i] * (dp - delta_s[2u * i + h]));
+                for (var i = 0u; i < 2u; i++) {
+                    let dp = s_s[row * SS4 + 2u * i + h];
+                    p_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i]);
+                    ds_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i] * (dp - delta_s[4u * u.qs + 2u * i + h]));
                 }
                 subgroupBarrier(); // P^T and dS^T are complete
 
-                for (var qt = 0u; qt < BQ / 16u; qt++) {
-                    accumulate(g, qt, &v0, &v1, &v2, &v3, &v4, &v5, &v6, &v7, &dk0, &dk1, &dk2, &dk3, &dk4, &dk5, &dk6, &dk7);
-                }
+                accumulate(u, &v0, &v1, &v2, &v3, &v4, &v5, &v6, &v7, &dk0, &dk1, &dk2, &dk3, &dk4, &dk5, &dk6, &dk7);
             }
         }
     }
 
-    // dK = scale * sum dS^T Q (scale = scale_log2 * ln 2); dV = sum P^T dO. 16 head dims at a time.
+    // dK = scale * sum dS^T Q (scale = scale_log2 * ln 2); dV = sum P^T dO. 16 head dims at a time, the
+    // query-row subgroups' partial sums added first.
     let scale = params.scale_log2 * LN2;
-    write_grad(dk0, g, lid, k0, b, kv_head, 0u, scale, 1u);
-    write_grad(dk1, g, lid, k0, b, kv_head, 1u, scale, 1u);
-    write_grad(dk2, g, lid, k0, b, kv_head, 2u, scale, 1u);
-    write_grad(dk3, g, lid, k0, b, kv_head, 3u, scale, 1u);
-    write_grad(v0, g, lid, k0, b, kv_head, 0u, 1.0, 2u);
-    write_grad(v1, g, lid, k0, b, kv_head, 1u, 1.0, 2u);
-    write_grad(v2, g, lid, k0, b, kv_head, 2u, 1.0, 2u);
-    write_grad(v3, g, lid, k0, b, kv_head, 3u, 1.0, 2u);
+    finish(u, dk0, lid, k0, b, kv_head, 0u, scale, 1u);
+    finish(u, dk1, lid, k0, b, kv_head, 1u, scale, 1u);
+    finish(u, dk2, lid, k0, b, kv_head, 2u, scale, 1u);
+    finish(u, dk3, lid, k0, b, kv_head, 3u, scale, 1u);
+    finish(u, v0, lid, k0, b, kv_head, 0u, 1.0, 2u);
+    finish(u, v1, lid, k0, b, kv_head, 1u, 1.0, 2u);
+    finish(u, v2, lid, k0, b, kv_head, 2u, 1.0, 2u);
+    finish(u, v3, lid, k0, b, kv_head, 3u, 1.0, 2u);
     if D > 64u {
-        write_grad(dk4, g, lid, k0, b, kv_head, 4u, scale, 1u);
-        write_grad(dk5, g, lid, k0, b, kv_head, 5u, scale, 1u);
-        write_grad(dk6, g, lid, k0, b, kv_head, 6u, scale, 1u);
-        write_grad(dk7, g, lid, k0, b, kv_head, 7u, scale, 1u);
-        write_grad(v4, g, lid, k0, b, kv_head, 4u, 1.0, 2u);
-        write_grad(v5, g, lid, k0, b, kv_head, 5u, 1.0, 2u);
-        write_grad(v6, g, lid, k0, b, kv_head, 6u, 1.0, 2u);
-        write_grad(v7, g, lid, k0, b, kv_head, 7u, 1.0, 2u);
+        finish(u, dk4, lid, k0, b, kv_head, 4u, scale, 1u);
+        finish(u, dk5, lid, k0, b, kv_head, 5u, scale, 1u);
+        finish(u, dk6, lid, k0, b, kv_head, 6u, scale, 1u);
+        finish(u, dk7, lid, k0, b, kv_head, 7u, scale, 1u);
+        finish(u, v4, lid, k0, b, kv_head, 4u, 1.0, 2u);
+        finish(u, v5, lid, k0, b, kv_head, 5u, 1.0, 2u);
+        finish(u, v6, lid, k0, b, kv_head, 6u, 1.0, 2u);
+        finish(u, v7, lid, k0, b, kv_head, 7u, 1.0, 2u);
     }
 }

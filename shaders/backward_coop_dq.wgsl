@@ -21,8 +21,8 @@ enable f16;
 enable wgpu_cooperative_matrix;
 
 #include shared/params.wgsl
-#include shared/coop_backward.wgsl
 
+#include shared/coop_backward.wgsl
 override NSG: u32 = BQ / 16u;          // subgroups the kernel needs
 override NPF: u32 = BK * D / 4u / WG;  // K (and V) vec4s each invocation fetches per chunk
 override PS4: u32 = (BK + 8u) / 4u;    // vec4s per dS row (also Q/dO staging, >= 16 columns)
@@ -38,6 +38,8 @@ var<workgroup> v_s: array<vec4<f16>, BK * KS4>;
 var<workgroup> p_s: array<vec4<f16>, BQ * PS4>;
 var<workgroup> s_s: array<vec4<f32>, BQ * SS4>;
 var<workgroup> shape_ok_s: u32;
+
+#include shared/coop_grad_out.wgsl
 
 #include shared/coop_chunks.wgsl
 

@@ -2,9 +2,10 @@
 //! backward passes once, and turns what [`Attention::forward`](crate::Attention::forward) returns (O and
 //! the LSE) plus the output gradient dO into [`Grads`] (dQ, dK, dV).
 //!
-//! The data path: [`Layout::index`] → [`plan::plan_backward_portable`] (tiles) → the forward's
-//! [`MergeQPlan`] (dQ pass) and the [`ColumnPlan`] built from [`BlockIndex::transpose`](crate::BlockIndex::transpose)
-//! (dK/dV pass) → the portable WGSL kernels → [`Grads`].
+//! The data path: [`Layout::index`] → [`plan::plan_backward_wgpu`] (kernels and tiles: the
+//! cooperative-matrix backward where the adapter has matrix units and the shape suits it, else the
+//! portable one) → the forward's [`MergeQPlan`] (dQ pass) and the [`ColumnPlan`] built from
+//! [`BlockIndex::transpose`](crate::BlockIndex::transpose) (dK/dV pass) → the WGSL kernels → [`Grads`].
 
 use crate::attention::Element;
 use crate::context::Context;
@@ -33,7 +34,9 @@ pub struct Grads<T> {
 /// one workgroup that sums the query heads of its GQA group and their query tiles in a fixed order. Two
 /// calls with the same inputs on the same device give bitwise-identical gradients.
 ///
-/// Runs on wgpu devices (the portable WGSL kernels, f32 and f16 storage, f32 accumulation) and, with the
+/// Runs on wgpu devices (the cooperative-matrix WGSL kernels for f16 storage at head dims 64 and 128 on
+/// adapters with 16x16 f16 matrices, 32-wide subgroups and subgroup barriers; elsewhere the portable WGSL
+/// kernels, f32 and f16 storage; f32 accumulation throughout) and, with the
 /// `cuda` feature, on CUDA contexts (`shaders/cuda/s2_backward.cu`: tensor cores, f16 and bf16, the same
 /// two passes, equally deterministic).
 pub struct AttentionGrad {
@@ -77,7 +80,13 @@ impl AttentionGrad {
             return Err(Error::Unsupported("bf16 has no WGSL backward; use f16 or f32 (or the CUDA backend)".into()));
         }
         let ctx = ctx.require_wgpu("AttentionGrad::new")?;
-        let plan = plan::plan_backward_portable(&shape, layout, ctx.caps())?;
+        let info = &ctx.capabilities().info;
+        let subgroups = plan::SubgroupInfo {
+            min_size: info.subgroup_min_size,
+            max_size: info.subgroup_max_size,
+            barriers: ctx.capabilities().features.contains(wgpu::Features::SUBGROUP_BARRIER),
+        };
+        let plan = plan::plan_backward_wgpu(&shape, layout, ctx.caps(), Some(subgroups))?;
         let mergeq = layout.mergeq(shape.seq_len, plan.dq.tile_q);
         let columns = ColumnPlan::build(&index, layout.block_size(), layout.causal(), plan.dkdv.tile_q);
         let engine = Engine::Wgpu(GpuBackward::new(ctx, layout, shape, &plan, &mergeq, &columns)?);

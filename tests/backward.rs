@@ -60,6 +60,16 @@ fn assert_grads(what: &str, p: &Problem, got: &Grads<f32>, want: &Grads<f64>, to
     }
 }
 
+/// The bound for `op`'s gradients: the storage type's, or the tensor-core bound where the planner chose
+/// the cooperative-matrix backward (f16 dS and P rounded for the matrix units; on adapters with them).
+fn grad_tolerance(op: &AttentionGrad, dtype: DType) -> f64 {
+    if op.plan().dq.variant == s2attn::KernelVariant::Coop {
+        5e-3
+    } else {
+        tolerance(dtype)
+    }
+}
+
 fn grad_op(p: &Problem) -> AttentionGrad {
     AttentionGrad::new(wgpu_context(), &p.layout, p.shape())
         .unwrap_or_else(|e| panic!("AttentionGrad::new({p:?}): {e}"))
@@ -84,8 +94,9 @@ fn run_backward(op: &AttentionGrad, c: &Case, out: &[f32], lse: &[f32]) -> Grads
 fn check(p: &Problem, seed: u64) {
     let c = case(p, seed);
     let fwd = common::run_host(wgpu_context(), p, &c.x);
-    let got = run_backward(&grad_op(p), &c, &fwd.out, &fwd.lse);
-    assert_grads("host", p, &got, &c.oracle(), tolerance(p.dtype));
+    let op = grad_op(p);
+    let got = run_backward(&op, &c, &fwd.out, &fwd.lse);
+    assert_grads("host", p, &got, &c.oracle(), grad_tolerance(&op, p.dtype));
 }
 
 fn check_both(l: &Layout, batch: u32, seq: u32, d: u32, seed: u64) {
@@ -328,7 +339,8 @@ fn every_head_dim() {
                 Err(e) => panic!("AttentionGrad::new({p:?}): {e}"),
             };
             let (out, lse) = c.oracle_forward();
-            assert_grads(&op.explain(), &p, &run_backward(&op, &c, &out, &lse), &c.oracle(), tolerance(dtype));
+            let tol = grad_tolerance(&op, dtype);
+            assert_grads(&op.explain(), &p, &run_backward(&op, &c, &out, &lse), &c.oracle(), tol);
         }
     }
 }

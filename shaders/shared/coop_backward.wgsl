@@ -1,8 +1,8 @@
 // Shared by the cooperative-matrix backward kernels (backward_coop_dq.wgsl, backward_coop_dkdv.wgsl):
 // the f16 tensor bindings (as vec4<f16>: one element per 4 halves, the params' vec4 units; same binding
-// numbers as the portable backward), the forward's LSE and the D scratch buffer, the overrides both
-// kernels size their tiles with, and the gradient epilogue. The including kernel declares the workgroup
-// array s_s (one row of SS4 vec4<f32> per tile row) that the epilogue stages through.
+// numbers as the portable backward), the forward's LSE and the D scratch buffer, and the overrides both
+// kernels size their tiles with. Included before the kernel's own overrides and workgroup arrays; the
+// gradient epilogue (shared/coop_grad_out.wgsl) comes after them.
 
 @group(0) @binding(1) var<storage, read> q_buf: array<vec4<f16>>;
 @group(0) @binding(2) var<storage, read> k_buf: array<vec4<f16>>;
@@ -41,30 +41,4 @@ fn stat_index(b: u32, head: u32, tok: u32) -> u32 {
 fn lse_log2(i: u32) -> f32 {
     let lse = lse_buf[params.lse_off + i];
     return select(lse * LOG2E, POS_BIG, lse <= NEG_BIG);
-}
-
-// Writes head dims 16j..16j+15 of subgroup g's 16 rows (tokens tok0 + 16g ..) of a gradient times
-// `scale`, through the subgroup's rows of s_s; lanes 2r and 2r+1 write row r. `which`: 0 dQ (query
-// head `head`), 1 dK, 2 dV (KV head `head`).
-fn write_grad(m: CM, g: u32, lid: u32, tok0: u32, b: u32, head: u32, j: u32, scale: f32, which: u32) {
-    let r = lid / 2u;
-    let h = lid % 2u;
-    let tok = tok0 + r;
-    let d4 = D / 4u;
-    coopStoreT(m, &s_s[16u * g * SS4], SS4);
-    subgroupBarrier();
-    if tok < params.seq_len {
-        for (var u = 0u; u < 2u; u++) {
-            let c4 = j * 4u + h + 2u * u;
-            let x = vec4<f16>(s_s[r * SS4 + h + 2u * u] * scale);
-            if which == 0u {
-                dq_buf[q_index(b, tok, head, c4, d4)] = x;
-            } else if which == 1u {
-                dk_buf[kv_index(0u, b, tok, head, c4, d4)] = x;
-            } else {
-                dv_buf[kv_index(0u, b, tok, head, c4, d4)] = x;
-            }
-        }
-    }
-    subgroupBarrier();
 }

@@ -1,6 +1,7 @@
-//! Host side of the portable WGSL backward: the dQ pass (`backward_dq.wgsl`, which also writes
-//! `D = rowsum(dO * O)`) over the forward's MergeQ row lists, then the dK/dV pass (`backward_dkdv.wgsl`)
-//! over the column plan. Index buffers, params and the D scratch buffer are built once per op; bind groups
+//! Host side of the WGSL backward: the dQ pass (`backward_dq.wgsl`, or `backward_coop_dq.wgsl` on
+//! cooperative matrices; both also write `D = rowsum(dO * O)`) over the forward's MergeQ row lists, then
+//! the dK/dV pass (`backward_dkdv.wgsl` / `backward_coop_dkdv.wgsl`) over the column plan. The two kernel
+//! families share bindings, params and lists, so only the kernels differ. Index buffers, params and the D scratch buffer are built once per op; bind groups
 //! are cached per set of caller buffers; the host-slice path owns its own tensors.
 
 use super::forward::read_buffer;
@@ -9,7 +10,7 @@ use super::timing::{time_encoded, Stamps};
 use super::{Timing, WgpuContext as Context};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::plan::{BackwardPlan, ColumnPlan, MergeQPlan, Shape};
+use crate::plan::{BackwardPlan, ColumnPlan, KernelVariant, MergeQPlan, Shape};
 use std::sync::Mutex;
 use wgpu::util::DeviceExt;
 
@@ -140,8 +141,15 @@ impl GpuBackward {
             let constants = [("D", d), ("BQ", p.tile_q), ("BK", p.tile_kv), ("WG", p.workgroup_size)];
             ctx.pipeline(kernel, shape.dtype, &constants)
         };
+        let (dq_kernel, dkdv_kernel) = match (plan.dq.variant, plan.dkdv.variant) {
+            (KernelVariant::Portable, KernelVariant::Portable) => (Kernel::BackwardDq, Kernel::BackwardDkDv),
+            (KernelVariant::Coop, KernelVariant::Coop) => (Kernel::BackwardCoopDq, Kernel::BackwardCoopDkDv),
+            (a, b) => {
+                return Err(Error::Unsupported(format!("no wgpu backward for {} + {} kernels", a.name(), b.name())))
+            }
+        };
         let dq = Pass {
-            pipeline: pipeline(Kernel::BackwardDq, &plan.dq)?,
+            pipeline: pipeline(dq_kernel, &plan.dq)?,
             params: uniform(params(mergeq.tiles())),
             ptr: storage("s2attn backward row_ptr", bytemuck::cast_slice(mergeq.row_ptr())),
             entries: storage("s2attn backward row entries", bytemuck::cast_slice(&mergeq.gpu_entries())),
@@ -150,7 +158,7 @@ impl GpuBackward {
             label: "s2attn backward dQ",
         };
         let dkdv = Pass {
-            pipeline: pipeline(Kernel::BackwardDkDv, &plan.dkdv)?,
+            pipeline: pipeline(dkdv_kernel, &plan.dkdv)?,
             params: uniform(params(columns.kv_blocks())),
             ptr: storage("s2attn backward col_ptr", bytemuck::cast_slice(columns.col_ptr())),
             entries: storage("s2attn backward column entries", bytemuck::cast_slice(&columns.gpu_entries())),

@@ -21,6 +21,7 @@ const SHARED: &[(&str, &str)] = &[
     ("shared/online_softmax.wgsl", include_str!("../../shaders/shared/online_softmax.wgsl")),
     ("shared/coop_chunks.wgsl", include_str!("../../shaders/shared/coop_chunks.wgsl")),
     ("shared/coop_backward.wgsl", include_str!("../../shaders/shared/coop_backward.wgsl")),
+    ("shared/coop_grad_out.wgsl", include_str!("../../shaders/shared/coop_grad_out.wgsl")),
     ("model/weights.wgsl", include_str!("../../shaders/model/weights.wgsl")),
 ];
 

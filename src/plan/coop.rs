@@ -310,11 +310,12 @@ impl TuneCache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::layout::S2Config;
 
-    fn h100() -> DeviceCaps {
+    /// The H100's (and H200's) caps as its Vulkan driver reports them (the backward planner's tests too).
+    pub(in crate::plan) fn h100() -> DeviceCaps {
         DeviceCaps {
             name: "H100".into(),
             backend: "vulkan".into(),

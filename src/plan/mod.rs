@@ -6,10 +6,14 @@
 
 mod column;
 mod coop;
+mod coop_backward;
 mod mergeq;
 
 pub use column::{backward_workgroup_bytes, plan_backward_portable, BackwardPlan, ColumnPlan, QueryEntry};
 pub use coop::{coop_workgroup_bytes, plan_coop, CoopTile, TuneTarget, COOP_HEAD_DIMS, TUNE_MAX_SEQ};
+pub use coop_backward::{
+    coop_dkdv_workgroup_bytes, coop_dq_workgroup_bytes, plan_backward_coop, plan_backward_wgpu, SubgroupInfo,
+};
 pub use mergeq::{KvEntry, MergeQPlan, RowMask, ROWMASK_BITS_FLAG};
 
 use crate::error::{Error, Result};
