@@ -9,10 +9,11 @@ use super::ops::{self, dispatch, elementwise, Binder, Bound};
 use super::state::{bind_layer, LayerOps, State};
 use super::transformer::Model;
 use crate::attention::Attention;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::TensorView;
 use crate::model::LayerAttention;
 use crate::plan::Shape;
+use std::sync::Arc;
 
 /// A layer's pack (Q, K, V) and unpack (attention output) copies.
 struct Casts {
@@ -20,7 +21,44 @@ struct Casts {
     unpack: Bound,
 }
 
+/// Prompt lengths whose forward ops a model keeps.
+const KEPT_LENGTHS: usize = 4;
+
+/// The forward ops of one prompt length, one per kind of layer (the layers of a kind share the layout).
+pub(super) type PrefillOps = Vec<(LayerAttention, Arc<Attention>)>;
+
 impl Model {
+    /// Plans and compiles the forward attention ops a prefill of `prompt_len` tokens on a fresh state
+    /// runs (one per kind of layer), so that [`Model::prefill`] then spends no time on them; the model
+    /// keeps the ops of the last few lengths.
+    pub fn prepare_prefill(&self, prompt_len: u32) -> Result<()> {
+        self.prefill_ops(prompt_len).map(|_| ())
+    }
+
+    /// The forward ops for `n` tokens, made on first use.
+    fn prefill_ops(&self, n: u32) -> Result<PrefillOps> {
+        let mut kept = self.prefill_ops.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pos) = kept.iter().position(|(len, _)| *len == n) {
+            let entry = kept.remove(pos);
+            let ops = entry.1.clone();
+            kept.push(entry);
+            return Ok(ops);
+        }
+        let c = &self.config;
+        let shape = Shape::new(1, n, c.head_dim, self.attention_dtype);
+        let mut ops: PrefillOps = Vec::new();
+        for (l, kind) in c.layers.iter().enumerate() {
+            if !ops.iter().any(|(k, _)| k == kind) {
+                ops.push((*kind, Arc::new(Attention::new(&self.ctx, &c.layout(l)?, shape)?)));
+            }
+        }
+        if kept.len() >= KEPT_LENGTHS {
+            kept.remove(0);
+        }
+        kept.push((n, ops.clone()));
+        Ok(ops)
+    }
+
     /// Runs the prompt `ids[0..n]` (already uploaded) through every layer, leaving the greedy next token
     /// in `ids[n]` and the logits of position `n - 1`; the caches then hold the prompt.
     pub(super) fn prefill_forward(&self, state: &mut State, n: u32) -> Result<()> {
@@ -69,14 +107,7 @@ impl Model {
         let argmax = binder.bind(&p.argmax, &[&b.logits, &b.ids])?;
         let mut staging = vec![0u32; ops::staging_words(binder.slots())];
 
-        // One forward op per kind of layer (the layers of a kind share the layout).
-        let shape = Shape::new(1, n, c.head_dim, dt);
-        let mut attention: Vec<(LayerAttention, Attention)> = Vec::new();
-        for (l, kind) in c.layers.iter().enumerate() {
-            if !attention.iter().any(|(k, _)| k == kind) {
-                attention.push((*kind, Attention::new(&self.ctx, &c.layout(l)?, shape)?));
-            }
-        }
+        let attention = self.prefill_ops(n)?;
 
         let rows = state.rows;
         let chunks = || (0..n).step_by(rows as usize).map(move |r0| (r0, rows.min(n - r0)));
@@ -99,7 +130,7 @@ impl Model {
                 self.submit_with(&params, &staging, std::mem::replace(&mut encoder, new_encoder()));
             }
             let op = attention.iter().find(|(k, _)| *k == c.layers[l]).map(|(_, op)| op);
-            let op = op.ok_or_else(|| crate::Error::Device("the prefill attention op is missing".into()))?;
+            let op = op.ok_or_else(|| Error::Device("the prefill attention op is missing".into()))?;
             let (qv, kv_, vv, ov) =
                 (TensorView::new(&q_all), TensorView::new(&k_all), TensorView::new(&v_all), TensorView::new(&o_all));
             op.encode(&mut encoder, &qv, &kv_, &vv, &ov, (&lse, 0))?;

@@ -3,12 +3,14 @@
 
 use super::config::ModelConfig;
 use super::ops::Pipelines;
+use super::prefill::PrefillOps;
 use super::weights::Weights;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::gpu::WgpuContext;
 use crate::plan::DType;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use wgpu::util::DeviceExt;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -37,6 +39,8 @@ pub struct Model {
     pub(super) lm_head: wgpu::Buffer,
     weight_bytes: u64,
     pub(super) id: u64,
+    /// Forward ops of the prefill by prompt length, most recently used last.
+    pub(super) prefill_ops: Mutex<Vec<(u32, PrefillOps)>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -134,6 +138,7 @@ impl Model {
             lm_head,
             weight_bytes,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            prefill_ops: Mutex::new(Vec::new()),
         })
     }
 
