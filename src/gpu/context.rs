@@ -213,7 +213,9 @@ impl WgpuContext {
             trace: wgpu::Trace::Off,
         }))
         .map_err(|e| Error::Device(format!("{}: {e}", adapter.get_info().name)))?;
-        let mut ctx = Self::build(adapter.get_info(), device, queue, &coop);
+        let info = adapter.get_info();
+        probe_compute(&device, &info.name, backend_name(info.backend))?;
+        let mut ctx = Self::build(info, device, queue, &coop);
         if let Some(inner) = Arc::get_mut(&mut ctx.0) {
             inner.instance = Some(instance);
         }
@@ -349,7 +351,7 @@ impl WgpuContext {
         let source = shaders::compose(kernel, dtype)?;
         self.check_kernel_limits(kernel, &source, constants)?;
         let device = &self.0.device;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let scopes = ErrorScopes::push(device);
         // wgpu's default checks wrap every loop in a 64-bit iteration counter (`force_loop_bounding`),
         // which keeps drivers from unrolling the kernels' constant-trip loops (the coop kernel ran
         // 15-30% slower on the H100 with it). Bounds checks stay on; only loop bounding is off.
@@ -381,10 +383,65 @@ impl WgpuContext {
             },
             cache: None,
         });
-        if let Some(err) = pollster::block_on(scope.pop()) {
-            return Err(Error::Shader { name: kernel.name().into(), message: err.to_string() });
+        if let Some(message) = scopes.pop() {
+            return Err(Error::Shader { name: kernel.name().into(), message });
         }
         cache.insert(key, pipeline.clone());
         Ok(pipeline)
+    }
+}
+
+/// Error scopes for every error class wgpu reports (validation, out of memory, internal: a shader the
+/// backend's compiler rejects is an *internal* error, which a validation scope alone lets through to the
+/// uncaptured-error handler, and that panics).
+struct ErrorScopes([wgpu::ErrorScopeGuard; 3]);
+
+impl ErrorScopes {
+    fn push(device: &wgpu::Device) -> Self {
+        Self([
+            device.push_error_scope(wgpu::ErrorFilter::Internal),
+            device.push_error_scope(wgpu::ErrorFilter::OutOfMemory),
+            device.push_error_scope(wgpu::ErrorFilter::Validation),
+        ])
+    }
+
+    /// Pops the scopes (innermost first) and returns the first error any of them caught.
+    fn pop(self) -> Option<String> {
+        let mut first = None;
+        for scope in self.0.into_iter().rev() {
+            if let Some(e) = pollster::block_on(scope.pop()) {
+                first.get_or_insert_with(|| e.to_string());
+            }
+        }
+        first
+    }
+}
+
+/// A storage-buffer compute shader as small as a kernel can be, compiled when a device opens: an adapter
+/// whose backend cannot build compute pipelines (wgpu's GL backend on NVIDIA's Linux driver gets a GLSL
+/// version without compute shaders, gfx-rs/wgpu#4751) is refused then, by name, instead of failing at the
+/// first op.
+const COMPUTE_PROBE: &str = "@group(0) @binding(0) var<storage, read_write> x: array<u32>;
+@compute @workgroup_size(1) fn main() { x[0] = arrayLength(&x); }";
+
+pub(crate) fn probe_compute(device: &wgpu::Device, adapter: &str, backend: &str) -> Result<()> {
+    let scopes = ErrorScopes::push(device);
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("s2attn compute probe"),
+        source: wgpu::ShaderSource::Wgsl(COMPUTE_PROBE.into()),
+    });
+    let _pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("s2attn compute probe"),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    match scopes.pop() {
+        None => Ok(()),
+        Some(message) => Err(Error::Unsupported(format!(
+            "{adapter} ({backend}) cannot build compute pipelines, which every s2attn kernel is: {message}"
+        ))),
     }
 }
