@@ -680,3 +680,63 @@ fn append_encoded_refuses_bad_views_and_changes_nothing() {
         assert_eq!(f.cache.seq_len(seq.id).expect("len"), 10, "{what}: the sequence changed");
     }
 }
+
+/// Decodes the last `q_len` tokens of fresh histories of `lens` tokens at head dim `d` in f16 and judges
+/// them against the oracle; returns the kernel's plan as `explain` says it.
+fn decode_f16_at(layout: &Layout, d: u32, lens: &[u32], q_len: u32, policy: SplitPolicy, seed: u64) -> String {
+    let ctx = wgpu_context();
+    let (h, hk) = (layout.num_heads(), layout.num_kv_heads());
+    let max = *lens.iter().max().expect("lens");
+    let config = KvCacheConfig::new(d, DType::F16, max).sequences(lens.len() as u32).query_window(q_len);
+    let mut cache = KvCache::new(ctx, layout, config).expect("cache");
+    let mut rng = Rng::new(seed);
+    let row = (hk * d) as usize;
+    let (mut ks, mut vs, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+    for &len in lens {
+        let (k, v) = (rng.tensor(len as usize * row, DType::F16), rng.tensor(len as usize * row, DType::F16));
+        let id = cache.add_sequence();
+        // Two appends, the second across a page boundary.
+        let cut = (len as usize / 2).max(1).min(len as usize);
+        for r in [0..cut * row, cut * row..len as usize * row] {
+            if !r.is_empty() {
+                cache.append(id, &as_f16(&k[r.clone()]), &as_f16(&v[r])).expect("append");
+            }
+        }
+        ks.extend(k);
+        vs.extend(v);
+        ids.push(id);
+    }
+    let q = rng.tensor((lens.len() as u32 * q_len * h * d) as usize, DType::F16);
+    let op = Decode::new(&cache).expect("decode").with_split_policy(policy);
+    let o = op.run(&cache, &ids, &as_f16(&q)).expect("run");
+    let out: Vec<f32> = o.out.iter().map(|x| x.to_f32()).collect();
+    let lens_q = SeqLens::from_lens(&vec![q_len; lens.len()], lens).expect("lens");
+    let want = varlen_reference(layout, &lens_q, d, 1.0 / (d as f64).sqrt(), &q, &ks, &vs);
+    let n = lens.len() as u32;
+    let lse: Vec<f32> = (0..h)
+        .flat_map(|hd| (0..n * q_len).map(move |t| (hd, t)))
+        .map(|(hd, t)| o.lse[((t / q_len * h + hd) * q_len + t % q_len) as usize])
+        .collect();
+    let explain = op.explain(&cache, &ids, q_len).expect("explain");
+    judge(&explain, DType::F16, &out, &lse, &want);
+    explain
+}
+
+#[test]
+fn decode_at_head_dim_128_f16_on_the_narrow_and_the_general_kernel() {
+    let policies = [
+        SplitPolicy::never(),
+        SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 1 },
+        SplitPolicy::default(),
+    ];
+    // GQA groups of 1, 4 (narrow, 1 token; 2 tokens = 8 rows: general) and 8 (general), block 64 and 16.
+    let cases =
+        [(4, 4, 64, 1, true), (8, 2, 64, 1, true), (8, 2, 64, 2, false), (8, 1, 16, 1, false), (4, 2, 16, 2, true)];
+    for (i, (heads, kv, block, q_len, narrow)) in cases.into_iter().enumerate() {
+        let layout = s2(S2Config::new(heads, block, 2, 3).kv_heads(kv));
+        for (j, policy) in policies.into_iter().enumerate() {
+            let explain = decode_f16_at(&layout, 128, &[2, 200, 131], q_len, policy, 900 + (10 * i + j) as u64);
+            assert_eq!(explain.contains("narrow"), narrow, "{explain}");
+        }
+    }
+}

@@ -46,10 +46,21 @@ pub struct AttendPlan {
     pub accumulators: u32,
     /// Invocations sharing one output, each over every `key_splits`-th key.
     pub key_splits: u32,
+    /// The narrow kernel (`decode_split_narrow.wgsl`: at most 4 rows, Q/K/V/O in registers; `loads` is
+    /// then its keys per invocation per step).
+    pub narrow: bool,
 }
 
 impl fmt::Display for AttendPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.narrow {
+            return write!(
+                f,
+                "narrow: {} rows ({} tokens) x {} keys per step, {} invocations (K/V/O in registers, {} keys \
+                 each per step), {} B workgroup memory",
+                self.rows, self.n_tok, self.tile_kv, self.workgroup_size, self.loads, self.workgroup_bytes
+            );
+        }
         write!(
             f,
             "{} rows ({} tokens) x {} keys per step, {} invocations ({} x 16 B loads of K and V each, {} outputs, \
@@ -89,8 +100,49 @@ pub fn plan_attend(
     plan_attend_for(caps, DType::F32, head_dim, group, n_tok_choices, block_size)
 }
 
+/// Invocations of the narrow kernel.
+const NARROW_WORKGROUP: u32 = 128;
+/// Rows the narrow kernel takes (the lanes of a vec4).
+const NARROW_ROWS: u32 = 4;
+/// Keys per invocation per step of the narrow kernel (K/V words held in registers).
+const NARROW_KEYS: u32 = 8;
+
+/// The narrow kernel's plan for `rows` rows, where it applies: at most 4 rows, 16-byte words per key row
+/// dividing its 128 invocations, and a key step (a multiple of the key groups) dividing the block.
+fn plan_narrow(
+    caps: &DeviceCaps,
+    dtype: DType,
+    head_dim: u32,
+    rows: u32,
+    n_tok: u32,
+    block_size: u32,
+) -> Option<AttendPlan> {
+    let w = head_dim / word_elems(dtype);
+    if rows == 0 || rows > NARROW_ROWS || w == 0 || NARROW_WORKGROUP % w != 0 || caps.max_invocations < NARROW_WORKGROUP
+    {
+        return None;
+    }
+    let groups = NARROW_WORKGROUP / w;
+    let tile_kv = [64u32, 32, 16, 8, 4, 2]
+        .into_iter()
+        .find(|&t| block_size % t == 0 && t % groups == 0 && t / groups <= NARROW_KEYS)?;
+    let red = (tile_kv * w).max(2 * NARROW_WORKGROUP);
+    let bytes = 16 * (red + tile_kv);
+    (bytes <= caps.max_workgroup_storage).then_some(AttendPlan {
+        rows,
+        n_tok,
+        tile_kv,
+        workgroup_size: NARROW_WORKGROUP,
+        workgroup_bytes: bytes,
+        loads: tile_kv / groups,
+        accumulators: 2 * rows,
+        key_splits: 1,
+        narrow: true,
+    })
+}
+
 /// The widest item (first of `n_tok_choices` that fits) and the largest key chunk that fit the device,
-/// for `dtype` storage.
+/// for `dtype` storage: the narrow kernel where it applies, else the general one.
 pub fn plan_attend_for(
     caps: &DeviceCaps,
     dtype: DType,
@@ -103,6 +155,9 @@ pub fn plan_attend_for(
     let w = head_dim / word_elems(dtype);
     for &n_tok in n_tok_choices {
         let rows = group * n_tok;
+        if let Some(plan) = plan_narrow(caps, dtype, head_dim, rows, n_tok, block_size) {
+            return Ok(plan);
+        }
         let n_out = rows * w;
         let accumulators = n_out.div_ceil(wg);
         if rows == 0 || rows > MAX_ROWS || accumulators > MAX_ACC {
@@ -133,6 +188,7 @@ pub fn plan_attend_for(
                 loads,
                 accumulators,
                 key_splits,
+                narrow: false,
             });
         }
     }
@@ -233,20 +289,30 @@ impl GpuAttend {
         plan: AttendPlan,
     ) -> Result<Self> {
         let d = ("D", head_dim);
-        let split = ctx.pipeline(
-            Kernel::DecodeSplit,
-            dtype,
-            &[
-                d,
-                ("R", plan.rows),
-                ("BK", plan.tile_kv),
-                ("WG", plan.workgroup_size),
-                ("HALF", (dtype == DType::F16) as u32),
-                ("NL", plan.loads),
-                ("NA", plan.accumulators),
-                ("KS", plan.key_splits),
-            ],
-        )?;
+        let half = ("HALF", (dtype == DType::F16) as u32);
+        let split = if plan.narrow {
+            let red = (plan.tile_kv * plan.workgroup_size / (plan.tile_kv / plan.loads)).max(2 * plan.workgroup_size);
+            ctx.pipeline(
+                Kernel::DecodeSplitNarrow,
+                dtype,
+                &[d, ("R", plan.rows), ("BK", plan.tile_kv), half, ("RED", red)],
+            )?
+        } else {
+            ctx.pipeline(
+                Kernel::DecodeSplit,
+                dtype,
+                &[
+                    d,
+                    ("R", plan.rows),
+                    ("BK", plan.tile_kv),
+                    ("WG", plan.workgroup_size),
+                    ("HALF", (dtype == DType::F16) as u32),
+                    ("NL", plan.loads),
+                    ("NA", plan.accumulators),
+                    ("KS", plan.key_splits),
+                ],
+            )?
+        };
         let combine = ctx.pipeline(Kernel::DecodeCombine, dtype, &[d, ("R", plan.rows), ("WG", 64)])?;
         let buffers = Mutex::new(CallBuffers::new(ctx));
         Ok(Self { ctx: ctx.clone(), dtype, head_dim, num_heads, plan, split, combine, buffers })

@@ -18,7 +18,6 @@ const SHARED: &[(&str, &str)] = &[
     ("shared/grads_f32.wgsl", include_str!("../../shaders/shared/grads_f32.wgsl")),
     ("shared/grads_f16.wgsl", include_str!("../../shaders/shared/grads_f16.wgsl")),
     ("shared/decode.wgsl", include_str!("../../shaders/shared/decode.wgsl")),
-    ("shared/online_softmax.wgsl", include_str!("../../shaders/shared/online_softmax.wgsl")),
     ("shared/coop_chunks.wgsl", include_str!("../../shaders/shared/coop_chunks.wgsl")),
     ("shared/coop_backward.wgsl", include_str!("../../shaders/shared/coop_backward.wgsl")),
     ("shared/coop_grad_out.wgsl", include_str!("../../shaders/shared/coop_grad_out.wgsl")),
@@ -42,6 +41,8 @@ pub enum Kernel {
     BackwardCoopDkDv,
     /// `shaders/decode_split.wgsl`: decode and variable-length attention over a work list.
     DecodeSplit,
+    /// `shaders/decode_split_narrow.wgsl`: decode of items of at most 4 rows, Q/K/V/O in registers.
+    DecodeSplitNarrow,
     /// `shaders/decode_combine.wgsl`: merges the split-KV partials of decode by their LSE.
     DecodeCombine,
     /// `shaders/kv_append.wgsl`: scatters K/V rows from device buffers into KV cache pages (32-bit words,
@@ -73,6 +74,7 @@ impl Kernel {
         Kernel::BackwardCoopDq,
         Kernel::BackwardCoopDkDv,
         Kernel::DecodeSplit,
+        Kernel::DecodeSplitNarrow,
         Kernel::DecodeCombine,
         Kernel::KvAppend,
         Kernel::ModelEmbed,
@@ -94,6 +96,7 @@ impl Kernel {
             Kernel::BackwardCoopDq => "backward_coop_dq.wgsl",
             Kernel::BackwardCoopDkDv => "backward_coop_dkdv.wgsl",
             Kernel::DecodeSplit => "decode_split.wgsl",
+            Kernel::DecodeSplitNarrow => "decode_split_narrow.wgsl",
             Kernel::DecodeCombine => "decode_combine.wgsl",
             Kernel::KvAppend => "kv_append.wgsl",
             Kernel::ModelEmbed => "model/embed.wgsl",
@@ -115,6 +118,7 @@ impl Kernel {
             Kernel::BackwardCoopDq => include_str!("../../shaders/backward_coop_dq.wgsl"),
             Kernel::BackwardCoopDkDv => include_str!("../../shaders/backward_coop_dkdv.wgsl"),
             Kernel::DecodeSplit => include_str!("../../shaders/decode_split.wgsl"),
+            Kernel::DecodeSplitNarrow => include_str!("../../shaders/decode_split_narrow.wgsl"),
             Kernel::DecodeCombine => include_str!("../../shaders/decode_combine.wgsl"),
             Kernel::KvAppend => include_str!("../../shaders/kv_append.wgsl"),
             Kernel::ModelEmbed => include_str!("../../shaders/model/embed.wgsl"),
@@ -134,6 +138,7 @@ impl Kernel {
             | Kernel::BackwardDq
             | Kernel::BackwardDkDv
             | Kernel::DecodeSplit
+            | Kernel::DecodeSplitNarrow
             | Kernel::DecodeCombine => &[DType::F32, DType::F16],
             Kernel::ForwardCoop | Kernel::BackwardCoopDq | Kernel::BackwardCoopDkDv => &[DType::F16],
             // Words, whatever the storage type: composed (and compiled) once, as f32.

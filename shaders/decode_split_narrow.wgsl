@@ -1,0 +1,295 @@
+// Decode over a host-built work list (see shared/decode.wgsl) for narrow items, R <= 4 query rows (a GQA
+// group of up to 4 heads, one token): the split kernel of `decode_split.wgsl` with Q, K, V and O in
+// registers instead of workgroup memory, which bounds that kernel on the shared-memory port. Output
+// semantics are the same (rows written, or partials for decode_combine). CPU twin: src/cpu/varlen.rs
+// (`attend_worklist`).
+//
+// Invocation (g, w) = (lid / W, lid % W) owns 16-byte word w of every key row (8 halves or 4 floats) and
+// the keys g, g + G, ... of each chunk of BK keys. It loads its words of K and V straight into
+// registers (coalesced: the W invocations of a key read its row), one chunk ahead, keeps its slice of
+// the R query rows and of their O rows in registers, and runs its own online softmax over its keys:
+// the only shared traffic per chunk is the partial dot products (one vec4 of R rows per key and word),
+// their sums, and two barriers. At the end the G key groups of each word merge their (max, sum, O)
+// as the split combine does, through workgroup memory.
+
+#include shared/decode.wgsl
+
+override D: u32 = 64u;            // head dim (a multiple of 8)
+override R: u32 = 4u;             // query rows per item (<= 4)
+override BK: u32 = 16u;           // keys per chunk (divides the block size; a multiple of G)
+override HALF: u32 = 1u;          // 1: f16 storage, 0: f32
+override EW: u32 = 8u - 4u * (1u - HALF); // elements per 16-byte word
+override W: u32 = D / EW;         // words per key row (divides 128)
+override G: u32 = 128u / W;       // key groups
+override WG: u32 = W * G;         // invocations
+override NK: u32 = BK / G;        // keys per invocation per chunk (<= MAX_NK)
+override RED: u32 = 256u;         // vec4s of the reduction buffer: max(BK * W, 2 * WG)
+const MAX_NK: u32 = 16u;
+
+// Q and O as 32-bit words; K and V as 16-byte words.
+@group(0) @binding(1) var<storage, read> q_buf: array<u32>;
+@group(0) @binding(2) var<storage, read> k_buf: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read> v_buf: array<vec4<u32>>;
+@group(0) @binding(4) var<storage, read_write> o_buf: array<u32>;
+
+var<workgroup> red_s: array<vec4<f32>, RED>; // partial dots [key][word] (rows in lanes), then the merge
+var<workgroup> s_s: array<vec4<f32>, BK>;    // scores of the chunk per key (rows in lanes), base 2
+
+fn row_attends(mask: vec2<u32>, r: u32) -> bool {
+    let word = select(mask.x, mask.y, r >= 32u);
+    return ((word >> (r % 32u)) & 1u) == 1u;
+}
+
+fn load_q4(u: u32) -> vec4<f32> {
+    if HALF == 1u {
+        return vec4<f32>(unpack2x16float(q_buf[2u * u]), unpack2x16float(q_buf[2u * u + 1u]));
+    }
+    return bitcast<vec4<f32>>(vec4<u32>(q_buf[4u * u], q_buf[4u * u + 1u], q_buf[4u * u + 2u], q_buf[4u * u + 3u]));
+}
+fn store_o4(u: u32, x: vec4<f32>) {
+    if HALF == 1u {
+        o_buf[2u * u] = pack2x16float(x.xy);
+        o_buf[2u * u + 1u] = pack2x16float(x.zw);
+    } else {
+        let b = bitcast<vec4<u32>>(x);
+        o_buf[4u * u] = b.x;
+        o_buf[4u * u + 1u] = b.y;
+        o_buf[4u * u + 2u] = b.z;
+        o_buf[4u * u + 3u] = b.w;
+    }
+}
+fn lo4(x: vec4<u32>) -> vec4<f32> {
+    if HALF == 1u {
+        return vec4<f32>(unpack2x16float(x.x), unpack2x16float(x.y));
+    }
+    return bitcast<vec4<f32>>(x);
+}
+fn hi4(x: vec4<u32>) -> vec4<f32> {
+    if HALF == 1u {
+        return vec4<f32>(unpack2x16float(x.z), unpack2x16float(x.w));
+    }
+    return vec4<f32>(0.0);
+}
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wgid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let id = item_id(wgid, nwg);
+    if id >= params.n_items {
+        return;
+    }
+    let it = items[id];
+    let d4 = D / 4u;
+    let causal = params.causal != 0u;
+    var key_end = it.kv_len;
+    if causal {
+        key_end = min(key_end, it.pos0 + it.n_valid);
+    }
+    let per = EW / 4u;
+    let k_off = params.k_off / per;
+    let v_off = params.v_off / per;
+    let tok_stride = params.kv_tok_stride / per;
+    let w = lid % W;
+    let g = lid / W;
+    // Vec4 unit of element w * EW within a row.
+    let u = w * EW / 4u;
+
+    var q_lo: array<vec4<f32>, 4>;
+    var q_hi: array<vec4<f32>, 4>;
+    var acc_lo: array<vec4<f32>, 4>;
+    var acc_hi: array<vec4<f32>, 4>;
+    for (var r = 0u; r < 4u; r++) {
+        q_lo[r] = vec4<f32>(0.0);
+        q_hi[r] = vec4<f32>(0.0);
+        acc_lo[r] = vec4<f32>(0.0);
+        acc_hi[r] = vec4<f32>(0.0);
+    }
+    for (var r = 0u; r < R; r++) {
+        if row_valid(it, r) {
+            q_lo[r] = load_q4(q_index(it, r, u, d4)) * params.scale_log2;
+            if HALF == 1u {
+                q_hi[r] = load_q4(q_index(it, r, u + 1u, d4)) * params.scale_log2;
+            }
+        }
+    }
+    // Running max and sum of the rows (lanes) over this invocation's keys.
+    var m = vec4<f32>(NEG_BIG);
+    var l = vec4<f32>(0.0);
+
+    let per_block = params.block_size / BK;
+    let n_chunks = (it.e1 - it.e0) * per_block;
+    var pk: array<vec4<u32>, MAX_NK>;
+    var pv: array<vec4<u32>, MAX_NK>;
+    // Chunk c's words of this invocation: key g + G * j at word w.
+    var k0 = 0u;
+    var base = 0u;
+    if n_chunks > 0u {
+        let e = entries[it.e0];
+        k0 = e.y;
+        base = e.x / per;
+        for (var j = 0u; j < NK; j++) {
+            let kk = g + G * j;
+            var kx = vec4<u32>(0u);
+            var vx = vec4<u32>(0u);
+            if k0 + kk < key_end {
+                let at = base + kk * tok_stride + w;
+                kx = k_buf[k_off + at];
+                vx = v_buf[v_off + at];
+            }
+            pk[j] = kx;
+            pv[j] = vx;
+        }
+    }
+    var c = 0u;
+    loop {
+        if c >= n_chunks || k0 >= key_end {
+            break;
+        }
+        let mask = entries[it.e0 + c / per_block].zw;
+        // The next chunk, if any keys of it are needed.
+        let c1 = c + 1u;
+        var k1 = key_end;
+        var base1 = 0u;
+        if c1 < n_chunks {
+            let e = entries[it.e0 + c1 / per_block];
+            let sub = (c1 % per_block) * BK;
+            k1 = e.y + sub;
+            base1 = e.x / per + sub * tok_stride;
+        }
+        // Partial dots of this invocation's keys over its word, rows in lanes.
+        for (var j = 0u; j < NK; j++) {
+            let kl = lo4(pk[j]);
+            let kh = hi4(pk[j]);
+            var part = vec4<f32>(0.0);
+            for (var r = 0u; r < R; r++) {
+                part[r] = dot(q_lo[r], kl) + dot(q_hi[r], kh);
+            }
+            red_s[(g + G * j) * W + w] = part;
+        }
+        // The next chunk's K while the sums run.
+        if k1 < key_end {
+            for (var j = 0u; j < NK; j++) {
+                let kk = g + G * j;
+                var kx = vec4<u32>(0u);
+                if k1 + kk < key_end {
+                    kx = k_buf[k_off + base1 + kk * tok_stride + w];
+                }
+                pk[j] = kx;
+            }
+        }
+        workgroupBarrier();
+        // Scores: one invocation per key sums the W partials and masks.
+        if lid < BK {
+            var s = vec4<f32>(0.0);
+            for (var x = 0u; x < W; x++) {
+                s += red_s[lid * W + x];
+            }
+            let kpos = k0 + lid;
+            for (var r = 0u; r < 4u; r++) {
+                let live = r < R && row_valid(it, r) && kpos < key_end
+                    && (!causal || kpos <= it.pos0 + r % params.n_tok) && row_attends(mask, r);
+                if !live {
+                    s[r] = NEG_BIG;
+                }
+            }
+            s_s[lid] = s;
+        }
+        workgroupBarrier();
+        // Online softmax over this invocation's keys, then O += P V on its word.
+        var mc = m;
+        for (var j = 0u; j < NK; j++) {
+            mc = max(mc, s_s[g + G * j]);
+        }
+        let alpha = exp2(m - mc);
+        l *= alpha;
+        for (var r = 0u; r < R; r++) {
+            acc_lo[r] *= alpha[r];
+            acc_hi[r] *= alpha[r];
+        }
+        for (var j = 0u; j < NK; j++) {
+            let s = s_s[g + G * j];
+            let p = select(vec4<f32>(0.0), exp2(s - mc), s > vec4<f32>(NEG_BIG));
+            l += p;
+            let vl = lo4(pv[j]);
+            let vh = hi4(pv[j]);
+            for (var r = 0u; r < R; r++) {
+                acc_lo[r] += p[r] * vl;
+                acc_hi[r] += p[r] * vh;
+            }
+        }
+        m = mc;
+        // The next chunk's V.
+        if k1 < key_end {
+            for (var j = 0u; j < NK; j++) {
+                let kk = g + G * j;
+                var vx = vec4<u32>(0u);
+                if k1 + kk < key_end {
+                    vx = v_buf[v_off + base1 + kk * tok_stride + w];
+                }
+                pv[j] = vx;
+            }
+        }
+        c = c1;
+        k0 = k1;
+    }
+
+    // The G key groups of word w merge: common max, scaled sums, then O row by row.
+    workgroupBarrier();
+    red_s[lid] = m;
+    workgroupBarrier();
+    var mx = vec4<f32>(NEG_BIG);
+    for (var x = 0u; x < G; x++) {
+        mx = max(mx, red_s[x * W + w]);
+    }
+    let scale = select(vec4<f32>(0.0), exp2(m - mx), mx > vec4<f32>(NEG_BIG));
+    workgroupBarrier();
+    red_s[lid] = l * scale;
+    workgroupBarrier();
+    var lt = vec4<f32>(0.0);
+    for (var x = 0u; x < G; x++) {
+        lt += red_s[x * W + w];
+    }
+    for (var r = 0u; r < R; r++) {
+        workgroupBarrier();
+        red_s[2u * lid] = acc_lo[r] * scale[r];
+        red_s[2u * lid + 1u] = acc_hi[r] * scale[r];
+        workgroupBarrier();
+        if g == 0u && row_valid(it, r) {
+            var o_lo = vec4<f32>(0.0);
+            var o_hi = vec4<f32>(0.0);
+            for (var x = 0u; x < G; x++) {
+                o_lo += red_s[2u * (x * W + w)];
+                o_hi += red_s[2u * (x * W + w) + 1u];
+            }
+            var inv = 0.0;
+            if lt[r] > 0.0 {
+                inv = 1.0 / lt[r];
+            }
+            if it.nsplit == 1u {
+                store_o4(o_index(it, r, u, d4), o_lo * inv);
+                if HALF == 1u {
+                    store_o4(o_index(it, r, u + 1u, d4), o_hi * inv);
+                }
+            } else {
+                part_o[(it.slot * R + r) * d4 + u] = o_lo * inv;
+                if HALF == 1u {
+                    part_o[(it.slot * R + r) * d4 + u + 1u] = o_hi * inv;
+                }
+            }
+            if w == 0u {
+                var lse2 = NEG_BIG;
+                if lt[r] > 0.0 {
+                    lse2 = mx[r] + log2(lt[r]);
+                }
+                if it.nsplit == 1u {
+                    lse_buf[lse_index(it, r)] = lse_out(lse2);
+                } else {
+                    part_lse[it.slot * R + r] = lse2;
+                }
+            }
+        }
+    }
+}
