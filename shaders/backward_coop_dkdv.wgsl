@@ -46,6 +46,15 @@ var<workgroup> shape_ok_s: u32;
 
 #include shared/coop_grad_out.wgsl
 
+// The epilogue's store (shared/coop_grad_out.wgsl): `which` 1 dK, else dV, of KV head `head`.
+fn store_grad(which: u32, b: u32, tok: u32, head: u32, c4: u32, x: vec4<f16>) {
+    if which == 1u {
+        dk_buf[kv_index(0u, b, tok, head, c4, D / 4u)] = x;
+    } else {
+        dv_buf[kv_index(0u, b, tok, head, c4, D / 4u)] = x;
+    }
+}
+
 // What one subgroup works on.
 struct Sub {
     g: u32,   // subgroup: its rows of s_s, p_s, ds_s are 16g..16g+15

@@ -43,6 +43,11 @@ var<workgroup> shape_ok_s: u32;
 
 #include shared/coop_chunks.wgsl
 
+// The epilogue's store (shared/coop_grad_out.wgsl): dQ of query head `head`.
+fn store_grad(which: u32, b: u32, tok: u32, head: u32, c4: u32, x: vec4<f16>) {
+    dq_buf[q_index(b, tok, head, c4, D / 4u)] = x;
+}
+
 // Head dims 16j..16j+15 of the subgroup's rows of Q (`grad` false) or dO (true) as an A matrix, staged
 // through p_s.
 fn stage_rows(t: Tile, j: u32, grad: bool) -> AM {

@@ -49,7 +49,7 @@ fn problems() -> Vec<(String, Problem)> {
     add("bidirectional windows", Problem::new(&l, 1, 200, 128, f16));
     add("custom causal, empty row", Problem::new(&custom(7, 2, 1, 12, true, Some(3)), 1, 185, 128, f16));
     add("custom bidirectional, GQA", Problem::new(&custom(8, 4, 2, 10, false, None), 1, 150, 64, f16));
-    add("long S2, merged rows", Problem::new(&s2(S2Config::new(4, 64, 4, 4)), 1, 2000, 128, f16));
+    add("long S2, merged rows", Problem::new(&s2(S2Config::new(4, 64, 4, 4)), 1, 1200, 128, f16));
     add("custom scale", Problem::new(&s2(S2Config::new(2, 32, 2, 3)), 1, 200, 64, f16).with_scale(0.4));
     out
 }

@@ -1,5 +1,7 @@
 //! Shader tests (no GPU): every WGSL kernel, composed for each of its storage types, validates with naga;
-//! and every `.wgsl` file under `shaders/` ends up in some composed kernel, so no file escapes validation.
+//! every `.wgsl` file under `shaders/` ends up in some composed kernel, so no file escapes validation; and
+//! the cooperative-matrix kernels, which no CI adapter runs, resolve their override constants and compile
+//! to SPIR-V at every tile their planners may pick.
 
 use s2attn::gpu::shaders::{compose, validate, Kernel};
 use s2attn::Error;
@@ -90,4 +92,49 @@ fn composing_an_unbuilt_dtype_is_refused() {
     for kernel in Kernel::ALL.iter().filter(|k| !k.dtypes().contains(&s2attn::DType::BF16)) {
         assert!(matches!(compose(*kernel, s2attn::DType::BF16), Err(Error::Unsupported(_))));
     }
+}
+
+/// Resolves `constants` in `kernel` (f16) and writes SPIR-V, as wgpu's Vulkan backend does when it builds
+/// the pipeline; returns the word count or the error.
+fn spirv(kernel: Kernel, constants: &[(&str, u32)]) -> Result<usize, String> {
+    let source = compose(kernel, s2attn::DType::F16).map_err(|e| e.to_string())?;
+    let module = naga::front::wgsl::parse_str(&source).map_err(|e| e.emit_to_string(&source))?;
+    let flags = naga::valid::ValidationFlags::all();
+    let info = naga::valid::Validator::new(flags, naga::valid::Capabilities::all())
+        .validate(&module)
+        .map_err(|e| e.emit_to_string(&source))?;
+    let values: naga::back::PipelineConstants = constants.iter().map(|&(k, v)| (k.to_string(), v as f64)).collect();
+    // naga panics (rather than erring) on some override orders; a panic is a failure here too.
+    let (module, info) = std::panic::catch_unwind(|| {
+        naga::back::pipeline_constants::process_overrides(&module, &info, None, &values)
+            .map(|(m, i)| (m.into_owned(), i))
+            .map_err(|e| format!("{e:?}"))
+    })
+    .map_err(|_| "naga panicked resolving the override constants".to_string())??;
+    let pipeline =
+        naga::back::spv::PipelineOptions { shader_stage: naga::ShaderStage::Compute, entry_point: "main".into() };
+    naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), Some(&pipeline))
+        .map(|w| w.len())
+        .map_err(|e| format!("{e:?}"))
+}
+
+#[test]
+fn coop_kernels_resolve_their_overrides_and_write_spirv() {
+    // (tile_q, tile_kv, workgroup size) of every tile the coop planners may pick.
+    let forward = [(64, 16, 128), (64, 32, 128), (64, 64, 128), (128, 16, 256), (128, 32, 256), (128, 64, 256)];
+    let dq = [(128, 32, 256), (64, 32, 128), (128, 16, 256), (64, 16, 128)];
+    let dkdv = [(32, 32, 128), (16, 64, 128), (16, 32, 64), (32, 16, 64), (16, 16, 32)];
+    let mut failures = Vec::new();
+    for d in [64, 128] {
+        for (kernel, tiles) in
+            [(Kernel::ForwardCoop, &forward[..]), (Kernel::BackwardCoopDq, &dq), (Kernel::BackwardCoopDkDv, &dkdv)]
+        {
+            for &(q, k, wg) in tiles {
+                if let Err(e) = spirv(kernel, &[("D", d), ("BQ", q), ("BK", k), ("WG", wg)]) {
+                    failures.push(format!("{} D {d} {q}x{k}: {e}", kernel.name()));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

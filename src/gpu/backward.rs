@@ -73,6 +73,10 @@ const PARAMS: u32 = 0;
 const LIST_PTR: u32 = 6;
 const LIST_ENTRIES: u32 = 7;
 const DELTA: u32 = 8;
+/// Bindings of the dQ pass: params, q, k, v, out, lse, the row lists, D, d_out, dq.
+const DQ_BINDINGS: &[u32] = &[PARAMS, 1, 2, 3, 4, 5, LIST_PTR, LIST_ENTRIES, DELTA, 9, 12];
+/// Bindings of the dK/dV pass: params, q, k, v, lse, the column lists, D, d_out, dk, dv.
+const DKDV_BINDINGS: &[u32] = &[PARAMS, 1, 2, 3, 5, LIST_PTR, LIST_ENTRIES, DELTA, 9, 10, 11];
 
 struct HostBuffers {
     tensors: [wgpu::Buffer; 9],
@@ -154,7 +158,7 @@ impl GpuBackward {
             ptr: storage("s2attn backward row_ptr", bytemuck::cast_slice(mergeq.row_ptr())),
             entries: storage("s2attn backward row entries", bytemuck::cast_slice(&mergeq.gpu_entries())),
             dispatch: [mergeq.tiles(), heads, shape.batch],
-            bindings: &[PARAMS, 1, 2, 3, 4, 5, LIST_PTR, LIST_ENTRIES, DELTA, 9, 12],
+            bindings: DQ_BINDINGS,
             label: "s2attn backward dQ",
         };
         let dkdv = Pass {
@@ -163,7 +167,7 @@ impl GpuBackward {
             ptr: storage("s2attn backward col_ptr", bytemuck::cast_slice(columns.col_ptr())),
             entries: storage("s2attn backward column entries", bytemuck::cast_slice(&columns.gpu_entries())),
             dispatch: [shape.seq_len.div_ceil(plan.dkdv.tile_kv), kv_heads, shape.batch],
-            bindings: &[PARAMS, 1, 2, 3, 5, LIST_PTR, LIST_ENTRIES, DELTA, 9, 10, 11],
+            bindings: DKDV_BINDINGS,
             label: "s2attn backward dK/dV",
         };
         let delta = device.create_buffer(&wgpu::BufferDescriptor {
@@ -377,4 +381,52 @@ fn check_limits(ctx: &Context, layout: &Layout, shape: &Shape) -> Result<()> {
         return Err(Error::Shape(format!("{elems} elements per tensor exceed the kernels' 2^34-element addressing")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::shaders::compose;
+    use crate::plan::DType;
+
+    /// The bindings the entry point of `kernel` (composed for `dtype`) uses, ascending.
+    fn used_bindings(kernel: Kernel, dtype: DType) -> Vec<u32> {
+        let source = compose(kernel, dtype).expect("composes");
+        let module = naga::front::wgsl::parse_str(&source).expect("parses");
+        let flags = naga::valid::ValidationFlags::all();
+        let info =
+            naga::valid::Validator::new(flags, naga::valid::Capabilities::all()).validate(&module).expect("valid");
+        let uses = info.get_entry_point(0);
+        let mut out: Vec<u32> = module
+            .global_variables
+            .iter()
+            .filter(|&(h, _)| !uses[h].is_empty())
+            .filter_map(|(_, g)| g.binding.as_ref().map(|b| b.binding))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    #[test]
+    fn each_pass_binds_exactly_what_its_kernels_use() {
+        // The bind group must list every binding the pipeline's auto layout has, and no other (wgpu
+        // refuses the bind group otherwise); both kernel families share the lists.
+        let sorted = |b: &[u32]| {
+            let mut v = b.to_vec();
+            v.sort_unstable();
+            v
+        };
+        for (kernel, dtype) in
+            [(Kernel::BackwardDq, DType::F32), (Kernel::BackwardDq, DType::F16), (Kernel::BackwardCoopDq, DType::F16)]
+        {
+            assert_eq!(used_bindings(kernel, dtype), sorted(DQ_BINDINGS), "{} ({dtype})", kernel.name());
+        }
+        for (kernel, dtype) in [
+            (Kernel::BackwardDkDv, DType::F32),
+            (Kernel::BackwardDkDv, DType::F16),
+            (Kernel::BackwardCoopDkDv, DType::F16),
+        ] {
+            assert_eq!(used_bindings(kernel, dtype), sorted(DKDV_BINDINGS), "{} ({dtype})", kernel.name());
+        }
+    }
 }
