@@ -739,4 +739,9 @@ fn decode_at_head_dim_128_f16_on_the_narrow_and_the_general_kernel() {
             assert_eq!(explain.contains("narrow"), narrow, "{explain}");
         }
     }
+    // A history of 130 attended blocks split one block per item: the combine folds more partials than
+    // its lanes (four loads at a time per lane).
+    let layout = s2(S2Config::new(4, 16, 2, 1).kv_heads(2));
+    let policy = SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 1 };
+    decode_f16_at(&layout, 128, &[2080], 1, policy, 990);
 }

@@ -100,6 +100,8 @@ pub fn plan_attend(
     plan_attend_for(caps, DType::F32, head_dim, group, n_tok_choices, block_size)
 }
 
+/// Invocations of the combine kernel (at least [`MAX_ROWS`]).
+const COMBINE_WORKGROUP: u32 = 256;
 /// Invocations of the narrow kernel.
 const NARROW_WORKGROUP: u32 = 128;
 /// Rows the narrow kernel takes (the lanes of a vec4).
@@ -313,7 +315,19 @@ impl GpuAttend {
                 ],
             )?
         };
-        let combine = ctx.pipeline(Kernel::DecodeCombine, dtype, &[d, ("R", plan.rows), ("WG", 64)])?;
+        let n4 = plan.rows * head_dim / 4;
+        let combine = ctx.pipeline(
+            Kernel::DecodeCombine,
+            dtype,
+            &[
+                d,
+                ("R", plan.rows),
+                ("WG", COMBINE_WORKGROUP),
+                ("LL", (COMBINE_WORKGROUP / plan.rows).min(16)),
+                ("N4", n4),
+                ("SL", (COMBINE_WORKGROUP / n4).max(1)),
+            ],
+        )?;
         let buffers = Mutex::new(CallBuffers::new(ctx));
         Ok(Self { ctx: ctx.clone(), dtype, head_dim, num_heads, plan, split, combine, buffers })
     }
