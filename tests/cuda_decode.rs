@@ -1,6 +1,7 @@
 //! The CUDA decode path against the f64 oracle: a `KvCache` whose pages live in CUDA memory (same page
 //! planning and eviction as the wgpu cache) decoded by `shaders/cuda/s2_decode.cu` (split pass + LSE
-//! combine): mixed lengths across page boundaries, GQA groups of 1/4/8, speculative queries, split
+//! combine; the narrow kernel for up to 4 rows, the general one above): mixed lengths across page
+//! boundaries, GQA groups of 1/2/4/8, speculative queries, split
 //! policies from never to one block per split, several cache segments, fp16 and bf16, and the wgpu-only
 //! entry points refusing clearly. Every test needs a CUDA device and skips with a message without one.
 //!
@@ -50,7 +51,7 @@ fn round(x: f32, dtype: DType) -> f32 {
 }
 
 /// Decodes the last `q_len` tokens of sequences of `lens` tokens under `layout` on CUDA with `policy`,
-/// and returns (O error, LSE error) against the oracle on the full histories.
+/// and returns (O error, LSE error) against the oracle on the full histories, and the call's plan.
 #[allow(clippy::too_many_arguments)]
 fn decode_error(
     ctx: &Context,
@@ -62,7 +63,7 @@ fn decode_error(
     policy: SplitPolicy,
     segment_pages: Option<u32>,
     seed: u64,
-) -> (f64, f64) {
+) -> (f64, f64, String) {
     let (h, hk) = (layout.num_heads(), layout.num_kv_heads());
     let max = *lens.iter().max().expect("lens");
     let mut config = KvCacheConfig::new(d, dtype, max).sequences(lens.len() as u32).query_window(q_len);
@@ -123,7 +124,8 @@ fn decode_error(
         .flat_map(|hd| (0..n * q_len).map(move |t| (hd, t)))
         .map(|(hd, t)| lse[((t / q_len * h + hd) * q_len + t % q_len) as usize] as f64)
         .collect();
-    (rel_l2_error(out.iter().map(|&x| x as f64), &want.out), rel_l2_error(lse_packed, &want.lse))
+    let explain = op.explain(&cache, &ids, q_len).expect("explain");
+    (rel_l2_error(out.iter().map(|&x| x as f64), &want.out), rel_l2_error(lse_packed, &want.lse), explain)
 }
 
 fn tol(dtype: DType) -> f64 {
@@ -143,18 +145,24 @@ fn cuda_decode_matches_the_oracle_over_groups_lengths_and_splits() {
         ("default", SplitPolicy::for_compute_units(132)),
     ];
     let mut seed = 1;
-    for (heads, kv_heads, d, block) in [(8, 8, 128, 64), (8, 2, 128, 64), (16, 2, 64, 32), (4, 1, 128, 16)] {
+    // Groups of 1, 2 and 4 at one token run the narrow kernel, 8 rows (group 8, or group 4 at two tokens) the
+    // general one.
+    for (heads, kv_heads, d, block) in
+        [(8, 8, 128, 64), (8, 2, 128, 64), (16, 2, 64, 32), (4, 2, 64, 32), (4, 1, 128, 16)]
+    {
         let layout = Layout::s2(S2Config::new(heads, block, 3, 4).kv_heads(kv_heads)).expect("layout");
         for dtype in [DType::F16, DType::BF16] {
             for (name, policy) in policies {
                 for q_len in [1u32, 2] {
                     seed += 1;
-                    let lens = [1u32, 65, 700, 333];
-                    let (e, l) = decode_error(ctx, &layout, d, dtype, &lens, q_len, policy, None, seed);
+                    let lens = [2u32, 65, 700, 333];
+                    let (e, l, explain) = decode_error(ctx, &layout, d, dtype, &lens, q_len, policy, None, seed);
                     let what =
                         format!("{heads}/{kv_heads} heads, d {d}, block {block}, {dtype}, {name}, q_len {q_len}");
                     assert!(e < tol(dtype), "{what}: ‖out−ref‖/‖ref‖ = {e:.3e}");
                     assert!(l < 1e-4, "{what}: lse error {l:.3e}");
+                    let narrow = heads / kv_heads * q_len <= 4;
+                    assert_eq!(explain.contains("narrow"), narrow, "{what}: {explain}");
                 }
             }
         }
@@ -168,7 +176,7 @@ fn cuda_decode_runs_one_pass_per_cache_segment() {
     let config = KvCacheConfig::new(128, DType::F16, 2000);
     let per_seq = KvCache::pages_per_sequence(&layout, &config).expect("pages");
     let policy = SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 2 };
-    let (e, l) = decode_error(ctx, &layout, 128, DType::F16, &[2000, 129, 1500], 1, policy, Some(per_seq), 7);
+    let (e, l, _) = decode_error(ctx, &layout, 128, DType::F16, &[2000, 129, 1500], 1, policy, Some(per_seq), 7);
     assert!(e < 2e-3 && l < 1e-4, "three segments: out {e:.3e}, lse {l:.3e}");
 }
 

@@ -274,36 +274,283 @@ extern "C" __global__ void __launch_bounds__(NT) s2_decode_split(const Params p)
     }
 }
 
+#elif PASS == 2
+
+// Narrow items (ROWS <= 4): thread (g, w) owns 16-byte word w of every key row and keys g, g + NG, ... of
+// each step; Q, K, V and O stay in registers, each thread runs its own online softmax over its keys, and
+// the NG key groups of a word merge at the end (the WGSL twin: shaders/decode_split_narrow.wgsl).
+#define NG (NT / W)                       // key groups
+#define NK (BK / NG)                      // keys per thread per step
+#define RED ((BK * W) > 2 * NT ? (BK * W) : 2 * NT)
+
+#if ROWS > 4 || (NT % W) != 0 || (BK % NG) != 0 || NK < 1
+#error "the narrow decode kernel takes at most 4 rows, W dividing NT and BK a multiple of NT / W"
+#endif
+
+__device__ __forceinline__ float& lane(float4& v, int i) { return reinterpret_cast<float*>(&v)[i]; }
+
+extern "C" __global__ void __launch_bounds__(NT) s2_decode_narrow(const Params p) {
+    const u32 id = blockIdx.x + blockIdx.y * gridDim.x;
+    if (id >= p.n_items) return;
+    const Item it = p.items[id];
+    __shared__ float4 red_s[RED];
+    __shared__ float4 s_s[BK];
+    const u32 tid = threadIdx.x, w = tid % W, g = tid / W;
+    const bool causal = p.causal != 0;
+    u32 key_end = it.kv_len;
+    if (causal) key_end = min(key_end, it.pos0 + it.n_valid);
+    const u32 tok_stride = p.kv_tok_stride / 2;
+
+    float q[4][8], acc[4][8], m[4], l[4];
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        m[r] = NEG_BIG;
+        l[r] = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            q[r][e] = 0.f;
+            acc[r][e] = 0.f;
+        }
+        if (r < ROWS && row_valid(it, r, p.n_tok)) {
+            float x[8];
+            unpack8(*(const uint4*)(p.q + row_index(p, it, r) + 8 * w), x);
+#pragma unroll
+            for (int e = 0; e < 8; e++) q[r][e] = x[e] * p.scale_log2;
+        }
+    }
+
+    const u32 per_block = p.block_size / BK;
+    const u32 n_chunks = (it.e1 - it.e0) * per_block;
+    uint4 pk[NK], pv[NK];
+    u32 k0 = key_end;
+    if (n_chunks > 0) {
+        const uint4 e = p.entries[it.e0];
+        k0 = e.y;
+        const size_t base = e.x / 2;
+#pragma unroll
+        for (int j = 0; j < NK; j++) {
+            const u32 kk = g + NG * j;
+            uint4 kx = make_uint4(0, 0, 0, 0), vx = kx;
+            if (k0 + kk < key_end) {
+                kx = __ldg(p.k + base + (size_t)kk * tok_stride + w);
+                vx = __ldg(p.v + base + (size_t)kk * tok_stride + w);
+            }
+            pk[j] = kx;
+            pv[j] = vx;
+        }
+    }
+    for (u32 c = 0; c < n_chunks && k0 < key_end;) {
+        const uint4 entry = p.entries[it.e0 + c / per_block];
+        const u32 c1 = c + 1;
+        u32 k1 = key_end;
+        size_t base1 = 0;
+        if (c1 < n_chunks) {
+            const uint4 e = p.entries[it.e0 + c1 / per_block];
+            const u32 sub = (c1 % per_block) * BK;
+            k1 = e.y + sub;
+            base1 = e.x / 2 + (size_t)sub * tok_stride;
+        }
+        // Partial dots over this thread's word, rows in lanes.
+#pragma unroll
+        for (int j = 0; j < NK; j++) {
+            float x[8];
+            unpack8(pk[j], x);
+            float4 part = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int r = 0; r < ROWS; r++) {
+                float d = 0.f;
+#pragma unroll
+                for (int e = 0; e < 8; e++) d += q[r][e] * x[e];
+                lane(part, r) = d;
+            }
+            red_s[(g + NG * j) * W + w] = part;
+        }
+        if (k1 < key_end) {
+#pragma unroll
+            for (int j = 0; j < NK; j++) {
+                const u32 kk = g + NG * j;
+                pk[j] = k1 + kk < key_end ? __ldg(p.k + base1 + (size_t)kk * tok_stride + w) : make_uint4(0, 0, 0, 0);
+            }
+        }
+        __syncthreads();
+        if (tid < BK) {
+            float4 sc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int x = 0; x < W; x++) {
+                const float4 y = red_s[tid * W + x];
+                sc.x += y.x;
+                sc.y += y.y;
+                sc.z += y.z;
+                sc.w += y.w;
+            }
+            const u32 kpos = k0 + tid;
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const bool live = r < ROWS && row_valid(it, r, p.n_tok) && kpos < key_end
+                    && (!causal || kpos <= it.pos0 + r % p.n_tok) && ((entry.z >> r) & 1u);
+                if (!live) lane(sc, r) = NEG_BIG;
+            }
+            s_s[tid] = sc;
+        }
+        __syncthreads();
+        float mc[4];
+#pragma unroll
+        for (int r = 0; r < 4; r++) mc[r] = m[r];
+#pragma unroll
+        for (int j = 0; j < NK; j++) {
+            float4 sc = s_s[g + NG * j];
+#pragma unroll
+            for (int r = 0; r < 4; r++) mc[r] = fmaxf(mc[r], lane(sc, r));
+        }
+#pragma unroll
+        for (int r = 0; r < ROWS; r++) {
+            const float alpha = exp2f(m[r] - mc[r]);
+            l[r] *= alpha;
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[r][e] *= alpha;
+        }
+#pragma unroll
+        for (int j = 0; j < NK; j++) {
+            float4 sc = s_s[g + NG * j];
+            float x[8];
+            unpack8(pv[j], x);
+#pragma unroll
+            for (int r = 0; r < ROWS; r++) {
+                const float s = lane(sc, r);
+                const float pr = s > NEG_BIG ? exp2f(s - mc[r]) : 0.f;
+                l[r] += pr;
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[r][e] += pr * x[e];
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 4; r++) m[r] = mc[r];
+        if (k1 < key_end) {
+#pragma unroll
+            for (int j = 0; j < NK; j++) {
+                const u32 kk = g + NG * j;
+                pv[j] = k1 + kk < key_end ? __ldg(p.v + base1 + (size_t)kk * tok_stride + w) : make_uint4(0, 0, 0, 0);
+            }
+        }
+        c = c1;
+        k0 = k1;
+    }
+
+    // The NG key groups of word w merge: common max, scaled sums, then O row by row.
+    __syncthreads();
+    red_s[tid] = make_float4(m[0], m[1], m[2], m[3]);
+    __syncthreads();
+    float mx[4] = {NEG_BIG, NEG_BIG, NEG_BIG, NEG_BIG}, scale[4], lt[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int x = 0; x < NG; x++) {
+        float4 y = red_s[x * W + w];
+#pragma unroll
+        for (int r = 0; r < 4; r++) mx[r] = fmaxf(mx[r], lane(y, r));
+    }
+#pragma unroll
+    for (int r = 0; r < 4; r++) scale[r] = mx[r] > NEG_BIG ? exp2f(m[r] - mx[r]) : 0.f;
+    __syncthreads();
+    red_s[tid] = make_float4(l[0] * scale[0], l[1] * scale[1], l[2] * scale[2], l[3] * scale[3]);
+    __syncthreads();
+    for (int x = 0; x < NG; x++) {
+        float4 y = red_s[x * W + w];
+#pragma unroll
+        for (int r = 0; r < 4; r++) lt[r] += lane(y, r);
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) {
+        __syncthreads();
+        red_s[2 * tid] = make_float4(acc[r][0] * scale[r], acc[r][1] * scale[r], acc[r][2] * scale[r], acc[r][3] * scale[r]);
+        red_s[2 * tid + 1] =
+            make_float4(acc[r][4] * scale[r], acc[r][5] * scale[r], acc[r][6] * scale[r], acc[r][7] * scale[r]);
+        __syncthreads();
+        if (g == 0 && row_valid(it, r, p.n_tok)) {
+            float o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            for (int x = 0; x < NG; x++) {
+                const float4 a = red_s[2 * (x * W + w)], b = red_s[2 * (x * W + w) + 1];
+                o[0] += a.x; o[1] += a.y; o[2] += a.z; o[3] += a.w;
+                o[4] += b.x; o[5] += b.y; o[6] += b.z; o[7] += b.w;
+            }
+            const float inv = lt[r] > 0.f ? 1.f / lt[r] : 0.f;
+            if (it.nsplit == 1) {
+                u32 words[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    words[e] = (u32)from_f32(o[2 * e] * inv) | ((u32)from_f32(o[2 * e + 1] * inv) << 16);
+                *(uint4*)(p.o + row_index(p, it, r) + 8 * w) = make_uint4(words[0], words[1], words[2], words[3]);
+            } else {
+                float4* dst = (float4*)(p.part_o + ((size_t)it.slot * ROWS + r) * HEAD_DIM + 8 * w);
+                dst[0] = make_float4(o[0] * inv, o[1] * inv, o[2] * inv, o[3] * inv);
+                dst[1] = make_float4(o[4] * inv, o[5] * inv, o[6] * inv, o[7] * inv);
+            }
+            if (w == 0) {
+                const float lse2 = lt[r] > 0.f ? mx[r] + log2f(lt[r]) : NEG_BIG;
+                if (it.nsplit == 1) p.lse[lse_index(p, it, r)] = lse_out(lse2);
+                else p.part_lse[it.slot * ROWS + r] = lse2;
+            }
+        }
+    }
+}
+
 #else
 
-// Combine: one CTA per split family, merging its nsplit partials by their base-2 LSE.
+// Combine: one CTA per split family, merging its nsplit partials by their base-2 LSE; the splits are
+// spread over the threads (LL lanes per row for the LSE, SL lanes per output float4 for O) and the lanes
+// meet in shared memory (the WGSL twin: shaders/decode_combine.wgsl).
+#define N4 (ROWS * D4)
+#define SL ((NT / N4) > 1 ? (NT / N4) : 1)
+#define LL ((NT / ROWS) < 16 ? (NT / ROWS) : 16)
+
+__device__ __forceinline__ void fold(float& m, float& s, float x) {
+    if (x > m) {
+        s = s * exp2f(m - x) + 1.f;
+        m = x;
+    } else if (x > NEG_BIG) {
+        s += exp2f(x - m);
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(NT) s2_decode_combine(const Params p) {
     const u32 id = blockIdx.x + blockIdx.y * gridDim.x;
     if (id >= p.n_items) return;
     const Item fam = p.items[id];
-    __shared__ float lse_s[ROWS];
-    const u32 tid = threadIdx.x;
+    __shared__ float m_s[NT], s_s[NT], lse_s[ROWS];
+    __shared__ float4 o_s[NT];
+    const u32 tid = threadIdx.x, n = fam.nsplit;
+    if (tid < ROWS * LL) {
+        const u32 r = tid / LL, ln = tid % LL;
+        float m = NEG_BIG, s = 0.f;
+#pragma unroll 4
+        for (u32 k = ln; k < n; k += LL) fold(m, s, p.part_lse[(fam.slot + k) * ROWS + r]);
+        m_s[tid] = m;
+        s_s[tid] = s;
+    }
+    __syncthreads();
     if (tid < ROWS) {
         float m = NEG_BIG;
-        for (u32 s = 0; s < fam.nsplit; s++) m = fmaxf(m, p.part_lse[(fam.slot + s) * ROWS + tid]);
+        for (int x = 0; x < LL; x++) m = fmaxf(m, m_s[tid * LL + x]);
         float lse2 = NEG_BIG;
         if (m > NEG_BIG) {
             float sum = 0.f;
-            for (u32 s = 0; s < fam.nsplit; s++) sum += exp2f(p.part_lse[(fam.slot + s) * ROWS + tid] - m);
+            for (int x = 0; x < LL; x++) {
+                const float mx = m_s[tid * LL + x];
+                if (mx > NEG_BIG) sum += s_s[tid * LL + x] * exp2f(mx - m);
+            }
             lse2 = m + log2f(sum);
         }
         lse_s[tid] = lse2;
         if (row_valid(fam, tid, p.n_tok)) p.lse[lse_index(p, fam, tid)] = lse_out(lse2);
     }
     __syncthreads();
-    for (u32 i = tid; i < ROWS * D4; i += NT) {
-        const u32 r = i / D4, c = i % D4;
-        if (!row_valid(fam, r, p.n_tok)) continue;
+    const u32 ln = tid / N4;
+    for (u32 o = tid % N4; o < N4; o += NT) {
+        if (ln >= SL) break;
+        const u32 r = o / D4, c = o % D4;
         const float lse2 = lse_s[r];
         float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
         if (lse2 > NEG_BIG) {
-            for (u32 s = 0; s < fam.nsplit; s++) {
-                const size_t slot = (size_t)(fam.slot + s) * ROWS + r;
+#pragma unroll 4
+            for (u32 k = ln; k < n; k += SL) {
+                const size_t slot = (size_t)(fam.slot + k) * ROWS + r;
                 const float wgt = exp2f(p.part_lse[slot] - lse2);
                 const float4 y = ((const float4*)p.part_o)[slot * D4 + c];
                 x.x += wgt * y.x;
@@ -312,10 +559,35 @@ extern "C" __global__ void __launch_bounds__(NT) s2_decode_combine(const Params 
                 x.w += wgt * y.w;
             }
         }
-        const u32 lo = (u32)from_f32(x.x) | ((u32)from_f32(x.y) << 16);
-        const u32 hi = (u32)from_f32(x.z) | ((u32)from_f32(x.w) << 16);
-        *(uint2*)(p.o + row_index(p, fam, r) + 4 * c) = make_uint2(lo, hi);
+        if (SL == 1) {
+            if (row_valid(fam, r, p.n_tok)) {
+                const u32 lo = (u32)from_f32(x.x) | ((u32)from_f32(x.y) << 16);
+                const u32 hi = (u32)from_f32(x.z) | ((u32)from_f32(x.w) << 16);
+                *(uint2*)(p.o + row_index(p, fam, r) + 4 * c) = make_uint2(lo, hi);
+            }
+        } else {
+            o_s[tid] = x;
+        }
     }
+#if SL > 1
+    __syncthreads();
+    if (tid < N4) {
+        const u32 r = tid / D4, c = tid % D4;
+        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int s = 0; s < SL; s++) {
+            const float4 y = o_s[s * N4 + tid];
+            x.x += y.x;
+            x.y += y.y;
+            x.z += y.z;
+            x.w += y.w;
+        }
+        if (row_valid(fam, r, p.n_tok)) {
+            const u32 lo = (u32)from_f32(x.x) | ((u32)from_f32(x.y) << 16);
+            const u32 hi = (u32)from_f32(x.z) | ((u32)from_f32(x.w) << 16);
+            *(uint2*)(p.o + row_index(p, fam, r) + 4 * c) = make_uint2(lo, hi);
+        }
+    }
+#endif
 }
 
 #endif

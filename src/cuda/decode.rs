@@ -17,7 +17,11 @@ const S2_DECODE_SRC: &str = include_str!("../../shaders/cuda/s2_decode.cu");
 /// Threads of the split CTA.
 const THREADS: u32 = 128;
 /// Threads of the combine CTA.
-const COMBINE_THREADS: u32 = 64;
+const COMBINE_THREADS: u32 = 256;
+/// Rows the narrow split kernel takes.
+const NARROW_ROWS: u32 = 4;
+/// Keys per thread per step of the narrow kernel (K/V words in registers).
+const NARROW_KEYS: u32 = 8;
 /// Rows an item may have (the entries' 64-bit row masks).
 const MAX_ROWS: u32 = 64;
 
@@ -65,6 +69,7 @@ pub struct CudaDecode {
     rows: u32,
     tile_kv: u32,
     smem: u32,
+    narrow: bool,
     head_dim: u32,
     num_heads: u32,
     dtype: DType,
@@ -74,8 +79,11 @@ impl fmt::Display for CudaDecode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "CUDA s2_decode: {} rows x {} keys per step, {THREADS} threads, {} B shared memory, 16 B loads",
-            self.rows, self.tile_kv, self.smem
+            "CUDA s2_decode{}: {} rows x {} keys per step, {THREADS} threads, {} B shared memory, 16 B loads",
+            if self.narrow { " narrow (Q/K/V/O in registers)" } else { "" },
+            self.rows,
+            self.tile_kv,
+            self.smem
         )
     }
 }
@@ -93,7 +101,22 @@ fn split_smem(rows: u32, tile_kv: u32, head_dim: u32) -> u32 {
 }
 
 impl CudaDecode {
-    /// Compiles (or fetches) the kernels for items of `rows` query rows over `block_size`-key pages.
+    /// The narrow kernel's key step for `rows` rows, where it applies (at most 4 rows, the words of a
+    /// key row dividing the CTA, a step of whole key groups dividing the block); `S2ATTN_CUDA_DECODE=general`
+    /// turns it off (to compare the two kernels).
+    fn narrow_tile(rows: u32, head_dim: u32, block_size: u32) -> Option<u32> {
+        let w = head_dim / 8;
+        if rows > NARROW_ROWS || THREADS % w != 0 || std::env::var("S2ATTN_CUDA_DECODE").is_ok_and(|v| v == "general") {
+            return None;
+        }
+        let groups = THREADS / w;
+        [64u32, 32, 16, 8, 4, 2]
+            .into_iter()
+            .find(|&t| block_size % t == 0 && t % groups == 0 && t / groups <= NARROW_KEYS)
+    }
+
+    /// Compiles (or fetches) the kernels for items of `rows` query rows over `block_size`-key pages: the
+    /// narrow split kernel where it applies, else the general one, and the combine.
     pub fn new(
         ctx: &CudaContext,
         dtype: DType,
@@ -129,7 +152,11 @@ impl CudaDecode {
                 needed: split_smem(rows, 8, head_dim) as u64,
                 max: caps.max_workgroup_storage as u64,
             })?;
-        let smem = split_smem(rows, tile_kv, head_dim);
+        let narrow = Self::narrow_tile(rows, head_dim, block_size);
+        let (tile_kv, smem) = match narrow {
+            Some(t) => (t, 16 * ((t * head_dim / 8).max(2 * THREADS) + t)),
+            None => (tile_kv, split_smem(rows, tile_kv, head_dim)),
+        };
         let bf16 = (dtype == DType::BF16) as i64;
         let kernel = |pass: i64, threads: u32, entry: &str, smem: u32| -> Result<CudaFunction> {
             let defines = [
@@ -146,9 +173,14 @@ impl CudaDecode {
             let key = KernelKey { name: "s2_decode.cu", defines, arch: ctx.arch(), arch_specific: false };
             ctx.kernel(&key, S2_DECODE_SRC, entry, smem)
         };
-        let split = kernel(0, THREADS, "s2_decode_split", smem)?;
+        let split = match narrow {
+            // Static shared memory: no dynamic bytes at launch.
+            Some(_) => kernel(2, THREADS, "s2_decode_narrow", 0)?,
+            None => kernel(0, THREADS, "s2_decode_split", smem)?,
+        };
         let combine = kernel(1, COMBINE_THREADS, "s2_decode_combine", 0)?;
-        Ok(Self { ctx: ctx.clone(), split, combine, rows, tile_kv, smem, head_dim, num_heads, dtype })
+        let narrow = narrow.is_some();
+        Ok(Self { ctx: ctx.clone(), split, combine, rows, tile_kv, smem, narrow, head_dim, num_heads, dtype })
     }
 
     /// Uploads the parts' work lists and allocates the partials; returns per part (split params,
@@ -218,7 +250,7 @@ impl CudaDecode {
         for pass in 0..2 {
             for (split, combine) in params {
                 let (p, func, threads, smem) = if pass == 0 {
-                    (split, &self.split, THREADS, self.smem)
+                    (split, &self.split, THREADS, if self.narrow { 0 } else { self.smem })
                 } else {
                     (combine, &self.combine, COMBINE_THREADS, 0)
                 };
