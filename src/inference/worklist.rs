@@ -62,22 +62,23 @@ pub struct SplitPolicy {
     pub min_blocks_per_split: u32,
 }
 
-/// Workgroups per compute unit the split aims at: enough resident items per SM (about 4 of 128
-/// invocations fit at once) for two waves, so that the loads of one hide behind the other.
-const WORKGROUPS_PER_UNIT: u32 = 8;
+/// Workgroups per compute unit the split aims at: about as many as are resident at once (the decode
+/// kernels hold 3 to 5 workgroups of 128 invocations per SM by registers), so that a batch-1 call runs in
+/// one wave, each workgroup streaming a few KV blocks with the next one's loads in flight.
+const WORKGROUPS_PER_UNIT: u32 = 4;
 /// Compute units assumed where the device does not say (wgpu exposes no count): a 132-SM H100/H200.
 /// Extra items on a smaller GPU cost only their combine.
 const DEFAULT_UNITS: u32 = 128;
 
 impl Default for SplitPolicy {
-    /// [`SplitPolicy::for_compute_units`] of a large GPU (128 units: 1024 workgroups).
+    /// [`SplitPolicy::for_compute_units`] of a large GPU (128 units: 512 workgroups).
     fn default() -> Self {
         Self::for_compute_units(DEFAULT_UNITS)
     }
 }
 
 impl SplitPolicy {
-    /// Splits until a call offers about 8 workgroups per compute unit (streaming multiprocessor), at
+    /// Splits until a call offers about 4 workgroups per compute unit (streaming multiprocessor), at
     /// least 2 KV blocks per split (one block would cost a partial write per block read).
     pub fn for_compute_units(units: u32) -> Self {
         Self { target_workgroups: units.max(1) * WORKGROUPS_PER_UNIT, min_blocks_per_split: 2 }
