@@ -1,10 +1,12 @@
 //! Inference: the paged, S2-aware KV cache ([`KvCache`]), decode over it ([`Decode`], flash-decoding with
 //! GQA) and variable-length / chunked prefill on packed sequences ([`VarlenAttention`]).
 //!
-//! Both attention paths run the same WGSL kernels (`shaders/decode_*.wgsl`) over a host-built
-//! [`WorkList`], which says for each workgroup which query rows it computes and where the KV blocks they
-//! attend lie; a CUDA or tensor-core decode kernel can consume the same list and the cache's
-//! [`KvCache::pools`] and [`PageTable`]s.
+//! Both attention paths run the same WGSL kernels (`shaders/decode_*.wgsl`: a narrow split kernel for
+//! items of up to 4 query rows with Q/K/V/O in registers, a general one above, and the LSE combine) over
+//! a host-built [`WorkList`], which says for each workgroup which query rows it computes and where the KV
+//! blocks they attend lie. On a CUDA context the cache's pools live in CUDA memory (`pool_storage.rs`:
+//! the page planning, retention and page tables are the same) and [`Decode`] runs the CUDA twins of those
+//! kernels (`shaders/cuda/s2_decode.cu`) over the same work lists.
 
 mod decode;
 mod kv_append;
