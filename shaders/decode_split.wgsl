@@ -28,51 +28,12 @@ override KP: u32 = W + 1u;        // padded word stride of staged K rows (no ban
 const MAX_NL: u32 = 16u;
 const MAX_NA: u32 = 16u;
 
-// Q and O as 32-bit words; K and V as 16-byte words.
-@group(0) @binding(1) var<storage, read> q_buf: array<u32>;
-@group(0) @binding(2) var<storage, read> k_buf: array<vec4<u32>>;
-@group(0) @binding(3) var<storage, read> v_buf: array<vec4<u32>>;
-@group(0) @binding(4) var<storage, read_write> o_buf: array<u32>;
+#include shared/decode_words.wgsl
 
 var<workgroup> q_s: array<vec4<f32>, R * D / 4u>; // query rows, pre-scaled by scale * log2(e)
 var<workgroup> k_s: array<vec4<u32>, BK * KP>;
 var<workgroup> v_s: array<vec4<u32>, BK * W>;
 var<workgroup> p_s: array<f32, R * BK>;          // scores of the chunk (row r at r * BK)
-
-fn row_attends(mask: vec2<u32>, r: u32) -> bool {
-    let word = select(mask.x, mask.y, r >= 32u);
-    return ((word >> (r % 32u)) & 1u) == 1u;
-}
-
-// Four elements of Q at vec4 unit u (element 4u).
-fn load_q4(u: u32) -> vec4<f32> {
-    if HALF == 1u {
-        return vec4<f32>(unpack2x16float(q_buf[2u * u]), unpack2x16float(q_buf[2u * u + 1u]));
-    }
-    return bitcast<vec4<f32>>(vec4<u32>(q_buf[4u * u], q_buf[4u * u + 1u], q_buf[4u * u + 2u], q_buf[4u * u + 3u]));
-}
-fn store_o4(u: u32, x: vec4<f32>) {
-    if HALF == 1u {
-        o_buf[2u * u] = pack2x16float(x.xy);
-        o_buf[2u * u + 1u] = pack2x16float(x.zw);
-    } else {
-        let b = bitcast<vec4<u32>>(x);
-        o_buf[4u * u] = b.x;
-        o_buf[4u * u + 1u] = b.y;
-        o_buf[4u * u + 2u] = b.z;
-        o_buf[4u * u + 3u] = b.w;
-    }
-}
-// A 16-byte word as its first and last four elements (f32 storage: all four in `lo`).
-fn lo4(w: vec4<u32>) -> vec4<f32> {
-    if HALF == 1u {
-        return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
-    }
-    return bitcast<vec4<f32>>(w);
-}
-fn hi4(w: vec4<u32>) -> vec4<f32> {
-    return vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w));
-}
 
 @compute @workgroup_size(WG)
 fn main(

@@ -26,50 +26,10 @@ override NK: u32 = BK / G;        // keys per invocation per chunk (<= MAX_NK)
 override RED: u32 = 256u;         // vec4s of the reduction buffer: max(BK * W, 2 * WG)
 const MAX_NK: u32 = 16u;
 
-// Q and O as 32-bit words; K and V as 16-byte words.
-@group(0) @binding(1) var<storage, read> q_buf: array<u32>;
-@group(0) @binding(2) var<storage, read> k_buf: array<vec4<u32>>;
-@group(0) @binding(3) var<storage, read> v_buf: array<vec4<u32>>;
-@group(0) @binding(4) var<storage, read_write> o_buf: array<u32>;
+#include shared/decode_words.wgsl
 
 var<workgroup> red_s: array<vec4<f32>, RED>; // partial dots [key][word] (rows in lanes), then the merge
 var<workgroup> s_s: array<vec4<f32>, BK>;    // scores of the chunk per key (rows in lanes), base 2
-
-fn row_attends(mask: vec2<u32>, r: u32) -> bool {
-    let word = select(mask.x, mask.y, r >= 32u);
-    return ((word >> (r % 32u)) & 1u) == 1u;
-}
-
-fn load_q4(u: u32) -> vec4<f32> {
-    if HALF == 1u {
-        return vec4<f32>(unpack2x16float(q_buf[2u * u]), unpack2x16float(q_buf[2u * u + 1u]));
-    }
-    return bitcast<vec4<f32>>(vec4<u32>(q_buf[4u * u], q_buf[4u * u + 1u], q_buf[4u * u + 2u], q_buf[4u * u + 3u]));
-}
-fn store_o4(u: u32, x: vec4<f32>) {
-    if HALF == 1u {
-        o_buf[2u * u] = pack2x16float(x.xy);
-        o_buf[2u * u + 1u] = pack2x16float(x.zw);
-    } else {
-        let b = bitcast<vec4<u32>>(x);
-        o_buf[4u * u] = b.x;
-        o_buf[4u * u + 1u] = b.y;
-        o_buf[4u * u + 2u] = b.z;
-        o_buf[4u * u + 3u] = b.w;
-    }
-}
-fn lo4(x: vec4<u32>) -> vec4<f32> {
-    if HALF == 1u {
-        return vec4<f32>(unpack2x16float(x.x), unpack2x16float(x.y));
-    }
-    return bitcast<vec4<f32>>(x);
-}
-fn hi4(x: vec4<u32>) -> vec4<f32> {
-    if HALF == 1u {
-        return vec4<f32>(unpack2x16float(x.z), unpack2x16float(x.w));
-    }
-    return vec4<f32>(0.0);
-}
 
 @compute @workgroup_size(WG)
 fn main(

@@ -18,6 +18,7 @@ const SHARED: &[(&str, &str)] = &[
     ("shared/grads_f32.wgsl", include_str!("../../shaders/shared/grads_f32.wgsl")),
     ("shared/grads_f16.wgsl", include_str!("../../shaders/shared/grads_f16.wgsl")),
     ("shared/decode.wgsl", include_str!("../../shaders/shared/decode.wgsl")),
+    ("shared/decode_words.wgsl", include_str!("../../shaders/shared/decode_words.wgsl")),
     ("shared/coop_chunks.wgsl", include_str!("../../shaders/shared/coop_chunks.wgsl")),
     ("shared/coop_backward.wgsl", include_str!("../../shaders/shared/coop_backward.wgsl")),
     ("shared/coop_grad_out.wgsl", include_str!("../../shaders/shared/coop_grad_out.wgsl")),
