@@ -48,16 +48,12 @@ fn main(
     let it = items[id];
     let d4 = D / 4u;
     let causal = params.causal != 0u;
-    // Keys past this one are never needed: the sequence's end, or (causal) the last valid row's position.
-    var key_end = it.kv_len;
-    if causal {
-        key_end = min(key_end, it.pos0 + it.n_valid);
-    }
-    // 16-byte word offsets: K/V offsets and strides are in vec4 units of 4 elements.
+    let key_end = item_key_end(it);
+    let words = kv_words();
     let per = EW / 4u;
-    let k_off = params.k_off / per;
-    let v_off = params.v_off / per;
-    let tok_stride = params.kv_tok_stride / per;
+    let k_off = words.x;
+    let v_off = words.y;
+    let tok_stride = words.z;
 
     for (var i = lid; i < R * d4; i += WG) {
         var x = vec4<f32>(0.0);

@@ -44,14 +44,12 @@ fn main(
     let it = items[id];
     let d4 = D / 4u;
     let causal = params.causal != 0u;
-    var key_end = it.kv_len;
-    if causal {
-        key_end = min(key_end, it.pos0 + it.n_valid);
-    }
+    let key_end = item_key_end(it);
+    let words = kv_words();
     let per = EW / 4u;
-    let k_off = params.k_off / per;
-    let v_off = params.v_off / per;
-    let tok_stride = params.kv_tok_stride / per;
+    let k_off = words.x;
+    let v_off = words.y;
+    let tok_stride = words.z;
     let w = lid % W;
     let g = lid / W;
     // Vec4 unit of element w * EW within a row.

@@ -78,3 +78,10 @@ fn row_valid(it: WorkItem, r: u32) -> bool {
 fn lse_out(lse2: f32) -> f32 {
     return select(params.neg_inf, lse2 * LN2, lse2 > NEG_BIG);
 }
+// One past the last key an item needs: the sequence's end, or (causal) past its last valid row.
+fn item_key_end(it: WorkItem) -> u32 {
+    if params.causal != 0u {
+        return min(it.kv_len, it.pos0 + it.n_valid);
+    }
+    return it.kv_len;
+}

@@ -50,3 +50,9 @@ fn hi4(x: vec4<u32>) -> vec4<f32> {
     }
     return vec4<f32>(0.0);
 }
+
+// K offset, V offset and key stride in 16-byte words (the parameters give them in 4-element units).
+fn kv_words() -> vec3<u32> {
+    let per = (8u - 4u * (1u - HALF)) / 4u;
+    return vec3<u32>(params.k_off / per, params.v_off / per, params.kv_tok_stride / per);
+}
