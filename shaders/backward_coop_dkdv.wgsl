@@ -20,6 +20,16 @@
 // note in forward_coop.wgsl). At the end the subgroups of each key range add their partial sums in a
 // fixed order (qs = 1, 2, .. into qs = 0) through workgroup memory; the group's query heads and tiles are
 // summed in a fixed order as well, and dK, dV written once per element: deterministic, no atomics.
+//
+// Three switches (override constants, 0 = v1, all 1 = v2; S2ATTN_BWD_DKDV on the host, see
+// src/plan/coop_backward.rs): PREFETCH = 1 fetches the next query tile's Q, dO, LSE and D into
+// registers right after the current tile is staged, so that their memory latency overlaps the current
+// tile's math (step 1 then only stores registers); DESCEND = 1 walks each column list from its last query
+// tile down, so that the stripe columns of a head, which all end at the sequence's last query tile, read
+// the same query tiles at about the same time (L2 hits instead of each streaming its own from HBM);
+// LONGEST_FIRST = 1 takes the workgroup's (KV tile, KV head) from a launch order the host appends to
+// tile_ptr (after the column pointers; longest GQA-summed column first, so that the stripe columns do not
+// start last and leave a tail).
 
 diagnostic(off, derivative_uniformity);
 enable f16;
@@ -32,6 +42,14 @@ override NKT: u32 = BK / 16u;        // key ranges of 16
 override NSG: u32 = NKT * (BQ / 16u); // subgroups the kernel needs
 override PS4: u32 = 6u;               // vec4s per P^T / dS^T row (16 queries, padded)
 override SS4: u32 = 6u;               // vec4s per S^T / dP^T row (16 queries, padded; also dK/dV staging)
+override PREFETCH: u32 = 0u;          // 1: the next query tile is fetched during the current one's math
+override DESCEND: u32 = 0u;           // 1: column lists walked from their last query tile down
+override LONGEST_FIRST: u32 = 0u;     // 1: (KV tile, KV head) from the host's launch order in tile_ptr
+override NQF: u32 = BQ * D / 4u / WG; // Q (and dO) vec4s each invocation fetches per query tile
+
+const MAX_QF: u32 = 16u; // NQF at most 16 (BQ * D / 4 / WG = 2 D / BK with BK >= 16)
+
+alias QFetch = array<vec4<f16>, MAX_QF>;
 
 var<workgroup> k_s: array<vec4<f16>, BK * KS4>;
 var<workgroup> v_s: array<vec4<f16>, BK * KS4>;
@@ -124,31 +142,114 @@ fn accumulate(
     }
 }
 
-// Stages `n` rows of D/4 vec4s from token `tok0`: K and V of KV head `head` (`queries` false) or Q and
-// dO of query head `head` (true); zeros past the end.
-fn stage(queries: bool, b: u32, head: u32, tok0: u32, n: u32, lid: u32) {
+// Stages the tile's BK rows of K and V (KV head `head`, from token `tok0`); zeros past the end.
+fn stage_kv(b: u32, head: u32, tok0: u32, lid: u32) {
     let d4 = D / 4u;
-    for (var i = lid; i < n * d4; i += WG) {
+    for (var i = lid; i < BK * d4; i += WG) {
         let tok = tok0 + i / d4;
         let at = (i / d4) * KS4 + i % d4;
         var x = vec4<f16>(0.0h);
         var y = vec4<f16>(0.0h);
-        if queries {
-            if tok < params.seq_len {
-                x = q_buf[q_index(b, tok, head, i % d4, d4)];
-                y = do_buf[o_index(b, tok, head, i % d4, d4)];
+        if tok < params.seq_len {
+            x = k_buf[kv_index(params.k_off, b, tok, head, i % d4, d4)];
+            y = v_buf[kv_index(params.v_off, b, tok, head, i % d4, d4)];
+        }
+        k_s[at] = x;
+        v_s[at] = y;
+    }
+}
+
+// One query tile as held in registers between its fetch and its store to workgroup memory: the
+// invocation's NQF vec4s of Q and dO rows, and (invocations lid < BQ/4) the LSE (base 2; +BIG where the
+// row is masked, past the end or without keys) and D of rows 4 lid..4 lid+3.
+struct QTile {
+    q: QFetch,
+    g: QFetch,
+    lse: vec4<f32>,
+    delta: vec4<f32>,
+}
+
+// Loads the query tile `entry` (a column-list entry) of query head `head` into registers; zeros past the
+// end.
+fn fetch_tile(b: u32, head: u32, entry: vec2<u32>, lid: u32) -> QTile {
+    let d4 = D / 4u;
+    let row0 = entry.x * BQ;
+    var t: QTile;
+    for (var n = 0u; n < NQF; n++) {
+        let i = lid + n * WG;
+        let tok = row0 + i / d4;
+        var x = vec4<f16>(0.0h);
+        var y = vec4<f16>(0.0h);
+        if tok < params.seq_len {
+            x = q_buf[q_index(b, tok, head, i % d4, d4)];
+            y = do_buf[o_index(b, tok, head, i % d4, d4)];
+        }
+        t.q[n] = x;
+        t.g[n] = y;
+    }
+    t.lse = vec4<f32>(POS_BIG);
+    t.delta = vec4<f32>(0.0);
+    if lid < BQ / 4u {
+        for (var c = 0u; c < 4u; c++) {
+            let tok = row0 + 4u * lid + c;
+            if tok < params.seq_len && row_attends(entry.y, 4u * lid + c) {
+                t.lse[c] = lse_log2(stat_index(b, head, tok));
+                t.delta[c] = delta_buf[stat_index(b, head, tok)];
             }
-            q_s[at] = x;
-            do_s[at] = y;
-        } else {
-            if tok < params.seq_len {
-                x = k_buf[kv_index(params.k_off, b, tok, head, i % d4, d4)];
-                y = v_buf[kv_index(params.v_off, b, tok, head, i % d4, d4)];
-            }
-            k_s[at] = x;
-            v_s[at] = y;
         }
     }
+    return t;
+}
+
+// Stores a fetched query tile to q_s, do_s, lse_s and delta_s.
+fn stash_tile(t: ptr<function, QTile>, lid: u32) {
+    let d4 = D / 4u;
+    for (var n = 0u; n < NQF; n++) {
+        let i = lid + n * WG;
+        q_s[(i / d4) * KS4 + i % d4] = (*t).q[n];
+        do_s[(i / d4) * KS4 + i % d4] = (*t).g[n];
+    }
+    if lid < BQ / 4u {
+        lse_s[lid] = (*t).lse;
+        delta_s[lid] = (*t).delta;
+    }
+}
+
+// Where the walk over the GQA group's column lists stands: query head `head` (the group's end when the
+// walk is done), step `i` of its list of KV block `kb` (ascending, or descending with DESCEND).
+struct Cursor {
+    head: u32,
+    i: u32,
+}
+
+// The index into `entries` of the cursor's step.
+fn entry_index(c: Cursor, kb: u32) -> u32 {
+    let slot = (c.head / params.heads_per_pattern) * params.tiles + kb;
+    let first = tile_ptr[slot];
+    let last = tile_ptr[slot + 1u] - 1u;
+    return select(first + c.i, last - c.i, DESCEND != 0u);
+}
+
+// The first step at or after `c` whose query tile some key of the tile at `k0` meets (causal: some row
+// at or after the tile's first key), or the group's end `head_end`.
+fn walk(c: Cursor, head_end: u32, kb: u32, k0: u32) -> Cursor {
+    var n = c;
+    loop {
+        if n.head >= head_end {
+            break;
+        }
+        let slot = (n.head / params.heads_per_pattern) * params.tiles + kb;
+        if n.i >= tile_ptr[slot + 1u] - tile_ptr[slot] {
+            n = Cursor(n.head + 1u, 0u);
+            continue;
+        }
+        let row0 = entries[entry_index(n, kb)].x * BQ;
+        if params.causal == 0u || min(row0 + BQ, params.seq_len) - 1u >= k0 {
+            break;
+        }
+        n.i++;
+    }
+    return n;
 }
 
 // Adds the partial sums of the key range's other subgroups (qs = 1, 2, ..) into subgroup qs = 0's `m`,
@@ -183,10 +284,20 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
     @builtin(subgroup_id) sg_id: u32,
     @builtin(num_subgroups) n_sg: u32,
+    @builtin(num_workgroups) n_wg: vec3<u32>,
 ) {
     let d4 = D / 4u;
-    let k0 = wg.x * BK;
-    let kv_head = wg.y;
+    var tile = wg.x;
+    var kv_head = wg.y;
+    if LONGEST_FIRST != 0u {
+        // Launch slot wg.y * n_wg.x + wg.x runs the (KV tile, KV head) the host put there, as
+        // kv_head * n_wg.x + tile, after the column pointers.
+        let order = (params.num_heads / params.heads_per_pattern) * params.tiles + 1u;
+        let w = tile_ptr[order + wg.y * n_wg.x + wg.x];
+        tile = w % n_wg.x;
+        kv_head = w / n_wg.x;
+    }
+    let k0 = tile * BK;
     let b = wg.z;
     let group = params.num_heads / params.num_kv_heads;
     // `tiles` is the number of KV blocks per pattern in this pass's params.
@@ -218,7 +329,7 @@ fn main(
         return;
     }
 
-    stage(false, b, kv_head, k0, BK, lid);
+    stage_kv(b, kv_head, k0, lid);
     var v0 = CM();
     var v1 = CM();
     var v2 = CM();
@@ -236,66 +347,65 @@ fn main(
     var dk6 = CM();
     var dk7 = CM();
 
-    for (var head = kv_head * group; head < (kv_head + 1u) * group; head++) {
-        let slot = (head / params.heads_per_pattern) * params.tiles + kb;
-        let e_end = tile_ptr[slot + 1u];
-        for (var e = tile_ptr[slot]; e < e_end; e++) {
-            let entry = entries[e];
-            let row0 = entry.x * BQ;
-            if causal && min(row0 + BQ, seq) - 1u < k0 {
-                continue; // every row of the tile precedes every key
-            }
-            workgroupBarrier(); // every subgroup is done with the previous tile's q_s, do_s, lse_s, delta_s
-            stage(true, b, head, row0, BQ, lid);
-            for (var i = lid; i < BQ / 4u; i += WG) {
-                var lse = vec4<f32>(POS_BIG);
-                var delta = vec4<f32>(0.0);
-                for (var c = 0u; c < 4u; c++) {
-                    let tok = row0 + 4u * i + c;
-                    if tok < seq && row_attends(entry.y, 4u * i + c) {
-                        lse[c] = lse_log2(stat_index(b, head, tok));
-                        delta[c] = delta_buf[stat_index(b, head, tok)];
-                    }
-                }
-                lse_s[i] = lse;
-                delta_s[i] = delta;
-            }
-            workgroupBarrier();
+    let head_end = (kv_head + 1u) * group;
+    var cur = walk(Cursor(kv_head * group, 0u), head_end, kb, k0);
+    var held: QTile;
+    if PREFETCH != 0u && cur.head < head_end {
+        held = fetch_tile(b, cur.head, entries[entry_index(cur, kb)], lid);
+    }
+    loop {
+        if cur.head >= head_end {
+            break;
+        }
+        let head = cur.head;
+        let entry = entries[entry_index(cur, kb)];
+        let row0 = entry.x * BQ;
+        let next = walk(Cursor(cur.head, cur.i + 1u), head_end, kb, k0);
+        workgroupBarrier(); // every subgroup is done with the previous tile's q_s, do_s, lse_s, delta_s
+        if PREFETCH == 0u {
+            held = fetch_tile(b, head, entry, lid);
+        }
+        stash_tile(&held, lid);
+        workgroupBarrier();
+        if PREFETCH != 0u && next.head < head_end {
+            // In flight during this tile's math; stored at the next step.
+            held = fetch_tile(b, next.head, entries[entry_index(next, kb)], lid);
+        }
+        cur = next;
 
-            // Subgroups whose keys lie past the end, or follow all of its rows (causal), skip the tile.
-            let q0 = row0 + 16u * u.qs;
-            if key0 < seq && q0 < seq && (!causal || key0 <= min(q0 + 15u, seq - 1u)) {
-                let st = scores(u, false);
-                let dpt = scores(u, true);
-                coopStoreT(st, &s_s[16u * g * SS4], SS4);
-                subgroupBarrier();
+        // Subgroups whose keys lie past the end, or follow all of its rows (causal), skip the tile.
+        let q0 = row0 + 16u * u.qs;
+        if key0 < seq && q0 < seq && (!causal || key0 <= min(q0 + 15u, seq - 1u)) {
+            let st = scores(u, false);
+            let dpt = scores(u, true);
+            coopStoreT(st, &s_s[16u * g * SS4], SS4);
+            subgroupBarrier();
 
-                // P^T from the LSE of each column's query; the element mask only where the subgroup's
-                // square touches the causal diagonal or the sequence end (row masks and rows past the
-                // end: LSE = +BIG).
-                let need_mask = key0 + 16u > seq || (causal && key0 + 15u > q0);
-                var pr: array<vec4<f32>, 2>;
-                for (var i = 0u; i < 2u; i++) {
-                    var p = exp2(s_s[row * SS4 + 2u * i + h] * params.scale_log2 - lse_s[4u * u.qs + 2u * i + h]);
-                    if need_mask {
-                        let qi = vec4<u32>(q0 + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
-                        let ok = vec4<bool>(kj < seq) & (vec4<bool>(!causal) | (vec4<u32>(kj) <= qi));
-                        p = select(vec4<f32>(0.0), p, ok);
-                    }
-                    pr[i] = p;
+            // P^T from the LSE of each column's query; the element mask only where the subgroup's
+            // square touches the causal diagonal or the sequence end (row masks and rows past the
+            // end: LSE = +BIG).
+            let need_mask = key0 + 16u > seq || (causal && key0 + 15u > q0);
+            var pr: array<vec4<f32>, 2>;
+            for (var i = 0u; i < 2u; i++) {
+                var p = exp2(s_s[row * SS4 + 2u * i + h] * params.scale_log2 - lse_s[4u * u.qs + 2u * i + h]);
+                if need_mask {
+                    let qi = vec4<u32>(q0 + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
+                    let ok = vec4<bool>(kj < seq) & (vec4<bool>(!causal) | (vec4<u32>(kj) <= qi));
+                    p = select(vec4<f32>(0.0), p, ok);
                 }
-                subgroupBarrier(); // S^T is read: dP^T takes its place
-                coopStoreT(dpt, &s_s[16u * g * SS4], SS4);
-                subgroupBarrier();
-                for (var i = 0u; i < 2u; i++) {
-                    let dp = s_s[row * SS4 + 2u * i + h];
-                    p_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i]);
-                    ds_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i] * (dp - delta_s[4u * u.qs + 2u * i + h]));
-                }
-                subgroupBarrier(); // P^T and dS^T are complete
-
-                accumulate(u, &v0, &v1, &v2, &v3, &v4, &v5, &v6, &v7, &dk0, &dk1, &dk2, &dk3, &dk4, &dk5, &dk6, &dk7);
+                pr[i] = p;
             }
+            subgroupBarrier(); // S^T is read: dP^T takes its place
+            coopStoreT(dpt, &s_s[16u * g * SS4], SS4);
+            subgroupBarrier();
+            for (var i = 0u; i < 2u; i++) {
+                let dp = s_s[row * SS4 + 2u * i + h];
+                p_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i]);
+                ds_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i] * (dp - delta_s[4u * u.qs + 2u * i + h]));
+            }
+            subgroupBarrier(); // P^T and dS^T are complete
+
+            accumulate(u, &v0, &v1, &v2, &v3, &v4, &v5, &v6, &v7, &dk0, &dk1, &dk2, &dk3, &dk4, &dk5, &dk6, &dk7);
         }
     }
 

@@ -6,7 +6,9 @@
 //! calls bitwise identical. Also: the planner picks it for f16 at head dims 64/128 and keeps f32 portable.
 //!
 //! Runs on adapters with 16x16 f16 cooperative matrices (the H100/H200); elsewhere (lavapipe in CI) it
-//! prints why it skipped. Tiles are forced through `S2ATTN_BWD_DQ_TILE` / `S2ATTN_BWD_DKDV_TILE`,
+//! prints why it skipped. Tiles are forced through `S2ATTN_BWD_DQ_TILE` / `S2ATTN_BWD_DKDV_TILE`, the
+//! dK/dV kernel's switches through `S2ATTN_BWD_DKDV` (every tile setting runs with v1 and v2, the default
+//! tiles also with `prefetch`, `descend` and `longest-first` alone; each op must say in `explain()` which one it
 //! process-wide variables, so everything runs in this binary's one test and failures are collected.
 
 mod common;
@@ -14,6 +16,7 @@ mod common;
 use common::{context, from_bytes, poisoned, random_mask, read_back, to_bytes, upload, Problem, Rng};
 use s2attn::cpu::{attention_backward_reference, rel_l2_error};
 use s2attn::gpu::GradBuffers;
+use s2attn::plan::{CoopDkdv, DKDV_KERNEL_VAR};
 use s2attn::{AttentionGrad, DType, Grads, KernelVariant, Layout, S2Config};
 
 /// ‖grad−ref‖/‖ref‖ bound: f16 inputs, P and dS rounded to f16 for the matrix units, f32 accumulation.
@@ -79,11 +82,16 @@ fn run_encode(op: &AttentionGrad, p: &Problem, seed: u64) -> (Grads<f32>, Grads<
     (got, want, [x.q, x.k, x.v, fwd.out, fwd.lse, d_out])
 }
 
-/// Judges one problem; returns the worst error, or why it failed.
-fn judge(p: &Problem, seed: u64, host_too: bool) -> Result<f64, String> {
+/// Judges one problem with the dK/dV kernel `kernel`; returns the worst error, or why it failed.
+fn judge(p: &Problem, seed: u64, host_too: bool, kernel: CoopDkdv) -> Result<f64, String> {
     let op = AttentionGrad::new(context(), &p.layout, p.shape()).map_err(|e| format!("AttentionGrad::new: {e}"))?;
     if op.plan().dq.variant != KernelVariant::Coop || op.plan().dkdv.variant != KernelVariant::Coop {
         return Err(format!("the planner did not pick the coop backward: {}", op.explain()));
+    }
+    if CoopDkdv::of_plan(&op.plan().dkdv) != kernel
+        || !op.explain().contains(&format!("dK/dV kernel {}", kernel.name()))
+    {
+        return Err(format!("the op does not run the dK/dV kernel {}: {}", kernel.name(), op.explain()));
     }
     let (got, want, inputs) = run_encode(&op, p, seed);
     if !want.dv.iter().any(|&x| x != 0.0) {
@@ -143,7 +151,13 @@ fn coop_backward_matches_the_oracle() {
     let settings: [Option<(&str, &str)>; 3] = [None, Some(("64x16", "16x16")), Some(("64x32", "16x32"))];
     let mut failures = Vec::new();
     let mut ran = 0;
-    for (si, setting) in settings.iter().enumerate() {
+    // (tile setting, dK/dV kernel): every tile setting with v1 and v2, the default one with each switch alone.
+    let mut runs: Vec<(usize, &str)> = (0..settings.len()).flat_map(|si| [(si, "v1"), (si, "v2")]).collect();
+    runs.extend([(0, "prefetch"), (0, "descend"), (0, "longest-first")]);
+    for (si, kname) in runs {
+        let setting = &settings[si];
+        let kernel = CoopDkdv::parse(kname).expect("a known dK/dV kernel");
+        std::env::set_var(DKDV_KERNEL_VAR, kname);
         match setting {
             None => {
                 std::env::remove_var("S2ATTN_BWD_DQ_TILE");
@@ -160,12 +174,12 @@ fn coop_backward_matches_the_oracle() {
                 continue; // a 32-key tile does not divide 16-token blocks
             }
             let label = format!(
-                "{} / {name} ({} tokens, d {})",
+                "{} dK/dV {kname} / {name} ({} tokens, d {})",
                 setting.map_or("default".into(), |s| format!("{s:?}")),
                 p.seq_len,
                 p.head_dim
             );
-            match judge(&p, 7000 + 31 * si as u64 + n as u64, si == 0) {
+            match judge(&p, 7000 + 31 * si as u64 + n as u64, si == 0, kernel) {
                 Ok(err) => println!("ok   {label}: worst error {err:.2e}"),
                 Err(e) => failures.push(format!("{label}: {e}")),
             }
@@ -174,6 +188,7 @@ fn coop_backward_matches_the_oracle() {
     }
     std::env::remove_var("S2ATTN_BWD_DQ_TILE");
     std::env::remove_var("S2ATTN_BWD_DKDV_TILE");
+    std::env::remove_var(DKDV_KERNEL_VAR);
     assert!(ran > 20, "only {ran} problems ran");
     assert!(failures.is_empty(), "{} of {ran} failed:\n{}", failures.len(), failures.join("\n"));
 }

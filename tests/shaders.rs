@@ -4,6 +4,7 @@
 //! to SPIR-V at every tile their planners may pick.
 
 use s2attn::gpu::shaders::{compose, validate, Kernel};
+use s2attn::plan::CoopDkdv;
 use s2attn::Error;
 use std::path::{Path, PathBuf};
 
@@ -95,8 +96,8 @@ fn composing_an_unbuilt_dtype_is_refused() {
 }
 
 /// Resolves `constants` in `kernel` (f16) and writes SPIR-V, as wgpu's Vulkan backend does when it builds
-/// the pipeline; returns the word count or the error.
-fn spirv(kernel: Kernel, constants: &[(&str, u32)]) -> Result<usize, String> {
+/// the pipeline; returns the words or the error.
+fn spirv(kernel: Kernel, constants: &[(&str, u32)]) -> Result<Vec<u32>, String> {
     let source = compose(kernel, s2attn::DType::F16).map_err(|e| e.to_string())?;
     let module = naga::front::wgsl::parse_str(&source).map_err(|e| e.emit_to_string(&source))?;
     let flags = naga::valid::ValidationFlags::all();
@@ -114,7 +115,6 @@ fn spirv(kernel: Kernel, constants: &[(&str, u32)]) -> Result<usize, String> {
     let pipeline =
         naga::back::spv::PipelineOptions { shader_stage: naga::ShaderStage::Compute, entry_point: "main".into() };
     naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), Some(&pipeline))
-        .map(|w| w.len())
         .map_err(|e| format!("{e:?}"))
 }
 
@@ -129,12 +129,35 @@ fn coop_kernels_resolve_their_overrides_and_write_spirv() {
         for (kernel, tiles) in
             [(Kernel::ForwardCoop, &forward[..]), (Kernel::BackwardCoopDq, &dq), (Kernel::BackwardCoopDkDv, &dkdv)]
         {
+            // The dK/dV kernel at each of its switch settings (S2ATTN_BWD_DKDV), the others once.
+            let switches: Vec<(&str, Vec<(&str, u32)>)> = if kernel == Kernel::BackwardCoopDkDv {
+                CoopDkdv::ALL.iter().map(|&(name, s)| (name, s.constants().to_vec())).collect()
+            } else {
+                vec![("", Vec::new())]
+            };
             for &(q, k, wg) in tiles {
-                if let Err(e) = spirv(kernel, &[("D", d), ("BQ", q), ("BK", k), ("WG", wg)]) {
-                    failures.push(format!("{} D {d} {q}x{k}: {e}", kernel.name()));
+                for (name, extra) in &switches {
+                    let mut constants = vec![("D", d), ("BQ", q), ("BK", k), ("WG", wg)];
+                    constants.extend(extra.iter().copied());
+                    if let Err(e) = spirv(kernel, &constants) {
+                        failures.push(format!("{} {name} D {d} {q}x{k}: {e}", kernel.name()));
+                    }
                 }
             }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The dK/dV switches reach the kernel: each setting compiles to different SPIR-V.
+    let words: Vec<Vec<u32>> = CoopDkdv::ALL
+        .iter()
+        .map(|(name, s)| {
+            let mut constants = vec![("D", 128), ("BQ", 32), ("BK", 32), ("WG", 128)];
+            constants.extend(s.constants());
+            spirv(Kernel::BackwardCoopDkDv, &constants).unwrap_or_else(|e| panic!("{name}: {e}"))
+        })
+        .collect();
+    let mut distinct = words.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), words.len(), "two dK/dV switch settings give the same SPIR-V");
 }

@@ -10,7 +10,7 @@ use super::timing::{time_encoded, Stamps};
 use super::{Timing, WgpuContext as Context};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::plan::{BackwardPlan, ColumnPlan, KernelVariant, MergeQPlan, Shape};
+use crate::plan::{BackwardPlan, ColumnPlan, CoopDkdv, KernelVariant, MergeQPlan, Shape};
 use std::sync::Mutex;
 use wgpu::util::DeviceExt;
 
@@ -142,7 +142,11 @@ impl GpuBackward {
             })
         };
         let pipeline = |kernel, p: &crate::plan::DispatchPlan| {
-            let constants = [("D", d), ("BQ", p.tile_q), ("BK", p.tile_kv), ("WG", p.workgroup_size)];
+            let mut constants = vec![("D", d), ("BQ", p.tile_q), ("BK", p.tile_kv), ("WG", p.workgroup_size)];
+            if kernel == Kernel::BackwardCoopDkDv {
+                // The dK/dV kernel's switches, as the planner chose them (S2ATTN_BWD_DKDV).
+                constants.extend(CoopDkdv::of_plan(p).constants());
+            }
             ctx.pipeline(kernel, shape.dtype, &constants)
         };
         let (dq_kernel, dkdv_kernel) = match (plan.dq.variant, plan.dkdv.variant) {
@@ -161,10 +165,22 @@ impl GpuBackward {
             bindings: DQ_BINDINGS,
             label: "s2attn backward dQ",
         };
+        // The coop dK/dV kernel with `longest_first` reads its launch order after the column pointers.
+        let mut col_ptr = columns.col_ptr().to_vec();
+        if dkdv_kernel == Kernel::BackwardCoopDkDv && CoopDkdv::of_plan(&plan.dkdv).longest_first {
+            if col_ptr.len() != (columns.patterns() * columns.kv_blocks() + 1) as usize {
+                return Err(Error::Shape(format!(
+                    "column plan of {} pointers for {} patterns",
+                    col_ptr.len(),
+                    columns.patterns()
+                )));
+            }
+            col_ptr.extend(crate::plan::longest_first_order(columns, layout, shape.seq_len, plan.dkdv.tile_kv));
+        }
         let dkdv = Pass {
             pipeline: pipeline(dkdv_kernel, &plan.dkdv)?,
             params: uniform(params(columns.kv_blocks())),
-            ptr: storage("s2attn backward col_ptr", bytemuck::cast_slice(columns.col_ptr())),
+            ptr: storage("s2attn backward col_ptr", bytemuck::cast_slice(&col_ptr)),
             entries: storage("s2attn backward column entries", bytemuck::cast_slice(&columns.gpu_entries())),
             dispatch: [shape.seq_len.div_ceil(plan.dkdv.tile_kv), kv_heads, shape.batch],
             bindings: DKDV_BINDINGS,

@@ -7,10 +7,20 @@
 //! the column plan, one subgroup per 16 keys x 16 rows. Without an override each pass takes the first candidate that fits
 //! the device (largest first); `S2ATTN_BWD_DQ_TILE` and `S2ATTN_BWD_DKDV_TILE` (`<tile_q>x<tile_kv>`)
 //! force one.
+//!
+//! The dK/dV kernel has three switches ([`CoopDkdv`], override constants of one source):
+//! `S2ATTN_BWD_DKDV` = `v1` (the default: each query tile staged with a plain load, column lists
+//! ascending, workgroups launched in KV-tile order), `v2` (the next query tile prefetched into registers
+//! during the current one's math, column lists walked descending so that a head's stripe columns read the
+//! same query tiles together, the longest columns launched first: [`longest_first_order`]), or
+//! `prefetch` / `descend` / `longest-first` for one of the three alone. The planner writes the choice into the dK/dV plan's reason
+//! (what `explain()` prints), and the host reads it back from there with [`CoopDkdv::of_plan`].
 
 use super::coop::COOP_SUBGROUP_SIZE;
 use super::COOP_HEAD_DIMS;
-use super::{plan_backward_portable, BackwardPlan, CoopTile, DType, DeviceCaps, DispatchPlan, KernelVariant, Shape};
+use super::{
+    plan_backward_portable, BackwardPlan, ColumnPlan, CoopTile, DType, DeviceCaps, DispatchPlan, KernelVariant, Shape,
+};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 
@@ -23,6 +33,98 @@ pub struct SubgroupInfo {
     pub max_size: u32,
     /// Whether subgroup barriers are enabled on the device.
     pub barriers: bool,
+}
+
+/// The environment variable that picks the coop dK/dV kernel's switches.
+pub const DKDV_KERNEL_VAR: &str = "S2ATTN_BWD_DKDV";
+
+/// Marks the dK/dV kernel's switches in its plan's reason: `dK/dV kernel <name>`.
+const DKDV_TAG: &str = "dK/dV kernel ";
+
+/// The switches of the coop dK/dV kernel (`shaders/backward_coop_dkdv.wgsl`'s `PREFETCH`, `DESCEND` and
+/// `LONGEST_FIRST` override constants).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoopDkdv {
+    /// Fetch the next query tile's Q, dO, LSE and D into registers during the current tile's math.
+    pub prefetch: bool,
+    /// Walk each column list from its last query tile down.
+    pub descend: bool,
+    /// Launch the workgroups with the longest column lists first ([`longest_first_order`]).
+    pub longest_first: bool,
+}
+
+impl CoopDkdv {
+    /// The first kernel: plain staging, ascending lists, KV-tile launch order.
+    pub const V1: Self = Self { prefetch: false, descend: false, longest_first: false };
+    /// Every switch on.
+    pub const V2: Self = Self { prefetch: true, descend: true, longest_first: true };
+    /// Every setting with its name, as `S2ATTN_BWD_DKDV` takes it.
+    pub const ALL: [(&'static str, Self); 5] = [
+        ("v1", Self::V1),
+        ("v2", Self::V2),
+        ("prefetch", Self { prefetch: true, ..Self::V1 }),
+        ("descend", Self { descend: true, ..Self::V1 }),
+        ("longest-first", Self { longest_first: true, ..Self::V1 }),
+    ];
+
+    /// The setting's name (`v1`, `v2`, `prefetch`, `descend`, `longest-first`).
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(_, k)| *k == self).map_or("v1", |(n, _)| n)
+    }
+
+    /// The setting named `s` (see [`CoopDkdv::ALL`]).
+    pub fn parse(s: &str) -> Result<Self> {
+        let s = s.trim();
+        Self::ALL.iter().find(|(n, _)| *n == s).map(|&(_, k)| k).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|(n, _)| *n).collect();
+            Error::Unsupported(format!("{DKDV_KERNEL_VAR}={s}: not one of {}", names.join(", ")))
+        })
+    }
+
+    /// The setting `S2ATTN_BWD_DKDV` asks for (v1 when unset).
+    pub fn from_env() -> Result<Self> {
+        std::env::var(DKDV_KERNEL_VAR).map_or(Ok(Self::V1), |s| Self::parse(&s))
+    }
+
+    /// The setting a coop dK/dV plan was made with (from the tag the planner wrote into its reason; v1
+    /// for plans without one).
+    pub fn of_plan(plan: &DispatchPlan) -> Self {
+        let tagged = plan.reason.split("; ").find_map(|part| part.strip_prefix(DKDV_TAG));
+        tagged.and_then(|name| Self::parse(name).ok()).unwrap_or(Self::V1)
+    }
+
+    /// The kernel's override constants for this setting.
+    pub fn constants(self) -> [(&'static str, u32); 3] {
+        [
+            ("PREFETCH", self.prefetch as u32),
+            ("DESCEND", self.descend as u32),
+            ("LONGEST_FIRST", self.longest_first as u32),
+        ]
+    }
+}
+
+/// The launch order of the coop dK/dV kernel with [`CoopDkdv::longest_first`], which it reads after the
+/// column pointers: for each launch slot `kv_head * tiles + tile` (`tiles` = KV tiles of `tile_kv` keys,
+/// the dispatch's x), the `kv_head * tiles + tile` it runs. Slots go to the (KV tile, KV head) pairs in
+/// descending order of their column lists' length summed over the KV head's query heads (ties in slot
+/// order), so that the long stripe columns start first instead of leaving a tail.
+pub fn longest_first_order(columns: &ColumnPlan, layout: &Layout, seq_len: u32, tile_kv: u32) -> Vec<u32> {
+    let (heads, kv_heads) = (layout.num_heads(), layout.num_kv_heads());
+    let (group, per_pattern) = (heads / kv_heads, heads / layout.num_patterns());
+    let tiles = seq_len.div_ceil(tile_kv);
+    let ptr = columns.col_ptr();
+    let len = |head: u32, kb: u32| {
+        let slot = ((head / per_pattern) * columns.kv_blocks() + kb) as usize;
+        ptr.get(slot + 1).zip(ptr.get(slot)).map_or(0, |(b, a)| b - a)
+    };
+    let cost = |id: u32| {
+        let (kv_head, tile) = (id / tiles, id % tiles);
+        let kb = tile * tile_kv / layout.block_size();
+        (kv_head * group..(kv_head + 1) * group).map(|h| len(h, kb)).sum::<u32>()
+    };
+    let mut order: Vec<u32> = (0..tiles * kv_heads).collect();
+    order.sort_by_key(|&id| std::cmp::Reverse(cost(id)));
+    order
 }
 
 /// dQ-pass candidates (query rows, keys per chunk), preferred first.
@@ -141,6 +243,7 @@ pub fn plan_backward_coop(
         .collect();
     let (dq_tile, dq_why) = pick("S2ATTN_BWD_DQ_TILE", &dq, "dQ")?;
     let (dkdv_tile, dkdv_why) = pick("S2ATTN_BWD_DKDV_TILE", &dkdv, "dK/dV")?;
+    let dkdv_why = format!("{dkdv_why}; {DKDV_TAG}{}", CoopDkdv::from_env()?.name());
     Ok(BackwardPlan {
         dq: pass_plan(dq_tile, dq_tile.tile_q / 16, coop_dq_workgroup_bytes(dq_tile, d), dq_why),
         dkdv: pass_plan(dkdv_tile, dkdv_subgroups(dkdv_tile), coop_dkdv_workgroup_bytes(dkdv_tile, d), dkdv_why),
@@ -221,6 +324,48 @@ mod tests {
         let plain = DeviceCaps { coop_f16_16x16: false, ..h100() };
         let plan = plan_backward_wgpu(&Shape::new(1, 4096, 128, DType::F16), &layout, &plain, SG32).expect("plan");
         assert!(!plan.dq.reason.contains("coop"), "{}", plan.dq.reason);
+    }
+
+    #[test]
+    fn dkdv_switches_round_trip_through_the_plan_reason() {
+        let layout = Layout::s2(S2Config::new(4, 64, 2, 4)).expect("layout");
+        let mut plan =
+            plan_backward_coop(&Shape::new(1, 4096, 128, DType::F16), &layout, &h100(), SG32).expect("plan").dkdv;
+        for (name, kernel) in CoopDkdv::ALL {
+            assert_eq!(CoopDkdv::parse(name).expect("known name"), kernel);
+            assert_eq!(kernel.name(), name);
+            plan.reason = format!("largest tile that fits; {DKDV_TAG}{name}");
+            assert_eq!(CoopDkdv::of_plan(&plan), kernel, "{}", plan.reason);
+        }
+        assert_eq!(CoopDkdv::V2.constants(), [("PREFETCH", 1), ("DESCEND", 1), ("LONGEST_FIRST", 1)]);
+        assert!(CoopDkdv::parse("v3").is_err());
+        plan.reason = "largest tile that fits".into();
+        assert_eq!(CoopDkdv::of_plan(&plan), CoopDkdv::V1);
+    }
+
+    #[test]
+    fn longest_first_order_is_a_permutation_longest_columns_first() {
+        // Causal S2 with stripes: the earliest stripe blocks have the longest columns; GQA sums two heads.
+        let layout = Layout::s2(S2Config::new(4, 64, 2, 4).kv_heads(2)).expect("layout");
+        let (seq, tile_q, tile_kv) = (2000, 32, 32);
+        let columns = ColumnPlan::build(&layout.index(seq), layout.block_size(), layout.causal(), tile_q);
+        let order = longest_first_order(&columns, &layout, seq, tile_kv);
+        let tiles = seq.div_ceil(tile_kv);
+        let mut seen = order.clone();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..tiles * 2).collect::<Vec<_>>(), "not a permutation");
+        let cost = |id: u32| {
+            let (kv_head, kb) = (id / tiles, id % tiles * tile_kv / 64);
+            (2 * kv_head..2 * kv_head + 2)
+                .map(|h| {
+                    let slot = ((h / (4 / layout.num_patterns())) * columns.kv_blocks() + kb) as usize;
+                    columns.col_ptr()[slot + 1] - columns.col_ptr()[slot]
+                })
+                .sum::<u32>()
+        };
+        let costs: Vec<u32> = order.iter().map(|&id| cost(id)).collect();
+        assert!(costs.windows(2).all(|w| w[0] >= w[1]), "{costs:?}");
+        assert!(costs[0] > 2 * costs[costs.len() - 1], "the order met no long column: {costs:?}");
     }
 
     #[test]

@@ -12,7 +12,8 @@ mod mergeq;
 pub use column::{backward_workgroup_bytes, plan_backward_portable, BackwardPlan, ColumnPlan, QueryEntry};
 pub use coop::{coop_workgroup_bytes, plan_coop, CoopTile, TuneTarget, COOP_HEAD_DIMS, TUNE_MAX_SEQ};
 pub use coop_backward::{
-    coop_dkdv_workgroup_bytes, coop_dq_workgroup_bytes, plan_backward_coop, plan_backward_wgpu, SubgroupInfo,
+    coop_dkdv_workgroup_bytes, coop_dq_workgroup_bytes, longest_first_order, plan_backward_coop, plan_backward_wgpu,
+    CoopDkdv, SubgroupInfo, DKDV_KERNEL_VAR,
 };
 pub use mergeq::{KvEntry, MergeQPlan, RowMask, ROWMASK_BITS_FLAG};
 
