@@ -745,3 +745,25 @@ fn decode_at_head_dim_128_f16_on_the_narrow_and_the_general_kernel() {
     let policy = SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 1 };
     decode_f16_at(&layout, 128, &[2080], 1, policy, 990);
 }
+
+#[test]
+fn sequences_fill_segments_of_unequal_size_to_their_peak() {
+    // 7 sequences in segments of at most 3: 3 + 3 + 1. Every sequence must find room at its peak (handing
+    // sequences out by fewest-held would give the 1-sequence segment a second one).
+    let layout = s2(S2Config::new(4, 16, 2, 3).kv_heads(2));
+    let config = KvCacheConfig::new(D, DType::F32, 256).sequences(7);
+    let per_seq = KvCache::pages_per_sequence(&layout, &config).expect("pages");
+    let mut cache = KvCache::new(wgpu_context(), &layout, config.segment_pages(3 * per_seq)).expect("cache");
+    assert_eq!(cache.segments(), 3);
+    let row = (layout.num_kv_heads() * D) as usize;
+    let kv = vec![0.5f32; 256 * row];
+    for i in 0..7 {
+        let id = cache.add_sequence();
+        cache.append(id, &kv, &kv).unwrap_or_else(|e| panic!("sequence {i}: {e}"));
+    }
+    let per_segment: Vec<usize> = (0..3)
+        .map(|g| cache.sequences().iter().filter(|&&s| cache.segment_of(s).expect("segment") == g).count())
+        .collect();
+    assert_eq!(per_segment.iter().sum::<usize>(), 7);
+    assert!(per_segment.iter().all(|&n| n <= 3), "{per_segment:?}");
+}
