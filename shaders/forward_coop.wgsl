@@ -14,7 +14,10 @@
 //      touch the causal diagonal, the sequence end or a merged-query row mask) and write P as f16;
 //   4. the subgroup loads P as A matrices and accumulates O += P V.
 // Steps 2-4 touch only the subgroup's rows, so they synchronise with subgroup barriers and subgroups
-// drift apart within a chunk (one's softmax overlaps another's matrix products).
+// drift apart within a chunk (one's softmax overlaps another's matrix products). Steps 2-4 run per slice
+// of SL keys: one slice per chunk by default (v3); v4 stages 64-key chunks and runs them in 16- or 32-key
+// slices (S and P sized by the slice), halving the workgroup barriers and staging rounds per key where 64
+// keys' S and P would not fit the workgroup memory (src/plan/coop.rs picks SL and the pads).
 // Row maxima are updated lazily (FlashAttention-4): the running max moves only when a row's chunk max
 // exceeds it by more than TAU (log2 units), so P <= 2^TAU fits f16 and the O rescale -- a trip of the C
 // matrices through workgroup memory -- is skipped unless some row of the tile needed it.
@@ -44,7 +47,13 @@ enable wgpu_cooperative_matrix;
 
 override D: u32 = 128u;   // head dim: 64 or 128
 override BQ: u32 = 64u;   // query rows per tile: 16 per subgroup
-override BK: u32 = 32u;   // keys per chunk: 16, 32 or 64, dividing the block size
+override BK: u32 = 32u;   // keys staged per chunk (two workgroup barriers): 16, 32 or 64, dividing the block size
+override SL: u32 = BK;    // keys per softmax slice (S and P columns), dividing BK; v4 stages BK = 64 in slices of 16
+override SPAD: u32 = 8u;  // S row padding (floats; 4 where 8 does not fit the workgroup memory)
+override PPAD: u32 = 8u;  // P row padding (halves; 0 where 8 does not fit)
+// 16-key slices only: the next slice's S = Q K^T is issued right after this slice's S is stored, so that
+// its matrix products run during this slice's softmax (one more C matrix live).
+override PIPE: bool = false;
 override WG: u32 = 128u;  // invocations: 2 * BQ (two per query row in the softmax)
 override TAU: f32 = 8.0;  // lazy rescale threshold, log2 units
 override NSG: u32 = BQ / 16u;  // subgroups the kernel needs (subgroup size WG / NSG)
@@ -59,18 +68,17 @@ alias BM = coop_mat16x16<f16, B>;
 alias CM = coop_mat16x16<f32, C>;
 alias Fetch = array<vec4<f16>, MAX_PF>;
 
-// Padded row strides: K/V rows D + 8 halves, P rows BK + 8 halves, S rows BK + 8 floats. With these, the
+// Padded row strides: K/V rows D + 8 halves, P rows SL + 8 halves, S rows SL + 8 floats. With these, the
 // 8 row starts an LDSM-style matrix load touches land in distinct 16-byte bank groups, and the softmax
-// pairs' interleaved vec4 accesses are conflict-free.
-override KS4: u32 = (D + 8u) / 4u;   // vec4s per K/V row
-override PS4: u32 = (BK + 8u) / 4u;  // vec4s per P row (also Q staging, >= 16 columns)
-override SS4: u32 = (BK + 8u) / 4u;  // vec4s per S row (>= 16 columns: also O staging)
+// pairs' interleaved vec4 accesses are conflict-free (the tighter v4 pads cost 2-way conflicts).
+override KS4: u32 = (D + 8u) / 4u;      // vec4s per K/V row
+override PS4: u32 = (SL + PPAD) / 4u;  // vec4s per P row (also Q staging, >= 16 columns)
+override SS4: u32 = (SL + SPAD) / 4u;  // vec4s per S row (>= 16 columns: also O staging)
 
 var<workgroup> k_s: array<vec4<f16>, BK * KS4>;
 var<workgroup> v_s: array<vec4<f16>, BK * KS4>;
 var<workgroup> p_s: array<vec4<f16>, BQ * PS4>;
-var<workgroup> s_s: array<vec4<f32>, BQ * SS4>;
-var<workgroup> shape_ok_s: u32;
+var<workgroup> s_s: array<vec4<f32>, BQ * SS4>;  // element 0 first carries the subgroup-count check
 
 #include shared/coop_chunks.wgsl
 
@@ -91,10 +99,11 @@ fn stage_q(t: Tile, j: u32) -> AM {
     return m;
 }
 
-// O += P V for keys 16kt..16kt+15.
+// O += P V for the chunk's keys 16kt..16kt+15, P's columns 16pt..16pt+15.
 fn pv(
     t: Tile,
     kt: u32,
+    pt: u32,
     o0: ptr<function, CM>,
     o1: ptr<function, CM>,
     o2: ptr<function, CM>,
@@ -104,7 +113,7 @@ fn pv(
     o6: ptr<function, CM>,
     o7: ptr<function, CM>,
 ) {
-    let pa = coopLoadT<AM>(&p_s[16u * t.g * PS4 + kt * 4u], PS4);
+    let pa = coopLoadT<AM>(&p_s[16u * t.g * PS4 + pt * 4u], PS4);
     *o0 = coopMultiplyAdd(pa, vmat(kt, 0u), *o0);
     *o1 = coopMultiplyAdd(pa, vmat(kt, 1u), *o1);
     *o2 = coopMultiplyAdd(pa, vmat(kt, 2u), *o2);
@@ -177,9 +186,9 @@ fn main(
     // The row split needs exactly NSG subgroups; any other subgroup size poisons the tile (NaN) rather
     // than returning silently wrong rows. The planner only picks this kernel where that holds.
     if lid == 0u {
-        shape_ok_s = u32(n_sg == NSG);
+        s_s[0] = vec4<f32>(f32(n_sg == NSG));
     }
-    if workgroupUniformLoad(&shape_ok_s) == 0u {
+    if workgroupUniformLoad(&s_s[0]).x == 0.0 {
         let nan = params.neg_inf - params.neg_inf;
         for (var i = lid; i < BQ * D / 4u; i += WG) {
             let tok = row0 + i / (D / 4u);
@@ -236,82 +245,101 @@ fn main(
         }
         workgroupBarrier();
 
-        // Subgroups whose 16 rows all precede the chunk (causal) or sit outside its row mask skip it.
+        // The staged chunk in softmax slices of SL keys (one slice unless SL < BK). Subgroups whose 16 rows
+        // all precede the slice (causal), sit outside its row mask or whose slice starts past the sequence
+        // end skip it.
+        // A later slice is seen only if every earlier one is (its first key is larger).
         let sg_row0 = row0 + 16u * t.g;
-        if sg_row0 < seq && (!causal || k0 <= sg_row0 + 15u) && row_attends(rows, 16u * t.g) {
-            // S = Q K^T, BK/16 independent accumulators, then to the subgroup's rows of s_s.
-            let s0 = qk(0u, q0, q1, q2, q3, q4, q5, q6, q7);
-            var s1 = CM();
-            var s2 = CM();
-            var s3 = CM();
-            if BK > 16u {
-                s1 = qk(1u, q0, q1, q2, q3, q4, q5, q6, q7);
-            }
-            if BK > 32u {
-                s2 = qk(2u, q0, q1, q2, q3, q4, q5, q6, q7);
-                s3 = qk(3u, q0, q1, q2, q3, q4, q5, q6, q7);
-            }
-            coopStoreT(s0, &s_s[16u * t.g * SS4], SS4);
-            if BK > 16u {
-                coopStoreT(s1, &s_s[16u * t.g * SS4 + 4u], SS4);
-            }
-            if BK > 32u {
-                coopStoreT(s2, &s_s[16u * t.g * SS4 + 8u], SS4);
-                coopStoreT(s3, &s_s[16u * t.g * SS4 + 12u], SS4);
-            }
-            subgroupBarrier();
+        let sg_sees = sg_row0 < seq && row_attends(rows, 16u * t.g);
+        let pipe = PIPE && SL == 16u;
+        var s_pre = CM();  // with `pipe`: the next slice's S, computed during this slice's softmax
+        for (var sl = 0u; sl < BK / SL; sl++) {
+            let ks = k0 + sl * SL;  // the slice's first key
+            let kt0 = sl * (SL / 16u);  // its first 16-key tile in k_s / v_s
+            if sg_sees && ks < seq && (!causal || ks <= sg_row0 + 15u) {
+                // S = Q K^T, SL/16 independent accumulators, then to the subgroup's rows of s_s.
+                var s0: CM;
+                if pipe && sl > 0u {
+                    s0 = s_pre;
+                } else {
+                    s0 = qk(kt0, q0, q1, q2, q3, q4, q5, q6, q7);
+                }
+                var s1 = CM();
+                var s2 = CM();
+                var s3 = CM();
+                if SL > 16u {
+                    s1 = qk(kt0 + 1u, q0, q1, q2, q3, q4, q5, q6, q7);
+                }
+                if SL > 32u {
+                    s2 = qk(kt0 + 2u, q0, q1, q2, q3, q4, q5, q6, q7);
+                    s3 = qk(kt0 + 3u, q0, q1, q2, q3, q4, q5, q6, q7);
+                }
+                coopStoreT(s0, &s_s[16u * t.g * SS4], SS4);
+                if SL > 16u {
+                    coopStoreT(s1, &s_s[16u * t.g * SS4 + 4u], SS4);
+                }
+                if SL > 32u {
+                    coopStoreT(s2, &s_s[16u * t.g * SS4 + 8u], SS4);
+                    coopStoreT(s3, &s_s[16u * t.g * SS4 + 12u], SS4);
+                }
+                subgroupBarrier();
+                let kn = ks + SL;
+                if pipe && sl + 1u < BK / SL && kn < seq && (!causal || kn <= sg_row0 + 15u) {
+                    s_pre = qk(kt0 + 1u, q0, q1, q2, q3, q4, q5, q6, q7);
+                }
 
-            // Online softmax, base 2, on the subgroup's own rows. Only chunks on the causal diagonal, at
-            // the sequence end or under a partial row mask pay for the element mask.
-            let need_mask = k0 + BK > seq || (causal && k0 + BK - 1u > row0) || rows < BQ || rows >= ROWMASK_BITS_FLAG;
-            let row_ok = qi < seq && row_attends(rows, r);
-            var sv: array<vec4<f32>, MAX_BK8>;
-            var mx = NEG_BIG;
-            for (var i = 0u; i < BK / 8u; i++) {
-                var x = s_s[r * SS4 + 2u * i + h] * params.scale_log2;
-                if need_mask {
-                    let kj = vec4<u32>(k0 + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
-                    let ok = vec4<bool>(row_ok) & (kj < vec4<u32>(seq)) & (vec4<bool>(!causal) | (kj <= vec4<u32>(qi)));
-                    x = select(vec4<f32>(NEG_BIG), x, ok);
+                // Online softmax, base 2, on the subgroup's own rows. Only chunks on the causal diagonal, at
+                // the sequence end or under a partial row mask pay for the element mask.
+                let need_mask = ks + SL > seq || (causal && ks + SL - 1u > row0) || rows < BQ || rows >= ROWMASK_BITS_FLAG;
+                let row_ok = qi < seq && row_attends(rows, r);
+                var sv: array<vec4<f32>, MAX_BK8>;
+                var mx = NEG_BIG;
+                for (var i = 0u; i < SL / 8u; i++) {
+                    var x = s_s[r * SS4 + 2u * i + h] * params.scale_log2;
+                    if need_mask {
+                        let kj = vec4<u32>(ks + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
+                        let ok = vec4<bool>(row_ok) & (kj < vec4<u32>(seq)) & (vec4<bool>(!causal) | (kj <= vec4<u32>(qi)));
+                        x = select(vec4<f32>(NEG_BIG), x, ok);
+                    }
+                    sv[i] = x;
+                    mx = max(mx, max(max(x.x, x.y), max(x.z, x.w)));
                 }
-                sv[i] = x;
-                mx = max(mx, max(max(x.x, x.y), max(x.z, x.w)));
-            }
-            mx = max(mx, subgroupShuffleXor(mx, 1u));
-            var m_new = m;
-            if mx > m + TAU {
-                m_new = mx;
-            }
-            let alpha = exp2(m - m_new);
-            var sum = 0.0;
-            for (var i = 0u; i < BK / 8u; i++) {
-                var p = exp2(sv[i] - vec4<f32>(m_new));
-                if need_mask {
-                    p = select(p, vec4<f32>(0.0), sv[i] <= vec4<f32>(NEG_BIG));
+                mx = max(mx, subgroupShuffleXor(mx, 1u));
+                var m_new = m;
+                if mx > m + TAU {
+                    m_new = mx;
                 }
-                sum += p.x + p.y + p.z + p.w;
-                p_s[r * PS4 + 2u * i + h] = vec4<f16>(p);
-            }
-            sum += subgroupShuffleXor(sum, 1u);
-            let moved = subgroupAny(m_new != m && l > 0.0);
-            l = l * alpha + sum;
-            m = m_new;
-            subgroupBarrier(); // P is complete
-            if moved {
-                o0 = rescale(t, o0, alpha);
-                o1 = rescale(t, o1, alpha);
-                o2 = rescale(t, o2, alpha);
-                o3 = rescale(t, o3, alpha);
-                if D > 64u {
-                    o4 = rescale(t, o4, alpha);
-                    o5 = rescale(t, o5, alpha);
-                    o6 = rescale(t, o6, alpha);
-                    o7 = rescale(t, o7, alpha);
+                let alpha = exp2(m - m_new);
+                var sum = 0.0;
+                for (var i = 0u; i < SL / 8u; i++) {
+                    var p = exp2(sv[i] - vec4<f32>(m_new));
+                    if need_mask {
+                        p = select(p, vec4<f32>(0.0), sv[i] <= vec4<f32>(NEG_BIG));
+                    }
+                    sum += p.x + p.y + p.z + p.w;
+                    p_s[r * PS4 + 2u * i + h] = vec4<f16>(p);
                 }
-            }
+                sum += subgroupShuffleXor(sum, 1u);
+                let moved = subgroupAny(m_new != m && l > 0.0);
+                l = l * alpha + sum;
+                m = m_new;
+                subgroupBarrier(); // P is complete
+                if moved {
+                    o0 = rescale(t, o0, alpha);
+                    o1 = rescale(t, o1, alpha);
+                    o2 = rescale(t, o2, alpha);
+                    o3 = rescale(t, o3, alpha);
+                    if D > 64u {
+                        o4 = rescale(t, o4, alpha);
+                        o5 = rescale(t, o5, alpha);
+                        o6 = rescale(t, o6, alpha);
+                        o7 = rescale(t, o7, alpha);
+                    }
+                }
 
-            for (var kt = 0u; kt < BK / 16u; kt++) {
-                pv(t, kt, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
+                for (var pt = 0u; pt < SL / 16u; pt++) {
+                    pv(t, kt0 + pt, pt, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
+                }
             }
         }
     }

@@ -8,6 +8,8 @@
 //! Runs on adapters with 16x16 f16 cooperative matrices (the H100); elsewhere (lavapipe in CI) it prints
 //! why it skipped. Tile choice goes through `S2ATTN_TILE`, a process-wide variable, so everything runs
 //! in one test function (this binary's only test) and failures are collected, then reported together.
+//! With `S2ATTN_COOP_FWD=v4` (or `v4-nopipe`) set, every case runs the kernel's v4 form, including its
+//! 128x64 tile (16-key slices at d128, 32-key at d64), and the plans must say so.
 
 mod common;
 
@@ -109,7 +111,8 @@ fn coop_forward_matches_the_oracle() {
         );
         return;
     }
-    println!("coop tests on {}", ctx.adapter_name());
+    let form = s2attn::plan::CoopForward::from_env().expect("S2ATTN_COOP_FWD is v3, v4 or v4-nopipe");
+    println!("coop tests on {}, forward form {}", ctx.adapter_name(), form.name());
     let mut failures = Vec::new();
     let mut seed = 5000u64;
 
@@ -128,7 +131,8 @@ fn coop_forward_matches_the_oracle() {
     }
 
     // Every tile candidate on every problem.
-    let tiles = ["64x16", "64x32", "64x64", "128x16", "128x32"];
+    // 128x64 fits only the v4 form (v3 falls back, saying it does not fit).
+    let tiles = ["64x16", "64x32", "64x64", "128x16", "128x32", "128x64"];
     for tile in tiles {
         let tile: CoopTile = tile.parse().expect("tile");
         std::env::set_var("S2ATTN_TILE", tile.to_string());
@@ -150,6 +154,10 @@ fn coop_forward_matches_the_oracle() {
             {
                 failures.push(format!("{tile} {name}: planned {}", op.plan()));
                 continue;
+            }
+            let named = op.plan().reason.starts_with(&format!("{}, ", form.name()));
+            if form != s2attn::plan::CoopForward::V3 && !named {
+                failures.push(format!("{tile} {name}: the plan does not name form {}: {}", form.name(), op.plan()));
             }
             if name.contains("bit masks") && !op.mergeq().entries().iter().any(|e| matches!(e.rows, RowMask::Blocks(_)))
             {

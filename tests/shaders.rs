@@ -161,3 +161,68 @@ fn coop_kernels_resolve_their_overrides_and_write_spirv() {
     distinct.dedup();
     assert_eq!(distinct.len(), words.len(), "two dK/dV switch settings give the same SPIR-V");
 }
+
+/// Bytes of workgroup memory `kernel` (f16) declares with `constants` resolved.
+fn declared_workgroup_bytes(kernel: Kernel, constants: &[(&str, u32)]) -> u32 {
+    let source = compose(kernel, s2attn::DType::F16).expect("composes");
+    let module = naga::front::wgsl::parse_str(&source).expect("parses");
+    let caps = naga::valid::Capabilities::all();
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps).validate(&module).expect("valid");
+    let values: naga::back::PipelineConstants = constants.iter().map(|&(k, v)| (k.to_string(), v as f64)).collect();
+    let (module, _) =
+        naga::back::pipeline_constants::process_overrides(&module, &info, None, &values).expect("resolves");
+    let mut layouter = naga::proc::Layouter::default();
+    layouter.update(module.to_ctx()).expect("lays out");
+    let shared = module.global_variables.iter().filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup);
+    shared.map(|(_, g)| layouter[g.ty].size).sum()
+}
+
+#[test]
+fn coop_forward_v4_resolves_its_slices_and_writes_spirv() {
+    // Every tile the v4 planner may pick (S2ATTN_COOP_FWD=v4 or v4-nopipe), with the slices and pads it
+    // gives the pipeline: it compiles to SPIR-V and declares exactly the workgroup bytes the planner counted
+    // (128x64 at d128 fills the H200's 48 KiB to the byte). v3's tiles declare what the planner counts too.
+    use s2attn::plan::{coop_slices, coop_workgroup_bytes, CoopForward, CoopTile};
+    let mut failures = Vec::new();
+    let mut sliced = Vec::new();
+    for d in [64, 128] {
+        for (q, k, wg) in [(64, 16, 128), (64, 32, 128), (64, 64, 128), (128, 16, 256), (128, 32, 256), (128, 64, 256)]
+        {
+            let tile = CoopTile { tile_q: q, tile_kv: k };
+            let base = [("D", d), ("BQ", q), ("BK", k), ("WG", wg)];
+            if coop_workgroup_bytes(tile, d) <= 49152
+                && declared_workgroup_bytes(Kernel::ForwardCoop, &base) != coop_workgroup_bytes(tile, d)
+            {
+                failures.push(format!("v3 D {d} {tile}: the kernel declares other bytes than the planner counts"));
+            }
+            let Some(sl) = coop_slices(CoopForward::V4, tile, d, 49152) else {
+                continue;
+            };
+            let mut constants = base.to_vec();
+            constants.extend([("SL", sl.slice), ("SPAD", sl.s_pad), ("PPAD", sl.p_pad), ("PIPE", 1)]);
+            let declared = declared_workgroup_bytes(Kernel::ForwardCoop, &constants);
+            if declared != sl.workgroup_bytes(tile, d) {
+                failures.push(format!(
+                    "v4 D {d} {tile} {sl:?}: declares {declared} B, planner counts {}",
+                    sl.workgroup_bytes(tile, d)
+                ));
+            }
+            // v4 and v4-nopipe (PIPE 1 and 0).
+            for pipe in [1, 0] {
+                constants[7].1 = pipe;
+                if let Err(e) = spirv(Kernel::ForwardCoop, &constants) {
+                    failures.push(format!("v4 PIPE {pipe} D {d} {tile} {sl:?}: {e}"));
+                }
+            }
+            // The slice constants reach the kernel: a sliced chunk declares other S/P arrays than v3's.
+            if sl.slice < k {
+                sliced.push(tile);
+                if declared == declared_workgroup_bytes(Kernel::ForwardCoop, &base) {
+                    failures.push(format!("v4 D {d} {tile}: the slice constants did not change the kernel"));
+                }
+            }
+        }
+    }
+    assert!(!sliced.is_empty(), "no v4 tile runs its chunk in slices: the test lost its point");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

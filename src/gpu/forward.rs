@@ -134,11 +134,12 @@ impl GpuForward {
             KernelVariant::Coop => Kernel::ForwardCoop,
             other => return Err(Error::Unsupported(format!("{} is not a wgpu kernel", other.name()))),
         };
-        let pipeline = ctx.pipeline(
-            kernel,
-            shape.dtype,
-            &[("D", shape.head_dim), ("BQ", plan.tile_q), ("BK", plan.tile_kv), ("WG", plan.workgroup_size)],
-        )?;
+        let mut constants =
+            vec![("D", shape.head_dim), ("BQ", plan.tile_q), ("BK", plan.tile_kv), ("WG", plan.workgroup_size)];
+        if plan.variant == KernelVariant::Coop {
+            constants.extend(crate::plan::coop_forward_overrides(&plan, shape.head_dim)?);
+        }
+        let pipeline = ctx.pipeline(kernel, shape.dtype, &constants)?;
         let device = ctx.device();
         let entries_words = mergeq.gpu_entries();
         // wgpu refuses empty bindings; an empty plan (impossible for valid layouts) still gets one word.

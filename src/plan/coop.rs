@@ -7,6 +7,12 @@
 //! `device<TAB>class<TAB>tile<TAB>ms` line per entry); a measurement of every candidate through the
 //! caller's [`TuneTarget`] (unless `S2ATTN_AUTOTUNE=0`), written back to the cache when it is writable;
 //! else a fixed default. The reason ends up in [`DispatchPlan::reason`], so `Attention::explain()` shows it.
+//!
+//! `S2ATTN_COOP_FWD=v4` selects the kernel's v4 form (shaders/NOTES-coop.md): 64-key chunks staged per
+//! pair of workgroup barriers and run in softmax slices of 16 or 32 keys, so that they fit the workgroup
+//! memory at 128 query rows, with the next 16-key slice's S = Q K^T issued before this slice's softmax;
+//! `v4-nopipe` the same without that; unset or `v3`, the measured v3 form. The version is read when the plan is made
+//! (its reason names it) and again when the pipeline is built ([`coop_forward_overrides`]).
 
 use super::{DType, DeviceCaps, DispatchPlan, KernelVariant, Shape};
 use crate::error::{Error, Result};
@@ -51,13 +57,95 @@ impl std::str::FromStr for CoopTile {
     }
 }
 
-/// Workgroup bytes the coop kernel declares for a tile: K and V rows padded to `head_dim + 8` halves,
-/// P rows to `tile_kv + 8` halves, S rows to `tile_kv + 8` floats, and two flags.
+/// The coop forward kernel's form (`S2ATTN_COOP_FWD`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CoopForward {
+    /// One softmax slice per staged chunk (the measured default).
+    V3,
+    /// Chunks staged whole, the softmax in the largest slice (32 or 16 keys) whose S and P fit; the next
+    /// 16-key slice's scores computed during this slice's softmax.
+    V4,
+    /// [`CoopForward::V4`]'s slices without the early scores.
+    V4NoPipe,
+}
+
+impl CoopForward {
+    /// The form `S2ATTN_COOP_FWD` names (`v3` when unset).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("S2ATTN_COOP_FWD").as_deref() {
+            Err(_) | Ok("") | Ok("v3") => Ok(Self::V3),
+            Ok("v4") => Ok(Self::V4),
+            Ok("v4-nopipe") => Ok(Self::V4NoPipe),
+            Ok(other) => Err(Error::Unsupported(format!("S2ATTN_COOP_FWD={other}: expected v3, v4 or v4-nopipe"))),
+        }
+    }
+
+    /// `v3`, `v4` or `v4-nopipe`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::V3 => "v3",
+            Self::V4 => "v4",
+            Self::V4NoPipe => "v4-nopipe",
+        }
+    }
+}
+
+/// How the forward kernel lays out one tile's scores: keys per softmax slice and row paddings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoopSlices {
+    /// Keys per softmax slice (S and P columns): the chunk's keys in v3, 16 or 32 in v4.
+    pub slice: u32,
+    /// S row padding in floats (8, or 4 where 8 does not fit).
+    pub s_pad: u32,
+    /// P row padding in halves (8, or 0 where 8 does not fit).
+    pub p_pad: u32,
+}
+
+impl CoopSlices {
+    /// Workgroup bytes of `tile` with these slices: K and V rows padded to `head_dim + 8` halves, P rows
+    /// of `slice + p_pad` halves, S rows of `slice + s_pad` floats (S's first element doubles as the
+    /// kernel's subgroup-count flag).
+    pub fn workgroup_bytes(self, tile: CoopTile, head_dim: u32) -> u32 {
+        let kv = 2 * tile.tile_kv * (head_dim + 8) * 2;
+        let p = tile.tile_q * (self.slice + self.p_pad) * 2;
+        let s = tile.tile_q * (self.slice + self.s_pad) * 4;
+        kv + p + s
+    }
+}
+
+/// The slices of `tile` in `form` within `max_bytes` of workgroup memory, if any fit: v3 takes the whole
+/// chunk with the full pads; v4 the widest slice (the chunk, 32, 16 keys), full pads before tight ones.
+pub fn coop_slices(form: CoopForward, tile: CoopTile, head_dim: u32, max_bytes: u32) -> Option<CoopSlices> {
+    // (S pad, P pad): full, then tight.
+    let (widths, pads): (&[u32], &[(u32, u32)]) = match form {
+        CoopForward::V3 => (&[tile.tile_kv], &[(8, 8)]),
+        CoopForward::V4 | CoopForward::V4NoPipe => (&[64, 32, 16], &[(8, 8), (4, 0)]),
+    };
+    widths
+        .iter()
+        .filter(|&&w| w <= tile.tile_kv && tile.tile_kv % w == 0)
+        .flat_map(|&slice| pads.iter().map(move |&(s_pad, p_pad)| CoopSlices { slice, s_pad, p_pad }))
+        .find(|sl| sl.workgroup_bytes(tile, head_dim) <= max_bytes)
+}
+
+/// Workgroup bytes the v3 coop kernel declares for a tile: K and V rows padded to `head_dim + 8` halves,
+/// P rows to `tile_kv + 8` halves, S rows to `tile_kv + 8` floats.
 pub fn coop_workgroup_bytes(tile: CoopTile, head_dim: u32) -> u32 {
-    let kv = 2 * tile.tile_kv * (head_dim + 8) * 2;
-    let p = tile.tile_q * (tile.tile_kv + 8) * 2;
-    let s = tile.tile_q * (tile.tile_kv + 8) * 4;
-    kv + p + s + 8
+    CoopSlices { slice: tile.tile_kv, s_pad: 8, p_pad: 8 }.workgroup_bytes(tile, head_dim)
+}
+
+/// The override constants beyond `D`, `BQ`, `BK` and `WG` that the forward pipeline of `plan` needs:
+/// none for v3; the slice width, pads and early scores for v4 (`S2ATTN_COOP_FWD`, read again here).
+pub fn coop_forward_overrides(plan: &DispatchPlan, head_dim: u32) -> Result<Vec<(&'static str, u32)>> {
+    let form = CoopForward::from_env()?;
+    if form == CoopForward::V3 {
+        return Ok(Vec::new());
+    }
+    let tile = CoopTile { tile_q: plan.tile_q, tile_kv: plan.tile_kv };
+    let sl = coop_slices(form, tile, head_dim, plan.workgroup_bytes)
+        .ok_or_else(|| Error::Unsupported(format!("the {} coop forward has no slices for tile {tile}", form.name())))?;
+    let pipe = u32::from(form == CoopForward::V4);
+    Ok(vec![("SL", sl.slice), ("SPAD", sl.s_pad), ("PPAD", sl.p_pad), ("PIPE", pipe)])
 }
 
 /// Invocations per workgroup for a tile: one subgroup of [`COOP_SUBGROUP_SIZE`] per 16 query rows.
@@ -92,14 +180,15 @@ pub fn coop_unsupported(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Op
     if !COOP_HEAD_DIMS.contains(&shape.head_dim) {
         return Some(format!("the coop kernel takes head_dim {COOP_HEAD_DIMS:?}, not {}", shape.head_dim));
     }
-    if candidates(shape, layout, caps).is_empty() {
+    // v4 takes every tile v3 takes (its first layout is v3's), so v3's list decides.
+    if candidates(shape, layout, caps, CoopForward::V3).is_empty() {
         return Some(format!("no coop tile fits {} B of workgroup memory", caps.max_workgroup_storage));
     }
     None
 }
 
-/// Every tile the device can run for this problem, smallest footprint first.
-pub fn candidates(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Vec<CoopTile> {
+/// Every tile the device can run for this problem in `form`, smallest footprint first.
+pub fn candidates(shape: &Shape, layout: &Layout, caps: &DeviceCaps, form: CoopForward) -> Vec<CoopTile> {
     let bs = layout.block_size();
     let mut out = Vec::new();
     for tile_q in TILE_Q {
@@ -112,7 +201,7 @@ pub fn candidates(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Vec<Coop
                 || fetches % wg != 0
                 || fetches / wg > 8
                 || tile_q / bs > 31
-                || coop_workgroup_bytes(tile, shape.head_dim) > caps.max_workgroup_storage
+                || coop_slices(form, tile, shape.head_dim, caps.max_workgroup_storage).is_none()
                 || coop_workgroup_size(tile) > caps.max_invocations
                 || shape.seq_len.div_ceil(tile_q) > caps.max_dispatch
             {
@@ -125,39 +214,58 @@ pub fn candidates(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Vec<Coop
 }
 
 /// The default without measurements: 128 query rows (8 subgroups) and 32 keys per chunk, the fastest on
-/// the H100 at 16k..128k tokens (see shaders/NOTES-coop.md); else 64x16, else the first candidate.
-fn default_tile(tiles: &[CoopTile]) -> Option<CoopTile> {
+/// the H100 at 16k..128k tokens (see shaders/NOTES-coop.md); else 64x16, else the first candidate. v4
+/// prefers 128x64 (its point: 64-key chunks at 128 rows).
+fn default_tile(tiles: &[CoopTile], form: CoopForward) -> Option<CoopTile> {
     let pick = |q: u32, kv: u32| tiles.iter().copied().find(|t| t.tile_q == q && t.tile_kv == kv);
-    pick(128, 32).or_else(|| pick(64, 16)).or_else(|| tiles.first().copied())
+    let v4 = if form == CoopForward::V3 { None } else { pick(128, 64) };
+    v4.or_else(|| pick(128, 32)).or_else(|| pick(64, 16)).or_else(|| tiles.first().copied())
+}
+
+/// The kernel form and the device's workgroup memory, which together fix a tile's slices.
+#[derive(Clone, Copy, Debug)]
+struct Form {
+    form: CoopForward,
+    max_bytes: u32,
 }
 
 /// Measurement rounds: candidates are timed round-robin and each keeps its best round, so that a clock
 /// or cache transient early in the sweep does not decide the choice.
 const TUNE_ROUNDS: usize = 2;
 
-/// The plan for one tile.
-pub fn coop_plan(shape: &Shape, tile: CoopTile, reason: String) -> DispatchPlan {
+/// The plan for one tile (a candidate: its slices fit); v4 plans name the form and the slice width.
+fn coop_plan(shape: &Shape, tile: CoopTile, form: Form, reason: String) -> DispatchPlan {
+    let sl = coop_slices(form.form, tile, shape.head_dim, form.max_bytes);
+    let bytes =
+        sl.map_or_else(|| coop_workgroup_bytes(tile, shape.head_dim), |sl| sl.workgroup_bytes(tile, shape.head_dim));
+    let reason = match (form.form, sl) {
+        (CoopForward::V3, _) | (_, None) => reason,
+        (f, Some(sl)) if reason.is_empty() => format!("{}, {}-key slices", f.name(), sl.slice),
+        (f, Some(sl)) => format!("{}, {}-key slices; {reason}", f.name(), sl.slice),
+    };
     DispatchPlan {
         variant: KernelVariant::Coop,
         tile_q: tile.tile_q,
         tile_kv: tile.tile_kv,
         workgroup_size: coop_workgroup_size(tile),
-        workgroup_bytes: coop_workgroup_bytes(tile, shape.head_dim),
+        workgroup_bytes: bytes,
         reason,
     }
 }
 
 /// The problem class a tuned tile is remembered for: what changes the best tile (head dim, block size,
 /// direction, GQA group, length bucket up to the tuning length).
-pub fn problem_class(shape: &Shape, layout: &Layout) -> String {
+pub fn problem_class(shape: &Shape, layout: &Layout, form: CoopForward) -> String {
     let len = shape.seq_len.min(TUNE_MAX_SEQ).next_power_of_two().trailing_zeros();
+    // v3 keeps the class names its cache entries were written under.
+    let form = if form == CoopForward::V3 { String::new() } else { format!(" {}", form.name()) };
     format!(
-        "{} d{} b{} {} g{} s2^{len}",
+        "{} d{} b{} {} g{} s2^{len}{form}",
         shape.dtype,
         shape.head_dim,
         layout.block_size(),
         if layout.causal() { "causal" } else { "bidir" },
-        layout.num_heads() / layout.num_kv_heads()
+        layout.num_heads() / layout.num_kv_heads(),
     )
 }
 
@@ -183,7 +291,8 @@ pub fn plan_coop(
             return Err(Error::Unsupported("the coop kernel needs subgroup barriers".into()));
         }
     }
-    let tiles = candidates(shape, layout, caps);
+    let form = Form { form: CoopForward::from_env()?, max_bytes: caps.max_workgroup_storage };
+    let tiles = candidates(shape, layout, caps, form.form);
     if let Ok(forced) = std::env::var("S2ATTN_TILE") {
         let tile: CoopTile = forced.parse()?;
         if !tiles.contains(&tile) {
@@ -193,16 +302,16 @@ pub fn plan_coop(
                 list.join(", ")
             )));
         }
-        return Ok(coop_plan(shape, tile, "S2ATTN_TILE".into()));
+        return Ok(coop_plan(shape, tile, form, "S2ATTN_TILE".into()));
     }
-    let fallback = default_tile(&tiles).ok_or_else(|| Error::Unsupported("no coop tile fits".into()))?;
+    let fallback = default_tile(&tiles, form.form).ok_or_else(|| Error::Unsupported("no coop tile fits".into()))?;
     let Some(target) = target else {
-        return Ok(coop_plan(shape, fallback, "default tile, no device to tune on".into()));
+        return Ok(coop_plan(shape, fallback, form, "default tile, no device to tune on".into()));
     };
     if std::env::var("S2ATTN_AUTOTUNE").is_ok_and(|v| v == "0" || v == "off") {
-        return Ok(coop_plan(shape, fallback, "default tile, S2ATTN_AUTOTUNE=0".into()));
+        return Ok(coop_plan(shape, fallback, form, "default tile, S2ATTN_AUTOTUNE=0".into()));
     }
-    Ok(autotune(shape, layout, &tiles, fallback, target, TuneCache::dir()))
+    Ok(autotune(shape, layout, &tiles, fallback, form, target, TuneCache::dir()))
 }
 
 /// Measures every tile (unless the cache in `cache_dir` knows the answer) and keeps the fastest.
@@ -211,22 +320,23 @@ fn autotune(
     layout: &Layout,
     tiles: &[CoopTile],
     fallback: CoopTile,
+    form: Form,
     target: &mut dyn TuneTarget,
     cache_dir: Result<PathBuf>,
 ) -> DispatchPlan {
     let device = target.device_key().replace(['\t', '\n'], " ");
-    let class = problem_class(shape, layout);
+    let class = problem_class(shape, layout, form.form);
     let cache = cache_dir.and_then(|dir| TuneCache::open(dir.join("autotune.txt")));
     if let Some((tile, ms)) = cache.as_ref().ok().and_then(|c| c.lookup(&device, &class)) {
         if tiles.contains(&tile) {
-            return coop_plan(shape, tile, format!("autotuned for {class}: {ms:.3} ms, cached"));
+            return coop_plan(shape, tile, form, format!("autotuned for {class}: {ms:.3} ms, cached"));
         }
     }
     let mut times: Vec<Result<f64>> = vec![Ok(f64::INFINITY); tiles.len()];
     for _ in 0..TUNE_ROUNDS {
         for (&tile, time) in tiles.iter().zip(times.iter_mut()) {
             if let Ok(best_ms) = time {
-                match target.measure(&coop_plan(shape, tile, String::new())) {
+                match target.measure(&coop_plan(shape, tile, form, String::new())) {
                     Ok(ms) => *best_ms = best_ms.min(ms),
                     Err(e) => *time = Err(e),
                 }
@@ -248,13 +358,13 @@ fn autotune(
         }
     }
     let Some((tile, ms)) = best else {
-        return coop_plan(shape, fallback, format!("default tile, tuning failed ({})", tried.join("; ")));
+        return coop_plan(shape, fallback, form, format!("default tile, tuning failed ({})", tried.join("; ")));
     };
     let stored = match cache.and_then(|mut c| c.store(&device, &class, tile, ms)) {
         Ok(path) => format!("cached in {}", path.display()),
         Err(e) => format!("not cached: {e}"),
     };
-    coop_plan(shape, tile, format!("autotuned for {class}: {} ms; {stored}", tried.join(", ")))
+    coop_plan(shape, tile, form, format!("autotuned for {class}: {} ms; {stored}", tried.join(", ")))
 }
 
 /// The on-disk tuning cache: `device<TAB>class<TAB>tile<TAB>ms` lines, the last line for a key wins.
@@ -331,6 +441,35 @@ pub(super) mod tests {
         }
     }
 
+    const V3: Form = Form { form: CoopForward::V3, max_bytes: 49152 };
+
+    #[test]
+    fn v4_slices_fit_64_key_chunks_at_128_rows() {
+        let big = CoopTile { tile_q: 128, tile_kv: 64 };
+        // d128: 64 staged keys leave room for 16-key slices with the tight pads only, exactly 48 KiB.
+        let sl = coop_slices(CoopForward::V4, big, 128, 49152).expect("128x64 d128 fits");
+        assert_eq!(sl, CoopSlices { slice: 16, s_pad: 4, p_pad: 0 });
+        assert_eq!(sl.workgroup_bytes(big, 128), 49152);
+        // d64: 32-key slices with the full pads.
+        assert_eq!(coop_slices(CoopForward::V4, big, 64, 49152), Some(CoopSlices { slice: 32, s_pad: 8, p_pad: 8 }));
+        assert_eq!(coop_slices(CoopForward::V3, big, 128, 49152), None);
+        // Where v3's layout fits, v4's is the same.
+        for (q, kv) in [(64, 16), (64, 32), (128, 16), (128, 32)] {
+            let tile = CoopTile { tile_q: q, tile_kv: kv };
+            assert_eq!(coop_slices(CoopForward::V4, tile, 128, 49152), coop_slices(CoopForward::V3, tile, 128, 49152));
+        }
+        let layout = Layout::s2(S2Config::new(4, 64, 2, 4)).expect("layout");
+        let shape = Shape::new(1, 4096, 128, DType::F16);
+        let v4 = candidates(&shape, &layout, &h100(), CoopForward::V4);
+        assert!(v4.contains(&big), "{v4:?}");
+        assert_eq!(default_tile(&v4, CoopForward::V4), Some(big));
+        let v4_form = Form { form: CoopForward::V4, max_bytes: 49152 };
+        let plan = coop_plan(&shape, big, v4_form, "x".into());
+        assert_eq!(plan.workgroup_bytes, 49152);
+        assert!(plan.reason.starts_with("v4, 16-key slices"), "{}", plan.reason);
+        assert_ne!(problem_class(&shape, &layout, CoopForward::V4), problem_class(&shape, &layout, CoopForward::V3));
+    }
+
     #[test]
     fn tiles_parse_and_print() {
         let t: CoopTile = "128x16".parse().expect("parses");
@@ -347,7 +486,7 @@ pub(super) mod tests {
             let layout = Layout::s2(S2Config::new(4, bs, 2, 4)).expect("layout");
             for d in [64, 128] {
                 let shape = Shape::new(1, 4096, d, DType::F16);
-                let tiles = candidates(&shape, &layout, &caps);
+                let tiles = candidates(&shape, &layout, &caps, CoopForward::V3);
                 assert!(!tiles.is_empty(), "block {bs} d {d}");
                 for t in &tiles {
                     assert!(coop_workgroup_bytes(*t, d) <= caps.max_workgroup_storage);
@@ -399,25 +538,34 @@ pub(super) mod tests {
     fn autotune_measures_once_then_reads_the_cache() {
         let layout = Layout::s2(S2Config::new(4, 64, 2, 4)).expect("layout");
         let shape = Shape::new(1, 4096, 128, DType::F16);
-        let tiles = candidates(&shape, &layout, &h100());
+        let tiles = candidates(&shape, &layout, &h100(), CoopForward::V3);
         let dir = std::env::temp_dir().join(format!("s2attn-tune-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut dev = FakeDevice { measured: Vec::new() };
-        let first = autotune(&shape, &layout, &tiles, tiles[0], &mut dev, Ok(dir.clone()));
+        let first = autotune(&shape, &layout, &tiles, tiles[0], V3, &mut dev, Ok(dir.clone()));
         assert_eq!((first.tile_q, first.tile_kv), (64, 16), "{}", first.reason);
         let expected: Vec<CoopTile> = (0..TUNE_ROUNDS).flat_map(|_| tiles.iter().copied()).collect();
         assert_eq!(dev.measured, expected, "every candidate is measured once per round");
         assert!(first.reason.contains("cached in"), "{}", first.reason);
-        let second = autotune(&shape, &layout, &tiles, tiles[0], &mut dev, Ok(dir.clone()));
+        let second = autotune(&shape, &layout, &tiles, tiles[0], V3, &mut dev, Ok(dir.clone()));
         assert_eq!((second.tile_q, second.tile_kv), (64, 16));
         assert_eq!(dev.measured.len(), expected.len(), "the second plan reads the cache");
         // Another class is measured anew.
         let other = Shape::new(1, 4096, 64, DType::F16);
-        autotune(&other, &layout, &candidates(&other, &layout, &h100()), tiles[0], &mut dev, Ok(dir.clone()));
+        autotune(
+            &other,
+            &layout,
+            &candidates(&other, &layout, &h100(), CoopForward::V3),
+            tiles[0],
+            V3,
+            &mut dev,
+            Ok(dir.clone()),
+        );
         assert!(dev.measured.len() > expected.len());
         // An unwritable cache still gives the measured choice, and says why it was not kept.
         let blocked = dir.join("autotune.txt").join("not-a-dir");
-        let third = autotune(&shape, &layout, &tiles, tiles[0], &mut FakeDevice { measured: Vec::new() }, Ok(blocked));
+        let third =
+            autotune(&shape, &layout, &tiles, tiles[0], V3, &mut FakeDevice { measured: Vec::new() }, Ok(blocked));
         assert_eq!((third.tile_q, third.tile_kv), (64, 16));
         assert!(third.reason.contains("not cached"), "{}", third.reason);
         let _ = std::fs::remove_dir_all(&dir);
@@ -426,12 +574,12 @@ pub(super) mod tests {
     #[test]
     fn problem_classes_separate_what_changes_the_tile() {
         let layout = Layout::s2(S2Config::new(4, 64, 2, 4)).expect("layout");
-        let a = problem_class(&Shape::new(1, 4000, 128, DType::F16), &layout);
-        assert_eq!(a, problem_class(&Shape::new(2, 4096, 128, DType::F16), &layout));
-        assert_ne!(a, problem_class(&Shape::new(1, 4096, 64, DType::F16), &layout));
-        assert_ne!(a, problem_class(&Shape::new(1, 1024, 128, DType::F16), &layout));
+        let a = problem_class(&Shape::new(1, 4000, 128, DType::F16), &layout, CoopForward::V3);
+        assert_eq!(a, problem_class(&Shape::new(2, 4096, 128, DType::F16), &layout, CoopForward::V3));
+        assert_ne!(a, problem_class(&Shape::new(1, 4096, 64, DType::F16), &layout, CoopForward::V3));
+        assert_ne!(a, problem_class(&Shape::new(1, 1024, 128, DType::F16), &layout, CoopForward::V3));
         // Beyond the tuning length every size is one class.
-        let long = problem_class(&Shape::new(1, 1 << 17, 128, DType::F16), &layout);
-        assert_eq!(long, problem_class(&Shape::new(1, 1 << 16, 128, DType::F16), &layout));
+        let long = problem_class(&Shape::new(1, 1 << 17, 128, DType::F16), &layout, CoopForward::V3);
+        assert_eq!(long, problem_class(&Shape::new(1, 1 << 16, 128, DType::F16), &layout, CoopForward::V3));
     }
 }

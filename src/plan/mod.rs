@@ -10,7 +10,10 @@ mod coop_backward;
 mod mergeq;
 
 pub use column::{backward_workgroup_bytes, plan_backward_portable, BackwardPlan, ColumnPlan, QueryEntry};
-pub use coop::{coop_workgroup_bytes, plan_coop, CoopTile, TuneTarget, COOP_HEAD_DIMS, TUNE_MAX_SEQ};
+pub use coop::{
+    coop_forward_overrides, coop_slices, coop_workgroup_bytes, plan_coop, CoopForward, CoopSlices, CoopTile,
+    TuneTarget, COOP_HEAD_DIMS, TUNE_MAX_SEQ,
+};
 pub use coop_backward::{
     coop_dkdv_workgroup_bytes, coop_dq_workgroup_bytes, longest_first_order, plan_backward_coop, plan_backward_wgpu,
     CoopDkdv, SubgroupInfo, DKDV_KERNEL_VAR,
