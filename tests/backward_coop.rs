@@ -8,8 +8,9 @@
 //! Runs on adapters with 16x16 f16 cooperative matrices (the H100/H200); elsewhere (lavapipe in CI) it
 //! prints why it skipped. Tiles are forced through `S2ATTN_BWD_DQ_TILE` / `S2ATTN_BWD_DKDV_TILE`, the
 //! dK/dV kernel's switches through `S2ATTN_BWD_DKDV` (every tile setting runs with v1 and v2, the default
-//! tiles also with `prefetch`, `descend` and `longest-first` alone; each op must say in `explain()` which one it
-//! process-wide variables, so everything runs in this binary's one test and failures are collected.
+//! tiles also with `prefetch`, `descend` and `longest-first` alone on every third problem; each op must say
+//! in `explain()` which one it runs): process-wide variables, so everything runs in this binary's one
+//! test and failures are collected.
 
 mod common;
 
@@ -172,6 +173,9 @@ fn coop_backward_matches_the_oracle() {
         for (n, (name, p)) in problems().into_iter().enumerate() {
             if p.layout.block_size() < min_block {
                 continue; // a 32-key tile does not divide 16-token blocks
+            }
+            if !["v1", "v2"].contains(&kname) && n % 3 != 0 {
+                continue; // a single switch on every third problem: v2 covers them together
             }
             let label = format!(
                 "{} dK/dV {kname} / {name} ({} tokens, d {})",
