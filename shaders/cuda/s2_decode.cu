@@ -289,7 +289,8 @@ extern "C" __global__ void __launch_bounds__(NT) s2_decode_split(const Params p)
 
 __device__ __forceinline__ float& lane(float4& v, int i) { return reinterpret_cast<float*>(&v)[i]; }
 
-extern "C" __global__ void __launch_bounds__(NT) s2_decode_narrow(const Params p) {
+// At least 3 CTAs per SM (registers capped near 170): a batch-1 call of the default split fits one wave.
+extern "C" __global__ void __launch_bounds__(NT, 3) s2_decode_narrow(const Params p) {
     const u32 id = blockIdx.x + blockIdx.y * gridDim.x;
     if (id >= p.n_items) return;
     const Item it = p.items[id];

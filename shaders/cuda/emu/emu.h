@@ -11,7 +11,7 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__ static
 struct uint4 { unsigned x, y, z, w; };
 struct uint2 { unsigned x, y; };
