@@ -4,7 +4,7 @@
 //! [`crate::AttentionGrad`] runs it on a CUDA [`crate::Context`].
 
 use super::compile::{KernelKey, S2_FORWARD_SRC};
-use super::context::CudaContext;
+use super::context::{cuda_err, CudaContext};
 use crate::error::{Error, Result};
 use crate::gpu::Timing;
 use crate::layout::Layout;
@@ -150,10 +150,6 @@ impl std::fmt::Debug for CudaBackward {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaBackward").field("shape", &self.shape).finish()
     }
-}
-
-fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
-    move |e| Error::Cuda(format!("{what}: {e}"))
 }
 
 fn upload(stream: &Arc<CudaStream>, words: &[u32]) -> Result<CudaSlice<u32>> {
@@ -364,26 +360,7 @@ impl CudaBackward {
             let stream = self.ctx.stream();
             // SAFETY: the op's own buffers, sized for the shape when they were allocated.
             let run = || unsafe { self.launch(stream, p) };
-            for _ in 0..warmup {
-                run()?;
-            }
-            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-            let ctx = self.ctx.cudarc();
-            let mut events = Vec::with_capacity(iters as usize);
-            for _ in 0..iters {
-                let start = ctx.new_event(flags).map_err(cuda_err("creating an event"))?;
-                let end = ctx.new_event(flags).map_err(cuda_err("creating an event"))?;
-                start.record(stream).map_err(cuda_err("recording an event"))?;
-                run()?;
-                end.record(stream).map_err(cuda_err("recording an event"))?;
-                events.push((start, end));
-            }
-            stream.synchronize().map_err(cuda_err("running the CUDA backward"))?;
-            let samples_ms = events
-                .iter()
-                .map(|(s, e)| s.elapsed_ms(e).map(f64::from).map_err(cuda_err("reading an event")))
-                .collect::<Result<Vec<_>>>()?;
-            Ok(Timing { samples_ms, gpu_timestamps: true })
+            self.ctx.time_events("running the CUDA backward", warmup, iters, run)
         })
     }
 }

@@ -153,6 +153,40 @@ impl CudaContext {
         &self.0.stream
     }
 
+    /// Times `iters` calls of `run` on the op stream with CUDA events, after `warmup` untimed ones: the
+    /// timing loop every CUDA op shares. `what` names the op in errors.
+    pub(crate) fn time_events(
+        &self,
+        what: &'static str,
+        warmup: u32,
+        iters: u32,
+        mut run: impl FnMut() -> Result<()>,
+    ) -> Result<crate::gpu::Timing> {
+        if iters == 0 {
+            return Err(Error::Shape("timing needs iters >= 1".into()));
+        }
+        for _ in 0..warmup {
+            run()?;
+        }
+        let stream = self.stream();
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut events = Vec::with_capacity(iters as usize);
+        for _ in 0..iters {
+            let start = self.0.ctx.new_event(flags).map_err(cuda_err("creating an event"))?;
+            let end = self.0.ctx.new_event(flags).map_err(cuda_err("creating an event"))?;
+            start.record(stream).map_err(cuda_err("recording an event"))?;
+            run()?;
+            end.record(stream).map_err(cuda_err("recording an event"))?;
+            events.push((start, end));
+        }
+        stream.synchronize().map_err(cuda_err(what))?;
+        let samples_ms = events
+            .iter()
+            .map(|(s, e)| s.elapsed_ms(e).map(f64::from).map_err(cuda_err("reading an event")))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(crate::gpu::Timing { samples_ms, gpu_timestamps: true })
+    }
+
     /// A multi-line description: device, compute capability, memory, driver, NVRTC and kernel cache.
     pub fn describe(&self) -> String {
         let i = &self.0;
@@ -221,4 +255,9 @@ impl CudaContext {
         };
         module.load_function(entry).map_err(driver_err("finding the kernel entry point"))
     }
+}
+
+/// Maps a driver error to [`Error::Cuda`], naming what was being done.
+pub(crate) fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+    move |e| Error::Cuda(format!("{what}: {e}"))
 }

@@ -4,7 +4,7 @@
 //! CUDA-event timing.
 
 use super::compile::KernelKey;
-use super::context::CudaContext;
+use super::context::{cuda_err, CudaContext};
 use crate::error::{Error, Result};
 use crate::gpu::Timing;
 use crate::inference::WorkList;
@@ -79,17 +79,14 @@ impl fmt::Display for CudaDecode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "CUDA s2_decode{}: {} rows x {} keys per step, {THREADS} threads, {} B shared memory, 16 B loads",
+            "CUDA s2_decode{} ({}): {} rows x {} keys per step, {THREADS} threads, {} B shared memory, 16 B loads",
             if self.narrow { " narrow (Q/K/V/O in registers)" } else { "" },
+            self.dtype,
             self.rows,
             self.tile_kv,
             self.smem
         )
     }
-}
-
-fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
-    move |e| Error::Cuda(format!("{what}: {e}"))
 }
 
 /// Shared bytes of the split kernel: K (padded) and V steps, Q rows, scores, key-split partials.
@@ -320,26 +317,6 @@ impl CudaDecode {
         let io = (q_dev.device_ptr(stream).0, o.device_ptr(stream).0, lse.device_ptr(stream).0);
         // SAFETY: as in `run`.
         let run = || unsafe { self.launch(stream, &params, io) };
-        for _ in 0..warmup {
-            run()?;
-        }
-        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let ctx = self.ctx.cudarc();
-        let mut events = Vec::with_capacity(iters as usize);
-        for _ in 0..iters {
-            let start = ctx.new_event(flags).map_err(cuda_err("creating an event"))?;
-            let end = ctx.new_event(flags).map_err(cuda_err("creating an event"))?;
-            start.record(stream).map_err(cuda_err("recording an event"))?;
-            run()?;
-            end.record(stream).map_err(cuda_err("recording an event"))?;
-            events.push((start, end));
-        }
-        stream.synchronize().map_err(cuda_err("running the CUDA decode"))?;
-        let samples_ms = events
-            .iter()
-            .map(|(s, e)| s.elapsed_ms(e).map(f64::from).map_err(cuda_err("reading an event")))
-            .collect::<Result<Vec<_>>>()?;
-        let _ = self.dtype;
-        Ok(Timing { samples_ms, gpu_timestamps: true })
+        self.ctx.time_events("running the CUDA decode", warmup, iters, run)
     }
 }

@@ -2,7 +2,7 @@
 //! on cudarc slices and on raw device pointers the caller owns, and CUDA-event timing.
 
 use super::compile::{KernelKey, S2_FORWARD_SRC};
-use super::context::CudaContext;
+use super::context::{cuda_err, CudaContext};
 use super::plan::{is_wgmma, WARPS};
 use crate::error::{Error, Result};
 use crate::gpu::Timing;
@@ -97,10 +97,6 @@ impl std::fmt::Debug for CudaForward {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaForward").field("shape", &self.shape).field("grid", &self.grid).finish()
     }
-}
-
-fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
-    move |e| Error::Cuda(format!("{what}: {e}"))
 }
 
 impl CudaForward {
@@ -417,7 +413,6 @@ impl CudaForward {
     pub fn time(&self, q: &[u8], k: &[u8], v: &[u8], warmup: u32, iters: u32) -> Result<Timing> {
         self.with_host_buffers(q, k, v, |b| {
             let stream = self.ctx.stream();
-            let ctx = self.ctx.cudarc();
             let (qp, _q) = b.q.device_ptr(stream);
             let (kp, _k) = b.k.device_ptr(stream);
             let (vp, _v) = b.v.device_ptr(stream);
@@ -426,25 +421,7 @@ impl CudaForward {
             let (q, k, v, o) = (CudaTensor::new(qp), CudaTensor::new(kp), CudaTensor::new(vp), CudaTensor::new(op));
             // SAFETY: the op's own buffers, sized for the shape when they were allocated.
             let run = || unsafe { self.forward_device(Some(stream), &q, &k, &v, &o, lp) };
-            for _ in 0..warmup {
-                run()?;
-            }
-            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-            let mut events = Vec::with_capacity(iters as usize);
-            for _ in 0..iters {
-                let start = ctx.new_event(flags).map_err(cuda_err("creating an event"))?;
-                let end = ctx.new_event(flags).map_err(cuda_err("creating an event"))?;
-                start.record(stream).map_err(cuda_err("recording an event"))?;
-                run()?;
-                end.record(stream).map_err(cuda_err("recording an event"))?;
-                events.push((start, end));
-            }
-            stream.synchronize().map_err(cuda_err("running s2_forward"))?;
-            let samples_ms = events
-                .iter()
-                .map(|(s, e)| s.elapsed_ms(e).map(f64::from).map_err(cuda_err("reading an event")))
-                .collect::<Result<Vec<_>>>()?;
-            Ok(Timing { samples_ms, gpu_timestamps: true })
+            self.ctx.time_events("running s2_forward", warmup, iters, run)
         })
     }
 }
