@@ -5,6 +5,9 @@
 #   paper    issue 3's run: torch_peers.py at the paper preset's lengths (4k..128k; FlashAttention-2, cuDNN,
 #            FlexAttention-S2 at vert_stride 16, FlexAttention-S2 at 64), then `s2attn-bench --preset paper` on
 #            Vulkan and CUDA with --peers, JSON, plot and markdown; then the GL adapter and multi-device
+#   final    the 2026-12-01 H200 closing call: every test binary, the coop forward v4 / dK-dV v2 variants (tests and
+#            timing against the defaults), quickstart, GL, multi-device, the decode measurement
+#            (benches/h200-decode/run.sh) and the fwd+bwd peers
 #   fwd      torch_peers.py (FlashAttention-2, cuDNN, FlexAttention-S2) then s2attn-bench on Vulkan and CUDA,
 #            paper settings (32 heads, head dim 128, block 64, local 16), 16k/64k/128k, vert_stride 16 and 64
 #   both     fwd then bf16 in one call
@@ -13,13 +16,36 @@
 #   decode   decode against the peers' decode, and the decode loop example
 #   extra    test binaries (wgpu and CUDA), quickstart, multi-device (Vulkan + GL of the same GPU)
 set -uo pipefail
-part=${1:?usage: run-gpu.sh paper|fwd|bf16|fwdbwd|decode|extra}
+part=${1:?usage: run-gpu.sh paper|final|fwd|bf16|fwdbwd|decode|extra}
 source ${STAGE:-.gpu}/env.sh
 export XDG_RUNTIME_DIR=/tmp PYTHONUNBUFFERED=1
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
 peers=${STAGE:-.gpu}/peers/torch_peers.py
 paper="--heads 32 --kv-heads 32 --head-dim 128 --block 64 --local 16"
 case $part in
+final)
+    T0=$SECONDS; t() { echo "[t=$((SECONDS-T0))s] $*" | tee -a $OUT/summary.txt; }
+    b="--heads 32 --kv-heads 32 --head-dim 128 --block 64 --local 16 --dtype f16 --backend vulkan --no-dense"
+    for x in $(ls ${STAGE:-.gpu}/bin/ | grep '^test-' | grep -v -e bench_cli -e c_api -e cuda_decode -e inference); do
+        echo "== $x"; S2ATTN_BACKEND=vulkan timeout 90 $x 2>&1 | grep -aE "test result|FAILED|panicked|skip" | head -8
+    done > $OUT/tests.log 2>&1; t tests; grep -B1 -aE "FAILED|panicked|[1-9][0-9]* failed" $OUT/tests.log | head -20
+    S2ATTN_COOP_FWD=v4 timeout 60 test-forward_coop --nocapture > $OUT/fwd-v4-test.log 2>&1; t "fwd v4 test rc=$?"
+    S2ATTN_BWD_DKDV=v2 timeout 60 test-backward 2>&1 | tail -3 > $OUT/bwd-v2-test.log; t "bwd v2 test: $(grep -a 'test result' $OUT/bwd-v2-test.log)"
+    for f in v3 v4 v4-nopipe; do
+        S2ATTN_AUTOTUNE=0 S2ATTN_COOP_FWD=$f timeout 60 s2attn-bench $b --seq 16k,128k --vert-stride 16,64 --iters 5 \
+            --warmup 2 -v --json $OUT/fwd-$f.jsonl > $OUT/fwd-$f.log 2>&1; t "fwd $f rc=$?"
+    done
+    for k in v1 v2; do
+        S2ATTN_AUTOTUNE=0 S2ATTN_BWD_DKDV=$k timeout 60 s2attn-bench $b --mode fwd+bwd --vert-stride 16 --seq 64k,128k \
+            --iters 3 --warmup 1 -v --json $OUT/bwd-$k.jsonl > $OUT/bwd-$k.log 2>&1; t "bwd $k rc=$?"
+    done
+    quickstart > $OUT/quickstart.log 2>&1; t "quickstart rc=$?"
+    S2ATTN_BACKEND=gl timeout 30 quickstart > $OUT/gl.log 2>&1; t "gl rc=$?: $(tail -1 $OUT/gl.log | cut -c1-200)"
+    SEQ=16384 ITERS=5 timeout 60 multi_device > $OUT/multi.log 2>&1; t "multi rc=$?"
+    bash benches/h200-decode/run.sh > $OUT/decode-run.log 2>&1; t "decode done"
+    timeout $((560 - (SECONDS-T0))) python3 $peers --mode fwd+bwd --seq 65536 131072 --vert-stride 16 \
+        --impls torch-flash flex-s2 --iters 3 > $OUT/bwd-peers.jsonl 2>/dev/null; t "bwd peers rc=$?"
+    ;;
 paper)
     seqs="4096 8192 16384 32768 65536 131072"
     python3 $peers --seq $seqs --vert-stride 16 | tee $OUT/peers.jsonl
