@@ -113,14 +113,7 @@ pub struct AdapterSummary {
 }
 
 fn instance() -> wgpu::Instance {
-    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-    // The kernels never dispatch indirectly, and wgpu's indirect-call validation compiles a compute
-    // pipeline at device creation that NVIDIA's GL driver rejects ("Parent device is lost"): leave it off
-    // unless WGPU_VALIDATION_INDIRECT_CALL asks for it.
-    if std::env::var_os("WGPU_VALIDATION_INDIRECT_CALL").is_none() {
-        desc.flags.remove(wgpu::InstanceFlags::VALIDATION_INDIRECT_CALL);
-    }
-    wgpu::Instance::new(desc)
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
 }
 
 fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
@@ -189,6 +182,14 @@ impl WgpuContext {
     }
 
     fn open(instance: wgpu::Instance, adapter: wgpu::Adapter) -> Result<Self> {
+        let info = adapter.get_info();
+        if let Some(version) = gl_without_compute(&info) {
+            return Err(Error::Unsupported(format!(
+                "{} (gl) has a GL {version} context, without compute shaders (GL 4.3 or GL ES 3.1 is needed; wgpu's GL \
+                 backend on NVIDIA's Linux driver asks for GL 3.3, gfx-rs/wgpu#4751): use its Vulkan adapter",
+                info.name
+            )));
+        }
         let wanted = wgpu::Features::SHADER_F16
             | wgpu::Features::SUBGROUP
             | wgpu::Features::SUBGROUP_BARRIER
@@ -212,9 +213,7 @@ impl WgpuContext {
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
-        .map_err(|e| Error::Device(format!("{}: {e}", adapter.get_info().name)))?;
-        let info = adapter.get_info();
-        probe_compute(&device, &info.name, backend_name(info.backend))?;
+        .map_err(|e| Error::Device(format!("{}: {e}", info.name)))?;
         let mut ctx = Self::build(info, device, queue, &coop);
         if let Some(inner) = Arc::get_mut(&mut ctx.0) {
             inner.instance = Some(instance);
@@ -417,31 +416,47 @@ impl ErrorScopes {
     }
 }
 
-/// A storage-buffer compute shader as small as a kernel can be, compiled when a device opens: an adapter
-/// whose backend cannot build compute pipelines (wgpu's GL backend on NVIDIA's Linux driver gets a GLSL
-/// version without compute shaders, gfx-rs/wgpu#4751) is refused then, by name, instead of failing at the
-/// first op.
-const COMPUTE_PROBE: &str = "@group(0) @binding(0) var<storage, read_write> x: array<u32>;
-@compute @workgroup_size(1) fn main() { x[0] = arrayLength(&x); }";
+/// The context version of a GL adapter that cannot run compute shaders (desktop GL below 4.3, GL ES below 3.1),
+/// read from the version string wgpu reports as `driver_info`; `None` for other backends, for versions with
+/// compute, and for strings it cannot read (pipeline creation then reports the failure as `Error::Shader`).
+/// Refusing here, before a device exists, keeps such a context from ever being made current.
+fn gl_without_compute(info: &wgpu::AdapterInfo) -> Option<String> {
+    if info.backend != wgpu::Backend::Gl {
+        return None;
+    }
+    let text = info.driver_info.trim();
+    let (es, rest) = match text.strip_prefix("OpenGL ES ") {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let mut parts = rest.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
+    let major: u32 = parts.next()?.parse().ok()?;
+    let minor: u32 = parts.next()?.parse().ok()?;
+    let needed = if es { (3, 1) } else { (4, 3) };
+    ((major, minor) < needed).then(|| format!("{}{major}.{minor}", if es { "ES " } else { "" }))
+}
 
-pub(crate) fn probe_compute(device: &wgpu::Device, adapter: &str, backend: &str) -> Result<()> {
-    let scopes = ErrorScopes::push(device);
-    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: Some("s2attn compute probe"),
-        source: wgpu::ShaderSource::Wgsl(COMPUTE_PROBE.into()),
-    });
-    let _pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-        label: Some("s2attn compute probe"),
-        layout: None,
-        module: &module,
-        entry_point: Some("main"),
-        compilation_options: Default::default(),
-        cache: None,
-    });
-    match scopes.pop() {
-        None => Ok(()),
-        Some(message) => Err(Error::Unsupported(format!(
-            "{adapter} ({backend}) cannot build compute pipelines, which every s2attn kernel is: {message}"
-        ))),
+#[cfg(test)]
+mod tests {
+    use super::gl_without_compute;
+
+    fn gl(version: &str) -> wgpu::AdapterInfo {
+        let mut info = wgpu::AdapterInfo::new(wgpu::DeviceType::Other, wgpu::Backend::Gl);
+        info.driver_info = version.into();
+        info
+    }
+
+    #[test]
+    fn gl_versions_without_compute_are_named() {
+        assert_eq!(gl_without_compute(&gl("3.3.0 NVIDIA 580.159.04")).as_deref(), Some("3.3"));
+        assert_eq!(gl_without_compute(&gl("4.1 Metal - 88")).as_deref(), Some("4.1"));
+        assert_eq!(gl_without_compute(&gl("OpenGL ES 3.0 Mesa 22.3.6")).as_deref(), Some("ES 3.0"));
+        assert_eq!(gl_without_compute(&gl("4.5 (Core Profile) Mesa 22.3.6")), None);
+        assert_eq!(gl_without_compute(&gl("4.6.0 NVIDIA 580.159.04")), None);
+        assert_eq!(gl_without_compute(&gl("OpenGL ES 3.2 NVIDIA 580")), None);
+        assert_eq!(gl_without_compute(&gl("unreadable")), None);
+        let mut vulkan = gl("1.0");
+        vulkan.backend = wgpu::Backend::Vulkan;
+        assert_eq!(gl_without_compute(&vulkan), None);
     }
 }
