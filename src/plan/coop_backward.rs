@@ -9,10 +9,10 @@
 //! force one.
 //!
 //! The dK/dV kernel has three switches ([`CoopDkdv`], override constants of one source):
-//! `S2ATTN_BWD_DKDV` = `v1` (the default: each query tile staged with a plain load, column lists
-//! ascending, workgroups launched in KV-tile order), `v2` (the next query tile prefetched into registers
-//! during the current one's math, column lists walked descending so that a head's stripe columns read the
-//! same query tiles together, the longest columns launched first: [`longest_first_order`]), or
+//! `S2ATTN_BWD_DKDV` = `v2` (the default: the next query tile prefetched into registers during the
+//! current one's math, column lists walked descending so that a head's stripe columns read the same query
+//! tiles together, the longest columns launched first: [`longest_first_order`]), `v1` (the first kernel:
+//! each query tile staged with a plain load, column lists ascending, workgroups launched in KV-tile order), or
 //! `prefetch` / `descend` / `longest-first` for one of the three alone. The planner writes the choice into the dK/dV plan's reason
 //! (what `explain()` prints), and the host reads it back from there with [`CoopDkdv::of_plan`].
 
@@ -81,9 +81,10 @@ impl CoopDkdv {
         })
     }
 
-    /// The setting `S2ATTN_BWD_DKDV` asks for (v1 when unset).
+    /// The setting `S2ATTN_BWD_DKDV` asks for; v2 when unset (on the H200 at 64k it took forward+backward
+    /// from 244 to 191 ms, 128k from 901 to 641 ms, with the same gradients: `shaders/NOTES-coop.md`).
     pub fn from_env() -> Result<Self> {
-        std::env::var(DKDV_KERNEL_VAR).map_or(Ok(Self::V1), |s| Self::parse(&s))
+        std::env::var(DKDV_KERNEL_VAR).map_or(Ok(Self::V2), |s| Self::parse(&s))
     }
 
     /// The setting a coop dK/dV plan was made with (from the tag the planner wrote into its reason; v1
