@@ -57,6 +57,13 @@ fn validate_rejects_broken_wgsl() {
 #[test]
 fn every_wgsl_file_is_part_of_some_kernel() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+    if !root.is_dir() && std::env::var_os("CARGO").is_none() {
+        // A test binary copied to another machine (a GPU host without the source tree): the embedded
+        // kernels are still validated by the other tests; only the file walk needs the tree. Under cargo the
+        // tree is always there, so this never skips in CI.
+        eprintln!("skipping: {} is not here (binary run away from its source tree)", root.display());
+        return;
+    }
     let mut files = Vec::new();
     wgsl_files(&root, &mut files);
     assert!(!files.is_empty(), "no .wgsl files under {}", root.display());

@@ -6,7 +6,8 @@
 //!
 //! Exit status: 0 when every row was measured or skipped with a note, 1 when nothing was measured or a
 //! check exceeded its tolerance, 2 on a bad command line or unreadable file. Rows a backend cannot run
-//! (the library's `unsupported` errors, e.g. no backward or decode on CUDA yet) are notes; the grid goes on.
+//! (the library's `unsupported` errors, e.g. f32 on CUDA, or a shape over an adapter's limits) are notes; the
+//! grid goes on.
 
 mod check;
 mod data;
