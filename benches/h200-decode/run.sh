@@ -11,9 +11,9 @@ export XDG_RUNTIME_DIR=/tmp LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-
 start=$SECONDS
 timeout 25 test-cuda_decode > $OUT/cuda_decode.log 2>&1; echo "cuda_decode rc=$? t=$((SECONDS-start))" | tee -a $OUT/summary.txt
 timeout 15 test-inference > $OUT/inference.log 2>&1; echo "inference rc=$? t=$((SECONDS-start))" | tee -a $OUT/summary.txt
-timeout 100 s2attn-bench --preset decode --kv-heads 8,32 --batch 1,16 --seq 32768,131072 --backend vulkan,cuda \
+timeout ${BENCH_S:-100} s2attn-bench --preset decode --kv-heads 8,32 --batch 1,16 --seq 32768,131072 --backend vulkan,cuda \
   --json $OUT/ours.jsonl --markdown -v > $OUT/bench.log 2>&1; echo "bench rc=$? t=$((SECONDS-start))" | tee -a $OUT/summary.txt
-left=$((193 - (SECONDS-start)))
+left=$((${BENCH_S:-100} + 93 - (SECONDS-start)))
 timeout $left python3 -u benches/h200-decode/peers_all.py > $OUT/peers.jsonl 2> $OUT/peers.err; echo "peers rc=$? t=$((SECONDS-start))" | tee -a $OUT/summary.txt
 grep -a "copy bandwidth" $OUT/peers.err
 tail -3 $OUT/cuda_decode.log; tail -3 $OUT/inference.log; grep -E "^\| s2attn" $OUT/bench.log | head -40; cut -c1-110 $OUT/peers.jsonl
