@@ -30,6 +30,12 @@
 // LONGEST_FIRST = 1 takes the workgroup's (KV tile, KV head) from a launch order the host appends to
 // tile_ptr (after the column pointers; longest GQA-summed column first, so that the stripe columns do not
 // start last and leave a tail).
+//
+// A fourth, RS (v3 = v2 with RS = 2; written before it was measured, shaders/NOTES-coop.md): each
+// subgroup takes RS 16-row slices of the staged tile, rows 16(qs + QG r).. for r = 0..RS-1 (QG =
+// BQ/16/RS row groups), one after the other through the same scratch rows, so that a staged tile of BQ
+// rows needs BK/16 x QG subgroups and each of them does RS times the math between the tile's two
+// workgroup barriers. RS = 1 is the kernel above.
 
 diagnostic(off, derivative_uniformity);
 enable f16;
@@ -38,8 +44,10 @@ enable wgpu_cooperative_matrix;
 #include shared/params.wgsl
 
 #include shared/coop_backward.wgsl
+override RS: u32 = 1u;               // 16-row slices of each staged tile per subgroup
 override NKT: u32 = BK / 16u;        // key ranges of 16
-override NSG: u32 = NKT * (BQ / 16u); // subgroups the kernel needs
+override QG: u32 = BQ / 16u / RS;    // row groups: subgroup qs takes slices qs, qs + QG, ..
+override NSG: u32 = NKT * QG;        // subgroups the kernel needs
 override PS4: u32 = 6u;               // vec4s per P^T / dS^T row (16 queries, padded)
 override SS4: u32 = 6u;               // vec4s per S^T / dP^T row (16 queries, padded; also dK/dV staging)
 override PREFETCH: u32 = 0u;          // 1: the next query tile is fetched during the current one's math
@@ -47,7 +55,7 @@ override DESCEND: u32 = 0u;           // 1: column lists walked from their last 
 override LONGEST_FIRST: u32 = 0u;     // 1: (KV tile, KV head) from the host's launch order in tile_ptr
 override NQF: u32 = BQ * D / 4u / WG; // Q (and dO) vec4s each invocation fetches per query tile
 
-const MAX_QF: u32 = 16u; // NQF at most 16 (BQ * D / 4 / WG = 2 D / BK with BK >= 16)
+const MAX_QF: u32 = 16u; // NQF at most 16 (BQ * D / 4 / WG = RS D / (8 NKT); the planner keeps it so)
 
 alias QFetch = array<vec4<f16>, MAX_QF>;
 
@@ -77,16 +85,16 @@ fn store_grad(which: u32, b: u32, tok: u32, head: u32, c4: u32, x: vec4<f16>) {
 struct Sub {
     g: u32,   // subgroup: its rows of s_s, p_s, ds_s are 16g..16g+15
     kt: u32,  // its keys: 16kt.. of the tile (the rows of its A matrices)
-    qs: u32,  // its queries: rows 16qs.. of each staged query tile
+    qs: u32,  // its row group: slices qs, qs + QG, .. (rows 16 slice..) of each staged query tile
 }
 
-// S^T = K Q^T (`grad` false) or dP^T = V dO^T (true) of the subgroup's keys against its queries, as two
-// half-length accumulation chains (even and odd head-dim blocks).
-fn scores(u: Sub, grad: bool) -> CM {
+// S^T = K Q^T (`grad` false) or dP^T = V dO^T (true) of the subgroup's keys against the queries of
+// slice `sl` (rows 16sl..), as two half-length accumulation chains (even and odd head-dim blocks).
+fn scores(u: Sub, sl: u32, grad: bool) -> CM {
     var s = CM();
     var t = CM();
     let ka = 16u * u.kt * KS4;
-    let qb = 16u * u.qs * KS4;
+    let qb = 16u * sl * KS4;
     for (var j = 0u; j < D / 16u; j += 2u) {
         if grad {
             s = coopMultiplyAdd(coopLoadT<AM>(&v_s[ka + 4u * j], KS4), coopLoad<BM>(&do_s[qb + 4u * j], KS4), s);
@@ -99,9 +107,10 @@ fn scores(u: Sub, grad: bool) -> CM {
     return s + t;
 }
 
-// dV += P^T dO and dK += dS^T Q over the subgroup's queries (dO, Q rows as the rows of B matrices).
+// dV += P^T dO and dK += dS^T Q over the queries of slice `sl` (dO, Q rows as the rows of B matrices).
 fn accumulate(
     u: Sub,
+    sl: u32,
     v0: ptr<function, CM>,
     v1: ptr<function, CM>,
     v2: ptr<function, CM>,
@@ -121,7 +130,7 @@ fn accumulate(
 ) {
     let pa = coopLoadT<AM>(&p_s[16u * u.g * PS4], PS4);
     let da = coopLoadT<AM>(&ds_s[16u * u.g * PS4], PS4);
-    let at = 16u * u.qs * KS4;
+    let at = 16u * sl * KS4;
     *v0 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at], KS4), *v0);
     *k0 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at], KS4), *k0);
     *v1 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 4u], KS4), *v1);
@@ -252,11 +261,11 @@ fn walk(c: Cursor, head_end: u32, kb: u32, k0: u32) -> Cursor {
     return n;
 }
 
-// Adds the partial sums of the key range's other subgroups (qs = 1, 2, ..) into subgroup qs = 0's `m`,
+// Adds the partial sums of the key range's other row groups (qs = 1, 2, ..) into subgroup qs = 0's `m`,
 // through s_s, in a fixed order. Called by every subgroup (workgroup barriers); only qs = 0 uses the result.
 fn reduce(u: Sub, m: CM) -> CM {
     var acc = m;
-    for (var src = 1u; src < BQ / 16u; src++) {
+    for (var src = 1u; src < QG; src++) {
         workgroupBarrier();
         if u.qs == src {
             coopStoreT(m, &s_s[16u * u.g * SS4], SS4);
@@ -373,39 +382,45 @@ fn main(
         }
         cur = next;
 
-        // Subgroups whose keys lie past the end, or follow all of its rows (causal), skip the tile.
-        let q0 = row0 + 16u * u.qs;
-        if key0 < seq && q0 < seq && (!causal || key0 <= min(q0 + 15u, seq - 1u)) {
-            let st = scores(u, false);
-            let dpt = scores(u, true);
-            coopStoreT(st, &s_s[16u * g * SS4], SS4);
-            subgroupBarrier();
+        // The subgroup's slices one after the other (RS of them); a slice whose rows lie past the end,
+        // or all precede the subgroup's keys (causal), is skipped.
+        for (var r = 0u; r < RS; r++) {
+            let sl = u.qs + QG * r;
+            let q0 = row0 + 16u * sl;
+            if key0 < seq && q0 < seq && (!causal || key0 <= min(q0 + 15u, seq - 1u)) {
+                let st = scores(u, sl, false);
+                let dpt = scores(u, sl, true);
+                coopStoreT(st, &s_s[16u * g * SS4], SS4);
+                subgroupBarrier();
 
-            // P^T from the LSE of each column's query; the element mask only where the subgroup's
-            // square touches the causal diagonal or the sequence end (row masks and rows past the
-            // end: LSE = +BIG).
-            let need_mask = key0 + 16u > seq || (causal && key0 + 15u > q0);
-            var pr: array<vec4<f32>, 2>;
-            for (var i = 0u; i < 2u; i++) {
-                var p = exp2(s_s[row * SS4 + 2u * i + h] * params.scale_log2 - lse_s[4u * u.qs + 2u * i + h]);
-                if need_mask {
-                    let qi = vec4<u32>(q0 + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
-                    let ok = vec4<bool>(kj < seq) & (vec4<bool>(!causal) | (vec4<u32>(kj) <= qi));
-                    p = select(vec4<f32>(0.0), p, ok);
+                // P^T from the LSE of each column's query; the element mask only where the subgroup's
+                // square touches the causal diagonal or the sequence end (row masks and rows past the
+                // end: LSE = +BIG).
+                let need_mask = key0 + 16u > seq || (causal && key0 + 15u > q0);
+                var pr: array<vec4<f32>, 2>;
+                for (var i = 0u; i < 2u; i++) {
+                    var p = exp2(s_s[row * SS4 + 2u * i + h] * params.scale_log2 - lse_s[4u * sl + 2u * i + h]);
+                    if need_mask {
+                        let qi = vec4<u32>(q0 + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
+                        let ok = vec4<bool>(kj < seq) & (vec4<bool>(!causal) | (vec4<u32>(kj) <= qi));
+                        p = select(vec4<f32>(0.0), p, ok);
+                    }
+                    pr[i] = p;
                 }
-                pr[i] = p;
-            }
-            subgroupBarrier(); // S^T is read: dP^T takes its place
-            coopStoreT(dpt, &s_s[16u * g * SS4], SS4);
-            subgroupBarrier();
-            for (var i = 0u; i < 2u; i++) {
-                let dp = s_s[row * SS4 + 2u * i + h];
-                p_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i]);
-                ds_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i] * (dp - delta_s[4u * u.qs + 2u * i + h]));
-            }
-            subgroupBarrier(); // P^T and dS^T are complete
+                subgroupBarrier(); // S^T is read: dP^T takes its place
+                coopStoreT(dpt, &s_s[16u * g * SS4], SS4);
+                subgroupBarrier();
+                for (var i = 0u; i < 2u; i++) {
+                    let dp = s_s[row * SS4 + 2u * i + h];
+                    p_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i]);
+                    ds_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i] * (dp - delta_s[4u * sl + 2u * i + h]));
+                }
+                subgroupBarrier(); // P^T and dS^T are complete
 
-            accumulate(u, &v0, &v1, &v2, &v3, &v4, &v5, &v6, &v7, &dk0, &dk1, &dk2, &dk3, &dk4, &dk5, &dk6, &dk7);
+                accumulate(
+                    u, sl, &v0, &v1, &v2, &v3, &v4, &v5, &v6, &v7, &dk0, &dk1, &dk2, &dk3, &dk4, &dk5, &dk6, &dk7,
+                );
+            }
         }
     }
 

@@ -136,9 +136,11 @@ fn coop_kernels_resolve_their_overrides_and_write_spirv() {
         for (kernel, tiles) in
             [(Kernel::ForwardCoop, &forward[..]), (Kernel::BackwardCoopDq, &dq), (Kernel::BackwardCoopDkDv, &dkdv)]
         {
-            // The dK/dV kernel at each of its switch settings (S2ATTN_BWD_DKDV), the others once.
+            // The dK/dV kernel at each of its one-slice switch settings (S2ATTN_BWD_DKDV; v3's tiles:
+            // coop_dkdv_v3_resolves_its_slices_and_writes_spirv), the others once.
             let switches: Vec<(&str, Vec<(&str, u32)>)> = if kernel == Kernel::BackwardCoopDkDv {
-                CoopDkdv::ALL.iter().map(|&(name, s)| (name, s.constants().to_vec())).collect()
+                let one_slice = CoopDkdv::ALL.iter().filter(|(_, s)| s.slices == 1);
+                one_slice.map(|&(name, s)| (name, s.constants().to_vec())).collect()
             } else {
                 vec![("", Vec::new())]
             };
@@ -158,7 +160,8 @@ fn coop_kernels_resolve_their_overrides_and_write_spirv() {
     let words: Vec<Vec<u32>> = CoopDkdv::ALL
         .iter()
         .map(|(name, s)| {
-            let mut constants = vec![("D", 128), ("BQ", 32), ("BK", 32), ("WG", 128)];
+            let wg = 32 * s.subgroups(s2attn::plan::CoopTile { tile_q: 32, tile_kv: 32 });
+            let mut constants = vec![("D", 128), ("BQ", 32), ("BK", 32), ("WG", wg)];
             constants.extend(s.constants());
             spirv(Kernel::BackwardCoopDkDv, &constants).unwrap_or_else(|e| panic!("{name}: {e}"))
         })
@@ -167,6 +170,44 @@ fn coop_kernels_resolve_their_overrides_and_write_spirv() {
     distinct.sort_unstable();
     distinct.dedup();
     assert_eq!(distinct.len(), words.len(), "two dK/dV switch settings give the same SPIR-V");
+}
+
+#[test]
+fn coop_dkdv_v3_resolves_its_slices_and_writes_spirv() {
+    use s2attn::plan::{coop_dkdv_workgroup_bytes, CoopTile};
+    // Every tile of every dK/dV setting (v3's two-slice tiles included) validates, writes SPIR-V, and
+    // declares the workgroup bytes the planner counts for it.
+    let mut failures = Vec::new();
+    for d in [64, 128] {
+        for (name, kernel) in CoopDkdv::ALL {
+            for &(tile_q, tile_kv) in kernel.tiles() {
+                let tile = CoopTile { tile_q, tile_kv };
+                let wg = 32 * kernel.subgroups(tile);
+                let mut constants = vec![("D", d), ("BQ", tile_q), ("BK", tile_kv), ("WG", wg)];
+                constants.extend(kernel.constants());
+                if let Err(e) = spirv(Kernel::BackwardCoopDkDv, &constants) {
+                    failures.push(format!("{name} D {d} {tile}: {e}"));
+                    continue;
+                }
+                let declared = declared_workgroup_bytes(Kernel::BackwardCoopDkDv, &constants);
+                let counted = coop_dkdv_workgroup_bytes(tile, d, kernel);
+                if declared != counted {
+                    failures
+                        .push(format!("{name} D {d} {tile}: declares {declared} bytes, the planner counts {counted}"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // RS reaches the kernel: v3 and v2 at the same tile and workgroup differ.
+    let tile = CoopTile { tile_q: 32, tile_kv: 32 };
+    let wg = 32 * CoopDkdv::V3.subgroups(tile);
+    let words = |k: CoopDkdv| {
+        let mut constants = vec![("D", 128), ("BQ", 32), ("BK", 32), ("WG", wg)];
+        constants.extend(k.constants());
+        spirv(Kernel::BackwardCoopDkDv, &constants).expect("spirv")
+    };
+    assert_ne!(words(CoopDkdv::V3), words(CoopDkdv::V2));
 }
 
 /// Bytes of workgroup memory `kernel` (f16) declares with `constants` resolved.

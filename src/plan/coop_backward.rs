@@ -13,8 +13,12 @@
 //! current one's math, column lists walked descending so that a head's stripe columns read the same query
 //! tiles together, the longest columns launched first: [`longest_first_order`]), `v1` (the first kernel:
 //! each query tile staged with a plain load, column lists ascending, workgroups launched in KV-tile order), or
-//! `prefetch` / `descend` / `longest-first` for one of the three alone. The planner writes the choice into the dK/dV plan's reason
-//! (what `explain()` prints), and the host reads it back from there with [`CoopDkdv::of_plan`].
+//! `prefetch` / `descend` / `longest-first` for one of the three alone. A fourth, the row slices per
+//! subgroup (`RS`), makes `v3` = v2 with two 16-row slices per subgroup (`slices`: v1 with them): the same
+//! staged query tile needs half the subgroups, each doing twice the math between the tile's two workgroup
+//! barriers (unmeasured, opt-in; its own tile candidates, and the one-slice setting, saying so, where none
+//! fits). The planner writes the choice into the dK/dV plan's reason (what `explain()` prints), and the
+//! host reads it back from there with [`CoopDkdv::of_plan`].
 
 use super::coop::COOP_SUBGROUP_SIZE;
 use super::COOP_HEAD_DIMS;
@@ -41,8 +45,8 @@ pub const DKDV_KERNEL_VAR: &str = "S2ATTN_BWD_DKDV";
 /// Marks the dK/dV kernel's switches in its plan's reason: `dK/dV kernel <name>`.
 const DKDV_TAG: &str = "dK/dV kernel ";
 
-/// The switches of the coop dK/dV kernel (`shaders/backward_coop_dkdv.wgsl`'s `PREFETCH`, `DESCEND` and
-/// `LONGEST_FIRST` override constants).
+/// The switches of the coop dK/dV kernel (`shaders/backward_coop_dkdv.wgsl`'s `PREFETCH`, `DESCEND`,
+/// `LONGEST_FIRST` and `RS` override constants).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CoopDkdv {
     /// Fetch the next query tile's Q, dO, LSE and D into registers during the current tile's math.
@@ -51,23 +55,29 @@ pub struct CoopDkdv {
     pub descend: bool,
     /// Launch the workgroups with the longest column lists first ([`longest_first_order`]).
     pub longest_first: bool,
+    /// 16-row slices of each staged query tile per subgroup (1 or 2).
+    pub slices: u32,
 }
 
 impl CoopDkdv {
     /// The first kernel: plain staging, ascending lists, KV-tile launch order.
-    pub const V1: Self = Self { prefetch: false, descend: false, longest_first: false };
-    /// Every switch on.
-    pub const V2: Self = Self { prefetch: true, descend: true, longest_first: true };
+    pub const V1: Self = Self { prefetch: false, descend: false, longest_first: false, slices: 1 };
+    /// The three boolean switches on, one slice per subgroup.
+    pub const V2: Self = Self { prefetch: true, descend: true, longest_first: true, slices: 1 };
+    /// v2 with two 16-row slices of each staged query tile per subgroup.
+    pub const V3: Self = Self { slices: 2, ..Self::V2 };
     /// Every setting with its name, as `S2ATTN_BWD_DKDV` takes it.
-    pub const ALL: [(&'static str, Self); 5] = [
+    pub const ALL: [(&'static str, Self); 7] = [
         ("v1", Self::V1),
         ("v2", Self::V2),
+        ("v3", Self::V3),
         ("prefetch", Self { prefetch: true, ..Self::V1 }),
         ("descend", Self { descend: true, ..Self::V1 }),
         ("longest-first", Self { longest_first: true, ..Self::V1 }),
+        ("slices", Self { slices: 2, ..Self::V1 }),
     ];
 
-    /// The setting's name (`v1`, `v2`, `prefetch`, `descend`, `longest-first`).
+    /// The setting's name (`v1`, `v2`, `v3`, `prefetch`, `descend`, `longest-first`, `slices`).
     pub fn name(self) -> &'static str {
         Self::ALL.iter().find(|(_, k)| *k == self).map_or("v1", |(n, _)| n)
     }
@@ -95,12 +105,27 @@ impl CoopDkdv {
     }
 
     /// The kernel's override constants for this setting.
-    pub fn constants(self) -> [(&'static str, u32); 3] {
+    pub fn constants(self) -> [(&'static str, u32); 4] {
         [
             ("PREFETCH", self.prefetch as u32),
             ("DESCEND", self.descend as u32),
             ("LONGEST_FIRST", self.longest_first as u32),
+            ("RS", self.slices),
         ]
+    }
+
+    /// The (query rows per staged tile, keys per workgroup) candidates of this setting, preferred first.
+    pub fn tiles(self) -> &'static [(u32, u32)] {
+        if self.slices == 2 {
+            &DKDV_TILES_V3
+        } else {
+            &DKDV_TILES
+        }
+    }
+
+    /// Subgroups per workgroup at `tile`: one per 16 keys x `16 * slices` query rows.
+    pub fn subgroups(self, tile: CoopTile) -> u32 {
+        (tile.tile_kv / 16) * (tile.tile_q / 16 / self.slices.max(1))
     }
 }
 
@@ -132,6 +157,10 @@ pub fn longest_first_order(columns: &ColumnPlan, layout: &Layout, seq_len: u32, 
 const DQ_TILES: [(u32, u32); 4] = [(128, 32), (64, 32), (128, 16), (64, 16)];
 /// dK/dV-pass candidates (query rows per staged tile, keys per workgroup), preferred first.
 const DKDV_TILES: [(u32, u32); 5] = [(32, 32), (16, 64), (16, 32), (32, 16), (16, 16)];
+/// dK/dV-pass candidates with two row slices per subgroup (v3): query tiles of 32 or 64 rows.
+const DKDV_TILES_V3: [(u32, u32); 4] = [(64, 32), (32, 32), (64, 16), (32, 16)];
+/// Most Q (and dO) vec4s one invocation of the coop dK/dV kernel fetches per query tile (its `MAX_QF`).
+const DKDV_MAX_FETCH: u32 = 16;
 
 /// Workgroup bytes of the coop dQ kernel: K and V chunks (rows padded to `head_dim + 8` halves), dS rows
 /// (`tile_kv + 8` halves) and S/dP rows (`tile_kv + 8` floats) per query row, one flag.
@@ -140,17 +169,36 @@ pub fn coop_dq_workgroup_bytes(tile: CoopTile, head_dim: u32) -> u32 {
     2 * k * (head_dim + 8) * 2 + q * (k + 8) * 2 + q * (k + 8) * 4 + 4
 }
 
-/// Workgroup bytes of the coop dK/dV kernel: K, V, Q and dO rows (padded), per subgroup 16 rows of P^T
-/// and dS^T (24 halves) and of S^T/dP^T (24 floats), LSE and D per query, one flag.
-pub fn coop_dkdv_workgroup_bytes(tile: CoopTile, head_dim: u32) -> u32 {
+/// Workgroup bytes of the coop dK/dV kernel `kernel`: K, V, Q and dO rows (padded), per subgroup 16 rows
+/// of P^T and dS^T (24 halves) and of S^T/dP^T (24 floats), LSE and D per query, one flag.
+pub fn coop_dkdv_workgroup_bytes(tile: CoopTile, head_dim: u32, kernel: CoopDkdv) -> u32 {
     let (q, k) = (tile.tile_q, tile.tile_kv);
-    let rows = 16 * dkdv_subgroups(tile);
+    let rows = 16 * kernel.subgroups(tile);
     2 * (k + q) * (head_dim + 8) * 2 + rows * 24 * (2 * 2 + 4) + 2 * q * 4 + 4
 }
 
-/// Subgroups of the coop dK/dV kernel: one per 16 keys x 16 query rows.
-fn dkdv_subgroups(tile: CoopTile) -> u32 {
-    (tile.tile_kv / 16) * (tile.tile_q / 16)
+/// The coop dK/dV tiles of `kernel` that fit: the block size, the fetch registers, the workgroup's memory
+/// and invocations, the dispatch.
+fn dkdv_candidates(shape: &Shape, bs: u32, caps: &DeviceCaps, kernel: CoopDkdv) -> Vec<CoopTile> {
+    let d = shape.head_dim;
+    kernel
+        .tiles()
+        .iter()
+        .map(|&(tile_q, tile_kv)| CoopTile { tile_q, tile_kv })
+        .filter(|t| {
+            let wg = kernel.subgroups(*t) * COOP_SUBGROUP_SIZE;
+            let fetches = t.tile_q * d / 4;
+            wg > 0
+                && t.tile_q % (16 * kernel.slices) == 0
+                && fetches % wg == 0
+                && fetches / wg <= DKDV_MAX_FETCH
+                && bs % t.tile_kv == 0
+                && t.tile_q / bs <= 31
+                && coop_dkdv_workgroup_bytes(*t, d, kernel) <= caps.max_workgroup_storage
+                && wg <= caps.max_invocations
+                && shape.seq_len.div_ceil(t.tile_kv) <= caps.max_dispatch
+        })
+        .collect()
 }
 
 /// Why the coop backward cannot take this problem on this device, or `None` when it can.
@@ -215,6 +263,11 @@ pub fn plan_backward_coop(
     if let Some(why) = coop_backward_unsupported(shape, caps, subgroups) {
         return Err(Error::Unsupported(why));
     }
+    plan_coop_with(shape, layout, caps, CoopDkdv::from_env()?)
+}
+
+/// [`plan_backward_coop`] past its device checks, with the dK/dV setting `asked`.
+fn plan_coop_with(shape: &Shape, layout: &Layout, caps: &DeviceCaps, asked: CoopDkdv) -> Result<BackwardPlan> {
     let (d, bs) = (shape.head_dim, layout.block_size());
     let fits = |bytes: u32, wg: u32| bytes <= caps.max_workgroup_storage && wg <= caps.max_invocations;
     let dq: Vec<CoopTile> = DQ_TILES
@@ -231,23 +284,22 @@ pub fn plan_backward_coop(
                 && shape.seq_len.div_ceil(t.tile_q) <= caps.max_dispatch
         })
         .collect();
-    let dkdv: Vec<CoopTile> = DKDV_TILES
-        .iter()
-        .map(|&(tile_q, tile_kv)| CoopTile { tile_q, tile_kv })
-        .filter(|t| {
-            let wg = dkdv_subgroups(*t) * COOP_SUBGROUP_SIZE;
-            bs % t.tile_kv == 0
-                && t.tile_q / bs <= 31
-                && fits(coop_dkdv_workgroup_bytes(*t, d), wg)
-                && shape.seq_len.div_ceil(t.tile_kv) <= caps.max_dispatch
-        })
-        .collect();
+    let mut kernel = asked;
+    let mut dkdv = dkdv_candidates(shape, bs, caps, kernel);
+    let mut note = String::new();
+    if dkdv.is_empty() && kernel.slices > 1 {
+        // v3's 32/64-row tiles do not fit (16-key tiles at head_dim 128): v2, saying so.
+        kernel = CoopDkdv { slices: 1, ..kernel };
+        dkdv = dkdv_candidates(shape, bs, caps, kernel);
+        note = format!("; {} has no tile that fits here", asked.name());
+    }
     let (dq_tile, dq_why) = pick("S2ATTN_BWD_DQ_TILE", &dq, "dQ")?;
     let (dkdv_tile, dkdv_why) = pick("S2ATTN_BWD_DKDV_TILE", &dkdv, "dK/dV")?;
-    let dkdv_why = format!("{dkdv_why}; {DKDV_TAG}{}", CoopDkdv::from_env()?.name());
+    let dkdv_why = format!("{dkdv_why}; {DKDV_TAG}{}{note}", kernel.name());
+    let dkdv_bytes = coop_dkdv_workgroup_bytes(dkdv_tile, d, kernel);
     Ok(BackwardPlan {
         dq: pass_plan(dq_tile, dq_tile.tile_q / 16, coop_dq_workgroup_bytes(dq_tile, d), dq_why),
-        dkdv: pass_plan(dkdv_tile, dkdv_subgroups(dkdv_tile), coop_dkdv_workgroup_bytes(dkdv_tile, d), dkdv_why),
+        dkdv: pass_plan(dkdv_tile, kernel.subgroups(dkdv_tile), dkdv_bytes, dkdv_why),
     })
 }
 
@@ -338,10 +390,45 @@ mod tests {
             plan.reason = format!("largest tile that fits; {DKDV_TAG}{name}");
             assert_eq!(CoopDkdv::of_plan(&plan), kernel, "{}", plan.reason);
         }
-        assert_eq!(CoopDkdv::V2.constants(), [("PREFETCH", 1), ("DESCEND", 1), ("LONGEST_FIRST", 1)]);
-        assert!(CoopDkdv::parse("v3").is_err());
+        assert_eq!(CoopDkdv::V2.constants(), [("PREFETCH", 1), ("DESCEND", 1), ("LONGEST_FIRST", 1), ("RS", 1)]);
+        assert_eq!(CoopDkdv::V3.constants(), [("PREFETCH", 1), ("DESCEND", 1), ("LONGEST_FIRST", 1), ("RS", 2)]);
+        assert!(CoopDkdv::parse("v4").is_err());
         plan.reason = "largest tile that fits".into();
         assert_eq!(CoopDkdv::of_plan(&plan), CoopDkdv::V1);
+    }
+
+    #[test]
+    fn v3_takes_two_row_slices_per_subgroup_or_says_why_not() {
+        let caps = h100();
+        let l64 = Layout::s2(S2Config::new(4, 64, 2, 4)).expect("layout");
+        let tile = |p: &DispatchPlan| (p.tile_q, p.tile_kv, p.workgroup_size);
+        // d128: 32 rows x 32 keys in two subgroups (64 rows do not fit 48 KiB); d64: 64 x 32 in four.
+        for (d, want) in [(128, (32, 32, 64)), (64, (64, 32, 128))] {
+            let shape = Shape::new(1, 4096, d, DType::F16);
+            let plan = plan_coop_with(&shape, &l64, &caps, CoopDkdv::V3).expect("plan").dkdv;
+            assert_eq!(tile(&plan), want, "d {d}");
+            assert_eq!(CoopDkdv::of_plan(&plan), CoopDkdv::V3, "{}", plan.reason);
+            assert!(plan.workgroup_bytes <= caps.max_workgroup_storage);
+            let ct = CoopTile { tile_q: plan.tile_q, tile_kv: plan.tile_kv };
+            assert_eq!(plan.workgroup_bytes, coop_dkdv_workgroup_bytes(ct, d, CoopDkdv::V3));
+            // Every candidate keeps the fetch within MAX_QF and gives each subgroup two slices.
+            let candidates = dkdv_candidates(&shape, 64, &caps, CoopDkdv::V3);
+            for t in &candidates {
+                let wg = CoopDkdv::V3.subgroups(*t) * COOP_SUBGROUP_SIZE;
+                assert!(t.tile_q * d / 4 / wg <= DKDV_MAX_FETCH, "{t}");
+                assert_eq!(t.tile_q % 32, 0, "{t}");
+            }
+        }
+        // 16-token blocks at d128: no v3 tile fits; v2, and the reason says so.
+        let l16 = Layout::s2(S2Config::new(4, 16, 2, 4)).expect("layout");
+        let plan = plan_coop_with(&Shape::new(1, 4096, 128, DType::F16), &l16, &caps, CoopDkdv::V3).expect("plan");
+        assert_eq!(CoopDkdv::of_plan(&plan.dkdv), CoopDkdv::V2, "{}", plan.dkdv.reason);
+        assert!(plan.dkdv.reason.contains("v3 has no tile"), "{}", plan.dkdv.reason);
+        let v2 = plan_coop_with(&Shape::new(1, 4096, 128, DType::F16), &l16, &caps, CoopDkdv::V2).expect("plan");
+        assert_eq!(tile(&plan.dkdv), tile(&v2.dkdv));
+        // At d64 16-token blocks take 64 rows x 16 keys, two subgroups.
+        let p64 = plan_coop_with(&Shape::new(1, 4096, 64, DType::F16), &l16, &caps, CoopDkdv::V3).expect("plan");
+        assert_eq!(tile(&p64.dkdv), (64, 16, 64));
     }
 
     #[test]
