@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage (here): ONLY="test-cuda_decode test-inference s2attn-bench" /work/tools/stage-as.sh .stage-decode --features cuda
+# Usage (here): ONLY="test-cuda_decode test-inference s2attn-bench" bash benches/stage.sh .stage-decode --features cuda
 # then on the device: bash benches/h200-decode/run.sh (carry .stage-decode; STAGE=<dir> for another stage folder).
 # Afterwards, here: s2attn-bench --from OUT/ours.jsonl --peers OUT/peers.jsonl --json benches/results/2026-12-01-h200-decode.jsonl --markdown
 # The decode measurement of issue 7 in one device call: tests, then s2attn-bench --mode decode (vulkan + cuda; 8/32 KV heads,
