@@ -8,11 +8,13 @@
 #   final    the 2026-12-01 H200 closing call: every test binary, the coop forward v4 / dK-dV v2 variants (tests and
 #            timing against the defaults), quickstart, GL, multi-device, the decode measurement
 #            (benches/h200-decode/run.sh) and the fwd+bwd peers
-#   pending  what the 2026-12-01 session could not run for lack of device time, in one call (~8 min): tests/multi
-#            (it hung there twice; issue 8), the C test programs (issue 10; stage them first with
-#            `tests/c/stage.sh $STAGE/c --features cuda`), the decode measurement with a 300 s bench budget (the
-#            CUDA 128k rows; issue 7), and forward+backward of dK/dV v2 (and v3 if built) with FlashAttention-2
-#            and FlexAttention-S2 at 64k and 128k in the same call (issue 6)
+#   pending      what the 2026-12-01 session could not run for lack of device time (~7 min): tests/multi (it
+#                hung there twice; issue 8), the C test programs (issue 10; stage them first with
+#                `tests/c/stage.sh $STAGE/c --features cuda`), the decode measurement with a 240 s bench budget
+#                (the CUDA 128k rows; issue 7)
+#   pending-bwd  (~5 min) the coop backward tests (dK/dV v3 has never run), forward+backward of dK/dV v2, v3
+#                and `slices` (DKDV_EXTRA overrides the extra ones) with FlashAttention-2 and FlexAttention-S2
+#                at 64k and 128k in the same call (issue 6)
 #   fwd      torch_peers.py (FlashAttention-2, cuDNN, FlexAttention-S2) then s2attn-bench on Vulkan and CUDA,
 #            paper settings (32 heads, head dim 128, block 64, local 16), 16k/64k/128k, vert_stride 16 and 64
 #   both     fwd then bf16 in one call
@@ -21,7 +23,7 @@
 #   decode   decode against the peers' decode, and the decode loop example
 #   extra    test binaries (wgpu and CUDA), quickstart, multi-device (Vulkan + GL of the same GPU)
 set -uo pipefail
-part=${1:?usage: run-gpu.sh paper|final|pending|fwd|bf16|fwdbwd|decode|extra}
+part=${1:?usage: run-gpu.sh paper|final|pending|pending-bwd|fwd|bf16|fwdbwd|decode|extra}
 source ${STAGE:-.gpu}/env.sh
 export XDG_RUNTIME_DIR=/tmp PYTHONUNBUFFERED=1
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
@@ -32,13 +34,18 @@ pending)
     T0=$SECONDS; t() { echo "[t=$((SECONDS-T0))s] $*" | tee -a $OUT/summary.txt; }
     S2ATTN_BACKEND=vulkan timeout 60 test-multi > $OUT/multi-test.log 2>&1; t "test-multi rc=$?"
     for c in smoke buffers; do timeout 60 ${STAGE:-.gpu}/c/$c > $OUT/c-$c.log 2>&1; t "C $c rc=$?"; done
-    BENCH_S=300 bash benches/h200-decode/run.sh > $OUT/decode-run.log 2>&1; t "decode done"
+    BENCH_S=240 bash benches/h200-decode/run.sh > $OUT/decode-run.log 2>&1; t "decode done"
+    ;;
+pending-bwd)
+    T0=$SECONDS; t() { echo "[t=$((SECONDS-T0))s] $*" | tee -a $OUT/summary.txt; }
+    S2ATTN_BACKEND=vulkan timeout 120 test-backward_coop --nocapture > $OUT/bwd-coop-test.log 2>&1
+    t "backward_coop rc=$? ($(grep -ac '^ok ' $OUT/bwd-coop-test.log) ok lines)"
     b="--heads 32 --kv-heads 32 --head-dim 128 --block 64 --local 16 --dtype f16 --backend vulkan --no-dense"
-    for k in v2 ${DKDV_EXTRA:-}; do
+    for k in v2 ${DKDV_EXTRA:-v3 slices}; do
         S2ATTN_AUTOTUNE=0 S2ATTN_BWD_DKDV=$k timeout 60 s2attn-bench $b --mode fwd+bwd --vert-stride 16 --seq 64k,128k \
             --iters 3 --warmup 1 -v --json $OUT/bwd-$k.jsonl > $OUT/bwd-$k.log 2>&1; t "bwd $k rc=$?"
     done
-    timeout 150 python3 $peers --mode fwd+bwd --seq 65536 131072 --vert-stride 16 --impls torch-flash flex-s2 \
+    timeout 200 python3 $peers --mode fwd+bwd --seq 65536 131072 --vert-stride 16 --impls torch-flash flex-s2 \
         --iters 3 > $OUT/bwd-peers.jsonl 2>/dev/null; t "bwd peers rc=$?"
     ;;
 final)
