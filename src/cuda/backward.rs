@@ -190,11 +190,8 @@ impl CudaBackward {
                 ("WARPS", warps as i64),
                 ("IS_BF16", bf16),
                 ("PASS", pass),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-            let key = KernelKey { name: "s2_backward.cu", defines, arch: ctx.arch(), arch_specific: false };
+            ];
+            let key = KernelKey::new("s2_backward.cu", ctx.arch(), &defines);
             let func = ctx.kernel(&key, &source, entry, p.workgroup_bytes)?;
             Ok(Launch { func, grid, threads: p.workgroup_size, smem: p.workgroup_bytes })
         };

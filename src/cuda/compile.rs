@@ -57,6 +57,13 @@ pub(crate) struct KernelKey {
 }
 
 impl KernelKey {
+    /// The key of `name` compiled with `defines` (`-DNAME=VALUE`, in order) for `arch` (a real architecture,
+    /// not its architecture-specific variant).
+    pub(crate) fn new(name: &'static str, arch: (i32, i32), defines: &[(&str, i64)]) -> Self {
+        let defines = defines.iter().map(|&(k, v)| (k.to_string(), v)).collect();
+        Self { name, defines, arch, arch_specific: false }
+    }
+
     /// The `--gpu-architecture` value: a real architecture, so that NVRTC emits a CUBIN.
     fn target(&self) -> String {
         format!("sm_{}{}{}", self.arch.0, self.arch.1, if self.arch_specific { "a" } else { "" })
@@ -219,12 +226,7 @@ mod tests {
 
     #[test]
     fn options_name_a_real_architecture() {
-        let key = KernelKey {
-            name: "s2_forward.cu",
-            defines: vec![("HEAD_DIM".into(), 128)],
-            arch: (9, 0),
-            arch_specific: false,
-        };
+        let key = KernelKey::new("s2_forward.cu", (9, 0), &[("HEAD_DIM", 128)]);
         let o = key.options();
         assert!(o.contains(&"--gpu-architecture=sm_90".to_string()), "{o:?}");
         let o = KernelKey { arch_specific: true, ..key }.options();

@@ -163,11 +163,8 @@ impl CudaDecode {
                 ("NT", threads as i64),
                 ("IS_BF16", bf16),
                 ("PASS", pass),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-            let key = KernelKey { name: "s2_decode.cu", defines, arch: ctx.arch(), arch_specific: false };
+            ];
+            let key = KernelKey::new("s2_decode.cu", ctx.arch(), &defines);
             ctx.kernel(&key, S2_DECODE_SRC, entry, smem)
         };
         let split = match narrow {
@@ -308,9 +305,6 @@ impl CudaDecode {
         warmup: u32,
         iters: u32,
     ) -> Result<Timing> {
-        if iters == 0 {
-            return Err(Error::Shape("timing needs iters >= 1".into()));
-        }
         let stream = self.ctx.stream();
         let (params, _owned, _partials) = self.prepare(stream, parts, scale)?;
         let [q_dev, o, lse] = self.io(stream, q, lse_len)?;

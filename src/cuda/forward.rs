@@ -142,7 +142,7 @@ impl CudaForward {
         } else {
             3
         };
-        let mut defines: Vec<(String, i64)> = [
+        let defines = [
             ("HEAD_DIM", shape.head_dim as i64),
             ("BLOCK_Q", plan.tile_q as i64),
             ("BLOCK_K", plan.tile_kv as i64),
@@ -150,12 +150,10 @@ impl CudaForward {
             ("IS_BF16", bf16),
             ("MIN_BLOCKS", min_blocks),
             ("USE_WGMMA", wgmma as i64),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        defines.extend(extra_defines()?);
-        let key = KernelKey { name: "s2_forward.cu", defines, arch: ctx.arch(), arch_specific: wgmma };
+        ];
+        let mut key = KernelKey::new("s2_forward.cu", ctx.arch(), &defines);
+        key.defines.extend(extra_defines()?);
+        key.arch_specific = wgmma;
         let smem = plan.workgroup_bytes;
         let func = ctx.kernel(&key, S2_FORWARD_SRC, "s2_forward", smem)?;
         let stream = ctx.stream();
