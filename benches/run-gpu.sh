@@ -29,39 +29,36 @@ export XDG_RUNTIME_DIR=/tmp PYTHONUNBUFFERED=1
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
 peers=${STAGE:-.gpu}/peers/torch_peers.py
 paper="--heads 32 --kv-heads 32 --head-dim 128 --block 64 --local 16"
+coop="$paper --dtype f16 --backend vulkan --no-dense"   # the WGSL tensor-core rows of the variant timings
+T0=$SECONDS; t() { echo "[t=$((SECONDS-T0))s] $*" | tee -a $OUT/summary.txt; }   # progress lines
 case $part in
 pending)
-    T0=$SECONDS; t() { echo "[t=$((SECONDS-T0))s] $*" | tee -a $OUT/summary.txt; }
     S2ATTN_BACKEND=vulkan timeout 60 test-multi > $OUT/multi-test.log 2>&1; t "test-multi rc=$?"
     for c in smoke buffers; do timeout 60 ${STAGE:-.gpu}/c/$c > $OUT/c-$c.log 2>&1; t "C $c rc=$?"; done
     BENCH_S=240 bash benches/h200-decode/run.sh > $OUT/decode-run.log 2>&1; t "decode done"
     ;;
 pending-bwd)
-    T0=$SECONDS; t() { echo "[t=$((SECONDS-T0))s] $*" | tee -a $OUT/summary.txt; }
     S2ATTN_BACKEND=vulkan timeout 120 test-backward_coop --nocapture > $OUT/bwd-coop-test.log 2>&1
     t "backward_coop rc=$? ($(grep -ac '^ok ' $OUT/bwd-coop-test.log) ok lines)"
-    b="--heads 32 --kv-heads 32 --head-dim 128 --block 64 --local 16 --dtype f16 --backend vulkan --no-dense"
     for k in v2 ${DKDV_EXTRA:-v3 slices}; do
-        S2ATTN_AUTOTUNE=0 S2ATTN_BWD_DKDV=$k timeout 60 s2attn-bench $b --mode fwd+bwd --vert-stride 16 --seq 64k,128k \
+        S2ATTN_AUTOTUNE=0 S2ATTN_BWD_DKDV=$k timeout 60 s2attn-bench $coop --mode fwd+bwd --vert-stride 16 --seq 64k,128k \
             --iters 3 --warmup 1 -v --json $OUT/bwd-$k.jsonl > $OUT/bwd-$k.log 2>&1; t "bwd $k rc=$?"
     done
     timeout 200 python3 $peers --mode fwd+bwd --seq 65536 131072 --vert-stride 16 --impls torch-flash flex-s2 \
         --iters 3 > $OUT/bwd-peers.jsonl 2>/dev/null; t "bwd peers rc=$?"
     ;;
 final)
-    T0=$SECONDS; t() { echo "[t=$((SECONDS-T0))s] $*" | tee -a $OUT/summary.txt; }
-    b="--heads 32 --kv-heads 32 --head-dim 128 --block 64 --local 16 --dtype f16 --backend vulkan --no-dense"
     for x in $(ls ${STAGE:-.gpu}/bin/ | grep '^test-' | grep -v -e bench_cli -e c_api -e cuda_decode -e inference); do
         echo "== $x"; S2ATTN_BACKEND=vulkan timeout 90 $x 2>&1 | grep -aE "test result|FAILED|panicked|skip" | head -8
     done > $OUT/tests.log 2>&1; t tests; grep -B1 -aE "FAILED|panicked|[1-9][0-9]* failed" $OUT/tests.log | head -20
     S2ATTN_COOP_FWD=v4 timeout 60 test-forward_coop --nocapture > $OUT/fwd-v4-test.log 2>&1; t "fwd v4 test rc=$?"
     S2ATTN_BWD_DKDV=v2 timeout 60 test-backward 2>&1 | tail -3 > $OUT/bwd-v2-test.log; t "bwd v2 test: $(grep -a 'test result' $OUT/bwd-v2-test.log)"
     for f in v3 v4 v4-nopipe; do
-        S2ATTN_AUTOTUNE=0 S2ATTN_COOP_FWD=$f timeout 60 s2attn-bench $b --seq 16k,128k --vert-stride 16,64 --iters 5 \
+        S2ATTN_AUTOTUNE=0 S2ATTN_COOP_FWD=$f timeout 60 s2attn-bench $coop --seq 16k,128k --vert-stride 16,64 --iters 5 \
             --warmup 2 -v --json $OUT/fwd-$f.jsonl > $OUT/fwd-$f.log 2>&1; t "fwd $f rc=$?"
     done
     for k in v1 v2; do
-        S2ATTN_AUTOTUNE=0 S2ATTN_BWD_DKDV=$k timeout 60 s2attn-bench $b --mode fwd+bwd --vert-stride 16 --seq 64k,128k \
+        S2ATTN_AUTOTUNE=0 S2ATTN_BWD_DKDV=$k timeout 60 s2attn-bench $coop --mode fwd+bwd --vert-stride 16 --seq 64k,128k \
             --iters 3 --warmup 1 -v --json $OUT/bwd-$k.jsonl > $OUT/bwd-$k.log 2>&1; t "bwd $k rc=$?"
     done
     quickstart > $OUT/quickstart.log 2>&1; t "quickstart rc=$?"
