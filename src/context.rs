@@ -186,13 +186,12 @@ impl Context {
         }
     }
 
-    /// Whether this device has kernels for `dtype` storage: wgpu adapters run f32 everywhere and f16 where
-    /// the adapter has `SHADER_F16` (bf16 has no WGSL type); CUDA runs f16 and bf16 on tensor cores only.
+    /// Whether this device has kernels for `dtype` storage: wgpu adapters run f32 and f16 everywhere (the
+    /// portable kernels pack halves in 32-bit words, so no `SHADER_F16` is needed) and have no bf16 (no WGSL
+    /// type); CUDA runs f16 and bf16 on tensor cores only.
     pub fn supports_dtype(&self, dtype: crate::DType) -> bool {
         match (&self.0, dtype) {
-            (Device::Wgpu(_), crate::DType::F32) => true,
-            (Device::Wgpu(c), crate::DType::F16) => c.caps().shader_f16,
-            (Device::Wgpu(_), crate::DType::BF16) => false,
+            (Device::Wgpu(_), d) => d != crate::DType::BF16,
             #[cfg(feature = "cuda")]
             (Device::Cuda(_), d) => d != crate::DType::F32,
         }

@@ -158,6 +158,15 @@ fn dtype_mismatch() {
 }
 
 #[test]
+fn supports_dtype_matches_what_ops_accept() {
+    let ctx = context();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let made = Attention::new(ctx, &layout(), Shape::new(1, 20, 32, dtype));
+        assert_eq!(ctx.supports_dtype(dtype), made.is_ok(), "{dtype}: {:?}", made.err());
+    }
+}
+
+#[test]
 fn iters_zero_is_refused() {
     let p = Problem::new(&layout(), 1, 20, 32, DType::F32);
     let x = p.inputs(3001);
