@@ -116,6 +116,16 @@ fn instance() -> wgpu::Instance {
     wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
 }
 
+/// Serialises instance creation, adapter enumeration and device opening across the process: with several
+/// threads opening contexts at once (parallel tests, an app opening one context per thread), initialising
+/// every backend together hung on the H200's driver (the GL/EGL probe of `Backends::all()` and the explicit
+/// `gl` option), while the same opens one after the other take milliseconds. Held until the instance and
+/// adapters that are not kept are dropped.
+fn open_lock() -> std::sync::MutexGuard<'static, ()> {
+    static OPEN: Mutex<()> = Mutex::new(());
+    OPEN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
     let ty = match info.device_type {
         wgpu::DeviceType::DiscreteGpu => 0,
@@ -134,6 +144,7 @@ fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
 impl WgpuContext {
     /// Every adapter wgpu can see, best first.
     pub fn adapters() -> Vec<AdapterSummary> {
+        let _open = open_lock();
         let mut list = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()));
         list.sort_by_key(|a| rank(&a.get_info()));
         list.iter()
@@ -155,6 +166,7 @@ impl WgpuContext {
             Some(b) => parse_backend(b)?,
             None => wgpu::Backends::all(),
         };
+        let _open = open_lock();
         // The instance must outlive the device: on GL (EGL) dropping it loses the device.
         let instance = instance();
         let mut list = pollster::block_on(instance.enumerate_adapters(backends));

@@ -581,6 +581,21 @@ int main(void) {
     s2attn_context *ctx = NULL;
     MUST(s2attn_context_create(&ctx));
     printf("device: %s (%s)\n", s2attn_context_adapter_name(ctx), s2attn_context_backend_name(ctx));
+    if (strcmp(s2attn_context_backend_name(ctx), "cuda") == 0) {
+        /* The default context of a `cuda` build on a CUDA machine is the CUDA device, whose kernels are f16/bf16
+         * only: it refuses an f32 op by name. The checks below are f32 and f16 at head dim 32, which the wgpu
+         * kernels run, so they take the wgpu device (tests/c/buffers.c covers the CUDA device). */
+        s2attn_s2_params p = s2attn_s2_params_init(2, 16, 1, 2);
+        s2attn_layout *l = NULL;
+        s2attn_op *op = NULL;
+        MUST(s2attn_layout_s2(&p, &l));
+        EXPECT_STATUS(S2ATTN_ERR_UNSUPPORTED, s2attn_op_create(ctx, l, 1, 48, 64, S2ATTN_F32, 0.0f, &op));
+        s2attn_layout_free(l);
+        s2attn_context_free(ctx);
+        ctx = NULL;
+        MUST(s2attn_context_create_with("wgpu", NULL, &ctx));
+        printf("device for the checks: %s (%s)\n", s2attn_context_adapter_name(ctx), s2attn_context_backend_name(ctx));
+    }
 
     check_s2_layouts(ctx);
     check_custom_mask(ctx);
