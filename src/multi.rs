@@ -47,6 +47,10 @@ struct Member {
 }
 
 /// Several devices that run one attention call together.
+///
+/// Build it from contexts opened once and kept: sets share their members' devices (`Context` is `Clone`), and
+/// opening and dropping many devices on one GPU from parallel threads deadlocked NVIDIA's 580 Linux driver in
+/// testing (tests/multi.rs opens its two devices once for all its tests).
 pub struct MultiDevice {
     members: Vec<Arc<Member>>,
     /// Query-key pairs per millisecond, per device, per problem class.

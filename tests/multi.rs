@@ -4,20 +4,33 @@
 
 use s2attn::cpu::{attention_reference, rel_l2_error};
 use s2attn::{Attention, Context, ContextOptions, DType, Error, Layout, MultiDevice, S2Config, Shape, Split};
+use std::sync::OnceLock;
 
+/// The two devices every test splits across, opened once for the whole binary (as tests/common's context):
+/// the tests run in parallel, and opening a pair per test put a dozen devices (and GL probes) on one GPU at once.
 fn two_devices() -> Vec<Context> {
-    let vulkan = Context::with_options(&ContextOptions::wgpu(Some("vulkan"), None));
-    let gl = Context::with_options(&ContextOptions::wgpu(Some("gl"), None));
-    match (vulkan, gl) {
-        (Ok(a), Ok(b)) => vec![a, b],
-        (Ok(a), Err(_)) | (Err(_), Ok(a)) => {
-            eprintln!("one API only: using two devices on one adapter");
-            let b = Context::with_options(&ContextOptions::wgpu(Some(a.backend_name()), Some(a.adapter_name())))
-                .expect("a second device on the same adapter");
-            vec![a, b]
+    static PAIR: OnceLock<Vec<Context>> = OnceLock::new();
+    PAIR.get_or_init(|| {
+        let vulkan = Context::with_options(&ContextOptions::wgpu(Some("vulkan"), None));
+        let gl = Context::with_options(&ContextOptions::wgpu(Some("gl"), None));
+        match (vulkan, gl) {
+            (Ok(a), Ok(b)) => vec![a, b],
+            (Ok(a), Err(_)) | (Err(_), Ok(a)) => {
+                eprintln!("one API only: using two devices on one adapter");
+                let b = Context::with_options(&ContextOptions::wgpu(Some(a.backend_name()), Some(a.adapter_name())))
+                    .expect("a second device on the same adapter");
+                vec![a, b]
+            }
+            (Err(e), Err(_)) => panic!("no wgpu adapter (install mesa-vulkan-drivers): {e}"),
         }
-        (Err(e), Err(_)) => panic!("no wgpu adapter (install mesa-vulkan-drivers): {e}"),
-    }
+    })
+    .clone()
+}
+
+/// The single device the split outputs are compared with: the best wgpu adapter, opened once.
+fn single_device() -> &'static Context {
+    static ONE: OnceLock<Context> = OnceLock::new();
+    ONE.get_or_init(|| Context::with_options(&ContextOptions::wgpu(None, None)).expect("a wgpu adapter"))
 }
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
@@ -50,10 +63,7 @@ fn check_split(config: S2Config, seq: u32, speeds: Vec<f64>, seed: u64) -> Split
     let k = random(tokens * hk * 32, seed + 1);
     let v = random(tokens * hk * 32, seed + 2);
     let split = set.forward(&plan, &q, &k, &v).unwrap();
-    let single = Attention::new(&Context::with_options(&ContextOptions::wgpu(None, None)).unwrap(), &layout, shape)
-        .unwrap()
-        .forward(&q, &k, &v)
-        .unwrap();
+    let single = Attention::new(single_device(), &layout, shape).unwrap().forward(&q, &k, &v).unwrap();
     let reference = attention_reference(&layout, 2, seq, 32, shape.softmax_scale() as f64, &q, &k, &v);
     let err = rel_l2_error(split.out.iter().map(|&x| x as f64), &reference.out);
     let lse_err = rel_l2_error(split.lse.iter().map(|&x| x as f64), &reference.lse);

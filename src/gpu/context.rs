@@ -116,10 +116,12 @@ fn instance() -> wgpu::Instance {
     wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
 }
 
-/// Serialises instance creation, adapter enumeration and device opening across the process: with several
-/// threads opening contexts at once (parallel tests, an app opening one context per thread), initialising
-/// every backend together hung on the H200's driver (the GL/EGL probe of `Backends::all()` and the explicit
-/// `gl` option), while the same opens one after the other take milliseconds. Held until the instance and
+/// Serialises instance creation, adapter enumeration and device opening across the process, so that threads
+/// opening contexts at once (parallel tests, an app opening one context per thread) do not initialise a driver
+/// concurrently. It does not make every pattern safe: on the H200's NVIDIA 580 Linux driver, parallel tests that
+/// each opened, used and dropped their own pair of Vulkan devices on the one GPU still deadlocked inside the driver
+/// (every thread waiting in libnvidia-eglcore; `cuda-gdb` backtraces, 2026-12-01), while the same tests sharing one
+/// pair of devices pass. Open a context once and share it (`Context` is `Clone`). Held until the instance and
 /// adapters that are not kept are dropped.
 fn open_lock() -> std::sync::MutexGuard<'static, ()> {
     static OPEN: Mutex<()> = Mutex::new(());
