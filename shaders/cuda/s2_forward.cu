@@ -41,8 +41,15 @@
 
 #if USE_WGMMA
 // Warp specialised (v6): WARPS = 8 consumer warps (two warpgroups of 64 rows; each warp holds the
-// accumulators of 16 of its warpgroup's rows) plus one producer warp that fills a K/V ring with cp.async.
-#define NT (WARPS * 32 + 32)
+// accumulators of 16 of its warpgroup's rows) plus a producer warpgroup, one warp of which fills a K/V ring
+// with cp.async (a whole warpgroup so that setmaxnreg can move its registers to the consumers).
+#define NT (WARPS * 32 + 128)
+#ifndef PRODUCER_REGS
+#define PRODUCER_REGS 40
+#endif
+#ifndef CONSUMER_REGS
+#define CONSUMER_REGS 232  // 4 SM sub-partitions x 16K registers: 1 producer + 2 consumer warps each
+#endif
 #define GROUP_ROWS 64
 #define MT 1
 #define KV_STAGE (BLOCK_K * HEAD_DIM)  // K/V chunk in core-matrix order (8 rows x 16 bytes each)
@@ -743,9 +750,9 @@ __device__ __forceinline__ void issue_pv(float (&o)[MT][ND][4], const u32 (&pa)[
     }
 }
 
-// 224 registers a thread (no spills; 9 warps x 224 fit the 64K register file): __launch_bounds__(288, 1)
-// would cap it at 168, as if the CTA had 12 warps.
-extern "C" __global__ void __maxnreg__(224) s2_forward(const Params p) {
+// 168 registers a thread at entry (384 threads, 1 CTA per SM); setmaxnreg then gives the producer
+// warpgroup PRODUCER_REGS and the consumers CONSUMER_REGS (FA3's split).
+extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const Params p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* q_s = (u16*)smem_raw;                   // [Q_BUFS][BLOCK_Q][LDS]
     u16* k_s = q_s + Q_BUFS * BLOCK_Q * LDS;     // [STAGES][KV_STAGE]
@@ -770,8 +777,10 @@ extern "C" __global__ void __maxnreg__(224) s2_forward(const Params p) {
     }
     __syncthreads();  // the only CTA-wide barrier
 
-    if (warp == WARPS) {
-        // Producer warp.
+    if (warp >= WARPS) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+        if (warp == WARPS) {
+        // Producer warp (the other 3 warps of its warpgroup only give their registers away).
         Pending pd{0};
         u32 i = 0, n = 0;
         for (u32 w = blockIdx.x; w < p.items; w += gridDim.x, ++n) {
@@ -806,9 +815,9 @@ extern "C" __global__ void __maxnreg__(224) s2_forward(const Params p) {
             }
         }
         flush_pending(pd);
-        return;
-    }
-
+        }
+    } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
     // Consumer warpgroups.
     const int wg = warp / 4;
     const int g = lane / 4, t = lane % 4;
@@ -1002,5 +1011,6 @@ extern "C" __global__ void __maxnreg__(224) s2_forward(const Params p) {
 #if PINGPONG
     if (wg == 0) named_sync(1, 2 * 128);          // warpgroup 1's last turn hand-over
 #endif
+    }
 }
 #endif

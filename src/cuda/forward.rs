@@ -131,10 +131,10 @@ impl CudaForward {
             )));
         }
         let wgmma = is_wgmma(plan);
-        // The wgmma kernel's WARPS counts its consumer warps; the CTA has one producer warp more.
+        // The wgmma kernel's WARPS counts its consumer warps; the CTA has a producer warpgroup more.
         let warps = if wgmma { WGMMA_WARPS } else { plan.workgroup_size / 32 };
-        if wgmma && plan.workgroup_size != (WGMMA_WARPS + 1) * 32 {
-            return Err(Error::Shape(format!("the wgmma kernel runs 9 warps, the plan asks for {}", plan.workgroup_size)));
+        if wgmma && plan.workgroup_size != (WGMMA_WARPS + 4) * 32 {
+            return Err(Error::Shape(format!("the wgmma kernel runs 12 warps, the plan asks for {}", plan.workgroup_size)));
         }
         if warps != WARPS && warps != 2 * WARPS {
             return Err(Error::Shape(format!("the CUDA kernels run 4 or 8 warps, the plan asks for {warps}")));

@@ -81,7 +81,8 @@ pub const CUDA_HEAD_DIMS: &[u32] = &[32, 64, 96, 128, 256];
 /// consecutive query rows (256-row tiles take twice as many).
 pub(crate) const WARPS: u32 = 4;
 /// Consumer warps per CTA of the wgmma kernel: two warpgroups, each owning 64 consecutive query rows; the
-/// CTA has one more warp, the producer that loads Q, K and V.
+/// CTA has one more warpgroup, the producer (one warp of it loads Q, K and V; setmaxnreg moves the rest of
+/// its registers to the consumers).
 pub(crate) const WGMMA_WARPS: u32 = 8;
 
 /// CTAs below which a 128-row tile leaves the GPU underfilled and 64-row tiles are used instead (about
@@ -176,7 +177,7 @@ pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result
             variant: KernelVariant::CudaMma,
             tile_q,
             tile_kv,
-            workgroup_size: (WGMMA_WARPS + 1) * 32,
+            workgroup_size: (WGMMA_WARPS + 4) * 32,
             workgroup_bytes: wgmma_bytes,
             reason: format!(
                 "{WGMMA_TAG} m64n{tile_kv}k16 / m64n{d}k16, warp specialised: 1 producer warp (cp.async, \
