@@ -134,7 +134,10 @@ impl CudaForward {
         // The wgmma kernel's WARPS counts its consumer warps; the CTA has a producer warpgroup more.
         let warps = if wgmma { WGMMA_WARPS } else { plan.workgroup_size / 32 };
         if wgmma && plan.workgroup_size != (WGMMA_WARPS + 4) * 32 {
-            return Err(Error::Shape(format!("the wgmma kernel runs 12 warps, the plan asks for {}", plan.workgroup_size)));
+            return Err(Error::Shape(format!(
+                "the wgmma kernel runs 12 warps, the plan asks for {}",
+                plan.workgroup_size
+            )));
         }
         if warps != WARPS && warps != 2 * WARPS {
             return Err(Error::Shape(format!("the CUDA kernels run 4 or 8 warps, the plan asks for {warps}")));
@@ -164,7 +167,7 @@ impl CudaForward {
         if wgmma {
             // Tuning overrides of the ring depth / persistence change the shared memory the kernel needs.
             let stages = extra_value("STAGES").map_or(WGMMA_STAGES, |v| v.clamp(3, 8) as u32);
-            persistent = extra_value("PERSISTENT").map_or(true, |v| v != 0);
+            persistent = extra_value("PERSISTENT").is_none_or(|v| v != 0);
             let q_bufs = if persistent { WGMMA_Q_BUFS } else { 1 };
             smem = wgmma_smem_bytes(shape.head_dim, stages, q_bufs);
         }

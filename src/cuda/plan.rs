@@ -170,7 +170,8 @@ pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result
     } else {
         format!("tile within a block of {bs}")
     };
-    // wgmma only on request for now: measured slower than mma.sync on the H100 (shaders/cuda/NOTES.md, v2).
+    // wgmma only on request: v2 (H100) and the warp-specialised v6 (H200) both measured ~1.7x slower than
+    // mma.sync (shaders/cuda/NOTES.md, v2 and v6).
     let wgmma_bytes = wgmma_smem_bytes(d, WGMMA_STAGES, WGMMA_Q_BUFS);
     if eligible && hopper && want == Some(true) && wgmma_bytes <= caps.max_workgroup_storage {
         return Ok(DispatchPlan {
