@@ -18,7 +18,19 @@ const BF16_TOL: f64 = 1.5e-2;
 /// The CUDA context, or `None` (after saying why) on machines without one.
 fn cuda() -> Option<&'static Context> {
     static CTX: OnceLock<Option<Context>> = OnceLock::new();
-    CTX.get_or_init(|| match Context::with_options(&ContextOptions { backend: Backend::Cuda, ..Default::default() }) {
+    CTX.get_or_init(|| {
+        // tests/cuda_wgmma.rs runs this whole suite as its module `wgmma_suite`, with the wgmma kernel asked
+        // for (set here, before any op is planned; the other tests wait for this initialisation).
+        if module_path!().ends_with("wgmma_suite") {
+            std::env::set_var("S2ATTN_CUDA_KERNEL", "wgmma");
+        }
+        open_cuda()
+    })
+    .as_ref()
+}
+
+fn open_cuda() -> Option<Context> {
+    match Context::with_options(&ContextOptions { backend: Backend::Cuda, ..Default::default() }) {
         Ok(c) => {
             eprintln!("CUDA device:\n{}", c.describe());
             Some(c)
@@ -27,8 +39,7 @@ fn cuda() -> Option<&'static Context> {
             eprintln!("skipping the CUDA tests: no usable CUDA device ({e})");
             None
         }
-    })
-    .as_ref()
+    }
 }
 
 /// xorshift64*: fresh, reproducible-per-seed uniform values in [-1, 1).

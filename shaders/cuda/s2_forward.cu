@@ -39,16 +39,41 @@
 #define TREE_REDUCE 1
 #endif
 
-#define NT (WARPS * 32)
 #if USE_WGMMA
-// Two warpgroups of 64 rows; each warp holds the accumulators of 16 of its warpgroup's rows.
+// Warp specialised (v6): WARPS = 8 consumer warps (two warpgroups of 64 rows; each warp holds the
+// accumulators of 16 of its warpgroup's rows) plus a producer warpgroup, one warp of which fills a K/V ring
+// with cp.async (a whole warpgroup so that setmaxnreg can move its registers to the consumers).
+#define NT (WARPS * 32 + 128)
+#ifndef PRODUCER_REGS
+#define PRODUCER_REGS 40
+#endif
+#ifndef CONSUMER_REGS
+#define CONSUMER_REGS 232  // 4 SM sub-partitions x 16K registers: 1 producer + 2 consumer warps each
+#endif
 #define GROUP_ROWS 64
 #define MT 1
 #define KV_STAGE (BLOCK_K * HEAD_DIM)  // K/V chunk in core-matrix order (8 rows x 16 bytes each)
 #if WARPS != 8 || BLOCK_Q != 128 || BLOCK_K != 64 || (HEAD_DIM != 64 && HEAD_DIM != 128)
-#error "the wgmma kernel is built for 8 warps, 128 x 64 tiles and head dims 64 / 128"
+#error "the wgmma kernel is built for 8 consumer warps, 128 x 64 tiles and head dims 64 / 128"
 #endif
+#ifndef STAGES
+#define STAGES 4       // K/V ring depth (>= 3: a warpgroup holds chunk j - 1 for its P V while it computes j)
+#endif
+#ifndef PIPE
+#define PIPE 1         // issue S_j = Q K_j^T before P_{j-1} V_{j-1}; softmax of S_j overlaps that P V
+#endif
+#ifndef PINGPONG
+#define PINGPONG 1     // the two warpgroups take turns issuing their GEMMs (named barriers 1 and 2)
+#endif
+#ifndef PERSISTENT
+#define PERSISTENT 1   // grid = SMs, each CTA walks work items blockIdx.x, + gridDim.x, ...; two Q buffers
+#endif
+#if STAGES < 3
+#error "STAGES must be at least 3"
+#endif
+#define Q_BUFS (PERSISTENT ? 2 : 1)
 #else
+#define NT (WARPS * 32)
 #define ROWS_PER_WARP (BLOCK_Q / WARPS)
 #define GROUP_ROWS ROWS_PER_WARP
 #define MT (ROWS_PER_WARP / 16)     // 16-row mma tiles per warp
@@ -100,6 +125,7 @@ struct Params {
     u32 block_size;
     u32 causal;
     float scale_log2;      // softmax scale * log2(e)
+    u32 items;             // work items (tiles * heads * batch): the wgmma kernel's persistent loop
 };
 
 __device__ __forceinline__ u32 smem_addr(const void* p) {
@@ -168,7 +194,42 @@ __device__ __forceinline__ float fast_log2(float x) {
 #if USE_WGMMA
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Waits until at most N committed wgmma groups of this warpgroup are pending.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+template <int N>
+__device__ __forceinline__ void fence_u32(u32* r) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// mbarriers (shared-memory u64): init by one thread before a CTA barrier; arrive has release, try_wait acquire
+// semantics at CTA scope. A wait on the parity of the phase before the current one returns at once.
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ bool mbar_test(u32 bar, u32 parity) {
+    u32 ok;
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(ok)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    return ok != 0;
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    while (!mbar_test(bar, parity)) {
+    }
+}
+// Named barriers over `n` threads (multiples of 32): sync waits, arrive only counts.
+__device__ __forceinline__ void named_sync(u32 id, u32 n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void named_arrive(u32 id, u32 n) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
 // Pins accumulator registers at this point, so that no access to them moves across an async MMA's issue/wait.
 template <int N>
 __device__ __forceinline__ void fence_regs(float* r) {
@@ -293,13 +354,13 @@ __device__ __forceinline__ void step_chunk(Walk& w, const Params& p) {
 }
 
 // Stages rows [tok0, tok0 + rows) of one head into smem (row stride LDS); rows past seq are zero-filled.
-template <int ROWS>
+template <int ROWS, int THREADS = NT>
 __device__ __forceinline__ void load_rows(u16* dst, const u16* base, long long tok_stride, u32 tok0, u32 seq,
                                           int tid) {
     constexpr int N = ROWS * CPR;
-    if constexpr (NT % CPR == 0) {
-        // Each thread copies one 16-byte column `c` of rows r, r + NT / CPR, ...
-        constexpr int STEP = NT / CPR;
+    if constexpr (THREADS % CPR == 0) {
+        // Each thread copies one 16-byte column `c` of rows r, r + THREADS / CPR, ...
+        constexpr int STEP = THREADS / CPR;
         constexpr int ITERS = (ROWS + STEP - 1) / STEP;
         const int c = tid % CPR, r = tid / CPR;
         u32 tok = tok0 + r;
@@ -314,7 +375,7 @@ __device__ __forceinline__ void load_rows(u16* dst, const u16* base, long long t
         }
     } else {
 #pragma unroll 1
-        for (int i = tid; i < N; i += NT) {
+        for (int i = tid; i < N; i += THREADS) {
             int r = i / CPR, c = i % CPR;
             u32 tok = tok0 + r;
             bool ok = tok < seq;
@@ -329,14 +390,14 @@ __device__ __forceinline__ void load_rows(u16* dst, const u16* base, long long t
 // chunk index ((r / 8) * CPR + c) * 8 + r % 8, so each 8 x 16-byte core matrix is 128 contiguous bytes.
 // Thread i copies chunk i of that order: writes are contiguous, and the 8 rows of one core matrix are read
 // by 8 neighbouring lanes. Rows past seq are zero-filled.
-template <int ROWS>
+template <int ROWS, int THREADS>
 __device__ __forceinline__ void load_kv(u16* dst, const u16* base, long long tok_stride, u32 tok0, u32 seq,
                                         int tid) {
     constexpr int N = ROWS * CPR;
-    static_assert(N % NT == 0, "whole chunks per thread");
-#pragma unroll
-    for (int j = 0; j < N / NT; ++j) {
-        int i = tid + j * NT;
+    static_assert(N % THREADS == 0, "whole chunks per thread");
+#pragma unroll 8
+    for (int j = 0; j < N / THREADS; ++j) {
+        int i = tid + j * THREADS;
         int r = (i / (8 * CPR)) * 8 + i % 8, c = (i / 8) % CPR;
         u32 tok = tok0 + r;
         bool ok = tok < seq;
@@ -344,14 +405,120 @@ __device__ __forceinline__ void load_kv(u16* dst, const u16* base, long long tok
         cp_async16(smem_addr(dst + i * 8), src, ok);
     }
 }
-#else
-template <int ROWS>
-__device__ __forceinline__ void load_kv(u16* dst, const u16* base, long long tok_stride, u32 tok0, u32 seq,
-                                        int tid) {
-    load_rows<ROWS>(dst, base, tok_stride, tok0, seq, tid);
-}
 #endif
 
+// ---- Pieces shared by both kernels (per warp: MT 16-row tiles, rows g and g + 8 of each per thread) ----
+
+// Sets the scores of keys a row must not see to -inf: row masks, keys past the end, causality.
+__device__ __forceinline__ void mask_scores(float (&s)[MT][NK][4], const Params& p, u32 rm, u32 wr0, u32 row0,
+                                            u32 k0, int g, int t) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            u32 tr = wr0 + mt * 16 + g + h * 8;
+            u32 qi = row0 + tr;
+            bool row_ok = row_attends(rm, tr, p.block_size);
+#pragma unroll
+            for (int n = 0; n < NK; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    u32 kj = k0 + n * 8 + 2 * t + e;
+                    bool ok = row_ok && kj < p.seq_len && !(p.causal && kj > qi);
+                    if (!ok) s[mt][n][2 * h + e] = NEG_INF;
+                }
+        }
+}
+
+// Online softmax step (base 2, scale folded in): the scores become probabilities relative to the new
+// running maxima, the row sums are updated, `alpha` gets each row's rescale factor of O; returns whether any
+// of this thread's maxima moved.
+__device__ __forceinline__ bool softmax_step(float (&s)[MT][NK][4], float (&row_m)[MT][2], float (&row_l)[MT][2],
+                                             float (&alpha)[MT][2], float scale_log2) {
+    bool rescale = false;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float mx = row_max<0, NK>(s[mt], h);
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float m_new = fmaxf(row_m[mt][h], mx * scale_log2);
+            float m_use = (m_new == NEG_INF) ? 0.f : m_new;
+            alpha[mt][h] = fast_exp2(row_m[mt][h] - m_use);
+            rescale |= m_new != row_m[mt][h];
+            row_m[mt][h] = m_new;
+#pragma unroll
+            for (int n = 0; n < NK; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) s[mt][n][2 * h + e] = fast_exp2(fmaf(s[mt][n][2 * h + e], scale_log2, -m_use));
+            float sum = row_sum<0, NK>(s[mt], h);
+            row_l[mt][h] = row_l[mt][h] * alpha[mt][h] + sum;
+        }
+    return rescale;
+}
+
+// O *= alpha per row. Once the running maxima settle (most chunks of a long list), alpha is 1 for every row
+// of the warp and the rescale is skipped (a warp-uniform branch).
+__device__ __forceinline__ void rescale_o(float (&o)[MT][ND][4], const float (&alpha)[MT][2], bool rescale) {
+    if (!RESCALE_VOTE || __any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int n = 0; n < ND; ++n) {
+                    o[mt][n][2 * h] *= alpha[mt][h];
+                    o[mt][n][2 * h + 1] *= alpha[mt][h];
+                }
+    }
+}
+
+// Epilogue, first half: O / l of this warp's rows into smem (`o_s`, row stride LDS, tile rows) and LSE.
+__device__ __forceinline__ void finish_rows(u16* o_s, const float (&o)[MT][ND][4], const float (&row_m)[MT][2],
+                                            const float (&row_l)[MT][2], const Params& p, u32 wr0, u32 row0,
+                                            u32 head, u32 b, int g, int t) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float l = row_l[mt][h];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            float inv = l > 0.f ? 1.f / l : 0.f;
+            u32 tr = wr0 + mt * 16 + g + h * 8;
+#pragma unroll
+            for (int n = 0; n < ND; ++n) {
+                u32 v2 = pack2(o[mt][n][2 * h] * inv, o[mt][n][2 * h + 1] * inv);
+                *(u32*)(o_s + tr * LDS + n * 8 + 2 * t) = v2;
+            }
+            u32 qi = row0 + tr;
+            if (t == 0 && qi < p.seq_len) {
+                float lse = l > 0.f ? (row_m[mt][h] + fast_log2(l)) * 0.6931471805599453f : NEG_INF;
+                p.lse[(long long)b * p.lse_batch + (long long)head * p.seq_len + qi] = lse;
+            }
+        }
+}
+
+// Epilogue, second half: ROWS staged rows from `o_s` (tile rows r0 ..) to global memory, 16 bytes a thread.
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void store_tile_rows(const u16* o_s, u16* og, long long o_tok, u32 row0, u32 r0, u32 seq,
+                                                int tid) {
+#pragma unroll
+    for (int j = 0; j < (ROWS * CPR + THREADS - 1) / THREADS; ++j) {
+        int i = tid + j * THREADS;
+        if (ROWS * CPR % THREADS != 0 && i >= ROWS * CPR) break;
+        u32 r = r0 + i / CPR, c = i % CPR;
+        u32 tok = row0 + r;
+        if (tok < seq) {
+            uint4 x = *(const uint4*)(o_s + r * LDS + c * 8);
+            *(uint4*)(og + (long long)tok * o_tok + c * 8) = x;
+        }
+    }
+}
+
+#if !USE_WGMMA
+// ---- mma.sync kernel: 4 (or 8) warps, each ROWS_PER_WARP rows, two cp.async stages, CTA-wide barriers ----
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Params p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* q_s = (u16*)smem_raw;                   // [BLOCK_Q][LDS]
@@ -382,14 +549,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Pa
 
     // Per-thread state: rows g and g+8 of each of the warp's MT tiles.
     const int g = lane / 4, t = lane % 4;
-#if USE_WGMMA
-    const u32 gr0 = (warp / 4) * GROUP_ROWS;     // first tile row of this warp's warpgroup
-    const u32 wr0 = gr0 + (warp % 4) * 16;       // first tile row of this warp's accumulators
-    u32 qa[KD][4];                               // this warp's Q rows as wgmma A fragments
-#else
     const u32 wr0 = warp * ROWS_PER_WARP;        // first tile row of this warp
     const u32 gr0 = wr0;
-#endif
     float o_acc[MT][ND][4];
     float row_m[MT][2], row_l[MT][2];
 #pragma unroll
@@ -405,8 +566,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Pa
     load_rows<BLOCK_Q>(q_s, qg, p.q_tok, row0, seq, tid);
     if (has_cur) {
         u32 k0 = p.entries[2 * cur.e] * p.block_size + cur.c * BLOCK_K;
-        load_kv<BLOCK_K>(k_s, kg, p.kv_tok, k0, seq, tid);
-        load_kv<BLOCK_K>(v_s, vg, p.kv_tok, k0, seq, tid);
+        load_rows<BLOCK_K>(k_s, kg, p.kv_tok, k0, seq, tid);
+        load_rows<BLOCK_K>(v_s, vg, p.kv_tok, k0, seq, tid);
     }
     cp_async_commit();
 
@@ -419,38 +580,20 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Pa
 
     const u32 q_base = smem_addr(q_s);
     int stage = 0;
-#if USE_WGMMA
-    bool first = true;
-#endif
     while (has_cur) {
         // Prefetch the next chunk into the other stage (its last readers passed the barrier below).
         if (has_nxt) {
             u32 k1 = p.entries[2 * nxt.e] * p.block_size + nxt.c * BLOCK_K;
-            load_kv<BLOCK_K>(k_s + (stage ^ 1) * KV_STAGE, kg, p.kv_tok, k1, seq, tid);
-            load_kv<BLOCK_K>(v_s + (stage ^ 1) * KV_STAGE, vg, p.kv_tok, k1, seq, tid);
+            load_rows<BLOCK_K>(k_s + (stage ^ 1) * KV_STAGE, kg, p.kv_tok, k1, seq, tid);
+            load_rows<BLOCK_K>(v_s + (stage ^ 1) * KV_STAGE, vg, p.kv_tok, k1, seq, tid);
         }
         cp_async_commit();
         cp_async_wait<1>();
-#if USE_WGMMA
-        // cp.async wrote through the generic proxy; the tensor cores read through the async proxy.
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
         __syncthreads();
-#if USE_WGMMA
-        if (first) {
-            first = false;
-#pragma unroll
-            for (int kd = 0; kd < KD; ++kd) {
-                u32 row = wr0 + (lane % 16);
-                u32 col = kd * 16 + (lane / 16) * 8;
-                ldmatrix_x4(qa[kd], q_base + (row * LDS + col) * 2);
-            }
-        }
-#endif
 
         const u32 rm = p.entries[2 * cur.e + 1];
         const u32 k0 = p.entries[2 * cur.e] * p.block_size + cur.c * BLOCK_K;
-        // Skip decisions are uniform over the group (warp, or warpgroup for wgmma) of rows gr0.. .
+        // Skip decisions are uniform over the warp's rows gr0.. .
         const u32 gq0 = row0 + gr0;  // first query token of the group
         int att = rows_attend(rm, gr0, GROUP_ROWS, p.block_size);
         bool skip = (att & 1) == 0 || gq0 >= seq || (p.causal && k0 > gq0 + GROUP_ROWS - 1u);
@@ -461,18 +604,6 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Pa
 
             // S = Q K^T for this warp's rows.
             float s[MT][NK][4];
-#if USE_WGMMA
-            // K chunk as B (K-major): 16-byte chunks of one key row are 128 bytes apart along d (LBO), key
-            // groups of 8 are CPR * 128 bytes apart (SBO); each k-step of 16 columns advances 256 bytes.
-            fence_regs<NK * 4>(&s[0][0][0]);
-            wgmma_fence();
-#pragma unroll
-            for (int kd = 0; kd < KD; ++kd)
-                wgmma_n64<0>(&s[0][0][0], qa[kd], make_desc(k_base + kd * 256, 128, CPR * 128), kd > 0);
-            wgmma_commit();
-            wgmma_wait();
-            fence_regs<NK * 4>(&s[0][0][0]);
-#else
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -502,94 +633,12 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Pa
                 }
             }
 
-#endif
-
-            if (need_mask) {
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        u32 tr = wr0 + mt * 16 + g + h * 8;
-                        u32 qi = row0 + tr;
-                        bool row_ok = row_attends(rm, tr, p.block_size);
-#pragma unroll
-                        for (int n = 0; n < NK; ++n)
-#pragma unroll
-                            for (int e = 0; e < 2; ++e) {
-                                u32 kj = k0 + n * 8 + 2 * t + e;
-                                bool ok = row_ok && kj < seq && !(p.causal && kj > qi);
-                                if (!ok) s[mt][n][2 * h + e] = NEG_INF;
-                            }
-                    }
-            }
-
-            // Online softmax (base 2, scale folded in), then P V.
+            if (need_mask) mask_scores(s, p, rm, wr0, row0, k0, g, t);
             float alpha[MT][2];
-            bool rescale = false;
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    float mx = row_max<0, NK>(s[mt], h);
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                    float m_new = fmaxf(row_m[mt][h], mx * p.scale_log2);
-                    float m_use = (m_new == NEG_INF) ? 0.f : m_new;
-                    alpha[mt][h] = fast_exp2(row_m[mt][h] - m_use);
-                    rescale |= m_new != row_m[mt][h];
-                    row_m[mt][h] = m_new;
-#pragma unroll
-                    for (int n = 0; n < NK; ++n)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            float x = fast_exp2(fmaf(s[mt][n][2 * h + e], p.scale_log2, -m_use));
-                            s[mt][n][2 * h + e] = x;
-                        }
-                    float sum = row_sum<0, NK>(s[mt], h);
-                    row_l[mt][h] = row_l[mt][h] * alpha[mt][h] + sum;
-                }
-            // Once the running maxima settle (most chunks of a long list), alpha is 1 for every row of the
-            // warp and the rescale of O is skipped (a warp-uniform branch).
-            if (!RESCALE_VOTE || __any_sync(0xffffffffu, rescale)) {
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h)
-#pragma unroll
-                        for (int n = 0; n < ND; ++n) {
-                            o_acc[mt][n][2 * h] *= alpha[mt][h];
-                            o_acc[mt][n][2 * h + 1] *= alpha[mt][h];
-                        }
-            }
+            bool rescale = softmax_step(s, row_m, row_l, alpha, p.scale_log2);
+            rescale_o(o_acc, alpha, rescale);
 
-#if USE_WGMMA
-            // O += P V, V chunk as B with the transpose bit (N-major): key groups of 8 (K) are CPR * 128
-            // bytes apart (LBO), d groups of 8 (N) 128 bytes apart (SBO); each k-step of 16 keys advances
-            // two key groups.
-            // P is packed before the fence: wgmma may read its A registers only after one.
-            u32 pa[KK][4];
-#pragma unroll
-            for (int kk = 0; kk < KK; ++kk) {
-                pa[kk][0] = pack2(s[0][2 * kk][0], s[0][2 * kk][1]);
-                pa[kk][1] = pack2(s[0][2 * kk][2], s[0][2 * kk][3]);
-                pa[kk][2] = pack2(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
-                pa[kk][3] = pack2(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
-                asm volatile("" : "+r"(pa[kk][0]), "+r"(pa[kk][1]), "+r"(pa[kk][2]), "+r"(pa[kk][3])::"memory");
-            }
-            fence_regs<ND * 4>(&o_acc[0][0][0]);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < KK; ++kk) {
-#if HEAD_DIM == 128
-                wgmma_n128<1>(&o_acc[0][0][0], pa[kk], make_desc(v_base + kk * 2 * CPR * 128, CPR * 128, 128), 1);
-#else
-                wgmma_n64<1>(&o_acc[0][0][0], pa[kk], make_desc(v_base + kk * 2 * CPR * 128, CPR * 128, 128), 1);
-#endif
-            }
-            wgmma_commit();
-            wgmma_wait();
-            fence_regs<ND * 4>(&o_acc[0][0][0]);
-#else
+            // O += P V.
 #pragma unroll
             for (int kk = 0; kk < KK; ++kk) {
                 u32 pa[MT][4];
@@ -613,7 +662,6 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Pa
                     }
                 }
             }
-#endif
         }
         __syncthreads();  // every warp is done with this stage before it is refilled
 
@@ -629,37 +677,340 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Pa
     __syncthreads();
 
     // Epilogue: O / l through smem (q_s) for 16-byte stores; LSE from lane t == 0 of each quad.
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float l = row_l[mt][h];
-            l += __shfl_xor_sync(0xffffffffu, l, 1);
-            l += __shfl_xor_sync(0xffffffffu, l, 2);
-            float inv = l > 0.f ? 1.f / l : 0.f;
-            u32 tr = wr0 + mt * 16 + g + h * 8;
-#pragma unroll
-            for (int n = 0; n < ND; ++n) {
-                u32 v2 = pack2(o_acc[mt][n][2 * h] * inv, o_acc[mt][n][2 * h + 1] * inv);
-                *(u32*)(q_s + tr * LDS + n * 8 + 2 * t) = v2;
-            }
-            u32 qi = row0 + tr;
-            if (t == 0 && qi < seq) {
-                float lse = l > 0.f ? (row_m[mt][h] + fast_log2(l)) * 0.6931471805599453f : NEG_INF;
-                p.lse[(long long)b * p.lse_batch + (long long)head * seq + qi] = lse;
-            }
-        }
+    finish_rows(q_s, o_acc, row_m, row_l, p, wr0, row0, head, b, g, t);
     __syncthreads();
     u16* og = p.o + (long long)b * p.o_batch + (long long)head * HEAD_DIM;
-#pragma unroll
-    for (int j = 0; j < (BLOCK_Q * CPR + NT - 1) / NT; ++j) {
-        int i = tid + j * NT;
-        if (BLOCK_Q * CPR % NT != 0 && i >= BLOCK_Q * CPR) break;
-        int r = i / CPR, c = i % CPR;
-        u32 tok = row0 + r;
-        if (tok < seq) {
-            uint4 x = *(const uint4*)(q_s + r * LDS + c * 8);
-            *(uint4*)(og + (long long)tok * p.o_tok + c * 8) = x;
-        }
+    store_tile_rows<BLOCK_Q, NT>(q_s, og, p.o_tok, row0, 0, seq, tid);
+}
+#else
+// ---- wgmma kernel (sm_90a), warp specialised (v6, FA3-style) ----
+// Warps 0-7: two consumer warpgroups of 64 rows each. Warp 8: the producer, which stages Q (Q_BUFS
+// buffers) and the K/V chunks (a ring of STAGES) with cp.async, signalling `full` mbarriers; consumers
+// release stages on `empty` mbarriers (one arrival per consumer warp), so the main loop has no CTA-wide
+// barrier. Within a warpgroup (PIPE) S_j = Q K_j^T is issued before P_{j-1} V_{j-1}, so the softmax of S_j
+// runs while that P V is on the tensor cores; with PINGPONG the warpgroups take turns issuing, so one's
+// softmax overlaps the other's GEMMs. The tile walk, skips and masks are the mma.sync kernel's, per
+// warpgroup (64 rows).
+
+struct Item {
+    u32 tile, head, b;
+};
+
+// Work item w in the plain grid's order (tile fastest, reversed: longest lists first; then head; batch).
+__device__ __forceinline__ Item item_of(u32 w, const Params& p) {
+    Item it;
+    const u32 per_b = p.tiles * p.num_heads;
+    it.b = w / per_b;
+    const u32 r = w - it.b * per_b;
+    it.head = r / p.tiles;
+    it.tile = p.tiles - 1u - (r - it.head * p.tiles);
+    return it;
+}
+
+// Producer side of the cp.async -> mbarrier hand-off: a committed group's barrier is signalled (after the
+// writer's own wait and proxy fence: the tensor cores read through the async proxy) once the next group is
+// committed, or before the producer blocks.
+struct Pending {
+    u32 bar;  // barrier of the newest committed group, 0: none
+};
+__device__ __forceinline__ void flush_pending(Pending& pd) {
+    if (pd.bar) {
+        cp_async_wait<0>();
+        fence_proxy_async();
+        mbar_arrive(pd.bar);
+        pd.bar = 0;
     }
 }
+__device__ __forceinline__ void commit_signal(Pending& pd, u32 bar) {
+    cp_async_commit();
+    if (pd.bar) {
+        cp_async_wait<1>();
+        fence_proxy_async();
+        mbar_arrive(pd.bar);
+    }
+    pd.bar = bar;
+}
+__device__ __forceinline__ void wait_or_flush(u32 bar, u32 parity, Pending& pd) {
+    if (!mbar_test(bar, parity)) {
+        flush_pending(pd);
+        mbar_wait(bar, parity);
+    }
+}
+
+// O += P V for one chunk (V in core-matrix order at v_base; N-major with the transpose bit: key groups of 8
+// are CPR * 128 bytes apart (LBO), d groups of 8 are 128 bytes apart (SBO)). Issue only; commit by caller.
+__device__ __forceinline__ void issue_pv(float (&o)[MT][ND][4], const u32 (&pa)[KK][4], u32 v_base) {
+#pragma unroll
+    for (int kk = 0; kk < KK; ++kk) {
+#if HEAD_DIM == 128
+        wgmma_n128<1>(&o[0][0][0], pa[kk], make_desc(v_base + kk * 2 * CPR * 128, CPR * 128, 128), 1);
+#else
+        wgmma_n64<1>(&o[0][0][0], pa[kk], make_desc(v_base + kk * 2 * CPR * 128, CPR * 128, 128), 1);
+#endif
+    }
+}
+
+// 168 registers a thread at entry (384 threads, 1 CTA per SM); setmaxnreg then gives the producer
+// warpgroup PRODUCER_REGS and the consumers CONSUMER_REGS (FA3's split).
+extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const Params p) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    u16* q_s = (u16*)smem_raw;                   // [Q_BUFS][BLOCK_Q][LDS]
+    u16* k_s = q_s + Q_BUFS * BLOCK_Q * LDS;     // [STAGES][KV_STAGE]
+    u16* v_s = k_s + STAGES * KV_STAGE;          // [STAGES][KV_STAGE]
+    u64* bars = (u64*)(v_s + STAGES * KV_STAGE); // full[STAGES], empty[STAGES], q_full[Q_BUFS], q_empty[Q_BUFS]
+    const u32 full0 = smem_addr(bars), empty0 = full0 + 8 * STAGES;
+    const u32 qfull0 = empty0 + 8 * STAGES, qempty0 = qfull0 + 8 * Q_BUFS;
+
+    const int tid = threadIdx.x;
+    const int warp = tid / 32, lane = tid % 32;
+    const u32 seq = p.seq_len;
+
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full0 + 8 * s, 32);         // the producer's 32 lanes
+            mbar_init(empty0 + 8 * s, WARPS);     // one arrival per consumer warp
+        }
+        for (int s = 0; s < Q_BUFS; ++s) {
+            mbar_init(qfull0 + 8 * s, 32);
+            mbar_init(qempty0 + 8 * s, WARPS);
+        }
+    }
+    __syncthreads();  // the only CTA-wide barrier
+
+    if (warp >= WARPS) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+        if (warp == WARPS) {
+        // Producer warp (the other 3 warps of its warpgroup only give their registers away).
+        Pending pd{0};
+        u32 i = 0, n = 0;
+        for (u32 w = blockIdx.x; w < p.items; w += gridDim.x, ++n) {
+            const Item it = item_of(w, p);
+            const u32 kvh = it.head / p.kv_group;
+            const u32 row0 = it.tile * BLOCK_Q;
+            const u32 row_last = min(row0 + BLOCK_Q, seq) - 1u;
+            const u16* qg = p.q + (long long)it.b * p.q_batch + (long long)it.head * HEAD_DIM;
+            const u16* kg = p.k + (long long)it.b * p.kv_batch + (long long)kvh * HEAD_DIM;
+            const u16* vg = p.v + (long long)it.b * p.kv_batch + (long long)kvh * HEAD_DIM;
+            const u32 qb = n % Q_BUFS;
+            wait_or_flush(qempty0 + 8 * qb, ((n / Q_BUFS) & 1u) ^ 1u, pd);
+            load_rows<BLOCK_Q, 32>(q_s + qb * BLOCK_Q * LDS, qg, p.q_tok, row0, seq, lane);
+            commit_signal(pd, qfull0 + 8 * qb);
+
+            const u32 slot = (it.head / p.heads_per_pattern) * p.tiles + it.tile;
+            Walk wk;
+            wk.e = p.row_ptr[slot];
+            wk.e_end = p.row_ptr[slot + 1];
+            wk.c = 0;
+            bool has = next_chunk(wk, p, row_last);
+            while (has) {
+                const u32 s = i % STAGES;
+                wait_or_flush(empty0 + 8 * s, ((i / STAGES) & 1u) ^ 1u, pd);
+                const u32 k0 = p.entries[2 * wk.e] * p.block_size + wk.c * BLOCK_K;
+                load_kv<BLOCK_K, 32>(k_s + s * KV_STAGE, kg, p.kv_tok, k0, seq, lane);
+                load_kv<BLOCK_K, 32>(v_s + s * KV_STAGE, vg, p.kv_tok, k0, seq, lane);
+                commit_signal(pd, full0 + 8 * s);
+                ++i;
+                step_chunk(wk, p);
+                has = next_chunk(wk, p, row_last);
+            }
+        }
+        flush_pending(pd);
+        }
+    } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+    // Consumer warpgroups.
+    const int wg = warp / 4;
+    const int g = lane / 4, t = lane % 4;
+    const u32 gr0 = wg * GROUP_ROWS;             // first tile row of this warpgroup
+    const u32 wr0 = gr0 + (warp % 4) * 16;       // first tile row of this warp's accumulators
+#if PINGPONG
+    if (wg == 1) named_arrive(1, 2 * 128);       // warpgroup 0 issues first
+#endif
+    u32 i = 0, n = 0;
+    for (u32 w = blockIdx.x; w < p.items; w += gridDim.x, ++n) {
+        const Item it = item_of(w, p);
+        const u32 row0 = it.tile * BLOCK_Q;
+        const u32 row_last = min(row0 + BLOCK_Q, seq) - 1u;
+        const u32 gq0 = row0 + gr0;              // first query token of the warpgroup
+        const u32 qb = n % Q_BUFS;
+        u16* qbuf = q_s + qb * BLOCK_Q * LDS;
+
+        float o_acc[MT][ND][4];
+        float row_m[MT][2], row_l[MT][2];
+#pragma unroll
+        for (int nd = 0; nd < ND; ++nd)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o_acc[0][nd][e] = 0.f;
+        row_m[0][0] = row_m[0][1] = NEG_INF;
+        row_l[0][0] = row_l[0][1] = 0.f;
+
+        mbar_wait(qfull0 + 8 * qb, (n / Q_BUFS) & 1u);
+        u32 qa[KD][4];                           // this warp's Q rows as wgmma A fragments
+#pragma unroll
+        for (int kd = 0; kd < KD; ++kd) {
+            u32 row = wr0 + (lane % 16);
+            u32 col = kd * 16 + (lane / 16) * 8;
+            ldmatrix_x4(qa[kd], smem_addr(qbuf) + (row * LDS + col) * 2);
+        }
+
+        const u32 slot = (it.head / p.heads_per_pattern) * p.tiles + it.tile;
+        Walk cur;
+        cur.e = p.row_ptr[slot];
+        cur.e_end = p.row_ptr[slot + 1];
+        cur.c = 0;
+        bool has = next_chunk(cur, p, row_last);
+
+        bool have_p = false;  // P of an earlier chunk waits for its P V (PIPE)
+        u32 p_stage = 0;
+        u32 pp[KK][4];
+        while (has) {
+            const u32 s = i % STAGES;
+            const u32 rm = p.entries[2 * cur.e + 1];
+            const u32 k0 = p.entries[2 * cur.e] * p.block_size + cur.c * BLOCK_K;
+            const int att = rows_attend(rm, gr0, GROUP_ROWS, p.block_size);
+            const bool skip = (att & 1) == 0 || gq0 >= seq || (p.causal && k0 > gq0 + GROUP_ROWS - 1u);
+            const bool need_mask = (att & 2) == 0 || k0 + BLOCK_K > seq || (p.causal && k0 + BLOCK_K - 1u > gq0);
+            mbar_wait(full0 + 8 * s, (i / STAGES) & 1u);
+            if (skip) {
+                // Never hold a stage across a skipped chunk (the producer may need it next): finish a pending P V.
+                if (have_p) {
+                    fence_regs<ND * 4>(&o_acc[0][0][0]);
+                    wgmma_fence();
+                    issue_pv(o_acc, pp, smem_addr(v_s + p_stage * KV_STAGE));
+                    wgmma_commit();
+                    wgmma_wait<0>();
+                    fence_regs<ND * 4>(&o_acc[0][0][0]);
+                    fence_u32<KK * 4>(&pp[0][0]);
+                    __syncwarp();
+                    if (lane == 0) mbar_arrive(empty0 + 8 * p_stage);
+                    have_p = false;
+                }
+#if PINGPONG
+                named_sync(1 + wg, 2 * 128);
+                named_arrive(2 - wg, 2 * 128);
+#endif
+                __syncwarp();
+                if (lane == 0) mbar_arrive(empty0 + 8 * s);
+            } else {
+                const u32 k_base = smem_addr(k_s + s * KV_STAGE);
+                float sc[MT][NK][4];
+#if PIPE
+                // The P V of the previous chunk goes right after S; on a tile's first chunk (or after a flush)
+                // it is a P V of zeros against this chunk's V, which keeps the wgmma sequence unconditional
+                // (a conditional issue makes ptxas serialise every wgmma: C7520).
+                if (!have_p) {
+#pragma unroll
+                    for (int kk = 0; kk < KK; ++kk)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) pp[kk][e] = 0u;
+                    p_stage = s;
+                }
+#endif
+                fence_regs<NK * 4>(&sc[0][0][0]);
+                fence_regs<ND * 4>(&o_acc[0][0][0]);
+                fence_u32<KK * 4>(&pp[0][0]);
+#if PINGPONG
+                named_sync(1 + wg, 2 * 128);
+#endif
+                wgmma_fence();
+                // S = Q K^T; K chunk as B (K-major): 16-byte chunks of one key row are 128 bytes apart along d
+                // (LBO), key groups of 8 are CPR * 128 bytes apart (SBO); a k-step of 16 columns is 256 bytes.
+#pragma unroll
+                for (int kd = 0; kd < KD; ++kd)
+                    wgmma_n64<0>(&sc[0][0][0], qa[kd], make_desc(k_base + kd * 256, 128, CPR * 128), kd > 0);
+                wgmma_commit();
+#if PIPE
+                issue_pv(o_acc, pp, smem_addr(v_s + p_stage * KV_STAGE));
+                wgmma_commit();
+#endif
+#if PINGPONG
+                named_arrive(2 - wg, 2 * 128);
+#endif
+#if PIPE
+                wgmma_wait<1>();
+#else
+                wgmma_wait<0>();
+#endif
+                fence_regs<NK * 4>(&sc[0][0][0]);
+
+                if (need_mask) mask_scores(sc, p, rm, wr0, row0, k0, g, t);
+                float alpha[MT][2];
+                const bool rescale = softmax_step(sc, row_m, row_l, alpha, p.scale_log2);
+                // P is packed before the next fence: wgmma may read its A registers only after one.
+                u32 pn[KK][4];
+#pragma unroll
+                for (int kk = 0; kk < KK; ++kk) {
+                    pn[kk][0] = pack2(sc[0][2 * kk][0], sc[0][2 * kk][1]);
+                    pn[kk][1] = pack2(sc[0][2 * kk][2], sc[0][2 * kk][3]);
+                    pn[kk][2] = pack2(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
+                    pn[kk][3] = pack2(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
+                }
+#if PIPE
+                wgmma_wait<0>();
+                fence_regs<ND * 4>(&o_acc[0][0][0]);
+                fence_u32<KK * 4>(&pp[0][0]);
+                if (have_p) {
+                    __syncwarp();
+                    if (lane == 0) mbar_arrive(empty0 + 8 * p_stage);
+                }
+#endif
+                rescale_o(o_acc, alpha, rescale);
+#if PIPE
+#pragma unroll
+                for (int kk = 0; kk < KK; ++kk)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) pp[kk][e] = pn[kk][e];
+                p_stage = s;
+                have_p = true;
+#else
+                fence_u32<KK * 4>(&pn[0][0]);
+                fence_regs<ND * 4>(&o_acc[0][0][0]);
+                wgmma_fence();
+                issue_pv(o_acc, pn, smem_addr(v_s + s * KV_STAGE));
+                wgmma_commit();
+                wgmma_wait<0>();
+                fence_regs<ND * 4>(&o_acc[0][0][0]);
+                fence_u32<KK * 4>(&pn[0][0]);
+                __syncwarp();
+                if (lane == 0) mbar_arrive(empty0 + 8 * s);
+#endif
+            }
+            ++i;
+            step_chunk(cur, p);
+            has = next_chunk(cur, p, row_last);
+        }
+        // The last chunk's P V (issue and wait in one branch: split by a barrier, ptxas serialises: C7518).
+        fence_u32<KK * 4>(&pp[0][0]);
+        fence_regs<ND * 4>(&o_acc[0][0][0]);
+#if PINGPONG
+        named_sync(1 + wg, 2 * 128);
+#endif
+        if (have_p) {
+            wgmma_fence();
+            issue_pv(o_acc, pp, smem_addr(v_s + p_stage * KV_STAGE));
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs<ND * 4>(&o_acc[0][0][0]);
+            fence_u32<KK * 4>(&pp[0][0]);
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty0 + 8 * p_stage);
+        }
+#if PINGPONG
+        named_arrive(2 - wg, 2 * 128);
+#endif
+
+        // Epilogue: this warp's rows of O / l into its own rows of the Q buffer (its Q is in registers),
+        // then the warpgroup's 64 rows out; the buffer is released to the producer after every warp's reads.
+        finish_rows(qbuf, o_acc, row_m, row_l, p, wr0, row0, it.head, it.b, g, t);
+        named_sync(3 + wg, 128);
+        u16* og = p.o + (long long)it.b * p.o_batch + (long long)it.head * HEAD_DIM;
+        store_tile_rows<GROUP_ROWS, 128>(qbuf, og, p.o_tok, row0, gr0, seq, tid % 128);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(qempty0 + 8 * qb);
+    }
+#if PINGPONG
+    if (wg == 0) named_sync(1, 2 * 128);          // warpgroup 1's last turn hand-over
+#endif
+    }
+}
+#endif

@@ -72,6 +72,9 @@ impl KernelKey {
     fn options(&self) -> Vec<String> {
         let mut o = vec![format!("--gpu-architecture={}", self.target()), "-std=c++17".into(), "--fmad=true".into()];
         o.extend(self.defines.iter().map(|(k, v)| format!("-D{k}={v}")));
+        if std::env::var_os("S2ATTN_CUDA_VERBOSE").is_some() {
+            o.push("--ptxas-options=-v".into());
+        }
         o
     }
 }
@@ -186,6 +189,13 @@ fn compile(key: &KernelKey, source: &str, options: &[String], nvrtc_v: (i32, i32
             )));
         }
         return Err(Error::Cuda(msg));
+    }
+    if std::env::var_os("S2ATTN_CUDA_VERBOSE").is_some() {
+        // Tuning aid: NVRTC's (and ptxas') warnings, e.g. wgmma serialisation advisories.
+        let log = program_log(&prog);
+        if !log.is_empty() {
+            eprintln!("s2attn: NVRTC log for {} {:?}:\n{log}", key.name, key.defines);
+        }
     }
     let mut size = 0usize;
     // SAFETY: `prog.0` compiled successfully; the buffer is sized by NVRTC's own answer.

@@ -227,6 +227,15 @@ impl CudaContext {
             return Ok(f.clone());
         }
         let f = self.load(key, source, entry)?;
+        if std::env::var_os("S2ATTN_CUDA_VERBOSE").is_some() {
+            // Tuning aid: registers and local memory (spills) of each kernel as it is loaded.
+            eprintln!(
+                "s2attn: {entry} {:?}: {} registers, {} B local memory, {smem} B dynamic shared memory",
+                key.defines,
+                f.num_regs().unwrap_or(-1),
+                f.local_size_bytes().unwrap_or(-1)
+            );
+        }
         if smem > 48 * 1024 {
             f.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

@@ -3,7 +3,7 @@
 
 use super::compile::{KernelKey, S2_FORWARD_SRC};
 use super::context::{cuda_err, CudaContext};
-use super::plan::{is_wgmma, WARPS};
+use super::plan::{is_wgmma, wgmma_smem_bytes, WARPS, WGMMA_Q_BUFS, WGMMA_STAGES, WGMMA_WARPS};
 use crate::error::{Error, Result};
 use crate::gpu::Timing;
 use crate::layout::Layout;
@@ -63,6 +63,7 @@ struct Params {
     block_size: u32,
     causal: u32,
     scale_log2: f32,
+    items: u32,
 }
 
 // SAFETY: plain-old-data with the C layout the kernel declares.
@@ -129,8 +130,15 @@ impl CudaForward {
                 layout.block_size()
             )));
         }
-        let warps = plan.workgroup_size / 32;
         let wgmma = is_wgmma(plan);
+        // The wgmma kernel's WARPS counts its consumer warps; the CTA has a producer warpgroup more.
+        let warps = if wgmma { WGMMA_WARPS } else { plan.workgroup_size / 32 };
+        if wgmma && plan.workgroup_size != (WGMMA_WARPS + 4) * 32 {
+            return Err(Error::Shape(format!(
+                "the wgmma kernel runs 12 warps, the plan asks for {}",
+                plan.workgroup_size
+            )));
+        }
         if warps != WARPS && warps != 2 * WARPS {
             return Err(Error::Shape(format!("the CUDA kernels run 4 or 8 warps, the plan asks for {warps}")));
         }
@@ -152,9 +160,19 @@ impl CudaForward {
             ("USE_WGMMA", wgmma as i64),
         ];
         let mut key = KernelKey::new("s2_forward.cu", ctx.arch(), &defines);
-        key.defines.extend(extra_defines()?);
+        let extra = extra_defines()?;
+        let extra_value = |name: &str| extra.iter().rev().find(|(k, _)| k == name).map(|&(_, v)| v);
+        let mut smem = plan.workgroup_bytes;
+        let mut persistent = wgmma;
+        if wgmma {
+            // Tuning overrides of the ring depth / persistence change the shared memory the kernel needs.
+            let stages = extra_value("STAGES").map_or(WGMMA_STAGES, |v| v.clamp(3, 8) as u32);
+            persistent = extra_value("PERSISTENT").is_none_or(|v| v != 0);
+            let q_bufs = if persistent { WGMMA_Q_BUFS } else { 1 };
+            smem = wgmma_smem_bytes(shape.head_dim, stages, q_bufs);
+        }
+        key.defines.extend(extra);
         key.arch_specific = wgmma;
-        let smem = plan.workgroup_bytes;
         let func = ctx.kernel(&key, S2_FORWARD_SRC, "s2_forward", smem)?;
         let stream = ctx.stream();
         let row_ptr = stream.clone_htod(mergeq.row_ptr()).map_err(cuda_err("uploading the tile offsets"))?;
@@ -188,7 +206,16 @@ impl CudaForward {
             block_size: layout.block_size(),
             causal: layout.causal() as u32,
             scale_log2: shape.softmax_scale() * std::f32::consts::LOG2_E,
+            items: mergeq.tiles() * layout.num_heads() * shape.batch,
             ..Params::default()
+        };
+        // The wgmma kernel walks work items in a 1-D grid: one CTA per SM when persistent, else one per item.
+        let grid = if !wgmma {
+            (mergeq.tiles(), layout.num_heads(), shape.batch)
+        } else if persistent {
+            (base.items.min(ctx.multiprocessors().max(1)), 1, 1)
+        } else {
+            (base.items, 1, 1)
         };
         Ok(Self {
             ctx: ctx.clone(),
@@ -196,8 +223,8 @@ impl CudaForward {
             num_heads: layout.num_heads(),
             num_kv_heads: layout.num_kv_heads(),
             base,
-            grid: (mergeq.tiles(), layout.num_heads(), shape.batch),
-            threads: warps * 32,
+            grid,
+            threads: plan.workgroup_size,
             smem,
             func,
             _lists: (row_ptr, entries),

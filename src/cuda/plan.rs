@@ -62,9 +62,16 @@ fn requested_tile_kv() -> Result<Option<u32>> {
     }
 }
 
-/// Shared memory of the wgmma kernel: the padded Q tile plus two stages of K and V in core-matrix order.
-pub(crate) fn wgmma_smem_bytes(head_dim: u32) -> u32 {
-    (128 * (head_dim + 8) + 4 * 64 * head_dim) * 2
+/// K/V ring depth of the wgmma kernel (`STAGES` in `s2_forward.cu`).
+pub(crate) const WGMMA_STAGES: u32 = 4;
+/// Q buffers of the wgmma kernel: 2 when persistent (`PERSISTENT`, the default), so the producer stages the
+/// next tile's Q while the consumers finish this one.
+pub(crate) const WGMMA_Q_BUFS: u32 = 2;
+
+/// Shared memory of the wgmma kernel: `q_bufs` padded Q tiles, a ring of `stages` K and V chunks in
+/// core-matrix order, and the ring's mbarriers (8 bytes each: full and empty per stage and per Q buffer).
+pub(crate) fn wgmma_smem_bytes(head_dim: u32, stages: u32, q_bufs: u32) -> u32 {
+    (q_bufs * 128 * (head_dim + 8) + stages * 2 * 64 * head_dim) * 2 + 8 * 2 * (stages + q_bufs)
 }
 
 /// Head dimensions the CUDA kernel is built for.
@@ -73,7 +80,9 @@ pub const CUDA_HEAD_DIMS: &[u32] = &[32, 64, 96, 128, 256];
 /// Warps per CTA of the mma.sync kernel with tiles of up to 128 rows: each owns `tile_q / WARPS`
 /// consecutive query rows (256-row tiles take twice as many).
 pub(crate) const WARPS: u32 = 4;
-/// Warps per CTA of the wgmma kernel: two warpgroups, each owning 64 consecutive query rows.
+/// Consumer warps per CTA of the wgmma kernel: two warpgroups, each owning 64 consecutive query rows; the
+/// CTA has one more warpgroup, the producer (one warp of it loads Q, K and V; setmaxnreg moves the rest of
+/// its registers to the consumers).
 pub(crate) const WGMMA_WARPS: u32 = 8;
 
 /// CTAs below which a 128-row tile leaves the GPU underfilled and 64-row tiles are used instead (about
@@ -161,16 +170,20 @@ pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result
     } else {
         format!("tile within a block of {bs}")
     };
-    // wgmma only on request for now: measured slower than mma.sync on the H100 (shaders/cuda/NOTES.md, v2).
-    if eligible && hopper && want == Some(true) && wgmma_smem_bytes(d) <= caps.max_workgroup_storage {
+    // wgmma only on request: v2 (H100) and the warp-specialised v6 (H200) both measured ~1.7x slower than
+    // mma.sync (shaders/cuda/NOTES.md, v2 and v6).
+    let wgmma_bytes = wgmma_smem_bytes(d, WGMMA_STAGES, WGMMA_Q_BUFS);
+    if eligible && hopper && want == Some(true) && wgmma_bytes <= caps.max_workgroup_storage {
         return Ok(DispatchPlan {
             variant: KernelVariant::CudaMma,
             tile_q,
             tile_kv,
-            workgroup_size: WGMMA_WARPS * 32,
-            workgroup_bytes: wgmma_smem_bytes(d),
+            workgroup_size: (WGMMA_WARPS + 4) * 32,
+            workgroup_bytes: wgmma_bytes,
             reason: format!(
-                "{WGMMA_TAG} m64n{tile_kv}k16 / m64n{d}k16, 2 warpgroups x 64 rows, 2-stage cp.async K/V; {merged}"
+                "{WGMMA_TAG} m64n{tile_kv}k16 / m64n{d}k16, warp specialised: 1 producer warp (cp.async, \
+                 {WGMMA_STAGES}-stage mbarrier ring) + 2 consumer warpgroups x 64 rows (S of the next chunk issued \
+                 before P V, ping-pong), persistent; {merged}"
             ),
         });
     }
@@ -218,7 +231,8 @@ mod tests {
         let plan = plan_forward(&Shape::new(1, 16384, 128, DType::BF16), &layout, &caps).unwrap();
         assert_eq!(is_wgmma(&plan), requested_flavour().unwrap() == Some(true), "{plan}");
         if is_wgmma(&plan) {
-            assert_eq!(plan.workgroup_bytes, wgmma_smem_bytes(128));
+            assert_eq!(plan.workgroup_bytes, wgmma_smem_bytes(128, WGMMA_STAGES, WGMMA_Q_BUFS));
+            assert!(plan.workgroup_bytes <= 227 * 1024, "{plan}");
         }
         let small = Layout::s2(S2Config::new(32, 16, 16, 16)).unwrap();
         let plan = plan_forward(&Shape::new(1, 16384, 128, DType::F16), &small, &caps).unwrap();
