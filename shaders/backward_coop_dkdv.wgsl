@@ -46,7 +46,14 @@
 // and dK += dS^T Q. The block's scratch rows (16p.. of s_s, p_s, ds_s) are shared by the pair: the
 // V-side reads its S^T before the barrier, the K-side stores dP^T after it. One more workgroup barrier
 // per query tile (three), the same workgroup memory as v2 at the same tile; needs QG >= 2 (the
-// epilogue's reduction and staging take one slot of s_s per (side, key range): 2 NKT <= NPAIR), RS = 1.
+// epilogue's reduction takes one slot of s_s per (side, key range): 2 NKT <= NPAIR), RS = 1.
+//
+// v5 (written before it was measured): FUSE = 2 makes each block 16 keys x 32 rows (two 16-row halves in
+// one round: S^T / dP^T as two C matrices, P^T and dS^T rows of 32 queries, dV and dK with k = 32), so that
+// a 32-row tile needs NKT blocks (4 subgroups at 32x32) and each round carries twice the data. SPLIT = 2
+// (`v5-recompute`) drops the hand-over: the K-side recomputes S^T and P^T itself, in its own s_s rows (slot
+// g: s_s has a slot per subgroup) and its ds_s rows (P^T, then dS^T in place), and there is no third
+// workgroup barrier. The epilogue writes the V-sides' dV, then the K-sides' dK, through slot kt of s_s.
 
 diagnostic(off, derivative_uniformity);
 enable f16;
@@ -56,11 +63,13 @@ enable wgpu_cooperative_matrix;
 
 #include shared/coop_backward.wgsl
 override RS: u32 = 1u;               // 16-row slices of each staged tile per subgroup
-override SPLIT: u32 = 0u;            // 1: dK and dV of a block on two subgroups (v4)
+override SPLIT: u32 = 0u;            // 1: dK and dV of a block on two subgroups (v4); 2: without hand-over
+override FUSE: u32 = 1u;             // 16-row halves per block (2 only with SPLIT)
 override NKT: u32 = BK / 16u;        // key ranges of 16
-override QG: u32 = BQ / 16u / RS;    // row groups: subgroup qs takes slices qs, qs + QG, ..
+override QG: u32 = BQ / 16u / RS / FUSE; // row groups: subgroup qs takes slices qs, qs + QG, ..
 override NPAIR: u32 = NKT * QG;      // (key range, row group) blocks; 16 scratch rows each
-override NSG: u32 = NPAIR * (1u + SPLIT); // subgroups the kernel needs
+override NSG: u32 = NPAIR * (1u + min(SPLIT, 1u)); // subgroups the kernel needs
+override NSS: u32 = select(NPAIR, NSG, SPLIT == 2u); // 16-row slots of s_s: per block, or per subgroup
 override PS4: u32 = 6u;               // vec4s per P^T / dS^T row (16 queries, padded)
 override SS4: u32 = 6u;               // vec4s per S^T / dP^T row (16 queries, padded; also dK/dV staging)
 override PREFETCH: u32 = 0u;          // 1: the next query tile is fetched during the current one's math
@@ -78,7 +87,7 @@ var<workgroup> q_s: array<vec4<f16>, BQ * KS4>;
 var<workgroup> do_s: array<vec4<f16>, BQ * KS4>;
 var<workgroup> p_s: array<vec4<f16>, 16u * NPAIR * PS4>;
 var<workgroup> ds_s: array<vec4<f16>, 16u * NPAIR * PS4>;
-var<workgroup> s_s: array<vec4<f32>, 16u * NPAIR * SS4>;
+var<workgroup> s_s: array<vec4<f32>, 16u * NSS * SS4>;
 var<workgroup> lse_s: array<vec4<f32>, BQ / 4u>;
 var<workgroup> delta_s: array<vec4<f32>, BQ / 4u>;
 var<workgroup> shape_ok_s: u32;
@@ -96,7 +105,8 @@ fn store_grad(which: u32, b: u32, tok: u32, head: u32, c4: u32, x: vec4<f16>) {
 
 // What one subgroup works on.
 struct Sub {
-    g: u32,    // its block: its rows of s_s, p_s, ds_s are 16g..16g+15 (the subgroup itself unless SPLIT)
+    g: u32,    // its block: its rows of p_s, ds_s (and s_s unless SPLIT = 2) are 16g..16g+15
+    s: u32,    // its slot of s_s (g, or the subgroup with SPLIT = 2)
     kt: u32,   // its keys: 16kt.. of the tile (the rows of its A matrices)
     qs: u32,   // its row group: slices qs, qs + QG, .. (rows 16 slice..) of each staged query tile
     side: u32, // SPLIT: 0 S^T, P^T, dV; 1 dP^T, dS^T, dK (0 without SPLIT: both)
@@ -165,8 +175,8 @@ fn accumulate(
     }
 }
 
-// v4 (SPLIT): the V-side's dV += P^T dO or the K-side's dK += dS^T Q over the queries of slice `sl`, into
-// the subgroup's one set of accumulators.
+// v4 (SPLIT): the V-side's dV += P^T dO or the K-side's dK += dS^T Q over the queries of slice `sl` (and,
+// with FUSE = 2, of slice sl + 1, added after it), into the subgroup's one set of accumulators.
 fn accumulate_half(
     u: Sub,
     sl: u32,
@@ -179,43 +189,46 @@ fn accumulate_half(
     a6: ptr<function, CM>,
     a7: ptr<function, CM>,
 ) {
-    let at = 16u * sl * KS4;
-    if u.side == 0u {
-        let pa = coopLoadT<AM>(&p_s[16u * u.g * PS4], PS4);
-        *a0 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at], KS4), *a0);
-        *a1 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 4u], KS4), *a1);
-        *a2 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 8u], KS4), *a2);
-        *a3 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 12u], KS4), *a3);
-        if D > 64u {
-            *a4 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 16u], KS4), *a4);
-            *a5 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 20u], KS4), *a5);
-            *a6 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 24u], KS4), *a6);
-            *a7 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 28u], KS4), *a7);
-        }
-    } else {
-        let da = coopLoadT<AM>(&ds_s[16u * u.g * PS4], PS4);
-        *a0 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at], KS4), *a0);
-        *a1 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 4u], KS4), *a1);
-        *a2 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 8u], KS4), *a2);
-        *a3 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 12u], KS4), *a3);
-        if D > 64u {
-            *a4 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 16u], KS4), *a4);
-            *a5 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 20u], KS4), *a5);
-            *a6 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 24u], KS4), *a6);
-            *a7 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 28u], KS4), *a7);
+    for (var f = 0u; f < FUSE; f++) {
+        let at = 16u * (sl + f) * KS4;
+        let ap = 16u * u.g * PS4 + 4u * f;
+        if u.side == 0u {
+            let pa = coopLoadT<AM>(&p_s[ap], PS4);
+            *a0 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at], KS4), *a0);
+            *a1 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 4u], KS4), *a1);
+            *a2 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 8u], KS4), *a2);
+            *a3 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 12u], KS4), *a3);
+            if D > 64u {
+                *a4 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 16u], KS4), *a4);
+                *a5 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 20u], KS4), *a5);
+                *a6 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 24u], KS4), *a6);
+                *a7 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 28u], KS4), *a7);
+            }
+        } else {
+            let da = coopLoadT<AM>(&ds_s[ap], PS4);
+            *a0 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at], KS4), *a0);
+            *a1 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 4u], KS4), *a1);
+            *a2 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 8u], KS4), *a2);
+            *a3 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 12u], KS4), *a3);
+            if D > 64u {
+                *a4 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 16u], KS4), *a4);
+                *a5 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 20u], KS4), *a5);
+                *a6 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 24u], KS4), *a6);
+                *a7 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 28u], KS4), *a7);
+            }
         }
     }
 }
 
-// P^T of the subgroup's block from S^T in s_s (lanes 2r, 2r+1: key row `row`, interleaved vec4 columns `h`)
-// and the LSE of each column's query (slice `sl`, first query q0); the element mask only where
-// `need_mask` (the block touches the causal diagonal or the sequence end; row masks and rows past the
-// end have LSE = +BIG).
-fn probs(sl: u32, row: u32, h: u32, kj: u32, q0: u32, need_mask: bool) -> array<vec4<f32>, 2> {
+// P^T of the subgroup's block from S^T in s_s (lanes 2r, 2r+1: key row `row`, interleaved vec4 columns `h`;
+// 16 FUSE queries, vec4s 2i + h for i < 2 FUSE) and the LSE of each column's query (slice `sl`, first query
+// q0); the element mask only where `need_mask` (the block touches the causal diagonal or the sequence end;
+// row masks and rows past the end have LSE = +BIG).
+fn probs(sl: u32, row: u32, h: u32, kj: u32, q0: u32, need_mask: bool) -> array<vec4<f32>, 4> {
     let seq = params.seq_len;
     let causal = params.causal != 0u;
-    var pr: array<vec4<f32>, 2>;
-    for (var i = 0u; i < 2u; i++) {
+    var pr: array<vec4<f32>, 4>;
+    for (var i = 0u; i < 2u * FUSE; i++) {
         var p = exp2(s_s[row * SS4 + 2u * i + h] * params.scale_log2 - lse_s[4u * sl + 2u * i + h]);
         if need_mask {
             let qi = vec4<u32>(q0 + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
@@ -363,14 +376,18 @@ fn reduce(u: Sub, m: CM) -> CM {
 }
 
 // The reduced dK or dV matrix `m` (head dims 16j..) of subgroup qs = 0, written times `scale`, staged
-// through slot side NKT + kt of s_s (the subgroup's own rows without SPLIT: kt = g there). write_grad
-// takes the slot's rows as those of invocations 32 slot.. and token tok0 + its row; the token base below
-// (u32 arithmetic wraps) makes that key 16kt + lane/2 of the tile.
+// through slot kt of s_s (the subgroup's own rows without SPLIT: g = kt there; write_grad takes the slot's
+// rows as those of invocations 32 kt..). With SPLIT the V-sides write first, then the K-sides, a workgroup
+// barrier apart (reduce() ends with one, so the slots are free when the first side starts).
 fn finish(u: Sub, m: CM, lid: u32, k0: u32, b: u32, kv_head: u32, j: u32, scale: f32, which: u32) {
     let total = reduce(u, m);
-    if u.qs == 0u {
-        let slot = u.side * NKT + u.kt;
-        write_grad(total, slot, 32u * slot + lid % 32u, k0 + 16u * u.kt - 16u * slot, b, kv_head, j, scale, which);
+    for (var side = 0u; side <= min(SPLIT, 1u); side++) {
+        if side > 0u {
+            workgroupBarrier();
+        }
+        if u.qs == 0u && u.side == side {
+            write_grad(total, u.kt, 32u * u.kt + lid % 32u, k0, b, kv_head, j, scale, which);
+        }
     }
 }
 
@@ -402,10 +419,11 @@ fn main(
     let causal = params.causal != 0u;
     let g = min(sg_id, NSG - 1u);
     let blk = g % NPAIR;
-    let u = Sub(blk, blk % NKT, blk / NKT, g / NPAIR);
+    let u = Sub(blk, select(blk, g, SPLIT == 2u), blk % NKT, blk / NKT, g / NPAIR);
     // Elementwise role: lanes 2r and 2r+1 of the subgroup own its key 16kt + r, each half of the row's
-    // vec4 columns (interleaved); `row` is that key's row in s_s, p_s and ds_s.
+    // vec4 columns (interleaved); `row` is that key's row in p_s and ds_s, `srow` in s_s.
     let row = 16u * u.g + (lid % 32u) / 2u;
+    let srow = 16u * u.s + (lid % 32u) / 2u;
     let h = lid % 2u;
     let kj = k0 + 16u * u.kt + row % 16u;
     let key0 = k0 + 16u * u.kt;
@@ -473,32 +491,66 @@ fn main(
         cur = next;
 
         if SPLIT != 0u {
-            // v4: the block's V-side and K-side (see the header); a block whose rows lie past the end,
-            // or all precede its keys (causal), is skipped by both.
-            let sl = u.qs;
+            // v4 / v5: the block's V-side and K-side (see the header); a block whose rows lie past the
+            // end, or all precede its keys (causal), is skipped by both.
+            let sl = u.qs * FUSE;
             let q0 = row0 + 16u * sl;
-            let live = key0 < seq && q0 < seq && (!causal || key0 <= min(q0 + 15u, seq - 1u));
+            let rows = 16u * FUSE;
+            let live = key0 < seq && q0 < seq && (!causal || key0 <= min(q0 + rows - 1u, seq - 1u));
             let need_mask = key0 + 16u > seq || (causal && key0 + 15u > q0);
-            var dpt = CM();
+            var dpt0 = CM();
+            var dpt1 = CM();
             if live {
-                if u.side == 0u {
-                    coopStoreT(scores(u, sl, false), &s_s[16u * u.g * SS4], SS4);
+                if u.side == 0u || SPLIT == 2u {
+                    // S^T -> s_s -> P^T: the V-side's to p_s; (SPLIT = 2) the K-side's own to ds_s.
+                    let st0 = scores(u, sl, false);
+                    if FUSE == 2u {
+                        let st1 = scores(u, sl + 1u, false);
+                        if u.side == 1u {
+                            dpt0 = scores(u, sl, true);
+                            dpt1 = scores(u, sl + 1u, true);
+                        }
+                        coopStoreT(st1, &s_s[16u * u.s * SS4 + 4u], SS4);
+                    } else if u.side == 1u {
+                        dpt0 = scores(u, sl, true);
+                    }
+                    coopStoreT(st0, &s_s[16u * u.s * SS4], SS4);
                     subgroupBarrier();
-                    let pr = probs(sl, row, h, kj, q0, need_mask);
-                    p_s[row * PS4 + h] = vec4<f16>(pr[0]);
-                    p_s[row * PS4 + 2u + h] = vec4<f16>(pr[1]);
+                    let pr = probs(sl, srow, h, kj, q0, need_mask);
+                    for (var i = 0u; i < 2u * FUSE; i++) {
+                        if u.side == 0u {
+                            p_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i]);
+                        } else {
+                            ds_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i]);
+                        }
+                    }
+                    if SPLIT == 2u {
+                        subgroupBarrier(); // S^T is read (K-side: dP^T takes its place); P^T complete (V-side)
+                    }
                 } else {
-                    dpt = scores(u, sl, true);
+                    dpt0 = scores(u, sl, true);
+                    if FUSE == 2u {
+                        dpt1 = scores(u, sl + 1u, true);
+                    }
                 }
             }
-            workgroupBarrier(); // every block's P^T is in p_s, and its S^T has been read
+            if SPLIT == 1u {
+                workgroupBarrier(); // every block's P^T is in p_s, and its S^T has been read
+            }
             if live {
                 if u.side == 1u {
-                    coopStoreT(dpt, &s_s[16u * u.g * SS4], SS4);
+                    coopStoreT(dpt0, &s_s[16u * u.s * SS4], SS4);
+                    if FUSE == 2u {
+                        coopStoreT(dpt1, &s_s[16u * u.s * SS4 + 4u], SS4);
+                    }
                     subgroupBarrier();
-                    for (var i = 0u; i < 2u; i++) {
-                        let dp = s_s[row * SS4 + 2u * i + h];
-                        let p = vec4<f32>(p_s[row * PS4 + 2u * i + h]);
+                    for (var i = 0u; i < 2u * FUSE; i++) {
+                        let dp = s_s[srow * SS4 + 2u * i + h];
+                        // P^T as f16: the V-side's (SPLIT = 1) or this subgroup's own (SPLIT = 2, in place).
+                        var p = vec4<f32>(ds_s[row * PS4 + 2u * i + h]);
+                        if SPLIT == 1u {
+                            p = vec4<f32>(p_s[row * PS4 + 2u * i + h]);
+                        }
                         ds_s[row * PS4 + 2u * i + h] = vec4<f16>(p * (dp - delta_s[4u * sl + 2u * i + h]));
                     }
                     subgroupBarrier(); // dS^T is complete

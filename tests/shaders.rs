@@ -137,10 +137,10 @@ fn coop_kernels_resolve_their_overrides_and_write_spirv() {
             [(Kernel::ForwardCoop, &forward[..]), (Kernel::BackwardCoopDq, &dq), (Kernel::BackwardCoopDkDv, &dkdv)]
         {
             // The dK/dV kernel at each of its one-slice, one-subgroup-per-block switch settings
-            // (S2ATTN_BWD_DKDV; v3's and v4's tiles: coop_dkdv_v3_resolves_its_slices_and_writes_spirv),
+            // (S2ATTN_BWD_DKDV; v3's, v4's and v5's tiles: coop_dkdv_v3_resolves_its_slices_and_writes_spirv),
             // the others once.
             let switches: Vec<(&str, Vec<(&str, u32)>)> = if kernel == Kernel::BackwardCoopDkDv {
-                let one_slice = CoopDkdv::ALL.iter().filter(|(_, s)| s.slices == 1 && !s.split);
+                let one_slice = CoopDkdv::ALL.iter().filter(|(_, s)| s.slices == 1 && s.split == 0);
                 one_slice.map(|&(name, s)| (name, s.constants().to_vec())).collect()
             } else {
                 vec![("", Vec::new())]
