@@ -45,8 +45,9 @@
 // workgroup barrier that publishes P^T), then dS^T = P^T (dP^T - D) (P^T as the f16 the V-side wrote)
 // and dK += dS^T Q. The block's scratch rows (16p.. of s_s, p_s, ds_s) are shared by the pair: the
 // V-side reads its S^T before the barrier, the K-side stores dP^T after it. One more workgroup barrier
-// per query tile (three), the same workgroup memory as v2 at the same tile; needs QG >= 2 (the
-// epilogue's reduction takes one slot of s_s per (side, key range): 2 NKT <= NPAIR), RS = 1.
+// per query tile (three), the same workgroup memory as v2 at the same tile; RS = 1 (the epilogue's
+// reduction takes one slot of s_s per (side, key range), which QG >= 2 provides: 2 NKT <= NPAIR; QG = 1
+// has no reduction).
 //
 // v5 (written before it was measured): FUSE = 2 makes each block 16 keys x 32 rows (two 16-row halves in
 // one round: S^T / dP^T as two C matrices, P^T and dS^T rows of 32 queries, dV and dK with k = 32), so that
@@ -351,7 +352,8 @@ fn walk(c: Cursor, head_end: u32, kb: u32, k0: u32) -> Cursor {
 }
 
 // The s_s slot (16 rows) through which row group `src`'s partial sum reaches row group 0: the storing
-// subgroup's own block without SPLIT, one per (side, key range) with it (2 NKT <= NPAIR: QG >= 2).
+// subgroup's own block without SPLIT, one per (side, key range) with it (2 NKT <= NPAIR where QG >= 2,
+// the only case with a reduction step).
 fn reduce_slot(u: Sub, src: u32) -> u32 {
     return select(u.kt + src * NKT, u.side * NKT + u.kt, SPLIT != 0u);
 }

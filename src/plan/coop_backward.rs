@@ -203,8 +203,8 @@ const DQ_TILES: [(u32, u32); 4] = [(128, 32), (64, 32), (128, 16), (64, 16)];
 const DKDV_TILES: [(u32, u32); 5] = [(32, 32), (16, 64), (16, 32), (32, 16), (16, 16)];
 /// dK/dV-pass candidates with two row slices per subgroup (v3): query tiles of 32 or 64 rows.
 const DKDV_TILES_V3: [(u32, u32); 4] = [(64, 32), (32, 32), (64, 16), (32, 16)];
-/// dK/dV-pass candidates with dK and dV on two subgroups (v4): at least two row groups (the epilogue's
-/// reduction slots), v2's tiles of 32 rows (64 rows do not fit 48 KiB at head_dim 128).
+/// dK/dV-pass candidates with dK and dV on two subgroups (v4): the measured tiles, of at least two row groups
+/// (v2's tiles of 32 rows; 64 rows do not fit 48 KiB at head_dim 128).
 const DKDV_TILES_V4: [(u32, u32); 3] = [(32, 32), (64, 16), (32, 16)];
 /// dK/dV-pass candidates with 32-row blocks (v5): 64 rows only where they fit (head_dim 64).
 const DKDV_TILES_V5: [(u32, u32); 4] = [(64, 32), (32, 32), (64, 16), (32, 16)];
