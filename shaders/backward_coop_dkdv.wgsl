@@ -36,6 +36,25 @@
 // BQ/16/RS row groups), one after the other through the same scratch rows, so that a staged tile of BQ
 // rows needs BK/16 x QG subgroups and each of them does RS times the math between the tile's two
 // workgroup barriers. RS = 1 is the kernel above.
+//
+// A fifth, SPLIT (v4 = v2 with SPLIT = 1; written before it was measured, shaders/NOTES-coop.md): dK and
+// dV of each 16-key x 16-row block go to two subgroups, so that each holds 8 accumulators (64 registers)
+// instead of 16 and a workgroup has twice the subgroups (2 NPAIR, NPAIR = NKT x QG blocks). Subgroup
+// g = side NPAIR + p works on block p (keys 16(p % NKT).., rows 16(p / NKT)..); side 0 ("V-side")
+// computes S^T, P^T (to p_s) and dV += P^T dO, side 1 ("K-side") dP^T (held in registers across a
+// workgroup barrier that publishes P^T), then dS^T = P^T (dP^T - D) (P^T as the f16 the V-side wrote)
+// and dK += dS^T Q. The block's scratch rows (16p.. of s_s, p_s, ds_s) are shared by the pair: the
+// V-side reads its S^T before the barrier, the K-side stores dP^T after it. One more workgroup barrier
+// per query tile (three), the same workgroup memory as v2 at the same tile; RS = 1 (the epilogue's
+// reduction takes one slot of s_s per (side, key range), which QG >= 2 provides: 2 NKT <= NPAIR; QG = 1
+// has no reduction).
+//
+// v5 (written before it was measured): FUSE = 2 makes each block 16 keys x 32 rows (two 16-row halves in
+// one round: S^T / dP^T as two C matrices, P^T and dS^T rows of 32 queries, dV and dK with k = 32), so that
+// a 32-row tile needs NKT blocks (4 subgroups at 32x32) and each round carries twice the data. SPLIT = 2
+// (`v5-recompute`) drops the hand-over: the K-side recomputes S^T and P^T itself, in its own s_s rows (slot
+// g: s_s has a slot per subgroup) and its ds_s rows (P^T, then dS^T in place), and there is no third
+// workgroup barrier. The epilogue writes the V-sides' dV, then the K-sides' dK, through slot kt of s_s.
 
 diagnostic(off, derivative_uniformity);
 enable f16;
@@ -45,9 +64,13 @@ enable wgpu_cooperative_matrix;
 
 #include shared/coop_backward.wgsl
 override RS: u32 = 1u;               // 16-row slices of each staged tile per subgroup
+override SPLIT: u32 = 0u;            // 1: dK and dV of a block on two subgroups (v4); 2: without hand-over
+override FUSE: u32 = 1u;             // 16-row halves per block (2 only with SPLIT)
 override NKT: u32 = BK / 16u;        // key ranges of 16
-override QG: u32 = BQ / 16u / RS;    // row groups: subgroup qs takes slices qs, qs + QG, ..
-override NSG: u32 = NKT * QG;        // subgroups the kernel needs
+override QG: u32 = BQ / 16u / RS / FUSE; // row groups: subgroup qs takes slices qs, qs + QG, ..
+override NPAIR: u32 = NKT * QG;      // (key range, row group) blocks; 16 scratch rows each
+override NSG: u32 = NPAIR * (1u + min(SPLIT, 1u)); // subgroups the kernel needs
+override NSS: u32 = select(NPAIR, NSG, SPLIT == 2u); // 16-row slots of s_s: per block, or per subgroup
 override PS4: u32 = 6u;               // vec4s per P^T / dS^T row (16 queries, padded)
 override SS4: u32 = 6u;               // vec4s per S^T / dP^T row (16 queries, padded; also dK/dV staging)
 override PREFETCH: u32 = 0u;          // 1: the next query tile is fetched during the current one's math
@@ -63,9 +86,9 @@ var<workgroup> k_s: array<vec4<f16>, BK * KS4>;
 var<workgroup> v_s: array<vec4<f16>, BK * KS4>;
 var<workgroup> q_s: array<vec4<f16>, BQ * KS4>;
 var<workgroup> do_s: array<vec4<f16>, BQ * KS4>;
-var<workgroup> p_s: array<vec4<f16>, 16u * NSG * PS4>;
-var<workgroup> ds_s: array<vec4<f16>, 16u * NSG * PS4>;
-var<workgroup> s_s: array<vec4<f32>, 16u * NSG * SS4>;
+var<workgroup> p_s: array<vec4<f16>, 16u * NPAIR * PS4>;
+var<workgroup> ds_s: array<vec4<f16>, 16u * NPAIR * PS4>;
+var<workgroup> s_s: array<vec4<f32>, 16u * NSS * SS4>;
 var<workgroup> lse_s: array<vec4<f32>, BQ / 4u>;
 var<workgroup> delta_s: array<vec4<f32>, BQ / 4u>;
 var<workgroup> shape_ok_s: u32;
@@ -83,9 +106,11 @@ fn store_grad(which: u32, b: u32, tok: u32, head: u32, c4: u32, x: vec4<f16>) {
 
 // What one subgroup works on.
 struct Sub {
-    g: u32,   // subgroup: its rows of s_s, p_s, ds_s are 16g..16g+15
-    kt: u32,  // its keys: 16kt.. of the tile (the rows of its A matrices)
-    qs: u32,  // its row group: slices qs, qs + QG, .. (rows 16 slice..) of each staged query tile
+    g: u32,    // its block: its rows of p_s, ds_s (and s_s unless SPLIT = 2) are 16g..16g+15
+    s: u32,    // its slot of s_s (g, or the subgroup with SPLIT = 2)
+    kt: u32,   // its keys: 16kt.. of the tile (the rows of its A matrices)
+    qs: u32,   // its row group: slices qs, qs + QG, .. (rows 16 slice..) of each staged query tile
+    side: u32, // SPLIT: 0 S^T, P^T, dV; 1 dP^T, dS^T, dK (0 without SPLIT: both)
 }
 
 // S^T = K Q^T (`grad` false) or dP^T = V dO^T (true) of the subgroup's keys against the queries of
@@ -149,6 +174,71 @@ fn accumulate(
         *v7 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 28u], KS4), *v7);
         *k7 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 28u], KS4), *k7);
     }
+}
+
+// v4 (SPLIT): the V-side's dV += P^T dO or the K-side's dK += dS^T Q over the queries of slice `sl` (and,
+// with FUSE = 2, of slice sl + 1, added after it), into the subgroup's one set of accumulators.
+fn accumulate_half(
+    u: Sub,
+    sl: u32,
+    a0: ptr<function, CM>,
+    a1: ptr<function, CM>,
+    a2: ptr<function, CM>,
+    a3: ptr<function, CM>,
+    a4: ptr<function, CM>,
+    a5: ptr<function, CM>,
+    a6: ptr<function, CM>,
+    a7: ptr<function, CM>,
+) {
+    for (var f = 0u; f < FUSE; f++) {
+        let at = 16u * (sl + f) * KS4;
+        let ap = 16u * u.g * PS4 + 4u * f;
+        if u.side == 0u {
+            let pa = coopLoadT<AM>(&p_s[ap], PS4);
+            *a0 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at], KS4), *a0);
+            *a1 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 4u], KS4), *a1);
+            *a2 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 8u], KS4), *a2);
+            *a3 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 12u], KS4), *a3);
+            if D > 64u {
+                *a4 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 16u], KS4), *a4);
+                *a5 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 20u], KS4), *a5);
+                *a6 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 24u], KS4), *a6);
+                *a7 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 28u], KS4), *a7);
+            }
+        } else {
+            let da = coopLoadT<AM>(&ds_s[ap], PS4);
+            *a0 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at], KS4), *a0);
+            *a1 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 4u], KS4), *a1);
+            *a2 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 8u], KS4), *a2);
+            *a3 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 12u], KS4), *a3);
+            if D > 64u {
+                *a4 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 16u], KS4), *a4);
+                *a5 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 20u], KS4), *a5);
+                *a6 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 24u], KS4), *a6);
+                *a7 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 28u], KS4), *a7);
+            }
+        }
+    }
+}
+
+// P^T of the subgroup's block from S^T in s_s (lanes 2r, 2r+1: key row `row`, interleaved vec4 columns `h`;
+// 16 FUSE queries, vec4s 2i + h for i < 2 FUSE) and the LSE of each column's query (slice `sl`, first query
+// q0); the element mask only where `need_mask` (the block touches the causal diagonal or the sequence end;
+// row masks and rows past the end have LSE = +BIG).
+fn probs(sl: u32, row: u32, h: u32, kj: u32, q0: u32, need_mask: bool) -> array<vec4<f32>, 4> {
+    let seq = params.seq_len;
+    let causal = params.causal != 0u;
+    var pr: array<vec4<f32>, 4>;
+    for (var i = 0u; i < 2u * FUSE; i++) {
+        var p = exp2(s_s[row * SS4 + 2u * i + h] * params.scale_log2 - lse_s[4u * sl + 2u * i + h]);
+        if need_mask {
+            let qi = vec4<u32>(q0 + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
+            let ok = vec4<bool>(kj < seq) & (vec4<bool>(!causal) | (vec4<u32>(kj) <= qi));
+            p = select(vec4<f32>(0.0), p, ok);
+        }
+        pr[i] = p;
+    }
+    return pr;
 }
 
 // Stages the tile's BK rows of K and V (KV head `head`, from token `tok0`); zeros past the end.
@@ -261,29 +351,45 @@ fn walk(c: Cursor, head_end: u32, kb: u32, k0: u32) -> Cursor {
     return n;
 }
 
-// Adds the partial sums of the key range's other row groups (qs = 1, 2, ..) into subgroup qs = 0's `m`,
-// through s_s, in a fixed order. Called by every subgroup (workgroup barriers); only qs = 0 uses the result.
+// The s_s slot (16 rows) through which row group `src`'s partial sum reaches row group 0: the storing
+// subgroup's own block without SPLIT, one per (side, key range) with it (2 NKT <= NPAIR where QG >= 2,
+// the only case with a reduction step).
+fn reduce_slot(u: Sub, src: u32) -> u32 {
+    return select(u.kt + src * NKT, u.side * NKT + u.kt, SPLIT != 0u);
+}
+
+// Adds the partial sums of the key range's other row groups (qs = 1, 2, ..) into subgroup qs = 0's `m`
+// (of the same side), through s_s, in a fixed order. Called by every subgroup (workgroup barriers); only
+// qs = 0 uses the result.
 fn reduce(u: Sub, m: CM) -> CM {
     var acc = m;
     for (var src = 1u; src < QG; src++) {
         workgroupBarrier();
         if u.qs == src {
-            coopStoreT(m, &s_s[16u * u.g * SS4], SS4);
+            coopStoreT(m, &s_s[16u * reduce_slot(u, src) * SS4], SS4);
         }
         workgroupBarrier();
         if u.qs == 0u {
-            acc = acc + coopLoadT<CM>(&s_s[16u * (u.kt + src * NKT) * SS4], SS4);
+            acc = acc + coopLoadT<CM>(&s_s[16u * reduce_slot(u, src) * SS4], SS4);
         }
     }
     workgroupBarrier(); // s_s is free again for the epilogue's staging
     return acc;
 }
 
-// The reduced dK or dV matrix `m` (head dims 16j..) of subgroup qs = 0, written times `scale`.
+// The reduced dK or dV matrix `m` (head dims 16j..) of subgroup qs = 0, written times `scale`, staged
+// through slot kt of s_s (the subgroup's own rows without SPLIT: g = kt there; write_grad takes the slot's
+// rows as those of invocations 32 kt..). With SPLIT the V-sides write first, then the K-sides, a workgroup
+// barrier apart (reduce() ends with one, so the slots are free when the first side starts).
 fn finish(u: Sub, m: CM, lid: u32, k0: u32, b: u32, kv_head: u32, j: u32, scale: f32, which: u32) {
     let total = reduce(u, m);
-    if u.qs == 0u {
-        write_grad(total, u.g, lid, k0, b, kv_head, j, scale, which);
+    for (var side = 0u; side <= min(SPLIT, 1u); side++) {
+        if side > 0u {
+            workgroupBarrier();
+        }
+        if u.qs == 0u && u.side == side {
+            write_grad(total, u.kt, 32u * u.kt + lid % 32u, k0, b, kv_head, j, scale, which);
+        }
     }
 }
 
@@ -314,10 +420,12 @@ fn main(
     let seq = params.seq_len;
     let causal = params.causal != 0u;
     let g = min(sg_id, NSG - 1u);
-    let u = Sub(g, g % NKT, g / NKT);
+    let blk = g % NPAIR;
+    let u = Sub(blk, select(blk, g, SPLIT == 2u), blk % NKT, blk / NKT, g / NPAIR);
     // Elementwise role: lanes 2r and 2r+1 of the subgroup own its key 16kt + r, each half of the row's
-    // vec4 columns (interleaved); `row` is that key's row in s_s, p_s and ds_s.
-    let row = lid / 2u;
+    // vec4 columns (interleaved); `row` is that key's row in p_s and ds_s, `srow` in s_s.
+    let row = 16u * u.g + (lid % 32u) / 2u;
+    let srow = 16u * u.s + (lid % 32u) / 2u;
     let h = lid % 2u;
     let kj = k0 + 16u * u.kt + row % 16u;
     let key0 = k0 + 16u * u.kt;
@@ -339,6 +447,8 @@ fn main(
     }
 
     stage_kv(b, kv_head, k0, lid);
+    // dV (v0..) and dK (dk0..) of the subgroup's keys; with SPLIT, v0..v7 are the V-side's dV or the
+    // K-side's dK and dk0..dk7 stay unused.
     var v0 = CM();
     var v1 = CM();
     var v2 = CM();
@@ -382,6 +492,76 @@ fn main(
         }
         cur = next;
 
+        if SPLIT != 0u {
+            // v4 / v5: the block's V-side and K-side (see the header); a block whose rows lie past the
+            // end, or all precede its keys (causal), is skipped by both.
+            let sl = u.qs * FUSE;
+            let q0 = row0 + 16u * sl;
+            let rows = 16u * FUSE;
+            let live = key0 < seq && q0 < seq && (!causal || key0 <= min(q0 + rows - 1u, seq - 1u));
+            let need_mask = key0 + 16u > seq || (causal && key0 + 15u > q0);
+            var dpt0 = CM();
+            var dpt1 = CM();
+            if live {
+                if u.side == 0u || SPLIT == 2u {
+                    // S^T -> s_s -> P^T: the V-side's to p_s; (SPLIT = 2) the K-side's own to ds_s.
+                    let st0 = scores(u, sl, false);
+                    if FUSE == 2u {
+                        let st1 = scores(u, sl + 1u, false);
+                        if u.side == 1u {
+                            dpt0 = scores(u, sl, true);
+                            dpt1 = scores(u, sl + 1u, true);
+                        }
+                        coopStoreT(st1, &s_s[16u * u.s * SS4 + 4u], SS4);
+                    } else if u.side == 1u {
+                        dpt0 = scores(u, sl, true);
+                    }
+                    coopStoreT(st0, &s_s[16u * u.s * SS4], SS4);
+                    subgroupBarrier();
+                    let pr = probs(sl, srow, h, kj, q0, need_mask);
+                    for (var i = 0u; i < 2u * FUSE; i++) {
+                        if u.side == 0u {
+                            p_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i]);
+                        } else {
+                            ds_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i]);
+                        }
+                    }
+                    if SPLIT == 2u {
+                        subgroupBarrier(); // S^T is read (K-side: dP^T takes its place); P^T complete (V-side)
+                    }
+                } else {
+                    dpt0 = scores(u, sl, true);
+                    if FUSE == 2u {
+                        dpt1 = scores(u, sl + 1u, true);
+                    }
+                }
+            }
+            if SPLIT == 1u {
+                workgroupBarrier(); // every block's P^T is in p_s, and its S^T has been read
+            }
+            if live {
+                if u.side == 1u {
+                    coopStoreT(dpt0, &s_s[16u * u.s * SS4], SS4);
+                    if FUSE == 2u {
+                        coopStoreT(dpt1, &s_s[16u * u.s * SS4 + 4u], SS4);
+                    }
+                    subgroupBarrier();
+                    for (var i = 0u; i < 2u * FUSE; i++) {
+                        let dp = s_s[srow * SS4 + 2u * i + h];
+                        // P^T as f16: the V-side's (SPLIT = 1) or this subgroup's own (SPLIT = 2, in place).
+                        var p = vec4<f32>(ds_s[row * PS4 + 2u * i + h]);
+                        if SPLIT == 1u {
+                            p = vec4<f32>(p_s[row * PS4 + 2u * i + h]);
+                        }
+                        ds_s[row * PS4 + 2u * i + h] = vec4<f16>(p * (dp - delta_s[4u * sl + 2u * i + h]));
+                    }
+                    subgroupBarrier(); // dS^T is complete
+                }
+                accumulate_half(u, sl, &v0, &v1, &v2, &v3, &v4, &v5, &v6, &v7);
+            }
+            continue;
+        }
+
         // The subgroup's slices one after the other (RS of them); a slice whose rows lie past the end,
         // or all precede the subgroup's keys (causal), is skipped.
         for (var r = 0u; r < RS; r++) {
@@ -393,20 +573,8 @@ fn main(
                 coopStoreT(st, &s_s[16u * g * SS4], SS4);
                 subgroupBarrier();
 
-                // P^T from the LSE of each column's query; the element mask only where the subgroup's
-                // square touches the causal diagonal or the sequence end (row masks and rows past the
-                // end: LSE = +BIG).
                 let need_mask = key0 + 16u > seq || (causal && key0 + 15u > q0);
-                var pr: array<vec4<f32>, 2>;
-                for (var i = 0u; i < 2u; i++) {
-                    var p = exp2(s_s[row * SS4 + 2u * i + h] * params.scale_log2 - lse_s[4u * sl + 2u * i + h]);
-                    if need_mask {
-                        let qi = vec4<u32>(q0 + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
-                        let ok = vec4<bool>(kj < seq) & (vec4<bool>(!causal) | (vec4<u32>(kj) <= qi));
-                        p = select(vec4<f32>(0.0), p, ok);
-                    }
-                    pr[i] = p;
-                }
+                let pr = probs(sl, row, h, kj, q0, need_mask);
                 subgroupBarrier(); // S^T is read: dP^T takes its place
                 coopStoreT(dpt, &s_s[16u * g * SS4], SS4);
                 subgroupBarrier();
@@ -427,6 +595,22 @@ fn main(
     // dK = scale * sum dS^T Q (scale = scale_log2 * ln 2); dV = sum P^T dO. 16 head dims at a time, the
     // query-row subgroups' partial sums added first.
     let scale = params.scale_log2 * LN2;
+    if SPLIT != 0u {
+        // v4: the V-side's accumulators are dV, the K-side's dK.
+        let sc = select(1.0, scale, u.side == 1u);
+        let which = select(2u, 1u, u.side == 1u);
+        finish(u, v0, lid, k0, b, kv_head, 0u, sc, which);
+        finish(u, v1, lid, k0, b, kv_head, 1u, sc, which);
+        finish(u, v2, lid, k0, b, kv_head, 2u, sc, which);
+        finish(u, v3, lid, k0, b, kv_head, 3u, sc, which);
+        if D > 64u {
+            finish(u, v4, lid, k0, b, kv_head, 4u, sc, which);
+            finish(u, v5, lid, k0, b, kv_head, 5u, sc, which);
+            finish(u, v6, lid, k0, b, kv_head, 6u, sc, which);
+            finish(u, v7, lid, k0, b, kv_head, 7u, sc, which);
+        }
+        return;
+    }
     finish(u, dk0, lid, k0, b, kv_head, 0u, scale, 1u);
     finish(u, dk1, lid, k0, b, kv_head, 1u, scale, 1u);
     finish(u, dk2, lid, k0, b, kv_head, 2u, scale, 1u);

@@ -136,10 +136,11 @@ fn coop_kernels_resolve_their_overrides_and_write_spirv() {
         for (kernel, tiles) in
             [(Kernel::ForwardCoop, &forward[..]), (Kernel::BackwardCoopDq, &dq), (Kernel::BackwardCoopDkDv, &dkdv)]
         {
-            // The dK/dV kernel at each of its one-slice switch settings (S2ATTN_BWD_DKDV; v3's tiles:
-            // coop_dkdv_v3_resolves_its_slices_and_writes_spirv), the others once.
+            // The dK/dV kernel at each of its one-slice, one-subgroup-per-block switch settings
+            // (S2ATTN_BWD_DKDV; v3's, v4's and v5's tiles: coop_dkdv_v3_resolves_its_slices_and_writes_spirv),
+            // the others once.
             let switches: Vec<(&str, Vec<(&str, u32)>)> = if kernel == Kernel::BackwardCoopDkDv {
-                let one_slice = CoopDkdv::ALL.iter().filter(|(_, s)| s.slices == 1);
+                let one_slice = CoopDkdv::ALL.iter().filter(|(_, s)| s.slices == 1 && s.split == 0);
                 one_slice.map(|&(name, s)| (name, s.constants().to_vec())).collect()
             } else {
                 vec![("", Vec::new())]
@@ -199,6 +200,15 @@ fn coop_dkdv_v3_resolves_its_slices_and_writes_spirv() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // SPLIT reaches the kernel: v4 and v2 at the same tile and workgroup size differ.
+    let tile = CoopTile { tile_q: 32, tile_kv: 32 };
+    let split = |k: CoopDkdv| {
+        let mut constants = vec![("D", 128), ("BQ", 32), ("BK", 32), ("WG", 256)];
+        constants.extend(k.constants());
+        spirv(Kernel::BackwardCoopDkDv, &constants).expect("spirv")
+    };
+    assert_eq!(32 * CoopDkdv::V4.subgroups(tile), 256);
+    assert_ne!(split(CoopDkdv::V4), split(CoopDkdv::V2));
     // RS reaches the kernel: v3 and v2 at the same tile and workgroup differ.
     let tile = CoopTile { tile_q: 32, tile_kv: 32 };
     let wg = 32 * CoopDkdv::V3.subgroups(tile);

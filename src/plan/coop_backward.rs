@@ -17,7 +17,12 @@
 //! subgroup (`RS`), makes `v3` = v2 with two 16-row slices per subgroup (`slices`: v1 with them): the same
 //! staged query tile needs half the subgroups, each doing twice the math between the tile's two workgroup
 //! barriers (unmeasured, opt-in; its own tile candidates, and the one-slice setting, saying so, where none
-//! fits). The planner writes the choice into the dK/dV plan's reason (what `explain()` prints), and the
+//! fits). A fifth, `SPLIT`, makes `v4` = v2 with dK and dV of each 16-key x 16-row block on two subgroups
+//! (64 accumulator registers each instead of 128, twice the subgroups per staged tile, one more workgroup
+//! barrier per tile that hands P^T from the dV subgroup to the dK one; opt-in, its own tiles: at least 32
+//! query rows). `v5` fuses two 16-row slices into one 32-row block per subgroup pair (`FUSE` = 2: each round
+//! carries twice the data, 4 subgroups per 32x32 tile), `v5-recompute` also drops the P^T hand-over (the dK
+//! subgroup recomputes S^T and P^T; `SPLIT` = 2). The planner writes the choice into the dK/dV plan's reason (what `explain()` prints), and the
 //! host reads it back from there with [`CoopDkdv::of_plan`].
 
 use super::coop::COOP_SUBGROUP_SIZE;
@@ -46,7 +51,7 @@ pub const DKDV_KERNEL_VAR: &str = "S2ATTN_BWD_DKDV";
 const DKDV_TAG: &str = "dK/dV kernel ";
 
 /// The switches of the coop dK/dV kernel (`shaders/backward_coop_dkdv.wgsl`'s `PREFETCH`, `DESCEND`,
-/// `LONGEST_FIRST` and `RS` override constants).
+/// `LONGEST_FIRST`, `RS` and `SPLIT` override constants).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CoopDkdv {
     /// Fetch the next query tile's Q, dO, LSE and D into registers during the current tile's math.
@@ -57,27 +62,42 @@ pub struct CoopDkdv {
     pub longest_first: bool,
     /// 16-row slices of each staged query tile per subgroup (1 or 2).
     pub slices: u32,
+    /// dK and dV of each block on two subgroups (one slice each): 0 no, 1 with P^T handed from the dV
+    /// subgroup to the dK one through workgroup memory, 2 with the dK subgroup recomputing it.
+    pub split: u32,
+    /// 16-row halves per block (1 or 2; 2 only with `split`): rounds of 16 keys x 16 `fuse` rows.
+    pub fuse: u32,
 }
 
 impl CoopDkdv {
     /// The first kernel: plain staging, ascending lists, KV-tile launch order.
-    pub const V1: Self = Self { prefetch: false, descend: false, longest_first: false, slices: 1 };
+    pub const V1: Self = Self { prefetch: false, descend: false, longest_first: false, slices: 1, split: 0, fuse: 1 };
     /// The three boolean switches on, one slice per subgroup.
-    pub const V2: Self = Self { prefetch: true, descend: true, longest_first: true, slices: 1 };
+    pub const V2: Self = Self { prefetch: true, descend: true, longest_first: true, slices: 1, split: 0, fuse: 1 };
     /// v2 with two 16-row slices of each staged query tile per subgroup.
     pub const V3: Self = Self { slices: 2, ..Self::V2 };
+    /// v2 with dK and dV of each block on two subgroups.
+    pub const V4: Self = Self { split: 1, ..Self::V2 };
+    /// v4 with 32-row blocks (two 16-row halves per round).
+    pub const V5: Self = Self { fuse: 2, ..Self::V4 };
+    /// v5 without the P^T hand-over (the dK subgroup recomputes S^T and P^T).
+    pub const V5_RECOMPUTE: Self = Self { split: 2, ..Self::V5 };
     /// Every setting with its name, as `S2ATTN_BWD_DKDV` takes it.
-    pub const ALL: [(&'static str, Self); 7] = [
+    pub const ALL: [(&'static str, Self); 10] = [
         ("v1", Self::V1),
         ("v2", Self::V2),
         ("v3", Self::V3),
+        ("v4", Self::V4),
+        ("v5", Self::V5),
+        ("v5-recompute", Self::V5_RECOMPUTE),
         ("prefetch", Self { prefetch: true, ..Self::V1 }),
         ("descend", Self { descend: true, ..Self::V1 }),
         ("longest-first", Self { longest_first: true, ..Self::V1 }),
         ("slices", Self { slices: 2, ..Self::V1 }),
     ];
 
-    /// The setting's name (`v1`, `v2`, `v3`, `prefetch`, `descend`, `longest-first`, `slices`).
+    /// The setting's name (`v1`, `v2`, `v3`, `v4`, `v5`, `v5-recompute`, `prefetch`, `descend`,
+    /// `longest-first`, `slices`).
     pub fn name(self) -> &'static str {
         Self::ALL.iter().find(|(_, k)| *k == self).map_or("v1", |(n, _)| n)
     }
@@ -105,27 +125,51 @@ impl CoopDkdv {
     }
 
     /// The kernel's override constants for this setting.
-    pub fn constants(self) -> [(&'static str, u32); 4] {
+    pub fn constants(self) -> [(&'static str, u32); 8] {
+        let (ss4, ps4) = self.row_vec4s();
         [
             ("PREFETCH", self.prefetch as u32),
             ("DESCEND", self.descend as u32),
             ("LONGEST_FIRST", self.longest_first as u32),
             ("RS", self.slices),
+            ("SPLIT", self.split),
+            ("FUSE", self.fuse),
+            ("SS4", ss4),
+            ("PS4", ps4),
         ]
+    }
+
+    /// vec4s per scratch row: S^T/dP^T (f32) and P^T/dS^T (f16), 16 `fuse` queries padded by 8 (v5-recompute:
+    /// by 4 and unpadded, to fit its per-subgroup S^T rows in 48 KiB at 32x32, head_dim 128).
+    pub fn row_vec4s(self) -> (u32, u32) {
+        match (self.fuse, self.split) {
+            (2, 2) => (9, 8),
+            (2, _) => (10, 10),
+            _ => (6, 6),
+        }
     }
 
     /// The (query rows per staged tile, keys per workgroup) candidates of this setting, preferred first.
     pub fn tiles(self) -> &'static [(u32, u32)] {
-        if self.slices == 2 {
+        if self.fuse == 2 {
+            &DKDV_TILES_V5
+        } else if self.split > 0 {
+            &DKDV_TILES_V4
+        } else if self.slices == 2 {
             &DKDV_TILES_V3
         } else {
             &DKDV_TILES
         }
     }
 
-    /// Subgroups per workgroup at `tile`: one per 16 keys x `16 * slices` query rows.
+    /// Blocks of 16 keys x `16 * slices * fuse` query rows per workgroup at `tile` (16 scratch rows each).
+    pub fn blocks(self, tile: CoopTile) -> u32 {
+        (tile.tile_kv / 16) * (tile.tile_q / 16 / self.slices.max(1) / self.fuse.max(1))
+    }
+
+    /// Subgroups per workgroup at `tile`: one per block, two with [`CoopDkdv::split`].
     pub fn subgroups(self, tile: CoopTile) -> u32 {
-        (tile.tile_kv / 16) * (tile.tile_q / 16 / self.slices.max(1))
+        self.blocks(tile) * (1 + self.split.min(1))
     }
 }
 
@@ -159,6 +203,11 @@ const DQ_TILES: [(u32, u32); 4] = [(128, 32), (64, 32), (128, 16), (64, 16)];
 const DKDV_TILES: [(u32, u32); 5] = [(32, 32), (16, 64), (16, 32), (32, 16), (16, 16)];
 /// dK/dV-pass candidates with two row slices per subgroup (v3): query tiles of 32 or 64 rows.
 const DKDV_TILES_V3: [(u32, u32); 4] = [(64, 32), (32, 32), (64, 16), (32, 16)];
+/// dK/dV-pass candidates with dK and dV on two subgroups (v4): the measured tiles, of at least two row groups
+/// (v2's tiles of 32 rows; 64 rows do not fit 48 KiB at head_dim 128).
+const DKDV_TILES_V4: [(u32, u32); 3] = [(32, 32), (64, 16), (32, 16)];
+/// dK/dV-pass candidates with 32-row blocks (v5): 64 rows only where they fit (head_dim 64).
+const DKDV_TILES_V5: [(u32, u32); 4] = [(64, 32), (32, 32), (64, 16), (32, 16)];
 /// Most Q (and dO) vec4s one invocation of the coop dK/dV kernel fetches per query tile (its `MAX_QF`).
 const DKDV_MAX_FETCH: u32 = 16;
 
@@ -169,12 +218,15 @@ pub fn coop_dq_workgroup_bytes(tile: CoopTile, head_dim: u32) -> u32 {
     2 * k * (head_dim + 8) * 2 + q * (k + 8) * 2 + q * (k + 8) * 4 + 4
 }
 
-/// Workgroup bytes of the coop dK/dV kernel `kernel`: K, V, Q and dO rows (padded), per subgroup 16 rows
-/// of P^T and dS^T (24 halves) and of S^T/dP^T (24 floats), LSE and D per query, one flag.
+/// Workgroup bytes of the coop dK/dV kernel `kernel`: K, V, Q and dO rows (padded), per block (subgroup, or
+/// subgroup pair with `split`) 16 rows of P^T and dS^T ([`CoopDkdv::row_vec4s`] vec4s of halves) and of
+/// S^T/dP^T (of floats; per subgroup with `split` 2), LSE and D per query, one flag.
 pub fn coop_dkdv_workgroup_bytes(tile: CoopTile, head_dim: u32, kernel: CoopDkdv) -> u32 {
     let (q, k) = (tile.tile_q, tile.tile_kv);
-    let rows = 16 * kernel.subgroups(tile);
-    2 * (k + q) * (head_dim + 8) * 2 + rows * 24 * (2 * 2 + 4) + 2 * q * 4 + 4
+    let (ss4, ps4) = kernel.row_vec4s();
+    let rows = 16 * kernel.blocks(tile);
+    let s_rows = if kernel.split == 2 { 16 * kernel.subgroups(tile) } else { rows };
+    2 * (k + q) * (head_dim + 8) * 2 + rows * 2 * ps4 * 8 + s_rows * ss4 * 16 + 2 * q * 4 + 4
 }
 
 /// The coop dK/dV tiles of `kernel` that fit: the block size, the fetch registers, the workgroup's memory
@@ -189,7 +241,9 @@ fn dkdv_candidates(shape: &Shape, bs: u32, caps: &DeviceCaps, kernel: CoopDkdv) 
             let wg = kernel.subgroups(*t) * COOP_SUBGROUP_SIZE;
             let fetches = t.tile_q * d / 4;
             wg > 0
-                && t.tile_q % (16 * kernel.slices) == 0
+                && t.tile_q % (16 * kernel.slices * kernel.fuse) == 0
+                && (kernel.split == 0 || (kernel.slices == 1 && t.tile_q >= 32))
+                && (kernel.fuse == 1 || kernel.split > 0)
                 && fetches % wg == 0
                 && fetches / wg <= DKDV_MAX_FETCH
                 && bs % t.tile_kv == 0
@@ -287,9 +341,9 @@ fn plan_coop_with(shape: &Shape, layout: &Layout, caps: &DeviceCaps, asked: Coop
     let mut kernel = asked;
     let mut dkdv = dkdv_candidates(shape, bs, caps, kernel);
     let mut note = String::new();
-    if dkdv.is_empty() && kernel.slices > 1 {
-        // v3's 32/64-row tiles do not fit (16-key tiles at head_dim 128): v2, saying so.
-        kernel = CoopDkdv { slices: 1, ..kernel };
+    if dkdv.is_empty() && (kernel.slices > 1 || kernel.split > 0) {
+        // v3's 32/64-row tiles do not fit (16-key tiles at head_dim 128), or no v4/v5 tile does: v2, saying so.
+        kernel = CoopDkdv { slices: 1, split: 0, fuse: 1, ..kernel };
         dkdv = dkdv_candidates(shape, bs, caps, kernel);
         note = format!("; {} has no tile that fits here", asked.name());
     }
@@ -390,9 +444,16 @@ mod tests {
             plan.reason = format!("largest tile that fits; {DKDV_TAG}{name}");
             assert_eq!(CoopDkdv::of_plan(&plan), kernel, "{}", plan.reason);
         }
-        assert_eq!(CoopDkdv::V2.constants(), [("PREFETCH", 1), ("DESCEND", 1), ("LONGEST_FIRST", 1), ("RS", 1)]);
-        assert_eq!(CoopDkdv::V3.constants(), [("PREFETCH", 1), ("DESCEND", 1), ("LONGEST_FIRST", 1), ("RS", 2)]);
-        assert!(CoopDkdv::parse("v4").is_err());
+        let on = [("PREFETCH", 1), ("DESCEND", 1), ("LONGEST_FIRST", 1)];
+        let rest = |k: CoopDkdv| k.constants()[3..].to_vec();
+        assert_eq!(CoopDkdv::V2.constants()[..3], on);
+        assert_eq!(rest(CoopDkdv::V2), [("RS", 1), ("SPLIT", 0), ("FUSE", 1), ("SS4", 6), ("PS4", 6)]);
+        assert_eq!(rest(CoopDkdv::V3), [("RS", 2), ("SPLIT", 0), ("FUSE", 1), ("SS4", 6), ("PS4", 6)]);
+        assert_eq!(CoopDkdv::V4.constants()[..3], on);
+        assert_eq!(rest(CoopDkdv::V4), [("RS", 1), ("SPLIT", 1), ("FUSE", 1), ("SS4", 6), ("PS4", 6)]);
+        assert_eq!(rest(CoopDkdv::V5), [("RS", 1), ("SPLIT", 1), ("FUSE", 2), ("SS4", 10), ("PS4", 10)]);
+        assert_eq!(rest(CoopDkdv::V5_RECOMPUTE), [("RS", 1), ("SPLIT", 2), ("FUSE", 2), ("SS4", 9), ("PS4", 8)]);
+        assert!(CoopDkdv::parse("v6").is_err());
         plan.reason = "largest tile that fits".into();
         assert_eq!(CoopDkdv::of_plan(&plan), CoopDkdv::V1);
     }
@@ -429,6 +490,61 @@ mod tests {
         // At d64 16-token blocks take 64 rows x 16 keys, two subgroups.
         let p64 = plan_coop_with(&Shape::new(1, 4096, 64, DType::F16), &l16, &caps, CoopDkdv::V3).expect("plan");
         assert_eq!(tile(&p64.dkdv), (64, 16, 64));
+    }
+
+    #[test]
+    fn v4_splits_dk_and_dv_over_two_subgroups_at_v2s_workgroup_bytes() {
+        let caps = h100();
+        let tile = |p: &DispatchPlan| (p.tile_q, p.tile_kv, p.workgroup_size);
+        for (bs, d, want) in
+            [(64, 128, (32, 32, 256)), (64, 64, (32, 32, 256)), (16, 128, (32, 16, 128)), (16, 64, (64, 16, 256))]
+        {
+            let layout = Layout::s2(S2Config::new(4, bs, 2, 4)).expect("layout");
+            let shape = Shape::new(1, 4096, d, DType::F16);
+            let plan = plan_coop_with(&shape, &layout, &caps, CoopDkdv::V4).expect("plan").dkdv;
+            assert_eq!(tile(&plan), want, "block {bs} d {d}");
+            assert_eq!(CoopDkdv::of_plan(&plan), CoopDkdv::V4, "{}", plan.reason);
+            assert!(plan.reason.contains("dK/dV kernel v4"), "{}", plan.reason);
+            let ct = CoopTile { tile_q: plan.tile_q, tile_kv: plan.tile_kv };
+            assert_eq!(plan.workgroup_bytes, coop_dkdv_workgroup_bytes(ct, d, CoopDkdv::V4));
+            assert!(plan.workgroup_bytes <= caps.max_workgroup_storage);
+            // The same scratch as v2 at the same tile (one block per subgroup pair), twice the subgroups.
+            assert_eq!(plan.workgroup_bytes, coop_dkdv_workgroup_bytes(ct, d, CoopDkdv::V2));
+            assert_eq!(CoopDkdv::V4.subgroups(ct), 2 * CoopDkdv::V2.subgroups(ct));
+            // Every candidate has at least two row groups (the epilogue's slots) and one slice.
+            for t in dkdv_candidates(&shape, bs, &caps, CoopDkdv::V4) {
+                assert!(t.tile_q >= 32, "{t}");
+            }
+        }
+    }
+
+    #[test]
+    fn v5_takes_32_row_blocks_in_four_subgroups_within_48_kib() {
+        let caps = h100();
+        let tile = |p: &DispatchPlan| (p.tile_q, p.tile_kv, p.workgroup_size);
+        // d128: 32x32 in 4 subgroups (2 blocks of 16 keys x 32 rows); 16-token blocks: 32x16 in 2; d64: v5
+        // takes 64 rows (8 subgroups), v5-recompute's per-subgroup S^T rows do not fit them.
+        for (kernel, d64) in [(CoopDkdv::V5, (64, 32, 256)), (CoopDkdv::V5_RECOMPUTE, (32, 32, 128))] {
+            for (bs, d, want) in [(64, 128, (32, 32, 128)), (16, 128, (32, 16, 64)), (64, 64, d64)] {
+                let layout = Layout::s2(S2Config::new(4, bs, 2, 4)).expect("layout");
+                let shape = Shape::new(1, 4096, d, DType::F16);
+                let plan = plan_coop_with(&shape, &layout, &caps, kernel).expect("plan").dkdv;
+                assert_eq!(tile(&plan), want, "{} block {bs} d {d}", kernel.name());
+                assert_eq!(CoopDkdv::of_plan(&plan), kernel, "{}", plan.reason);
+                let ct = CoopTile { tile_q: plan.tile_q, tile_kv: plan.tile_kv };
+                assert_eq!(plan.workgroup_bytes, coop_dkdv_workgroup_bytes(ct, d, kernel));
+                assert!(
+                    plan.workgroup_bytes <= caps.max_workgroup_storage,
+                    "{} {}",
+                    kernel.name(),
+                    plan.workgroup_bytes
+                );
+            }
+        }
+        let t = CoopTile { tile_q: 32, tile_kv: 32 };
+        assert_eq!(coop_dkdv_workgroup_bytes(t, 128, CoopDkdv::V5), 45316);
+        assert_eq!(coop_dkdv_workgroup_bytes(t, 128, CoopDkdv::V5_RECOMPUTE), 48388);
+        assert_eq!(coop_dkdv_workgroup_bytes(t, 128, CoopDkdv::V2), 47364);
     }
 
     #[test]
