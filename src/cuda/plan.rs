@@ -71,7 +71,8 @@ pub(crate) const WGMMA_Q_BUFS: u32 = 2;
 /// Shared memory of the wgmma kernel: `q_bufs` padded Q tiles, a ring of `stages` K and V chunks in
 /// core-matrix order, and the ring's mbarriers (8 bytes each: full and empty per stage and per Q buffer).
 pub(crate) fn wgmma_smem_bytes(head_dim: u32, stages: u32, q_bufs: u32) -> u32 {
-    (q_bufs * 128 * (head_dim + 8) + stages * 2 * 64 * head_dim) * 2 + 8 * 2 * (stages + q_bufs)
+    // + 1 KB: the kernel aligns its buffers to 1024 bytes (128-byte swizzle atoms) inside the allocation.
+    (q_bufs * 128 * (head_dim + 8) + stages * 2 * 64 * head_dim) * 2 + 8 * 2 * (stages + q_bufs) + 1024
 }
 
 /// Head dimensions the CUDA kernel is built for.
