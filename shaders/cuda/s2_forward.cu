@@ -52,7 +52,7 @@
 #endif
 #define GROUP_ROWS 64
 #define MT 1
-#define KV_STAGE (BLOCK_K * HEAD_DIM)  // K/V chunk in core-matrix order (8 rows x 16 bytes each)
+#define KV_STAGE (BLOCK_K * HEAD_DIM)  // K/V chunk, 128-byte swizzled (SWIZZLE 128) or in core-matrix order (0)
 #if WARPS != 8 || BLOCK_Q != 128 || BLOCK_K != 64 || (HEAD_DIM != 64 && HEAD_DIM != 128)
 #error "the wgmma kernel is built for 8 consumer warps, 128 x 64 tiles and head dims 64 / 128"
 #endif
