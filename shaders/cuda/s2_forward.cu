@@ -52,7 +52,7 @@
 #endif
 #define GROUP_ROWS 64
 #define MT 1
-#define KV_STAGE (BLOCK_K * HEAD_DIM)  // K/V chunk in core-matrix order (8 rows x 16 bytes each)
+#define KV_STAGE (BLOCK_K * HEAD_DIM)  // K/V chunk, 128-byte swizzled (SWIZZLE 128) or in core-matrix order (0)
 #if WARPS != 8 || BLOCK_Q != 128 || BLOCK_K != 64 || (HEAD_DIM != 64 && HEAD_DIM != 128)
 #error "the wgmma kernel is built for 8 consumer warps, 128 x 64 tiles and head dims 64 / 128"
 #endif
@@ -70,6 +70,12 @@
 #endif
 #if STAGES < 3
 #error "STAGES must be at least 3"
+#endif
+#ifndef SWIZZLE
+#define SWIZZLE 128    // K/V shared layout: 128 = 128-byte swizzle (CUTLASS / FA3), 0 = core-matrix order (v6)
+#endif
+#if SWIZZLE != 0 && SWIZZLE != 128
+#error "SWIZZLE must be 0 or 128"
 #endif
 #define Q_BUFS (PERSISTENT ? 2 : 1)
 #else
@@ -237,11 +243,15 @@ __device__ __forceinline__ void fence_regs(float* r) {
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
-// Shared-memory matrix descriptor, no swizzle: 8 x 16-byte core matrices, `lbo` bytes apart along K and
-// `sbo` bytes apart along M/N (the roles the PTX ISA gives them for K-major and, with the transpose bit,
-// MN-major operands in the interleaved layout).
+// Shared-memory matrix descriptor (PTX ISA "Matrix Descriptor"): start address, leading / stride byte offsets
+// (each >> 4), base offset 0 (every swizzle atom is 1024-byte aligned), layout type in bits 62-63 (0: no
+// swizzle, 1: 128-byte swizzle). No swizzle: 8 x 16-byte core matrices, `lbo` bytes apart along K and `sbo`
+// along M/N for K-major operands, the other way round for MN-major ones (transpose bit). 128-byte swizzle,
+// K-major: rows of 128 bytes, `sbo` = 1024 between 8-row groups, `lbo` unused (1); MN-major: `lbo` between
+// 64-column atoms along N, `sbo` = 1024 between 8-row groups along K.
 __device__ __forceinline__ u64 make_desc(u32 addr, u32 lbo, u32 sbo) {
-    return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)((lbo >> 4) & 0x3FFFu) << 16) | ((u64)((sbo >> 4) & 0x3FFFu) << 32);
+    return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)((lbo >> 4) & 0x3FFFu) << 16) |
+           ((u64)((sbo >> 4) & 0x3FFFu) << 32) | ((u64)(SWIZZLE == 128 ? 1 : 0) << 62);
 }
 
 // D[64 x 64] (+)= A[64 x 16] (registers, mma.sync A layout per warp) * B[16 x 64] (shared memory,
@@ -386,6 +396,30 @@ __device__ __forceinline__ void load_rows(u16* dst, const u16* base, long long t
 }
 
 #if USE_WGMMA
+#if SWIZZLE == 128
+// Stages ROWS key rows of one head in the 128-byte-swizzled layout the tensor cores read with descriptor
+// layout type 1: the head dim is split into atoms of 64 columns (128 bytes a row; HEAD_DIM / 64 atoms, each
+// ROWS x 128 bytes, 1024-byte aligned), and within an atom the 16-byte chunk c of row r lands at chunk
+// c ^ (r % 8) of that row (the hardware XORs address bits 4-6 with bits 7-9). Thread i copies chunk i of the
+// row-major order (16 threads per 256-byte global row). Rows past seq are zero-filled.
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void load_kv(u16* dst, const u16* base, long long tok_stride, u32 tok0, u32 seq,
+                                        int tid) {
+    constexpr int N = ROWS * CPR;
+    static_assert(N % THREADS == 0, "whole chunks per thread");
+    const u32 d0 = smem_addr(dst);
+#pragma unroll 8
+    for (int j = 0; j < N / THREADS; ++j) {
+        int i = tid + j * THREADS;
+        int r = i / CPR, c = i % CPR;
+        u32 tok = tok0 + r;
+        bool ok = tok < seq;
+        const u16* src = base + (ok ? (long long)tok * tok_stride : 0) + c * 8;
+        u32 off = (u32)(c / 8) * (ROWS * 128) + (u32)r * 128 + (u32)(((c & 7) ^ (r & 7)) << 4);
+        cp_async16(d0 + off, src, ok);
+    }
+}
+#else
 // Stages ROWS key rows of one head in core-matrix order: the 16-byte chunk (row r, column chunk c) lands at
 // chunk index ((r / 8) * CPR + c) * 8 + r % 8, so each 8 x 16-byte core matrix is 128 contiguous bytes.
 // Thread i copies chunk i of that order: writes are contiguous, and the 8 rows of one core matrix are read
@@ -405,6 +439,7 @@ __device__ __forceinline__ void load_kv(u16* dst, const u16* base, long long tok
         cp_async16(smem_addr(dst + i * 8), src, ok);
     }
 }
+#endif
 #endif
 
 // ---- Pieces shared by both kernels (per warp: MT 16-row tiles, rows g and g + 8 of each per thread) ----
@@ -737,23 +772,36 @@ __device__ __forceinline__ void wait_or_flush(u32 bar, u32 parity, Pending& pd) 
     }
 }
 
-// O += P V for one chunk (V in core-matrix order at v_base; N-major with the transpose bit: key groups of 8
-// are CPR * 128 bytes apart (LBO), d groups of 8 are 128 bytes apart (SBO)). Issue only; commit by caller.
+// O += P V for one chunk, V as B (N-major, transpose bit). SWIZZLE 128: a k-step of 16 keys is 16 rows of
+// 128 bytes (2048 bytes), LBO = one 64-column atom (BLOCK_K * 128 bytes), SBO = 8 rows (1024). No swizzle
+// (core-matrix order): key groups of 8 are CPR * 128 bytes apart (LBO), d groups of 8 are 128 bytes apart
+// (SBO). Issue only; commit by caller.
+#if SWIZZLE == 128
+#define V_DESC(v_base, kk) make_desc((v_base) + (kk) * 16 * 128, BLOCK_K * 128, 1024)
+#else
+#define V_DESC(v_base, kk) make_desc((v_base) + (kk) * 2 * CPR * 128, CPR * 128, 128)
+#endif
 __device__ __forceinline__ void issue_pv(float (&o)[MT][ND][4], const u32 (&pa)[KK][4], u32 v_base) {
 #pragma unroll
     for (int kk = 0; kk < KK; ++kk) {
 #if HEAD_DIM == 128
-        wgmma_n128<1>(&o[0][0][0], pa[kk], make_desc(v_base + kk * 2 * CPR * 128, CPR * 128, 128), 1);
+        wgmma_n128<1>(&o[0][0][0], pa[kk], V_DESC(v_base, kk), 1);
 #else
-        wgmma_n64<1>(&o[0][0][0], pa[kk], make_desc(v_base + kk * 2 * CPR * 128, CPR * 128, 128), 1);
+        wgmma_n64<1>(&o[0][0][0], pa[kk], V_DESC(v_base, kk), 1);
 #endif
     }
 }
 
+#if (BLOCK_Q * LDS * 2) % 1024 != 0 || (KV_STAGE * 2) % 1024 != 0
+#error "Q buffers and K/V stages must keep the 1024-byte alignment of the swizzle atoms"
+#endif
 // 168 registers a thread at entry (384 threads, 1 CTA per SM); setmaxnreg then gives the producer
 // warpgroup PRODUCER_REGS and the consumers CONSUMER_REGS (FA3's split).
 extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const Params p) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    extern __shared__ __align__(1024) unsigned char smem_raw_[];
+    // Swizzle atoms must be 1024-byte aligned in the shared window (the host adds 1 KB of slack); Q_BUFS Q
+    // buffers are multiples of 1024 bytes, so every K / V stage is too.
+    unsigned char* smem_raw = smem_raw_ + ((1024u - (smem_addr(smem_raw_) & 1023u)) & 1023u);
     u16* q_s = (u16*)smem_raw;                   // [Q_BUFS][BLOCK_Q][LDS]
     u16* k_s = q_s + Q_BUFS * BLOCK_Q * LDS;     // [STAGES][KV_STAGE]
     u16* v_s = k_s + STAGES * KV_STAGE;          // [STAGES][KV_STAGE]
@@ -913,11 +961,19 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const Params p) {
                 named_sync(1 + wg, 2 * 128);
 #endif
                 wgmma_fence();
-                // S = Q K^T; K chunk as B (K-major): 16-byte chunks of one key row are 128 bytes apart along d
-                // (LBO), key groups of 8 are CPR * 128 bytes apart (SBO); a k-step of 16 columns is 256 bytes.
+                // S = Q K^T; K chunk as B (K-major). SWIZZLE 128: a k-step of 16 columns advances the start 32
+                // bytes inside a 128-byte row (the hardware applies the XOR to the resulting addresses), every 4
+                // k-steps the next 64-column atom (BLOCK_K * 128 bytes); SBO = 8 rows (1024), LBO unused (16).
+                // No swizzle: 16-byte chunks of one key row are 128 bytes apart along d (LBO), key groups of 8 are
+                // CPR * 128 bytes apart (SBO); a k-step of 16 columns is 256 bytes.
 #pragma unroll
                 for (int kd = 0; kd < KD; ++kd)
+#if SWIZZLE == 128
+                    wgmma_n64<0>(&sc[0][0][0], qa[kd],
+                                 make_desc(k_base + (kd / 4) * (BLOCK_K * 128) + (kd % 4) * 32, 16, 1024), kd > 0);
+#else
                     wgmma_n64<0>(&sc[0][0][0], qa[kd], make_desc(k_base + kd * 256, 128, CPR * 128), kd > 0);
+#endif
                 wgmma_commit();
 #if PIPE
                 issue_pv(o_acc, pp, smem_addr(v_s + p_stage * KV_STAGE));

@@ -68,10 +68,12 @@ pub(crate) const WGMMA_STAGES: u32 = 4;
 /// next tile's Q while the consumers finish this one.
 pub(crate) const WGMMA_Q_BUFS: u32 = 2;
 
-/// Shared memory of the wgmma kernel: `q_bufs` padded Q tiles, a ring of `stages` K and V chunks in
-/// core-matrix order, and the ring's mbarriers (8 bytes each: full and empty per stage and per Q buffer).
+/// Shared memory of the wgmma kernel: `q_bufs` padded Q tiles, a ring of `stages` K and V chunks in the
+/// 128-byte-swizzled layout (v6's core-matrix order with `SWIZZLE=0`, same size), the ring's mbarriers (8 bytes
+/// each: full and empty per stage and per Q buffer) and 1 KB of alignment slack.
 pub(crate) fn wgmma_smem_bytes(head_dim: u32, stages: u32, q_bufs: u32) -> u32 {
-    (q_bufs * 128 * (head_dim + 8) + stages * 2 * 64 * head_dim) * 2 + 8 * 2 * (stages + q_bufs)
+    // + 1 KB: the kernel aligns its buffers to 1024 bytes (128-byte swizzle atoms) inside the allocation.
+    (q_bufs * 128 * (head_dim + 8) + stages * 2 * 64 * head_dim) * 2 + 8 * 2 * (stages + q_bufs) + 1024
 }
 
 /// Head dimensions the CUDA kernel is built for.
@@ -171,7 +173,7 @@ pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result
         format!("tile within a block of {bs}")
     };
     // wgmma only on request: v2 (H100) and the warp-specialised v6 (H200) both measured ~1.7x slower than
-    // mma.sync (shaders/cuda/NOTES.md, v2 and v6).
+    // mma.sync, v7 (128-byte-swizzled K/V) still 1.33-1.41x slower (shaders/cuda/NOTES.md, v2, v6, v7).
     let wgmma_bytes = wgmma_smem_bytes(d, WGMMA_STAGES, WGMMA_Q_BUFS);
     if eligible && hopper && want == Some(true) && wgmma_bytes <= caps.max_workgroup_storage {
         return Ok(DispatchPlan {
@@ -182,7 +184,7 @@ pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result
             workgroup_bytes: wgmma_bytes,
             reason: format!(
                 "{WGMMA_TAG} m64n{tile_kv}k16 / m64n{d}k16, warp specialised: 1 producer warp (cp.async, \
-                 {WGMMA_STAGES}-stage mbarrier ring) + 2 consumer warpgroups x 64 rows (S of the next chunk issued \
+                 {WGMMA_STAGES}-stage mbarrier ring, 128B-swizzled K/V) + 2 consumer warpgroups x 64 rows (S of the next chunk issued \
                  before P V, ping-pong), persistent; {merged}"
             ),
         });
