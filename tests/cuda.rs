@@ -19,11 +19,11 @@ const BF16_TOL: f64 = 1.5e-2;
 fn cuda() -> Option<&'static Context> {
     static CTX: OnceLock<Option<Context>> = OnceLock::new();
     CTX.get_or_init(|| {
-        // tests/cuda_wgmma.rs runs this whole suite as its module `wgmma_suite`, with the wgmma kernel asked
-        // for (set here, before any op is planned; the other tests wait for this initialisation).
-        if module_path!().ends_with("wgmma_suite") {
-            std::env::set_var("S2ATTN_CUDA_KERNEL", "wgmma");
-        }
+        // tests/cuda_wgmma.rs runs this whole suite as its module `wgmma_suite` with the wgmma kernel (the
+        // planner's default on sm_90 since v8), this file with mma.sync, so both stay covered (set here, before
+        // any op is planned; the other tests wait for this initialisation).
+        let kernel = if module_path!().ends_with("wgmma_suite") { "wgmma" } else { "mma" };
+        std::env::set_var("S2ATTN_CUDA_KERNEL", kernel);
         open_cuda()
     })
     .as_ref()
@@ -237,12 +237,12 @@ fn custom_masks_with_block_row_masks_and_empty_rows() {
 }
 
 /// Checks a grid of >= 264 CTAs, which takes 128-row tiles (256 with `S2ATTN_CUDA_TILE_Q=256`): four
-/// 32-row warps on mma.sync, or two 64-row warpgroups on wgmma with `S2ATTN_CUDA_KERNEL=wgmma` on sm_90.
+/// 32-row warps on mma.sync, or two 64-row warpgroups on wgmma on sm_90 (unless `S2ATTN_CUDA_KERNEL=mma`).
 fn check_large<T: Half>(what: &str, layout: &Layout, shape: Shape, seed: u64) {
     let Some(ctx) = cuda() else { return };
     let op = check::<T>(ctx, what, layout, shape, seed);
     assert!(op.plan().tile_q >= 128, "{what}: {}", op.explain());
-    let wgmma_asked = std::env::var("S2ATTN_CUDA_KERNEL").is_ok_and(|v| v == "wgmma");
+    let wgmma_asked = std::env::var("S2ATTN_CUDA_KERNEL").map_or(true, |v| v != "mma");
     let eligible = op.plan().tile_kv == 64 && op.plan().tile_q == 128 && shape.head_dim == 128;
     let hopper = ctx.cuda().is_some_and(|c| c.arch() == (9, 0));
     assert_eq!(op.plan().reason.starts_with("wgmma"), wgmma_asked && eligible && hopper, "{what}: {}", op.explain());

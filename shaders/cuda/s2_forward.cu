@@ -41,8 +41,8 @@
 
 #if USE_WGMMA
 // Warp specialised (v6): WARPS = 8 consumer warps (two warpgroups of 64 rows; each warp holds the
-// accumulators of 16 of its warpgroup's rows) plus a producer warpgroup, one warp of which fills a K/V ring
-// with cp.async (a whole warpgroup so that setmaxnreg can move its registers to the consumers).
+// accumulators of 16 of its warpgroup's rows) plus a producer warpgroup, PRODUCER_WARPS warps of which fill
+// a K/V ring with cp.async (a whole warpgroup so that setmaxnreg can move its registers to the consumers).
 #define NT (WARPS * 32 + 128)
 #ifndef PRODUCER_REGS
 #define PRODUCER_REGS 40
@@ -71,8 +71,35 @@
 #if STAGES < 3
 #error "STAGES must be at least 3"
 #endif
+#ifndef PRODUCER_WARPS
+#define PRODUCER_WARPS 4  // warps of the producer warpgroup that issue cp.async (each its share of rows); 1 = v6/v7
+#endif
+#ifndef PRODUCER_ARRIVE
+#define PRODUCER_ARRIVE 1 // 1: every producer lane ends a stage with cp.async.mbarrier.arrive.noinc, so the stage
+                          // completes when all its bytes landed, no wait_group: up to STAGES chunks in flight
+                          // (consumers fence the async proxy after the wait); 0: v6 hand-off (wait_group 1,
+                          // fence, arrive: about two groups in flight per lane)
+#endif
+#ifndef PRODUCER_NOLOAD
+#define PRODUCER_NOLOAD 0 // timing experiment only (wrong results): the producer signals K/V stages without loading
+                          // them, which measures the consumers alone
+#endif
+#if PRODUCER_NOLOAD && !defined(USE_TMA)
+#define USE_TMA 0
+#endif
+#ifndef USE_TMA
+#define USE_TMA (SWIZZLE == 128) // default since v8; 1: one producer thread stages K/V with cp.async.bulk.tensor (TMA) from Params' tensor
+                          // maps, completing `full` by transaction bytes (needs SWIZZLE 128); Q stays on cp.async
+#endif
+#if PRODUCER_WARPS != 1 && PRODUCER_WARPS != 2 && PRODUCER_WARPS != 4
+#error "PRODUCER_WARPS must be 1, 2 or 4"
+#endif
+#define PT (PRODUCER_WARPS * 32)  // producer threads
 #ifndef SWIZZLE
 #define SWIZZLE 128    // K/V shared layout: 128 = 128-byte swizzle (CUTLASS / FA3), 0 = core-matrix order (v6)
+#endif
+#if USE_TMA && (SWIZZLE != 128 || HEAD_DIM % 64 != 0)
+#error "USE_TMA writes the 128-byte-swizzled layout of 64-column atoms"
 #endif
 #if SWIZZLE != 0 && SWIZZLE != 128
 #error "SWIZZLE must be 0 or 128"
@@ -111,6 +138,11 @@ typedef unsigned long long u64;
 #define MMA_TYPE "f16"
 #endif
 
+// An opaque CUtensorMap (cuTensorMapEncodeTiled on the host; 64-byte aligned in the parameter block).
+struct __align__(64) TensorMap {
+    u64 opaque[16];
+};
+
 struct Params {
     const u16* q;          // [batch, seq, heads, D] (token stride q_tok, batch stride q_batch), elements
     const u16* k;          // [batch, seq, kv_heads, D]
@@ -132,6 +164,7 @@ struct Params {
     u32 causal;
     float scale_log2;      // softmax scale * log2(e)
     u32 items;             // work items (tiles * heads * batch): the wgmma kernel's persistent loop
+    TensorMap k_map, v_map; // USE_TMA: K and V as [batch][seq][kv_heads][D] u16, boxes of 64 x 64, 128B swizzle
 };
 
 __device__ __forceinline__ u32 smem_addr(const void* p) {
@@ -218,6 +251,26 @@ __device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
 __device__ __forceinline__ void mbar_arrive(u32 bar) {
     asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
 }
+// Arrives on `bar` (without raising its expected count) once all cp.async of this thread issued so far landed.
+__device__ __forceinline__ void mbar_arrive_cp_async(u32 bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+#if USE_WGMMA
+// Arrives on `bar` and raises the bytes its phase waits for by `bytes` (the TMA copies complete them).
+__device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+// One TMA box of the 4-d tensor map `map` (a __grid_constant__ parameter) at coordinates c0.. (innermost
+// first) to shared `dst`, completing `bar` with its byte count.
+__device__ __forceinline__ void tma_load_4d(u32 dst, const TensorMap* map, int c0, int c1, int c2, int c3, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+        "[%6];\n" ::"r"(dst),
+        "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+        : "memory");
+}
+#endif
 __device__ __forceinline__ bool mbar_test(u32 bar, u32 parity) {
     u32 ok;
     asm volatile(
@@ -406,17 +459,21 @@ template <int ROWS, int THREADS>
 __device__ __forceinline__ void load_kv(u16* dst, const u16* base, long long tok_stride, u32 tok0, u32 seq,
                                         int tid) {
     constexpr int N = ROWS * CPR;
-    static_assert(N % THREADS == 0, "whole chunks per thread");
-    const u32 d0 = smem_addr(dst);
-#pragma unroll 8
+    static_assert(N % THREADS == 0 && THREADS % CPR == 0, "whole rows per pass");
+    // Thread tid copies column chunk c of rows r, r + STEP, ... (pointers stepped, few live registers: the
+    // producer runs on PRODUCER_REGS).
+    constexpr int STEP = THREADS / CPR;
+    const int c = tid % CPR, r = tid / CPR;
+    u32 tok = tok0 + r;
+    const u16* src = base + (long long)tok * tok_stride + c * 8;
+    u32 d = smem_addr(dst) + (u32)(c / 8) * (ROWS * 128) + (u32)r * 128;
+#pragma unroll 4
     for (int j = 0; j < N / THREADS; ++j) {
-        int i = tid + j * THREADS;
-        int r = i / CPR, c = i % CPR;
-        u32 tok = tok0 + r;
-        bool ok = tok < seq;
-        const u16* src = base + (ok ? (long long)tok * tok_stride : 0) + c * 8;
-        u32 off = (u32)(c / 8) * (ROWS * 128) + (u32)r * 128 + (u32)(((c & 7) ^ (r & 7)) << 4);
-        cp_async16(d0 + off, src, ok);
+        const u32 rr = (u32)(r + j * STEP);
+        cp_async16(d + (u32)(((c & 7) ^ (rr & 7)) << 4), tok < seq ? src : base, tok < seq);
+        tok += STEP;
+        src += STEP * tok_stride;
+        d += STEP * 128;
     }
 }
 #else
@@ -719,8 +776,9 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Pa
 }
 #else
 // ---- wgmma kernel (sm_90a), warp specialised (v6, FA3-style) ----
-// Warps 0-7: two consumer warpgroups of 64 rows each. Warp 8: the producer, which stages Q (Q_BUFS
-// buffers) and the K/V chunks (a ring of STAGES) with cp.async, signalling `full` mbarriers; consumers
+// Warps 0-7: two consumer warpgroups of 64 rows each. Warps 8 .. 8 + PRODUCER_WARPS - 1: the producer, which
+// stages Q (Q_BUFS buffers) and the K/V chunks (a ring of STAGES) with cp.async, each warp its share of the
+// rows, completing `full` mbarriers (v8, PRODUCER_ARRIVE: cp.async.mbarrier.arrive.noinc); consumers
 // release stages on `empty` mbarriers (one arrival per consumer warp), so the main loop has no CTA-wide
 // barrier. Within a warpgroup (PIPE) S_j = Q K_j^T is issued before P_{j-1} V_{j-1}, so the softmax of S_j
 // runs while that P V is on the tensor cores; with PINGPONG the warpgroups take turns issuing, so one's
@@ -797,7 +855,7 @@ __device__ __forceinline__ void issue_pv(float (&o)[MT][ND][4], const u32 (&pa)[
 #endif
 // 168 registers a thread at entry (384 threads, 1 CTA per SM); setmaxnreg then gives the producer
 // warpgroup PRODUCER_REGS and the consumers CONSUMER_REGS (FA3's split).
-extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const Params p) {
+extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const __grid_constant__ Params p) {
     extern __shared__ __align__(1024) unsigned char smem_raw_[];
     // Swizzle atoms must be 1024-byte aligned in the shared window (the host adds 1 KB of slack); Q_BUFS Q
     // buffers are multiples of 1024 bytes, so every K / V stage is too.
@@ -815,11 +873,11 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const Params p) {
 
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
-            mbar_init(full0 + 8 * s, 32);         // the producer's 32 lanes
+            mbar_init(full0 + 8 * s, USE_TMA ? 1 : PT);  // one arrival per producer lane (TMA: the issuer's)
             mbar_init(empty0 + 8 * s, WARPS);     // one arrival per consumer warp
         }
         for (int s = 0; s < Q_BUFS; ++s) {
-            mbar_init(qfull0 + 8 * s, 32);
+            mbar_init(qfull0 + 8 * s, PT);
             mbar_init(qempty0 + 8 * s, WARPS);
         }
     }
@@ -827,9 +885,13 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const Params p) {
 
     if (warp >= WARPS) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
-        if (warp == WARPS) {
-        // Producer warp (the other 3 warps of its warpgroup only give their registers away).
+        if (warp < WARPS + PRODUCER_WARPS) {
+        // Producer warps (the rest of the warpgroup only gives its registers away): all walk the same items
+        // and chunks, each thread copying its share (ptid) of every Q buffer and K/V stage.
+        const int ptid = tid - WARPS * 32;
+#if !PRODUCER_ARRIVE
         Pending pd{0};
+#endif
         u32 i = 0, n = 0;
         for (u32 w = blockIdx.x; w < p.items; w += gridDim.x, ++n) {
             const Item it = item_of(w, p);
@@ -837,12 +899,20 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const Params p) {
             const u32 row0 = it.tile * BLOCK_Q;
             const u32 row_last = min(row0 + BLOCK_Q, seq) - 1u;
             const u16* qg = p.q + (long long)it.b * p.q_batch + (long long)it.head * HEAD_DIM;
+#if !USE_TMA && !PRODUCER_NOLOAD
             const u16* kg = p.k + (long long)it.b * p.kv_batch + (long long)kvh * HEAD_DIM;
             const u16* vg = p.v + (long long)it.b * p.kv_batch + (long long)kvh * HEAD_DIM;
+#endif
             const u32 qb = n % Q_BUFS;
+#if PRODUCER_ARRIVE
+            mbar_wait(qempty0 + 8 * qb, ((n / Q_BUFS) & 1u) ^ 1u);
+            load_rows<BLOCK_Q, PT>(q_s + qb * BLOCK_Q * LDS, qg, p.q_tok, row0, seq, ptid);
+            mbar_arrive_cp_async(qfull0 + 8 * qb);
+#else
             wait_or_flush(qempty0 + 8 * qb, ((n / Q_BUFS) & 1u) ^ 1u, pd);
-            load_rows<BLOCK_Q, 32>(q_s + qb * BLOCK_Q * LDS, qg, p.q_tok, row0, seq, lane);
+            load_rows<BLOCK_Q, PT>(q_s + qb * BLOCK_Q * LDS, qg, p.q_tok, row0, seq, ptid);
             commit_signal(pd, qfull0 + 8 * qb);
+#endif
 
             const u32 slot = (it.head / p.heads_per_pattern) * p.tiles + it.tile;
             Walk wk;
@@ -852,17 +922,45 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const Params p) {
             bool has = next_chunk(wk, p, row_last);
             while (has) {
                 const u32 s = i % STAGES;
+#if PRODUCER_ARRIVE
+                mbar_wait(empty0 + 8 * s, ((i / STAGES) & 1u) ^ 1u);
+#else
                 wait_or_flush(empty0 + 8 * s, ((i / STAGES) & 1u) ^ 1u, pd);
+#endif
                 const u32 k0 = p.entries[2 * wk.e] * p.block_size + wk.c * BLOCK_K;
-                load_kv<BLOCK_K, 32>(k_s + s * KV_STAGE, kg, p.kv_tok, k0, seq, lane);
-                load_kv<BLOCK_K, 32>(v_s + s * KV_STAGE, vg, p.kv_tok, k0, seq, lane);
+#if USE_TMA
+                if (ptid == 0) {
+                    mbar_arrive_expect_tx(full0 + 8 * s, 2 * KV_STAGE * 2);
+#pragma unroll
+                    for (int a = 0; a < HEAD_DIM / 64; ++a) {
+                        const u32 off = a * BLOCK_K * 128;
+                        tma_load_4d(smem_addr(k_s + s * KV_STAGE) + off, &p.k_map, a * 64, kvh, k0, it.b, full0 + 8 * s);
+                        tma_load_4d(smem_addr(v_s + s * KV_STAGE) + off, &p.v_map, a * 64, kvh, k0, it.b, full0 + 8 * s);
+                    }
+                }
+#elif !PRODUCER_NOLOAD
+                load_kv<BLOCK_K, PT>(k_s + s * KV_STAGE, kg, p.kv_tok, k0, seq, ptid);
+                load_kv<BLOCK_K, PT>(v_s + s * KV_STAGE, vg, p.kv_tok, k0, seq, ptid);
+#else
+                (void)k0;
+                (void)kvh;
+#endif
+#if USE_TMA
+#elif PRODUCER_ARRIVE
+                mbar_arrive_cp_async(full0 + 8 * s);
+#else
                 commit_signal(pd, full0 + 8 * s);
+#endif
                 ++i;
                 step_chunk(wk, p);
                 has = next_chunk(wk, p, row_last);
             }
         }
+#if PRODUCER_ARRIVE
+        cp_async_wait<0>();
+#else
         flush_pending(pd);
+#endif
         }
     } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
@@ -919,6 +1017,9 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const Params p) {
             const bool skip = (att & 1) == 0 || gq0 >= seq || (p.causal && k0 > gq0 + GROUP_ROWS - 1u);
             const bool need_mask = (att & 2) == 0 || k0 + BLOCK_K > seq || (p.causal && k0 + BLOCK_K - 1u > gq0);
             mbar_wait(full0 + 8 * s, (i / STAGES) & 1u);
+#if PRODUCER_ARRIVE && !USE_TMA
+            fence_proxy_async();  // cp.async wrote the stage through the generic proxy; wgmma reads it via the async one
+#endif
             if (skip) {
                 // Never hold a stage across a skipped chunk (the producer may need it next): finish a pending P V.
                 if (have_p) {

@@ -37,6 +37,11 @@ impl CudaTensor {
     }
 }
 
+/// An opaque `CUtensorMap` as the kernel declares it (`struct TensorMap`, 64-byte aligned).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default)]
+struct TensorMap([u64; 16]);
+
 /// The kernel's parameter block; mirrors `struct Params` in `shaders/cuda/s2_forward.cu`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -66,8 +71,52 @@ struct Params {
     items: u32,
 }
 
+/// What a launch passes: `Params` and the kernel's trailing tensor maps (zero unless `USE_TMA`), laid out as
+/// the kernel's flat struct (the maps start at the next 64-byte boundary either way).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct LaunchParams {
+    p: Params,
+    k_map: TensorMap,
+    v_map: TensorMap,
+}
+
 // SAFETY: plain-old-data with the C layout the kernel declares.
-unsafe impl DeviceRepr for Params {}
+unsafe impl DeviceRepr for LaunchParams {}
+
+/// The TMA tensor map of K or V (`USE_TMA`): `[batch][seq][kv_heads][head_dim]` 16-bit elements at `ptr`, tokens
+/// and sequences `p.kv_tok` / `p.kv_batch` elements apart, read in boxes of 64 columns x `rows` tokens of one head,
+/// stored 128-byte swizzled (the wgmma kernel's K/V stage layout), rows past the end zero-filled.
+fn kv_tensor_map(ptr: u64, p: &Params, shape: &Shape, kv_heads: u32, rows: u32) -> Result<TensorMap> {
+    use cudarc::driver::sys;
+    let dims = [shape.head_dim as u64, kv_heads as u64, shape.seq_len as u64, shape.batch as u64];
+    let strides = [shape.head_dim as u64 * 2, p.kv_tok as u64 * 2, p.kv_batch as u64 * 2];
+    let boxes = [64u32, 1, rows, 1];
+    let steps = [1u32; 4];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: the arrays outlive the call and have the rank's lengths; the map is written by the driver.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+            4,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(Error::Cuda(format!("cuTensorMapEncodeTiled: {r:?}")));
+    }
+    // SAFETY: written by the driver on success; both types are 16 u64 words.
+    Ok(TensorMap(unsafe { map.assume_init() }.opaque))
+}
 
 struct HostBuffers {
     q: CudaSlice<u8>,
@@ -89,6 +138,8 @@ pub struct CudaForward {
     threads: u32,
     smem: u32,
     func: CudaFunction,
+    /// The wgmma kernel with `USE_TMA` (its default): K/V tensor maps are encoded into the parameters at each launch.
+    tma: bool,
     /// The tile offsets and lists; owned here, read by the kernel through the addresses in `base`.
     _lists: (CudaSlice<u32>, CudaSlice<u32>),
     host: Mutex<Option<HostBuffers>>,
@@ -164,6 +215,12 @@ impl CudaForward {
         let extra_value = |name: &str| extra.iter().rev().find(|(k, _)| k == name).map(|&(_, v)| v);
         let mut smem = plan.workgroup_bytes;
         let mut persistent = wgmma;
+        // The wgmma kernel loads K/V by TMA (`USE_TMA`, on by default with the 128-byte swizzle): the host
+        // encodes the tensor maps at each launch.
+        let tma = wgmma
+            && extra_value("USE_TMA").is_none_or(|v| v != 0)
+            && extra_value("SWIZZLE").is_none_or(|v| v == 128)
+            && extra_value("PRODUCER_NOLOAD").is_none_or(|v| v == 0);
         if wgmma {
             // Tuning overrides of the ring depth / persistence change the shared memory the kernel needs.
             let stages = extra_value("STAGES").map_or(WGMMA_STAGES, |v| v.clamp(3, 8) as u32);
@@ -227,6 +284,7 @@ impl CudaForward {
             threads: plan.workgroup_size,
             smem,
             func,
+            tma,
             _lists: (row_ptr, entries),
             host: Mutex::default(),
         })
@@ -265,9 +323,14 @@ impl CudaForward {
     }
 
     fn launch(&self, stream: &CudaStream, params: &Params) -> Result<()> {
+        let mut lp = LaunchParams { p: *params, k_map: TensorMap::default(), v_map: TensorMap::default() };
+        if self.tma {
+            lp.k_map = kv_tensor_map(params.k, params, &self.shape, self.num_kv_heads, 64)?;
+            lp.v_map = kv_tensor_map(params.v, params, &self.shape, self.num_kv_heads, 64)?;
+        }
         let cfg = LaunchConfig { grid_dim: self.grid, block_dim: (self.threads, 1, 1), shared_mem_bytes: self.smem };
         let mut args = stream.launch_builder(&self.func);
-        args.arg(params);
+        args.arg(&lp);
         // SAFETY: `params` points at buffers checked for size and alignment by every caller, the tile lists
         // are owned by `self`, and the launch shape matches the kernel's compile-time configuration.
         unsafe { args.launch(cfg) }.map_err(cuda_err("launching s2_forward"))?;

@@ -103,8 +103,8 @@ pub(crate) fn smem_bytes(tile_q: u32, tile_kv: u32, head_dim: u32) -> u32 {
 /// unless the grid would be too small to fill the GPU or the head dimension needs the registers (256);
 /// key chunks are 64 keys (or the block size when smaller), halved until the shared memory fits. On
 /// sm_90 the 128 x 64 tiles of head dim 128 can run on `wgmma` (two warpgroups of 64 rows); elsewhere
-/// on `mma.sync` (four warps). `S2ATTN_CUDA_KERNEL=wgmma` asks for wgmma wherever it applies (sm_90, head
-/// dim 128, 128 x 64 tiles), `mma` for mma.sync everywhere; `S2ATTN_CUDA_TILE_Q` / `S2ATTN_CUDA_TILE_KV`
+/// on `mma.sync` (four warps). wgmma is the default wherever it applies (sm_90, head dim 128, 128 x 64
+/// tiles; `S2ATTN_CUDA_KERNEL=wgmma` asks for the same), `mma` asks for mma.sync everywhere; `S2ATTN_CUDA_TILE_Q` / `S2ATTN_CUDA_TILE_KV`
 /// force the query tile / key chunk (tuning experiments).
 pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result<DispatchPlan> {
     match shape.dtype {
@@ -172,10 +172,10 @@ pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result
     } else {
         format!("tile within a block of {bs}")
     };
-    // wgmma only on request: v2 (H100) and the warp-specialised v6 (H200) both measured ~1.7x slower than
-    // mma.sync, v7 (128-byte-swizzled K/V) still 1.33-1.41x slower (shaders/cuda/NOTES.md, v2, v6, v7).
+    // wgmma by default where it applies: v8 (TMA producer) measured 1.25-1.29x faster than mma.sync at every
+    // paper point on the H200 (v2 / v6 / v7 were slower: shaders/cuda/NOTES.md); `S2ATTN_CUDA_KERNEL=mma` opts out.
     let wgmma_bytes = wgmma_smem_bytes(d, WGMMA_STAGES, WGMMA_Q_BUFS);
-    if eligible && hopper && want == Some(true) && wgmma_bytes <= caps.max_workgroup_storage {
+    if eligible && hopper && want != Some(false) && wgmma_bytes <= caps.max_workgroup_storage {
         return Ok(DispatchPlan {
             variant: KernelVariant::CudaMma,
             tile_q,
@@ -183,9 +183,9 @@ pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result
             workgroup_size: (WGMMA_WARPS + 4) * 32,
             workgroup_bytes: wgmma_bytes,
             reason: format!(
-                "{WGMMA_TAG} m64n{tile_kv}k16 / m64n{d}k16, warp specialised: 1 producer warp (cp.async, \
-                 {WGMMA_STAGES}-stage mbarrier ring, 128B-swizzled K/V) + 2 consumer warpgroups x 64 rows (S of the next chunk issued \
-                 before P V, ping-pong), persistent; {merged}"
+                "{WGMMA_TAG} m64n{tile_kv}k16 / m64n{d}k16, warp specialised: producer warpgroup (K/V by TMA \
+                 from one thread, 128B-swizzled, {WGMMA_STAGES}-stage mbarrier ring; Q by 4 cp.async warps) + 2 \
+                 consumer warpgroups x 64 rows (S of the next chunk issued before P V, ping-pong), persistent; {merged}"
             ),
         });
     }
@@ -231,7 +231,7 @@ mod tests {
         register_arch(&caps.name, (9, 0));
         let layout = Layout::s2(S2Config::new(32, 64, 16, 16)).unwrap();
         let plan = plan_forward(&Shape::new(1, 16384, 128, DType::BF16), &layout, &caps).unwrap();
-        assert_eq!(is_wgmma(&plan), requested_flavour().unwrap() == Some(true), "{plan}");
+        assert_eq!(is_wgmma(&plan), requested_flavour().unwrap() != Some(false), "{plan}");
         if is_wgmma(&plan) {
             assert_eq!(plan.workgroup_bytes, wgmma_smem_bytes(128, WGMMA_STAGES, WGMMA_Q_BUFS));
             assert!(plan.workgroup_bytes <= 227 * 1024, "{plan}");
