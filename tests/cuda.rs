@@ -9,7 +9,9 @@
 
 use s2attn::cpu::{attention_reference, rel_l2_error};
 use s2attn::cuda::{cudarc, CudaTensor};
-use s2attn::{Attention, Backend, BlockMask, Context, ContextOptions, DType, Error, Layout, S2Config, Shape};
+use s2attn::{
+    Attention, Backend, BlockMask, Context, ContextOptions, DType, Error, KernelVariant, Layout, S2Config, Shape,
+};
 use std::sync::OnceLock;
 
 const F16_TOL: f64 = 5e-3;
@@ -245,7 +247,9 @@ fn check_large<T: Half>(what: &str, layout: &Layout, shape: Shape, seed: u64) {
     let wgmma_asked = std::env::var("S2ATTN_CUDA_KERNEL").map_or(true, |v| v != "mma");
     let eligible = op.plan().tile_kv == 64 && op.plan().tile_q == 128 && shape.head_dim == 128;
     let hopper = ctx.cuda().is_some_and(|c| c.arch() == (9, 0));
-    assert_eq!(op.plan().reason.starts_with("wgmma"), wgmma_asked && eligible && hopper, "{what}: {}", op.explain());
+    let wgmma = op.plan().variant == KernelVariant::CudaWgmma;
+    assert_eq!(wgmma, wgmma_asked && eligible && hopper, "{what}: {}", op.explain());
+    assert_eq!(wgmma, op.plan().reason.starts_with("wgmma"), "the reason names the kernel: {}", op.explain());
 }
 
 #[test]

@@ -32,12 +32,12 @@ fn requested_flavour() -> Result<Option<bool>> {
     }
 }
 
-/// The first word of a wgmma plan's `reason`: how [`super::CudaForward`] tells the flavours apart.
+/// The first word of a wgmma plan's `reason`.
 pub(crate) const WGMMA_TAG: &str = "wgmma";
 
-/// Whether `plan` runs the wgmma flavour.
+/// Whether `plan` runs the wgmma flavour (how [`super::CudaForward`] tells the flavours apart).
 pub(crate) fn is_wgmma(plan: &DispatchPlan) -> bool {
-    plan.reason.starts_with(WGMMA_TAG)
+    plan.variant == KernelVariant::CudaWgmma
 }
 
 /// A query tile forced by `S2ATTN_CUDA_TILE_Q` (64, 128 or 256 rows), for tuning experiments.
@@ -177,7 +177,7 @@ pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result
     let wgmma_bytes = wgmma_smem_bytes(d, WGMMA_STAGES, WGMMA_Q_BUFS);
     if eligible && hopper && want != Some(false) && wgmma_bytes <= caps.max_workgroup_storage {
         return Ok(DispatchPlan {
-            variant: KernelVariant::CudaMma,
+            variant: KernelVariant::CudaWgmma,
             tile_q,
             tile_kv,
             workgroup_size: (WGMMA_WARPS + 4) * 32,

@@ -139,17 +139,20 @@ pub enum KernelVariant {
     Portable,
     /// WGSL on cooperative matrices (tensor cores / simdgroup matrices).
     Coop,
-    /// CUDA C on `mma.sync`.
+    /// CUDA C on `mma.sync` (sm_80+).
     CudaMma,
+    /// CUDA C on Hopper's `wgmma`, warp specialised with TMA loads (sm_90, `sm_90a` code).
+    CudaWgmma,
 }
 
 impl KernelVariant {
-    /// The name used in benchmark rows (`portable`, `coop`, `mma`).
+    /// The name used in benchmark rows (`portable`, `coop`, `mma`, `wgmma`).
     pub fn name(self) -> &'static str {
         match self {
             KernelVariant::Portable => "portable",
             KernelVariant::Coop => "coop",
             KernelVariant::CudaMma => "mma",
+            KernelVariant::CudaWgmma => "wgmma",
         }
     }
 }
