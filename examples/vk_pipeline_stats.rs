@@ -3,7 +3,7 @@
 //! on a raw Vulkan device (ash). This file owns that tool; shaders/NOTES-coop.md ("Pipeline statistics")
 //! records what it measured.
 //!
-//! For each variant (coop forward v3 at its default tile and v4, `S2ATTN_COOP_FWD`; the coop dQ pass; the
+//! For each variant (coop forward v3 at its default tile, v4 and v5, `S2ATTN_COOP_FWD`; the coop dQ pass; the
 //! coop dK/dV kernel v2, v3, v4, v5 and v5-recompute, `S2ATTN_BWD_DKDV`; the portable kernels last) it takes
 //! the planner's (source, override constants) from `s2attn::gpu::planned_pipelines` and produces the
 //! SPIR-V wgpu 30 would on Vulkan: naga parse + validate, override constants resolved for the entry point
@@ -119,7 +119,10 @@ fn variants(p: &Problem, caps: &DeviceCaps) -> Res<Vec<Variant>> {
     let mut v2 = plan("v3", "v2", caps)?.into_iter();
     let (fwd_v3, dq, dkdv_v2) = (v2.next(), v2.next(), v2.next());
     let fwd_v4 = plan("v4", "v2", caps)?.into_iter().next();
-    for (label, pass) in [("forward v3", fwd_v3), ("forward v4", fwd_v4), ("dQ", dq), ("dK/dV v2", dkdv_v2)] {
+    let fwd_v5 = plan("v5", "v2", caps)?.into_iter().next();
+    for (label, pass) in
+        [("forward v3", fwd_v3), ("forward v4", fwd_v4), ("forward v5", fwd_v5), ("dQ", dq), ("dK/dV v2", dkdv_v2)]
+    {
         take(label.to_string(), pass.ok_or("planner returned too few passes")?);
     }
     for dkdv in ["v3", "v4", "v5", "v5-recompute"] {

@@ -54,9 +54,13 @@ override PPAD: u32 = 8u;  // P row padding (halves; 0 where 8 does not fit)
 // 16-key slices only: the next slice's S = Q K^T is issued right after this slice's S is stored, so that
 // its matrix products run during this slice's softmax (one more C matrix live).
 override PIPE: bool = false;
-override WG: u32 = 128u;  // invocations: 2 * BQ (two per query row in the softmax)
+// v5: subgroups per 16 query rows. 1 (v3, v4): a subgroup owns its rows' Q and all of O. 2 (v5): a pair of
+// subgroups shares 16 rows, subgroup hh of the pair keeps O[:, hh*D/2 ..] (D/32 C matrices) and the scores
+// of the chunk's keys 16hh..16hh+15, with Q in workgroup memory (see forward_split below).
+override HS: u32 = 1u;
+override WG: u32 = 128u;  // invocations: 2 * HS * BQ (two per query row and subgroup in the softmax)
 override TAU: f32 = 8.0;  // lazy rescale threshold, log2 units
-override NSG: u32 = BQ / 16u;  // subgroups the kernel needs (subgroup size WG / NSG)
+override NSG: u32 = HS * BQ / 16u;  // subgroups the kernel needs (subgroup size WG / NSG)
 override NPF: u32 = BK * D / 4u / WG;  // K (and V) vec4s each invocation fetches per chunk
 
 const MAX_BK8: u32 = 8u;  // BK at most 64
@@ -74,10 +78,13 @@ alias Fetch = array<vec4<f16>, MAX_PF>;
 override KS4: u32 = (D + 8u) / 4u;      // vec4s per K/V row
 override PS4: u32 = (SL + PPAD) / 4u;  // vec4s per P row (also Q staging, >= 16 columns)
 override SS4: u32 = (SL + SPAD) / 4u;  // vec4s per S row (>= 16 columns: also O staging)
+// v5 (HS 2): Q's BQ rows of KS4 vec4s after P in p_s (none otherwise, so v3 and v4 declare what they did).
+override QOFF: u32 = BQ * PS4;
+override QN: u32 = (HS - 1u) * BQ * KS4;
 
 var<workgroup> k_s: array<vec4<f16>, BK * KS4>;
 var<workgroup> v_s: array<vec4<f16>, BK * KS4>;
-var<workgroup> p_s: array<vec4<f16>, BQ * PS4>;
+var<workgroup> p_s: array<vec4<f16>, BQ * PS4 + QN>;  // P, then (v5) Q
 var<workgroup> s_s: array<vec4<f32>, BQ * SS4>;  // element 0 first carries the subgroup-count check
 
 #include shared/coop_chunks.wgsl
@@ -128,30 +135,191 @@ fn pv(
 
 // Multiplies row r of an O matrix by `alpha`, through the subgroup's rows of workgroup memory (C
 // matrices are opaque).
-fn rescale(t: Tile, m: CM, alpha: f32) -> CM {
-    let r = t.lid / 2u;
-    let h = t.lid % 2u;
-    coopStoreT(m, &s_s[16u * t.g * SS4], SS4);
+// In v5 (HS 2) subgroup hh of a pair uses S columns 16hh..16hh+15 of the pair's rows (`hh` 0 otherwise).
+fn rescale(t: Tile, hh: u32, m: CM, alpha: f32) -> CM {
+    let r = 16u * t.g + (t.lid % 32u) / 2u;  // t.lid / 2 when HS is 1
+    let h = t.lid % 2u + 4u * hh;
+    coopStoreT(m, &s_s[16u * t.g * SS4 + 4u * hh], SS4);
     subgroupBarrier();
     s_s[r * SS4 + h] *= alpha;
     s_s[r * SS4 + h + 2u] *= alpha;
     subgroupBarrier();
-    let out = coopLoadT<CM>(&s_s[16u * t.g * SS4], SS4);
+    let out = coopLoadT<CM>(&s_s[16u * t.g * SS4 + 4u * hh], SS4);
     subgroupBarrier();
     return out;
 }
 
-// Writes head dims 16j..16j+15 of O / l through workgroup memory; each invocation 8 of its row.
-fn write_o(t: Tile, m: CM, j: u32, inv_l: f32) {
-    let r = t.lid / 2u;
+// Writes head dims 16j..16j+15 of O / l through workgroup memory; each invocation 8 of its row. In v5
+// (HS 2) subgroup hh of a pair writes its matrix j (head dims hh*D/2 + 16j..) through S columns 16hh...
+fn write_o(t: Tile, hh: u32, m: CM, j: u32, inv_l: f32) {
+    let r = 16u * t.g + (t.lid % 32u) / 2u;
     let h = t.lid % 2u;
     let qi = t.row0 + r;
+    let jg = hh * (D / 16u / HS) + j;
     workgroupBarrier();
-    coopStoreT(m, &s_s[16u * t.g * SS4], SS4);
+    coopStoreT(m, &s_s[16u * t.g * SS4 + 4u * hh], SS4);
     workgroupBarrier();
     if qi < params.seq_len {
-        o_buf[o_index(t.b, qi, t.head, j * 4u + h, D / 4u)] = vec4<f16>(s_s[r * SS4 + h] * inv_l);
-        o_buf[o_index(t.b, qi, t.head, j * 4u + h + 2u, D / 4u)] = vec4<f16>(s_s[r * SS4 + h + 2u] * inv_l);
+        o_buf[o_index(t.b, qi, t.head, jg * 4u + h, D / 4u)] = vec4<f16>(s_s[r * SS4 + 4u * hh + h] * inv_l);
+        o_buf[o_index(t.b, qi, t.head, jg * 4u + h + 2u, D / 4u)] =
+            vec4<f16>(s_s[r * SS4 + 4u * hh + h + 2u] * inv_l);
+    }
+}
+
+// v5 (HS 2, BK = SL = 32): O's head dims split over a pair of subgroups. Pair g owns tile rows
+// 16g..16g+15; subgroup hh of the pair keeps O[:, hh*D/2 ..] in D/32 C matrices and computes the scores of
+// the chunk's keys 16hh..16hh+15 over the full head dim, with Q loaded from workgroup memory (staged once)
+// per chunk instead of held in registers. Per chunk, four workgroup barriers (all in workgroup-uniform
+// flow, outside every per-pair condition): (A) everyone is done with the previous chunk's K, V and P;
+// (B) the chunk's K and V are staged; (C) both halves of every pair's S are stored; (D) P is complete
+// (each subgroup writes its key half). Both subgroups of a pair run the same online softmax on the same
+// stored 16 x 32 scores, so m, l, alpha and the rescale vote are identical in both (same data, same
+// instructions); the O rescale after (D) goes through the subgroup's own S columns, which nobody reads
+// until the next chunk's (C).
+fn forward_split(t: Tile, hh: u32, pattern: u32) {
+    let seq = params.seq_len;
+    let causal = params.causal != 0u;
+    let lane = t.lid % 32u;
+    let r = 16u * t.g + lane / 2u;  // the softmax row of this invocation (the pair's rows)
+    let h = lane % 2u;
+    let qi = t.row0 + r;
+    let d4 = D / 4u;
+
+    // Q, raw f16, to p_s after P: rows of KS4 vec4s (padded as K and V), zeros past the sequence end.
+    for (var i = t.lid; i < BQ * d4; i += WG) {
+        let tok = t.row0 + i / d4;
+        var x = vec4<f16>(0.0h);
+        if tok < seq {
+            x = q_buf[q_index(t.b, tok, t.head, i % d4, d4)];
+        }
+        p_s[QOFF + (i / d4) * KS4 + i % d4] = x;
+    }
+    // (made visible by the first chunk's barriers)
+
+    var o0 = CM();
+    var o1 = CM();
+    var o2 = CM();
+    var o3 = CM();
+    var m = NEG_BIG;
+    var l = 0.0;
+    let slot = pattern * params.tiles + t.row0 / BQ;
+    let subs = params.block_size / BK;
+    let c_end = tile_ptr[slot + 1u] * subs;
+    var c = next_chunk(tile_ptr[slot] * subs, c_end, subs, t.row_last);
+    var fk: Fetch;
+    var fv: Fetch;
+    if c < c_end {
+        fetch(t, chunk_k0(c, subs), &fk, &fv);
+    }
+    let g_row0 = t.row0 + 16u * t.g;
+    let qa = QOFF + 16u * t.g * KS4;  // the pair's Q rows
+    while c < c_end {
+        let rows = entries[c / subs].y;
+        let k0 = chunk_k0(c, subs);
+        workgroupBarrier(); // (A)
+        stash(t, &fk, &fv);
+        c = next_chunk(c + 1u, c_end, subs, t.row_last);
+        if c < c_end {
+            fetch(t, chunk_k0(c, subs), &fk, &fv);
+        }
+        workgroupBarrier(); // (B)
+
+        let sees = g_row0 < seq && row_attends(rows, 16u * t.g) && k0 < seq && (!causal || k0 <= g_row0 + 15u);
+        if sees {
+            // S[:, 16hh..] = Q K_hh^T over the full head dim, two chains, Q matrices loaded as used.
+            var s = coopMultiplyAdd(coopLoadT<AM>(&p_s[qa], KS4), kmat(hh, 0u), CM());
+            var u = coopMultiplyAdd(coopLoadT<AM>(&p_s[qa + 4u], KS4), kmat(hh, 1u), CM());
+            s = coopMultiplyAdd(coopLoadT<AM>(&p_s[qa + 8u], KS4), kmat(hh, 2u), s);
+            u = coopMultiplyAdd(coopLoadT<AM>(&p_s[qa + 12u], KS4), kmat(hh, 3u), u);
+            if D > 64u {
+                s = coopMultiplyAdd(coopLoadT<AM>(&p_s[qa + 16u], KS4), kmat(hh, 4u), s);
+                u = coopMultiplyAdd(coopLoadT<AM>(&p_s[qa + 20u], KS4), kmat(hh, 5u), u);
+                s = coopMultiplyAdd(coopLoadT<AM>(&p_s[qa + 24u], KS4), kmat(hh, 6u), s);
+                u = coopMultiplyAdd(coopLoadT<AM>(&p_s[qa + 28u], KS4), kmat(hh, 7u), u);
+            }
+            coopStoreT(s + u, &s_s[16u * t.g * SS4 + 4u * hh], SS4);
+        }
+        workgroupBarrier(); // (C)
+
+        var alpha = 1.0;
+        var moved = false;
+        if sees {
+            // The same online softmax as main's, on all BK keys of the pair's rows, in both subgroups.
+            let need_mask = k0 + BK > seq || (causal && k0 + BK - 1u > t.row0) || rows < BQ || rows >= ROWMASK_BITS_FLAG;
+            let row_ok = qi < seq && row_attends(rows, r);
+            var sv: array<vec4<f32>, MAX_BK8>;
+            var mx = NEG_BIG;
+            for (var i = 0u; i < BK / 8u; i++) {
+                var x = s_s[r * SS4 + 2u * i + h] * params.scale_log2;
+                if need_mask {
+                    let kj = vec4<u32>(k0 + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
+                    let ok = vec4<bool>(row_ok) & (kj < vec4<u32>(seq)) & (vec4<bool>(!causal) | (kj <= vec4<u32>(qi)));
+                    x = select(vec4<f32>(NEG_BIG), x, ok);
+                }
+                sv[i] = x;
+                mx = max(mx, max(max(x.x, x.y), max(x.z, x.w)));
+            }
+            mx = max(mx, subgroupShuffleXor(mx, 1u));
+            var m_new = m;
+            if mx > m + TAU {
+                m_new = mx;
+            }
+            alpha = exp2(m - m_new);
+            var sum = 0.0;
+            for (var i = 0u; i < BK / 8u; i++) {
+                var p = exp2(sv[i] - vec4<f32>(m_new));
+                if need_mask {
+                    p = select(p, vec4<f32>(0.0), sv[i] <= vec4<f32>(NEG_BIG));
+                }
+                sum += p.x + p.y + p.z + p.w;
+                // Keys 16hh..16hh+15 are vec4s 4hh..4hh+3 of the row: this subgroup's half of P.
+                if i / 2u == hh {
+                    p_s[r * PS4 + 2u * i + h] = vec4<f16>(p);
+                }
+            }
+            sum += subgroupShuffleXor(sum, 1u);
+            moved = subgroupAny(m_new != m && l > 0.0);
+            l = l * alpha + sum;
+            m = m_new;
+        }
+        workgroupBarrier(); // (D)
+
+        if sees {
+            if moved {
+                o0 = rescale(t, hh, o0, alpha);
+                o1 = rescale(t, hh, o1, alpha);
+                if D > 64u {
+                    o2 = rescale(t, hh, o2, alpha);
+                    o3 = rescale(t, hh, o3, alpha);
+                }
+            }
+            // O_hh += P V[:, hh*D/2 ..], P's two 16-key tiles.
+            let vj = hh * (D / 32u);
+            for (var pt = 0u; pt < 2u; pt++) {
+                let pa = coopLoadT<AM>(&p_s[16u * t.g * PS4 + pt * 4u], PS4);
+                o0 = coopMultiplyAdd(pa, vmat(pt, vj), o0);
+                o1 = coopMultiplyAdd(pa, vmat(pt, vj + 1u), o1);
+                if D > 64u {
+                    o2 = coopMultiplyAdd(pa, vmat(pt, vj + 2u), o2);
+                    o3 = coopMultiplyAdd(pa, vmat(pt, vj + 3u), o3);
+                }
+            }
+        }
+    }
+
+    let inv_l = select(0.0, 1.0 / l, l > 0.0);
+    write_o(t, hh, o0, 0u, inv_l);
+    write_o(t, hh, o1, 1u, inv_l);
+    if D > 64u {
+        write_o(t, hh, o2, 2u, inv_l);
+        write_o(t, hh, o3, 3u, inv_l);
+    }
+    if hh == 0u && h == 0u && qi < seq {
+        var lse = params.neg_inf;
+        if l > 0.0 {
+            lse = (m + log2(l)) * LN2;
+        }
+        lse_buf[params.lse_off + (t.b * params.num_heads + t.head) * seq + qi] = lse;
     }
 }
 
@@ -175,7 +343,7 @@ fn main(
         row0,
         min(row0 + BQ, seq) - 1u,
         lid,
-        min(sg_id, NSG - 1u),
+        min(sg_id, NSG - 1u) / HS,
     );
     let pattern = head / params.heads_per_pattern;
     // Softmax role: invocations 2r and 2r+1 own tile row r, each half of its vec4 columns (interleaved).
@@ -196,6 +364,11 @@ fn main(
                 o_buf[o_index(t.b, tok, head, i % (D / 4u), D / 4u)] = vec4<f16>(f16(nan));
             }
         }
+        return;
+    }
+
+    if HS > 1u {
+        forward_split(t, min(sg_id, NSG - 1u) % HS, pattern);
         return;
     }
 
@@ -325,15 +498,15 @@ fn main(
                 m = m_new;
                 subgroupBarrier(); // P is complete
                 if moved {
-                    o0 = rescale(t, o0, alpha);
-                    o1 = rescale(t, o1, alpha);
-                    o2 = rescale(t, o2, alpha);
-                    o3 = rescale(t, o3, alpha);
+                    o0 = rescale(t, 0u, o0, alpha);
+                    o1 = rescale(t, 0u, o1, alpha);
+                    o2 = rescale(t, 0u, o2, alpha);
+                    o3 = rescale(t, 0u, o3, alpha);
                     if D > 64u {
-                        o4 = rescale(t, o4, alpha);
-                        o5 = rescale(t, o5, alpha);
-                        o6 = rescale(t, o6, alpha);
-                        o7 = rescale(t, o7, alpha);
+                        o4 = rescale(t, 0u, o4, alpha);
+                        o5 = rescale(t, 0u, o5, alpha);
+                        o6 = rescale(t, 0u, o6, alpha);
+                        o7 = rescale(t, 0u, o7, alpha);
                     }
                 }
 
@@ -346,15 +519,15 @@ fn main(
 
     // Epilogue: O / l, 16 head dims at a time; then the LSE.
     let inv_l = select(0.0, 1.0 / l, l > 0.0);
-    write_o(t, o0, 0u, inv_l);
-    write_o(t, o1, 1u, inv_l);
-    write_o(t, o2, 2u, inv_l);
-    write_o(t, o3, 3u, inv_l);
+    write_o(t, 0u, o0, 0u, inv_l);
+    write_o(t, 0u, o1, 1u, inv_l);
+    write_o(t, 0u, o2, 2u, inv_l);
+    write_o(t, 0u, o3, 3u, inv_l);
     if D > 64u {
-        write_o(t, o4, 4u, inv_l);
-        write_o(t, o5, 5u, inv_l);
-        write_o(t, o6, 6u, inv_l);
-        write_o(t, o7, 7u, inv_l);
+        write_o(t, 0u, o4, 4u, inv_l);
+        write_o(t, 0u, o5, 5u, inv_l);
+        write_o(t, 0u, o6, 6u, inv_l);
+        write_o(t, 0u, o7, 7u, inv_l);
     }
     if h == 0u && qi < seq {
         var lse = params.neg_inf;

@@ -9,7 +9,9 @@
 //! why it skipped. Tile choice goes through `S2ATTN_TILE`, a process-wide variable, so everything runs
 //! in one test function (this binary's only test) and failures are collected, then reported together.
 //! With `S2ATTN_COOP_FWD=v4` (or `v4-nopipe`) set, every case runs the kernel's v4 form, including its
-//! 128x64 tile (16-key slices at d128, 32-key at d64), and the plans must say so.
+//! 128x64 tile (16-key slices at d128, 32-key at d64), and the plans must say so. With `S2ATTN_COOP_FWD=v5`
+//! every case runs the head-dim split (its one tile, 64x32, at 256 invocations; the other tiles fall back
+//! to the portable kernel, saying they do not fit), and the plans must name v5.
 
 mod common;
 
@@ -111,7 +113,7 @@ fn coop_forward_matches_the_oracle() {
         );
         return;
     }
-    let form = s2attn::plan::CoopForward::from_env().expect("S2ATTN_COOP_FWD is v3, v4 or v4-nopipe");
+    let form = s2attn::plan::CoopForward::from_env().expect("S2ATTN_COOP_FWD is v3, v4, v4-nopipe or v5");
     println!("coop tests on {}, forward form {}", ctx.adapter_name(), form.name());
     let mut failures = Vec::new();
     let mut seed = 5000u64;

@@ -284,3 +284,38 @@ fn coop_forward_v4_resolves_its_slices_and_writes_spirv() {
     assert!(!sliced.is_empty(), "no v4 tile runs its chunk in slices: the test lost its point");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+fn coop_forward_v5_splits_the_head_dim_and_writes_spirv() {
+    // v5 (S2ATTN_COOP_FWD=v5): the 64x32 tile at 256 invocations with the head-dim split (HS 2) and Q
+    // staged after P. It compiles to SPIR-V at d 64 and 128 and declares exactly the workgroup bytes the
+    // planner counts (d128: 48 KiB to the byte), which differ from v3's at the same tile.
+    use s2attn::plan::{coop_slices, coop_workgroup_bytes, CoopForward, CoopTile};
+    let tile = CoopTile { tile_q: 64, tile_kv: 32 };
+    let mut failures = Vec::new();
+    for d in [64, 128] {
+        let sl = coop_slices(CoopForward::V5, tile, d, 49152).expect("v5 fits 64x32");
+        let mut constants = vec![("D", d), ("BQ", 64), ("BK", 32), ("WG", 256)];
+        constants.extend([("SL", sl.slice), ("SPAD", sl.s_pad), ("PPAD", sl.p_pad), ("PIPE", 0), ("HS", 2)]);
+        let declared = declared_workgroup_bytes(Kernel::ForwardCoop, &constants);
+        if declared != sl.workgroup_bytes(tile, d) {
+            failures.push(format!(
+                "v5 D {d} {sl:?}: declares {declared} B, planner counts {}",
+                sl.workgroup_bytes(tile, d)
+            ));
+        }
+        if declared == coop_workgroup_bytes(tile, d) {
+            failures.push(format!("v5 D {d}: HS did not change the kernel's workgroup arrays"));
+        }
+        match spirv(Kernel::ForwardCoop, &constants) {
+            Ok(words) => {
+                let v3 = spirv(Kernel::ForwardCoop, &[("D", d), ("BQ", 64), ("BK", 32), ("WG", 128)]).expect("v3");
+                if words == v3 {
+                    failures.push(format!("v5 D {d}: same SPIR-V as v3"));
+                }
+            }
+            Err(e) => failures.push(format!("v5 D {d}: {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -11,7 +11,9 @@
 //! `S2ATTN_COOP_FWD=v4` selects the kernel's v4 form (shaders/NOTES-coop.md): 64-key chunks staged per
 //! pair of workgroup barriers and run in softmax slices of 16 or 32 keys, so that they fit the workgroup
 //! memory at 128 query rows, with the next 16-key slice's S = Q K^T issued before this slice's softmax;
-//! `v4-nopipe` the same without that; unset or `v3`, the measured v3 form. The version is read when the plan is made
+//! `v4-nopipe` the same without that; `v5` splits O's head dims over a pair of subgroups per 16 query rows
+//! (64x32 tiles of 256 invocations, Q in workgroup memory: fewer registers per invocation, so that two
+//! workgroups fit an SM); unset or `v3`, the measured v3 form. The version is read when the plan is made
 //! (its reason names it) and again when the pipeline is built ([`coop_forward_overrides`]).
 
 use super::{DType, DeviceCaps, DispatchPlan, KernelVariant, Shape};
@@ -67,6 +69,9 @@ pub enum CoopForward {
     V4,
     /// [`CoopForward::V4`]'s slices without the early scores.
     V4NoPipe,
+    /// O's head dims split over a pair of subgroups sharing 16 query rows, each pair member computing
+    /// half the chunk's scores from Q in workgroup memory (32-key chunks).
+    V5,
 }
 
 impl CoopForward {
@@ -76,16 +81,27 @@ impl CoopForward {
             Err(_) | Ok("") | Ok("v3") => Ok(Self::V3),
             Ok("v4") => Ok(Self::V4),
             Ok("v4-nopipe") => Ok(Self::V4NoPipe),
-            Ok(other) => Err(Error::Unsupported(format!("S2ATTN_COOP_FWD={other}: expected v3, v4 or v4-nopipe"))),
+            Ok("v5") => Ok(Self::V5),
+            Ok(other) => Err(Error::Unsupported(format!("S2ATTN_COOP_FWD={other}: expected v3, v4, v4-nopipe or v5"))),
         }
     }
 
-    /// `v3`, `v4` or `v4-nopipe`.
+    /// `v3`, `v4`, `v4-nopipe` or `v5`.
     pub fn name(self) -> &'static str {
         match self {
             Self::V3 => "v3",
             Self::V4 => "v4",
             Self::V4NoPipe => "v4-nopipe",
+            Self::V5 => "v5",
+        }
+    }
+
+    /// Subgroups per 16 query rows (the kernel's `HS`): 2 in v5 (the head-dim split), else 1.
+    pub fn split(self) -> u32 {
+        if self == Self::V5 {
+            2
+        } else {
+            1
         }
     }
 }
@@ -99,43 +115,52 @@ pub struct CoopSlices {
     pub s_pad: u32,
     /// P row padding in halves (8, or 0 where 8 does not fit).
     pub p_pad: u32,
+    /// Subgroups per 16 query rows ([`CoopForward::split`]); with 2, Q's rows (padded as K's) are staged
+    /// in workgroup memory after P.
+    pub split: u32,
 }
 
 impl CoopSlices {
     /// Workgroup bytes of `tile` with these slices: K and V rows padded to `head_dim + 8` halves, P rows
     /// of `slice + p_pad` halves, S rows of `slice + s_pad` floats (S's first element doubles as the
-    /// kernel's subgroup-count flag).
+    /// kernel's subgroup-count flag); with `split` 2, Q's rows of `head_dim + 8` halves.
     pub fn workgroup_bytes(self, tile: CoopTile, head_dim: u32) -> u32 {
         let kv = 2 * tile.tile_kv * (head_dim + 8) * 2;
         let p = tile.tile_q * (self.slice + self.p_pad) * 2;
         let s = tile.tile_q * (self.slice + self.s_pad) * 4;
-        kv + p + s
+        let q = (self.split - 1) * tile.tile_q * (head_dim + 8) * 2;
+        kv + p + s + q
     }
 }
 
 /// The slices of `tile` in `form` within `max_bytes` of workgroup memory, if any fit: v3 takes the whole
-/// chunk with the full pads; v4 the widest slice (the chunk, 32, 16 keys), full pads before tight ones.
+/// chunk with the full pads; v4 the widest slice (the chunk, 32, 16 keys), full pads before tight ones;
+/// v5 only 32-key chunks (a pair's two 16-key score halves) at 64 rows, whole, full pads, else S's pad 4.
 pub fn coop_slices(form: CoopForward, tile: CoopTile, head_dim: u32, max_bytes: u32) -> Option<CoopSlices> {
     // (S pad, P pad): full, then tight.
     let (widths, pads): (&[u32], &[(u32, u32)]) = match form {
         CoopForward::V3 => (&[tile.tile_kv], &[(8, 8)]),
         CoopForward::V4 | CoopForward::V4NoPipe => (&[64, 32, 16], &[(8, 8), (4, 0)]),
+        CoopForward::V5 if tile.tile_kv == 32 && tile.tile_q == 64 => (&[32], &[(8, 8), (4, 8), (4, 0)]),
+        CoopForward::V5 => (&[], &[]),
     };
+    let split = form.split();
     widths
         .iter()
         .filter(|&&w| w <= tile.tile_kv && tile.tile_kv % w == 0)
-        .flat_map(|&slice| pads.iter().map(move |&(s_pad, p_pad)| CoopSlices { slice, s_pad, p_pad }))
+        .flat_map(|&slice| pads.iter().map(move |&(s_pad, p_pad)| CoopSlices { slice, s_pad, p_pad, split }))
         .find(|sl| sl.workgroup_bytes(tile, head_dim) <= max_bytes)
 }
 
 /// Workgroup bytes the v3 coop kernel declares for a tile: K and V rows padded to `head_dim + 8` halves,
 /// P rows to `tile_kv + 8` halves, S rows to `tile_kv + 8` floats.
 pub fn coop_workgroup_bytes(tile: CoopTile, head_dim: u32) -> u32 {
-    CoopSlices { slice: tile.tile_kv, s_pad: 8, p_pad: 8 }.workgroup_bytes(tile, head_dim)
+    CoopSlices { slice: tile.tile_kv, s_pad: 8, p_pad: 8, split: 1 }.workgroup_bytes(tile, head_dim)
 }
 
 /// The override constants beyond `D`, `BQ`, `BK` and `WG` that the forward pipeline of `plan` needs:
-/// none for v3; the slice width, pads and early scores for v4 (`S2ATTN_COOP_FWD`, read again here).
+/// none for v3; the slice width, pads and early scores for v4; those and the head-dim split `HS` for v5
+/// (`S2ATTN_COOP_FWD`, read again here).
 pub fn coop_forward_overrides(plan: &DispatchPlan, head_dim: u32) -> Result<Vec<(&'static str, u32)>> {
     let form = CoopForward::from_env()?;
     if form == CoopForward::V3 {
@@ -145,12 +170,21 @@ pub fn coop_forward_overrides(plan: &DispatchPlan, head_dim: u32) -> Result<Vec<
     let sl = coop_slices(form, tile, head_dim, plan.workgroup_bytes)
         .ok_or_else(|| Error::Unsupported(format!("the {} coop forward has no slices for tile {tile}", form.name())))?;
     let pipe = u32::from(form == CoopForward::V4);
-    Ok(vec![("SL", sl.slice), ("SPAD", sl.s_pad), ("PPAD", sl.p_pad), ("PIPE", pipe)])
+    let mut out = vec![("SL", sl.slice), ("SPAD", sl.s_pad), ("PPAD", sl.p_pad), ("PIPE", pipe)];
+    if sl.split > 1 {
+        out.push(("HS", sl.split));
+    }
+    Ok(out)
 }
 
 /// Invocations per workgroup for a tile: one subgroup of [`COOP_SUBGROUP_SIZE`] per 16 query rows.
 pub fn coop_workgroup_size(tile: CoopTile) -> u32 {
     tile.tile_q / ROWS_PER_SUBGROUP * COOP_SUBGROUP_SIZE
+}
+
+/// Invocations per workgroup for a tile in `form`: [`CoopForward::split`] subgroups per 16 query rows.
+pub fn coop_forward_workgroup_size(form: CoopForward, tile: CoopTile) -> u32 {
+    coop_workgroup_size(tile) * form.split()
 }
 
 /// What the autotuner needs from a device: who it is and how fast a candidate runs there.
@@ -196,13 +230,13 @@ pub fn candidates(shape: &Shape, layout: &Layout, caps: &DeviceCaps, form: CoopF
             let tile = CoopTile { tile_q, tile_kv };
             // Each invocation fetches the same whole number of K/V vec4s per chunk, at most MAX_PF (8).
             let fetches = tile_kv * shape.head_dim / 4;
-            let wg = coop_workgroup_size(tile);
+            let wg = coop_forward_workgroup_size(form, tile);
             if bs % tile_kv != 0
                 || fetches % wg != 0
                 || fetches / wg > 8
                 || tile_q / bs > 31
                 || coop_slices(form, tile, shape.head_dim, caps.max_workgroup_storage).is_none()
-                || coop_workgroup_size(tile) > caps.max_invocations
+                || wg > caps.max_invocations
                 || shape.seq_len.div_ceil(tile_q) > caps.max_dispatch
             {
                 continue;
@@ -215,11 +249,15 @@ pub fn candidates(shape: &Shape, layout: &Layout, caps: &DeviceCaps, form: CoopF
 
 /// The default without measurements: 128 query rows (8 subgroups) and 32 keys per chunk, the fastest on
 /// the H100 at 16k..128k tokens (see shaders/NOTES-coop.md); else 64x16, else the first candidate. v4
-/// prefers 128x64 (its point: 64-key chunks at 128 rows).
+/// prefers 128x64 (its point: 64-key chunks at 128 rows); v5 takes its one tile, 64x32.
 fn default_tile(tiles: &[CoopTile], form: CoopForward) -> Option<CoopTile> {
     let pick = |q: u32, kv: u32| tiles.iter().copied().find(|t| t.tile_q == q && t.tile_kv == kv);
-    let v4 = if form == CoopForward::V3 { None } else { pick(128, 64) };
-    v4.or_else(|| pick(128, 32)).or_else(|| pick(64, 16)).or_else(|| tiles.first().copied())
+    let first = match form {
+        CoopForward::V3 => None,
+        CoopForward::V4 | CoopForward::V4NoPipe => pick(128, 64),
+        CoopForward::V5 => pick(64, 32),
+    };
+    first.or_else(|| pick(128, 32)).or_else(|| pick(64, 16)).or_else(|| tiles.first().copied())
 }
 
 /// The kernel form and the device's workgroup memory, which together fix a tile's slices.
@@ -240,6 +278,10 @@ fn coop_plan(shape: &Shape, tile: CoopTile, form: Form, reason: String) -> Dispa
         sl.map_or_else(|| coop_workgroup_bytes(tile, shape.head_dim), |sl| sl.workgroup_bytes(tile, shape.head_dim));
     let reason = match (form.form, sl) {
         (CoopForward::V3, _) | (_, None) => reason,
+        (f @ CoopForward::V5, Some(_)) if reason.is_empty() => {
+            format!("{}, head dim split over subgroup pairs", f.name())
+        }
+        (f @ CoopForward::V5, Some(_)) => format!("{}, head dim split over subgroup pairs; {reason}", f.name()),
         (f, Some(sl)) if reason.is_empty() => format!("{}, {}-key slices", f.name(), sl.slice),
         (f, Some(sl)) => format!("{}, {}-key slices; {reason}", f.name(), sl.slice),
     };
@@ -247,7 +289,7 @@ fn coop_plan(shape: &Shape, tile: CoopTile, form: Form, reason: String) -> Dispa
         variant: KernelVariant::Coop,
         tile_q: tile.tile_q,
         tile_kv: tile.tile_kv,
-        workgroup_size: coop_workgroup_size(tile),
+        workgroup_size: coop_forward_workgroup_size(form.form, tile),
         workgroup_bytes: bytes,
         reason,
     }
@@ -448,10 +490,13 @@ pub(super) mod tests {
         let big = CoopTile { tile_q: 128, tile_kv: 64 };
         // d128: 64 staged keys leave room for 16-key slices with the tight pads only, exactly 48 KiB.
         let sl = coop_slices(CoopForward::V4, big, 128, 49152).expect("128x64 d128 fits");
-        assert_eq!(sl, CoopSlices { slice: 16, s_pad: 4, p_pad: 0 });
+        assert_eq!(sl, CoopSlices { slice: 16, s_pad: 4, p_pad: 0, split: 1 });
         assert_eq!(sl.workgroup_bytes(big, 128), 49152);
         // d64: 32-key slices with the full pads.
-        assert_eq!(coop_slices(CoopForward::V4, big, 64, 49152), Some(CoopSlices { slice: 32, s_pad: 8, p_pad: 8 }));
+        assert_eq!(
+            coop_slices(CoopForward::V4, big, 64, 49152),
+            Some(CoopSlices { slice: 32, s_pad: 8, p_pad: 8, split: 1 })
+        );
         assert_eq!(coop_slices(CoopForward::V3, big, 128, 49152), None);
         // Where v3's layout fits, v4's is the same.
         for (q, kv) in [(64, 16), (64, 32), (128, 16), (128, 32)] {
@@ -468,6 +513,32 @@ pub(super) mod tests {
         assert_eq!(plan.workgroup_bytes, 49152);
         assert!(plan.reason.starts_with("v4, 16-key slices"), "{}", plan.reason);
         assert_ne!(problem_class(&shape, &layout, CoopForward::V4), problem_class(&shape, &layout, CoopForward::V3));
+    }
+
+    #[test]
+    fn v5_splits_64x32_tiles_over_subgroup_pairs() {
+        let tile = CoopTile { tile_q: 64, tile_kv: 32 };
+        // d128: Q staged after P, S's tight pad, exactly 48 KiB; d64 keeps the full pads.
+        let sl = coop_slices(CoopForward::V5, tile, 128, 49152).expect("64x32 d128 fits");
+        assert_eq!(sl, CoopSlices { slice: 32, s_pad: 4, p_pad: 8, split: 2 });
+        assert_eq!(sl.workgroup_bytes(tile, 128), 49152);
+        assert_eq!(
+            coop_slices(CoopForward::V5, tile, 64, 49152),
+            Some(CoopSlices { slice: 32, s_pad: 8, p_pad: 8, split: 2 })
+        );
+        for other in [(64, 16), (64, 64), (128, 32)] {
+            let other = CoopTile { tile_q: other.0, tile_kv: other.1 };
+            assert_eq!(coop_slices(CoopForward::V5, other, 128, 49152), None, "{other}");
+        }
+        let layout = Layout::s2(S2Config::new(4, 64, 2, 4)).expect("layout");
+        let shape = Shape::new(1, 4096, 128, DType::F16);
+        let v5 = candidates(&shape, &layout, &h100(), CoopForward::V5);
+        assert_eq!(v5, vec![tile]);
+        assert_eq!(default_tile(&v5, CoopForward::V5), Some(tile));
+        let plan = coop_plan(&shape, tile, Form { form: CoopForward::V5, max_bytes: 49152 }, String::new());
+        assert_eq!((plan.workgroup_size, plan.workgroup_bytes), (256, 49152));
+        assert!(plan.reason.starts_with("v5, "), "{}", plan.reason);
+        assert_ne!(problem_class(&shape, &layout, CoopForward::V5), problem_class(&shape, &layout, CoopForward::V3));
     }
 
     #[test]
