@@ -396,6 +396,15 @@ struct Walk {
     u32 e, e_end, c;  // entry, end, sub-chunk within the entry's block
 };
 
+// The walk over tile list `slot` (pattern * tiles + tile), before its first chunk.
+__device__ __forceinline__ Walk walk_start(const Params& p, u32 slot) {
+    Walk w;
+    w.e = p.row_ptr[slot];
+    w.e_end = p.row_ptr[slot + 1];
+    w.c = 0;
+    return w;
+}
+
 // Advances `w` (inclusive) to the next chunk this tile computes; false when the list is exhausted.
 __device__ __forceinline__ bool next_chunk(Walk& w, const Params& p, u32 row_last) {
     while (w.e < w.e_end) {
@@ -633,10 +642,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Pa
     const u16* vg = p.v + (long long)b * p.kv_batch + (long long)kvh * HEAD_DIM;
 
     const u32 slot = pattern * p.tiles + tile;
-    Walk cur;
-    cur.e = p.row_ptr[slot];
-    cur.e_end = p.row_ptr[slot + 1];
-    cur.c = 0;
+    Walk cur = walk_start(p, slot);
     bool has_cur = next_chunk(cur, p, row_last);
 
     // Per-thread state: rows g and g+8 of each of the warp's MT tiles.
@@ -850,6 +856,21 @@ __device__ __forceinline__ void issue_pv(float (&o)[MT][ND][4], const u32 (&pa)[
     }
 }
 
+/// One P V product issued and waited for at once (no chunk left to overlap it with), then its K/V stage handed
+/// back to the producer: the tail of a skipped chunk's pending P V, the unpipelined path (`PIPE` 0) and the last
+/// chunk. Issue and wait stay in one branch (split by a barrier, ptxas serialises every wgmma: C7518).
+__device__ __forceinline__ void pv_now_and_release(float (&o)[MT][ND][4], u32 (&pa)[KK][4], u32 v_base,
+                                                   u32 empty_bar, int lane) {
+    wgmma_fence();
+    issue_pv(o, pa, v_base);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs<ND * 4>(&o[0][0][0]);
+    fence_u32<KK * 4>(&pa[0][0]);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty_bar);
+}
+
 #if (BLOCK_Q * LDS * 2) % 1024 != 0 || (KV_STAGE * 2) % 1024 != 0
 #error "Q buffers and K/V stages must keep the 1024-byte alignment of the swizzle atoms"
 #endif
@@ -915,10 +936,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const __grid_cons
 #endif
 
             const u32 slot = (it.head / p.heads_per_pattern) * p.tiles + it.tile;
-            Walk wk;
-            wk.e = p.row_ptr[slot];
-            wk.e_end = p.row_ptr[slot + 1];
-            wk.c = 0;
+            Walk wk = walk_start(p, slot);
             bool has = next_chunk(wk, p, row_last);
             while (has) {
                 const u32 s = i % STAGES;
@@ -1000,10 +1018,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const __grid_cons
         }
 
         const u32 slot = (it.head / p.heads_per_pattern) * p.tiles + it.tile;
-        Walk cur;
-        cur.e = p.row_ptr[slot];
-        cur.e_end = p.row_ptr[slot + 1];
-        cur.c = 0;
+        Walk cur = walk_start(p, slot);
         bool has = next_chunk(cur, p, row_last);
 
         bool have_p = false;  // P of an earlier chunk waits for its P V (PIPE)
@@ -1024,14 +1039,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const __grid_cons
                 // Never hold a stage across a skipped chunk (the producer may need it next): finish a pending P V.
                 if (have_p) {
                     fence_regs<ND * 4>(&o_acc[0][0][0]);
-                    wgmma_fence();
-                    issue_pv(o_acc, pp, smem_addr(v_s + p_stage * KV_STAGE));
-                    wgmma_commit();
-                    wgmma_wait<0>();
-                    fence_regs<ND * 4>(&o_acc[0][0][0]);
-                    fence_u32<KK * 4>(&pp[0][0]);
-                    __syncwarp();
-                    if (lane == 0) mbar_arrive(empty0 + 8 * p_stage);
+                    pv_now_and_release(o_acc, pp, smem_addr(v_s + p_stage * KV_STAGE), empty0 + 8 * p_stage, lane);
                     have_p = false;
                 }
 #if PINGPONG
@@ -1122,35 +1130,21 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const __grid_cons
 #else
                 fence_u32<KK * 4>(&pn[0][0]);
                 fence_regs<ND * 4>(&o_acc[0][0][0]);
-                wgmma_fence();
-                issue_pv(o_acc, pn, smem_addr(v_s + s * KV_STAGE));
-                wgmma_commit();
-                wgmma_wait<0>();
-                fence_regs<ND * 4>(&o_acc[0][0][0]);
-                fence_u32<KK * 4>(&pn[0][0]);
-                __syncwarp();
-                if (lane == 0) mbar_arrive(empty0 + 8 * s);
+                pv_now_and_release(o_acc, pn, smem_addr(v_s + s * KV_STAGE), empty0 + 8 * s, lane);
 #endif
             }
             ++i;
             step_chunk(cur, p);
             has = next_chunk(cur, p, row_last);
         }
-        // The last chunk's P V (issue and wait in one branch: split by a barrier, ptxas serialises: C7518).
+        // The last chunk's P V.
         fence_u32<KK * 4>(&pp[0][0]);
         fence_regs<ND * 4>(&o_acc[0][0][0]);
 #if PINGPONG
         named_sync(1 + wg, 2 * 128);
 #endif
         if (have_p) {
-            wgmma_fence();
-            issue_pv(o_acc, pp, smem_addr(v_s + p_stage * KV_STAGE));
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs<ND * 4>(&o_acc[0][0][0]);
-            fence_u32<KK * 4>(&pp[0][0]);
-            __syncwarp();
-            if (lane == 0) mbar_arrive(empty0 + 8 * p_stage);
+            pv_now_and_release(o_acc, pp, smem_addr(v_s + p_stage * KV_STAGE), empty0 + 8 * p_stage, lane);
         }
 #if PINGPONG
         named_arrive(2 - wg, 2 * 128);
