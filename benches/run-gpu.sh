@@ -15,6 +15,10 @@
 #   pending-bwd  (~5 min) the coop backward tests (dK/dV v3 has never run), forward+backward of dK/dV v2, v3
 #                and `slices` (DKDV_EXTRA overrides the extra ones) with FlashAttention-2 and FlexAttention-S2
 #                at 64k and 128k in the same call (issue 6)
+#   cuda-final  (~2.5 min on a warm Triton cache, more cold) issue 5's closing measurement: test-cuda_wgmma and
+#                test-cuda, the CUDA forward (planner default) in fp16 and bf16 at 16k/64k/128k x vert_stride 16/64,
+#                then FlexAttention-S2 in fp16 and bf16 at the required points in one process (benches/flex_peers.py);
+#                stage with ONLY="test-cuda test-cuda_wgmma s2attn-bench" and copy benches/flex_peers.py into $STAGE
 #   fwd      torch_peers.py (FlashAttention-2, cuDNN, FlexAttention-S2) then s2attn-bench on Vulkan and CUDA,
 #            paper settings (32 heads, head dim 128, block 64, local 16), 16k/64k/128k, vert_stride 16 and 64
 #   both     fwd then bf16 in one call
@@ -23,7 +27,7 @@
 #   decode   decode against the peers' decode, and the decode loop example
 #   extra    test binaries (wgpu and CUDA), quickstart, multi-device (Vulkan + GL of the same GPU)
 set -uo pipefail
-part=${1:?usage: run-gpu.sh paper|final|pending|pending-bwd|fwd|bf16|fwdbwd|decode|extra}
+part=${1:?usage: run-gpu.sh paper|final|pending|pending-bwd|cuda-final|fwd|bf16|fwdbwd|decode|extra}
 source ${STAGE:-.gpu}/env.sh
 export XDG_RUNTIME_DIR=/tmp PYTHONUNBUFFERED=1
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
@@ -120,6 +124,16 @@ extra)
     done | tee $OUT/tests.log
     quickstart 2>&1 | tee $OUT/quickstart.log
     SEQ=16384 ITERS=3 multi_device 2>&1 | tee $OUT/multi.log
+    ;;
+cuda-final)
+    timeout 20 test-cuda_wgmma > $OUT/t-wgmma.log 2>&1; t "test-cuda_wgmma rc=$? $(grep -a 'test result' $OUT/t-wgmma.log)"
+    timeout 20 test-cuda > $OUT/t-cuda.log 2>&1; t "test-cuda rc=$? $(grep -a 'test result' $OUT/t-cuda.log)"
+    for d in f16 bf16; do
+        timeout 30 s2attn-bench $paper --backend cuda --no-dense --seq 16k,64k,128k --vert-stride 16,64 --iters 10 \
+            --warmup 2 -v --dtype $d --json $OUT/ours-$d.jsonl > $OUT/ours-$d.log 2>&1; t "ours $d rc=$?"
+    done
+    timeout 150 python3 ${STAGE:-.gpu}/flex_peers.py fp16:16:16384,65536,131072 fp16:64:131072 bf16:16:16384,65536,131072 \
+        bf16:64:131072 > $OUT/peers.jsonl 2> $OUT/peers.err; t "flex rc=$? $(grep -c '"ms"' $OUT/peers.jsonl) rows"
     ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
