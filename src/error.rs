@@ -149,5 +149,5 @@ pub enum Error {
     Cuda(String),
 }
 
-/// `Result` with the crate's [`Error`].
+/// `Result` with the crate's [`enum@Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

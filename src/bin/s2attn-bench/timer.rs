@@ -7,7 +7,7 @@
 //! plus start of the dQ pass to end of the dK/dV pass, so the gap between the two is not counted). Where
 //! the adapter has no timestamps, the sample is the wall clock around one waited submit holding the pass
 //! (recorded before the clock starts). On CUDA the forward runs on bench-owned device buffers through
-//! [`Attention::forward_cuda`] between CUDA events.
+//! `Attention::forward_cuda` (feature `cuda`) between CUDA events.
 
 use crate::data::{Sample, Set};
 use s2attn::gpu::{GradBuffers, TimestampQueries, WgpuContext};
