@@ -5,7 +5,7 @@
 //! are cached per set of caller buffers; the host-slice path owns its own tensors.
 
 use super::forward::read_buffer;
-use super::shaders::Kernel;
+use super::shaders::{overrides, Kernel};
 use super::timing::{time_encoded, Stamps};
 use super::{Timing, WgpuContext as Context};
 use crate::error::{Error, Result};
@@ -97,6 +97,15 @@ pub(crate) struct GpuBackward {
     host: Mutex<Option<HostBuffers>>,
 }
 
+/// The dQ and dK/dV kernels a wgpu backward plan runs (both portable or both coop).
+pub(crate) fn backward_kernels(plan: &BackwardPlan) -> Result<(Kernel, Kernel)> {
+    match (plan.dq.variant, plan.dkdv.variant) {
+        (KernelVariant::Portable, KernelVariant::Portable) => Ok((Kernel::BackwardDq, Kernel::BackwardDkDv)),
+        (KernelVariant::Coop, KernelVariant::Coop) => Ok((Kernel::BackwardCoopDq, Kernel::BackwardCoopDkDv)),
+        (a, b) => Err(Error::Unsupported(format!("no wgpu backward for {} + {} kernels", a.name(), b.name()))),
+    }
+}
+
 impl GpuBackward {
     pub(crate) fn new(
         ctx: &Context,
@@ -141,21 +150,9 @@ impl GpuBackward {
                 usage: wgpu::BufferUsages::UNIFORM,
             })
         };
-        let pipeline = |kernel, p: &crate::plan::DispatchPlan| {
-            let mut constants = vec![("D", d), ("BQ", p.tile_q), ("BK", p.tile_kv), ("WG", p.workgroup_size)];
-            if kernel == Kernel::BackwardCoopDkDv {
-                // The dK/dV kernel's switches, as the planner chose them (S2ATTN_BWD_DKDV).
-                constants.extend(CoopDkdv::of_plan(p).constants());
-            }
-            ctx.pipeline(kernel, shape.dtype, &constants)
-        };
-        let (dq_kernel, dkdv_kernel) = match (plan.dq.variant, plan.dkdv.variant) {
-            (KernelVariant::Portable, KernelVariant::Portable) => (Kernel::BackwardDq, Kernel::BackwardDkDv),
-            (KernelVariant::Coop, KernelVariant::Coop) => (Kernel::BackwardCoopDq, Kernel::BackwardCoopDkDv),
-            (a, b) => {
-                return Err(Error::Unsupported(format!("no wgpu backward for {} + {} kernels", a.name(), b.name())))
-            }
-        };
+        let pipeline =
+            |kernel, p: &crate::plan::DispatchPlan| ctx.pipeline(kernel, shape.dtype, &overrides(kernel, p, d)?);
+        let (dq_kernel, dkdv_kernel) = backward_kernels(plan)?;
         let dq = Pass {
             pipeline: pipeline(dq_kernel, &plan.dq)?,
             params: uniform(params(mergeq.tiles())),

@@ -1,7 +1,7 @@
 //! Host side of the WGSL forward kernels: index buffers built once per op, bind groups cached per set of
 //! tensor views, encoding into a caller's command encoder, and the host-slice convenience path.
 
-use super::shaders::Kernel;
+use super::shaders::{overrides, Kernel};
 use super::WgpuContext as Context;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
@@ -129,17 +129,8 @@ impl GpuForward {
         plan: DispatchPlan,
         mergeq: Arc<MergeQPlan>,
     ) -> Result<Self> {
-        let kernel = match plan.variant {
-            KernelVariant::Portable => Kernel::ForwardPortable,
-            KernelVariant::Coop => Kernel::ForwardCoop,
-            other => return Err(Error::Unsupported(format!("{} is not a wgpu kernel", other.name()))),
-        };
-        let mut constants =
-            vec![("D", shape.head_dim), ("BQ", plan.tile_q), ("BK", plan.tile_kv), ("WG", plan.workgroup_size)];
-        if plan.variant == KernelVariant::Coop {
-            constants.extend(crate::plan::coop_forward_overrides(&plan, shape.head_dim)?);
-        }
-        let pipeline = ctx.pipeline(kernel, shape.dtype, &constants)?;
+        let kernel = forward_kernel(&plan)?;
+        let pipeline = ctx.pipeline(kernel, shape.dtype, &overrides(kernel, &plan, shape.head_dim)?)?;
         let device = ctx.device();
         let entries_words = mergeq.gpu_entries();
         // wgpu refuses empty bindings; an empty plan (impossible for valid layouts) still gets one word.
@@ -442,6 +433,15 @@ pub(crate) fn check_binding(ctx: &Context, name: &'static str, buffer: &wgpu::Bu
         });
     }
     Ok(())
+}
+
+/// The forward kernel a wgpu plan runs.
+pub(crate) fn forward_kernel(plan: &DispatchPlan) -> Result<Kernel> {
+    match plan.variant {
+        KernelVariant::Portable => Ok(Kernel::ForwardPortable),
+        KernelVariant::Coop => Ok(Kernel::ForwardCoop),
+        other => Err(Error::Unsupported(format!("{} is not a wgpu kernel", other.name()))),
+    }
 }
 
 /// Maps a `MAP_READ` buffer after the queue drains and copies its first `len` bytes out.

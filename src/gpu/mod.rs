@@ -31,26 +31,14 @@ pub fn planned_pipelines(
     caps: &crate::plan::DeviceCaps,
     subgroups: Option<crate::plan::SubgroupInfo>,
 ) -> crate::Result<Vec<(shaders::Kernel, crate::plan::DispatchPlan, String, Vec<(&'static str, u32)>)>> {
-    use crate::plan::{CoopDkdv, KernelVariant};
-    use shaders::Kernel;
-    let d = shape.head_dim;
     let forward = crate::plan::plan_wgpu(shape, layout, caps, None)?;
     let backward = crate::plan::plan_backward_wgpu(shape, layout, caps, subgroups)?;
-    let coop = |p: &crate::plan::DispatchPlan| p.variant == KernelVariant::Coop;
-    let passes = [
-        (if coop(&forward) { Kernel::ForwardCoop } else { Kernel::ForwardPortable }, forward),
-        (if coop(&backward.dq) { Kernel::BackwardCoopDq } else { Kernel::BackwardDq }, backward.dq),
-        (if coop(&backward.dkdv) { Kernel::BackwardCoopDkDv } else { Kernel::BackwardDkDv }, backward.dkdv),
-    ];
+    let (dq, dkdv) = backward::backward_kernels(&backward)?;
+    let passes = [(forward::forward_kernel(&forward)?, forward), (dq, backward.dq), (dkdv, backward.dkdv)];
     let mut out = Vec::new();
     for (kernel, plan) in passes {
-        // As GpuForward::new and GpuBackward::new assemble them.
-        let mut constants = vec![("D", d), ("BQ", plan.tile_q), ("BK", plan.tile_kv), ("WG", plan.workgroup_size)];
-        match kernel {
-            Kernel::ForwardCoop => constants.extend(crate::plan::coop_forward_overrides(&plan, d)?),
-            Kernel::BackwardCoopDkDv => constants.extend(CoopDkdv::of_plan(&plan).constants()),
-            _ => {}
-        }
+        // The kernels and constants GpuForward::new and GpuBackward::new build their pipelines with.
+        let constants = shaders::overrides(kernel, &plan, shape.head_dim)?;
         out.push((kernel, plan, shaders::compose(kernel, shape.dtype)?, constants));
     }
     Ok(out)

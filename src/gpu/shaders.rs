@@ -7,7 +7,7 @@
 //! source per kernel and no copy-pasted variants.
 
 use crate::error::{Error, Result};
-use crate::plan::DType;
+use crate::plan::{DType, DispatchPlan};
 
 /// Shared pieces, by the path kernels include them with.
 const SHARED: &[(&str, &str)] = &[
@@ -24,6 +24,19 @@ const SHARED: &[(&str, &str)] = &[
     ("shared/coop_grad_out.wgsl", include_str!("../../shaders/shared/coop_grad_out.wgsl")),
     ("model/weights.wgsl", include_str!("../../shaders/model/weights.wgsl")),
 ];
+
+/// The override constants `kernel` is built with for `plan` at `head_dim`: the head dim, tile sizes and workgroup
+/// size every kernel declares, plus the coop forward's slicing (`coop_forward_overrides`) and the coop dK/dV
+/// kernel's switches (`S2ATTN_BWD_DKDV`, as the planner chose them).
+pub(crate) fn overrides(kernel: Kernel, plan: &DispatchPlan, head_dim: u32) -> Result<Vec<(&'static str, u32)>> {
+    let mut constants = vec![("D", head_dim), ("BQ", plan.tile_q), ("BK", plan.tile_kv), ("WG", plan.workgroup_size)];
+    match kernel {
+        Kernel::ForwardCoop => constants.extend(crate::plan::coop_forward_overrides(plan, head_dim)?),
+        Kernel::BackwardCoopDkDv => constants.extend(crate::plan::CoopDkdv::of_plan(plan).constants()),
+        _ => {}
+    }
+    Ok(constants)
+}
 
 /// A kernel source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
