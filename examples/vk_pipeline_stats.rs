@@ -154,10 +154,6 @@ struct DeviceInfo {
     size_control: bool,
 }
 
-fn is_coop(kernel: Kernel) -> bool {
-    matches!(kernel, Kernel::ForwardCoop | Kernel::BackwardCoopDq | Kernel::BackwardCoopDkDv)
-}
-
 /// SPIR-V of `v` as wgpu 30's Vulkan backend writes it, with the module after override processing.
 fn spirv(v: &Variant, dev: &DeviceInfo) -> Res<(Vec<u32>, naga::Module, naga::back::spv::BindingMap)> {
     use naga::back::spv;
@@ -198,8 +194,9 @@ fn spirv(v: &Variant, dev: &DeviceInfo) -> Res<(Vec<u32>, naga::Module, naga::ba
     caps.sort_by_key(|c| *c as u32);
     let unchecked = naga::proc::BoundsCheckPolicy::Unchecked;
     let restrict = naga::proc::BoundsCheckPolicy::Restrict;
-    // context.rs turns bounds checks off for the coop kernels (all policies unchecked, as wgpu-hal maps it).
-    let bounds_check_policies = if is_coop(v.kernel) {
+    // Kernels without index checks (the coop kernels, `Kernel::index_checks`) get every policy unchecked, as
+    // wgpu-hal maps `bounds_checks: false`.
+    let bounds_check_policies = if !v.kernel.index_checks() {
         naga::proc::BoundsCheckPolicies {
             index: unchecked,
             buffer: unchecked,

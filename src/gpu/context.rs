@@ -370,13 +370,7 @@ impl WgpuContext {
         // 15-30% slower on the H100 with it). Bounds checks stay on; only loop bounding is off.
         let mut checks = wgpu::ShaderRuntimeChecks::checked();
         checks.force_loop_bounding = false;
-        // The coop kernels index their workgroup and register arrays only with offsets derived from their
-        // override constants (every row and column of a staged tile lies inside its array, as the
-        // planner sizes them), so naga's index clamps only cost time: 18% on the H100. Buffers keep the
-        // device's robust access.
-        if matches!(kernel, Kernel::ForwardCoop | Kernel::BackwardCoopDq | Kernel::BackwardCoopDkDv) {
-            checks.bounds_checks = false;
-        }
+        checks.bounds_checks = kernel.index_checks();
         let descriptor = wgpu::ShaderModuleDescriptor {
             label: Some(kernel.name()),
             source: wgpu::ShaderSource::Wgsl(source.into()),
