@@ -8,22 +8,22 @@
 //! the device (largest first); `S2ATTN_BWD_DQ_TILE` and `S2ATTN_BWD_DKDV_TILE` (`<tile_q>x<tile_kv>`)
 //! force one.
 //!
-//! The dK/dV kernel has three switches ([`CoopDkdv`], override constants of one source):
-//! `S2ATTN_BWD_DKDV` = `v2` (the default: the next query tile prefetched into registers during the
-//! current one's math, column lists walked descending so that a head's stripe columns read the same query
-//! tiles together, the longest columns launched first: [`longest_first_order`]), `v1` (the first kernel:
-//! each query tile staged with a plain load, column lists ascending, workgroups launched in KV-tile order), or
-//! `prefetch` / `descend` / `longest-first` for one of the three alone. A fourth, the row slices per
-//! subgroup (`RS`), makes `v3` = v2 with two 16-row slices per subgroup (`slices`: v1 with them): the same
-//! staged query tile needs half the subgroups, each doing twice the math between the tile's two workgroup
-//! barriers (unmeasured, opt-in; its own tile candidates, and the one-slice setting, saying so, where none
-//! fits). A fifth, `SPLIT`, makes `v4` = v2 with dK and dV of each 16-key x 16-row block on two subgroups
-//! (64 accumulator registers each instead of 128, twice the subgroups per staged tile, one more workgroup
-//! barrier per tile that hands P^T from the dV subgroup to the dK one; opt-in, its own tiles: at least 32
-//! query rows). `v5` fuses two 16-row slices into one 32-row block per subgroup pair (`FUSE` = 2: each round
-//! carries twice the data, 4 subgroups per 32x32 tile), `v5-recompute` also drops the P^T hand-over (the dK
-//! subgroup recomputes S^T and P^T; `SPLIT` = 2). The planner writes the choice into the dK/dV plan's reason (what `explain()` prints), and the
-//! host reads it back from there with [`CoopDkdv::of_plan`].
+//! The dK/dV kernel's switches ([`CoopDkdv`], override constants of one source): `S2ATTN_BWD_DKDV` = `v2` (the
+//! default: the next query tile prefetched into registers during the current one's math, column lists walked
+//! descending so that a head's stripe columns read the same query tiles together, the longest columns launched
+//! first: [`longest_first_order`]), `v1` (the first kernel: each query tile staged with a plain load, column lists
+//! ascending, workgroups launched in KV-tile order), or `prefetch` / `descend` / `longest-first` for one of the
+//! three alone. A fourth, the row slices per subgroup (`RS`), makes `v3` = v2 with two 16-row slices per subgroup
+//! (`slices`: v1 with them): the same staged query tile needs half the subgroups, each doing twice the math between
+//! the tile's two workgroup barriers (opt-in; its own tile candidates, and the one-slice setting, saying so, where
+//! none fits). A fifth, `SPLIT`, makes `v4` = v2 with dK and dV of each 16-key x 16-row block on two subgroups (64
+//! accumulator registers each instead of 128, twice the subgroups per staged tile, one more workgroup barrier per
+//! tile that hands P^T from the dV subgroup to the dK one; opt-in, its own tiles: at least 32 query rows). `v5`
+//! fuses two 16-row slices into one 32-row block per subgroup pair (`FUSE` = 2: each round carries twice the data,
+//! 4 subgroups per 32x32 tile), `v5-recompute` also drops the P^T hand-over (the dK subgroup recomputes S^T and
+//! P^T; `SPLIT` = 2). v3, v4 and the v5s are correct and slower than v2 on the H200 (shaders/NOTES-coop.md). The
+//! planner writes the choice into the dK/dV plan's reason (what `explain()` prints), and the host reads it back
+//! from there with [`CoopDkdv::of_plan`].
 
 use super::coop::COOP_SUBGROUP_SIZE;
 use super::COOP_HEAD_DIMS;
