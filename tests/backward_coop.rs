@@ -10,10 +10,10 @@
 //! dK/dV kernel's switches through `S2ATTN_BWD_DKDV` (every tile setting runs with v1 and v2, the default
 //! tiles also with `prefetch`, `descend`, `longest-first` and `slices` alone on every third problem; `v3`, two row
 //! slices per subgroup, at its default tiles and forced 32x32, and as the v2 it falls back to where no v3
-//! tile fits; `v4`, dK and dV on two subgroups, and `v5` / `v5-recompute`, the same with 32-row blocks, on every
-//! problem at their default tiles and forced 32x16; each op
-//! must say in `explain()` which one it runs; `S2ATTN_BWD_COOP_ONLY=v2,v4` keeps only the runs of the kernels named,
-//! to save device time): process-wide variables, so everything
+//! tile fits; `v4`, dK and dV on two subgroups, and `v5` / `v5-recompute`, the same with 32-row blocks, on
+//! every problem at their default tiles and forced 32x16; each op must say in `explain()` which one it runs;
+//! `S2ATTN_BWD_COOP_ONLY=v2,v4` keeps only the runs of the kernels named, to save device time): process-wide
+//! variables, so everything
 //! runs in this binary's one test and failures are collected.
 
 mod common;
@@ -162,7 +162,8 @@ fn coop_backward_matches_the_oracle() {
     let mut runs: Vec<(usize, &str)> = (0..3).flat_map(|si| [(si, "v1"), (si, "v2")]).collect();
     runs.extend([(0, "prefetch"), (0, "descend"), (0, "longest-first"), (0, "slices"), (0, "v3"), (3, "v3")]);
     runs.extend([(0, "v4"), (4, "v4"), (0, "v5"), (4, "v5"), (0, "v5-recompute"), (4, "v5-recompute")]);
-    if let Ok(only) = std::env::var("S2ATTN_BWD_COOP_ONLY") {
+    let only = std::env::var("S2ATTN_BWD_COOP_ONLY").ok();
+    if let Some(only) = &only {
         let names: Vec<&str> = only.split(',').map(str::trim).collect();
         runs.retain(|(_, k)| names.contains(k));
         println!("S2ATTN_BWD_COOP_ONLY={only}: {} runs", runs.len());
@@ -208,6 +209,8 @@ fn coop_backward_matches_the_oracle() {
     std::env::remove_var("S2ATTN_BWD_DQ_TILE");
     std::env::remove_var("S2ATTN_BWD_DKDV_TILE");
     std::env::remove_var(DKDV_KERNEL_VAR);
-    assert!(ran > 10, "only {ran} problems ran");
+    // The whole set runs well over 20 problems, one or two kernels alone (S2ATTN_BWD_COOP_ONLY) over 10.
+    let least = if only.is_some() { 11 } else { 21 };
+    assert!(ran >= least, "only {ran} problems ran");
     assert!(failures.is_empty(), "{} of {ran} failed:\n{}", failures.len(), failures.join("\n"));
 }
