@@ -11,10 +11,13 @@
 //! src/gpu/context.rs adjusts them (no loop bounding, no workgroup zero-initialisation, no index clamps in
 //! the coop kernels; the integer-division checks of `ShaderRuntimeChecks::checked`). It then builds each
 //! compute pipeline with `VK_PIPELINE_CREATE_CAPTURE_STATISTICS_BIT_KHR` and prints every executable's
-//! statistics as one table, plus one JSON object per executable with `--json FILE`.
+//! statistics as one table, plus one JSON object per executable with `--json FILE`. `--dump DIR` also
+//! asks for the executables' internal representations (whatever text or binary the driver offers) and
+//! writes them and each pipeline's pipeline-cache blob (`vkGetPipelineCacheData`, where a driver keeps its
+//! compiled code) under DIR, for reading the machine code with the vendor's disassembler.
 //!
 //! ```text
-//! cargo run --release --example vk_pipeline_stats -- [--json FILE] [--spv DIR] [--device N]
+//! cargo run --release --example vk_pipeline_stats -- [--json FILE] [--spv DIR] [--dump DIR] [--device N]
 //!     [--seq 65536] [--heads 32] [--kv-heads 32] [--head-dim 128] [--block 64] [--local 16] [--stride 16]
 //! ```
 //!
@@ -53,6 +56,7 @@ struct Args {
     problem: Problem,
     json: Option<String>,
     spv: Option<String>,
+    dump: Option<String>,
     device: Option<usize>,
 }
 
@@ -61,6 +65,7 @@ fn parse_args() -> Res<Args> {
         problem: Problem { seq: 65536, heads: 32, kv_heads: 32, head_dim: 128, block: 64, local: 16, stride: 16 },
         json: None,
         spv: None,
+        dump: None,
         device: None,
     };
     let mut it = std::env::args().skip(1);
@@ -70,6 +75,7 @@ fn parse_args() -> Res<Args> {
         match flag.as_str() {
             "--json" => a.json = Some(value()?),
             "--spv" => a.spv = Some(value()?),
+            "--dump" => a.dump = Some(value()?),
             "--device" => a.device = Some(num(value()?)? as usize),
             "--seq" => a.problem.seq = num(value()?)?,
             "--heads" => a.problem.heads = num(value()?)?,
@@ -88,7 +94,7 @@ fn parse_args() -> Res<Args> {
     Ok(a)
 }
 
-const USAGE: &str = "vk_pipeline_stats [--json FILE] [--spv DIR] [--device N] [--seq N] [--heads N] [--kv-heads N] \
+const USAGE: &str = "vk_pipeline_stats [--json FILE] [--spv DIR] [--dump DIR] [--device N] [--seq N] [--heads N] [--kv-heads N] \
                      [--head-dim N] [--block N] [--local N] [--stride N]";
 
 /// One pipeline to build: a label, the planner's pass and its inputs.
@@ -548,6 +554,7 @@ unsafe fn pipeline_stats(
     words: &[u32],
     module: &naga::Module,
     binding_map: &naga::back::spv::BindingMap,
+    dump: Option<&str>,
 ) -> Res<Vec<Row>> {
     let device = &vk_.device;
     // The automatic layout: every buffer binding of the module, per group, numbered as the binding map.
@@ -610,12 +617,29 @@ unsafe fn pipeline_stats(
             .stage(vk::ShaderStageFlags::COMPUTE)
             .module(shader)
             .name(c"main");
-        let info = vk::ComputePipelineCreateInfo::default()
-            .flags(vk::PipelineCreateFlags::CAPTURE_STATISTICS_KHR)
-            .stage(stage)
-            .layout(layout);
-        let created = device.create_compute_pipelines(vk::PipelineCache::null(), &[info], None);
+        let mut flags = vk::PipelineCreateFlags::CAPTURE_STATISTICS_KHR;
+        if dump.is_some() {
+            flags |= vk::PipelineCreateFlags::CAPTURE_INTERNAL_REPRESENTATIONS_KHR;
+        }
+        let info = vk::ComputePipelineCreateInfo::default().flags(flags).stage(stage).layout(layout);
+        // A fresh cache per pipeline, so that its blob holds this pipeline's code only.
+        let cache = match dump {
+            Some(_) => device
+                .create_pipeline_cache(&vk::PipelineCacheCreateInfo::default(), None)
+                .map_err(|e| format!("vkCreatePipelineCache: {e}"))?,
+            None => vk::PipelineCache::null(),
+        };
+        let created = device.create_compute_pipelines(cache, &[info], None);
         device.destroy_shader_module(shader, None);
+        if let Some(dir) = dump {
+            let file = format!("{dir}/{}.cache.bin", v.label.replace(['/', ' '], "_"));
+            let saved = match &created {
+                Ok(_) => device.get_pipeline_cache_data(cache).map_err(|e| format!("vkGetPipelineCacheData: {e}")),
+                Err(_) => Ok(Vec::new()),
+            };
+            device.destroy_pipeline_cache(cache, None);
+            std::fs::write(&file, saved?).map_err(|e| format!("{file}: {e}"))?;
+        }
         let pipeline = created.map_err(|(_, e)| format!("vkCreateComputePipelines: {e}"))?[0];
         let rows = (|| {
             let execs = exec
@@ -628,6 +652,10 @@ unsafe fn pipeline_stats(
                         &vk::PipelineExecutableInfoKHR::default().pipeline(pipeline).executable_index(i as u32),
                     )
                     .map_err(|e| format!("vkGetPipelineExecutableStatisticsKHR: {e}"))?;
+                if let Some(dir) = dump {
+                    let info = vk::PipelineExecutableInfoKHR::default().pipeline(pipeline).executable_index(i as u32);
+                    dump_internal(exec, &info, &format!("{dir}/{}.exec{i}", v.label.replace(['/', ' '], "_")))?;
+                }
                 rows.push(Row {
                     label: v.label.clone(),
                     tile: format!("{}x{}", v.plan.tile_q, v.plan.tile_kv),
@@ -656,6 +684,46 @@ unsafe fn pipeline_stats(
     device.destroy_pipeline_layout(layout, None);
     cleanup(&set_layouts);
     result
+}
+
+/// Writes every internal representation the driver gives for one executable to `{stem}.irN.{txt,bin}`
+/// (the two-call pattern with data buffers, which ash's wrapper leaves out).
+///
+/// # Safety
+/// `info` names a live pipeline created with `CAPTURE_INTERNAL_REPRESENTATIONS_KHR`.
+unsafe fn dump_internal(
+    exec: &ash::khr::pipeline_executable_properties::Device,
+    info: &vk::PipelineExecutableInfoKHR<'_>,
+    stem: &str,
+) -> Res<()> {
+    let f = exec.fp().get_pipeline_executable_internal_representations_khr;
+    let dev = exec.device();
+    let mut count = 0u32;
+    let r = f(dev, info, &mut count, std::ptr::null_mut());
+    if r != vk::Result::SUCCESS {
+        return Err(format!("vkGetPipelineExecutableInternalRepresentationsKHR (count): {r}"));
+    }
+    let mut reps = vec![vk::PipelineExecutableInternalRepresentationKHR::default(); count as usize];
+    let r = f(dev, info, &mut count, reps.as_mut_ptr());
+    if r != vk::Result::SUCCESS && r != vk::Result::INCOMPLETE {
+        return Err(format!("vkGetPipelineExecutableInternalRepresentationsKHR (sizes): {r}"));
+    }
+    let mut bufs: Vec<Vec<u8>> = reps.iter().map(|x| vec![0u8; x.data_size]).collect();
+    for (x, b) in reps.iter_mut().zip(bufs.iter_mut()) {
+        x.p_data = b.as_mut_ptr().cast();
+    }
+    let r = f(dev, info, &mut count, reps.as_mut_ptr());
+    if r != vk::Result::SUCCESS && r != vk::Result::INCOMPLETE {
+        return Err(format!("vkGetPipelineExecutableInternalRepresentationsKHR (data): {r}"));
+    }
+    println!("    {} internal representation(s) for {stem}", reps.len());
+    for (k, (x, b)) in reps.iter().zip(&bufs).enumerate() {
+        let text = x.is_text != 0;
+        let file = format!("{stem}.ir{k}.{}", if text { "txt" } else { "bin" });
+        println!("      {}: {} ({} B, {})", cstr(x.name_as_c_str()), cstr(x.description_as_c_str()), b.len(), file);
+        std::fs::write(&file, b).map_err(|e| format!("{file}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Workgroups per SM the registers allow on NVIDIA (65536 32-bit registers per SM, allocated per thread
@@ -701,7 +769,7 @@ fn run() -> Res<()> {
         Some(path) => Some(std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?),
         None => None,
     };
-    if let Some(dir) = &args.spv {
+    for dir in [&args.spv, &args.dump].into_iter().flatten() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{dir}: {e}"))?;
     }
     let mut rows: Vec<Row> = Vec::new();
@@ -735,7 +803,7 @@ fn run() -> Res<()> {
         let _ = std::io::stdout().flush();
         let start = std::time::Instant::now();
         // SAFETY: the SPIR-V was written by naga for this device's capabilities, checked above.
-        match unsafe { pipeline_stats(&vk_, exec, v, &words, &module, &binding_map) } {
+        match unsafe { pipeline_stats(&vk_, exec, v, &words, &module, &binding_map, args.dump.as_deref()) } {
             Ok(new) => {
                 println!(", compiled in {:.2} s", start.elapsed().as_secs_f64());
                 for r in &new {

@@ -259,48 +259,46 @@ fn stage_kv(b: u32, head: u32, tok0: u32, lid: u32) {
 }
 
 // One query tile as held in registers between its fetch and its store to workgroup memory: the
-// invocation's NQF vec4s of Q and dO rows, and (invocations lid < BQ/4) the LSE (base 2; +BIG where the
-// row is masked, past the end or without keys) and D of rows 4 lid..4 lid+3.
+// invocation's NQF vec4s of Q and dO rows, and the forward's raw LSE and D of rows 4 lid..4 lid+3 with
+// whether each row takes part (inside the sequence, in the entry's row mask); only invocations
+// lid < BQ/4 store the latter.
 struct QTile {
     q: QFetch,
     g: QFetch,
     lse: vec4<f32>,
     delta: vec4<f32>,
+    ok: vec4<bool>,
 }
 
-// Loads the query tile `entry` (a column-list entry) of query head `head` into registers; zeros past the
-// end.
+// Loads the query tile `entry` (a column-list entry) of query head `head` into registers. Branch-free, as
+// the forward's K/V fetch (shared/coop_chunks.wgsl): rows past the end are read as the last row (finite;
+// their LSE becomes +BIG at the store, so their P is 0), every invocation reads the LSE and D of its four
+// rows, and nothing reads the loaded registers before `stash_tile` -- a conditional load or a select on
+// the loaded value makes the NVIDIA driver wait for the data right after the load.
 fn fetch_tile(b: u32, head: u32, entry: vec2<u32>, lid: u32) -> QTile {
     let d4 = D / 4u;
     let row0 = entry.x * BQ;
+    let last = params.seq_len - 1u;
     var t: QTile;
     for (var n = 0u; n < NQF; n++) {
         let i = lid + n * WG;
-        let tok = row0 + i / d4;
-        var x = vec4<f16>(0.0h);
-        var y = vec4<f16>(0.0h);
-        if tok < params.seq_len {
-            x = q_buf[q_index(b, tok, head, i % d4, d4)];
-            y = do_buf[o_index(b, tok, head, i % d4, d4)];
-        }
-        t.q[n] = x;
-        t.g[n] = y;
+        let tok = min(row0 + i / d4, last);
+        t.q[n] = q_buf[q_index(b, tok, head, i % d4, d4)];
+        t.g[n] = do_buf[o_index(b, tok, head, i % d4, d4)];
     }
-    t.lse = vec4<f32>(POS_BIG);
-    t.delta = vec4<f32>(0.0);
-    if lid < BQ / 4u {
-        for (var c = 0u; c < 4u; c++) {
-            let tok = row0 + 4u * lid + c;
-            if tok < params.seq_len && row_attends(entry.y, 4u * lid + c) {
-                t.lse[c] = lse_log2(stat_index(b, head, tok));
-                t.delta[c] = delta_buf[stat_index(b, head, tok)];
-            }
-        }
+    for (var c = 0u; c < 4u; c++) {
+        let r = (4u * lid + c) % BQ;
+        let tok = row0 + r;
+        let at = stat_index(b, head, min(tok, last));
+        t.lse[c] = lse_buf[params.lse_off + at];
+        t.delta[c] = delta_buf[at];
+        t.ok[c] = tok <= last && row_attends(entry.y, r);
     }
     return t;
 }
 
-// Stores a fetched query tile to q_s, do_s, lse_s and delta_s.
+// Stores a fetched query tile to q_s, do_s, lse_s (base 2; +BIG where the row is masked, past the end
+// or without keys) and delta_s.
 fn stash_tile(t: ptr<function, QTile>, lid: u32) {
     let d4 = D / 4u;
     for (var n = 0u; n < NQF; n++) {
@@ -309,7 +307,8 @@ fn stash_tile(t: ptr<function, QTile>, lid: u32) {
         do_s[(i / d4) * KS4 + i % d4] = (*t).g[n];
     }
     if lid < BQ / 4u {
-        lse_s[lid] = (*t).lse;
+        let lse = (*t).lse;
+        lse_s[lid] = select(vec4<f32>(POS_BIG), lse * LOG2E, (*t).ok & (lse > vec4<f32>(NEG_BIG)));
         delta_s[lid] = (*t).delta;
     }
 }
@@ -486,9 +485,12 @@ fn main(
         }
         stash_tile(&held, lid);
         workgroupBarrier();
-        if PREFETCH != 0u && next.head < head_end {
-            // In flight during this tile's math; stored at the next step.
-            held = fetch_tile(b, next.head, entries[entry_index(next, kb)], lid);
+        if PREFETCH != 0u {
+            // In flight during this tile's math; stored at the next step. Unconditional (past the walk's
+            // end it fetches this tile again, never stored), see `fetch_tile`.
+            let more = next.head < head_end;
+            let at = select(entry_index(cur, kb), entry_index(next, kb), more);
+            held = fetch_tile(b, select(head, next.head, more), entries[at], lid);
         }
         cur = next;
 

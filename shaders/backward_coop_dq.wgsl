@@ -225,14 +225,12 @@ fn main(
         fetch(t, chunk_k0(c, subs), &fk, &fv);
     }
     while c < c_end {
-        let rows = entries[c / subs].y;
+        let rows = chunk_entry(c, subs).y;
         let k0 = chunk_k0(c, subs);
         workgroupBarrier(); // every subgroup is done with the previous chunk's k_s and v_s
         stash(t, &fk, &fv);
         c = next_chunk(c + 1u, c_end, subs, t.row_last);
-        if c < c_end {
-            fetch(t, chunk_k0(c, subs), &fk, &fv); // in flight during this chunk's math
-        }
+        fetch_chunk(t, c, c_end, subs, &fk, &fv); // in flight during this chunk's math
         workgroupBarrier();
 
         // Subgroups whose 16 rows all precede the chunk (causal) or sit outside its row mask skip it.

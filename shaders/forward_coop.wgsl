@@ -63,7 +63,16 @@ override TAU: f32 = 8.0;  // lazy rescale threshold, log2 units
 override NSG: u32 = HS * BQ / 16u;  // subgroups the kernel needs (subgroup size WG / NSG)
 override NPF: u32 = BK * D / 4u / WG;  // K (and V) vec4s each invocation fetches per chunk
 
+// Diagnostics only (`S2ATTN_COOP_DIAG`, shaders/NOTES-coop.md "v6"): each set bit leaves one stage of the
+// v3 path out, so that timing differences say what a stage costs. The results are wrong unless DIAG is 0.
+// 1 Q staging, 2 S = Q K^T, 4 softmax, 8 O += P V, 16 K/V fetch and staging, 32 O write, 64 S store.
+override DIAG: u32 = 0u;
+fn keep(stage: u32) -> bool {
+    return (DIAG & stage) == 0u;
+}
+
 const MAX_BK8: u32 = 8u;  // BK at most 64
+const MAX_QF: u32 = 16u;  // Q vec4s an invocation fetches in the prologue: 2 per 16 head dims (WG = 2 BQ)
 const MAX_PF: u32 = 8u;   // NPF at most 8
 const LN2: f32 = 0.6931471805599453;
 
@@ -89,7 +98,39 @@ var<workgroup> s_s: array<vec4<f32>, BQ * SS4>;  // element 0 first carries the 
 
 #include shared/coop_chunks.wgsl
 
-// Q columns 16j..16j+15 of the subgroup's rows, staged through p_s.
+// The v3 prologue: every invocation fetches its share of all of Q's column slices at once (one global
+// round trip instead of one per slice; element n of slice j is tile element lid + n WG of that slice:
+// row / 4, vec4 column 4j + i % 4).
+fn fetch_q(t: Tile, qf: ptr<function, array<vec4<f16>, MAX_QF>>) {
+    let nq = BQ * 4u / WG;
+    for (var j = 0u; j < D / 16u; j++) {
+        for (var n = 0u; n < nq; n++) {
+            let i = t.lid + n * WG;
+            // Branch-free as `fetch` (rows past the end read the last row; their outputs are never written).
+            let tok = min(t.row0 + i / 4u, params.seq_len - 1u);
+            var x = vec4<f16>(0.0h);
+            if keep(1u) {
+                x = q_buf[q_index(t.b, tok, t.head, j * 4u + i % 4u, D / 4u)];
+            }
+            (*qf)[j * nq + n] = x;
+        }
+    }
+}
+
+// Q columns 16j..16j+15 of the subgroup's rows from the prologue's registers, through p_s.
+fn stash_q(t: Tile, qf: ptr<function, array<vec4<f16>, MAX_QF>>, j: u32) -> AM {
+    let nq = BQ * 4u / WG;
+    for (var n = 0u; n < nq; n++) {
+        let i = t.lid + n * WG;
+        p_s[(i / 4u) * PS4 + i % 4u] = (*qf)[j * nq + n];
+    }
+    workgroupBarrier();
+    let m = coopLoadT<AM>(&p_s[16u * t.g * PS4], PS4);
+    workgroupBarrier();
+    return m;
+}
+
+// Q columns 16j..16j+15 of the subgroup's rows, staged through p_s (v5's prologue).
 fn stage_q(t: Tile, j: u32) -> AM {
     let d4 = D / 4u;
     for (var i = t.lid; i < BQ * 4u; i += WG) {
@@ -214,14 +255,12 @@ fn forward_split(t: Tile, hh: u32, pattern: u32) {
     let g_row0 = t.row0 + 16u * t.g;
     let qa = QOFF + 16u * t.g * KS4;  // the pair's Q rows
     while c < c_end {
-        let rows = entries[c / subs].y;
+        let rows = chunk_entry(c, subs).y;
         let k0 = chunk_k0(c, subs);
         workgroupBarrier(); // (A)
         stash(t, &fk, &fv);
         c = next_chunk(c + 1u, c_end, subs, t.row_last);
-        if c < c_end {
-            fetch(t, chunk_k0(c, subs), &fk, &fv);
-        }
+        fetch_chunk(t, c, c_end, subs, &fk, &fv);
         workgroupBarrier(); // (B)
 
         let sees = g_row0 < seq && row_attends(rows, 16u * t.g) && k0 < seq && (!causal || k0 <= g_row0 + 15u);
@@ -373,19 +412,21 @@ fn main(
     }
 
     // Q (raw f16, unscaled: the scale is applied to S in f32) and the O accumulators.
-    let q0 = stage_q(t, 0u);
-    let q1 = stage_q(t, 1u);
-    let q2 = stage_q(t, 2u);
-    let q3 = stage_q(t, 3u);
+    var qf: array<vec4<f16>, MAX_QF>;
+    fetch_q(t, &qf);
+    let q0 = stash_q(t, &qf, 0u);
+    let q1 = stash_q(t, &qf, 1u);
+    let q2 = stash_q(t, &qf, 2u);
+    let q3 = stash_q(t, &qf, 3u);
     var q4 = AM();
     var q5 = AM();
     var q6 = AM();
     var q7 = AM();
     if D > 64u {
-        q4 = stage_q(t, 4u);
-        q5 = stage_q(t, 5u);
-        q6 = stage_q(t, 6u);
-        q7 = stage_q(t, 7u);
+        q4 = stash_q(t, &qf, 4u);
+        q5 = stash_q(t, &qf, 5u);
+        q6 = stash_q(t, &qf, 6u);
+        q7 = stash_q(t, &qf, 7u);
     }
     var o0 = CM();
     var o1 = CM();
@@ -404,17 +445,19 @@ fn main(
     var c = next_chunk(tile_ptr[slot] * subs, c_end, subs, t.row_last);
     var fk: Fetch;
     var fv: Fetch;
-    if c < c_end {
+    if c < c_end && keep(16u) {
         fetch(t, chunk_k0(c, subs), &fk, &fv);
     }
     while c < c_end {
-        let rows = entries[c / subs].y;
+        let rows = chunk_entry(c, subs).y;
         let k0 = chunk_k0(c, subs);
         workgroupBarrier(); // every subgroup is done with the previous chunk's k_s and v_s
-        stash(t, &fk, &fv);
+        if keep(16u) {
+            stash(t, &fk, &fv);
+        }
         c = next_chunk(c + 1u, c_end, subs, t.row_last);
-        if c < c_end {
-            fetch(t, chunk_k0(c, subs), &fk, &fv); // in flight during this chunk's math
+        if keep(16u) {
+            fetch_chunk(t, c, c_end, subs, &fk, &fv); // in flight during this chunk's math
         }
         workgroupBarrier();
 
@@ -431,27 +474,29 @@ fn main(
             let kt0 = sl * (SL / 16u);  // its first 16-key tile in k_s / v_s
             if sg_sees && ks < seq && (!causal || ks <= sg_row0 + 15u) {
                 // S = Q K^T, SL/16 independent accumulators, then to the subgroup's rows of s_s.
-                var s0: CM;
+                var s0 = CM();
                 if pipe && sl > 0u {
                     s0 = s_pre;
-                } else {
+                } else if keep(2u) {
                     s0 = qk(kt0, q0, q1, q2, q3, q4, q5, q6, q7);
                 }
                 var s1 = CM();
                 var s2 = CM();
                 var s3 = CM();
-                if SL > 16u {
+                if SL > 16u && keep(2u) {
                     s1 = qk(kt0 + 1u, q0, q1, q2, q3, q4, q5, q6, q7);
                 }
-                if SL > 32u {
+                if SL > 32u && keep(2u) {
                     s2 = qk(kt0 + 2u, q0, q1, q2, q3, q4, q5, q6, q7);
                     s3 = qk(kt0 + 3u, q0, q1, q2, q3, q4, q5, q6, q7);
                 }
-                coopStoreT(s0, &s_s[16u * t.g * SS4], SS4);
-                if SL > 16u {
+                if keep(64u) {
+                    coopStoreT(s0, &s_s[16u * t.g * SS4], SS4);
+                }
+                if SL > 16u && keep(64u) {
                     coopStoreT(s1, &s_s[16u * t.g * SS4 + 4u], SS4);
                 }
-                if SL > 32u {
+                if SL > 32u && keep(64u) {
                     coopStoreT(s2, &s_s[16u * t.g * SS4 + 8u], SS4);
                     coopStoreT(s3, &s_s[16u * t.g * SS4 + 12u], SS4);
                 }
@@ -467,7 +512,7 @@ fn main(
                 let row_ok = qi < seq && row_attends(rows, r);
                 var sv: array<vec4<f32>, MAX_BK8>;
                 var mx = NEG_BIG;
-                for (var i = 0u; i < SL / 8u; i++) {
+                for (var i = 0u; i < SL / 8u && keep(4u); i++) {
                     var x = s_s[r * SS4 + 2u * i + h] * params.scale_log2;
                     if need_mask {
                         let kj = vec4<u32>(ks + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
@@ -484,7 +529,7 @@ fn main(
                 }
                 let alpha = exp2(m - m_new);
                 var sum = 0.0;
-                for (var i = 0u; i < SL / 8u; i++) {
+                for (var i = 0u; i < SL / 8u && keep(4u); i++) {
                     var p = exp2(sv[i] - vec4<f32>(m_new));
                     if need_mask {
                         p = select(p, vec4<f32>(0.0), sv[i] <= vec4<f32>(NEG_BIG));
@@ -510,8 +555,17 @@ fn main(
                     }
                 }
 
-                for (var pt = 0u; pt < SL / 16u; pt++) {
-                    pv(t, kt0 + pt, pt, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
+                // Written out, not a loop: the NVIDIA driver keeps a loop over `pt` and shuffles the 64
+                // accumulator registers around it (~130 moves per chunk in the v3 machine code).
+                if keep(8u) {
+                    pv(t, kt0, 0u, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
+                }
+                if SL > 16u && keep(8u) {
+                    pv(t, kt0 + 1u, 1u, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
+                }
+                if SL > 32u && keep(8u) {
+                    pv(t, kt0 + 2u, 2u, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
+                    pv(t, kt0 + 3u, 3u, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
                 }
             }
         }
@@ -519,11 +573,13 @@ fn main(
 
     // Epilogue: O / l, 16 head dims at a time; then the LSE.
     let inv_l = select(0.0, 1.0 / l, l > 0.0);
-    write_o(t, 0u, o0, 0u, inv_l);
-    write_o(t, 0u, o1, 1u, inv_l);
-    write_o(t, 0u, o2, 2u, inv_l);
-    write_o(t, 0u, o3, 3u, inv_l);
-    if D > 64u {
+    if keep(32u) {
+        write_o(t, 0u, o0, 0u, inv_l);
+        write_o(t, 0u, o1, 1u, inv_l);
+        write_o(t, 0u, o2, 2u, inv_l);
+        write_o(t, 0u, o3, 3u, inv_l);
+    }
+    if D > 64u && keep(32u) {
         write_o(t, 0u, o4, 4u, inv_l);
         write_o(t, 0u, o5, 5u, inv_l);
         write_o(t, 0u, o6, 6u, inv_l);

@@ -15,9 +15,16 @@ struct Tile {
     g: u32,         // the invocation's subgroup: tile rows 16g..16g+15 in the matrix products
 }
 
-// First key of chunk `c` (chunks are the tile list's KV blocks cut into BK keys).
+// The tile-list entry of chunk `c` (chunks are the tile list's KV blocks cut into `subs` = block / BK
+// chunks of BK keys; both powers of two, so shifts and masks instead of integer divisions, which the
+// drivers expand into ~20 instructions each).
+fn chunk_entry(c: u32, subs: u32) -> vec2<u32> {
+    return entries[c >> countTrailingZeros(subs)];
+}
+
+// First key of chunk `c`.
 fn chunk_k0(c: u32, subs: u32) -> u32 {
-    return entries[c / subs].x * params.block_size + (c % subs) * BK;
+    return chunk_entry(c, subs).x * params.block_size + (c & (subs - 1u)) * BK;
 }
 
 // The first chunk at or after `c` with keys inside the sequence that some row may see (causality).
@@ -33,21 +40,25 @@ fn next_chunk(c: u32, c_end: u32, subs: u32, row_last: u32) -> u32 {
     return n;
 }
 
-// Loads the chunk at `k0` into registers (zeros past the sequence end, so that P V never sees garbage).
+// Loads the chunk at `k0` into registers. Branch-free on purpose: rows past the sequence end are read as
+// its last row (finite values whose scores are masked, so their P is 0 and P V never sees them), and the
+// caller clamps the chunk index rather than skipping the call. With a conditional load the NVIDIA driver
+// copies each loaded register into the loop-carried one right after the load, and the copy waits for the
+// data: the prefetch stalled for the whole memory latency every chunk (shaders/NOTES-coop.md, v6).
 fn fetch(t: Tile, k0: u32, fk: ptr<function, Fetch>, fv: ptr<function, Fetch>) {
     let d4 = D / 4u;
     for (var n = 0u; n < NPF; n++) {
         let i = t.lid + n * WG;
-        let tok = k0 + i / d4;
-        var kx = vec4<f16>(0.0h);
-        var vx = vec4<f16>(0.0h);
-        if tok < params.seq_len {
-            kx = k_buf[kv_index(params.k_off, t.b, tok, t.kv_head, i % d4, d4)];
-            vx = v_buf[kv_index(params.v_off, t.b, tok, t.kv_head, i % d4, d4)];
-        }
-        (*fk)[n] = kx;
-        (*fv)[n] = vx;
+        let tok = min(k0 + i / d4, params.seq_len - 1u);
+        (*fk)[n] = k_buf[kv_index(params.k_off, t.b, tok, t.kv_head, i % d4, d4)];
+        (*fv)[n] = v_buf[kv_index(params.v_off, t.b, tok, t.kv_head, i % d4, d4)];
     }
+}
+
+// Fetches chunk `c`, or the last chunk of the list again when `c` is past it (`c_end` >= 1), so that the
+// loads are unconditional (see `fetch`).
+fn fetch_chunk(t: Tile, c: u32, c_end: u32, subs: u32, fk: ptr<function, Fetch>, fv: ptr<function, Fetch>) {
+    fetch(t, chunk_k0(min(c, c_end - 1u), subs), fk, fv);
 }
 
 // Stores fetched rows to k_s / v_s.

@@ -39,7 +39,8 @@ fn row_attends(rows: u32, r: u32) -> bool {
     if rows < ROWMASK_BITS_FLAG {
         return r < rows;
     }
-    return ((rows >> (r / params.block_size)) & 1u) == 1u;
+    // Block sizes are powers of two (the layout checks): a shift, not an integer division.
+    return ((rows >> (r >> countTrailingZeros(params.block_size))) & 1u) == 1u;
 }
 
 // Head-major offsets in vec4 units.

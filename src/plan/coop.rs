@@ -163,8 +163,9 @@ pub fn coop_workgroup_bytes(tile: CoopTile, head_dim: u32) -> u32 {
 /// (`S2ATTN_COOP_FWD`, read again here).
 pub fn coop_forward_overrides(plan: &DispatchPlan, head_dim: u32) -> Result<Vec<(&'static str, u32)>> {
     let form = CoopForward::from_env()?;
+    let diag = coop_diag()?;
     if form == CoopForward::V3 {
-        return Ok(Vec::new());
+        return Ok(diag.map(|d| vec![("DIAG", d)]).unwrap_or_default());
     }
     let tile = CoopTile { tile_q: plan.tile_q, tile_kv: plan.tile_kv };
     let sl = coop_slices(form, tile, head_dim, plan.workgroup_bytes)
@@ -174,7 +175,23 @@ pub fn coop_forward_overrides(plan: &DispatchPlan, head_dim: u32) -> Result<Vec<
     if sl.split > 1 {
         out.push(("HS", sl.split));
     }
+    out.extend(diag.map(|d| ("DIAG", d)));
     Ok(out)
+}
+
+/// `S2ATTN_COOP_DIAG`: a diagnostic bit set that leaves stages of the coop forward out (the kernel's
+/// `DIAG` override lists them; its results are wrong unless the set is empty). For timing what a stage
+/// costs, never for use.
+pub fn coop_diag() -> Result<Option<u32>> {
+    match std::env::var("S2ATTN_COOP_DIAG") {
+        Err(_) => Ok(None),
+        Ok(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|&d| d < 128)
+            .map(|d| (d != 0).then_some(d))
+            .ok_or_else(|| Error::Unsupported(format!("S2ATTN_COOP_DIAG={v}: expected a number below 128"))),
+    }
 }
 
 /// Invocations per workgroup for a tile: one subgroup of [`COOP_SUBGROUP_SIZE`] per 16 query rows.
