@@ -94,7 +94,8 @@ fn parse_args() -> Res<Args> {
     Ok(a)
 }
 
-const USAGE: &str = "vk_pipeline_stats [--json FILE] [--spv DIR] [--dump DIR] [--device N] [--seq N] [--heads N] [--kv-heads N] \
+const USAGE: &str =
+    "vk_pipeline_stats [--json FILE] [--spv DIR] [--dump DIR] [--device N] [--seq N] [--heads N] [--kv-heads N] \
                      [--head-dim N] [--block N] [--local N] [--stride N]";
 
 /// One pipeline to build: a label, the planner's pass and its inputs.
