@@ -314,38 +314,63 @@ fn stash_tile(t: ptr<function, QTile>, lid: u32) {
 }
 
 // Where the walk over the GQA group's column lists stands: query head `head` (the group's end when the
-// walk is done), step `i` of its list of KV block `kb` (ascending, or descending with DESCEND).
+// walk is done), step `i` of its list of KV block `kb` (ascending, or descending with DESCEND), the list
+// being entries first .. first + len. The list bounds ride along in registers, so that stepping within
+// a list loads nothing (in-order issue would wait on every dependent index load).
 struct Cursor {
     head: u32,
     i: u32,
+    first: u32,
+    len: u32,
 }
 
 // The index into `entries` of the cursor's step.
-fn entry_index(c: Cursor, kb: u32) -> u32 {
-    let slot = (c.head / params.heads_per_pattern) * params.tiles + kb;
-    let first = tile_ptr[slot];
-    let last = tile_ptr[slot + 1u] - 1u;
-    return select(first + c.i, last - c.i, DESCEND != 0u);
+fn entry_index(c: Cursor) -> u32 {
+    return select(c.first + c.i, c.first + c.len - 1u - c.i, DESCEND != 0u);
 }
 
-// The first step at or after `c` whose query tile some key of the tile at `k0` meets (causal: some row
-// at or after the tile's first key), or the group's end `head_end`.
-fn walk(c: Cursor, head_end: u32, kb: u32, k0: u32) -> Cursor {
+// `c` itself if it is a step of its list, else the first step of the next head with a nonempty list, or
+// the group's end `head_end`.
+fn settle(c: Cursor, head_end: u32, kb: u32) -> Cursor {
     var n = c;
     loop {
-        if n.head >= head_end {
+        if n.i < n.len || n.head >= head_end {
             break;
         }
-        let slot = (n.head / params.heads_per_pattern) * params.tiles + kb;
-        if n.i >= tile_ptr[slot + 1u] - tile_ptr[slot] {
-            n = Cursor(n.head + 1u, 0u);
-            continue;
+        n.head++;
+        n.i = 0u;
+        if n.head < head_end {
+            let slot = (n.head / params.heads_per_pattern) * params.tiles + kb;
+            n.first = tile_ptr[slot];
+            n.len = tile_ptr[slot + 1u] - n.first;
         }
-        let row0 = entries[entry_index(n, kb)].x * BQ;
-        if params.causal == 0u || min(row0 + BQ, params.seq_len) - 1u >= k0 {
-            break;
+    }
+    return n;
+}
+
+// The step after `c`.
+fn advance(c: Cursor, head_end: u32, kb: u32) -> Cursor {
+    return settle(Cursor(c.head, c.i + 1u, c.first, c.len), head_end, kb);
+}
+
+// The walk's first step: the first of head `head0`'s list (or a later head's), then, walking ascending,
+// past the causal query tiles that all precede the tile at `k0` (they would be skipped by every subgroup;
+// descending, they come last and are left to that per-subgroup skip).
+fn first_step(head0: u32, head_end: u32, kb: u32, k0: u32) -> Cursor {
+    let slot = (head0 / params.heads_per_pattern) * params.tiles + kb;
+    let first = tile_ptr[slot];
+    var n = settle(Cursor(head0, 0u, first, tile_ptr[slot + 1u] - first), head_end, kb);
+    if DESCEND == 0u && params.causal != 0u {
+        loop {
+            if n.head >= head_end {
+                break;
+            }
+            let row0 = entries[entry_index(n)].x * BQ;
+            if min(row0 + BQ, params.seq_len) - 1u >= k0 {
+                break;
+            }
+            n = advance(n, head_end, kb);
         }
-        n.i++;
     }
     return n;
 }
@@ -466,33 +491,45 @@ fn main(
     var dk7 = CM();
 
     let head_end = (kv_head + 1u) * group;
-    var cur = walk(Cursor(kv_head * group, 0u), head_end, kb, k0);
+    var cur = first_step(kv_head * group, head_end, kb, k0);
+    var nxt = advance(cur, head_end, kb);
+    // The entries of the current and the next step, each loaded a step before its use; an index past the
+    // walk's end reads the current step's entry again (fetched, never stored).
+    var e_cur = vec2<u32>(0u);
+    var e_nxt = vec2<u32>(0u);
     var held: QTile;
-    if PREFETCH != 0u && cur.head < head_end {
-        held = fetch_tile(b, cur.head, entries[entry_index(cur, kb)], lid);
+    if cur.head < head_end {
+        e_cur = entries[entry_index(cur)];
+        e_nxt = entries[select(entry_index(cur), entry_index(nxt), nxt.head < head_end)];
+        if PREFETCH != 0u {
+            held = fetch_tile(b, cur.head, e_cur, lid);
+        }
     }
     loop {
         if cur.head >= head_end {
             break;
         }
         let head = cur.head;
-        let entry = entries[entry_index(cur, kb)];
+        let entry = e_cur;
         let row0 = entry.x * BQ;
-        let next = walk(Cursor(cur.head, cur.i + 1u), head_end, kb, k0);
         workgroupBarrier(); // every subgroup is done with the previous tile's q_s, do_s, lse_s, delta_s
         if PREFETCH == 0u {
             held = fetch_tile(b, head, entry, lid);
         }
         stash_tile(&held, lid);
         workgroupBarrier();
+        let more = nxt.head < head_end;
         if PREFETCH != 0u {
             // In flight during this tile's math; stored at the next step. Unconditional (past the walk's
             // end it fetches this tile again, never stored), see `fetch_tile`.
-            let more = next.head < head_end;
-            let at = select(entry_index(cur, kb), entry_index(next, kb), more);
-            held = fetch_tile(b, select(head, next.head, more), entries[at], lid);
+            held = fetch_tile(b, select(head, nxt.head, more), select(entry, e_nxt, more), lid);
         }
-        cur = next;
+        let after = advance(nxt, head_end, kb);
+        let e_after = entries[select(entry_index(cur), entry_index(after), after.head < head_end)];
+        cur = nxt;
+        nxt = after;
+        e_cur = e_nxt;
+        e_nxt = e_after;
 
         if SPLIT != 0u {
             // v4 / v5: the block's V-side and K-side (see the header); a block whose rows lie past the

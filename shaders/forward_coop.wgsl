@@ -99,34 +99,35 @@ var<workgroup> s_s: array<vec4<f32>, BQ * SS4>;  // element 0 first carries the 
 #include shared/coop_chunks.wgsl
 
 // The v3 prologue: every invocation fetches its share of all of Q's column slices at once (one global
-// round trip instead of one per slice; element n of slice j is tile element lid + n WG of that slice:
-// row / 4, vec4 column 4j + i % 4).
+// round trip instead of one per slice). Each subgroup fetches and stages its own 16 rows (element n of
+// slice j is lane + 32n: row 16g + (lane + 32n) / 4, vec4 column 4j + lane % 4), so that staging needs
+// subgroup barriers only.
 fn fetch_q(t: Tile, qf: ptr<function, array<vec4<f16>, MAX_QF>>) {
-    let nq = BQ * 4u / WG;
+    let lane = t.lid % 32u;
     for (var j = 0u; j < D / 16u; j++) {
-        for (var n = 0u; n < nq; n++) {
-            let i = t.lid + n * WG;
+        for (var n = 0u; n < 2u; n++) {
+            let i = lane + 32u * n;
             // Branch-free as `fetch` (rows past the end read the last row; their outputs are never written).
-            let tok = min(t.row0 + i / 4u, params.seq_len - 1u);
+            let tok = min(t.row0 + 16u * t.g + i / 4u, params.seq_len - 1u);
             var x = vec4<f16>(0.0h);
             if keep(1u) {
                 x = q_buf[q_index(t.b, tok, t.head, j * 4u + i % 4u, D / 4u)];
             }
-            (*qf)[j * nq + n] = x;
+            (*qf)[2u * j + n] = x;
         }
     }
 }
 
-// Q columns 16j..16j+15 of the subgroup's rows from the prologue's registers, through p_s.
+// Q columns 16j..16j+15 of the subgroup's rows from the prologue's registers, through its rows of p_s.
 fn stash_q(t: Tile, qf: ptr<function, array<vec4<f16>, MAX_QF>>, j: u32) -> AM {
-    let nq = BQ * 4u / WG;
-    for (var n = 0u; n < nq; n++) {
-        let i = t.lid + n * WG;
-        p_s[(i / 4u) * PS4 + i % 4u] = (*qf)[j * nq + n];
+    let lane = t.lid % 32u;
+    for (var n = 0u; n < 2u; n++) {
+        let i = lane + 32u * n;
+        p_s[(16u * t.g + i / 4u) * PS4 + i % 4u] = (*qf)[2u * j + n];
     }
-    workgroupBarrier();
+    subgroupBarrier();
     let m = coopLoadT<AM>(&p_s[16u * t.g * PS4], PS4);
-    workgroupBarrier();
+    subgroupBarrier();
     return m;
 }
 
@@ -197,9 +198,18 @@ fn write_o(t: Tile, hh: u32, m: CM, j: u32, inv_l: f32) {
     let h = t.lid % 2u;
     let qi = t.row0 + r;
     let jg = hh * (D / 16u / HS) + j;
-    workgroupBarrier();
+    // v3/v4: the subgroup's rows of s_s are its own, so a subgroup barrier orders them; v5's pairs share.
+    if HS > 1u {
+        workgroupBarrier();
+    } else {
+        subgroupBarrier();
+    }
     coopStoreT(m, &s_s[16u * t.g * SS4 + 4u * hh], SS4);
-    workgroupBarrier();
+    if HS > 1u {
+        workgroupBarrier();
+    } else {
+        subgroupBarrier();
+    }
     if qi < params.seq_len {
         o_buf[o_index(t.b, qi, t.head, jg * 4u + h, D / 4u)] = vec4<f16>(s_s[r * SS4 + 4u * hh + h] * inv_l);
         o_buf[o_index(t.b, qi, t.head, jg * 4u + h + 2u, D / 4u)] =
@@ -443,22 +453,29 @@ fn main(
     let subs = params.block_size / BK;
     let c_end = tile_ptr[slot + 1u] * subs;
     var c = next_chunk(tile_ptr[slot] * subs, c_end, subs, t.row_last);
+    // The walk visits every chunk from the first visible one to the list's end (a chunk no subgroup sees,
+    // which only the sequence's last tile can have, is staged and skipped by all), and its entries are
+    // loaded a chunk ahead of their use, so that no index load sits right before its use (in-order issue
+    // waits there). Past the list's end the entry of its last chunk stands in: fetched, never stashed.
+    let sh = countTrailingZeros(subs);
+    let c_last = max(c_end, 1u) - 1u;
+    var e_cur = entries[min(c, c_last) >> sh];
+    var e_next = entries[min(c + 1u, c_last) >> sh];
     var fk: Fetch;
     var fv: Fetch;
     if c < c_end && keep(16u) {
-        fetch(t, chunk_k0(c, subs), &fk, &fv);
+        fetch(t, e_cur.x * params.block_size + (c & (subs - 1u)) * BK, &fk, &fv);
     }
     while c < c_end {
-        let rows = chunk_entry(c, subs).y;
-        let k0 = chunk_k0(c, subs);
+        let rows = e_cur.y;
+        let k0 = e_cur.x * params.block_size + (c & (subs - 1u)) * BK;
         workgroupBarrier(); // every subgroup is done with the previous chunk's k_s and v_s
         if keep(16u) {
             stash(t, &fk, &fv);
+            // The next chunk, in flight during this chunk's math.
+            fetch(t, e_next.x * params.block_size + ((c + 1u) & (subs - 1u)) * BK, &fk, &fv);
         }
-        c = next_chunk(c + 1u, c_end, subs, t.row_last);
-        if keep(16u) {
-            fetch_chunk(t, c, c_end, subs, &fk, &fv); // in flight during this chunk's math
-        }
+        let e_after = entries[min(c + 2u, c_last) >> sh];
         workgroupBarrier();
 
         // The staged chunk in softmax slices of SL keys (one slice unless SL < BK). Subgroups whose 16 rows
@@ -569,6 +586,9 @@ fn main(
                 }
             }
         }
+        c += 1u;
+        e_cur = e_next;
+        e_next = e_after;
     }
 
     // Epilogue: O / l, 16 head dims at a time; then the LSE.

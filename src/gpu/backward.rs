@@ -242,6 +242,8 @@ impl GpuBackward {
 
     /// Records both backward passes into `encoder`, reading and writing the caller's buffers.
     /// With `stamps`, the dQ pass writes the beginning timestamp and the dK/dV pass the end one.
+    /// Diagnostics only: `S2ATTN_BWD_DIAG_SKIP=dq` (or `dkdv`) records that pass without its dispatch, so
+    /// that a timing shows the other pass alone (the gradients are then wrong).
     pub(crate) fn encode(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -250,6 +252,7 @@ impl GpuBackward {
     ) -> Result<()> {
         self.check(buffers)?;
         let groups = self.bind_groups(buffers);
+        let skip = std::env::var("S2ATTN_BWD_DIAG_SKIP").ok();
         for (i, (pass, group)) in self.passes.iter().zip(&groups).enumerate() {
             let timestamp_writes = stamps.map(|s| wgpu::ComputePassTimestampWrites {
                 query_set: s.set,
@@ -261,7 +264,9 @@ impl GpuBackward {
             cp.set_pipeline(&pass.pipeline);
             cp.set_bind_group(0, group, &[]);
             let [x, y, z] = pass.dispatch;
-            cp.dispatch_workgroups(x, y, z);
+            if skip.as_deref() != Some(["dq", "dkdv"][i.min(1)]) {
+                cp.dispatch_workgroups(x, y, z);
+            }
         }
         Ok(())
     }
