@@ -26,8 +26,14 @@
 #   fwdbwd   forward+backward against the peers' autograd
 #   decode   decode against the peers' decode, and the decode loop example
 #   extra    test binaries (wgpu and CUDA), quickstart, multi-device (Vulkan + GL of the same GPU)
+#   v6-final  (~7 min) the coop kernels after the v6 load fixes (issues 4 and 6): the WGSL forward at 16k/64k/128k x
+#            vert_stride 16/64 (128k vs64 in three processes: its time has been bimodal), WGSL and CUDA forward+backward at
+#            64k/128k, torch_peers.py forward (FlashAttention-2 dense, FlexAttention-S2 at both strides) and
+#            forward+backward (FlashAttention-2, FlexAttention-S2), then the coop/CUDA gradient and forward tests; stage
+#            with ONLY="s2attn-bench test-forward_coop test-backward_coop test-backward test-cuda_backward" --features cuda
+#            and copy benches/flex_peers.py into $STAGE
 set -uo pipefail
-part=${1:?usage: run-gpu.sh paper|final|pending|pending-bwd|cuda-final|fwd|bf16|fwdbwd|decode|extra}
+part=${1:?usage: run-gpu.sh paper|final|pending|pending-bwd|cuda-final|v6-final|fwd|bf16|fwdbwd|decode|extra}
 source ${STAGE:-.gpu}/env.sh
 export XDG_RUNTIME_DIR=/tmp PYTHONUNBUFFERED=1
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
@@ -36,6 +42,35 @@ paper="--heads 32 --kv-heads 32 --head-dim 128 --block 64 --local 16"
 coop="$paper --dtype f16 --backend vulkan --no-dense"   # the WGSL tensor-core rows of the variant timings
 T0=$SECONDS; t() { echo "[t=$((SECONDS-T0))s] $*" | tee -a $OUT/summary.txt; }   # progress lines
 case $part in
+v6-final)
+    export S2ATTN_AUTOTUNE=0   # the planner's untuned default tiles (coop forward 128x32), as in the earlier rows
+    v=$OUT/ours.jsonl
+    timeout 60 s2attn-bench $coop --seq 16k,64k,128k --vert-stride 16,64 --iters 5 --warmup 2 -v --json $v > $OUT/ours.log 2>&1
+    t "wgsl fwd rc=$?"
+    for rep in 2 3; do
+        timeout 30 s2attn-bench $coop --seq 128k --vert-stride 64 --iters 5 --warmup 2 --json $v >> $OUT/ours.log 2>&1
+        t "wgsl fwd 128k vs64 process $rep rc=$?"
+    done
+    timeout 90 s2attn-bench $coop --mode fwd+bwd --seq 64k,128k --vert-stride 16 --iters 3 --warmup 1 -v --json $v >> $OUT/ours.log 2>&1
+    t "wgsl fwd+bwd rc=$?"
+    timeout 60 s2attn-bench $paper --dtype f16 --backend cuda --no-dense --mode fwd+bwd --seq 64k,128k --vert-stride 16 \
+        --iters 3 --warmup 1 -v --json $v >> $OUT/ours.log 2>&1
+    t "cuda fwd+bwd rc=$?"
+    grep -ao '"impl":"[^"]*","mode":"[^"]*"\|"seq":[0-9]*\|"vert_stride":[0-9]*\|"ms":[0-9.]*\|"bwd_ms":[0-9.]*' $v | paste -sd' ' \
+        | sed 's/"impl"/\n"impl"/g' | tee -a $OUT/summary.txt
+    timeout 60 python3 $peers --mode fwd --seq 131072 --vert-stride 16 --impls torch-flash --iters 5 > $OUT/peers.jsonl 2> $OUT/peers.err
+    t "peers fwd FA2 rc=$?"
+    timeout 150 python3 ${STAGE:-.gpu}/flex_peers.py fp16:16:131072 fp16:64:131072 >> $OUT/peers.jsonl 2>> $OUT/peers.err
+    t "peers fwd Flex rc=$?"
+    timeout 200 python3 $peers --mode fwd+bwd --seq 65536 131072 --vert-stride 16 --impls torch-flash flex-s2 --iters 3 \
+        >> $OUT/peers.jsonl 2>> $OUT/peers.err
+    t "peers fwd+bwd rc=$?"; grep -ao '"impl":"[^"]*"\|"mode":"[^"]*"\|"seq":[0-9]*\|"vert_stride":[0-9]*\|"ms":[0-9.]*' $OUT/peers.jsonl \
+        | paste -sd' ' | sed 's/"impl"/\n"impl"/g' | tee -a $OUT/summary.txt
+    for b in test-forward_coop test-cuda_backward test-backward_coop test-backward; do
+        be=vulkan; [ $b = test-cuda_backward ] && be=cuda
+        S2ATTN_BACKEND=$be timeout 90 $b >> $OUT/tests.log 2>&1; t "$b rc=$? $(grep -a 'test result' $OUT/tests.log | tail -1)"
+    done
+    ;;
 pending)
     S2ATTN_BACKEND=vulkan timeout 60 test-multi > $OUT/multi-test.log 2>&1; t "test-multi rc=$?"
     for c in smoke buffers; do timeout 60 ${STAGE:-.gpu}/c/$c > $OUT/c-$c.log 2>&1; t "C $c rc=$?"; done

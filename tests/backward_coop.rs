@@ -7,10 +7,10 @@
 //!
 //! Runs on adapters with 16x16 f16 cooperative matrices (the H100/H200); elsewhere (lavapipe in CI) it
 //! prints why it skipped. Tiles are forced through `S2ATTN_BWD_DQ_TILE` / `S2ATTN_BWD_DKDV_TILE`, the
-//! dK/dV kernel's switches through `S2ATTN_BWD_DKDV` (every tile setting runs with v1 and v2, the default
+//! dK/dV kernel's switches through `S2ATTN_BWD_DKDV` (every tile setting runs with v1 and v2, the v2 default
 //! tiles also with `prefetch`, `descend`, `longest-first` and `slices` alone on every third problem; `v3`, two row
 //! slices per subgroup, at its default tiles and forced 32x32, and as the v2 it falls back to where no v3
-//! tile fits; `v4`, dK and dV on two subgroups, and `v5` / `v5-recompute`, the same with 32-row blocks, on
+//! tile fits; `v4` (the planner's default), dK and dV on two subgroups, and `v5` / `v5-recompute`, the same with 32-row blocks, on
 //! every problem at their default tiles and forced 32x16; each op must say in `explain()` which one it runs;
 //! `S2ATTN_BWD_COOP_ONLY=v2,v4` keeps only the runs of the kernels named, to save device time): process-wide
 //! variables, so everything
@@ -158,7 +158,7 @@ fn coop_backward_matches_the_oracle() {
         [None, Some(("64x16", "16x16")), Some(("64x32", "16x32")), Some(("64x32", "32x32")), Some(("64x16", "32x16"))];
     let mut failures = Vec::new();
     let mut ran = 0;
-    // (tile setting, dK/dV kernel): every tile setting with v1 and v2, the default one with each switch alone.
+    // (tile setting, dK/dV kernel): every tile setting with v1 and v2, v2's default one with each switch alone.
     let mut runs: Vec<(usize, &str)> = (0..3).flat_map(|si| [(si, "v1"), (si, "v2")]).collect();
     runs.extend([(0, "prefetch"), (0, "descend"), (0, "longest-first"), (0, "slices"), (0, "v3"), (3, "v3")]);
     runs.extend([(0, "v4"), (4, "v4"), (0, "v5"), (4, "v5"), (0, "v5-recompute"), (4, "v5-recompute")]);

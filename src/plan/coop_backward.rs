@@ -9,7 +9,7 @@
 //! force one.
 //!
 //! The dK/dV kernel's switches ([`CoopDkdv`], override constants of one source): `S2ATTN_BWD_DKDV` = `v2` (the
-//! default: the next query tile prefetched into registers during the current one's math, column lists walked
+//! next query tile prefetched into registers during the current one's math, column lists walked
 //! descending so that a head's stripe columns read the same query tiles together, the longest columns launched
 //! first: [`longest_first_order`]), `v1` (the first kernel: each query tile staged with a plain load, column lists
 //! ascending, workgroups launched in KV-tile order), or `prefetch` / `descend` / `longest-first` for one of the
@@ -18,10 +18,12 @@
 //! the tile's two workgroup barriers (opt-in; its own tile candidates, and the one-slice setting, saying so, where
 //! none fits). A fifth, `SPLIT`, makes `v4` = v2 with dK and dV of each 16-key x 16-row block on two subgroups (64
 //! accumulator registers each instead of 128, twice the subgroups per staged tile, one more workgroup barrier per
-//! tile that hands P^T from the dV subgroup to the dK one; opt-in, its own tiles: at least 32 query rows). `v5`
+//! tile that hands P^T from the dV subgroup to the dK one; its own tiles: at least 32 query rows; the default
+//! since the v6 load fixes, with v2 where none of its tiles fits). `v5`
 //! fuses two 16-row slices into one 32-row block per subgroup pair (`FUSE` = 2: each round carries twice the data,
 //! 4 subgroups per 32x32 tile), `v5-recompute` also drops the P^T hand-over (the dK subgroup recomputes S^T and
-//! P^T; `SPLIT` = 2). v3, v4 and the v5s are correct and slower than v2 on the H200 (shaders/NOTES-coop.md). The
+//! P^T; `SPLIT` = 2). All are correct; on the H200 v4 is the fastest since the v6 fixes (v3 and the v5s slower
+//! than v2; shaders/NOTES-coop.md). The
 //! planner writes the choice into the dK/dV plan's reason (what `explain()` prints), and the host reads it back
 //! from there with [`CoopDkdv::of_plan`].
 
@@ -111,10 +113,11 @@ impl CoopDkdv {
         })
     }
 
-    /// The setting `S2ATTN_BWD_DKDV` asks for; v2 when unset (on the H200 at 64k it took forward+backward
-    /// from 244 to 191 ms, 128k from 901 to 641 ms, with the same gradients: `shaders/NOTES-coop.md`).
+    /// The setting `S2ATTN_BWD_DKDV` asks for; v4 when unset (v2 where no v4 tile fits, saying so). Once
+    /// the loads stopped stalling (shaders/NOTES-coop.md, v6) v4 took the H200's dK/dV pass at 64k from
+    /// 89.0 to 74.4 ms; before that v2 was the fastest (64k forward+backward 191 ms against v1's 244).
     pub fn from_env() -> Result<Self> {
-        std::env::var(DKDV_KERNEL_VAR).map_or(Ok(Self::V2), |s| Self::parse(&s))
+        std::env::var(DKDV_KERNEL_VAR).map_or(Ok(Self::V4), |s| Self::parse(&s))
     }
 
     /// The setting a coop dK/dV plan was made with (from the tag the planner wrote into its reason; v1
@@ -396,9 +399,13 @@ mod tests {
             assert!(plan.dq.workgroup_bytes <= caps.max_workgroup_storage);
             assert!(plan.dkdv.workgroup_bytes <= caps.max_workgroup_storage);
             assert_eq!(plan.dq.workgroup_size, plan.dq.tile_q * 2);
-            assert_eq!(plan.dkdv.workgroup_size, plan.dkdv.tile_kv * plan.dkdv.tile_q / 8);
+            // One subgroup per 16 keys x 16 rows, two with the default v4's split.
+            let tile = CoopTile { tile_q: plan.dkdv.tile_q, tile_kv: plan.dkdv.tile_kv };
+            let kernel = CoopDkdv::of_plan(&plan.dkdv);
+            assert_eq!(kernel, CoopDkdv::from_env().expect("S2ATTN_BWD_DKDV"), "{}", plan.dkdv.reason);
+            assert_eq!(plan.dkdv.workgroup_size, kernel.subgroups(tile) * COOP_SUBGROUP_SIZE);
         }
-        // Both head dims take 32 keys x 32 query rows (four subgroups) in the dK/dV pass.
+        // Both head dims take 32 keys x 32 query rows in the dK/dV pass.
         let p128 = plan_backward_coop(&Shape::new(1, 4096, 128, DType::F16), &layout, &caps, SG32).expect("plan");
         assert_eq!((p128.dq.tile_q, p128.dq.tile_kv, p128.dkdv.tile_q, p128.dkdv.tile_kv), (128, 32, 32, 32));
         let p64 = plan_backward_coop(&Shape::new(1, 4096, 64, DType::F16), &layout, &caps, SG32).expect("plan");
