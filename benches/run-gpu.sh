@@ -44,19 +44,19 @@ T0=$SECONDS; t() { echo "[t=$((SECONDS-T0))s] $*" | tee -a $OUT/summary.txt; }  
 case $part in
 v6-final)
     export S2ATTN_AUTOTUNE=0   # the planner's untuned default tiles (coop forward 128x32), as in the earlier rows
-    v=$OUT/ours.jsonl
-    timeout 60 s2attn-bench $coop --seq 16k,64k,128k --vert-stride 16,64 --iters 5 --warmup 2 -v --json $v > $OUT/ours.log 2>&1
+    v=$OUT/ours   # --json truncates its file: one per command
+    timeout 60 s2attn-bench $coop --seq 16k,64k,128k --vert-stride 16,64 --iters 5 --warmup 2 -v --json $v-fwd.jsonl > $OUT/ours.log 2>&1
     t "wgsl fwd rc=$?"
     for rep in 2 3; do
-        timeout 30 s2attn-bench $coop --seq 128k --vert-stride 64 --iters 5 --warmup 2 --json $v >> $OUT/ours.log 2>&1
+        timeout 30 s2attn-bench $coop --seq 128k --vert-stride 64 --iters 5 --warmup 2 --json $v-fwd$rep.jsonl >> $OUT/ours.log 2>&1
         t "wgsl fwd 128k vs64 process $rep rc=$?"
     done
-    timeout 90 s2attn-bench $coop --mode fwd+bwd --seq 64k,128k --vert-stride 16 --iters 3 --warmup 1 -v --json $v >> $OUT/ours.log 2>&1
+    timeout 90 s2attn-bench $coop --mode fwd+bwd --seq 64k,128k --vert-stride 16 --iters 3 --warmup 1 -v --json $v-fwdbwd.jsonl >> $OUT/ours.log 2>&1
     t "wgsl fwd+bwd rc=$?"
     timeout 60 s2attn-bench $paper --dtype f16 --backend cuda --no-dense --mode fwd+bwd --seq 64k,128k --vert-stride 16 \
-        --iters 3 --warmup 1 -v --json $v >> $OUT/ours.log 2>&1
+        --iters 3 --warmup 1 -v --json $v-cuda-fwdbwd.jsonl >> $OUT/ours.log 2>&1
     t "cuda fwd+bwd rc=$?"
-    grep -ao '"impl":"[^"]*","mode":"[^"]*"\|"seq":[0-9]*\|"vert_stride":[0-9]*\|"ms":[0-9.]*\|"bwd_ms":[0-9.]*' $v | paste -sd' ' \
+    grep -ao '"impl":"[^"]*","mode":"[^"]*"\|"seq":[0-9]*\|"vert_stride":[0-9]*\|"ms":[0-9.]*\|"bwd_ms":[0-9.]*' $v-*.jsonl | paste -sd' ' \
         | sed 's/"impl"/\n"impl"/g' | tee -a $OUT/summary.txt
     timeout 60 python3 $peers --mode fwd --seq 131072 --vert-stride 16 --impls torch-flash --iters 5 > $OUT/peers.jsonl 2> $OUT/peers.err
     t "peers fwd FA2 rc=$?"
