@@ -183,9 +183,9 @@ pub fn coop_forward_overrides(plan: &DispatchPlan, head_dim: u32) -> Result<Vec<
 /// `DIAG` override lists them; its results are wrong unless the set is empty). For timing what a stage
 /// costs, never for use.
 pub fn coop_diag() -> Result<Option<u32>> {
-    match std::env::var("S2ATTN_COOP_DIAG") {
-        Err(_) => Ok(None),
-        Ok(v) => v
+    match std::env::var("S2ATTN_COOP_DIAG").ok().filter(|v| !v.trim().is_empty()) {
+        None => Ok(None),
+        Some(v) => v
             .parse::<u32>()
             .ok()
             .filter(|&d| d < 128)
@@ -352,7 +352,8 @@ pub fn plan_coop(
     }
     let form = Form { form: CoopForward::from_env()?, max_bytes: caps.max_workgroup_storage };
     let tiles = candidates(shape, layout, caps, form.form);
-    if let Ok(forced) = std::env::var("S2ATTN_TILE") {
+    // Unset or blank: the planner's (or the autotuner's) choice.
+    if let Some(forced) = std::env::var("S2ATTN_TILE").ok().filter(|v| !v.trim().is_empty()) {
         let tile: CoopTile = forced.parse()?;
         if !tiles.contains(&tile) {
             let list: Vec<String> = tiles.iter().map(|t| t.to_string()).collect();

@@ -117,7 +117,7 @@ impl CoopDkdv {
     /// the loads stopped stalling (shaders/NOTES-coop.md, v6) v4 took the H200's dK/dV pass at 64k from
     /// 89.0 to 74.4 ms; before that v2 was the fastest (64k forward+backward 191 ms against v1's 244).
     pub fn from_env() -> Result<Self> {
-        std::env::var(DKDV_KERNEL_VAR).map_or(Ok(Self::V4), |s| Self::parse(&s))
+        std::env::var(DKDV_KERNEL_VAR).ok().filter(|s| !s.trim().is_empty()).map_or(Ok(Self::V4), |s| Self::parse(&s))
     }
 
     /// The setting a coop dK/dV plan was made with (from the tag the planner wrote into its reason; v1
@@ -298,7 +298,8 @@ fn pass_plan(tile: CoopTile, subgroups: u32, bytes: u32, reason: String) -> Disp
 /// The tile of one pass: the override in `var` if set (refused unless it is a candidate that fits), else
 /// the first candidate that fits.
 fn pick(var: &str, candidates: &[CoopTile], pass: &str) -> Result<(CoopTile, String)> {
-    if let Ok(forced) = std::env::var(var) {
+    // Unset or blank: the first candidate that fits.
+    if let Some(forced) = std::env::var(var).ok().filter(|v| !v.trim().is_empty()) {
         let tile: CoopTile = forced.parse()?;
         if !candidates.contains(&tile) {
             let list: Vec<String> = candidates.iter().map(|t| t.to_string()).collect();
