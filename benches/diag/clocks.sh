@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # benches/diag/clocks.sh (GPU host; STAGE staged with s2attn-bench): the SM / memory clocks and P-state that
 # nvidia-smi reports while the Vulkan coop forward runs (128k vs16, ~5 s) and while the CUDA forward runs.
-set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 source ${STAGE:-.gpu}/env.sh
-export XDG_RUNTIME_DIR=/tmp LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
-T0=$SECONDS; t() { echo "[t=$((SECONDS-T0))s] $*" | tee -a $OUT/summary.txt; }
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
 nvidia-smi --query-gpu=timestamp,pstate,clocks.sm,clocks.max.sm,clocks.mem,power.draw,utilization.gpu,clocks_event_reasons.active \
     --format=csv -lms 100 > $OUT/smi.csv 2>&1 &
 smi=$!

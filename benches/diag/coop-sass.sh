@@ -3,10 +3,8 @@
 # the NVIDIA machine code of the coop kernels (vk_pipeline_stats --dump, the driver's GLCache, benches/diag/sass.py)
 # and a residency timing: the coop forward at 66 / 132 / 264 / 528 workgroups of the same per-workgroup work
 # (local-only rows: vert_stride 256 > blocks), v3 at 128x32, 64x32 and 64x16, and v5 at 64x32.
-set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 source ${STAGE:-.gpu}/env.sh
-export XDG_RUNTIME_DIR=/tmp
-T0=$SECONDS; t() { echo "[t=$((SECONDS-T0))s] $*" | tee -a $OUT/summary.txt; }
 export __GL_SHADER_DISK_CACHE_PATH=$OUT/glcache __GL_SHADER_DISK_CACHE_SKIP_CLEANUP=1; mkdir -p $OUT/glcache
 timeout 120 vk_pipeline_stats --dump $OUT/dump --json $OUT/stats.jsonl > $OUT/stats.txt 2>&1; t "vk_pipeline_stats rc=$?"
 cp -r ~/.cache/nvidia $OUT/home-nvidia-cache 2>/dev/null

@@ -3,13 +3,8 @@
 # changes, the v6 kernel's correctness test, its machine code, and the S2ATTN_COOP_DIAG ablations (each leaves one
 # stage out: 1 Q, 2 QK^T, 4 softmax, 8 PV, 16 K/V fetch+stash, 32 O write, 64 S store) on the paper shape at 128k
 # vs16 and on the lone-workgroup problem (66 workgroups of 128 rows, local-only rows: vert_stride 256).
-set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 OLD=${OLD:-.s1}; NEW=${STAGE:-.s2}
-export XDG_RUNTIME_DIR=/tmp
-T0=$SECONDS; t() { echo "[t=$((SECONDS-T0))s] $*" | tee -a $OUT/summary.txt; }
-ms() { grep -ao '"ms":[0-9.]*' "$1" | cut -d: -f2 | tr '\n' ' '; }
-paper="--heads 32 --kv-heads 32 --head-dim 128 --block 64 --local 16 --dtype f16 --backend vulkan --no-dense"
-lone="--heads 1 --kv-heads 1 --head-dim 128 --block 64 --local 16 --vert-stride 256 --dtype f16 --backend vulkan --no-dense --check-seq 0 --seq 8448"
 mkdir -p $OUT/r
 ( source $NEW/env.sh
   S2ATTN_BACKEND=vulkan timeout 150 test-forward_coop > $OUT/r/test.log 2>&1; t "new test-forward_coop rc=$? $(grep -a 'test result' $OUT/r/test.log)"

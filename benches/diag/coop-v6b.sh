@@ -2,13 +2,8 @@
 # benches/diag/coop-v6b.sh (GPU host): correctness (test-forward_coop, test-backward_coop) and the machine code of
 # the STAGE build (vk_pipeline_stats --dump), then the coop forward and forward+backward of the OLD stage against
 # STAGE on the paper shape, and the lone-workgroup problem (see coop-v6.sh). DIAGS="16 ..." adds ablations.
-set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 OLD=${OLD:-.s1}; NEW=${STAGE:-.s2}
-export XDG_RUNTIME_DIR=/tmp
-T0=$SECONDS; t() { echo "[t=$((SECONDS-T0))s] $*" | tee -a $OUT/summary.txt; }
-ms() { grep -ao "\"${2:-ms}\":[0-9.]*" "$1" | cut -d: -f2 | tr '\n' ' '; }
-paper="--heads 32 --kv-heads 32 --head-dim 128 --block 64 --local 16 --dtype f16 --backend vulkan --no-dense"
-lone="--heads 1 --kv-heads 1 --head-dim 128 --block 64 --local 16 --vert-stride 256 --dtype f16 --backend vulkan --no-dense --check-seq 0 --seq 8448"
 mkdir -p $OUT/r
 ( source $NEW/env.sh
   S2ATTN_BACKEND=vulkan timeout 150 test-forward_coop > $OUT/r/test-fwd.log 2>&1; t "new test-forward_coop rc=$? $(grep -a 'test result' $OUT/r/test-fwd.log)"

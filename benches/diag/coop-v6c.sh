@@ -1,13 +1,8 @@
 #!/usr/bin/env bash
 # benches/diag/coop-v6c.sh (GPU host): test-forward_coop and machine code of STAGE; the coop forward of OLD against
 # STAGE (paper shape, lone workgroups); the backward's passes alone (S2ATTN_BWD_DIAG_SKIP) at 64k.
-set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 OLD=${OLD:-.s2}; NEW=${STAGE:-.s3}
-export XDG_RUNTIME_DIR=/tmp
-T0=$SECONDS; t() { echo "[t=$((SECONDS-T0))s] $*" | tee -a $OUT/summary.txt; }
-ms() { grep -ao "\"${2:-ms}\":[0-9.]*" "$1" | cut -d: -f2 | tr '\n' ' '; }
-paper="--heads 32 --kv-heads 32 --head-dim 128 --block 64 --local 16 --dtype f16 --backend vulkan --no-dense"
-lone="--heads 1 --kv-heads 1 --head-dim 128 --block 64 --local 16 --vert-stride 256 --dtype f16 --backend vulkan --no-dense --check-seq 0 --seq 8448"
 mkdir -p $OUT/r
 ( source $NEW/env.sh
   S2ATTN_BACKEND=vulkan timeout 150 test-forward_coop > $OUT/r/test-fwd.log 2>&1; t "new test-forward_coop rc=$? $(grep -a 'test result' $OUT/r/test-fwd.log)"

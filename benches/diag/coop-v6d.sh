@@ -1,12 +1,8 @@
 #!/usr/bin/env bash
 # benches/diag/coop-v6d.sh (GPU host): test-backward_coop and machine code of STAGE (.s4); the backward's passes
 # alone at 64k for STAGE against PREV (.s3); the forward at 128k vs16/vs64 of .s2 and .s3, each twice, alternating.
-set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 NEW=${STAGE:-.s4}; PREV=${PREV:-.s3}
-export XDG_RUNTIME_DIR=/tmp
-T0=$SECONDS; t() { echo "[t=$((SECONDS-T0))s] $*" | tee -a $OUT/summary.txt; }
-ms() { grep -ao "\"${2:-ms}\":[0-9.]*" "$1" | cut -d: -f2 | tr '\n' ' '; }
-paper="--heads 32 --kv-heads 32 --head-dim 128 --block 64 --local 16 --dtype f16 --backend vulkan --no-dense"
 mkdir -p $OUT/r
 ( source $NEW/env.sh
   S2ATTN_BACKEND=vulkan timeout 200 test-backward_coop > $OUT/r/test-bwd.log 2>&1; t "new test-backward_coop rc=$? $(grep -a 'test result' $OUT/r/test-bwd.log)"

@@ -2,12 +2,9 @@
 # benches/diag/coop-v6e.sh (GPU host, STAGE .s4): after the stall fixes, the coop forward's forms and tiles again
 # (v3 at 128x32/128x16/64x32/64x16, v4, v4-nopipe, v5) at 128k vs64/vs16, the DIAG ablations at 128k vs64, the
 # lone-workgroup problem at local 16 and 8 (the per-workgroup fixed cost), and the dK/dV forms at 64k (dQ skipped).
-set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 source ${STAGE:-.s4}/env.sh
-export XDG_RUNTIME_DIR=/tmp S2ATTN_AUTOTUNE=0
-T0=$SECONDS; t() { echo "[t=$((SECONDS-T0))s] $*" | tee -a $OUT/summary.txt; }
-ms() { grep -ao "\"${2:-ms}\":[0-9.]*" "$1" | cut -d: -f2 | tr '\n' ' '; }
-paper="--heads 32 --kv-heads 32 --head-dim 128 --block 64 --local 16 --dtype f16 --backend vulkan --no-dense"
+export S2ATTN_AUTOTUNE=0
 mkdir -p $OUT/r
 for f in "v3 128x32" "v3 128x16" "v3 64x32" "v3 64x16" "v4 -" "v4-nopipe -" "v5 -"; do
   set -- $f; tile=$2; [ $tile = - ] && tile=""
