@@ -191,6 +191,16 @@ fn rescale(t: Tile, hh: u32, m: CM, alpha: f32) -> CM {
     return out;
 }
 
+// Orders the accesses to a tile row's workgroup memory among the invocations that share the row: v3/v4's
+// subgroups own their rows of s_s (a subgroup barrier), v5's subgroup pairs share theirs (a workgroup one).
+fn rows_barrier() {
+    if HS > 1u {
+        workgroupBarrier();
+    } else {
+        subgroupBarrier();
+    }
+}
+
 // Writes head dims 16j..16j+15 of O / l through workgroup memory; each invocation 8 of its row. In v5
 // (HS 2) subgroup hh of a pair writes its matrix j (head dims hh*D/2 + 16j..) through S columns 16hh...
 fn write_o(t: Tile, hh: u32, m: CM, j: u32, inv_l: f32) {
@@ -198,18 +208,9 @@ fn write_o(t: Tile, hh: u32, m: CM, j: u32, inv_l: f32) {
     let h = t.lid % 2u;
     let qi = t.row0 + r;
     let jg = hh * (D / 16u / HS) + j;
-    // v3/v4: the subgroup's rows of s_s are its own, so a subgroup barrier orders them; v5's pairs share.
-    if HS > 1u {
-        workgroupBarrier();
-    } else {
-        subgroupBarrier();
-    }
+    rows_barrier();
     coopStoreT(m, &s_s[16u * t.g * SS4 + 4u * hh], SS4);
-    if HS > 1u {
-        workgroupBarrier();
-    } else {
-        subgroupBarrier();
-    }
+    rows_barrier();
     if qi < params.seq_len {
         o_buf[o_index(t.b, qi, t.head, jg * 4u + h, D / 4u)] = vec4<f16>(s_s[r * SS4 + 4u * hh + h] * inv_l);
         o_buf[o_index(t.b, qi, t.head, jg * 4u + h + 2u, D / 4u)] =
@@ -464,16 +465,16 @@ fn main(
     var fk: Fetch;
     var fv: Fetch;
     if c < c_end && keep(16u) {
-        fetch(t, e_cur.x * params.block_size + (c & (subs - 1u)) * BK, &fk, &fv);
+        fetch(t, entry_k0(e_cur, c, subs), &fk, &fv);
     }
     while c < c_end {
         let rows = e_cur.y;
-        let k0 = e_cur.x * params.block_size + (c & (subs - 1u)) * BK;
+        let k0 = entry_k0(e_cur, c, subs);
         workgroupBarrier(); // every subgroup is done with the previous chunk's k_s and v_s
         if keep(16u) {
             stash(t, &fk, &fv);
             // The next chunk, in flight during this chunk's math.
-            fetch(t, e_next.x * params.block_size + ((c + 1u) & (subs - 1u)) * BK, &fk, &fv);
+            fetch(t, entry_k0(e_next, c + 1u, subs), &fk, &fv);
         }
         let e_after = entries[min(c + 2u, c_last) >> sh];
         workgroupBarrier();

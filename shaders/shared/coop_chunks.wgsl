@@ -22,9 +22,14 @@ fn chunk_entry(c: u32, subs: u32) -> vec2<u32> {
     return entries[c >> countTrailingZeros(subs)];
 }
 
+// First key of chunk `c`, whose tile-list entry is `e`.
+fn entry_k0(e: vec2<u32>, c: u32, subs: u32) -> u32 {
+    return e.x * params.block_size + (c & (subs - 1u)) * BK;
+}
+
 // First key of chunk `c`.
 fn chunk_k0(c: u32, subs: u32) -> u32 {
-    return chunk_entry(c, subs).x * params.block_size + (c & (subs - 1u)) * BK;
+    return entry_k0(chunk_entry(c, subs), c, subs);
 }
 
 // The first chunk at or after `c` with keys inside the sequence that some row may see (causality).
