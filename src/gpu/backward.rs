@@ -92,6 +92,9 @@ pub(crate) struct GpuBackward {
     num_heads: u32,
     num_kv_heads: u32,
     passes: [Pass; 2],
+    /// Diagnostics only: the pass (0 dQ, 1 dK/dV) `S2ATTN_BWD_DIAG_SKIP` named when the op was built; it is
+    /// recorded without its dispatch.
+    diag_skip: Option<usize>,
     delta: wgpu::Buffer,
     binds: Mutex<Vec<(Vec<wgpu::Buffer>, [wgpu::BindGroup; 2])>>,
     host: Mutex<Option<HostBuffers>>,
@@ -195,6 +198,9 @@ impl GpuBackward {
             num_heads: heads,
             num_kv_heads: kv_heads,
             passes: [dq, dkdv],
+            diag_skip: std::env::var("S2ATTN_BWD_DIAG_SKIP")
+                .ok()
+                .and_then(|v| ["dq", "dkdv"].iter().position(|p| *p == v)),
             delta,
             binds: Mutex::default(),
             host: Mutex::default(),
@@ -242,8 +248,8 @@ impl GpuBackward {
 
     /// Records both backward passes into `encoder`, reading and writing the caller's buffers.
     /// With `stamps`, the dQ pass writes the beginning timestamp and the dK/dV pass the end one.
-    /// Diagnostics only: `S2ATTN_BWD_DIAG_SKIP=dq` (or `dkdv`) records that pass without its dispatch, so
-    /// that a timing shows the other pass alone (the gradients are then wrong).
+    /// Diagnostics only: with `S2ATTN_BWD_DIAG_SKIP=dq` (or `dkdv`) set when the op was built, that pass is
+    /// recorded without its dispatch, so that a timing shows the other pass alone (the gradients are then wrong).
     pub(crate) fn encode(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -252,7 +258,6 @@ impl GpuBackward {
     ) -> Result<()> {
         self.check(buffers)?;
         let groups = self.bind_groups(buffers);
-        let skip = std::env::var("S2ATTN_BWD_DIAG_SKIP").ok();
         for (i, (pass, group)) in self.passes.iter().zip(&groups).enumerate() {
             let timestamp_writes = stamps.map(|s| wgpu::ComputePassTimestampWrites {
                 query_set: s.set,
@@ -264,7 +269,7 @@ impl GpuBackward {
             cp.set_pipeline(&pass.pipeline);
             cp.set_bind_group(0, group, &[]);
             let [x, y, z] = pass.dispatch;
-            if skip.as_deref() != Some(["dq", "dkdv"][i.min(1)]) {
+            if self.diag_skip != Some(i) {
                 cp.dispatch_workgroups(x, y, z);
             }
         }
