@@ -319,3 +319,16 @@ fn coop_forward_v5_splits_the_head_dim_and_writes_spirv() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+fn the_coop_forward_lazy_rescale_threshold_is_the_twins() {
+    // cpu::forward_coop models the kernel's TAU with plan::COOP_TAU; the two must not drift apart.
+    let source = compose(Kernel::ForwardCoop, s2attn::DType::F16).expect("composes");
+    let module = naga::front::wgsl::parse_str(&source).expect("parses");
+    let (_, tau) = module.overrides.iter().find(|(_, o)| o.name.as_deref() == Some("TAU")).expect("an override TAU");
+    let init = tau.init.expect("TAU has a default");
+    match module.global_expressions[init] {
+        naga::Expression::Literal(naga::Literal::F32(x)) => assert_eq!(x, s2attn::plan::COOP_TAU),
+        ref other => panic!("TAU's default is not an f32 literal: {other:?}"),
+    }
+}

@@ -6,10 +6,13 @@
 
 mod backward;
 mod forward;
+mod forward_coop;
 mod reference;
+mod tiles;
 mod varlen;
 
 pub use backward::{attention_backward_reference, backward_portable, BackwardInputs};
 pub use forward::forward_portable;
+pub use forward_coop::{forward_coop, CoopKernel};
 pub use reference::{attention_reference, rel_l2_error, Reference};
 pub use varlen::{attend_worklist, varlen_reference};

@@ -28,6 +28,9 @@ pub const COOP_HEAD_DIMS: &[u32] = &[64, 128];
 const ROWS_PER_SUBGROUP: u32 = 16;
 /// The subgroup width the kernel's row split is written for (two invocations per query row).
 pub const COOP_SUBGROUP_SIZE: u32 = 32;
+/// The kernel's lazy rescale threshold (its `TAU`, log2 units): a row's running max moves only when a
+/// chunk's max exceeds it by more than this, so P stays below `2^COOP_TAU` (finite in f16 up to 15).
+pub const COOP_TAU: f32 = 8.0;
 /// Query-tile candidates.
 const TILE_Q: [u32; 2] = [64, 128];
 /// Keys-per-chunk candidates (each must divide the block size).
@@ -232,14 +235,14 @@ pub fn coop_unsupported(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Op
         return Some(format!("the coop kernel takes head_dim {COOP_HEAD_DIMS:?}, not {}", shape.head_dim));
     }
     // v4 takes every tile v3 takes (its first layout is v3's), so v3's list decides.
-    if candidates(shape, layout, caps, CoopForward::V3).is_empty() {
+    if coop_candidates(shape, layout, caps, CoopForward::V3).is_empty() {
         return Some(format!("no coop tile fits {} B of workgroup memory", caps.max_workgroup_storage));
     }
     None
 }
 
 /// Every tile the device can run for this problem in `form`, smallest footprint first.
-pub fn candidates(shape: &Shape, layout: &Layout, caps: &DeviceCaps, form: CoopForward) -> Vec<CoopTile> {
+pub fn coop_candidates(shape: &Shape, layout: &Layout, caps: &DeviceCaps, form: CoopForward) -> Vec<CoopTile> {
     let bs = layout.block_size();
     let mut out = Vec::new();
     for tile_q in TILE_Q {
@@ -351,7 +354,7 @@ pub fn plan_coop(
         }
     }
     let form = Form { form: CoopForward::from_env()?, max_bytes: caps.max_workgroup_storage };
-    let tiles = candidates(shape, layout, caps, form.form);
+    let tiles = coop_candidates(shape, layout, caps, form.form);
     // Unset or blank: the planner's (or the autotuner's) choice.
     if let Some(forced) = std::env::var("S2ATTN_TILE").ok().filter(|v| !v.trim().is_empty()) {
         let tile: CoopTile = forced.parse()?;
@@ -486,19 +489,7 @@ pub(super) mod tests {
 
     /// The H100's (and H200's) caps as its Vulkan driver reports them (the backward planner's tests too).
     pub(in crate::plan) fn h100() -> DeviceCaps {
-        DeviceCaps {
-            name: "H100".into(),
-            backend: "vulkan".into(),
-            max_workgroup_storage: 49152,
-            max_invocations: 1024,
-            max_storage_binding: u32::MAX as u64,
-            max_buffer: u64::MAX,
-            max_dispatch: 65535,
-            coop_f16_16x16: true,
-            shader_f16: true,
-            subgroups: true,
-            timestamps: true,
-        }
+        DeviceCaps::h100_vulkan()
     }
 
     const V3: Form = Form { form: CoopForward::V3, max_bytes: 49152 };
@@ -523,7 +514,7 @@ pub(super) mod tests {
         }
         let layout = Layout::s2(S2Config::new(4, 64, 2, 4)).expect("layout");
         let shape = Shape::new(1, 4096, 128, DType::F16);
-        let v4 = candidates(&shape, &layout, &h100(), CoopForward::V4);
+        let v4 = coop_candidates(&shape, &layout, &h100(), CoopForward::V4);
         assert!(v4.contains(&big), "{v4:?}");
         assert_eq!(default_tile(&v4, CoopForward::V4), Some(big));
         let v4_form = Form { form: CoopForward::V4, max_bytes: 49152 };
@@ -550,7 +541,7 @@ pub(super) mod tests {
         }
         let layout = Layout::s2(S2Config::new(4, 64, 2, 4)).expect("layout");
         let shape = Shape::new(1, 4096, 128, DType::F16);
-        let v5 = candidates(&shape, &layout, &h100(), CoopForward::V5);
+        let v5 = coop_candidates(&shape, &layout, &h100(), CoopForward::V5);
         assert_eq!(v5, vec![tile]);
         assert_eq!(default_tile(&v5, CoopForward::V5), Some(tile));
         let plan = coop_plan(&shape, tile, Form { form: CoopForward::V5, max_bytes: 49152 }, String::new());
@@ -575,7 +566,7 @@ pub(super) mod tests {
             let layout = Layout::s2(S2Config::new(4, bs, 2, 4)).expect("layout");
             for d in [64, 128] {
                 let shape = Shape::new(1, 4096, d, DType::F16);
-                let tiles = candidates(&shape, &layout, &caps, CoopForward::V3);
+                let tiles = coop_candidates(&shape, &layout, &caps, CoopForward::V3);
                 assert!(!tiles.is_empty(), "block {bs} d {d}");
                 for t in &tiles {
                     assert!(coop_workgroup_bytes(*t, d) <= caps.max_workgroup_storage);
@@ -627,7 +618,7 @@ pub(super) mod tests {
     fn autotune_measures_once_then_reads_the_cache() {
         let layout = Layout::s2(S2Config::new(4, 64, 2, 4)).expect("layout");
         let shape = Shape::new(1, 4096, 128, DType::F16);
-        let tiles = candidates(&shape, &layout, &h100(), CoopForward::V3);
+        let tiles = coop_candidates(&shape, &layout, &h100(), CoopForward::V3);
         let dir = std::env::temp_dir().join(format!("s2attn-tune-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut dev = FakeDevice { measured: Vec::new() };
@@ -644,7 +635,7 @@ pub(super) mod tests {
         autotune(
             &other,
             &layout,
-            &candidates(&other, &layout, &h100(), CoopForward::V3),
+            &coop_candidates(&other, &layout, &h100(), CoopForward::V3),
             tiles[0],
             V3,
             &mut dev,

@@ -11,8 +11,8 @@ mod mergeq;
 
 pub use column::{backward_workgroup_bytes, plan_backward_portable, BackwardPlan, ColumnPlan, QueryEntry};
 pub use coop::{
-    coop_forward_overrides, coop_slices, coop_workgroup_bytes, plan_coop, CoopForward, CoopSlices, CoopTile,
-    TuneTarget, COOP_HEAD_DIMS, TUNE_MAX_SEQ,
+    coop_candidates, coop_forward_overrides, coop_slices, coop_workgroup_bytes, plan_coop, CoopForward, CoopSlices,
+    CoopTile, TuneTarget, COOP_HEAD_DIMS, COOP_TAU, TUNE_MAX_SEQ,
 };
 pub use coop_backward::{
     coop_dkdv_workgroup_bytes, coop_dq_workgroup_bytes, longest_first_order, plan_backward_coop, plan_backward_wgpu,
@@ -130,6 +130,27 @@ pub struct DeviceCaps {
     pub subgroups: bool,
     /// GPU timestamp queries.
     pub timestamps: bool,
+}
+
+impl DeviceCaps {
+    /// The limits and features the H100's (and H200's) Vulkan adapter reports: 48 KiB of workgroup
+    /// memory, 1024 invocations, 16x16x16 f16 cooperative matrices, f16, subgroups, timestamps. For
+    /// planning, and checking plans, away from the device (the tests, the coop kernel's CPU twin).
+    pub fn h100_vulkan() -> Self {
+        Self {
+            name: "H100".into(),
+            backend: "vulkan".into(),
+            max_workgroup_storage: 49152,
+            max_invocations: 1024,
+            max_storage_binding: u32::MAX as u64,
+            max_buffer: u64::MAX,
+            max_dispatch: 65535,
+            coop_f16_16x16: true,
+            shader_f16: true,
+            subgroups: true,
+            timestamps: true,
+        }
+    }
 }
 
 /// A kernel family.

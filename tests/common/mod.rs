@@ -4,6 +4,8 @@
 //! against the f64 oracle.
 #![allow(dead_code)]
 
+pub mod coop;
+
 use s2attn::cpu::{attention_reference, rel_l2_error, Reference};
 use s2attn::{Attention, BlockMask, Context, ContextOptions, DType, Layout, Shape, TensorView};
 use std::sync::OnceLock;

@@ -1,0 +1,167 @@
+//! CPU twin of `shaders/forward_coop.wgsl` (all its forms: v3, v4's slices, v5's head-dim split): the same
+//! walk over a MergeQ tile list in chunks of `tile_kv` keys and softmax slices, the same per-16-row skip
+//! of slices a subgroup cannot see, the same mask predicate (only slices on the causal diagonal, at the
+//! sequence end or under a partial row mask are masked element by element), the same lazy base-2 online
+//! softmax (the running max moves only past `tau`), P rounded to f16 before `O += P V`, `O * (1 / l)`
+//! rounded to f16 on the way out. Scores and sums are f32, as on the matrix units; only the order of the
+//! f32 additions differs from the kernel's.
+//!
+//! Tests hold it against the f64 oracle on every tile, slice and form the planner can choose, in CI
+//! (tests/forward_coop_twin.rs), so that a walk, skip or mask bug shows up without a matrix unit; the GPU
+//! test holds the kernel against the oracle and against this twin.
+
+use super::tiles::{tile_tasks, TileTask};
+use crate::layout::Layout;
+use crate::plan::{CoopSlices, CoopTile, MergeQPlan, Shape, COOP_TAU, ROWMASK_BITS_FLAG};
+use half::f16;
+
+/// The kernel's "minus infinity" for scores and the initial max (`NEG_BIG` in shared/params.wgsl).
+const NEG_BIG: f32 = -3.0e38;
+/// Query rows per subgroup (one 16-row matrix tile): the granularity of the kernel's slice skips.
+const SUBGROUP_ROWS: u32 = 16;
+
+/// What the kernel was specialised with, as far as it changes the numbers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CoopKernel {
+    /// Query rows per workgroup (`BQ`) and keys per staged chunk (`BK`).
+    pub tile: CoopTile,
+    /// Keys per softmax slice (`SL`); the pads and the head-dim split do not change the numbers.
+    pub slices: CoopSlices,
+    /// Lazy rescale threshold in log2 units (`TAU`): P stays below `2^tau`, so at most 15 keeps it
+    /// finite in f16.
+    pub tau: f32,
+}
+
+impl CoopKernel {
+    /// The kernel as the planner builds it for `tile` and `slices` (threshold [`COOP_TAU`]).
+    pub fn new(tile: CoopTile, slices: CoopSlices) -> Self {
+        Self { tile, slices, tau: COOP_TAU }
+    }
+}
+
+/// One query row's online softmax state: the lazy running max and the sum relative to it, base 2.
+#[derive(Clone, Copy, Debug)]
+struct RowState {
+    m: f32,
+    l: f32,
+}
+
+impl Default for RowState {
+    fn default() -> Self {
+        Self { m: NEG_BIG, l: 0.0 }
+    }
+}
+
+impl RowState {
+    /// One softmax slice of the row: scores `score(j)` for the slice's keys (`NEG_BIG` where masked),
+    /// P as f16 into `p`, the row's O accumulator `acc` rescaled when the max moved.
+    fn softmax_slice(&mut self, tau: f32, need_mask: bool, score: impl Fn(u32) -> f32, p: &mut [f32], acc: &mut [f32]) {
+        let s: Vec<f32> = (0..p.len() as u32).map(score).collect();
+        let mx = s.iter().copied().fold(NEG_BIG, f32::max);
+        let m_new = if mx > self.m + tau { mx } else { self.m };
+        let alpha = (self.m - m_new).exp2();
+        let mut sum = 0f32;
+        for (pj, &sj) in p.iter_mut().zip(&s) {
+            let x = if need_mask && sj <= NEG_BIG { 0.0 } else { (sj - m_new).exp2() };
+            sum += x;
+            *pj = to_f16(x);
+        }
+        // The kernel rescales a subgroup's O when any of its rows moved, each row by its own alpha: exactly
+        // 1 for the rows that did not (and O is still zero where l is).
+        if m_new != self.m && self.l > 0.0 {
+            acc.iter_mut().for_each(|x| *x *= alpha);
+        }
+        self.l = self.l * alpha + sum;
+        self.m = m_new;
+    }
+}
+
+/// `x` stored as f16 and read back.
+fn to_f16(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
+}
+
+/// Forward attention as the coop kernel computes it, over `mergeq` (built for `kernel.tile.tile_q`).
+/// Inputs `[batch, seq, heads, head_dim]` (K and V with the layout's KV heads), rounded to f16 as the
+/// kernel's storage holds them; returns `(out, lse)` as [`attention_reference`](super::attention_reference)
+/// lays them out, `out` rounded to f16.
+pub fn forward_coop(
+    layout: &Layout,
+    shape: &Shape,
+    kernel: &CoopKernel,
+    mergeq: &MergeQPlan,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let (batch, seq, d) = (shape.batch, shape.seq_len, shape.head_dim as usize);
+    let (h_n, hk_n) = (layout.num_heads(), layout.num_kv_heads());
+    let (bs, causal) = (layout.block_size(), layout.causal());
+    let (tq, bk, sl_w) = (kernel.tile.tile_q, kernel.tile.tile_kv, kernel.slices.slice);
+    let scale_log2 = shape.softmax_scale() * std::f32::consts::LOG2_E;
+    let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+        q.iter().map(|&x| to_f16(x)).collect(),
+        k.iter().map(|&x| to_f16(x)).collect(),
+        v.iter().map(|&x| to_f16(x)).collect(),
+    );
+    let mut out = vec![0f32; (batch * seq * h_n) as usize * d];
+    let mut lse = vec![f32::NEG_INFINITY; (batch * h_n * seq) as usize];
+    // Rows past the sequence end are read as its last row (the kernel's clamped fetch); masked there.
+    let kv_at = |b: u32, t: u32, h: u32| ((b * seq + t.min(seq - 1)) * hk_n + h) as usize * d;
+
+    let mut p = vec![0f32; sl_w as usize];
+    for TileTask { b, h, kv_head: kvh, pattern, tile, row0 } in tile_tasks(layout, mergeq, batch) {
+        let mut rows = vec![RowState::default(); tq as usize];
+        let mut o = vec![0f32; tq as usize * d];
+        for e in mergeq.tile(pattern, tile) {
+            let word = e.rows.encode();
+            for k0 in (0..bs / bk).map(|sub| e.kv_block * bs + sub * bk) {
+                for ks in (0..bk / sl_w).map(|sl| k0 + sl * sl_w) {
+                    let need_mask =
+                        ks + sl_w > seq || (causal && ks + sl_w - 1 > row0) || word < tq || word >= ROWMASK_BITS_FLAG;
+                    for g in 0..tq / SUBGROUP_ROWS {
+                        let g_row0 = row0 + SUBGROUP_ROWS * g;
+                        let sees = g_row0 < seq
+                            && e.rows.attends(SUBGROUP_ROWS * g, bs)
+                            && ks < seq
+                            && (!causal || ks < g_row0 + SUBGROUP_ROWS);
+                        if !sees {
+                            continue;
+                        }
+                        // Rows past the sequence end are computed by the kernel but never written.
+                        for r in SUBGROUP_ROWS * g..(SUBGROUP_ROWS * (g + 1)).min(seq - row0) {
+                            let qi = row0 + r;
+                            let qr = &q[((b * seq + qi) * h_n + h) as usize * d..][..d];
+                            let row_ok = e.rows.attends(r, bs);
+                            // Scores, base 2, masked only where the slice needs it.
+                            let score = |j: u32| {
+                                let kj = ks + j;
+                                if need_mask && !(row_ok && kj < seq && (!causal || kj <= qi)) {
+                                    return NEG_BIG;
+                                }
+                                let kr = &k[kv_at(b, kj, kvh)..][..d];
+                                qr.iter().zip(kr).map(|(a, c)| a * c).sum::<f32>() * scale_log2
+                            };
+                            let acc = &mut o[r as usize * d..][..d];
+                            rows[r as usize].softmax_slice(kernel.tau, need_mask, score, &mut p, acc);
+                            for (j, &pj) in p.iter().enumerate() {
+                                let vr = &v[kv_at(b, ks + j as u32, kvh)..][..d];
+                                acc.iter_mut().zip(vr).for_each(|(x, y)| *x += pj * y);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (r, row) in rows.iter().enumerate().take(tq.min(seq - row0) as usize) {
+            let qi = row0 + r as u32;
+            let inv_l = if row.l > 0.0 { 1.0 / row.l } else { 0.0 };
+            let dst = &mut out[((b * seq + qi) * h_n + h) as usize * d..][..d];
+            dst.iter_mut().zip(&o[r * d..][..d]).for_each(|(x, a)| *x = to_f16(a * inv_l));
+            if row.l > 0.0 {
+                lse[((b * h_n + h) * seq + qi) as usize] = (row.m + row.l.log2()) * std::f32::consts::LN_2;
+            }
+        }
+    }
+    (out, lse)
+}

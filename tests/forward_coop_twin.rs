@@ -1,0 +1,101 @@
+//! `cpu::forward_coop`, the CPU twin of the cooperative-matrix forward kernel, against the f64 oracle, on
+//! tests/forward_coop.rs's problems at every tile, softmax slice and form (v3, v4, v5) the planner offers
+//! an H100 (48 KiB of workgroup memory): the kernel's walk, slice skips, mask predicate and lazy rescale,
+//! checked without a matrix unit. Also: the lazy rescale's bound is what keeps P finite in f16 (a twin
+//! with a larger threshold overflows on the large-scale problems), and the eager twin (threshold 0)
+//! agrees. Pure CPU: runs in CI.
+
+mod common;
+
+use common::coop::{coop_problems, COOP_TOL, LSE_TOL};
+use common::{Inputs, Problem};
+use s2attn::cpu::{forward_coop, rel_l2_error, CoopKernel, Reference};
+use s2attn::plan::{coop_candidates, coop_slices, CoopForward, DeviceCaps};
+use std::collections::BTreeSet;
+
+/// Every kernel the planner may build for `p` in `form`.
+fn kernels(p: &Problem, form: CoopForward) -> Vec<CoopKernel> {
+    let caps = DeviceCaps::h100_vulkan();
+    coop_candidates(&p.shape(), &p.layout, &caps, form)
+        .into_iter()
+        .filter_map(|tile| {
+            let slices = coop_slices(form, tile, p.head_dim, caps.max_workgroup_storage)?;
+            Some(CoopKernel::new(tile, slices))
+        })
+        .collect()
+}
+
+/// The twin's errors against the oracle (out, lse), or why it failed.
+fn judge(kernel: &CoopKernel, p: &Problem, x: &Inputs, want: &Reference) -> Result<(f64, f64), String> {
+    let mq = p.layout.mergeq(p.seq_len, kernel.tile.tile_q);
+    let (out, lse) = forward_coop(&p.layout, &p.shape(), kernel, &mq, &x.q, &x.k, &x.v);
+    if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+        return Err(format!("output element {i} is {}", out[i]));
+    }
+    for (i, (&g, &w)) in lse.iter().zip(&want.lse).enumerate() {
+        if g.is_finite() != w.is_finite() || (!w.is_finite() && g as f64 != w) {
+            return Err(format!("lse[{i}] = {g}, oracle {w}"));
+        }
+    }
+    let err = rel_l2_error(out.iter().map(|&v| v as f64), &want.out);
+    let lse_err = rel_l2_error(lse.iter().map(|&v| v as f64), &want.lse);
+    if err.is_nan() || err >= COOP_TOL {
+        return Err(format!("‖out−ref‖/‖ref‖ = {err:.3e} >= {COOP_TOL:.0e}"));
+    }
+    if lse_err.is_nan() || lse_err >= LSE_TOL {
+        return Err(format!("lse error {lse_err:.3e} >= {LSE_TOL:.0e}"));
+    }
+    Ok((err, lse_err))
+}
+
+#[test]
+fn the_coop_twin_matches_the_oracle_at_every_tile_slice_and_form() {
+    let mut failures = Vec::new();
+    let mut ran = BTreeSet::new();
+    for (n, (name, p, _)) in coop_problems().into_iter().enumerate() {
+        let x = p.inputs(7000 + n as u64);
+        let want = p.reference(&x);
+        for form in [CoopForward::V3, CoopForward::V4, CoopForward::V5] {
+            for kernel in kernels(&p, form) {
+                let what = format!("{} {} slice {}: {name}", form.name(), kernel.tile, kernel.slices.slice);
+                match judge(&kernel, &p, &x, &want) {
+                    Ok((err, lse)) => println!("ok   {what}: out {err:.2e}, lse {lse:.2e}"),
+                    Err(why) => failures.push(format!("{what}: {why}")),
+                }
+                ran.insert((form.name(), kernel.tile.to_string(), kernel.slices.slice));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    // The planner's whole menu was covered: v3 at its five tiles (128x64 fits only v4), v4 in 16-, 32- and
+    // 64-key slices, v5 at its one tile.
+    println!("ran: {ran:?}");
+    for tile in ["64x16", "64x32", "64x64", "128x16", "128x32"] {
+        assert!(ran.iter().any(|(f, t, _)| *f == "v3" && t == tile), "v3 never ran {tile}: {ran:?}");
+    }
+    for slice in [16, 32, 64] {
+        assert!(ran.iter().any(|(f, _, s)| *f == "v4" && *s == slice), "v4 never ran {slice}-key slices");
+    }
+    assert!(ran.iter().any(|(f, t, _)| *f == "v5" && t == "64x32"), "v5 never ran: {ran:?}");
+}
+
+#[test]
+fn the_lazy_rescale_bound_keeps_p_finite_in_f16() {
+    let cases: Vec<_> = coop_problems().into_iter().filter(|(name, _, _)| name.contains("lazy rescale")).collect();
+    assert_eq!(cases.len(), 2, "the large-scale problems are part of the coop problem set");
+    let mut overflowed = 0;
+    for (n, (name, p, _)) in cases.into_iter().enumerate() {
+        let x = p.inputs(7100 + n as u64);
+        let want = p.reference(&x);
+        let kernel = kernels(&p, CoopForward::V3)[0];
+        // Eager (the max moves whenever it grows) and the kernel's threshold both match the oracle.
+        for tau in [0.0, kernel.tau] {
+            judge(&CoopKernel { tau, ..kernel }, &p, &x, &want).unwrap_or_else(|e| panic!("{name}, tau {tau}: {e}"));
+        }
+        // Past log2(65504) ~ 16, P can exceed what f16 holds: these problems' scores grow by more than that.
+        if judge(&CoopKernel { tau: 40.0, ..kernel }, &p, &x, &want).is_err() {
+            overflowed += 1;
+        }
+    }
+    assert!(overflowed > 0, "no large-scale problem overflowed f16 with threshold 40: the problems lost their point");
+}
