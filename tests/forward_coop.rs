@@ -16,15 +16,11 @@
 
 mod common;
 
-use common::coop::{coop_problems, Run, COOP_TOL, LSE_TOL};
+use common::coop::{coop_problems, s2, Run, COOP_TOL, LSE_TOL};
 use common::{context, random_mask, run_encode, run_host_op, run_strided, Got, Inputs, Problem};
 use s2attn::cpu::{forward_coop, rel_l2_error, CoopKernel, Reference};
 use s2attn::plan::{coop_slices, CoopForward, CoopTile, RowMask};
 use s2attn::{Attention, DType, KernelVariant, Layout, S2Config};
-
-fn s2(c: S2Config) -> Layout {
-    Layout::s2(c).expect("valid S2 config")
-}
 
 /// ‖out−twin‖/‖twin‖ bound against the kernel's CPU twin (`cpu::forward_coop`), which rounds P and O to
 /// f16 as the kernel does, so that only the f32 addition order differs: an f16 rounding step of O

@@ -1,6 +1,7 @@
 //! The backward oracle: analytic f64 gradients of the masked attention with respect to Q, K and V, which
 //! every backward kernel is judged against (the oracle itself is checked by finite differences in
-//! `tests/backward.rs`). [`backward_portable`] is the CPU twin of the portable WGSL backward kernels.
+//! `tests/backward.rs`). [`backward_portable`] is the CPU twin of the portable WGSL backward kernels,
+//! [`backward_coop`] that of the cooperative-matrix ones.
 //!
 //! For a query row `i` with probabilities `P_ij = softmax_j(scale * q_i . k_j)` over its active keys and
 //! output `o_i = sum_j P_ij v_j`, a loss with output gradient `dO` has
@@ -8,8 +9,10 @@
 //! `dQ_i = scale * sum_j dS_ij k_j`, `dK_j = scale * sum_i dS_ij q_i`, `dV_j = sum_i P_ij dO_i`,
 //! where the sums over `i` run over every query head of the key's GQA group.
 
+mod coop;
 mod portable;
 
+pub use coop::{backward_coop, CoopBackward};
 pub use portable::{backward_portable, BackwardInputs};
 
 use crate::backward::Grads;

@@ -11,7 +11,7 @@ mod reference;
 mod tiles;
 mod varlen;
 
-pub use backward::{attention_backward_reference, backward_portable, BackwardInputs};
+pub use backward::{attention_backward_reference, backward_coop, backward_portable, BackwardInputs, CoopBackward};
 pub use forward::forward_portable;
 pub use forward_coop::{forward_coop, CoopKernel};
 pub use reference::{attention_reference, rel_l2_error, Reference};

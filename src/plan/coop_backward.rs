@@ -234,8 +234,30 @@ pub fn coop_dkdv_workgroup_bytes(tile: CoopTile, head_dim: u32, kernel: CoopDkdv
 
 /// The coop dK/dV tiles of `kernel` that fit: the block size, the fetch registers, the workgroup's memory
 /// and invocations, the dispatch.
-fn dkdv_candidates(shape: &Shape, bs: u32, caps: &DeviceCaps, kernel: CoopDkdv) -> Vec<CoopTile> {
-    let d = shape.head_dim;
+/// Every dQ tile (query rows, keys per chunk) the device can run for this problem, preferred first.
+pub fn coop_dq_candidates(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Vec<CoopTile> {
+    let (d, bs) = (shape.head_dim, layout.block_size());
+    DQ_TILES
+        .iter()
+        .map(|&(tile_q, tile_kv)| CoopTile { tile_q, tile_kv })
+        .filter(|t| {
+            let wg = t.tile_q / 16 * COOP_SUBGROUP_SIZE;
+            let fetches = t.tile_kv * d / 4;
+            bs % t.tile_kv == 0
+                && fetches % wg == 0
+                && fetches / wg <= 8
+                && t.tile_q / bs <= 31
+                && coop_dq_workgroup_bytes(*t, d) <= caps.max_workgroup_storage
+                && wg <= caps.max_invocations
+                && shape.seq_len.div_ceil(t.tile_q) <= caps.max_dispatch
+        })
+        .collect()
+}
+
+/// Every dK/dV tile (query rows per staged tile, keys per workgroup) the device can run for this
+/// problem with `kernel`, preferred first.
+pub fn coop_dkdv_candidates(shape: &Shape, layout: &Layout, caps: &DeviceCaps, kernel: CoopDkdv) -> Vec<CoopTile> {
+    let (d, bs) = (shape.head_dim, layout.block_size());
     kernel
         .tiles()
         .iter()
@@ -326,29 +348,15 @@ pub fn plan_backward_coop(
 
 /// [`plan_backward_coop`] past its device checks, with the dK/dV setting `asked`.
 fn plan_coop_with(shape: &Shape, layout: &Layout, caps: &DeviceCaps, asked: CoopDkdv) -> Result<BackwardPlan> {
-    let (d, bs) = (shape.head_dim, layout.block_size());
-    let fits = |bytes: u32, wg: u32| bytes <= caps.max_workgroup_storage && wg <= caps.max_invocations;
-    let dq: Vec<CoopTile> = DQ_TILES
-        .iter()
-        .map(|&(tile_q, tile_kv)| CoopTile { tile_q, tile_kv })
-        .filter(|t| {
-            let wg = t.tile_q / 16 * COOP_SUBGROUP_SIZE;
-            let fetches = t.tile_kv * d / 4;
-            bs % t.tile_kv == 0
-                && fetches % wg == 0
-                && fetches / wg <= 8
-                && t.tile_q / bs <= 31
-                && fits(coop_dq_workgroup_bytes(*t, d), wg)
-                && shape.seq_len.div_ceil(t.tile_q) <= caps.max_dispatch
-        })
-        .collect();
+    let d = shape.head_dim;
+    let dq = coop_dq_candidates(shape, layout, caps);
     let mut kernel = asked;
-    let mut dkdv = dkdv_candidates(shape, bs, caps, kernel);
+    let mut dkdv = coop_dkdv_candidates(shape, layout, caps, kernel);
     let mut note = String::new();
     if dkdv.is_empty() && (kernel.slices > 1 || kernel.split > 0) {
         // v3's 32/64-row tiles do not fit (16-key tiles at head_dim 128), or no v4/v5 tile does: v2, saying so.
         kernel = CoopDkdv { slices: 1, split: 0, fuse: 1, ..kernel };
-        dkdv = dkdv_candidates(shape, bs, caps, kernel);
+        dkdv = coop_dkdv_candidates(shape, layout, caps, kernel);
         note = format!("; {} has no tile that fits here", asked.name());
     }
     let (dq_tile, dq_why) = pick("S2ATTN_BWD_DQ_TILE", &dq, "dQ")?;
@@ -481,7 +489,7 @@ mod tests {
             let ct = CoopTile { tile_q: plan.tile_q, tile_kv: plan.tile_kv };
             assert_eq!(plan.workgroup_bytes, coop_dkdv_workgroup_bytes(ct, d, CoopDkdv::V3));
             // Every candidate keeps the fetch within MAX_QF and gives each subgroup two slices.
-            let candidates = dkdv_candidates(&shape, 64, &caps, CoopDkdv::V3);
+            let candidates = coop_dkdv_candidates(&shape, &l64, &caps, CoopDkdv::V3);
             for t in &candidates {
                 let wg = CoopDkdv::V3.subgroups(*t) * COOP_SUBGROUP_SIZE;
                 assert!(t.tile_q * d / 4 / wg <= DKDV_MAX_FETCH, "{t}");
@@ -520,7 +528,7 @@ mod tests {
             assert_eq!(plan.workgroup_bytes, coop_dkdv_workgroup_bytes(ct, d, CoopDkdv::V2));
             assert_eq!(CoopDkdv::V4.subgroups(ct), 2 * CoopDkdv::V2.subgroups(ct));
             // Every candidate has at least two row groups (the epilogue's slots) and one slice.
-            for t in dkdv_candidates(&shape, bs, &caps, CoopDkdv::V4) {
+            for t in coop_dkdv_candidates(&shape, &layout, &caps, CoopDkdv::V4) {
                 assert!(t.tile_q >= 32, "{t}");
             }
         }

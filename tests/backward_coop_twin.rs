@@ -1,0 +1,102 @@
+//! `cpu::backward_coop`, the CPU twin of the cooperative-matrix backward kernels, against the f64 oracle's
+//! analytic gradients, on tests/backward_coop.rs's problems: every dQ tile with the default dK/dV tile and
+//! every dK/dV tile with the default dQ tile, for each dK/dV form whose numbers differ (v2's one
+//! 16-row slice per subgroup, v3's two, v4's split with P^T handed over as f16, v5's 32-row blocks, v5's
+//! recompute), as the planner offers them an H100 (48 KiB of workgroup memory). The forward's O and LSE
+//! come from the coop forward's twin at its default tile, as they would from the GPU. Pure CPU: runs in CI.
+
+mod common;
+
+use common::coop::{coop_backward_problems, COOP_TOL};
+use common::{Problem, Rng};
+use s2attn::cpu::{attention_backward_reference, backward_coop, forward_coop, rel_l2_error, BackwardInputs};
+use s2attn::cpu::{CoopBackward, CoopKernel};
+use s2attn::plan::{coop_candidates, coop_dkdv_candidates, coop_dq_candidates, coop_slices};
+use s2attn::plan::{ColumnPlan, CoopDkdv, CoopForward, DeviceCaps};
+use s2attn::Grads;
+use std::collections::BTreeSet;
+
+/// The dK/dV forms with different numbers (the v1 switches only reorder sums or launches).
+const FORMS: [CoopDkdv; 5] = [CoopDkdv::V2, CoopDkdv::V3, CoopDkdv::V4, CoopDkdv::V5, CoopDkdv::V5_RECOMPUTE];
+
+/// The coop forward's O and LSE at its default tile (the planner's first candidate choice is not needed:
+/// any tile's twin is within the forward's tolerance).
+fn forward(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let caps = DeviceCaps::h100_vulkan();
+    let tile = coop_candidates(&p.shape(), &p.layout, &caps, CoopForward::V3)[0];
+    let slices = coop_slices(CoopForward::V3, tile, p.head_dim, caps.max_workgroup_storage).expect("slices");
+    let mq = p.layout.mergeq(p.seq_len, tile.tile_q);
+    forward_coop(&p.layout, &p.shape(), &CoopKernel::new(tile, slices), &mq, q, k, v)
+}
+
+/// The worst of the three gradients' errors, or why the twin failed.
+fn judge(p: &Problem, kernels: &CoopBackward, x: &BackwardInputs<'_>, want: &Grads<f64>) -> Result<f64, String> {
+    let mq = p.layout.mergeq(p.seq_len, kernels.dq.tile_q);
+    let index = p.layout.index(p.seq_len);
+    let columns = ColumnPlan::build(&index, p.layout.block_size(), p.layout.causal(), kernels.dkdv.tile_q);
+    let got = backward_coop(&p.layout, &p.shape(), kernels, &mq, &columns, x);
+    let mut worst = 0f64;
+    for (name, g, w) in [("dq", &got.dq, &want.dq), ("dk", &got.dk, &want.dk), ("dv", &got.dv, &want.dv)] {
+        if let Some(i) = g.iter().position(|v| !v.is_finite()) {
+            return Err(format!("{name}[{i}] is {}", g[i]));
+        }
+        let err = rel_l2_error(g.iter().map(|&v| v as f64), w);
+        if err.is_nan() || err >= COOP_TOL {
+            return Err(format!("‖{name}−ref‖/‖ref‖ = {err:.3e} >= {COOP_TOL:.0e}"));
+        }
+        worst = worst.max(err);
+    }
+    Ok(worst)
+}
+
+/// Runs every tile and form on problem `n`; returns the failures and the (form, dK/dV tile) pairs run.
+fn run_problem(n: usize, name: &str, p: &Problem) -> (Vec<String>, BTreeSet<(&'static str, String)>) {
+    let caps = DeviceCaps::h100_vulkan();
+    let (mut failures, mut ran) = (Vec::new(), BTreeSet::new());
+    let x = p.inputs(8000 + n as u64);
+    let d_out = Rng::new(8100 + n as u64).tensor(p.q_len(), p.dtype);
+    let (out, lse) = forward(p, &x.q, &x.k, &x.v);
+    let inputs = BackwardInputs { q: &x.q, k: &x.k, v: &x.v, out: &out, lse: &lse, d_out: &d_out };
+    let want = attention_backward_reference(&p.layout, &p.shape(), &x.q, &x.k, &x.v, &d_out);
+    let dq_tiles = coop_dq_candidates(&p.shape(), &p.layout, &caps);
+    for form in FORMS {
+        let dkdv_tiles = coop_dkdv_candidates(&p.shape(), &p.layout, &caps, form);
+        let (Some(&dq0), Some(&dkdv0)) = (dq_tiles.first(), dkdv_tiles.first()) else { continue };
+        let runs = dq_tiles.iter().map(|&dq| (dq, dkdv0)).chain(dkdv_tiles.iter().skip(1).map(|&t| (dq0, t)));
+        for (dq, dkdv) in runs {
+            let kernels = CoopBackward { dq, dkdv, dkdv_form: form };
+            let what = format!("dQ {dq}, dK/dV {} {dkdv}: {name}", form.name());
+            match judge(p, &kernels, &inputs, &want) {
+                Ok(err) => println!("ok   {what}: worst {err:.2e}"),
+                Err(why) => failures.push(format!("{what}: {why}")),
+            }
+            ran.insert((form.name(), dkdv.to_string()));
+        }
+    }
+    (failures, ran)
+}
+
+#[test]
+fn the_coop_backward_twin_matches_the_oracle_at_every_tile_and_form() {
+    let problems = coop_backward_problems();
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(problems.len());
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let problems = &problems;
+                scope.spawn(move || {
+                    let mine = problems.iter().enumerate().skip(t).step_by(threads);
+                    mine.map(|(n, (name, p))| run_problem(n, name, p)).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().expect("a twin worker panicked")).collect()
+    });
+    let failures: Vec<String> = results.iter().flat_map(|(f, _)| f.clone()).collect();
+    let ran: BTreeSet<_> = results.into_iter().flat_map(|(_, r)| r).collect();
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    println!("ran: {ran:?}");
+    for form in FORMS {
+        assert!(ran.iter().any(|(f, _)| *f == form.name()), "{} never ran: {ran:?}", form.name());
+    }
+}
