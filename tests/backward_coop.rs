@@ -1,10 +1,11 @@
-//! The cooperative-matrix backward (`shaders/backward_coop_dq.wgsl`, `backward_coop_dkdv.wgsl`) against
-//! the f64 oracle's analytic gradients and the kernels' CPU twin (`cpu::backward_coop`, which
-//! tests/backward_coop_twin.rs holds against the oracle in CI): block sizes 16..128, head dims 64 and
-//! 128, odd lengths and partial blocks, GQA, batch, dense (causal and not), bidirectional windows, dense heads and offsets, merged-query
-//! row masks, custom masks with an empty row, a custom scale; at the default tiles and the smallest ones,
-//! through NaN-poisoned caller buffers (every gradient element must be written) and host slices; two
-//! calls bitwise identical. Also: the planner picks it for f16 at head dims 64/128 and keeps f32 portable.
+//! The cooperative-matrix backward (`shaders/backward_coop_dq.wgsl`, `backward_coop_dkdv.wgsl`) against the f64
+//! oracle's analytic gradients and the kernels' CPU twin (`cpu::backward_coop`, which
+//! tests/backward_coop_twin.rs holds against the oracle in CI): block sizes 16..128, head dims 64 and 128, odd
+//! lengths and partial blocks, GQA, batch, dense (causal and not), bidirectional windows, dense heads and
+//! offsets, merged-query row masks, custom masks with an empty row, a custom scale; at the default tiles and
+//! the smallest ones, through NaN-poisoned caller buffers (every gradient element must be written) and host
+//! slices; two calls bitwise identical. Also: the planner picks it for f16 at head dims 64/128 and keeps f32
+//! portable.
 //!
 //! Runs on adapters with 16x16 f16 cooperative matrices (the H100/H200); elsewhere (lavapipe in CI) it
 //! prints why it skipped. Tiles are forced through `S2ATTN_BWD_DQ_TILE` / `S2ATTN_BWD_DKDV_TILE`, the
