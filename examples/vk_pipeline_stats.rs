@@ -3,7 +3,8 @@
 //! on a raw Vulkan device (ash). This file owns that tool; shaders/NOTES-coop.md ("Pipeline statistics")
 //! records what it measured.
 //!
-//! For each variant (coop forward v3 at its default tile, v4 and v5, `S2ATTN_COOP_FWD`; the coop dQ pass; the
+//! For each variant (coop forward v3 at its default tile, v4, v5 and v7 (v7 with `S2ATTN_COOP_STRAIGHT` as
+//! set), `S2ATTN_COOP_FWD`; the coop dQ pass; the
 //! coop dK/dV kernel v2, v3, v4, v5 and v5-recompute, `S2ATTN_BWD_DKDV`; the portable kernels last) it takes
 //! the planner's (source, override constants) from `s2attn::gpu::planned_pipelines` and produces the
 //! SPIR-V wgpu 30 would on Vulkan: naga parse + validate, override constants resolved for the entry point
@@ -19,7 +20,10 @@
 //! ```text
 //! cargo run --release --example vk_pipeline_stats -- [--json FILE] [--spv DIR] [--dump DIR] [--device N]
 //!     [--seq 65536] [--heads 32] [--kv-heads 32] [--head-dim 128] [--block 64] [--local 16] [--stride 16]
+//!     [--only TEXT]
 //! ```
+//!
+//! `--only TEXT` keeps the variants whose label contains TEXT (e.g. `forward v7`).
 //!
 //! The tool sets `S2ATTN_COOP_FWD` and `S2ATTN_BWD_DKDV` itself, one variant at a time; the tile variables
 //! (`S2ATTN_TILE`, `S2ATTN_BWD_DQ_TILE`, `S2ATTN_BWD_DKDV_TILE`) are honoured as the planner honours them.
@@ -58,6 +62,7 @@ struct Args {
     spv: Option<String>,
     dump: Option<String>,
     device: Option<usize>,
+    only: Option<String>,
 }
 
 fn parse_args() -> Res<Args> {
@@ -67,6 +72,7 @@ fn parse_args() -> Res<Args> {
         spv: None,
         dump: None,
         device: None,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -77,6 +83,7 @@ fn parse_args() -> Res<Args> {
             "--spv" => a.spv = Some(value()?),
             "--dump" => a.dump = Some(value()?),
             "--device" => a.device = Some(num(value()?)? as usize),
+            "--only" => a.only = Some(value()?),
             "--seq" => a.problem.seq = num(value()?)?,
             "--heads" => a.problem.heads = num(value()?)?,
             "--kv-heads" => a.problem.kv_heads = num(value()?)?,
@@ -96,7 +103,7 @@ fn parse_args() -> Res<Args> {
 
 const USAGE: &str =
     "vk_pipeline_stats [--json FILE] [--spv DIR] [--dump DIR] [--device N] [--seq N] [--heads N] [--kv-heads N] \
-                     [--head-dim N] [--block N] [--local N] [--stride N]";
+                     [--head-dim N] [--block N] [--local N] [--stride N] [--only TEXT]";
 
 /// One pipeline to build: a label, the planner's pass and its inputs.
 struct Variant {
@@ -127,9 +134,16 @@ fn variants(p: &Problem, caps: &DeviceCaps) -> Res<Vec<Variant>> {
     let (fwd_v3, dq, dkdv_v2) = (v2.next(), v2.next(), v2.next());
     let fwd_v4 = plan("v4", "v2", caps)?.into_iter().next();
     let fwd_v5 = plan("v5", "v2", caps)?.into_iter().next();
-    for (label, pass) in
-        [("forward v3", fwd_v3), ("forward v4", fwd_v4), ("forward v5", fwd_v5), ("dQ", dq), ("dK/dV v2", dkdv_v2)]
-    {
+    let fwd_v7 = plan("v7", "v2", caps)?.into_iter().next();
+    let passes = [
+        ("forward v3", fwd_v3),
+        ("forward v4", fwd_v4),
+        ("forward v5", fwd_v5),
+        ("forward v7", fwd_v7),
+        ("dQ", dq),
+        ("dK/dV v2", dkdv_v2),
+    ];
+    for (label, pass) in passes {
         take(label.to_string(), pass.ok_or("planner returned too few passes")?);
     }
     for dkdv in ["v3", "v4", "v5", "v5-recompute"] {
@@ -765,7 +779,10 @@ fn run() -> Res<()> {
             ash::khr::pipeline_executable_properties::NAME.to_string_lossy()
         );
     }
-    let list = variants(p, &vk_.caps)?;
+    let mut list = variants(p, &vk_.caps)?;
+    if let Some(only) = &args.only {
+        list.retain(|v| v.label.contains(only.as_str()));
+    }
     let mut json = match &args.json {
         Some(path) => Some(std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?),
         None => None,

@@ -58,6 +58,12 @@ override PIPE: bool = false;
 // subgroups shares 16 rows, subgroup hh of the pair keeps O[:, hh*D/2 ..] (D/32 C matrices) and the scores
 // of the chunk's keys 16hh..16hh+15, with Q in workgroup memory (see forward_split below).
 override HS: u32 = 1u;
+// v7 (v3 in straight-line form; shaders/NOTES-coop.md "v7", written before it was run): bit 1, every subgroup
+// runs every slice, the rows that see none of it masked (the element mask is on wherever a subgroup would
+// have skipped); bit 2, O += P V in both arms of the rescale branch. The v3 machine code moves all 64 O
+// accumulator registers out and back (~140 moves of ~770 instructions per chunk) where the skip and the
+// rescale branches meet the P V path; these two forms remove those meeting points.
+override STRAIGHT: u32 = 0u;
 override WG: u32 = 128u;  // invocations: 2 * HS * BQ (two per query row and subgroup in the softmax)
 override TAU: f32 = 8.0;  // lazy rescale threshold, log2 units
 override NSG: u32 = HS * BQ / 16u;  // subgroups the kernel needs (subgroup size WG / NSG)
@@ -189,6 +195,48 @@ fn rescale(t: Tile, hh: u32, m: CM, alpha: f32) -> CM {
     let out = coopLoadT<CM>(&s_s[16u * t.g * SS4 + 4u * hh], SS4);
     subgroupBarrier();
     return out;
+}
+
+// The end of a v3/v4 slice: the subgroup's O rows rescaled by their `alpha` if `moved`, then O += P V over the
+// slice's SL/16 key tiles from tile kt0. The P V steps are written out: the NVIDIA driver keeps a loop over the
+// tiles and shuffles the 64 accumulator registers around it (~130 moves per chunk in the v3 code). v7 calls it
+// with `moved` a constant in each arm of its own branch (see STRAIGHT).
+fn rescale_pv(
+    t: Tile,
+    kt0: u32,
+    moved: bool,
+    alpha: f32,
+    o0: ptr<function, CM>,
+    o1: ptr<function, CM>,
+    o2: ptr<function, CM>,
+    o3: ptr<function, CM>,
+    o4: ptr<function, CM>,
+    o5: ptr<function, CM>,
+    o6: ptr<function, CM>,
+    o7: ptr<function, CM>,
+) {
+    if moved {
+        *o0 = rescale(t, 0u, *o0, alpha);
+        *o1 = rescale(t, 0u, *o1, alpha);
+        *o2 = rescale(t, 0u, *o2, alpha);
+        *o3 = rescale(t, 0u, *o3, alpha);
+        if D > 64u {
+            *o4 = rescale(t, 0u, *o4, alpha);
+            *o5 = rescale(t, 0u, *o5, alpha);
+            *o6 = rescale(t, 0u, *o6, alpha);
+            *o7 = rescale(t, 0u, *o7, alpha);
+        }
+    }
+    if keep(8u) {
+        pv(t, kt0, 0u, o0, o1, o2, o3, o4, o5, o6, o7);
+    }
+    if SL > 16u && keep(8u) {
+        pv(t, kt0 + 1u, 1u, o0, o1, o2, o3, o4, o5, o6, o7);
+    }
+    if SL > 32u && keep(8u) {
+        pv(t, kt0 + 2u, 2u, o0, o1, o2, o3, o4, o5, o6, o7);
+        pv(t, kt0 + 3u, 3u, o0, o1, o2, o3, o4, o5, o6, o7);
+    }
 }
 
 // Orders the accesses to a tile row's workgroup memory among the invocations that share the row: v3/v4's
@@ -490,7 +538,7 @@ fn main(
         for (var sl = 0u; sl < BK / SL; sl++) {
             let ks = k0 + sl * SL;  // the slice's first key
             let kt0 = sl * (SL / 16u);  // its first 16-key tile in k_s / v_s
-            if sg_sees && ks < seq && (!causal || ks <= sg_row0 + 15u) {
+            if (STRAIGHT & 1u) != 0u || (sg_sees && ks < seq && (!causal || ks <= sg_row0 + 15u)) {
                 // S = Q K^T, SL/16 independent accumulators, then to the subgroup's rows of s_s.
                 var s0 = CM();
                 if pipe && sl > 0u {
@@ -560,30 +608,12 @@ fn main(
                 l = l * alpha + sum;
                 m = m_new;
                 subgroupBarrier(); // P is complete
-                if moved {
-                    o0 = rescale(t, 0u, o0, alpha);
-                    o1 = rescale(t, 0u, o1, alpha);
-                    o2 = rescale(t, 0u, o2, alpha);
-                    o3 = rescale(t, 0u, o3, alpha);
-                    if D > 64u {
-                        o4 = rescale(t, 0u, o4, alpha);
-                        o5 = rescale(t, 0u, o5, alpha);
-                        o6 = rescale(t, 0u, o6, alpha);
-                        o7 = rescale(t, 0u, o7, alpha);
-                    }
-                }
-
-                // Written out, not a loop: the NVIDIA driver keeps a loop over `pt` and shuffles the 64
-                // accumulator registers around it (~130 moves per chunk in the v3 machine code).
-                if keep(8u) {
-                    pv(t, kt0, 0u, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
-                }
-                if SL > 16u && keep(8u) {
-                    pv(t, kt0 + 1u, 1u, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
-                }
-                if SL > 32u && keep(8u) {
-                    pv(t, kt0 + 2u, 2u, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
-                    pv(t, kt0 + 3u, 3u, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
+                if (STRAIGHT & 2u) != 0u && moved {
+                    rescale_pv(t, kt0, true, alpha, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
+                } else if (STRAIGHT & 2u) != 0u {
+                    rescale_pv(t, kt0, false, alpha, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
+                } else {
+                    rescale_pv(t, kt0, moved, alpha, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
                 }
             }
         }

@@ -1,9 +1,9 @@
 //! `cpu::forward_coop`, the CPU twin of the cooperative-matrix forward kernel, against the f64 oracle, on
-//! tests/forward_coop.rs's problems at every tile, softmax slice and form (v3, v4, v5) the planner offers
+//! tests/forward_coop.rs's problems at every tile, softmax slice and form (v3, v4, v5, v7) the planner offers
 //! an H100 (48 KiB of workgroup memory): the kernel's walk, slice skips, mask predicate and lazy rescale,
-//! checked without a matrix unit. Also: the lazy rescale's bound is what keeps P finite in f16 (a twin
-//! with a larger threshold overflows on the large-scale problems), and the eager twin (threshold 0)
-//! agrees. Pure CPU: runs in CI.
+//! checked without a matrix unit; v7 without the skips (the mask alone must keep out what they did). Also: the
+//! lazy rescale's bound is what keeps P finite in f16 (a twin with a larger threshold overflows on the
+//! large-scale problems), and the eager twin (threshold 0) agrees. Pure CPU: runs in CI.
 
 mod common;
 
@@ -20,7 +20,7 @@ fn kernels(p: &Problem, form: CoopForward) -> Vec<CoopKernel> {
         .into_iter()
         .filter_map(|tile| {
             let slices = coop_slices(form, tile, p.head_dim, caps.max_workgroup_storage)?;
-            Some(CoopKernel::new(tile, slices))
+            Some(CoopKernel { straight: form == CoopForward::V7, ..CoopKernel::new(tile, slices) })
         })
         .collect()
 }
@@ -55,7 +55,7 @@ fn the_coop_twin_matches_the_oracle_at_every_tile_slice_and_form() {
     for (n, (name, p, _)) in coop_problems().into_iter().enumerate() {
         let x = p.inputs(7000 + n as u64);
         let want = p.reference(&x);
-        for form in [CoopForward::V3, CoopForward::V4, CoopForward::V5] {
+        for form in [CoopForward::V3, CoopForward::V4, CoopForward::V5, CoopForward::V7] {
             for kernel in kernels(&p, form) {
                 let what = format!("{} {} slice {}: {name}", form.name(), kernel.tile, kernel.slices.slice);
                 match judge(&kernel, &p, &x, &want) {
@@ -77,6 +77,7 @@ fn the_coop_twin_matches_the_oracle_at_every_tile_slice_and_form() {
         assert!(ran.iter().any(|(f, _, s)| *f == "v4" && *s == slice), "v4 never ran {slice}-key slices");
     }
     assert!(ran.iter().any(|(f, t, _)| *f == "v5" && t == "64x32"), "v5 never ran: {ran:?}");
+    assert!(ran.iter().any(|(f, t, _)| *f == "v7" && t == "128x32"), "v7 never ran: {ran:?}");
 }
 
 #[test]

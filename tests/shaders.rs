@@ -332,3 +332,35 @@ fn the_coop_forward_lazy_rescale_threshold_is_the_twins() {
         ref other => panic!("TAU's default is not an f32 literal: {other:?}"),
     }
 }
+
+#[test]
+fn coop_forward_v7_writes_spirv_at_every_tile_and_straight_setting() {
+    // v7 (S2ATTN_COOP_FWD=v7): v3's tiles and slices with the STRAIGHT bits; every setting compiles to
+    // SPIR-V, declares v3's workgroup bytes, and each nonzero one changes the code.
+    use s2attn::plan::{coop_slices, coop_workgroup_bytes, CoopForward, CoopTile};
+    let mut failures = Vec::new();
+    for (tq, tk) in [(64, 16), (64, 32), (64, 64), (128, 16), (128, 32)] {
+        let tile = CoopTile { tile_q: tq, tile_kv: tk };
+        for d in [64, 128] {
+            let Some(sl) = coop_slices(CoopForward::V7, tile, d, 49152) else { continue };
+            assert_eq!(Some(sl), coop_slices(CoopForward::V3, tile, d, 49152), "v7 takes v3's slices");
+            let base = vec![("D", d), ("BQ", tq), ("BK", tk), ("WG", 2 * tq), ("SL", sl.slice), ("PIPE", 0)];
+            let v3 = spirv(Kernel::ForwardCoop, &base).expect("v3");
+            for bits in 0..4 {
+                let mut constants = base.clone();
+                constants.push(("STRAIGHT", bits));
+                if declared_workgroup_bytes(Kernel::ForwardCoop, &constants) != coop_workgroup_bytes(tile, d) {
+                    failures.push(format!("v7 {tile} d {d} straight {bits}: workgroup bytes differ from v3's"));
+                }
+                match spirv(Kernel::ForwardCoop, &constants) {
+                    Ok(words) if (words == v3) != (bits == 0) => {
+                        failures.push(format!("v7 {tile} d {d} straight {bits}: SPIR-V equal to v3's: {}", words == v3))
+                    }
+                    Ok(_) => {}
+                    Err(e) => failures.push(format!("v7 {tile} d {d} straight {bits}: {e}")),
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

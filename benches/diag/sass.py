@@ -6,8 +6,10 @@ NVIDIA's pipeline-cache blob holds a zstd frame (magic 28 b5 2f fd); it is decom
 In the result (or in the blob itself) an embedded CUDA ELF (7f 45 4c 46, e_machine 190) goes to `nvdisasm`
 whole; failing that, SM90 EXIT instructions (low word 0x...794d) mark raw instruction bytes, and the first
 16-byte-aligned start (same alignment as the EXITs) that `nvdisasm -b SM90` accepts, up to the last EXIT, is
-taken. Writes NAME.sass next to each blob and prints a per-file instruction histogram. NVDISASM (env) names the
-disassembler (default: nvdisasm on PATH)."""
+taken. Writes NAME.sass next to each blob and prints a per-file instruction histogram, and for the innermost
+backward branch whose body holds matrix instructions (a kernel's chunk loop) the body's size and histogram with
+its register moves (MOV and IMAD.MOV) counted apart. NVDISASM (env) names the disassembler (default: nvdisasm on
+PATH). `sass.py --loops FILE.sass...` does the loop part alone on disassembly already written."""
 import collections, os, re, struct, subprocess, sys
 
 NVDISASM = os.environ.get("NVDISASM", "nvdisasm")
@@ -74,7 +76,36 @@ def hist(text):
     return f"{sum(c.values())} instructions: " + " ".join(f"{k}={c[k]}" for k in KEYS if c[k])
 
 
+INSN = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def loops(text):
+    """The loops holding matrix instructions: the smallest and the largest backward `BRA` range with HMMA (in
+    the forward the smallest is the chunk walk; in the dQ pass it is the inner dS K loop, the largest the walk)."""
+    ins = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(INSN.match, text.splitlines()) if m]
+    found = []
+    for at, op, args in ins:
+        t = re.search(r"0x([0-9a-f]+)\s*$", args.strip())
+        if op.startswith("BRA") and t and int(t.group(1), 16) < at:
+            body = [o for a, o, _ in ins if int(t.group(1), 16) <= a <= at]
+            if any(o.startswith("HMMA") for o in body):
+                found.append((len(body), int(t.group(1), 16), at, body))
+    if not found:
+        return "no loop with matrix instructions"
+    out = []
+    for n, start, end, body in sorted({min(found)[:3]: min(found), max(found)[:3]: max(found)}.values()):
+        moves = sum(1 for o in body if o == "MOV" or o.startswith("IMAD.MOV"))
+        c = collections.Counter(o.split(".")[0] for o in body)
+        top = " ".join(f"{k}={v}" for k, v in c.most_common(12))
+        out.append(f"loop {start:#x}..{end:#x}: {n} instructions, {moves} register moves; {top}")
+    return "\n    ".join(out)
+
+
 def main():
+    if sys.argv[1:2] == ["--loops"]:
+        for f in sys.argv[2:]:
+            print(f"{f}: {loops(open(f).read())}")
+        return
     files = []
     for d in sys.argv[1:]:
         for root, _, names in os.walk(d):
@@ -92,6 +123,7 @@ def main():
             continue
         open(f + ".sass", "w").write(text)
         print(f"{f}: {hist(text)}")
+        print(f"{f}: {loops(text)}")
 
 
 main()

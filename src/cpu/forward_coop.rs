@@ -30,12 +30,15 @@ pub struct CoopKernel {
     /// Lazy rescale threshold in log2 units (`TAU`): P stays below `2^tau`, so at most 15 keeps it
     /// finite in f16.
     pub tau: f32,
+    /// v7's straight-line chunks (`STRAIGHT` bit 1): no subgroup skips a slice; the element mask alone
+    /// keeps out what the skip would have.
+    pub straight: bool,
 }
 
 impl CoopKernel {
-    /// The kernel as the planner builds it for `tile` and `slices` (threshold [`COOP_TAU`]).
+    /// The kernel as the planner builds it for `tile` and `slices` (threshold [`COOP_TAU`], v3's skips).
     pub fn new(tile: CoopTile, slices: CoopSlices) -> Self {
-        Self { tile, slices, tau: COOP_TAU }
+        Self { tile, slices, tau: COOP_TAU, straight: false }
     }
 }
 
@@ -125,7 +128,7 @@ pub fn forward_coop(
                             && e.rows.attends(SUBGROUP_ROWS * g, bs)
                             && ks < seq
                             && (!causal || ks < g_row0 + SUBGROUP_ROWS);
-                        if !sees {
+                        if !sees && !kernel.straight {
                             continue;
                         }
                         // Rows past the sequence end are computed by the kernel but never written.

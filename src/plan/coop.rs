@@ -13,8 +13,11 @@
 //! memory at 128 query rows, with the next 16-key slice's S = Q K^T issued before this slice's softmax;
 //! `v4-nopipe` the same without that; `v5` splits O's head dims over a pair of subgroups per 16 query rows
 //! (64x32 tiles of 256 invocations, Q in workgroup memory: fewer registers per invocation, so that two
-//! workgroups fit an SM); unset or `v3`, the measured v3 form. The version is read when the plan is made
-//! (its reason names it) and again when the pipeline is built ([`coop_forward_overrides`]).
+//! workgroups fit an SM); `v7` is v3 in straight-line form (every subgroup runs every chunk, P V in both arms
+//! of the rescale branch: no control-flow merge for the O accumulators; written before it was run, with
+//! `S2ATTN_COOP_STRAIGHT` to take its two parts alone); unset or `v3`, the measured v3 form. The version is
+//! read when the plan is made (its reason names it) and again when the pipeline is built
+//! ([`coop_forward_overrides`]).
 
 use super::{DType, DeviceCaps, DispatchPlan, KernelVariant, Shape};
 use crate::error::{Error, Result};
@@ -75,6 +78,11 @@ pub enum CoopForward {
     /// O's head dims split over a pair of subgroups sharing 16 query rows, each pair member computing
     /// half the chunk's scores from Q in workgroup memory (32-key chunks).
     V5,
+    /// v3 in straight-line form: every subgroup runs every chunk (masked where it sees none of it) and
+    /// O += P V sits in both arms of the rescale branch, so that the O accumulators meet no merging
+    /// control flow (the v3 code moves them out and back around those merges). Written before it was run
+    /// (shaders/NOTES-coop.md "v7"); `S2ATTN_COOP_STRAIGHT=0..3` picks its two parts alone.
+    V7,
 }
 
 impl CoopForward {
@@ -85,17 +93,21 @@ impl CoopForward {
             Ok("v4") => Ok(Self::V4),
             Ok("v4-nopipe") => Ok(Self::V4NoPipe),
             Ok("v5") => Ok(Self::V5),
-            Ok(other) => Err(Error::Unsupported(format!("S2ATTN_COOP_FWD={other}: expected v3, v4, v4-nopipe or v5"))),
+            Ok("v7") => Ok(Self::V7),
+            Ok(other) => {
+                Err(Error::Unsupported(format!("S2ATTN_COOP_FWD={other}: expected v3, v4, v4-nopipe, v5 or v7")))
+            }
         }
     }
 
-    /// `v3`, `v4`, `v4-nopipe` or `v5`.
+    /// `v3`, `v4`, `v4-nopipe`, `v5` or `v7`.
     pub fn name(self) -> &'static str {
         match self {
             Self::V3 => "v3",
             Self::V4 => "v4",
             Self::V4NoPipe => "v4-nopipe",
             Self::V5 => "v5",
+            Self::V7 => "v7",
         }
     }
 
@@ -142,7 +154,7 @@ impl CoopSlices {
 pub fn coop_slices(form: CoopForward, tile: CoopTile, head_dim: u32, max_bytes: u32) -> Option<CoopSlices> {
     // (S pad, P pad): full, then tight.
     let (widths, pads): (&[u32], &[(u32, u32)]) = match form {
-        CoopForward::V3 => (&[tile.tile_kv], &[(8, 8)]),
+        CoopForward::V3 | CoopForward::V7 => (&[tile.tile_kv], &[(8, 8)]),
         CoopForward::V4 | CoopForward::V4NoPipe => (&[64, 32, 16], &[(8, 8), (4, 0)]),
         CoopForward::V5 if tile.tile_kv == 32 && tile.tile_q == 64 => (&[32], &[(8, 8), (4, 8), (4, 0)]),
         CoopForward::V5 => (&[], &[]),
@@ -162,8 +174,8 @@ pub fn coop_workgroup_bytes(tile: CoopTile, head_dim: u32) -> u32 {
 }
 
 /// The override constants beyond `D`, `BQ`, `BK` and `WG` that the forward pipeline of `plan` needs:
-/// none for v3; the slice width, pads and early scores for v4; those and the head-dim split `HS` for v5
-/// (`S2ATTN_COOP_FWD`, read again here).
+/// none for v3; the slice width, pads and early scores for v4; those and the head-dim split `HS` for v5;
+/// v3's and the straight-line bits `STRAIGHT` for v7 (`S2ATTN_COOP_FWD`, read again here).
 pub fn coop_forward_overrides(plan: &DispatchPlan, head_dim: u32) -> Result<Vec<(&'static str, u32)>> {
     let form = CoopForward::from_env()?;
     let diag = coop_diag()?;
@@ -178,8 +190,26 @@ pub fn coop_forward_overrides(plan: &DispatchPlan, head_dim: u32) -> Result<Vec<
     if sl.split > 1 {
         out.push(("HS", sl.split));
     }
+    if form == CoopForward::V7 {
+        out.push(("STRAIGHT", coop_straight()?));
+    }
     out.extend(diag.map(|d| ("DIAG", d)));
     Ok(out)
+}
+
+/// v7's straight-line parts (the kernel's `STRAIGHT` bits): `S2ATTN_COOP_STRAIGHT` (0..3; 1 every subgroup
+/// runs every chunk, 2 P V in both arms of the rescale branch), both when unset. For measuring the parts
+/// alone; every setting computes the same result.
+pub fn coop_straight() -> Result<u32> {
+    match std::env::var("S2ATTN_COOP_STRAIGHT").ok().filter(|v| !v.trim().is_empty()) {
+        None => Ok(3),
+        Some(v) => v
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|&b| b < 4)
+            .ok_or_else(|| Error::Unsupported(format!("S2ATTN_COOP_STRAIGHT={v}: expected 0, 1, 2 or 3"))),
+    }
 }
 
 /// `S2ATTN_COOP_DIAG`: a diagnostic bit set that leaves stages of the coop forward out (the kernel's
@@ -273,7 +303,7 @@ pub fn coop_candidates(shape: &Shape, layout: &Layout, caps: &DeviceCaps, form: 
 fn default_tile(tiles: &[CoopTile], form: CoopForward) -> Option<CoopTile> {
     let pick = |q: u32, kv: u32| tiles.iter().copied().find(|t| t.tile_q == q && t.tile_kv == kv);
     let first = match form {
-        CoopForward::V3 => None,
+        CoopForward::V3 | CoopForward::V7 => None,
         CoopForward::V4 | CoopForward::V4NoPipe => pick(128, 64),
         CoopForward::V5 => pick(64, 32),
     };
@@ -302,6 +332,8 @@ fn coop_plan(shape: &Shape, tile: CoopTile, form: Form, reason: String) -> Dispa
             format!("{}, head dim split over subgroup pairs", f.name())
         }
         (f @ CoopForward::V5, Some(_)) => format!("{}, head dim split over subgroup pairs; {reason}", f.name()),
+        (f @ CoopForward::V7, Some(_)) if reason.is_empty() => format!("{}, straight-line chunks", f.name()),
+        (f @ CoopForward::V7, Some(_)) => format!("{}, straight-line chunks; {reason}", f.name()),
         (f, Some(sl)) if reason.is_empty() => format!("{}, {}-key slices", f.name(), sl.slice),
         (f, Some(sl)) => format!("{}, {}-key slices; {reason}", f.name(), sl.slice),
     };
