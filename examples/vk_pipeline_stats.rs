@@ -20,10 +20,10 @@
 //! ```text
 //! cargo run --release --example vk_pipeline_stats -- [--json FILE] [--spv DIR] [--dump DIR] [--device N]
 //!     [--seq 65536] [--heads 32] [--kv-heads 32] [--head-dim 128] [--block 64] [--local 16] [--stride 16]
-//!     [--only TEXT]
+//!     [--only TEXT[,TEXT..]]
 //! ```
 //!
-//! `--only TEXT` keeps the variants whose label contains TEXT (e.g. `forward v7`).
+//! `--only TEXT[,TEXT..]` keeps the variants whose label contains one of the TEXTs (e.g. `forward v7,dQ`).
 //!
 //! The tool sets `S2ATTN_COOP_FWD` and `S2ATTN_BWD_DKDV` itself, one variant at a time; the tile variables
 //! (`S2ATTN_TILE`, `S2ATTN_BWD_DQ_TILE`, `S2ATTN_BWD_DKDV_TILE`) are honoured as the planner honours them.
@@ -103,7 +103,7 @@ fn parse_args() -> Res<Args> {
 
 const USAGE: &str =
     "vk_pipeline_stats [--json FILE] [--spv DIR] [--dump DIR] [--device N] [--seq N] [--heads N] [--kv-heads N] \
-                     [--head-dim N] [--block N] [--local N] [--stride N] [--only TEXT]";
+                     [--head-dim N] [--block N] [--local N] [--stride N] [--only TEXT[,TEXT..]]";
 
 /// One pipeline to build: a label, the planner's pass and its inputs.
 struct Variant {
@@ -781,7 +781,7 @@ fn run() -> Res<()> {
     }
     let mut list = variants(p, &vk_.caps)?;
     if let Some(only) = &args.only {
-        list.retain(|v| v.label.contains(only.as_str()));
+        list.retain(|v| only.split(',').any(|o| v.label.contains(o)));
     }
     let mut json = match &args.json {
         Some(path) => Some(std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?),

@@ -1,9 +1,10 @@
 //! `cpu::backward_coop`, the CPU twin of the cooperative-matrix backward kernels, against the f64 oracle's
 //! analytic gradients, on tests/backward_coop.rs's problems: every dQ tile with the default dK/dV tile and
-//! every dK/dV tile with the default dQ tile, for each dK/dV form whose numbers differ (v2's one
-//! 16-row slice per subgroup, v3's two, v4's split with P^T handed over as f16, v5's 32-row blocks, v5's
-//! recompute), as the planner offers them an H100 (48 KiB of workgroup memory). The forward's O and LSE
-//! come from the coop forward's twin at its default tile, as they would from the GPU. Pure CPU: runs in CI.
+//! every dK/dV tile with the default dQ tile, for each dK/dV form whose numbers differ (v2's one 16-row slice
+//! per subgroup, v3's two, v4's split with P^T handed over as f16, v5's 32-row blocks, v5's recompute; and the
+//! straight-line dQ form at every dQ tile), as the planner offers them an H100 (48 KiB of workgroup memory).
+//! The forward's O and LSE come from the coop forward's twin at its default tile, as they would from the GPU.
+//! Pure CPU: runs in CI.
 
 mod common;
 
@@ -62,15 +63,19 @@ fn run_problem(n: usize, name: &str, p: &Problem) -> (Vec<String>, BTreeSet<(&'s
     for form in FORMS {
         let dkdv_tiles = coop_dkdv_candidates(&p.shape(), &p.layout, &caps, form);
         let (Some(&dq0), Some(&dkdv0)) = (dq_tiles.first(), dkdv_tiles.first()) else { continue };
-        let runs = dq_tiles.iter().map(|&dq| (dq, dkdv0)).chain(dkdv_tiles.iter().skip(1).map(|&t| (dq0, t)));
-        for (dq, dkdv) in runs {
-            let kernels = CoopBackward { dq, dkdv, dkdv_form: form };
-            let what = format!("dQ {dq}, dK/dV {} {dkdv}: {name}", form.name());
+        // The straight-line dQ form (no skips) at every dQ tile, with the first dK/dV form.
+        let straight: &[bool] = if form == FORMS[0] { &[false, true] } else { &[false] };
+        let dq_runs = dq_tiles.iter().flat_map(|&dq| straight.iter().map(move |&s| (dq, dkdv0, s)));
+        let runs = dq_runs.chain(dkdv_tiles.iter().skip(1).map(|&t| (dq0, t, false)));
+        for (dq, dkdv, dq_straight) in runs {
+            let kernels = CoopBackward { dq, dkdv, dkdv_form: form, dq_straight };
+            let dq_form = if dq_straight { " straight" } else { "" };
+            let what = format!("dQ{dq_form} {dq}, dK/dV {} {dkdv}: {name}", form.name());
             match judge(p, &kernels, &inputs, &want) {
                 Ok(err) => println!("ok   {what}: worst {err:.2e}"),
                 Err(why) => failures.push(format!("{what}: {why}")),
             }
-            ran.insert((form.name(), dkdv.to_string()));
+            ran.insert((if dq_straight { "dQ straight" } else { form.name() }, dkdv.to_string()));
         }
     }
     (failures, ran)
@@ -96,7 +101,7 @@ fn the_coop_backward_twin_matches_the_oracle_at_every_tile_and_form() {
     let ran: BTreeSet<_> = results.into_iter().flat_map(|(_, r)| r).collect();
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
     println!("ran: {ran:?}");
-    for form in FORMS {
-        assert!(ran.iter().any(|(f, _)| *f == form.name()), "{} never ran: {ran:?}", form.name());
+    for form in FORMS.iter().map(|f| f.name()).chain(["dQ straight"]) {
+        assert!(ran.iter().any(|(f, _)| *f == form), "{form} never ran: {ran:?}");
     }
 }

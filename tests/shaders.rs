@@ -334,9 +334,10 @@ fn the_coop_forward_lazy_rescale_threshold_is_the_twins() {
 }
 
 #[test]
-fn coop_forward_v7_writes_spirv_at_every_tile_and_straight_setting() {
+fn coop_v7_straight_forms_write_spirv() {
     // v7 (S2ATTN_COOP_FWD=v7): v3's tiles and slices with the STRAIGHT bits; every setting compiles to
-    // SPIR-V, declares v3's workgroup bytes, and each nonzero one changes the code.
+    // SPIR-V, declares v3's workgroup bytes, and each nonzero one changes the code. The dQ pass's straight
+    // form (S2ATTN_BWD_DQ=straight) too.
     use s2attn::plan::{coop_slices, coop_workgroup_bytes, CoopForward, CoopTile};
     let mut failures = Vec::new();
     for (tq, tk) in [(64, 16), (64, 32), (64, 64), (128, 16), (128, 32)] {
@@ -361,6 +362,14 @@ fn coop_forward_v7_writes_spirv_at_every_tile_and_straight_setting() {
                 }
             }
         }
+    }
+    // The straight-line dQ pass (S2ATTN_BWD_DQ=straight) at its default tile.
+    let dq = [("D", 128), ("BQ", 128), ("BK", 32), ("WG", 256)];
+    let plain = spirv(Kernel::BackwardCoopDq, &dq).expect("dQ");
+    match spirv(Kernel::BackwardCoopDq, &[&dq[..], &[("STRAIGHT", 1)]].concat()) {
+        Ok(words) if words == plain => failures.push("dQ straight: same SPIR-V as the plain dQ pass".into()),
+        Ok(_) => {}
+        Err(e) => failures.push(format!("dQ straight: {e}")),
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

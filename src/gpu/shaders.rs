@@ -33,6 +33,7 @@ pub(crate) fn overrides(kernel: Kernel, plan: &DispatchPlan, head_dim: u32) -> R
     match kernel {
         Kernel::ForwardCoop => constants.extend(crate::plan::coop_forward_overrides(plan, head_dim)?),
         Kernel::BackwardCoopDkDv => constants.extend(crate::plan::CoopDkdv::of_plan(plan).constants()),
+        Kernel::BackwardCoopDq if crate::plan::coop_dq_straight(plan) => constants.push(("STRAIGHT", 1)),
         _ => {}
     }
     Ok(constants)

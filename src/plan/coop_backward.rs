@@ -52,6 +52,28 @@ pub const DKDV_KERNEL_VAR: &str = "S2ATTN_BWD_DKDV";
 /// Marks the dK/dV kernel's switches in its plan's reason: `dK/dV kernel <name>`.
 const DKDV_TAG: &str = "dK/dV kernel ";
 
+/// Marks a dQ plan of the straight-line form (`S2ATTN_BWD_DQ=straight`) in its reason.
+const DQ_STRAIGHT_TAG: &str = "dQ kernel straight";
+
+/// The variable that picks the coop dQ kernel's form: `v1` (unset: every subgroup skips the chunks its rows
+/// do not see) or `straight` (no skips, the element mask alone; shaders/NOTES-coop.md "v7", written
+/// before it was run).
+pub const DQ_KERNEL_VAR: &str = "S2ATTN_BWD_DQ";
+
+/// Whether `S2ATTN_BWD_DQ` asks for the straight-line dQ kernel.
+fn dq_straight_from_env() -> Result<bool> {
+    match std::env::var(DQ_KERNEL_VAR).ok().as_deref().map(str::trim) {
+        None | Some("") | Some("v1") => Ok(false),
+        Some("straight") => Ok(true),
+        Some(other) => Err(Error::Unsupported(format!("{DQ_KERNEL_VAR}={other}: expected v1 or straight"))),
+    }
+}
+
+/// Whether a coop dQ plan runs the straight-line form (from the tag the planner wrote into its reason).
+pub fn coop_dq_straight(plan: &DispatchPlan) -> bool {
+    plan.reason.split("; ").any(|part| part == DQ_STRAIGHT_TAG)
+}
+
 /// The switches of the coop dK/dV kernel (`shaders/backward_coop_dkdv.wgsl`'s `PREFETCH`, `DESCEND`,
 /// `LONGEST_FIRST`, `RS` and `SPLIT` override constants).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -359,7 +381,10 @@ fn plan_coop_with(shape: &Shape, layout: &Layout, caps: &DeviceCaps, asked: Coop
         dkdv = coop_dkdv_candidates(shape, layout, caps, kernel);
         note = format!("; {} has no tile that fits here", asked.name());
     }
-    let (dq_tile, dq_why) = pick("S2ATTN_BWD_DQ_TILE", &dq, "dQ")?;
+    let (dq_tile, mut dq_why) = pick("S2ATTN_BWD_DQ_TILE", &dq, "dQ")?;
+    if dq_straight_from_env()? {
+        dq_why = format!("{dq_why}; {DQ_STRAIGHT_TAG}");
+    }
     let (dkdv_tile, dkdv_why) = pick("S2ATTN_BWD_DKDV_TILE", &dkdv, "dK/dV")?;
     let dkdv_why = format!("{dkdv_why}; {DKDV_TAG}{}{note}", kernel.name());
     let dkdv_bytes = coop_dkdv_workgroup_bytes(dkdv_tile, d, kernel);

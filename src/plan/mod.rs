@@ -15,8 +15,9 @@ pub use coop::{
     CoopTile, TuneTarget, COOP_HEAD_DIMS, COOP_TAU, TUNE_MAX_SEQ,
 };
 pub use coop_backward::{
-    coop_dkdv_candidates, coop_dkdv_workgroup_bytes, coop_dq_candidates, coop_dq_workgroup_bytes, longest_first_order,
-    plan_backward_coop, plan_backward_wgpu, CoopDkdv, SubgroupInfo, DKDV_KERNEL_VAR,
+    coop_dkdv_candidates, coop_dkdv_workgroup_bytes, coop_dq_candidates, coop_dq_straight, coop_dq_workgroup_bytes,
+    longest_first_order, plan_backward_coop, plan_backward_wgpu, CoopDkdv, SubgroupInfo, DKDV_KERNEL_VAR,
+    DQ_KERNEL_VAR,
 };
 pub use mergeq::{KvEntry, MergeQPlan, RowMask, ROWMASK_BITS_FLAG};
 

@@ -14,7 +14,9 @@ use super::BackwardInputs;
 use crate::backward::Grads;
 use crate::cpu::tiles::{tile_tasks, TileTask};
 use crate::layout::Layout;
-use crate::plan::{BackwardPlan, ColumnPlan, CoopDkdv, CoopTile, MergeQPlan, Shape, ROWMASK_BITS_FLAG};
+use crate::plan::{
+    coop_dq_straight, BackwardPlan, ColumnPlan, CoopDkdv, CoopTile, MergeQPlan, Shape, ROWMASK_BITS_FLAG,
+};
 use half::f16;
 use std::f32::consts::{LN_2, LOG2_E};
 
@@ -33,13 +35,20 @@ pub struct CoopBackward {
     pub dkdv: CoopTile,
     /// The dK/dV kernel's form.
     pub dkdv_form: CoopDkdv,
+    /// The dQ kernel's straight-line form (`S2ATTN_BWD_DQ=straight`): no subgroup skips a chunk.
+    pub dq_straight: bool,
 }
 
 impl CoopBackward {
     /// The kernels a coop [`BackwardPlan`] runs.
     pub fn of_plan(plan: &BackwardPlan) -> Self {
         let tile = |p: &crate::plan::DispatchPlan| CoopTile { tile_q: p.tile_q, tile_kv: p.tile_kv };
-        Self { dq: tile(&plan.dq), dkdv: tile(&plan.dkdv), dkdv_form: CoopDkdv::of_plan(&plan.dkdv) }
+        Self {
+            dq: tile(&plan.dq),
+            dkdv: tile(&plan.dkdv),
+            dkdv_form: CoopDkdv::of_plan(&plan.dkdv),
+            dq_straight: coop_dq_straight(&plan.dq),
+        }
     }
 }
 
@@ -109,7 +118,8 @@ pub fn backward_coop(
                     k0 + bk > seq || (causal && k0 + bk - 1 > row0) || word < bq || word >= ROWMASK_BITS_FLAG;
                 for sg in 0..bq / SUB {
                     let sg_row0 = row0 + SUB * sg;
-                    if !(sg_row0 < seq && (!causal || k0 < sg_row0 + SUB) && e.rows.attends(SUB * sg, bs)) {
+                    let sees = sg_row0 < seq && (!causal || k0 < sg_row0 + SUB) && e.rows.attends(SUB * sg, bs);
+                    if !sees && !kernels.dq_straight {
                         continue;
                     }
                     for r in SUB * sg..(SUB * (sg + 1)).min(seq - row0) {
