@@ -12,7 +12,8 @@
 //! With `S2ATTN_COOP_FWD=v4` (or `v4-nopipe`) set, every case runs the kernel's v4 form, including its
 //! 128x64 tile (16-key slices at d128, 32-key at d64), and the plans must say so. With `S2ATTN_COOP_FWD=v5`
 //! every case runs the head-dim split (its one tile, 64x32, at 256 invocations; the other tiles fall back
-//! to the portable kernel, saying they do not fit), and the plans must name v5.
+//! to the portable kernel, saying they do not fit), and the plans must name v5. With `S2ATTN_COOP_FWD=v7`
+//! every case runs v3's tiles in straight-line form (`S2ATTN_COOP_STRAIGHT` picks its parts), named v7.
 
 mod common;
 
