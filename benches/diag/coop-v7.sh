@@ -8,7 +8,7 @@
 #   2. correctness: test-forward_coop with v3 (the default) and v7 (both now also held against the CPU twin),
 #      test-backward_coop for the default dK/dV kernel with the plain and the straight dQ (held against its twin);
 #   3. timing at 128k, vert_stride 16 and 64: v3 and v7 with each STRAIGHT setting, one process each, then two more
-#      processes of v3 and v7 at vs64 (its time has been bimodal);
+#      processes of v3 and v7 at vs64 (its time has been bimodal); the v4, v4-nopipe and v5 forms once each;
 #   4. forward+backward at 64k vs16 with the plain and the straight dQ pass;
 #   5. peers in the same call: FlashAttention-2 dense (torch_peers.py) and FlexAttention-S2 at both strides.
 # Stage: ONLY="s2attn-bench vk_pipeline_stats test-forward_coop test-backward_coop" bash benches/stage.sh .v7, copy
@@ -46,6 +46,8 @@ run() {  # run NAME STRAIGHT FORM STRIDES
 run v3 "" v3 16,64
 for bits in 1 2 3; do run v7-s$bits $bits v7 16,64; done
 for rep in 2 3; do run v3-vs64-$rep "" v3 64; run v7-vs64-$rep "" v7 64; done
+# the opt-in v4 / v4-nopipe / v5 forms run the v6 code but were not timed after it
+for f in v4 v4-nopipe v5; do run $f "" $f 16,64; done
 
 for dq in v1 straight; do
     S2ATTN_BWD_DQ=$dq timeout 90 s2attn-bench $paper --mode fwd+bwd --seq 64k --vert-stride 16 --iters 3 --warmup 1 -v \
