@@ -254,9 +254,8 @@ pub fn coop_dkdv_workgroup_bytes(tile: CoopTile, head_dim: u32, kernel: CoopDkdv
     2 * (k + q) * (head_dim + 8) * 2 + rows * 2 * ps4 * 8 + s_rows * ss4 * 16 + 2 * q * 4 + 4
 }
 
-/// The coop dK/dV tiles of `kernel` that fit: the block size, the fetch registers, the workgroup's memory
-/// and invocations, the dispatch.
-/// Every dQ tile (query rows, keys per chunk) the device can run for this problem, preferred first.
+/// Every dQ tile (query rows, keys per chunk) the device can run for this problem, preferred first: the
+/// block size, the fetch registers, the workgroup's memory and invocations, the dispatch.
 pub fn coop_dq_candidates(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Vec<CoopTile> {
     let (d, bs) = (shape.head_dim, layout.block_size());
     DQ_TILES
@@ -277,7 +276,8 @@ pub fn coop_dq_candidates(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> 
 }
 
 /// Every dK/dV tile (query rows per staged tile, keys per workgroup) the device can run for this
-/// problem with `kernel`, preferred first.
+/// problem with `kernel`, preferred first: the block size, the fetch registers, the workgroup's memory and
+/// invocations, the dispatch.
 pub fn coop_dkdv_candidates(shape: &Shape, layout: &Layout, caps: &DeviceCaps, kernel: CoopDkdv) -> Vec<CoopTile> {
     let (d, bs) = (shape.head_dim, layout.block_size());
     kernel
