@@ -2,8 +2,8 @@
 //! straight-line chunks): the same walk over a MergeQ tile list in chunks of `tile_kv` keys and softmax slices,
 //! the same per-16-row skip of slices a subgroup cannot see, the same mask predicate (only slices on the causal
 //! diagonal, at the sequence end or under a partial row mask are masked element by element), the same lazy
-//! base-2 online softmax (the running max moves only past `tau`), P rounded to f16 before `O += P V`, `O * (1 /
-//! l)` rounded to f16 on the way out. Scores and sums are f32, as on the matrix units; only the order of the
+//! base-2 online softmax (the running max moves only past `tau`), P rounded to f16 before `O += P V`, O times
+//! `1 / l` rounded to f16 on the way out. Scores and sums are f32, as on the matrix units; only the order of the
 //! f32 additions differs from the kernel's.
 //!
 //! Tests hold it against the f64 oracle on every tile, slice and form the planner can choose, in CI
