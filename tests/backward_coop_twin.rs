@@ -8,11 +8,11 @@
 
 mod common;
 
-use common::coop::{coop_backward_problems, COOP_TOL};
+use common::coop::{coop_backward_problems, coop_kernels, COOP_TOL};
 use common::{Problem, Rng};
+use s2attn::cpu::CoopBackward;
 use s2attn::cpu::{attention_backward_reference, backward_coop, forward_coop, rel_l2_error, BackwardInputs};
-use s2attn::cpu::{CoopBackward, CoopKernel};
-use s2attn::plan::{coop_candidates, coop_dkdv_candidates, coop_dq_candidates, coop_slices};
+use s2attn::plan::{coop_dkdv_candidates, coop_dq_candidates};
 use s2attn::plan::{ColumnPlan, CoopDkdv, CoopForward, DeviceCaps};
 use s2attn::Grads;
 use std::collections::BTreeSet;
@@ -23,11 +23,9 @@ const FORMS: [CoopDkdv; 5] = [CoopDkdv::V2, CoopDkdv::V3, CoopDkdv::V4, CoopDkdv
 /// The coop forward's O and LSE at its default tile (the planner's first candidate choice is not needed:
 /// any tile's twin is within the forward's tolerance).
 fn forward(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let caps = DeviceCaps::h100_vulkan();
-    let tile = coop_candidates(&p.shape(), &p.layout, &caps, CoopForward::V3)[0];
-    let slices = coop_slices(CoopForward::V3, tile, p.head_dim, caps.max_workgroup_storage).expect("slices");
-    let mq = p.layout.mergeq(p.seq_len, tile.tile_q);
-    forward_coop(&p.layout, &p.shape(), &CoopKernel::new(tile, slices), &mq, q, k, v)
+    let kernel = coop_kernels(p, CoopForward::V3)[0];
+    let mq = p.layout.mergeq(p.seq_len, kernel.tile.tile_q);
+    forward_coop(&p.layout, &p.shape(), &kernel, &mq, q, k, v)
 }
 
 /// The worst of the three gradients' errors, or why the twin failed.

@@ -35,7 +35,7 @@ fn twin(op: &Attention, p: &Problem, x: &Inputs, form: CoopForward) -> Result<Ve
     // The plan's own bytes admit exactly the slices the planner chose (it takes the first that fits).
     let slices = coop_slices(form, tile, p.head_dim, plan.workgroup_bytes)
         .ok_or_else(|| format!("no {} slices for {tile} in the plan's {} B", form.name(), plan.workgroup_bytes))?;
-    let kernel = CoopKernel::new(tile, slices);
+    let kernel = CoopKernel::new(form, tile, slices);
     Ok(forward_coop(&p.layout, &p.shape(), &kernel, op.mergeq(), &x.q, &x.k, &x.v).0)
 }
 

@@ -7,23 +7,11 @@
 
 mod common;
 
-use common::coop::{coop_problems, COOP_TOL, LSE_TOL};
+use common::coop::{coop_kernels, coop_problems, COOP_TOL, LSE_TOL};
 use common::{Inputs, Problem};
 use s2attn::cpu::{forward_coop, rel_l2_error, CoopKernel, Reference};
-use s2attn::plan::{coop_candidates, coop_slices, CoopForward, DeviceCaps};
+use s2attn::plan::CoopForward;
 use std::collections::BTreeSet;
-
-/// Every kernel the planner may build for `p` in `form`.
-fn kernels(p: &Problem, form: CoopForward) -> Vec<CoopKernel> {
-    let caps = DeviceCaps::h100_vulkan();
-    coop_candidates(&p.shape(), &p.layout, &caps, form)
-        .into_iter()
-        .filter_map(|tile| {
-            let slices = coop_slices(form, tile, p.head_dim, caps.max_workgroup_storage)?;
-            Some(CoopKernel { straight: form == CoopForward::V7, ..CoopKernel::new(tile, slices) })
-        })
-        .collect()
-}
 
 /// The twin's errors against the oracle (out, lse), or why it failed.
 fn judge(kernel: &CoopKernel, p: &Problem, x: &Inputs, want: &Reference) -> Result<(f64, f64), String> {
@@ -56,7 +44,7 @@ fn the_coop_twin_matches_the_oracle_at_every_tile_slice_and_form() {
         let x = p.inputs(7000 + n as u64);
         let want = p.reference(&x);
         for form in [CoopForward::V3, CoopForward::V4, CoopForward::V5, CoopForward::V7] {
-            for kernel in kernels(&p, form) {
+            for kernel in coop_kernels(&p, form) {
                 let what = format!("{} {} slice {}: {name}", form.name(), kernel.tile, kernel.slices.slice);
                 match judge(&kernel, &p, &x, &want) {
                     Ok((err, lse)) => println!("ok   {what}: out {err:.2e}, lse {lse:.2e}"),
@@ -88,7 +76,7 @@ fn the_lazy_rescale_bound_keeps_p_finite_in_f16() {
     for (n, (name, p, _)) in cases.into_iter().enumerate() {
         let x = p.inputs(7100 + n as u64);
         let want = p.reference(&x);
-        let kernel = kernels(&p, CoopForward::V3)[0];
+        let kernel = coop_kernels(&p, CoopForward::V3)[0];
         // Eager (the max moves whenever it grows) and the kernel's threshold both match the oracle.
         for tau in [0.0, kernel.tau] {
             judge(&CoopKernel { tau, ..kernel }, &p, &x, &want).unwrap_or_else(|e| panic!("{name}, tau {tau}: {e}"));

@@ -12,7 +12,7 @@
 
 use super::tiles::{tile_tasks, TileTask};
 use crate::layout::Layout;
-use crate::plan::{CoopSlices, CoopTile, MergeQPlan, Shape, COOP_TAU, ROWMASK_BITS_FLAG};
+use crate::plan::{CoopForward, CoopSlices, CoopTile, MergeQPlan, Shape, COOP_TAU, ROWMASK_BITS_FLAG};
 use half::f16;
 
 /// The kernel's "minus infinity" for scores and the initial max (`NEG_BIG` in shared/params.wgsl).
@@ -36,9 +36,10 @@ pub struct CoopKernel {
 }
 
 impl CoopKernel {
-    /// The kernel as the planner builds it for `tile` and `slices` (threshold [`COOP_TAU`], v3's skips).
-    pub fn new(tile: CoopTile, slices: CoopSlices) -> Self {
-        Self { tile, slices, tau: COOP_TAU, straight: false }
+    /// The kernel as the planner builds it in `form` for `tile` and `slices` (threshold [`COOP_TAU`]; v7
+    /// without the subgroup skips).
+    pub fn new(form: CoopForward, tile: CoopTile, slices: CoopSlices) -> Self {
+        Self { tile, slices, tau: COOP_TAU, straight: form == CoopForward::V7 }
     }
 }
 
@@ -56,15 +57,14 @@ impl Default for RowState {
 }
 
 impl RowState {
-    /// One softmax slice of the row: scores `score(j)` for the slice's keys (`NEG_BIG` where masked),
-    /// P as f16 into `p`, the row's O accumulator `acc` rescaled when the max moved.
-    fn softmax_slice(&mut self, tau: f32, need_mask: bool, score: impl Fn(u32) -> f32, p: &mut [f32], acc: &mut [f32]) {
-        let s: Vec<f32> = (0..p.len() as u32).map(score).collect();
+    /// One softmax slice of the row: the slice's scores `s` (`NEG_BIG` where masked), P as f16 into `p`,
+    /// the row's O accumulator `acc` rescaled when the max moved.
+    fn softmax_slice(&mut self, tau: f32, need_mask: bool, s: &[f32], p: &mut [f32], acc: &mut [f32]) {
         let mx = s.iter().copied().fold(NEG_BIG, f32::max);
         let m_new = if mx > self.m + tau { mx } else { self.m };
         let alpha = (self.m - m_new).exp2();
         let mut sum = 0f32;
-        for (pj, &sj) in p.iter_mut().zip(&s) {
+        for (pj, &sj) in p.iter_mut().zip(s) {
             let x = if need_mask && sj <= NEG_BIG { 0.0 } else { (sj - m_new).exp2() };
             sum += x;
             *pj = to_f16(x);
@@ -112,7 +112,7 @@ pub fn forward_coop(
     // Rows past the sequence end are read as its last row (the kernel's clamped fetch); masked there.
     let kv_at = |b: u32, t: u32, h: u32| ((b * seq + t.min(seq - 1)) * hk_n + h) as usize * d;
 
-    let mut p = vec![0f32; sl_w as usize];
+    let (mut s, mut p) = (vec![0f32; sl_w as usize], vec![0f32; sl_w as usize]);
     for TileTask { b, h, kv_head: kvh, pattern, tile, row0 } in tile_tasks(layout, mergeq, batch) {
         let mut rows = vec![RowState::default(); tq as usize];
         let mut o = vec![0f32; tq as usize * d];
@@ -137,16 +137,16 @@ pub fn forward_coop(
                             let qr = &q[((b * seq + qi) * h_n + h) as usize * d..][..d];
                             let row_ok = e.rows.attends(r, bs);
                             // Scores, base 2, masked only where the slice needs it.
-                            let score = |j: u32| {
-                                let kj = ks + j;
-                                if need_mask && !(row_ok && kj < seq && (!causal || kj <= qi)) {
-                                    return NEG_BIG;
-                                }
-                                let kr = &k[kv_at(b, kj, kvh)..][..d];
-                                qr.iter().zip(kr).map(|(a, c)| a * c).sum::<f32>() * scale_log2
-                            };
+                            for (sj, kj) in s.iter_mut().zip(ks..) {
+                                *sj = if need_mask && !(row_ok && kj < seq && (!causal || kj <= qi)) {
+                                    NEG_BIG
+                                } else {
+                                    let kr = &k[kv_at(b, kj, kvh)..][..d];
+                                    qr.iter().zip(kr).map(|(a, c)| a * c).sum::<f32>() * scale_log2
+                                };
+                            }
                             let acc = &mut o[r as usize * d..][..d];
-                            rows[r as usize].softmax_slice(kernel.tau, need_mask, score, &mut p, acc);
+                            rows[r as usize].softmax_slice(kernel.tau, need_mask, &s, &mut p, acc);
                             for (j, &pj) in p.iter().enumerate() {
                                 let vr = &v[kv_at(b, ks + j as u32, kvh)..][..d];
                                 acc.iter_mut().zip(vr).for_each(|(x, y)| *x += pj * y);

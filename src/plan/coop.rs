@@ -197,34 +197,32 @@ pub fn coop_forward_overrides(plan: &DispatchPlan, head_dim: u32) -> Result<Vec<
     Ok(out)
 }
 
-/// v7's straight-line parts (the kernel's `STRAIGHT` bits): `S2ATTN_COOP_STRAIGHT` (0..3; 1 every subgroup
-/// runs every chunk, 2 P V in both arms of the rescale branch), both when unset. For measuring the parts
-/// alone; every setting computes the same result.
-pub fn coop_straight() -> Result<u32> {
-    match std::env::var("S2ATTN_COOP_STRAIGHT").ok().filter(|v| !v.trim().is_empty()) {
-        None => Ok(3),
+/// A diagnostic number below `limit` from the environment variable `var`: `None` when it is unset or blank.
+fn env_below(var: &str, limit: u32) -> Result<Option<u32>> {
+    match std::env::var(var).ok().filter(|v| !v.trim().is_empty()) {
+        None => Ok(None),
         Some(v) => v
             .trim()
             .parse::<u32>()
             .ok()
-            .filter(|&b| b < 4)
-            .ok_or_else(|| Error::Unsupported(format!("S2ATTN_COOP_STRAIGHT={v}: expected 0, 1, 2 or 3"))),
+            .filter(|&n| n < limit)
+            .map(Some)
+            .ok_or_else(|| Error::Unsupported(format!("{var}={v}: expected a number below {limit}"))),
     }
+}
+
+/// v7's straight-line parts (the kernel's `STRAIGHT` bits): `S2ATTN_COOP_STRAIGHT` (0..3; 1 every subgroup
+/// runs every chunk, 2 P V in both arms of the rescale branch), both when unset. For measuring the parts
+/// alone; every setting computes the same result.
+pub fn coop_straight() -> Result<u32> {
+    Ok(env_below("S2ATTN_COOP_STRAIGHT", 4)?.unwrap_or(3))
 }
 
 /// `S2ATTN_COOP_DIAG`: a diagnostic bit set that leaves stages of the coop forward out (the kernel's
 /// `DIAG` override lists them; its results are wrong unless the set is empty). For timing what a stage
 /// costs, never for use.
 pub fn coop_diag() -> Result<Option<u32>> {
-    match std::env::var("S2ATTN_COOP_DIAG").ok().filter(|v| !v.trim().is_empty()) {
-        None => Ok(None),
-        Some(v) => v
-            .parse::<u32>()
-            .ok()
-            .filter(|&d| d < 128)
-            .map(|d| (d != 0).then_some(d))
-            .ok_or_else(|| Error::Unsupported(format!("S2ATTN_COOP_DIAG={v}: expected a number below 128"))),
-    }
+    Ok(env_below("S2ATTN_COOP_DIAG", 128)?.filter(|&d| d != 0))
 }
 
 /// Invocations per workgroup for a tile: one subgroup of [`COOP_SUBGROUP_SIZE`] per 16 query rows.
@@ -515,14 +513,9 @@ impl TuneCache {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use super::*;
     use crate::layout::S2Config;
-
-    /// The H100's (and H200's) caps as its Vulkan driver reports them (the backward planner's tests too).
-    pub(in crate::plan) fn h100() -> DeviceCaps {
-        DeviceCaps::h100_vulkan()
-    }
 
     const V3: Form = Form { form: CoopForward::V3, max_bytes: 49152 };
 
@@ -546,7 +539,7 @@ pub(super) mod tests {
         }
         let layout = Layout::s2(S2Config::new(4, 64, 2, 4)).expect("layout");
         let shape = Shape::new(1, 4096, 128, DType::F16);
-        let v4 = coop_candidates(&shape, &layout, &h100(), CoopForward::V4);
+        let v4 = coop_candidates(&shape, &layout, &DeviceCaps::h100_vulkan(), CoopForward::V4);
         assert!(v4.contains(&big), "{v4:?}");
         assert_eq!(default_tile(&v4, CoopForward::V4), Some(big));
         let v4_form = Form { form: CoopForward::V4, max_bytes: 49152 };
@@ -573,7 +566,7 @@ pub(super) mod tests {
         }
         let layout = Layout::s2(S2Config::new(4, 64, 2, 4)).expect("layout");
         let shape = Shape::new(1, 4096, 128, DType::F16);
-        let v5 = coop_candidates(&shape, &layout, &h100(), CoopForward::V5);
+        let v5 = coop_candidates(&shape, &layout, &DeviceCaps::h100_vulkan(), CoopForward::V5);
         assert_eq!(v5, vec![tile]);
         assert_eq!(default_tile(&v5, CoopForward::V5), Some(tile));
         let plan = coop_plan(&shape, tile, Form { form: CoopForward::V5, max_bytes: 49152 }, String::new());
@@ -593,7 +586,7 @@ pub(super) mod tests {
 
     #[test]
     fn candidates_fit_the_device_and_the_block() {
-        let caps = h100();
+        let caps = DeviceCaps::h100_vulkan();
         for bs in [16, 32, 64, 128] {
             let layout = Layout::s2(S2Config::new(4, bs, 2, 4)).expect("layout");
             for d in [64, 128] {
@@ -614,7 +607,7 @@ pub(super) mod tests {
     #[test]
     fn unsupported_shapes_are_refused_with_a_reason() {
         let layout = Layout::s2(S2Config::new(4, 64, 2, 4)).expect("layout");
-        let caps = h100();
+        let caps = DeviceCaps::h100_vulkan();
         assert!(coop_unsupported(&Shape::new(1, 256, 128, DType::F16), &layout, &caps).is_none());
         for shape in [Shape::new(1, 256, 96, DType::F16), Shape::new(1, 256, 128, DType::F32)] {
             assert!(plan_coop(&shape, &layout, &caps, None).is_err());
@@ -650,7 +643,7 @@ pub(super) mod tests {
     fn autotune_measures_once_then_reads_the_cache() {
         let layout = Layout::s2(S2Config::new(4, 64, 2, 4)).expect("layout");
         let shape = Shape::new(1, 4096, 128, DType::F16);
-        let tiles = coop_candidates(&shape, &layout, &h100(), CoopForward::V3);
+        let tiles = coop_candidates(&shape, &layout, &DeviceCaps::h100_vulkan(), CoopForward::V3);
         let dir = std::env::temp_dir().join(format!("s2attn-tune-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut dev = FakeDevice { measured: Vec::new() };
@@ -667,7 +660,7 @@ pub(super) mod tests {
         autotune(
             &other,
             &layout,
-            &coop_candidates(&other, &layout, &h100(), CoopForward::V3),
+            &coop_candidates(&other, &layout, &DeviceCaps::h100_vulkan(), CoopForward::V3),
             tiles[0],
             V3,
             &mut dev,

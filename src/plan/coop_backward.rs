@@ -417,7 +417,6 @@ pub fn plan_backward_wgpu(
 
 #[cfg(test)]
 mod tests {
-    use super::super::coop::tests::h100;
     use super::*;
     use crate::layout::S2Config;
 
@@ -426,7 +425,7 @@ mod tests {
     #[test]
     fn picks_coop_where_it_fits_and_says_why_not_elsewhere() {
         let layout = Layout::s2(S2Config::new(4, 64, 2, 4)).expect("layout");
-        let caps = h100();
+        let caps = DeviceCaps::h100_vulkan();
         for d in [64, 128] {
             let plan = plan_backward_wgpu(&Shape::new(1, 4096, d, DType::F16), &layout, &caps, SG32).expect("plan");
             assert_eq!((plan.dq.variant, plan.dkdv.variant), (KernelVariant::Coop, KernelVariant::Coop));
@@ -469,7 +468,7 @@ mod tests {
             assert!(plan.dq.reason.contains("not coop") && plan.dq.reason.contains(why), "{}", plan.dq.reason);
         }
         // Without matrix units nothing about coop is said.
-        let plain = DeviceCaps { coop_f16_16x16: false, ..h100() };
+        let plain = DeviceCaps { coop_f16_16x16: false, ..DeviceCaps::h100_vulkan() };
         let plan = plan_backward_wgpu(&Shape::new(1, 4096, 128, DType::F16), &layout, &plain, SG32).expect("plan");
         assert!(!plan.dq.reason.contains("coop"), "{}", plan.dq.reason);
     }
@@ -478,7 +477,9 @@ mod tests {
     fn dkdv_switches_round_trip_through_the_plan_reason() {
         let layout = Layout::s2(S2Config::new(4, 64, 2, 4)).expect("layout");
         let mut plan =
-            plan_backward_coop(&Shape::new(1, 4096, 128, DType::F16), &layout, &h100(), SG32).expect("plan").dkdv;
+            plan_backward_coop(&Shape::new(1, 4096, 128, DType::F16), &layout, &DeviceCaps::h100_vulkan(), SG32)
+                .expect("plan")
+                .dkdv;
         for (name, kernel) in CoopDkdv::ALL {
             assert_eq!(CoopDkdv::parse(name).expect("known name"), kernel);
             assert_eq!(kernel.name(), name);
@@ -501,7 +502,7 @@ mod tests {
 
     #[test]
     fn v3_takes_two_row_slices_per_subgroup_or_says_why_not() {
-        let caps = h100();
+        let caps = DeviceCaps::h100_vulkan();
         let l64 = Layout::s2(S2Config::new(4, 64, 2, 4)).expect("layout");
         let tile = |p: &DispatchPlan| (p.tile_q, p.tile_kv, p.workgroup_size);
         // d128: 32 rows x 32 keys in two subgroups (64 rows do not fit 48 KiB); d64: 64 x 32 in four.
@@ -535,7 +536,7 @@ mod tests {
 
     #[test]
     fn v4_splits_dk_and_dv_over_two_subgroups_at_v2s_workgroup_bytes() {
-        let caps = h100();
+        let caps = DeviceCaps::h100_vulkan();
         let tile = |p: &DispatchPlan| (p.tile_q, p.tile_kv, p.workgroup_size);
         for (bs, d, want) in
             [(64, 128, (32, 32, 256)), (64, 64, (32, 32, 256)), (16, 128, (32, 16, 128)), (16, 64, (64, 16, 256))]
@@ -561,7 +562,7 @@ mod tests {
 
     #[test]
     fn v5_takes_32_row_blocks_in_four_subgroups_within_48_kib() {
-        let caps = h100();
+        let caps = DeviceCaps::h100_vulkan();
         let tile = |p: &DispatchPlan| (p.tile_q, p.tile_kv, p.workgroup_size);
         // d128: 32x32 in 4 subgroups (2 blocks of 16 keys x 32 rows); 16-token blocks: 32x16 in 2; d64: v5
         // takes 64 rows (8 subgroups), v5-recompute's per-subgroup S^T rows do not fit them.
@@ -618,15 +619,16 @@ mod tests {
         for bs in [16, 32, 64, 128] {
             let layout = Layout::s2(S2Config::new(4, bs, 2, 4)).expect("layout");
             for d in [64, 128] {
-                let plan = plan_backward_coop(&Shape::new(1, 1000, d, DType::F16), &layout, &h100(), SG32)
-                    .unwrap_or_else(|e| panic!("block {bs} d {d}: {e}"));
+                let plan =
+                    plan_backward_coop(&Shape::new(1, 1000, d, DType::F16), &layout, &DeviceCaps::h100_vulkan(), SG32)
+                        .unwrap_or_else(|e| panic!("block {bs} d {d}: {e}"));
                 assert_eq!(bs % plan.dq.tile_kv, 0);
                 assert_eq!(bs % plan.dkdv.tile_kv, 0);
                 assert!(plan.dq.workgroup_bytes <= 49152 && plan.dkdv.workgroup_bytes <= 49152);
             }
         }
         // 16 KiB of workgroup memory fits no dQ tile at head_dim 128.
-        let small = DeviceCaps { max_workgroup_storage: 16384, ..h100() };
+        let small = DeviceCaps { max_workgroup_storage: 16384, ..DeviceCaps::h100_vulkan() };
         let layout = Layout::s2(S2Config::new(4, 64, 2, 4)).expect("layout");
         assert!(plan_backward_coop(&Shape::new(1, 1000, 128, DType::F16), &layout, &small, SG32).is_err());
     }

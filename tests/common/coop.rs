@@ -4,6 +4,8 @@
 //! large softmax scales (the lazy rescale), and how each is run on the GPU.
 
 use super::{random_mask, Problem};
+use s2attn::cpu::CoopKernel;
+use s2attn::plan::{coop_candidates, coop_slices, CoopForward, DeviceCaps};
 use s2attn::{DType, Layout, S2Config};
 
 /// ‖out−ref‖/‖ref‖ (and ‖grad−ref‖/‖ref‖) bound: f16 inputs, P (and dS) rounded to f16 for the matrix
@@ -95,4 +97,17 @@ pub fn coop_backward_problems() -> Vec<(String, Problem)> {
     add("long S2, merged rows", Problem::new(&s2(S2Config::new(4, 64, 4, 4)), 1, 1200, 128, f16));
     add("custom scale", Problem::new(&s2(S2Config::new(2, 32, 2, 3)), 1, 200, 64, f16).with_scale(0.4));
     out
+}
+
+/// Every coop forward kernel the planner may build for `p` in `form` on an H100 (its tiles and their
+/// slices), as the CPU twin models it, first the planner's first choice.
+pub fn coop_kernels(p: &Problem, form: CoopForward) -> Vec<CoopKernel> {
+    let caps = DeviceCaps::h100_vulkan();
+    coop_candidates(&p.shape(), &p.layout, &caps, form)
+        .into_iter()
+        .filter_map(|tile| {
+            let slices = coop_slices(form, tile, p.head_dim, caps.max_workgroup_storage)?;
+            Some(CoopKernel::new(form, tile, slices))
+        })
+        .collect()
 }
