@@ -11,9 +11,9 @@
 //! test holds the kernel against the oracle and against this twin.
 
 use super::tiles::{tile_tasks, TileTask};
+use super::to_f16;
 use crate::layout::Layout;
 use crate::plan::{CoopForward, CoopSlices, CoopTile, MergeQPlan, Shape, COOP_TAU, ROWMASK_BITS_FLAG};
-use half::f16;
 
 /// The kernel's "minus infinity" for scores and the initial max (`NEG_BIG` in shared/params.wgsl).
 const NEG_BIG: f32 = -3.0e38;
@@ -77,11 +77,6 @@ impl RowState {
         self.l = self.l * alpha + sum;
         self.m = m_new;
     }
-}
-
-/// `x` stored as f16 and read back.
-fn to_f16(x: f32) -> f32 {
-    f16::from_f32(x).to_f32()
 }
 
 /// Forward attention as the coop kernel computes it, over `mergeq` (built for `kernel.tile.tile_q`).

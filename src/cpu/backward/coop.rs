@@ -13,11 +13,11 @@
 use super::BackwardInputs;
 use crate::backward::Grads;
 use crate::cpu::tiles::{tile_tasks, TileTask};
+use crate::cpu::to_f16;
 use crate::layout::Layout;
 use crate::plan::{
     coop_dq_straight, BackwardPlan, ColumnPlan, CoopDkdv, CoopTile, MergeQPlan, Shape, ROWMASK_BITS_FLAG,
 };
-use half::f16;
 use std::f32::consts::{LN_2, LOG2_E};
 
 /// The kernels' "minus infinity" (`NEG_BIG`, shared/params.wgsl) and the LSE that zeroes P (`POS_BIG`).
@@ -50,11 +50,6 @@ impl CoopBackward {
             dq_straight: coop_dq_straight(&plan.dq),
         }
     }
-}
-
-/// `x` stored as f16 and read back.
-fn to_f16(x: f32) -> f32 {
-    f16::from_f32(x).to_f32()
 }
 
 fn dot(x: &[f32], y: &[f32]) -> f32 {
