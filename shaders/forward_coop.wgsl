@@ -573,22 +573,28 @@ fn main(
                 }
 
                 // Online softmax, base 2, on the subgroup's own rows. Only chunks on the causal diagonal, at
-                // the sequence end or under a partial row mask pay for the element mask.
+                // the sequence end or under a partial row mask pay for the element mask. The scale is applied
+                // in the exponent's multiply-add (the max of the raw scores, scaled, is the max of the scaled
+                // ones: the scale is positive), one instruction per score less than scaling each first. Masked
+                // scores are -inf (params.neg_inf): their max scaled stays -inf, below any threshold (m, finite
+                // from its NEG_BIG start, moves only to a real score), and exp2(-inf - m) is 0, so P needs no
+                // second select (two instructions per score the compiler issued on every chunk).
                 let need_mask = ks + SL > seq || (causal && ks + SL - 1u > row0) || rows < BQ || rows >= ROWMASK_BITS_FLAG;
                 let row_ok = qi < seq && row_attends(rows, r);
+                let scale = params.scale_log2;
                 var sv: array<vec4<f32>, MAX_BK8>;
-                var mx = NEG_BIG;
+                var mx = params.neg_inf;
                 for (var i = 0u; i < SL / 8u && keep(4u); i++) {
-                    var x = s_s[r * SS4 + 2u * i + h] * params.scale_log2;
+                    var x = s_s[r * SS4 + 2u * i + h];
                     if need_mask {
                         let kj = vec4<u32>(ks + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
                         let ok = vec4<bool>(row_ok) & (kj < vec4<u32>(seq)) & (vec4<bool>(!causal) | (kj <= vec4<u32>(qi)));
-                        x = select(vec4<f32>(NEG_BIG), x, ok);
+                        x = select(vec4<f32>(params.neg_inf), x, ok);
                     }
                     sv[i] = x;
                     mx = max(mx, max(max(x.x, x.y), max(x.z, x.w)));
                 }
-                mx = max(mx, subgroupShuffleXor(mx, 1u));
+                mx = max(mx, subgroupShuffleXor(mx, 1u)) * scale;
                 var m_new = m;
                 if mx > m + TAU {
                     m_new = mx;
@@ -596,10 +602,7 @@ fn main(
                 let alpha = exp2(m - m_new);
                 var sum = 0.0;
                 for (var i = 0u; i < SL / 8u && keep(4u); i++) {
-                    var p = exp2(sv[i] - vec4<f32>(m_new));
-                    if need_mask {
-                        p = select(p, vec4<f32>(0.0), sv[i] <= vec4<f32>(NEG_BIG));
-                    }
+                    let p = exp2(fma(sv[i], vec4<f32>(scale), vec4<f32>(-m_new)));
                     sum += p.x + p.y + p.z + p.w;
                     p_s[r * PS4 + 2u * i + h] = vec4<f16>(p);
                 }

@@ -50,14 +50,23 @@ fn next_chunk(c: u32, c_end: u32, subs: u32, row_last: u32) -> u32 {
 // caller clamps the chunk index rather than skipping the call. With a conditional load the NVIDIA driver
 // copies each loaded register into the loop-carried one right after the load, and the copy waits for the
 // data: the prefetch stalled for the whole memory latency every chunk (shaders/NOTES-coop.md, v6).
+// Invocation `lid` holds vec4 column lid % d4 of rows lid / d4 + n WG / d4 (WG is a multiple of d4, as
+// the planner's workgroups of 64 invocations and more are), and V's index is K's moved by v_off - k_off
+// (u32 arithmetic wraps): per element one clamp, one multiply-add and one add (v7 notes: the general
+// index formula cost ~10 integer instructions per element, between the chunk's two workgroup barriers).
 fn fetch(t: Tile, k0: u32, fk: ptr<function, Fetch>, fv: ptr<function, Fetch>) {
-    let d4 = D / 4u;
     for (var n = 0u; n < NPF; n++) {
-        let i = t.lid + n * WG;
-        let tok = min(k0 + i / d4, params.seq_len - 1u);
-        (*fk)[n] = k_buf[kv_index(params.k_off, t.b, tok, t.kv_head, i % d4, d4)];
-        (*fv)[n] = v_buf[kv_index(params.v_off, t.b, tok, t.kv_head, i % d4, d4)];
+        let ik = chunk_elem(t, k0, n);
+        (*fk)[n] = k_buf[ik];
+        (*fv)[n] = v_buf[ik + params.v_off - params.k_off];
     }
+}
+
+// K's index of element n of this invocation's share of the chunk at `k0` (see `fetch`).
+fn chunk_elem(t: Tile, k0: u32, n: u32) -> u32 {
+    let d4 = D / 4u;
+    let base = params.k_off + t.b * params.seq_len * params.kv_stride + t.kv_head * d4 + t.lid % d4;
+    return base + min(k0 + t.lid / d4 + n * (WG / d4), params.seq_len - 1u) * params.kv_stride;
 }
 
 // Fetches chunk `c`, or the last chunk of the list again when `c` is past it (`c_end` >= 1), so that the
@@ -66,13 +75,13 @@ fn fetch_chunk(t: Tile, c: u32, c_end: u32, subs: u32, fk: ptr<function, Fetch>,
     fetch(t, chunk_k0(min(c, c_end - 1u), subs), fk, fv);
 }
 
-// Stores fetched rows to k_s / v_s.
+// Stores fetched rows to k_s / v_s (the element layout of `fetch`).
 fn stash(t: Tile, fk: ptr<function, Fetch>, fv: ptr<function, Fetch>) {
     let d4 = D / 4u;
+    let at = (t.lid / d4) * KS4 + t.lid % d4;
     for (var n = 0u; n < NPF; n++) {
-        let i = t.lid + n * WG;
-        k_s[(i / d4) * KS4 + i % d4] = (*fk)[n];
-        v_s[(i / d4) * KS4 + i % d4] = (*fv)[n];
+        k_s[at + n * (WG / d4) * KS4] = (*fk)[n];
+        v_s[at + n * (WG / d4) * KS4] = (*fv)[n];
     }
 }
 

@@ -15,7 +15,7 @@ use super::to_f16;
 use crate::layout::Layout;
 use crate::plan::{CoopForward, CoopSlices, CoopTile, MergeQPlan, Shape, COOP_TAU, ROWMASK_BITS_FLAG};
 
-/// The kernel's "minus infinity" for scores and the initial max (`NEG_BIG` in shared/params.wgsl).
+/// The kernel's initial running max (`NEG_BIG` in shared/params.wgsl; masked scores are a true -inf).
 const NEG_BIG: f32 = -3.0e38;
 /// Query rows per subgroup (one 16-row matrix tile): the granularity of the kernel's slice skips.
 const SUBGROUP_ROWS: u32 = 16;
@@ -57,15 +57,17 @@ impl Default for RowState {
 }
 
 impl RowState {
-    /// One softmax slice of the row: the slice's scores `s` (`NEG_BIG` where masked), P as f16 into `p`,
+    /// One softmax slice of the row: the slice's raw scores `s` (-inf where masked), P as f16 into `p`,
     /// the row's O accumulator `acc` rescaled when the max moved.
-    fn softmax_slice(&mut self, tau: f32, need_mask: bool, s: &[f32], p: &mut [f32], acc: &mut [f32]) {
-        let mx = s.iter().copied().fold(NEG_BIG, f32::max);
+    fn softmax_slice(&mut self, tau: f32, scale_log2: f32, s: &[f32], p: &mut [f32], acc: &mut [f32]) {
+        // Raw scores, masked ones -inf; the scale applied to the max and in the exponent (the kernel fuses
+        // that multiply-add: one f32 rounding apart).
+        let mx = s.iter().copied().fold(f32::NEG_INFINITY, f32::max) * scale_log2;
         let m_new = if mx > self.m + tau { mx } else { self.m };
         let alpha = (self.m - m_new).exp2();
         let mut sum = 0f32;
         for (pj, &sj) in p.iter_mut().zip(s) {
-            let x = if need_mask && sj <= NEG_BIG { 0.0 } else { (sj - m_new).exp2() };
+            let x = (sj * scale_log2 - m_new).exp2();
             sum += x;
             *pj = to_f16(x);
         }
@@ -131,17 +133,17 @@ pub fn forward_coop(
                             let qi = row0 + r;
                             let qr = &q[((b * seq + qi) * h_n + h) as usize * d..][..d];
                             let row_ok = e.rows.attends(r, bs);
-                            // Scores, base 2, masked only where the slice needs it.
+                            // Raw scores, masked (-inf) only where the slice needs it.
                             for (sj, kj) in s.iter_mut().zip(ks..) {
                                 *sj = if need_mask && !(row_ok && kj < seq && (!causal || kj <= qi)) {
-                                    NEG_BIG
+                                    f32::NEG_INFINITY
                                 } else {
                                     let kr = &k[kv_at(b, kj, kvh)..][..d];
-                                    qr.iter().zip(kr).map(|(a, c)| a * c).sum::<f32>() * scale_log2
+                                    qr.iter().zip(kr).map(|(a, c)| a * c).sum::<f32>()
                                 };
                             }
                             let acc = &mut o[r as usize * d..][..d];
-                            rows[r as usize].softmax_slice(kernel.tau, need_mask, &s, &mut p, acc);
+                            rows[r as usize].softmax_slice(kernel.tau, scale_log2, &s, &mut p, acc);
                             for (j, &pj) in p.iter().enumerate() {
                                 let vr = &v[kv_at(b, ks + j as u32, kvh)..][..d];
                                 acc.iter_mut().zip(vr).for_each(|(x, y)| *x += pj * y);

@@ -13,9 +13,10 @@
 //! memory at 128 query rows, with the next 16-key slice's S = Q K^T issued before this slice's softmax;
 //! `v4-nopipe` the same without that; `v5` splits O's head dims over a pair of subgroups per 16 query rows
 //! (64x32 tiles of 256 invocations, Q in workgroup memory: fewer registers per invocation, so that two
-//! workgroups fit an SM); `v7` is v3 in straight-line form (every subgroup runs every chunk, P V in both arms
-//! of the rescale branch: no control-flow merge for the O accumulators; written before it was run, with
-//! `S2ATTN_COOP_STRAIGHT` to take its two parts alone); unset or `v3`, the measured v3 form. The version is
+//! workgroups fit an SM); `v3` the form with per-subgroup chunk skips (the default before 2026-12-01's
+//! fifth session); unset or `v7`, v3 in straight-line form (every subgroup runs every chunk, P V in both
+//! arms of the rescale branch: no control-flow merge for the O accumulators; `S2ATTN_COOP_STRAIGHT` takes
+//! its two parts alone), 9-12% faster than v3 on the H200 (BENCHMARKS.md). The version is
 //! read when the plan is made (its reason names it) and again when the pipeline is built
 //! ([`coop_forward_overrides`]).
 
@@ -68,7 +69,8 @@ impl std::str::FromStr for CoopTile {
 /// The coop forward kernel's form (`S2ATTN_COOP_FWD`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CoopForward {
-    /// One softmax slice per staged chunk (the measured default).
+    /// One softmax slice per staged chunk, subgroups skipping the chunks their rows do not see (the
+    /// default until v7 measured faster on the H200).
     V3,
     /// Chunks staged whole, the softmax in the largest slice (32 or 16 keys) whose S and P fit; the next
     /// 16-key slice's scores computed during this slice's softmax.
@@ -78,18 +80,19 @@ pub enum CoopForward {
     /// O's head dims split over a pair of subgroups sharing 16 query rows, each pair member computing
     /// half the chunk's scores from Q in workgroup memory (32-key chunks).
     V5,
-    /// v3 in straight-line form: every subgroup runs every chunk (masked where it sees none of it) and
-    /// O += P V sits in both arms of the rescale branch, so that the O accumulators meet no merging
-    /// control flow (the v3 code moves them out and back around those merges). Written before it was run
-    /// (shaders/NOTES-coop.md "v7"); `S2ATTN_COOP_STRAIGHT=0..3` picks its two parts alone.
+    /// v3 in straight-line form, the default: every subgroup runs every chunk (masked where it sees none
+    /// of it) and O += P V sits in both arms of the rescale branch, so that the O accumulators meet no
+    /// merging control flow (the v3 code moves them out and back around those merges; shaders/NOTES-coop.md
+    /// "v7"). `S2ATTN_COOP_STRAIGHT=0..3` picks its two parts alone.
     V7,
 }
 
 impl CoopForward {
-    /// The form `S2ATTN_COOP_FWD` names (`v3` when unset).
+    /// The form `S2ATTN_COOP_FWD` names (`v7` when unset).
     pub fn from_env() -> Result<Self> {
         match std::env::var("S2ATTN_COOP_FWD").as_deref() {
-            Err(_) | Ok("") | Ok("v3") => Ok(Self::V3),
+            Err(_) | Ok("") | Ok("v7") => Ok(Self::V7),
+            Ok("v3") => Ok(Self::V3),
             Ok("v4") => Ok(Self::V4),
             Ok("v4-nopipe") => Ok(Self::V4NoPipe),
             Ok("v5") => Ok(Self::V5),
