@@ -470,9 +470,28 @@ fn main(
         return;
     }
 
-    // Q (raw f16, unscaled: the scale is applied to S in f32) and the O accumulators.
+    // Q (raw f16, unscaled: the scale is applied to S in f32) and the O accumulators. Q's loads, the tile
+    // list's and the first chunk's are all issued before Q is staged, so that their latencies overlap (the
+    // tile's only global round trips not hidden behind another chunk's math).
     var qf: array<vec4<f16>, MAX_QF>;
     fetch_q(t, &qf);
+    let slot = pattern * params.tiles + tile;
+    let subs = params.block_size / BK;
+    let c_end = tile_ptr[slot + 1u] * subs;
+    var c = next_chunk(tile_ptr[slot] * subs, c_end, subs, t.row_last);
+    // The walk visits every chunk from the first visible one to the list's end (a chunk no subgroup sees,
+    // which only the sequence's last tile can have, is staged and skipped by all), and its entries are
+    // loaded a chunk ahead of their use, so that no index load sits right before its use (in-order issue
+    // waits there). Past the list's end the entry of its last chunk stands in: fetched, never stashed.
+    let sh = countTrailingZeros(subs);
+    let c_last = max(c_end, 1u) - 1u;
+    var e_cur = entries[min(c, c_last) >> sh];
+    var e_next = entries[min(c + 1u, c_last) >> sh];
+    var fk: Fetch;
+    var fv: Fetch;
+    if c < c_end && keep(16u) {
+        fetch(t, entry_k0(e_cur, c, subs), &fk, &fv);
+    }
     let q0 = stash_q(t, &qf, 0u);
     let q1 = stash_q(t, &qf, 1u);
     let q2 = stash_q(t, &qf, 2u);
@@ -498,23 +517,6 @@ fn main(
 
     var m = NEG_BIG;  // running (lazy) row max, base 2
     var l = 0.0;      // running row sum relative to m
-    let slot = pattern * params.tiles + tile;
-    let subs = params.block_size / BK;
-    let c_end = tile_ptr[slot + 1u] * subs;
-    var c = next_chunk(tile_ptr[slot] * subs, c_end, subs, t.row_last);
-    // The walk visits every chunk from the first visible one to the list's end (a chunk no subgroup sees,
-    // which only the sequence's last tile can have, is staged and skipped by all), and its entries are
-    // loaded a chunk ahead of their use, so that no index load sits right before its use (in-order issue
-    // waits there). Past the list's end the entry of its last chunk stands in: fetched, never stashed.
-    let sh = countTrailingZeros(subs);
-    let c_last = max(c_end, 1u) - 1u;
-    var e_cur = entries[min(c, c_last) >> sh];
-    var e_next = entries[min(c + 1u, c_last) >> sh];
-    var fk: Fetch;
-    var fv: Fetch;
-    if c < c_end && keep(16u) {
-        fetch(t, entry_k0(e_cur, c, subs), &fk, &fv);
-    }
     while c < c_end {
         let rows = e_cur.y;
         let k0 = entry_k0(e_cur, c, subs);
@@ -579,17 +581,20 @@ fn main(
                 // scores are -inf (params.neg_inf): their max scaled stays -inf, below any threshold (m, finite
                 // from its NEG_BIG start, moves only to a real score), and exp2(-inf - m) is 0, so P needs no
                 // second select (two instructions per score the compiler issued on every chunk).
+                // The element mask as one bound per row: the row sees the keys below `lim` (none where its
+                // row mask excludes it or it lies past the end; else up to the sequence end or, causal, up to
+                // itself), so each vec4 of scores costs one subtraction and four compares (keys < 2^31).
                 let need_mask = ks + SL > seq || (causal && ks + SL - 1u > row0) || rows < BQ || rows >= ROWMASK_BITS_FLAG;
                 let row_ok = qi < seq && row_attends(rows, r);
+                let lim = select(0u, select(seq, min(seq, qi + 1u), causal), row_ok);
                 let scale = params.scale_log2;
                 var sv: array<vec4<f32>, MAX_BK8>;
                 var mx = params.neg_inf;
                 for (var i = 0u; i < SL / 8u && keep(4u); i++) {
                     var x = s_s[r * SS4 + 2u * i + h];
                     if need_mask {
-                        let kj = vec4<u32>(ks + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
-                        let ok = vec4<bool>(row_ok) & (kj < vec4<u32>(seq)) & (vec4<bool>(!causal) | (kj <= vec4<u32>(qi)));
-                        x = select(vec4<f32>(params.neg_inf), x, ok);
+                        let room = i32(lim) - i32(ks + 8u * i + 4u * h);
+                        x = select(vec4<f32>(params.neg_inf), x, vec4<i32>(0, 1, 2, 3) < vec4<i32>(room));
                     }
                     sv[i] = x;
                     mx = max(mx, max(max(x.x, x.y), max(x.z, x.w)));

@@ -96,7 +96,6 @@ impl CoopForward {
             Ok("v4") => Ok(Self::V4),
             Ok("v4-nopipe") => Ok(Self::V4NoPipe),
             Ok("v5") => Ok(Self::V5),
-            Ok("v7") => Ok(Self::V7),
             Ok(other) => {
                 Err(Error::Unsupported(format!("S2ATTN_COOP_FWD={other}: expected v3, v4, v4-nopipe, v5 or v7")))
             }

@@ -255,6 +255,9 @@ pub struct Args {
     pub adapter: Option<String>,
     /// Untimed passes before timing.
     pub warmup: u32,
+    /// Milliseconds the warm-ups must keep the GPU busy at least (`--warmup-ms`), so that its clocks have
+    /// ramped up from idle before the timed passes.
+    pub warmup_ms: u32,
     /// Timed passes (the median is reported).
     pub iters: u32,
     /// Sequence length of the oracle check (`--check-seq`; 0 = no check).
@@ -294,6 +297,7 @@ impl Default for Args {
             backends: None,
             adapter: None,
             warmup: 1,
+            warmup_ms: DEFAULT_WARMUP_MS,
             iters: 3,
             check_seq: 512,
             dense: true,
@@ -315,6 +319,8 @@ impl Default for Args {
 /// Default `--rotate-mib`: about twice a large GPU's L2 (the H100 has 50 MB, the MI300X 256 MB of
 /// Infinity Cache is the exception), so that rotated inputs do not stay resident between passes.
 pub const DEFAULT_ROTATE_MIB: u64 = 128;
+/// Default `--warmup-ms`.
+pub const DEFAULT_WARMUP_MS: u32 = 200;
 
 /// The `--help` text.
 pub const HELP: &str = "\
@@ -347,6 +353,8 @@ OPTIONS:
   --adapter SUBSTR     only devices whose name contains SUBSTR (case-insensitive)
   --iters N            timed passes, median reported (quick 3, paper and decode 10)
   --warmup N           untimed passes first (quick 1, paper and decode 3)
+  --warmup-ms N        then more untimed passes until the warm-ups took N ms (default 200; 0 = none):
+                       GPU clocks ramp up from idle over ~0.1 s and more (wgpu forward and fwd+bwd)
   --rotate-mib N       when one call touches fewer than N MiB (default 128, about 2x a large L2), upload
                        several fresh input sets and rotate through them, pass by pass (0 = never)
   --budget-s S         let the passes of one measurement take about S seconds: warm-ups stop after S/4,
@@ -445,6 +453,7 @@ const VALUE_FLAGS: &[&str] = &[
     "--adapter",
     "--iters",
     "--warmup",
+    "--warmup-ms",
     "--check-seq",
     "--dense-max-seq",
     "--rotate-mib",
@@ -570,6 +579,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Args, ArgEr
             "--adapter" => a.adapter = Some(v),
             "--iters" => a.iters = single(f, &v, 1)?,
             "--warmup" => a.warmup = single(f, &v, 0)?,
+            "--warmup-ms" => a.warmup_ms = single(f, &v, 0)?,
             "--check-seq" => a.check_seq = single(f, &v, 0)?,
             "--dense-max-seq" => a.dense_max_seq = Some(single(f, &v, 1)?),
             "--rotate-mib" => a.rotate_bytes = (single(f, &v, 0)? as u64) << 20,

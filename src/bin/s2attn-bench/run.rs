@@ -384,7 +384,10 @@ impl<'a> Runner<'a> {
         let lse = p.batch as u64 * p.heads as u64 * p.seq as u64;
         let runs = (self.args.warmup, self.args.iters);
         let timing = guarded(|| match t.ctx.wgpu() {
-            Some(ctx) => crate::timer::time_wgpu(ctx, &op, grad.as_ref(), &sets, lse, runs, self.args.budget_s),
+            Some(ctx) => {
+                let warm_s = f64::from(self.args.warmup_ms) / 1e3;
+                crate::timer::time_wgpu(ctx, &op, grad.as_ref(), &sets, lse, runs, self.args.budget_s, warm_s)
+            }
             None => {
                 let fwd = time_cuda(t, &op, &sets, lse, runs)?;
                 match &grad {

@@ -84,7 +84,9 @@ type Stamps<'a> = Option<(&'a wgpu::QuerySet, u32)>;
 /// `iters` timed ones (one submit per query set of up to 4096 stamps). With a `budget` (seconds), each
 /// warm-up is waited for and timed on the wall clock; warm-ups stop once they have taken a quarter of the
 /// budget, and the timed passes are cut to what the rest of the budget holds at the last warm-up's pace
-/// (at least one). A timed pass with stamps writes
+/// (at least one). Warm-ups then go on, each waited for, until they have taken `warm_s` seconds of wall
+/// clock (within a quarter of the budget): GPU clocks ramp up from idle over ~0.1 s and more, and two
+/// warm-ups of a 25 ms pass left some timed passes at half speed. A timed pass with stamps writes
 /// `2 * pairs` queries from the first one given; its sample is the sum over the pairs of end minus start,
 /// and each pair's own samples come back too (one list per pair). Without timestamps, each pass is its
 /// own waited submit, the sample is its wall clock, and there are no per-pair samples.
@@ -92,19 +94,32 @@ fn time_rotating(
     ctx: &WgpuContext,
     (warmup, iters): (u32, u32),
     budget: Option<f64>,
+    warm_s: f64,
     pairs: u32,
     encode: impl Fn(&mut wgpu::CommandEncoder, u32, Stamps<'_>) -> s2attn::Result<()>,
 ) -> Result<(Timing, Vec<Vec<f64>>), String> {
     let (device, queue) = (ctx.device(), ctx.queue());
     let e = |e: s2attn::Error| e.to_string();
     let (mut spent, mut pace, mut warmed) = (0.0, None, 0);
-    while warmed < warmup {
+    let warm_start = std::time::Instant::now();
+    let warm_s = budget.map_or(warm_s, |b| warm_s.min(b / 4.0));
+    while warmed < warmup || (warmed > 0 && warm_start.elapsed().as_secs_f64() < warm_s) {
+        if warmed == warmup {
+            // Past the counted warm-ups: one at a time, each waited for, until `warm_s` has passed.
+            ctx.wait().map_err(e)?;
+            if warm_start.elapsed().as_secs_f64() >= warm_s {
+                break;
+            }
+        }
         let mut encoder = device.create_command_encoder(&Default::default());
         encode(&mut encoder, warmed, None).map_err(e)?;
         let commands = encoder.finish();
         let t = std::time::Instant::now();
         queue.submit([commands]);
         warmed += 1;
+        if warmed > warmup {
+            ctx.wait().map_err(e)?;
+        }
         if let Some(b) = budget {
             ctx.wait().map_err(e)?;
             let s = t.elapsed().as_secs_f64();
@@ -177,6 +192,7 @@ pub fn time_wgpu<T: Sample>(
     lse_elems: u64,
     runs: (u32, u32),
     budget: Option<f64>,
+    warm_s: f64,
 ) -> Result<Timed, String> {
     let Some(first) = sets.first() else { return Err("no input set".into()) };
     let bytes = |i: usize| std::mem::size_of_val(first[i].as_slice()) as u64;
@@ -189,7 +205,7 @@ pub fn time_wgpu<T: Sample>(
     }
     let gpu = upload(ctx, sets, &outputs);
     let pairs = if bwd.is_some() { 2 } else { 1 };
-    let (timing, parts) = time_rotating(ctx, runs, budget, pairs, |encoder, pass, stamps| {
+    let (timing, parts) = time_rotating(ctx, runs, budget, warm_s, pairs, |encoder, pass, stamps| {
         let s = &gpu[pass as usize % gpu.len()];
         let view = |b| TensorView::new(b);
         let (q, k, v, o) = (view(&s.inputs[0]), view(&s.inputs[1]), view(&s.inputs[2]), view(&s.outputs[0]));

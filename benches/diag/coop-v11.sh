@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# benches/diag/coop-v11.sh (on the GPU host, one device call, ~5 min; written 2026-12-01 before it was run): the
+# default coop forward (v7) with the element mask as one bound per row (one subtraction and four compares per
+# vec4 of scores instead of ~24 instructions) and the tile's first global loads (Q, the tile list, the first
+# chunk) issued together, measured with the peers in the same call (coop-v9.sh's run, repeated on this code).
+#   1. machine code: vk_pipeline_stats --only "forward v" --dump (sass.py runs off the GPU host: no zstd there);
+#   2. correctness: test-forward_coop with the default (v7) and with v3 (both held against the f64 oracle and
+#      the CPU twin), test-forward (the portable kernel) and test-backward_coop (the default kernels);
+#   3. timing, paper shape (32 heads, d128, block 64, local 16, f16): the default at 16k/64k/128k for
+#      vert_stride 16 and 64, then two more processes of 128k vs64; v3 at 128k once for the comparison;
+#   4. peers in the same call: FlashAttention-2 dense (torch_peers.py) at 16k/64k/128k and FlexAttention-S2 at
+#      128k for both strides; the SM clock logged by nvidia-smi throughout.
+# Stage: ONLY="s2attn-bench vk_pipeline_stats test-forward_coop test-forward test-backward_coop" bash benches/stage.sh
+# .v11, copy benches/flex_peers.py into .v11, then run with carry [".v11"]: `STAGE=.v11 bash benches/diag/coop-v11.sh`.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+source ${STAGE:-.gpu}/env.sh
+export S2ATTN_AUTOTUNE=0 PYTHONUNBUFFERED=1
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv,noheader -lms 100 \
+    > $OUT/clocks.csv 2>&1 &
+smi=$!
+
+timeout 60 vk_pipeline_stats --seq 131072 --stride 64 --only "forward v" --dump $OUT/dump > $OUT/stats.txt 2>&1
+t "pipeline stats rc=$? $(grep -a '^| forward v[37]' $OUT/stats.txt | cut -d'|' -f2,8 | paste -sd' ')"
+
+S2ATTN_BACKEND=vulkan timeout 120 test-forward_coop --nocapture > $OUT/test-fwd-coop.log 2>&1
+t "test-forward_coop (default) rc=$? $(grep -a 'test result' $OUT/test-fwd-coop.log)"
+S2ATTN_BACKEND=vulkan S2ATTN_COOP_FWD=v3 timeout 120 test-forward_coop --nocapture > $OUT/test-fwd-coop-v3.log 2>&1
+t "test-forward_coop (v3) rc=$? $(grep -a 'test result' $OUT/test-fwd-coop-v3.log)"
+grep -aho 'vs twin [0-9.e-]*' $OUT/test-fwd-coop*.log | sort -t' ' -k3 -g | tail -1 | sed 's/^/worst forward /' | tee -a $OUT/summary.txt
+S2ATTN_BACKEND=vulkan timeout 120 test-forward > $OUT/test-fwd.log 2>&1
+t "test-forward rc=$? $(grep -a 'test result' $OUT/test-fwd.log | paste -sd' ')"
+S2ATTN_BACKEND=vulkan timeout 150 test-backward_coop --nocapture > $OUT/test-bwd-coop.log 2>&1
+t "test-backward_coop rc=$? $(grep -a 'test result' $OUT/test-bwd-coop.log)"
+
+run() {  # run NAME SEQ STRIDES [FORM]
+    S2ATTN_COOP_FWD=${4:-} timeout 90 s2attn-bench $paper --seq $2 --vert-stride $3 --iters 10 --warmup 2 -v \
+        --json $OUT/fwd-$1.jsonl > $OUT/fwd-$1.log 2>&1
+    t "fwd $1 (seq $2, vs $3, form ${4:-default}) rc=$? ms: $(ms $OUT/fwd-$1.jsonl) $(grep -a -m1 -o 'coop kernel.*' $OUT/fwd-$1.log | cut -c1-90)"
+}
+run default 16k,64k,128k 16,64
+run default-vs64-2 128k 64
+run default-vs64-3 128k 64
+run v3 128k 16,64 v3
+
+peers=${STAGE:-.gpu}/peers/torch_peers.py
+timeout 120 python3 $peers --mode fwd --seq 16384 65536 131072 --vert-stride 16 --impls torch-flash --iters 5 > $OUT/peers.jsonl 2> $OUT/peers.err
+t "peers FA2 rc=$?"
+timeout 150 python3 ${STAGE:-.gpu}/flex_peers.py fp16:16:131072 fp16:64:131072 >> $OUT/peers.jsonl 2>> $OUT/peers.err
+t "peers Flex rc=$?"
+grep -ao '"impl": "[^"]*"\|"ms": [0-9.]*\|"seq": [0-9]*\|"vert_stride": [0-9]*' $OUT/peers.jsonl | paste -sd' ' | tee -a $OUT/summary.txt
+
+kill $smi 2>/dev/null
+awk -F', ' '{print $2}' $OUT/clocks.csv | sort | uniq -c | sort -rn | head -5 | paste -sd' ' | sed 's/^/SM clocks (samples MHz): /' | tee -a $OUT/summary.txt
+
+# a device call returns few files: everything in one archive beside the summary
+cd $OUT && tar czf all.tgz --remove-files dump stats.txt test-*.log fwd-* peers.* clocks.csv 2>/dev/null; ls -la $OUT
