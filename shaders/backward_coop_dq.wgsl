@@ -27,7 +27,8 @@ override NSG: u32 = BQ / 16u;          // subgroups the kernel needs
 override NPF: u32 = BK * D / 4u / WG;  // K (and V) vec4s each invocation fetches per chunk
 override PS4: u32 = (BK + 8u) / 4u;    // vec4s per dS row (also Q/dO staging, >= 16 columns)
 override SS4: u32 = (BK + 8u) / 4u;    // vec4s per S/dP row (>= 16 columns: also dQ staging)
-// 1 (`S2ATTN_BWD_DQ=straight`; shaders/NOTES-coop.md "v7", written before it was run): every subgroup runs every
+// 1 (`S2ATTN_BWD_DQ=straight`; shaders/NOTES-coop.md "v7"; 604 instructions and 9 moves per chunk, the pass 1%
+// faster on the H200, within noise, so left opt-in): every subgroup runs every
 // chunk, its rows masked where they see none of it (need_mask holds wherever it would have skipped; rows past the
 // end have P = 0 through their LSE), so that the dQ accumulators meet no merging control flow.
 override STRAIGHT: u32 = 0u;
