@@ -675,10 +675,12 @@ mod tests {
     #[test]
     fn flags_parse_every_kind_of_value() {
         let a = parse(
-            "--backend vk,cuda --adapter llvm --iters 5 --warmup 0 --check-seq 0 --dense-max-seq 32k --json a.jsonl \
-             --peers p1 --peers p2 --plot x.svg --markdown --mode fwd,decode --dtype bf16 -v --no-dense",
+            "--backend vk,cuda --adapter llvm --iters 5 --warmup 0 --warmup-ms 0 --check-seq 0 --dense-max-seq 32k \
+             --json a.jsonl --peers p1 --peers p2 --plot x.svg --markdown --mode fwd,decode --dtype bf16 -v --no-dense",
         )
         .unwrap();
+        assert_eq!(a.warmup_ms, 0);
+        assert_eq!(parse("--iters 2").unwrap().warmup_ms, DEFAULT_WARMUP_MS);
         assert_eq!(a.backends, Some(vec!["vulkan".to_string(), "cuda".to_string()]));
         assert_eq!(a.adapter.as_deref(), Some("llvm"));
         assert_eq!((a.iters, a.warmup, a.check_seq, a.dense_max_seq), (5, 0, 0, Some(32768)));
