@@ -55,18 +55,13 @@ fn next_chunk(c: u32, c_end: u32, subs: u32, row_last: u32) -> u32 {
 // (u32 arithmetic wraps): per element one clamp, one multiply-add and one add (v7 notes: the general
 // index formula cost ~10 integer instructions per element, between the chunk's two workgroup barriers).
 fn fetch(t: Tile, k0: u32, fk: ptr<function, Fetch>, fv: ptr<function, Fetch>) {
+    let d4 = D / 4u;
+    let base = params.k_off + t.b * params.seq_len * params.kv_stride + t.kv_head * d4 + t.lid % d4;
     for (var n = 0u; n < NPF; n++) {
-        let ik = chunk_elem(t, k0, n);
+        let ik = base + min(k0 + t.lid / d4 + n * (WG / d4), params.seq_len - 1u) * params.kv_stride;
         (*fk)[n] = k_buf[ik];
         (*fv)[n] = v_buf[ik + params.v_off - params.k_off];
     }
-}
-
-// K's index of element n of this invocation's share of the chunk at `k0` (see `fetch`).
-fn chunk_elem(t: Tile, k0: u32, n: u32) -> u32 {
-    let d4 = D / 4u;
-    let base = params.k_off + t.b * params.seq_len * params.kv_stride + t.kv_head * d4 + t.lid % d4;
-    return base + min(k0 + t.lid / d4 + n * (WG / d4), params.seq_len - 1u) * params.kv_stride;
 }
 
 // Fetches chunk `c`, or the last chunk of the list again when `c` is past it (`c_end` >= 1), so that the
