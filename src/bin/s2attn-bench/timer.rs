@@ -103,11 +103,12 @@ fn time_rotating(
     let (mut spent, mut pace, mut warmed) = (0.0, None, 0);
     let warm_start = std::time::Instant::now();
     let warm_s = budget.map_or(warm_s, |b| warm_s.min(b / 4.0));
-    while warmed < warmup || (warmed > 0 && warm_start.elapsed().as_secs_f64() < warm_s) {
-        if warmed == warmup {
-            // Past the counted warm-ups: one at a time, each waited for, until `warm_s` has passed.
+    loop {
+        // The counted warm-ups go out unwaited; past them, one at a time, each waited for, until `warm_s`.
+        let counted = warmed < warmup;
+        if !counted {
             ctx.wait().map_err(e)?;
-            if warm_start.elapsed().as_secs_f64() >= warm_s {
+            if warmed == 0 || warm_start.elapsed().as_secs_f64() >= warm_s {
                 break;
             }
         }
@@ -117,11 +118,10 @@ fn time_rotating(
         let t = std::time::Instant::now();
         queue.submit([commands]);
         warmed += 1;
-        if warmed > warmup {
+        if !counted || budget.is_some() {
             ctx.wait().map_err(e)?;
         }
         if let Some(b) = budget {
-            ctx.wait().map_err(e)?;
             let s = t.elapsed().as_secs_f64();
             spent += s;
             pace = Some(s);
