@@ -14,13 +14,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 source ${STAGE:-.gpu}/env.sh
 export S2ATTN_AUTOTUNE=0 PYTHONUNBUFFERED=1
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
-nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv,noheader -lms 100 \
-    > $OUT/clocks.csv 2>&1 &
-smi=$!
+clocks_start
 
 S2ATTN_BACKEND=vulkan S2ATTN_COOP_STRAIGHT=2 timeout 120 test-forward_coop --nocapture > $OUT/test-s2.log 2>&1
 t "test-forward_coop v7 straight 2 rc=$? $(grep -a 'test result' $OUT/test-s2.log)"
-grep -aho 'vs twin [0-9.e-]*' $OUT/test-s2.log | sort -t' ' -k3 -g | tail -1 | sed 's/^/worst forward /' | tee -a $OUT/summary.txt
+worst_twin $OUT/test-s2.log
 
 run() {  # run NAME STRAIGHT FORM STRIDES [bench flags]
     local name=$1 bits=$2 form=$3 vs=$4; shift 4
@@ -35,13 +33,7 @@ run v3 "" v3 16,64
 for rep in 2 3; do run s3-vs64-$rep "" "" 64; run s2-vs64-$rep 2 "" 64; done
 run s3-oldwarm "" "" 64 --warmup-ms 0
 
-peers=${STAGE:-.gpu}/peers/torch_peers.py
-timeout 60 python3 $peers --mode fwd --seq 131072 --vert-stride 16 --impls torch-flash --iters 5 > $OUT/peers.jsonl 2> $OUT/peers.err
-t "peers FA2 rc=$?"
-timeout 150 python3 ${STAGE:-.gpu}/flex_peers.py fp16:16:131072 fp16:64:131072 >> $OUT/peers.jsonl 2>> $OUT/peers.err
-t "peers Flex rc=$?"
-grep -ao '"impl": "[^"]*"\|"ms": [0-9.]*\|"vert_stride": [0-9]*' $OUT/peers.jsonl | paste -sd' ' | tee -a $OUT/summary.txt
-kill $smi 2>/dev/null
-awk -F', ' '{print $2}' $OUT/clocks.csv | sort | uniq -c | sort -rn | head -5 | paste -sd' ' | sed 's/^/SM clocks (samples MHz): /' | tee -a $OUT/summary.txt
+peers 131072
+clocks_stop
 
 cd $OUT && tar czf all.tgz --remove-files test-*.log fwd-* peers.* clocks.csv 2>/dev/null; ls -la $OUT

@@ -16,9 +16,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 source ${STAGE:-.gpu}/env.sh
 export S2ATTN_AUTOTUNE=0 PYTHONUNBUFFERED=1
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
-nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv,noheader -lms 100 \
-    > $OUT/clocks.csv 2>&1 &
-smi=$!
+clocks_start
 
 timeout 60 vk_pipeline_stats --seq 131072 --stride 64 --only "forward v" --dump $OUT/dump > $OUT/stats.txt 2>&1
 t "pipeline stats rc=$? $(grep -a '^| forward v[37]' $OUT/stats.txt | cut -d'|' -f2,8 | paste -sd' ')"
@@ -27,7 +25,7 @@ S2ATTN_BACKEND=vulkan timeout 120 test-forward_coop --nocapture > $OUT/test-fwd-
 t "test-forward_coop (default) rc=$? $(grep -a 'test result' $OUT/test-fwd-coop.log)"
 S2ATTN_BACKEND=vulkan S2ATTN_COOP_FWD=v3 timeout 120 test-forward_coop --nocapture > $OUT/test-fwd-coop-v3.log 2>&1
 t "test-forward_coop (v3) rc=$? $(grep -a 'test result' $OUT/test-fwd-coop-v3.log)"
-grep -aho 'vs twin [0-9.e-]*' $OUT/test-fwd-coop*.log | sort -t' ' -k3 -g | tail -1 | sed 's/^/worst forward /' | tee -a $OUT/summary.txt
+worst_twin $OUT/test-fwd-coop*.log
 S2ATTN_BACKEND=vulkan timeout 120 test-forward > $OUT/test-fwd.log 2>&1
 t "test-forward rc=$? $(grep -a 'test result' $OUT/test-fwd.log | paste -sd' ')"
 S2ATTN_BACKEND=vulkan timeout 150 test-backward_coop --nocapture > $OUT/test-bwd-coop.log 2>&1
@@ -43,15 +41,9 @@ run default-vs64-2 128k 64
 run default-vs64-3 128k 64
 run v3 128k 16,64 v3
 
-peers=${STAGE:-.gpu}/peers/torch_peers.py
-timeout 120 python3 $peers --mode fwd --seq 16384 65536 131072 --vert-stride 16 --impls torch-flash --iters 5 > $OUT/peers.jsonl 2> $OUT/peers.err
-t "peers FA2 rc=$?"
-timeout 150 python3 ${STAGE:-.gpu}/flex_peers.py fp16:16:131072 fp16:64:131072 >> $OUT/peers.jsonl 2>> $OUT/peers.err
-t "peers Flex rc=$?"
-grep -ao '"impl": "[^"]*"\|"ms": [0-9.]*\|"seq": [0-9]*\|"vert_stride": [0-9]*' $OUT/peers.jsonl | paste -sd' ' | tee -a $OUT/summary.txt
+peers 16384 65536 131072
 
-kill $smi 2>/dev/null
-awk -F', ' '{print $2}' $OUT/clocks.csv | sort | uniq -c | sort -rn | head -5 | paste -sd' ' | sed 's/^/SM clocks (samples MHz): /' | tee -a $OUT/summary.txt
+clocks_stop
 
 # a device call returns few files: everything in one archive beside the summary
 cd $OUT && tar czf all.tgz --remove-files dump stats.txt test-*.log fwd-* peers.* clocks.csv 2>/dev/null; ls -la $OUT

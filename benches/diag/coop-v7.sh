@@ -32,7 +32,7 @@ S2ATTN_BACKEND=vulkan timeout 120 test-forward_coop --nocapture > $OUT/test-v3.l
 t "test-forward_coop v3 rc=$? $(grep -a 'test result' $OUT/test-v3.log)"
 S2ATTN_BACKEND=vulkan S2ATTN_COOP_FWD=v7 timeout 120 test-forward_coop --nocapture > $OUT/test-v7.log 2>&1
 t "test-forward_coop v7 rc=$? $(grep -a 'test result' $OUT/test-v7.log)"
-grep -aho 'vs twin [0-9.e-]*' $OUT/test-v3.log $OUT/test-v7.log | sort -t' ' -k3 -g | tail -1 | sed 's/^/worst forward /' | tee -a $OUT/summary.txt
+worst_twin $OUT/test-v3.log $OUT/test-v7.log
 S2ATTN_BACKEND=vulkan S2ATTN_BWD_COOP_ONLY=v4 timeout 150 test-backward_coop --nocapture > $OUT/test-bwd.log 2>&1
 t "test-backward_coop (v4) rc=$? $(grep -a 'test result' $OUT/test-bwd.log)"
 S2ATTN_BACKEND=vulkan S2ATTN_BWD_COOP_ONLY=v4 S2ATTN_BWD_DQ=straight timeout 150 test-backward_coop --nocapture > $OUT/test-bwd-dqs.log 2>&1
@@ -55,13 +55,7 @@ for dq in v1 straight; do
     t "fwd+bwd 64k dQ $dq rc=$? ms: $(ms $OUT/fwdbwd-$dq.jsonl) bwd: $(ms $OUT/fwdbwd-$dq.jsonl bwd_ms)"
 done
 
-peers=${STAGE:-.gpu}/peers/torch_peers.py
-timeout 60 python3 $peers --mode fwd --seq 131072 --vert-stride 16 --impls torch-flash --iters 5 > $OUT/peers.jsonl 2> $OUT/peers.err
-t "peers FA2 rc=$?"
-timeout 150 python3 ${STAGE:-.gpu}/flex_peers.py fp16:16:131072 fp16:64:131072 >> $OUT/peers.jsonl 2>> $OUT/peers.err
-t "peers Flex rc=$?"
-grep -ao '"impl":"[^"]*"\|"seq":[0-9]*\|"vert_stride":[0-9]*\|"ms":[0-9.]*' $OUT/peers.jsonl | paste -sd' ' \
-    | sed 's/"impl"/\n"impl"/g' | tee -a $OUT/summary.txt
+peers 131072
 
 # a device call returns few files: everything in one archive beside the summary
 cd $OUT && tar czf all.tgz --remove-files dump? stats?.txt sass?.txt test-*.log fwd-* fwdbwd-* peers.* 2>/dev/null; ls -la $OUT

@@ -10,6 +10,7 @@
 #   3. timing at 128k, vert_stride 16 and 64: v3, v7 (3) and v7 split (7), then two more processes of both v7
 #      forms at vs64, and both at the 64x32 tile;
 #   4. peers in the same call: FlashAttention-2 dense (torch_peers.py) and FlexAttention-S2 at both strides.
+# The split form was removed after this call (v8 in shaders/NOTES-coop.md): S2ATTN_COOP_STRAIGHT=7 is now refused.
 # Stage: ONLY="s2attn-bench vk_pipeline_stats test-forward_coop test-backward_coop" bash benches/stage.sh .v8, copy
 # benches/flex_peers.py into .v8, then run with carry [".v8"]: `STAGE=.v8 bash benches/diag/coop-v8.sh`.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -30,7 +31,7 @@ for bits in 3 7; do
         > $OUT/test-v7-$bits.log 2>&1
     t "test-forward_coop v7 straight $bits rc=$? $(grep -a 'test result' $OUT/test-v7-$bits.log)"
 done
-grep -aho 'vs twin [0-9.e-]*' $OUT/test-v*.log | sort -t' ' -k3 -g | tail -1 | sed 's/^/worst forward /' | tee -a $OUT/summary.txt
+worst_twin $OUT/test-v*.log
 S2ATTN_BACKEND=vulkan timeout 150 test-backward_coop --nocapture > $OUT/test-bwd.log 2>&1
 t "test-backward_coop rc=$? $(grep -a 'test result' $OUT/test-bwd.log)"
 
@@ -46,12 +47,7 @@ for rep in 2 3; do run v7-s3-vs64-$rep 3 v7 64; run v7-s7-vs64-$rep 7 v7 64; don
 run v7-s3-64x32 3 v7 16,64 64x32
 run v7-s7-64x32 7 v7 16,64 64x32
 
-peers=${STAGE:-.gpu}/peers/torch_peers.py
-timeout 60 python3 $peers --mode fwd --seq 131072 --vert-stride 16 --impls torch-flash --iters 5 > $OUT/peers.jsonl 2> $OUT/peers.err
-t "peers FA2 rc=$?"
-timeout 150 python3 ${STAGE:-.gpu}/flex_peers.py fp16:16:131072 fp16:64:131072 >> $OUT/peers.jsonl 2>> $OUT/peers.err
-t "peers Flex rc=$?"
-grep -ao '"impl": "[^"]*"\|"ms": [0-9.]*\|"vert_stride": [0-9]*' $OUT/peers.jsonl | paste -sd' ' | tee -a $OUT/summary.txt
+peers 131072
 
 # a device call returns few files: everything in one archive beside the summary
 cd $OUT && tar czf all.tgz --remove-files dump? stats?.txt test-*.log fwd-* peers.* 2>/dev/null; ls -la $OUT

@@ -23,7 +23,7 @@ S2ATTN_BACKEND=vulkan timeout 120 test-forward_coop --nocapture > $OUT/test-fwd-
 t "test-forward_coop (default) rc=$? $(grep -a 'test result' $OUT/test-fwd-coop.log)"
 S2ATTN_BACKEND=vulkan S2ATTN_COOP_FWD=v3 timeout 120 test-forward_coop --nocapture > $OUT/test-fwd-coop-v3.log 2>&1
 t "test-forward_coop (v3) rc=$? $(grep -a 'test result' $OUT/test-fwd-coop-v3.log)"
-grep -aho 'vs twin [0-9.e-]*' $OUT/test-fwd-coop*.log | sort -t' ' -k3 -g | tail -1 | sed 's/^/worst forward /' | tee -a $OUT/summary.txt
+worst_twin $OUT/test-fwd-coop*.log
 S2ATTN_BACKEND=vulkan timeout 120 test-forward > $OUT/test-fwd.log 2>&1
 t "test-forward rc=$? $(grep -a 'test result' $OUT/test-fwd.log | paste -sd' ')"
 S2ATTN_BACKEND=vulkan timeout 150 test-backward_coop --nocapture > $OUT/test-bwd-coop.log 2>&1
@@ -39,12 +39,7 @@ run default-vs64-2 128k 64
 run default-vs64-3 128k 64
 run v3 128k 16,64 v3
 
-peers=${STAGE:-.gpu}/peers/torch_peers.py
-timeout 120 python3 $peers --mode fwd --seq 16384 65536 131072 --vert-stride 16 --impls torch-flash --iters 5 > $OUT/peers.jsonl 2> $OUT/peers.err
-t "peers FA2 rc=$?"
-timeout 150 python3 ${STAGE:-.gpu}/flex_peers.py fp16:16:131072 fp16:64:131072 >> $OUT/peers.jsonl 2>> $OUT/peers.err
-t "peers Flex rc=$?"
-grep -ao '"impl": "[^"]*"\|"ms": [0-9.]*\|"seq": [0-9]*\|"vert_stride": [0-9]*' $OUT/peers.jsonl | paste -sd' ' | tee -a $OUT/summary.txt
+peers 16384 65536 131072
 
 # a device call returns few files: everything in one archive beside the summary
 cd $OUT && tar czf all.tgz --remove-files dump stats.txt test-*.log fwd-* peers.* 2>/dev/null; ls -la $OUT
