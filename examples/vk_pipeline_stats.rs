@@ -557,6 +557,7 @@ unsafe fn open_device(
         shader_f16: true,
         subgroups: true,
         timestamps: false,
+        loop_iteration_cap: None,
     };
     Ok((device, exec, name, driver, info, caps))
 }

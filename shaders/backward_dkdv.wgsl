@@ -6,6 +6,11 @@
 // query tile from the forward's LSE and pass 1's D, and accumulates dV += P^T dO and dK += dS^T Q in
 // registers. The group's query heads are summed in a fixed order inside one workgroup, so dK and dV are
 // written once per element, without atomics: deterministic.
+//
+// Where the device caps loop iterations (plan/loop_budget.rs), a KV tile's work (its column lists of every
+// query head of the group, one after the other) is cut into `params.splits` pieces of `params.split_len`
+// query tiles, walked by separate workgroups (workgroup_id.y = split * kv_heads + kv_head); each writes its
+// partial dK and dV to `part_buf` and split_sum.wgsl adds them in split order.
 
 #include shared/params.wgsl
 #include storage
@@ -13,10 +18,15 @@
 #include shared/backward.wgsl
 
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
     let d4 = D / 4u;
     let kv_tile = wg.x;
-    let kv_head = wg.y;
+    let kv_head = wg.y % params.num_kv_heads;
+    let split = wg.y / params.num_kv_heads;
     let b = wg.z;
     let group = params.num_heads / params.num_kv_heads;
     let k0 = kv_tile * BK;
@@ -34,10 +44,23 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         dv[j] = vec4<f32>(0.0);
     }
 
+    // This split's share of the group's column lists, walked as one list: `skip` items, then `take`.
+    var skip = 0u;
+    var take = 0xffffffffu;
+    if params.splits > 1u {
+        skip = split * params.split_len;
+        take = params.split_len;
+    }
     for (var head = kv_head * group; head < (kv_head + 1u) * group; head++) {
         let slot = (head / params.heads_per_pattern) * params.tiles + kb;
-        let e_end = tile_ptr[slot + 1u];
-        for (var e = tile_ptr[slot]; e < e_end; e++) {
+        let begin = tile_ptr[slot];
+        let len = tile_ptr[slot + 1u] - begin;
+        let skipped = min(skip, len);
+        skip -= skipped;
+        let first = begin + skipped;
+        let e_end = first + min(len - skipped, take);
+        take -= e_end - first;
+        for (var e = first; e < e_end; e++) {
             let entry = entries[e];
             let row0 = entry.x * BQ;
             if causal && row0 + BQ <= k0 {
@@ -81,8 +104,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let i = lid + j * WG;
         let tok = k0 + i / d4;
         if tok < seq {
-            store_dk(kv_index(0u, b, tok, kv_head, i % d4, d4), dk[j] * LN2);
-            store_dv(kv_index(0u, b, tok, kv_head, i % d4, d4), dv[j]);
+            let at = kv_index(0u, b, tok, kv_head, i % d4, d4);
+            if params.splits > 1u {
+                let n4 = nwg.z * seq * params.kv_stride;
+                part_buf[split * n4 + at] = dk[j] * LN2;
+                part_buf[(params.splits + split) * n4 + at] = dv[j];
+            } else {
+                store_dk(at, dk[j] * LN2);
+                store_dv(at, dv[j]);
+            }
         }
     }
 }

@@ -7,6 +7,10 @@
 // registers. dQ is a separate pass over the row index rather than atomics in the dK/dV pass: every dQ
 // element is written once by one invocation, so the result is deterministic (bitwise reproducible) and
 // needs no float atomics, which WGSL lacks; the price is recomputing P once more.
+//
+// Where the device caps loop iterations (plan/loop_budget.rs), each row list is cut into `params.splits`
+// pieces walked by separate workgroups (workgroup_id.y = split * heads + head); each writes its scaled
+// partial dQ to `part_buf` ([split] copies of dQ's layout) and split_sum.wgsl adds them in split order.
 
 #include shared/params.wgsl
 #include storage
@@ -14,11 +18,16 @@
 #include shared/backward.wgsl
 
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
     let d4 = D / 4u;
     // Longest tiles (latest in a causal sequence) first, for load balance.
     let tile = params.tiles - 1u - wg.x;
-    let head = wg.y;
+    let head = wg.y % params.num_heads;
+    let split = wg.y / params.num_heads;
     let b = wg.z;
     let kv_head = head / (params.num_heads / params.num_kv_heads);
     let pattern = head / params.heads_per_pattern;
@@ -39,7 +48,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 acc += do_s[r * d4 + c] * load_o(o_index(b, tok, head, c, d4));
             }
             delta = acc.x + acc.y + acc.z + acc.w;
-            delta_buf[stat_index(b, head, tok)] = delta;
+            if split == 0u {
+                delta_buf[stat_index(b, head, tok)] = delta;
+            }
             lse = lse_log2(stat_index(b, head, tok));
         }
         delta_s[r] = delta;
@@ -52,8 +63,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 
     let slot = pattern * params.tiles + tile;
-    let e_end = tile_ptr[slot + 1u];
-    for (var e = tile_ptr[slot]; e < e_end; e++) {
+    let walk = split_range(tile_ptr[slot], tile_ptr[slot + 1u], split);
+    for (var e = walk.x; e < walk.y; e++) {
         let entry = entries[e];
         let kv0 = entry.x * params.block_size;
         for (var sub = 0u; sub < params.block_size; sub += BK) {
@@ -84,7 +95,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let i = lid + j * WG;
         let tok = row0 + i / d4;
         if tok < seq {
-            store_dq(q_index(b, tok, head, i % d4, d4), acc[j] * (params.scale_log2 * LN2));
+            let at = q_index(b, tok, head, i % d4, d4);
+            let g = acc[j] * (params.scale_log2 * LN2);
+            if params.splits > 1u {
+                part_buf[split * nwg.z * seq * params.q_stride + at] = g;
+            } else {
+                store_dq(at, g);
+            }
         }
     }
 }

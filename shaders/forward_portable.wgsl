@@ -5,12 +5,18 @@
 // One workgroup per (query tile, head, batch). For each KV block of the tile's list, keys are staged in
 // chunks of BK: S = Q K^T (each invocation a few scores), per-row online softmax in base 2 (one
 // invocation per row), then O += P V (each invocation a fixed slice of O, kept in registers).
+//
+// Where the device caps loop iterations (plan/loop_budget.rs), each row list is cut into `params.splits`
+// pieces walked by separate workgroups (workgroup_id.y = split * heads + head); each writes its rows'
+// unnormalised O and (m, l) to `part_buf`, and split_merge.wgsl combines them.
 
 #include shared/params.wgsl
 #include storage
 
 // LSE out, [batch, heads, seq], f32.
 @group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;
+// Split partials, [batch, split, heads, seq] rows of D / 4 vec4s of O and one vec4 (m, l, 0, 0).
+@group(0) @binding(13) var<storage, read_write> part_buf: array<vec4<f32>>;
 
 override D: u32 = 64u;    // head dim (multiple of 4)
 override BQ: u32 = 16u;   // query rows per tile
@@ -30,7 +36,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let d4 = D / 4u;
     // Longest tiles (latest in a causal sequence) first, for load balance.
     let tile = params.tiles - 1u - wg.x;
-    let head = wg.y;
+    let head = wg.y % params.num_heads;
+    let split = wg.y / params.num_heads;
     let b = wg.z;
     let kv_head = head / (params.num_heads / params.num_kv_heads);
     let pattern = head / params.heads_per_pattern;
@@ -57,8 +64,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 
     let slot = pattern * params.tiles + tile;
-    let e_end = tile_ptr[slot + 1u];
-    for (var e = tile_ptr[slot]; e < e_end; e++) {
+    let walk = split_range(tile_ptr[slot], tile_ptr[slot + 1u], split);
+    for (var e = walk.x; e < walk.y; e++) {
         let entry = entries[e];
         let kv0 = entry.x * params.block_size;
         let rows = entry.y;
@@ -144,6 +151,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 
     workgroupBarrier();
+    if params.splits > 1u {
+        // Row `tok`'s partial: D / 4 vec4s of unnormalised O, then (m, l).
+        let part_row = ((b * params.splits + split) * params.num_heads + head) * seq;
+        for (var j = 0u; j < n_acc; j++) {
+            let i = lid + j * WG;
+            let tok = row0 + i / d4;
+            if tok < seq {
+                part_buf[(part_row + tok) * (d4 + 1u) + i % d4] = acc[j];
+            }
+        }
+        if lid < BQ && row0 + lid < seq {
+            part_buf[(part_row + row0 + lid) * (d4 + 1u) + d4] = vec4<f32>(m_s[lid], l_s[lid], 0.0, 0.0);
+        }
+        return;
+    }
     for (var j = 0u; j < n_acc; j++) {
         let i = lid + j * WG;
         let r = i / d4;

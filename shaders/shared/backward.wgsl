@@ -7,6 +7,9 @@
 @group(0) @binding(5) var<storage, read> lse_buf: array<f32>;
 // D = rowsum(dO * O), [batch, heads, seq], f32: written by the dQ pass, read by the dK/dV pass.
 @group(0) @binding(8) var<storage, read_write> delta_buf: array<f32>;
+// Split partials of the gradients (where lists are split, plan/loop_budget.rs): [split] copies of dQ's
+// layout in the dQ pass; [split] copies of dK's then [split] of dV's in the dK/dV pass. f32.
+@group(0) @binding(13) var<storage, read_write> part_buf: array<vec4<f32>>;
 
 override D: u32 = 64u;    // head dim (multiple of 4)
 override BQ: u32 = 16u;   // query rows per tile

@@ -19,9 +19,11 @@ struct Params {
     o_stride: u32,
     lse_off: u32,        // in f32 elements
     neg_inf: f32,        // -inf, written for rows with no active key
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    // The portable kernels' list splits (plan/loop_budget.rs): 0 when every list is walked whole, else the
+    // workgroups per list, each walking at most `split_len` items and writing partials to `part_buf`.
+    splits: u32,
+    split_len: u32,
+    first_row: u32,      // the forward's first computed row (rows before it are left unwritten)
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -34,6 +36,15 @@ struct Params {
 const ROWMASK_BITS_FLAG: u32 = 0x80000000u;
 // Stands for -inf inside the kernels (WGSL has no infinity literal).
 const NEG_BIG: f32 = -3.0e38;
+
+// The items `begin .. end` of a list that split `split` walks (the whole list when lists are not split).
+fn split_range(begin: u32, end: u32, split: u32) -> vec2<u32> {
+    if params.splits <= 1u {
+        return vec2<u32>(begin, end);
+    }
+    let b = min(begin + split * params.split_len, end);
+    return vec2<u32>(b, min(b + params.split_len, end));
+}
 
 fn row_attends(rows: u32, r: u32) -> bool {
     if rows < ROWMASK_BITS_FLAG {

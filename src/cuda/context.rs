@@ -111,6 +111,7 @@ impl CudaContext {
             shader_f16: true,
             subgroups: true,
             timestamps: true,
+            loop_iteration_cap: None,
         };
         super::plan::register_arch(&caps.name, arch);
         let stream = ctx.default_stream();

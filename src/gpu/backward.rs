@@ -10,7 +10,10 @@ use super::timing::{time_encoded, Stamps};
 use super::{Timing, WgpuContext as Context};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::plan::{BackwardPlan, ColumnPlan, CoopDkdv, KernelVariant, MergeQPlan, Shape};
+use crate::plan::{
+    backward_dkdv_cost, backward_dq_cost, check_combine, BackwardPlan, ColumnPlan, CoopDkdv, KernelVariant, ListSplit,
+    MergeQPlan, Shape,
+};
 use std::sync::Mutex;
 use wgpu::util::DeviceExt;
 
@@ -57,16 +60,35 @@ impl GradBuffers<'_> {
     }
 }
 
-/// One kernel: its pipeline, params, index lists, dispatch size and the bindings it uses.
+/// One kernel: its pipeline, params, index lists, dispatch size and the bindings it uses, then the sums
+/// of its split partials where its lists are split.
 struct Pass {
     pipeline: wgpu::ComputePipeline,
     params: wgpu::Buffer,
     ptr: wgpu::Buffer,
     entries: wgpu::Buffer,
     dispatch: [u32; 3],
-    bindings: &'static [u32],
+    bindings: Vec<u32>,
     label: &'static str,
+    sums: Vec<SumPass>,
 }
+
+/// One `split_sum.wgsl` dispatch: adds a gradient's split partials into the caller's tensor `out` (a
+/// [`GradBuffers::tensors`] binding).
+struct SumPass {
+    pipeline: wgpu::ComputePipeline,
+    params: wgpu::Buffer,
+    out: u32,
+    dispatch: [u32; 3],
+}
+
+/// Per pass: the kernel's bind group, then one per sum of split partials.
+type PassGroups = Vec<Vec<wgpu::BindGroup>>;
+
+/// Binding of the split partials (the portable kernels only).
+const PARTIALS: u32 = 13;
+/// Workgroup size of the sum kernel.
+const SUM_WG: u32 = 64;
 
 /// Bindings of the params uniform, the index lists and the D scratch buffer (the rest are caller tensors).
 const PARAMS: u32 = 0;
@@ -96,7 +118,9 @@ pub(crate) struct GpuBackward {
     /// recorded without its dispatch.
     diag_skip: Option<usize>,
     delta: wgpu::Buffer,
-    binds: Mutex<Vec<(Vec<wgpu::Buffer>, [wgpu::BindGroup; 2])>>,
+    /// The portable kernels' split partials (a one-vec4 stand-in when no list is split).
+    partials: wgpu::Buffer,
+    binds: Mutex<Vec<(Vec<wgpu::Buffer>, PassGroups)>>,
     host: Mutex<Option<HostBuffers>>,
 }
 
@@ -125,7 +149,7 @@ impl GpuBackward {
         // The `Params` uniform of shaders/shared/params.wgsl, field by field: seq_len, num_heads,
         // num_kv_heads, tiles, heads_per_pattern, block_size, causal, scale_log2, q/k/v/o offsets (0),
         // q/kv/o token strides (vec4s), lse_off (0), neg_inf, 3 words of padding.
-        let params = |tiles: u32| -> [u32; 20] {
+        let params = |tiles: u32, split: ListSplit| -> [u32; 20] {
             let (q_stride, kv_stride) = (heads * d / 4, kv_heads * d / 4);
             let scale_log2 = shape.softmax_scale() * std::f32::consts::LOG2_E;
             let (heads_per_pattern, causal) = (heads / layout.num_patterns(), layout.causal() as u32);
@@ -133,7 +157,7 @@ impl GpuBackward {
             let words = [
                 shape.seq_len, heads, kv_heads, tiles, heads_per_pattern, layout.block_size(), causal,
                 scale_log2.to_bits(), 0, 0, 0, 0, q_stride, kv_stride, q_stride, 0,
-                f32::NEG_INFINITY.to_bits(), 0, 0, 0,
+                f32::NEG_INFINITY.to_bits(), split.params()[0], split.params()[1], 0,
             ];
             words
         };
@@ -156,14 +180,83 @@ impl GpuBackward {
         let pipeline =
             |kernel, p: &crate::plan::DispatchPlan| ctx.pipeline(kernel, shape.dtype, &overrides(kernel, p, d)?);
         let (dq_kernel, dkdv_kernel) = backward_kernels(plan)?;
+        let portable = dq_kernel == Kernel::BackwardDq;
+        // Where the device caps loop iterations, long lists are split (plan/loop_budget.rs).
+        let cap = ctx.caps().loop_iteration_cap;
+        let group = heads / kv_heads;
+        let (dq_split, dkdv_split) = if portable {
+            let dq = backward_dq_cost(&plan.dq, d, layout.block_size());
+            let dkdv = backward_dkdv_cost(&plan.dkdv, d, group);
+            (
+                dq.split(mergeq.max_tile_len(), cap, "the portable backward's dQ pass")?,
+                dkdv.split(group * columns.max_column_len(), cap, "the portable backward's dK/dV pass")?,
+            )
+        } else {
+            (ListSplit::WHOLE, ListSplit::WHOLE)
+        };
+        let (q_vec4s, kv_vec4s) = {
+            let tokens = shape.batch as u64 * shape.seq_len as u64;
+            (tokens * heads as u64 * d as u64 / 4, tokens * kv_heads as u64 * d as u64 / 4)
+        };
+        let partial_vec4s = (dq_split.is_split() as u64 * dq_split.splits as u64 * q_vec4s)
+            .max(dkdv_split.is_split() as u64 * 2 * dkdv_split.splits as u64 * kv_vec4s)
+            .max(1);
+        let sum_pass = |out: u32, vec4s: u64, split: ListSplit, part_off: u64| -> Result<SumPass> {
+            check_combine(split.splits, 4, cap, "the portable backward")?;
+            let groups = vec4s.div_ceil(SUM_WG as u64);
+            let x = groups.min(ctx.caps().max_dispatch as u64) as u32;
+            let words = [vec4s as u32, split.splits, part_off as u32, 0];
+            Ok(SumPass {
+                pipeline: ctx.pipeline(Kernel::SplitSum, shape.dtype, &[("WG", SUM_WG)])?,
+                params: device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("s2attn backward split sum params"),
+                    contents: bytemuck::cast_slice(&words),
+                    usage: wgpu::BufferUsages::UNIFORM,
+                }),
+                out,
+                dispatch: [x, groups.div_ceil(x as u64) as u32, 1],
+            })
+        };
+        let with_partials = |base: &[u32]| {
+            let mut b = base.to_vec();
+            if portable {
+                b.push(PARTIALS);
+            }
+            b
+        };
+        for (split, rows, what) in [(dq_split, heads, "dQ"), (dkdv_split, kv_heads, "dK/dV")] {
+            let y = rows as u64 * split.splits as u64;
+            if y > ctx.caps().max_dispatch as u64 {
+                return Err(Error::DeviceLimit {
+                    what: format!("{rows} heads x {} list splits of the portable backward's {what} pass", split.splits),
+                    limit: "max_compute_workgroups_per_dimension",
+                    needed: y,
+                    max: ctx.caps().max_dispatch as u64,
+                });
+            }
+        }
+        let partial_bytes = partial_vec4s * 16;
+        let max = ctx.caps().max_storage_binding.min(ctx.caps().max_buffer);
+        if partial_bytes > max || partial_vec4s > u32::MAX as u64 {
+            return Err(Error::DeviceLimit {
+                what: "the portable backward's list-split partials".into(),
+                limit: "max_storage_buffer_binding_size",
+                needed: partial_bytes,
+                max,
+            });
+        }
         let dq = Pass {
             pipeline: pipeline(dq_kernel, &plan.dq)?,
-            params: uniform(params(mergeq.tiles())),
+            params: uniform(params(mergeq.tiles(), dq_split)),
             ptr: storage("s2attn backward row_ptr", bytemuck::cast_slice(mergeq.row_ptr())),
             entries: storage("s2attn backward row entries", bytemuck::cast_slice(&mergeq.gpu_entries())),
-            dispatch: [mergeq.tiles(), heads, shape.batch],
-            bindings: DQ_BINDINGS,
+            dispatch: [mergeq.tiles(), heads * dq_split.splits, shape.batch],
+            bindings: with_partials(DQ_BINDINGS),
             label: "s2attn backward dQ",
+            sums: match dq_split.is_split() {
+                true => vec![sum_pass(12, q_vec4s, dq_split, 0)?],
+                false => Vec::new(),
+            },
         };
         // The coop dK/dV kernel with `longest_first` reads its launch order after the column pointers.
         let mut col_ptr = columns.col_ptr().to_vec();
@@ -179,13 +272,26 @@ impl GpuBackward {
         }
         let dkdv = Pass {
             pipeline: pipeline(dkdv_kernel, &plan.dkdv)?,
-            params: uniform(params(columns.kv_blocks())),
+            params: uniform(params(columns.kv_blocks(), dkdv_split)),
             ptr: storage("s2attn backward col_ptr", bytemuck::cast_slice(&col_ptr)),
             entries: storage("s2attn backward column entries", bytemuck::cast_slice(&columns.gpu_entries())),
-            dispatch: [shape.seq_len.div_ceil(plan.dkdv.tile_kv), kv_heads, shape.batch],
-            bindings: DKDV_BINDINGS,
+            dispatch: [shape.seq_len.div_ceil(plan.dkdv.tile_kv), kv_heads * dkdv_split.splits, shape.batch],
+            bindings: with_partials(DKDV_BINDINGS),
             label: "s2attn backward dK/dV",
+            sums: match dkdv_split.is_split() {
+                true => vec![
+                    sum_pass(10, kv_vec4s, dkdv_split, 0)?,
+                    sum_pass(11, kv_vec4s, dkdv_split, dkdv_split.splits as u64 * kv_vec4s)?,
+                ],
+                false => Vec::new(),
+            },
         };
+        let partials = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("s2attn backward split partials"),
+            size: partial_bytes,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
         let delta = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("s2attn backward D"),
             size: shape.batch as u64 * heads as u64 * shape.seq_len as u64 * 4,
@@ -202,6 +308,7 @@ impl GpuBackward {
                 .ok()
                 .and_then(|v| ["dq", "dkdv"].iter().position(|p| *p == v)),
             delta,
+            partials,
             binds: Mutex::default(),
             host: Mutex::default(),
         })
@@ -267,16 +374,24 @@ impl GpuBackward {
             let mut cp =
                 encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(pass.label), timestamp_writes });
             cp.set_pipeline(&pass.pipeline);
-            cp.set_bind_group(0, group, &[]);
+            cp.set_bind_group(0, &group[0], &[]);
             let [x, y, z] = pass.dispatch;
             if self.diag_skip != Some(i) {
+                cp.dispatch_workgroups(x, y, z);
+            }
+            // Dispatches of one compute pass are ordered: each sum sees every split's partials.
+            for (sum, group) in pass.sums.iter().zip(&group[1..]) {
+                cp.set_pipeline(&sum.pipeline);
+                cp.set_bind_group(0, group, &[]);
+                let [x, y, z] = sum.dispatch;
                 cp.dispatch_workgroups(x, y, z);
             }
         }
         Ok(())
     }
 
-    fn bind_groups(&self, buffers: &GradBuffers<'_>) -> [wgpu::BindGroup; 2] {
+    /// Per pass: the kernel's bind group, then one per sum of split partials.
+    fn bind_groups(&self, buffers: &GradBuffers<'_>) -> PassGroups {
         let tensors = buffers.tensors();
         let key: Vec<wgpu::Buffer> = tensors.iter().map(|t| t.1.clone()).collect();
         let mut binds = self.binds.lock().unwrap_or_else(|e| e.into_inner());
@@ -292,6 +407,7 @@ impl GpuBackward {
                 LIST_PTR => &pass.ptr,
                 LIST_ENTRIES => &pass.entries,
                 DELTA => &self.delta,
+                PARTIALS => &self.partials,
                 // Every other binding a pass lists is a caller tensor's.
                 other => tensors.iter().find(|t| t.2 == other).map_or(&self.delta, |t| t.1),
             };
@@ -306,7 +422,23 @@ impl GpuBackward {
                 entries: &entries,
             })
         };
-        let groups = [group(&self.passes[0]), group(&self.passes[1])];
+        let sum_group = |sum: &SumPass| {
+            let out = tensors.iter().find(|t| t.2 == sum.out).map_or(&self.partials, |t| t.1);
+            self.ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("s2attn backward split sum"),
+                layout: &sum.pipeline.get_bind_group_layout(0),
+                entries: &[
+                    super::forward::entry(0, &sum.params),
+                    super::forward::entry(4, out),
+                    super::forward::entry(PARTIALS, &self.partials),
+                ],
+            })
+        };
+        let groups: PassGroups = self
+            .passes
+            .iter()
+            .map(|pass| std::iter::once(group(pass)).chain(pass.sums.iter().map(sum_group)).collect())
+            .collect();
         if binds.len() == BIND_CACHE {
             binds.remove(0);
         }
@@ -439,17 +571,16 @@ mod tests {
             v.sort_unstable();
             v
         };
-        for (kernel, dtype) in
-            [(Kernel::BackwardDq, DType::F32), (Kernel::BackwardDq, DType::F16), (Kernel::BackwardCoopDq, DType::F16)]
-        {
-            assert_eq!(used_bindings(kernel, dtype), sorted(DQ_BINDINGS), "{} ({dtype})", kernel.name());
-        }
-        for (kernel, dtype) in [
-            (Kernel::BackwardDkDv, DType::F32),
-            (Kernel::BackwardDkDv, DType::F16),
-            (Kernel::BackwardCoopDkDv, DType::F16),
+        let portable = |b: &[u32]| sorted(&[b, &[PARTIALS]].concat());
+        for (kernel, dtype, want) in [
+            (Kernel::BackwardDq, DType::F32, portable(DQ_BINDINGS)),
+            (Kernel::BackwardDq, DType::F16, portable(DQ_BINDINGS)),
+            (Kernel::BackwardCoopDq, DType::F16, sorted(DQ_BINDINGS)),
+            (Kernel::BackwardDkDv, DType::F32, portable(DKDV_BINDINGS)),
+            (Kernel::BackwardDkDv, DType::F16, portable(DKDV_BINDINGS)),
+            (Kernel::BackwardCoopDkDv, DType::F16, sorted(DKDV_BINDINGS)),
         ] {
-            assert_eq!(used_bindings(kernel, dtype), sorted(DKDV_BINDINGS), "{} ({dtype})", kernel.name());
+            assert_eq!(used_bindings(kernel, dtype), want, "{} ({dtype})", kernel.name());
         }
     }
 }

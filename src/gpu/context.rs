@@ -278,6 +278,7 @@ impl WgpuContext {
             shader_f16: features.contains(wgpu::Features::SHADER_F16),
             subgroups: features.contains(wgpu::Features::SUBGROUP),
             timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            loop_iteration_cap: is_llvmpipe(&info).then_some(crate::plan::LLVMPIPE_LOOP_CAP),
         };
         Self(Arc::new(Inner {
             instance: None,
@@ -442,6 +443,12 @@ fn gl_without_compute(info: &wgpu::AdapterInfo) -> Option<String> {
     let minor: u32 = parts.next()?.parse().ok()?;
     let needed = if es { (3, 1) } else { (4, 3) };
     ((major, minor) < needed).then(|| format!("{}{major}.{minor}", if es { "ES " } else { "" }))
+}
+
+/// Whether the adapter is Mesa's llvmpipe (lavapipe under Vulkan), whose shaders stop looping after
+/// [`crate::plan::LLVMPIPE_LOOP_CAP`] iterations per invocation.
+fn is_llvmpipe(info: &wgpu::AdapterInfo) -> bool {
+    info.name.to_ascii_lowercase().contains("llvmpipe") || info.driver.to_ascii_lowercase().contains("llvmpipe")
 }
 
 #[cfg(test)]

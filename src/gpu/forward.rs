@@ -5,7 +5,7 @@ use super::shaders::{overrides, Kernel};
 use super::WgpuContext as Context;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::plan::{DispatchPlan, KernelVariant, MergeQPlan, Shape};
+use crate::plan::{check_combine, forward_portable_cost, DispatchPlan, KernelVariant, ListSplit, MergeQPlan, Shape};
 use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
@@ -83,7 +83,9 @@ struct Params {
     o_stride: u32,
     lse_off: u32,
     neg_inf: f32,
-    _pad: [u32; 3],
+    splits: u32,
+    split_len: u32,
+    first_row: u32,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -101,6 +103,9 @@ struct HostBuffers {
     readback: wgpu::Buffer,
 }
 
+/// The kernel's bind group for one set of views, and the split merge's where lists are split.
+type ViewGroups = (wgpu::BindGroup, Option<wgpu::BindGroup>);
+
 /// Bind groups kept per distinct set of views (an app usually alternates between a few).
 const BIND_CACHE: usize = 8;
 
@@ -114,12 +119,27 @@ pub(crate) struct GpuForward {
     /// restricted to the rows from some tile on, for a sequence-parallel split).
     dispatched: u32,
     pipeline: wgpu::ComputePipeline,
+    /// Where the device caps loop iterations and the row lists are too long for it: the merge of the
+    /// split partials and the buffer holding them.
+    split: Option<SplitMerge>,
+    /// The partials buffer the portable kernel binds: the split partials, or a one-vec4 stand-in.
+    partials: Option<wgpu::Buffer>,
+    tile_q: u32,
     tile_ptr: wgpu::Buffer,
     entries: wgpu::Buffer,
-    binds: Mutex<Vec<(BindKey, wgpu::BindGroup)>>,
+    binds: Mutex<Vec<(BindKey, ViewGroups)>>,
     host: Mutex<Option<HostBuffers>>,
     buffers_created: std::sync::atomic::AtomicUsize,
 }
+
+/// The portable forward's split partials and the kernel that merges them (`split_merge.wgsl`).
+struct SplitMerge {
+    splits: u32,
+    pipeline: wgpu::ComputePipeline,
+}
+
+/// Workgroup size of the merge kernel.
+const MERGE_WG: u32 = 64;
 
 impl GpuForward {
     pub(crate) fn new(
@@ -132,6 +152,18 @@ impl GpuForward {
         let kernel = forward_kernel(&plan)?;
         let pipeline = ctx.pipeline(kernel, shape.dtype, &overrides(kernel, &plan, shape.head_dim)?)?;
         let device = ctx.device();
+        let list_split = match kernel {
+            Kernel::ForwardPortable => {
+                let cap = ctx.caps().loop_iteration_cap;
+                let cost = forward_portable_cost(&plan, shape.head_dim, layout.block_size());
+                cost.split(mergeq.max_tile_len(), cap, "the portable forward")?
+            }
+            _ => ListSplit::WHOLE,
+        };
+        let (split, partials) = match kernel {
+            Kernel::ForwardPortable => Self::split_merge(ctx, layout, &shape, list_split)?,
+            _ => (None, None),
+        };
         let entries_words = mergeq.gpu_entries();
         // wgpu refuses empty bindings; an empty plan (impossible for valid layouts) still gets one word.
         let entries_bytes: &[u8] = if entries_words.is_empty() {
@@ -167,7 +199,9 @@ impl GpuForward {
             o_stride: 0,
             lse_off: 0,
             neg_inf: f32::NEG_INFINITY,
-            _pad: [0; 3],
+            splits: list_split.params()[0],
+            split_len: list_split.params()[1],
+            first_row: 0,
         };
         Ok(Self {
             ctx: ctx.clone(),
@@ -177,18 +211,62 @@ impl GpuForward {
             base,
             dispatched: mergeq.tiles(),
             pipeline,
+            tile_q: mergeq.tile_q(),
+            buffers_created: (2 + partials.is_some() as usize).into(),
+            split,
+            partials,
             tile_ptr,
             entries,
             binds: Mutex::default(),
             host: Mutex::default(),
-            buffers_created: 2.into(),
         })
+    }
+
+    /// The merge pipeline for `split` (none when the lists are walked whole) and the partials buffer the
+    /// portable kernel binds (a one-vec4 stand-in when they are).
+    fn split_merge(
+        ctx: &Context,
+        layout: &Layout,
+        shape: &Shape,
+        split: ListSplit,
+    ) -> Result<(Option<SplitMerge>, Option<wgpu::Buffer>)> {
+        if !split.is_split() {
+            let stand_in = new_buffer(ctx.device(), "s2attn forward no partials", 16, wgpu::BufferUsages::STORAGE);
+            return Ok((None, Some(stand_in)));
+        }
+        let d = shape.head_dim;
+        check_combine(split.splits, d, ctx.caps().loop_iteration_cap, "the portable forward")?;
+        let heads = layout.num_heads() as u64;
+        if heads * split.splits as u64 > ctx.caps().max_dispatch as u64 {
+            return Err(Error::DeviceLimit {
+                what: format!("{} heads x {} list splits of the portable forward", heads, split.splits),
+                limit: "max_compute_workgroups_per_dimension",
+                needed: heads * split.splits as u64,
+                max: ctx.caps().max_dispatch as u64,
+            });
+        }
+        // Per split and row: D / 4 vec4s of O and one of (m, l).
+        let rows = shape.batch as u64 * split.splits as u64 * heads * shape.seq_len as u64;
+        let bytes = rows * (d as u64 / 4 + 1) * 16;
+        let max = ctx.caps().max_storage_binding.min(ctx.caps().max_buffer);
+        if bytes > max {
+            return Err(Error::DeviceLimit {
+                what: format!("the portable forward's {} list-split partials", split.splits),
+                limit: "max_storage_buffer_binding_size",
+                needed: bytes,
+                max,
+            });
+        }
+        let pipeline = ctx.pipeline(Kernel::SplitMerge, shape.dtype, &[("D", d), ("WG", MERGE_WG)])?;
+        let partials = new_buffer(ctx.device(), "s2attn forward split partials", bytes, wgpu::BufferUsages::STORAGE);
+        Ok((Some(SplitMerge { splits: split.splits, pipeline }), Some(partials)))
     }
 
     /// Computes only the query tiles from `first_tile` on (the kernels walk tiles from the last one back,
     /// so a suffix of tiles is a prefix of the dispatch). Rows before the first tile's are left unwritten.
     pub(crate) fn restrict_to_tiles_from(&mut self, first_tile: u32) {
         self.dispatched = self.base.tiles - first_tile.min(self.base.tiles);
+        self.base.first_row = (first_tile * self.tile_q).min(self.shape.seq_len);
     }
 
     /// Buffers this op has created so far (index, params and host staging buffers).
@@ -259,18 +337,27 @@ impl GpuForward {
             buffers: [q.buffer.clone(), k.buffer.clone(), v.buffer.clone(), o.buffer.clone(), lse.0.clone()],
             words: [q_off, k_off, v_off, o_off, q_stride, kv_stride, o_stride, lse_off],
         };
-        let bind = self.bind_group(key)?;
+        let (bind, merge_bind) = self.bind_group(key)?;
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("s2attn forward"),
             timestamp_writes: timestamps,
         });
         pass.set_pipeline(&self.pipeline);
         pass.set_bind_group(0, &bind, &[]);
-        pass.dispatch_workgroups(self.dispatched, self.num_heads, self.shape.batch);
+        let splits = self.split.as_ref().map_or(1, |s| s.splits);
+        pass.dispatch_workgroups(self.dispatched, self.num_heads * splits, self.shape.batch);
+        if let (Some(split), Some(merge_bind)) = (&self.split, merge_bind) {
+            // Dispatches of one compute pass are ordered: the merge sees every split's partials.
+            pass.set_pipeline(&split.pipeline);
+            pass.set_bind_group(0, &merge_bind, &[]);
+            let rows = self.shape.seq_len - self.base.first_row;
+            pass.dispatch_workgroups(rows.div_ceil(MERGE_WG), self.num_heads, self.shape.batch);
+        }
         Ok(())
     }
 
-    fn bind_group(&self, key: BindKey) -> Result<wgpu::BindGroup> {
+    /// The kernel's bind group for `key`'s views, and the merge's where the lists are split.
+    fn bind_group(&self, key: BindKey) -> Result<ViewGroups> {
         let mut binds = self.binds.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(pos) = binds.iter().position(|(k, _)| *k == key) {
             let hit = binds.remove(pos);
@@ -298,25 +385,37 @@ impl GpuForward {
         });
         self.buffers_created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let b = &key.buffers;
+        let mut entries = vec![
+            entry(0, &params_buf),
+            entry(1, &b[0]),
+            entry(2, &b[1]),
+            entry(3, &b[2]),
+            entry(4, &b[3]),
+            entry(5, &b[4]),
+            entry(6, &self.tile_ptr),
+            entry(7, &self.entries),
+        ];
+        if let Some(partials) = &self.partials {
+            entries.push(entry(13, partials));
+        }
+        let layout = self.pipeline.get_bind_group_layout(0);
         let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("s2attn forward"),
-            layout: &self.pipeline.get_bind_group_layout(0),
-            entries: &[
-                wgpu::BindGroupEntry { binding: 0, resource: params_buf.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 1, resource: b[0].as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 2, resource: b[1].as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 3, resource: b[2].as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 4, resource: b[3].as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 5, resource: b[4].as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 6, resource: self.tile_ptr.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 7, resource: self.entries.as_entire_binding() },
-            ],
+            layout: &layout,
+            entries: &entries,
+        });
+        let merge = self.split.as_ref().zip(self.partials.as_ref()).map(|(split, partials)| {
+            device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("s2attn forward split merge"),
+                layout: &split.pipeline.get_bind_group_layout(0),
+                entries: &[entry(0, &params_buf), entry(4, &b[3]), entry(5, &b[4]), entry(13, partials)],
+            })
         });
         if binds.len() == BIND_CACHE {
             binds.remove(0);
         }
-        binds.push((key, group.clone()));
-        Ok(group)
+        binds.push((key, (group.clone(), merge.clone())));
+        Ok((group, merge))
     }
 
     /// Uploads host tensors (raw bytes of the op's dtype), runs, and reads back `(out bytes, lse)`.
@@ -458,4 +557,9 @@ pub(crate) fn read_buffer(ctx: &Context, buffer: &wgpu::Buffer, len: u64) -> Res
     let out = slice.get_mapped_range().map_err(|e| Error::Device(format!("reading the mapped buffer: {e}")))?.to_vec();
     buffer.unmap();
     Ok(out)
+}
+
+/// A bind-group entry binding all of `buffer`.
+pub(crate) fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
+    wgpu::BindGroupEntry { binding, resource: buffer.as_entire_binding() }
 }

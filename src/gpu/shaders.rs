@@ -50,6 +50,10 @@ pub enum Kernel {
     BackwardDq,
     /// `shaders/backward_dkdv.wgsl`: dK and dV.
     BackwardDkDv,
+    /// `shaders/split_merge.wgsl`: merges the portable forward's split partials by their softmax statistics.
+    SplitMerge,
+    /// `shaders/split_sum.wgsl`: adds the portable backward's split partials of one gradient.
+    SplitSum,
     /// `shaders/backward_coop_dq.wgsl`: D and dQ on cooperative matrices (f16 storage).
     BackwardCoopDq,
     /// `shaders/backward_coop_dkdv.wgsl`: dK and dV on cooperative matrices (f16 storage).
@@ -86,6 +90,8 @@ impl Kernel {
         Kernel::ForwardCoop,
         Kernel::BackwardDq,
         Kernel::BackwardDkDv,
+        Kernel::SplitMerge,
+        Kernel::SplitSum,
         Kernel::BackwardCoopDq,
         Kernel::BackwardCoopDkDv,
         Kernel::DecodeSplit,
@@ -108,6 +114,8 @@ impl Kernel {
             Kernel::ForwardCoop => "forward_coop.wgsl",
             Kernel::BackwardDq => "backward_dq.wgsl",
             Kernel::BackwardDkDv => "backward_dkdv.wgsl",
+            Kernel::SplitMerge => "split_merge.wgsl",
+            Kernel::SplitSum => "split_sum.wgsl",
             Kernel::BackwardCoopDq => "backward_coop_dq.wgsl",
             Kernel::BackwardCoopDkDv => "backward_coop_dkdv.wgsl",
             Kernel::DecodeSplit => "decode_split.wgsl",
@@ -138,6 +146,8 @@ impl Kernel {
             Kernel::ForwardCoop => include_str!("../../shaders/forward_coop.wgsl"),
             Kernel::BackwardDq => include_str!("../../shaders/backward_dq.wgsl"),
             Kernel::BackwardDkDv => include_str!("../../shaders/backward_dkdv.wgsl"),
+            Kernel::SplitMerge => include_str!("../../shaders/split_merge.wgsl"),
+            Kernel::SplitSum => include_str!("../../shaders/split_sum.wgsl"),
             Kernel::BackwardCoopDq => include_str!("../../shaders/backward_coop_dq.wgsl"),
             Kernel::BackwardCoopDkDv => include_str!("../../shaders/backward_coop_dkdv.wgsl"),
             Kernel::DecodeSplit => include_str!("../../shaders/decode_split.wgsl"),
@@ -160,6 +170,8 @@ impl Kernel {
             Kernel::ForwardPortable
             | Kernel::BackwardDq
             | Kernel::BackwardDkDv
+            | Kernel::SplitMerge
+            | Kernel::SplitSum
             | Kernel::DecodeSplit
             | Kernel::DecodeSplitNarrow
             | Kernel::DecodeCombine => &[DType::F32, DType::F16],

@@ -7,6 +7,7 @@
 mod column;
 mod coop;
 mod coop_backward;
+mod loop_budget;
 mod mergeq;
 
 pub use column::{backward_workgroup_bytes, plan_backward_portable, BackwardPlan, ColumnPlan, QueryEntry};
@@ -18,6 +19,10 @@ pub use coop_backward::{
     coop_dkdv_candidates, coop_dkdv_workgroup_bytes, coop_dq_candidates, coop_dq_straight, coop_dq_workgroup_bytes,
     longest_first_order, plan_backward_coop, plan_backward_wgpu, CoopDkdv, SubgroupInfo, DKDV_KERNEL_VAR,
     DQ_KERNEL_VAR,
+};
+pub use loop_budget::{
+    backward_dkdv_cost, backward_dq_cost, budget, check_combine, forward_portable_cost, ListSplit, LoopCost,
+    LLVMPIPE_LOOP_CAP,
 };
 pub use mergeq::{KvEntry, MergeQPlan, RowMask, ROWMASK_BITS_FLAG};
 
@@ -131,6 +136,10 @@ pub struct DeviceCaps {
     pub subgroups: bool,
     /// GPU timestamp queries.
     pub timestamps: bool,
+    /// Loop iterations one shader invocation may run in total before the driver ends its loops (lavapipe:
+    /// [`LLVMPIPE_LOOP_CAP`]); `None` where there is no such cap. The portable kernels split their lists to
+    /// stay within it ([`LoopCost::split`]).
+    pub loop_iteration_cap: Option<u32>,
 }
 
 impl DeviceCaps {
@@ -150,6 +159,7 @@ impl DeviceCaps {
             shader_f16: true,
             subgroups: true,
             timestamps: true,
+            loop_iteration_cap: None,
         }
     }
 }
