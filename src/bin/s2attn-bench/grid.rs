@@ -328,6 +328,7 @@ s2attn-bench: times S2 (block-sparse) attention and dense attention of the same 
 backend of this machine, checks each configuration against the f64 oracle, and compares with peers.
 
 USAGE: s2attn-bench [--preset quick|paper|decode] [GRID FLAGS] [OPTIONS]
+       s2attn-bench report FILE...   (markdown tables of saved JSON lines; `s2attn-bench report --help`)
 
 GRID FLAGS (comma-separated lists; the grid is their cartesian product; `4k` = 4096):
   --seq 4096,16384     sequence lengths (decode:   --heads 32          query heads
@@ -370,6 +371,17 @@ OPTIONS:
   --markdown           print a markdown table for BENCHMARKS.md
   --list               list the devices and exit          -v, --verbose   print plans and devices
   -h, --help           this text
+";
+
+pub const REPORT_HELP: &str = "\
+s2attn-bench report: turns JSON lines saved by `--json` (ours) and by torch_peers.py (the peers) into markdown
+tables, one per device and mode (forward, forward + backward, decode); measures nothing.
+
+USAGE: s2attn-bench report [--from] FILE...
+
+Each table has our rows and the peers' rows of the same device; `<peer>/ours` is the peer's time over ours at the
+same configuration (> 1: we are faster); TFLOP/s count active blocks only; `×dense` is our dense row's time over
+the sparse row's on the same backend. Fields shared by every row are said once above the table.
 ";
 
 /// A bad command line, with the message to show.
