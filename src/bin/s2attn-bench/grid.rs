@@ -163,7 +163,7 @@ impl Grid {
         }
     }
 
-    /// The `decode` preset: the paper-like decode setting of issue 7 (32 query heads, 8 KV heads, head dim
+    /// The `decode` preset: the paper-like decode setting (32 query heads, 8 KV heads, head dim
     /// 128, block 64, local 16, vert_stride 16, fp16) at KV histories of 32k and 128k tokens, batch 1 and
     /// 16.
     pub fn decode() -> Self {
@@ -366,7 +366,7 @@ OPTIONS:
   --json FILE          write JSON lines (peer rows first, then ours as they are measured)
   --peers FILE         merge peer JSON lines (torch_peers.py output; repeatable) and print ratios
   --from FILE          measure nothing: report the rows of earlier --json files (ours and peers, repeatable),
-                       e.g. to merge runs split over several device calls
+                       e.g. to merge runs made separately
   --plot FILE.svg      time (log) against sequence length, one line per implementation
   --markdown           print a markdown table for BENCHMARKS.md
   --list               list the devices and exit          -v, --verbose   print plans and devices
