@@ -206,3 +206,24 @@ fn what_a_backend_cannot_run_is_a_note_and_the_grid_goes_on() {
         assert_eq!(out.status.code(), Some(1), "{stderr}");
     }
 }
+
+#[test]
+fn report_makes_one_markdown_table_per_device_and_mode_without_a_device() {
+    // Saved rows of ours and of a peer on one GPU, in two modes: two tables, the peer's ratio in the forward one.
+    let ours = r#"{"impl":"s2attn/vulkan/coop","mode":"MODE","batch":1,"seq":131072,"heads":32,"kv_heads":32,"head_dim":128,"block":64,"local":16,"vert_stride":64,"offset":0,"dtype":"fp16","causal":true,"ms":23.74,"min_ms":23.64,"max_ms":23.89,"density":0.0309,"device":"NVIDIA H200","max_rel_err":0.00026,"adapter":"NVIDIA H200","backend":"vulkan","timer":"gpu","iters":10}"#;
+    let peer = r#"{"impl": "flex-s2", "ms": 20.1581, "mode": "fwd", "batch": 1, "seq": 131072, "heads": 32, "kv_heads": 32, "head_dim": 128, "block": 64, "local": 16, "vert_stride": 64, "offset": 0, "dtype": "fp16", "causal": true, "density": 0.03095, "device": "NVIDIA H200"}"#;
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench_cli_report.jsonl");
+    let text_in = format!("{}\n{}\n{peer}\n", ours.replace("MODE", "fwd"), ours.replace("MODE", "fwd+bwd"));
+    std::fs::write(&path, text_in).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let out = bench(&["report", path.to_str().unwrap_or_default()]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("### NVIDIA H200: forward\n") && stdout.contains("### NVIDIA H200: forward + backward\n"));
+    assert_eq!(stdout.matches("| s2attn/vulkan/coop |").count(), 2, "{stdout}");
+    // 20.1581 / 23.74 = 0.849, in the forward table only.
+    assert!(stdout.contains("flex-s2/ours") && stdout.contains("| 0.849 |"), "{stdout}");
+    // No file: the usage and exit status 2.
+    let out = bench(&["report"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stdout).contains("USAGE: s2attn-bench report"));
+}

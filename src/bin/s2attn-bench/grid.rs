@@ -163,7 +163,7 @@ impl Grid {
         }
     }
 
-    /// The `decode` preset: the paper-like decode setting of issue 7 (32 query heads, 8 KV heads, head dim
+    /// The `decode` preset: the paper-like decode setting (32 query heads, 8 KV heads, head dim
     /// 128, block 64, local 16, vert_stride 16, fp16) at KV histories of 32k and 128k tokens, batch 1 and
     /// 16.
     pub fn decode() -> Self {
@@ -328,6 +328,7 @@ s2attn-bench: times S2 (block-sparse) attention and dense attention of the same 
 backend of this machine, checks each configuration against the f64 oracle, and compares with peers.
 
 USAGE: s2attn-bench [--preset quick|paper|decode] [GRID FLAGS] [OPTIONS]
+       s2attn-bench report FILE...   (markdown tables of saved JSON lines; `s2attn-bench report --help`)
 
 GRID FLAGS (comma-separated lists; the grid is their cartesian product; `4k` = 4096):
   --seq 4096,16384     sequence lengths (decode:   --heads 32          query heads
@@ -365,11 +366,22 @@ OPTIONS:
   --json FILE          write JSON lines (peer rows first, then ours as they are measured)
   --peers FILE         merge peer JSON lines (torch_peers.py output; repeatable) and print ratios
   --from FILE          measure nothing: report the rows of earlier --json files (ours and peers, repeatable),
-                       e.g. to merge runs split over several device calls
+                       e.g. to merge runs made separately
   --plot FILE.svg      time (log) against sequence length, one line per implementation
   --markdown           print a markdown table for BENCHMARKS.md
   --list               list the devices and exit          -v, --verbose   print plans and devices
   -h, --help           this text
+";
+
+pub const REPORT_HELP: &str = "\
+s2attn-bench report: turns JSON lines saved by `--json` (ours) and by torch_peers.py (the peers) into markdown
+tables, one per device and mode (forward, forward + backward, decode); measures nothing.
+
+USAGE: s2attn-bench report [--from] FILE...
+
+Each table has our rows and the peers' rows of the same device; `<peer>/ours` is the peer's time over ours at the
+same configuration (> 1: we are faster); TFLOP/s count active blocks only; `×dense` is our dense row's time over
+the sparse row's on the same backend. Fields shared by every row are said once above the table.
 ";
 
 /// A bad command line, with the message to show.

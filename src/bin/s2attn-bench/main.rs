@@ -2,7 +2,8 @@
 //! attention of the same shapes) on every adapter and backend of the machine, in three modes (the
 //! forward, forward+backward, decode), checks each configuration against the f64 oracle, merges peer
 //! results (`torch_peers.py` JSON lines), and prints a table, JSON lines, markdown and an SVG plot.
-//! `s2attn-bench --help` lists the flags.
+//! `s2attn-bench --help` lists the flags; `s2attn-bench report FILE...` turns saved JSON lines into the
+//! markdown tables of BENCHMARKS.md, one per device and mode.
 //!
 //! Exit status: 0 when every row was measured or skipped with a note, 1 when nothing was measured or a
 //! check exceeded its tolerance, 2 on a bad command line or unreadable file. Rows a backend cannot run
@@ -43,8 +44,51 @@ fn read_rows(flag: &str, paths: &[std::path::PathBuf]) -> Result<(Vec<report::Ro
     Ok((rows, raw))
 }
 
+/// `s2attn-bench report [--from] FILE...`: one markdown table per (device, mode) of the rows in the files (ours
+/// and the peers measured on the same device), with the peers' time over ours; measures nothing.
+fn report_cmd(args: &[String]) -> Result<i32, String> {
+    let files: Vec<std::path::PathBuf> = args.iter().filter(|a| *a != "--from").map(Into::into).collect();
+    if files.is_empty() || args.iter().any(|a| a == "-h" || a == "--help") {
+        print!("{}", grid::REPORT_HELP);
+        return Ok(if files.is_empty() { 2 } else { 0 });
+    }
+    let (rows, _) = read_rows("report", &files)?;
+    let groups: std::collections::BTreeSet<(String, String)> =
+        rows.iter().map(|r| (r.device.clone(), r.mode.clone())).collect();
+    let mut out = String::new();
+    for (device, mode) in &groups {
+        let (ours, peers): (Vec<report::Row>, Vec<report::Row>) =
+            rows.iter().filter(|r| &r.device == device && &r.mode == mode).cloned().partition(|r| r.is_ours());
+        if ours.is_empty() {
+            continue;
+        }
+        let label = match mode.as_str() {
+            "fwd" => "forward",
+            "fwd+bwd" => "forward + backward",
+            "decode" => "decode",
+            m => m,
+        };
+        let dev = if device.is_empty() { "unnamed device" } else { device };
+        out.push_str(&format!(
+            "### {dev}: {label}\n\n{}\n",
+            report::render_markdown(&report::build_table(&ours, &peers))
+        ));
+    }
+    if out.is_empty() {
+        eprintln!("s2attn-bench report: no rows of ours in {}", files.len());
+        return Ok(1);
+    }
+    print!("{}", out.trim_end());
+    println!();
+    Ok(0)
+}
+
 fn bench() -> Result<i32, String> {
-    let args = grid::parse_args(std::env::args().skip(1)).map_err(|e| e.to_string())?;
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("report") {
+        return report_cmd(&argv[1..]);
+    }
+    let args = grid::parse_args(argv).map_err(|e| e.to_string())?;
     if args.help {
         print!("{}", grid::HELP);
         return Ok(0);

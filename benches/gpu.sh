@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# benches/gpu.sh SUITE...: the GPU runs behind BENCHMARKS.md, on one GPU host, from the repository root.
+#
+# Binaries: either a staged folder (built on another machine, e.g. `../shared/gpu/stage.sh --features cuda`, which
+# puts release examples, bins and test binaries in .gpu/bin, the Vulkan/EGL loader packages and the peer script
+# torch_peers.py in .gpu/; then `source .gpu/env.sh` on the GPU host), or a local `cargo build --release --bins
+# --examples --features cuda` (target/release is searched when s2attn-bench is not on PATH; the tests suite then
+# runs `cargo test --release`).
+#
+# Suites (each writes JSON lines to $OUT_DIR/<suite>.jsonl, its logs to $OUT_DIR/<suite>*.log):
+#   tests     every test binary with a GPU path (wgpu ones on Vulkan, CUDA ones on CUDA) and the quickstart example;
+#             one line per binary in summary.txt
+#   forward   S2 forward, 32 heads, head dim 128, block 64, local 16, batch 1: 16k/64k/128k x vert_stride 16/64,
+#             fp16 on every backend of BACKENDS (dense rows of this library up to 16k), and bf16 on CUDA
+#   backward  forward + backward (dQ, dK, dV) at the same shape, vert_stride 16, 16k/64k/128k, fp16
+#   decode    one query token per sequence against 32k/128k tokens of paged S2 cache, 8 and 32 KV heads,
+#             batch 1 and 16 (--preset decode), then the decode_loop example
+#   peers     FlashAttention-2 and cuDNN (dense causal, PyTorch SDPA) and FlexAttention with the S2 mask, through
+#             torch_peers.py, at the points of the other suites named in the same run (of all of them if alone)
+#   paper     the paper's points: fp16, 32 heads, head dim 128, block 64, local 16, batch 1, 16k/32k/64k/128k at
+#             vert_stride 16 and 64, our Vulkan and CUDA paths and FlashAttention-2 and FlexAttention in one run
+#             (its peer rows go to paper.jsonl itself: `s2attn-bench report paper.jsonl` stands alone)
+#
+# Environment: OUT_DIR (default $OUT, else bench-out/<date-time>), BACKENDS (default vulkan,cuda), PEERS (path of
+# torch_peers.py; default .gpu/peers/torch_peers.py), TEST_TIMEOUT (seconds per test binary, default 300),
+# CARGO_FEATURES (for the cargo fallback, default "--features cuda").
+# At the end every log is packed into $OUT_DIR/logs.tar.gz, and report.md holds the tables of
+# `s2attn-bench report FILE...` (one per device and mode, ours against the peers of the same run; the paper
+# suite's in a section of its own).
+set -uo pipefail
+usage="usage: benches/gpu.sh SUITE... (tests forward backward decode peers paper)"
+[ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
+for s in "$@"; do
+    case $s in tests | forward | backward | decode | peers | paper) ;; *) echo "unknown suite '$s'; $usage" >&2; exit 2 ;; esac
+done
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT_DIR:-${OUT:-bench-out/$(date +%Y-%m-%d-%H%M%S)}}
+mkdir -p "$OUT_DIR"
+BACKENDS=${BACKENDS:-vulkan,cuda}
+PEERS=${PEERS:-.gpu/peers/torch_peers.py}
+TEST_TIMEOUT=${TEST_TIMEOUT:-300}
+CARGO_FEATURES=${CARGO_FEATURES:---features cuda}
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} PYTHONUNBUFFERED=1
+for d in /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-*/targets/x86_64-linux/lib; do
+    [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}" && break   # NVRTC for the cuda backend
+done
+command -v s2attn-bench >/dev/null || export PATH="$PWD/target/release:$PWD/target/release/examples:$PATH"
+command -v s2attn-bench >/dev/null || { echo "no s2attn-bench: stage .gpu/ and source .gpu/env.sh, or cargo build --release" >&2; exit 2; }
+
+T0=$SECONDS
+say() { echo "[t=$((SECONDS - T0))s] $*" | tee -a "$OUT_DIR/summary.txt"; }
+has() { [[ ",$BACKENDS," == *",$1,"* ]]; }
+# The paper's shape; every suite but decode uses it.
+shape="--heads 32 --kv-heads 32 --head-dim 128 --block 64 --local 16"
+bench() {  # bench SUITE FLAGS...: one s2attn-bench run appending to SUITE.jsonl, its output to SUITE.log
+    local suite=$1; shift
+    local tmp="$OUT_DIR/.$suite.part.jsonl"
+    s2attn-bench "$@" -v --json "$tmp" >> "$OUT_DIR/$suite.log" 2>&1
+    local rc=$?
+    cat "$tmp" >> "$OUT_DIR/$suite.jsonl" 2>/dev/null; rm -f "$tmp"
+    say "$suite: s2attn-bench $* -> rc=$rc"
+}
+# `peers SUITE LINE...`: each LINE is one torch_peers.py command line; all run in one Python process (one torch
+# import, Triton's compile cache shared) and append their JSON lines to SUITE.jsonl, their log to SUITE-peers.log.
+peers() {
+    local suite=$1 log=$1-peers.log; shift
+    [ "$suite" = peers ] && log=peers.log
+    [ -f "$PEERS" ] || { say "$suite: no peers: no $PEERS (set PEERS to torch_peers.py)"; return; }
+    python3 - "$PEERS" "$@" >> "$OUT_DIR/$suite.jsonl" 2>> "$OUT_DIR/$log" <<'PY'
+import importlib.util, shlex, sys
+spec = importlib.util.spec_from_file_location("torch_peers", sys.argv[1])
+torch_peers = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(torch_peers)
+for line in sys.argv[2:]:
+    print("peers:", line, file=sys.stderr, flush=True)
+    sys.argv = ["torch_peers.py", *shlex.split(line)]
+    try:
+        torch_peers.main()
+    except (Exception, SystemExit) as e:
+        print(f"peers: {line}: {e!r}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+PY
+    say "$suite: torch_peers.py, $# command lines -> rc=$? ($(grep -c '"ms": ' "$OUT_DIR/$suite.jsonl") peer rows in $suite.jsonl)"
+}
+
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>&1; s2attn-bench --list -v 2>&1; } \
+    > "$OUT_DIR/device.log"
+say "suites: $* (OUT_DIR=$OUT_DIR, BACKENDS=$BACKENDS); $(head -2 "$OUT_DIR/device.log" | tail -1)"
+
+suite_tests() {
+    local bin dir
+    dir=$(dirname "$(command -v s2attn-bench)")
+    if ls "$dir"/test-* >/dev/null 2>&1; then
+        for bin in "$dir"/test-*; do
+            local name=${bin##*/} be=vulkan
+            case $name in test-bench_cli | test-c_api) continue ;; test-cuda*) be=cuda ;; esac
+            S2ATTN_BACKEND=$be timeout "$TEST_TIMEOUT" "$bin" > "$OUT_DIR/tests-${name#test-}.log" 2>&1
+            say "tests: $name rc=$? $(grep -a 'test result' "$OUT_DIR/tests-${name#test-}.log" | tail -1)"
+        done
+    elif command -v cargo >/dev/null; then
+        # shellcheck disable=SC2086
+        cargo test --release $CARGO_FEATURES --no-fail-fast > "$OUT_DIR/tests-cargo.log" 2>&1
+        say "tests: cargo test --release $CARGO_FEATURES rc=$? $(grep -ac '^test result: ok' "$OUT_DIR/tests-cargo.log") binaries ok"
+    else
+        say "tests: no test binaries next to s2attn-bench and no cargo"
+    fi
+    timeout 120 quickstart > "$OUT_DIR/tests-quickstart.log" 2>&1
+    say "tests: quickstart rc=$? $(tail -2 "$OUT_DIR/tests-quickstart.log" | paste -sd' ' | cut -c1-200)"
+}
+
+suite_forward() {
+    bench forward $shape --mode fwd --seq 16k,64k,128k --vert-stride 16,64 --dtype f16 --backend "$BACKENDS" \
+        --iters 10 --warmup 2 --dense-max-seq 16k
+    has cuda && bench forward $shape --mode fwd --seq 16k,64k,128k --vert-stride 16,64 --dtype bf16 --backend cuda \
+        --iters 10 --warmup 2 --no-dense
+}
+
+suite_backward() {
+    bench backward $shape --mode fwd+bwd --seq 16k,64k,128k --vert-stride 16 --dtype f16 --backend "$BACKENDS" \
+        --iters 5 --warmup 1 --no-dense
+}
+
+suite_decode() {
+    bench decode --preset decode --kv-heads 8,32 --batch 1,16 --seq 32k,128k --backend "$BACKENDS"
+    PROMPT=32768 LAYERS=4 TOKENS=64 HEADS=32 KV_HEADS=8 HEAD_DIM=128 timeout 300 decode_loop \
+        > "$OUT_DIR/decode-loop.log" 2>&1
+    say "decode: decode_loop rc=$? $(tail -2 "$OUT_DIR/decode-loop.log" | paste -sd' ' | cut -c1-200)"
+}
+
+suite_paper() {
+    local seqs="16384 32768 65536 131072"
+    peers paper "--mode fwd --seq $seqs --vert-stride 16 --impls torch-flash flex-s2" \
+        "--mode fwd --seq $seqs --vert-stride 64 --impls flex-s2"
+    bench paper $shape --mode fwd --seq 16k,32k,64k,128k --vert-stride 16,64 --dtype f16 --backend "$BACKENDS" \
+        --iters 10 --warmup 2 --no-dense
+}
+
+suite_peers() {  # the peers at the points of the suites named with it
+    local want=" $* " lines=()
+    [[ $want == *" forward "* ]] && lines+=("--mode fwd --seq 16384 65536 131072 --vert-stride 16"
+        "--mode fwd --seq 16384 65536 131072 --vert-stride 64 --impls flex-s2"
+        "--mode fwd --seq 16384 65536 131072 --vert-stride 16 --dtype bf16 --impls flex-s2"
+        "--mode fwd --seq 16384 65536 131072 --vert-stride 64 --dtype bf16 --impls flex-s2")
+    [[ $want == *" backward "* ]] && lines+=("--mode fwd+bwd --seq 16384 65536 131072 --vert-stride 16 --iters 3")
+    if [[ $want == *" decode "* ]]; then
+        local kv b
+        for kv in 8 32; do for b in 1 16; do
+            lines+=("--mode decode --seq 32768 131072 --kv-heads $kv --batch $b")
+        done; done
+    fi
+    [ ${#lines[@]} -gt 0 ] && peers peers "${lines[@]}"
+}
+
+others=()
+for s in "$@"; do [ "$s" = peers ] || [ "$s" = tests ] || [ "$s" = paper ] || others+=("$s"); done
+for s in "$@"; do
+    case $s in
+    peers) if [ ${#others[@]} -gt 0 ]; then suite_peers "${others[@]}"; else suite_peers forward backward decode; fi ;;
+    *) "suite_$s" ;;
+    esac
+done
+
+# The tables: the paper suite's file alone (its own peers), the other suites' files together.
+rest=$(ls "$OUT_DIR"/*.jsonl 2>/dev/null | grep -v '/paper\.jsonl$')
+{ [ -n "$rest" ] && s2attn-bench report $rest && echo
+  [ -f "$OUT_DIR/paper.jsonl" ] && echo "## The paper's points" && echo && s2attn-bench report "$OUT_DIR/paper.jsonl"
+} > "$OUT_DIR/report.md" 2>> "$OUT_DIR/summary.txt"
+say "report: $OUT_DIR/report.md ($(grep -c '^### ' "$OUT_DIR/report.md") tables)"
+# Logs in one archive: a results folder of at most 8 files (jsonl per suite, summary.txt, report.md, logs.tar.gz).
+(cd "$OUT_DIR" && ls ./*.log >/dev/null 2>&1 && tar czf logs.tar.gz --remove-files ./*.log)
+ls -la "$OUT_DIR"
