@@ -10,7 +10,7 @@ use super::timing::{time_encoded, Stamps};
 use super::{Timing, WgpuContext as Context};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::plan::{BackwardPlan, ColumnPlan, CoopDkdv, KernelVariant, MergeQPlan, Shape};
+use crate::plan::{BackwardPlan, ColumnPlan, KernelVariant, MergeQPlan, Shape};
 use std::sync::Mutex;
 use wgpu::util::DeviceExt;
 
@@ -92,9 +92,6 @@ pub(crate) struct GpuBackward {
     num_heads: u32,
     num_kv_heads: u32,
     passes: [Pass; 2],
-    /// Diagnostics only: the pass (0 dQ, 1 dK/dV) `S2ATTN_BWD_DIAG_SKIP` named when the op was built; it is
-    /// recorded without its dispatch.
-    diag_skip: Option<usize>,
     delta: wgpu::Buffer,
     binds: Mutex<Vec<(Vec<wgpu::Buffer>, [wgpu::BindGroup; 2])>>,
     host: Mutex<Option<HostBuffers>>,
@@ -165,9 +162,9 @@ impl GpuBackward {
             bindings: DQ_BINDINGS,
             label: "s2attn backward dQ",
         };
-        // The coop dK/dV kernel with `longest_first` reads its launch order after the column pointers.
+        // The coop dK/dV kernel reads its launch order after the column pointers.
         let mut col_ptr = columns.col_ptr().to_vec();
-        if dkdv_kernel == Kernel::BackwardCoopDkDv && CoopDkdv::of_plan(&plan.dkdv).longest_first {
+        if dkdv_kernel == Kernel::BackwardCoopDkDv {
             if col_ptr.len() != (columns.patterns() * columns.kv_blocks() + 1) as usize {
                 return Err(Error::Shape(format!(
                     "column plan of {} pointers for {} patterns",
@@ -198,9 +195,6 @@ impl GpuBackward {
             num_heads: heads,
             num_kv_heads: kv_heads,
             passes: [dq, dkdv],
-            diag_skip: std::env::var("S2ATTN_BWD_DIAG_SKIP")
-                .ok()
-                .and_then(|v| ["dq", "dkdv"].iter().position(|p| *p == v)),
             delta,
             binds: Mutex::default(),
             host: Mutex::default(),
@@ -248,8 +242,6 @@ impl GpuBackward {
 
     /// Records both backward passes into `encoder`, reading and writing the caller's buffers.
     /// With `stamps`, the dQ pass writes the beginning timestamp and the dK/dV pass the end one.
-    /// Diagnostics only: with `S2ATTN_BWD_DIAG_SKIP=dq` (or `dkdv`) set when the op was built, that pass is
-    /// recorded without its dispatch, so that a timing shows the other pass alone (the gradients are then wrong).
     pub(crate) fn encode(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -269,9 +261,7 @@ impl GpuBackward {
             cp.set_pipeline(&pass.pipeline);
             cp.set_bind_group(0, group, &[]);
             let [x, y, z] = pass.dispatch;
-            if self.diag_skip != Some(i) {
-                cp.dispatch_workgroups(x, y, z);
-            }
+            cp.dispatch_workgroups(x, y, z);
         }
         Ok(())
     }
