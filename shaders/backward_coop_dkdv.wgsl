@@ -1,60 +1,36 @@
 // S2 backward on cooperative matrices, pass 2 of 2: dK and dV. f16 storage, f32 accumulation. Same
 // bindings, params and column lists as the portable backward_dkdv.wgsl (CPU twin:
-// src/cpu/backward/portable.rs).
+// src/cpu/backward/coop.rs).
 //
-// One workgroup per (KV tile of BK keys, KV head, batch). Subgroup g = kt + (BK/16) * qs owns keys
-// 16kt..16kt+15 of the tile and rows 16qs..16qs+15 of every staged query tile (BQ rows, so BK/16 x BQ/16
-// subgroups), and keeps dK and dV accumulators of its keys (2 x D/16 f32 C matrices) in registers; the
-// tile's K and V rows stay in workgroup memory and are loaded as A matrices where needed (in registers
-// they would not leave room for the accumulators). For each query head of the KV head's GQA group, for
-// each BQ-row query tile of the KV block's column list (the transposed index, src/plan/column.rs):
-//   1. the workgroup stages the tile's Q and dO rows, their LSE (base 2; +BIG where the row is masked,
-//      past the end or without keys, so that P = 0 there) and D from pass 1;
-//   2. each subgroup whose keys some of its rows see computes S^T = K Q^T and dP^T = V dO^T (one C matrix
-//      each, as two half-length chains), S^T to its rows of s_s;
-//   3. its lanes (two per key) recompute P^T = exp2(S^T * scale_log2 - LSE) (masked on the causal
-//      diagonal and at the sequence end), read dP^T through s_s and write P^T and
-//      dS^T = P^T * (dP^T - D) as f16;
-//   4. dV += P^T dO and dK += dS^T Q over its 16 rows.
-// Steps 2-4 touch only the subgroup's rows and synchronise with subgroup barriers (see the uniformity
-// note in forward_coop.wgsl). At the end the subgroups of each key range add their partial sums in a
-// fixed order (qs = 1, 2, .. into qs = 0) through workgroup memory; the group's query heads and tiles are
+// One workgroup per (KV tile of BK keys, KV head, batch). The tile's K and V rows stay in workgroup memory
+// and are loaded as A matrices where needed. Blocks of 16 keys x 16 query rows (NPAIR = NKT x QG of them
+// per staged query tile of BQ rows) each go to a pair of subgroups: subgroup g = side NPAIR + p works on
+// block p (keys 16(p % NKT).., rows 16(p / NKT).. of every staged query tile) and keeps one set of
+// accumulators of its keys (D/16 f32 C matrices): side 0 (the "V-side") dV, side 1 (the "K-side") dK.
+// For each query head of the KV head's GQA group, for each BQ-row query tile of the KV block's column list
+// (the transposed index, src/plan/column.rs):
+//   1. the workgroup stores the tile's Q and dO rows, their LSE (base 2; +BIG where the row is masked,
+//      past the end or without keys, so that P = 0 there) and D from pass 1, fetched into registers
+//      during the previous tile's math, and fetches the next tile's;
+//   2. the V-side of each block whose keys some of its rows see computes S^T = K Q^T to the block's rows
+//      of s_s, and its lanes (two per key) P^T = exp2(S^T * scale_log2 - LSE) (masked on the causal
+//      diagonal and at the sequence end) as f16 to p_s; the K-side computes dP^T = V dO^T and holds it
+//      in registers;
+//   3. a workgroup barrier publishes P^T (and frees s_s); the K-side stores dP^T to the block's s_s rows
+//      and writes dS^T = P^T (dP^T - D) as f16 (P^T as the f16 the V-side wrote);
+//   4. the V-side accumulates dV += P^T dO, the K-side dK += dS^T Q over the block's 16 rows.
+// Steps 2-4 within a side synchronise with subgroup barriers (see the uniformity note in
+// forward_coop.wgsl). At the end the subgroups of each (side, key range) add their partial sums in a fixed
+// order (row group 1, 2, .. into 0) through workgroup memory; the group's query heads and tiles are
 // summed in a fixed order as well, and dK, dV written once per element: deterministic, no atomics.
 //
-// Three switches (override constants, 0 = v1, all 1 = v2; S2ATTN_BWD_DKDV on the host, see
-// src/plan/coop_backward.rs): PREFETCH = 1 fetches the next query tile's Q, dO, LSE and D into
-// registers right after the current tile is staged, so that their memory latency overlaps the current
-// tile's math (step 1 then only stores registers); DESCEND = 1 walks each column list from its last query
-// tile down, so that the stripe columns of a head, which all end at the sequence's last query tile, read
-// the same query tiles at about the same time (L2 hits instead of each streaming its own from HBM);
-// LONGEST_FIRST = 1 takes the workgroup's (KV tile, KV head) from a launch order the host appends to
-// tile_ptr (after the column pointers; longest GQA-summed column first, so that the stripe columns do not
-// start last and leave a tail).
-//
-// A fourth, RS (v3 = v2 with RS = 2; written before it was measured, shaders/NOTES-coop.md): each
-// subgroup takes RS 16-row slices of the staged tile, rows 16(qs + QG r).. for r = 0..RS-1 (QG =
-// BQ/16/RS row groups), one after the other through the same scratch rows, so that a staged tile of BQ
-// rows needs BK/16 x QG subgroups and each of them does RS times the math between the tile's two
-// workgroup barriers. RS = 1 is the kernel above.
-//
-// A fifth, SPLIT (v4 = v2 with SPLIT = 1; written before it was measured, shaders/NOTES-coop.md): dK and
-// dV of each 16-key x 16-row block go to two subgroups, so that each holds 8 accumulators (64 registers)
-// instead of 16 and a workgroup has twice the subgroups (2 NPAIR, NPAIR = NKT x QG blocks). Subgroup
-// g = side NPAIR + p works on block p (keys 16(p % NKT).., rows 16(p / NKT)..); side 0 ("V-side")
-// computes S^T, P^T (to p_s) and dV += P^T dO, side 1 ("K-side") dP^T (held in registers across a
-// workgroup barrier that publishes P^T), then dS^T = P^T (dP^T - D) (P^T as the f16 the V-side wrote)
-// and dK += dS^T Q. The block's scratch rows (16p.. of s_s, p_s, ds_s) are shared by the pair: the
-// V-side reads its S^T before the barrier, the K-side stores dP^T after it. One more workgroup barrier
-// per query tile (three), the same workgroup memory as v2 at the same tile; RS = 1 (the epilogue's
-// reduction takes one slot of s_s per (side, key range), which QG >= 2 provides: 2 NKT <= NPAIR; QG = 1
-// has no reduction).
-//
-// v5 (written before it was measured): FUSE = 2 makes each block 16 keys x 32 rows (two 16-row halves in
-// one round: S^T / dP^T as two C matrices, P^T and dS^T rows of 32 queries, dV and dK with k = 32), so that
-// a 32-row tile needs NKT blocks (4 subgroups at 32x32) and each round carries twice the data. SPLIT = 2
-// (`v5-recompute`) drops the hand-over: the K-side recomputes S^T and P^T itself, in its own s_s rows (slot
-// g: s_s has a slot per subgroup) and its ds_s rows (P^T, then dS^T in place), and there is no third
-// workgroup barrier. The epilogue writes the V-sides' dV, then the K-sides' dK, through slot kt of s_s.
+// The walk goes down each column list from its last query tile, so that the stripe columns of a head,
+// which all end at the sequence's last query tile, read the same query tiles at about the same time (L2
+// hits instead of each streaming its own from HBM), and each workgroup takes its (KV tile, KV head) from
+// a launch order the host appends to tile_ptr after the column pointers (longest GQA-summed column first,
+// so that the stripe columns do not start last and leave a tail). Measured slower or no faster on the
+// H200: one subgroup per block holding both dK and dV, two 16-row slices per subgroup, 32-row blocks
+// (with or without the P^T hand-over).
 
 diagnostic(off, derivative_uniformity);
 enable f16;
@@ -63,22 +39,15 @@ enable wgpu_cooperative_matrix;
 #include shared/params.wgsl
 
 #include shared/coop_backward.wgsl
-override RS: u32 = 1u;               // 16-row slices of each staged tile per subgroup
-override SPLIT: u32 = 0u;            // 1: dK and dV of a block on two subgroups (v4); 2: without hand-over
-override FUSE: u32 = 1u;             // 16-row halves per block (2 only with SPLIT)
 override NKT: u32 = BK / 16u;        // key ranges of 16
-override QG: u32 = BQ / 16u / RS / FUSE; // row groups: subgroup qs takes slices qs, qs + QG, ..
+override QG: u32 = BQ / 16u;         // row groups of 16
 override NPAIR: u32 = NKT * QG;      // (key range, row group) blocks; 16 scratch rows each
-override NSG: u32 = NPAIR * (1u + min(SPLIT, 1u)); // subgroups the kernel needs
-override NSS: u32 = select(NPAIR, NSG, SPLIT == 2u); // 16-row slots of s_s: per block, or per subgroup
-override PS4: u32 = 6u;               // vec4s per P^T / dS^T row (16 queries, padded)
-override SS4: u32 = 6u;               // vec4s per S^T / dP^T row (16 queries, padded; also dK/dV staging)
-override PREFETCH: u32 = 0u;          // 1: the next query tile is fetched during the current one's math
-override DESCEND: u32 = 0u;           // 1: column lists walked from their last query tile down
-override LONGEST_FIRST: u32 = 0u;     // 1: (KV tile, KV head) from the host's launch order in tile_ptr
+override NSG: u32 = 2u * NPAIR;      // subgroups the kernel needs: a V-side and a K-side per block
 override NQF: u32 = BQ * D / 4u / WG; // Q (and dO) vec4s each invocation fetches per query tile
+const PS4: u32 = 6u;                 // vec4s per P^T / dS^T row (16 queries, padded)
+const SS4: u32 = 6u;                 // vec4s per S^T / dP^T row (16 queries, padded; also dK/dV staging)
 
-const MAX_QF: u32 = 16u; // NQF at most 16 (BQ * D / 4 / WG = RS D / (8 NKT); the planner keeps it so)
+const MAX_QF: u32 = 16u; // NQF at most 16 (BQ * D / 4 / WG = D / (8 NKT); the planner keeps it so)
 
 alias QFetch = array<vec4<f16>, MAX_QF>;
 
@@ -88,7 +57,7 @@ var<workgroup> q_s: array<vec4<f16>, BQ * KS4>;
 var<workgroup> do_s: array<vec4<f16>, BQ * KS4>;
 var<workgroup> p_s: array<vec4<f16>, 16u * NPAIR * PS4>;
 var<workgroup> ds_s: array<vec4<f16>, 16u * NPAIR * PS4>;
-var<workgroup> s_s: array<vec4<f32>, 16u * NSS * SS4>;
+var<workgroup> s_s: array<vec4<f32>, 16u * NPAIR * SS4>;
 var<workgroup> lse_s: array<vec4<f32>, BQ / 4u>;
 var<workgroup> delta_s: array<vec4<f32>, BQ / 4u>;
 var<workgroup> shape_ok_s: u32;
@@ -106,15 +75,14 @@ fn store_grad(which: u32, b: u32, tok: u32, head: u32, c4: u32, x: vec4<f16>) {
 
 // What one subgroup works on.
 struct Sub {
-    g: u32,    // its block: its rows of p_s, ds_s (and s_s unless SPLIT = 2) are 16g..16g+15
-    s: u32,    // its slot of s_s (g, or the subgroup with SPLIT = 2)
+    g: u32,    // its block: its rows of p_s, ds_s and s_s are 16g..16g+15
     kt: u32,   // its keys: 16kt.. of the tile (the rows of its A matrices)
-    qs: u32,   // its row group: slices qs, qs + QG, .. (rows 16 slice..) of each staged query tile
-    side: u32, // SPLIT: 0 S^T, P^T, dV; 1 dP^T, dS^T, dK (0 without SPLIT: both)
+    qs: u32,   // its row group: rows 16qs.. of each staged query tile
+    side: u32, // 0 S^T, P^T, dV; 1 dP^T, dS^T, dK
 }
 
 // S^T = K Q^T (`grad` false) or dP^T = V dO^T (true) of the subgroup's keys against the queries of
-// slice `sl` (rows 16sl..), as two half-length accumulation chains (even and odd head-dim blocks).
+// row group `sl` (rows 16sl..), as two half-length accumulation chains (even and odd head-dim blocks).
 fn scores(u: Sub, sl: u32, grad: bool) -> CM {
     var s = CM();
     var t = CM();
@@ -132,53 +100,9 @@ fn scores(u: Sub, sl: u32, grad: bool) -> CM {
     return s + t;
 }
 
-// dV += P^T dO and dK += dS^T Q over the queries of slice `sl` (dO, Q rows as the rows of B matrices).
+// The V-side's dV += P^T dO or the K-side's dK += dS^T Q over the queries of row group `sl`, into the
+// subgroup's one set of accumulators.
 fn accumulate(
-    u: Sub,
-    sl: u32,
-    v0: ptr<function, CM>,
-    v1: ptr<function, CM>,
-    v2: ptr<function, CM>,
-    v3: ptr<function, CM>,
-    v4: ptr<function, CM>,
-    v5: ptr<function, CM>,
-    v6: ptr<function, CM>,
-    v7: ptr<function, CM>,
-    k0: ptr<function, CM>,
-    k1: ptr<function, CM>,
-    k2: ptr<function, CM>,
-    k3: ptr<function, CM>,
-    k4: ptr<function, CM>,
-    k5: ptr<function, CM>,
-    k6: ptr<function, CM>,
-    k7: ptr<function, CM>,
-) {
-    let pa = coopLoadT<AM>(&p_s[16u * u.g * PS4], PS4);
-    let da = coopLoadT<AM>(&ds_s[16u * u.g * PS4], PS4);
-    let at = 16u * sl * KS4;
-    *v0 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at], KS4), *v0);
-    *k0 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at], KS4), *k0);
-    *v1 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 4u], KS4), *v1);
-    *k1 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 4u], KS4), *k1);
-    *v2 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 8u], KS4), *v2);
-    *k2 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 8u], KS4), *k2);
-    *v3 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 12u], KS4), *v3);
-    *k3 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 12u], KS4), *k3);
-    if D > 64u {
-        *v4 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 16u], KS4), *v4);
-        *k4 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 16u], KS4), *k4);
-        *v5 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 20u], KS4), *v5);
-        *k5 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 20u], KS4), *k5);
-        *v6 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 24u], KS4), *v6);
-        *k6 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 24u], KS4), *k6);
-        *v7 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 28u], KS4), *v7);
-        *k7 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 28u], KS4), *k7);
-    }
-}
-
-// v4 (SPLIT): the V-side's dV += P^T dO or the K-side's dK += dS^T Q over the queries of slice `sl` (and,
-// with FUSE = 2, of slice sl + 1, added after it), into the subgroup's one set of accumulators.
-fn accumulate_half(
     u: Sub,
     sl: u32,
     a0: ptr<function, CM>,
@@ -190,46 +114,43 @@ fn accumulate_half(
     a6: ptr<function, CM>,
     a7: ptr<function, CM>,
 ) {
-    for (var f = 0u; f < FUSE; f++) {
-        let at = 16u * (sl + f) * KS4;
-        let ap = 16u * u.g * PS4 + 4u * f;
-        if u.side == 0u {
-            let pa = coopLoadT<AM>(&p_s[ap], PS4);
-            *a0 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at], KS4), *a0);
-            *a1 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 4u], KS4), *a1);
-            *a2 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 8u], KS4), *a2);
-            *a3 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 12u], KS4), *a3);
-            if D > 64u {
-                *a4 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 16u], KS4), *a4);
-                *a5 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 20u], KS4), *a5);
-                *a6 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 24u], KS4), *a6);
-                *a7 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 28u], KS4), *a7);
-            }
-        } else {
-            let da = coopLoadT<AM>(&ds_s[ap], PS4);
-            *a0 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at], KS4), *a0);
-            *a1 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 4u], KS4), *a1);
-            *a2 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 8u], KS4), *a2);
-            *a3 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 12u], KS4), *a3);
-            if D > 64u {
-                *a4 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 16u], KS4), *a4);
-                *a5 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 20u], KS4), *a5);
-                *a6 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 24u], KS4), *a6);
-                *a7 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 28u], KS4), *a7);
-            }
+    let at = 16u * sl * KS4;
+    let ap = 16u * u.g * PS4;
+    if u.side == 0u {
+        let pa = coopLoadT<AM>(&p_s[ap], PS4);
+        *a0 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at], KS4), *a0);
+        *a1 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 4u], KS4), *a1);
+        *a2 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 8u], KS4), *a2);
+        *a3 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 12u], KS4), *a3);
+        if D > 64u {
+            *a4 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 16u], KS4), *a4);
+            *a5 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 20u], KS4), *a5);
+            *a6 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 24u], KS4), *a6);
+            *a7 = coopMultiplyAdd(pa, coopLoadT<BM>(&do_s[at + 28u], KS4), *a7);
+        }
+    } else {
+        let da = coopLoadT<AM>(&ds_s[ap], PS4);
+        *a0 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at], KS4), *a0);
+        *a1 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 4u], KS4), *a1);
+        *a2 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 8u], KS4), *a2);
+        *a3 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 12u], KS4), *a3);
+        if D > 64u {
+            *a4 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 16u], KS4), *a4);
+            *a5 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 20u], KS4), *a5);
+            *a6 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 24u], KS4), *a6);
+            *a7 = coopMultiplyAdd(da, coopLoadT<BM>(&q_s[at + 28u], KS4), *a7);
         }
     }
 }
 
 // P^T of the subgroup's block from S^T in s_s (lanes 2r, 2r+1: key row `row`, interleaved vec4 columns `h`;
-// 16 FUSE queries, vec4s 2i + h for i < 2 FUSE) and the LSE of each column's query (slice `sl`, first query
-// q0); the element mask only where `need_mask` (the block touches the causal diagonal or the sequence end;
+// 16 queries, vec4s 2i + h for i < 2) and the LSE of each column's query (row group `sl`, first query q0); the element mask only where `need_mask` (the block touches the causal diagonal or the sequence end;
 // row masks and rows past the end have LSE = +BIG).
-fn probs(sl: u32, row: u32, h: u32, kj: u32, q0: u32, need_mask: bool) -> array<vec4<f32>, 4> {
+fn probs(sl: u32, row: u32, h: u32, kj: u32, q0: u32, need_mask: bool) -> array<vec4<f32>, 2> {
     let seq = params.seq_len;
     let causal = params.causal != 0u;
-    var pr: array<vec4<f32>, 4>;
-    for (var i = 0u; i < 2u * FUSE; i++) {
+    var pr: array<vec4<f32>, 2>;
+    for (var i = 0u; i < 2u; i++) {
         var p = exp2(s_s[row * SS4 + 2u * i + h] * params.scale_log2 - lse_s[4u * sl + 2u * i + h]);
         if need_mask {
             let qi = vec4<u32>(q0 + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
@@ -314,8 +235,8 @@ fn stash_tile(t: ptr<function, QTile>, lid: u32) {
 }
 
 // Where the walk over the GQA group's column lists stands: query head `head` (the group's end when the
-// walk is done), step `i` of its list of KV block `kb` (ascending, or descending with DESCEND), the list
-// being entries first .. first + len. The list bounds ride along in registers, so that stepping within
+// walk is done), step `i` of its list of KV block `kb` (walked descending), the list being entries
+// first .. first + len. The list bounds ride along in registers, so that stepping within
 // a list loads nothing (in-order issue would wait on every dependent index load).
 struct Cursor {
     head: u32,
@@ -326,7 +247,7 @@ struct Cursor {
 
 // The index into `entries` of the cursor's step.
 fn entry_index(c: Cursor) -> u32 {
-    return select(c.first + c.i, c.first + c.len - 1u - c.i, DESCEND != 0u);
+    return c.first + c.len - 1u - c.i;
 }
 
 // `c` itself if it is a step of its list, else the first step of the next head with a nonempty list, or
@@ -353,33 +274,18 @@ fn advance(c: Cursor, head_end: u32, kb: u32) -> Cursor {
     return settle(Cursor(c.head, c.i + 1u, c.first, c.len), head_end, kb);
 }
 
-// The walk's first step: the first of head `head0`'s list (or a later head's), then, walking ascending,
-// past the causal query tiles that all precede the tile at `k0` (they would be skipped by every subgroup;
-// descending, they come last and are left to that per-subgroup skip).
-fn first_step(head0: u32, head_end: u32, kb: u32, k0: u32) -> Cursor {
+// The walk's first step: the last query tile of head `head0`'s list (or a later head's). Causal query
+// tiles that all precede the KV tile come last and are skipped block by block.
+fn first_step(head0: u32, head_end: u32, kb: u32) -> Cursor {
     let slot = (head0 / params.heads_per_pattern) * params.tiles + kb;
     let first = tile_ptr[slot];
-    var n = settle(Cursor(head0, 0u, first, tile_ptr[slot + 1u] - first), head_end, kb);
-    if DESCEND == 0u && params.causal != 0u {
-        loop {
-            if n.head >= head_end {
-                break;
-            }
-            let row0 = entries[entry_index(n)].x * BQ;
-            if min(row0 + BQ, params.seq_len) - 1u >= k0 {
-                break;
-            }
-            n = advance(n, head_end, kb);
-        }
-    }
-    return n;
+    return settle(Cursor(head0, 0u, first, tile_ptr[slot + 1u] - first), head_end, kb);
 }
 
-// The s_s slot (16 rows) through which row group `src`'s partial sum reaches row group 0: the storing
-// subgroup's own block without SPLIT, one per (side, key range) with it (2 NKT <= NPAIR where QG >= 2,
-// the only case with a reduction step).
-fn reduce_slot(u: Sub, src: u32) -> u32 {
-    return select(u.kt + src * NKT, u.side * NKT + u.kt, SPLIT != 0u);
+// The s_s slot (16 rows) through which a row group's partial sum reaches row group 0: one per (side, key
+// range) (2 NKT <= NPAIR where QG >= 2, the only case with a reduction step).
+fn reduce_slot(u: Sub) -> u32 {
+    return u.side * NKT + u.kt;
 }
 
 // Adds the partial sums of the key range's other row groups (qs = 1, 2, ..) into subgroup qs = 0's `m`
@@ -390,11 +296,11 @@ fn reduce(u: Sub, m: CM) -> CM {
     for (var src = 1u; src < QG; src++) {
         workgroupBarrier();
         if u.qs == src {
-            coopStoreT(m, &s_s[16u * reduce_slot(u, src) * SS4], SS4);
+            coopStoreT(m, &s_s[16u * reduce_slot(u) * SS4], SS4);
         }
         workgroupBarrier();
         if u.qs == 0u {
-            acc = acc + coopLoadT<CM>(&s_s[16u * reduce_slot(u, src) * SS4], SS4);
+            acc = acc + coopLoadT<CM>(&s_s[16u * reduce_slot(u) * SS4], SS4);
         }
     }
     workgroupBarrier(); // s_s is free again for the epilogue's staging
@@ -402,12 +308,12 @@ fn reduce(u: Sub, m: CM) -> CM {
 }
 
 // The reduced dK or dV matrix `m` (head dims 16j..) of subgroup qs = 0, written times `scale`, staged
-// through slot kt of s_s (the subgroup's own rows without SPLIT: g = kt there; write_grad takes the slot's
-// rows as those of invocations 32 kt..). With SPLIT the V-sides write first, then the K-sides, a workgroup
-// barrier apart (reduce() ends with one, so the slots are free when the first side starts).
+// through slot kt of s_s (write_grad takes the slot's rows as those of invocations 32 kt..). The V-sides
+// write first, then the K-sides, a workgroup barrier apart (reduce() ends with one, so the slots are free
+// when the first side starts).
 fn finish(u: Sub, m: CM, lid: u32, k0: u32, b: u32, kv_head: u32, j: u32, scale: f32, which: u32) {
     let total = reduce(u, m);
-    for (var side = 0u; side <= min(SPLIT, 1u); side++) {
+    for (var side = 0u; side <= 1u; side++) {
         if side > 0u {
             workgroupBarrier();
         }
@@ -426,16 +332,12 @@ fn main(
     @builtin(num_workgroups) n_wg: vec3<u32>,
 ) {
     let d4 = D / 4u;
-    var tile = wg.x;
-    var kv_head = wg.y;
-    if LONGEST_FIRST != 0u {
-        // Launch slot wg.y * n_wg.x + wg.x runs the (KV tile, KV head) the host put there, as
-        // kv_head * n_wg.x + tile, after the column pointers.
-        let order = (params.num_heads / params.heads_per_pattern) * params.tiles + 1u;
-        let w = tile_ptr[order + wg.y * n_wg.x + wg.x];
-        tile = w % n_wg.x;
-        kv_head = w / n_wg.x;
-    }
+    // Launch slot wg.y * n_wg.x + wg.x runs the (KV tile, KV head) the host put there, as
+    // kv_head * n_wg.x + tile, after the column pointers.
+    let order = (params.num_heads / params.heads_per_pattern) * params.tiles + 1u;
+    let w = tile_ptr[order + wg.y * n_wg.x + wg.x];
+    let tile = w % n_wg.x;
+    let kv_head = w / n_wg.x;
     let k0 = tile * BK;
     let b = wg.z;
     let group = params.num_heads / params.num_kv_heads;
@@ -445,11 +347,10 @@ fn main(
     let causal = params.causal != 0u;
     let g = min(sg_id, NSG - 1u);
     let blk = g % NPAIR;
-    let u = Sub(blk, select(blk, g, SPLIT == 2u), blk % NKT, blk / NKT, g / NPAIR);
+    let u = Sub(blk, blk % NKT, blk / NKT, g / NPAIR);
     // Elementwise role: lanes 2r and 2r+1 of the subgroup own its key 16kt + r, each half of the row's
-    // vec4 columns (interleaved); `row` is that key's row in p_s and ds_s, `srow` in s_s.
+    // vec4 columns (interleaved); `row` is that key's row in p_s, ds_s and s_s.
     let row = 16u * u.g + (lid % 32u) / 2u;
-    let srow = 16u * u.s + (lid % 32u) / 2u;
     let h = lid % 2u;
     let kj = k0 + 16u * u.kt + row % 16u;
     let key0 = k0 + 16u * u.kt;
@@ -471,8 +372,7 @@ fn main(
     }
 
     stage_kv(b, kv_head, k0, lid);
-    // dV (v0..) and dK (dk0..) of the subgroup's keys; with SPLIT, v0..v7 are the V-side's dV or the
-    // K-side's dK and dk0..dk7 stay unused.
+    // dV (the V-side) or dK (the K-side) of the subgroup's keys.
     var v0 = CM();
     var v1 = CM();
     var v2 = CM();
@@ -481,17 +381,9 @@ fn main(
     var v5 = CM();
     var v6 = CM();
     var v7 = CM();
-    var dk0 = CM();
-    var dk1 = CM();
-    var dk2 = CM();
-    var dk3 = CM();
-    var dk4 = CM();
-    var dk5 = CM();
-    var dk6 = CM();
-    var dk7 = CM();
 
     let head_end = (kv_head + 1u) * group;
-    var cur = first_step(kv_head * group, head_end, kb, k0);
+    var cur = first_step(kv_head * group, head_end, kb);
     var nxt = advance(cur, head_end, kb);
     // The entries of the current and the next step, each loaded a step before its use; an index past the
     // walk's end reads the current step's entry again (fetched, never stored).
@@ -501,9 +393,7 @@ fn main(
     if cur.head < head_end {
         e_cur = entries[entry_index(cur)];
         e_nxt = entries[select(entry_index(cur), entry_index(nxt), nxt.head < head_end)];
-        if PREFETCH != 0u {
-            held = fetch_tile(b, cur.head, e_cur, lid);
-        }
+        held = fetch_tile(b, cur.head, e_cur, lid);
     }
     loop {
         if cur.head >= head_end {
@@ -513,17 +403,12 @@ fn main(
         let entry = e_cur;
         let row0 = entry.x * BQ;
         workgroupBarrier(); // every subgroup is done with the previous tile's q_s, do_s, lse_s, delta_s
-        if PREFETCH == 0u {
-            held = fetch_tile(b, head, entry, lid);
-        }
         stash_tile(&held, lid);
         workgroupBarrier();
         let more = nxt.head < head_end;
-        if PREFETCH != 0u {
-            // In flight during this tile's math; stored at the next step. Unconditional (past the walk's
-            // end it fetches this tile again, never stored), see `fetch_tile`.
-            held = fetch_tile(b, select(head, nxt.head, more), select(entry, e_nxt, more), lid);
-        }
+        // In flight during this tile's math; stored at the next step. Unconditional (past the walk's end it
+        // fetches this tile again, never stored), see `fetch_tile`.
+        held = fetch_tile(b, select(head, nxt.head, more), select(entry, e_nxt, more), lid);
         let after = advance(nxt, head_end, kb);
         let e_after = entries[select(entry_index(cur), entry_index(after), after.head < head_end)];
         cur = nxt;
@@ -531,141 +416,57 @@ fn main(
         e_cur = e_nxt;
         e_nxt = e_after;
 
-        if SPLIT != 0u {
-            // v4 / v5: the block's V-side and K-side (see the header); a block whose rows lie past the
-            // end, or all precede its keys (causal), is skipped by both.
-            let sl = u.qs * FUSE;
-            let q0 = row0 + 16u * sl;
-            let rows = 16u * FUSE;
-            let live = key0 < seq && q0 < seq && (!causal || key0 <= min(q0 + rows - 1u, seq - 1u));
-            let need_mask = key0 + 16u > seq || (causal && key0 + 15u > q0);
-            var dpt0 = CM();
-            var dpt1 = CM();
-            if live {
-                if u.side == 0u || SPLIT == 2u {
-                    // S^T -> s_s -> P^T: the V-side's to p_s; (SPLIT = 2) the K-side's own to ds_s.
-                    let st0 = scores(u, sl, false);
-                    if FUSE == 2u {
-                        let st1 = scores(u, sl + 1u, false);
-                        if u.side == 1u {
-                            dpt0 = scores(u, sl, true);
-                            dpt1 = scores(u, sl + 1u, true);
-                        }
-                        coopStoreT(st1, &s_s[16u * u.s * SS4 + 4u], SS4);
-                    } else if u.side == 1u {
-                        dpt0 = scores(u, sl, true);
-                    }
-                    coopStoreT(st0, &s_s[16u * u.s * SS4], SS4);
-                    subgroupBarrier();
-                    let pr = probs(sl, srow, h, kj, q0, need_mask);
-                    for (var i = 0u; i < 2u * FUSE; i++) {
-                        if u.side == 0u {
-                            p_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i]);
-                        } else {
-                            ds_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i]);
-                        }
-                    }
-                    if SPLIT == 2u {
-                        subgroupBarrier(); // S^T is read (K-side: dP^T takes its place); P^T complete (V-side)
-                    }
-                } else {
-                    dpt0 = scores(u, sl, true);
-                    if FUSE == 2u {
-                        dpt1 = scores(u, sl + 1u, true);
-                    }
-                }
-            }
-            if SPLIT == 1u {
-                workgroupBarrier(); // every block's P^T is in p_s, and its S^T has been read
-            }
-            if live {
-                if u.side == 1u {
-                    coopStoreT(dpt0, &s_s[16u * u.s * SS4], SS4);
-                    if FUSE == 2u {
-                        coopStoreT(dpt1, &s_s[16u * u.s * SS4 + 4u], SS4);
-                    }
-                    subgroupBarrier();
-                    for (var i = 0u; i < 2u * FUSE; i++) {
-                        let dp = s_s[srow * SS4 + 2u * i + h];
-                        // P^T as f16: the V-side's (SPLIT = 1) or this subgroup's own (SPLIT = 2, in place).
-                        var p = vec4<f32>(ds_s[row * PS4 + 2u * i + h]);
-                        if SPLIT == 1u {
-                            p = vec4<f32>(p_s[row * PS4 + 2u * i + h]);
-                        }
-                        ds_s[row * PS4 + 2u * i + h] = vec4<f16>(p * (dp - delta_s[4u * sl + 2u * i + h]));
-                    }
-                    subgroupBarrier(); // dS^T is complete
-                }
-                accumulate_half(u, sl, &v0, &v1, &v2, &v3, &v4, &v5, &v6, &v7);
-            }
-            continue;
-        }
-
-        // The subgroup's slices one after the other (RS of them); a slice whose rows lie past the end,
-        // or all precede the subgroup's keys (causal), is skipped.
-        for (var r = 0u; r < RS; r++) {
-            let sl = u.qs + QG * r;
-            let q0 = row0 + 16u * sl;
-            if key0 < seq && q0 < seq && (!causal || key0 <= min(q0 + 15u, seq - 1u)) {
-                let st = scores(u, sl, false);
-                let dpt = scores(u, sl, true);
-                coopStoreT(st, &s_s[16u * g * SS4], SS4);
+        // The block's V-side and K-side (see the header); a block whose rows lie past the end, or all
+        // precede its keys (causal), is skipped by both.
+        let sl = u.qs;
+        let q0 = row0 + 16u * sl;
+        let live = key0 < seq && q0 < seq && (!causal || key0 <= min(q0 + 15u, seq - 1u));
+        let need_mask = key0 + 16u > seq || (causal && key0 + 15u > q0);
+        var dpt = CM();
+        if live {
+            if u.side == 0u {
+                // S^T -> s_s -> P^T to p_s.
+                coopStoreT(scores(u, sl, false), &s_s[16u * u.g * SS4], SS4);
                 subgroupBarrier();
-
-                let need_mask = key0 + 16u > seq || (causal && key0 + 15u > q0);
                 let pr = probs(sl, row, h, kj, q0, need_mask);
-                subgroupBarrier(); // S^T is read: dP^T takes its place
-                coopStoreT(dpt, &s_s[16u * g * SS4], SS4);
+                for (var i = 0u; i < 2u; i++) {
+                    p_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i]);
+                }
+            } else {
+                dpt = scores(u, sl, true);
+            }
+        }
+        workgroupBarrier(); // every block's P^T is in p_s, and its S^T has been read
+        if live {
+            if u.side == 1u {
+                coopStoreT(dpt, &s_s[16u * u.g * SS4], SS4);
                 subgroupBarrier();
                 for (var i = 0u; i < 2u; i++) {
                     let dp = s_s[row * SS4 + 2u * i + h];
-                    p_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i]);
-                    ds_s[row * PS4 + 2u * i + h] = vec4<f16>(pr[i] * (dp - delta_s[4u * sl + 2u * i + h]));
+                    // P^T as the f16 the V-side wrote.
+                    let p = vec4<f32>(p_s[row * PS4 + 2u * i + h]);
+                    ds_s[row * PS4 + 2u * i + h] = vec4<f16>(p * (dp - delta_s[4u * sl + 2u * i + h]));
                 }
-                subgroupBarrier(); // P^T and dS^T are complete
-
-                accumulate(
-                    u, sl, &v0, &v1, &v2, &v3, &v4, &v5, &v6, &v7, &dk0, &dk1, &dk2, &dk3, &dk4, &dk5, &dk6, &dk7,
-                );
+                subgroupBarrier(); // dS^T is complete
             }
+            accumulate(u, sl, &v0, &v1, &v2, &v3, &v4, &v5, &v6, &v7);
         }
     }
 
     // dK = scale * sum dS^T Q (scale = scale_log2 * ln 2); dV = sum P^T dO. 16 head dims at a time, the
     // query-row subgroups' partial sums added first.
     let scale = params.scale_log2 * LN2;
-    if SPLIT != 0u {
-        // v4: the V-side's accumulators are dV, the K-side's dK.
-        let sc = select(1.0, scale, u.side == 1u);
-        let which = select(2u, 1u, u.side == 1u);
-        finish(u, v0, lid, k0, b, kv_head, 0u, sc, which);
-        finish(u, v1, lid, k0, b, kv_head, 1u, sc, which);
-        finish(u, v2, lid, k0, b, kv_head, 2u, sc, which);
-        finish(u, v3, lid, k0, b, kv_head, 3u, sc, which);
-        if D > 64u {
-            finish(u, v4, lid, k0, b, kv_head, 4u, sc, which);
-            finish(u, v5, lid, k0, b, kv_head, 5u, sc, which);
-            finish(u, v6, lid, k0, b, kv_head, 6u, sc, which);
-            finish(u, v7, lid, k0, b, kv_head, 7u, sc, which);
-        }
-        return;
-    }
-    finish(u, dk0, lid, k0, b, kv_head, 0u, scale, 1u);
-    finish(u, dk1, lid, k0, b, kv_head, 1u, scale, 1u);
-    finish(u, dk2, lid, k0, b, kv_head, 2u, scale, 1u);
-    finish(u, dk3, lid, k0, b, kv_head, 3u, scale, 1u);
-    finish(u, v0, lid, k0, b, kv_head, 0u, 1.0, 2u);
-    finish(u, v1, lid, k0, b, kv_head, 1u, 1.0, 2u);
-    finish(u, v2, lid, k0, b, kv_head, 2u, 1.0, 2u);
-    finish(u, v3, lid, k0, b, kv_head, 3u, 1.0, 2u);
+    // The V-side's accumulators are dV, the K-side's dK.
+    let sc = select(1.0, scale, u.side == 1u);
+    let which = select(2u, 1u, u.side == 1u);
+    finish(u, v0, lid, k0, b, kv_head, 0u, sc, which);
+    finish(u, v1, lid, k0, b, kv_head, 1u, sc, which);
+    finish(u, v2, lid, k0, b, kv_head, 2u, sc, which);
+    finish(u, v3, lid, k0, b, kv_head, 3u, sc, which);
     if D > 64u {
-        finish(u, dk4, lid, k0, b, kv_head, 4u, scale, 1u);
-        finish(u, dk5, lid, k0, b, kv_head, 5u, scale, 1u);
-        finish(u, dk6, lid, k0, b, kv_head, 6u, scale, 1u);
-        finish(u, dk7, lid, k0, b, kv_head, 7u, scale, 1u);
-        finish(u, v4, lid, k0, b, kv_head, 4u, 1.0, 2u);
-        finish(u, v5, lid, k0, b, kv_head, 5u, 1.0, 2u);
-        finish(u, v6, lid, k0, b, kv_head, 6u, 1.0, 2u);
-        finish(u, v7, lid, k0, b, kv_head, 7u, 1.0, 2u);
+        finish(u, v4, lid, k0, b, kv_head, 4u, sc, which);
+        finish(u, v5, lid, k0, b, kv_head, 5u, sc, which);
+        finish(u, v6, lid, k0, b, kv_head, 6u, sc, which);
+        finish(u, v7, lid, k0, b, kv_head, 7u, sc, which);
     }
 }

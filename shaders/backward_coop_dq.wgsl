@@ -27,11 +27,6 @@ override NSG: u32 = BQ / 16u;          // subgroups the kernel needs
 override NPF: u32 = BK * D / 4u / WG;  // K (and V) vec4s each invocation fetches per chunk
 override PS4: u32 = (BK + 8u) / 4u;    // vec4s per dS row (also Q/dO staging, >= 16 columns)
 override SS4: u32 = (BK + 8u) / 4u;    // vec4s per S/dP row (>= 16 columns: also dQ staging)
-// 1 (`S2ATTN_BWD_DQ=straight`; shaders/NOTES-coop.md "v7"; 604 instructions and 9 moves per chunk, the pass 1%
-// faster on the H200, within noise, so left opt-in): every subgroup runs every
-// chunk, its rows masked where they see none of it (need_mask holds wherever it would have skipped; rows past the
-// end have P = 0 through their LSE), so that the dQ accumulators meet no merging control flow.
-override STRAIGHT: u32 = 0u;
 
 const MAX_BK8: u32 = 4u;  // BK at most 32
 const MAX_PF: u32 = 8u;   // NPF at most 8
@@ -240,7 +235,7 @@ fn main(
 
         // Subgroups whose 16 rows all precede the chunk (causal) or sit outside its row mask skip it.
         let sg_row0 = row0 + 16u * t.g;
-        if STRAIGHT != 0u || (sg_row0 < seq && (!causal || k0 <= sg_row0 + 15u) && row_attends(rows, 16u * t.g)) {
+        if (sg_row0 < seq && (!causal || k0 <= sg_row0 + 15u) && row_attends(rows, 16u * t.g)) {
             let s0 = qk(0u, q0, q1, q2, q3, q4, q5, q6, q7);
             let e0 = dov(0u, g0, g1, g2, g3, g4, g5, g6, g7);
             var s1 = CM();

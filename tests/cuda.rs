@@ -20,15 +20,7 @@ const BF16_TOL: f64 = 1.5e-2;
 /// The CUDA context, or `None` (after saying why) on machines without one.
 fn cuda() -> Option<&'static Context> {
     static CTX: OnceLock<Option<Context>> = OnceLock::new();
-    CTX.get_or_init(|| {
-        // tests/cuda_wgmma.rs runs this whole suite as its module `wgmma_suite` with the wgmma kernel (the
-        // planner's default on sm_90 since v8), this file with mma.sync, so both stay covered (set here, before
-        // any op is planned; the other tests wait for this initialisation).
-        let kernel = if module_path!().ends_with("wgmma_suite") { "wgmma" } else { "mma" };
-        std::env::set_var("S2ATTN_CUDA_KERNEL", kernel);
-        open_cuda()
-    })
-    .as_ref()
+    CTX.get_or_init(open_cuda).as_ref()
 }
 
 fn open_cuda() -> Option<Context> {
@@ -238,17 +230,16 @@ fn custom_masks_with_block_row_masks_and_empty_rows() {
     assert!(!op.mergeq().all_prefix(), "the mask was meant to need per-block row masks");
 }
 
-/// Checks a grid of >= 264 CTAs, which takes 128-row tiles (256 with `S2ATTN_CUDA_TILE_Q=256`): four
-/// 32-row warps on mma.sync, or two 64-row warpgroups on wgmma on sm_90 (unless `S2ATTN_CUDA_KERNEL=mma`).
+/// Checks a grid of >= 264 CTAs, which takes 128-row tiles: four 32-row warps on mma.sync, or two 64-row
+/// warpgroups on wgmma on sm_90 (head dim 128).
 fn check_large<T: Half>(what: &str, layout: &Layout, shape: Shape, seed: u64) {
     let Some(ctx) = cuda() else { return };
     let op = check::<T>(ctx, what, layout, shape, seed);
     assert!(op.plan().tile_q >= 128, "{what}: {}", op.explain());
-    let wgmma_asked = std::env::var("S2ATTN_CUDA_KERNEL").map_or(true, |v| v != "mma");
     let eligible = op.plan().tile_kv == 64 && op.plan().tile_q == 128 && shape.head_dim == 128;
     let hopper = ctx.cuda().is_some_and(|c| c.arch() == (9, 0));
     let wgmma = op.plan().variant == KernelVariant::CudaWgmma;
-    assert_eq!(wgmma, wgmma_asked && eligible && hopper, "{what}: {}", op.explain());
+    assert_eq!(wgmma, eligible && hopper, "{what}: {}", op.explain());
     assert_eq!(wgmma, op.plan().reason.starts_with("wgmma"), "the reason names the kernel: {}", op.explain());
 }
 

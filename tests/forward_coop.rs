@@ -9,18 +9,13 @@
 //! Runs on adapters with 16x16 f16 cooperative matrices (the H100); elsewhere (lavapipe in CI) it prints
 //! why it skipped. Tile choice goes through `S2ATTN_TILE`, a process-wide variable, so everything runs
 //! in one test function (this binary's only test) and failures are collected, then reported together.
-//! With `S2ATTN_COOP_FWD=v4` (or `v4-nopipe`) set, every case runs the kernel's v4 form, including its
-//! 128x64 tile (16-key slices at d128, 32-key at d64), and the plans must say so. With `S2ATTN_COOP_FWD=v5`
-//! every case runs the head-dim split (its one tile, 64x32, at 256 invocations; the other tiles fall back
-//! to the portable kernel, saying they do not fit), and the plans must name v5. With `S2ATTN_COOP_FWD=v7`
-//! every case runs v3's tiles in straight-line form (`S2ATTN_COOP_STRAIGHT` picks its parts), named v7.
 
 mod common;
 
 use common::coop::{coop_problems, s2, Run, COOP_TOL, LSE_TOL};
 use common::{context, random_mask, run_encode, run_host_op, run_strided, Got, Inputs, Problem};
 use s2attn::cpu::{forward_coop, rel_l2_error, CoopKernel, Reference};
-use s2attn::plan::{coop_slices, CoopForward, CoopTile, RowMask};
+use s2attn::plan::{CoopTile, RowMask};
 use s2attn::{Attention, DType, KernelVariant, Layout, S2Config};
 
 /// ‖out−twin‖/‖twin‖ bound against the kernel's CPU twin (`cpu::forward_coop`), which rounds P and O to
@@ -28,20 +23,16 @@ use s2attn::{Attention, DType, KernelVariant, Layout, S2Config};
 /// (2^-11 ~ 4.9e-4) on every element would not reach it. Not yet measured on a GPU (shaders/NOTES-coop.md).
 const TWIN_TOL: f64 = 1e-3;
 
-/// The CPU twin of the kernel `op` runs in `form`.
-fn twin(op: &Attention, p: &Problem, x: &Inputs, form: CoopForward) -> Result<Vec<f32>, String> {
+/// The CPU twin of the kernel `op` runs.
+fn twin(op: &Attention, p: &Problem, x: &Inputs) -> Vec<f32> {
     let plan = op.plan();
-    let tile = CoopTile { tile_q: plan.tile_q, tile_kv: plan.tile_kv };
-    // The plan's own bytes admit exactly the slices the planner chose (it takes the first that fits).
-    let slices = coop_slices(form, tile, p.head_dim, plan.workgroup_bytes)
-        .ok_or_else(|| format!("no {} slices for {tile} in the plan's {} B", form.name(), plan.workgroup_bytes))?;
-    let kernel = CoopKernel::new(form, tile, slices);
-    Ok(forward_coop(&p.layout, &p.shape(), &kernel, op.mergeq(), &x.q, &x.k, &x.v).0)
+    let kernel = CoopKernel::new(CoopTile { tile_q: plan.tile_q, tile_kv: plan.tile_kv });
+    forward_coop(&p.layout, &p.shape(), &kernel, op.mergeq(), &x.q, &x.k, &x.v).0
 }
 
 /// Runs one problem and judges it against the oracle and the kernel's CPU twin; returns the two errors
 /// (or why it failed).
-fn judge(op: &Attention, p: &Problem, x: &Inputs, run: Run, form: CoopForward) -> Result<(f64, f64), String> {
+fn judge(op: &Attention, p: &Problem, x: &Inputs, run: Run) -> Result<(f64, f64), String> {
     let got: Got = match run {
         Run::Host => run_host_op(op, p, x),
         Run::Encode => run_encode(p, x),
@@ -64,7 +55,7 @@ fn judge(op: &Attention, p: &Problem, x: &Inputs, run: Run, form: CoopForward) -
     if lse_err.is_nan() || lse_err >= LSE_TOL {
         return Err(format!("lse error {lse_err:.3e} >= {LSE_TOL:.0e}"));
     }
-    let twin = twin(op, p, x, form)?;
+    let twin = twin(op, p, x);
     let twin_err = rel_l2_error(got.out.iter().map(|&v| v as f64), &twin.iter().map(|&v| v as f64).collect::<Vec<_>>());
     if twin_err.is_nan() || twin_err >= TWIN_TOL {
         return Err(format!("‖out−twin‖/‖twin‖ = {twin_err:.3e} >= {TWIN_TOL:.0e} (oracle error {err:.2e})"));
@@ -84,8 +75,7 @@ fn coop_forward_matches_the_oracle() {
         );
         return;
     }
-    let form = CoopForward::from_env().expect("S2ATTN_COOP_FWD is v3, v4, v4-nopipe or v5");
-    println!("coop tests on {}, forward form {}", ctx.adapter_name(), form.name());
+    println!("coop tests on {}", ctx.adapter_name());
     let mut failures = Vec::new();
     let mut seed = 5000u64;
 
@@ -103,8 +93,7 @@ fn coop_forward_matches_the_oracle() {
         failures.push(format!("f32 should stay portable with a reason: {}", op32.explain()));
     }
 
-    // Every tile candidate on every problem.
-    // 128x64 fits only the v4 form (v3 falls back, saying it does not fit).
+    // Every tile candidate on every problem (128x64 never fits 48 KiB: it falls back, saying so).
     let tiles = ["64x16", "64x32", "64x64", "128x16", "128x32", "128x64"];
     for tile in tiles {
         let tile: CoopTile = tile.parse().expect("tile");
@@ -128,16 +117,12 @@ fn coop_forward_matches_the_oracle() {
                 failures.push(format!("{tile} {name}: planned {}", op.plan()));
                 continue;
             }
-            let named = op.plan().reason.starts_with(&format!("{}, ", form.name()));
-            if form != CoopForward::V3 && !named {
-                failures.push(format!("{tile} {name}: the plan does not name form {}: {}", form.name(), op.plan()));
-            }
             if name.contains("bit masks") && !op.mergeq().entries().iter().any(|e| matches!(e.rows, RowMask::Blocks(_)))
             {
                 failures.push(format!("{tile} {name}: no bit-mask entry, the case lost its point"));
             }
             let x = p.inputs(seed);
-            match judge(&op, &p, &x, run, form) {
+            match judge(&op, &p, &x, run) {
                 Ok((err, twin)) => println!("ok   {tile:>6} {name}: err {err:.2e}, vs twin {twin:.2e}"),
                 Err(why) => failures.push(format!("{tile} {name} ({run:?}): {why}")),
             }
@@ -178,7 +163,7 @@ fn coop_forward_matches_the_oracle() {
     if (first.plan().tile_q, first.plan().tile_kv) != (second.plan().tile_q, second.plan().tile_kv) {
         failures.push("the cached tile differs from the measured one".into());
     }
-    match judge(&second, &p, &p.inputs(seed + 2), Run::Host, form) {
+    match judge(&second, &p, &p.inputs(seed + 2), Run::Host) {
         Ok((err, twin)) => {
             println!("ok   tuned {}x{}: err {err:.2e}, vs twin {twin:.2e}", second.plan().tile_q, second.plan().tile_kv)
         }

@@ -4,7 +4,6 @@
 //! to SPIR-V at every tile their planners may pick.
 
 use s2attn::gpu::shaders::{compose, validate, Kernel};
-use s2attn::plan::CoopDkdv;
 use s2attn::Error;
 use std::path::{Path, PathBuf};
 
@@ -127,97 +126,52 @@ fn spirv(kernel: Kernel, constants: &[(&str, u32)]) -> Result<Vec<u32>, String> 
 
 #[test]
 fn coop_kernels_resolve_their_overrides_and_write_spirv() {
-    // (tile_q, tile_kv, workgroup size) of every tile the coop planners may pick.
-    let forward = [(64, 16, 128), (64, 32, 128), (64, 64, 128), (128, 16, 256), (128, 32, 256), (128, 64, 256)];
-    let dq = [(128, 32, 256), (64, 32, 128), (128, 16, 256), (64, 16, 128)];
-    let dkdv = [(32, 32, 128), (16, 64, 128), (16, 32, 64), (32, 16, 64), (16, 16, 32)];
+    // Every tile the coop planners may pick compiles to SPIR-V and declares exactly the workgroup bytes the
+    // planner counts for it.
+    use s2attn::plan::{
+        coop_dkdv_subgroups, coop_dkdv_workgroup_bytes, coop_dq_workgroup_bytes, coop_workgroup_bytes, CoopTile,
+    };
+    let forward = [(64, 16), (64, 32), (64, 64), (128, 16), (128, 32)];
+    let dq = [(128, 32), (64, 32), (128, 16), (64, 16)];
+    let dkdv = [(32, 32), (64, 16), (32, 16)];
     let mut failures = Vec::new();
     for d in [64, 128] {
-        for (kernel, tiles) in
-            [(Kernel::ForwardCoop, &forward[..]), (Kernel::BackwardCoopDq, &dq), (Kernel::BackwardCoopDkDv, &dkdv)]
-        {
-            // The dK/dV kernel at each of its one-slice, one-subgroup-per-block switch settings
-            // (S2ATTN_BWD_DKDV; v3's, v4's and v5's tiles: coop_dkdv_v3_resolves_its_slices_and_writes_spirv),
-            // the others once.
-            let switches: Vec<(&str, Vec<(&str, u32)>)> = if kernel == Kernel::BackwardCoopDkDv {
-                let one_slice = CoopDkdv::ALL.iter().filter(|(_, s)| s.slices == 1 && s.split == 0);
-                one_slice.map(|&(name, s)| (name, s.constants().to_vec())).collect()
-            } else {
-                vec![("", Vec::new())]
-            };
-            for &(q, k, wg) in tiles {
-                for (name, extra) in &switches {
-                    let mut constants = vec![("D", d), ("BQ", q), ("BK", k), ("WG", wg)];
-                    constants.extend(extra.iter().copied());
-                    if let Err(e) = spirv(kernel, &constants) {
-                        failures.push(format!("{} {name} D {d} {q}x{k}: {e}", kernel.name()));
-                    }
-                }
+        let mut cases = Vec::new();
+        for (q, k) in forward {
+            let tile = CoopTile { tile_q: q, tile_kv: k };
+            if coop_workgroup_bytes(tile, d) <= 49152 {
+                cases.push((Kernel::ForwardCoop, tile, 2 * q, coop_workgroup_bytes(tile, d)));
+            }
+        }
+        for (q, k) in dq {
+            let tile = CoopTile { tile_q: q, tile_kv: k };
+            cases.push((Kernel::BackwardCoopDq, tile, 2 * q, coop_dq_workgroup_bytes(tile, d)));
+        }
+        for (q, k) in dkdv {
+            let tile = CoopTile { tile_q: q, tile_kv: k };
+            cases.push((
+                Kernel::BackwardCoopDkDv,
+                tile,
+                32 * coop_dkdv_subgroups(tile),
+                coop_dkdv_workgroup_bytes(tile, d),
+            ));
+        }
+        for (kernel, tile, wg, counted) in cases {
+            let constants = [("D", d), ("BQ", tile.tile_q), ("BK", tile.tile_kv), ("WG", wg)];
+            if let Err(e) = spirv(kernel, &constants) {
+                failures.push(format!("{} D {d} {tile}: {e}", kernel.name()));
+                continue;
+            }
+            let declared = declared_workgroup_bytes(kernel, &constants);
+            if declared != counted {
+                failures.push(format!(
+                    "{} D {d} {tile}: declares {declared} bytes, the planner counts {counted}",
+                    kernel.name()
+                ));
             }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    // The dK/dV switches reach the kernel: each setting compiles to different SPIR-V.
-    let words: Vec<Vec<u32>> = CoopDkdv::ALL
-        .iter()
-        .map(|(name, s)| {
-            let wg = 32 * s.subgroups(s2attn::plan::CoopTile { tile_q: 32, tile_kv: 32 });
-            let mut constants = vec![("D", 128), ("BQ", 32), ("BK", 32), ("WG", wg)];
-            constants.extend(s.constants());
-            spirv(Kernel::BackwardCoopDkDv, &constants).unwrap_or_else(|e| panic!("{name}: {e}"))
-        })
-        .collect();
-    let mut distinct = words.clone();
-    distinct.sort_unstable();
-    distinct.dedup();
-    assert_eq!(distinct.len(), words.len(), "two dK/dV switch settings give the same SPIR-V");
-}
-
-#[test]
-fn coop_dkdv_v3_resolves_its_slices_and_writes_spirv() {
-    use s2attn::plan::{coop_dkdv_workgroup_bytes, CoopTile};
-    // Every tile of every dK/dV setting (v3's two-slice tiles included) validates, writes SPIR-V, and
-    // declares the workgroup bytes the planner counts for it.
-    let mut failures = Vec::new();
-    for d in [64, 128] {
-        for (name, kernel) in CoopDkdv::ALL {
-            for &(tile_q, tile_kv) in kernel.tiles() {
-                let tile = CoopTile { tile_q, tile_kv };
-                let wg = 32 * kernel.subgroups(tile);
-                let mut constants = vec![("D", d), ("BQ", tile_q), ("BK", tile_kv), ("WG", wg)];
-                constants.extend(kernel.constants());
-                if let Err(e) = spirv(Kernel::BackwardCoopDkDv, &constants) {
-                    failures.push(format!("{name} D {d} {tile}: {e}"));
-                    continue;
-                }
-                let declared = declared_workgroup_bytes(Kernel::BackwardCoopDkDv, &constants);
-                let counted = coop_dkdv_workgroup_bytes(tile, d, kernel);
-                if declared != counted {
-                    failures
-                        .push(format!("{name} D {d} {tile}: declares {declared} bytes, the planner counts {counted}"));
-                }
-            }
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-    // SPLIT reaches the kernel: v4 and v2 at the same tile and workgroup size differ.
-    let tile = CoopTile { tile_q: 32, tile_kv: 32 };
-    let split = |k: CoopDkdv| {
-        let mut constants = vec![("D", 128), ("BQ", 32), ("BK", 32), ("WG", 256)];
-        constants.extend(k.constants());
-        spirv(Kernel::BackwardCoopDkDv, &constants).expect("spirv")
-    };
-    assert_eq!(32 * CoopDkdv::V4.subgroups(tile), 256);
-    assert_ne!(split(CoopDkdv::V4), split(CoopDkdv::V2));
-    // RS reaches the kernel: v3 and v2 at the same tile and workgroup differ.
-    let tile = CoopTile { tile_q: 32, tile_kv: 32 };
-    let wg = 32 * CoopDkdv::V3.subgroups(tile);
-    let words = |k: CoopDkdv| {
-        let mut constants = vec![("D", 128), ("BQ", 32), ("BK", 32), ("WG", wg)];
-        constants.extend(k.constants());
-        spirv(Kernel::BackwardCoopDkDv, &constants).expect("spirv")
-    };
-    assert_ne!(words(CoopDkdv::V3), words(CoopDkdv::V2));
 }
 
 /// Bytes of workgroup memory `kernel` (f16) declares with `constants` resolved.
@@ -236,91 +190,6 @@ fn declared_workgroup_bytes(kernel: Kernel, constants: &[(&str, u32)]) -> u32 {
 }
 
 #[test]
-fn coop_forward_v4_resolves_its_slices_and_writes_spirv() {
-    // Every tile the v4 planner may pick (S2ATTN_COOP_FWD=v4 or v4-nopipe), with the slices and pads it
-    // gives the pipeline: it compiles to SPIR-V and declares exactly the workgroup bytes the planner counted
-    // (128x64 at d128 fills the H200's 48 KiB to the byte). v3's tiles declare what the planner counts too.
-    use s2attn::plan::{coop_slices, coop_workgroup_bytes, CoopForward, CoopTile};
-    let mut failures = Vec::new();
-    let mut sliced = Vec::new();
-    for d in [64, 128] {
-        for (q, k, wg) in [(64, 16, 128), (64, 32, 128), (64, 64, 128), (128, 16, 256), (128, 32, 256), (128, 64, 256)]
-        {
-            let tile = CoopTile { tile_q: q, tile_kv: k };
-            let base = [("D", d), ("BQ", q), ("BK", k), ("WG", wg)];
-            if coop_workgroup_bytes(tile, d) <= 49152
-                && declared_workgroup_bytes(Kernel::ForwardCoop, &base) != coop_workgroup_bytes(tile, d)
-            {
-                failures.push(format!("v3 D {d} {tile}: the kernel declares other bytes than the planner counts"));
-            }
-            let Some(sl) = coop_slices(CoopForward::V4, tile, d, 49152) else {
-                continue;
-            };
-            let mut constants = base.to_vec();
-            constants.extend([("SL", sl.slice), ("SPAD", sl.s_pad), ("PPAD", sl.p_pad), ("PIPE", 1)]);
-            let declared = declared_workgroup_bytes(Kernel::ForwardCoop, &constants);
-            if declared != sl.workgroup_bytes(tile, d) {
-                failures.push(format!(
-                    "v4 D {d} {tile} {sl:?}: declares {declared} B, planner counts {}",
-                    sl.workgroup_bytes(tile, d)
-                ));
-            }
-            // v4 and v4-nopipe (PIPE 1 and 0).
-            for pipe in [1, 0] {
-                constants[7].1 = pipe;
-                if let Err(e) = spirv(Kernel::ForwardCoop, &constants) {
-                    failures.push(format!("v4 PIPE {pipe} D {d} {tile} {sl:?}: {e}"));
-                }
-            }
-            // The slice constants reach the kernel: a sliced chunk declares other S/P arrays than v3's.
-            if sl.slice < k {
-                sliced.push(tile);
-                if declared == declared_workgroup_bytes(Kernel::ForwardCoop, &base) {
-                    failures.push(format!("v4 D {d} {tile}: the slice constants did not change the kernel"));
-                }
-            }
-        }
-    }
-    assert!(!sliced.is_empty(), "no v4 tile runs its chunk in slices: the test lost its point");
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
-
-#[test]
-fn coop_forward_v5_splits_the_head_dim_and_writes_spirv() {
-    // v5 (S2ATTN_COOP_FWD=v5): the 64x32 tile at 256 invocations with the head-dim split (HS 2) and Q
-    // staged after P. It compiles to SPIR-V at d 64 and 128 and declares exactly the workgroup bytes the
-    // planner counts (d128: 48 KiB to the byte), which differ from v3's at the same tile.
-    use s2attn::plan::{coop_slices, coop_workgroup_bytes, CoopForward, CoopTile};
-    let tile = CoopTile { tile_q: 64, tile_kv: 32 };
-    let mut failures = Vec::new();
-    for d in [64, 128] {
-        let sl = coop_slices(CoopForward::V5, tile, d, 49152).expect("v5 fits 64x32");
-        let mut constants = vec![("D", d), ("BQ", 64), ("BK", 32), ("WG", 256)];
-        constants.extend([("SL", sl.slice), ("SPAD", sl.s_pad), ("PPAD", sl.p_pad), ("PIPE", 0), ("HS", 2)]);
-        let declared = declared_workgroup_bytes(Kernel::ForwardCoop, &constants);
-        if declared != sl.workgroup_bytes(tile, d) {
-            failures.push(format!(
-                "v5 D {d} {sl:?}: declares {declared} B, planner counts {}",
-                sl.workgroup_bytes(tile, d)
-            ));
-        }
-        if declared == coop_workgroup_bytes(tile, d) {
-            failures.push(format!("v5 D {d}: HS did not change the kernel's workgroup arrays"));
-        }
-        match spirv(Kernel::ForwardCoop, &constants) {
-            Ok(words) => {
-                let v3 = spirv(Kernel::ForwardCoop, &[("D", d), ("BQ", 64), ("BK", 32), ("WG", 128)]).expect("v3");
-                if words == v3 {
-                    failures.push(format!("v5 D {d}: same SPIR-V as v3"));
-                }
-            }
-            Err(e) => failures.push(format!("v5 D {d}: {e}")),
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
-
-#[test]
 fn the_coop_forward_lazy_rescale_threshold_is_the_twins() {
     // cpu::forward_coop models the kernel's TAU with plan::COOP_TAU; the two must not drift apart.
     let source = compose(Kernel::ForwardCoop, s2attn::DType::F16).expect("composes");
@@ -331,45 +200,4 @@ fn the_coop_forward_lazy_rescale_threshold_is_the_twins() {
         naga::Expression::Literal(naga::Literal::F32(x)) => assert_eq!(x, s2attn::plan::COOP_TAU),
         ref other => panic!("TAU's default is not an f32 literal: {other:?}"),
     }
-}
-
-#[test]
-fn coop_v7_straight_forms_write_spirv() {
-    // v7 (S2ATTN_COOP_FWD=v7): v3's tiles and slices with the STRAIGHT bits; every setting compiles to
-    // SPIR-V, declares v3's workgroup bytes, and each nonzero one changes the code. The dQ pass's straight
-    // form (S2ATTN_BWD_DQ=straight) too.
-    use s2attn::plan::{coop_slices, coop_workgroup_bytes, CoopForward, CoopTile};
-    let mut failures = Vec::new();
-    for (tq, tk) in [(64, 16), (64, 32), (64, 64), (128, 16), (128, 32)] {
-        let tile = CoopTile { tile_q: tq, tile_kv: tk };
-        for d in [64, 128] {
-            let Some(sl) = coop_slices(CoopForward::V7, tile, d, 49152) else { continue };
-            assert_eq!(Some(sl), coop_slices(CoopForward::V3, tile, d, 49152), "v7 takes v3's slices");
-            let base = vec![("D", d), ("BQ", tq), ("BK", tk), ("WG", 2 * tq), ("SL", sl.slice), ("PIPE", 0)];
-            let v3 = spirv(Kernel::ForwardCoop, &base).expect("v3");
-            for bits in 0..4 {
-                let mut constants = base.clone();
-                constants.push(("STRAIGHT", bits));
-                if declared_workgroup_bytes(Kernel::ForwardCoop, &constants) != coop_workgroup_bytes(tile, d) {
-                    failures.push(format!("v7 {tile} d {d} straight {bits}: workgroup bytes differ from v3's"));
-                }
-                match spirv(Kernel::ForwardCoop, &constants) {
-                    Ok(words) if (words == v3) != (bits == 0) => {
-                        failures.push(format!("v7 {tile} d {d} straight {bits}: SPIR-V equal to v3's: {}", words == v3))
-                    }
-                    Ok(_) => {}
-                    Err(e) => failures.push(format!("v7 {tile} d {d} straight {bits}: {e}")),
-                }
-            }
-        }
-    }
-    // The straight-line dQ pass (S2ATTN_BWD_DQ=straight) at its default tile.
-    let dq = [("D", 128), ("BQ", 128), ("BK", 32), ("WG", 256)];
-    let plain = spirv(Kernel::BackwardCoopDq, &dq).expect("dQ");
-    match spirv(Kernel::BackwardCoopDq, &[&dq[..], &[("STRAIGHT", 1)]].concat()) {
-        Ok(words) if words == plain => failures.push("dQ straight: same SPIR-V as the plain dQ pass".into()),
-        Ok(_) => {}
-        Err(e) => failures.push(format!("dQ straight: {e}")),
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

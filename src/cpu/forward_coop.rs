@@ -1,45 +1,37 @@
-//! CPU twin of `shaders/forward_coop.wgsl` (all its forms: v3, v4's slices, v5's head-dim split, v7's
-//! straight-line chunks): the same walk over a MergeQ tile list in chunks of `tile_kv` keys and softmax slices,
-//! the same per-16-row skip of slices a subgroup cannot see, the same mask predicate (only slices on the causal
-//! diagonal, at the sequence end or under a partial row mask are masked element by element), the same lazy
-//! base-2 online softmax (the running max moves only past `tau`), P rounded to f16 before `O += P V`, O times
+//! CPU twin of `shaders/forward_coop.wgsl`: the same walk over a MergeQ tile list in chunks of `tile_kv`
+//! keys, every 16-row subgroup running every chunk (the kernel's straight-line chunk loop), the same mask
+//! predicate (only chunks on the causal diagonal, at the sequence end or under a partial row mask are masked
+//! element by element; that mask alone keeps out what a subgroup's rows do not see), the same lazy base-2
+//! online softmax (the running max moves only past `tau`), P rounded to f16 before `O += P V`, O times
 //! `1 / l` rounded to f16 on the way out. Scores and sums are f32, as on the matrix units; only the order of the
 //! f32 additions differs from the kernel's.
 //!
-//! Tests hold it against the f64 oracle on every tile, slice and form the planner can choose, in CI
-//! (tests/forward_coop_twin.rs), so that a walk, skip or mask bug shows up without a matrix unit; the GPU
-//! test holds the kernel against the oracle and against this twin.
+//! Tests hold it against the f64 oracle on every tile the planner can choose, in CI
+//! (tests/forward_coop_twin.rs), so that a walk or mask bug shows up without a matrix unit; the GPU test
+//! holds the kernel against the oracle and against this twin.
 
 use super::tiles::{tile_tasks, TileTask};
 use super::to_f16;
 use crate::layout::Layout;
-use crate::plan::{CoopForward, CoopSlices, CoopTile, MergeQPlan, Shape, COOP_TAU, ROWMASK_BITS_FLAG};
+use crate::plan::{CoopTile, MergeQPlan, Shape, COOP_TAU, ROWMASK_BITS_FLAG};
 
 /// The kernel's initial running max (`NEG_BIG` in shared/params.wgsl; masked scores are a true -inf).
 const NEG_BIG: f32 = -3.0e38;
-/// Query rows per subgroup (one 16-row matrix tile): the granularity of the kernel's slice skips.
-const SUBGROUP_ROWS: u32 = 16;
 
 /// What the kernel was specialised with, as far as it changes the numbers.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CoopKernel {
     /// Query rows per workgroup (`BQ`) and keys per staged chunk (`BK`).
     pub tile: CoopTile,
-    /// Keys per softmax slice (`SL`); the pads and the head-dim split do not change the numbers.
-    pub slices: CoopSlices,
     /// Lazy rescale threshold in log2 units (`TAU`): P stays below `2^tau`, so at most 15 keeps it
     /// finite in f16.
     pub tau: f32,
-    /// v7's straight-line chunks (`STRAIGHT` bit 1): no subgroup skips a slice; the element mask alone
-    /// keeps out what the skip would have.
-    pub straight: bool,
 }
 
 impl CoopKernel {
-    /// The kernel as the planner builds it in `form` for `tile` and `slices` (threshold [`COOP_TAU`]; v7
-    /// without the subgroup skips).
-    pub fn new(form: CoopForward, tile: CoopTile, slices: CoopSlices) -> Self {
-        Self { tile, slices, tau: COOP_TAU, straight: form == CoopForward::V7 }
+    /// The kernel as the planner builds it for `tile` (threshold [`COOP_TAU`]).
+    pub fn new(tile: CoopTile) -> Self {
+        Self { tile, tau: COOP_TAU }
     }
 }
 
@@ -57,9 +49,9 @@ impl Default for RowState {
 }
 
 impl RowState {
-    /// One softmax slice of the row: the slice's raw scores `s` (-inf where masked), P as f16 into `p`,
+    /// One chunk of the row: the chunk's raw scores `s` (-inf where masked), P as f16 into `p`,
     /// the row's O accumulator `acc` rescaled when the max moved.
-    fn softmax_slice(&mut self, tau: f32, scale_log2: f32, s: &[f32], p: &mut [f32], acc: &mut [f32]) {
+    fn softmax_chunk(&mut self, tau: f32, scale_log2: f32, s: &[f32], p: &mut [f32], acc: &mut [f32]) {
         // Raw scores, masked ones -inf; the scale applied to the max and in the exponent (the kernel fuses
         // that multiply-add: one f32 rounding apart).
         let mx = s.iter().copied().fold(f32::NEG_INFINITY, f32::max) * scale_log2;
@@ -97,7 +89,7 @@ pub fn forward_coop(
     let (batch, seq, d) = (shape.batch, shape.seq_len, shape.head_dim as usize);
     let (h_n, hk_n) = (layout.num_heads(), layout.num_kv_heads());
     let (bs, causal) = (layout.block_size(), layout.causal());
-    let (tq, bk, sl_w) = (kernel.tile.tile_q, kernel.tile.tile_kv, kernel.slices.slice);
+    let (tq, bk) = (kernel.tile.tile_q, kernel.tile.tile_kv);
     let scale_log2 = shape.softmax_scale() * std::f32::consts::LOG2_E;
     let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) = (
         q.iter().map(|&x| to_f16(x)).collect(),
@@ -109,46 +101,34 @@ pub fn forward_coop(
     // Rows past the sequence end are read as its last row (the kernel's clamped fetch); masked there.
     let kv_at = |b: u32, t: u32, h: u32| ((b * seq + t.min(seq - 1)) * hk_n + h) as usize * d;
 
-    let (mut s, mut p) = (vec![0f32; sl_w as usize], vec![0f32; sl_w as usize]);
+    let (mut s, mut p) = (vec![0f32; bk as usize], vec![0f32; bk as usize]);
     for TileTask { b, h, kv_head: kvh, pattern, tile, row0 } in tile_tasks(layout, mergeq, batch) {
         let mut rows = vec![RowState::default(); tq as usize];
         let mut o = vec![0f32; tq as usize * d];
         for e in mergeq.tile(pattern, tile) {
             let word = e.rows.encode();
             for k0 in (0..bs / bk).map(|sub| e.kv_block * bs + sub * bk) {
-                for ks in (0..bk / sl_w).map(|sl| k0 + sl * sl_w) {
-                    let need_mask =
-                        ks + sl_w > seq || (causal && ks + sl_w - 1 > row0) || word < tq || word >= ROWMASK_BITS_FLAG;
-                    for g in 0..tq / SUBGROUP_ROWS {
-                        let g_row0 = row0 + SUBGROUP_ROWS * g;
-                        let sees = g_row0 < seq
-                            && e.rows.attends(SUBGROUP_ROWS * g, bs)
-                            && ks < seq
-                            && (!causal || ks < g_row0 + SUBGROUP_ROWS);
-                        if !sees && !kernel.straight {
-                            continue;
-                        }
-                        // Rows past the sequence end are computed by the kernel but never written.
-                        for r in SUBGROUP_ROWS * g..(SUBGROUP_ROWS * (g + 1)).min(seq - row0) {
-                            let qi = row0 + r;
-                            let qr = &q[((b * seq + qi) * h_n + h) as usize * d..][..d];
-                            let row_ok = e.rows.attends(r, bs);
-                            // Raw scores, masked (-inf) only where the slice needs it.
-                            for (sj, kj) in s.iter_mut().zip(ks..) {
-                                *sj = if need_mask && !(row_ok && kj < seq && (!causal || kj <= qi)) {
-                                    f32::NEG_INFINITY
-                                } else {
-                                    let kr = &k[kv_at(b, kj, kvh)..][..d];
-                                    qr.iter().zip(kr).map(|(a, c)| a * c).sum::<f32>()
-                                };
-                            }
-                            let acc = &mut o[r as usize * d..][..d];
-                            rows[r as usize].softmax_slice(kernel.tau, scale_log2, &s, &mut p, acc);
-                            for (j, &pj) in p.iter().enumerate() {
-                                let vr = &v[kv_at(b, ks + j as u32, kvh)..][..d];
-                                acc.iter_mut().zip(vr).for_each(|(x, y)| *x += pj * y);
-                            }
-                        }
+                let need_mask =
+                    k0 + bk > seq || (causal && k0 + bk - 1 > row0) || word < tq || word >= ROWMASK_BITS_FLAG;
+                // Rows past the sequence end are computed by the kernel but never written.
+                for r in 0..tq.min(seq - row0) {
+                    let qi = row0 + r;
+                    let qr = &q[((b * seq + qi) * h_n + h) as usize * d..][..d];
+                    let row_ok = e.rows.attends(r, bs);
+                    // Raw scores, masked (-inf) only where the chunk needs it.
+                    for (sj, kj) in s.iter_mut().zip(k0..) {
+                        *sj = if need_mask && !(row_ok && kj < seq && (!causal || kj <= qi)) {
+                            f32::NEG_INFINITY
+                        } else {
+                            let kr = &k[kv_at(b, kj, kvh)..][..d];
+                            qr.iter().zip(kr).map(|(a, c)| a * c).sum::<f32>()
+                        };
+                    }
+                    let acc = &mut o[r as usize * d..][..d];
+                    rows[r as usize].softmax_chunk(kernel.tau, scale_log2, &s, &mut p, acc);
+                    for (j, &pj) in p.iter().enumerate() {
+                        let vr = &v[kv_at(b, k0 + j as u32, kvh)..][..d];
+                        acc.iter_mut().zip(vr).for_each(|(x, y)| *x += pj * y);
                     }
                 }
             }

@@ -99,11 +99,10 @@ fn split_smem(rows: u32, tile_kv: u32, head_dim: u32) -> u32 {
 
 impl CudaDecode {
     /// The narrow kernel's key step for `rows` rows, where it applies (at most 4 rows, the words of a
-    /// key row dividing the CTA, a step of whole key groups dividing the block); `S2ATTN_CUDA_DECODE=general`
-    /// turns it off (to compare the two kernels).
+    /// key row dividing the CTA, a step of whole key groups dividing the block).
     fn narrow_tile(rows: u32, head_dim: u32, block_size: u32) -> Option<u32> {
         let w = head_dim / 8;
-        if rows > NARROW_ROWS || THREADS % w != 0 || std::env::var("S2ATTN_CUDA_DECODE").is_ok_and(|v| v == "general") {
+        if rows > NARROW_ROWS || THREADS % w != 0 {
             return None;
         }
         let groups = THREADS / w;

@@ -211,24 +211,12 @@ impl CudaForward {
             ("USE_WGMMA", wgmma as i64),
         ];
         let mut key = KernelKey::new("s2_forward.cu", ctx.arch(), &defines);
-        let extra = extra_defines()?;
-        let extra_value = |name: &str| extra.iter().rev().find(|(k, _)| k == name).map(|&(_, v)| v);
-        let mut smem = plan.workgroup_bytes;
-        let mut persistent = wgmma;
-        // The wgmma kernel loads K/V by TMA (`USE_TMA`, on by default with the 128-byte swizzle): the host
-        // encodes the tensor maps at each launch.
-        let tma = wgmma
-            && extra_value("USE_TMA").is_none_or(|v| v != 0)
-            && extra_value("SWIZZLE").is_none_or(|v| v == 128)
-            && extra_value("PRODUCER_NOLOAD").is_none_or(|v| v == 0);
-        if wgmma {
-            // Tuning overrides of the ring depth / persistence change the shared memory the kernel needs.
-            let stages = extra_value("STAGES").map_or(WGMMA_STAGES, |v| v.clamp(3, 8) as u32);
-            persistent = extra_value("PERSISTENT").is_none_or(|v| v != 0);
-            let q_bufs = if persistent { WGMMA_Q_BUFS } else { 1 };
-            smem = wgmma_smem_bytes(shape.head_dim, stages, q_bufs);
-        }
-        key.defines.extend(extra);
+        // The wgmma kernel is persistent and loads K/V by TMA (128-byte swizzle): the host encodes the tensor
+        // maps at each launch.
+        let persistent = wgmma;
+        let tma = wgmma;
+        let smem =
+            if wgmma { wgmma_smem_bytes(shape.head_dim, WGMMA_STAGES, WGMMA_Q_BUFS) } else { plan.workgroup_bytes };
         key.arch_specific = wgmma;
         let func = ctx.kernel(&key, S2_FORWARD_SRC, "s2_forward", smem)?;
         let stream = ctx.stream();
@@ -512,25 +500,6 @@ impl CudaForward {
             self.ctx.time_events("running s2_forward", warmup, iters, run)
         })
     }
-}
-
-/// Extra `-D` defines from `S2ATTN_CUDA_DEFINES` (`NAME=VALUE,NAME=VALUE`), for tuning experiments; they
-/// come after the planner's (NVRTC keeps the last definition) and are part of the kernel cache key.
-fn extra_defines() -> Result<Vec<(String, i64)>> {
-    let Ok(spec) = std::env::var("S2ATTN_CUDA_DEFINES") else { return Ok(Vec::new()) };
-    spec.split(',')
-        .filter(|p| !p.trim().is_empty())
-        .map(|pair| {
-            let bad = || Error::Unsupported(format!("S2ATTN_CUDA_DEFINES: `{pair}` is not NAME=INTEGER"));
-            let (name, value) = pair.split_once('=').ok_or_else(bad)?;
-            let name = name.trim();
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(bad());
-            }
-            let value = value.trim().parse::<i64>().map_err(|_| bad())?;
-            Ok((name.to_string(), value))
-        })
-        .collect()
 }
 
 fn poison<T>(stream: &Arc<CudaStream>, buf: &mut CudaSlice<T>) -> Result<()> {

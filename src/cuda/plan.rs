@@ -22,44 +22,12 @@ fn arch_of(caps: &DeviceCaps) -> Option<(i32, i32)> {
     ARCHS.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|m| m.get(&caps.name).copied())
 }
 
-/// Which kernel flavour `S2ATTN_CUDA_KERNEL` asks for: `mma`, `wgmma`, or `auto` (unset).
-fn requested_flavour() -> Result<Option<bool>> {
-    match std::env::var("S2ATTN_CUDA_KERNEL").ok().as_deref().map(str::to_ascii_lowercase).as_deref() {
-        None | Some("") | Some("auto") => Ok(None),
-        Some("mma") => Ok(Some(false)),
-        Some("wgmma") => Ok(Some(true)),
-        Some(other) => Err(Error::Unsupported(format!("S2ATTN_CUDA_KERNEL={other}: use mma, wgmma or auto"))),
-    }
-}
-
 /// The first word of a wgmma plan's `reason`.
 pub(crate) const WGMMA_TAG: &str = "wgmma";
 
 /// Whether `plan` runs the wgmma flavour (how [`super::CudaForward`] tells the flavours apart).
 pub(crate) fn is_wgmma(plan: &DispatchPlan) -> bool {
     plan.variant == KernelVariant::CudaWgmma
-}
-
-/// A query tile forced by `S2ATTN_CUDA_TILE_Q` (64, 128 or 256 rows), for tuning experiments.
-fn requested_tile_q() -> Result<Option<u32>> {
-    match std::env::var("S2ATTN_CUDA_TILE_Q").ok().filter(|v| !v.is_empty()) {
-        None => Ok(None),
-        Some(v) => match v.parse::<u32>() {
-            Ok(t @ (64 | 128 | 256)) => Ok(Some(t)),
-            _ => Err(Error::Unsupported(format!("S2ATTN_CUDA_TILE_Q={v}: use 64, 128 or 256"))),
-        },
-    }
-}
-
-/// A key chunk forced by `S2ATTN_CUDA_TILE_KV` (16, 32 or 64 keys; capped at the block size), for tuning.
-fn requested_tile_kv() -> Result<Option<u32>> {
-    match std::env::var("S2ATTN_CUDA_TILE_KV").ok().filter(|v| !v.is_empty()) {
-        None => Ok(None),
-        Some(v) => match v.parse::<u32>() {
-            Ok(t @ (16 | 32 | 64)) => Ok(Some(t)),
-            _ => Err(Error::Unsupported(format!("S2ATTN_CUDA_TILE_KV={v}: use 16, 32 or 64"))),
-        },
-    }
 }
 
 /// K/V ring depth of the wgmma kernel (`STAGES` in `s2_forward.cu`).
@@ -103,9 +71,7 @@ pub(crate) fn smem_bytes(tile_q: u32, tile_kv: u32, head_dim: u32) -> u32 {
 /// unless the grid would be too small to fill the GPU or the head dimension needs the registers (256);
 /// key chunks are 64 keys (or the block size when smaller), halved until the shared memory fits. On
 /// sm_90 the 128 x 64 tiles of head dim 128 can run on `wgmma` (two warpgroups of 64 rows); elsewhere
-/// on `mma.sync` (four warps). wgmma is the default wherever it applies (sm_90, head dim 128, 128 x 64
-/// tiles; `S2ATTN_CUDA_KERNEL=wgmma` asks for the same), `mma` asks for mma.sync everywhere; `S2ATTN_CUDA_TILE_Q` / `S2ATTN_CUDA_TILE_KV`
-/// force the query tile / key chunk (tuning experiments).
+/// on `mma.sync` (four warps). wgmma is taken wherever it applies (sm_90, head dim 128, 128 x 64 tiles).
 pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result<DispatchPlan> {
     match shape.dtype {
         DType::F16 | DType::BF16 => {}
@@ -127,15 +93,8 @@ pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result
     if tile_q == 128 && (shape.seq_len as u64).div_ceil(128) * heads < FEW_CTAS {
         tile_q = 64;
     }
-    if let Some(forced) = requested_tile_q()? {
-        tile_q = forced;
-    }
-    // 64 rows per warp would need more registers than a thread has: 256-row tiles take 8 warps.
-    let warps = if tile_q > 128 { 2 * WARPS } else { WARPS };
+    let warps = WARPS;
     let mut tile_kv = bs.min(64);
-    if let Some(forced) = requested_tile_kv()? {
-        tile_kv = forced.min(bs);
-    }
     if tile_q / warps > 16 && d > 128 {
         return Err(Error::Unsupported(format!("head_dim {d} takes tiles of at most {} rows", 16 * warps)));
     }
@@ -163,7 +122,6 @@ pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result
     if layout.num_heads() > 65_535 || shape.batch > 65_535 {
         return Err(Error::Shape("heads and batch must each be at most 65535 (CUDA grid y and z)".into()));
     }
-    let want = requested_flavour()?;
     // Head dim 64 on wgmma gave wrong results on the H100 (shaders/cuda/NOTES.md, v2): not taken until fixed.
     let eligible = tile_q == 128 && tile_kv == 64 && d == 128;
     let hopper = arch_of(caps) == Some((9, 0));
@@ -172,10 +130,10 @@ pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result
     } else {
         format!("tile within a block of {bs}")
     };
-    // wgmma by default where it applies: v8 (TMA producer) measured 1.25-1.29x faster than mma.sync at every
-    // paper point on the H200 (v2 / v6 / v7 were slower: shaders/cuda/NOTES.md); `S2ATTN_CUDA_KERNEL=mma` opts out.
+    // wgmma where it applies: measured 1.25-1.29x faster than mma.sync at every paper point on the H200
+    // (shaders/cuda/NOTES.md).
     let wgmma_bytes = wgmma_smem_bytes(d, WGMMA_STAGES, WGMMA_Q_BUFS);
-    if eligible && hopper && want != Some(false) && wgmma_bytes <= caps.max_workgroup_storage {
+    if eligible && hopper && wgmma_bytes <= caps.max_workgroup_storage {
         return Ok(DispatchPlan {
             variant: KernelVariant::CudaWgmma,
             tile_q,
@@ -231,7 +189,7 @@ mod tests {
         register_arch(&caps.name, (9, 0));
         let layout = Layout::s2(S2Config::new(32, 64, 16, 16)).unwrap();
         let plan = plan_forward(&Shape::new(1, 16384, 128, DType::BF16), &layout, &caps).unwrap();
-        assert_eq!(is_wgmma(&plan), requested_flavour().unwrap() != Some(false), "{plan}");
+        assert!(is_wgmma(&plan), "{plan}");
         if is_wgmma(&plan) {
             assert_eq!(plan.workgroup_bytes, wgmma_smem_bytes(128, WGMMA_STAGES, WGMMA_Q_BUFS));
             assert!(plan.workgroup_bytes <= 227 * 1024, "{plan}");

@@ -11,7 +11,7 @@ use super::{Timing, WgpuContext as Context};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::plan::{
-    backward_dkdv_cost, backward_dq_cost, check_combine, BackwardPlan, ColumnPlan, CoopDkdv, KernelVariant, ListSplit,
+    backward_dkdv_cost, backward_dq_cost, check_combine, BackwardPlan, ColumnPlan, KernelVariant, ListSplit,
     MergeQPlan, Shape,
 };
 use std::sync::Mutex;
@@ -114,9 +114,6 @@ pub(crate) struct GpuBackward {
     num_heads: u32,
     num_kv_heads: u32,
     passes: [Pass; 2],
-    /// Diagnostics only: the pass (0 dQ, 1 dK/dV) `S2ATTN_BWD_DIAG_SKIP` named when the op was built; it is
-    /// recorded without its dispatch.
-    diag_skip: Option<usize>,
     delta: wgpu::Buffer,
     /// The portable kernels' split partials (a one-vec4 stand-in when no list is split).
     partials: wgpu::Buffer,
@@ -258,9 +255,9 @@ impl GpuBackward {
                 false => Vec::new(),
             },
         };
-        // The coop dK/dV kernel with `longest_first` reads its launch order after the column pointers.
+        // The coop dK/dV kernel reads its launch order after the column pointers.
         let mut col_ptr = columns.col_ptr().to_vec();
-        if dkdv_kernel == Kernel::BackwardCoopDkDv && CoopDkdv::of_plan(&plan.dkdv).longest_first {
+        if dkdv_kernel == Kernel::BackwardCoopDkDv {
             if col_ptr.len() != (columns.patterns() * columns.kv_blocks() + 1) as usize {
                 return Err(Error::Shape(format!(
                     "column plan of {} pointers for {} patterns",
@@ -304,9 +301,6 @@ impl GpuBackward {
             num_heads: heads,
             num_kv_heads: kv_heads,
             passes: [dq, dkdv],
-            diag_skip: std::env::var("S2ATTN_BWD_DIAG_SKIP")
-                .ok()
-                .and_then(|v| ["dq", "dkdv"].iter().position(|p| *p == v)),
             delta,
             partials,
             binds: Mutex::default(),
@@ -355,8 +349,6 @@ impl GpuBackward {
 
     /// Records both backward passes into `encoder`, reading and writing the caller's buffers.
     /// With `stamps`, the dQ pass writes the beginning timestamp and the dK/dV pass the end one.
-    /// Diagnostics only: with `S2ATTN_BWD_DIAG_SKIP=dq` (or `dkdv`) set when the op was built, that pass is
-    /// recorded without its dispatch, so that a timing shows the other pass alone (the gradients are then wrong).
     pub(crate) fn encode(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -376,9 +368,7 @@ impl GpuBackward {
             cp.set_pipeline(&pass.pipeline);
             cp.set_bind_group(0, &group[0], &[]);
             let [x, y, z] = pass.dispatch;
-            if self.diag_skip != Some(i) {
-                cp.dispatch_workgroups(x, y, z);
-            }
+            cp.dispatch_workgroups(x, y, z);
             // Dispatches of one compute pass are ordered: each sum sees every split's partials.
             for (sum, group) in pass.sums.iter().zip(&group[1..]) {
                 cp.set_pipeline(&sum.pipeline);

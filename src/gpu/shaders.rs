@@ -25,18 +25,10 @@ const SHARED: &[(&str, &str)] = &[
     ("model/weights.wgsl", include_str!("../../shaders/model/weights.wgsl")),
 ];
 
-/// The override constants `kernel` is built with for `plan` at `head_dim`: the head dim, tile sizes and workgroup
-/// size every kernel declares, plus the coop forward's slicing (`coop_forward_overrides`) and the coop dK/dV
-/// kernel's switches (`S2ATTN_BWD_DKDV`, as the planner chose them).
-pub(crate) fn overrides(kernel: Kernel, plan: &DispatchPlan, head_dim: u32) -> Result<Vec<(&'static str, u32)>> {
-    let mut constants = vec![("D", head_dim), ("BQ", plan.tile_q), ("BK", plan.tile_kv), ("WG", plan.workgroup_size)];
-    match kernel {
-        Kernel::ForwardCoop => constants.extend(crate::plan::coop_forward_overrides(plan, head_dim)?),
-        Kernel::BackwardCoopDkDv => constants.extend(crate::plan::CoopDkdv::of_plan(plan).constants()),
-        Kernel::BackwardCoopDq if crate::plan::coop_dq_straight(plan) => constants.push(("STRAIGHT", 1)),
-        _ => {}
-    }
-    Ok(constants)
+/// The override constants a kernel is built with for `plan` at `head_dim`: the head dim, tile sizes and
+/// workgroup size every kernel declares (the same four for every kernel).
+pub(crate) fn overrides(_kernel: Kernel, plan: &DispatchPlan, head_dim: u32) -> Result<Vec<(&'static str, u32)>> {
+    Ok(vec![("D", head_dim), ("BQ", plan.tile_q), ("BK", plan.tile_kv), ("WG", plan.workgroup_size)])
 }
 
 /// A kernel source.

@@ -12,13 +12,11 @@ mod mergeq;
 
 pub use column::{backward_workgroup_bytes, plan_backward_portable, BackwardPlan, ColumnPlan, QueryEntry};
 pub use coop::{
-    coop_candidates, coop_forward_overrides, coop_slices, coop_workgroup_bytes, plan_coop, CoopForward, CoopSlices,
-    CoopTile, TuneTarget, COOP_HEAD_DIMS, COOP_TAU, TUNE_MAX_SEQ,
+    coop_candidates, coop_workgroup_bytes, plan_coop, CoopTile, TuneTarget, COOP_HEAD_DIMS, COOP_TAU, TUNE_MAX_SEQ,
 };
 pub use coop_backward::{
-    coop_dkdv_candidates, coop_dkdv_workgroup_bytes, coop_dq_candidates, coop_dq_straight, coop_dq_workgroup_bytes,
-    longest_first_order, plan_backward_coop, plan_backward_wgpu, CoopDkdv, SubgroupInfo, DKDV_KERNEL_VAR,
-    DQ_KERNEL_VAR,
+    coop_dkdv_candidates, coop_dkdv_subgroups, coop_dkdv_workgroup_bytes, coop_dq_candidates, coop_dq_workgroup_bytes,
+    longest_first_order, plan_backward_coop, plan_backward_wgpu, SubgroupInfo,
 };
 pub use loop_budget::{
     backward_dkdv_cost, backward_dq_cost, budget, check_combine, forward_portable_cost, ListSplit, LoopCost,

@@ -5,7 +5,7 @@
 
 use super::{random_mask, Problem};
 use s2attn::cpu::CoopKernel;
-use s2attn::plan::{coop_candidates, coop_slices, CoopForward, DeviceCaps};
+use s2attn::plan::{coop_candidates, DeviceCaps};
 use s2attn::{DType, Layout, S2Config};
 
 /// ‖out−ref‖/‖ref‖ (and ‖grad−ref‖/‖ref‖) bound: f16 inputs, P (and dS) rounded to f16 for the matrix
@@ -99,15 +99,8 @@ pub fn coop_backward_problems() -> Vec<(String, Problem)> {
     out
 }
 
-/// Every coop forward kernel the planner may build for `p` in `form` on an H100 (its tiles and their
-/// slices), as the CPU twin models it, first the planner's first choice.
-pub fn coop_kernels(p: &Problem, form: CoopForward) -> Vec<CoopKernel> {
-    let caps = DeviceCaps::h100_vulkan();
-    coop_candidates(&p.shape(), &p.layout, &caps, form)
-        .into_iter()
-        .filter_map(|tile| {
-            let slices = coop_slices(form, tile, p.head_dim, caps.max_workgroup_storage)?;
-            Some(CoopKernel::new(form, tile, slices))
-        })
-        .collect()
+/// Every coop forward kernel the planner may build for `p` on an H100 (one per tile), as the CPU twin
+/// models it, smallest footprint first.
+pub fn coop_kernels(p: &Problem) -> Vec<CoopKernel> {
+    coop_candidates(&p.shape(), &p.layout, &DeviceCaps::h100_vulkan()).into_iter().map(CoopKernel::new).collect()
 }

@@ -1,13 +1,13 @@
 //! CPU twin of the cooperative-matrix backward kernels (`shaders/backward_coop_dq.wgsl`,
-//! `shaders/backward_coop_dkdv.wgsl`, every dK/dV form): the same two passes over the same lists, the same
-//! skips of 16-row (or, with 32-row blocks, 32-row) slices, the same mask predicates (element masks only
-//! where a chunk or block needs them; rows outside a row mask, past the end or without keys carry an LSE
-//! of +BIG in the dK/dV pass, so their P is 0), the same clamped and zero-filled rows, and the same f16
-//! roundings: P^T before `dV += P^T dO`, dS before `dQ += dS K` and `dK += dS^T Q` (dS from the f16 P^T in
-//! the split forms, from the f32 P otherwise), the gradients on the way out. Sums are f32, as on the
-//! matrix units; only their order differs from the kernels'.
+//! `shaders/backward_coop_dkdv.wgsl`): the same two passes over the same lists, the same skips of 16-row
+//! slices, the same mask predicates (element masks only where a chunk or block needs them; rows outside a
+//! row mask, past the end or without keys carry an LSE of +BIG in the dK/dV pass, so their P is 0), the
+//! same clamped and zero-filled rows, and the same f16 roundings: P^T before `dV += P^T dO`, dS before
+//! `dQ += dS K` and `dK += dS^T Q` (dS from the f32 P in the dQ pass, dS^T from the f16 P^T the dV subgroup
+//! hands over in the dK/dV pass), the gradients on the way out. Sums are f32, as on the matrix units; only
+//! their order differs from the kernels'.
 //!
-//! Tests hold it against the f64 oracle at every tile and dK/dV form the planner offers an H100, in CI
+//! Tests hold it against the f64 oracle at every tile the planner offers an H100, in CI
 //! (tests/backward_coop_twin.rs); the GPU test holds the kernels against the oracle and this twin.
 
 use super::BackwardInputs;
@@ -15,9 +15,7 @@ use crate::backward::Grads;
 use crate::cpu::tiles::{tile_tasks, TileTask};
 use crate::cpu::to_f16;
 use crate::layout::Layout;
-use crate::plan::{
-    coop_dq_straight, BackwardPlan, ColumnPlan, CoopDkdv, CoopTile, MergeQPlan, Shape, ROWMASK_BITS_FLAG,
-};
+use crate::plan::{BackwardPlan, ColumnPlan, CoopTile, MergeQPlan, Shape, ROWMASK_BITS_FLAG};
 use std::f32::consts::{LN_2, LOG2_E};
 
 /// The kernels' "minus infinity" (`NEG_BIG`, shared/params.wgsl) and the LSE that zeroes P (`POS_BIG`).
@@ -33,22 +31,13 @@ pub struct CoopBackward {
     pub dq: CoopTile,
     /// dK/dV pass: query rows per staged tile and keys per workgroup.
     pub dkdv: CoopTile,
-    /// The dK/dV kernel's form.
-    pub dkdv_form: CoopDkdv,
-    /// The dQ kernel's straight-line form (`S2ATTN_BWD_DQ=straight`): no subgroup skips a chunk.
-    pub dq_straight: bool,
 }
 
 impl CoopBackward {
     /// The kernels a coop [`BackwardPlan`] runs.
     pub fn of_plan(plan: &BackwardPlan) -> Self {
         let tile = |p: &crate::plan::DispatchPlan| CoopTile { tile_q: p.tile_q, tile_kv: p.tile_kv };
-        Self {
-            dq: tile(&plan.dq),
-            dkdv: tile(&plan.dkdv),
-            dkdv_form: CoopDkdv::of_plan(&plan.dkdv),
-            dq_straight: coop_dq_straight(&plan.dq),
-        }
+        Self { dq: tile(&plan.dq), dkdv: tile(&plan.dkdv) }
     }
 }
 
@@ -114,7 +103,7 @@ pub fn backward_coop(
                 for sg in 0..bq / SUB {
                     let sg_row0 = row0 + SUB * sg;
                     let sees = sg_row0 < seq && (!causal || k0 < sg_row0 + SUB) && e.rows.attends(SUB * sg, bs);
-                    if !sees && !kernels.dq_straight {
+                    if !sees {
                         continue;
                     }
                     for r in SUB * sg..(SUB * (sg + 1)).min(seq - row0) {
@@ -145,10 +134,7 @@ pub fn backward_coop(
 
     // dK/dV pass: one KV tile of one KV head, its column list per query head of the group; K and V rows
     // past the end staged as zeros, Q and dO rows past it read as the last row (their LSE is +BIG).
-    let form = kernels.dkdv_form;
     let (bq, bk) = (kernels.dkdv.tile_q, kernels.dkdv.tile_kv);
-    // Rows per block: 16, or 32 with the fused forms.
-    let block_rows = SUB * form.fuse.max(1);
     for (b, kvh, kv_tile) in
         (0..batch).flat_map(|b| (0..hk_n).flat_map(move |h| (0..seq.div_ceil(bk)).map(move |t| (b, h, t))))
     {
@@ -171,14 +157,12 @@ pub fn backward_coop(
                     })
                     .collect();
                 for key0 in (0..bk / SUB).map(|kt| k_start + SUB * kt) {
-                    let need_mask_at = |q0: u32| key0 + SUB > seq || (causal && key0 + SUB - 1 > q0);
-                    for q0 in (0..bq / block_rows).map(|s| row0 + block_rows * s) {
-                        let live = key0 < seq && q0 < seq && (!causal || key0 <= (q0 + block_rows - 1).min(seq - 1));
+                    for q0 in (0..bq / SUB).map(|s| row0 + SUB * s) {
+                        let live = key0 < seq && q0 < seq && (!causal || key0 <= (q0 + SUB - 1).min(seq - 1));
                         if !live {
                             continue;
                         }
-                        // The fused forms mask by the block's first 16-row half (a superset of the second's).
-                        let need_mask = need_mask_at(q0);
+                        let need_mask = key0 + SUB > seq || (causal && key0 + SUB - 1 > q0);
                         for kj in key0..key0 + SUB {
                             let at = kv_at(kj);
                             let (kr, vr) = if at == usize::MAX {
@@ -187,16 +171,16 @@ pub fn backward_coop(
                                 (&k[at..][..d], &v[at..][..d])
                             };
                             let c = (kj - k_start) as usize * d;
-                            for qi in q0..q0 + block_rows {
+                            for qi in q0..q0 + SUB {
                                 let qt = qi.min(seq - 1);
                                 let (qr, gr) = (&q[q_row(b, qt, h)..][..d], &g[q_row(b, qt, h)..][..d]);
                                 let mut p = (dot(kr, qr) * scale_log2 - lse_s[(qi - row0) as usize]).exp2();
                                 if need_mask && !(kj < seq && (!causal || kj <= qi)) {
                                     p = 0.0;
                                 }
+                                // dS^T from the f16 P^T the dV subgroup hands to the dK one.
                                 let p16 = to_f16(p);
-                                let p_ds = if form.split > 0 { p16 } else { p };
-                                let ds = to_f16(p_ds * (dot(vr, gr) - delta[stat(b, h, qt)]));
+                                let ds = to_f16(p16 * (dot(vr, gr) - delta[stat(b, h, qt)]));
                                 dv[c..][..d].iter_mut().zip(gr).for_each(|(a, &y)| *a += p16 * y);
                                 dk[c..][..d].iter_mut().zip(qr).for_each(|(a, &y)| *a += ds * y);
                             }
