@@ -90,8 +90,8 @@ fn main(
                 var g = dv[j];
                 for (var r = 0u; r < BQ; r++) {
                     let pd = pds_s[r * BK + c];
-                    a += pd.y * q_s[r * d4 + x];
-                    g += pd.x * do_s[r * d4 + x];
+                    a += grad_term(pd.y, q_s[r * d4 + x]);
+                    g += grad_term(pd.x, do_s[r * d4 + x]);
                 }
                 dk[j] = a;
                 dv[j] = g;

@@ -83,7 +83,7 @@ fn main(
                 let c = i % d4;
                 var a = acc[j];
                 for (var kk = 0u; kk < BK; kk++) {
-                    a += pds_s[r * BK + kk].y * k_s[kk * d4 + c];
+                    a += grad_term(pds_s[r * BK + kk].y, k_s[kk * d4 + c]);
                 }
                 acc[j] = a;
             }

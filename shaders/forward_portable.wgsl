@@ -8,14 +8,14 @@
 //
 // Where the device caps loop iterations (plan/loop_budget.rs), each row list is cut into `params.splits`
 // pieces walked by separate workgroups (workgroup_id.y = split * heads + head); each writes its rows'
-// unnormalised O and (m, l) to `part_buf`, and split_merge.wgsl combines them.
+// unnormalised O, (m, l) and its row flags to `part_buf`, and split_merge.wgsl combines them.
 
 #include shared/params.wgsl
 #include storage
 
 // LSE out, [batch, heads, seq], f32.
 @group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;
-// Split partials, [batch, split, heads, seq] rows of D / 4 vec4s of O and one vec4 (m, l, 0, 0).
+// Split partials, [batch, split, heads, seq] rows of D / 4 vec4s of O and one vec4 (m, l, row flags, 0).
 @group(0) @binding(13) var<storage, read_write> part_buf: array<vec4<f32>>;
 
 override D: u32 = 64u;    // head dim (multiple of 4)
@@ -29,6 +29,7 @@ var<workgroup> kv_s: array<vec4<f32>, BK * D / 4u>;  // K chunk, then V chunk
 var<workgroup> p_s: array<f32, BQ * BK>;             // scores, then probabilities
 var<workgroup> m_s: array<f32, BQ>;                  // running row max (base 2)
 var<workgroup> l_s: array<f32, BQ>;                  // running row sum
+var<workgroup> f_s: array<u32, BQ>;                  // row flags (score_flags, OR-ed)
 var<workgroup> alpha_s: array<f32, BQ>;              // this chunk's rescale factor
 
 @compute @workgroup_size(WG)
@@ -56,6 +57,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if lid < BQ {
         m_s[lid] = NEG_BIG;
         l_s[lid] = 0.0;
+        f_s[lid] = 0u;
     }
     var acc: array<vec4<f32>, MAX_ACC>;
     let n_acc = BQ * d4 / WG;
@@ -111,9 +113,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             if lid < BQ {
                 let m_old = m_s[lid];
                 var m_new = m_old;
+                var flags = f_s[lid];
                 for (var kk = 0u; kk < BK; kk++) {
-                    m_new = max(m_new, p_s[lid * BK + kk]);
+                    let s = p_s[lid * BK + kk];
+                    m_new = max(m_new, s);
+                    flags |= score_flags(s);
                 }
+                f_s[lid] = flags;
                 var alpha = 1.0;
                 var sum = 0.0;
                 if m_new > NEG_BIG {
@@ -143,7 +149,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 let c = i % d4;
                 var a = acc[j] * alpha_s[r];
                 for (var kk = 0u; kk < BK; kk++) {
-                    a += p_s[r * BK + kk] * kv_s[kk * d4 + c];
+                    // A zero P (masked, or a -inf score) adds nothing, not 0 * a non-finite V.
+                    let p = p_s[r * BK + kk];
+                    a += select(p * kv_s[kk * d4 + c], vec4<f32>(0.0), p == 0.0);
                 }
                 acc[j] = a;
             }
@@ -162,7 +170,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             }
         }
         if lid < BQ && row0 + lid < seq {
-            part_buf[(part_row + row0 + lid) * (d4 + 1u) + d4] = vec4<f32>(m_s[lid], l_s[lid], 0.0, 0.0);
+            part_buf[(part_row + row0 + lid) * (d4 + 1u) + d4] = vec4<f32>(m_s[lid], l_s[lid], f32(f_s[lid]), 0.0);
         }
         return;
     }
@@ -173,7 +181,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         if tok < seq {
             let l = l_s[r];
             var x = vec4<f32>(0.0);
-            if l > 0.0 {
+            if row_is_nan(f_s[r], l) {
+                x = vec4<f32>(quiet_nan());
+            } else if l > 0.0 {
                 x = acc[j] / l;
             }
             store_o(o_index(b, tok, head, i % d4, d4), x);
@@ -182,7 +192,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if lid < BQ && row0 + lid < seq {
         let l = l_s[lid];
         var lse = params.neg_inf;
-        if l > 0.0 {
+        if row_is_nan(f_s[lid], l) {
+            lse = quiet_nan();
+        } else if l > 0.0 {
             lse = (m_s[lid] + log2(l)) * 0.6931471805599453;
         }
         lse_buf[params.lse_off + (b * params.num_heads + head) * seq + row0 + lid] = lse;

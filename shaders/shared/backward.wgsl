@@ -71,7 +71,8 @@ fn stage_keys(b: u32, kv_head: u32, k0: u32, lid: u32) {
 }
 
 // (P, dS) for every staged (query row, key) pair; zero where masked: past the end, after the query
-// (causal), outside the entry's row mask `rows`, or in a row with no key.
+// (causal), outside the entry's row mask `rows`, or in a row with no key. The accumulations skip zero
+// values (`grad_term`), so that a masked pair adds nothing rather than 0 * a non-finite Q, K or dO.
 fn pair_grads(row0: u32, k0: u32, rows: u32, lid: u32) {
     let d4 = D / 4u;
     let causal = params.causal != 0u;
@@ -81,17 +82,36 @@ fn pair_grads(row0: u32, k0: u32, rows: u32, lid: u32) {
         let qi = row0 + r;
         let kj = k0 + c;
         var pd = vec2<f32>(0.0);
+        // A row with no key has LSE NEG_BIG; a NaN LSE (a NaN row) goes on, so that its gradients are NaN.
         if qi < params.seq_len && kj < params.seq_len && (!causal || kj <= qi) && row_attends(rows, r)
-            && lse_s[r] > NEG_BIG {
+            && bitcast<u32>(lse_s[r]) != bitcast<u32>(NEG_BIG) {
             var s = vec4<f32>(0.0);
             var dp = vec4<f32>(0.0);
             for (var x = 0u; x < d4; x++) {
                 s += q_s[r * d4 + x] * k_s[c * d4 + x];
                 dp += do_s[r * d4 + x] * v_s[c * d4 + x];
             }
-            let p = exp2(s.x + s.y + s.z + s.w - lse_s[r]);
+            let p = exp2_exact(s.x + s.y + s.z + s.w - lse_s[r]);
             pd = vec2<f32>(p, p * (dp.x + dp.y + dp.z + dp.w - delta_s[r]));
+            // An active pair's zero is -0, so that it still multiplies (0 * inf is NaN, as in IEEE).
+            pd = select(pd, vec2<f32>(-0.0), pd == vec2<f32>(0.0));
         }
         pds_s[i] = pd;
     }
+}
+
+// `x * y`, or nothing where `x` is +0 (a masked pair; an active pair's zero is -0), even if `y` is not
+// finite.
+fn grad_term(x: f32, y: vec4<f32>) -> vec4<f32> {
+    return select(x * y, vec4<f32>(0.0), bitcast<u32>(x) == 0u);
+}
+
+// `exp2(x)` with IEEE's answers where some drivers' `exp2` clamps its input first (llvmpipe): NaN for NaN,
+// 0 for -inf. Bit tests, so that no float assumption drops them.
+fn exp2_exact(x: f32) -> f32 {
+    let bits = bitcast<u32>(x);
+    if (bits & 0x7fffffffu) > 0x7f800000u {
+        return x;
+    }
+    return select(exp2(x), 0.0, bits == 0xff800000u);
 }
