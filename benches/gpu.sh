@@ -17,6 +17,10 @@
 #             batch 1 and 16 (--preset decode), then the decode_loop example
 #   peers     FlashAttention-2 and cuDNN (dense causal, PyTorch SDPA) and FlexAttention with the S2 mask, through
 #             torch_peers.py, at the points of the other suites named in the same run (of all of them if alone)
+#   fuzz      the differential test (tests/differential.rs) on every backend of BACKENDS: FUZZ_CASES random problems
+#             (default 400) from FUZZ_SEED (default 1), then its regression cases; one line per backend in summary.txt
+#   sanitize  the CUDA forward, backward and decode under compute-sanitizer (memcheck, racecheck, synccheck) on
+#             small shapes
 #   paper     the paper's points: fp16, 32 heads, head dim 128, block 64, local 16, batch 1, 16k/32k/64k/128k at
 #             vert_stride 16 and 64, our Vulkan and CUDA paths and FlashAttention-2 and FlexAttention in one run
 #             (its peer rows go to paper.jsonl itself: `s2attn-bench report paper.jsonl` stands alone)
@@ -28,10 +32,10 @@
 # `s2attn-bench report FILE...` (one per device and mode, ours against the peers of the same run; the paper
 # suite's in a section of its own).
 set -uo pipefail
-usage="usage: benches/gpu.sh SUITE... (tests forward backward decode peers paper)"
+usage="usage: benches/gpu.sh SUITE... (tests fuzz sanitize forward backward decode peers paper)"
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 for s in "$@"; do
-    case $s in tests | forward | backward | decode | peers | paper) ;; *) echo "unknown suite '$s'; $usage" >&2; exit 2 ;; esac
+    case $s in tests | fuzz | sanitize | forward | backward | decode | peers | paper) ;; *) echo "unknown suite '$s'; $usage" >&2; exit 2 ;; esac
 done
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-${OUT:-bench-out/$(date +%Y-%m-%d-%H%M%S)}}
@@ -93,7 +97,7 @@ suite_tests() {
     if ls "$dir"/test-* >/dev/null 2>&1; then
         for bin in "$dir"/test-*; do
             local name=${bin##*/} be=vulkan
-            case $name in test-bench_cli | test-c_api) continue ;; test-cuda*) be=cuda ;; esac
+            case $name in test-bench_cli | test-c_api | test-differential) continue ;; test-cuda*) be=cuda ;; esac
             S2ATTN_BACKEND=$be timeout "$TEST_TIMEOUT" "$bin" > "$OUT_DIR/tests-${name#test-}.log" 2>&1
             say "tests: $name rc=$? $(grep -a 'test result' "$OUT_DIR/tests-${name#test-}.log" | tail -1)"
         done
@@ -106,6 +110,34 @@ suite_tests() {
     fi
     timeout 120 quickstart > "$OUT_DIR/tests-quickstart.log" 2>&1
     say "tests: quickstart rc=$? $(tail -2 "$OUT_DIR/tests-quickstart.log" | paste -sd' ' | cut -c1-200)"
+}
+
+suite_fuzz() {
+    local bin be
+    bin=$(dirname "$(command -v s2attn-bench)")/test-differential
+    [ -x "$bin" ] || { say "fuzz: no $bin"; return; }
+    for be in ${BACKENDS//,/ }; do
+        S2ATTN_BACKEND=$be S2ATTN_FUZZ_SEED=${FUZZ_SEED:-1} S2ATTN_FUZZ_CASES=${FUZZ_CASES:-400} \
+            timeout "$TEST_TIMEOUT" "$bin" --nocapture > "$OUT_DIR/fuzz-$be.log" 2>&1
+        say "fuzz: $be rc=$? $(grep -a 'differential sample: .* failed' "$OUT_DIR/fuzz-$be.log" | tail -1)" \
+            "$(grep -a 'test result' "$OUT_DIR/fuzz-$be.log" | tail -1)"
+    done
+}
+
+suite_sanitize() {
+    local cs tool run
+    cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+    [ -n "$cs" ] || { say "sanitize: no compute-sanitizer"; return; }
+    for tool in memcheck racecheck synccheck; do
+        for run in "cuda_forward --seq 4096 --stride 16 --dtype f16,bf16 --iters 1" \
+            "cuda_backward --seq 4096 --dtype f16 --iters 1" \
+            "s2attn-bench --mode decode --backend cuda --seq 8k --heads 32 --kv-heads 8 --iters 1 --warmup 0 --warmup-ms 0"; do
+            local log="$OUT_DIR/sanitize-$tool-${run%% *}.log"
+            # shellcheck disable=SC2086
+            timeout "$TEST_TIMEOUT" "$cs" --tool "$tool" --error-exitcode 99 $run > "$log" 2>&1
+            say "sanitize: $tool $run rc=$? $(grep -a 'ERROR SUMMARY' "$log" | tail -1)"
+        done
+    done
 }
 
 suite_forward() {
@@ -152,7 +184,7 @@ suite_peers() {  # the peers at the points of the suites named with it
 }
 
 others=()
-for s in "$@"; do [ "$s" = peers ] || [ "$s" = tests ] || [ "$s" = paper ] || others+=("$s"); done
+for s in "$@"; do case $s in peers | tests | fuzz | sanitize | paper) ;; *) others+=("$s") ;; esac; done
 for s in "$@"; do
     case $s in
     peers) if [ ${#others[@]} -gt 0 ]; then suite_peers "${others[@]}"; else suite_peers forward backward decode; fi ;;

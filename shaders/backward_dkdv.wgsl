@@ -13,6 +13,7 @@
 // partial dK and dV to `part_buf` and split_sum.wgsl adds them in split order.
 
 #include shared/params.wgsl
+#include shared/nonfinite.wgsl
 #include storage
 #include grad_storage
 #include shared/backward.wgsl

@@ -13,6 +13,7 @@
 // partial dQ to `part_buf` ([split] copies of dQ's layout) and split_sum.wgsl adds them in split order.
 
 #include shared/params.wgsl
+#include shared/nonfinite.wgsl
 #include storage
 #include grad_storage
 #include shared/backward.wgsl

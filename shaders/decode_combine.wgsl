@@ -8,6 +8,7 @@
 
 #include storage
 #include shared/decode.wgsl
+#include shared/nonfinite.wgsl
 
 override D: u32 = 64u;   // head dim (multiple of 4)
 override R: u32 = 4u;    // query rows per family
@@ -20,8 +21,15 @@ var<workgroup> m_s: array<f32, WG>;        // lane maxima
 var<workgroup> s_s: array<f32, WG>;        // lane sums (relative to their maxima)
 var<workgroup> lse_s: array<f32, R>;       // merged base-2 LSE per row
 var<workgroup> o_s: array<vec4<f32>, WG>;  // lane sums of O
+var<workgroup> f_s: array<u32, WG>;        // lane flags: 1 a NaN partial, 2 a -inf one (keys, all -inf)
 
-fn fold(m: ptr<function, f32>, s: ptr<function, f32>, x: f32) {
+fn fold(m: ptr<function, f32>, s: ptr<function, f32>, f: ptr<function, u32>, x: f32) {
+    let bits = bitcast<u32>(x);
+    if (bits & 0x7fffffffu) > 0x7f800000u {
+        *f |= 1u;
+    } else if bits == 0xff800000u {
+        *f |= 2u;
+    }
     if x > *m {
         *s = *s * exp2(*m - x) + 1.0;
         *m = x;
@@ -49,28 +57,32 @@ fn main(
         let lane = lid % LL;
         var m = NEG_BIG;
         var s = 0.0;
+        var f = 0u;
         var k = lane;
         for (; k + 3u * LL < n; k += 4u * LL) {
             let a = part_lse[(fam.slot + k) * R + r];
             let b = part_lse[(fam.slot + k + LL) * R + r];
             let c = part_lse[(fam.slot + k + 2u * LL) * R + r];
             let d = part_lse[(fam.slot + k + 3u * LL) * R + r];
-            fold(&m, &s, a);
-            fold(&m, &s, b);
-            fold(&m, &s, c);
-            fold(&m, &s, d);
+            fold(&m, &s, &f, a);
+            fold(&m, &s, &f, b);
+            fold(&m, &s, &f, c);
+            fold(&m, &s, &f, d);
         }
         for (; k < n; k += LL) {
-            fold(&m, &s, part_lse[(fam.slot + k) * R + r]);
+            fold(&m, &s, &f, part_lse[(fam.slot + k) * R + r]);
         }
         m_s[lid] = m;
         s_s[lid] = s;
+        f_s[lid] = f;
     }
     workgroupBarrier();
     if lid < R {
         var m = NEG_BIG;
+        var f = 0u;
         for (var x = 0u; x < LL; x++) {
             m = max(m, m_s[lid * LL + x]);
+            f |= f_s[lid * LL + x];
         }
         var lse2 = NEG_BIG;
         if m > NEG_BIG {
@@ -82,6 +94,10 @@ fn main(
                 }
             }
             lse2 = m + log2(sum);
+        }
+        // A NaN partial, or keys that all scored -inf in every split that has keys: a NaN row.
+        if (f & 1u) != 0u || ((f & 2u) != 0u && !(m > NEG_BIG)) {
+            lse2 = quiet_nan();
         }
         lse_s[lid] = lse2;
         if row_valid(fam, lid) {
@@ -96,7 +112,9 @@ fn main(
         let lse2 = lse_s[r];
         if lane < SL {
             var x = vec4<f32>(0.0);
-            if lse2 > NEG_BIG {
+            if (bitcast<u32>(lse2) & 0x7fffffffu) > 0x7f800000u {
+                x = vec4<f32>(quiet_nan());
+            } else if lse2 > NEG_BIG {
                 var k = lane;
                 for (; k + 3u * SL < n; k += 4u * SL) {
                     let s0 = (fam.slot + k) * R + r;

@@ -13,6 +13,7 @@
 // invocations share an output, each over every KS-th key, and their partial sums meet at the end.
 
 #include shared/decode.wgsl
+#include shared/nonfinite.wgsl
 
 override D: u32 = 64u;            // head dim (multiple of 8)
 override R: u32 = 4u;             // query rows per item (<= 64)
@@ -34,6 +35,7 @@ var<workgroup> q_s: array<vec4<f32>, R * D / 4u>; // query rows, pre-scaled by s
 var<workgroup> k_s: array<vec4<u32>, BK * KP>;
 var<workgroup> v_s: array<vec4<u32>, BK * W>;
 var<workgroup> p_s: array<f32, R * BK>;          // scores of the chunk (row r at r * BK)
+var<workgroup> flag_s: array<atomic<u32>, R>;    // row flags (shared/nonfinite.wgsl)
 
 @compute @workgroup_size(WG)
 fn main(
@@ -61,6 +63,15 @@ fn main(
             x = load_q4(q_index(it, i / d4, i % d4, d4)) * params.scale_log2;
         }
         q_s[i] = x;
+    }
+
+    for (var r = lid; r < R; r += WG) {
+        atomicStore(&flag_s[r], 0u);
+    }
+    // Row flags of the rows this invocation scores (rows lid / BK + i * WG / BK, at most 64), two bits each.
+    var flags: array<u32, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        flags[i] = 0u;
     }
 
     // The O pass: output o = lid % (R * W) (row o / W, word o % W), key split ks = lid / (R * W).
@@ -148,6 +159,7 @@ fn main(
         let kpos = k0 + kk;
         for (var r = lid / BK; r < R; r += WG / BK) {
             var s = NEG_BIG;
+            let i = (r - lid / BK) / (WG / BK);
             if row_valid(it, r) && kpos < key_end && (!causal || kpos <= it.pos0 + r % params.n_tok)
                 && row_attends(entry.zw, r) {
                 var dot = vec4<f32>(0.0);
@@ -162,6 +174,7 @@ fn main(
                 s = dot.x + dot.y + dot.z + dot.w;
             }
             p_s[r * BK + kk] = s;
+            flags[i / 16u] |= score_flags(s) << (2u * (i % 16u));
         }
         workgroupBarrier();
         // O += P V with the running maximum of each row (every invocation of a row finds the same).
@@ -186,9 +199,10 @@ fn main(
                             let p = select(0.0, exp2(s - m_new), s > NEG_BIG);
                             let vw = v_s[k * W + w];
                             l += p;
-                            a_lo += p * lo4(vw);
+                            // A zero P (masked, or a -inf score) adds nothing, not 0 * a non-finite V.
+                            a_lo += select(p * lo4(vw), vec4<f32>(0.0), p == 0.0);
                             if HALF == 1u {
-                                a_hi += p * hi4(vw);
+                                a_hi += select(p * hi4(vw), vec4<f32>(0.0), p == 0.0);
                             }
                         }
                         acc_lo[j] = a_lo;
@@ -200,6 +214,16 @@ fn main(
             }
         }
     }
+
+    // The rows' flags meet.
+    for (var r = lid / BK; r < R; r += WG / BK) {
+        let i = (r - lid / BK) / (WG / BK);
+        let f = (flags[i / 16u] >> (2u * (i % 16u))) & 3u;
+        if f != 0u {
+            atomicOr(&flag_s[r], f);
+        }
+    }
+    workgroupBarrier();
 
     // Key splits meet: split ks > 0 leaves its sums in k_s (accumulators) and v_s (row sums), split 0 adds.
     if KS > 1u {
@@ -229,8 +253,11 @@ fn main(
         let w = o % W;
         if o < n_out && row_valid(it, r) {
             let l = l_r[j];
+            let row_flags = atomicLoad(&flag_s[r]);
             var inv = 0.0;
-            if l > 0.0 {
+            if row_is_nan(row_flags, l) {
+                inv = quiet_nan();
+            } else if l > 0.0 {
                 inv = 1.0 / l;
             }
             // Word w of the row holds elements w * EW ..: vec4 units (w * EW) / 4 (and + 1 for f16).
@@ -247,10 +274,7 @@ fn main(
                 }
             }
             if w == 0u {
-                var lse2 = NEG_BIG;
-                if l > 0.0 {
-                    lse2 = m_r[j] + log2(l);
-                }
+                let lse2 = partial_lse2(row_flags, m_r[j], l);
                 if it.nsplit == 1u {
                     lse_buf[lse_index(it, r)] = lse_out(lse2);
                 } else {

@@ -13,6 +13,7 @@
 // as the split combine does, through workgroup memory.
 
 #include shared/decode.wgsl
+#include shared/nonfinite.wgsl
 
 override D: u32 = 64u;            // head dim (a multiple of 8)
 override R: u32 = 4u;             // query rows per item (<= 4)
@@ -30,6 +31,7 @@ const MAX_NK: u32 = 16u;
 
 var<workgroup> red_s: array<vec4<f32>, RED>; // partial dots [key][word] (rows in lanes), then the merge
 var<workgroup> s_s: array<vec4<f32>, BK>;    // scores of the chunk per key (rows in lanes), base 2
+var<workgroup> flag_s: array<atomic<u32>, 4>; // row flags (shared/nonfinite.wgsl)
 
 @compute @workgroup_size(WG)
 fn main(
@@ -73,6 +75,11 @@ fn main(
             }
         }
     }
+    if lid < 4u {
+        atomicStore(&flag_s[lid], 0u);
+    }
+    // Row flags of the keys this invocation scores (invocations lid < BK), two bits per row.
+    var flags = 0u;
     // Running max and sum of the rows (lanes) over this invocation's keys.
     var m = vec4<f32>(NEG_BIG);
     var l = vec4<f32>(0.0);
@@ -152,6 +159,7 @@ fn main(
                 if !live {
                     s[r] = NEG_BIG;
                 }
+                flags |= score_flags(s[r]) << (2u * r);
             }
             s_s[lid] = s;
         }
@@ -174,8 +182,9 @@ fn main(
             let vl = lo4(pv[j]);
             let vh = hi4(pv[j]);
             for (var r = 0u; r < R; r++) {
-                acc_lo[r] += p[r] * vl;
-                acc_hi[r] += p[r] * vh;
+                // A zero P (masked, or a -inf score) adds nothing, not 0 * a non-finite V.
+                acc_lo[r] += select(p[r] * vl, vec4<f32>(0.0), p[r] == 0.0);
+                acc_hi[r] += select(p[r] * vh, vec4<f32>(0.0), p[r] == 0.0);
             }
         }
         m = mc;
@@ -194,7 +203,13 @@ fn main(
         k0 = k1;
     }
 
-    // The G key groups of word w merge: common max, scaled sums, then O row by row.
+    // The G key groups of word w merge: common max, scaled sums, then O row by row; the rows' flags meet.
+    for (var r = 0u; r < 4u; r++) {
+        let f = (flags >> (2u * r)) & 3u;
+        if f != 0u {
+            atomicOr(&flag_s[r], f);
+        }
+    }
     workgroupBarrier();
     red_s[lid] = m;
     workgroupBarrier();
@@ -222,8 +237,11 @@ fn main(
                 o_lo += red_s[2u * (x * W + w)];
                 o_hi += red_s[2u * (x * W + w) + 1u];
             }
+            let row_flags = atomicLoad(&flag_s[r]);
             var inv = 0.0;
-            if lt[r] > 0.0 {
+            if row_is_nan(row_flags, lt[r]) {
+                inv = quiet_nan();
+            } else if lt[r] > 0.0 {
                 inv = 1.0 / lt[r];
             }
             if it.nsplit == 1u {
@@ -238,10 +256,7 @@ fn main(
                 }
             }
             if w == 0u {
-                var lse2 = NEG_BIG;
-                if lt[r] > 0.0 {
-                    lse2 = mx[r] + log2(lt[r]);
-                }
+                let lse2 = partial_lse2(row_flags, mx[r], lt[r]);
                 if it.nsplit == 1u {
                     lse_buf[lse_index(it, r)] = lse_out(lse2);
                 } else {

@@ -11,6 +11,7 @@
 // unnormalised O, (m, l) and its row flags to `part_buf`, and split_merge.wgsl combines them.
 
 #include shared/params.wgsl
+#include shared/nonfinite.wgsl
 #include storage
 
 // LSE out, [batch, heads, seq], f32.

@@ -8,6 +8,7 @@
 // One invocation per (row, head, batch); rows before `params.first_row` are left unwritten.
 
 #include shared/params.wgsl
+#include shared/nonfinite.wgsl
 #include storage
 
 @group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;

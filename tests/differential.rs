@@ -13,9 +13,9 @@
 //! Each case is one mode: the forward (O and LSE), the backward (dQ, dK, dV from the backend's own forward),
 //! decode from the paged KV cache (the last token or a speculative window), or variable-length (chunked)
 //! prefill. Some cases put one NaN or infinity into Q, K or V: the outputs must be non-finite exactly where
-//! the oracle's are. The portable forward and backward kernels implement those semantics; the decode and
-//! variable-length kernels and the tensor-core kernels (WGSL cooperative matrices, CUDA) do not yet, so
-//! such cases run there without the non-finite value (`nonfinite_supported`).
+//! the oracle's are. The portable WGSL kernels (forward, backward, decode and variable-length) implement
+//! those semantics; the tensor-core kernels (WGSL cooperative matrices, CUDA) do not yet, so such cases
+//! run there without the non-finite value (`nonfinite_supported`).
 
 #[path = "oracle/mod.rs"]
 mod oracle;
@@ -433,11 +433,14 @@ fn seq_slice(x: &[f32], b: usize, len: usize, row: usize) -> &[f32] {
     &x[b * len * row..(b + 1) * len * row]
 }
 
-/// Whether the kernels a case runs give IEEE results for non-finite inputs: the portable forward and
-/// backward do; decode, variable-length prefill and the tensor-core kernels not yet.
+/// Whether the kernels a case runs give IEEE results for non-finite inputs: the portable WGSL kernels do
+/// (decode and variable-length prefill always run those on wgpu); the tensor-core kernels not yet.
 fn nonfinite_supported(ctx: &Context, c: &Case) -> bool {
-    if is_cuda(ctx) || !matches!(c.mode, Mode::Forward | Mode::Backward) {
+    if is_cuda(ctx) {
         return false;
+    }
+    if !matches!(c.mode, Mode::Forward | Mode::Backward) {
+        return true;
     }
     let Ok((layout, _)) = layouts(c, c.seq.div_ceil(c.block)) else { return true };
     let shape = Shape::new(c.batch, c.seq, c.d, c.dtype);
@@ -543,10 +546,21 @@ fn run_decode(ctx: &Context, c: &Case, window: u32) -> Result<(), String> {
     let mut cache = KvCache::new(ctx, &layout, config).map_err(|e| format!("KvCache::new: {e}"))?;
     let row_kv = (c.kv_heads * c.d) as usize;
     let row_q = (c.heads * c.d) as usize;
+    let mut history: Vec<(Vec<f32>, Vec<f32>)> = lens
+        .iter()
+        .map(|&len| inputs(&Case { nonfinite: None, ..c.clone() }, &mut rng, 0, len))
+        .map(|(_, k, v)| (k, v))
+        .collect();
+    // A non-finite K or V goes into one sequence's history.
+    if let Some(n) = c.nonfinite.filter(|n| n.tensor != Tensor::Q) {
+        let (k, v) = &mut history[rng.below(c.batch) as usize];
+        let t = if n.tensor == Tensor::K { k } else { v };
+        let at = rng.below(t.len() as u32) as usize;
+        t[at] = n.value;
+    }
     let mut seqs = Vec::new();
-    for &len in &lens {
+    for (&len, (k, v)) in lens.iter().zip(history) {
         let id = cache.add_sequence();
-        let (_, k, v) = inputs(&Case { nonfinite: None, ..c.clone() }, &mut rng, 0, len);
         let mut at = 0;
         while at < len {
             let n = if len - at > 1 && rng.chance(0.5) { rng.range(1, len - at) } else { len - at };
@@ -562,8 +576,9 @@ fn run_decode(ctx: &Context, c: &Case, window: u32) -> Result<(), String> {
         }
         seqs.push((id, k, v));
     }
-    // Q holds the case's non-finite value when it names Q (K and V: appended above without it).
-    let (q, _, _) = inputs(c, &mut rng, c.batch * window, 0);
+    // Q holds the case's non-finite value when it names Q.
+    let q_case = Case { nonfinite: c.nonfinite.filter(|n| n.tensor == Tensor::Q), ..c.clone() };
+    let (q, _, _) = inputs(&q_case, &mut rng, c.batch * window, 0);
     let decode = Decode::new(&cache).map_err(|e| format!("Decode::new: {e}"))?;
     let ids: Vec<_> = seqs.iter().map(|s| s.0).collect();
     let (out, lse) = match c.dtype {

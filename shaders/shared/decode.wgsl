@@ -74,8 +74,26 @@ fn lse_index(it: WorkItem, r: u32) -> u32 {
 fn row_valid(it: WorkItem, r: u32) -> bool {
     return r % params.n_tok < it.n_valid;
 }
-// A base-2 LSE (NEG_BIG: no key) as the natural-log value written out.
+// A split's base-2 LSE of a row from its flags (shared/nonfinite.wgsl), max `m` and sum `l`: NEG_BIG for
+// no key, -inf for keys whose scores were all -inf (NaN only if no other split has a finite one), NaN for
+// a NaN row, else m + log2(l).
+fn partial_lse2(flags: u32, m: f32, l: f32) -> f32 {
+    if (flags & ROW_NAN) != 0u {
+        return quiet_nan();
+    }
+    if l > 0.0 {
+        return m + log2(l);
+    }
+    return select(NEG_BIG, params.neg_inf, (flags & ROW_HAS_KEY) != 0u);
+}
+
+// A row's base-2 LSE as the natural-log value written out: -inf for no key (NEG_BIG), NaN for a NaN row
+// or keys that all scored -inf.
 fn lse_out(lse2: f32) -> f32 {
+    let bits = bitcast<u32>(lse2);
+    if (bits & 0x7fffffffu) > 0x7f800000u || bits == 0xff800000u {
+        return quiet_nan();
+    }
     return select(params.neg_inf, lse2 * LN2, lse2 > NEG_BIG);
 }
 // One past the last key an item needs: the sequence's end, or (causal) past its last valid row.

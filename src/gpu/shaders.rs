@@ -12,6 +12,7 @@ use crate::plan::{DType, DispatchPlan};
 /// Shared pieces, by the path kernels include them with.
 const SHARED: &[(&str, &str)] = &[
     ("shared/params.wgsl", include_str!("../../shaders/shared/params.wgsl")),
+    ("shared/nonfinite.wgsl", include_str!("../../shaders/shared/nonfinite.wgsl")),
     ("shared/storage_f32.wgsl", include_str!("../../shaders/shared/storage_f32.wgsl")),
     ("shared/storage_f16.wgsl", include_str!("../../shaders/shared/storage_f16.wgsl")),
     ("shared/backward.wgsl", include_str!("../../shaders/shared/backward.wgsl")),
