@@ -5,10 +5,10 @@
 
 use super::ops::{self, Binder, Bound};
 use super::transformer::{LayerBuffers, Model};
-use crate::error::{Error, Result};
-use crate::gpu::decode::plan_attend;
-use crate::inference::{Decode, KvCache, KvCacheConfig, MemoryReport, SeqId};
-use crate::plan::DType;
+use s2attn::gpu::plan_attend;
+use s2attn::inference::{Decode, KvCache, KvCacheConfig, MemoryReport, SeqId};
+use s2attn::DType;
+use s2attn::{Error, Result};
 
 /// Bound ops of one layer; matmuls per row mode (`[one row, a chunk]`).
 pub(super) struct LayerOps {

@@ -5,8 +5,8 @@
 use super::ops::{dispatch, elementwise, matmul_groups, Bound, MATMUL_TM};
 use super::state::{LayerOps, State};
 use super::transformer::Model;
-use crate::error::{Error, Result};
-use crate::gpu::{read_buffer, TensorView};
+use s2attn::TensorView;
+use s2attn::{Error, Result};
 
 impl Model {
     fn check_state(&self, state: &State, tokens: u32) -> Result<()> {
@@ -135,13 +135,13 @@ impl Model {
         let mut encoder = self.gpu.device().create_command_encoder(&Default::default());
         encoder.copy_buffer_to_buffer(&b.ids, from as u64 * 4, &b.read_ids, 0, n as u64 * 4);
         self.gpu.queue().submit([encoder.finish()]);
-        Ok(bytemuck::pod_collect_to_vec(&read_buffer(&self.gpu, &b.read_ids, n as u64 * 4)?))
+        Ok(bytemuck::pod_collect_to_vec(&self.gpu.read_buffer(&b.read_ids, n as u64 * 4)?))
     }
 
     /// Feeds `tokens` (the prompt, or more of it) and returns the greedy next token (also kept on the GPU
     /// for [`Model::step`]). On a fresh state each layer runs its matmuls over the prompt in chunks of
     /// [`State::prefill_rows`] rows and its attention over the whole prompt with the library's forward
-    /// op ([`crate::Attention`]: the tensor-core kernel where the device has one), K/V going into the
+    /// op ([`s2attn::Attention`]: the tensor-core kernel where the device has one), K/V going into the
     /// paged caches on the GPU; more prompt after earlier tokens runs in chunks of
     /// [`State::decode_prefill_rows`] rows on the decode kernels over the caches, one submit each.
     pub fn prefill(&self, state: &mut State, tokens: &[u32]) -> Result<u32> {
@@ -204,6 +204,6 @@ impl Model {
         let mut encoder = self.gpu.device().create_command_encoder(&Default::default());
         encoder.copy_buffer_to_buffer(&b.logits, 0, &b.read_logits, 0, bytes);
         self.gpu.queue().submit([encoder.finish()]);
-        Ok(bytemuck::pod_collect_to_vec(&read_buffer(&self.gpu, &b.read_logits, bytes)?))
+        Ok(bytemuck::pod_collect_to_vec(&self.gpu.read_buffer(&b.read_logits, bytes)?))
     }
 }

@@ -4,8 +4,8 @@
 //! pointers and lengths checked, panics caught, a status per call.
 
 use super::{call, check_ptr, clear_out, dtype_of, handle, input, put, Fail, Ffi, S2attnContext, S2attnLayout, Status};
-use crate::inference::{Decode, KvCache, KvCacheConfig, SeqId};
-use crate::{DType, Element, Error};
+use s2attn::inference::{Decode, KvCache, KvCacheConfig, SeqId};
+use s2attn::{DType, Element, Error};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Mutex, MutexGuard};
@@ -34,7 +34,7 @@ pub extern "C" fn s2attn_kv_cache_params_init(head_dim: u32, dtype: i32, max_seq
     S2attnKvCacheParams { head_dim, dtype, max_seq_len, sequences: 1, max_pages: 0, query_window: 1 }
 }
 
-/// `s2attn_memory_report`: [`crate::inference::MemoryReport`] with the derived byte counts.
+/// `s2attn_memory_report`: [`s2attn::inference::MemoryReport`] with the derived byte counts.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct S2attnMemoryReport {
@@ -63,7 +63,7 @@ pub struct S2attnMemoryReport {
 pub struct S2attnKvCache {
     inner: Mutex<CacheState>,
     /// The device the cache was made on.
-    pub(super) ctx: crate::Context,
+    pub(super) ctx: s2attn::Context,
 }
 
 pub(super) struct CacheState {

@@ -9,7 +9,7 @@
 //! function). The KV cache and decode entry points are in [`inference`], device-resident buffers and the
 //! entry points that run on them (and on caller CUDA memory) in [`buffers`].
 
-use crate::{Attention, Backend, BlockMask, Context, ContextOptions, DType, Element, Error, Layout, S2Config, Shape};
+use s2attn::{Attention, Backend, BlockMask, Context, ContextOptions, DType, Element, Error, Layout, S2Config, Shape};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -362,7 +362,7 @@ pub unsafe extern "C" fn s2attn_context_create_with(
             Some("wgpu") => options.backend = Backend::Wgpu,
             Some("cuda") => options.backend = Backend::Cuda,
             Some(api) => {
-                crate::gpu::parse_backend(api)?;
+                s2attn::gpu::parse_backend(api)?;
                 options.backend = Backend::Wgpu;
                 options.wgpu_backend = Some(api.to_string());
             }

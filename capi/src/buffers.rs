@@ -9,9 +9,9 @@
 
 use super::inference::{S2attnDecode, S2attnKvCache};
 use super::{call, check_ptr, clear_out, handle, put, Fail, Ffi, S2attnContext, S2attnOp, Status};
-use crate::gpu::{read_buffer, TensorView, WgpuContext};
-use crate::inference::SeqId;
-use crate::Error;
+use s2attn::gpu::{TensorView, WgpuContext};
+use s2attn::inference::SeqId;
+use s2attn::Error;
 use std::ffi::c_void;
 use std::sync::Mutex;
 
@@ -188,7 +188,7 @@ pub unsafe extern "C" fn s2attn_buffer_read(
         let mut encoder = b.gpu.device().create_command_encoder(&Default::default());
         encoder.copy_buffer_to_buffer(&b.buffer, offset, &staging, 0, bytes as u64);
         b.gpu.queue().submit([encoder.finish()]);
-        let host = read_buffer(&b.gpu, &staging, bytes as u64)?;
+        let host = b.gpu.read_buffer(&staging, bytes as u64)?;
         // SAFETY: `data` is non-null (checked) and writable for `bytes` bytes by contract; `host` has that many.
         unsafe { std::ptr::copy_nonoverlapping(host.as_ptr(), data.cast::<u8>(), bytes.min(host.len())) };
         Ok(())
@@ -402,7 +402,7 @@ pub unsafe extern "C" fn s2attn_forward_cuda(
 
 #[cfg(feature = "cuda")]
 fn forward_cuda(op: &S2attnOp, [q, k, v, out]: [S2attnCudaTensor; 4], lse: u64) -> Ffi<()> {
-    use crate::cuda::CudaTensor;
+    use s2attn::cuda::CudaTensor;
     let tensor = |t: S2attnCudaTensor| -> Ffi<CudaTensor> {
         if t.ptr == 0 {
             return Err(Fail::Null("a CUDA tensor's ptr"));

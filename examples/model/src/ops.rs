@@ -3,10 +3,10 @@
 //! staged on the host and written with one `queue.write_buffer` before it, so steady-state steps create
 //! nothing.
 
-use crate::error::{Error, Result};
-use crate::gpu::shaders::Kernel;
-use crate::gpu::WgpuContext;
-use crate::plan::DType;
+use crate::shaders::{pipeline, Kernel};
+use s2attn::gpu::WgpuContext;
+use s2attn::DType;
+use s2attn::{Error, Result};
 
 /// Bytes between params slots (every device's uniform offset alignment divides 256).
 const SLOT_BYTES: u64 = 256;
@@ -38,20 +38,17 @@ impl Pipelines {
     pub fn new(ctx: &WgpuContext, weights: DType, attention: DType) -> Result<Self> {
         let f16 = u32::from(weights == DType::F16);
         let a16 = u32::from(attention == DType::F16);
-        let cast = |src: u32, dst: u32| {
-            ctx.pipeline(Kernel::ModelCast, DType::F32, &[("WG", WG), ("SRC_F16", src), ("DST_F16", dst)])
-        };
-        let f32 = DType::F32;
+        let cast = |src: u32, dst: u32| pipeline(ctx, Kernel::Cast, &[("WG", WG), ("SRC_F16", src), ("DST_F16", dst)]);
         Ok(Self {
-            embed: ctx.pipeline(Kernel::ModelEmbed, f32, &[("WG", WG), ("W_F16", f16)])?,
-            norm: ctx.pipeline(Kernel::ModelRmsNorm, f32, &[("W_F16", f16)])?,
+            embed: pipeline(ctx, Kernel::Embed, &[("WG", WG), ("W_F16", f16)])?,
+            norm: pipeline(ctx, Kernel::RmsNorm, &[("W_F16", f16)])?,
             matmul: [
-                ctx.pipeline(Kernel::ModelMatmul, f32, &[("TM", 1), ("W_F16", f16), ("WG", MATMUL_WG)])?,
-                ctx.pipeline(Kernel::ModelMatmul, f32, &[("TM", MATMUL_TM), ("W_F16", f16), ("WG", MATMUL_WG)])?,
+                pipeline(ctx, Kernel::Matmul, &[("TM", 1), ("W_F16", f16), ("WG", MATMUL_WG)])?,
+                pipeline(ctx, Kernel::Matmul, &[("TM", MATMUL_TM), ("W_F16", f16), ("WG", MATMUL_WG)])?,
             ],
-            rope: ctx.pipeline(Kernel::ModelRope, f32, &[("WG", WG)])?,
-            swiglu: ctx.pipeline(Kernel::ModelSwiglu, f32, &[("WG", WG)])?,
-            argmax: ctx.pipeline(Kernel::ModelArgmax, f32, &[])?,
+            rope: pipeline(ctx, Kernel::Rope, &[("WG", WG)])?,
+            swiglu: pipeline(ctx, Kernel::Swiglu, &[("WG", WG)])?,
+            argmax: pipeline(ctx, Kernel::Argmax, &[])?,
             pack: cast(0, a16)?,
             unpack: cast(a16, 0)?,
         })

@@ -1,15 +1,13 @@
-//! The example transformer (`s2attn::model`) against its CPU f64 reference at a tiny size: logits after
+//! The example transformer (`s2attn_model`) against its CPU f64 reference at a tiny size: logits after
 //! the prefill and after every generated token, greedy tokens, the pipelined `generate` path against
 //! step-by-step decoding, with f32 and f16 weights and a hybrid (dense + S2) stack whose S2 layer masks
 //! part of the context and evicts pages. The prompt (40 tokens) is longer than a prefill chunk (16
 //! rows): a fresh state prefills through the forward attention op (f32 and f16 Q/K/V), a prompt fed in
 //! two parts runs its second part on the decode kernels over the caches.
 
-mod common;
-
-use common::{wgpu_context, Rng};
-use s2attn::model::{reference, Model, ModelConfig, State, Weights};
-use s2attn::DType;
+use s2attn::{Backend, Context, ContextOptions, DType};
+use s2attn_model::{reference, Model, ModelConfig, State, Weights};
+use std::sync::OnceLock;
 
 const PROMPT: usize = 40;
 const STEPS: usize = 5;
@@ -147,4 +145,35 @@ fn generate_matches_step_by_step_and_reuses_buffers() {
     let mut c = State::new(&model, 64).expect("state");
     assert!(model.prefill(&mut c, &[config.vocab]).is_err());
     assert!(c.is_empty());
+}
+
+/// The wgpu context these tests share, opened once: `Context::new()` (lavapipe in CI), or the best wgpu
+/// adapter where that opens CUDA (the model runs on wgpu only).
+fn wgpu_context() -> &'static Context {
+    static CTX: OnceLock<Context> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let help = "no GPU adapter: these tests need one (lavapipe in CI: `apt-get install mesa-vulkan-drivers`)";
+        let ctx = Context::new().unwrap_or_else(|e| panic!("{help}: {e}"));
+        if ctx.wgpu().is_some() {
+            return ctx;
+        }
+        let mut options = ContextOptions::from_env().unwrap_or_else(|e| panic!("{e}"));
+        options.backend = Backend::Wgpu;
+        Context::with_options(&options).unwrap_or_else(|e| panic!("{help}: {e}"))
+    })
+}
+
+/// xorshift64: deterministic per seed.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
 }

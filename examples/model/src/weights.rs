@@ -2,7 +2,7 @@
 //! and the CPU reference, so both run exactly the same numbers).
 
 use super::config::ModelConfig;
-use crate::plan::DType;
+use s2attn::DType;
 
 /// One layer's parameters; matrices row-major `[in, out]`.
 #[derive(Clone, Debug)]

@@ -8,11 +8,11 @@
 use super::ops::{self, dispatch, elementwise, Binder, Bound};
 use super::state::{bind_layer, LayerOps, State};
 use super::transformer::Model;
-use crate::attention::Attention;
-use crate::error::{Error, Result};
-use crate::gpu::TensorView;
-use crate::model::LayerAttention;
-use crate::plan::Shape;
+use crate::LayerAttention;
+use s2attn::Attention;
+use s2attn::Shape;
+use s2attn::TensorView;
+use s2attn::{Error, Result};
 use std::sync::Arc;
 
 /// A layer's pack (Q, K, V) and unpack (attention output) copies.

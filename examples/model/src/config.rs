@@ -1,8 +1,8 @@
 //! `ModelConfig`: the shape of the example decoder-only transformer and which attention each layer runs.
 
-use crate::error::{Error, Result};
-use crate::layout::{Layout, S2Config};
-use crate::plan::DType;
+use s2attn::DType;
+use s2attn::{Error, Result};
+use s2attn::{Layout, S2Config};
 
 /// The attention a layer runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

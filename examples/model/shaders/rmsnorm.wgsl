@@ -14,7 +14,7 @@ const WG: u32 = 256u;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 
-#include model/weights.wgsl
+#include weights.wgsl
 
 var<workgroup> partial: array<f32, WG>;
 

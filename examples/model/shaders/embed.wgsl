@@ -15,7 +15,7 @@ override WG: u32 = 64u;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 @group(0) @binding(3) var<storage, read_write> x: array<f32>;
 
-#include model/weights.wgsl
+#include weights.wgsl
 
 @compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {

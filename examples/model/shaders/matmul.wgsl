@@ -1,5 +1,5 @@
 // Y[M, N] = X[M, K] · W[K, N], or Y += X · W (`accumulate`: the residual add, fused), f32 activations and
-// accumulation, weights row-major [K, N] (f32 or f16, see model/weights.wgsl). A workgroup computes 64
+// accumulation, weights row-major [K, N] (f32 or f16, see weights.wgsl). A workgroup computes 64
 // columns of TM rows; its WG threads are 64 columns times WG / 64 slices of K (so a single row, as in a
 // decode step, still keeps many loads in flight), reduced in workgroup memory at the end. X rows are
 // staged in workgroup memory per chunk of TILE_K.
@@ -28,7 +28,7 @@ override TM: u32 = 1u;     // rows per workgroup, at most MAX_TM
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 
-#include model/weights.wgsl
+#include weights.wgsl
 
 var<workgroup> xs: array<f32, 512>;              // MAX_TM * TILE_K
 var<workgroup> red: array<f32, 2048>;            // MAX_TM * MAX_WG

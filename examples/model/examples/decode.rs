@@ -1,4 +1,4 @@
-//! The decode example of issue 10: a small decoder-only transformer (`s2attn::model`: embedding, per
+//! The decode example of issue 10: a small decoder-only transformer (`s2attn_model`: embedding, per
 //! layer RMSNorm, QKV projection, RoPE, attention, output projection, SiLU-gated MLP, residual adds;
 //! final norm, LM head, greedy argmax), weights from a seeded generator, all on the GPU. It prefills a
 //! long prompt (each layer's attention over the whole prompt through the library's forward op, the
@@ -17,8 +17,8 @@
 //! `PROMPT=32768,131072 TOKENS=64 LAYERS=4 D_MODEL=1024 HEADS=32 KV_HEADS=8 HEAD_DIM=128 VOCAB=32000
 //! LOCAL=16 STRIDE=16 WEIGHTS=f16 cargo run --release --example decode`.
 
-use s2attn::model::{Model, ModelConfig, State};
 use s2attn::{Backend, Context, ContextOptions, DType};
+use s2attn_model::{Model, ModelConfig, State};
 use std::time::Instant;
 
 fn env(name: &str, default: u32) -> Result<u32, String> {

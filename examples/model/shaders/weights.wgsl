@@ -1,4 +1,4 @@
-// Weight accessor of the model kernels (included as `#include model/weights.wgsl`): weights live in a
+// Weight accessor of the model kernels (included as `#include weights.wgsl`): weights live in a
 // buffer `w` of 32-bit words, f32 bits (W_F16 = 0) or pairs of f16 (W_F16 = 1, element i in the low half
 // of word i / 2 when i is even), so one source serves both without the shader-f16 feature.
 

@@ -3,7 +3,7 @@
 
 use super::config::ModelConfig;
 use super::weights::Weights;
-use crate::error::Result;
+use s2attn::Result;
 
 fn rmsnorm(x: &[f64], w: &[f32], eps: f32) -> Vec<f64> {
     let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
