@@ -1,12 +1,12 @@
 /*
  * s2attn.h - C API of s2attn: S2-Attention (arXiv 2407.17678) on GPUs of every vendor.
  *
- * Hand-written to match src/capi.rs and the files under src/capi/; tests/c/smoke.c and tests/c/buffers.c exercise
- * every function.
+ * Hand-written to match the s2attn-capi crate (capi/src/); capi/tests/c/smoke.c and capi/tests/c/buffers.c
+ * exercise every function.
  *
  * Link against libs2attn.so / libs2attn.dylib (cdylib) or libs2attn.a (staticlib; then also link the
- * system libraries `cargo rustc --lib -- --print native-static-libs` lists, on Linux typically
- * -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc).
+ * system libraries `cargo rustc -p s2attn-capi --lib -- --print native-static-libs` lists, on Linux
+ * typically -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc).
  *
  * Conventions
  *   - Every function that can fail returns an s2attn_status: S2ATTN_OK (0) or an S2ATTN_ERR_* code.

@@ -8,6 +8,10 @@
 //! The header is hand-written; keep the two in step (`tests/c/smoke.c` and `tests/c/buffers.c` call every
 //! function). The KV cache and decode entry points are in [`inference`], device-resident buffers and the
 //! entry points that run on them (and on caller CUDA memory) in [`buffers`].
+//!
+//! The crate's library is named `s2attn` (`libs2attn.so`, `libs2attn.a`), so C programs link with
+//! `-ls2attn`; it calls the core crate `s2attn` through its public API.
+#![warn(missing_docs)]
 
 use s2attn::{Attention, Backend, BlockMask, Context, ContextOptions, DType, Element, Error, Layout, S2Config, Shape};
 use std::cell::RefCell;

@@ -24,7 +24,7 @@ fn artifact(name: &str, dir: &Path) -> PathBuf {
     let src = deps_dir().join(name);
     assert!(
         src.is_file(),
-        "{} not found: Cargo.toml's [lib] must list crate-type = [\"lib\", \"cdylib\", \"staticlib\"] (or a \
+        "{} not found: capi/Cargo.toml's [lib] must list crate-type = [\"cdylib\", \"staticlib\"] (or a \
          concurrent cargo build in the same target directory is rewriting it: rerun)",
         src.display()
     );
