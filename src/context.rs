@@ -138,8 +138,8 @@ impl Context {
         }
     }
 
-    /// The wgpu context, or an error naming the operation that needs one.
-    pub(crate) fn require_wgpu(&self, what: &str) -> Result<&WgpuContext> {
+    /// The wgpu context, or [`Error::Unsupported`] naming `what`, the operation that needs one.
+    pub fn require_wgpu(&self, what: &str) -> Result<&WgpuContext> {
         self.wgpu().ok_or_else(|| {
             Error::Unsupported(format!("{what} needs a wgpu context, this one is {}", self.backend_name()))
         })

@@ -28,7 +28,6 @@
 
 mod attention;
 mod backward;
-pub mod capi;
 mod context;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -37,7 +36,6 @@ mod error;
 pub mod gpu;
 pub mod inference;
 pub mod layout;
-pub mod model;
 mod multi;
 pub mod plan;
 

@@ -52,9 +52,16 @@ impl fmt::Display for Capabilities {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PipelineKey {
-    kernel: Kernel,
-    dtype: DType,
+    shader: ShaderKey,
     constants: Vec<(&'static str, u32)>,
+}
+
+/// What a cached pipeline was compiled from: one of the crate's kernels, or WGSL text handed in by the
+/// embedding code ([`WgpuContext::wgsl_pipeline`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum ShaderKey {
+    Kernel(Kernel, DType),
+    Wgsl(String),
 }
 
 struct Inner {
@@ -87,7 +94,10 @@ fn backend_name(b: wgpu::Backend) -> &'static str {
     }
 }
 
-pub(crate) fn parse_backend(name: &str) -> Result<wgpu::Backends> {
+/// The wgpu backends a graphics API name selects (`vulkan`/`vk`, `gl`/`gles`/`opengl`, `metal`, `dx12`/`d3d12`,
+/// any case), as `S2ATTN_BACKEND` and [`ContextOptions::wgpu_backend`] take them; an unknown name is
+/// [`Error::NoAdapter`] listing the accepted ones.
+pub fn parse_backend(name: &str) -> Result<wgpu::Backends> {
     Ok(match name.to_ascii_lowercase().as_str() {
         "vulkan" | "vk" => wgpu::Backends::VULKAN,
         "gl" | "gles" | "opengl" => wgpu::Backends::GL,
@@ -323,14 +333,19 @@ impl WgpuContext {
             .map_err(|e| Error::Device(format!("waiting for the GPU: {e}")))
     }
 
+    /// Maps a `MAP_READ` buffer after the queue drains and copies its first `len` bytes out.
+    pub fn read_buffer(&self, buffer: &wgpu::Buffer, len: u64) -> Result<Vec<u8>> {
+        super::read_buffer(self, buffer, len)
+    }
+
     /// Refuses a kernel the device cannot run, naming the limit, before wgpu would fail with a bare
     /// validation error: its storage buffers per stage, and its workgroup size (`WG`).
-    fn check_kernel_limits(&self, kernel: Kernel, source: &str, constants: &[(&'static str, u32)]) -> Result<()> {
+    fn check_kernel_limits(&self, name: &str, source: &str, constants: &[(&'static str, u32)]) -> Result<()> {
         let limits = &self.0.capabilities.limits;
-        let buffers = shaders::storage_buffers(kernel.name(), source)?;
+        let buffers = shaders::storage_buffers(name, source)?;
         if buffers > limits.max_storage_buffers_per_shader_stage {
             return Err(Error::DeviceLimit {
-                what: format!("the {} kernel", kernel.name()),
+                what: format!("the {name} kernel"),
                 limit: "max_storage_buffers_per_shader_stage",
                 needed: buffers as u64,
                 max: limits.max_storage_buffers_per_shader_stage as u64,
@@ -339,7 +354,7 @@ impl WgpuContext {
         if let Some(&(_, wg)) = constants.iter().find(|(name, _)| *name == "WG") {
             if wg > limits.max_compute_invocations_per_workgroup || wg > limits.max_compute_workgroup_size_x {
                 return Err(Error::DeviceLimit {
-                    what: format!("the {} kernel's workgroup", kernel.name()),
+                    what: format!("the {name} kernel's workgroup"),
                     limit: "max_compute_invocations_per_workgroup",
                     needed: wg as u64,
                     max: limits.max_compute_invocations_per_workgroup.min(limits.max_compute_workgroup_size_x) as u64,
@@ -357,13 +372,52 @@ impl WgpuContext {
         dtype: DType,
         constants: &[(&'static str, u32)],
     ) -> Result<wgpu::ComputePipeline> {
-        let key = PipelineKey { kernel, dtype, constants: constants.to_vec() };
+        let key = PipelineKey { shader: ShaderKey::Kernel(kernel, dtype), constants: constants.to_vec() };
+        // SAFETY: loop bounding guards against infinite loops; every loop in the crate's kernels runs
+        // over a finite range fixed by the params and the tile lists before it starts.
+        unsafe { self.cached_pipeline(key, kernel.name(), kernel.index_checks(), || shaders::compose(kernel, dtype)) }
+    }
+
+    /// The compute pipeline of WGSL `source` (entry point `main`) with `constants` (override name, value),
+    /// compiled on first use and cached for the context's lifetime, as the crate's own kernels are: the
+    /// device's limits are checked first (storage buffers per stage, the workgroup size of an override
+    /// named `WG`), index bounds checks stay on and wgpu's loop bounding is off. `name` labels the shader
+    /// in errors. Code outside the crate builds its own kernels with this (the example transformer does).
+    ///
+    /// # Safety
+    ///
+    /// Without loop bounding a loop that never ends hangs the device: every loop in `source` must
+    /// terminate, as for [`wgpu::Device::create_shader_module_trusted`].
+    pub unsafe fn wgsl_pipeline(
+        &self,
+        name: &str,
+        source: &str,
+        constants: &[(&'static str, u32)],
+    ) -> Result<wgpu::ComputePipeline> {
+        let key = PipelineKey { shader: ShaderKey::Wgsl(source.to_string()), constants: constants.to_vec() };
+        // SAFETY: the caller vouches that every loop of `source` terminates.
+        unsafe { self.cached_pipeline(key, name, true, || Ok(source.to_string())) }
+    }
+
+    /// The pipeline cached under `key`, else compiled from `source()` and cached.
+    ///
+    /// # Safety
+    ///
+    /// Loop bounding is off: every loop in the source must terminate.
+    unsafe fn cached_pipeline(
+        &self,
+        key: PipelineKey,
+        name: &str,
+        bounds_checks: bool,
+        source: impl FnOnce() -> Result<String>,
+    ) -> Result<wgpu::ComputePipeline> {
         let mut cache = self.0.pipelines.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = cache.get(&key) {
             return Ok(p.clone());
         }
-        let source = shaders::compose(kernel, dtype)?;
-        self.check_kernel_limits(kernel, &source, constants)?;
+        let source = source()?;
+        let constants = &key.constants;
+        self.check_kernel_limits(name, &source, constants)?;
         let device = &self.0.device;
         let scopes = ErrorScopes::push(device);
         // wgpu's default checks wrap every loop in a 64-bit iteration counter (`force_loop_bounding`),
@@ -371,17 +425,14 @@ impl WgpuContext {
         // 15-30% slower on the H100 with it). Bounds checks stay on; only loop bounding is off.
         let mut checks = wgpu::ShaderRuntimeChecks::checked();
         checks.force_loop_bounding = false;
-        checks.bounds_checks = kernel.index_checks();
-        let descriptor = wgpu::ShaderModuleDescriptor {
-            label: Some(kernel.name()),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        };
-        // SAFETY: loop bounding guards against infinite loops; every loop in the crate's kernels runs
-        // over a finite range fixed by the params and the tile lists before it starts.
+        checks.bounds_checks = bounds_checks;
+        let descriptor =
+            wgpu::ShaderModuleDescriptor { label: Some(name), source: wgpu::ShaderSource::Wgsl(source.into()) };
+        // SAFETY: the caller guarantees that every loop in the source terminates.
         let module = unsafe { device.create_shader_module_trusted(descriptor, checks) };
         let values: Vec<(&str, f64)> = constants.iter().map(|&(k, v)| (k, v as f64)).collect();
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(kernel.name()),
+            label: Some(name),
             layout: None,
             module: &module,
             entry_point: Some("main"),
@@ -392,7 +443,7 @@ impl WgpuContext {
             cache: None,
         });
         if let Some(message) = scopes.pop() {
-            return Err(Error::Shader { name: kernel.name().into(), message });
+            return Err(Error::Shader { name: name.into(), message });
         }
         cache.insert(key, pipeline.clone());
         Ok(pipeline)

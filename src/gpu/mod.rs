@@ -10,8 +10,8 @@ mod tune;
 
 pub(crate) use backward::GpuBackward;
 pub use backward::GradBuffers;
-pub(crate) use context::parse_backend;
-pub use context::{AdapterSummary, Capabilities, WgpuContext};
+pub use context::{parse_backend, AdapterSummary, Capabilities, WgpuContext};
+pub use decode::{plan_attend, plan_attend_for, AttendPlan};
 pub(crate) use forward::{read_buffer, GpuForward};
 pub use forward::{TensorView, Timing};
 pub(crate) use timing::Stamps;

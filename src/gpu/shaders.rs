@@ -23,7 +23,6 @@ const SHARED: &[(&str, &str)] = &[
     ("shared/coop_chunks.wgsl", include_str!("../../shaders/shared/coop_chunks.wgsl")),
     ("shared/coop_backward.wgsl", include_str!("../../shaders/shared/coop_backward.wgsl")),
     ("shared/coop_grad_out.wgsl", include_str!("../../shaders/shared/coop_grad_out.wgsl")),
-    ("model/weights.wgsl", include_str!("../../shaders/model/weights.wgsl")),
 ];
 
 /// The override constants a kernel is built with for `plan` at `head_dim`: the head dim, tile sizes and
@@ -60,20 +59,6 @@ pub enum Kernel {
     /// `shaders/kv_append.wgsl`: scatters K/V rows from device buffers into KV cache pages (32-bit words,
     /// so it serves every storage type).
     KvAppend,
-    /// `shaders/model/embed.wgsl`: the example transformer's embedding lookup ([`crate::model`]).
-    ModelEmbed,
-    /// `shaders/model/rmsnorm.wgsl`: RMSNorm.
-    ModelRmsNorm,
-    /// `shaders/model/matmul.wgsl`: activations times f32 or f16 weights, optionally added to the output.
-    ModelMatmul,
-    /// `shaders/model/rope.wgsl`: rotary position embedding of Q and K, in place.
-    ModelRope,
-    /// `shaders/model/swiglu.wgsl`: the SiLU-gated MLP activation.
-    ModelSwiglu,
-    /// `shaders/model/argmax.wgsl`: greedy sampling on the GPU.
-    ModelArgmax,
-    /// `shaders/model/cast.wgsl`: strided f32/f16 copy (the prefill packs Q/K/V for the forward op).
-    ModelCast,
 }
 
 impl Kernel {
@@ -91,13 +76,6 @@ impl Kernel {
         Kernel::DecodeSplitNarrow,
         Kernel::DecodeCombine,
         Kernel::KvAppend,
-        Kernel::ModelEmbed,
-        Kernel::ModelRmsNorm,
-        Kernel::ModelMatmul,
-        Kernel::ModelRope,
-        Kernel::ModelSwiglu,
-        Kernel::ModelArgmax,
-        Kernel::ModelCast,
     ];
 
     /// File name under `shaders/`.
@@ -115,13 +93,6 @@ impl Kernel {
             Kernel::DecodeSplitNarrow => "decode_split_narrow.wgsl",
             Kernel::DecodeCombine => "decode_combine.wgsl",
             Kernel::KvAppend => "kv_append.wgsl",
-            Kernel::ModelEmbed => "model/embed.wgsl",
-            Kernel::ModelRmsNorm => "model/rmsnorm.wgsl",
-            Kernel::ModelMatmul => "model/matmul.wgsl",
-            Kernel::ModelRope => "model/rope.wgsl",
-            Kernel::ModelSwiglu => "model/swiglu.wgsl",
-            Kernel::ModelArgmax => "model/argmax.wgsl",
-            Kernel::ModelCast => "model/cast.wgsl",
         }
     }
 
@@ -147,13 +118,6 @@ impl Kernel {
             Kernel::DecodeSplitNarrow => include_str!("../../shaders/decode_split_narrow.wgsl"),
             Kernel::DecodeCombine => include_str!("../../shaders/decode_combine.wgsl"),
             Kernel::KvAppend => include_str!("../../shaders/kv_append.wgsl"),
-            Kernel::ModelEmbed => include_str!("../../shaders/model/embed.wgsl"),
-            Kernel::ModelRmsNorm => include_str!("../../shaders/model/rmsnorm.wgsl"),
-            Kernel::ModelMatmul => include_str!("../../shaders/model/matmul.wgsl"),
-            Kernel::ModelRope => include_str!("../../shaders/model/rope.wgsl"),
-            Kernel::ModelSwiglu => include_str!("../../shaders/model/swiglu.wgsl"),
-            Kernel::ModelArgmax => include_str!("../../shaders/model/argmax.wgsl"),
-            Kernel::ModelCast => include_str!("../../shaders/model/cast.wgsl"),
         }
     }
 
@@ -171,14 +135,6 @@ impl Kernel {
             Kernel::ForwardCoop | Kernel::BackwardCoopDq | Kernel::BackwardCoopDkDv => &[DType::F16],
             // Words, whatever the storage type: composed (and compiled) once, as f32.
             Kernel::KvAppend => &[DType::F32],
-            // f32 activations; f16 weights are words unpacked in the kernel (an override constant).
-            Kernel::ModelEmbed
-            | Kernel::ModelRmsNorm
-            | Kernel::ModelMatmul
-            | Kernel::ModelRope
-            | Kernel::ModelSwiglu
-            | Kernel::ModelArgmax
-            | Kernel::ModelCast => &[DType::F32],
         }
     }
 }

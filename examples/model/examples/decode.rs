@@ -1,0 +1,221 @@
+//! The decode example of issue 10: a small decoder-only transformer (`s2attn_model`: embedding, per
+//! layer RMSNorm, QKV projection, RoPE, attention, output projection, SiLU-gated MLP, residual adds;
+//! final norm, LM head, greedy argmax), weights from a seeded generator, all on the GPU. It prefills a
+//! long prompt (each layer's attention over the whole prompt through the library's forward op, the
+//! tensor-core kernel where the device has one; K/V into paged caches on the GPU), then generates tokens
+//! one by one, one submit per token (the next token's id never leaves the GPU until the end), once with
+//! every layer dense and once hybrid as the paper recommends (layer 0 dense, the others S2), and prints
+//! prefill time, tokens/s, ms/token and the KV caches' memory.
+//!
+//! `cargo run --release --example decode` (small defaults, seconds on a software rasterizer; `cargo
+//! test` runs it smaller still); env `PROMPT` (one length, or several comma-separated: `32768,131072`),
+//! `TOKENS`, `LAYERS`, `D_MODEL`, `HEADS`, `KV_HEADS`, `HEAD_DIM`, `VOCAB`, `FFN` (default 4 `D_MODEL`),
+//! `CHUNK` (prefill rows per matmul pass), `WEIGHTS` (`f32` or `f16`), `LOCAL` and `STRIDE` (the S2
+//! layers' local blocks and vertical stride, block 64; small defaults so that a short prompt shows
+//! them), `ONLY` (`dense` or `hybrid`: one of the two runs).
+//! A GPU-sized run (32k and 128k prompts, both stacks, in one process):
+//! `PROMPT=32768,131072 TOKENS=64 LAYERS=4 D_MODEL=1024 HEADS=32 KV_HEADS=8 HEAD_DIM=128 VOCAB=32000
+//! LOCAL=16 STRIDE=16 WEIGHTS=f16 cargo run --release --example decode`.
+
+use s2attn::{Backend, Context, ContextOptions, DType};
+use s2attn_model::{Model, ModelConfig, State};
+use std::time::Instant;
+
+fn env(name: &str, default: u32) -> Result<u32, String> {
+    match std::env::var(name) {
+        Ok(v) => v.trim().parse().map_err(|_| format!("{name}={v} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+struct Run {
+    prompts: Vec<u32>,
+    tokens: u32,
+    config: ModelConfig,
+    only: String,
+}
+
+fn settings() -> Result<Run, String> {
+    let d_model = env("D_MODEL", 128)?;
+    let mut config = ModelConfig::new(
+        env("VOCAB", 512)?,
+        d_model,
+        env("HEADS", 4)?,
+        env("KV_HEADS", 2)?,
+        env("HEAD_DIM", 32)?,
+        env("LAYERS", 2)?.max(1),
+    );
+    config.ffn = env("FFN", 4 * d_model)?;
+    config.prefill_chunk = env("CHUNK", config.prefill_chunk)?;
+    config.local_blocks = env("LOCAL", 4)?;
+    config.vert_stride = env("STRIDE", 4)?;
+    config.weight_dtype = match std::env::var("WEIGHTS").as_deref() {
+        Err(_) | Ok("f32") => DType::F32,
+        Ok("f16") => DType::F16,
+        Ok(other) => return Err(format!("WEIGHTS={other}: use f32 or f16")),
+    };
+    let prompts = match std::env::var("PROMPT") {
+        Err(_) => vec![1024],
+        Ok(list) => list
+            .split(',')
+            .map(|p| p.trim().parse::<u32>().map(|p| p.max(1)).map_err(|_| format!("PROMPT={list}: not numbers")))
+            .collect::<Result<_, _>>()?,
+    };
+    let only = std::env::var("ONLY").unwrap_or_default();
+    Ok(Run { prompts, tokens: env("TOKENS", 8)?.max(1), config, only })
+}
+
+fn main() {
+    let result = settings().and_then(|r| {
+        let ctx = context().map_err(|e| e.to_string())?;
+        println!("{}", ctx.describe());
+        let measured = run(&ctx, &r).map_err(|e| e.to_string())?;
+        summary(&measured);
+        Ok(())
+    });
+    if let Err(e) = result {
+        eprintln!("decode failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// The runs as a markdown table.
+fn summary(measured: &[Measured]) {
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    println!("\n| stack | prompt | prefill s | prefill tokens/s | decode tokens/s | ms/token | KV resident MiB | KV dense MiB |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for m in measured {
+        println!(
+            "| {} | {} | {:.3} | {:.0} | {:.1} | {:.3} | {:.1} | {:.1} |",
+            m.stack,
+            m.prompt,
+            m.prefill_s,
+            m.prompt as f64 / m.prefill_s,
+            1e3 / m.ms_per_token,
+            m.ms_per_token,
+            mib(m.kv_resident),
+            mib(m.kv_dense)
+        );
+    }
+}
+
+fn context() -> s2attn::Result<Context> {
+    let mut options = ContextOptions::from_env()?;
+    if options.backend == Backend::Auto {
+        options.backend = Backend::Wgpu;
+    }
+    Context::with_options(&options)
+}
+
+/// What one (stack, prompt length) run measured.
+struct Measured {
+    stack: &'static str,
+    prompt: u32,
+    prefill_s: f64,
+    ms_per_token: f64,
+    kv_resident: u64,
+    kv_dense: u64,
+    tokens: Vec<u32>,
+}
+
+fn run(ctx: &Context, r: &Run) -> s2attn::Result<Vec<Measured>> {
+    let c = &r.config;
+    println!(
+        "after each prompt: 1 warm-up and {} timed tokens; {} layers, d_model {}, {} heads / {} KV heads x {}, ffn {}, \
+         vocab {}, {} weights, f32 KV cache; S2 block {}, local {} blocks, stride {}\n",
+        r.tokens,
+        c.layers.len(),
+        c.d_model,
+        c.heads,
+        c.kv_heads,
+        c.head_dim,
+        c.ffn,
+        c.vocab,
+        c.weight_dtype,
+        c.block_size,
+        c.local_blocks,
+        c.vert_stride
+    );
+    let stacks = [("dense", c.clone().all_dense()), ("hybrid S2 (layer 0 dense)", c.clone())];
+    let mut measured = Vec::new();
+    for (stack, config) in stacks.into_iter().filter(|(name, _)| name.starts_with(r.only.as_str())) {
+        let model = Model::random(ctx, config, 7)?;
+        for &prompt_len in &r.prompts {
+            // A deterministic prompt of valid ids.
+            let prompt: Vec<u32> =
+                (0..prompt_len as u64).map(|i| ((i * 2_654_435_761) % c.vocab as u64) as u32).collect();
+            let mut state = State::new(&model, prompt_len + r.tokens + 2)?;
+            // Planning and compiling the prompt's attention ops (and autotuning them, first time on a
+            // device) is not part of the timed prefill.
+            let t = Instant::now();
+            model.prepare_prefill(prompt_len)?;
+            let plan_s = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let first = model.prefill(&mut state, &prompt)?;
+            let prefill_s = t.elapsed().as_secs_f64();
+            // One warm-up token, then the timed loop (one submit per token, ids read back at the end).
+            let second = model.step(&mut state)?;
+            let t = Instant::now();
+            let generated = model.generate(&mut state, r.tokens)?;
+            let ms_per_token = t.elapsed().as_secs_f64() * 1e3 / r.tokens as f64;
+            let reports = state.memory_report();
+            let m = Measured {
+                stack,
+                prompt: prompt_len,
+                prefill_s,
+                ms_per_token,
+                kv_resident: reports.iter().map(|m| m.resident_bytes()).sum(),
+                kv_dense: reports.iter().map(|m| m.dense_bytes).sum(),
+                tokens: [first, second].into_iter().chain(generated).collect(),
+            };
+            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+            println!(
+                "{stack:>26} prompt {prompt_len:>7}: prefill {:8.3} s ({:9.0} tokens/s; attention in {}, {} rows per \
+                 matmul pass; ops planned in {plan_s:.2} s); decode {:8.1} tokens/s, {:7.3} ms/token; KV {:9.1} MiB resident of {:9.1} MiB dense; \
+                 weights {:7.1} MiB",
+                m.prefill_s,
+                prompt_len as f64 / m.prefill_s,
+                model.prefill_dtype(),
+                state.prefill_rows(),
+                1e3 / m.ms_per_token,
+                m.ms_per_token,
+                mib(m.kv_resident),
+                mib(m.kv_dense),
+                mib(model.weight_bytes())
+            );
+            let shown: Vec<String> = m.tokens.iter().take(12).map(|t| t.to_string()).collect();
+            println!("{:>26}  tokens: {} ...", "", shown.join(" "));
+            measured.push(m);
+        }
+    }
+    Ok(measured)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example at a small size (as CI runs it): both stacks over a prompt of several prefill chunks
+    /// and S2 blocks, every token a valid id, the same number of tokens, and the hybrid stack's caches
+    /// holding less than the dense stack's (its S2 layer evicts).
+    #[test]
+    fn runs_at_a_small_size() {
+        let mut config = ModelConfig::new(97, 64, 4, 2, 32, 2);
+        config.ffn = 96;
+        config.local_blocks = 2;
+        config.vert_stride = 3;
+        config.prefill_chunk = 128;
+        let run = Run { prompts: vec![700], tokens: 4, config, only: String::new() };
+        let ctx = context().expect("a device (lavapipe in CI)");
+        let m = super::run(&ctx, &run).expect("the example runs");
+        assert_eq!(m.len(), 2);
+        for r in &m {
+            // The prefill's prediction, the warm-up token and the timed ones.
+            assert_eq!(r.tokens.len(), 6, "{}", r.stack);
+            assert!(r.tokens.iter().all(|&t| t < 97), "{}: {:?}", r.stack, r.tokens);
+            assert!(r.prefill_s > 0.0 && r.ms_per_token > 0.0);
+        }
+        assert_eq!(m[0].kv_dense, m[1].kv_dense);
+        assert!(m[1].kv_resident < m[0].kv_resident, "hybrid {} vs dense {} bytes", m[1].kv_resident, m[0].kv_resident);
+    }
+}

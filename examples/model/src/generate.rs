@@ -1,0 +1,209 @@
+//! Prefill and token generation: [`Model::prefill`], [`Model::step`], [`Model::generate`]. Every call
+//! records the whole forward pass (all layers: norms, projections, RoPE, KV append, attention, MLP; then
+//! the final norm, LM head and argmax) into one encoder and submits it once per prompt chunk or token.
+
+use super::ops::{dispatch, elementwise, matmul_groups, Bound, MATMUL_TM};
+use super::state::{LayerOps, State};
+use super::transformer::Model;
+use s2attn::TensorView;
+use s2attn::{Error, Result};
+
+impl Model {
+    fn check_state(&self, state: &State, tokens: u32) -> Result<()> {
+        if state.model_id != self.id {
+            return Err(Error::Shape("state: made for another Model".into()));
+        }
+        // One id slot past the last token holds the prediction.
+        if state.len as u64 + tokens as u64 > state.max_seq_len as u64 {
+            return Err(Error::Shape(format!(
+                "{} more tokens after {} exceed the state's max_seq_len {}",
+                tokens, state.len, state.max_seq_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records the forward pass of `m` rows at positions `state.len..state.len + m` (their ids already in
+    /// `ids`); with `predict`, ending with the last row's logits and their argmax into `ids[state.len + m]`
+    /// (a prompt chunk followed by more of the prompt must not overwrite its next id).
+    fn encode_rows(&self, state: &mut State, encoder: &mut wgpu::CommandEncoder, m: u32, predict: bool) -> Result<()> {
+        let c = &self.config;
+        let gpu = &self.gpu;
+        let pos0 = state.len;
+        let (d, qkv_cols, q) = (c.d_model, c.qkv_cols(), c.heads * c.head_dim);
+        let State { caches, decodes, seqs, buffers: b, embed, layers, final_norm, lm_head, argmax, staging, .. } =
+            state;
+        dispatch(gpu, encoder, staging, embed, &[m, d, pos0, c.vocab], elementwise(m as u64 * d as u64))?;
+        for (l, ops) in layers.iter().enumerate() {
+            self.encode_pre_attention(encoder, staging, ops, m, 0, pos0)?;
+            let row = qkv_cols as u64;
+            let k = TensorView::strided(&b.qkv, q as u64, row);
+            let v = TensorView::strided(&b.qkv, (q + c.kv_heads * c.head_dim) as u64, row);
+            caches[l].append_encoded(encoder, seqs[l], &k, &v, m)?;
+            let q_view = TensorView::strided(&b.qkv, 0, row);
+            let out = TensorView::new(&b.attn);
+            decodes[l].encode(encoder, &caches[l], &[seqs[l]], m, &q_view, &out, (&b.lse, 0))?;
+            self.encode_post_attention(encoder, staging, ops, m, 0)?;
+        }
+        if predict {
+            self.encode_predict(encoder, staging, [final_norm, lm_head, argmax], m - 1, pos0 + m)?;
+        }
+        state.len += m;
+        Ok(())
+    }
+
+    /// Records a layer's ops before attention for `m` rows whose residual stream starts at row `x_row` of
+    /// the bound `x`, at positions `pos0..`: RMSNorm, the QKV projection and RoPE (into the chunk's QKV).
+    pub(super) fn encode_pre_attention(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        staging: &mut [u32],
+        ops: &LayerOps,
+        m: u32,
+        x_row: u32,
+        pos0: u32,
+    ) -> Result<()> {
+        let (c, gpu) = (&self.config, &self.gpu);
+        let mode = usize::from(m > 1);
+        let tm = [1, MATMUL_TM][mode];
+        let (d, qkv_cols) = (c.d_model, c.qkv_cols());
+        dispatch(gpu, encoder, staging, &ops.attn_norm, &[m, d, x_row, c.norm_eps.to_bits()], (m as u64, 1))?;
+        let qkv_params = [m, qkv_cols, d, 0, 0, d, 0, qkv_cols];
+        dispatch(gpu, encoder, staging, &ops.qkv[mode], &qkv_params, matmul_groups(m, qkv_cols, tm))?;
+        let rope = [m, c.heads + c.kv_heads, c.head_dim, qkv_cols, pos0, c.rope_theta.to_bits()];
+        let pairs = m as u64 * (c.heads + c.kv_heads) as u64 * (c.head_dim / 2) as u64;
+        dispatch(gpu, encoder, staging, &ops.rope, &rope, elementwise(pairs))
+    }
+
+    /// Records a layer's ops after attention (its output in the chunk's `attn` rows) for `m` rows whose
+    /// residual stream starts at row `x_row`: the output projection, the MLP and both residual adds.
+    pub(super) fn encode_post_attention(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        staging: &mut [u32],
+        ops: &LayerOps,
+        m: u32,
+        x_row: u32,
+    ) -> Result<()> {
+        let (c, gpu) = (&self.config, &self.gpu);
+        let mode = usize::from(m > 1);
+        let tm = [1, MATMUL_TM][mode];
+        let (d, q, f) = (c.d_model, c.heads * c.head_dim, c.ffn);
+        let x_off = x_row * d;
+        let wo = [m, d, q, 1, 0, q, x_off, d];
+        dispatch(gpu, encoder, staging, &ops.wo[mode], &wo, matmul_groups(m, d, tm))?;
+        dispatch(gpu, encoder, staging, &ops.mlp_norm, &[m, d, x_row, c.norm_eps.to_bits()], (m as u64, 1))?;
+        let gu = [m, 2 * f, d, 0, 0, d, 0, 2 * f];
+        dispatch(gpu, encoder, staging, &ops.gu[mode], &gu, matmul_groups(m, 2 * f, tm))?;
+        dispatch(gpu, encoder, staging, &ops.swiglu, &[m, f], elementwise(m as u64 * f as u64))?;
+        let down = [m, d, f, 1, 0, f, x_off, d];
+        dispatch(gpu, encoder, staging, &ops.down[mode], &down, matmul_groups(m, d, tm))
+    }
+
+    /// Records the final norm of residual row `x_row`, the LM head and the argmax into `ids[id_slot]`.
+    pub(super) fn encode_predict(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        staging: &mut [u32],
+        [final_norm, lm_head, argmax]: [&Bound; 3],
+        x_row: u32,
+        id_slot: u32,
+    ) -> Result<()> {
+        let (c, gpu) = (&self.config, &self.gpu);
+        let d = c.d_model;
+        dispatch(gpu, encoder, staging, final_norm, &[1, d, x_row, c.norm_eps.to_bits()], (1, 1))?;
+        let lm = [1, c.vocab, d, 0, 0, d, 0, c.vocab];
+        dispatch(gpu, encoder, staging, lm_head, &lm, matmul_groups(1, c.vocab, 1))?;
+        dispatch(gpu, encoder, staging, argmax, &[c.vocab, id_slot], (1, 1))
+    }
+
+    /// Writes the staged params and submits `encoder`.
+    fn submit(&self, state: &State, encoder: wgpu::CommandEncoder) {
+        self.submit_with(&state.buffers.params, &state.staging, encoder);
+    }
+
+    /// Writes `staging` into `params` and submits `encoder`.
+    pub(super) fn submit_with(&self, params: &wgpu::Buffer, staging: &[u32], encoder: wgpu::CommandEncoder) {
+        let queue = self.gpu.queue();
+        queue.write_buffer(params, 0, bytemuck::cast_slice(staging));
+        queue.submit([encoder.finish()]);
+    }
+
+    /// Reads ids `from..from + n` back (after what was submitted finishes).
+    fn read_ids(&self, state: &State, from: u32, n: u32) -> Result<Vec<u32>> {
+        let b = &state.buffers;
+        let mut encoder = self.gpu.device().create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(&b.ids, from as u64 * 4, &b.read_ids, 0, n as u64 * 4);
+        self.gpu.queue().submit([encoder.finish()]);
+        Ok(bytemuck::pod_collect_to_vec(&self.gpu.read_buffer(&b.read_ids, n as u64 * 4)?))
+    }
+
+    /// Feeds `tokens` (the prompt, or more of it) and returns the greedy next token (also kept on the GPU
+    /// for [`Model::step`]). On a fresh state each layer runs its matmuls over the prompt in chunks of
+    /// [`State::prefill_rows`] rows and its attention over the whole prompt with the library's forward
+    /// op ([`s2attn::Attention`]: the tensor-core kernel where the device has one), K/V going into the
+    /// paged caches on the GPU; more prompt after earlier tokens runs in chunks of
+    /// [`State::decode_prefill_rows`] rows on the decode kernels over the caches, one submit each.
+    pub fn prefill(&self, state: &mut State, tokens: &[u32]) -> Result<u32> {
+        let n = u32::try_from(tokens.len()).map_err(|_| Error::Shape("prompt longer than 2^32 tokens".into()))?;
+        if n == 0 {
+            return Err(Error::Shape("prefill: the prompt is empty".into()));
+        }
+        if let Some(t) = tokens.iter().find(|&&t| t >= self.config.vocab) {
+            return Err(Error::Shape(format!("token {t} is outside the vocabulary of {}", self.config.vocab)));
+        }
+        self.check_state(state, n)?;
+        let start = state.len;
+        self.gpu.queue().write_buffer(&state.buffers.ids, start as u64 * 4, bytemuck::cast_slice(tokens));
+        if start == 0 {
+            self.prefill_forward(state, n)?;
+            return Ok(self.read_ids(state, n, 1)?[0]);
+        }
+        let chunk = state.chunk;
+        let mut done = 0;
+        while done < n {
+            let m = chunk.min(n - done);
+            let mut encoder = self.gpu.device().create_command_encoder(&Default::default());
+            self.encode_rows(state, &mut encoder, m, done + m == n)?;
+            self.submit(state, encoder);
+            done += m;
+        }
+        Ok(self.read_ids(state, start + n, 1)?[0])
+    }
+
+    /// Feeds the last predicted token and returns the next one: one submit, then a 4-byte readback.
+    pub fn step(&self, state: &mut State) -> Result<u32> {
+        self.steps(state, 1)?;
+        Ok(self.read_ids(state, state.len, 1)?[0])
+    }
+
+    /// `n` steps, one submit each, with no readback in between; returns the `n` tokens generated.
+    pub fn generate(&self, state: &mut State, n: u32) -> Result<Vec<u32>> {
+        let first = state.len + 1;
+        self.steps(state, n)?;
+        self.read_ids(state, first, n)
+    }
+
+    fn steps(&self, state: &mut State, n: u32) -> Result<()> {
+        if state.len == 0 {
+            return Err(Error::Shape("step: prefill a prompt first".into()));
+        }
+        self.check_state(state, n)?;
+        for _ in 0..n {
+            let mut encoder = self.gpu.device().create_command_encoder(&Default::default());
+            self.encode_rows(state, &mut encoder, 1, true)?;
+            self.submit(state, encoder);
+        }
+        Ok(())
+    }
+
+    /// The logits `[vocab]` of the last position fed (after the queue drains).
+    pub fn logits(&self, state: &State) -> Result<Vec<f32>> {
+        let b = &state.buffers;
+        let bytes = self.config.vocab as u64 * 4;
+        let mut encoder = self.gpu.device().create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(&b.logits, 0, &b.read_logits, 0, bytes);
+        self.gpu.queue().submit([encoder.finish()]);
+        Ok(bytemuck::pod_collect_to_vec(&self.gpu.read_buffer(&b.read_logits, bytes)?))
+    }
+}

@@ -1,0 +1,149 @@
+//! The prefill of a fresh [`State`] through the library's forward kernels: layer by layer, the matmuls
+//! run over the prompt in chunks of [`State::prefill_rows`] rows (the residual stream of the whole
+//! prompt stays on the GPU), each chunk's rotated Q/K/V are packed into whole-prompt tensors in the
+//! attention op's storage type (f16 on tensor-core devices) while its K/V rows go into the layer's paged
+//! cache (`KvCache::append_encoded`), then one [`Attention`] pass covers the whole prompt and the output
+//! projection and MLP run chunk by chunk again. The whole-prompt tensors live for the call only.
+
+use super::ops::{self, dispatch, elementwise, Binder, Bound};
+use super::state::{bind_layer, LayerOps, State};
+use super::transformer::Model;
+use crate::LayerAttention;
+use s2attn::Attention;
+use s2attn::Shape;
+use s2attn::TensorView;
+use s2attn::{Error, Result};
+use std::sync::Arc;
+
+/// A layer's pack (Q, K, V) and unpack (attention output) copies.
+struct Casts {
+    pack: [Bound; 3],
+    unpack: Bound,
+}
+
+/// Prompt lengths whose forward ops a model keeps.
+const KEPT_LENGTHS: usize = 4;
+
+/// The forward ops of one prompt length, one per kind of layer (the layers of a kind share the layout).
+pub(super) type PrefillOps = Vec<(LayerAttention, Arc<Attention>)>;
+
+impl Model {
+    /// Plans and compiles the forward attention ops a prefill of `prompt_len` tokens on a fresh state
+    /// runs (one per kind of layer), so that [`Model::prefill`] then spends no time on them; the model
+    /// keeps the ops of the last few lengths.
+    pub fn prepare_prefill(&self, prompt_len: u32) -> Result<()> {
+        self.prefill_ops(prompt_len).map(|_| ())
+    }
+
+    /// The forward ops for `n` tokens, made on first use.
+    fn prefill_ops(&self, n: u32) -> Result<PrefillOps> {
+        let mut kept = self.prefill_ops.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pos) = kept.iter().position(|(len, _)| *len == n) {
+            let entry = kept.remove(pos);
+            let ops = entry.1.clone();
+            kept.push(entry);
+            return Ok(ops);
+        }
+        let c = &self.config;
+        let shape = Shape::new(1, n, c.head_dim, self.attention_dtype);
+        let mut ops: PrefillOps = Vec::new();
+        for (l, kind) in c.layers.iter().enumerate() {
+            if !ops.iter().any(|(k, _)| k == kind) {
+                ops.push((*kind, Arc::new(Attention::new(&self.ctx, &c.layout(l)?, shape)?)));
+            }
+        }
+        if kept.len() >= KEPT_LENGTHS {
+            kept.remove(0);
+        }
+        kept.push((n, ops.clone()));
+        Ok(ops)
+    }
+
+    /// Runs the prompt `ids[0..n]` (already uploaded) through every layer, leaving the greedy next token
+    /// in `ids[n]` and the logits of position `n - 1`; the caches then hold the prompt.
+    pub(super) fn prefill_forward(&self, state: &mut State, n: u32) -> Result<()> {
+        let (c, gpu) = (&self.config, &self.gpu);
+        let dt = self.attention_dtype;
+        let (d, q, kv, qkv_cols) = (c.d_model, c.heads * c.head_dim, c.kv_heads * c.head_dim, c.qkv_cols());
+        let storage = wgpu::BufferUsages::STORAGE;
+        let mk = |label: &'static str, bytes: u64| {
+            gpu.device().create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes.next_multiple_of(4).max(16),
+                usage: storage,
+                mapped_at_creation: false,
+            })
+        };
+        let n64 = n as u64;
+        let x = mk("model prefill x", n64 * d as u64 * 4);
+        let q_all = mk("model prefill q", n64 * q as u64 * dt.size());
+        let k_all = mk("model prefill k", n64 * kv as u64 * dt.size());
+        let v_all = mk("model prefill v", n64 * kv as u64 * dt.size());
+        let o_all = mk("model prefill out", n64 * q as u64 * dt.size());
+        let lse = mk("model prefill lse", n64 * c.heads as u64 * 4);
+
+        // Bound ops on a params buffer of their own: per layer 12 (both matmul modes) plus 4 copies.
+        let layers = c.layers.len();
+        let params = ops::params_buffer(gpu, 4 + 16 * layers);
+        let p = &self.pipelines;
+        let b = &state.buffers;
+        let mut binder = Binder::new(gpu, &params);
+        let embed = binder.bind(&p.embed, &[&b.ids, &self.embed, &x])?;
+        let mut bound: Vec<(LayerOps, Casts)> = Vec::with_capacity(layers);
+        for w in &self.layers {
+            let ops = bind_layer(&mut binder, self, w, &x, b)?;
+            let casts = Casts {
+                pack: [
+                    binder.bind(&p.pack, &[&b.qkv, &q_all])?,
+                    binder.bind(&p.pack, &[&b.qkv, &k_all])?,
+                    binder.bind(&p.pack, &[&b.qkv, &v_all])?,
+                ],
+                unpack: binder.bind(&p.unpack, &[&o_all, &b.attn])?,
+            };
+            bound.push((ops, casts));
+        }
+        let final_norm = binder.bind(&p.norm, &[&x, &self.final_norm, &b.last])?;
+        let lm_head = binder.bind(&p.matmul[0], &[&b.last, &self.lm_head, &b.logits])?;
+        let argmax = binder.bind(&p.argmax, &[&b.logits, &b.ids])?;
+        let mut staging = vec![0u32; ops::staging_words(binder.slots())];
+
+        let attention = self.prefill_ops(n)?;
+
+        let rows = state.rows;
+        let chunks = || (0..n).step_by(rows as usize).map(move |r0| (r0, rows.min(n - r0)));
+        let new_encoder = || gpu.device().create_command_encoder(&Default::default());
+        let mut encoder = new_encoder();
+        dispatch(gpu, &mut encoder, &mut staging, &embed, &[n, d, 0, c.vocab], elementwise(n64 * d as u64))?;
+        let qkv_row = qkv_cols as u64;
+        for (l, (ops, casts)) in bound.iter().enumerate() {
+            for (r0, m) in chunks() {
+                self.encode_pre_attention(&mut encoder, &mut staging, ops, m, r0, r0)?;
+                let [pq, pk, pv] = &casts.pack;
+                let pack = [(pq, q, 0), (pk, kv, q), (pv, kv, q + kv)];
+                for (op, cols, col0) in pack {
+                    let copy = [m, cols, col0, qkv_cols, r0 * cols, cols];
+                    dispatch(gpu, &mut encoder, &mut staging, op, &copy, elementwise(m as u64 * cols as u64 / 2))?;
+                }
+                let k = TensorView::strided(&b.qkv, q as u64, qkv_row);
+                let v = TensorView::strided(&b.qkv, (q + kv) as u64, qkv_row);
+                state.caches[l].append_encoded(&mut encoder, state.seqs[l], &k, &v, m)?;
+                self.submit_with(&params, &staging, std::mem::replace(&mut encoder, new_encoder()));
+            }
+            let op = attention.iter().find(|(k, _)| *k == c.layers[l]).map(|(_, op)| op);
+            let op = op.ok_or_else(|| Error::Device("the prefill attention op is missing".into()))?;
+            let (qv, kv_, vv, ov) =
+                (TensorView::new(&q_all), TensorView::new(&k_all), TensorView::new(&v_all), TensorView::new(&o_all));
+            op.encode(&mut encoder, &qv, &kv_, &vv, &ov, (&lse, 0))?;
+            for (r0, m) in chunks() {
+                let copy = [m, q, r0 * q, q, 0, q];
+                dispatch(gpu, &mut encoder, &mut staging, &casts.unpack, &copy, elementwise(m as u64 * q as u64 / 2))?;
+                self.encode_post_attention(&mut encoder, &mut staging, ops, m, r0)?;
+                self.submit_with(&params, &staging, std::mem::replace(&mut encoder, new_encoder()));
+            }
+        }
+        self.encode_predict(&mut encoder, &mut staging, [&final_norm, &lm_head, &argmax], n - 1, n)?;
+        self.submit_with(&params, &staging, encoder);
+        state.len = n;
+        Ok(())
+    }
+}

@@ -1,0 +1,159 @@
+//! `Model`: the example transformer's weights on the GPU and its compiled kernels; generation state lives
+//! in a [`State`](super::State) (KV caches and activations), so one model serves several states.
+
+use super::config::ModelConfig;
+use super::ops::Pipelines;
+use super::prefill::PrefillOps;
+use super::weights::Weights;
+use s2attn::gpu::WgpuContext;
+use s2attn::Context;
+use s2attn::DType;
+use s2attn::{Error, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use wgpu::util::DeviceExt;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One layer's weight buffers.
+pub(super) struct LayerBuffers {
+    pub attn_norm: wgpu::Buffer,
+    pub wqkv: wgpu::Buffer,
+    pub wo: wgpu::Buffer,
+    pub mlp_norm: wgpu::Buffer,
+    pub wgu: wgpu::Buffer,
+    pub wdown: wgpu::Buffer,
+}
+
+/// A decoder-only transformer on the GPU: see the [module docs](super).
+pub struct Model {
+    pub(super) ctx: Context,
+    pub(super) gpu: WgpuContext,
+    pub(super) config: ModelConfig,
+    pub(super) pipelines: Pipelines,
+    /// Storage type of the prefill attention's Q/K/V (see [`ModelConfig::prefill_dtype`]).
+    pub(super) attention_dtype: DType,
+    pub(super) embed: wgpu::Buffer,
+    pub(super) layers: Vec<LayerBuffers>,
+    pub(super) final_norm: wgpu::Buffer,
+    pub(super) lm_head: wgpu::Buffer,
+    weight_bytes: u64,
+    pub(super) id: u64,
+    /// Forward ops of the prefill by prompt length, most recently used last.
+    pub(super) prefill_ops: Mutex<Vec<(u32, PrefillOps)>>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("config", &self.config).finish()
+    }
+}
+
+impl Model {
+    /// A model with weights from a seeded generator ([`Weights::random`]).
+    pub fn random(ctx: &Context, config: ModelConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let weights = Weights::random(&config, seed);
+        Self::from_weights(ctx, config, &weights)
+    }
+
+    /// A model with the given weights (stored in `config.weight_dtype`).
+    pub fn from_weights(ctx: &Context, config: ModelConfig, weights: &Weights) -> Result<Self> {
+        config.validate()?;
+        let gpu = ctx.wgpu().ok_or_else(|| Error::Unsupported("the model runs on a wgpu device".into()))?.clone();
+        if weights.layers.len() != config.layers.len() {
+            return Err(Error::Shape(format!(
+                "weights of {} layers for a model of {}",
+                weights.layers.len(),
+                config.layers.len()
+            )));
+        }
+        let attention_dtype =
+            config.prefill_dtype.unwrap_or(if gpu.caps().coop_f16_16x16 { DType::F16 } else { DType::F32 });
+        let pipelines = Pipelines::new(&gpu, config.weight_dtype, attention_dtype)?;
+        let mut weight_bytes = 0;
+        let mut upload = |name: &'static str, values: &[f32], expected: u64| -> Result<wgpu::Buffer> {
+            if values.len() as u64 != expected {
+                return Err(Error::Length {
+                    tensor: name,
+                    got: values.len(),
+                    expected: expected as usize,
+                    layout: "see ModelConfig and Weights".into(),
+                });
+            }
+            let bytes: Vec<u8> = match config.weight_dtype {
+                DType::F16 => {
+                    // Pairs of f16 per word: pad to a whole word.
+                    let mut h: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
+                    h.resize(h.len().next_multiple_of(2), half::f16::ZERO);
+                    bytemuck::cast_slice(&h).to_vec()
+                }
+                _ => bytemuck::cast_slice(values).to_vec(),
+            };
+            let max = gpu.caps().max_storage_binding;
+            if bytes.len() as u64 > max {
+                return Err(Error::DeviceLimit {
+                    what: format!("the {name} weights"),
+                    limit: "max_storage_buffer_binding_size",
+                    needed: bytes.len() as u64,
+                    max,
+                });
+            }
+            weight_bytes += bytes.len() as u64;
+            Ok(gpu.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(name),
+                contents: &bytes,
+                usage: wgpu::BufferUsages::STORAGE,
+            }))
+        };
+        let c = &config;
+        let (d, v, f) = (c.d_model as u64, c.vocab as u64, c.ffn as u64);
+        let q = (c.heads * c.head_dim) as u64;
+        let embed = upload("embed", &weights.embed, v * d)?;
+        let layers = weights
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerBuffers {
+                    attn_norm: upload("attn_norm", &l.attn_norm, d)?,
+                    wqkv: upload("wqkv", &l.wqkv, d * c.qkv_cols() as u64)?,
+                    wo: upload("wo", &l.wo, q * d)?,
+                    mlp_norm: upload("mlp_norm", &l.mlp_norm, d)?,
+                    wgu: upload("wgu", &l.wgu, d * 2 * f)?,
+                    wdown: upload("wdown", &l.wdown, f * d)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = upload("final_norm", &weights.final_norm, d)?;
+        let lm_head = upload("lm_head", &weights.lm_head, d * v)?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            gpu,
+            config,
+            pipelines,
+            attention_dtype,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            weight_bytes,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            prefill_ops: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Storage type of Q/K/V in the prefill's forward attention op.
+    pub fn prefill_dtype(&self) -> DType {
+        self.attention_dtype
+    }
+
+    /// Bytes of weights on the device.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+}

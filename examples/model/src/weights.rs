@@ -1,0 +1,85 @@
+//! `Weights`: the model's parameters on the host, drawn from a seeded generator (shared by the GPU model
+//! and the CPU reference, so both run exactly the same numbers).
+
+use super::config::ModelConfig;
+use s2attn::DType;
+
+/// One layer's parameters; matrices row-major `[in, out]`.
+#[derive(Clone, Debug)]
+pub struct LayerWeights {
+    /// RMSNorm weight before attention `[d_model]`.
+    pub attn_norm: Vec<f32>,
+    /// Fused Q, K, V projection `[d_model, qkv_cols]`.
+    pub wqkv: Vec<f32>,
+    /// Output projection `[heads * head_dim, d_model]`.
+    pub wo: Vec<f32>,
+    /// RMSNorm weight before the MLP `[d_model]`.
+    pub mlp_norm: Vec<f32>,
+    /// Fused gate and up projections `[d_model, 2 ffn]` (gate columns first).
+    pub wgu: Vec<f32>,
+    /// Down projection `[ffn, d_model]`.
+    pub wdown: Vec<f32>,
+}
+
+/// Every parameter of the model (values already rounded to the weight storage type).
+#[derive(Clone, Debug)]
+pub struct Weights {
+    /// Token embedding `[vocab, d_model]`.
+    pub embed: Vec<f32>,
+    /// Per layer.
+    pub layers: Vec<LayerWeights>,
+    /// Final RMSNorm weight `[d_model]`.
+    pub final_norm: Vec<f32>,
+    /// LM head `[d_model, vocab]`.
+    pub lm_head: Vec<f32>,
+}
+
+/// xorshift64* numbers in [-1, 1).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+impl Weights {
+    /// Weights from `seed`: matrices uniform with variance 1 / fan-in, embeddings uniform in [-1, 1),
+    /// norm weights near 1; rounded to `config.weight_dtype`.
+    pub fn random(config: &ModelConfig, seed: u64) -> Self {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let f16 = config.weight_dtype == DType::F16;
+        let mut draw = |n: u32, scale: f32, offset: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    let v = offset + scale * rng.next();
+                    if f16 {
+                        half::f16::from_f32(v).to_f32()
+                    } else {
+                        v
+                    }
+                })
+                .collect()
+        };
+        let fan = |fan_in: u32| (3.0 / fan_in as f32).sqrt();
+        let (d, q) = (config.d_model, config.heads * config.head_dim);
+        let embed = draw(config.vocab * d, 1.0, 0.0);
+        let layers = (0..config.layers.len())
+            .map(|_| LayerWeights {
+                attn_norm: draw(d, 0.1, 1.0),
+                wqkv: draw(d * config.qkv_cols(), fan(d), 0.0),
+                wo: draw(q * d, fan(q), 0.0),
+                mlp_norm: draw(d, 0.1, 1.0),
+                wgu: draw(d * 2 * config.ffn, fan(d), 0.0),
+                wdown: draw(config.ffn * d, fan(config.ffn), 0.0),
+            })
+            .collect();
+        let final_norm = draw(d, 0.1, 1.0);
+        let lm_head = draw(d * config.vocab, fan(d), 0.0);
+        Self { embed, layers, final_norm, lm_head }
+    }
+}

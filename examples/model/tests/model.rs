@@ -1,0 +1,179 @@
+//! The example transformer (`s2attn_model`) against its CPU f64 reference at a tiny size: logits after
+//! the prefill and after every generated token, greedy tokens, the pipelined `generate` path against
+//! step-by-step decoding, with f32 and f16 weights and a hybrid (dense + S2) stack whose S2 layer masks
+//! part of the context and evicts pages. The prompt (40 tokens) is longer than a prefill chunk (16
+//! rows): a fresh state prefills through the forward attention op (f32 and f16 Q/K/V), a prompt fed in
+//! two parts runs its second part on the decode kernels over the caches.
+
+use s2attn::{Backend, Context, ContextOptions, DType};
+use s2attn_model::{reference, Model, ModelConfig, State, Weights};
+use std::sync::OnceLock;
+
+const PROMPT: usize = 40;
+const STEPS: usize = 5;
+const SEED: u64 = 11;
+
+/// 2 layers (dense, S2), d_model 64, 4 heads / 2 KV heads of 32, vocab 97; block 16 so the S2 layer's
+/// mask leaves blocks out at 45 tokens; prefill in chunks of 16 (16, 16, 8: a partial chunk too);
+/// prefill attention in f32.
+fn tiny(weights: DType) -> ModelConfig {
+    let mut c = ModelConfig::new(97, 64, 4, 2, 32, 2);
+    c.ffn = 96;
+    c.block_size = 16;
+    c.local_blocks = 1;
+    c.vert_stride = 2;
+    c.prefill_chunk = 16;
+    c.weight_dtype = weights;
+    c.prefill_dtype = Some(DType::F32);
+    c
+}
+
+fn prompt(vocab: u32) -> Vec<u32> {
+    let mut rng = Rng::new(5);
+    (0..PROMPT).map(|_| (rng.next_u64() % vocab as u64) as u32).collect()
+}
+
+fn argmax(x: &[f64]) -> (usize, f64) {
+    let mut order: Vec<usize> = (0..x.len()).collect();
+    order.sort_by(|&a, &b| x[b].total_cmp(&x[a]));
+    (order[0], x[order[0]] - x[order[1]])
+}
+
+/// Prefills the prompt (in one call, or split at `split`: the rest fed after), steps, and holds every
+/// logit within `rel` (relative to the largest logit) of the reference.
+fn check_against_reference(config: ModelConfig, split: Option<usize>, rel: f64) {
+    let weights = config.weight_dtype;
+    let s2 = config.layout(1).expect("layout");
+    assert!(s2.density((PROMPT + STEPS) as u32) < 1.0, "the S2 layer must mask something at this size");
+    let ctx = wgpu_context();
+    let w = Weights::random(&config, SEED);
+    let model = Model::from_weights(ctx, config.clone(), &w).expect("model");
+    let mut state = State::new(&model, 64).expect("state");
+    let prompt = prompt(config.vocab);
+    let mut tokens = prompt.clone();
+    let mut gpu_logits = Vec::new();
+    let first = match split {
+        None => model.prefill(&mut state, &prompt).expect("prefill"),
+        Some(at) => {
+            model.prefill(&mut state, &prompt[..at]).expect("prefill");
+            model.prefill(&mut state, &prompt[at..]).expect("prefill, continued")
+        }
+    };
+    tokens.push(first);
+    gpu_logits.push(model.logits(&state).expect("logits"));
+    for _ in 0..STEPS {
+        tokens.push(model.step(&mut state).expect("step"));
+        gpu_logits.push(model.logits(&state).expect("logits"));
+    }
+    assert_eq!(state.len() as usize, PROMPT + STEPS);
+    // The S2 layer's cache holds fewer pages than the dense layer's.
+    let mem = state.memory_report();
+    assert!(mem[1].resident_pages < mem[0].resident_pages, "S2 eviction: {mem:?}");
+    // The reference reads every fed token; position PROMPT - 1 + i predicts token PROMPT + i.
+    let fed = &tokens[..PROMPT + STEPS];
+    let reference = reference::logits(&config, &w, fed).expect("reference");
+    let mut decided = 0;
+    for (i, gpu) in gpu_logits.iter().enumerate() {
+        let pos = PROMPT - 1 + i;
+        let want = &reference[pos];
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let err = gpu.iter().zip(want).fold(0f64, |m, (&g, &r)| m.max((g as f64 - r).abs()));
+        let tol = rel * (1.0 + scale);
+        assert!(err <= tol, "{weights} weights, position {pos}: max |logit error| {err:e} > {tol:e} (scale {scale})");
+        // Greedy agreement wherever the reference's top two are further apart than the error allows.
+        let (best, margin) = argmax(want);
+        if margin > 10.0 * tol {
+            decided += 1;
+            assert_eq!(tokens[pos + 1] as usize, best, "position {pos}: GPU argmax vs reference");
+        }
+    }
+    assert!(decided > STEPS / 2, "too few clear argmaxes ({decided}) to judge greedy sampling");
+}
+
+#[test]
+fn logits_and_greedy_tokens_match_the_reference_f32_weights() {
+    check_against_reference(tiny(DType::F32), None, 1e-4);
+}
+
+#[test]
+fn logits_and_greedy_tokens_match_the_reference_f16_weights() {
+    check_against_reference(tiny(DType::F16), None, 1e-4);
+}
+
+#[test]
+fn prefill_through_the_forward_op_in_f16_matches_the_reference() {
+    let mut config = tiny(DType::F32);
+    config.prefill_dtype = Some(DType::F16);
+    let model = Model::random(wgpu_context(), config.clone(), SEED).expect("model");
+    assert_eq!(model.prefill_dtype(), DType::F16);
+    // f16 Q/K/V (10-bit mantissas) in the prompt's attention; decode steps stay f32.
+    check_against_reference(config, None, 5e-3);
+}
+
+#[test]
+fn prompt_fed_in_two_parts_matches_the_reference() {
+    // 24 tokens through the forward op, then 16 more on the decode kernels (chunks of 16, 8).
+    let config = tiny(DType::F32);
+    let model = Model::random(wgpu_context(), config.clone(), SEED).expect("model");
+    let state = State::new(&model, 64).expect("state");
+    assert_eq!((state.prefill_rows(), state.decode_prefill_rows()), (16, 16));
+    check_against_reference(config, Some(24), 1e-4);
+}
+
+#[test]
+fn generate_matches_step_by_step_and_reuses_buffers() {
+    let config = tiny(DType::F32);
+    let model = Model::random(wgpu_context(), config.clone(), SEED).expect("model");
+    let prompt = prompt(config.vocab);
+    let mut a = State::new(&model, 64).expect("state");
+    let first_a = model.prefill(&mut a, &prompt).expect("prefill");
+    let stepped: Vec<u32> = (0..STEPS).map(|_| model.step(&mut a).expect("step")).collect();
+    let mut b = State::new(&model, 64).expect("state");
+    let first_b = model.prefill(&mut b, &prompt).expect("prefill");
+    b.buffers_created();
+    let generated = model.generate(&mut b, 2).expect("generate");
+    let created = b.buffers_created();
+    let rest = model.generate(&mut b, STEPS as u32 - 2).expect("generate");
+    assert_eq!(b.buffers_created(), created, "decode steps created buffers");
+    assert_eq!(first_a, first_b);
+    assert_eq!(stepped, [generated, rest].concat());
+    // Past max_seq_len: refused without a change.
+    let err = model.generate(&mut b, 64).expect_err("over max_seq_len");
+    assert!(matches!(err, s2attn::Error::Shape(_)), "{err}");
+    assert_eq!(b.len() as usize, PROMPT + STEPS);
+    // A token outside the vocabulary is refused.
+    let mut c = State::new(&model, 64).expect("state");
+    assert!(model.prefill(&mut c, &[config.vocab]).is_err());
+    assert!(c.is_empty());
+}
+
+/// The wgpu context these tests share, opened once: `Context::new()` (lavapipe in CI), or the best wgpu
+/// adapter where that opens CUDA (the model runs on wgpu only).
+fn wgpu_context() -> &'static Context {
+    static CTX: OnceLock<Context> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let help = "no GPU adapter: these tests need one (lavapipe in CI: `apt-get install mesa-vulkan-drivers`)";
+        let ctx = Context::new().unwrap_or_else(|e| panic!("{help}: {e}"));
+        if ctx.wgpu().is_some() {
+            return ctx;
+        }
+        let mut options = ContextOptions::from_env().unwrap_or_else(|e| panic!("{e}"));
+        options.backend = Backend::Wgpu;
+        Context::with_options(&options).unwrap_or_else(|e| panic!("{help}: {e}"))
+    })
+}
+
+/// xorshift64: deterministic per seed.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
