@@ -131,7 +131,7 @@ suite_sanitize() {
     for tool in memcheck racecheck synccheck; do
         for run in "cuda_forward --seq 4096 --stride 16 --dtype f16,bf16 --iters 1" \
             "cuda_backward --seq 4096 --dtype f16 --iters 1" \
-            "s2attn-bench --mode decode --backend cuda --seq 8k --heads 32 --kv-heads 8 --iters 1 --warmup 0 --warmup-ms 0"; do
+            "s2attn-bench --mode decode --backend cuda --dtype f16 --seq 8k --heads 32 --kv-heads 8 --iters 1 --warmup 0 --warmup-ms 0"; do
             local log="$OUT_DIR/sanitize-$tool-${run%% *}.log"
             # shellcheck disable=SC2086
             timeout "$TEST_TIMEOUT" "$cs" --tool "$tool" --error-exitcode 99 $run > "$log" 2>&1

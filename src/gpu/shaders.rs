@@ -26,9 +26,15 @@ const SHARED: &[(&str, &str)] = &[
 ];
 
 /// The override constants a kernel is built with for `plan` at `head_dim`: the head dim, tile sizes and
-/// workgroup size every kernel declares (the same four for every kernel).
-pub(crate) fn overrides(_kernel: Kernel, plan: &DispatchPlan, head_dim: u32) -> Result<Vec<(&'static str, u32)>> {
-    Ok(vec![("D", head_dim), ("BQ", plan.tile_q), ("BK", plan.tile_kv), ("WG", plan.workgroup_size)])
+/// workgroup size every kernel declares, and for the coop forward the constants that select its
+/// straight-line form over whole chunks.
+pub(crate) fn overrides(kernel: Kernel, plan: &DispatchPlan, head_dim: u32) -> Result<Vec<(&'static str, u32)>> {
+    let mut constants = vec![("D", head_dim), ("BQ", plan.tile_q), ("BK", plan.tile_kv), ("WG", plan.workgroup_size)];
+    if kernel == Kernel::ForwardCoop {
+        // The coop forward's straight-line form over whole chunks (forward_coop.wgsl's overrides).
+        constants.extend([("SL", plan.tile_kv), ("SPAD", 8), ("PPAD", 8), ("PIPE", 0), ("STRAIGHT", 3)]);
+    }
+    Ok(constants)
 }
 
 /// A kernel source.
