@@ -1,4 +1,4 @@
-//! Times the forward pass on the issue-4 benchmark shapes (fp16, 32 heads, head dim 128, block 64, local
+//! Times the forward pass on the paper's benchmark shapes (fp16, 32 heads, head dim 128, block 64, local
 //! 16; 16k / 64k / 128k tokens at vert_stride 16 and 128k at vert_stride 64) through
 //! `Attention::time_forward`, printing the plan, the median ms, the effective TFLOP/s on active pairs and
 //! the floor (FLOPs at the H100's dense f16 rate, compulsory bytes at 3.35 TB/s); then the error against

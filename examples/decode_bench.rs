@@ -1,4 +1,4 @@
-//! Decode benchmark (issue 7): one decode step (one query token per sequence) over the paged KV cache, S2
+//! Decode benchmark: one decode step (one query token per sequence) over the paged KV cache, S2
 //! against dense attention on the same kernels, at 32k and 128k context, batch 1 and 16, 32 query heads,
 //! 8 and 32 KV heads, head dim 128, f16, block 64, local 16 blocks, vert_stride 16. Kernel time from GPU
 //! timestamps (median), KV bytes the step reads, the cache's memory report, the dense/S2 speedup, and the

@@ -1,4 +1,4 @@
-//! The attention half of a decoder's token loop on the GPU, dense vs hybrid S2 (issue 10): per layer a
+//! The attention half of a decoder's token loop on the GPU, dense vs hybrid S2: per layer a
 //! paged [`KvCache`] and a [`Decode`] op; per generated token one encoder and ONE submit that, for every
 //! layer, appends the token's K/V from a device QKV buffer (`KvCache::append_encoded`) and decodes its
 //! query (`Decode::encode`). The QKV rows are fixed random data standing in for the projections (the

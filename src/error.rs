@@ -98,7 +98,7 @@ pub enum Error {
     /// The device could not be created or was lost.
     #[error("device error: {0}")]
     Device(String),
-    /// One device of a multi-device call failed; no partial output is returned.
+    /// One device of a call split across several devices failed; no partial output is returned.
     #[error("device {index} ({device}) failed: {message}")]
     DeviceFailed {
         /// Position of the device in the multi-device set.

@@ -1,4 +1,4 @@
-//! Embedding in an application that owns the GPU (issue 10): `Attention::encode` records into the caller's
+//! Embedding in an application that owns the GPU: `Attention::encode` records into the caller's
 //! encoder without submitting and gives the host path's outputs; Q/K/V interleaved per token in one QKV
 //! buffer (several layers of it, filled by the app earlier in the same encoder) are read in place, one
 //! submit for a hybrid dense + S2 stack; a device the app opened itself, with its own limits, is adopted;

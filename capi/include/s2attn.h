@@ -76,7 +76,7 @@ enum {
     S2ATTN_ERR_NO_ADAPTER = 22,
     /** The device could not be opened or was lost. */
     S2ATTN_ERR_DEVICE = 23,
-    /** One device of a multi-device call failed. */
+    /** One device of a call split across several devices failed. */
     S2ATTN_ERR_DEVICE_FAILED = 24,
     /** A shader failed to compile. */
     S2ATTN_ERR_SHADER = 25,

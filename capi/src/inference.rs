@@ -1,4 +1,4 @@
-//! The C API of the paged KV cache and decode (issue 7's [`KvCache`] and [`Decode`]): create a cache for a
+//! The C API of the paged KV cache and decode ([`KvCache`] and [`Decode`]): create a cache for a
 //! layout, add / remove sequences, append K/V rows from host memory, read the memory report, and run decode
 //! steps on host memory. Sequences are `uint64_t` ids on the C side. Same conventions as the parent module:
 //! pointers and lengths checked, panics caught, a status per call.

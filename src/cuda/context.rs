@@ -196,7 +196,7 @@ impl CudaContext {
              driver {}.{}, NVRTC {}.{}\n\
              shared memory per block (opt-in) {} B, threads per block {}\n\
              kernel disk cache: {}\n\
-             kernels compiled this session: {}",
+             kernels compiled by this process: {}",
             i.caps.name,
             i.ctx.ordinal(),
             i.arch.0,

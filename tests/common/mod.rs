@@ -1,5 +1,5 @@
 //! Shared by the integration tests: a small xorshift for fresh random inputs, the tolerance constants, the
-//! shared GPU context (a clear failure when no adapter exists), and the helpers that run a problem three
+//! shared GPU context (a clear failure when no adapter exists), and the functions that run a problem three
 //! ways (host slices, caller-owned buffers poisoned with NaN, interleaved QKV views) and judge the result
 //! against the f64 oracle.
 #![allow(dead_code)]

@@ -1,4 +1,4 @@
-//! The decode example of issue 10: a small decoder-only transformer (`s2attn_model`: embedding, per
+//! The decode example: a small decoder-only transformer (`s2attn_model`: embedding, per
 //! layer RMSNorm, QKV projection, RoPE, attention, output projection, SiLU-gated MLP, residual adds;
 //! final norm, LM head, greedy argmax), weights from a seeded generator, all on the GPU. It prefills a
 //! long prompt (each layer's attention over the whole prompt through the library's forward op, the

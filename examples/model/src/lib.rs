@@ -1,4 +1,4 @@
-//! A small decoder-only transformer on the GPU, the decode example of issue 10: token embedding, per
+//! A small decoder-only transformer on the GPU, the model of the decode example: token embedding, per
 //! layer a pre-norm block (RMSNorm, fused QKV projection, RoPE, attention over a paged [`KvCache`],
 //! output projection and residual add, RMSNorm, SiLU-gated MLP and residual add), then the final norm,
 //! the LM head and greedy argmax, all on the GPU (this crate's `shaders/*.wgsl` plus the library's KV append
