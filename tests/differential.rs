@@ -437,6 +437,28 @@ fn seq_slice(x: &[f32], b: usize, len: usize, row: usize) -> &[f32] {
     &x[b * len * row..(b + 1) * len * row]
 }
 
+/// The oracle's problem of one sequence of case `c`: query rows at positions `pos`.
+fn oracle_problem<'a>(
+    c: &Case,
+    rule: &'a Rule,
+    pos: &'a [u32],
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+) -> oracle::Problem<'a> {
+    oracle::Problem {
+        rule,
+        heads: c.heads,
+        kv_heads: c.kv_heads,
+        d: c.d as usize,
+        scale: 1.0 / (c.d as f64).sqrt(),
+        pos,
+        q,
+        k,
+        v,
+    }
+}
+
 /// Whether the kernels a case runs give IEEE results for non-finite inputs: the portable WGSL kernels do
 /// (decode and variable-length prefill always run those on wgpu); the tensor-core kernels not yet.
 fn nonfinite_supported(ctx: &Context, c: &Case) -> bool {
@@ -486,17 +508,14 @@ fn run_full(ctx: &Context, c: &Case) -> Result<(), String> {
     let (mut want_o, mut want_lse, mut want_g) = (Vec::new(), Vec::new(), [Vec::new(), Vec::new(), Vec::new()]);
     for b in 0..c.batch as usize {
         let s = c.seq as usize;
-        let p = oracle::Problem {
-            rule: &rule,
-            heads: c.heads,
-            kv_heads: c.kv_heads,
-            d: c.d as usize,
-            scale: 1.0 / (c.d as f64).sqrt(),
-            pos: &pos,
-            q: seq_slice(&q, b, s, row_q),
-            k: seq_slice(&k, b, s, row_kv),
-            v: seq_slice(&v, b, s, row_kv),
-        };
+        let p = oracle_problem(
+            c,
+            &rule,
+            &pos,
+            seq_slice(&q, b, s, row_q),
+            seq_slice(&k, b, s, row_kv),
+            seq_slice(&v, b, s, row_kv),
+        );
         let f = p.forward();
         want_o.extend(f.out);
         want_lse.extend(f.lse);
@@ -592,17 +611,7 @@ fn run_decode(ctx: &Context, c: &Case, window: u32) -> Result<(), String> {
     let (mut want_o, mut want_lse) = (Vec::new(), Vec::new());
     for (b, ((_, k, v), &len)) in seqs.iter().zip(&lens).enumerate() {
         let pos: Vec<u32> = (len - window..len).collect();
-        let p = oracle::Problem {
-            rule: &rule,
-            heads: c.heads,
-            kv_heads: c.kv_heads,
-            d: c.d as usize,
-            scale: 1.0 / (c.d as f64).sqrt(),
-            pos: &pos,
-            q: seq_slice(&q, b, window as usize, row_q),
-            k,
-            v,
-        };
+        let p = oracle_problem(c, &rule, &pos, seq_slice(&q, b, window as usize, row_q), k, v);
         let f = p.forward();
         want_o.extend(f.out);
         // Decode's LSE is [sequences, heads, window], as the oracle's per sequence.
@@ -638,17 +647,14 @@ fn run_varlen(ctx: &Context, c: &Case) -> Result<(), String> {
         let (qr, kr) = (lens.q_range(i), lens.k_range(i));
         let (nq, nk) = (qr.end - qr.start, kr.end - kr.start);
         let pos: Vec<u32> = (nk - nq..nk).collect();
-        let p = oracle::Problem {
-            rule: &rule,
-            heads: c.heads,
-            kv_heads: c.kv_heads,
-            d: c.d as usize,
-            scale: 1.0 / (c.d as f64).sqrt(),
-            pos: &pos,
-            q: &q[qr.start as usize * row_q..qr.end as usize * row_q],
-            k: &k[kr.start as usize * row_kv..kr.end as usize * row_kv],
-            v: &v[kr.start as usize * row_kv..kr.end as usize * row_kv],
-        };
+        let p = oracle_problem(
+            c,
+            &rule,
+            &pos,
+            &q[qr.start as usize * row_q..qr.end as usize * row_q],
+            &k[kr.start as usize * row_kv..kr.end as usize * row_kv],
+            &v[kr.start as usize * row_kv..kr.end as usize * row_kv],
+        );
         let f = p.forward();
         want_o.extend(f.out);
         // Varlen's LSE is [heads, total_q].
