@@ -4,7 +4,7 @@
  * Hand-written to match the s2attn-capi crate (capi/src/); capi/tests/c/smoke.c and capi/tests/c/buffers.c
  * exercise every function.
  *
- * Link against libs2attn.so / libs2attn.dylib (cdylib) or libs2attn.a (staticlib; then also link the
+ * Link against libs2attn_capi.so / libs2attn_capi.dylib (cdylib) or libs2attn_capi.a (staticlib; then also link the
  * system libraries `cargo rustc -p s2attn-capi --lib -- --print native-static-libs` lists, on Linux
  * typically -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc).
  *

@@ -9,8 +9,8 @@
 //! function). The KV cache and decode entry points are in [`inference`], device-resident buffers and the
 //! entry points that run on them (and on caller CUDA memory) in [`buffers`].
 //!
-//! The crate's library is named `s2attn` (`libs2attn.so`, `libs2attn.a`), so C programs link with
-//! `-ls2attn`; it calls the core crate `s2attn` through its public API.
+//! The crate's library is `libs2attn_capi.so` / `libs2attn_capi.a` (C programs link with `-ls2attn_capi`);
+//! it calls the core crate `s2attn` through its public API.
 #![warn(missing_docs)]
 
 use s2attn::{Attention, Backend, BlockMask, Context, ContextOptions, DType, Element, Error, Layout, S2Config, Shape};

@@ -24,8 +24,9 @@ fn artifact(name: &str, dir: &Path) -> PathBuf {
     let src = deps_dir().join(name);
     assert!(
         src.is_file(),
-        "{} not found: capi/Cargo.toml's [lib] must list crate-type = [\"cdylib\", \"staticlib\"] (or a \
-         concurrent cargo build in the same target directory is rewriting it: rerun)",
+        "{} not found: capi/Cargo.toml's [lib] must list crate-type = [\"cdylib\", \"staticlib\", \"rlib\"] \
+         (cargo builds the C libraries for this test only through the rlib), or a concurrent cargo build in \
+         the same target directory is rewriting it: rerun",
         src.display()
     );
     let dst = dir.join(name);
@@ -87,7 +88,7 @@ fn out_dir(name: &str) -> PathBuf {
 #[test]
 fn smoke_c_against_the_shared_library() {
     let dir = out_dir("shared");
-    let lib = artifact(if cfg!(target_os = "macos") { "libs2attn.dylib" } else { "libs2attn.so" }, &dir);
+    let lib = artifact(if cfg!(target_os = "macos") { "libs2attn_capi.dylib" } else { "libs2attn_capi.so" }, &dir);
     let exe = dir.join("smoke");
     let rpath = format!("-Wl,-rpath,{}", dir.display());
     compile("smoke.c", &exe, &[lib.as_os_str(), rpath.as_ref()]);
@@ -97,7 +98,7 @@ fn smoke_c_against_the_shared_library() {
 #[test]
 fn buffers_c_against_the_shared_library() {
     let dir = out_dir("buffers");
-    let lib = artifact(if cfg!(target_os = "macos") { "libs2attn.dylib" } else { "libs2attn.so" }, &dir);
+    let lib = artifact(if cfg!(target_os = "macos") { "libs2attn_capi.dylib" } else { "libs2attn_capi.so" }, &dir);
     let exe = dir.join("buffers");
     let rpath = format!("-Wl,-rpath,{}", dir.display());
     compile("buffers.c", &exe, &[lib.as_os_str(), rpath.as_ref()]);
@@ -111,7 +112,7 @@ fn buffers_c_against_the_shared_library() {
 #[cfg(target_os = "linux")]
 fn smoke_c_against_the_static_library() {
     let dir = out_dir("static");
-    let lib = artifact("libs2attn.a", &dir);
+    let lib = artifact("libs2attn_capi.a", &dir);
     let exe = dir.join("smoke");
     let mut link: Vec<&std::ffi::OsStr> = vec![lib.as_os_str()];
     link.extend(["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-lc"].map(std::ffi::OsStr::new));

@@ -12,7 +12,7 @@ cargo build --release -p s2attn-capi --lib "$@"
 mkdir -p "$out"
 for prog in smoke buffers; do
     "${CC:-cc}" -std=c11 -O1 -Wall -Wextra -Werror -I capi/include "capi/tests/c/$prog.c" -o "$out/$prog" \
-        target/release/libs2attn.a -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
+        target/release/libs2attn_capi.a -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
     strip "$out/$prog" 2>/dev/null || true
 done
 ls -la "$out"
