@@ -824,6 +824,9 @@ fn regressions() {
         "mode=fwd heads=1 kv=1 d=256 block=64 local=1 vs=1 seq=4096 dtype=f32 seed=9",
         // A NaN in one Q element: that row's output is NaN.
         "mode=fwd heads=2 kv=1 d=64 block=16 local=2 vs=3 seq=100 dtype=f16 nonfinite=Q,NaN seed=10",
+        // Decode of 16 query rows (4 heads per KV head x 4 tokens) at head dim 256 in f32: more workgroup
+        // memory than 32 KiB devices have for one item, so the tokens go into items of fewer.
+        "mode=decode4 heads=4 kv=1 d=256 block=32 local=2 vs=4 seq=300 batch=2 dtype=f32 seed=11",
     ] {
         let mut c = Case::parse(line).unwrap_or_else(|e| panic!("{line}: {e}"));
         if is_cuda(context()) {

@@ -116,7 +116,10 @@ impl Decode {
             return Ok(k.clone());
         }
         let group = self.layout.num_heads() / self.layout.num_kv_heads();
-        let plan = plan_attend_for(ctx.caps(), self.dtype, self.head_dim, group, &[q_len], self.layout.block_size())?;
+        // All `q_len` tokens in one item where the device allows; else fewer per item (the work list then
+        // gives each sequence and KV head several items), down to one token.
+        let choices: Vec<u32> = (1..=q_len).rev().collect();
+        let plan = plan_attend_for(ctx.caps(), self.dtype, self.head_dim, group, &choices, self.layout.block_size())?;
         let k = Arc::new(GpuAttend::new(ctx, self.dtype, self.head_dim, self.layout.num_heads(), plan)?);
         kernels.insert(q_len, k.clone());
         Ok(k)
@@ -142,6 +145,16 @@ impl Decode {
         )?);
         kernels.insert(q_len, k.clone());
         Ok(k)
+    }
+
+    /// Query tokens per work item of a call querying `q_len` tokens per sequence: `q_len` on CUDA, the
+    /// plan's choice on wgpu (fewer where the rows of `q_len` tokens do not fit the device).
+    fn item_tokens(&self, q_len: u32) -> Result<u32> {
+        #[cfg(feature = "cuda")]
+        if let Engine::Cuda { .. } = &self.engine {
+            return Ok(q_len);
+        }
+        Ok(self.kernel(q_len)?.plan().n_tok)
     }
 
     /// The kernel's plan, as text.
@@ -185,10 +198,11 @@ impl Decode {
         let group = h_n / hk_n;
         let bs = self.layout.block_size();
         let d4 = self.head_dim / 4;
+        let n_tok = self.item_tokens(q_len)?;
         let shape = RowShape {
             num_heads: h_n,
             group,
-            n_tok: q_len,
+            n_tok,
             block_size: bs,
             causal: true,
             kv_tok_stride: d4,
@@ -205,26 +219,30 @@ impl Decode {
             for (si, &seq) in seqs.iter().enumerate().filter(|&(i, _)| segments[i] == segment) {
                 let si = si as u32;
                 for kvh in 0..hk_n {
-                    let (len, resident) = cache.resident(seq, kvh)?;
+                    let len = cache.resident(seq, kvh)?.0;
                     if len < q_len {
                         return Err(Error::Shape(format!(
                             "seqs[{si}] ({seq}) holds {len} tokens, fewer than the {q_len} queried"
                         )));
                     }
-                    let rows = WorkItem {
-                        head0: kvh * group,
-                        tok0: si * q_len,
-                        pos0: len - q_len,
-                        n_valid: q_len,
-                        kv_len: len,
-                        lse0: (si * h_n + kvh * group) * q_len,
-                        ..WorkItem::default()
-                    };
-                    debug_assert!(
-                        self.all_resident(cache, seq, kvh, &rows),
-                        "{seq}: a page KV head {kvh} needs was evicted"
-                    );
-                    builder.family(rows, resident.map(|(kb, page)| (kb, page.index() * bs * d4)));
+                    // One family per `n_tok` of the queried tokens (one in all unless the plan took fewer).
+                    for t0 in (0..q_len).step_by(n_tok as usize) {
+                        let (_, resident) = cache.resident(seq, kvh)?;
+                        let rows = WorkItem {
+                            head0: kvh * group,
+                            tok0: si * q_len + t0,
+                            pos0: len - q_len + t0,
+                            n_valid: n_tok.min(q_len - t0),
+                            kv_len: len,
+                            lse0: (si * h_n + kvh * group) * q_len + t0,
+                            ..WorkItem::default()
+                        };
+                        debug_assert!(
+                            self.all_resident(cache, seq, kvh, &rows),
+                            "{seq}: a page KV head {kvh} needs was evicted"
+                        );
+                        builder.family(rows, resident.map(|(kb, page)| (kb, page.index() * bs * d4)));
+                    }
                 }
             }
             let list = builder.finish(&self.policy, first_slot);
