@@ -1,24 +1,30 @@
-//! The decode example: a small decoder-only transformer (`s2attn_model`: embedding, per
-//! layer RMSNorm, QKV projection, RoPE, attention, output projection, SiLU-gated MLP, residual adds;
-//! final norm, LM head, greedy argmax), weights from a seeded generator, all on the GPU. It prefills a
-//! long prompt (each layer's attention over the whole prompt through the library's forward op, the
-//! tensor-core kernel where the device has one; K/V into paged caches on the GPU), then generates tokens
-//! one by one, one submit per token (the next token's id never leaves the GPU until the end), once with
-//! every layer dense and once hybrid as the paper recommends (layer 0 dense, the others S2), and prints
-//! prefill time, tokens/s, ms/token and the KV caches' memory.
+//! The decode example: a decoder-only transformer (`s2attn_model`: embedding, per layer RMSNorm, QKV
+//! projection, RoPE, attention, output projection, SiLU-gated MLP, residual adds; final norm, LM head,
+//! greedy argmax), weights from a seeded generator, all on the GPU. It prefills a long prompt (each
+//! layer's attention over the whole prompt through the library's forward op, the tensor-core kernel where
+//! the device has one; K/V into paged caches on the GPU), then generates tokens one by one, one submit per
+//! token (the next token's id never leaves the GPU until the end), once with every layer dense and once
+//! hybrid (some layers dense, the others S2), and prints prefill time, tokens/s, ms/token and the KV
+//! caches' memory.
 //!
 //! `cargo run --release --example decode` (small defaults, seconds on a software rasterizer; `cargo
-//! test` runs it smaller still); env `PROMPT` (one length, or several comma-separated: `32768,131072`),
-//! `TOKENS`, `LAYERS`, `D_MODEL`, `HEADS`, `KV_HEADS`, `HEAD_DIM`, `VOCAB`, `FFN` (default 4 `D_MODEL`),
-//! `CHUNK` (prefill rows per matmul pass), `WEIGHTS` (`f32` or `f16`), `LOCAL` and `STRIDE` (the S2
-//! layers' local blocks and vertical stride, block 64; small defaults so that a short prompt shows
-//! them), `ONLY` (`dense` or `hybrid`: one of the two runs).
-//! A GPU-sized run (32k and 128k prompts, both stacks, in one process):
-//! `PROMPT=32768,131072 TOKENS=64 LAYERS=4 D_MODEL=1024 HEADS=32 KV_HEADS=8 HEAD_DIM=128 VOCAB=32000
-//! LOCAL=16 STRIDE=16 WEIGHTS=f16 cargo run --release --example decode`.
+//! test` runs it smaller still). Environment:
+//! - `PRESET`: `small` (default), `phi3-small` (Phi-3-small's attention shape: 32 layers, hidden 4096,
+//!   32 / 8 heads of 128, local 16, vertical stride 8, dense attention on every other layer) or
+//!   `llama-7b` (a 7B Llama shape, 32 / 32 heads, the paper's hybrid with layer 0 dense).
+//! - `HYBRID`: which layers of the hybrid stack are dense: `first`, `alternate` (1, 3, 5, ...) or
+//!   `everyN` (0, N, 2N, ...); default the preset's.
+//! - `PROMPT` (one length, or several comma-separated: `8192,32768,131072`), `TOKENS` (timed tokens).
+//! - Sizes over the preset's: `LAYERS`, `D_MODEL`, `HEADS`, `KV_HEADS`, `HEAD_DIM`, `VOCAB`, `FFN`,
+//!   `CHUNK` (prefill rows per matmul pass), `WEIGHTS` (`f32` or `f16`), `LOCAL` and `STRIDE` (the S2
+//!   layers' local blocks and vertical stride, block 64).
+//! - `ONLY` (`dense` or `hybrid`: one of the two runs).
+//!
+//! The Phi-3-small shape at 8k, 32k and 128k, both stacks:
+//! `PRESET=phi3-small PROMPT=8192,32768,131072 TOKENS=32 cargo run --release -p s2attn-model --example decode`.
 
 use s2attn::{Backend, Context, ContextOptions, DType};
-use s2attn_model::{Model, ModelConfig, State};
+use s2attn_model::{DenseLayers, Model, ModelConfig, State};
 use std::time::Instant;
 
 fn env(name: &str, default: u32) -> Result<u32, String> {
@@ -35,25 +41,56 @@ struct Run {
     only: String,
 }
 
-fn settings() -> Result<Run, String> {
-    let d_model = env("D_MODEL", 128)?;
+/// The model's shape: a preset (`PRESET`) or the small default, each size overridable by its variable.
+fn model_config() -> Result<ModelConfig, String> {
+    // A preset and its own hybrid pattern.
+    let (preset, preset_dense) = match std::env::var("PRESET").as_deref() {
+        Err(_) | Ok("small") => (None, DenseLayers::First),
+        Ok("phi3-small") => (Some(ModelConfig::phi3_small()), DenseLayers::Every { period: 2, phase: 1 }),
+        Ok("llama-7b") => (Some(ModelConfig::llama_7b()), DenseLayers::First),
+        Ok(other) => return Err(format!("PRESET={other}: use small, phi3-small or llama-7b")),
+    };
+    let base = preset.clone().unwrap_or_else(|| {
+        let mut c = ModelConfig::new(512, 128, 4, 2, 32, 2);
+        (c.local_blocks, c.vert_stride) = (4, 4);
+        c
+    });
+    let d_model = env("D_MODEL", base.d_model)?;
+    let layers = env("LAYERS", base.layers.len() as u32)?.max(1);
     let mut config = ModelConfig::new(
-        env("VOCAB", 512)?,
+        env("VOCAB", base.vocab)?,
         d_model,
-        env("HEADS", 4)?,
-        env("KV_HEADS", 2)?,
-        env("HEAD_DIM", 32)?,
-        env("LAYERS", 2)?.max(1),
+        env("HEADS", base.heads)?,
+        env("KV_HEADS", base.kv_heads)?,
+        env("HEAD_DIM", base.head_dim)?,
+        layers,
     );
-    config.ffn = env("FFN", 4 * d_model)?;
-    config.prefill_chunk = env("CHUNK", config.prefill_chunk)?;
-    config.local_blocks = env("LOCAL", 4)?;
-    config.vert_stride = env("STRIDE", 4)?;
+    config.ffn = env("FFN", if preset.is_some() { base.ffn } else { 4 * d_model })?;
+    config.prefill_chunk = env("CHUNK", base.prefill_chunk)?;
+    config.local_blocks = env("LOCAL", base.local_blocks)?;
+    config.vert_stride = env("STRIDE", base.vert_stride)?;
+    config.rope_theta = base.rope_theta;
     config.weight_dtype = match std::env::var("WEIGHTS").as_deref() {
-        Err(_) | Ok("f32") => DType::F32,
+        Err(_) => base.weight_dtype,
+        Ok("f32") => DType::F32,
         Ok("f16") => DType::F16,
         Ok(other) => return Err(format!("WEIGHTS={other}: use f32 or f16")),
     };
+    let dense = match std::env::var("HYBRID").as_deref() {
+        Err(_) => preset_dense,
+        Ok("first") => DenseLayers::First,
+        Ok("alternate") => DenseLayers::Every { period: 2, phase: 1 },
+        Ok(every) if every.starts_with("every") => {
+            let period = every[5..].parse().map_err(|_| format!("HYBRID={every}: use everyN, e.g. every4"))?;
+            DenseLayers::Every { period, phase: 0 }
+        }
+        Ok(other) => return Err(format!("HYBRID={other}: use first, alternate or everyN (e.g. every4)")),
+    };
+    Ok(config.with_dense_layers(dense))
+}
+
+fn settings() -> Result<Run, String> {
+    let config = model_config()?;
     let prompts = match std::env::var("PROMPT") {
         Err(_) => vec![1024],
         Ok(list) => list
@@ -109,7 +146,7 @@ fn context() -> s2attn::Result<Context> {
 
 /// What one (stack, prompt length) run measured.
 struct Measured {
-    stack: &'static str,
+    stack: String,
     prompt: u32,
     prefill_s: f64,
     ms_per_token: f64,
@@ -136,7 +173,8 @@ fn run(ctx: &Context, r: &Run) -> s2attn::Result<Vec<Measured>> {
         c.local_blocks,
         c.vert_stride
     );
-    let stacks = [("dense", c.clone().all_dense()), ("hybrid S2 (layer 0 dense)", c.clone())];
+    let hybrid = format!("hybrid S2 ({})", c.pattern());
+    let stacks = [("dense".to_string(), c.clone().all_dense()), (hybrid, c.clone())];
     let mut measured = Vec::new();
     for (stack, config) in stacks.into_iter().filter(|(name, _)| name.starts_with(r.only.as_str())) {
         let model = Model::random(ctx, config, 7)?;
@@ -160,7 +198,7 @@ fn run(ctx: &Context, r: &Run) -> s2attn::Result<Vec<Measured>> {
             let ms_per_token = t.elapsed().as_secs_f64() * 1e3 / r.tokens as f64;
             let reports = state.memory_report();
             let m = Measured {
-                stack,
+                stack: stack.clone(),
                 prompt: prompt_len,
                 prefill_s,
                 ms_per_token,

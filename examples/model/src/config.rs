@@ -13,6 +13,48 @@ pub enum LayerAttention {
     S2,
 }
 
+/// Which layers of a hybrid model run dense attention (the others run S2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenseLayers {
+    /// None: every layer S2.
+    None,
+    /// Layer 0 only (the paper's recommended hybrid).
+    First,
+    /// Layers `phase`, `phase + period`, `phase + 2 period`, ... (Phi-3-small: `period` 2, `phase` 1, dense
+    /// attention on every other layer).
+    Every {
+        /// Layers from one dense layer to the next (positive).
+        period: u32,
+        /// The first dense layer (below `period`).
+        phase: u32,
+    },
+    /// Every layer (the all-dense baseline).
+    All,
+}
+
+impl DenseLayers {
+    /// Whether layer `layer` is dense.
+    pub fn is_dense(self, layer: usize) -> bool {
+        match self {
+            Self::None => false,
+            Self::First => layer == 0,
+            Self::Every { period, phase } => period > 0 && layer % period as usize == phase as usize % period as usize,
+            Self::All => true,
+        }
+    }
+}
+
+impl std::fmt::Display for DenseLayers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => write!(f, "no dense layer"),
+            Self::First => write!(f, "layer 0 dense"),
+            Self::Every { period, phase } => write!(f, "every {period}th layer dense from layer {phase}"),
+            Self::All => write!(f, "all layers dense"),
+        }
+    }
+}
+
 /// Shape and settings of the model: a pre-norm decoder (RMSNorm, GQA attention with RoPE, SiLU-gated
 /// MLP, residual adds), embedding and LM head untied.
 #[derive(Clone, Debug, PartialEq)]
@@ -56,7 +98,9 @@ impl ModelConfig {
     /// 16 local blocks, vertical stride 16); MLP width 4 `d_model`, f32 weights, prefill matmuls in chunks
     /// of 512 rows, the prefill attention's dtype chosen by the device.
     pub fn new(vocab: u32, d_model: u32, heads: u32, kv_heads: u32, head_dim: u32, layers: u32) -> Self {
-        let layers = (0..layers).map(|i| if i == 0 { LayerAttention::Dense } else { LayerAttention::S2 }).collect();
+        let layers = (0..layers as usize)
+            .map(|i| if DenseLayers::First.is_dense(i) { LayerAttention::Dense } else { LayerAttention::S2 })
+            .collect();
         Self {
             vocab,
             d_model,
@@ -77,9 +121,47 @@ impl ModelConfig {
     }
 
     /// Every layer dense (the baseline the hybrid model is compared with).
-    pub fn all_dense(mut self) -> Self {
-        self.layers.iter_mut().for_each(|l| *l = LayerAttention::Dense);
+    pub fn all_dense(self) -> Self {
+        self.with_dense_layers(DenseLayers::All)
+    }
+
+    /// The same layers, dense where `dense` says and S2 elsewhere.
+    pub fn with_dense_layers(mut self, dense: DenseLayers) -> Self {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            *l = if dense.is_dense(i) { LayerAttention::Dense } else { LayerAttention::S2 };
+        }
         self
+    }
+
+    /// The attention shape of Phi-3-small (a public model trained with this local + vertical-stride
+    /// attention): 32 layers, hidden 4096, 32 query heads, 8 KV heads of 128, block 64, 16 local blocks,
+    /// vertical stride 8, dense attention on every other layer (1, 3, 5, ...); MLP width 14336, vocabulary
+    /// 100352, RoPE base 1e6, f16 weights. Its blocks are this crate's (RMSNorm, SiLU-gated MLP), not
+    /// Phi-3-small's own (LayerNorm, GEGELU): the same attention, matmul and cache sizes, not its outputs.
+    pub fn phi3_small() -> Self {
+        let mut c =
+            Self::new(100_352, 4096, 32, 8, 128, 32).with_dense_layers(DenseLayers::Every { period: 2, phase: 1 });
+        c.ffn = 14_336;
+        c.vert_stride = 8;
+        c.rope_theta = 1e6;
+        c.weight_dtype = DType::F16;
+        c
+    }
+
+    /// A 7B Llama shape (Llama-2-7B: 32 layers, hidden 4096, 32 heads of 128 with as many KV heads, MLP
+    /// width 11008, vocabulary 32000, f16 weights) with the paper's hybrid: layer 0 dense, the others S2
+    /// (block 64, 16 local blocks, vertical stride 16). [`ModelConfig::with_dense_layers`] picks another
+    /// hybrid (e.g. every 4th layer dense).
+    pub fn llama_7b() -> Self {
+        let mut c = Self::new(32_000, 4096, 32, 32, 128, 32);
+        c.ffn = 11_008;
+        c.weight_dtype = DType::F16;
+        c
+    }
+
+    /// The layers' dense/S2 pattern, e.g. `DSSS...` (D dense, S S2).
+    pub fn pattern(&self) -> String {
+        self.layers.iter().map(|l| if *l == LayerAttention::Dense { 'D' } else { 'S' }).collect()
     }
 
     /// Columns of one QKV row: Q heads, then K heads, then V heads.

@@ -31,7 +31,7 @@ mod state;
 mod transformer;
 mod weights;
 
-pub use config::{LayerAttention, ModelConfig};
+pub use config::{DenseLayers, LayerAttention, ModelConfig};
 pub use state::State;
 pub use transformer::Model;
 pub use weights::{LayerWeights, Weights};

@@ -6,7 +6,7 @@
 //! two parts runs its second part on the decode kernels over the caches.
 
 use s2attn::{Backend, Context, ContextOptions, DType};
-use s2attn_model::{reference, Model, ModelConfig, State, Weights};
+use s2attn_model::{reference, DenseLayers, Model, ModelConfig, State, Weights};
 use std::sync::OnceLock;
 
 const PROMPT: usize = 40;
@@ -175,5 +175,25 @@ impl Rng {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
+    }
+}
+
+/// The model-shape presets and hybrid patterns: Phi-3-small's dense attention on every other layer
+/// (1, 3, ...), the 7B Llama shape's layer 0, every 4th layer from 0; both presets valid.
+#[test]
+fn presets_and_hybrid_patterns() {
+    let phi = ModelConfig::phi3_small();
+    assert_eq!(phi.pattern(), "SD".repeat(16));
+    assert_eq!((phi.heads, phi.kv_heads, phi.head_dim, phi.d_model), (32, 8, 128, 4096));
+    assert_eq!((phi.block_size, phi.local_blocks, phi.vert_stride), (64, 16, 8));
+    let llama = ModelConfig::llama_7b();
+    assert_eq!(llama.pattern(), format!("D{}", "S".repeat(31)));
+    assert_eq!((llama.heads, llama.kv_heads, llama.ffn), (32, 32, 11_008));
+    let every4 = llama.clone().with_dense_layers(DenseLayers::Every { period: 4, phase: 0 });
+    assert_eq!(every4.pattern(), "DSSS".repeat(8));
+    assert_eq!(llama.clone().all_dense().pattern(), "D".repeat(32));
+    assert_eq!(llama.clone().with_dense_layers(DenseLayers::None).pattern(), "S".repeat(32));
+    for c in [phi, llama, every4] {
+        c.validate().expect("a preset is valid");
     }
 }
