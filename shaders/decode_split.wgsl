@@ -254,12 +254,7 @@ fn main(
         if o < n_out && row_valid(it, r) {
             let l = l_r[j];
             let row_flags = atomicLoad(&flag_s[r]);
-            var inv = 0.0;
-            if row_is_nan(row_flags, l) {
-                inv = quiet_nan();
-            } else if l > 0.0 {
-                inv = 1.0 / l;
-            }
+            let inv = o_scale(row_flags, l, it.nsplit);
             // Word w of the row holds elements w * EW ..: vec4 units (w * EW) / 4 (and + 1 for f16).
             let u = w * EW / 4u;
             if it.nsplit == 1u {

@@ -238,12 +238,7 @@ fn main(
                 o_hi += red_s[2u * (x * W + w) + 1u];
             }
             let row_flags = atomicLoad(&flag_s[r]);
-            var inv = 0.0;
-            if row_is_nan(row_flags, lt[r]) {
-                inv = quiet_nan();
-            } else if lt[r] > 0.0 {
-                inv = 1.0 / lt[r];
-            }
+            let inv = o_scale(row_flags, lt[r], it.nsplit);
             if it.nsplit == 1u {
                 store_o4(o_index(it, r, u, d4), o_lo * inv);
                 if HALF == 1u {

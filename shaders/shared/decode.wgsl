@@ -87,6 +87,16 @@ fn partial_lse2(flags: u32, m: f32, l: f32) -> f32 {
     return select(NEG_BIG, params.neg_inf, (flags & ROW_HAS_KEY) != 0u);
 }
 
+// What a row's O accumulators are multiplied by: 1 / l, NaN for a NaN row, and 0 for no key. A split of
+// a family whose keys all scored -inf writes 0 (its partial LSE, -inf, says the rest): the combine weighs
+// it by 0, and the row is NaN only if no other split has a finite key.
+fn o_scale(flags: u32, l: f32, nsplit: u32) -> f32 {
+    if (flags & ROW_NAN) != 0u || (nsplit == 1u && row_is_nan(flags, l)) {
+        return quiet_nan();
+    }
+    return select(0.0, 1.0 / l, l > 0.0);
+}
+
 // A row's base-2 LSE as the natural-log value written out: -inf for no key (NEG_BIG), NaN for a NaN row
 // or keys that all scored -inf.
 fn lse_out(lse2: f32) -> f32 {
