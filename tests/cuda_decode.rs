@@ -2,12 +2,14 @@
 //! planning and eviction as the wgpu cache) decoded by `shaders/cuda/s2_decode.cu` (split pass + LSE
 //! combine; the narrow kernel for up to 4 rows, the general one above): mixed lengths across page
 //! boundaries, GQA groups of 1/2/4/8, speculative queries, split
-//! policies from never to one block per split, several cache segments, fp16 and bf16, and the wgpu-only
-//! entry points refusing clearly. Every test needs a CUDA device and skips with a message without one.
+//! policies from never to one block per split, several cache segments, fp16 and bf16, non-finite inputs
+//! (NaN and -inf scores, NaN V), and the wgpu-only entry points refusing clearly. Every test needs a CUDA device and skips with a message without one.
 //!
 //! Tolerances (‖out − ref‖ / ‖ref‖, outputs poisoned before each run): fp16 2e-3 (f16 storage, f32
 //! accumulation), bf16 1e-2 (8 significant bits of storage); LSE 1e-4.
 #![cfg(feature = "cuda")]
+
+mod common;
 
 use s2attn::cpu::{rel_l2_error, varlen_reference};
 use s2attn::inference::SplitPolicy;
@@ -189,4 +191,22 @@ fn cuda_cache_refuses_the_wgpu_entry_points_clearly() {
     assert!(cache.cuda_pools(0).is_ok());
     let f32_cache = KvCache::new(ctx, &layout, KvCacheConfig::new(64, DType::F32, 256)).expect("f32 cache");
     assert!(matches!(Decode::new(&f32_cache), Err(Error::Unsupported(_))), "f32 decode on CUDA");
+}
+
+/// Non-finite inputs as IEEE softmax attention gives them (`common::nonfinite`): a NaN Q row is NaN,
+/// -inf scores and their NaN V add nothing (also when whole splits hold only such keys), keys that all
+/// score -inf give NaN; on the narrow (4 heads per KV head) and general (8) kernels, fp16 and bf16.
+#[test]
+fn cuda_decode_gives_ieee_results_for_non_finite_inputs() {
+    let Some(ctx) = cuda() else { return };
+    let policies = [SplitPolicy::never(), SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 1 }];
+    for policy in policies {
+        for ninf in [0, 1, 32, 64] {
+            for (heads, dtype) in [(4, DType::F16), (8, DType::BF16)] {
+                if let Err(e) = common::nonfinite::judge_minus_inf_decode(ctx, heads, 128, dtype, ninf, policy) {
+                    panic!("{e}");
+                }
+            }
+        }
+    }
 }

@@ -13,9 +13,10 @@
 //! Each case is one mode: the forward (O and LSE), the backward (dQ, dK, dV from the backend's own forward),
 //! decode from the paged KV cache (the last token or a speculative window), or variable-length (chunked)
 //! prefill. Some cases put one NaN or infinity into Q, K or V: the outputs must be non-finite exactly where
-//! the oracle's are. The portable WGSL kernels (forward, backward, decode and variable-length) implement
-//! those semantics; the tensor-core kernels (WGSL cooperative matrices, CUDA) do not yet, so such cases
-//! run there without the non-finite value (`nonfinite_supported`).
+//! the oracle's are. The portable WGSL kernels (forward, backward, decode and variable-length) and the CUDA
+//! decode kernels implement those semantics; the tensor-core forward and backward kernels (WGSL
+//! cooperative matrices, CUDA) do not yet, so such cases run there without the non-finite value
+//! (`nonfinite_supported`).
 
 #[path = "oracle/mod.rs"]
 mod oracle;
@@ -459,14 +460,15 @@ fn oracle_problem<'a>(
     }
 }
 
-/// Whether the kernels a case runs give IEEE results for non-finite inputs: the portable WGSL kernels do
-/// (decode and variable-length prefill always run those on wgpu); the tensor-core kernels not yet.
+/// Whether the kernels a case runs give IEEE results for non-finite inputs: the portable WGSL kernels and
+/// the decode kernels of both backends do (variable-length prefill runs the WGSL decode kernels); the
+/// tensor-core forward and backward kernels not yet.
 fn nonfinite_supported(ctx: &Context, c: &Case) -> bool {
-    if is_cuda(ctx) {
-        return false;
-    }
     if !matches!(c.mode, Mode::Forward | Mode::Backward) {
         return true;
+    }
+    if is_cuda(ctx) {
+        return false;
     }
     let Ok((layout, _)) = layouts(c, c.seq.div_ceil(c.block)) else { return true };
     let shape = Shape::new(c.batch, c.seq, c.d, c.dtype);

@@ -10,6 +10,10 @@
 // value in every thread of the row), rescales its accumulators and adds P V over its keys; KS threads
 // share an output when the rows hold fewer outputs than the CTA has threads. Items of split families
 // write a partial (O / l, base-2 LSE) that the combine pass merges by LSE.
+//
+// Non-finite inputs come out as IEEE softmax attention gives them (the WGSL twin: shaders/shared/
+// nonfinite.wgsl): a row whose active scores hold a NaN or +inf, or whose active keys all score -inf, is
+// NaN (O and LSE); a -inf score and a masked key contribute nothing, whatever V holds.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -91,7 +95,39 @@ __device__ __forceinline__ u32 lse_index(const Params& p, const Item& it, u32 r)
     return it.lse0 + (r / p.n_tok) * p.lse_head_stride + r % p.n_tok;
 }
 
-__device__ __forceinline__ float lse_out(float lse2) { return lse2 > NEG_BIG ? lse2 * 0.6931471805599453f : __int_as_float(0xff800000); }
+// Row flags: the row has an active key; an active score was NaN or +inf.
+#define ROW_HAS_KEY 1u
+#define ROW_NAN 2u
+
+// What one score says about its row (NEG_BIG: a masked pair). Bit tests, so no float assumption drops a NaN.
+__device__ __forceinline__ u32 score_flags(float s) {
+    if (s == NEG_BIG) return 0u;
+    const u32 b = __float_as_uint(s);
+    return ROW_HAS_KEY | (((b & 0x7fffffffu) > 0x7f800000u || b == 0x7f800000u) ? ROW_NAN : 0u);
+}
+
+__device__ __forceinline__ float quiet_nan() { return __uint_as_float(0x7fc00000u); }
+
+// A split's base-2 LSE of a row: NEG_BIG for no key, -inf for keys that all scored -inf, NaN for a NaN row.
+__device__ __forceinline__ float partial_lse2(u32 flags, float m, float l) {
+    if (flags & ROW_NAN) return quiet_nan();
+    if (l > 0.f) return m + log2f(l);
+    return (flags & ROW_HAS_KEY) ? __uint_as_float(0xff800000u) : NEG_BIG;
+}
+
+// What a row's O accumulators are multiplied by: 1 / l, NaN for a NaN row (or, unsplit, keys all at
+// -inf), 0 for no key; a split whose keys all scored -inf writes 0 (the combine weighs it by 0).
+__device__ __forceinline__ float o_scale(u32 flags, float l, u32 nsplit) {
+    if ((flags & ROW_NAN) || (nsplit == 1 && (flags & ROW_HAS_KEY) && !(l > 0.f))) return quiet_nan();
+    return l > 0.f ? 1.f / l : 0.f;
+}
+
+// The natural-log LSE written out: -inf for no key (NEG_BIG), NaN for a NaN row or keys all at -inf.
+__device__ __forceinline__ float lse_out(float lse2) {
+    const u32 b = __float_as_uint(lse2);
+    if ((b & 0x7fffffffu) > 0x7f800000u || b == 0xff800000u) return quiet_nan();
+    return lse2 > NEG_BIG ? lse2 * 0.6931471805599453f : __int_as_float(0xff800000);
+}
 
 #if PASS == 0
 
@@ -123,12 +159,14 @@ extern "C" __global__ void __launch_bounds__(NT) s2_decode_split(const Params p)
     const bool active_o = tid < KS * NOUT;
     float acc[NA][8];
     float m_r[NA], l_r[NA];
+    u32 f_r[NA]; // row flags, gathered by every thread of the row from the same scores
 #pragma unroll
     for (int j = 0; j < NA; j++) {
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[j][e] = 0.f;
         m_r[j] = NEG_BIG;
         l_r[j] = 0.f;
+        f_r[j] = 0u;
     }
 
     const u32 per_block = p.block_size / BK;
@@ -203,8 +241,14 @@ extern "C" __global__ void __launch_bounds__(NT) s2_decode_split(const Params p)
                 if (o < NOUT) {
                     const u32 r = o / W, w = o % W;
                     float mc = NEG_BIG;
+                    u32 f = 0u;
 #pragma unroll 8
-                    for (int k = 0; k < BK; k++) mc = fmaxf(mc, p_s[r * BK + k]);
+                    for (int k = 0; k < BK; k++) {
+                        const float s = p_s[r * BK + k];
+                        mc = fmaxf(mc, s);
+                        f |= score_flags(s);
+                    }
+                    f_r[j] |= f;
                     const float m_new = fmaxf(m_r[j], mc);
                     if (m_new > NEG_BIG) {
                         const float alpha = exp2f(m_r[j] - m_new);
@@ -214,6 +258,7 @@ extern "C" __global__ void __launch_bounds__(NT) s2_decode_split(const Params p)
                         for (u32 k = ks; k < BK; k += KS) {
                             const float s = p_s[r * BK + k];
                             const float pr = s > NEG_BIG ? exp2f(s - m_new) : 0.f;
+                            if (pr == 0.f) continue; // adds nothing, not 0 * a non-finite V
                             float x[8];
                             unpack8(v_s[k * W + w], x);
                             l += pr;
@@ -253,7 +298,7 @@ extern "C" __global__ void __launch_bounds__(NT) s2_decode_split(const Params p)
         const u32 r = o / W, w = o % W;
         if (o < NOUT && row_valid(it, r, p.n_tok)) {
             const float l = l_r[j];
-            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const float inv = o_scale(f_r[j], l, it.nsplit);
             if (it.nsplit == 1) {
                 u32 words[4];
 #pragma unroll
@@ -266,7 +311,7 @@ extern "C" __global__ void __launch_bounds__(NT) s2_decode_split(const Params p)
                 dst[1] = make_float4(acc[j][4] * inv, acc[j][5] * inv, acc[j][6] * inv, acc[j][7] * inv);
             }
             if (w == 0) {
-                const float lse2 = l > 0.f ? m_r[j] + log2f(l) : NEG_BIG;
+                const float lse2 = partial_lse2(f_r[j], m_r[j], l);
                 if (it.nsplit == 1) p.lse[lse_index(p, it, r)] = lse_out(lse2);
                 else p.part_lse[it.slot * ROWS + r] = lse2;
             }
@@ -296,11 +341,14 @@ extern "C" __global__ void __launch_bounds__(NT, 3) s2_decode_narrow(const Param
     const Item it = p.items[id];
     __shared__ float4 red_s[RED];
     __shared__ float4 s_s[BK];
+    __shared__ u32 flag_s[4]; // row flags
+    u32 flags = 0u;           // of the keys this thread scores (tid < BK), two bits per row
     const u32 tid = threadIdx.x, w = tid % W, g = tid / W;
     const bool causal = p.causal != 0;
     u32 key_end = it.kv_len;
     if (causal) key_end = min(key_end, it.pos0 + it.n_valid);
     const u32 tok_stride = p.kv_tok_stride / 2;
+    if (tid < 4) flag_s[tid] = 0u;
 
     float q[4][8], acc[4][8], m[4], l[4];
 #pragma unroll
@@ -390,6 +438,7 @@ extern "C" __global__ void __launch_bounds__(NT, 3) s2_decode_narrow(const Param
                 const bool live = r < ROWS && row_valid(it, r, p.n_tok) && kpos < key_end
                     && (!causal || kpos <= it.pos0 + r % p.n_tok) && ((entry.z >> r) & 1u);
                 if (!live) lane(sc, r) = NEG_BIG;
+                if (r < ROWS) flags |= score_flags(lane(sc, r)) << (2 * r);
             }
             s_s[tid] = sc;
         }
@@ -419,6 +468,7 @@ extern "C" __global__ void __launch_bounds__(NT, 3) s2_decode_narrow(const Param
             for (int r = 0; r < ROWS; r++) {
                 const float s = lane(sc, r);
                 const float pr = s > NEG_BIG ? exp2f(s - mc[r]) : 0.f;
+                if (pr == 0.f) continue; // adds nothing, not 0 * a non-finite V
                 l[r] += pr;
 #pragma unroll
                 for (int e = 0; e < 8; e++) acc[r][e] += pr * x[e];
@@ -437,9 +487,12 @@ extern "C" __global__ void __launch_bounds__(NT, 3) s2_decode_narrow(const Param
         k0 = k1;
     }
 
-    // The NG key groups of word w merge: common max, scaled sums, then O row by row.
+    // The NG key groups of word w merge: common max, scaled sums, then O row by row; the rows' flags meet.
     __syncthreads();
     red_s[tid] = make_float4(m[0], m[1], m[2], m[3]);
+#pragma unroll
+    for (int r = 0; r < ROWS; r++)
+        if ((flags >> (2 * r)) & 3u) atomicOr(&flag_s[r], (flags >> (2 * r)) & 3u);
     __syncthreads();
     float mx[4] = {NEG_BIG, NEG_BIG, NEG_BIG, NEG_BIG}, scale[4], lt[4] = {0.f, 0.f, 0.f, 0.f};
     for (int x = 0; x < NG; x++) {
@@ -471,7 +524,7 @@ extern "C" __global__ void __launch_bounds__(NT, 3) s2_decode_narrow(const Param
                 o[0] += a.x; o[1] += a.y; o[2] += a.z; o[3] += a.w;
                 o[4] += b.x; o[5] += b.y; o[6] += b.z; o[7] += b.w;
             }
-            const float inv = lt[r] > 0.f ? 1.f / lt[r] : 0.f;
+            const float inv = o_scale(flag_s[r], lt[r], it.nsplit);
             if (it.nsplit == 1) {
                 u32 words[4];
 #pragma unroll
@@ -484,7 +537,7 @@ extern "C" __global__ void __launch_bounds__(NT, 3) s2_decode_narrow(const Param
                 dst[1] = make_float4(o[4] * inv, o[5] * inv, o[6] * inv, o[7] * inv);
             }
             if (w == 0) {
-                const float lse2 = lt[r] > 0.f ? mx[r] + log2f(lt[r]) : NEG_BIG;
+                const float lse2 = partial_lse2(flag_s[r], mx[r], lt[r]);
                 if (it.nsplit == 1) p.lse[lse_index(p, it, r)] = lse_out(lse2);
                 else p.part_lse[it.slot * ROWS + r] = lse2;
             }
@@ -501,7 +554,11 @@ extern "C" __global__ void __launch_bounds__(NT, 3) s2_decode_narrow(const Param
 #define SL ((NT / N4) > 1 ? (NT / N4) : 1)
 #define LL ((NT / ROWS) < 16 ? (NT / ROWS) : 16)
 
-__device__ __forceinline__ void fold(float& m, float& s, float x) {
+// Folds partial LSE x into (m, s); flags f: 1 a NaN partial, 2 a -inf one (keys that all scored -inf).
+__device__ __forceinline__ void fold(float& m, float& s, u32& f, float x) {
+    const u32 b = __float_as_uint(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) f |= 1u;
+    else if (b == 0xff800000u) f |= 2u;
     if (x > m) {
         s = s * exp2f(m - x) + 1.f;
         m = x;
@@ -515,20 +572,27 @@ extern "C" __global__ void __launch_bounds__(NT) s2_decode_combine(const Params 
     if (id >= p.n_items) return;
     const Item fam = p.items[id];
     __shared__ float m_s[NT], s_s[NT], lse_s[ROWS];
+    __shared__ u32 f_s[NT];
     __shared__ float4 o_s[NT];
     const u32 tid = threadIdx.x, n = fam.nsplit;
     if (tid < ROWS * LL) {
         const u32 r = tid / LL, ln = tid % LL;
         float m = NEG_BIG, s = 0.f;
+        u32 f = 0u;
 #pragma unroll 4
-        for (u32 k = ln; k < n; k += LL) fold(m, s, p.part_lse[(fam.slot + k) * ROWS + r]);
+        for (u32 k = ln; k < n; k += LL) fold(m, s, f, p.part_lse[(fam.slot + k) * ROWS + r]);
         m_s[tid] = m;
         s_s[tid] = s;
+        f_s[tid] = f;
     }
     __syncthreads();
     if (tid < ROWS) {
         float m = NEG_BIG;
-        for (int x = 0; x < LL; x++) m = fmaxf(m, m_s[tid * LL + x]);
+        u32 f = 0u;
+        for (int x = 0; x < LL; x++) {
+            m = fmaxf(m, m_s[tid * LL + x]);
+            f |= f_s[tid * LL + x];
+        }
         float lse2 = NEG_BIG;
         if (m > NEG_BIG) {
             float sum = 0.f;
@@ -538,6 +602,8 @@ extern "C" __global__ void __launch_bounds__(NT) s2_decode_combine(const Params 
             }
             lse2 = m + log2f(sum);
         }
+        // A NaN partial, or keys that all scored -inf in every split that has keys: a NaN row.
+        if ((f & 1u) || ((f & 2u) && !(m > NEG_BIG))) lse2 = quiet_nan();
         lse_s[tid] = lse2;
         if (row_valid(fam, tid, p.n_tok)) p.lse[lse_index(p, fam, tid)] = lse_out(lse2);
     }
@@ -548,7 +614,9 @@ extern "C" __global__ void __launch_bounds__(NT) s2_decode_combine(const Params 
         const u32 r = o / D4, c = o % D4;
         const float lse2 = lse_s[r];
         float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (lse2 > NEG_BIG) {
+        if ((__float_as_uint(lse2) & 0x7fffffffu) > 0x7f800000u) {
+            x = make_float4(quiet_nan(), quiet_nan(), quiet_nan(), quiet_nan());
+        } else if (lse2 > NEG_BIG) {
 #pragma unroll 4
             for (u32 k = ln; k < n; k += SL) {
                 const size_t slot = (size_t)(fam.slot + k) * ROWS + r;

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod coop;
+pub mod nonfinite;
 
 use s2attn::cpu::{attention_reference, rel_l2_error, Reference};
 use s2attn::{Attention, BlockMask, Context, ContextOptions, DType, Layout, Shape, TensorView};

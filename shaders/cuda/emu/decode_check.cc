@@ -1,12 +1,19 @@
 // Checks shaders/cuda/s2_decode.cu on the CPU (no GPU, no CUDA toolkit): the kernels compiled by g++ over
 // emu.h, one std::thread per CUDA thread, against an f64 softmax reference over a hand-built work list
 // (two KV heads, shuffled pages, partial row masks, a skipped block, causal end, one family split in 3
-// and combined). Build and run all configurations with run.sh; exit status 1 on an error above 2e-3.
+// and combined). With NONFINITE=1 the inputs also hold a NaN in one Q row, +inf K elements that make the
+// first two blocks of each KV head score -inf (a whole split of the split family) and a NaN V element:
+// outputs must be NaN exactly where the IEEE reference's are. Build and run all configurations with run.sh;
+// exit status 1 on an error above 2e-3 or a NaN in the wrong place.
 #include "emu.h"
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <algorithm>
+#include <cmath>
+#ifndef NONFINITE
+#define NONFINITE 0
+#endif
 #ifndef SPLIT_PASS
 #define SPLIT_PASS 2
 #endif
@@ -50,6 +57,15 @@ int main() {
     for (u32 i = 0; i < pages; i++) perm[i] = i;
     std::shuffle(perm.begin(), perm.end(), rng);
     const u32 pos0 = kv_len - n_tok;
+    if (NONFINITE) {
+        for (u32 t = 0; t < n_tok; t++)
+            for (u32 h = 0; h < H; h++) q[(t * H + h) * D] = from_f32(-1.f);
+        q[3] = from_f32(NAN); // token 0, head 0: a NaN row
+        for (u32 f = 0; f < HK; f++)
+            for (u32 kb = 0; kb < 2; kb++)
+                for (u32 j = 0; j < BS; j++) kp[((size_t)perm[f * blocks + kb] * BS + j) * D] = from_f32(INFINITY);
+        vp[((size_t)perm[3] * BS + 7) * D + 2] = from_f32(NAN); // KV head 0, block 3, key 7
+    }
     // Entries: kv head f lists its blocks (head 1 skips block 2); row r attends block kb unless (r + kb) % 3 == 0.
     std::vector<uint4> entries;
     std::vector<std::pair<u32, u32>> fam_range;
@@ -104,8 +120,17 @@ int main() {
     pc.items = (const B::Item*)fams.data();
     pc.n_items = fams.size();
     launch(fams.size(), 256, [&] { B::s2_decode_combine(pc); });
-    // Reference.
+    // Reference: IEEE softmax attention in f64. A row with a NaN or +inf score, or whose keys all score
+    // -inf, is NaN; a -inf score (p = 0) adds nothing.
     double worst = 0, num = 0, den = 0, lse_err = 0;
+    int nan_misplaced = 0;
+    auto check = [&](double got, double want) {
+        if (std::isnan(want) || std::isnan(got)) {
+            nan_misplaced += std::isnan(want) != std::isnan(got);
+            return false;
+        }
+        return true;
+    };
     for (u32 f = 0; f < HK; f++) {
         auto [e0, e1] = fam_range[f];
         for (u32 r = 0; r < ROWS; r++) {
@@ -123,20 +148,33 @@ int main() {
                     vrow.push_back(vp.data() + (size_t)entries[e].x * 4 + (size_t)j * D);
                 }
             }
-            double m = -1e300; for (double x : s) m = std::max(m, x);
-            double l = 0; for (double x : s) l += exp(x - m);
+            bool nan_row = false, finite = false;
+            double m = -INFINITY;
+            for (double x : s) {
+                nan_row |= std::isnan(x) || x == INFINITY;
+                if (x > -INFINITY) finite = true;
+                if (x > m) m = x;
+            }
+            nan_row |= !s.empty() && !finite;
+            double l = 0;
+            for (double x : s) l += x > -INFINITY ? exp(x - m) : 0.0;
             for (u32 c = 0; c < D; c++) {
                 double acc = 0;
-                for (size_t i = 0; i < s.size(); i++) acc += exp(s[i] - m) / l * to_f32(vrow[i][c]);
+                for (size_t i = 0; i < s.size(); i++)
+                    if (s[i] > -INFINITY) acc += exp(s[i] - m) / l * to_f32(vrow[i][c]);
+                if (nan_row) acc = NAN;
                 double got = to_f32(o[(t * H + head) * D + c]);
+                if (!check(got, acc)) continue;
                 num += (got - acc) * (got - acc); den += acc * acc;
                 worst = std::max(worst, fabs(got - acc));
             }
-            double want_lse = m + log(l);
-            lse_err = std::max(lse_err, fabs(lse[f * group * n_tok + (r / n_tok) * n_tok + t] - want_lse));
+            double want_lse = nan_row ? NAN : s.empty() ? -INFINITY : m + log(l);
+            double got_lse = lse[f * group * n_tok + (r / n_tok) * n_tok + t];
+            if (check(got_lse, want_lse) && want_lse > -INFINITY) lse_err = std::max(lse_err, fabs(got_lse - want_lse));
         }
     }
-    printf("%s ROWS %d NTOK %d pass %d: rel err %.3e, max abs %.3e, lse max err %.3e\n", IS_BF16 ? "bf16" : "f16", ROWS,
-           NTOK, SPLIT_PASS, sqrt(num / den), worst, lse_err);
-    return sqrt(num / den) < (IS_BF16 ? 1e-2 : 2e-3) && lse_err < 1e-3 ? 0 : 1;
+    printf("%s ROWS %d NTOK %d pass %d%s: rel err %.3e, max abs %.3e, lse max err %.3e, misplaced NaN %d\n",
+           IS_BF16 ? "bf16" : "f16", ROWS, NTOK, SPLIT_PASS, NONFINITE ? " non-finite inputs" : "", sqrt(num / den),
+           worst, lse_err, nan_misplaced);
+    return sqrt(num / den) < (IS_BF16 ? 1e-2 : 2e-3) && lse_err < 1e-3 && nan_misplaced == 0 ? 0 : 1;
 }

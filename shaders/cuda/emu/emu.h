@@ -28,6 +28,8 @@ inline uint4 __ldg(const uint4* p) { return *p; }
 inline void __syncthreads() { g_bar->arrive_and_wait(); }
 inline float __uint_as_float(unsigned x) { float f; memcpy(&f, &x, 4); return f; }
 inline float __int_as_float(int x) { float f; memcpy(&f, &x, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned x; memcpy(&x, &f, 4); return x; }
+inline unsigned atomicOr(unsigned* a, unsigned v) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 typedef unsigned short u16;
 inline float to_f32(u16 x) {
