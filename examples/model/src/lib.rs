@@ -18,9 +18,13 @@
 //!
 //! [`reference::logits`] is the CPU f64 oracle of the same model.
 //!
+//! [`Checkpoint`] reads a Hugging Face checkpoint of the Llama or Phi-3 family (`config.json` and
+//! safetensors shards) into a [`ModelConfig`] and [`Weights`] for [`Model::from_weights`].
+//!
 //! [`KvCache`]: s2attn::KvCache
 #![warn(missing_docs)]
 
+mod checkpoint;
 mod config;
 mod generate;
 mod ops;
@@ -31,6 +35,7 @@ mod state;
 mod transformer;
 mod weights;
 
+pub use checkpoint::{Checkpoint, HfConfig};
 pub use config::{DenseLayers, LayerAttention, ModelConfig};
 pub use state::State;
 pub use transformer::Model;
