@@ -7,7 +7,7 @@
 //! hybrid (some layers dense, the others S2), and prints prefill time, tokens/s, ms/token and the KV
 //! caches' memory.
 //!
-//! `cargo run --release --example decode` (small defaults, seconds on a software rasterizer; `cargo
+//! `cargo run --release -p s2attn-model --example decode` (small defaults, seconds on a software rasterizer; `cargo
 //! test` runs it smaller still). Environment:
 //! - `PRESET`: `small` (default), `phi3-small` (Phi-3-small's attention shape: 32 layers, hidden 4096,
 //!   32 / 8 heads of 128, local 16, vertical stride 8, dense attention on every other layer) or
@@ -19,12 +19,15 @@
 //!   `CHUNK` (prefill rows per matmul pass), `WEIGHTS` (`f32` or `f16`), `LOCAL` and `STRIDE` (the S2
 //!   layers' local blocks and vertical stride, block 64).
 //! - `ONLY` (`dense` or `hybrid`: one of the two runs).
+//! - `CHECKPOINT`: a Hugging Face checkpoint directory (`config.json` and safetensors; Llama or Phi-3
+//!   names) whose shape and weights the model runs instead of a preset's random ones (the shape variables
+//!   are then ignored; `HYBRID`, `LOCAL`, `STRIDE`, `CHUNK` and `WEIGHTS` still apply).
 //!
 //! The Phi-3-small shape at 8k, 32k and 128k, both stacks:
 //! `PRESET=phi3-small PROMPT=8192,32768,131072 TOKENS=32 cargo run --release -p s2attn-model --example decode`.
 
 use s2attn::{Backend, Context, ContextOptions, DType};
-use s2attn_model::{DenseLayers, Model, ModelConfig, State};
+use s2attn_model::{Checkpoint, DenseLayers, HfConfig, Model, ModelConfig, State, Weights};
 use std::time::Instant;
 
 fn env(name: &str, default: u32) -> Result<u32, String> {
@@ -38,11 +41,20 @@ struct Run {
     prompts: Vec<u32>,
     tokens: u32,
     config: ModelConfig,
+    /// Weights from this checkpoint (`CHECKPOINT`), else from a seeded generator.
+    checkpoint: Option<Checkpoint>,
     only: String,
 }
 
-/// The model's shape: a preset (`PRESET`) or the small default, each size overridable by its variable.
-fn model_config() -> Result<ModelConfig, String> {
+/// The model's shape: a checkpoint's (`CHECKPOINT`), or a preset (`PRESET`) or the small default, each
+/// size overridable by its variable.
+fn model_config() -> Result<(ModelConfig, Option<Checkpoint>), String> {
+    if let Ok(dir) = std::env::var("CHECKPOINT") {
+        let checkpoint = Checkpoint::open(&dir).map_err(|e| format!("CHECKPOINT={dir}: {e}"))?;
+        let base = checkpoint.config.model.clone();
+        let config = attention_settings(base.clone(), &base, DenseLayers::First)?;
+        return Ok((config, Some(checkpoint)));
+    }
     // A preset and its own hybrid pattern.
     let (preset, preset_dense) = match std::env::var("PRESET").as_deref() {
         Err(_) | Ok("small") => (None, DenseLayers::First),
@@ -66,10 +78,20 @@ fn model_config() -> Result<ModelConfig, String> {
         layers,
     );
     config.ffn = env("FFN", if preset.is_some() { base.ffn } else { 4 * d_model })?;
+    config.rope_theta = base.rope_theta;
+    Ok((attention_settings(config, &base, preset_dense)?, None))
+}
+
+/// `config` with the settings over its shape: prefill chunk, S2 local blocks and stride, weight storage
+/// and the hybrid pattern (`default_dense` unless `HYBRID` says), from the variables or `base`.
+fn attention_settings(
+    mut config: ModelConfig,
+    base: &ModelConfig,
+    default_dense: DenseLayers,
+) -> Result<ModelConfig, String> {
     config.prefill_chunk = env("CHUNK", base.prefill_chunk)?;
     config.local_blocks = env("LOCAL", base.local_blocks)?;
     config.vert_stride = env("STRIDE", base.vert_stride)?;
-    config.rope_theta = base.rope_theta;
     config.weight_dtype = match std::env::var("WEIGHTS").as_deref() {
         Err(_) => base.weight_dtype,
         Ok("f32") => DType::F32,
@@ -77,7 +99,7 @@ fn model_config() -> Result<ModelConfig, String> {
         Ok(other) => return Err(format!("WEIGHTS={other}: use f32 or f16")),
     };
     let dense = match std::env::var("HYBRID").as_deref() {
-        Err(_) => preset_dense,
+        Err(_) => default_dense,
         Ok("first") => DenseLayers::First,
         Ok("alternate") => DenseLayers::Every { period: 2, phase: 1 },
         Ok(every) if every.starts_with("every") => {
@@ -90,7 +112,7 @@ fn model_config() -> Result<ModelConfig, String> {
 }
 
 fn settings() -> Result<Run, String> {
-    let config = model_config()?;
+    let (config, checkpoint) = model_config()?;
     let prompts = match std::env::var("PROMPT") {
         Err(_) => vec![1024],
         Ok(list) => list
@@ -99,7 +121,7 @@ fn settings() -> Result<Run, String> {
             .collect::<Result<_, _>>()?,
     };
     let only = std::env::var("ONLY").unwrap_or_default();
-    Ok(Run { prompts, tokens: env("TOKENS", 8)?.max(1), config, only })
+    Ok(Run { prompts, tokens: env("TOKENS", 8)?.max(1), config, checkpoint, only })
 }
 
 fn main() {
@@ -173,11 +195,25 @@ fn run(ctx: &Context, r: &Run) -> s2attn::Result<Vec<Measured>> {
         c.local_blocks,
         c.vert_stride
     );
+    // A checkpoint's weights are read once, for both stacks.
+    let weights = match &r.checkpoint {
+        Some(checkpoint) => {
+            let t = Instant::now();
+            let hf = HfConfig { model: c.clone(), ..checkpoint.config.clone() };
+            let w = Weights::from_safetensors(&hf, &checkpoint.shards)?;
+            println!("weights read from {} shards in {:.1} s", checkpoint.shards.len(), t.elapsed().as_secs_f64());
+            Some(w)
+        }
+        None => None,
+    };
     let hybrid = format!("hybrid S2 ({})", c.pattern());
     let stacks = [("dense".to_string(), c.clone().all_dense()), (hybrid, c.clone())];
     let mut measured = Vec::new();
     for (stack, config) in stacks.into_iter().filter(|(name, _)| name.starts_with(r.only.as_str())) {
-        let model = Model::random(ctx, config, 7)?;
+        let model = match &weights {
+            Some(w) => Model::from_weights(ctx, config, w)?,
+            None => Model::random(ctx, config, 7)?,
+        };
         for &prompt_len in &r.prompts {
             // A deterministic prompt of valid ids.
             let prompt: Vec<u32> =
@@ -243,7 +279,7 @@ mod tests {
         config.local_blocks = 2;
         config.vert_stride = 3;
         config.prefill_chunk = 128;
-        let run = Run { prompts: vec![700], tokens: 4, config, only: String::new() };
+        let run = Run { prompts: vec![700], tokens: 4, config, checkpoint: None, only: String::new() };
         let ctx = context().expect("a device (lavapipe in CI)");
         let m = super::run(&ctx, &run).expect("the example runs");
         assert_eq!(m.len(), 2);
