@@ -19,6 +19,7 @@
 //!   `CHUNK` (prefill rows per matmul pass), `WEIGHTS` (`f32` or `f16`), `LOCAL` and `STRIDE` (the S2
 //!   layers' local blocks and vertical stride, block 64).
 //! - `ONLY` (`dense` or `hybrid`: one of the two runs).
+//! - `JSON`: a file to which one JSON line per (stack, prompt) run is appended (`"mode": "e2e"`).
 //! - `CHECKPOINT`: a Hugging Face checkpoint directory (`config.json` and safetensors; Llama or Phi-3
 //!   names) whose shape and weights the model runs instead of a preset's random ones (the shape variables
 //!   are then ignored; `HYBRID`, `LOCAL`, `STRIDE`, `CHUNK` and `WEIGHTS` still apply).
@@ -130,12 +131,50 @@ fn main() {
         println!("{}", ctx.describe());
         let measured = run(&ctx, &r).map_err(|e| e.to_string())?;
         summary(&measured);
+        if let Ok(path) = std::env::var("JSON") {
+            json_lines(&path, &ctx, &r, &measured).map_err(|e| format!("JSON={path}: {e}"))?;
+        }
         Ok(())
     });
     if let Err(e) = result {
         eprintln!("decode failed: {e}");
         std::process::exit(1);
     }
+}
+
+/// Appends one JSON line per run to `path`.
+fn json_lines(path: &str, ctx: &Context, r: &Run, measured: &[Measured]) -> std::io::Result<()> {
+    use std::io::Write;
+    let c = &r.config;
+    let preset = std::env::var("PRESET").unwrap_or_else(|_| "small".into());
+    let mut out = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    for m in measured {
+        writeln!(
+            out,
+            "{{\"impl\": \"s2attn-model\", \"mode\": \"e2e\", \"device\": \"{}\", \"backend\": \"{}\", \
+             \"preset\": \"{preset}\", \"stack\": \"{}\", \"layers\": {}, \"d_model\": {}, \"heads\": {}, \
+             \"kv_heads\": {}, \"head_dim\": {}, \"weights\": \"{}\", \"prompt\": {}, \"prefill_s\": {:.4}, \
+             \"decode_tokens_per_s\": {:.2}, \"ms_per_token\": {:.4}, \"kv_resident_bytes\": {}, \
+             \"kv_dense_bytes\": {}, \"timed_tokens\": {}}}",
+            ctx.adapter_name().replace('"', "'"),
+            ctx.backend_name(),
+            m.stack,
+            c.layers.len(),
+            c.d_model,
+            c.heads,
+            c.kv_heads,
+            c.head_dim,
+            c.weight_dtype,
+            m.prompt,
+            m.prefill_s,
+            1e3 / m.ms_per_token,
+            m.ms_per_token,
+            m.kv_resident,
+            m.kv_dense,
+            r.tokens
+        )?;
+    }
+    Ok(())
 }
 
 /// The runs as a markdown table.
