@@ -18,9 +18,6 @@
 #ifndef PASS
 #define PASS 0
 #endif
-#ifndef BWD_MIN_BLOCKS
-#define BWD_MIN_BLOCKS 2
-#endif
 #if GROUP_ROWS != 16
 #error "the backward kernels give each warp 16 rows (BLOCK_Q = 16 * WARPS)"
 #endif
@@ -144,7 +141,7 @@ __device__ __forceinline__ void store_rows(u16* dst, long long tok, const u16* s
 }
 
 #if PASS == 0
-extern "C" __global__ void __launch_bounds__(NT, BWD_MIN_BLOCKS) s2_backward_dq(const BwdParams p) {
+extern "C" __global__ void __launch_bounds__(NT, 2) s2_backward_dq(const BwdParams p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* q_s = (u16*)smem_raw;        // [BLOCK_Q][LDS]
     u16* do_s = q_s + BLOCK_Q * LDS;  // [BLOCK_Q][LDS]
@@ -333,7 +330,7 @@ __device__ __forceinline__ bool next_col(ColWalk& w, const BwdParams& p, u32 kvh
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NT, BWD_MIN_BLOCKS) s2_backward_dkdv(const BwdParams p) {
+extern "C" __global__ void __launch_bounds__(NT, 2) s2_backward_dkdv(const BwdParams p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* k_s = (u16*)smem_raw;               // [BLOCK_Q][LDS]: this CTA's keys
     u16* v_s = k_s + BLOCK_Q * LDS;          // [BLOCK_Q][LDS]

@@ -32,79 +32,23 @@
 #ifndef USE_WGMMA
 #define USE_WGMMA 0
 #endif
-#ifndef RESCALE_VOTE
-#define RESCALE_VOTE 1
-#endif
-#ifndef TREE_REDUCE
-#define TREE_REDUCE 1
-#endif
 
 #if USE_WGMMA
-// Warp specialised (v6): WARPS = 8 consumer warps (two warpgroups of 64 rows; each warp holds the
-// accumulators of 16 of its warpgroup's rows) plus a producer warpgroup, PRODUCER_WARPS warps of which fill
-// a K/V ring with cp.async (a whole warpgroup so that setmaxnreg can move its registers to the consumers).
+// Warp specialised: WARPS = 8 consumer warps (two warpgroups of 64 rows; each warp holds the accumulators of
+// 16 of its warpgroup's rows) plus a producer warpgroup (a whole warpgroup so that setmaxnreg can move its
+// registers to the consumers): its 4 warps stage Q with cp.async, one of its threads stages K/V by TMA.
 #define NT (WARPS * 32 + 128)
-#ifndef PRODUCER_REGS
 #define PRODUCER_REGS 40
-#endif
-#ifndef CONSUMER_REGS
 #define CONSUMER_REGS 232  // 4 SM sub-partitions x 16K registers: 1 producer + 2 consumer warps each
-#endif
 #define GROUP_ROWS 64
 #define MT 1
-#define KV_STAGE (BLOCK_K * HEAD_DIM)  // K/V chunk, 128-byte swizzled (SWIZZLE 128) or in core-matrix order (0)
+#define KV_STAGE (BLOCK_K * HEAD_DIM)  // K/V chunk, 128-byte swizzled
 #if WARPS != 8 || BLOCK_Q != 128 || BLOCK_K != 64 || (HEAD_DIM != 64 && HEAD_DIM != 128)
 #error "the wgmma kernel is built for 8 consumer warps, 128 x 64 tiles and head dims 64 / 128"
 #endif
-#ifndef STAGES
 #define STAGES 4       // K/V ring depth (>= 3: a warpgroup holds chunk j - 1 for its P V while it computes j)
-#endif
-#ifndef PIPE
-#define PIPE 1         // issue S_j = Q K_j^T before P_{j-1} V_{j-1}; softmax of S_j overlaps that P V
-#endif
-#ifndef PINGPONG
-#define PINGPONG 1     // the two warpgroups take turns issuing their GEMMs (named barriers 1 and 2)
-#endif
-#ifndef PERSISTENT
-#define PERSISTENT 1   // grid = SMs, each CTA walks work items blockIdx.x, + gridDim.x, ...; two Q buffers
-#endif
-#if STAGES < 3
-#error "STAGES must be at least 3"
-#endif
-#ifndef PRODUCER_WARPS
-#define PRODUCER_WARPS 4  // warps of the producer warpgroup that issue cp.async (each its share of rows); 1 = v6/v7
-#endif
-#ifndef PRODUCER_ARRIVE
-#define PRODUCER_ARRIVE 1 // 1: every producer lane ends a stage with cp.async.mbarrier.arrive.noinc, so the stage
-                          // completes when all its bytes landed, no wait_group: up to STAGES chunks in flight
-                          // (consumers fence the async proxy after the wait); 0: v6 hand-off (wait_group 1,
-                          // fence, arrive: about two groups in flight per lane)
-#endif
-#ifndef PRODUCER_NOLOAD
-#define PRODUCER_NOLOAD 0 // timing experiment only (wrong results): the producer signals K/V stages without loading
-                          // them, which measures the consumers alone
-#endif
-#if PRODUCER_NOLOAD && !defined(USE_TMA)
-#define USE_TMA 0
-#endif
-#ifndef USE_TMA
-#define USE_TMA (SWIZZLE == 128) // default since v8; 1: one producer thread stages K/V with cp.async.bulk.tensor (TMA) from Params' tensor
-                          // maps, completing `full` by transaction bytes (needs SWIZZLE 128); Q stays on cp.async
-#endif
-#if PRODUCER_WARPS != 1 && PRODUCER_WARPS != 2 && PRODUCER_WARPS != 4
-#error "PRODUCER_WARPS must be 1, 2 or 4"
-#endif
-#define PT (PRODUCER_WARPS * 32)  // producer threads
-#ifndef SWIZZLE
-#define SWIZZLE 128    // K/V shared layout: 128 = 128-byte swizzle (CUTLASS / FA3), 0 = core-matrix order (v6)
-#endif
-#if USE_TMA && (SWIZZLE != 128 || HEAD_DIM % 64 != 0)
-#error "USE_TMA writes the 128-byte-swizzled layout of 64-column atoms"
-#endif
-#if SWIZZLE != 0 && SWIZZLE != 128
-#error "SWIZZLE must be 0 or 128"
-#endif
-#define Q_BUFS (PERSISTENT ? 2 : 1)
+#define Q_BUFS 2       // persistent: the producer stages the next work item's Q while the consumers finish this one
+#define PT 128         // producer threads (the whole producer warpgroup)
 #else
 #define NT (WARPS * 32)
 #define ROWS_PER_WARP (BLOCK_Q / WARPS)
@@ -164,7 +108,7 @@ struct Params {
     u32 causal;
     float scale_log2;      // softmax scale * log2(e)
     u32 items;             // work items (tiles * heads * batch): the wgmma kernel's persistent loop
-    TensorMap k_map, v_map; // USE_TMA: K and V as [batch][seq][kv_heads][D] u16, boxes of 64 x 64, 128B swizzle
+    TensorMap k_map, v_map; // wgmma kernel: K and V as [batch][seq][kv_heads][D] u16, boxes of 64 x 64, 128B swizzle
 };
 
 __device__ __forceinline__ u32 smem_addr(const void* p) {
@@ -241,7 +185,6 @@ __device__ __forceinline__ void fence_u32(u32* r) {
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // mbarriers (shared-memory u64): init by one thread before a CTA barrier; arrive has release, try_wait acquire
 // semantics at CTA scope. A wait on the parity of the phase before the current one returns at once.
@@ -255,7 +198,6 @@ __device__ __forceinline__ void mbar_arrive(u32 bar) {
 __device__ __forceinline__ void mbar_arrive_cp_async(u32 bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
-#if USE_WGMMA
 // Arrives on `bar` and raises the bytes its phase waits for by `bytes` (the TMA copies complete them).
 __device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
     asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar), "r"(bytes)
@@ -270,7 +212,6 @@ __device__ __forceinline__ void tma_load_4d(u32 dst, const TensorMap* map, int c
         "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
         : "memory");
 }
-#endif
 __device__ __forceinline__ bool mbar_test(u32 bar, u32 parity) {
     u32 ok;
     asm volatile(
@@ -296,15 +237,13 @@ __device__ __forceinline__ void fence_regs(float* r) {
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
-// Shared-memory matrix descriptor (PTX ISA "Matrix Descriptor"): start address, leading / stride byte offsets
-// (each >> 4), base offset 0 (every swizzle atom is 1024-byte aligned), layout type in bits 62-63 (0: no
-// swizzle, 1: 128-byte swizzle). No swizzle: 8 x 16-byte core matrices, `lbo` bytes apart along K and `sbo`
-// along M/N for K-major operands, the other way round for MN-major ones (transpose bit). 128-byte swizzle,
-// K-major: rows of 128 bytes, `sbo` = 1024 between 8-row groups, `lbo` unused (1); MN-major: `lbo` between
-// 64-column atoms along N, `sbo` = 1024 between 8-row groups along K.
+// Shared-memory matrix descriptor (PTX ISA "Matrix Descriptor") of a 128-byte-swizzled operand: start address,
+// leading / stride byte offsets (each >> 4), base offset 0 (every swizzle atom is 1024-byte aligned), layout
+// type 1 (128-byte swizzle) in bits 62-63. K-major: rows of 128 bytes, `sbo` = 1024 between 8-row groups, `lbo`
+// unused (1); MN-major: `lbo` between 64-column atoms along N, `sbo` = 1024 between 8-row groups along K.
 __device__ __forceinline__ u64 make_desc(u32 addr, u32 lbo, u32 sbo) {
     return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)((lbo >> 4) & 0x3FFFu) << 16) |
-           ((u64)((sbo >> 4) & 0x3FFFu) << 32) | ((u64)(SWIZZLE == 128 ? 1 : 0) << 62);
+           ((u64)((sbo >> 4) & 0x3FFFu) << 32) | ((u64)1 << 62);
 }
 
 // D[64 x 64] (+)= A[64 x 16] (registers, mma.sync A layout per warp) * B[16 x 64] (shared memory,
@@ -352,27 +291,22 @@ __device__ __forceinline__ void wgmma_n128(float* d, const u32 (&a)[4], u64 desc
 
 #define NEG_INF __int_as_float(0xff800000)
 
-// Max / sum over one row's 2 * CNT scores (score tiles LO .. LO + CNT - 1, row half h). With TREE_REDUCE a
-// pairwise tree (log2 dependent steps instead of 2 * CNT: the softmax row reductions were latency-bound),
-// else left to right.
+// Max / sum over one row's 2 * CNT scores (score tiles LO .. LO + CNT - 1, row half h) as a pairwise tree
+// (log2 dependent steps instead of 2 * CNT: the softmax row reductions are latency-bound).
 template <int LO, int CNT>
 __device__ __forceinline__ float row_max(const float (&s)[NK][4], int h) {
     if constexpr (CNT == 1) {
         return fmaxf(s[LO][2 * h], s[LO][2 * h + 1]);
-    } else if constexpr (TREE_REDUCE) {
-        return fmaxf(row_max<LO, CNT / 2>(s, h), row_max<LO + CNT / 2, CNT / 2>(s, h));
     } else {
-        return fmaxf(row_max<LO, CNT - 1>(s, h), row_max<LO + CNT - 1, 1>(s, h));
+        return fmaxf(row_max<LO, CNT / 2>(s, h), row_max<LO + CNT / 2, CNT / 2>(s, h));
     }
 }
 template <int LO, int CNT>
 __device__ __forceinline__ float row_sum(const float (&s)[NK][4], int h) {
     if constexpr (CNT == 1) {
         return s[LO][2 * h] + s[LO][2 * h + 1];
-    } else if constexpr (TREE_REDUCE) {
-        return row_sum<LO, CNT / 2>(s, h) + row_sum<LO + CNT / 2, CNT / 2>(s, h);
     } else {
-        return row_sum<LO, CNT - 1>(s, h) + row_sum<LO + CNT - 1, 1>(s, h);
+        return row_sum<LO, CNT / 2>(s, h) + row_sum<LO + CNT / 2, CNT / 2>(s, h);
     }
 }
 
@@ -457,57 +391,6 @@ __device__ __forceinline__ void load_rows(u16* dst, const u16* base, long long t
     }
 }
 
-#if USE_WGMMA
-#if SWIZZLE == 128
-// Stages ROWS key rows of one head in the 128-byte-swizzled layout the tensor cores read with descriptor
-// layout type 1: the head dim is split into atoms of 64 columns (128 bytes a row; HEAD_DIM / 64 atoms, each
-// ROWS x 128 bytes, 1024-byte aligned), and within an atom the 16-byte chunk c of row r lands at chunk
-// c ^ (r % 8) of that row (the hardware XORs address bits 4-6 with bits 7-9). Thread i copies chunk i of the
-// row-major order (16 threads per 256-byte global row). Rows past seq are zero-filled.
-template <int ROWS, int THREADS>
-__device__ __forceinline__ void load_kv(u16* dst, const u16* base, long long tok_stride, u32 tok0, u32 seq,
-                                        int tid) {
-    constexpr int N = ROWS * CPR;
-    static_assert(N % THREADS == 0 && THREADS % CPR == 0, "whole rows per pass");
-    // Thread tid copies column chunk c of rows r, r + STEP, ... (pointers stepped, few live registers: the
-    // producer runs on PRODUCER_REGS).
-    constexpr int STEP = THREADS / CPR;
-    const int c = tid % CPR, r = tid / CPR;
-    u32 tok = tok0 + r;
-    const u16* src = base + (long long)tok * tok_stride + c * 8;
-    u32 d = smem_addr(dst) + (u32)(c / 8) * (ROWS * 128) + (u32)r * 128;
-#pragma unroll 4
-    for (int j = 0; j < N / THREADS; ++j) {
-        const u32 rr = (u32)(r + j * STEP);
-        cp_async16(d + (u32)(((c & 7) ^ (rr & 7)) << 4), tok < seq ? src : base, tok < seq);
-        tok += STEP;
-        src += STEP * tok_stride;
-        d += STEP * 128;
-    }
-}
-#else
-// Stages ROWS key rows of one head in core-matrix order: the 16-byte chunk (row r, column chunk c) lands at
-// chunk index ((r / 8) * CPR + c) * 8 + r % 8, so each 8 x 16-byte core matrix is 128 contiguous bytes.
-// Thread i copies chunk i of that order: writes are contiguous, and the 8 rows of one core matrix are read
-// by 8 neighbouring lanes. Rows past seq are zero-filled.
-template <int ROWS, int THREADS>
-__device__ __forceinline__ void load_kv(u16* dst, const u16* base, long long tok_stride, u32 tok0, u32 seq,
-                                        int tid) {
-    constexpr int N = ROWS * CPR;
-    static_assert(N % THREADS == 0, "whole chunks per thread");
-#pragma unroll 8
-    for (int j = 0; j < N / THREADS; ++j) {
-        int i = tid + j * THREADS;
-        int r = (i / (8 * CPR)) * 8 + i % 8, c = (i / 8) % CPR;
-        u32 tok = tok0 + r;
-        bool ok = tok < seq;
-        const u16* src = base + (ok ? (long long)tok * tok_stride : 0) + c * 8;
-        cp_async16(smem_addr(dst + i * 8), src, ok);
-    }
-}
-#endif
-#endif
-
 // ---- Pieces shared by both kernels (per warp: MT 16-row tiles, rows g and g + 8 of each per thread) ----
 
 // Sets the scores of keys a row must not see to -inf: row masks, keys past the end, causality.
@@ -562,7 +445,7 @@ __device__ __forceinline__ bool softmax_step(float (&s)[MT][NK][4], float (&row_
 // O *= alpha per row. Once the running maxima settle (most chunks of a long list), alpha is 1 for every row
 // of the warp and the rescale is skipped (a warp-uniform branch).
 __device__ __forceinline__ void rescale_o(float (&o)[MT][ND][4], const float (&alpha)[MT][2], bool rescale) {
-    if (!RESCALE_VOTE || __any_sync(0xffffffffu, rescale)) {
+    if (__any_sync(0xffffffffu, rescale)) {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -781,15 +664,17 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Pa
     store_tile_rows<BLOCK_Q, NT>(q_s, og, p.o_tok, row0, 0, seq, tid);
 }
 #else
-// ---- wgmma kernel (sm_90a), warp specialised (v6, FA3-style) ----
-// Warps 0-7: two consumer warpgroups of 64 rows each. Warps 8 .. 8 + PRODUCER_WARPS - 1: the producer, which
-// stages Q (Q_BUFS buffers) and the K/V chunks (a ring of STAGES) with cp.async, each warp its share of the
-// rows, completing `full` mbarriers (v8, PRODUCER_ARRIVE: cp.async.mbarrier.arrive.noinc); consumers
+// ---- wgmma kernel (sm_90a), warp specialised (FA3-style), persistent ----
+// Warps 0-7: two consumer warpgroups of 64 rows each. Warps 8-11: the producer warpgroup. Its 128 threads
+// stage Q (Q_BUFS buffers) with cp.async, each its share of the rows, ending with
+// cp.async.mbarrier.arrive.noinc on `q_full`; its thread 0 stages the K/V chunks into a ring of STAGES by TMA
+// (cp.async.bulk.tensor from the tensor maps in Params), completing `full` by transaction bytes. Consumers
 // release stages on `empty` mbarriers (one arrival per consumer warp), so the main loop has no CTA-wide
-// barrier. Within a warpgroup (PIPE) S_j = Q K_j^T is issued before P_{j-1} V_{j-1}, so the softmax of S_j
-// runs while that P V is on the tensor cores; with PINGPONG the warpgroups take turns issuing, so one's
-// softmax overlaps the other's GEMMs. The tile walk, skips and masks are the mma.sync kernel's, per
-// warpgroup (64 rows).
+// barrier. Within a warpgroup S_j = Q K_j^T is issued before P_{j-1} V_{j-1}, so the softmax of S_j runs
+// while that P V is on the tensor cores; the warpgroups take turns issuing their GEMMs (ping-pong, named
+// barriers 1 and 2), so one's softmax overlaps the other's GEMMs. Grid = SMs: each CTA walks work items
+// blockIdx.x, + gridDim.x, ... The tile walk, skips and masks are the mma.sync kernel's, per warpgroup
+// (64 rows).
 
 struct Item {
     u32 tile, head, b;
@@ -806,45 +691,9 @@ __device__ __forceinline__ Item item_of(u32 w, const Params& p) {
     return it;
 }
 
-// Producer side of the cp.async -> mbarrier hand-off: a committed group's barrier is signalled (after the
-// writer's own wait and proxy fence: the tensor cores read through the async proxy) once the next group is
-// committed, or before the producer blocks.
-struct Pending {
-    u32 bar;  // barrier of the newest committed group, 0: none
-};
-__device__ __forceinline__ void flush_pending(Pending& pd) {
-    if (pd.bar) {
-        cp_async_wait<0>();
-        fence_proxy_async();
-        mbar_arrive(pd.bar);
-        pd.bar = 0;
-    }
-}
-__device__ __forceinline__ void commit_signal(Pending& pd, u32 bar) {
-    cp_async_commit();
-    if (pd.bar) {
-        cp_async_wait<1>();
-        fence_proxy_async();
-        mbar_arrive(pd.bar);
-    }
-    pd.bar = bar;
-}
-__device__ __forceinline__ void wait_or_flush(u32 bar, u32 parity, Pending& pd) {
-    if (!mbar_test(bar, parity)) {
-        flush_pending(pd);
-        mbar_wait(bar, parity);
-    }
-}
-
-// O += P V for one chunk, V as B (N-major, transpose bit). SWIZZLE 128: a k-step of 16 keys is 16 rows of
-// 128 bytes (2048 bytes), LBO = one 64-column atom (BLOCK_K * 128 bytes), SBO = 8 rows (1024). No swizzle
-// (core-matrix order): key groups of 8 are CPR * 128 bytes apart (LBO), d groups of 8 are 128 bytes apart
-// (SBO). Issue only; commit by caller.
-#if SWIZZLE == 128
+// O += P V for one chunk, V as B (N-major, transpose bit): a k-step of 16 keys is 16 rows of 128 bytes (2048
+// bytes), LBO = one 64-column atom (BLOCK_K * 128 bytes), SBO = 8 rows (1024). Issue only; commit by caller.
 #define V_DESC(v_base, kk) make_desc((v_base) + (kk) * 16 * 128, BLOCK_K * 128, 1024)
-#else
-#define V_DESC(v_base, kk) make_desc((v_base) + (kk) * 2 * CPR * 128, CPR * 128, 128)
-#endif
 __device__ __forceinline__ void issue_pv(float (&o)[MT][ND][4], const u32 (&pa)[KK][4], u32 v_base) {
 #pragma unroll
     for (int kk = 0; kk < KK; ++kk) {
@@ -857,8 +706,8 @@ __device__ __forceinline__ void issue_pv(float (&o)[MT][ND][4], const u32 (&pa)[
 }
 
 /// One P V product issued and waited for at once (no chunk left to overlap it with), then its K/V stage handed
-/// back to the producer: the tail of a skipped chunk's pending P V, the unpipelined path (`PIPE` 0) and the last
-/// chunk. Issue and wait stay in one branch (split by a barrier, ptxas serialises every wgmma: C7518).
+/// back to the producer: the tail of a skipped chunk's pending P V and the last chunk. Issue and wait stay in
+/// one branch (split by a barrier, ptxas serialises every wgmma: C7518).
 __device__ __forceinline__ void pv_now_and_release(float (&o)[MT][ND][4], u32 (&pa)[KK][4], u32 v_base,
                                                    u32 empty_bar, int lane) {
     wgmma_fence();
@@ -894,11 +743,11 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const __grid_cons
 
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
-            mbar_init(full0 + 8 * s, USE_TMA ? 1 : PT);  // one arrival per producer lane (TMA: the issuer's)
+            mbar_init(full0 + 8 * s, 1);          // the TMA issuer's arrival (plus the stage's bytes)
             mbar_init(empty0 + 8 * s, WARPS);     // one arrival per consumer warp
         }
         for (int s = 0; s < Q_BUFS; ++s) {
-            mbar_init(qfull0 + 8 * s, PT);
+            mbar_init(qfull0 + 8 * s, PT);        // one arrival per producer thread
             mbar_init(qempty0 + 8 * s, WARPS);
         }
     }
@@ -906,262 +755,196 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const __grid_cons
 
     if (warp >= WARPS) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
-        if (warp < WARPS + PRODUCER_WARPS) {
-        // Producer warps (the rest of the warpgroup only gives its registers away): all walk the same items
-        // and chunks, each thread copying its share (ptid) of every Q buffer and K/V stage.
-        const int ptid = tid - WARPS * 32;
-#if !PRODUCER_ARRIVE
-        Pending pd{0};
-#endif
+        // Always true (NT threads); the bound narrows the compiler's index arithmetic of the Q copies.
+        if (tid < NT) {
+            // Producer: every thread walks the same items and chunks, copying its share (ptid) of every Q buffer;
+            // thread 0 also issues the K/V stages' TMA copies.
+            const int ptid = tid - WARPS * 32;
+            u32 i = 0, n = 0;
+            for (u32 w = blockIdx.x; w < p.items; w += gridDim.x, ++n) {
+                const Item it = item_of(w, p);
+                const u32 kvh = it.head / p.kv_group;
+                const u32 row0 = it.tile * BLOCK_Q;
+                const u32 row_last = min(row0 + BLOCK_Q, seq) - 1u;
+                const u16* qg = p.q + (long long)it.b * p.q_batch + (long long)it.head * HEAD_DIM;
+                const u32 qb = n % Q_BUFS;
+                mbar_wait(qempty0 + 8 * qb, ((n / Q_BUFS) & 1u) ^ 1u);
+                load_rows<BLOCK_Q, PT>(q_s + qb * BLOCK_Q * LDS, qg, p.q_tok, row0, seq, ptid);
+                mbar_arrive_cp_async(qfull0 + 8 * qb);
+
+                const u32 slot = (it.head / p.heads_per_pattern) * p.tiles + it.tile;
+                Walk wk = walk_start(p, slot);
+                bool has = next_chunk(wk, p, row_last);
+                while (has) {
+                    const u32 s = i % STAGES;
+                    mbar_wait(empty0 + 8 * s, ((i / STAGES) & 1u) ^ 1u);
+                    const u32 k0 = p.entries[2 * wk.e] * p.block_size + wk.c * BLOCK_K;
+                    // One box per 64-column atom of K and of V (BLOCK_K rows x 128 bytes, 1024-byte aligned), written
+                    // 128-byte swizzled (the 16-byte chunk c of row r lands at chunk c ^ (r % 8) of that row), the
+                    // layout the descriptors read; rows past seq come back zero.
+                    if (ptid == 0) {
+                        mbar_arrive_expect_tx(full0 + 8 * s, 2 * KV_STAGE * 2);
+#pragma unroll
+                        for (int a = 0; a < HEAD_DIM / 64; ++a) {
+                            const u32 off = a * BLOCK_K * 128;
+                            tma_load_4d(smem_addr(k_s + s * KV_STAGE) + off, &p.k_map, a * 64, kvh, k0, it.b,
+                                        full0 + 8 * s);
+                            tma_load_4d(smem_addr(v_s + s * KV_STAGE) + off, &p.v_map, a * 64, kvh, k0, it.b,
+                                        full0 + 8 * s);
+                        }
+                    }
+                    ++i;
+                    step_chunk(wk, p);
+                    has = next_chunk(wk, p, row_last);
+                }
+            }
+            cp_async_wait<0>();
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+        // Consumer warpgroups.
+        const int wg = warp / 4;
+        const int g = lane / 4, t = lane % 4;
+        const u32 gr0 = wg * GROUP_ROWS;             // first tile row of this warpgroup
+        const u32 wr0 = gr0 + (warp % 4) * 16;       // first tile row of this warp's accumulators
+        if (wg == 1) named_arrive(1, 2 * 128);       // warpgroup 0 issues first
         u32 i = 0, n = 0;
         for (u32 w = blockIdx.x; w < p.items; w += gridDim.x, ++n) {
             const Item it = item_of(w, p);
-            const u32 kvh = it.head / p.kv_group;
             const u32 row0 = it.tile * BLOCK_Q;
             const u32 row_last = min(row0 + BLOCK_Q, seq) - 1u;
-            const u16* qg = p.q + (long long)it.b * p.q_batch + (long long)it.head * HEAD_DIM;
-#if !USE_TMA && !PRODUCER_NOLOAD
-            const u16* kg = p.k + (long long)it.b * p.kv_batch + (long long)kvh * HEAD_DIM;
-            const u16* vg = p.v + (long long)it.b * p.kv_batch + (long long)kvh * HEAD_DIM;
-#endif
+            const u32 gq0 = row0 + gr0;              // first query token of the warpgroup
             const u32 qb = n % Q_BUFS;
-#if PRODUCER_ARRIVE
-            mbar_wait(qempty0 + 8 * qb, ((n / Q_BUFS) & 1u) ^ 1u);
-            load_rows<BLOCK_Q, PT>(q_s + qb * BLOCK_Q * LDS, qg, p.q_tok, row0, seq, ptid);
-            mbar_arrive_cp_async(qfull0 + 8 * qb);
-#else
-            wait_or_flush(qempty0 + 8 * qb, ((n / Q_BUFS) & 1u) ^ 1u, pd);
-            load_rows<BLOCK_Q, PT>(q_s + qb * BLOCK_Q * LDS, qg, p.q_tok, row0, seq, ptid);
-            commit_signal(pd, qfull0 + 8 * qb);
-#endif
+            u16* qbuf = q_s + qb * BLOCK_Q * LDS;
+
+            float o_acc[MT][ND][4];
+            float row_m[MT][2], row_l[MT][2];
+#pragma unroll
+            for (int nd = 0; nd < ND; ++nd)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) o_acc[0][nd][e] = 0.f;
+            row_m[0][0] = row_m[0][1] = NEG_INF;
+            row_l[0][0] = row_l[0][1] = 0.f;
+
+            mbar_wait(qfull0 + 8 * qb, (n / Q_BUFS) & 1u);
+            u32 qa[KD][4];                           // this warp's Q rows as wgmma A fragments
+#pragma unroll
+            for (int kd = 0; kd < KD; ++kd) {
+                u32 row = wr0 + (lane % 16);
+                u32 col = kd * 16 + (lane / 16) * 8;
+                ldmatrix_x4(qa[kd], smem_addr(qbuf) + (row * LDS + col) * 2);
+            }
 
             const u32 slot = (it.head / p.heads_per_pattern) * p.tiles + it.tile;
-            Walk wk = walk_start(p, slot);
-            bool has = next_chunk(wk, p, row_last);
+            Walk cur = walk_start(p, slot);
+            bool has = next_chunk(cur, p, row_last);
+
+            bool have_p = false;  // P of an earlier chunk waits for its P V
+            u32 p_stage = 0;
+            u32 pp[KK][4];
             while (has) {
                 const u32 s = i % STAGES;
-#if PRODUCER_ARRIVE
-                mbar_wait(empty0 + 8 * s, ((i / STAGES) & 1u) ^ 1u);
-#else
-                wait_or_flush(empty0 + 8 * s, ((i / STAGES) & 1u) ^ 1u, pd);
-#endif
-                const u32 k0 = p.entries[2 * wk.e] * p.block_size + wk.c * BLOCK_K;
-#if USE_TMA
-                if (ptid == 0) {
-                    mbar_arrive_expect_tx(full0 + 8 * s, 2 * KV_STAGE * 2);
-#pragma unroll
-                    for (int a = 0; a < HEAD_DIM / 64; ++a) {
-                        const u32 off = a * BLOCK_K * 128;
-                        tma_load_4d(smem_addr(k_s + s * KV_STAGE) + off, &p.k_map, a * 64, kvh, k0, it.b, full0 + 8 * s);
-                        tma_load_4d(smem_addr(v_s + s * KV_STAGE) + off, &p.v_map, a * 64, kvh, k0, it.b, full0 + 8 * s);
+                const u32 rm = p.entries[2 * cur.e + 1];
+                const u32 k0 = p.entries[2 * cur.e] * p.block_size + cur.c * BLOCK_K;
+                const int att = rows_attend(rm, gr0, GROUP_ROWS, p.block_size);
+                const bool skip = (att & 1) == 0 || gq0 >= seq || (p.causal && k0 > gq0 + GROUP_ROWS - 1u);
+                const bool need_mask =
+                    (att & 2) == 0 || k0 + BLOCK_K > seq || (p.causal && k0 + BLOCK_K - 1u > gq0);
+                mbar_wait(full0 + 8 * s, (i / STAGES) & 1u);
+                if (skip) {
+                    // Never hold a stage across a skipped chunk (the producer may need it next): finish a pending
+                    // P V.
+                    if (have_p) {
+                        fence_regs<ND * 4>(&o_acc[0][0][0]);
+                        pv_now_and_release(o_acc, pp, smem_addr(v_s + p_stage * KV_STAGE), empty0 + 8 * p_stage, lane);
+                        have_p = false;
                     }
-                }
-#elif !PRODUCER_NOLOAD
-                load_kv<BLOCK_K, PT>(k_s + s * KV_STAGE, kg, p.kv_tok, k0, seq, ptid);
-                load_kv<BLOCK_K, PT>(v_s + s * KV_STAGE, vg, p.kv_tok, k0, seq, ptid);
-#else
-                (void)k0;
-                (void)kvh;
-#endif
-#if USE_TMA
-#elif PRODUCER_ARRIVE
-                mbar_arrive_cp_async(full0 + 8 * s);
-#else
-                commit_signal(pd, full0 + 8 * s);
-#endif
-                ++i;
-                step_chunk(wk, p);
-                has = next_chunk(wk, p, row_last);
-            }
-        }
-#if PRODUCER_ARRIVE
-        cp_async_wait<0>();
-#else
-        flush_pending(pd);
-#endif
-        }
-    } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
-    // Consumer warpgroups.
-    const int wg = warp / 4;
-    const int g = lane / 4, t = lane % 4;
-    const u32 gr0 = wg * GROUP_ROWS;             // first tile row of this warpgroup
-    const u32 wr0 = gr0 + (warp % 4) * 16;       // first tile row of this warp's accumulators
-#if PINGPONG
-    if (wg == 1) named_arrive(1, 2 * 128);       // warpgroup 0 issues first
-#endif
-    u32 i = 0, n = 0;
-    for (u32 w = blockIdx.x; w < p.items; w += gridDim.x, ++n) {
-        const Item it = item_of(w, p);
-        const u32 row0 = it.tile * BLOCK_Q;
-        const u32 row_last = min(row0 + BLOCK_Q, seq) - 1u;
-        const u32 gq0 = row0 + gr0;              // first query token of the warpgroup
-        const u32 qb = n % Q_BUFS;
-        u16* qbuf = q_s + qb * BLOCK_Q * LDS;
-
-        float o_acc[MT][ND][4];
-        float row_m[MT][2], row_l[MT][2];
+                    named_sync(1 + wg, 2 * 128);
+                    named_arrive(2 - wg, 2 * 128);
+                    __syncwarp();
+                    if (lane == 0) mbar_arrive(empty0 + 8 * s);
+                } else {
+                    const u32 k_base = smem_addr(k_s + s * KV_STAGE);
+                    float sc[MT][NK][4];
+                    // The P V of the previous chunk goes right after S; on a tile's first chunk (or after a
+                    // flush) it is a P V of zeros against this chunk's V, which keeps the wgmma sequence
+                    // unconditional (a conditional issue makes ptxas serialise every wgmma: C7520).
+                    if (!have_p) {
 #pragma unroll
-        for (int nd = 0; nd < ND; ++nd)
+                        for (int kk = 0; kk < KK; ++kk)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) o_acc[0][nd][e] = 0.f;
-        row_m[0][0] = row_m[0][1] = NEG_INF;
-        row_l[0][0] = row_l[0][1] = 0.f;
-
-        mbar_wait(qfull0 + 8 * qb, (n / Q_BUFS) & 1u);
-        u32 qa[KD][4];                           // this warp's Q rows as wgmma A fragments
-#pragma unroll
-        for (int kd = 0; kd < KD; ++kd) {
-            u32 row = wr0 + (lane % 16);
-            u32 col = kd * 16 + (lane / 16) * 8;
-            ldmatrix_x4(qa[kd], smem_addr(qbuf) + (row * LDS + col) * 2);
-        }
-
-        const u32 slot = (it.head / p.heads_per_pattern) * p.tiles + it.tile;
-        Walk cur = walk_start(p, slot);
-        bool has = next_chunk(cur, p, row_last);
-
-        bool have_p = false;  // P of an earlier chunk waits for its P V (PIPE)
-        u32 p_stage = 0;
-        u32 pp[KK][4];
-        while (has) {
-            const u32 s = i % STAGES;
-            const u32 rm = p.entries[2 * cur.e + 1];
-            const u32 k0 = p.entries[2 * cur.e] * p.block_size + cur.c * BLOCK_K;
-            const int att = rows_attend(rm, gr0, GROUP_ROWS, p.block_size);
-            const bool skip = (att & 1) == 0 || gq0 >= seq || (p.causal && k0 > gq0 + GROUP_ROWS - 1u);
-            const bool need_mask = (att & 2) == 0 || k0 + BLOCK_K > seq || (p.causal && k0 + BLOCK_K - 1u > gq0);
-            mbar_wait(full0 + 8 * s, (i / STAGES) & 1u);
-#if PRODUCER_ARRIVE && !USE_TMA
-            fence_proxy_async();  // cp.async wrote the stage through the generic proxy; wgmma reads it via the async one
-#endif
-            if (skip) {
-                // Never hold a stage across a skipped chunk (the producer may need it next): finish a pending P V.
-                if (have_p) {
+                            for (int e = 0; e < 4; ++e) pp[kk][e] = 0u;
+                        p_stage = s;
+                    }
+                    fence_regs<NK * 4>(&sc[0][0][0]);
                     fence_regs<ND * 4>(&o_acc[0][0][0]);
-                    pv_now_and_release(o_acc, pp, smem_addr(v_s + p_stage * KV_STAGE), empty0 + 8 * p_stage, lane);
-                    have_p = false;
-                }
-#if PINGPONG
-                named_sync(1 + wg, 2 * 128);
-                named_arrive(2 - wg, 2 * 128);
-#endif
-                __syncwarp();
-                if (lane == 0) mbar_arrive(empty0 + 8 * s);
-            } else {
-                const u32 k_base = smem_addr(k_s + s * KV_STAGE);
-                float sc[MT][NK][4];
-#if PIPE
-                // The P V of the previous chunk goes right after S; on a tile's first chunk (or after a flush)
-                // it is a P V of zeros against this chunk's V, which keeps the wgmma sequence unconditional
-                // (a conditional issue makes ptxas serialise every wgmma: C7520).
-                if (!have_p) {
+                    fence_u32<KK * 4>(&pp[0][0]);
+                    named_sync(1 + wg, 2 * 128);
+                    wgmma_fence();
+                    // S = Q K^T; K chunk as B (K-major): a k-step of 16 columns advances the start 32 bytes inside
+                    // a 128-byte row (the hardware applies the XOR to the resulting addresses), every 4 k-steps
+                    // the next 64-column atom (BLOCK_K * 128 bytes); SBO = 8 rows (1024), LBO unused (16).
+#pragma unroll
+                    for (int kd = 0; kd < KD; ++kd)
+                        wgmma_n64<0>(&sc[0][0][0], qa[kd],
+                                     make_desc(k_base + (kd / 4) * (BLOCK_K * 128) + (kd % 4) * 32, 16, 1024), kd > 0);
+                    wgmma_commit();
+                    issue_pv(o_acc, pp, smem_addr(v_s + p_stage * KV_STAGE));
+                    wgmma_commit();
+                    named_arrive(2 - wg, 2 * 128);
+                    wgmma_wait<1>();
+                    fence_regs<NK * 4>(&sc[0][0][0]);
+
+                    if (need_mask) mask_scores(sc, p, rm, wr0, row0, k0, g, t);
+                    float alpha[MT][2];
+                    const bool rescale = softmax_step(sc, row_m, row_l, alpha, p.scale_log2);
+                    // P is packed before the next fence: wgmma may read its A registers only after one.
+                    u32 pn[KK][4];
+#pragma unroll
+                    for (int kk = 0; kk < KK; ++kk) {
+                        pn[kk][0] = pack2(sc[0][2 * kk][0], sc[0][2 * kk][1]);
+                        pn[kk][1] = pack2(sc[0][2 * kk][2], sc[0][2 * kk][3]);
+                        pn[kk][2] = pack2(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
+                        pn[kk][3] = pack2(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
+                    }
+                    wgmma_wait<0>();
+                    fence_regs<ND * 4>(&o_acc[0][0][0]);
+                    fence_u32<KK * 4>(&pp[0][0]);
+                    if (have_p) {
+                        __syncwarp();
+                        if (lane == 0) mbar_arrive(empty0 + 8 * p_stage);
+                    }
+                    rescale_o(o_acc, alpha, rescale);
 #pragma unroll
                     for (int kk = 0; kk < KK; ++kk)
 #pragma unroll
-                        for (int e = 0; e < 4; ++e) pp[kk][e] = 0u;
+                        for (int e = 0; e < 4; ++e) pp[kk][e] = pn[kk][e];
                     p_stage = s;
+                    have_p = true;
                 }
-#endif
-                fence_regs<NK * 4>(&sc[0][0][0]);
-                fence_regs<ND * 4>(&o_acc[0][0][0]);
-                fence_u32<KK * 4>(&pp[0][0]);
-#if PINGPONG
-                named_sync(1 + wg, 2 * 128);
-#endif
-                wgmma_fence();
-                // S = Q K^T; K chunk as B (K-major). SWIZZLE 128: a k-step of 16 columns advances the start 32
-                // bytes inside a 128-byte row (the hardware applies the XOR to the resulting addresses), every 4
-                // k-steps the next 64-column atom (BLOCK_K * 128 bytes); SBO = 8 rows (1024), LBO unused (16).
-                // No swizzle: 16-byte chunks of one key row are 128 bytes apart along d (LBO), key groups of 8 are
-                // CPR * 128 bytes apart (SBO); a k-step of 16 columns is 256 bytes.
-#pragma unroll
-                for (int kd = 0; kd < KD; ++kd)
-#if SWIZZLE == 128
-                    wgmma_n64<0>(&sc[0][0][0], qa[kd],
-                                 make_desc(k_base + (kd / 4) * (BLOCK_K * 128) + (kd % 4) * 32, 16, 1024), kd > 0);
-#else
-                    wgmma_n64<0>(&sc[0][0][0], qa[kd], make_desc(k_base + kd * 256, 128, CPR * 128), kd > 0);
-#endif
-                wgmma_commit();
-#if PIPE
-                issue_pv(o_acc, pp, smem_addr(v_s + p_stage * KV_STAGE));
-                wgmma_commit();
-#endif
-#if PINGPONG
-                named_arrive(2 - wg, 2 * 128);
-#endif
-#if PIPE
-                wgmma_wait<1>();
-#else
-                wgmma_wait<0>();
-#endif
-                fence_regs<NK * 4>(&sc[0][0][0]);
-
-                if (need_mask) mask_scores(sc, p, rm, wr0, row0, k0, g, t);
-                float alpha[MT][2];
-                const bool rescale = softmax_step(sc, row_m, row_l, alpha, p.scale_log2);
-                // P is packed before the next fence: wgmma may read its A registers only after one.
-                u32 pn[KK][4];
-#pragma unroll
-                for (int kk = 0; kk < KK; ++kk) {
-                    pn[kk][0] = pack2(sc[0][2 * kk][0], sc[0][2 * kk][1]);
-                    pn[kk][1] = pack2(sc[0][2 * kk][2], sc[0][2 * kk][3]);
-                    pn[kk][2] = pack2(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
-                    pn[kk][3] = pack2(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
-                }
-#if PIPE
-                wgmma_wait<0>();
-                fence_regs<ND * 4>(&o_acc[0][0][0]);
-                fence_u32<KK * 4>(&pp[0][0]);
-                if (have_p) {
-                    __syncwarp();
-                    if (lane == 0) mbar_arrive(empty0 + 8 * p_stage);
-                }
-#endif
-                rescale_o(o_acc, alpha, rescale);
-#if PIPE
-#pragma unroll
-                for (int kk = 0; kk < KK; ++kk)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) pp[kk][e] = pn[kk][e];
-                p_stage = s;
-                have_p = true;
-#else
-                fence_u32<KK * 4>(&pn[0][0]);
-                fence_regs<ND * 4>(&o_acc[0][0][0]);
-                pv_now_and_release(o_acc, pn, smem_addr(v_s + s * KV_STAGE), empty0 + 8 * s, lane);
-#endif
+                ++i;
+                step_chunk(cur, p);
+                has = next_chunk(cur, p, row_last);
             }
-            ++i;
-            step_chunk(cur, p);
-            has = next_chunk(cur, p, row_last);
-        }
-        // The last chunk's P V.
-        fence_u32<KK * 4>(&pp[0][0]);
-        fence_regs<ND * 4>(&o_acc[0][0][0]);
-#if PINGPONG
-        named_sync(1 + wg, 2 * 128);
-#endif
-        if (have_p) {
-            pv_now_and_release(o_acc, pp, smem_addr(v_s + p_stage * KV_STAGE), empty0 + 8 * p_stage, lane);
-        }
-#if PINGPONG
-        named_arrive(2 - wg, 2 * 128);
-#endif
+            // The last chunk's P V.
+            fence_u32<KK * 4>(&pp[0][0]);
+            fence_regs<ND * 4>(&o_acc[0][0][0]);
+            named_sync(1 + wg, 2 * 128);
+            if (have_p) {
+                pv_now_and_release(o_acc, pp, smem_addr(v_s + p_stage * KV_STAGE), empty0 + 8 * p_stage, lane);
+            }
+            named_arrive(2 - wg, 2 * 128);
 
-        // Epilogue: this warp's rows of O / l into its own rows of the Q buffer (its Q is in registers),
-        // then the warpgroup's 64 rows out; the buffer is released to the producer after every warp's reads.
-        finish_rows(qbuf, o_acc, row_m, row_l, p, wr0, row0, it.head, it.b, g, t);
-        named_sync(3 + wg, 128);
-        u16* og = p.o + (long long)it.b * p.o_batch + (long long)it.head * HEAD_DIM;
-        store_tile_rows<GROUP_ROWS, 128>(qbuf, og, p.o_tok, row0, gr0, seq, tid % 128);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(qempty0 + 8 * qb);
-    }
-#if PINGPONG
-    if (wg == 0) named_sync(1, 2 * 128);          // warpgroup 1's last turn hand-over
-#endif
+            // Epilogue: this warp's rows of O / l into its own rows of the Q buffer (its Q is in registers),
+            // then the warpgroup's 64 rows out; the buffer is released to the producer after every warp's reads.
+            finish_rows(qbuf, o_acc, row_m, row_l, p, wr0, row0, it.head, it.b, g, t);
+            named_sync(3 + wg, 128);
+            u16* og = p.o + (long long)it.b * p.o_batch + (long long)it.head * HEAD_DIM;
+            store_tile_rows<GROUP_ROWS, 128>(qbuf, og, p.o_tok, row0, gr0, seq, tid % 128);
+            __syncwarp();
+            if (lane == 0) mbar_arrive(qempty0 + 8 * qb);
+        }
+        if (wg == 0) named_sync(1, 2 * 128);          // warpgroup 1's last turn hand-over
     }
 }
 #endif

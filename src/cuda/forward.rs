@@ -71,8 +71,8 @@ struct Params {
     items: u32,
 }
 
-/// What a launch passes: `Params` and the kernel's trailing tensor maps (zero unless `USE_TMA`), laid out as
-/// the kernel's flat struct (the maps start at the next 64-byte boundary either way).
+/// What a launch passes: `Params` and the kernel's trailing tensor maps (the wgmma kernel's; zero for mma.sync),
+/// laid out as the kernel's flat struct (the maps start at the next 64-byte boundary either way).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 struct LaunchParams {
@@ -84,7 +84,7 @@ struct LaunchParams {
 // SAFETY: plain-old-data with the C layout the kernel declares.
 unsafe impl DeviceRepr for LaunchParams {}
 
-/// The TMA tensor map of K or V (`USE_TMA`): `[batch][seq][kv_heads][head_dim]` 16-bit elements at `ptr`, tokens
+/// The wgmma kernel's TMA tensor map of K or V: `[batch][seq][kv_heads][head_dim]` 16-bit elements at `ptr`, tokens
 /// and sequences `p.kv_tok` / `p.kv_batch` elements apart, read in boxes of 64 columns x `rows` tokens of one head,
 /// stored 128-byte swizzled (the wgmma kernel's K/V stage layout), rows past the end zero-filled.
 fn kv_tensor_map(ptr: u64, p: &Params, shape: &Shape, kv_heads: u32, rows: u32) -> Result<TensorMap> {
@@ -138,7 +138,7 @@ pub struct CudaForward {
     threads: u32,
     smem: u32,
     func: CudaFunction,
-    /// The wgmma kernel with `USE_TMA` (its default): K/V tensor maps are encoded into the parameters at each launch.
+    /// The wgmma kernel, which loads K/V by TMA: the tensor maps are encoded into the parameters at each launch.
     tma: bool,
     /// The tile offsets and lists; owned here, read by the kernel through the addresses in `base`.
     _lists: (CudaSlice<u32>, CudaSlice<u32>),
@@ -211,9 +211,7 @@ impl CudaForward {
             ("USE_WGMMA", wgmma as i64),
         ];
         let mut key = KernelKey::new("s2_forward.cu", ctx.arch(), &defines);
-        // The wgmma kernel is persistent and loads K/V by TMA (128-byte swizzle): the host encodes the tensor
-        // maps at each launch.
-        let persistent = wgmma;
+        // The wgmma kernel loads K/V by TMA (128-byte swizzle): the host encodes the tensor maps at each launch.
         let tma = wgmma;
         let smem =
             if wgmma { wgmma_smem_bytes(shape.head_dim, WGMMA_STAGES, WGMMA_Q_BUFS) } else { plan.workgroup_bytes };
@@ -254,13 +252,12 @@ impl CudaForward {
             items: mergeq.tiles() * layout.num_heads() * shape.batch,
             ..Params::default()
         };
-        // The wgmma kernel walks work items in a 1-D grid: one CTA per SM when persistent, else one per item.
-        let grid = if !wgmma {
-            (mergeq.tiles(), layout.num_heads(), shape.batch)
-        } else if persistent {
+        // The wgmma kernel is persistent: a 1-D grid of one CTA per SM (at most one per work item), each walking
+        // the work items blockIdx.x, + gridDim.x, ...
+        let grid = if wgmma {
             (base.items.min(ctx.multiprocessors().max(1)), 1, 1)
         } else {
-            (base.items, 1, 1)
+            (mergeq.tiles(), layout.num_heads(), shape.batch)
         };
         Ok(Self {
             ctx: ctx.clone(),

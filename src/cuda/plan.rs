@@ -32,13 +32,13 @@ pub(crate) fn is_wgmma(plan: &DispatchPlan) -> bool {
 
 /// K/V ring depth of the wgmma kernel (`STAGES` in `s2_forward.cu`).
 pub(crate) const WGMMA_STAGES: u32 = 4;
-/// Q buffers of the wgmma kernel: 2 when persistent (`PERSISTENT`, the default), so the producer stages the
-/// next tile's Q while the consumers finish this one.
+/// Q buffers of the wgmma kernel (`Q_BUFS` in `s2_forward.cu`): 2, so that the persistent kernel's producer stages
+/// the next tile's Q while the consumers finish this one.
 pub(crate) const WGMMA_Q_BUFS: u32 = 2;
 
 /// Shared memory of the wgmma kernel: `q_bufs` padded Q tiles, a ring of `stages` K and V chunks in the
-/// 128-byte-swizzled layout (v6's core-matrix order with `SWIZZLE=0`, same size), the ring's mbarriers (8 bytes
-/// each: full and empty per stage and per Q buffer) and 1 KB of alignment slack.
+/// 128-byte-swizzled layout, the ring's mbarriers (8 bytes each: full and empty per stage and per Q buffer) and
+/// 1 KB of alignment slack.
 pub(crate) fn wgmma_smem_bytes(head_dim: u32, stages: u32, q_bufs: u32) -> u32 {
     // + 1 KB: the kernel aligns its buffers to 1024 bytes (128-byte swizzle atoms) inside the allocation.
     (q_bufs * 128 * (head_dim + 8) + stages * 2 * 64 * head_dim) * 2 + 8 * 2 * (stages + q_bufs) + 1024
@@ -51,8 +51,8 @@ pub const CUDA_HEAD_DIMS: &[u32] = &[32, 64, 96, 128, 256];
 /// consecutive query rows (256-row tiles take twice as many).
 pub(crate) const WARPS: u32 = 4;
 /// Consumer warps per CTA of the wgmma kernel: two warpgroups, each owning 64 consecutive query rows; the
-/// CTA has one more warpgroup, the producer (one warp of it loads Q, K and V; setmaxnreg moves the rest of
-/// its registers to the consumers).
+/// CTA has one more warpgroup, the producer (its 4 warps load Q with cp.async, one thread K and V by TMA;
+/// setmaxnreg moves the rest of its registers to the consumers).
 pub(crate) const WGMMA_WARPS: u32 = 8;
 
 /// CTAs below which a 128-row tile leaves the GPU underfilled and 64-row tiles are used instead (about
