@@ -8,16 +8,16 @@
 //   1. the workgroup stores the chunk's K and V rows, fetched into registers during the previous chunk,
 //      to workgroup memory (padded rows against bank conflicts) and fetches the next chunk's (the only
 //      two workgroup barriers of the chunk);
-//   2. each subgroup whose rows see the chunk at all computes S = Q K^T (BK/16 C matrices, each as two
-//      half-length accumulation chains) and stores it to its rows of workgroup memory;
+//   2. every subgroup computes S = Q K^T (BK/16 C matrices, each as two half-length accumulation chains)
+//      and stores it to its rows of workgroup memory;
 //   3. the subgroup's own lanes, two per row, run the online softmax in base 2 (masking only chunks that
 //      touch the causal diagonal, the sequence end or a merged-query row mask) and write P as f16;
 //   4. the subgroup loads P as A matrices and accumulates O += P V.
 // Steps 2-4 touch only the subgroup's rows, so they synchronise with subgroup barriers and subgroups
-// drift apart within a chunk (one's softmax overlaps another's matrix products). Steps 2-4 run per slice
-// of SL keys: one slice per chunk by default (v3); v4 stages 64-key chunks and runs them in 16- or 32-key
-// slices (S and P sized by the slice), halving the workgroup barriers and staging rounds per key where 64
-// keys' S and P would not fit the workgroup memory (src/plan/coop.rs picks SL and the pads).
+// drift apart within a chunk (one's softmax overlaps another's matrix products). The chunk loop is straight
+// line: every subgroup runs every chunk, the rows that see none of it masked (the element mask is on
+// wherever a row's keys are cut), and O += P V is written out in both arms of the rescale branch, so that
+// the driver keeps O in one register home on every path (shaders/NOTES-coop.md).
 // Row maxima are updated lazily (FlashAttention-4): the running max moves only when a row's chunk max
 // exceeds it by more than TAU (log2 units), so P <= 2^TAU fits f16 and the O rescale -- a trip of the C
 // matrices through workgroup memory -- is skipped unless some row of the tile needed it.
@@ -29,6 +29,12 @@
 // `derivative_uniformity` diagnostic (which governs all of its uniformity errors) is turned off below.
 // Every branch around coop ops and subgroup barriers here depends only on overrides, params, the tile
 // lists, the subgroup index or subgroup-wide votes; workgroup barriers sit in workgroup-uniform flow.
+//
+// The text keeps the shape of the one the kernel was tuned with, statement for statement (a one-trip
+// slice loop, variables set right after their zero initialisation, `hh` and `moved` arguments that are
+// constants at every call): the NVIDIA driver's code follows the text's shape (a rewrite with the same
+// arithmetic ran 18-24% slower), and naga translates this text, with the planner's override constants,
+// to the same IR as that one once its branches dead under them are removed.
 
 diagnostic(off, derivative_uniformity);
 enable f16;
@@ -48,34 +54,10 @@ enable wgpu_cooperative_matrix;
 override D: u32 = 128u;   // head dim: 64 or 128
 override BQ: u32 = 64u;   // query rows per tile: 16 per subgroup
 override BK: u32 = 32u;   // keys staged per chunk (two workgroup barriers): 16, 32 or 64, dividing the block size
-override SL: u32 = BK;    // keys per softmax slice (S and P columns), dividing BK; v4 stages BK = 64 in slices of 16
-override SPAD: u32 = 8u;  // S row padding (floats; 4 where 8 does not fit the workgroup memory)
-override PPAD: u32 = 8u;  // P row padding (halves; 0 where 8 does not fit)
-// 16-key slices only: the next slice's S = Q K^T is issued right after this slice's S is stored, so that
-// its matrix products run during this slice's softmax (one more C matrix live).
-override PIPE: bool = false;
-// v5: subgroups per 16 query rows. 1 (v3, v4): a subgroup owns its rows' Q and all of O. 2 (v5): a pair of
-// subgroups shares 16 rows, subgroup hh of the pair keeps O[:, hh*D/2 ..] (D/32 C matrices) and the scores
-// of the chunk's keys 16hh..16hh+15, with Q in workgroup memory (see forward_split below).
-override HS: u32 = 1u;
-// v7 (v3 in straight-line form, the default; shaders/NOTES-coop.md "v7"): bit 1, every subgroup runs every
-// slice, the rows that see none of it masked (the element mask is on wherever a subgroup would have skipped);
-// bit 2, O += P V in both arms of the rescale branch. The v3 machine code moves all 64 O accumulator registers
-// out and back (~140 moves of ~770 instructions per chunk) where the skip and the rescale branches meet the
-// P V path; these two forms remove those meeting points (11 moves left; 128k vs64 27.7 -> 25.2 ms on the H200).
-override STRAIGHT: u32 = 0u;
-override WG: u32 = 128u;  // invocations: 2 * HS * BQ (two per query row and subgroup in the softmax)
+override WG: u32 = 128u;  // invocations: 2 * BQ (two per query row in the softmax)
 override TAU: f32 = 8.0;  // lazy rescale threshold, log2 units
-override NSG: u32 = HS * BQ / 16u;  // subgroups the kernel needs (subgroup size WG / NSG)
+override NSG: u32 = BQ / 16u;  // subgroups the kernel needs (subgroup size WG / NSG)
 override NPF: u32 = BK * D / 4u / WG;  // K (and V) vec4s each invocation fetches per chunk
-
-// Diagnostics only (`S2ATTN_COOP_DIAG`, shaders/NOTES-coop.md "v6"): each set bit leaves one stage of the
-// v3 path out, so that timing differences say what a stage costs. The results are wrong unless DIAG is 0.
-// 1 Q staging, 2 S = Q K^T, 4 softmax, 8 O += P V, 16 K/V fetch and staging, 32 O write, 64 S store.
-override DIAG: u32 = 0u;
-fn keep(stage: u32) -> bool {
-    return (DIAG & stage) == 0u;
-}
 
 const MAX_BK8: u32 = 8u;  // BK at most 64
 const MAX_QF: u32 = 16u;  // Q vec4s an invocation fetches in the prologue: 2 per 16 head dims (WG = 2 BQ)
@@ -87,24 +69,21 @@ alias BM = coop_mat16x16<f16, B>;
 alias CM = coop_mat16x16<f32, C>;
 alias Fetch = array<vec4<f16>, MAX_PF>;
 
-// Padded row strides: K/V rows D + 8 halves, P rows SL + 8 halves, S rows SL + 8 floats. With these, the
+// Padded row strides: K/V rows D + 8 halves, P rows BK + 8 halves, S rows BK + 8 floats. With these, the
 // 8 row starts an LDSM-style matrix load touches land in distinct 16-byte bank groups, and the softmax
-// pairs' interleaved vec4 accesses are conflict-free (the tighter v4 pads cost 2-way conflicts).
-override KS4: u32 = (D + 8u) / 4u;      // vec4s per K/V row
-override PS4: u32 = (SL + PPAD) / 4u;  // vec4s per P row (also Q staging, >= 16 columns)
-override SS4: u32 = (SL + SPAD) / 4u;  // vec4s per S row (>= 16 columns: also O staging)
-// v5 (HS 2): Q's BQ rows of KS4 vec4s after P in p_s (none otherwise, so v3 and v4 declare what they did).
-override QOFF: u32 = BQ * PS4;
-override QN: u32 = (HS - 1u) * BQ * KS4;
+// pairs' interleaved vec4 accesses are conflict-free (tighter pads cost 2-way conflicts).
+override KS4: u32 = (D + 8u) / 4u;    // vec4s per K/V row
+override PS4: u32 = (BK + 8u) / 4u;  // vec4s per P row (also Q staging, >= 16 columns)
+override SS4: u32 = (BK + 8u) / 4u;  // vec4s per S row (>= 16 columns: also O staging)
 
 var<workgroup> k_s: array<vec4<f16>, BK * KS4>;
 var<workgroup> v_s: array<vec4<f16>, BK * KS4>;
-var<workgroup> p_s: array<vec4<f16>, BQ * PS4 + QN>;  // P, then (v5) Q
+var<workgroup> p_s: array<vec4<f16>, BQ * PS4>;  // P (and Q's staging)
 var<workgroup> s_s: array<vec4<f32>, BQ * SS4>;  // element 0 first carries the subgroup-count check
 
 #include shared/coop_chunks.wgsl
 
-// The v3 prologue: every invocation fetches its share of all of Q's column slices at once (one global
+// The prologue: every invocation fetches its share of all of Q's column slices at once (one global
 // round trip instead of one per slice). Each subgroup fetches and stages its own 16 rows (element n of
 // slice j is lane + 32n: row 16g + (lane + 32n) / 4, vec4 column 4j + lane % 4), so that staging needs
 // subgroup barriers only.
@@ -116,9 +95,7 @@ fn fetch_q(t: Tile, qf: ptr<function, array<vec4<f16>, MAX_QF>>) {
             // Branch-free as `fetch` (rows past the end read the last row; their outputs are never written).
             let tok = min(t.row0 + 16u * t.g + i / 4u, params.seq_len - 1u);
             var x = vec4<f16>(0.0h);
-            if keep(1u) {
-                x = q_buf[q_index(t.b, tok, t.head, j * 4u + i % 4u, D / 4u)];
-            }
+            x = q_buf[q_index(t.b, tok, t.head, j * 4u + i % 4u, D / 4u)];
             (*qf)[2u * j + n] = x;
         }
     }
@@ -134,23 +111,6 @@ fn stash_q(t: Tile, qf: ptr<function, array<vec4<f16>, MAX_QF>>, j: u32) -> AM {
     subgroupBarrier();
     let m = coopLoadT<AM>(&p_s[16u * t.g * PS4], PS4);
     subgroupBarrier();
-    return m;
-}
-
-// Q columns 16j..16j+15 of the subgroup's rows, staged through p_s (v5's prologue).
-fn stage_q(t: Tile, j: u32) -> AM {
-    let d4 = D / 4u;
-    for (var i = t.lid; i < BQ * 4u; i += WG) {
-        let tok = t.row0 + i / 4u;
-        var x = vec4<f16>(0.0h);
-        if tok < params.seq_len {
-            x = q_buf[q_index(t.b, tok, t.head, j * 4u + i % 4u, d4)];
-        }
-        p_s[(i / 4u) * PS4 + i % 4u] = x;
-    }
-    workgroupBarrier();
-    let m = coopLoadT<AM>(&p_s[16u * t.g * PS4], PS4);
-    workgroupBarrier();
     return m;
 }
 
@@ -182,10 +142,9 @@ fn pv(
 }
 
 // Multiplies row r of an O matrix by `alpha`, through the subgroup's rows of workgroup memory (C
-// matrices are opaque).
-// In v5 (HS 2) subgroup hh of a pair uses S columns 16hh..16hh+15 of the pair's rows (`hh` 0 otherwise).
+// matrices are opaque), at S columns 16hh..16hh+15 (`hh` is 0 at every call).
 fn rescale(t: Tile, hh: u32, m: CM, alpha: f32) -> CM {
-    let r = 16u * t.g + (t.lid % 32u) / 2u;  // t.lid / 2 when HS is 1
+    let r = 16u * t.g + (t.lid % 32u) / 2u;  // t.lid / 2
     let h = t.lid % 2u + 4u * hh;
     coopStoreT(m, &s_s[16u * t.g * SS4 + 4u * hh], SS4);
     subgroupBarrier();
@@ -197,10 +156,10 @@ fn rescale(t: Tile, hh: u32, m: CM, alpha: f32) -> CM {
     return out;
 }
 
-// The end of a v3/v4 slice: the subgroup's O rows rescaled by their `alpha` if `moved`, then O += P V over the
-// slice's SL/16 key tiles from tile kt0. The P V steps are written out: the NVIDIA driver keeps a loop over the
-// tiles and shuffles the 64 accumulator registers around it (~130 moves per chunk in the v3 code). v7 calls it
-// with `moved` a constant in each arm of its own branch (see STRAIGHT).
+// The end of a chunk: the subgroup's O rows rescaled by their `alpha` if `moved`, then O += P V over the
+// chunk's BK/16 key tiles from tile kt0. The P V steps are written out: the NVIDIA driver keeps a loop over the
+// tiles and shuffles the 64 accumulator registers around it (~130 moves per chunk, measured on an earlier
+// form). The chunk loop calls it with `moved` a constant in each arm of its own branch.
 fn rescale_pv(
     t: Tile,
     kt0: u32,
@@ -227,35 +186,29 @@ fn rescale_pv(
             *o7 = rescale(t, 0u, *o7, alpha);
         }
     }
-    if keep(8u) {
-        pv(t, kt0, 0u, o0, o1, o2, o3, o4, o5, o6, o7);
-    }
-    if SL > 16u && keep(8u) {
+    pv(t, kt0, 0u, o0, o1, o2, o3, o4, o5, o6, o7);
+    if BK > 16u {
         pv(t, kt0 + 1u, 1u, o0, o1, o2, o3, o4, o5, o6, o7);
     }
-    if SL > 32u && keep(8u) {
+    if BK > 32u {
         pv(t, kt0 + 2u, 2u, o0, o1, o2, o3, o4, o5, o6, o7);
         pv(t, kt0 + 3u, 3u, o0, o1, o2, o3, o4, o5, o6, o7);
     }
 }
 
-// Orders the accesses to a tile row's workgroup memory among the invocations that share the row: v3/v4's
-// subgroups own their rows of s_s (a subgroup barrier), v5's subgroup pairs share theirs (a workgroup one).
+// Orders the accesses to a tile row's workgroup memory among the invocations that share the row: each
+// subgroup owns its rows of s_s, so a subgroup barrier.
 fn rows_barrier() {
-    if HS > 1u {
-        workgroupBarrier();
-    } else {
-        subgroupBarrier();
-    }
+    subgroupBarrier();
 }
 
-// Writes head dims 16j..16j+15 of O / l through workgroup memory; each invocation 8 of its row. In v5
-// (HS 2) subgroup hh of a pair writes its matrix j (head dims hh*D/2 + 16j..) through S columns 16hh...
+// Writes head dims 16j..16j+15 of O / l through workgroup memory; each invocation 8 of its row. `hh`
+// (0 at every call) would move them by hh*D head dims and to S columns 16hh...
 fn write_o(t: Tile, hh: u32, m: CM, j: u32, inv_l: f32) {
     let r = 16u * t.g + (t.lid % 32u) / 2u;
     let h = t.lid % 2u;
     let qi = t.row0 + r;
-    let jg = hh * (D / 16u / HS) + j;
+    let jg = hh * (D / 16u) + j;
     rows_barrier();
     coopStoreT(m, &s_s[16u * t.g * SS4 + 4u * hh], SS4);
     rows_barrier();
@@ -263,161 +216,6 @@ fn write_o(t: Tile, hh: u32, m: CM, j: u32, inv_l: f32) {
         o_buf[o_index(t.b, qi, t.head, jg * 4u + h, D / 4u)] = vec4<f16>(s_s[r * SS4 + 4u * hh + h] * inv_l);
         o_buf[o_index(t.b, qi, t.head, jg * 4u + h + 2u, D / 4u)] =
             vec4<f16>(s_s[r * SS4 + 4u * hh + h + 2u] * inv_l);
-    }
-}
-
-// v5 (HS 2, BK = SL = 32): O's head dims split over a pair of subgroups. Pair g owns tile rows
-// 16g..16g+15; subgroup hh of the pair keeps O[:, hh*D/2 ..] in D/32 C matrices and computes the scores of
-// the chunk's keys 16hh..16hh+15 over the full head dim, with Q loaded from workgroup memory (staged once)
-// per chunk instead of held in registers. Per chunk, four workgroup barriers (all in workgroup-uniform
-// flow, outside every per-pair condition): (A) everyone is done with the previous chunk's K, V and P;
-// (B) the chunk's K and V are staged; (C) both halves of every pair's S are stored; (D) P is complete
-// (each subgroup writes its key half). Both subgroups of a pair run the same online softmax on the same
-// stored 16 x 32 scores, so m, l, alpha and the rescale vote are identical in both (same data, same
-// instructions); the O rescale after (D) goes through the subgroup's own S columns, which nobody reads
-// until the next chunk's (C).
-fn forward_split(t: Tile, hh: u32, pattern: u32) {
-    let seq = params.seq_len;
-    let causal = params.causal != 0u;
-    let lane = t.lid % 32u;
-    let r = 16u * t.g + lane / 2u;  // the softmax row of this invocation (the pair's rows)
-    let h = lane % 2u;
-    let qi = t.row0 + r;
-    let d4 = D / 4u;
-
-    // Q, raw f16, to p_s after P: rows of KS4 vec4s (padded as K and V), zeros past the sequence end.
-    for (var i = t.lid; i < BQ * d4; i += WG) {
-        let tok = t.row0 + i / d4;
-        var x = vec4<f16>(0.0h);
-        if tok < seq {
-            x = q_buf[q_index(t.b, tok, t.head, i % d4, d4)];
-        }
-        p_s[QOFF + (i / d4) * KS4 + i % d4] = x;
-    }
-    // (made visible by the first chunk's barriers)
-
-    var o0 = CM();
-    var o1 = CM();
-    var o2 = CM();
-    var o3 = CM();
-    var m = NEG_BIG;
-    var l = 0.0;
-    let slot = pattern * params.tiles + t.row0 / BQ;
-    let subs = params.block_size / BK;
-    let c_end = tile_ptr[slot + 1u] * subs;
-    var c = next_chunk(tile_ptr[slot] * subs, c_end, subs, t.row_last);
-    var fk: Fetch;
-    var fv: Fetch;
-    if c < c_end {
-        fetch(t, chunk_k0(c, subs), &fk, &fv);
-    }
-    let g_row0 = t.row0 + 16u * t.g;
-    let qa = QOFF + 16u * t.g * KS4;  // the pair's Q rows
-    while c < c_end {
-        let rows = chunk_entry(c, subs).y;
-        let k0 = chunk_k0(c, subs);
-        workgroupBarrier(); // (A)
-        stash(t, &fk, &fv);
-        c = next_chunk(c + 1u, c_end, subs, t.row_last);
-        fetch_chunk(t, c, c_end, subs, &fk, &fv);
-        workgroupBarrier(); // (B)
-
-        let sees = g_row0 < seq && row_attends(rows, 16u * t.g) && k0 < seq && (!causal || k0 <= g_row0 + 15u);
-        if sees {
-            // S[:, 16hh..] = Q K_hh^T over the full head dim, two chains, Q matrices loaded as used.
-            var s = coopMultiplyAdd(coopLoadT<AM>(&p_s[qa], KS4), kmat(hh, 0u), CM());
-            var u = coopMultiplyAdd(coopLoadT<AM>(&p_s[qa + 4u], KS4), kmat(hh, 1u), CM());
-            s = coopMultiplyAdd(coopLoadT<AM>(&p_s[qa + 8u], KS4), kmat(hh, 2u), s);
-            u = coopMultiplyAdd(coopLoadT<AM>(&p_s[qa + 12u], KS4), kmat(hh, 3u), u);
-            if D > 64u {
-                s = coopMultiplyAdd(coopLoadT<AM>(&p_s[qa + 16u], KS4), kmat(hh, 4u), s);
-                u = coopMultiplyAdd(coopLoadT<AM>(&p_s[qa + 20u], KS4), kmat(hh, 5u), u);
-                s = coopMultiplyAdd(coopLoadT<AM>(&p_s[qa + 24u], KS4), kmat(hh, 6u), s);
-                u = coopMultiplyAdd(coopLoadT<AM>(&p_s[qa + 28u], KS4), kmat(hh, 7u), u);
-            }
-            coopStoreT(s + u, &s_s[16u * t.g * SS4 + 4u * hh], SS4);
-        }
-        workgroupBarrier(); // (C)
-
-        var alpha = 1.0;
-        var moved = false;
-        if sees {
-            // The same online softmax as main's, on all BK keys of the pair's rows, in both subgroups.
-            let need_mask = k0 + BK > seq || (causal && k0 + BK - 1u > t.row0) || rows < BQ || rows >= ROWMASK_BITS_FLAG;
-            let row_ok = qi < seq && row_attends(rows, r);
-            var sv: array<vec4<f32>, MAX_BK8>;
-            var mx = NEG_BIG;
-            for (var i = 0u; i < BK / 8u; i++) {
-                var x = s_s[r * SS4 + 2u * i + h] * params.scale_log2;
-                if need_mask {
-                    let kj = vec4<u32>(k0 + 8u * i + 4u * h) + vec4<u32>(0u, 1u, 2u, 3u);
-                    let ok = vec4<bool>(row_ok) & (kj < vec4<u32>(seq)) & (vec4<bool>(!causal) | (kj <= vec4<u32>(qi)));
-                    x = select(vec4<f32>(NEG_BIG), x, ok);
-                }
-                sv[i] = x;
-                mx = max(mx, max(max(x.x, x.y), max(x.z, x.w)));
-            }
-            mx = max(mx, subgroupShuffleXor(mx, 1u));
-            var m_new = m;
-            if mx > m + TAU {
-                m_new = mx;
-            }
-            alpha = exp2(m - m_new);
-            var sum = 0.0;
-            for (var i = 0u; i < BK / 8u; i++) {
-                var p = exp2(sv[i] - vec4<f32>(m_new));
-                if need_mask {
-                    p = select(p, vec4<f32>(0.0), sv[i] <= vec4<f32>(NEG_BIG));
-                }
-                sum += p.x + p.y + p.z + p.w;
-                // Keys 16hh..16hh+15 are vec4s 4hh..4hh+3 of the row: this subgroup's half of P.
-                if i / 2u == hh {
-                    p_s[r * PS4 + 2u * i + h] = vec4<f16>(p);
-                }
-            }
-            sum += subgroupShuffleXor(sum, 1u);
-            moved = subgroupAny(m_new != m && l > 0.0);
-            l = l * alpha + sum;
-            m = m_new;
-        }
-        workgroupBarrier(); // (D)
-
-        if sees {
-            if moved {
-                o0 = rescale(t, hh, o0, alpha);
-                o1 = rescale(t, hh, o1, alpha);
-                if D > 64u {
-                    o2 = rescale(t, hh, o2, alpha);
-                    o3 = rescale(t, hh, o3, alpha);
-                }
-            }
-            // O_hh += P V[:, hh*D/2 ..], P's two 16-key tiles.
-            let vj = hh * (D / 32u);
-            for (var pt = 0u; pt < 2u; pt++) {
-                let pa = coopLoadT<AM>(&p_s[16u * t.g * PS4 + pt * 4u], PS4);
-                o0 = coopMultiplyAdd(pa, vmat(pt, vj), o0);
-                o1 = coopMultiplyAdd(pa, vmat(pt, vj + 1u), o1);
-                if D > 64u {
-                    o2 = coopMultiplyAdd(pa, vmat(pt, vj + 2u), o2);
-                    o3 = coopMultiplyAdd(pa, vmat(pt, vj + 3u), o3);
-                }
-            }
-        }
-    }
-
-    let inv_l = select(0.0, 1.0 / l, l > 0.0);
-    write_o(t, hh, o0, 0u, inv_l);
-    write_o(t, hh, o1, 1u, inv_l);
-    if D > 64u {
-        write_o(t, hh, o2, 2u, inv_l);
-        write_o(t, hh, o3, 3u, inv_l);
-    }
-    if hh == 0u && h == 0u && qi < seq {
-        var lse = params.neg_inf;
-        if l > 0.0 {
-            lse = (m + log2(l)) * LN2;
-        }
-        lse_buf[params.lse_off + (t.b * params.num_heads + t.head) * seq + qi] = lse;
     }
 }
 
@@ -441,7 +239,7 @@ fn main(
         row0,
         min(row0 + BQ, seq) - 1u,
         lid,
-        min(sg_id, NSG - 1u) / HS,
+        min(sg_id, NSG - 1u),
     );
     let pattern = head / params.heads_per_pattern;
     // Softmax role: invocations 2r and 2r+1 own tile row r, each half of its vec4 columns (interleaved).
@@ -465,11 +263,6 @@ fn main(
         return;
     }
 
-    if HS > 1u {
-        forward_split(t, min(sg_id, NSG - 1u) % HS, pattern);
-        return;
-    }
-
     // Q (raw f16, unscaled: the scale is applied to S in f32) and the O accumulators. Q's loads, the tile
     // list's and the first chunk's are all issued before Q is staged, so that their latencies overlap (the
     // tile's only global round trips not hidden behind another chunk's math).
@@ -480,7 +273,7 @@ fn main(
     let c_end = tile_ptr[slot + 1u] * subs;
     var c = next_chunk(tile_ptr[slot] * subs, c_end, subs, t.row_last);
     // The walk visits every chunk from the first visible one to the list's end (a chunk no subgroup sees,
-    // which only the sequence's last tile can have, is staged and skipped by all), and its entries are
+    // which only the sequence's last tile can have, is staged and run wholly masked), and its entries are
     // loaded a chunk ahead of their use, so that no index load sits right before its use (in-order issue
     // waits there). Past the list's end the entry of its last chunk stands in: fetched, never stashed.
     let sh = countTrailingZeros(subs);
@@ -489,7 +282,7 @@ fn main(
     var e_next = entries[min(c + 1u, c_last) >> sh];
     var fk: Fetch;
     var fv: Fetch;
-    if c < c_end && keep(16u) {
+    if c < c_end {
         fetch(t, entry_k0(e_cur, c, subs), &fk, &fv);
     }
     let q0 = stash_q(t, &qf, 0u);
@@ -521,108 +314,85 @@ fn main(
         let rows = e_cur.y;
         let k0 = entry_k0(e_cur, c, subs);
         workgroupBarrier(); // every subgroup is done with the previous chunk's k_s and v_s
-        if keep(16u) {
-            stash(t, &fk, &fv);
-            // The next chunk, in flight during this chunk's math.
-            fetch(t, entry_k0(e_next, c + 1u, subs), &fk, &fv);
-        }
+        stash(t, &fk, &fv);
+        // The next chunk, in flight during this chunk's math.
+        fetch(t, entry_k0(e_next, c + 1u, subs), &fk, &fv);
         let e_after = entries[min(c + 2u, c_last) >> sh];
         workgroupBarrier();
 
-        // The staged chunk in softmax slices of SL keys (one slice unless SL < BK). Subgroups whose 16 rows
-        // all precede the slice (causal), sit outside its row mask or whose slice starts past the sequence
-        // end skip it.
-        // A later slice is seen only if every earlier one is (its first key is larger).
-        let sg_row0 = row0 + 16u * t.g;
-        let sg_sees = sg_row0 < seq && row_attends(rows, 16u * t.g);
-        let pipe = PIPE && SL == 16u;
-        var s_pre = CM();  // with `pipe`: the next slice's S, computed during this slice's softmax
-        for (var sl = 0u; sl < BK / SL; sl++) {
-            let ks = k0 + sl * SL;  // the slice's first key
-            let kt0 = sl * (SL / 16u);  // its first 16-key tile in k_s / v_s
-            if (STRAIGHT & 1u) != 0u || (sg_sees && ks < seq && (!causal || ks <= sg_row0 + 15u)) {
-                // S = Q K^T, SL/16 independent accumulators, then to the subgroup's rows of s_s.
-                var s0 = CM();
-                if pipe && sl > 0u {
-                    s0 = s_pre;
-                } else if keep(2u) {
-                    s0 = qk(kt0, q0, q1, q2, q3, q4, q5, q6, q7);
-                }
-                var s1 = CM();
-                var s2 = CM();
-                var s3 = CM();
-                if SL > 16u && keep(2u) {
-                    s1 = qk(kt0 + 1u, q0, q1, q2, q3, q4, q5, q6, q7);
-                }
-                if SL > 32u && keep(2u) {
-                    s2 = qk(kt0 + 2u, q0, q1, q2, q3, q4, q5, q6, q7);
-                    s3 = qk(kt0 + 3u, q0, q1, q2, q3, q4, q5, q6, q7);
-                }
-                if keep(64u) {
-                    coopStoreT(s0, &s_s[16u * t.g * SS4], SS4);
-                }
-                if SL > 16u && keep(64u) {
-                    coopStoreT(s1, &s_s[16u * t.g * SS4 + 4u], SS4);
-                }
-                if SL > 32u && keep(64u) {
-                    coopStoreT(s2, &s_s[16u * t.g * SS4 + 8u], SS4);
-                    coopStoreT(s3, &s_s[16u * t.g * SS4 + 12u], SS4);
-                }
-                subgroupBarrier();
-                let kn = ks + SL;
-                if pipe && sl + 1u < BK / SL && kn < seq && (!causal || kn <= sg_row0 + 15u) {
-                    s_pre = qk(kt0 + 1u, q0, q1, q2, q3, q4, q5, q6, q7);
-                }
+        // The staged chunk, run by every subgroup (one pass of the slice loop: a chunk is one slice).
+        for (var sl = 0u; sl < 1u; sl++) {
+            let ks = k0 + sl * BK;  // the chunk's first key
+            let kt0 = sl * (BK / 16u);  // its first 16-key tile in k_s / v_s
+            // S = Q K^T, BK/16 independent accumulators, then to the subgroup's rows of s_s.
+            var s0 = CM();
+            s0 = qk(kt0, q0, q1, q2, q3, q4, q5, q6, q7);
+            var s1 = CM();
+            var s2 = CM();
+            var s3 = CM();
+            if BK > 16u {
+                s1 = qk(kt0 + 1u, q0, q1, q2, q3, q4, q5, q6, q7);
+            }
+            if BK > 32u {
+                s2 = qk(kt0 + 2u, q0, q1, q2, q3, q4, q5, q6, q7);
+                s3 = qk(kt0 + 3u, q0, q1, q2, q3, q4, q5, q6, q7);
+            }
+            coopStoreT(s0, &s_s[16u * t.g * SS4], SS4);
+            if BK > 16u {
+                coopStoreT(s1, &s_s[16u * t.g * SS4 + 4u], SS4);
+            }
+            if BK > 32u {
+                coopStoreT(s2, &s_s[16u * t.g * SS4 + 8u], SS4);
+                coopStoreT(s3, &s_s[16u * t.g * SS4 + 12u], SS4);
+            }
+            subgroupBarrier();
 
-                // Online softmax, base 2, on the subgroup's own rows. Only chunks on the causal diagonal, at
-                // the sequence end or under a partial row mask pay for the element mask. The scale is applied
-                // in the exponent's multiply-add (the max of the raw scores, scaled, is the max of the scaled
-                // ones: the scale is positive), one instruction per score less than scaling each first. Masked
-                // scores are -inf (params.neg_inf): their max scaled stays -inf, below any threshold (m, finite
-                // from its NEG_BIG start, moves only to a real score), and exp2(-inf - m) is 0, so P needs no
-                // second select (two instructions per score the compiler issued on every chunk).
-                // The element mask as one bound per row: the row sees the keys below `lim` (none where its
-                // row mask excludes it or it lies past the end; else up to the sequence end or, causal, up to
-                // itself), so each vec4 of scores costs one subtraction and four compares (keys < 2^31).
-                let need_mask = ks + SL > seq || (causal && ks + SL - 1u > row0) || rows < BQ || rows >= ROWMASK_BITS_FLAG;
-                let row_ok = qi < seq && row_attends(rows, r);
-                let lim = select(0u, select(seq, min(seq, qi + 1u), causal), row_ok);
-                let scale = params.scale_log2;
-                var sv: array<vec4<f32>, MAX_BK8>;
-                var mx = params.neg_inf;
-                for (var i = 0u; i < SL / 8u && keep(4u); i++) {
-                    var x = s_s[r * SS4 + 2u * i + h];
-                    if need_mask {
-                        let room = i32(lim) - i32(ks + 8u * i + 4u * h);
-                        x = select(vec4<f32>(params.neg_inf), x, vec4<i32>(0, 1, 2, 3) < vec4<i32>(room));
-                    }
-                    sv[i] = x;
-                    mx = max(mx, max(max(x.x, x.y), max(x.z, x.w)));
+            // Online softmax, base 2, on the subgroup's own rows. Only chunks on the causal diagonal, at
+            // the sequence end or under a partial row mask pay for the element mask. The scale is applied
+            // in the exponent's multiply-add (the max of the raw scores, scaled, is the max of the scaled
+            // ones: the scale is positive), one instruction per score less than scaling each first. Masked
+            // scores are -inf (params.neg_inf): their max scaled stays -inf, below any threshold (m, finite
+            // from its NEG_BIG start, moves only to a real score), and exp2(-inf - m) is 0, so P needs no
+            // second select (two instructions per score the compiler issued on every chunk).
+            // The element mask as one bound per row: the row sees the keys below `lim` (none where its
+            // row mask excludes it or it lies past the end; else up to the sequence end or, causal, up to
+            // itself), so each vec4 of scores costs one subtraction and four compares (keys < 2^31).
+            let need_mask = ks + BK > seq || (causal && ks + BK - 1u > row0) || rows < BQ || rows >= ROWMASK_BITS_FLAG;
+            let row_ok = qi < seq && row_attends(rows, r);
+            let lim = select(0u, select(seq, min(seq, qi + 1u), causal), row_ok);
+            let scale = params.scale_log2;
+            var sv: array<vec4<f32>, MAX_BK8>;
+            var mx = params.neg_inf;
+            for (var i = 0u; i < BK / 8u; i++) {
+                var x = s_s[r * SS4 + 2u * i + h];
+                if need_mask {
+                    let room = i32(lim) - i32(ks + 8u * i + 4u * h);
+                    x = select(vec4<f32>(params.neg_inf), x, vec4<i32>(0, 1, 2, 3) < vec4<i32>(room));
                 }
-                mx = max(mx, subgroupShuffleXor(mx, 1u)) * scale;
-                var m_new = m;
-                if mx > m + TAU {
-                    m_new = mx;
-                }
-                let alpha = exp2(m - m_new);
-                var sum = 0.0;
-                for (var i = 0u; i < SL / 8u && keep(4u); i++) {
-                    let p = exp2(fma(sv[i], vec4<f32>(scale), vec4<f32>(-m_new)));
-                    sum += p.x + p.y + p.z + p.w;
-                    p_s[r * PS4 + 2u * i + h] = vec4<f16>(p);
-                }
-                sum += subgroupShuffleXor(sum, 1u);
-                let moved = subgroupAny(m_new != m && l > 0.0);
-                l = l * alpha + sum;
-                m = m_new;
-                subgroupBarrier(); // P is complete
-                if (STRAIGHT & 2u) != 0u && moved {
-                    rescale_pv(t, kt0, true, alpha, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
-                } else if (STRAIGHT & 2u) != 0u {
-                    rescale_pv(t, kt0, false, alpha, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
-                } else {
-                    rescale_pv(t, kt0, moved, alpha, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
-                }
+                sv[i] = x;
+                mx = max(mx, max(max(x.x, x.y), max(x.z, x.w)));
+            }
+            mx = max(mx, subgroupShuffleXor(mx, 1u)) * scale;
+            var m_new = m;
+            if mx > m + TAU {
+                m_new = mx;
+            }
+            let alpha = exp2(m - m_new);
+            var sum = 0.0;
+            for (var i = 0u; i < BK / 8u; i++) {
+                let p = exp2(fma(sv[i], vec4<f32>(scale), vec4<f32>(-m_new)));
+                sum += p.x + p.y + p.z + p.w;
+                p_s[r * PS4 + 2u * i + h] = vec4<f16>(p);
+            }
+            sum += subgroupShuffleXor(sum, 1u);
+            let moved = subgroupAny(m_new != m && l > 0.0);
+            l = l * alpha + sum;
+            m = m_new;
+            subgroupBarrier(); // P is complete
+            if moved {
+                rescale_pv(t, kt0, true, alpha, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
+            } else {
+                rescale_pv(t, kt0, false, alpha, &o0, &o1, &o2, &o3, &o4, &o5, &o6, &o7);
             }
         }
         c += 1u;
@@ -632,13 +402,11 @@ fn main(
 
     // Epilogue: O / l, 16 head dims at a time; then the LSE.
     let inv_l = select(0.0, 1.0 / l, l > 0.0);
-    if keep(32u) {
-        write_o(t, 0u, o0, 0u, inv_l);
-        write_o(t, 0u, o1, 1u, inv_l);
-        write_o(t, 0u, o2, 2u, inv_l);
-        write_o(t, 0u, o3, 3u, inv_l);
-    }
-    if D > 64u && keep(32u) {
+    write_o(t, 0u, o0, 0u, inv_l);
+    write_o(t, 0u, o1, 1u, inv_l);
+    write_o(t, 0u, o2, 2u, inv_l);
+    write_o(t, 0u, o3, 3u, inv_l);
+    if D > 64u {
         write_o(t, 0u, o4, 4u, inv_l);
         write_o(t, 0u, o5, 5u, inv_l);
         write_o(t, 0u, o6, 6u, inv_l);

@@ -174,8 +174,7 @@ impl GpuBackward {
                 usage: wgpu::BufferUsages::UNIFORM,
             })
         };
-        let pipeline =
-            |kernel, p: &crate::plan::DispatchPlan| ctx.pipeline(kernel, shape.dtype, &overrides(kernel, p, d)?);
+        let pipeline = |kernel, p: &crate::plan::DispatchPlan| ctx.pipeline(kernel, shape.dtype, &overrides(p, d));
         let (dq_kernel, dkdv_kernel) = backward_kernels(plan)?;
         let portable = dq_kernel == Kernel::BackwardDq;
         // Where the device caps loop iterations, long lists are split (plan/loop_budget.rs).

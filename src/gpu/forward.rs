@@ -150,7 +150,7 @@ impl GpuForward {
         mergeq: Arc<MergeQPlan>,
     ) -> Result<Self> {
         let kernel = forward_kernel(&plan)?;
-        let pipeline = ctx.pipeline(kernel, shape.dtype, &overrides(kernel, &plan, shape.head_dim)?)?;
+        let pipeline = ctx.pipeline(kernel, shape.dtype, &overrides(&plan, shape.head_dim))?;
         let device = ctx.device();
         let list_split = match kernel {
             Kernel::ForwardPortable => {

@@ -25,16 +25,11 @@ const SHARED: &[(&str, &str)] = &[
     ("shared/coop_grad_out.wgsl", include_str!("../../shaders/shared/coop_grad_out.wgsl")),
 ];
 
-/// The override constants a kernel is built with for `plan` at `head_dim`: the head dim, tile sizes and
-/// workgroup size every kernel declares, and for the coop forward the constants that select its
-/// straight-line form over whole chunks.
-pub(crate) fn overrides(kernel: Kernel, plan: &DispatchPlan, head_dim: u32) -> Result<Vec<(&'static str, u32)>> {
-    let mut constants = vec![("D", head_dim), ("BQ", plan.tile_q), ("BK", plan.tile_kv), ("WG", plan.workgroup_size)];
-    if kernel == Kernel::ForwardCoop {
-        // The coop forward's straight-line form over whole chunks (forward_coop.wgsl's overrides).
-        constants.extend([("SL", plan.tile_kv), ("SPAD", 8), ("PPAD", 8), ("PIPE", 0), ("STRAIGHT", 3)]);
-    }
-    Ok(constants)
+/// The override constants the kernel of `plan` is built with at `head_dim`: the head dim, tile sizes and
+/// workgroup size every kernel declares (the rest of a kernel's overrides keep their defaults or are
+/// derived from these).
+pub(crate) fn overrides(plan: &DispatchPlan, head_dim: u32) -> Vec<(&'static str, u32)> {
+    vec![("D", head_dim), ("BQ", plan.tile_q), ("BK", plan.tile_kv), ("WG", plan.workgroup_size)]
 }
 
 /// A kernel source.
