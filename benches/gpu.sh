@@ -24,24 +24,36 @@
 #   paper     the paper's points: fp16, 32 heads, head dim 128, block 64, local 16, batch 1, 16k/32k/64k/128k at
 #             vert_stride 16 and 64, our Vulkan and CUDA paths and FlashAttention-2 and FlexAttention in one run
 #             (its peer rows go to paper.jsonl itself: `s2attn-bench report paper.jsonl` stands alone)
+#   llama     llama.cpp's Vulkan flash attention (GGML_OP_FLASH_ATTN_EXT), dense causal, 32 heads, head dim 128, f16
+#             K/V, batch 1: prefill (query rows = KV length) and decode (one query row) at LLAMA_SEQ (default 4k, 8k,
+#             16k, 32k), through benches/peers/llama_cpp_json.py and the test-backend-ops that
+#             benches/peers/llama_cpp_vulkan.sh stages (xz-packed, after stage.sh) in .gpu/peers/llama-cpp/; first
+#             the path ggml-vulkan picks (impl llama.cpp-vulkan: coopmat2 on NVIDIA, scalar for decode), then for
+#             each of LLAMA_PATHS (default coopmat1) the prefill with the paths above it disabled (impl
+#             llama.cpp-vulkan-coopmat1: GGML_VK_DISABLE_COOPMAT2=1, the KHR cooperative-matrix shader other
+#             vendors run; llama.cpp-vulkan-scalar: GGML_VK_DISABLE_COOPMAT2=1 GGML_VK_DISABLE_COOPMAT=1)
 #
 # Environment: OUT_DIR (default $OUT, else bench-out/<date-time>), BACKENDS (default vulkan,cuda), PEERS (path of
-# torch_peers.py; default .gpu/peers/torch_peers.py), TEST_TIMEOUT (seconds per test binary, default 300),
+# torch_peers.py; default .gpu/peers/torch_peers.py), LLAMA (llama.cpp's test-backend-ops; default
+# .gpu/peers/llama-cpp/test-backend-ops), LLAMA_SEQ, LLAMA_PATHS, TEST_TIMEOUT (seconds per test binary, default 300),
 # CARGO_FEATURES (for the cargo fallback, default "--features cuda").
 # At the end every log is packed into $OUT_DIR/logs.tar.gz, and report.md holds the tables of
 # `s2attn-bench report FILE...` (one per device and mode, ours against the peers of the same run; the paper
 # suite's in a section of its own).
 set -uo pipefail
-usage="usage: benches/gpu.sh SUITE... (tests fuzz sanitize forward backward decode peers paper)"
+usage="usage: benches/gpu.sh SUITE... (tests fuzz sanitize forward backward decode peers paper llama)"
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 for s in "$@"; do
-    case $s in tests | fuzz | sanitize | forward | backward | decode | peers | paper) ;; *) echo "unknown suite '$s'; $usage" >&2; exit 2 ;; esac
+    case $s in tests | fuzz | sanitize | forward | backward | decode | peers | paper | llama) ;; *) echo "unknown suite '$s'; $usage" >&2; exit 2 ;; esac
 done
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-${OUT:-bench-out/$(date +%Y-%m-%d-%H%M%S)}}
 mkdir -p "$OUT_DIR"
 BACKENDS=${BACKENDS:-vulkan,cuda}
 PEERS=${PEERS:-.gpu/peers/torch_peers.py}
+LLAMA=${LLAMA:-.gpu/peers/llama-cpp/test-backend-ops}
+LLAMA_SEQ=${LLAMA_SEQ:-4096 8192 16384 32768}
+LLAMA_PATHS=${LLAMA_PATHS:-coopmat1}
 TEST_TIMEOUT=${TEST_TIMEOUT:-300}
 CARGO_FEATURES=${CARGO_FEATURES:---features cuda}
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} PYTHONUNBUFFERED=1
@@ -183,8 +195,28 @@ suite_peers() {  # the peers at the points of the suites named with it
     [ ${#lines[@]} -gt 0 ] && peers peers "${lines[@]}"
 }
 
+suite_llama() {  # llama.cpp's Vulkan flash attention, dense causal, one test-backend-ops process per case
+    [ -x "$LLAMA" ] || [ -f "$LLAMA.xz" ] ||
+        { say "llama: no $LLAMA(.xz) (benches/peers/llama_cpp_vulkan.sh builds and stages it)"; return; }
+    local conv=benches/peers/llama_cpp_json.py path
+    # shellcheck disable=SC2086
+    python3 "$conv" --bin "$LLAMA" --seq $LLAMA_SEQ --mode fwd decode --heads 32 --head-dim 128 \
+        --log "$OUT_DIR/llama.log" >> "$OUT_DIR/llama.jsonl" 2>> "$OUT_DIR/llama.log"
+    say "llama: $conv (the path ggml-vulkan picks) -> rc=$?"
+    for path in $LLAMA_PATHS; do
+        local env=(GGML_VK_DISABLE_COOPMAT2=1)
+        case $path in coopmat1) ;; scalar) env+=(GGML_VK_DISABLE_COOPMAT=1) ;; *) say "llama: unknown path $path"; continue ;; esac
+        # shellcheck disable=SC2086
+        env "${env[@]}" python3 "$conv" --bin "$LLAMA" --seq $LLAMA_SEQ --mode fwd --heads 32 --head-dim 128 \
+            --impl "llama.cpp-vulkan-$path" --log "$OUT_DIR/llama.log" >> "$OUT_DIR/llama.jsonl" 2>> "$OUT_DIR/llama.log"
+        say "llama: $conv with ${env[*]} -> rc=$?"
+    done
+    say "llama: $(grep -c '"ms": ' "$OUT_DIR/llama.jsonl") timed rows, $(grep -c '"error": ' "$OUT_DIR/llama.jsonl") errors;" \
+        "$(head -1 "$(dirname "$LLAMA")/VERSION" 2>/dev/null)"
+}
+
 others=()
-for s in "$@"; do case $s in peers | tests | fuzz | sanitize | paper) ;; *) others+=("$s") ;; esac; done
+for s in "$@"; do case $s in peers | tests | fuzz | sanitize | paper | llama) ;; *) others+=("$s") ;; esac; done
 for s in "$@"; do
     case $s in
     peers) if [ ${#others[@]} -gt 0 ]; then suite_peers "${others[@]}"; else suite_peers forward backward decode; fi ;;

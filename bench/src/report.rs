@@ -197,9 +197,12 @@ impl Row {
     }
 }
 
-/// Implementations known to compute dense attention.
+/// Implementations known to compute dense attention: ours, PyTorch's SDPA backends, and llama.cpp's flash
+/// attention (`llama.cpp-vulkan` and its forced paths, `llama_cpp_json.py`).
 pub fn is_dense_impl(name: &str) -> bool {
-    name.starts_with("s2attn-dense") || matches!(name, "torch-flash" | "torch-cudnn" | "torch-sdpa" | "torch-math")
+    name.starts_with("s2attn-dense")
+        || name.starts_with("llama.cpp")
+        || matches!(name, "torch-flash" | "torch-cudnn" | "torch-sdpa" | "torch-math")
 }
 
 /// The layout a row ran: dense, or S2 with the row's parameters. Bidirectional rows use a window of
@@ -306,7 +309,7 @@ pub fn set_rates(r: &mut Row, w: &Work) {
 }
 
 /// Parses peer JSON lines (blank lines and `#` comments skipped). Rows are normalised (dtype spelling);
-/// `tflops`/`gbps` are filled from our own count of the work where the peer did not give them.
+/// `tflops` and `gbps` are each filled from our own count of the work where the peer did not give them.
 pub fn parse_peers(text: &str, source: &str) -> Result<Vec<Row>, String> {
     let mut rows = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -324,10 +327,14 @@ pub fn parse_peers(text: &str, source: &str) -> Result<Vec<Row>, String> {
         if r.mode.is_empty() {
             r.mode = "fwd".into();
         }
-        if r.measured() && r.tflops.is_none() && ["fwd", "fwd+bwd", "decode"].contains(&r.mode.as_str()) {
+        let missing = r.tflops.is_none() || r.gbps.is_none();
+        if r.measured() && missing && ["fwd", "fwd+bwd", "decode"].contains(&r.mode.as_str()) {
             if let Ok(layout) = row_layout(&r, r.is_dense()) {
+                let given = (r.tflops, r.gbps);
                 let w = work(&layout, &r);
                 set_rates(&mut r, &w);
+                r.tflops = given.0.or(r.tflops);
+                r.gbps = given.1.or(r.gbps);
             }
         }
         rows.push(r);
@@ -681,6 +688,32 @@ mod tests {
         }
         assert!((rows[1].tflops.unwrap() / rows[0].tflops.unwrap() - 3.5).abs() < 1e-9);
         assert!(rows[2].tflops.unwrap() < rows[0].tflops.unwrap() / 100.0, "decode is one row per sequence");
+    }
+
+    #[test]
+    fn llama_cpp_rows_are_dense_peers_with_their_own_rates_kept() {
+        // As llama_cpp_json.py prints them (extra fields ignored): 4 query heads on 2 KV heads, head dim 64, 1 ms.
+        let pairs = |mode: &str| if mode == "fwd" { 1024.0 * 1025.0 / 2.0 } else { 1024.0 };
+        let line = |mode: &str| {
+            let tflops = 2.0 * 128.0 * pairs(mode) * 4.0 / 1e-3 / 1e12;
+            format!(
+                r#"{{"impl": "llama.cpp-vulkan", "mode": "{mode}", "batch": 1, "seq": 1024, "heads": 4, "kv_heads": 2, "head_dim": 64, "block": 32, "local": 2, "vert_stride": 16, "offset": 0, "dtype": "fp16", "causal": true, "density": 1.0, "device": "llvmpipe", "ms": 1.0, "tflops": {tflops:e}, "timer": "wall", "iters": 900, "backend": "vulkan", "fa_path": "coopmat2", "matrix_cores": "NV_coopmat2", "q_dtype": "fp32", "llama_cpp": "0.3.36", "params": "hsk=64,causal=1"}}"#
+            )
+        };
+        let rows = parse_peers(&["fwd", "decode"].map(line).join("\n"), "llama.jsonl").unwrap();
+        for r in &rows {
+            assert!(r.is_dense() && r.measured(), "{r:?}");
+            let own = work(&row_layout(r, true).unwrap(), r);
+            assert!((r.tflops.unwrap() / (own.flops / 1e-3 / 1e12) - 1.0).abs() < 1e-4, "{r:?} vs {own:?}");
+            assert!((r.gbps.unwrap() - own.bytes / 1e-3 / 1e9).abs() < 1e-9, "GB/s filled from our count: {r:?}");
+        }
+        // A dense peer measured beside vert_stride 16 serves our rows at vert_stride 4 of the same shape.
+        let mut mine = ours("s2attn/vulkan/portable", 1024, 4, 0.5);
+        mine.device = "llvmpipe".into();
+        let t = build_table(&[mine], &rows[..1]);
+        let col = t.header.iter().position(|h| h == "llama.cpp-vulkan/ours").unwrap();
+        assert_eq!(t.rows[0][0], "s2attn/vulkan/portable");
+        assert_eq!(t.rows[0][col], "2.00");
     }
 
     #[test]
