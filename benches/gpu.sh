@@ -24,6 +24,12 @@
 #   paper     the paper's points: fp16, 32 heads, head dim 128, block 64, local 16, batch 1, 16k/32k/64k/128k at
 #             vert_stride 16 and 64, our Vulkan and CUDA paths and FlashAttention-2 and FlexAttention in one run
 #             (its peer rows go to paper.jsonl itself: `s2attn-bench report paper.jsonl` stands alone)
+#   validate  the wgpu test binaries (forward, backward, their coop kernels, inference, errors) under the Khronos
+#             Vulkan validation layer that benches/stage-validation.sh stages in .gpu/vklayer/ (errors, warnings and
+#             synchronization validation to the logs); one line per binary with its message counts
+#   e2e       the decode example (`decode` of s2attn-model) at model sizes with random f16 weights: PRESET
+#             phi3-small and llama-7b (E2E_PRESETS), prompts 8k/32k/128k (E2E_PROMPTS), all-dense vs hybrid S2,
+#             on Vulkan: prefill time, decode tokens/s, KV bytes as JSON lines in e2e.jsonl (not in report.md)
 #   llama     llama.cpp's Vulkan flash attention (GGML_OP_FLASH_ATTN_EXT), dense causal, 32 heads, head dim 128, f16
 #             K/V, batch 1: prefill (query rows = KV length) and decode (one query row) at LLAMA_SEQ (default 4k, 8k,
 #             16k, 32k), through benches/peers/llama_cpp_json.py and the test-backend-ops that
@@ -41,10 +47,10 @@
 # `s2attn-bench report FILE...` (one per device and mode, ours against the peers of the same run; the paper
 # suite's in a section of its own).
 set -uo pipefail
-usage="usage: benches/gpu.sh SUITE... (tests fuzz sanitize forward backward decode peers paper llama)"
+usage="usage: benches/gpu.sh SUITE... (tests fuzz sanitize validate forward backward decode e2e peers paper llama)"
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 for s in "$@"; do
-    case $s in tests | fuzz | sanitize | forward | backward | decode | peers | paper | llama) ;; *) echo "unknown suite '$s'; $usage" >&2; exit 2 ;; esac
+    case $s in tests | fuzz | sanitize | validate | forward | backward | decode | e2e | peers | paper | llama) ;; *) echo "unknown suite '$s'; $usage" >&2; exit 2 ;; esac
 done
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-${OUT:-bench-out/$(date +%Y-%m-%d-%H%M%S)}}
@@ -195,6 +201,36 @@ suite_peers() {  # the peers at the points of the suites named with it
     [ ${#lines[@]} -gt 0 ] && peers peers "${lines[@]}"
 }
 
+suite_validate() {  # the wgpu test binaries under the Khronos validation layer
+    local layers=${VK_LAYERS_DIR:-$PWD/.gpu/vklayer/layers} dir name bin log
+    [ -f "$layers/VkLayer_khronos_validation.json" ] ||
+        { say "validate: no $layers (benches/stage-validation.sh stages the layer)"; return; }
+    dir=$(dirname "$(command -v s2attn-bench)")
+    for name in forward backward forward_coop backward_coop inference errors; do
+        bin=$dir/test-$name log="$OUT_DIR/validate-$name.log"
+        [ -x "$bin" ] || { say "validate: no $bin"; continue; }
+        WGPU_DEBUG=0 S2ATTN_BACKEND=vulkan VK_LAYER_PATH="$layers" VK_LAYER_SETTINGS_PATH="$layers" \
+            VK_INSTANCE_LAYERS=VK_LAYER_KHRONOS_validation timeout "$TEST_TIMEOUT" "$bin" > "$log" 2>&1
+        local rc=$? errors spirv warnings
+        errors=$(grep -ac 'Validation Error' "$log")
+        spirv=$(grep -a 'Validation Error' "$log" | grep -ac 'InconsistentSpirv')
+        warnings=$(grep -ac 'Validation Warning' "$log")
+        say "validate: $name rc=$rc $errors errors ($spirv of them the layer's SPIR-V validator), $warnings warnings;" \
+            "$(grep -a 'test result' "$log" | tail -1)"
+    done
+}
+
+suite_e2e() {  # the decode example at model sizes, all-dense vs hybrid S2
+    local preset log
+    command -v decode >/dev/null || { say "e2e: no decode example (s2attn-model) on PATH"; return; }
+    for preset in ${E2E_PRESETS:-phi3-small llama-7b}; do
+        log="$OUT_DIR/e2e-$preset.log"
+        PRESET=$preset PROMPT=${E2E_PROMPTS:-8192,32768,131072} TOKENS=${E2E_TOKENS:-32} JSON="$OUT_DIR/e2e.jsonl" \
+            S2ATTN_BACKEND=vulkan timeout "${E2E_TIMEOUT:-900}" decode > "$log" 2>&1
+        say "e2e: $preset rc=$? $(grep -a '^| [dh]' "$log" | paste -sd' ' | cut -c1-600)"
+    done
+}
+
 suite_llama() {  # llama.cpp's Vulkan flash attention, dense causal, one test-backend-ops process per case
     [ -x "$LLAMA" ] || [ -f "$LLAMA.xz" ] ||
         { say "llama: no $LLAMA(.xz) (benches/peers/llama_cpp_vulkan.sh builds and stages it)"; return; }
@@ -216,7 +252,7 @@ suite_llama() {  # llama.cpp's Vulkan flash attention, dense causal, one test-ba
 }
 
 others=()
-for s in "$@"; do case $s in peers | tests | fuzz | sanitize | paper | llama) ;; *) others+=("$s") ;; esac; done
+for s in "$@"; do case $s in peers | tests | fuzz | sanitize | validate | e2e | paper | llama) ;; *) others+=("$s") ;; esac; done
 for s in "$@"; do
     case $s in
     peers) if [ ${#others[@]} -gt 0 ]; then suite_peers "${others[@]}"; else suite_peers forward backward decode; fi ;;
@@ -225,7 +261,7 @@ for s in "$@"; do
 done
 
 # The tables: the paper suite's file alone (its own peers), the other suites' files together.
-rest=$(ls "$OUT_DIR"/*.jsonl 2>/dev/null | grep -v '/paper\.jsonl$')
+rest=$(ls "$OUT_DIR"/*.jsonl 2>/dev/null | grep -v '/paper\.jsonl$\|/e2e\.jsonl$')
 { [ -n "$rest" ] && s2attn-bench report $rest && echo
   [ -f "$OUT_DIR/paper.jsonl" ] && echo "## The paper's points" && echo && s2attn-bench report "$OUT_DIR/paper.jsonl"
 } > "$OUT_DIR/report.md" 2>> "$OUT_DIR/summary.txt"
