@@ -130,6 +130,9 @@ fn main() {
         let ctx = context().map_err(|e| e.to_string())?;
         println!("{}", ctx.describe());
         let measured = run(&ctx, &r).map_err(|e| e.to_string())?;
+        if measured.is_empty() {
+            return Err("no run completed (see the errors above)".to_string());
+        }
         summary(&measured);
         if let Ok(path) = std::env::var("JSON") {
             json_lines(&path, &ctx, &r, &measured).map_err(|e| format!("JSON={path}: {e}"))?;
@@ -249,40 +252,49 @@ fn run(ctx: &Context, r: &Run) -> s2attn::Result<Vec<Measured>> {
     let stacks = [("dense".to_string(), c.clone().all_dense()), (hybrid, c.clone())];
     let mut measured = Vec::new();
     for (stack, config) in stacks.into_iter().filter(|(name, _)| name.starts_with(r.only.as_str())) {
+        // A run that fails (e.g. the device's memory) is reported and the others go on.
         let model = match &weights {
-            Some(w) => Model::from_weights(ctx, config, w)?,
-            None => Model::random(ctx, config, 7)?,
+            Some(w) => Model::from_weights(ctx, config, w),
+            None => Model::random(ctx, config, 7),
+        };
+        let model = match model {
+            Ok(model) => model,
+            Err(e) => {
+                eprintln!("{stack:>26}: the model does not load: {e}");
+                continue;
+            }
         };
         for &prompt_len in &r.prompts {
-            // A deterministic prompt of valid ids.
-            let prompt: Vec<u32> =
-                (0..prompt_len as u64).map(|i| ((i * 2_654_435_761) % c.vocab as u64) as u32).collect();
-            let mut state = State::new(&model, prompt_len + r.tokens + 2)?;
-            // Planning and compiling the prompt's attention ops (and autotuning them, first time on a
-            // device) is not part of the timed prefill.
-            let t = Instant::now();
-            model.prepare_prefill(prompt_len)?;
-            let plan_s = t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            let first = model.prefill(&mut state, &prompt)?;
-            let prefill_s = t.elapsed().as_secs_f64();
-            // One warm-up token, then the timed loop (one submit per token, ids read back at the end).
-            let second = model.step(&mut state)?;
-            let t = Instant::now();
-            let generated = model.generate(&mut state, r.tokens)?;
-            let ms_per_token = t.elapsed().as_secs_f64() * 1e3 / r.tokens as f64;
-            let reports = state.memory_report();
-            let m = Measured {
-                stack: stack.clone(),
-                prompt: prompt_len,
-                prefill_s,
-                ms_per_token,
-                kv_resident: reports.iter().map(|m| m.resident_bytes()).sum(),
-                kv_dense: reports.iter().map(|m| m.dense_bytes).sum(),
-                tokens: [first, second].into_iter().chain(generated).collect(),
-            };
-            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-            println!(
+            let one = || -> s2attn::Result<Measured> {
+                // A deterministic prompt of valid ids.
+                let prompt: Vec<u32> =
+                    (0..prompt_len as u64).map(|i| ((i * 2_654_435_761) % c.vocab as u64) as u32).collect();
+                let mut state = State::new(&model, prompt_len + r.tokens + 2)?;
+                // Planning and compiling the prompt's attention ops (and autotuning them, first time on a
+                // device) is not part of the timed prefill.
+                let t = Instant::now();
+                model.prepare_prefill(prompt_len)?;
+                let plan_s = t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                let first = model.prefill(&mut state, &prompt)?;
+                let prefill_s = t.elapsed().as_secs_f64();
+                // One warm-up token, then the timed loop (one submit per token, ids read back at the end).
+                let second = model.step(&mut state)?;
+                let t = Instant::now();
+                let generated = model.generate(&mut state, r.tokens)?;
+                let ms_per_token = t.elapsed().as_secs_f64() * 1e3 / r.tokens as f64;
+                let reports = state.memory_report();
+                let m = Measured {
+                    stack: stack.clone(),
+                    prompt: prompt_len,
+                    prefill_s,
+                    ms_per_token,
+                    kv_resident: reports.iter().map(|m| m.resident_bytes()).sum(),
+                    kv_dense: reports.iter().map(|m| m.dense_bytes).sum(),
+                    tokens: [first, second].into_iter().chain(generated).collect(),
+                };
+                let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+                println!(
                 "{stack:>26} prompt {prompt_len:>7}: prefill {:8.3} s ({:9.0} tokens/s; attention in {}, {} rows per \
                  matmul pass; ops planned in {plan_s:.2} s); decode {:8.1} tokens/s, {:7.3} ms/token; KV {:9.1} MiB resident of {:9.1} MiB dense; \
                  weights {:7.1} MiB",
@@ -296,9 +308,14 @@ fn run(ctx: &Context, r: &Run) -> s2attn::Result<Vec<Measured>> {
                 mib(m.kv_dense),
                 mib(model.weight_bytes())
             );
-            let shown: Vec<String> = m.tokens.iter().take(12).map(|t| t.to_string()).collect();
-            println!("{:>26}  tokens: {} ...", "", shown.join(" "));
-            measured.push(m);
+                let shown: Vec<String> = m.tokens.iter().take(12).map(|t| t.to_string()).collect();
+                println!("{:>26}  tokens: {} ...", "", shown.join(" "));
+                Ok(m)
+            };
+            match one() {
+                Ok(m) => measured.push(m),
+                Err(e) => eprintln!("{stack:>26} prompt {prompt_len:>7}: failed: {e}"),
+            }
         }
     }
     Ok(measured)
