@@ -4,12 +4,14 @@
 //! against the CPU reference; `config.json` of both families and of real models; and the errors of a
 //! broken checkpoint or of an architecture the model does not compute, each naming the tensor or field.
 
-use s2attn::{Backend, Context, ContextOptions, DType, Error};
+mod common;
+
+use common::wgpu_context;
+use s2attn::{DType, Error};
 use s2attn_model::{reference, Checkpoint, HfConfig, Model, ModelConfig, State, Weights};
 use safetensors::{Dtype, View};
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Family {
@@ -501,20 +503,4 @@ fn an_unsupported_architecture_is_refused_by_name() {
     std::fs::write(dir.join("config.json"), json).expect("write config");
     let m = message(Checkpoint::open(&dir), true);
     assert!(m.contains("Phi3SmallForCausalLM"), "{m}");
-}
-
-/// The wgpu context these tests share, opened once: `Context::new()` (lavapipe in CI), or the best wgpu
-/// adapter where that opens CUDA (the model runs on wgpu only).
-fn wgpu_context() -> &'static Context {
-    static CTX: OnceLock<Context> = OnceLock::new();
-    CTX.get_or_init(|| {
-        let help = "no GPU adapter: these tests need one (lavapipe in CI: `apt-get install mesa-vulkan-drivers`)";
-        let ctx = Context::new().unwrap_or_else(|e| panic!("{help}: {e}"));
-        if ctx.wgpu().is_some() {
-            return ctx;
-        }
-        let mut options = ContextOptions::from_env().unwrap_or_else(|e| panic!("{e}"));
-        options.backend = Backend::Wgpu;
-        Context::with_options(&options).unwrap_or_else(|e| panic!("{help}: {e}"))
-    })
 }

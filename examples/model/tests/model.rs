@@ -5,9 +5,11 @@
 //! rows): a fresh state prefills through the forward attention op (f32 and f16 Q/K/V), a prompt fed in
 //! two parts runs its second part on the decode kernels over the caches.
 
-use s2attn::{Backend, Context, ContextOptions, DType};
+mod common;
+
+use common::wgpu_context;
+use s2attn::DType;
 use s2attn_model::{reference, DenseLayers, Model, ModelConfig, State, Weights};
-use std::sync::OnceLock;
 
 const PROMPT: usize = 40;
 const STEPS: usize = 5;
@@ -145,22 +147,6 @@ fn generate_matches_step_by_step_and_reuses_buffers() {
     let mut c = State::new(&model, 64).expect("state");
     assert!(model.prefill(&mut c, &[config.vocab]).is_err());
     assert!(c.is_empty());
-}
-
-/// The wgpu context these tests share, opened once: `Context::new()` (lavapipe in CI), or the best wgpu
-/// adapter where that opens CUDA (the model runs on wgpu only).
-fn wgpu_context() -> &'static Context {
-    static CTX: OnceLock<Context> = OnceLock::new();
-    CTX.get_or_init(|| {
-        let help = "no GPU adapter: these tests need one (lavapipe in CI: `apt-get install mesa-vulkan-drivers`)";
-        let ctx = Context::new().unwrap_or_else(|e| panic!("{help}: {e}"));
-        if ctx.wgpu().is_some() {
-            return ctx;
-        }
-        let mut options = ContextOptions::from_env().unwrap_or_else(|e| panic!("{e}"));
-        options.backend = Backend::Wgpu;
-        Context::with_options(&options).unwrap_or_else(|e| panic!("{help}: {e}"))
-    })
 }
 
 /// xorshift64: deterministic per seed.
