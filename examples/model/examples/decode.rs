@@ -44,24 +44,27 @@ struct Run {
     config: ModelConfig,
     /// Weights from this checkpoint (`CHECKPOINT`), else from a seeded generator.
     checkpoint: Option<Checkpoint>,
+    /// Where the shape comes from: the preset's name, or `checkpoint DIR`.
+    preset: String,
     only: String,
 }
 
 /// The model's shape: a checkpoint's (`CHECKPOINT`), or a preset (`PRESET`) or the small default, each
-/// size overridable by its variable.
-fn model_config() -> Result<(ModelConfig, Option<Checkpoint>), String> {
+/// size overridable by its variable; with the checkpoint and the source's name.
+fn model_config() -> Result<(ModelConfig, Option<Checkpoint>, String), String> {
     if let Ok(dir) = std::env::var("CHECKPOINT") {
         let checkpoint = Checkpoint::open(&dir).map_err(|e| format!("CHECKPOINT={dir}: {e}"))?;
         let base = checkpoint.config.model.clone();
         let config = attention_settings(base.clone(), &base, DenseLayers::First)?;
-        return Ok((config, Some(checkpoint)));
+        return Ok((config, Some(checkpoint), format!("checkpoint {dir}")));
     }
     // A preset and its own hybrid pattern.
-    let (preset, preset_dense) = match std::env::var("PRESET").as_deref() {
-        Err(_) | Ok("small") => (None, DenseLayers::First),
-        Ok("phi3-small") => (Some(ModelConfig::phi3_small()), DenseLayers::Every { period: 2, phase: 1 }),
-        Ok("llama-7b") => (Some(ModelConfig::llama_7b()), DenseLayers::First),
-        Ok(other) => return Err(format!("PRESET={other}: use small, phi3-small or llama-7b")),
+    let name = std::env::var("PRESET").unwrap_or_else(|_| "small".into());
+    let (preset, preset_dense) = match name.as_str() {
+        "small" => (None, DenseLayers::First),
+        "phi3-small" => (Some(ModelConfig::phi3_small()), DenseLayers::Every { period: 2, phase: 1 }),
+        "llama-7b" => (Some(ModelConfig::llama_7b()), DenseLayers::First),
+        other => return Err(format!("PRESET={other}: use small, phi3-small or llama-7b")),
     };
     let base = preset.clone().unwrap_or_else(|| {
         let mut c = ModelConfig::new(512, 128, 4, 2, 32, 2);
@@ -80,7 +83,7 @@ fn model_config() -> Result<(ModelConfig, Option<Checkpoint>), String> {
     );
     config.ffn = env("FFN", if preset.is_some() { base.ffn } else { 4 * d_model })?;
     config.rope_theta = base.rope_theta;
-    Ok((attention_settings(config, &base, preset_dense)?, None))
+    Ok((attention_settings(config, &base, preset_dense)?, None, name))
 }
 
 /// `config` with the settings over its shape: prefill chunk, S2 local blocks and stride, weight storage
@@ -113,7 +116,7 @@ fn attention_settings(
 }
 
 fn settings() -> Result<Run, String> {
-    let (config, checkpoint) = model_config()?;
+    let (config, checkpoint, preset) = model_config()?;
     let prompts = match std::env::var("PROMPT") {
         Err(_) => vec![1024],
         Ok(list) => list
@@ -122,7 +125,7 @@ fn settings() -> Result<Run, String> {
             .collect::<Result<_, _>>()?,
     };
     let only = std::env::var("ONLY").unwrap_or_default();
-    Ok(Run { prompts, tokens: env("TOKENS", 8)?.max(1), config, checkpoint, only })
+    Ok(Run { prompts, tokens: env("TOKENS", 8)?.max(1), config, checkpoint, preset, only })
 }
 
 fn main() {
@@ -149,33 +152,30 @@ fn main() {
 fn json_lines(path: &str, ctx: &Context, r: &Run, measured: &[Measured]) -> std::io::Result<()> {
     use std::io::Write;
     let c = &r.config;
-    let preset = std::env::var("PRESET").unwrap_or_else(|_| "small".into());
     let mut out = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
     for m in measured {
-        writeln!(
-            out,
-            "{{\"impl\": \"s2attn-model\", \"mode\": \"e2e\", \"device\": \"{}\", \"backend\": \"{}\", \
-             \"preset\": \"{preset}\", \"stack\": \"{}\", \"layers\": {}, \"d_model\": {}, \"heads\": {}, \
-             \"kv_heads\": {}, \"head_dim\": {}, \"weights\": \"{}\", \"prompt\": {}, \"prefill_s\": {:.4}, \
-             \"decode_tokens_per_s\": {:.2}, \"ms_per_token\": {:.4}, \"kv_resident_bytes\": {}, \
-             \"kv_dense_bytes\": {}, \"timed_tokens\": {}}}",
-            ctx.adapter_name().replace('"', "'"),
-            ctx.backend_name(),
-            m.stack,
-            c.layers.len(),
-            c.d_model,
-            c.heads,
-            c.kv_heads,
-            c.head_dim,
-            c.weight_dtype,
-            m.prompt,
-            m.prefill_s,
-            1e3 / m.ms_per_token,
-            m.ms_per_token,
-            m.kv_resident,
-            m.kv_dense,
-            r.tokens
-        )?;
+        let line = serde_json::json!({
+            "impl": "s2attn-model",
+            "mode": "e2e",
+            "device": ctx.adapter_name(),
+            "backend": ctx.backend_name(),
+            "preset": r.preset,
+            "stack": m.stack,
+            "layers": c.layers.len(),
+            "d_model": c.d_model,
+            "heads": c.heads,
+            "kv_heads": c.kv_heads,
+            "head_dim": c.head_dim,
+            "weights": c.weight_dtype.to_string(),
+            "prompt": m.prompt,
+            "prefill_s": m.prefill_s,
+            "decode_tokens_per_s": 1e3 / m.ms_per_token,
+            "ms_per_token": m.ms_per_token,
+            "kv_resident_bytes": m.kv_resident,
+            "kv_dense_bytes": m.kv_dense,
+            "timed_tokens": r.tokens,
+        });
+        writeln!(out, "{line}")?;
     }
     Ok(())
 }
@@ -335,7 +335,14 @@ mod tests {
         config.local_blocks = 2;
         config.vert_stride = 3;
         config.prefill_chunk = 128;
-        let run = Run { prompts: vec![700], tokens: 4, config, checkpoint: None, only: String::new() };
+        let run = Run {
+            prompts: vec![700],
+            tokens: 4,
+            config,
+            checkpoint: None,
+            preset: "small".into(),
+            only: String::new(),
+        };
         let ctx = context().expect("a device (lavapipe in CI)");
         let m = super::run(&ctx, &run).expect("the example runs");
         assert_eq!(m.len(), 2);
