@@ -12,8 +12,7 @@
 //! time.
 
 use super::config::ModelConfig;
-use super::weights::{LayerWeights, Weights};
-use s2attn::DType;
+use super::weights::{rounding, LayerWeights, Weights};
 use s2attn::{Error, Result};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -598,14 +597,6 @@ fn first_gap(filled: &[(Range<usize>, String)], cols: usize) -> Option<usize> {
         next = next.max(r.end);
     }
     (next < cols).then_some(next)
-}
-
-/// The rounding of a weight to its storage type.
-fn rounding(dtype: DType) -> fn(f32) -> f32 {
-    match dtype {
-        DType::F16 => |v| half::f16::from_f32(v).to_f32(),
-        _ => |v| v,
-    }
 }
 
 /// Converts little-endian stored elements into f32 values, one per element.

@@ -52,18 +52,9 @@ impl Weights {
     /// norm weights near 1; rounded to `config.weight_dtype`.
     pub fn random(config: &ModelConfig, seed: u64) -> Self {
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-        let f16 = config.weight_dtype == DType::F16;
+        let round = rounding(config.weight_dtype);
         let mut draw = |n: u32, scale: f32, offset: f32| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    let v = offset + scale * rng.next();
-                    if f16 {
-                        half::f16::from_f32(v).to_f32()
-                    } else {
-                        v
-                    }
-                })
-                .collect()
+            (0..n).map(|_| round(offset + scale * rng.next())).collect()
         };
         let fan = |fan_in: u32| (3.0 / fan_in as f32).sqrt();
         let (d, q) = (config.d_model, config.heads * config.head_dim);
@@ -81,5 +72,13 @@ impl Weights {
         let final_norm = draw(d, 0.1, 1.0);
         let lm_head = draw(d * config.vocab, fan(d), 0.0);
         Self { embed, layers, final_norm, lm_head }
+    }
+}
+
+/// The rounding of a weight to its storage type (what [`Weights`] hold: values of `dtype` as f32).
+pub(crate) fn rounding(dtype: DType) -> fn(f32) -> f32 {
+    match dtype {
+        DType::F16 => |v| half::f16::from_f32(v).to_f32(),
+        _ => |v| v,
     }
 }
