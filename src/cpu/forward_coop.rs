@@ -6,6 +6,10 @@
 //! `1 / l` rounded to f16 on the way out. Scores and sums are f32, as on the matrix units; only the order of the
 //! f32 additions differs from the kernel's.
 //!
+//! It models finite inputs. Where the kernel writes a non-finite O or LSE, or a row with an active key ends
+//! with no positive sum, its epilogue arms the portable redo and the op returns the portable kernel's
+//! result instead (`shaders/shared/coop_redo.wgsl`, twin [`forward_portable`](super::forward_portable)).
+//!
 //! Tests hold it against the f64 oracle on every tile the planner can choose, in CI
 //! (tests/forward_coop_twin.rs), so that a walk or mask bug shows up without a matrix unit; the GPU test
 //! holds the kernel against the oracle and against this twin.

@@ -7,6 +7,10 @@
 //! hands over in the dK/dV pass), the gradients on the way out. Sums are f32, as on the matrix units; only
 //! their order differs from the kernels'.
 //!
+//! It models finite inputs. Where either kernel writes a non-finite gradient, its epilogue arms the portable
+//! redo of both passes and the op returns the portable kernels' gradients instead
+//! (`shaders/shared/coop_redo.wgsl`, twin `src/cpu/backward/portable.rs`).
+//!
 //! Tests hold it against the f64 oracle at every tile the planner offers an H100, in CI
 //! (tests/backward_coop_twin.rs); the GPU test holds the kernels against the oracle and this twin.
 
