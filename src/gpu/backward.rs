@@ -46,7 +46,13 @@ pub struct GradBuffers<'a> {
     pub dv: &'a wgpu::Buffer,
 }
 
-impl GradBuffers<'_> {
+impl<'a> GradBuffers<'a> {
+    /// The inputs `q, k, v, out, lse, d_out` in that order, and the outputs `[dq, dk, dv]`.
+    fn of(inputs: &'a [wgpu::Buffer], [dq, dk, dv]: [&'a wgpu::Buffer; 3]) -> Self {
+        let [q, k, v, out, lse, d_out] = [0, 1, 2, 3, 4, 5].map(|i| &inputs[i]);
+        Self { q, k, v, out, lse, d_out, dq, dk, dv }
+    }
+
     /// `(name, buffer, binding)` of every caller tensor, as the kernels bind them.
     fn tensors(&self) -> [(&'static str, &wgpu::Buffer, u32); 9] {
         [
@@ -546,18 +552,7 @@ impl GpuBackward {
             self.ctx.queue().write_buffer(buffer, 0, data);
         }
         let t = &bufs.tensors;
-        let grads = GradBuffers {
-            q: &t[0],
-            k: &t[1],
-            v: &t[2],
-            out: &t[3],
-            lse: &t[4],
-            d_out: &t[5],
-            dk: &t[6],
-            dv: &t[7],
-            dq: &t[8],
-        };
-        f(&grads, &bufs.readback)
+        f(&GradBuffers::of(&t[..6], [&t[8], &t[6], &t[7]]), &bufs.readback)
     }
 }
 
@@ -627,6 +622,81 @@ mod tests {
             (Kernel::BackwardCoopDkDv, DType::F16, coop(DKDV_BINDINGS)),
         ] {
             assert_eq!(used_bindings(kernel, dtype), want, "{} ({dtype})", kernel.name());
+        }
+    }
+
+    #[test]
+    fn the_redo_runs_both_passes_only_when_armed() {
+        // As the forward's test (`forward.rs`): a probe arms the redo, the portable backward follows it.
+        use crate::gpu::redo::probe;
+        use crate::layout::S2Config;
+        let ctx = Context::with_options(&crate::context::ContextOptions::default()).expect("a wgpu adapter");
+        let device = ctx.device();
+        let layout = Layout::s2(S2Config::new(2, 16, 1, 2)).expect("layout");
+        let (seq, n, rows) = (48, 48 * 2 * 32, 48 * 2);
+        let shape = Shape::new(1, seq, 32, DType::F32);
+        let plan = plan_backward_portable(&shape, &layout, ctx.caps()).expect("portable plan");
+        let mergeq = layout.mergeq(seq, plan.dq.tile_q);
+        let columns = ColumnPlan::build(&layout.index(seq), layout.block_size(), layout.causal(), plan.dkdv.tile_q);
+        let op = GpuBackward::new(&ctx, &layout, shape, &plan, &mergeq, &columns).expect("op");
+        let lse: Vec<f32> = probe::values(rows, 4).iter().map(|x| x + 2.0).collect();
+        let inputs: Vec<Vec<f32>> = vec![
+            probe::values(n, 1),
+            probe::values(n, 2),
+            probe::values(n, 3),
+            probe::values(n, 5),
+            lse,
+            probe::values(n, 6),
+        ];
+        let host: Vec<&[u8]> = inputs.iter().map(|x| bytemuck::cast_slice(x)).collect();
+        let want = op.run_host(host.try_into().expect("six inputs")).expect("direct run");
+        let want: Vec<f32> = want.iter().flat_map(|g| bytemuck::pod_collect_to_vec::<u8, f32>(g)).collect();
+
+        let sizes = op.dispatch_sizes();
+        let args = RedoArgs::new(device, sizes.len());
+        args.arm_with(ctx.queue(), &sizes);
+        let cases: Vec<&[f32]> = probe::CASES.iter().map(|(x, _)| &x[..]).collect();
+        let probes = probe::probes(&ctx, &args, &cases);
+        let t: Vec<wgpu::Buffer> = inputs.iter().map(|x| probe::buffer(device, x)).collect();
+        let sentinel = 7.0f32;
+        let mut encoder = device.create_command_encoder(&Default::default());
+        let mut outs = Vec::new();
+        for probe in &probes {
+            let g: Vec<wgpu::Buffer> = (0..3).map(|_| probe::buffer(device, &vec![sentinel; n])).collect();
+            let buffers = GradBuffers::of(&t, [&g[0], &g[1], &g[2]]);
+            let groups = op.bind_groups(&buffers);
+            args.clear(&mut encoder);
+            let mut cp = encoder.begin_compute_pass(&Default::default());
+            probe::record(&mut cp, probe);
+            for i in 0..op.passes.len() {
+                op.record(&mut cp, i, &groups, Launch::Redo(&args, 0));
+            }
+            drop(cp);
+            outs.push(g);
+        }
+        let usage = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+        let bytes = 3 * n as u64 * 4;
+        let readback = super::super::forward::new_buffer(device, "readback", bytes * outs.len() as u64, usage);
+        for (i, g) in outs.iter().enumerate() {
+            for (j, b) in g.iter().enumerate() {
+                encoder.copy_buffer_to_buffer(
+                    b,
+                    0,
+                    &readback,
+                    i as u64 * bytes + j as u64 * n as u64 * 4,
+                    n as u64 * 4,
+                );
+            }
+        }
+        ctx.queue().submit([encoder.finish()]);
+        let words: Vec<f32> =
+            bytemuck::pod_collect_to_vec(&read_buffer(&ctx, &readback, readback.size()).expect("read"));
+        for (i, (got, (_, armed))) in words.chunks(3 * n).zip(probe::CASES).enumerate() {
+            if armed {
+                assert_eq!(got, &want[..], "op {i}: the armed redo's dQ, dK, dV");
+            } else {
+                assert!(got.iter().all(|&x| x == sentinel), "op {i}: the unarmed redo wrote");
+            }
         }
     }
 }

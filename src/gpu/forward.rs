@@ -643,77 +643,41 @@ pub(crate) fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry
 #[cfg(test)]
 mod tests {
     //! The redo's plumbing on whatever adapter opens (lavapipe in CI, which has no cooperative matrices): a
-    //! small kernel arms the redo through `shaders/shared/coop_redo.wgsl` as the coop kernels' epilogues do,
-    //! and a portable forward is recorded after it as a coop op records its redo.
+    //! probe kernel arms the redo as the coop kernels' epilogues do, and a portable forward is recorded
+    //! after it as a coop op records its redo.
+    use super::super::redo::probe;
     use super::*;
     use crate::context::ContextOptions;
     use crate::layout::S2Config;
     use crate::plan::DType;
-
-    /// Arms the redo where its input holds a non-finite value.
-    const PROBE: &str = "
-@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
-@compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    if gid.x < arrayLength(&x) && nonfinite4(x[gid.x]) {
-        arm_redo();
-    }
-}
-";
-
-    fn init(device: &wgpu::Device, words: &[f32], usage: wgpu::BufferUsages) -> wgpu::Buffer {
-        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents: bytemuck::cast_slice(words),
-            usage: usage | wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-        })
-    }
 
     #[test]
     fn the_redo_runs_only_when_armed_and_each_op_starts_unarmed() {
         let ctx = Context::with_options(&ContextOptions::default()).expect("a wgpu adapter (lavapipe in CI)");
         let device = ctx.device();
         let layout = Layout::s2(S2Config::new(2, 16, 1, 2)).expect("layout");
-        let shape = Shape::new(1, 48, 32, DType::F32);
+        let (seq, n, rows) = (48, 48 * 2 * 32, 48 * 2);
+        let shape = Shape::new(1, seq, 32, DType::F32);
         let plan = plan_portable(&shape, &layout, ctx.caps()).expect("portable plan");
-        let op = GpuForward::new(&ctx, &layout, shape, plan.clone(), layout.mergeq(48, plan.tile_q)).expect("op");
-        let n = 48 * 2 * 32;
-        let input = |seed: u32| -> Vec<f32> {
-            (0..n)
-                .map(|i| ((i as u32).wrapping_mul(2654435761) ^ seed) % 1000)
-                .map(|x| x as f32 / 500.0 - 1.0)
-                .collect()
-        };
-        let (q, k, v) = (input(1), input(2), input(3));
+        let op = GpuForward::new(&ctx, &layout, shape, plan.clone(), layout.mergeq(seq, plan.tile_q)).expect("op");
+        let (q, k, v) = (probe::values(n, 1), probe::values(n, 2), probe::values(n, 3));
         let (want_o, want_lse) = op
             .run_host(bytemuck::cast_slice(&q), bytemuck::cast_slice(&k), bytemuck::cast_slice(&v))
             .expect("direct run");
         let want_o: Vec<f32> = bytemuck::pod_collect_to_vec(&want_o);
 
-        let source = format!("{}{PROBE}", include_str!("../../shaders/shared/coop_redo.wgsl"));
-        // SAFETY: the probe's only loop runs over the redo's few words.
-        let probe = unsafe { ctx.wgsl_pipeline("redo probe", &source, &[]) }.expect("probe pipeline");
         let args = RedoArgs::new(device, op.dispatch_sizes().len());
         args.arm_with(ctx.queue(), &op.dispatch_sizes());
+        let inputs: Vec<&[f32]> = probe::CASES.iter().map(|(x, _)| &x[..]).collect();
+        let probes = probe::probes(&ctx, &args, &inputs);
         let sentinel = 7.0f32;
-        let none = wgpu::BufferUsages::empty();
-        let (qb, kb, vb) = (init(device, &q, none), init(device, &k, none), init(device, &v, none));
-        let finite = [0.5f32; 8];
-        let nan = [0.5, 0.5, f32::NAN, 0.5, 0.5, 0.5, 0.5, 0.5];
-        let inf = [0.5, 0.5, 0.5, 0.5, 0.5, f32::NEG_INFINITY, 0.5, 0.5];
-        // Three ops back to back in one encoder: armed by a NaN, unarmed, armed by an infinity.
-        let cases = [(&nan, true), (&finite, false), (&inf, true)];
+        let (qb, kb, vb) = (probe::buffer(device, &q), probe::buffer(device, &k), probe::buffer(device, &v));
+        // The cases' ops back to back in one encoder.
         let mut encoder = device.create_command_encoder(&Default::default());
         let mut outs = Vec::new();
-        for (x, armed) in cases {
-            let o = init(device, &vec![sentinel; n], none);
-            let lse = init(device, &vec![sentinel; 48 * 2], none);
-            let xb = init(device, x, none);
-            let probe_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: None,
-                layout: &probe.get_bind_group_layout(0),
-                entries: &[entry(0, &xb), entry(REDO_BINDING, args.buffer())],
-            });
+        for probe in &probes {
+            let o = probe::buffer(device, &vec![sentinel; n]);
+            let lse = probe::buffer(device, &vec![sentinel; rows]);
             let key = BindKey {
                 buffers: [qb.clone(), kb.clone(), vb.clone(), o.clone(), lse.clone()],
                 words: [0, 0, 0, 0, 16, 16, 16, 0],
@@ -721,31 +685,24 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
             let groups = op.bind_group(key).expect("bind group");
             args.clear(&mut encoder);
             let mut pass = encoder.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&probe);
-            pass.set_bind_group(0, &probe_group, &[]);
-            pass.dispatch_workgroups(1, 1, 1);
+            probe::record(&mut pass, probe);
             op.record(&mut pass, &groups, Launch::Redo(&args, 0));
             drop(pass);
-            outs.push((o, lse, armed));
+            outs.push((o, lse));
         }
-        let readback = new_buffer(
-            device,
-            "readback",
-            (n as u64 + 96) * 4 * 3,
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        );
-        let mut at = 0;
-        for (o, lse, _) in &outs {
-            encoder.copy_buffer_to_buffer(o, 0, &readback, at, n as u64 * 4);
-            encoder.copy_buffer_to_buffer(lse, 0, &readback, at + n as u64 * 4, 96 * 4);
-            at += (n as u64 + 96) * 4;
+        let bytes = (n + rows) as u64 * 4;
+        let usage = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+        let readback = new_buffer(device, "readback", bytes * outs.len() as u64, usage);
+        for (i, (o, lse)) in outs.iter().enumerate() {
+            encoder.copy_buffer_to_buffer(o, 0, &readback, i as u64 * bytes, n as u64 * 4);
+            encoder.copy_buffer_to_buffer(lse, 0, &readback, i as u64 * bytes + n as u64 * 4, rows as u64 * 4);
         }
         ctx.queue().submit([encoder.finish()]);
-        let bytes = read_buffer(&ctx, &readback, at).expect("readback");
-        let words: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
-        for (i, (chunk, (_, _, armed))) in words.chunks(n + 96).zip(&outs).enumerate() {
+        let words: Vec<f32> =
+            bytemuck::pod_collect_to_vec(&read_buffer(&ctx, &readback, readback.size()).expect("read"));
+        for (i, (chunk, (_, armed))) in words.chunks(n + rows).zip(probe::CASES).enumerate() {
             let (o, lse) = chunk.split_at(n);
-            if *armed {
+            if armed {
                 assert_eq!(o, &want_o[..], "op {i}: the armed redo's O");
                 assert_eq!(lse, &want_lse[..], "op {i}: the armed redo's LSE");
             } else {

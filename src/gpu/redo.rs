@@ -77,3 +77,77 @@ impl Launch<'_> {
         }
     }
 }
+
+/// For the redo's tests (`forward.rs`, `backward.rs`): a probe kernel that arms the redo through
+/// `shaders/shared/coop_redo.wgsl`, as the coop kernels' epilogues do, where its input holds a non-finite
+/// value; it runs on any adapter (lavapipe in CI, which has no cooperative matrices).
+#[cfg(test)]
+pub(crate) mod probe {
+    use super::{RedoArgs, REDO_BINDING};
+    use crate::gpu::WgpuContext;
+    use wgpu::util::DeviceExt;
+
+    const PROBE: &str = "
+@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    if gid.x < arrayLength(&x) && nonfinite4(x[gid.x]) {
+        arm_redo();
+    }
+}
+";
+
+    /// A storage buffer holding `words` (also a copy source).
+    pub(crate) fn buffer(device: &wgpu::Device, words: &[f32]) -> wgpu::Buffer {
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(words),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        })
+    }
+
+    /// The probe, ready to record: the pipeline and a bind group per input of `inputs`.
+    pub(crate) fn probes(
+        ctx: &WgpuContext,
+        args: &RedoArgs,
+        inputs: &[&[f32]],
+    ) -> Vec<(wgpu::ComputePipeline, wgpu::BindGroup)> {
+        let source = format!("{}{PROBE}", include_str!("../../shaders/shared/coop_redo.wgsl"));
+        // SAFETY: the probe's only loop runs over the redo's few words.
+        let pipeline = unsafe { ctx.wgsl_pipeline("redo probe", &source, &[]) }.expect("probe pipeline");
+        inputs
+            .iter()
+            .map(|x| {
+                let input = buffer(ctx.device(), x);
+                let group = ctx.device().create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: None,
+                    layout: &pipeline.get_bind_group_layout(0),
+                    entries: &[
+                        wgpu::BindGroupEntry { binding: 0, resource: input.as_entire_binding() },
+                        wgpu::BindGroupEntry { binding: REDO_BINDING, resource: args.buffer().as_entire_binding() },
+                    ],
+                });
+                (pipeline.clone(), group)
+            })
+            .collect()
+    }
+
+    /// Probe inputs: one with a NaN, one finite, one with an infinity, and whether each arms the redo.
+    pub(crate) const CASES: [([f32; 8], bool); 3] = [
+        ([0.5, 0.5, f32::NAN, 0.5, 0.5, 0.5, 0.5, 0.5], true),
+        ([0.5; 8], false),
+        ([0.5, 0.5, 0.5, 0.5, 0.5, f32::NEG_INFINITY, 0.5, 0.5], true),
+    ];
+
+    /// `n` deterministic values in [-1, 1).
+    pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n).map(|i| ((i as u32).wrapping_mul(2654435761) ^ seed) % 1000).map(|x| x as f32 / 500.0 - 1.0).collect()
+    }
+
+    /// Records the probe into `pass`.
+    pub(crate) fn record(pass: &mut wgpu::ComputePass<'_>, probe: &(wgpu::ComputePipeline, wgpu::BindGroup)) {
+        pass.set_pipeline(&probe.0);
+        pass.set_bind_group(0, &probe.1, &[]);
+        pass.dispatch_workgroups(1, 1, 1);
+    }
+}
