@@ -442,7 +442,7 @@ fn main(
         if l > 0.0 {
             lse = (m + log2(l)) * LN2;
             bad = bad || nonfinite4(vec4<f32>(lse));
-        } else if l != 0.0 || row_sees_a_key(slot, r, qi) {
+        } else if nonfinite4(vec4<f32>(l)) || row_sees_a_key(slot, r, qi) {
             bad = true;
         }
         lse_buf[params.lse_off + (t.b * params.num_heads + head) * seq + qi] = lse;
