@@ -8,14 +8,13 @@
 //! f64 oracle). Pure CPU: runs in CI.
 
 mod common;
-#[path = "oracle/mod.rs"]
-#[allow(dead_code)]
-mod oracle;
 
-use common::coop::{coop_kernels, coop_problems, COOP_TOL, LSE_TOL};
+use common::coop::{
+    coop_kernels, coop_problems, nonfinite_layouts, oracle_problem, place, COOP_TOL, EMPTY_COL, EMPTY_ROW, LSE_TOL,
+};
 use common::{Inputs, Problem, Rng};
 use s2attn::cpu::{forward_coop, rel_l2_error, CoopKernel, Reference};
-use s2attn::{BlockMask, DType, Layout, S2Config};
+use s2attn::DType;
 use std::collections::BTreeSet;
 
 /// The twin's errors against the oracle (out, lse), or why it failed.
@@ -88,66 +87,23 @@ fn the_lazy_rescale_bound_keeps_p_finite_in_f16() {
 
 #[test]
 fn where_the_redo_is_not_armed_non_finite_inputs_give_ieee_results() {
-    // S2 layouts the oracle states by its own rule: causal, bidirectional, GQA with a dense head.
-    let rule = |block, local, vs, dense, bidir| oracle::Rule::S2 {
-        block,
-        local,
-        vert_stride: vs,
-        homo: false,
-        offset: 0,
-        dense_heads: dense,
-        bidirectional: bidir,
-    };
-    let layouts = [
-        (S2Config::new(2, 16, 2, 3), rule(16, 2, 3, 0, None), 71, 64),
-        (S2Config::new(2, 16, 2, 3).bidirectional(2, 1), rule(16, 2, 3, 0, Some((2, 1))), 90, 64),
-        (S2Config::new(4, 32, 1, 4).kv_heads(2).dense_heads(1), rule(32, 1, 4, 1, None), 100, 128),
-    ];
-    let mut cases: Vec<(Layout, oracle::Rule, u32, u32)> =
-        layouts.into_iter().map(|(config, rule, seq, d)| (Layout::s2(config).expect("layout"), rule, seq, d)).collect();
-    // A causal block mask whose query block 2 attends nothing and whose key block 3 no query attends: a
-    // value placed there is read by no active pair (the redo stays unarmed and the result is still IEEE's).
-    let (blocks, empty_row, empty_col) = (6u32, 2u32, 3u32);
-    let bits: Vec<bool> = (0..blocks * blocks)
-        .map(|i| (i / blocks, i % blocks))
-        .map(|(q, k)| q != empty_row && k != empty_col && (k == q || k == 0))
-        .collect();
-    let mask = BlockMask::new(1, blocks, blocks, 16, true, bits.clone()).expect("mask");
-    let rule = oracle::Rule::Mask { block: 16, mask_heads: 1, q_blocks: blocks, kv_blocks: blocks, causal: true, bits };
-    cases.push((Layout::custom(mask, 2, 1).expect("custom layout"), rule, blocks * 16, 64));
     let mut rng = Rng::new(7300);
     let (mut armed, mut unarmed, mut failures) = (0, 0, Vec::new());
-    for (n, (layout, rule, seq, d)) in cases.into_iter().enumerate() {
+    for (n, (layout, rule, seq, d, empty_blocks)) in nonfinite_layouts().into_iter().enumerate() {
         let p = Problem::new(&layout, 1, seq, d, DType::F16);
         for trial in 0..40 {
             let mut x = p.inputs(7200 + 100 * n as u64 + trial);
             let value = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][rng.below(3) as usize];
-            let (name, t) = match rng.below(3) {
-                0 => ("Q", &mut x.q),
-                1 => ("K", &mut x.k),
-                _ => ("V", &mut x.v),
+            let which = rng.below(3);
+            let (name, t, empty) = match which {
+                0 => ("Q", &mut x.q, EMPTY_ROW),
+                1 => ("K", &mut x.k, EMPTY_COL),
+                _ => ("V", &mut x.v, EMPTY_COL),
             };
-            let mut at = rng.below(t.len() as u32) as usize;
-            if n == 3 && trial % 2 == 0 {
-                // Inside the empty query block (Q) or key block (K, V).
-                let row = t.len() / seq as usize;
-                let block = if name == "Q" { empty_row } else { empty_col };
-                at = (block * 16) as usize * row + at % (16 * row);
-            }
-            t[at] = value;
+            // On the block mask every other value goes where no active pair reads it.
+            let at = place(&mut rng, t, seq, (empty_blocks && trial % 2 == 0).then_some(empty), value);
             let pos: Vec<u32> = (0..seq).collect();
-            let want = oracle::Problem {
-                rule: &rule,
-                heads: layout.num_heads(),
-                kv_heads: layout.num_kv_heads(),
-                d: d as usize,
-                scale: p.shape().softmax_scale() as f64,
-                pos: &pos,
-                q: &x.q,
-                k: &x.k,
-                v: &x.v,
-            }
-            .forward();
+            let want = oracle_problem(&p, &rule, &pos, &x).forward();
             for kernel in coop_kernels(&p) {
                 let mq = layout.mergeq(seq, kernel.tile.tile_q);
                 let (out, lse, redo) = forward_coop(&layout, &p.shape(), &kernel, &mq, &x.q, &x.k, &x.v);
@@ -158,7 +114,7 @@ fn where_the_redo_is_not_armed_non_finite_inputs_give_ieee_results() {
                 unarmed += 1;
                 let err = rel_l2_error(out.iter().map(|&v| v as f64), &want.out);
                 let lse_err = rel_l2_error(lse.iter().map(|&v| v as f64), &want.lse);
-                if !(err < COOP_TOL && lse_err < LSE_TOL) {
+                if err.is_nan() || err >= COOP_TOL || lse_err.is_nan() || lse_err >= LSE_TOL {
                     failures.push(format!(
                         "layout {n}, {}: {value} in {name}[{at}] left the redo unarmed; out error {err:.2e}, lse {lse_err:.2e}",
                         kernel.tile
