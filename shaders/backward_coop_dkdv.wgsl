@@ -1,6 +1,7 @@
 // S2 backward on cooperative matrices, pass 2 of 2: dK and dV. f16 storage, f32 accumulation. Same
 // bindings, params and column lists as the portable backward_dkdv.wgsl (CPU twin:
-// src/cpu/backward/coop.rs).
+// src/cpu/backward/coop.rs), plus the redo's dispatch sizes: a non-finite dK or dV in the epilogue arms the
+// portable redo of both backward passes (shared/coop_redo.wgsl).
 //
 // One workgroup per (KV tile of BK keys, KV head, batch). The tile's K and V rows stay in workgroup memory
 // and are loaded as A matrices where needed. Blocks of 16 keys x 16 query rows (NPAIR = NKT x QG of them
@@ -39,6 +40,7 @@ enable wgpu_cooperative_matrix;
 #include shared/params.wgsl
 
 #include shared/coop_backward.wgsl
+#include shared/coop_redo.wgsl
 override NKT: u32 = BK / 16u;        // key ranges of 16
 override QG: u32 = BQ / 16u;         // row groups of 16
 override NPAIR: u32 = NKT * QG;      // (key range, row group) blocks; 16 scratch rows each
@@ -310,17 +312,19 @@ fn reduce(u: Sub, m: CM) -> CM {
 // The reduced dK or dV matrix `m` (head dims 16j..) of subgroup qs = 0, written times `scale`, staged
 // through slot kt of s_s (write_grad takes the slot's rows as those of invocations 32 kt..). The V-sides
 // write first, then the K-sides, a workgroup barrier apart (reduce() ends with one, so the slots are free
-// when the first side starts).
-fn finish(u: Sub, m: CM, lid: u32, k0: u32, b: u32, kv_head: u32, j: u32, scale: f32, which: u32) {
+// when the first side starts). Returns whether a value the subgroup wrote is non-finite.
+fn finish(u: Sub, m: CM, lid: u32, k0: u32, b: u32, kv_head: u32, j: u32, scale: f32, which: u32) -> bool {
     let total = reduce(u, m);
+    var bad = false;
     for (var side = 0u; side <= 1u; side++) {
         if side > 0u {
             workgroupBarrier();
         }
         if u.qs == 0u && u.side == side {
-            write_grad(total, u.kt, 32u * u.kt + lid % 32u, k0, b, kv_head, j, scale, which);
+            bad = write_grad(total, u.kt, 32u * u.kt + lid % 32u, k0, b, kv_head, j, scale, which);
         }
     }
+    return bad;
 }
 
 @compute @workgroup_size(WG)
@@ -454,19 +458,23 @@ fn main(
     }
 
     // dK = scale * sum dS^T Q (scale = scale_log2 * ln 2); dV = sum P^T dO. 16 head dims at a time, the
-    // query-row subgroups' partial sums added first.
+    // query-row subgroups' partial sums added first. A non-finite dK or dV arms the portable redo of both
+    // passes (shared/coop_redo.wgsl).
     let scale = params.scale_log2 * LN2;
     // The V-side's accumulators are dV, the K-side's dK.
     let sc = select(1.0, scale, u.side == 1u);
     let which = select(2u, 1u, u.side == 1u);
-    finish(u, v0, lid, k0, b, kv_head, 0u, sc, which);
-    finish(u, v1, lid, k0, b, kv_head, 1u, sc, which);
-    finish(u, v2, lid, k0, b, kv_head, 2u, sc, which);
-    finish(u, v3, lid, k0, b, kv_head, 3u, sc, which);
+    var bad = finish(u, v0, lid, k0, b, kv_head, 0u, sc, which);
+    bad = bad | finish(u, v1, lid, k0, b, kv_head, 1u, sc, which);
+    bad = bad | finish(u, v2, lid, k0, b, kv_head, 2u, sc, which);
+    bad = bad | finish(u, v3, lid, k0, b, kv_head, 3u, sc, which);
     if D > 64u {
-        finish(u, v4, lid, k0, b, kv_head, 4u, sc, which);
-        finish(u, v5, lid, k0, b, kv_head, 5u, sc, which);
-        finish(u, v6, lid, k0, b, kv_head, 6u, sc, which);
-        finish(u, v7, lid, k0, b, kv_head, 7u, sc, which);
+        bad = bad | finish(u, v4, lid, k0, b, kv_head, 4u, sc, which);
+        bad = bad | finish(u, v5, lid, k0, b, kv_head, 5u, sc, which);
+        bad = bad | finish(u, v6, lid, k0, b, kv_head, 6u, sc, which);
+        bad = bad | finish(u, v7, lid, k0, b, kv_head, 7u, sc, which);
+    }
+    if bad {
+        arm_redo();
     }
 }

@@ -1,6 +1,9 @@
 // S2 backward on cooperative matrices, pass 1 of 2: D = rowsum(dO * O) and dQ. f16 storage, f32
 // accumulation. Same bindings, params and lists as the portable backward_dq.wgsl (CPU twin:
-// src/cpu/backward/portable.rs), the chunk walk of forward_coop.wgsl (shared/coop_chunks.wgsl).
+// src/cpu/backward/portable.rs), the chunk walk of forward_coop.wgsl (shared/coop_chunks.wgsl), plus the
+// redo's dispatch sizes: a non-finite dQ in the epilogue arms the portable redo of both backward passes
+// (shared/coop_redo.wgsl). A NaN LSE (a NaN row of the forward) makes its row's dQ NaN here, so this pass
+// also catches the rows the dK/dV pass treats as masked.
 //
 // One workgroup per (query tile of BQ rows, head, batch) walking the forward's MergeQ tile list in chunks
 // of BK keys. Subgroup g owns rows 16g..16g+15 and keeps their Q and dO (D/16 A matrices each) and the dQ
@@ -23,6 +26,7 @@ enable wgpu_cooperative_matrix;
 #include shared/params.wgsl
 
 #include shared/coop_backward.wgsl
+#include shared/coop_redo.wgsl
 override NSG: u32 = BQ / 16u;          // subgroups the kernel needs
 override NPF: u32 = BK * D / 4u / WG;  // K (and V) vec4s each invocation fetches per chunk
 override PS4: u32 = (BK + 8u) / 4u;    // vec4s per dS row (also Q/dO staging, >= 16 columns)
@@ -282,16 +286,20 @@ fn main(
         }
     }
 
-    // dQ = scale * sum dS K, 16 head dims at a time (scale = scale_log2 * ln 2).
+    // dQ = scale * sum dS K, 16 head dims at a time (scale = scale_log2 * ln 2). A non-finite dQ arms the
+    // portable redo of both passes (shared/coop_redo.wgsl).
     let scale = params.scale_log2 * LN2;
-    write_grad(a0, t.g, lid, row0, t.b, head, 0u, scale, 0u);
-    write_grad(a1, t.g, lid, row0, t.b, head, 1u, scale, 0u);
-    write_grad(a2, t.g, lid, row0, t.b, head, 2u, scale, 0u);
-    write_grad(a3, t.g, lid, row0, t.b, head, 3u, scale, 0u);
+    var bad = write_grad(a0, t.g, lid, row0, t.b, head, 0u, scale, 0u);
+    bad = bad | write_grad(a1, t.g, lid, row0, t.b, head, 1u, scale, 0u);
+    bad = bad | write_grad(a2, t.g, lid, row0, t.b, head, 2u, scale, 0u);
+    bad = bad | write_grad(a3, t.g, lid, row0, t.b, head, 3u, scale, 0u);
     if D > 64u {
-        write_grad(a4, t.g, lid, row0, t.b, head, 4u, scale, 0u);
-        write_grad(a5, t.g, lid, row0, t.b, head, 5u, scale, 0u);
-        write_grad(a6, t.g, lid, row0, t.b, head, 6u, scale, 0u);
-        write_grad(a7, t.g, lid, row0, t.b, head, 7u, scale, 0u);
+        bad = bad | write_grad(a4, t.g, lid, row0, t.b, head, 4u, scale, 0u);
+        bad = bad | write_grad(a5, t.g, lid, row0, t.b, head, 5u, scale, 0u);
+        bad = bad | write_grad(a6, t.g, lid, row0, t.b, head, 6u, scale, 0u);
+        bad = bad | write_grad(a7, t.g, lid, row0, t.b, head, 7u, scale, 0u);
+    }
+    if bad {
+        arm_redo();
     }
 }

@@ -1,6 +1,9 @@
 // S2 forward on cooperative matrices (tensor cores, simdgroup matrices): flash attention over the MergeQ
 // tile lists with both matrix products on 16x16x16 f16 x f16 -> f32 matrix units. f16 storage only (the
-// planner keeps f32 on the portable kernel). Same bindings and params as forward_portable.wgsl.
+// planner keeps f32 on the portable kernel). Same bindings and params as forward_portable.wgsl, plus the
+// redo's dispatch sizes (shared/coop_redo.wgsl): where the epilogue writes a non-finite O or LSE, or a row
+// with an active key has no positive sum, it arms the portable forward the host recorded after it, which
+// redoes the op with IEEE non-finite semantics; the chunk loop itself does nothing for non-finite inputs.
 //
 // One workgroup per (query tile, head, batch) of BQ rows; subgroup g owns rows 16g..16g+15 and keeps
 // their Q (D/16 A matrices) and O (D/16 f32 C matrices) in registers for the whole tile. For each chunk of
@@ -82,6 +85,7 @@ var<workgroup> p_s: array<vec4<f16>, BQ * PS4>;  // P (and Q's staging)
 var<workgroup> s_s: array<vec4<f32>, BQ * SS4>;  // element 0 first carries the subgroup-count check
 
 #include shared/coop_chunks.wgsl
+#include shared/coop_redo.wgsl
 
 // The prologue: every invocation fetches its share of all of Q's column slices at once (one global
 // round trip instead of one per slice). Each subgroup fetches and stages its own 16 rows (element n of
@@ -203,8 +207,9 @@ fn rows_barrier() {
 }
 
 // Writes head dims 16j..16j+15 of O / l through workgroup memory; each invocation 8 of its row. `hh`
-// (0 at every call) would move them by hh*D head dims and to S columns 16hh...
-fn write_o(t: Tile, hh: u32, m: CM, j: u32, inv_l: f32) {
+// (0 at every call) would move them by hh*D head dims and to S columns 16hh... Returns whether a value it
+// wrote is non-finite.
+fn write_o(t: Tile, hh: u32, m: CM, j: u32, inv_l: f32) -> bool {
     let r = 16u * t.g + (t.lid % 32u) / 2u;
     let h = t.lid % 2u;
     let qi = t.row0 + r;
@@ -212,11 +217,29 @@ fn write_o(t: Tile, hh: u32, m: CM, j: u32, inv_l: f32) {
     rows_barrier();
     coopStoreT(m, &s_s[16u * t.g * SS4 + 4u * hh], SS4);
     rows_barrier();
+    var bad = false;
     if qi < params.seq_len {
-        o_buf[o_index(t.b, qi, t.head, jg * 4u + h, D / 4u)] = vec4<f16>(s_s[r * SS4 + 4u * hh + h] * inv_l);
-        o_buf[o_index(t.b, qi, t.head, jg * 4u + h + 2u, D / 4u)] =
-            vec4<f16>(s_s[r * SS4 + 4u * hh + h + 2u] * inv_l);
+        let x0 = s_s[r * SS4 + 4u * hh + h] * inv_l;
+        let x1 = s_s[r * SS4 + 4u * hh + h + 2u] * inv_l;
+        o_buf[o_index(t.b, qi, t.head, jg * 4u + h, D / 4u)] = vec4<f16>(x0);
+        o_buf[o_index(t.b, qi, t.head, jg * 4u + h + 2u, D / 4u)] = vec4<f16>(x1);
+        bad = nonfinite4(x0) || nonfinite4(x1);
     }
+    return bad;
+}
+
+// Whether tile row `r` (query `qi`) has an active key in tile list `slot`: a key inside the sequence (and,
+// causal, not after the row) of a block whose row mask admits the row. The epilogue asks only about rows
+// whose sum is not positive, which finite inputs give only to rows without keys (custom masks).
+fn row_sees_a_key(slot: u32, r: u32, qi: u32) -> bool {
+    let lim = select(params.seq_len, min(params.seq_len, qi + 1u), params.causal != 0u);
+    for (var e = tile_ptr[slot]; e < tile_ptr[slot + 1u]; e++) {
+        let entry = entries[e];
+        if entry.x * params.block_size < lim && row_attends(entry.y, r) {
+            return true;
+        }
+    }
+    return false;
 }
 
 @compute @workgroup_size(WG)
@@ -400,23 +423,31 @@ fn main(
         e_next = e_after;
     }
 
-    // Epilogue: O / l, 16 head dims at a time; then the LSE.
+    // Epilogue: O / l, 16 head dims at a time; then the LSE. A non-finite O or LSE, or a row with an
+    // active key whose sum is not positive (a NaN or +inf score, or only -inf ones), arms the portable
+    // redo (shared/coop_redo.wgsl): IEEE's answer there is not what the matrix units computed.
     let inv_l = select(0.0, 1.0 / l, l > 0.0);
-    write_o(t, 0u, o0, 0u, inv_l);
-    write_o(t, 0u, o1, 1u, inv_l);
-    write_o(t, 0u, o2, 2u, inv_l);
-    write_o(t, 0u, o3, 3u, inv_l);
+    var bad = write_o(t, 0u, o0, 0u, inv_l);
+    bad = bad | write_o(t, 0u, o1, 1u, inv_l);
+    bad = bad | write_o(t, 0u, o2, 2u, inv_l);
+    bad = bad | write_o(t, 0u, o3, 3u, inv_l);
     if D > 64u {
-        write_o(t, 0u, o4, 4u, inv_l);
-        write_o(t, 0u, o5, 5u, inv_l);
-        write_o(t, 0u, o6, 6u, inv_l);
-        write_o(t, 0u, o7, 7u, inv_l);
+        bad = bad | write_o(t, 0u, o4, 4u, inv_l);
+        bad = bad | write_o(t, 0u, o5, 5u, inv_l);
+        bad = bad | write_o(t, 0u, o6, 6u, inv_l);
+        bad = bad | write_o(t, 0u, o7, 7u, inv_l);
     }
     if h == 0u && qi < seq {
         var lse = params.neg_inf;
         if l > 0.0 {
             lse = (m + log2(l)) * LN2;
+            bad = bad || nonfinite4(vec4<f32>(lse));
+        } else if nonfinite4(vec4<f32>(l)) || row_sees_a_key(slot, r, qi) {
+            bad = true;
         }
         lse_buf[params.lse_off + (t.b * params.num_heads + head) * seq + qi] = lse;
+    }
+    if bad {
+        arm_redo();
     }
 }

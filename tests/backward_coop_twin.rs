@@ -2,17 +2,20 @@
 //! analytic gradients, on tests/backward_coop.rs's problems: every dQ tile with the default dK/dV tile and
 //! every dK/dV tile with the default dQ tile, as the planner offers them an H100 (48 KiB of workgroup memory).
 //! The forward's O and LSE come from the coop forward's twin at its default tile, as they would from the GPU.
-//! Pure CPU: runs in CI.
+//! And with a NaN or an infinity in Q, K, V or dO (O and LSE the oracle's, as the forward's redo gives
+//! them): wherever neither kernel would arm the portable redo, the gradients are IEEE's. Pure CPU: runs in CI.
 
 mod common;
 
-use common::coop::{coop_backward_problems, coop_kernels, COOP_TOL};
+use common::coop::{
+    coop_backward_problems, coop_kernels, nonfinite_layouts, oracle_problem, place, COOP_TOL, EMPTY_COL, EMPTY_ROW,
+};
 use common::{Problem, Rng};
 use s2attn::cpu::CoopBackward;
 use s2attn::cpu::{attention_backward_reference, backward_coop, forward_coop, rel_l2_error, BackwardInputs};
 use s2attn::plan::{coop_dkdv_candidates, coop_dq_candidates};
 use s2attn::plan::{ColumnPlan, DeviceCaps};
-use s2attn::Grads;
+use s2attn::{DType, Grads};
 use std::collections::BTreeSet;
 
 /// The coop forward's O and LSE at its default tile (the planner's first candidate choice is not needed:
@@ -20,7 +23,8 @@ use std::collections::BTreeSet;
 fn forward(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let kernel = coop_kernels(p)[0];
     let mq = p.layout.mergeq(p.seq_len, kernel.tile.tile_q);
-    forward_coop(&p.layout, &p.shape(), &kernel, &mq, q, k, v)
+    let (out, lse, _) = forward_coop(&p.layout, &p.shape(), &kernel, &mq, q, k, v);
+    (out, lse)
 }
 
 /// The worst of the three gradients' errors, or why the twin failed.
@@ -28,7 +32,7 @@ fn judge(p: &Problem, kernels: &CoopBackward, x: &BackwardInputs<'_>, want: &Gra
     let mq = p.layout.mergeq(p.seq_len, kernels.dq.tile_q);
     let index = p.layout.index(p.seq_len);
     let columns = ColumnPlan::build(&index, p.layout.block_size(), p.layout.causal(), kernels.dkdv.tile_q);
-    let got = backward_coop(&p.layout, &p.shape(), kernels, &mq, &columns, x);
+    let (got, _) = backward_coop(&p.layout, &p.shape(), kernels, &mq, &columns, x);
     let mut worst = 0f64;
     for (name, g, w) in [("dq", &got.dq, &want.dq), ("dk", &got.dk, &want.dk), ("dv", &got.dv, &want.dv)] {
         if let Some(i) = g.iter().position(|v| !v.is_finite()) {
@@ -95,4 +99,57 @@ fn the_coop_backward_twin_matches_the_oracle_at_every_tile() {
     {
         assert!(ran.contains(&(pass, tile.to_string())), "{pass} never ran {tile}: {ran:?}");
     }
+}
+
+#[test]
+fn where_the_redo_is_not_armed_non_finite_inputs_give_ieee_gradients() {
+    let caps = DeviceCaps::h100_vulkan();
+    let mut rng = Rng::new(8300);
+    let (mut armed, mut unarmed, mut failures) = (0, 0, Vec::new());
+    for (n, (layout, rule, seq, d, empty_blocks)) in nonfinite_layouts().into_iter().enumerate() {
+        let p = Problem::new(&layout, 1, seq, d, DType::F16);
+        let dq = coop_dq_candidates(&p.shape(), &layout, &caps)[0];
+        let dkdv = coop_dkdv_candidates(&p.shape(), &layout, &caps)[0];
+        let kernels = CoopBackward { dq, dkdv };
+        let mq = layout.mergeq(seq, dq.tile_q);
+        let columns = ColumnPlan::build(&layout.index(seq), layout.block_size(), layout.causal(), dkdv.tile_q);
+        for trial in 0..30 {
+            let mut x = p.inputs(8200 + 100 * n as u64 + trial);
+            let mut d_out = Rng::new(8400 + 100 * n as u64 + trial).tensor(p.q_len(), p.dtype);
+            let value = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][rng.below(3) as usize];
+            let (name, t, empty) = match rng.below(4) {
+                0 => ("Q", &mut x.q, EMPTY_ROW),
+                1 => ("K", &mut x.k, EMPTY_COL),
+                2 => ("V", &mut x.v, EMPTY_COL),
+                _ => ("dO", &mut d_out, EMPTY_ROW),
+            };
+            // On the block mask every other value goes where no active pair reads it.
+            let at = place(&mut rng, t, seq, (empty_blocks && trial % 2 == 0).then_some(empty), value);
+            let pos: Vec<u32> = (0..seq).collect();
+            let oracle = oracle_problem(&p, &rule, &pos, &x);
+            let (fwd, want) = (oracle.forward(), oracle.backward(&d_out));
+            let (out, lse): (Vec<f32>, Vec<f32>) =
+                (fwd.out.iter().map(|&v| v as f32).collect(), fwd.lse.iter().map(|&v| v as f32).collect());
+            let inputs = BackwardInputs { q: &x.q, k: &x.k, v: &x.v, out: &out, lse: &lse, d_out: &d_out };
+            let (got, redo) = backward_coop(&layout, &p.shape(), &kernels, &mq, &columns, &inputs);
+            if redo {
+                armed += 1;
+                continue;
+            }
+            unarmed += 1;
+            for (g, (w, grad)) in
+                [&got.dq, &got.dk, &got.dv].into_iter().zip([(&want.dq, "dQ"), (&want.dk, "dK"), (&want.dv, "dV")])
+            {
+                let err = rel_l2_error(g.iter().map(|&v| v as f64), w);
+                if err.is_nan() || err >= COOP_TOL {
+                    failures.push(format!(
+                        "layout {n}: {value} in {name}[{at}] left the redo unarmed; {grad} error {err:.2e}"
+                    ));
+                }
+            }
+        }
+    }
+    println!("{armed} runs armed the redo, {unarmed} did not");
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(armed > 0 && unarmed > 0, "the non-finite inputs armed the redo {armed} times, left it {unarmed}");
 }

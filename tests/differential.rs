@@ -13,9 +13,10 @@
 //! Each case is one mode: the forward (O and LSE), the backward (dQ, dK, dV from the backend's own forward),
 //! decode from the paged KV cache (the last token or a speculative window), or variable-length (chunked)
 //! prefill. Some cases put one NaN or infinity into Q, K or V: the outputs must be non-finite exactly where
-//! the oracle's are. The portable WGSL kernels (forward, backward, decode and variable-length) and the CUDA
-//! decode kernels implement those semantics; the tensor-core forward and backward kernels (WGSL
-//! cooperative matrices, CUDA) do not yet, so such cases run there without the non-finite value
+//! the oracle's are. The WGSL kernels (portable and cooperative-matrix forward and backward, decode and
+//! variable-length; the cooperative-matrix ones by redoing the op on the portable kernels when they meet a
+//! non-finite value) and the CUDA decode kernels implement those semantics; the CUDA tensor-core forward
+//! and backward kernels do not yet, so such cases run there without the non-finite value
 //! (`nonfinite_supported`).
 
 #[path = "oracle/mod.rs"]
@@ -460,23 +461,15 @@ fn oracle_problem<'a>(
     }
 }
 
-/// Whether the kernels a case runs give IEEE results for non-finite inputs: the portable WGSL kernels and
-/// the decode kernels of both backends do (variable-length prefill runs the WGSL decode kernels); the
-/// tensor-core forward and backward kernels not yet.
+/// Whether the kernels a case runs give IEEE results for non-finite inputs: every WGSL kernel does (the
+/// cooperative-matrix forward and backward through their portable redo) and the decode kernels of both
+/// backends (variable-length prefill runs the WGSL decode kernels); the CUDA tensor-core forward and
+/// backward kernels not yet.
 fn nonfinite_supported(ctx: &Context, c: &Case) -> bool {
     if !matches!(c.mode, Mode::Forward | Mode::Backward) {
         return true;
     }
-    if is_cuda(ctx) {
-        return false;
-    }
-    let Ok((layout, _)) = layouts(c, c.seq.div_ceil(c.block)) else { return true };
-    let shape = Shape::new(c.batch, c.seq, c.d, c.dtype);
-    let portable = |v: KernelVariant| v == KernelVariant::Portable;
-    let fwd = Attention::new(ctx, &layout, shape).is_ok_and(|op| portable(op.plan().variant));
-    let bwd = c.mode == Mode::Forward
-        || AttentionGrad::new(ctx, &layout, shape).is_ok_and(|op| portable(op.plan().dq.variant));
-    fwd && bwd
+    !is_cuda(ctx)
 }
 
 fn run_case(c: &Case) -> Result<(), String> {

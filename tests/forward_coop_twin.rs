@@ -3,19 +3,24 @@
 //! the kernel's walk, mask predicate and lazy rescale, checked without a matrix unit (every subgroup runs
 //! every chunk, so the mask alone must keep out what a subgroup's rows do not see). Also: the lazy
 //! rescale's bound is what keeps P finite in f16 (a twin with a larger threshold overflows on the
-//! large-scale problems), and the eager twin (threshold 0) agrees. Pure CPU: runs in CI.
+//! large-scale problems), and the eager twin (threshold 0) agrees. And with a NaN or an infinity in Q, K or
+//! V: wherever the kernel would not arm its portable redo, what it wrote is IEEE's (the differential test's
+//! f64 oracle). Pure CPU: runs in CI.
 
 mod common;
 
-use common::coop::{coop_kernels, coop_problems, COOP_TOL, LSE_TOL};
-use common::{Inputs, Problem};
+use common::coop::{
+    coop_kernels, coop_problems, nonfinite_layouts, oracle_problem, place, COOP_TOL, EMPTY_COL, EMPTY_ROW, LSE_TOL,
+};
+use common::{Inputs, Problem, Rng};
 use s2attn::cpu::{forward_coop, rel_l2_error, CoopKernel, Reference};
+use s2attn::DType;
 use std::collections::BTreeSet;
 
 /// The twin's errors against the oracle (out, lse), or why it failed.
 fn judge(kernel: &CoopKernel, p: &Problem, x: &Inputs, want: &Reference) -> Result<(f64, f64), String> {
     let mq = p.layout.mergeq(p.seq_len, kernel.tile.tile_q);
-    let (out, lse) = forward_coop(&p.layout, &p.shape(), kernel, &mq, &x.q, &x.k, &x.v);
+    let (out, lse, _) = forward_coop(&p.layout, &p.shape(), kernel, &mq, &x.q, &x.k, &x.v);
     if let Some(i) = out.iter().position(|v| !v.is_finite()) {
         return Err(format!("output element {i} is {}", out[i]));
     }
@@ -78,4 +83,47 @@ fn the_lazy_rescale_bound_keeps_p_finite_in_f16() {
         }
     }
     assert!(overflowed > 0, "no large-scale problem overflowed f16 with threshold 40: the problems lost their point");
+}
+
+#[test]
+fn where_the_redo_is_not_armed_non_finite_inputs_give_ieee_results() {
+    let mut rng = Rng::new(7300);
+    let (mut armed, mut unarmed, mut failures) = (0, 0, Vec::new());
+    for (n, (layout, rule, seq, d, empty_blocks)) in nonfinite_layouts().into_iter().enumerate() {
+        let p = Problem::new(&layout, 1, seq, d, DType::F16);
+        for trial in 0..40 {
+            let mut x = p.inputs(7200 + 100 * n as u64 + trial);
+            let value = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][rng.below(3) as usize];
+            let which = rng.below(3);
+            let (name, t, empty) = match which {
+                0 => ("Q", &mut x.q, EMPTY_ROW),
+                1 => ("K", &mut x.k, EMPTY_COL),
+                _ => ("V", &mut x.v, EMPTY_COL),
+            };
+            // On the block mask every other value goes where no active pair reads it.
+            let at = place(&mut rng, t, seq, (empty_blocks && trial % 2 == 0).then_some(empty), value);
+            let pos: Vec<u32> = (0..seq).collect();
+            let want = oracle_problem(&p, &rule, &pos, &x).forward();
+            for kernel in coop_kernels(&p) {
+                let mq = layout.mergeq(seq, kernel.tile.tile_q);
+                let (out, lse, redo) = forward_coop(&layout, &p.shape(), &kernel, &mq, &x.q, &x.k, &x.v);
+                if redo {
+                    armed += 1;
+                    continue;
+                }
+                unarmed += 1;
+                let err = rel_l2_error(out.iter().map(|&v| v as f64), &want.out);
+                let lse_err = rel_l2_error(lse.iter().map(|&v| v as f64), &want.lse);
+                if err.is_nan() || err >= COOP_TOL || lse_err.is_nan() || lse_err >= LSE_TOL {
+                    failures.push(format!(
+                        "layout {n}, {}: {value} in {name}[{at}] left the redo unarmed; out error {err:.2e}, lse {lse_err:.2e}",
+                        kernel.tile
+                    ));
+                }
+            }
+        }
+    }
+    println!("{armed} runs armed the redo, {unarmed} did not");
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(armed > 0 && unarmed > 0, "the non-finite inputs armed the redo {armed} times, left it {unarmed}");
 }

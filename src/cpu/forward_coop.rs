@@ -6,6 +6,11 @@
 //! `1 / l` rounded to f16 on the way out. Scores and sums are f32, as on the matrix units; only the order of the
 //! f32 additions differs from the kernel's.
 //!
+//! Its numbers model finite inputs. Where the kernel writes a non-finite O or LSE, or a row with an active
+//! key ends with no positive sum, its epilogue arms the portable redo and the op returns the portable
+//! kernel's result instead (`shaders/shared/coop_redo.wgsl`); the twin also says whether the kernel would,
+//! so that tests can check that an unarmed result is IEEE's.
+//!
 //! Tests hold it against the f64 oracle on every tile the planner can choose, in CI
 //! (tests/forward_coop_twin.rs), so that a walk or mask bug shows up without a matrix unit; the GPU test
 //! holds the kernel against the oracle and against this twin.
@@ -76,7 +81,8 @@ impl RowState {
 /// Forward attention as the coop kernel computes it, over `mergeq` (built for `kernel.tile.tile_q`).
 /// Inputs `[batch, seq, heads, head_dim]` (K and V with the layout's KV heads), rounded to f16 as the
 /// kernel's storage holds them; returns `(out, lse)` as [`attention_reference`](super::attention_reference)
-/// lays them out, `out` rounded to f16.
+/// lays them out, `out` rounded to f16, and whether the kernel's epilogue arms the portable redo (some O
+/// or LSE it writes is non-finite, or a row with an active key ends with no positive sum).
 pub fn forward_coop(
     layout: &Layout,
     shape: &Shape,
@@ -85,7 +91,7 @@ pub fn forward_coop(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-) -> (Vec<f32>, Vec<f32>) {
+) -> (Vec<f32>, Vec<f32>, bool) {
     let (batch, seq, d) = (shape.batch, shape.seq_len, shape.head_dim as usize);
     let (h_n, hk_n) = (layout.num_heads(), layout.num_kv_heads());
     let (bs, causal) = (layout.block_size(), layout.causal());
@@ -102,6 +108,7 @@ pub fn forward_coop(
     let kv_at = |b: u32, t: u32, h: u32| ((b * seq + t.min(seq - 1)) * hk_n + h) as usize * d;
 
     let (mut s, mut p) = (vec![0f32; bk as usize], vec![0f32; bk as usize]);
+    let mut redo = false;
     for TileTask { b, h, kv_head: kvh, pattern, tile, row0 } in tile_tasks(layout, mergeq, batch) {
         let mut rows = vec![RowState::default(); tq as usize];
         let mut o = vec![0f32; tq as usize * d];
@@ -137,11 +144,22 @@ pub fn forward_coop(
             let qi = row0 + r as u32;
             let inv_l = if row.l > 0.0 { 1.0 / row.l } else { 0.0 };
             let dst = &mut out[((b * seq + qi) * h_n + h) as usize * d..][..d];
-            dst.iter_mut().zip(&o[r * d..][..d]).for_each(|(x, a)| *x = to_f16(a * inv_l));
+            for (x, a) in dst.iter_mut().zip(&o[r * d..][..d]) {
+                redo |= !(a * inv_l).is_finite();
+                *x = to_f16(a * inv_l);
+            }
             if row.l > 0.0 {
-                lse[((b * h_n + h) * seq + qi) as usize] = (row.m + row.l.log2()) * std::f32::consts::LN_2;
+                let at = ((b * h_n + h) * seq + qi) as usize;
+                lse[at] = (row.m + row.l.log2()) * std::f32::consts::LN_2;
+                redo |= !lse[at].is_finite();
+            } else {
+                // The row's active keys: inside the sequence, not after the row (causal), in its row mask.
+                let lim = if causal { seq.min(qi + 1) } else { seq };
+                let sees_a_key =
+                    mergeq.tile(pattern, tile).iter().any(|e| e.kv_block * bs < lim && e.rows.attends(r as u32, bs));
+                redo |= row.l.is_nan() || sees_a_key;
             }
         }
     }
-    (out, lse)
+    (out, lse, redo)
 }

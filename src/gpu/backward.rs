@@ -1,18 +1,21 @@
 //! Host side of the WGSL backward: the dQ pass (`backward_dq.wgsl`, or `backward_coop_dq.wgsl` on
 //! cooperative matrices; both also write `D = rowsum(dO * O)`) over the forward's MergeQ row lists, then
 //! the dK/dV pass (`backward_dkdv.wgsl` / `backward_coop_dkdv.wgsl`) over the column plan. The two kernel
-//! families share bindings, params and lists, so only the kernels differ. Index buffers, params and the D scratch buffer are built once per op; bind groups
-//! are cached per set of caller buffers; the host-slice path owns its own tensors.
+//! families share bindings, params and lists, so only the kernels differ. Index buffers, params and the D
+//! scratch buffer are built once per op; bind groups are cached per set of caller buffers; the host-slice
+//! path owns its own tensors. An op on the coop kernels also holds the portable backward that redoes both
+//! passes when a coop kernel met a non-finite value (`redo.rs`), recorded after the coop passes.
 
 use super::forward::read_buffer;
+use super::redo::{Launch, RedoArgs, REDO_BINDING};
 use super::shaders::{overrides, Kernel};
 use super::timing::{time_encoded, Stamps};
 use super::{Timing, WgpuContext as Context};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::plan::{
-    backward_dkdv_cost, backward_dq_cost, check_combine, BackwardPlan, ColumnPlan, KernelVariant, ListSplit,
-    MergeQPlan, Shape,
+    backward_dkdv_cost, backward_dq_cost, check_combine, plan_backward_portable, BackwardPlan, ColumnPlan,
+    KernelVariant, ListSplit, MergeQPlan, Shape,
 };
 use std::sync::Mutex;
 use wgpu::util::DeviceExt;
@@ -43,7 +46,13 @@ pub struct GradBuffers<'a> {
     pub dv: &'a wgpu::Buffer,
 }
 
-impl GradBuffers<'_> {
+impl<'a> GradBuffers<'a> {
+    /// The inputs `q, k, v, out, lse, d_out` in that order, and the outputs `[dq, dk, dv]`.
+    fn of(inputs: &'a [wgpu::Buffer], [dq, dk, dv]: [&'a wgpu::Buffer; 3]) -> Self {
+        let [q, k, v, out, lse, d_out] = [0, 1, 2, 3, 4, 5].map(|i| &inputs[i]);
+        Self { q, k, v, out, lse, d_out, dq, dk, dv }
+    }
+
     /// `(name, buffer, binding)` of every caller tensor, as the kernels bind them.
     fn tensors(&self) -> [(&'static str, &wgpu::Buffer, u32); 9] {
         [
@@ -119,6 +128,15 @@ pub(crate) struct GpuBackward {
     partials: wgpu::Buffer,
     binds: Mutex<Vec<(Vec<wgpu::Buffer>, PassGroups)>>,
     host: Mutex<Option<HostBuffers>>,
+    /// On the coop kernels: the portable redo (see `redo.rs`).
+    redo: Option<Redo>,
+}
+
+/// The portable backward that redoes a coop op whose kernels met a non-finite value, and its indirect
+/// dispatch sizes (zero unless a coop kernel armed them).
+struct Redo {
+    op: Box<GpuBackward>,
+    args: RedoArgs,
 }
 
 /// The dQ and dK/dV kernels a wgpu backward plan runs (both portable or both coop).
@@ -213,12 +231,15 @@ impl GpuBackward {
                 dispatch: [x, groups.div_ceil(x as u64) as u32, 1],
             })
         };
+        // The portable kernels bind their split partials, the coop ones the redo's dispatch sizes.
         let with_partials = |base: &[u32]| {
             let mut b = base.to_vec();
-            if portable {
-                b.push(PARTIALS);
-            }
+            b.push(if portable { PARTIALS } else { REDO_BINDING });
             b
+        };
+        let redo = match portable {
+            true => None,
+            false => Some(Self::portable_redo(ctx, layout, shape)?),
         };
         for (split, rows, what) in [(dq_split, heads, "dQ"), (dkdv_split, kv_heads, "dK/dV")] {
             let y = rows as u64 * split.splits as u64;
@@ -304,7 +325,44 @@ impl GpuBackward {
             partials,
             binds: Mutex::default(),
             host: Mutex::default(),
+            redo,
         })
+    }
+
+    /// The portable backward a coop op falls back to, planned as the planner plans the portable kernels,
+    /// with its own row and column lists and D scratch buffer.
+    fn portable_redo(ctx: &Context, layout: &Layout, shape: Shape) -> Result<Redo> {
+        let plan = plan_backward_portable(&shape, layout, ctx.caps())?;
+        let mergeq = layout.mergeq(shape.seq_len, plan.dq.tile_q);
+        let index = layout.index(shape.seq_len);
+        let columns = ColumnPlan::build(&index, layout.block_size(), layout.causal(), plan.dkdv.tile_q);
+        let op = GpuBackward::new(ctx, layout, shape, &plan, &mergeq, &columns)?;
+        let sizes = op.dispatch_sizes();
+        let args = RedoArgs::new(ctx.device(), sizes.len());
+        args.arm_with(ctx.queue(), &sizes);
+        Ok(Redo { op: Box::new(op), args })
+    }
+
+    /// The workgroups of each dispatch the op records, in order: the dQ kernel's and its split sums', then
+    /// the dK/dV kernel's and its split sums'.
+    fn dispatch_sizes(&self) -> Vec<[u32; 3]> {
+        self.passes.iter().flat_map(|p| std::iter::once(p.dispatch).chain(p.sums.iter().map(|s| s.dispatch))).collect()
+    }
+
+    /// Records pass `i` (0 dQ, 1 dK/dV) and its split sums into `cp`.
+    fn record(&self, cp: &mut wgpu::ComputePass<'_>, i: usize, groups: &PassGroups, launch: Launch<'_>) {
+        let (pass, group) = (&self.passes[i], &groups[i]);
+        // Index of the pass's first dispatch among the op's.
+        let first: usize = self.passes[..i].iter().map(|p| 1 + p.sums.len()).sum();
+        cp.set_pipeline(&pass.pipeline);
+        cp.set_bind_group(0, &group[0], &[]);
+        launch.dispatch(cp, first, pass.dispatch);
+        // Dispatches of one compute pass are ordered: each sum sees every split's partials.
+        for (n, (sum, group)) in pass.sums.iter().zip(&group[1..]).enumerate() {
+            cp.set_pipeline(&sum.pipeline);
+            cp.set_bind_group(0, group, &[]);
+            launch.dispatch(cp, first + 1 + n, sum.dispatch);
+        }
     }
 
     /// Bytes of each caller tensor, in [`GradBuffers::tensors`] order.
@@ -356,7 +414,12 @@ impl GpuBackward {
     ) -> Result<()> {
         self.check(buffers)?;
         let groups = self.bind_groups(buffers);
-        for (i, (pass, group)) in self.passes.iter().zip(&groups).enumerate() {
+        let redo = self.redo.as_ref().map(|redo| {
+            // Before the coop kernels, which may arm them: each op recorded starts unarmed.
+            redo.args.clear(encoder);
+            (redo, redo.op.bind_groups(buffers))
+        });
+        for (i, pass) in self.passes.iter().enumerate() {
             let timestamp_writes = stamps.map(|s| wgpu::ComputePassTimestampWrites {
                 query_set: s.set,
                 beginning_of_pass_write_index: (i == 0).then_some(s.begin),
@@ -364,16 +427,13 @@ impl GpuBackward {
             });
             let mut cp =
                 encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(pass.label), timestamp_writes });
-            cp.set_pipeline(&pass.pipeline);
-            cp.set_bind_group(0, &group[0], &[]);
-            let [x, y, z] = pass.dispatch;
-            cp.dispatch_workgroups(x, y, z);
-            // Dispatches of one compute pass are ordered: each sum sees every split's partials.
-            for (sum, group) in pass.sums.iter().zip(&group[1..]) {
-                cp.set_pipeline(&sum.pipeline);
-                cp.set_bind_group(0, group, &[]);
-                let [x, y, z] = sum.dispatch;
-                cp.dispatch_workgroups(x, y, z);
+            self.record(&mut cp, i, &groups, Launch::Direct);
+            if let (1, Some((redo, redo_groups))) = (i, &redo) {
+                // Both portable passes, ordered after both coop kernels (either may arm them) in the dK/dV
+                // pass; empty unless armed.
+                for j in 0..redo.op.passes.len() {
+                    redo.op.record(&mut cp, j, redo_groups, Launch::Redo(&redo.args, 0));
+                }
             }
         }
         Ok(())
@@ -397,6 +457,7 @@ impl GpuBackward {
                 LIST_ENTRIES => &pass.entries,
                 DELTA => &self.delta,
                 PARTIALS => &self.partials,
+                REDO_BINDING => self.redo.as_ref().map_or(&self.partials, |r| r.args.buffer()),
                 // Every other binding a pass lists is a caller tensor's.
                 other => tensors.iter().find(|t| t.2 == other).map_or(&self.delta, |t| t.1),
             };
@@ -491,18 +552,7 @@ impl GpuBackward {
             self.ctx.queue().write_buffer(buffer, 0, data);
         }
         let t = &bufs.tensors;
-        let grads = GradBuffers {
-            q: &t[0],
-            k: &t[1],
-            v: &t[2],
-            out: &t[3],
-            lse: &t[4],
-            d_out: &t[5],
-            dk: &t[6],
-            dv: &t[7],
-            dq: &t[8],
-        };
-        f(&grads, &bufs.readback)
+        f(&GradBuffers::of(&t[..6], [&t[8], &t[6], &t[7]]), &bufs.readback)
     }
 }
 
@@ -554,22 +604,99 @@ mod tests {
     #[test]
     fn each_pass_binds_exactly_what_its_kernels_use() {
         // The bind group must list every binding the pipeline's auto layout has, and no other (wgpu
-        // refuses the bind group otherwise); both kernel families share the lists.
+        // refuses the bind group otherwise); both kernel families share the lists, the portable kernels
+        // adding their split partials, the coop ones the redo's dispatch sizes.
         let sorted = |b: &[u32]| {
             let mut v = b.to_vec();
             v.sort_unstable();
             v
         };
         let portable = |b: &[u32]| sorted(&[b, &[PARTIALS]].concat());
+        let coop = |b: &[u32]| sorted(&[b, &[REDO_BINDING]].concat());
         for (kernel, dtype, want) in [
             (Kernel::BackwardDq, DType::F32, portable(DQ_BINDINGS)),
             (Kernel::BackwardDq, DType::F16, portable(DQ_BINDINGS)),
-            (Kernel::BackwardCoopDq, DType::F16, sorted(DQ_BINDINGS)),
+            (Kernel::BackwardCoopDq, DType::F16, coop(DQ_BINDINGS)),
             (Kernel::BackwardDkDv, DType::F32, portable(DKDV_BINDINGS)),
             (Kernel::BackwardDkDv, DType::F16, portable(DKDV_BINDINGS)),
-            (Kernel::BackwardCoopDkDv, DType::F16, sorted(DKDV_BINDINGS)),
+            (Kernel::BackwardCoopDkDv, DType::F16, coop(DKDV_BINDINGS)),
         ] {
             assert_eq!(used_bindings(kernel, dtype), want, "{} ({dtype})", kernel.name());
+        }
+    }
+
+    #[test]
+    fn the_redo_runs_both_passes_only_when_armed() {
+        // As the forward's test (`forward.rs`): a probe arms the redo, the portable backward follows it.
+        use crate::gpu::redo::probe;
+        use crate::layout::S2Config;
+        let ctx = Context::with_options(&crate::context::ContextOptions::default()).expect("a wgpu adapter");
+        let device = ctx.device();
+        let layout = Layout::s2(S2Config::new(2, 16, 1, 2)).expect("layout");
+        let (seq, n, rows) = (48, 48 * 2 * 32, 48 * 2);
+        let shape = Shape::new(1, seq, 32, DType::F32);
+        let plan = plan_backward_portable(&shape, &layout, ctx.caps()).expect("portable plan");
+        let mergeq = layout.mergeq(seq, plan.dq.tile_q);
+        let columns = ColumnPlan::build(&layout.index(seq), layout.block_size(), layout.causal(), plan.dkdv.tile_q);
+        let op = GpuBackward::new(&ctx, &layout, shape, &plan, &mergeq, &columns).expect("op");
+        let lse: Vec<f32> = probe::values(rows, 4).iter().map(|x| x + 2.0).collect();
+        let inputs: Vec<Vec<f32>> = vec![
+            probe::values(n, 1),
+            probe::values(n, 2),
+            probe::values(n, 3),
+            probe::values(n, 5),
+            lse,
+            probe::values(n, 6),
+        ];
+        let host: Vec<&[u8]> = inputs.iter().map(|x| bytemuck::cast_slice(x)).collect();
+        let want = op.run_host(host.try_into().expect("six inputs")).expect("direct run");
+        let want: Vec<f32> = want.iter().flat_map(|g| bytemuck::pod_collect_to_vec::<u8, f32>(g)).collect();
+
+        let sizes = op.dispatch_sizes();
+        let args = RedoArgs::new(device, sizes.len());
+        args.arm_with(ctx.queue(), &sizes);
+        let cases: Vec<&[f32]> = probe::CASES.iter().map(|(x, _)| &x[..]).collect();
+        let probes = probe::probes(&ctx, &args, &cases);
+        let t: Vec<wgpu::Buffer> = inputs.iter().map(|x| probe::buffer(device, x)).collect();
+        let sentinel = 7.0f32;
+        let mut encoder = device.create_command_encoder(&Default::default());
+        let mut outs = Vec::new();
+        for probe in &probes {
+            let g: Vec<wgpu::Buffer> = (0..3).map(|_| probe::buffer(device, &vec![sentinel; n])).collect();
+            let buffers = GradBuffers::of(&t, [&g[0], &g[1], &g[2]]);
+            let groups = op.bind_groups(&buffers);
+            args.clear(&mut encoder);
+            let mut cp = encoder.begin_compute_pass(&Default::default());
+            probe::record(&mut cp, probe);
+            for i in 0..op.passes.len() {
+                op.record(&mut cp, i, &groups, Launch::Redo(&args, 0));
+            }
+            drop(cp);
+            outs.push(g);
+        }
+        let usage = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+        let bytes = 3 * n as u64 * 4;
+        let readback = super::super::forward::new_buffer(device, "readback", bytes * outs.len() as u64, usage);
+        for (i, g) in outs.iter().enumerate() {
+            for (j, b) in g.iter().enumerate() {
+                encoder.copy_buffer_to_buffer(
+                    b,
+                    0,
+                    &readback,
+                    i as u64 * bytes + j as u64 * n as u64 * 4,
+                    n as u64 * 4,
+                );
+            }
+        }
+        ctx.queue().submit([encoder.finish()]);
+        let words: Vec<f32> =
+            bytemuck::pod_collect_to_vec(&read_buffer(&ctx, &readback, readback.size()).expect("read"));
+        for (i, (got, (_, armed))) in words.chunks(3 * n).zip(probe::CASES).enumerate() {
+            if armed {
+                assert_eq!(got, &want[..], "op {i}: the armed redo's dQ, dK, dV");
+            } else {
+                assert!(got.iter().all(|&x| x == sentinel), "op {i}: the unarmed redo wrote");
+            }
         }
     }
 }

@@ -1,11 +1,16 @@
 //! Host side of the WGSL forward kernels: index buffers built once per op, bind groups cached per set of
-//! tensor views, encoding into a caller's command encoder, and the host-slice convenience path.
+//! tensor views, encoding into a caller's command encoder, and the host-slice convenience path. An op on
+//! the cooperative-matrix kernel also holds the portable forward that redoes it when the coop kernel met a
+//! non-finite value (`redo.rs`), recorded after the coop kernel in every encode.
 
+use super::redo::{Launch, RedoArgs, REDO_BINDING};
 use super::shaders::{overrides, Kernel};
 use super::WgpuContext as Context;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::plan::{check_combine, forward_portable_cost, DispatchPlan, KernelVariant, ListSplit, MergeQPlan, Shape};
+use crate::plan::{
+    check_combine, forward_portable_cost, plan_portable, DispatchPlan, KernelVariant, ListSplit, MergeQPlan, Shape,
+};
 use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
@@ -130,6 +135,15 @@ pub(crate) struct GpuForward {
     binds: Mutex<Vec<(BindKey, ViewGroups)>>,
     host: Mutex<Option<HostBuffers>>,
     buffers_created: std::sync::atomic::AtomicUsize,
+    /// On the coop kernel: the portable redo (see `redo.rs`).
+    redo: Option<Redo>,
+}
+
+/// The portable forward that redoes a coop op whose kernel met a non-finite value, and its indirect
+/// dispatch sizes (zero unless the coop kernel armed them).
+struct Redo {
+    op: Box<GpuForward>,
+    args: RedoArgs,
 }
 
 /// The portable forward's split partials and the kernel that merges them (`split_merge.wgsl`).
@@ -151,6 +165,10 @@ impl GpuForward {
     ) -> Result<Self> {
         let kernel = forward_kernel(&plan)?;
         let pipeline = ctx.pipeline(kernel, shape.dtype, &overrides(&plan, shape.head_dim))?;
+        let redo = match kernel {
+            Kernel::ForwardCoop => Some(Self::portable_redo(ctx, layout, shape, plan.tile_q)?),
+            _ => None,
+        };
         let device = ctx.device();
         let list_split = match kernel {
             Kernel::ForwardPortable => {
@@ -212,14 +230,46 @@ impl GpuForward {
             dispatched: mergeq.tiles(),
             pipeline,
             tile_q: mergeq.tile_q(),
-            buffers_created: (2 + partials.is_some() as usize).into(),
+            buffers_created: (2 + partials.is_some() as usize + redo.is_some() as usize).into(),
             split,
             partials,
             tile_ptr,
             entries,
             binds: Mutex::default(),
             host: Mutex::default(),
+            redo,
         })
+    }
+
+    /// The portable forward a coop op of query tile `tile_q` falls back to, planned as the planner plans
+    /// the portable kernel, with its own tile lists. Its tile divides the coop tile (both powers of two,
+    /// the portable one at most 64 rows, the coop one at least 64), so that a restriction to the rows from
+    /// some coop tile on restricts it exactly.
+    fn portable_redo(ctx: &Context, layout: &Layout, shape: Shape, tile_q: u32) -> Result<Redo> {
+        let plan = plan_portable(&shape, layout, ctx.caps())?;
+        if tile_q % plan.tile_q != 0 {
+            return Err(Error::Unsupported(format!(
+                "the coop forward's {tile_q}-row tiles are not a multiple of its portable redo's {}",
+                plan.tile_q
+            )));
+        }
+        let mergeq = layout.mergeq(shape.seq_len, plan.tile_q);
+        let op = GpuForward::new(ctx, layout, shape, plan, mergeq)?;
+        let sizes = op.dispatch_sizes();
+        let args = RedoArgs::new(ctx.device(), sizes.len());
+        args.arm_with(ctx.queue(), &sizes);
+        Ok(Redo { op: Box::new(op), args })
+    }
+
+    /// The workgroups of each dispatch the op records, in order: the kernel's, then the split merge's.
+    fn dispatch_sizes(&self) -> Vec<[u32; 3]> {
+        let splits = self.split.as_ref().map_or(1, |s| s.splits);
+        let mut sizes = vec![[self.dispatched, self.num_heads * splits, self.shape.batch]];
+        if self.split.is_some() {
+            let rows = self.shape.seq_len - self.base.first_row;
+            sizes.push([rows.div_ceil(MERGE_WG), self.num_heads, self.shape.batch]);
+        }
+        sizes
     }
 
     /// The merge pipeline for `split` (none when the lists are walked whole) and the partials buffer the
@@ -267,11 +317,18 @@ impl GpuForward {
     pub(crate) fn restrict_to_tiles_from(&mut self, first_tile: u32) {
         self.dispatched = self.base.tiles - first_tile.min(self.base.tiles);
         self.base.first_row = (first_tile * self.tile_q).min(self.shape.seq_len);
+        if let Some(redo) = &mut self.redo {
+            // The redo's tile divides this one (`portable_redo`): the same rows.
+            redo.op.restrict_to_tiles_from(first_tile * (self.tile_q / redo.op.tile_q));
+            redo.args.arm_with(self.ctx.queue(), &redo.op.dispatch_sizes());
+        }
     }
 
-    /// Buffers this op has created so far (index, params and host staging buffers).
+    /// Buffers this op (and its portable redo) has created so far (index, params and host staging
+    /// buffers).
     pub(crate) fn buffers_created(&self) -> usize {
-        self.buffers_created.load(std::sync::atomic::Ordering::Relaxed)
+        let redo = self.redo.as_ref().map_or(0, |r| r.op.buffers_created());
+        self.buffers_created.load(std::sync::atomic::Ordering::Relaxed) + redo
     }
 
     fn tokens(&self) -> u64 {
@@ -337,23 +394,39 @@ impl GpuForward {
             buffers: [q.buffer.clone(), k.buffer.clone(), v.buffer.clone(), o.buffer.clone(), lse.0.clone()],
             words: [q_off, k_off, v_off, o_off, q_stride, kv_stride, o_stride, lse_off],
         };
-        let (bind, merge_bind) = self.bind_group(key)?;
+        let groups = self.bind_group(key.clone())?;
+        let redo = match &self.redo {
+            Some(redo) => {
+                // Before the coop kernel, which may arm them: each op recorded starts unarmed.
+                redo.args.clear(encoder);
+                Some((redo, redo.op.bind_group(key)?))
+            }
+            None => None,
+        };
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("s2attn forward"),
             timestamp_writes: timestamps,
         });
+        self.record(&mut pass, &groups, Launch::Direct);
+        if let Some((redo, groups)) = redo {
+            // Ordered after the coop kernel (one pass); empty unless it armed the sizes.
+            redo.op.record(&mut pass, &groups, Launch::Redo(&redo.args, 0));
+        }
+        Ok(())
+    }
+
+    /// Records the op's dispatches (the kernel's, then the split merge's) into `pass`.
+    fn record(&self, pass: &mut wgpu::ComputePass<'_>, (bind, merge_bind): &ViewGroups, launch: Launch<'_>) {
+        let sizes = self.dispatch_sizes();
         pass.set_pipeline(&self.pipeline);
-        pass.set_bind_group(0, &bind, &[]);
-        let splits = self.split.as_ref().map_or(1, |s| s.splits);
-        pass.dispatch_workgroups(self.dispatched, self.num_heads * splits, self.shape.batch);
+        pass.set_bind_group(0, bind, &[]);
+        launch.dispatch(pass, 0, sizes[0]);
         if let (Some(split), Some(merge_bind)) = (&self.split, merge_bind) {
             // Dispatches of one compute pass are ordered: the merge sees every split's partials.
             pass.set_pipeline(&split.pipeline);
-            pass.set_bind_group(0, &merge_bind, &[]);
-            let rows = self.shape.seq_len - self.base.first_row;
-            pass.dispatch_workgroups(rows.div_ceil(MERGE_WG), self.num_heads, self.shape.batch);
+            pass.set_bind_group(0, merge_bind, &[]);
+            launch.dispatch(pass, 1, sizes[1]);
         }
-        Ok(())
     }
 
     /// The kernel's bind group for `key`'s views, and the merge's where the lists are split.
@@ -397,6 +470,9 @@ impl GpuForward {
         ];
         if let Some(partials) = &self.partials {
             entries.push(entry(13, partials));
+        }
+        if let Some(redo) = &self.redo {
+            entries.push(entry(REDO_BINDING, redo.args.buffer()));
         }
         let layout = self.pipeline.get_bind_group_layout(0);
         let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -562,4 +638,76 @@ pub(crate) fn read_buffer(ctx: &Context, buffer: &wgpu::Buffer, len: u64) -> Res
 /// A bind-group entry binding all of `buffer`.
 pub(crate) fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
     wgpu::BindGroupEntry { binding, resource: buffer.as_entire_binding() }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The redo's plumbing on whatever adapter opens (lavapipe in CI, which has no cooperative matrices): a
+    //! probe kernel arms the redo as the coop kernels' epilogues do, and a portable forward is recorded
+    //! after it as a coop op records its redo.
+    use super::super::redo::probe;
+    use super::*;
+    use crate::context::ContextOptions;
+    use crate::layout::S2Config;
+    use crate::plan::DType;
+
+    #[test]
+    fn the_redo_runs_only_when_armed_and_each_op_starts_unarmed() {
+        let ctx = Context::with_options(&ContextOptions::default()).expect("a wgpu adapter (lavapipe in CI)");
+        let device = ctx.device();
+        let layout = Layout::s2(S2Config::new(2, 16, 1, 2)).expect("layout");
+        let (seq, n, rows) = (48, 48 * 2 * 32, 48 * 2);
+        let shape = Shape::new(1, seq, 32, DType::F32);
+        let plan = plan_portable(&shape, &layout, ctx.caps()).expect("portable plan");
+        let op = GpuForward::new(&ctx, &layout, shape, plan.clone(), layout.mergeq(seq, plan.tile_q)).expect("op");
+        let (q, k, v) = (probe::values(n, 1), probe::values(n, 2), probe::values(n, 3));
+        let (want_o, want_lse) = op
+            .run_host(bytemuck::cast_slice(&q), bytemuck::cast_slice(&k), bytemuck::cast_slice(&v))
+            .expect("direct run");
+        let want_o: Vec<f32> = bytemuck::pod_collect_to_vec(&want_o);
+
+        let args = RedoArgs::new(device, op.dispatch_sizes().len());
+        args.arm_with(ctx.queue(), &op.dispatch_sizes());
+        let inputs: Vec<&[f32]> = probe::CASES.iter().map(|(x, _)| &x[..]).collect();
+        let probes = probe::probes(&ctx, &args, &inputs);
+        let sentinel = 7.0f32;
+        let (qb, kb, vb) = (probe::buffer(device, &q), probe::buffer(device, &k), probe::buffer(device, &v));
+        // The cases' ops back to back in one encoder.
+        let mut encoder = device.create_command_encoder(&Default::default());
+        let mut outs = Vec::new();
+        for probe in &probes {
+            let o = probe::buffer(device, &vec![sentinel; n]);
+            let lse = probe::buffer(device, &vec![sentinel; rows]);
+            let key = BindKey {
+                buffers: [qb.clone(), kb.clone(), vb.clone(), o.clone(), lse.clone()],
+                words: [0, 0, 0, 0, 16, 16, 16, 0],
+            };
+            let groups = op.bind_group(key).expect("bind group");
+            args.clear(&mut encoder);
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            probe::record(&mut pass, probe);
+            op.record(&mut pass, &groups, Launch::Redo(&args, 0));
+            drop(pass);
+            outs.push((o, lse));
+        }
+        let bytes = (n + rows) as u64 * 4;
+        let usage = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+        let readback = new_buffer(device, "readback", bytes * outs.len() as u64, usage);
+        for (i, (o, lse)) in outs.iter().enumerate() {
+            encoder.copy_buffer_to_buffer(o, 0, &readback, i as u64 * bytes, n as u64 * 4);
+            encoder.copy_buffer_to_buffer(lse, 0, &readback, i as u64 * bytes + n as u64 * 4, rows as u64 * 4);
+        }
+        ctx.queue().submit([encoder.finish()]);
+        let words: Vec<f32> =
+            bytemuck::pod_collect_to_vec(&read_buffer(&ctx, &readback, readback.size()).expect("read"));
+        for (i, (chunk, (_, armed))) in words.chunks(n + rows).zip(probe::CASES).enumerate() {
+            let (o, lse) = chunk.split_at(n);
+            if armed {
+                assert_eq!(o, &want_o[..], "op {i}: the armed redo's O");
+                assert_eq!(lse, &want_lse[..], "op {i}: the armed redo's LSE");
+            } else {
+                assert!(o.iter().chain(lse).all(|&x| x == sentinel), "op {i}: the unarmed redo wrote");
+            }
+        }
+    }
 }

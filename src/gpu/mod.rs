@@ -4,6 +4,7 @@ mod backward;
 mod context;
 pub(crate) mod decode;
 mod forward;
+mod redo;
 pub mod shaders;
 mod timing;
 mod tune;

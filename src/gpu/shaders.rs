@@ -23,6 +23,7 @@ const SHARED: &[(&str, &str)] = &[
     ("shared/coop_chunks.wgsl", include_str!("../../shaders/shared/coop_chunks.wgsl")),
     ("shared/coop_backward.wgsl", include_str!("../../shaders/shared/coop_backward.wgsl")),
     ("shared/coop_grad_out.wgsl", include_str!("../../shaders/shared/coop_grad_out.wgsl")),
+    ("shared/coop_redo.wgsl", include_str!("../../shaders/shared/coop_redo.wgsl")),
 ];
 
 /// The override constants the kernel of `plan` is built with at `head_dim`: the head dim, tile sizes and

@@ -1,12 +1,14 @@
 //! The problems the cooperative-matrix kernels and their CPU twins run (tests/forward_coop.rs and
 //! tests/backward_coop.rs on a GPU with matrix units, tests/*_coop_twin.rs everywhere); the forward's: every block size and head dim, odd lengths
 //! and partial blocks, GQA, batch, dense and all-local edge cases, merged-query bit masks, an empty row,
-//! large softmax scales (the lazy rescale), and how each is run on the GPU.
+//! large softmax scales (the lazy rescale), and how each is run on the GPU. Also the twins' non-finite
+//! cases, with the f64 oracle's own statement of each layout.
 
-use super::{random_mask, Problem};
+use super::oracle::{self, Rule};
+use super::{random_mask, Inputs, Problem, Rng};
 use s2attn::cpu::CoopKernel;
 use s2attn::plan::{coop_candidates, DeviceCaps};
-use s2attn::{DType, Layout, S2Config};
+use s2attn::{BlockMask, DType, Layout, S2Config};
 
 /// ‖out−ref‖/‖ref‖ (and ‖grad−ref‖/‖ref‖) bound: f16 inputs, P (and dS) rounded to f16 for the matrix
 /// units, f32 accumulation.
@@ -103,4 +105,66 @@ pub fn coop_backward_problems() -> Vec<(String, Problem)> {
 /// models it, smallest footprint first.
 pub fn coop_kernels(p: &Problem) -> Vec<CoopKernel> {
     coop_candidates(&p.shape(), &p.layout, &DeviceCaps::h100_vulkan()).into_iter().map(CoopKernel::new).collect()
+}
+
+/// The block-mask layout of [`nonfinite_layouts`]: its query block that attends nothing and its key block
+/// that no query attends.
+pub const EMPTY_ROW: u32 = 2;
+pub const EMPTY_COL: u32 = 3;
+
+/// Layouts for the twins' non-finite tests, each with the oracle's statement of its rule, a length, a head
+/// dim and whether it has the empty blocks: causal S2, bidirectional S2, GQA with a dense head, and a causal
+/// block mask whose query block [`EMPTY_ROW`] attends nothing and whose key block [`EMPTY_COL`] no query
+/// attends (a value placed there is read by no active pair).
+pub fn nonfinite_layouts() -> Vec<(Layout, Rule, u32, u32, bool)> {
+    let rule = |block, local, vs, dense, bidir| Rule::S2 {
+        block,
+        local,
+        vert_stride: vs,
+        homo: false,
+        offset: 0,
+        dense_heads: dense,
+        bidirectional: bidir,
+    };
+    let mut out = vec![
+        (s2(S2Config::new(2, 16, 2, 3)), rule(16, 2, 3, 0, None), 71, 64, false),
+        (s2(S2Config::new(2, 16, 2, 3).bidirectional(2, 1)), rule(16, 2, 3, 0, Some((2, 1))), 90, 64, false),
+        (s2(S2Config::new(4, 32, 1, 4).kv_heads(2).dense_heads(1)), rule(32, 1, 4, 1, None), 100, 128, false),
+    ];
+    let blocks = 6u32;
+    let bits: Vec<bool> = (0..blocks * blocks)
+        .map(|i| (i / blocks, i % blocks))
+        .map(|(q, k)| q != EMPTY_ROW && k != EMPTY_COL && (k == q || k == 0))
+        .collect();
+    let mask = BlockMask::new(1, blocks, blocks, 16, true, bits.clone()).expect("mask");
+    let rule = Rule::Mask { block: 16, mask_heads: 1, q_blocks: blocks, kv_blocks: blocks, causal: true, bits };
+    out.push((Layout::custom(mask, 2, 1).expect("custom layout"), rule, blocks * 16, 64, true));
+    out
+}
+
+/// Puts `value` into one element of `t` (`seq` token rows) at random, or, where `block` is given, into that
+/// block of 16 tokens; returns the element's index.
+pub fn place(rng: &mut Rng, t: &mut [f32], seq: u32, block: Option<u32>, value: f32) -> usize {
+    let mut at = rng.below(t.len() as u32) as usize;
+    if let Some(block) = block {
+        let row = t.len() / seq as usize;
+        at = (block * 16) as usize * row + at % (16 * row);
+    }
+    t[at] = value;
+    at
+}
+
+/// The oracle's statement of batch-1 problem `p` (of `layout`'s heads) with inputs `x`.
+pub fn oracle_problem<'a>(p: &Problem, rule: &'a Rule, pos: &'a [u32], x: &'a Inputs) -> oracle::Problem<'a> {
+    oracle::Problem {
+        rule,
+        heads: p.layout.num_heads(),
+        kv_heads: p.layout.num_kv_heads(),
+        d: p.head_dim as usize,
+        scale: p.shape().softmax_scale() as f64,
+        pos,
+        q: &x.q,
+        k: &x.k,
+        v: &x.v,
+    }
 }

@@ -6,6 +6,8 @@
 
 pub mod coop;
 pub mod nonfinite;
+#[path = "../oracle/mod.rs"]
+pub mod oracle;
 
 use s2attn::cpu::{attention_reference, rel_l2_error, Reference};
 use s2attn::{Attention, BlockMask, Context, ContextOptions, DType, Layout, Shape, TensorView};

@@ -7,6 +7,11 @@
 //! hands over in the dK/dV pass), the gradients on the way out. Sums are f32, as on the matrix units; only
 //! their order differs from the kernels'.
 //!
+//! Its numbers model finite inputs. Where either kernel writes a non-finite gradient, its epilogue arms the
+//! portable redo of both passes and the op returns the portable kernels' gradients instead
+//! (`shaders/shared/coop_redo.wgsl`); the twin also says whether a kernel would, so that tests can check
+//! that an unarmed result is IEEE's (the dK/dV pass takes a NaN LSE for a masked row, as the kernel does).
+//!
 //! Tests hold it against the f64 oracle at every tile the planner offers an H100, in CI
 //! (tests/backward_coop_twin.rs); the GPU test holds the kernels against the oracle and this twin.
 
@@ -48,7 +53,8 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
 /// Gradients as the coop kernels compute them: the dQ pass over `mergeq` (built for `kernels.dq.tile_q`),
 /// which also computes `D = rowsum(dO * O)`, then the dK/dV pass over `columns` (built for
 /// `kernels.dkdv.tile_q`). Inputs as the kernels' f16 storage holds them (rounded here); the gradients
-/// come back rounded to f16.
+/// come back rounded to f16, with whether a kernel's epilogue arms the portable redo (a gradient it writes
+/// is non-finite).
 pub fn backward_coop(
     layout: &Layout,
     shape: &Shape,
@@ -56,7 +62,7 @@ pub fn backward_coop(
     mergeq: &MergeQPlan,
     columns: &ColumnPlan,
     x: &BackwardInputs<'_>,
-) -> Grads<f32> {
+) -> (Grads<f32>, bool) {
     let (batch, seq, d) = (shape.batch, shape.seq_len, shape.head_dim as usize);
     let (h_n, hk_n, bs, causal) = (layout.num_heads(), layout.num_kv_heads(), layout.block_size(), layout.causal());
     let group = h_n / hk_n;
@@ -85,6 +91,12 @@ pub fn backward_coop(
         }
     }
     let mut grads = Grads { dq: vec![0f32; x.q.len()], dk: vec![0f32; x.k.len()], dv: vec![0f32; x.v.len()] };
+    let mut redo = false;
+    // A written gradient value, and whether it arms the redo.
+    let mut write = |o: &mut f32, a: f32| {
+        redo |= !a.is_finite();
+        *o = to_f16(a);
+    };
 
     // dQ pass: the forward's walk (shared/coop_chunks.wgsl); K and V rows past the end read as the last.
     let (bq, bk) = (kernels.dq.tile_q, kernels.dq.tile_kv);
@@ -128,7 +140,7 @@ pub fn backward_coop(
         }
         for r in 0..bq.min(seq - row0) {
             let out = &mut grads.dq[q_row(b, row0 + r, h)..][..d];
-            out.iter_mut().zip(&acc[r as usize * d..][..d]).for_each(|(o, &a)| *o = to_f16(a * scale));
+            out.iter_mut().zip(&acc[r as usize * d..][..d]).for_each(|(o, &a)| write(o, a * scale));
         }
     }
 
@@ -145,14 +157,14 @@ pub fn backward_coop(
         for h in kvh * group..(kvh + 1) * group {
             for e in columns.column(layout.pattern_of_head(h), k_start / bs) {
                 let row0 = e.q_tile * bq;
-                // The staged tile's LSE column: +BIG past the end, outside the row mask, without keys.
+                // The staged tile's LSE column: +BIG past the end, outside the row mask, without keys (or
+                // NaN: the kernel's `lse > NEG_BIG` test fails there).
                 let lse_s: Vec<f32> = (0..bq)
                     .map(|r| {
                         let t = row0 + r;
-                        if t < seq && e.rows.attends(r, bs) {
-                            lse2(b, h, t)
-                        } else {
-                            POS_BIG
+                        match t < seq && e.rows.attends(r, bs) {
+                            true if x.lse[stat(b, h, t)] > NEG_BIG => x.lse[stat(b, h, t)] * LOG2_E,
+                            _ => POS_BIG,
                         }
                     })
                     .collect();
@@ -192,9 +204,9 @@ pub fn backward_coop(
         for kj in k_start..(k_start + bk).min(seq) {
             let at = kv_row(b, kj, kvh);
             let c = (kj - k_start) as usize * d;
-            grads.dk[at..][..d].iter_mut().zip(&dk[c..][..d]).for_each(|(o, &a)| *o = to_f16(a * scale));
-            grads.dv[at..][..d].iter_mut().zip(&dv[c..][..d]).for_each(|(o, &a)| *o = to_f16(a));
+            grads.dk[at..][..d].iter_mut().zip(&dk[c..][..d]).for_each(|(o, &a)| write(o, a * scale));
+            grads.dv[at..][..d].iter_mut().zip(&dv[c..][..d]).for_each(|(o, &a)| write(o, a));
         }
     }
-    grads
+    (grads, redo)
 }
