@@ -14,9 +14,9 @@
 //! decode from the paged KV cache (the last token or a speculative window), or variable-length (chunked)
 //! prefill. Some cases put one NaN or infinity into Q, K or V: the outputs must be non-finite exactly where
 //! the oracle's are. The portable WGSL kernels (forward, backward, decode and variable-length) and the CUDA
-//! decode kernels implement those semantics; the tensor-core forward and backward kernels (WGSL
-//! cooperative matrices, CUDA) do not yet, so such cases run there without the non-finite value
-//! (`nonfinite_supported`).
+//! kernels (decode; forward and backward through their exact redo of a flagged op) implement those
+//! semantics; the WGSL tensor-core (cooperative matrix) forward and backward kernels do not yet, so such
+//! cases run there without the non-finite value (`nonfinite_supported`).
 
 #[path = "oracle/mod.rs"]
 mod oracle;
@@ -460,15 +460,16 @@ fn oracle_problem<'a>(
     }
 }
 
-/// Whether the kernels a case runs give IEEE results for non-finite inputs: the portable WGSL kernels and
-/// the decode kernels of both backends do (variable-length prefill runs the WGSL decode kernels); the
-/// tensor-core forward and backward kernels not yet.
+/// Whether the kernels a case runs give IEEE results for non-finite inputs: the portable WGSL kernels, the
+/// decode kernels of both backends (variable-length prefill runs the WGSL decode kernels) and every CUDA
+/// forward and backward (a non-finite output makes the exact kernels redo the op) do; the WGSL tensor-core
+/// forward and backward kernels not yet.
 fn nonfinite_supported(ctx: &Context, c: &Case) -> bool {
     if !matches!(c.mode, Mode::Forward | Mode::Backward) {
         return true;
     }
     if is_cuda(ctx) {
-        return false;
+        return true;
     }
     let Ok((layout, _)) = layouts(c, c.seq.div_ceil(c.block)) else { return true };
     let shape = Shape::new(c.batch, c.seq, c.d, c.dtype);

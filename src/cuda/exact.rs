@@ -85,8 +85,8 @@ pub(crate) struct Exact {
     func: CudaFunction,
     blocks: u32,
     ctx: CudaContext,
-    /// (stream handle, flag) for every stream the op has run on.
-    flags: Mutex<Vec<(usize, CudaSlice<u32>)>>,
+    /// (stream handle, flag address, flag) for every stream the op has run on; the op's own stream's first.
+    flags: Mutex<Vec<(usize, CUdeviceptr, CudaSlice<u32>)>>,
 }
 
 impl Exact {
@@ -104,28 +104,36 @@ impl Exact {
         let defines = [("HEAD_DIM", shape.head_dim as i64), ("IS_BF16", bf16), ("EXACT_PASS", which)];
         let key = KernelKey::new("s2_exact.cu", ctx.arch(), &defines);
         let func = ctx.kernel(&key, S2_EXACT_SRC, entry, 0)?;
+        let own = ctx.stream();
+        let flag = Self::alloc_flag(ctx)?;
         Ok(Self {
             func,
             blocks: EXACT_CTAS_PER_SM * ctx.multiprocessors().max(1),
             ctx: ctx.clone(),
-            flags: Mutex::default(),
+            flags: Mutex::new(vec![(own.cu_stream() as usize, flag.0, flag.1)]),
         })
     }
 
-    /// Clears `stream`'s flag (allocating it on the stream's first call) on the stream, before the op's
-    /// tensor-core kernels, and returns its address.
+    /// A zeroed flag, allocated on the op's stream and ready for any stream once this returns.
+    fn alloc_flag(ctx: &CudaContext) -> Result<(CUdeviceptr, CudaSlice<u32>)> {
+        let own = ctx.stream();
+        let f = own.alloc_zeros::<u32>(1).map_err(cuda_err("allocating the non-finite flag"))?;
+        own.synchronize().map_err(cuda_err("allocating the non-finite flag"))?;
+        let ptr = f.device_ptr(own).0;
+        Ok((ptr, f))
+    }
+
+    /// Clears `stream`'s flag on the stream, before the op's tensor-core kernels, and returns its address. The
+    /// op's own stream's flag exists from the start; another stream's is allocated (and waited for) on its
+    /// first call.
     pub(crate) fn clear(&self, stream: &CudaStream) -> Result<CUdeviceptr> {
         let id = stream.cu_stream() as usize;
         let mut flags = self.flags.lock().unwrap_or_else(|e| e.into_inner());
-        let ptr = match flags.iter().find(|(s, _)| *s == id) {
-            Some((_, f)) => f.device_ptr(stream).0,
+        let ptr = match flags.iter().find(|(s, _, _)| *s == id) {
+            Some((_, ptr, _)) => *ptr,
             None => {
-                let own = self.ctx.stream();
-                let f = own.alloc_zeros::<u32>(1).map_err(cuda_err("allocating the non-finite flag"))?;
-                // Allocated on the op's stream: ready before another stream uses it.
-                own.synchronize().map_err(cuda_err("allocating the non-finite flag"))?;
-                let ptr = f.device_ptr(own).0;
-                flags.push((id, f));
+                let (ptr, f) = Self::alloc_flag(&self.ctx)?;
+                flags.push((id, ptr, f));
                 ptr
             }
         };
