@@ -13,11 +13,9 @@
 //! Each case is one mode: the forward (O and LSE), the backward (dQ, dK, dV from the backend's own forward),
 //! decode from the paged KV cache (the last token or a speculative window), or variable-length (chunked)
 //! prefill. Some cases put one NaN or infinity into Q, K or V: the outputs must be non-finite exactly where
-//! the oracle's are. The WGSL kernels (portable and cooperative-matrix forward and backward, decode and
-//! variable-length; the cooperative-matrix ones by redoing the op on the portable kernels when they meet a
-//! non-finite value) and the CUDA decode kernels implement those semantics; the CUDA tensor-core forward
-//! and backward kernels do not yet, so such cases run there without the non-finite value
-//! (`nonfinite_supported`).
+//! the oracle's are, on every kernel: the portable WGSL kernels and the CUDA decode kernels compute them
+//! directly; the tensor-core forward and backward kernels (WGSL cooperative matrices, CUDA) flag a
+//! non-finite output and the op is redone on exact kernels (the portable WGSL ones; `s2_exact.cu`).
 
 #[path = "oracle/mod.rs"]
 mod oracle;
@@ -461,22 +459,8 @@ fn oracle_problem<'a>(
     }
 }
 
-/// Whether the kernels a case runs give IEEE results for non-finite inputs: every WGSL kernel does (the
-/// cooperative-matrix forward and backward through their portable redo) and the decode kernels of both
-/// backends (variable-length prefill runs the WGSL decode kernels); the CUDA tensor-core forward and
-/// backward kernels not yet.
-fn nonfinite_supported(ctx: &Context, c: &Case) -> bool {
-    if !matches!(c.mode, Mode::Forward | Mode::Backward) {
-        return true;
-    }
-    !is_cuda(ctx)
-}
-
 fn run_case(c: &Case) -> Result<(), String> {
     let ctx = context();
-    if c.nonfinite.is_some() && !nonfinite_supported(ctx, c) {
-        return run_case(&Case { nonfinite: None, ..c.clone() });
-    }
     match c.mode {
         Mode::Forward | Mode::Backward => run_full(ctx, c),
         Mode::Decode { window } => run_decode(ctx, c, window),

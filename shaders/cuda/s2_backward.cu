@@ -14,6 +14,9 @@
 //   S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q. Each warp owns 16 keys and skips the steps
 //   its keys don't take part in.
 // Deterministic: no atomics; every output row is written once by one CTA that sums in a fixed order.
+// Non-finite inputs: the epilogues set `flag` when a gradient they write is non-finite (a masked pair's
+// P = 0 times a non-finite value inside an MMA is NaN); the exact kernel launched after both passes
+// (s2_exact.cu) then redoes dQ, dK and dV, reading the D / LSE scratch the dQ pass wrote.
 
 #ifndef PASS
 #define PASS 0
@@ -44,6 +47,7 @@ struct BwdParams {
     const u32* row_entries;  // [kv_block, rowmask] pairs
     const u32* col_ptr;      // column lists (dK/dV pass): patterns * kv_blocks + 1 offsets
     const u32* col_entries;  // [q_tile, rowmask] pairs
+    u32* flag;               // set to 1 by an epilogue that writes a non-finite gradient (s2_exact.cu redoes the op)
     long long q_tok, q_batch;
     long long kv_tok, kv_batch;
     long long lse_batch;
@@ -115,6 +119,21 @@ __device__ __forceinline__ void mma_pb(float (&acc)[ND][4], const float (&s)[NK]
             mma16816(acc[2 * dp + 1], pa, bf[2], bf[3]);
         }
     }
+}
+
+// Sets `flag` if one of this thread's accumulators of the rows below `valid` (0, 1 or 2 of rows g, g + 8)
+// is NaN or inf: a non-finite gradient, which the exact kernel (s2_exact.cu) recomputes as IEEE gives it
+// (a masked pair's 0 times a non-finite value is NaN inside an MMA). One sum per row, at the end only.
+__device__ __forceinline__ void flag_nonfinite(u32* flag, const float (&acc)[ND][4], int valid) {
+    bool bad = false;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < ND; ++n) sum += acc[n][2 * h] + acc[n][2 * h + 1];
+        bad |= h < valid && nonfinite(sum);
+    }
+    if (bad) *flag = 1u;
 }
 
 // Writes a warp's 16 accumulator rows (times `mul`) into smem rows r0.. of `dst` (stride LDS).
@@ -298,6 +317,10 @@ extern "C" __global__ void __launch_bounds__(NT, 2) s2_backward_dq(const BwdPara
     }
     cp_async_wait<0>();
     __syncthreads();
+    {
+        const u32 r = row0 + wr0 + g;
+        flag_nonfinite(p.flag, dq, r >= seq ? 0 : r + 8u >= seq ? 1 : 2);
+    }
     stage_rows(q_s, wr0, dq, p.scale, lane);
     __syncthreads();
     store_rows<BLOCK_Q>(p.dq + q_off, p.q_tok, q_s, row0, seq, tid);
@@ -452,6 +475,12 @@ extern "C" __global__ void __launch_bounds__(NT, 2) s2_backward_dkdv(const BwdPa
     }
     cp_async_wait<0>();
     __syncthreads();
+    {
+        const u32 kj = kw0 + g;
+        const int valid = kj >= seq ? 0 : kj + 8u >= seq ? 1 : 2;
+        flag_nonfinite(p.flag, dk, valid);
+        flag_nonfinite(p.flag, dv, valid);
+    }
     stage_rows(k_s, wk0, dk, p.scale, lane);
     stage_rows(v_s, wk0, dv, 1.f, lane);
     __syncthreads();

@@ -10,6 +10,11 @@
 // BLOCK_K keys, prefetching the next chunk's K and V (cp.async, two stages) while it computes this one.
 // Each warp owns ROWS_PER_WARP consecutive query rows, so it can skip a chunk that its rows don't attend
 // (row masks, causality) and only masks chunks that need it (causal diagonal, partial block, row masks).
+//
+// Non-finite inputs: not exact here (a masked P = 0 times a non-finite V inside an MMA is NaN; a row whose
+// keys all score -inf comes out 0). The epilogue sets `flag` when it writes a non-finite O or LSE, or a row
+// with a key has a sum that is not > 0; the exact kernel launched after this one (s2_exact.cu) then redoes the
+// op. Nothing is added to the main loop.
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -95,6 +100,7 @@ struct Params {
     float* lse;            // [batch, heads, seq]
     const u32* row_ptr;    // patterns * tiles + 1
     const u32* entries;    // [kv_block, rowmask] pairs
+    u32* flag;             // set to 1 by an epilogue that writes a non-finite O or LSE (s2_exact.cu redoes the op)
     long long q_tok, q_batch;
     long long kv_tok, kv_batch;
     long long o_tok, o_batch;
@@ -458,10 +464,28 @@ __device__ __forceinline__ void rescale_o(float (&o)[MT][ND][4], const float (&a
     }
 }
 
-// Epilogue, first half: O / l of this warp's rows into smem (`o_s`, row stride LDS, tile rows) and LSE.
+// Whether a float is NaN or +-inf (a bit test, so that no float assumption can drop a NaN).
+__device__ __forceinline__ bool nonfinite(float x) { return (__float_as_uint(x) & 0x7fffffffu) >= 0x7f800000u; }
+
+// Whether tile row `tr` (token `qi`) of list `slot` has a key: the epilogue's check of a row whose sum is 0,
+// which is either a row without keys (O 0, LSE -inf) or one whose keys all scored -inf (NaN). Rare, so a
+// walk over the list; scalars, not Params, so that the caller's parameters stay where they are.
+__device__ __noinline__ bool row_has_key(const u32* row_ptr, const u32* entries, u32 slot, u32 tr, u32 qi, u32 seq,
+                                         u32 bs, u32 causal) {
+    for (u32 e = row_ptr[slot]; e < row_ptr[slot + 1]; ++e) {
+        const u32 k0 = entries[2 * e] * bs;
+        if (k0 < seq && !(causal && k0 > qi) && row_attends(entries[2 * e + 1], tr, bs)) return true;
+    }
+    return false;
+}
+
+// Epilogue, first half: O / l of this warp's rows into smem (`o_s`, row stride LDS, tile rows) and LSE. Sets
+// `p.flag` where a row of the sequence comes out non-finite or with a sum that is not > 0 while it has a key:
+// the exact kernel (s2_exact.cu) then redoes the op, as IEEE softmax gives non-finite inputs.
 __device__ __forceinline__ void finish_rows(u16* o_s, const float (&o)[MT][ND][4], const float (&row_m)[MT][2],
                                             const float (&row_l)[MT][2], const Params& p, u32 wr0, u32 row0,
                                             u32 head, u32 b, int g, int t) {
+    bool bad = false;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -471,17 +495,29 @@ __device__ __forceinline__ void finish_rows(u16* o_s, const float (&o)[MT][ND][4
             l += __shfl_xor_sync(0xffffffffu, l, 2);
             float inv = l > 0.f ? 1.f / l : 0.f;
             u32 tr = wr0 + mt * 16 + g + h * 8;
+            float sum = 0.f;
 #pragma unroll
             for (int n = 0; n < ND; ++n) {
+                sum += o[mt][n][2 * h] + o[mt][n][2 * h + 1];
                 u32 v2 = pack2(o[mt][n][2 * h] * inv, o[mt][n][2 * h + 1] * inv);
                 *(u32*)(o_s + tr * LDS + n * 8 + 2 * t) = v2;
             }
             u32 qi = row0 + tr;
-            if (t == 0 && qi < p.seq_len) {
-                float lse = l > 0.f ? (row_m[mt][h] + fast_log2(l)) * 0.6931471805599453f : NEG_INF;
-                p.lse[(long long)b * p.lse_batch + (long long)head * p.seq_len + qi] = lse;
+            if (qi < p.seq_len) {
+                // A NaN or inf accumulator or sum is a non-finite output; a zero sum is one where the row has a key.
+                if (nonfinite(sum) || nonfinite(l)) {
+                    bad = true;
+                } else if (!(l > 0.f)) {
+                    bad |= row_has_key(p.row_ptr, p.entries, (head / p.heads_per_pattern) * p.tiles + row0 / BLOCK_Q,
+                                       tr, qi, p.seq_len, p.block_size, p.causal);
+                }
+                if (t == 0) {
+                    float lse = l > 0.f ? (row_m[mt][h] + fast_log2(l)) * 0.6931471805599453f : NEG_INF;
+                    p.lse[(long long)b * p.lse_batch + (long long)head * p.seq_len + qi] = lse;
+                }
             }
         }
+    if (bad) *p.flag = 1u;
 }
 
 // Epilogue, second half: ROWS staged rows from `o_s` (tile rows r0 ..) to global memory, 16 bytes a thread.

@@ -1,10 +1,13 @@
 //! Host side of the CUDA backward (`shaders/cuda/s2_backward.cu`): the plan (tiles, shared memory), the
 //! two kernels (dQ pass with D fused, then the dK/dV pass over the column lists), the row and column lists
-//! and the D / LSE scratch on the device, launches on host slices, and CUDA-event timing.
+//! and the D / LSE scratch on the device, launches on host slices, and CUDA-event timing. Every run clears
+//! the non-finite flag, runs both passes and then the exact kernel, which redoes dQ, dK and dV only when a
+//! pass flagged a non-finite gradient ([`super::exact`]).
 //! [`crate::AttentionGrad`] runs it on a CUDA [`crate::Context`].
 
 use super::compile::{KernelKey, S2_FORWARD_SRC};
 use super::context::{cuda_err, CudaContext};
+use super::exact::{Exact, ExactParams, Pass};
 use crate::error::{Error, Result};
 use crate::gpu::Timing;
 use crate::layout::Layout;
@@ -43,6 +46,7 @@ struct Params {
     row_entries: u64,
     col_ptr: u64,
     col_entries: u64,
+    flag: u64,
     q_tok: i64,
     q_batch: i64,
     kv_tok: i64,
@@ -141,6 +145,8 @@ pub struct CudaBackward {
     kv_heads: u32,
     base: Params,
     kernels: [Launch; 2],
+    /// The exact kernel, run after both passes (a no-op unless they flagged a non-finite gradient).
+    exact: Exact,
     /// Row and column lists and the D / LSE scratch, read by the kernels through `base`.
     _owned: ([CudaSlice<u32>; 4], [CudaSlice<f32>; 2]),
     host: Mutex<Option<HostBuffers>>,
@@ -247,6 +253,7 @@ impl CudaBackward {
             scale: shape.softmax_scale(),
             ..Params::default()
         };
+        let exact = Exact::new(ctx, &shape, Pass::Backward)?;
         Ok(Self {
             ctx: ctx.clone(),
             shape,
@@ -254,6 +261,7 @@ impl CudaBackward {
             kv_heads,
             base,
             kernels,
+            exact,
             _owned: (lists, scratch),
             host: Mutex::default(),
         })
@@ -263,11 +271,14 @@ impl CudaBackward {
         self.shape.batch as usize * self.shape.seq_len as usize * heads as usize * self.shape.head_dim as usize
     }
 
-    /// Launches both passes on `stream` with the tensor addresses in `p`.
+    /// Launches both passes on `stream` with the tensor addresses in `p`, the non-finite flag cleared before
+    /// them, then the exact kernel (which returns at once unless a pass flagged a non-finite gradient).
     ///
     /// # Safety
     /// `p` must address live device buffers of this context sized for the op's shape.
     unsafe fn launch(&self, stream: &CudaStream, p: &Params) -> Result<()> {
+        let flag = self.exact.clear(stream)?;
+        let p = &Params { flag, ..*p };
         for k in &self.kernels {
             let cfg = LaunchConfig { grid_dim: k.grid, block_dim: (k.threads, 1, 1), shared_mem_bytes: k.smem };
             let mut args = stream.launch_builder(&k.func);
@@ -276,7 +287,48 @@ impl CudaBackward {
             // shape matches the kernels' compile-time configuration.
             unsafe { args.launch(cfg) }.map_err(cuda_err("launching the CUDA backward"))?;
         }
-        Ok(())
+        let ep = ExactParams {
+            q: p.q,
+            k: p.k,
+            v: p.v,
+            o: p.o,
+            d_o: p.d_o,
+            dq: p.dq,
+            dk: p.dk,
+            dv: p.dv,
+            lse: p.lse,
+            lse2: p.lse2,
+            delta: p.delta,
+            row_ptr: p.row_ptr,
+            row_entries: p.row_entries,
+            col_ptr: p.col_ptr,
+            col_entries: p.col_entries,
+            flag,
+            q_tok: p.q_tok,
+            q_batch: p.q_batch,
+            kv_tok: p.kv_tok,
+            kv_batch: p.kv_batch,
+            o_tok: p.q_tok,
+            o_batch: p.q_batch,
+            lse_batch: p.lse_batch,
+            batch: self.shape.batch,
+            seq_len: p.seq_len,
+            seq_pad: p.seq_pad,
+            num_heads: p.num_heads,
+            kv_group: p.kv_group,
+            heads_per_pattern: p.heads_per_pattern,
+            q_tiles: p.q_tiles,
+            tile_q: TILE_Q,
+            kv_blocks: p.kv_blocks,
+            col_tile: TILE_Q,
+            block_size: p.block_size,
+            causal: p.causal,
+            scale_log2: p.scale_log2,
+            scale: p.scale,
+            ..ExactParams::default()
+        };
+        // SAFETY: forwarded to the caller; the scratch the dQ pass wrote is `self`'s, the flag was just cleared.
+        unsafe { self.exact.launch(stream, &ep) }
     }
 
     /// Uploads host inputs (`q, k, v, out, lse, d_out` bytes, `lse` f32) into the op's own buffers, poisons

@@ -1,8 +1,11 @@
 //! Host side of the CUDA forward kernel: the tile lists uploaded once per op, launches on host slices,
-//! on cudarc slices and on raw device pointers the caller owns, and CUDA-event timing.
+//! on cudarc slices and on raw device pointers the caller owns, and CUDA-event timing. Every launch clears
+//! the non-finite flag, runs the tensor-core kernel and then the exact kernel, which redoes the op only
+//! when the flag was set ([`super::exact`]).
 
 use super::compile::{KernelKey, S2_FORWARD_SRC};
 use super::context::{cuda_err, CudaContext};
+use super::exact::{Exact, ExactParams, Pass};
 use super::plan::{is_wgmma, wgmma_smem_bytes, WARPS, WGMMA_Q_BUFS, WGMMA_STAGES, WGMMA_WARPS};
 use crate::error::{Error, Result};
 use crate::gpu::Timing;
@@ -53,6 +56,7 @@ struct Params {
     lse: u64,
     row_ptr: u64,
     entries: u64,
+    flag: u64,
     q_tok: i64,
     q_batch: i64,
     kv_tok: i64,
@@ -140,6 +144,9 @@ pub struct CudaForward {
     func: CudaFunction,
     /// The wgmma kernel, which loads K/V by TMA: the tensor maps are encoded into the parameters at each launch.
     tma: bool,
+    /// The exact kernel, run after the tensor-core one (a no-op unless the latter flagged a non-finite output),
+    /// and its parameters but for the tensors and the flag (boxed: the op stays small to move).
+    exact: Box<(Exact, ExactParams)>,
     /// The tile offsets and lists; owned here, read by the kernel through the addresses in `base`.
     _lists: (CudaSlice<u32>, CudaSlice<u32>),
     host: Mutex<Option<HostBuffers>>,
@@ -254,6 +261,24 @@ impl CudaForward {
         };
         // The wgmma kernel is persistent: a 1-D grid of one CTA per SM (at most one per work item), each walking
         // the work items blockIdx.x, + gridDim.x, ...
+        let exact = Exact::new(ctx, &shape, Pass::Forward)?;
+        let exact_base = ExactParams {
+            row_ptr: base.row_ptr,
+            row_entries: base.entries,
+            lse_batch: base.lse_batch,
+            batch: shape.batch,
+            seq_len: base.seq_len,
+            num_heads: base.num_heads,
+            kv_group: base.kv_group,
+            heads_per_pattern: base.heads_per_pattern,
+            q_tiles: base.tiles,
+            tile_q: plan.tile_q,
+            block_size: base.block_size,
+            causal: base.causal,
+            scale_log2: base.scale_log2,
+            scale: shape.softmax_scale(),
+            ..ExactParams::default()
+        };
         let grid = if wgmma {
             (base.items.min(ctx.multiprocessors().max(1)), 1, 1)
         } else {
@@ -270,6 +295,7 @@ impl CudaForward {
             smem,
             func,
             tma,
+            exact: Box::new((exact, exact_base)),
             _lists: (row_ptr, entries),
             host: Mutex::default(),
         })
@@ -307,7 +333,12 @@ impl CudaForward {
         Ok(stride as i64)
     }
 
+    /// Clears the stream's non-finite flag, launches the tensor-core kernel, then the exact kernel (which
+    /// returns at once unless the first flagged a non-finite output).
     fn launch(&self, stream: &CudaStream, params: &Params) -> Result<()> {
+        let (exact, exact_base) = &*self.exact;
+        let flag = exact.clear(stream)?;
+        let params = &Params { flag, ..*params };
         let mut lp = LaunchParams { p: *params, k_map: TensorMap::default(), v_map: TensorMap::default() };
         if self.tma {
             lp.k_map = kv_tensor_map(params.k, params, &self.shape, self.num_kv_heads, 64)?;
@@ -319,7 +350,23 @@ impl CudaForward {
         // SAFETY: `params` points at buffers checked for size and alignment by every caller, the tile lists
         // are owned by `self`, and the launch shape matches the kernel's compile-time configuration.
         unsafe { args.launch(cfg) }.map_err(cuda_err("launching s2_forward"))?;
-        Ok(())
+        let ep = ExactParams {
+            q: params.q,
+            k: params.k,
+            v: params.v,
+            out: params.o,
+            out_lse: params.lse,
+            flag,
+            q_tok: params.q_tok,
+            q_batch: params.q_batch,
+            kv_tok: params.kv_tok,
+            kv_batch: params.kv_batch,
+            o_tok: params.o_tok,
+            o_batch: params.o_batch,
+            ..*exact_base
+        };
+        // SAFETY: the same buffers as the launch above, on the same stream, with the flag just cleared.
+        unsafe { exact.launch(stream, &ep) }
     }
 
     /// Runs on caller-owned device memory: `q`, `k`, `v`, `out` as [`CudaTensor`]s of the op's dtype and

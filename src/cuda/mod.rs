@@ -12,12 +12,16 @@
 //!   [`crate::Attention::forward_cuda`] and friends;
 //! - [`CudaBackward`]: the backward (dQ pass, then dK/dV pass), run by [`crate::AttentionGrad`] on a CUDA
 //!   context.
+//!
+//! Non-finite inputs: the tensor-core kernels flag a non-finite output in their epilogues and an exact
+//! kernel run after them redoes the op as IEEE arithmetic gives it (`exact`, `shaders/cuda/s2_exact.cu`).
 
 mod attention_ext;
 mod backward;
 mod compile;
 mod context;
 mod decode;
+mod exact;
 mod forward;
 mod plan;
 

@@ -1,6 +1,7 @@
-// The CUDA subset shaders/cuda/s2_decode.cu uses, emulated on the CPU for decode_check.cc (see run.sh).
-// CPU emulation of the CUDA subset s2_decode.cu uses: one std::thread per CUDA thread, std::barrier for
-// __syncthreads, static "shared" memory (one block at a time).
+// CPU emulation of the CUDA subset shaders/cuda/s2_decode.cu and s2_exact.cu use, for decode_check.cc and
+// exact_check.cc (see run.sh): one std::thread per CUDA thread, std::barrier for __syncthreads and, per
+// warp, for the warp collectives (shuffles, votes: every lane writes its value, all wait, each reads),
+// static "shared" memory (one block at a time).
 #include <math.h>
 #include <stddef.h>
 #include <string.h>
@@ -8,6 +9,8 @@
 #include <thread>
 #include <vector>
 #include <functional>
+#include <memory>
+#include <atomic>
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -31,6 +34,55 @@ inline float __int_as_float(int x) { float f; memcpy(&f, &x, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned x; memcpy(&x, &f, 4); return x; }
 inline unsigned atomicOr(unsigned* a, unsigned v) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+// A barrier that spins with yields (the warp collectives are frequent and short: a futex wake-up chain of 32
+// threads on a few cores costs far more); a lane that finishes drops out.
+struct SpinBarrier {
+    std::atomic<unsigned> arrived{0}, gen{0}, count;
+    explicit SpinBarrier(unsigned n) : count(n) {}
+    void arrive_and_wait() {
+        const unsigned g = gen.load();
+        if (arrived.fetch_add(1) + 1 == count.load()) {
+            arrived.store(0);
+            gen.fetch_add(1);
+        } else {
+            while (gen.load() == g) std::this_thread::yield();
+        }
+    }
+    void arrive_and_drop() {
+        const unsigned n = count.fetch_sub(1) - 1;
+        if (n != 0 && arrived.load() == n) {
+            arrived.store(0);
+            gen.fetch_add(1);
+        }
+    }
+};
+// Warp collectives: all 32 lanes of a warp call them together (warp-uniform control flow, as the kernels have).
+static SpinBarrier* g_wbar[32];
+static unsigned g_xchg[32][32];
+template <class F> unsigned warp_collective(unsigned v, F f) {
+    const unsigned w = threadIdx.x / 32, l = threadIdx.x % 32;
+    g_xchg[w][l] = v;
+    g_wbar[w]->arrive_and_wait();
+    const unsigned r = f(g_xchg[w], l);
+    g_wbar[w]->arrive_and_wait();
+    return r;
+}
+inline void __syncwarp() { g_wbar[threadIdx.x / 32]->arrive_and_wait(); }
+inline float __shfl_sync(unsigned, float v, int src) {
+    return __uint_as_float(warp_collective(__float_as_uint(v), [&](const unsigned* x, unsigned) { return x[src & 31]; }));
+}
+inline float __shfl_xor_sync(unsigned, float v, int m) {
+    return __uint_as_float(warp_collective(__float_as_uint(v), [&](const unsigned* x, unsigned l) { return x[(l ^ m) & 31]; }));
+}
+inline unsigned __ballot_sync(unsigned, int pred) {
+    return warp_collective(pred ? 1u : 0u, [](const unsigned* x, unsigned) {
+        unsigned r = 0;
+        for (unsigned i = 0; i < 32; i++) r |= x[i] << i;
+        return r;
+    });
+}
+inline int __any_sync(unsigned, int pred) { return __ballot_sync(0xffffffffu, pred) != 0; }
+inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
 typedef unsigned short u16;
 inline float to_f32(u16 x) {
 #if IS_BF16
@@ -53,9 +105,20 @@ template <class F> void launch(unsigned blocks, unsigned threads, F kernel) {
     for (unsigned b = 0; b < blocks; b++) {
         std::barrier<> bar(threads);
         g_bar = &bar;
+        std::vector<std::unique_ptr<SpinBarrier>> wbars;
+        for (unsigned w = 0; w * 32 < threads; w++) {
+            wbars.push_back(std::make_unique<SpinBarrier>(threads - w * 32 < 32 ? threads - w * 32 : 32));
+            g_wbar[w] = wbars.back().get();
+        }
         std::vector<std::thread> ts;
         for (unsigned t = 0; t < threads; t++)
-            ts.emplace_back([&, t, b] { threadIdx = {t, 0, 0}; blockIdx = {b, 0, 0}; kernel(); bar.arrive_and_drop(); });
+            ts.emplace_back([&, t, b] {
+                threadIdx = {t, 0, 0};
+                blockIdx = {b, 0, 0};
+                kernel();
+                bar.arrive_and_drop();
+                g_wbar[t / 32]->arrive_and_drop();
+            });
         for (auto& th : ts) th.join();
     }
 }

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Runs decode_check.cc over the split kernels (general PASS 0, narrow PASS 2) and the combine, fp16 and
-# bf16, with finite and with non-finite inputs, on the CPU: `bash shaders/cuda/emu/run.sh` (needs g++ 12 or newer for _Float16 and std::barrier).
+# Runs, on the CPU (g++ over emu.h; needs g++ 12 or newer for _Float16 and std::barrier), fp16 and bf16, with
+# finite and with non-finite inputs:
+# - decode_check.cc over the decode split kernels (general PASS 0, narrow PASS 2) and the combine;
+# - exact_check.cc over the exact forward and backward (s2_exact.cu) at head dims 32, 64, 96 and 128,
+#   causal and not.
+# `bash shaders/cuda/emu/run.sh`; the builds run on all cores.
 set -e
 here=$(cd "$(dirname "$0")" && pwd)
 tmp=$(mktemp -d)
@@ -9,14 +13,25 @@ trap 'rm -rf "$tmp"' EXIT
 sed -e '/^__device__ __forceinline__ float to_f32(u16 x) {/,/^}/d' -e '/^__device__ __forceinline__ u16 from_f32(float f) {/,/^}/d' \
     -e 's/^typedef unsigned short u16;//' -e 's/extern __shared__ uint4 smem\[\];/uint4* smem = g_dyn;/' \
     "$here/../s2_decode.cu" > "$tmp/k_emu.cu"
-cp "$here/emu.h" "$here/decode_check.cc" "$tmp/"
+# The exact kernels take their conversions from emu.h under EXACT_EMU.
+cp "$here/../s2_exact.cu" "$tmp/k_exact.cu"
+cp "$here/emu.h" "$here/decode_check.cc" "$here/exact_check.cc" "$tmp/"
+builds=()
 for nf in 0 1; do
   for bf in 0 1; do
     for cfg in "4 1 2" "1 1 2" "4 2 2" "2 1 2" "4 1 0" "8 2 0" "1 1 0" "16 1 0"; do
       set -- $cfg
-      g++ -std=c++20 -O1 -w -pthread -DIS_BF16=$bf -DROWS=$1 -DNTOK=$2 -DSPLIT_PASS=$3 -DNONFINITE=$nf \
-        "$tmp/decode_check.cc" -o "$tmp/check"
-      "$tmp/check"
+      builds+=("decode_check.cc run_decode_${nf}_${bf}_$1_$2_$3 -DIS_BF16=$bf -DROWS=$1 -DNTOK=$2 -DSPLIT_PASS=$3 -DNONFINITE=$nf")
     done
   done
+done
+for cfg in "0 64" "1 128" "1 32" "0 96"; do
+  set -- $cfg
+  builds+=("exact_check.cc run_exact_$1_$2 -DIS_BF16=$1 -DHEAD_DIM=$2")
+done
+printf '%s\n' "${builds[@]}" | (cd "$tmp" && xargs -P "$(nproc)" -L 1 sh -c 'out=$1; shift; g++ -std=c++20 -O1 -w -pthread "$0" -o "$out" "$@"')
+cd "$tmp"
+for b in run_decode_*; do ./"$b"; done
+for b in run_exact_*; do
+  for args in "" nonfinite "nonfinite noncausal"; do ./"$b" $args; done
 done
