@@ -749,9 +749,11 @@ fn sample() {
     eprintln!("differential sample: seed {seed}, {cases} cases on {backend}");
     let mut rng = Rng::new(seed);
     let mut failures = Vec::new();
+    let mut tally = Tally::default();
     let started = std::time::Instant::now();
     for i in 0..cases {
         let c = generate(&mut rng, is_cuda(context()));
+        tally.add(&c);
         if let Err(why) = run_case(&c) {
             eprintln!("case {i} FAILED: {c}\n  {why}\n  shrinking...");
             let (small, why) = shrink(c, why);
@@ -766,11 +768,66 @@ fn sample() {
         }
     }
     eprintln!(
-        "differential sample: {cases} cases in {:.0} s, {} failed",
+        "differential sample: {cases} cases in {:.0} s, {} failed; {tally}",
         started.elapsed().as_secs_f64(),
         failures.len()
     );
     assert!(failures.is_empty(), "{} failing configurations (seed {seed}):\n{}", failures.len(), failures.join("\n"));
+}
+
+/// What a sample covers: cases per mode, f16 ones, GQA ones, custom masks, non-finite inputs.
+#[derive(Default)]
+struct Tally {
+    modes: [u32; 4],
+    f16: u32,
+    gqa: u32,
+    masks: u32,
+    nonfinite: u32,
+}
+
+impl Tally {
+    fn add(&mut self, c: &Case) {
+        let m = match c.mode {
+            Mode::Forward => 0,
+            Mode::Backward => 1,
+            Mode::Decode { .. } => 2,
+            Mode::Varlen => 3,
+        };
+        self.modes[m] += 1;
+        self.f16 += u32::from(c.dtype == DType::F16);
+        self.gqa += u32::from(c.kv_heads < c.heads);
+        self.masks += u32::from(c.mask.is_some());
+        self.nonfinite += u32::from(c.nonfinite.is_some());
+    }
+}
+
+impl fmt::Display for Tally {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [fwd, bwd, decode, varlen] = self.modes;
+        write!(
+            f,
+            "forward {fwd}, backward {bwd}, decode {decode}, varlen {varlen}; f16 {}, GQA {}, custom masks {}, \
+             non-finite inputs {}",
+            self.f16, self.gqa, self.masks, self.nonfinite
+        )
+    }
+}
+
+/// Prints what `sample` would run for `S2ATTN_FUZZ_SEED` / `S2ATTN_FUZZ_CASES` (both generators: the one
+/// for wgpu and the one restricted to what CUDA offers), without running it.
+#[test]
+#[ignore = "a listing, not a check: cargo test --test differential composition -- --ignored --nocapture"]
+fn composition() {
+    let seed = env_u64("S2ATTN_FUZZ_SEED", 1);
+    let cases = env_u64("S2ATTN_FUZZ_CASES", 300);
+    for cuda in [false, true] {
+        let mut rng = Rng::new(seed);
+        let mut tally = Tally::default();
+        for _ in 0..cases {
+            tally.add(&generate(&mut rng, cuda));
+        }
+        println!("seed {seed}, {cases} cases, {}: {tally}", if cuda { "cuda" } else { "wgpu" });
+    }
 }
 
 #[test]

@@ -204,8 +204,15 @@ open(path, "w").write(text.replace(anchor, case_class + anchor + cases))
 PY
 
 # Configure and build only test-backend-ops (about 16 minutes on 2 cores) (ggml-base, ggml-cpu, ggml-vulkan, llama, llama-common).
+# ggml-vulkan finds SPIRV-Headers as a CMake package: installed (headers and config only) from the shaderc-sys
+# sources fetched above, so that no system package is needed.
+if [ ! -f spirv-headers-install/share/cmake/SPIRV-Headers/SPIRV-HeadersConfig.cmake ]; then
+    cmake -S "shaderc/$SHADERC_CRATE/build/spirv-headers" -B spirv-headers-build -DSPIRV_HEADERS_ENABLE_TESTS=OFF \
+        -DCMAKE_INSTALL_PREFIX="$BUILD_DIR/spirv-headers-install" > /dev/null
+    cmake --install spirv-headers-build > /dev/null
+fi
 say "building test-backend-ops with $JOBS jobs"
-cmake -S "$src" -B llama-build -DCMAKE_BUILD_TYPE=Release -DGGML_VULKAN=ON -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF \
+cmake -S "$src" -B llama-build -DCMAKE_PREFIX_PATH="$BUILD_DIR/spirv-headers-install" -DCMAKE_BUILD_TYPE=Release -DGGML_VULKAN=ON -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF \
     -DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=ON -DLLAMA_BUILD_TOOLS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DGGML_CCACHE=OFF \
     -DLLAMA_BUILD_COMMIT="$LLAMA_COMMIT" -DLLAMA_BUILD_NUMBER=0 \
