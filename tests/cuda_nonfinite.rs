@@ -15,11 +15,8 @@
 #![cfg(feature = "cuda")]
 
 mod common;
-#[path = "oracle/mod.rs"]
-#[allow(dead_code)]
-mod oracle;
 
-use oracle::{Problem, Rule};
+use common::oracle::{Problem, Rule};
 use s2attn::{Attention, AttentionGrad, Backend, Context, ContextOptions, DType, Element, Layout, S2Config, Shape};
 use std::sync::OnceLock;
 
