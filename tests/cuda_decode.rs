@@ -144,7 +144,7 @@ fn cuda_decode_matches_the_oracle_over_groups_lengths_and_splits() {
     let Some(ctx) = cuda() else { return };
     let policies = [
         ("never split", SplitPolicy::never()),
-        ("one block per split", SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 1 }),
+        ("one block per split", SplitPolicy::split_to(1)),
         ("default", SplitPolicy::for_compute_units(132)),
     ];
     let mut seed = 1;
@@ -178,7 +178,7 @@ fn cuda_decode_runs_one_pass_per_cache_segment() {
     let layout = Layout::s2(S2Config::new(8, 64, 2, 4).kv_heads(2)).expect("layout");
     let config = KvCacheConfig::new(128, DType::F16, 2000);
     let per_seq = KvCache::pages_per_sequence(&layout, &config).expect("pages");
-    let policy = SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 2 };
+    let policy = SplitPolicy::split_to(2);
     let (e, l, _) = decode_error(ctx, &layout, 128, DType::F16, &[2000, 129, 1500], 1, policy, Some(per_seq), 7);
     assert!(e < 2e-3 && l < 1e-4, "three segments: out {e:.3e}, lse {l:.3e}");
 }

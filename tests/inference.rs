@@ -300,8 +300,8 @@ fn long_histories_split_over_workgroups_and_combine_across_cache_segments() {
         f.append(&mut b, 45);
         for (name, policy) in [
             ("never split", SplitPolicy::never()),
-            ("split to 2 blocks", SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 2 }),
-            ("split to 1 block", SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 1 }),
+            ("split to 2 blocks", SplitPolicy::split_to(2)),
+            ("split to 1 block", SplitPolicy::split_to(1)),
             ("default", SplitPolicy::default()),
         ] {
             f.decode = Decode::new(&f.cache).expect("decode").with_split_policy(policy);
@@ -336,7 +336,7 @@ fn varlen_prefill_packed_and_chunked_against_the_oracle_and_the_cpu_twin() {
             let k = rng.tensor((lens.total_k() * hk * D) as usize, dtype);
             let v = rng.tensor((lens.total_k() * hk * D) as usize, dtype);
             let want = varlen_reference(layout, &lens, D, 1.0 / (D as f64).sqrt(), &q, &k, &v);
-            for policy in [SplitPolicy::never(), SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 1 }] {
+            for policy in [SplitPolicy::never(), SplitPolicy::split_to(1)] {
                 let op = VarlenAttention::new(wgpu_context(), layout, D, dtype)
                     .expect("varlen op")
                     .with_split_policy(policy);
@@ -724,11 +724,7 @@ fn decode_f16_at(layout: &Layout, d: u32, lens: &[u32], q_len: u32, policy: Spli
 
 #[test]
 fn decode_at_head_dim_128_f16_on_the_narrow_and_the_general_kernel() {
-    let policies = [
-        SplitPolicy::never(),
-        SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 1 },
-        SplitPolicy::default(),
-    ];
+    let policies = [SplitPolicy::never(), SplitPolicy::split_to(1), SplitPolicy::default()];
     // GQA groups of 1, 4 (narrow, 1 token; 2 tokens = 8 rows: general) and 8 (general), block 64 and 16.
     let cases =
         [(4, 4, 64, 1, true), (8, 2, 64, 1, true), (8, 2, 64, 2, false), (8, 1, 16, 1, false), (4, 2, 16, 2, true)];
@@ -742,7 +738,7 @@ fn decode_at_head_dim_128_f16_on_the_narrow_and_the_general_kernel() {
     // A history of 130 attended blocks split one block per item: the combine folds more partials than
     // its lanes (four loads at a time per lane).
     let layout = s2(S2Config::new(4, 16, 2, 1).kv_heads(2));
-    let policy = SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 1 };
+    let policy = SplitPolicy::split_to(1);
     decode_f16_at(&layout, 128, &[2080], 1, policy, 990);
 }
 

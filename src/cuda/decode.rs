@@ -176,6 +176,16 @@ impl CudaDecode {
         Ok(Self { ctx: ctx.clone(), split, combine, rows, tile_kv, smem, narrow, head_dim, num_heads, dtype })
     }
 
+    /// Split-pass CTAs one SM holds at once (the driver's occupancy of the compiled kernel).
+    pub fn resident_per_sm(&self) -> Result<u32> {
+        let smem = if self.narrow { 0 } else { self.smem as usize };
+        let n = self
+            .split
+            .occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)
+            .map_err(cuda_err("querying the CUDA decode kernel's occupancy"))?;
+        Ok(n.max(1))
+    }
+
     /// Uploads the parts' work lists and allocates the partials; returns per part (split params,
     /// combine params) with Q/O/LSE left for the caller, and the owned device buffers.
     #[allow(clippy::type_complexity)]

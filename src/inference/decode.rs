@@ -52,7 +52,7 @@ impl std::fmt::Debug for Decode {
 
 impl Decode {
     /// A decode op reading `cache`, with softmax scale `1/sqrt(head_dim)` and the default [`SplitPolicy`]
-    /// (on CUDA: [`SplitPolicy::for_compute_units`] of the device's SMs). Compiles the single-token
+    /// (on CUDA: [`SplitPolicy::for_wave`] of the device's SMs times the kernel's occupancy). Compiles the single-token
     /// kernel: WGSL for a cache of wgpu buffers, CUDA for one in CUDA memory.
     pub fn new(cache: &KvCache) -> Result<Self> {
         let head_dim = cache.config().head_dim;
@@ -66,7 +66,7 @@ impl Decode {
                 SplitPolicy::for_compute_units(ctx.multiprocessors()),
             ),
         };
-        let op = Self {
+        let mut op = Self {
             engine,
             layout: cache.layout().clone(),
             cache_id: cache.id(),
@@ -76,6 +76,12 @@ impl Decode {
             policy,
         };
         op.plan_text(1)?;
+        // On CUDA the single-token kernel's occupancy says exactly how many items run at once.
+        #[cfg(feature = "cuda")]
+        if let Engine::Cuda { ctx, .. } = &op.engine {
+            let per_sm = op.cuda_kernel(1)?.resident_per_sm()?;
+            op.policy = SplitPolicy::for_wave(ctx.multiprocessors() * per_sm);
+        }
         Ok(op)
     }
 
@@ -327,9 +333,8 @@ impl Decode {
                 Ok((list, KvSource { k, v, k_off: 0, v_off: 0 }))
             })
             .collect::<Result<_>>()?;
-        // A list splits only when it has fewer families than target workgroups, into at most
-        // entries / blocks_per_split + families <= 2 * target items (partial slots).
-        let max_slots = 2 * self.policy.target_workgroups as u64 * cache.segments() as u64;
+        // Each list's split items use at most the policy's partial slots.
+        let max_slots = self.policy.max_partial_slots() * cache.segments() as u64;
         Ok(Call { scale: self.scale, max_entries: cache.max_segment_pages() as u64, max_slots, parts })
     }
 

@@ -54,48 +54,111 @@ pub struct WorkEntry {
 }
 
 /// When long KV runs are split over several workgroups (flash-decoding).
+///
+/// The device runs a *wave* of workgroups at once, and the items of a call are of about equal length, so
+/// a call takes about `waves * (longest item + a fixed cost per item)`, plus a combine pass where a family
+/// is split. The policy picks the blocks per split item that minimise that estimate: a call of few long
+/// families splits them until the wave is full, a call of a little more than one wave of families splits
+/// them so that the last wave is not nearly empty. Where the device does not say how many workgroups it
+/// holds at once the estimate is averaged over the wave sizes it may have (`min_wave..=max_wave`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SplitPolicy {
-    /// Workgroups a call should offer the device; families are split until there are about this many.
-    pub target_workgroups: u32,
+    /// Fewest workgroups the device may run at once.
+    pub min_wave: u32,
+    /// Most workgroups the device may run at once (`min_wave` where the residency is known).
+    pub max_wave: u32,
     /// Fewest KV blocks a split item reads (below this the combine step costs more than it wins).
     pub min_blocks_per_split: u32,
 }
 
-/// Workgroups per compute unit the split aims at: about as many as are resident at once (the decode
-/// kernels hold 3 to 5 workgroups of 128 invocations per SM by registers), so that a batch-1 call runs in
-/// one wave, each workgroup streaming a few KV blocks with the next one's loads in flight.
-const WORKGROUPS_PER_UNIT: u32 = 4;
+/// Workgroups of 128 invocations a compute unit holds at once, where the device does not say: the
+/// decode kernels hold 2 to 5 per SM by registers.
+const RESIDENT_PER_UNIT: (u32, u32) = (2, 5);
 /// Compute units assumed where the device does not say (wgpu exposes no count): a 132-SM H100/H200.
 /// Extra items on a smaller GPU cost only their combine.
-const DEFAULT_UNITS: u32 = 128;
+const DEFAULT_UNITS: u32 = 132;
+/// The fixed cost of a work item (its work list, queries, first loads and output) and of the combine
+/// pass, in the time of one KV block read by one workgroup.
+const ITEM_COST: u64 = 1;
+const COMBINE_COST: u64 = 1;
+/// Most partial slots a split call uses, in waves (bounds the partials' buffers).
+const MAX_SPLIT_WAVES: u64 = 4;
 
 impl Default for SplitPolicy {
-    /// [`SplitPolicy::for_compute_units`] of a large GPU (128 units: 512 workgroups).
+    /// [`SplitPolicy::for_compute_units`] of a 132-unit GPU.
     fn default() -> Self {
         Self::for_compute_units(DEFAULT_UNITS)
     }
 }
 
 impl SplitPolicy {
-    /// Splits until a call offers about 4 workgroups per compute unit (streaming multiprocessor), at
-    /// least 2 KV blocks per split (one block would cost a partial write per block read).
+    /// For a device of `units` compute units whose residency is not known: waves of 2 to 5 workgroups
+    /// per unit, at least 2 KV blocks per split (one block would cost a partial write per block read).
     pub fn for_compute_units(units: u32) -> Self {
-        Self { target_workgroups: units.max(1) * WORKGROUPS_PER_UNIT, min_blocks_per_split: 2 }
+        let units = units.max(1);
+        Self { min_wave: units * RESIDENT_PER_UNIT.0, max_wave: units * RESIDENT_PER_UNIT.1, min_blocks_per_split: 2 }
+    }
+    /// For a device that runs exactly `wave` workgroups of the decode kernel at once (compute units times
+    /// the kernel's occupancy), at least 2 KV blocks per split.
+    pub fn for_wave(wave: u32) -> Self {
+        Self { min_wave: wave.max(1), max_wave: wave.max(1), min_blocks_per_split: 2 }
+    }
+    /// The finest split: every family longer than `blocks + 1` KV blocks split into items of at most
+    /// `blocks` (for tests and studies).
+    pub fn split_to(blocks: u32) -> Self {
+        Self { min_wave: 1 << 20, max_wave: 1 << 20, min_blocks_per_split: blocks.max(1) }
     }
     /// Never split: one item per family.
     pub fn never() -> Self {
-        Self { target_workgroups: 0, min_blocks_per_split: u32::MAX }
+        Self { min_wave: 1, max_wave: 1, min_blocks_per_split: u32::MAX }
     }
-    /// Blocks per split item for `families` families holding `entries` entries in all (`u32::MAX`: no
-    /// split). Splitting starts when there are fewer families than target workgroups, and spreads the
-    /// entries evenly over the target, never below the minimum per split.
-    pub fn blocks_per_split(&self, families: usize, entries: usize) -> u32 {
-        if families == 0 || families >= self.target_workgroups as usize {
+    /// Most partial slots a call under this policy uses.
+    pub fn max_partial_slots(&self) -> u64 {
+        MAX_SPLIT_WAVES * self.max_wave.max(self.min_wave) as u64
+    }
+    /// Blocks per split item for families of `lens` KV blocks each (`u32::MAX`: no split), the one of
+    /// least estimated time (see [`SplitPolicy`]); on a tie the fewer items.
+    pub fn blocks_per_split(&self, lens: &[u32]) -> u32 {
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let min = self.min_blocks_per_split.max(1);
+        if longest <= min || min == u32::MAX {
             return u32::MAX;
         }
-        let even = entries.div_ceil(self.target_workgroups as usize);
-        even.max(self.min_blocks_per_split as usize).min(u32::MAX as usize) as u32
+        let (lo, hi) = (self.min_wave.max(1) as u64, self.max_wave.max(self.min_wave).max(1) as u64);
+        let waves: Vec<u64> = (0..4u64).map(|i| lo + (hi - lo) * i / 3).collect();
+        let total: u64 = lens.iter().map(|&n| n as u64).sum();
+        // Items and longest item when split at `b` blocks (`finish` evens a family's items out).
+        let shape = |b: u32| -> (u64, u64) {
+            lens.iter().fold((0, 0), |(items, len), &n| {
+                let k = n.div_ceil(b).max(1);
+                (items + k as u64, len.max(n.div_ceil(k) as u64))
+            })
+        };
+        let cost = |b: u32| -> Option<u64> {
+            let (items, len) = shape(b);
+            let split = b < longest;
+            if split && items > self.max_partial_slots() {
+                return None;
+            }
+            let time: u64 = waves.iter().map(|&w| items.div_ceil(w) * (len + ITEM_COST)).sum();
+            Some(time + if split { COMBINE_COST * waves.len() as u64 } else { 0 })
+        };
+        let mut candidates: Vec<u32> = (1..=64u32).map(|k| longest.div_ceil(k)).collect();
+        for &w in &waves {
+            candidates.extend((1..=MAX_SPLIT_WAVES).map(|x| total.div_ceil(w * x).min(u32::MAX as u64) as u32));
+        }
+        candidates.retain(|&b| b >= min && b < longest);
+        candidates.sort_unstable_by(|a, b| b.cmp(a));
+        candidates.dedup();
+        let mut best = (cost(longest).unwrap_or(u64::MAX), u32::MAX);
+        for b in candidates {
+            if let Some(c) = cost(b) {
+                if c < best.0 {
+                    best = (c, b);
+                }
+            }
+        }
+        best.1
     }
 }
 
@@ -221,7 +284,8 @@ impl<'a> WorkListBuilder<'a> {
     /// Splits the families by `policy` into items and combine records, numbering partial slots from
     /// `first_slot`.
     pub(crate) fn finish(self, policy: &SplitPolicy, first_slot: u32) -> WorkList {
-        let bps = policy.blocks_per_split(self.families.len(), self.entries.len());
+        let lens: Vec<u32> = self.families.iter().map(|(_, r)| r.end - r.start).collect();
+        let bps = policy.blocks_per_split(&lens);
         let mut items = Vec::with_capacity(self.families.len());
         let mut families = Vec::new();
         let mut slots = first_slot;
@@ -249,6 +313,64 @@ impl<'a> WorkListBuilder<'a> {
             slots: first_slot..slots,
             blocks_per_split: bps,
             family_count: self.families.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SplitPolicy;
+
+    /// Items and longest item of families `lens` split at `b` blocks (as `WorkListBuilder::finish`).
+    fn split(lens: &[u32], b: u32) -> (u32, u32) {
+        lens.iter().fold((0, 0), |(items, len), &n| {
+            let k = n.div_ceil(b).max(1);
+            (items + k, len.max(n.div_ceil(k)))
+        })
+    }
+
+    #[test]
+    fn few_long_families_fill_one_wave() {
+        // Batch 1, 8 KV heads, 144 resident blocks each, 396 workgroups at once: 3 blocks per item.
+        let b = SplitPolicy::for_wave(396).blocks_per_split(&[144; 8]);
+        assert_eq!(b, 3);
+        assert!(split(&[144; 8], b).0 <= 396);
+    }
+
+    #[test]
+    fn a_wave_and_a_bit_of_families_is_split_to_no_ragged_wave() {
+        // 128 families on 396 slots: 4 splits of 36 blocks would give 512 items, two waves; 3 of 48, one.
+        let b = SplitPolicy::for_wave(396).blocks_per_split(&[144; 128]);
+        assert_eq!(split(&[144; 128], b), (384, 48));
+        // 512 families: unsplit they take two waves, the second a third full; split they fill 4 waves of
+        // shorter items (1536 items of 48 blocks: 4 * 49 < 2 * 145).
+        let b = SplitPolicy::for_wave(396).blocks_per_split(&[144; 512]);
+        assert!(b < 144, "{b}");
+        let (items, len) = split(&[144; 512], b);
+        assert!(items.div_ceil(396) * (len + 1) < 2 * 145, "{items} items of {len}");
+    }
+
+    #[test]
+    fn many_families_or_short_ones_are_not_split() {
+        // Four full waves of families: splitting only adds combine work.
+        assert_eq!(SplitPolicy::for_wave(396).blocks_per_split(&[144; 1584]), u32::MAX);
+        assert_eq!(SplitPolicy::for_wave(396).blocks_per_split(&[2; 4]), u32::MAX);
+        assert_eq!(SplitPolicy::never().blocks_per_split(&[144; 8]), u32::MAX);
+        assert_eq!(SplitPolicy::default().blocks_per_split(&[]), u32::MAX);
+    }
+
+    #[test]
+    fn split_to_splits_every_long_family_and_stays_in_its_slots() {
+        assert_eq!(SplitPolicy::split_to(1).blocks_per_split(&[7, 3, 1]), 1);
+        assert_eq!(SplitPolicy::split_to(2).blocks_per_split(&[7, 3, 1]), 2);
+        for policy in [SplitPolicy::default(), SplitPolicy::for_wave(264), SplitPolicy::for_compute_units(20)] {
+            for lens in [vec![2048u32; 3], vec![144; 700], vec![37, 1, 500, 9, 144]] {
+                let b = policy.blocks_per_split(&lens);
+                if b != u32::MAX {
+                    assert!(split(&lens, b).0 as u64 <= policy.max_partial_slots(), "{policy:?} {lens:?}");
+                    assert!(b >= policy.min_blocks_per_split);
+                }
+            }
         }
     }
 }

@@ -14,7 +14,7 @@ const LEN: usize = 64;
 /// [`judge_minus_inf_decode`] for each `(heads, d, dtype)` of `kernels`, with 0, 1, 32 and all 64 keys at
 /// -inf, unsplit and one block per split; the first failure.
 pub fn judge_minus_inf_decodes(ctx: &Context, kernels: &[(u32, u32, DType)]) -> Result<(), String> {
-    let policies = [SplitPolicy::never(), SplitPolicy { target_workgroups: 1 << 20, min_blocks_per_split: 1 }];
+    let policies = [SplitPolicy::never(), SplitPolicy::split_to(1)];
     for policy in policies {
         for ninf in [0, 1, 32, LEN] {
             for &(heads, d, dtype) in kernels {
