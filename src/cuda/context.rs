@@ -5,9 +5,11 @@ use super::compile::{self, KernelKey};
 use crate::error::{Error, Result};
 use crate::plan::DeviceCaps;
 use cudarc::driver::sys::CUdevice_attribute as Attr;
-use cudarc::driver::{CudaFunction, CudaStream};
+use cudarc::driver::{CudaFunction, CudaStream, PushKernelArg};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+const S2_HOLD_SRC: &str = include_str!("../../shaders/cuda/s2_hold.cu");
 
 /// Oldest compute capability the kernels run on: `mma.sync` with bf16, `ldmatrix` and `cp.async`.
 pub const MIN_ARCH: (i32, i32) = (8, 0);
@@ -172,6 +174,10 @@ impl CudaContext {
         let stream = self.stream();
         let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let mut events = Vec::with_capacity(iters as usize);
+        // The GPU waits while the host enqueues the iterations (a generous 100 us each), so that a call
+        // shorter than its own submission is timed as the GPU runs it, not as the host feeds it.
+        let hold_ns = (1_000_000 + 100_000 * iters as u64).min(200_000_000);
+        self.hold(hold_ns)?;
         for _ in 0..iters {
             let start = self.0.ctx.new_event(flags).map_err(cuda_err("creating an event"))?;
             let end = self.0.ctx.new_event(flags).map_err(cuda_err("creating an event"))?;
@@ -186,6 +192,18 @@ impl CudaContext {
             .map(|(s, e)| s.elapsed_ms(e).map(f64::from).map_err(cuda_err("reading an event")))
             .collect::<Result<Vec<_>>>()?;
         Ok(crate::gpu::Timing { samples_ms, gpu_timestamps: true })
+    }
+
+    /// Enqueues a kernel that keeps the stream busy for `ns` nanoseconds (`shaders/cuda/s2_hold.cu`).
+    pub(crate) fn hold(&self, ns: u64) -> Result<()> {
+        let key = KernelKey::new("s2_hold.cu", self.arch(), &[]);
+        let func = self.kernel(&key, S2_HOLD_SRC, "s2_hold", 0)?;
+        let cfg = cudarc::driver::LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+        let mut args = self.stream().launch_builder(&func);
+        args.arg(&ns);
+        // SAFETY: the kernel takes one u64 by value and touches no memory.
+        unsafe { args.launch(cfg) }.map_err(driver_err("launching the stream hold"))?;
+        Ok(())
     }
 
     /// A multi-line description: device, compute capability, memory, driver, NVRTC and kernel cache.
@@ -270,4 +288,27 @@ impl CudaContext {
 /// Maps a driver error to [`Error::Cuda`], naming what was being done.
 pub(crate) fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
     move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CudaContext;
+
+    /// The hold kernel keeps the stream busy for the time asked (the timing loop relies on it); skipped
+    /// where no CUDA device opens.
+    #[test]
+    fn hold_keeps_the_stream_busy_for_its_time() {
+        let Ok(ctx) = CudaContext::open(0) else {
+            eprintln!("no CUDA device: skipped");
+            return;
+        };
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let (start, end) = (ctx.0.ctx.new_event(flags).expect("event"), ctx.0.ctx.new_event(flags).expect("event"));
+        start.record(ctx.stream()).expect("record");
+        ctx.hold(20_000_000).expect("hold");
+        end.record(ctx.stream()).expect("record");
+        ctx.stream().synchronize().expect("synchronize");
+        let ms = start.elapsed_ms(&end).expect("elapsed");
+        assert!((19.9..2000.0).contains(&ms), "a 20 ms hold took {ms} ms");
+    }
 }
