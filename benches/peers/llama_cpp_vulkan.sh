@@ -205,8 +205,12 @@ PY
 
 # Configure and build only test-backend-ops (about 16 minutes on 2 cores) (ggml-base, ggml-cpu, ggml-vulkan, llama, llama-common).
 # ggml-vulkan finds SPIRV-Headers as a CMake package: installed (headers and config only) from the shaderc-sys
-# sources fetched above, so that no system package is needed.
-if [ ! -f spirv-headers-install/share/cmake/SPIRV-Headers/SPIRV-HeadersConfig.cmake ]; then
+# sources fetched above, so that no system package is needed. It does not link that package's target, though (the
+# Vulkan SDK puts spirv/unified1/spirv.hpp beside vulkan/), so its include folder is passed in CMAKE_CXX_FLAGS. Without
+# it, g++ 12 (GCC bug 80753) skips the fallback #include of ggml-vulkan-types.h's __has_include chain without an
+# error, and ggml-vulkan.cpp then fails on the undeclared `spv` namespace.
+if [ ! -f spirv-headers-install/share/cmake/SPIRV-Headers/SPIRV-HeadersConfig.cmake ] ||
+   [ ! -f spirv-headers-install/include/spirv/unified1/spirv.hpp ]; then
     cmake -S "shaderc/$SHADERC_CRATE/build/spirv-headers" -B spirv-headers-build -DSPIRV_HEADERS_ENABLE_TESTS=OFF \
         -DCMAKE_INSTALL_PREFIX="$BUILD_DIR/spirv-headers-install" > /dev/null
     cmake --install spirv-headers-build > /dev/null
@@ -217,6 +221,7 @@ cmake -S "$src" -B llama-build -DCMAKE_PREFIX_PATH="$BUILD_DIR/spirv-headers-ins
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DGGML_CCACHE=OFF \
     -DLLAMA_BUILD_COMMIT="$LLAMA_COMMIT" -DLLAMA_BUILD_NUMBER=0 \
     -DVulkan_INCLUDE_DIR="$BUILD_DIR/vkheaders/usr/include" -DVulkan_GLSLC_EXECUTABLE="$GLSLC" \
+    -DCMAKE_CXX_FLAGS="-isystem $BUILD_DIR/spirv-headers-install/include" \
     -DCMAKE_EXE_LINKER_FLAGS="-static-libstdc++ -static-libgcc" > llama-configure.log
 grep -E "GL_(KHR|NV)_cooperative_matrix2? support|COOPMAT" llama-configure.log >&2 || true
 cmake --build llama-build --target test-backend-ops -j "$JOBS" > llama-build.log 2>&1 ||

@@ -1,15 +1,17 @@
 // Split-KV decode over a host-built work list (the same list the WGSL kernels read, see
-// shaders/shared/decode.wgsl and src/inference/worklist.rs), on KV cache pools in CUDA memory.
+// shaders/shared/decode.wgsl and src/inference/worklist.rs), on KV cache pools in CUDA memory, in one launch.
 // Compiled by NVRTC (src/cuda/decode.rs) with
-//   HEAD_DIM, ROWS (query rows per item), BK (keys per step), NT (threads), IS_BF16, PASS (0 split, 1 combine).
+//   HEAD_DIM, ROWS (query rows per item), BK (keys per step), NT (threads), IS_BF16, PASS (0 the general
+//   split kernel, 1 the narrow one).
 //
-// Split pass, one CTA per work item: its R = group * n_tok query rows against its KV blocks, K/V read as
-// 16-byte words, coalesced, one step of BK keys ahead (the next step's loads are in flight in registers
-// while this one is computed). Per step: stage K/V in shared memory, S = Q K^T (one key per thread, a
-// few rows each), then each thread of the O pass takes its row's step maximum from the scores (same
-// value in every thread of the row), rescales its accumulators and adds P V over its keys; KS threads
-// share an output when the rows hold fewer outputs than the CTA has threads. Items of split families
-// write a partial (O / l, base-2 LSE) that the combine pass merges by LSE.
+// One CTA per work item: its R = group * n_tok query rows against its KV blocks, K/V read as 16-byte words,
+// coalesced, one step of BK keys ahead (the next step's loads are in flight in registers while this one is
+// computed). General kernel, per step: stage K/V in shared memory, S = Q K^T (one key per thread, a few rows
+// each), then each thread of the O pass takes its row's step maximum from the scores (same value in every
+// thread of the row), rescales its accumulators and adds P V over its keys; KS threads share an output when
+// the rows hold fewer outputs than the CTA has threads. Items of split families write a partial (O / l,
+// base-2 LSE) and count themselves done; the last item of a family to finish merges the family's partials by
+// LSE (`combine_family`, the WGSL twin: shaders/decode_combine.wgsl) and resets the count for the next call.
 //
 // Non-finite inputs come out as IEEE softmax attention gives them (the WGSL twin: shaders/shared/
 // nonfinite.wgsl): a row whose active scores hold a NaN or +inf, or whose active keys all score -inf, is
@@ -32,7 +34,7 @@ typedef unsigned short u16;
 #endif
 
 struct Item {
-    u32 head0, tok0, pos0, n_valid, kv_len, e0, e1, slot, lse0, nsplit, pad0, pad1;
+    u32 head0, tok0, pos0, n_valid, kv_len, e0, e1, slot, lse0, nsplit, family, pad0;
 };
 
 struct Params {
@@ -45,6 +47,8 @@ struct Params {
     const uint4* entries; // (base in 4-element units, first key, row mask lo, hi)
     float* part_o;        // [slot, ROWS, HEAD_DIM]
     float* part_lse;      // [slot, ROWS], base 2
+    const Item* families; // one combine record per split family
+    u32* done;            // per split family: its items done so far (0 between calls)
     u32 n_items;
     u32 num_heads;
     u32 n_tok;
@@ -73,6 +77,13 @@ __device__ __forceinline__ u16 from_f32(float f) {
     asm("{ .reg .b16 h; cvt.rn.f16.f32 h, %1; mov.b16 %0, h; }" : "=h"(x) : "f"(f));
 #endif
     return x;
+}
+
+__device__ __forceinline__ void add4(float4& a, const float4 b) {
+    a.x += b.x;
+    a.y += b.y;
+    a.z += b.z;
+    a.w += b.w;
 }
 
 // The 8 elements of a 16-byte word.
@@ -127,6 +138,131 @@ __device__ __forceinline__ float lse_out(float lse2) {
     const u32 b = __float_as_uint(lse2);
     if ((b & 0x7fffffffu) > 0x7f800000u || b == 0xff800000u) return quiet_nan();
     return lse2 > NEG_BIG ? lse2 * 0.6931471805599453f : __int_as_float(0xff800000);
+}
+
+
+// Combine: the CTA of a split family's last item merges the family's nsplit partials by their base-2 LSE;
+// the splits are spread over the threads (LL lanes per row for the LSE, SL lanes per output float4 for O)
+// and the lanes meet in shared memory (the WGSL twin: shaders/decode_combine.wgsl). The partials were
+// written by other CTAs: read through L2 (ld.global.cg), never a stale L1 line.
+#define N4 (ROWS * D4)
+#define SL ((NT / N4) > 1 ? (NT / N4) : 1)
+#define LL ((NT / ROWS) < 16 ? (NT / ROWS) : 16)
+
+// Folds partial LSE x into (m, s); flags f: 1 a NaN partial, 2 a -inf one (keys that all scored -inf).
+__device__ __forceinline__ void fold(float& m, float& s, u32& f, float x) {
+    const u32 b = __float_as_uint(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) f |= 1u;
+    else if (b == 0xff800000u) f |= 2u;
+    if (x > m) {
+        s = s * exp2f(m - x) + 1.f;
+        m = x;
+    } else if (x > NEG_BIG) {
+        s += exp2f(x - m);
+    }
+}
+
+__device__ __noinline__ void combine_family(const Params& p, const Item& fam) {
+    __shared__ float m_s[NT], s_s[NT], lse_s[ROWS];
+    __shared__ u32 f_s[NT];
+    __shared__ float4 o_s[NT];
+    const u32 tid = threadIdx.x, n = fam.nsplit;
+    if (tid < ROWS * LL) {
+        const u32 r = tid / LL, ln = tid % LL;
+        float m = NEG_BIG, s = 0.f;
+        u32 f = 0u;
+#pragma unroll 4
+        for (u32 k = ln; k < n; k += LL) fold(m, s, f, __ldcg(p.part_lse + (fam.slot + k) * ROWS + r));
+        m_s[tid] = m;
+        s_s[tid] = s;
+        f_s[tid] = f;
+    }
+    __syncthreads();
+    if (tid < ROWS) {
+        float m = NEG_BIG;
+        u32 f = 0u;
+        for (int x = 0; x < LL; x++) {
+            m = fmaxf(m, m_s[tid * LL + x]);
+            f |= f_s[tid * LL + x];
+        }
+        float lse2 = NEG_BIG;
+        if (m > NEG_BIG) {
+            float sum = 0.f;
+            for (int x = 0; x < LL; x++) {
+                const float mx = m_s[tid * LL + x];
+                if (mx > NEG_BIG) sum += s_s[tid * LL + x] * exp2f(mx - m);
+            }
+            lse2 = m + log2f(sum);
+        }
+        // A NaN partial, or keys that all scored -inf in every split that has keys: a NaN row.
+        if ((f & 1u) || ((f & 2u) && !(m > NEG_BIG))) lse2 = quiet_nan();
+        lse_s[tid] = lse2;
+        if (row_valid(fam, tid, p.n_tok)) p.lse[lse_index(p, fam, tid)] = lse_out(lse2);
+    }
+    __syncthreads();
+    const u32 ln = tid / N4;
+    for (u32 o = tid % N4; o < N4; o += NT) {
+        if (ln >= SL) break;
+        const u32 r = o / D4, c = o % D4;
+        const float lse2 = lse_s[r];
+        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+        if ((__float_as_uint(lse2) & 0x7fffffffu) > 0x7f800000u) {
+            x = make_float4(quiet_nan(), quiet_nan(), quiet_nan(), quiet_nan());
+        } else if (lse2 > NEG_BIG) {
+#pragma unroll 4
+            for (u32 k = ln; k < n; k += SL) {
+                const size_t slot = (size_t)(fam.slot + k) * ROWS + r;
+                const float wgt = exp2f(__ldcg(p.part_lse + slot) - lse2);
+                const float4 y = __ldcg((const float4*)p.part_o + slot * D4 + c);
+                x.x += wgt * y.x;
+                x.y += wgt * y.y;
+                x.z += wgt * y.z;
+                x.w += wgt * y.w;
+            }
+        }
+        if (SL == 1) {
+            if (row_valid(fam, r, p.n_tok)) {
+                const u32 lo = (u32)from_f32(x.x) | ((u32)from_f32(x.y) << 16);
+                const u32 hi = (u32)from_f32(x.z) | ((u32)from_f32(x.w) << 16);
+                *(uint2*)(p.o + row_index(p, fam, r) + 4 * c) = make_uint2(lo, hi);
+            }
+        } else {
+            o_s[tid] = x;
+        }
+    }
+#if SL > 1
+    __syncthreads();
+    if (tid < N4) {
+        const u32 r = tid / D4, c = tid % D4;
+        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int s = 0; s < SL; s++) {
+            add4(x, o_s[s * N4 + tid]);
+        }
+        if (row_valid(fam, r, p.n_tok)) {
+            const u32 lo = (u32)from_f32(x.x) | ((u32)from_f32(x.y) << 16);
+            const u32 hi = (u32)from_f32(x.z) | ((u32)from_f32(x.w) << 16);
+            *(uint2*)(p.o + row_index(p, fam, r) + 4 * c) = make_uint2(lo, hi);
+        }
+    }
+#endif
+}
+
+
+// A split item's end: count this item done; the family's last item combines and resets the count. Every
+// thread of the CTA calls it, after the item's partial writes.
+__device__ __forceinline__ void finish_split(const Params& p, const Item& it) {
+    __shared__ u32 last_s;
+    __threadfence(); // this CTA's partials are visible device-wide before it counts itself
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const u32 before = atomicAdd(p.done + it.family, 1u);
+        last_s = before + 1 == it.nsplit;
+        if (last_s) p.done[it.family] = 0u;
+    }
+    __syncthreads();
+    if (!last_s) return;
+    __threadfence();
+    combine_family(p, p.families[it.family]);
 }
 
 #if PASS == 0
@@ -291,9 +427,9 @@ extern "C" __global__ void __launch_bounds__(NT) s2_decode_split(const Params p)
         }
     }
 #endif
-    if (!active_o || ks != 0) return;
 #pragma unroll
     for (int j = 0; j < NA; j++) {
+        if (!active_o || ks != 0) break;
         const u32 o = tid + j * NT;
         const u32 r = o / W, w = o % W;
         if (o < NOUT && row_valid(it, r, p.n_tok)) {
@@ -317,9 +453,10 @@ extern "C" __global__ void __launch_bounds__(NT) s2_decode_split(const Params p)
             }
         }
     }
+    if (it.nsplit > 1) finish_split(p, it);
 }
 
-#elif PASS == 2
+#elif PASS == 1
 
 // Narrow items (ROWS <= 4): thread (g, w) owns 16-byte word w of every key row and keys g, g + NG, ... of
 // each step; Q, K, V and O stay in registers, each thread runs its own online softmax over its keys, and
@@ -426,11 +563,7 @@ extern "C" __global__ void __launch_bounds__(NT, 3) s2_decode_narrow(const Param
             float4 sc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
             for (int x = 0; x < W; x++) {
-                const float4 y = red_s[tid * W + x];
-                sc.x += y.x;
-                sc.y += y.y;
-                sc.z += y.z;
-                sc.w += y.w;
+                add4(sc, red_s[tid * W + x]);
             }
             const u32 kpos = k0 + tid;
 #pragma unroll
@@ -543,120 +676,7 @@ extern "C" __global__ void __launch_bounds__(NT, 3) s2_decode_narrow(const Param
             }
         }
     }
-}
-
-#else
-
-// Combine: one CTA per split family, merging its nsplit partials by their base-2 LSE; the splits are
-// spread over the threads (LL lanes per row for the LSE, SL lanes per output float4 for O) and the lanes
-// meet in shared memory (the WGSL twin: shaders/decode_combine.wgsl).
-#define N4 (ROWS * D4)
-#define SL ((NT / N4) > 1 ? (NT / N4) : 1)
-#define LL ((NT / ROWS) < 16 ? (NT / ROWS) : 16)
-
-// Folds partial LSE x into (m, s); flags f: 1 a NaN partial, 2 a -inf one (keys that all scored -inf).
-__device__ __forceinline__ void fold(float& m, float& s, u32& f, float x) {
-    const u32 b = __float_as_uint(x);
-    if ((b & 0x7fffffffu) > 0x7f800000u) f |= 1u;
-    else if (b == 0xff800000u) f |= 2u;
-    if (x > m) {
-        s = s * exp2f(m - x) + 1.f;
-        m = x;
-    } else if (x > NEG_BIG) {
-        s += exp2f(x - m);
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(NT) s2_decode_combine(const Params p) {
-    const u32 id = blockIdx.x + blockIdx.y * gridDim.x;
-    if (id >= p.n_items) return;
-    const Item fam = p.items[id];
-    __shared__ float m_s[NT], s_s[NT], lse_s[ROWS];
-    __shared__ u32 f_s[NT];
-    __shared__ float4 o_s[NT];
-    const u32 tid = threadIdx.x, n = fam.nsplit;
-    if (tid < ROWS * LL) {
-        const u32 r = tid / LL, ln = tid % LL;
-        float m = NEG_BIG, s = 0.f;
-        u32 f = 0u;
-#pragma unroll 4
-        for (u32 k = ln; k < n; k += LL) fold(m, s, f, p.part_lse[(fam.slot + k) * ROWS + r]);
-        m_s[tid] = m;
-        s_s[tid] = s;
-        f_s[tid] = f;
-    }
-    __syncthreads();
-    if (tid < ROWS) {
-        float m = NEG_BIG;
-        u32 f = 0u;
-        for (int x = 0; x < LL; x++) {
-            m = fmaxf(m, m_s[tid * LL + x]);
-            f |= f_s[tid * LL + x];
-        }
-        float lse2 = NEG_BIG;
-        if (m > NEG_BIG) {
-            float sum = 0.f;
-            for (int x = 0; x < LL; x++) {
-                const float mx = m_s[tid * LL + x];
-                if (mx > NEG_BIG) sum += s_s[tid * LL + x] * exp2f(mx - m);
-            }
-            lse2 = m + log2f(sum);
-        }
-        // A NaN partial, or keys that all scored -inf in every split that has keys: a NaN row.
-        if ((f & 1u) || ((f & 2u) && !(m > NEG_BIG))) lse2 = quiet_nan();
-        lse_s[tid] = lse2;
-        if (row_valid(fam, tid, p.n_tok)) p.lse[lse_index(p, fam, tid)] = lse_out(lse2);
-    }
-    __syncthreads();
-    const u32 ln = tid / N4;
-    for (u32 o = tid % N4; o < N4; o += NT) {
-        if (ln >= SL) break;
-        const u32 r = o / D4, c = o % D4;
-        const float lse2 = lse_s[r];
-        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-        if ((__float_as_uint(lse2) & 0x7fffffffu) > 0x7f800000u) {
-            x = make_float4(quiet_nan(), quiet_nan(), quiet_nan(), quiet_nan());
-        } else if (lse2 > NEG_BIG) {
-#pragma unroll 4
-            for (u32 k = ln; k < n; k += SL) {
-                const size_t slot = (size_t)(fam.slot + k) * ROWS + r;
-                const float wgt = exp2f(p.part_lse[slot] - lse2);
-                const float4 y = ((const float4*)p.part_o)[slot * D4 + c];
-                x.x += wgt * y.x;
-                x.y += wgt * y.y;
-                x.z += wgt * y.z;
-                x.w += wgt * y.w;
-            }
-        }
-        if (SL == 1) {
-            if (row_valid(fam, r, p.n_tok)) {
-                const u32 lo = (u32)from_f32(x.x) | ((u32)from_f32(x.y) << 16);
-                const u32 hi = (u32)from_f32(x.z) | ((u32)from_f32(x.w) << 16);
-                *(uint2*)(p.o + row_index(p, fam, r) + 4 * c) = make_uint2(lo, hi);
-            }
-        } else {
-            o_s[tid] = x;
-        }
-    }
-#if SL > 1
-    __syncthreads();
-    if (tid < N4) {
-        const u32 r = tid / D4, c = tid % D4;
-        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int s = 0; s < SL; s++) {
-            const float4 y = o_s[s * N4 + tid];
-            x.x += y.x;
-            x.y += y.y;
-            x.z += y.z;
-            x.w += y.w;
-        }
-        if (row_valid(fam, r, p.n_tok)) {
-            const u32 lo = (u32)from_f32(x.x) | ((u32)from_f32(x.y) << 16);
-            const u32 hi = (u32)from_f32(x.z) | ((u32)from_f32(x.w) << 16);
-            *(uint2*)(p.o + row_index(p, fam, r) + 4 * c) = make_uint2(lo, hi);
-        }
-    }
-#endif
+    if (it.nsplit > 1) finish_split(p, it);
 }
 
 #endif

@@ -39,7 +39,7 @@ struct WorkItem {
     slot: u32,            // first partial slot of the family (combine) or this item's slot (split)
     lse0: u32,            // LSE index of row 0
     nsplit: u32,          // items the family was split into (1: write the output directly)
-    _pad0: u32,
+    family: u32,          // the family's combine record (split items; the CUDA kernels' fused combine)
     _pad1: u32,
 }
 

@@ -1,7 +1,7 @@
-//! [`CudaDecode`]: the CUDA decode kernels (`shaders/cuda/s2_decode.cu`, split pass then LSE combine)
-//! over the host-built [`WorkList`]s of [`crate::Decode`], reading a [`crate::KvCache`] whose pools live
-//! in CUDA memory. Compiled by NVRTC per (dtype, head dim, rows, key step); launches on host queries and
-//! CUDA-event timing.
+//! [`CudaDecode`]: the CUDA decode kernel (`shaders/cuda/s2_decode.cu`: the split pass, whose last item of
+//! each split family merges the family's partials by LSE, one launch per call part) over the host-built
+//! [`WorkList`]s of [`crate::Decode`], reading a [`crate::KvCache`] whose pools live in CUDA memory.
+//! Compiled by NVRTC per (dtype, head dim, rows, key step); launches on host queries and CUDA-event timing.
 
 use super::compile::KernelKey;
 use super::context::{cuda_err, CudaContext};
@@ -16,8 +16,6 @@ use std::sync::Arc;
 const S2_DECODE_SRC: &str = include_str!("../../shaders/cuda/s2_decode.cu");
 /// Threads of the split CTA.
 const THREADS: u32 = 128;
-/// Threads of the combine CTA.
-const COMBINE_THREADS: u32 = 256;
 /// Rows the narrow split kernel takes.
 const NARROW_ROWS: u32 = 4;
 /// Keys per thread per step of the narrow kernel (K/V words in registers).
@@ -48,6 +46,8 @@ struct Params {
     entries: u64,
     part_o: u64,
     part_lse: u64,
+    families: u64,
+    done: u64,
     n_items: u32,
     num_heads: u32,
     n_tok: u32,
@@ -61,11 +61,10 @@ struct Params {
 // SAFETY: plain-old-data with the C layout the kernel declares.
 unsafe impl DeviceRepr for Params {}
 
-/// The split and combine kernels for one (dtype, head dim, rows, key step).
+/// The decode kernel for one (dtype, head dim, rows, key step).
 pub struct CudaDecode {
     ctx: CudaContext,
     split: CudaFunction,
-    combine: CudaFunction,
     rows: u32,
     tile_kv: u32,
     smem: u32,
@@ -89,12 +88,19 @@ impl fmt::Display for CudaDecode {
     }
 }
 
-/// Shared bytes of the split kernel: K (padded) and V steps, Q rows, scores, key-split partials.
+/// Dynamic shared bytes of the general split kernel: K (padded) and V steps, Q rows, scores, key-split
+/// partials.
 fn split_smem(rows: u32, tile_kv: u32, head_dim: u32) -> u32 {
     let w = head_dim / 8;
     let n_out = rows * w;
     let ks = if n_out <= THREADS { (THREADS / n_out).max(1) } else { 1 };
     16 * tile_kv * (2 * w + 1) + 4 * rows * head_dim + 4 * rows * tile_kv + 4 * 9 * (ks - 1) * n_out
+}
+
+/// Static shared bytes of the fused combine (`combine_family`, `finish_split`): per thread a maximum, a sum,
+/// flags and a float4; per row an LSE; the last-item flag.
+fn combine_smem(rows: u32) -> u32 {
+    THREADS * (3 * 4 + 16) + 4 * rows + 4
 }
 
 impl CudaDecode {
@@ -112,7 +118,7 @@ impl CudaDecode {
     }
 
     /// Compiles (or fetches) the kernels for items of `rows` query rows over `block_size`-key pages: the
-    /// narrow split kernel where it applies, else the general one, and the combine.
+    /// narrow split kernel where it applies, else the general one (each with the fused combine).
     pub fn new(
         ctx: &CudaContext,
         dtype: DType,
@@ -140,12 +146,12 @@ impl CudaDecode {
             .find(|&t| {
                 block_size % t == 0
                     && (t * head_dim / 8).div_ceil(THREADS) <= 16
-                    && split_smem(rows, t, head_dim) <= caps.max_workgroup_storage
+                    && split_smem(rows, t, head_dim) + combine_smem(rows) <= caps.max_workgroup_storage
             })
             .ok_or_else(|| Error::DeviceLimit {
                 what: format!("the CUDA decode kernel at head_dim {head_dim}, {rows} rows"),
                 limit: "shared memory per block",
-                needed: split_smem(rows, 8, head_dim) as u64,
+                needed: (split_smem(rows, 8, head_dim) + combine_smem(rows)) as u64,
                 max: caps.max_workgroup_storage as u64,
             })?;
         let narrow = Self::narrow_tile(rows, head_dim, block_size);
@@ -154,12 +160,12 @@ impl CudaDecode {
             None => (tile_kv, split_smem(rows, tile_kv, head_dim)),
         };
         let bf16 = (dtype == DType::BF16) as i64;
-        let kernel = |pass: i64, threads: u32, entry: &str, smem: u32| -> Result<CudaFunction> {
+        let kernel = |pass: i64, entry: &str, smem: u32| -> Result<CudaFunction> {
             let defines = [
                 ("HEAD_DIM", head_dim as i64),
                 ("ROWS", rows as i64),
                 ("BK", tile_kv as i64),
-                ("NT", threads as i64),
+                ("NT", THREADS as i64),
                 ("IS_BF16", bf16),
                 ("PASS", pass),
             ];
@@ -168,12 +174,11 @@ impl CudaDecode {
         };
         let split = match narrow {
             // Static shared memory: no dynamic bytes at launch.
-            Some(_) => kernel(2, THREADS, "s2_decode_narrow", 0)?,
-            None => kernel(0, THREADS, "s2_decode_split", smem)?,
+            Some(_) => kernel(1, "s2_decode_narrow", 0)?,
+            None => kernel(0, "s2_decode_split", smem)?,
         };
-        let combine = kernel(1, COMBINE_THREADS, "s2_decode_combine", 0)?;
         let narrow = narrow.is_some();
-        Ok(Self { ctx: ctx.clone(), split, combine, rows, tile_kv, smem, narrow, head_dim, num_heads, dtype })
+        Ok(Self { ctx: ctx.clone(), split, rows, tile_kv, smem, narrow, head_dim, num_heads, dtype })
     }
 
     /// Split-pass CTAs one SM holds at once (the driver's occupancy of the compiled kernel).
@@ -186,15 +191,16 @@ impl CudaDecode {
         Ok(n.max(1))
     }
 
-    /// Uploads the parts' work lists and allocates the partials; returns per part (split params,
-    /// combine params) with Q/O/LSE left for the caller, and the owned device buffers.
+    /// Uploads the parts' work lists and allocates the partials and the split families' done counts
+    /// (zero; the kernel leaves them zero); returns the kernel parameters of each part with Q/O/LSE left
+    /// for the caller, and the owned device buffers.
     #[allow(clippy::type_complexity)]
     fn prepare(
         &self,
         stream: &Arc<CudaStream>,
         parts: &[DecodePart<'_>],
         scale: f32,
-    ) -> Result<(Vec<(Params, Params)>, Vec<CudaSlice<u32>>, [CudaSlice<f32>; 2])> {
+    ) -> Result<(Vec<Params>, Vec<CudaSlice<u32>>, [CudaSlice<f32>; 2])> {
         let up = |words: &[u32]| -> Result<CudaSlice<u32>> {
             let words: &[u32] = if words.is_empty() { &[0; 4] } else { words };
             stream.clone_htod(words).map_err(cuda_err("uploading the decode work list"))
@@ -219,7 +225,10 @@ impl CudaDecode {
             let items = up(bytemuck::cast_slice(list.items()))?;
             let entries = up(bytemuck::cast_slice(list.entries()))?;
             let families = up(bytemuck::cast_slice(list.split_families()))?;
-            let base = Params {
+            let done = stream
+                .alloc_zeros::<u32>(list.split_families().len().max(1))
+                .map_err(cuda_err("allocating the decode done counts"))?;
+            params.push(Params {
                 k: part.k.device_ptr(stream).0,
                 v: part.v.device_ptr(stream).0,
                 entries: entries.device_ptr(stream).0,
@@ -232,42 +241,32 @@ impl CudaDecode {
                 scale_log2: scale * std::f32::consts::LOG2_E,
                 kv_tok_stride: shape.kv_tok_stride,
                 lse_head_stride: shape.lse_head_stride,
+                items: items.device_ptr(stream).0,
+                n_items: list.items().len() as u32,
+                families: families.device_ptr(stream).0,
+                done: done.device_ptr(stream).0,
                 ..Params::default()
-            };
-            let split = Params { items: items.device_ptr(stream).0, n_items: list.items().len() as u32, ..base };
-            let combine =
-                Params { items: families.device_ptr(stream).0, n_items: list.split_families().len() as u32, ..base };
-            params.push((split, combine));
-            owned.extend([items, entries, families]);
+            });
+            owned.extend([items, entries, families, done]);
         }
         Ok((params, owned, [part_o, part_lse]))
     }
 
-    /// Launches every part's split pass, then every combine pass, with `q`/`o`/`lse` addresses.
+    /// Launches every part's kernel (one launch per part) with `q`/`o`/`lse` addresses.
     ///
     /// # Safety
     /// The parameters must address live device buffers sized for the call.
-    unsafe fn launch(&self, stream: &CudaStream, params: &[(Params, Params)], io: (u64, u64, u64)) -> Result<()> {
+    unsafe fn launch(&self, stream: &CudaStream, params: &[Params], io: (u64, u64, u64)) -> Result<()> {
         let max_x = self.ctx.caps().max_dispatch.clamp(1, 65_535);
         let grid = |n: u32| (n.clamp(1, max_x), n.div_ceil(max_x).max(1), 1);
-        for pass in 0..2 {
-            for (split, combine) in params {
-                let (p, func, threads, smem) = if pass == 0 {
-                    (split, &self.split, THREADS, if self.narrow { 0 } else { self.smem })
-                } else {
-                    (combine, &self.combine, COMBINE_THREADS, 0)
-                };
-                if p.n_items == 0 {
-                    continue;
-                }
-                let p = Params { q: io.0, o: io.1, lse: io.2, ..*p };
-                let cfg =
-                    LaunchConfig { grid_dim: grid(p.n_items), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
-                let mut args = stream.launch_builder(func);
-                args.arg(&p);
-                // SAFETY: forwarded to the caller; the launch shape matches the compiled configuration.
-                unsafe { args.launch(cfg) }.map_err(cuda_err("launching the CUDA decode"))?;
-            }
+        let smem = if self.narrow { 0 } else { self.smem };
+        for p in params.iter().filter(|p| p.n_items > 0) {
+            let p = Params { q: io.0, o: io.1, lse: io.2, ..*p };
+            let cfg = LaunchConfig { grid_dim: grid(p.n_items), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem };
+            let mut args = stream.launch_builder(&self.split);
+            args.arg(&p);
+            // SAFETY: forwarded to the caller; the launch shape matches the compiled configuration.
+            unsafe { args.launch(cfg) }.map_err(cuda_err("launching the CUDA decode"))?;
         }
         Ok(())
     }
@@ -303,7 +302,7 @@ impl CudaDecode {
         Ok((out[..q.len()].to_vec(), bytemuck::pod_collect_to_vec(&lse[..lse_len as usize * 4])))
     }
 
-    /// Times `iters` calls (split start to combine end) with CUDA events after `warmup` untimed ones, on
+    /// Times `iters` calls with CUDA events after `warmup` untimed ones, on
     /// work lists and queries uploaded once.
     pub fn time(
         &self,

@@ -37,8 +37,10 @@ pub struct WorkItem {
     pub lse0: u32,
     /// Items the family is split into (1: the item writes the output itself).
     pub nsplit: u32,
+    /// Index of the family's combine record in [`WorkList::split_families`] (split items only).
+    pub family: u32,
     /// Padding to 48 bytes.
-    pub pad: [u32; 2],
+    pub pad: u32,
 }
 
 /// A KV block one item attends (`entries` in `shaders/shared/decode.wgsl`).
@@ -297,10 +299,11 @@ impl<'a> WorkListBuilder<'a> {
                 continue;
             }
             let chunk = n.div_ceil(nsplit);
+            let family = families.len() as u32;
             for s in 0..nsplit {
                 let e0 = (range.start + s * chunk).min(range.end);
                 let e1 = (e0 + chunk).min(range.end);
-                items.push(WorkItem { e0, e1, slot: slots + s, nsplit, ..*rows });
+                items.push(WorkItem { e0, e1, slot: slots + s, nsplit, family, ..*rows });
             }
             families.push(WorkItem { e0: range.start, e1: range.end, slot: slots, nsplit, ..*rows });
             slots += nsplit;

@@ -14,6 +14,7 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __noinline__
 #define __launch_bounds__(...)
 #define __shared__ static
 struct uint4 { unsigned x, y, z, w; };
@@ -33,6 +34,10 @@ inline float __uint_as_float(unsigned x) { float f; memcpy(&f, &x, 4); return f;
 inline float __int_as_float(int x) { float f; memcpy(&f, &x, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned x; memcpy(&x, &f, 4); return x; }
 inline unsigned atomicOr(unsigned* a, unsigned v) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); }
+inline unsigned atomicAdd(unsigned* a, unsigned v) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline float __ldcg(const float* p) { return *p; }
+inline float4 __ldcg(const float4* p) { return *p; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 // A barrier that spins with yields (the warp collectives are frequent and short: a futex wake-up chain of 32
 // threads on a few cores costs far more); a lane that finishes drops out.
