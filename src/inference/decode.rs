@@ -4,8 +4,10 @@
 //! Per call the host flattens the cache's page tables into a [`WorkList`] (like vLLM's per-call block
 //! tables): one family per (sequence, KV head) whose rows are the query heads of that KV head's group
 //! times the queried tokens, so a GQA group reads each page once; entries are the resident pages its
-//! rows attend. Long families are split over several workgroups ([`SplitPolicy`], flash-decoding) and
-//! merged by their LSE in a combine pass.
+//! rows attend. Long families are split over several workgroups ([`SplitPolicy`], flash-decoding, sized to
+//! the device's wave of resident workgroups) and merged by their LSE: on wgpu in a combine pass after the
+//! split pass (WGSL has no device-scope fence between workgroups), on CUDA by the last item of each family
+//! to finish, in the same launch.
 
 use super::kv_cache::{KvCache, SeqId};
 use super::pool_storage::PoolDevice;
