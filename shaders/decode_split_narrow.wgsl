@@ -11,6 +11,11 @@
 // the only shared traffic per chunk is the partial dot products (one vec4 of R rows per key and word),
 // their sums, and two barriers. At the end the G key groups of each word merge their (max, sum, O)
 // as the split combine does, through workgroup memory.
+//
+// The rows are the lanes of every per-row value: Q and O slices are 4x4 matrices whose column e holds
+// element e of the word for the 4 rows, so a key's partial dots are one matrix-vector product and its
+// P V update one column-wise multiply-add, with no per-row array (no indexing the compiler could leave
+// in local memory).
 
 #include shared/decode.wgsl
 #include shared/nonfinite.wgsl
@@ -24,7 +29,7 @@ override W: u32 = D / EW;         // words per key row (divides 128)
 override G: u32 = 128u / W;       // key groups
 override WG: u32 = W * G;         // invocations
 override NK: u32 = BK / G;        // keys per invocation per chunk (<= MAX_NK)
-override RED: u32 = 256u;         // vec4s of the reduction buffer: max(BK * W, 2 * WG)
+override RED: u32 = 512u;         // vec4s of the reduction buffer: max(BK * W, 4 * WG)
 const MAX_NK: u32 = 16u;
 
 #include shared/decode_words.wgsl
@@ -57,24 +62,17 @@ fn main(
     // Vec4 unit of element w * EW within a row.
     let u = w * EW / 4u;
 
-    var q_lo: array<vec4<f32>, 4>;
-    var q_hi: array<vec4<f32>, 4>;
-    var acc_lo: array<vec4<f32>, 4>;
-    var acc_hi: array<vec4<f32>, 4>;
-    for (var r = 0u; r < 4u; r++) {
-        q_lo[r] = vec4<f32>(0.0);
-        q_hi[r] = vec4<f32>(0.0);
-        acc_lo[r] = vec4<f32>(0.0);
-        acc_hi[r] = vec4<f32>(0.0);
+    // Q: column e of `ql` (`qh`) is element e (4 + e) of word w for the 4 rows, pre-scaled.
+    let ql = transpose(mat4x4<f32>(q_part(it, 0u, u, d4), q_part(it, 1u, u, d4), q_part(it, 2u, u, d4),
+        q_part(it, 3u, u, d4))) * params.scale_log2;
+    var qh = mat4x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    if HALF == 1u {
+        qh = transpose(mat4x4<f32>(q_part(it, 0u, u + 1u, d4), q_part(it, 1u, u + 1u, d4),
+            q_part(it, 2u, u + 1u, d4), q_part(it, 3u, u + 1u, d4))) * params.scale_log2;
     }
-    for (var r = 0u; r < R; r++) {
-        if row_valid(it, r) {
-            q_lo[r] = load_q4(q_index(it, r, u, d4)) * params.scale_log2;
-            if HALF == 1u {
-                q_hi[r] = load_q4(q_index(it, r, u + 1u, d4)) * params.scale_log2;
-            }
-        }
-    }
+    // O accumulators, laid out as Q.
+    var al = mat4x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    var ah = al;
     if lid < 4u {
         atomicStore(&flag_s[lid], 0u);
     }
@@ -126,11 +124,9 @@ fn main(
         }
         // Partial dots of this invocation's keys over its word, rows in lanes.
         for (var j = 0u; j < NK; j++) {
-            let kl = lo4(pk[j]);
-            let kh = hi4(pk[j]);
-            var part = vec4<f32>(0.0);
-            for (var r = 0u; r < R; r++) {
-                part[r] = dot(q_lo[r], kl) + dot(q_hi[r], kh);
+            var part = ql * lo4(pk[j]);
+            if HALF == 1u {
+                part += qh * hi4(pk[j]);
             }
             red_s[(g + G * j) * W + w] = part;
         }
@@ -171,20 +167,19 @@ fn main(
         }
         let alpha = exp2(m - mc);
         l *= alpha;
-        for (var r = 0u; r < R; r++) {
-            acc_lo[r] *= alpha[r];
-            acc_hi[r] *= alpha[r];
+        al = mat4x4<f32>(al[0] * alpha, al[1] * alpha, al[2] * alpha, al[3] * alpha);
+        if HALF == 1u {
+            ah = mat4x4<f32>(ah[0] * alpha, ah[1] * alpha, ah[2] * alpha, ah[3] * alpha);
         }
         for (var j = 0u; j < NK; j++) {
             let s = s_s[g + G * j];
             let p = select(vec4<f32>(0.0), exp2(s - mc), s > vec4<f32>(NEG_BIG));
             l += p;
-            let vl = lo4(pv[j]);
-            let vh = hi4(pv[j]);
-            for (var r = 0u; r < R; r++) {
-                // A zero P (masked, or a -inf score) adds nothing, not 0 * a non-finite V.
-                acc_lo[r] += select(p[r] * vl, vec4<f32>(0.0), p[r] == 0.0);
-                acc_hi[r] += select(p[r] * vh, vec4<f32>(0.0), p[r] == 0.0);
+            // A zero P (masked, or a -inf score) adds nothing, not 0 * a non-finite V.
+            let live = p != vec4<f32>(0.0);
+            al += pv_columns(p, live, lo4(pv[j]));
+            if HALF == 1u {
+                ah += pv_columns(p, live, hi4(pv[j]));
             }
         }
         m = mc;
@@ -225,39 +220,61 @@ fn main(
     for (var x = 0u; x < G; x++) {
         lt += red_s[x * W + w];
     }
-    for (var r = 0u; r < R; r++) {
+    // O word by halves (4 elements each: one for f32 storage): the key groups' scaled columns meet,
+    // then each row's four elements are a column of the transpose.
+    for (var h = 0u; h < 1u + HALF; h++) {
+        var a = al;
+        if h == 1u {
+            a = ah;
+        }
         workgroupBarrier();
-        red_s[2u * lid] = acc_lo[r] * scale[r];
-        red_s[2u * lid + 1u] = acc_hi[r] * scale[r];
+        for (var e = 0u; e < 4u; e++) {
+            red_s[4u * lid + e] = a[e] * scale;
+        }
         workgroupBarrier();
-        if g == 0u && row_valid(it, r) {
-            var o_lo = vec4<f32>(0.0);
-            var o_hi = vec4<f32>(0.0);
+        if g == 0u {
+            var o = mat4x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
             for (var x = 0u; x < G; x++) {
-                o_lo += red_s[2u * (x * W + w)];
-                o_hi += red_s[2u * (x * W + w) + 1u];
-            }
-            let row_flags = atomicLoad(&flag_s[r]);
-            let inv = o_scale(row_flags, lt[r], it.nsplit);
-            if it.nsplit == 1u {
-                store_o4(o_index(it, r, u, d4), o_lo * inv);
-                if HALF == 1u {
-                    store_o4(o_index(it, r, u + 1u, d4), o_hi * inv);
-                }
-            } else {
-                part_o[(it.slot * R + r) * d4 + u] = o_lo * inv;
-                if HALF == 1u {
-                    part_o[(it.slot * R + r) * d4 + u + 1u] = o_hi * inv;
+                for (var e = 0u; e < 4u; e++) {
+                    o[e] += red_s[4u * (x * W + w) + e];
                 }
             }
-            if w == 0u {
-                let lse2 = partial_lse2(row_flags, mx[r], lt[r]);
+            let rows = transpose(o);
+            for (var r = 0u; r < R; r++) {
+                if !row_valid(it, r) {
+                    continue;
+                }
+                let row_flags = atomicLoad(&flag_s[r]);
+                let inv = o_scale(row_flags, lt[r], it.nsplit);
                 if it.nsplit == 1u {
-                    lse_buf[lse_index(it, r)] = lse_out(lse2);
+                    store_o4(o_index(it, r, u + h, d4), rows[r] * inv);
                 } else {
-                    part_lse[it.slot * R + r] = lse2;
+                    part_o[(it.slot * R + r) * d4 + u + h] = rows[r] * inv;
+                }
+                if w == 0u && h == 0u {
+                    let lse2 = partial_lse2(row_flags, mx[r], lt[r]);
+                    if it.nsplit == 1u {
+                        lse_buf[lse_index(it, r)] = lse_out(lse2);
+                    } else {
+                        part_lse[it.slot * R + r] = lse2;
+                    }
                 }
             }
         }
     }
+}
+
+// Four elements of row r's Q at vec4 unit `unit` (zero for a row past R or not valid).
+fn q_part(it: WorkItem, r: u32, unit: u32, d4: u32) -> vec4<f32> {
+    if r < R && row_valid(it, r) {
+        return load_q4(q_index(it, r, unit, d4));
+    }
+    return vec4<f32>(0.0);
+}
+
+// The P V update of 4 elements `v` of one key: column e is p * v[e] in the rows (lanes) where p is live.
+fn pv_columns(p: vec4<f32>, live: vec4<bool>, v: vec4<f32>) -> mat4x4<f32> {
+    let z = vec4<f32>(0.0);
+    return mat4x4<f32>(select(z, p * v.x, live), select(z, p * v.y, live), select(z, p * v.z, live),
+        select(z, p * v.w, live));
 }

@@ -128,7 +128,7 @@ fn plan_narrow(
     let tile_kv = [64u32, 32, 16, 8, 4, 2]
         .into_iter()
         .find(|&t| block_size % t == 0 && t % groups == 0 && t / groups <= NARROW_KEYS)?;
-    let red = (tile_kv * w).max(2 * NARROW_WORKGROUP);
+    let red = (tile_kv * w).max(4 * NARROW_WORKGROUP);
     let bytes = 16 * (red + tile_kv);
     (bytes <= caps.max_workgroup_storage).then_some(AttendPlan {
         rows,
@@ -293,7 +293,7 @@ impl GpuAttend {
         let d = ("D", head_dim);
         let half = ("HALF", (dtype == DType::F16) as u32);
         let split = if plan.narrow {
-            let red = (plan.tile_kv * plan.workgroup_size / (plan.tile_kv / plan.loads)).max(2 * plan.workgroup_size);
+            let red = (plan.tile_kv * plan.workgroup_size / (plan.tile_kv / plan.loads)).max(4 * plan.workgroup_size);
             ctx.pipeline(
                 Kernel::DecodeSplitNarrow,
                 dtype,
