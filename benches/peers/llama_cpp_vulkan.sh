@@ -24,7 +24,7 @@
 #   lack VK_KHR_cooperative_matrix and VK_NV_cooperative_matrix2, without which ggml compiles both paths out.
 # - glslc: Debian 12's (shaderc 2023.2, glslang 12) cannot compile the cooperative-matrix shaders either; the
 #   shaderc-sys 0.10.1 crate (cargo fetch) ships the sources of shaderc 2025.3, glslang 15.3, SPIRV-Tools 2025.3
-#   and SPIRV-Headers (its glslc calls itself v2023.8: no git metadata). About 20 minutes on 2 cores, once.
+#   and SPIRV-Headers (its glslc calls itself v2023.8: no git metadata). About 10 minutes on 2 cores, once.
 #
 # One change to llama.cpp's tests/test-backend-ops.cpp (applied by the Python below, never kept): its flash-attention
 # perf cases draw a random mask, so a perf case class with a causal mask is added (0 where the key position is at
@@ -203,7 +203,7 @@ cases = r'''
 open(path, "w").write(text.replace(anchor, case_class + anchor + cases))
 PY
 
-# Configure and build only test-backend-ops (about 16 minutes on 2 cores) (ggml-base, ggml-cpu, ggml-vulkan, llama, llama-common).
+# Configure and build only test-backend-ops (about 12 minutes on 2 cores) (ggml-base, ggml-cpu, ggml-vulkan, llama, llama-common).
 # ggml-vulkan finds SPIRV-Headers as a CMake package: installed (headers and config only) from the shaderc-sys
 # sources fetched above, so that no system package is needed. It does not link that package's target, though (the
 # Vulkan SDK puts spirv/unified1/spirv.hpp beside vulkan/), so its include folder is passed in CMAKE_CXX_FLAGS. Without
