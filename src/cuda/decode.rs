@@ -302,8 +302,8 @@ impl CudaDecode {
         Ok((out[..q.len()].to_vec(), bytemuck::pod_collect_to_vec(&lse[..lse_len as usize * 4])))
     }
 
-    /// Times `iters` calls with CUDA events after `warmup` untimed ones, on
-    /// work lists and queries uploaded once.
+    /// Times `iters` calls with CUDA events after `warmup` untimed ones, on work lists and queries
+    /// uploaded once; checks that the last timed call's output is a fresh call's.
     pub fn time(
         &self,
         parts: &[DecodePart<'_>],
@@ -319,6 +319,14 @@ impl CudaDecode {
         let io = (q_dev.device_ptr(stream).0, o.device_ptr(stream).0, lse.device_ptr(stream).0);
         // SAFETY: as in `run`.
         let run = || unsafe { self.launch(stream, &params, io) };
-        self.ctx.time_events("running the CUDA decode", warmup, iters, run)
+        let timing = self.ctx.time_events("running the CUDA decode", warmup, iters, run)?;
+        // The timed calls reused the done counts: the last one's output must be a fresh call's, bit for bit
+        // (a count left over would have skipped combines and timed less work).
+        let timed = stream.clone_dtoh(&o).map_err(cuda_err("reading the decode output"))?;
+        let (fresh, _) = self.run(parts, scale, q, lse_len)?;
+        if timed[..q.len()] != fresh[..] {
+            return Err(Error::Cuda("the timed decode calls diverged from a fresh call".into()));
+        }
+        Ok(timing)
     }
 }
