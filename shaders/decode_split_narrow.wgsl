@@ -15,7 +15,8 @@
 // The rows are the lanes of every per-row value: Q and O slices are 4x4 matrices whose column e holds
 // element e of the word for the 4 rows, so a key's partial dots are one matrix-vector product and its
 // P V update one column-wise multiply-add, with no per-row array (no indexing the compiler could leave
-// in local memory).
+// in local memory). A single row (R = 1) keeps its word as plain vec4s instead (a quarter of the work); the
+// epilogue puts them in column layout.
 
 #include shared/decode.wgsl
 #include shared/nonfinite.wgsl
@@ -73,6 +74,14 @@ fn main(
     // O accumulators, laid out as Q.
     var al = mat4x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     var ah = al;
+    // R = 1: row 0's Q and O word, elements in lanes.
+    let q1l = q_part(it, 0u, u, d4) * params.scale_log2;
+    var q1h = vec4<f32>(0.0);
+    if HALF == 1u {
+        q1h = q_part(it, 0u, u + 1u, d4) * params.scale_log2;
+    }
+    var a1l = vec4<f32>(0.0);
+    var a1h = vec4<f32>(0.0);
     if lid < 4u {
         atomicStore(&flag_s[lid], 0u);
     }
@@ -124,9 +133,14 @@ fn main(
         }
         // Partial dots of this invocation's keys over its word, rows in lanes.
         for (var j = 0u; j < NK; j++) {
-            var part = ql * lo4(pk[j]);
-            if HALF == 1u {
-                part += qh * hi4(pk[j]);
+            var part: vec4<f32>;
+            if R == 1u {
+                part = vec4<f32>(dot(q1l, lo4(pk[j])) + select(0.0, dot(q1h, hi4(pk[j])), HALF == 1u), 0.0, 0.0, 0.0);
+            } else {
+                part = ql * lo4(pk[j]);
+                if HALF == 1u {
+                    part += qh * hi4(pk[j]);
+                }
             }
             red_s[(g + G * j) * W + w] = part;
         }
@@ -167,9 +181,14 @@ fn main(
         }
         let alpha = exp2(m - mc);
         l *= alpha;
-        al = mat4x4<f32>(al[0] * alpha, al[1] * alpha, al[2] * alpha, al[3] * alpha);
-        if HALF == 1u {
-            ah = mat4x4<f32>(ah[0] * alpha, ah[1] * alpha, ah[2] * alpha, ah[3] * alpha);
+        if R == 1u {
+            a1l *= alpha.x;
+            a1h *= alpha.x;
+        } else {
+            al = mat4x4<f32>(al[0] * alpha, al[1] * alpha, al[2] * alpha, al[3] * alpha);
+            if HALF == 1u {
+                ah = mat4x4<f32>(ah[0] * alpha, ah[1] * alpha, ah[2] * alpha, ah[3] * alpha);
+            }
         }
         for (var j = 0u; j < NK; j++) {
             let s = s_s[g + G * j];
@@ -177,9 +196,16 @@ fn main(
             l += p;
             // A zero P (masked, or a -inf score) adds nothing, not 0 * a non-finite V.
             let live = p != vec4<f32>(0.0);
-            al += pv_columns(p, live, lo4(pv[j]));
-            if HALF == 1u {
-                ah += pv_columns(p, live, hi4(pv[j]));
+            if R == 1u {
+                if live.x {
+                    a1l += p.x * lo4(pv[j]);
+                    a1h += p.x * hi4(pv[j]);
+                }
+            } else {
+                al += pv_columns(p, live, lo4(pv[j]));
+                if HALF == 1u {
+                    ah += pv_columns(p, live, hi4(pv[j]));
+                }
             }
         }
         m = mc;
@@ -222,6 +248,11 @@ fn main(
     }
     // O word by halves (4 elements each: one for f32 storage): the key groups' scaled columns meet,
     // then each row's four elements are a column of the transpose.
+    if R == 1u {
+        let z = vec4<f32>(0.0);
+        al = transpose(mat4x4<f32>(a1l, z, z, z));
+        ah = transpose(mat4x4<f32>(a1h, z, z, z));
+    }
     for (var h = 0u; h < 1u + HALF; h++) {
         var a = al;
         if h == 1u {
