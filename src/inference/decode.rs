@@ -68,7 +68,7 @@ impl Decode {
                 SplitPolicy::for_compute_units(ctx.multiprocessors()),
             ),
         };
-        let mut op = Self {
+        let op = Self {
             engine,
             layout: cache.layout().clone(),
             cache_id: cache.id(),
@@ -80,10 +80,13 @@ impl Decode {
         op.plan_text(1)?;
         // On CUDA the single-token kernel's occupancy says exactly how many items run at once.
         #[cfg(feature = "cuda")]
-        if let Engine::Cuda { ctx, .. } = &op.engine {
-            let per_sm = op.cuda_kernel(1)?.resident_per_sm()?;
-            op.policy = SplitPolicy::for_wave(ctx.multiprocessors() * per_sm);
-        }
+        let op = match &op.engine {
+            Engine::Cuda { ctx, .. } => {
+                let wave = ctx.multiprocessors() * op.cuda_kernel(1)?.resident_per_sm()?;
+                op.with_split_policy(SplitPolicy::for_wave(wave))
+            }
+            Engine::Wgpu { .. } => op,
+        };
         Ok(op)
     }
 
