@@ -75,11 +75,8 @@ fn main(
     var al = mat4x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     var ah = al;
     // R = 1: row 0's Q and O word, elements in lanes.
-    let q1l = q_part(it, 0u, u, d4) * params.scale_log2;
-    var q1h = vec4<f32>(0.0);
-    if HALF == 1u {
-        q1h = q_part(it, 0u, u + 1u, d4) * params.scale_log2;
-    }
+    let q1l = transpose(ql)[0];
+    let q1h = transpose(qh)[0];
     var a1l = vec4<f32>(0.0);
     var a1h = vec4<f32>(0.0);
     if lid < 4u {

@@ -53,20 +53,16 @@ impl std::fmt::Debug for Decode {
 }
 
 impl Decode {
-    /// A decode op reading `cache`, with softmax scale `1/sqrt(head_dim)` and the default [`SplitPolicy`]
-    /// (on CUDA: [`SplitPolicy::for_wave`] of the device's SMs times the kernel's occupancy). Compiles the single-token
-    /// kernel: WGSL for a cache of wgpu buffers, CUDA for one in CUDA memory.
+    /// A decode op reading `cache`, with softmax scale `1/sqrt(head_dim)` and the default
+    /// [`SplitPolicy`] (on CUDA: [`SplitPolicy::for_wave`] of the device's SMs times the kernel's
+    /// occupancy). Compiles the single-token kernel: WGSL for a cache of wgpu buffers, CUDA for one in
+    /// CUDA memory.
     pub fn new(cache: &KvCache) -> Result<Self> {
         let head_dim = cache.config().head_dim;
-        let (engine, policy) = match cache.device() {
-            PoolDevice::Wgpu(ctx) => {
-                (Engine::Wgpu { ctx: ctx.clone(), kernels: Mutex::default() }, SplitPolicy::default())
-            }
+        let engine = match cache.device() {
+            PoolDevice::Wgpu(ctx) => Engine::Wgpu { ctx: ctx.clone(), kernels: Mutex::default() },
             #[cfg(feature = "cuda")]
-            PoolDevice::Cuda(ctx) => (
-                Engine::Cuda { ctx: ctx.clone(), kernels: Mutex::default() },
-                SplitPolicy::for_compute_units(ctx.multiprocessors()),
-            ),
+            PoolDevice::Cuda(ctx) => Engine::Cuda { ctx: ctx.clone(), kernels: Mutex::default() },
         };
         let op = Self {
             engine,
@@ -75,7 +71,7 @@ impl Decode {
             head_dim,
             dtype: cache.config().dtype,
             scale: 1.0 / (head_dim as f32).sqrt(),
-            policy,
+            policy: SplitPolicy::default(),
         };
         op.plan_text(1)?;
         // On CUDA the single-token kernel's occupancy says exactly how many items run at once.

@@ -129,11 +129,11 @@ impl SplitPolicy {
         let (lo, hi) = (self.min_wave.max(1) as u64, self.max_wave.max(self.min_wave).max(1) as u64);
         let waves: Vec<u64> = (0..4u64).map(|i| lo + (hi - lo) * i / 3).collect();
         let total: u64 = lens.iter().map(|&n| n as u64).sum();
-        // Items and longest item when split at `b` blocks (`finish` evens a family's items out).
+        // Items and longest item when split at `b` blocks.
         let shape = |b: u32| -> (u64, u64) {
             lens.iter().fold((0, 0), |(items, len), &n| {
-                let k = n.div_ceil(b).max(1);
-                (items + k as u64, len.max(n.div_ceil(k) as u64))
+                let (k, chunk) = split_family(n, b);
+                (items + k as u64, len.max(chunk as u64))
             })
         };
         let cost = |b: u32| -> Option<u64> {
@@ -293,12 +293,11 @@ impl<'a> WorkListBuilder<'a> {
         let mut slots = first_slot;
         for (rows, range) in &self.families {
             let n = range.end - range.start;
-            let nsplit = n.div_ceil(bps).max(1);
+            let (nsplit, chunk) = split_family(n, bps);
             if nsplit == 1 {
                 items.push(WorkItem { e0: range.start, e1: range.end, slot: 0, nsplit: 1, ..*rows });
                 continue;
             }
-            let chunk = n.div_ceil(nsplit);
             let family = families.len() as u32;
             for s in 0..nsplit {
                 let e0 = (range.start + s * chunk).min(range.end);
@@ -320,15 +319,22 @@ impl<'a> WorkListBuilder<'a> {
     }
 }
 
+/// A family of `n` KV blocks split at `b` blocks per item: its item count and the blocks of its
+/// longest item (the items are evened out, so the counts differ by at most one chunk's rounding).
+fn split_family(n: u32, b: u32) -> (u32, u32) {
+    let items = n.div_ceil(b.max(1)).max(1);
+    (items, n.div_ceil(items))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::SplitPolicy;
+    use super::{split_family, SplitPolicy};
 
-    /// Items and longest item of families `lens` split at `b` blocks (as `WorkListBuilder::finish`).
+    /// Items and longest item of families `lens` split at `b` blocks.
     fn split(lens: &[u32], b: u32) -> (u32, u32) {
         lens.iter().fold((0, 0), |(items, len), &n| {
-            let k = n.div_ceil(b).max(1);
-            (items + k, len.max(n.div_ceil(k)))
+            let (k, chunk) = split_family(n, b);
+            (items + k, len.max(chunk))
         })
     }
 
