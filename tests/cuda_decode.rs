@@ -1,6 +1,7 @@
 //! The CUDA decode path against the f64 oracle: a `KvCache` whose pages live in CUDA memory (same page
 //! planning and eviction as the wgpu cache) decoded by `shaders/cuda/s2_decode.cu` (split pass + LSE
-//! combine; the narrow kernel for up to 4 rows, the general one above): mixed lengths across page
+//! combine; the tensor-core kernel for up to 16 rows at head dims 64 and 128, else the narrow one for up to
+//! 4 rows, else the general one): mixed lengths across page
 //! boundaries, GQA groups of 1/2/4/8, speculative queries, split
 //! policies from never to one block per split, several cache segments, fp16 and bf16, non-finite inputs
 //! (NaN and -inf scores, NaN V), and the wgpu-only entry points refusing clearly. Every test needs a CUDA
@@ -148,11 +149,18 @@ fn cuda_decode_matches_the_oracle_over_groups_lengths_and_splits() {
         ("default", SplitPolicy::for_compute_units(132)),
     ];
     let mut seed = 1;
-    // Groups of 1, 2 and 4 at one token run the narrow kernel, 8 rows (group 8, or group 4 at two tokens) the
-    // general one.
-    for (heads, kv_heads, d, block) in
-        [(8, 8, 128, 64), (8, 2, 128, 64), (16, 2, 64, 32), (4, 2, 64, 32), (4, 1, 128, 16)]
-    {
+    // Head dims 64 and 128 with up to 16 rows (groups of 1 to 8, one or two tokens) run the tensor-core
+    // kernel; 32 rows, and head dims 32 and 96, the narrow kernel (up to 4 rows) or the general one.
+    for (heads, kv_heads, d, block) in [
+        (8, 8, 128, 64),
+        (8, 2, 128, 64),
+        (16, 2, 64, 32),
+        (4, 2, 64, 32),
+        (4, 1, 128, 16),
+        (32, 1, 128, 64),
+        (8, 4, 32, 64),
+        (16, 2, 96, 16),
+    ] {
         let layout = Layout::s2(S2Config::new(heads, block, 3, 4).kv_heads(kv_heads)).expect("layout");
         for dtype in [DType::F16, DType::BF16] {
             for (name, policy) in policies {
@@ -164,8 +172,15 @@ fn cuda_decode_matches_the_oracle_over_groups_lengths_and_splits() {
                         format!("{heads}/{kv_heads} heads, d {d}, block {block}, {dtype}, {name}, q_len {q_len}");
                     assert!(e < tol(dtype), "{what}: ‖out−ref‖/‖ref‖ = {e:.3e}");
                     assert!(l < 1e-4, "{what}: lse error {l:.3e}");
-                    let narrow = heads / kv_heads * q_len <= 4;
-                    assert_eq!(explain.contains("narrow"), narrow, "{what}: {explain}");
+                    let rows = heads / kv_heads * q_len;
+                    let form = if rows <= 16 && (d == 64 || d == 128) {
+                        "tensor-core"
+                    } else if rows <= 4 {
+                        "narrow"
+                    } else {
+                        "CUDA s2_decode ("
+                    };
+                    assert!(explain.contains(form), "{what}: expected the {form} kernel: {explain}");
                 }
             }
         }
@@ -196,11 +211,15 @@ fn cuda_cache_refuses_the_wgpu_entry_points_clearly() {
 
 /// Non-finite inputs as IEEE softmax attention gives them (`common::nonfinite`): a NaN Q row is NaN,
 /// -inf scores and their NaN V add nothing (also when whole splits hold only such keys), keys that all
-/// score -inf give NaN; on the narrow (4 heads per KV head) and general (8) kernels, fp16 and bf16.
+/// score -inf give NaN; on the tensor-core (4 and 8 heads per KV head at head dim 128), narrow (4 at head
+/// dim 32) and general (8 at head dim 96) kernels, fp16 and bf16.
 #[test]
 fn cuda_decode_gives_ieee_results_for_non_finite_inputs() {
     let Some(ctx) = cuda() else { return };
-    if let Err(e) = common::nonfinite::judge_minus_inf_decodes(ctx, &[(4, 128, DType::F16), (8, 128, DType::BF16)]) {
+    if let Err(e) = common::nonfinite::judge_minus_inf_decodes(
+        ctx,
+        &[(4, 128, DType::F16), (8, 128, DType::BF16), (4, 32, DType::BF16), (8, 96, DType::F16)],
+    ) {
         panic!("{e}");
     }
 }

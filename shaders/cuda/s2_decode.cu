@@ -679,4 +679,309 @@ extern "C" __global__ void __launch_bounds__(NT, 3) s2_decode_narrow(const Param
     if (it.nsplit > 1) finish_split(p, it);
 }
 
+#elif PASS == 2
+
+// Tensor-core items (ROWS <= 16, HEAD_DIM 64 or 128, 16-key chunks): each warp streams its own chunks of
+// the item (chunk w, w + NW, ...) through a STAGES-deep cp.async ring in shared memory, scores them with
+// mma.sync m16n8k16 (the rows padded to 16, Q's fragments in registers, K through ldmatrix), keeps its own
+// online softmax per row and adds P V with mma (V through ldmatrix.trans, P rounded to the storage type).
+// The warps meet once, at the end, in shared memory. A chunk whose V holds a non-finite element takes a
+// scalar P V in f32 that skips p = 0 (an mma would turn 0 * inf into NaN).
+#define NW (NT / 32)                      // warps, each with its own ring
+#define CK 16                             // keys per chunk
+#define SLOT (2 * CK * W)                 // 16-byte words of one ring slot: K rows, then V rows
+#define HI_ROWS (ROWS > 8)                // rows 8..15 exist
+
+#if ROWS > 16 || (HEAD_DIM != 64 && HEAD_DIM != 128) || (NT % 32) != 0 || STAGES < 2
+#error "the tensor-core decode kernel takes at most 16 rows, head dim 64 or 128, whole warps, 2+ stages"
+#endif
+
+// Word w of key row `key` in a slot: XOR-swizzled by the key so that ldmatrix's 8 rows hit 8 bank groups.
+__device__ __forceinline__ u32 swz(u32 key, u32 w) { return key * W + (w ^ (key & 7u)); }
+
+#ifndef S2_EMU
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// 16 bytes global -> shared, asynchronously; `bytes` 0 fills zeros.
+__device__ __forceinline__ void cp_async16(uint4* dst, const uint4* src, u32 bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Four 8x8 matrices of 16-bit elements, lane l giving row l % 8 of matrix l / 8.
+__device__ __forceinline__ void ldsm4(u32 (&r)[4], const uint4* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row)));
+}
+__device__ __forceinline__ void ldsm4_trans(u32 (&r)[4], const uint4* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row)));
+}
+
+// d += A (16x16, row-major fragments a) * B (16x8, column fragments b0, b1), f32 accumulators.
+__device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if IS_BF16
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+#endif
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+#endif
+
+// Two probabilities as one 32-bit A-fragment word of the storage type (x in the low half).
+__device__ __forceinline__ u32 pack2(float x, float y) { return (u32)from_f32(x) | ((u32)from_f32(y) << 16); }
+
+// Adds 1 to bit 15 (31) of the result's half where a 16-bit element of x is non-finite (exponent all ones).
+#if IS_BF16
+#define EXP_BITS 0x7f807f80u
+#define EXP_CARRY 0x00800080u
+#else
+#define EXP_BITS 0x7c007c00u
+#define EXP_CARRY 0x04000400u
+#endif
+
+extern "C" __global__ void __launch_bounds__(NT, 2) s2_decode_mma(const Params p) {
+    const u32 id = blockIdx.x + blockIdx.y * gridDim.x;
+    if (id >= p.n_items) return;
+    const Item it = p.items[id];
+    extern __shared__ uint4 smem[];
+    __shared__ float pscr_s[NW][16][CK];          // a scalar chunk's probabilities
+    __shared__ float mm_s[NW][16], ml_s[NW][16];  // each warp's row maxima and sums
+    __shared__ u32 mf_s[NW][16];                  // and row flags
+    const u32 tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const u32 g = lane / 4, q4 = lane % 4;        // fragment row (and row + 8), column pair
+    uint4* ring = smem + warp * STAGES * SLOT;
+    const bool causal = p.causal != 0;
+    u32 key_end = it.kv_len;
+    if (causal) key_end = min(key_end, it.pos0 + it.n_valid);
+    const u32 tok_stride = p.kv_tok_stride / 2;
+
+    // Q's A fragments, unscaled: rows g (and g + 8), columns 16 ks + 2 q4 (+ 8).
+    u32 qa[HEAD_DIM / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < HEAD_DIM / 16; ks++) {
+#pragma unroll
+        for (int x = 0; x < 4; x++) {
+            const u32 r = g + 8 * (x & 1), col = 16 * ks + 2 * q4 + 8 * (x >> 1);
+            u32 v = 0u;
+            if ((x & 1) == 0 || HI_ROWS)
+                if (r < ROWS && row_valid(it, r, p.n_tok)) v = *(const u32*)(p.q + row_index(p, it, r) + col);
+            qa[ks][x] = v;
+        }
+    }
+
+    const u32 per_block = p.block_size / CK;
+    const u32 n_chunks = (it.e1 - it.e0) * per_block;
+    const u32 mine = n_chunks > warp ? (n_chunks - warp + NW - 1) / NW : 0;
+    // Chunk i of this warp into ring slot i % STAGES (keys at or past key_end read as zeros).
+    auto issue = [&](u32 i) {
+        const u32 c = warp + i * NW;
+        const uint4 e = p.entries[it.e0 + c / per_block];
+        const u32 sub = (c % per_block) * CK;
+        uint4* slot = ring + (i % STAGES) * SLOT;
+#pragma unroll
+        for (int j = 0; j < CK * W / 32; j++) {
+            const u32 x = lane + 32 * j, key = x / W, w = x % W;
+            const bool live = e.y + sub + key < key_end;
+            const size_t at = live ? e.x / 2 + (size_t)(sub + key) * tok_stride + w : 0;
+            cp_async16(slot + swz(key, w), p.k + at, live ? 16u : 0u);
+            cp_async16(slot + CK * W + swz(key, w), p.v + at, live ? 16u : 0u);
+        }
+    };
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; i++) {
+        if ((u32)i < mine) issue(i);
+        cp_async_commit();
+    }
+
+    float o[W][4];
+#pragma unroll
+    for (int n = 0; n < W; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m[2] = {NEG_BIG, NEG_BIG}, l[2] = {0.f, 0.f};
+    u32 f[2] = {0u, 0u};
+
+    for (u32 i = 0; i < mine; i++) {
+        cp_async_wait<STAGES - 2>();
+        __syncwarp();
+        if (i + STAGES - 1 < mine) issue(i + STAGES - 1);
+        cp_async_commit();
+        const uint4* slot = ring + (i % STAGES) * SLOT;
+        const u32 c = warp + i * NW;
+        const uint4 entry = p.entries[it.e0 + c / per_block];
+        const u32 k0 = entry.y + (c % per_block) * CK;
+
+        // S = Q K^T over the chunk's 16 keys: n-tiles of keys 0-7 and 8-15.
+        float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int ks = 0; ks < HEAD_DIM / 16; ks++) {
+            u32 b[4];
+            const u32 mtx = lane / 8;
+            ldsm4(b, slot + swz((mtx / 2) * 8 + lane % 8, 2 * ks + mtx % 2));
+            mma16816(s[0], qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3], b[0], b[1]);
+            mma16816(s[1], qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3], b[2], b[3]);
+        }
+        // Scale and mask; s[j][h * 2 + e] is row g + 8 h, key 8 j + 2 q4 + e.
+        float mc[2];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const u32 r = g + 8 * h;
+            const bool row_ok = r < ROWS && row_valid(it, r, p.n_tok) && (((r < 32 ? entry.z : entry.w) >> (r % 32)) & 1u);
+            mc[h] = m[h];
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const u32 kpos = k0 + 8 * j + 2 * q4 + e;
+                    const bool live = row_ok && kpos < key_end && (!causal || kpos <= it.pos0 + r % p.n_tok);
+                    float x = live ? s[j][2 * h + e] * p.scale_log2 : NEG_BIG;
+                    f[h] |= score_flags(x);
+                    s[j][2 * h + e] = x;
+                    mc[h] = fmaxf(mc[h], x);
+                }
+            }
+            mc[h] = fmaxf(mc[h], __shfl_xor_sync(0xffffffffu, mc[h], 1));
+            mc[h] = fmaxf(mc[h], __shfl_xor_sync(0xffffffffu, mc[h], 2));
+        }
+        // Rescale the running sums and O, then P.
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const float alpha = exp2f(m[h] - mc[h]);
+            l[h] *= alpha;
+#pragma unroll
+            for (int n = 0; n < W; n++) {
+                o[n][2 * h] *= alpha;
+                o[n][2 * h + 1] *= alpha;
+            }
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const float x = s[j][2 * h + e];
+                    const float pr = x > NEG_BIG ? exp2f(x - mc[h]) : 0.f;
+                    s[j][2 * h + e] = pr;
+                    l[h] += pr;
+                }
+            }
+            m[h] = mc[h];
+        }
+        // Does the chunk's V hold a non-finite element? (Each lane checks words it copied.)
+        u32 carry = 0u;
+#pragma unroll
+        for (int j = 0; j < CK * W / 32; j++) {
+            const u32 x = lane + 32 * j;
+            const uint4 v = slot[CK * W + swz(x / W, x % W)];
+            carry |= ((v.x & EXP_BITS) + EXP_CARRY) | ((v.y & EXP_BITS) + EXP_CARRY) | ((v.z & EXP_BITS) + EXP_CARRY)
+                | ((v.w & EXP_BITS) + EXP_CARRY);
+        }
+        if (!__any_sync(0xffffffffu, (carry & 0x80008000u) != 0u)) {
+            // O += P V: P's A fragments are the score fragments; V's B fragments by ldmatrix.trans.
+            const u32 pa0 = pack2(s[0][0], s[0][1]), pa1 = pack2(s[0][2], s[0][3]);
+            const u32 pa2 = pack2(s[1][0], s[1][1]), pa3 = pack2(s[1][2], s[1][3]);
+#pragma unroll
+            for (int n = 0; n < W; n += 2) {
+                u32 b[4];
+                const u32 mtx = lane / 8;
+                ldsm4_trans(b, slot + CK * W + swz((mtx % 2) * 8 + lane % 8, n + mtx / 2));
+                mma16816(o[n], pa0, pa1, pa2, pa3, b[0], b[1]);
+                mma16816(o[n + 1], pa0, pa1, pa2, pa3, b[2], b[3]);
+            }
+        } else {
+            // Scalar P V in f32, skipping p = 0 (adds nothing, not 0 * a non-finite V).
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+#pragma unroll
+                for (int j = 0; j < 2; j++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) pscr_s[warp][g + 8 * h][8 * j + 2 * q4 + e] = s[j][2 * h + e];
+            __syncwarp();
+            const u16* vs = (const u16*)(slot + CK * W);
+            for (u32 k = 0; k < CK; k++) {
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const float pr = pscr_s[warp][g + 8 * h][k];
+                    if (pr == 0.f) continue;
+#pragma unroll
+                    for (int n = 0; n < W; n++) {
+                        const u32 col = 8 * n + 2 * q4;
+                        const u16* row = vs + 8 * swz(k, col / 8);
+                        o[n][2 * h] += pr * to_f32(row[col % 8]);
+                        o[n][2 * h + 1] += pr * to_f32(row[col % 8 + 1]);
+                    }
+                }
+            }
+            __syncwarp();
+        }
+    }
+    cp_async_wait<0>();
+
+    // Each warp's rows: quad-wide sums and flags; then the warps meet in shared memory (over the rings).
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+        f[h] |= __float_as_uint(__shfl_xor_sync(0xffffffffu, __uint_as_float(f[h]), 1));
+        f[h] |= __float_as_uint(__shfl_xor_sync(0xffffffffu, __uint_as_float(f[h]), 2));
+    }
+    __syncthreads(); // every warp is done with its ring
+    float* mo_s = (float*)smem; // [NW][ROWS][HEAD_DIM]
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const u32 r = g + 8 * h;
+        if (r >= ROWS) continue;
+        if (q4 == 0) {
+            mm_s[warp][r] = m[h];
+            ml_s[warp][r] = l[h];
+            mf_s[warp][r] = f[h];
+        }
+#pragma unroll
+        for (int n = 0; n < W; n++) {
+            float* dst = mo_s + (warp * ROWS + r) * HEAD_DIM + 8 * n + 2 * q4;
+            dst[0] = o[n][2 * h];
+            dst[1] = o[n][2 * h + 1];
+        }
+    }
+    __syncthreads();
+    for (u32 x = tid; x < ROWS * W; x += NT) {
+        const u32 r = x / W, w = x % W;
+        if (!row_valid(it, r, p.n_tok)) continue;
+        float mx = NEG_BIG, lt = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        u32 flags = 0u;
+        for (int v = 0; v < NW; v++) {
+            mx = fmaxf(mx, mm_s[v][r]);
+            flags |= mf_s[v][r];
+        }
+        for (int v = 0; v < NW; v++) {
+            const float sc = mm_s[v][r] > NEG_BIG ? exp2f(mm_s[v][r] - mx) : 0.f;
+            lt += ml_s[v][r] * sc;
+            const float* src = mo_s + (v * ROWS + r) * HEAD_DIM + 8 * w;
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[e] += sc * src[e];
+        }
+        const float inv = o_scale(flags, lt, it.nsplit);
+        if (it.nsplit == 1) {
+            u32 words[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) words[e] = pack2(acc[2 * e] * inv, acc[2 * e + 1] * inv);
+            *(uint4*)(p.o + row_index(p, it, r) + 8 * w) = make_uint4(words[0], words[1], words[2], words[3]);
+        } else {
+            float4* dst = (float4*)(p.part_o + ((size_t)it.slot * ROWS + r) * HEAD_DIM + 8 * w);
+            dst[0] = make_float4(acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv);
+            dst[1] = make_float4(acc[4] * inv, acc[5] * inv, acc[6] * inv, acc[7] * inv);
+        }
+        if (w == 0) {
+            const float lse2 = partial_lse2(flags, mx, lt);
+            if (it.nsplit == 1) p.lse[lse_index(p, it, r)] = lse_out(lse2);
+            else p.part_lse[it.slot * ROWS + r] = lse2;
+        }
+    }
+    if (it.nsplit > 1) finish_split(p, it);
+}
+
 #endif

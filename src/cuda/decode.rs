@@ -1,5 +1,7 @@
 //! [`CudaDecode`]: the CUDA decode kernel (`shaders/cuda/s2_decode.cu`: the split pass, whose last item of
-//! each split family merges the family's partials by LSE, one launch per call part) over the host-built
+//! each split family merges the family's partials by LSE, one launch per call part; the tensor-core form
+//! for up to 16 rows at head dims 64 and 128, else the narrow form for up to 4 rows, else the general
+//! one) over the host-built
 //! [`WorkList`]s of [`crate::Decode`], reading a [`crate::KvCache`] whose pools live in CUDA memory.
 //! Compiled by NVRTC per (dtype, head dim, rows, key step); launches on host queries and CUDA-event timing.
 
@@ -22,6 +24,23 @@ const NARROW_ROWS: u32 = 4;
 const NARROW_KEYS: u32 = 8;
 /// Rows an item may have (the entries' 64-bit row masks).
 const MAX_ROWS: u32 = 64;
+/// Rows the tensor-core kernel takes (one m16n8k16 tile of rows).
+const MMA_ROWS: u32 = 16;
+/// Keys of one tensor-core chunk (one mma k-step of P V).
+const MMA_KEYS: u32 = 16;
+/// Depth of each warp's cp.async ring in the tensor-core kernel.
+const MMA_STAGES: u32 = 3;
+
+/// The form of the split kernel a [`CudaDecode`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Form {
+    /// Any rows: K/V staged in shared memory, scores and P V in f32 FMAs.
+    General,
+    /// At most 4 rows: Q, K, V and O in registers.
+    Narrow,
+    /// At most 16 rows, head dim 64 or 128, sm_80 or newer: `mma.sync` over per-warp cp.async rings.
+    TensorCore,
+}
 
 /// One part of a call: a work list and the K/V pools of its KV cache segment.
 pub struct DecodePart<'a> {
@@ -68,7 +87,7 @@ pub struct CudaDecode {
     rows: u32,
     tile_kv: u32,
     smem: u32,
-    narrow: bool,
+    form: Form,
     head_dim: u32,
     num_heads: u32,
     dtype: DType,
@@ -76,14 +95,15 @@ pub struct CudaDecode {
 
 impl fmt::Display for CudaDecode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let form = match self.form {
+            Form::General => "",
+            Form::Narrow => " narrow (Q/K/V/O in registers)",
+            Form::TensorCore => " tensor-core (mma.sync m16n8k16, a cp.async ring per warp)",
+        };
         write!(
             f,
-            "CUDA s2_decode{} ({}): {} rows x {} keys per step, {THREADS} threads, {} B shared memory, 16 B loads",
-            if self.narrow { " narrow (Q/K/V/O in registers)" } else { "" },
-            self.dtype,
-            self.rows,
-            self.tile_kv,
-            self.smem
+            "CUDA s2_decode{form} ({}): {} rows x {} keys per step, {THREADS} threads, {} B shared memory, 16 B loads",
+            self.dtype, self.rows, self.tile_kv, self.smem
         )
     }
 }
@@ -117,8 +137,25 @@ impl CudaDecode {
             .find(|&t| block_size % t == 0 && t % groups == 0 && t / groups <= NARROW_KEYS)
     }
 
+    /// Dynamic shared bytes of the tensor-core kernel where it applies (at most 16 rows, head dim 64 or
+    /// 128, pages of whole 16-key chunks, compute capability 8.0 or newer, the rings and the static
+    /// pieces within `max_smem` bytes): the warps' rings.
+    fn tensor_core_smem(arch: (i32, i32), rows: u32, head_dim: u32, block_size: u32, max_smem: u32) -> Option<u32> {
+        let warps = THREADS / 32;
+        let rings = MMA_STAGES * warps * 2 * MMA_KEYS * head_dim * 2;
+        // A scalar chunk's probabilities, the warps' row statistics, the combine.
+        let fixed = warps * MMA_ROWS * MMA_KEYS * 4 + 3 * warps * MMA_ROWS * 4 + combine_smem(rows);
+        let fits = arch.0 >= 8
+            && rows <= MMA_ROWS
+            && matches!(head_dim, 64 | 128)
+            && block_size % MMA_KEYS == 0
+            && rings + fixed <= max_smem;
+        fits.then_some(rings)
+    }
+
     /// Compiles (or fetches) the kernels for items of `rows` query rows over `block_size`-key pages: the
-    /// narrow split kernel where it applies, else the general one (each with the fused combine).
+    /// tensor-core split kernel where it applies, else the narrow one, else the general one (each with the
+    /// fused combine).
     pub fn new(
         ctx: &CudaContext,
         dtype: DType,
@@ -154,10 +191,13 @@ impl CudaDecode {
                 needed: (split_smem(rows, 8, head_dim) + combine_smem(rows)) as u64,
                 max: caps.max_workgroup_storage as u64,
             })?;
-        let narrow = Self::narrow_tile(rows, head_dim, block_size);
-        let (tile_kv, smem) = match narrow {
-            Some(t) => (t, 16 * ((t * head_dim / 8).max(2 * THREADS) + t)),
-            None => (tile_kv, split_smem(rows, tile_kv, head_dim)),
+        let (form, tile_kv, smem) = match (
+            Self::tensor_core_smem(ctx.arch(), rows, head_dim, block_size, caps.max_workgroup_storage),
+            Self::narrow_tile(rows, head_dim, block_size),
+        ) {
+            (Some(smem), _) => (Form::TensorCore, MMA_KEYS, smem),
+            (None, Some(t)) => (Form::Narrow, t, 16 * ((t * head_dim / 8).max(2 * THREADS) + t)),
+            (None, None) => (Form::General, tile_kv, split_smem(rows, tile_kv, head_dim)),
         };
         let bf16 = (dtype == DType::BF16) as i64;
         let kernel = |pass: i64, entry: &str, smem: u32| -> Result<CudaFunction> {
@@ -168,22 +208,32 @@ impl CudaDecode {
                 ("NT", THREADS as i64),
                 ("IS_BF16", bf16),
                 ("PASS", pass),
+                ("STAGES", MMA_STAGES as i64),
             ];
             let key = KernelKey::new("s2_decode.cu", ctx.arch(), &defines);
             ctx.kernel(&key, S2_DECODE_SRC, entry, smem)
         };
-        let split = match narrow {
+        let split = match form {
+            Form::General => kernel(0, "s2_decode_split", smem)?,
             // Static shared memory: no dynamic bytes at launch.
-            Some(_) => kernel(1, "s2_decode_narrow", 0)?,
-            None => kernel(0, "s2_decode_split", smem)?,
+            Form::Narrow => kernel(1, "s2_decode_narrow", 0)?,
+            Form::TensorCore => kernel(2, "s2_decode_mma", smem)?,
         };
-        let narrow = narrow.is_some();
-        Ok(Self { ctx: ctx.clone(), split, rows, tile_kv, smem, narrow, head_dim, num_heads, dtype })
+        Ok(Self { ctx: ctx.clone(), split, rows, tile_kv, smem, form, head_dim, num_heads, dtype })
+    }
+
+    /// Dynamic shared bytes of a launch (the narrow kernel's are static).
+    fn launch_smem(&self) -> u32 {
+        if self.form == Form::Narrow {
+            0
+        } else {
+            self.smem
+        }
     }
 
     /// Split-pass CTAs one SM holds at once (the driver's occupancy of the compiled kernel).
     pub fn resident_per_sm(&self) -> Result<u32> {
-        let smem = if self.narrow { 0 } else { self.smem as usize };
+        let smem = self.launch_smem() as usize;
         let n = self
             .split
             .occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)
@@ -259,7 +309,7 @@ impl CudaDecode {
     unsafe fn launch(&self, stream: &CudaStream, params: &[Params], io: (u64, u64, u64)) -> Result<()> {
         let max_x = self.ctx.caps().max_dispatch.clamp(1, 65_535);
         let grid = |n: u32| (n.clamp(1, max_x), n.div_ceil(max_x).max(1), 1);
-        let smem = if self.narrow { 0 } else { self.smem };
+        let smem = self.launch_smem();
         for p in params.iter().filter(|p| p.n_items > 0) {
             let p = Params { q: io.0, o: io.1, lse: io.2, ..*p };
             let cfg = LaunchConfig { grid_dim: grid(p.n_items), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem };

@@ -17,8 +17,11 @@
 #ifndef SPLIT_PASS
 #define SPLIT_PASS 1
 #endif
+#ifndef HEAD_DIM
 #define HEAD_DIM 128
+#endif
 #define BK 64
+#define STAGES 3
 #define NT 128
 #define PASS SPLIT_PASS
 namespace A {
@@ -95,6 +98,8 @@ int main() {
     p.scale_log2 = scale * 1.4426950408889634f; p.kv_tok_stride = D / 4; p.lse_head_stride = n_tok;
 #if SPLIT_PASS == 1
     launch(items.size(), 128, [&] { A::s2_decode_narrow(p); });
+#elif SPLIT_PASS == 2
+    launch(items.size(), 128, [&] { A::s2_decode_mma(p); });
 #else
     static uint4 dyn[65536];
     (void)dyn;
@@ -155,9 +160,9 @@ int main() {
             if (check(got_lse, want_lse) && want_lse > -INFINITY) lse_err = std::max(lse_err, fabs(got_lse - want_lse));
         }
     }
-    printf("%s ROWS %d NTOK %d pass %d%s: rel err %.3e, max abs %.3e, lse max err %.3e, misplaced NaN %d, "
+    printf("%s d %d ROWS %d NTOK %d pass %d%s: rel err %.3e, max abs %.3e, lse max err %.3e, misplaced NaN %d, "
            "done counts left %d\n",
-           IS_BF16 ? "bf16" : "f16", ROWS, NTOK, SPLIT_PASS, NONFINITE ? " non-finite inputs" : "", sqrt(num / den),
+           IS_BF16 ? "bf16" : "f16", HEAD_DIM, ROWS, NTOK, SPLIT_PASS, NONFINITE ? " non-finite inputs" : "", sqrt(num / den),
            worst, lse_err, nan_misplaced, counts_left);
     return sqrt(num / den) < (IS_BF16 ? 1e-2 : 2e-3) && lse_err < 1e-3 && nan_misplaced == 0 && counts_left == 0
                ? 0 : 1;

@@ -88,6 +88,16 @@ inline unsigned __ballot_sync(unsigned, int pred) {
 }
 inline int __any_sync(unsigned, int pred) { return __ballot_sync(0xffffffffu, pred) != 0; }
 inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+// Every lane's `v`, in lane order (a warp collective).
+template <class T> void warp_all(const T& v, T (&out)[32]) {
+    static_assert(sizeof(T) <= 64, "exchange at most 64 bytes per lane");
+    static unsigned char buf[32][32][64];
+    const unsigned w = threadIdx.x / 32, l = threadIdx.x % 32;
+    memcpy(buf[w][l], &v, sizeof(T));
+    g_wbar[w]->arrive_and_wait();
+    for (int i = 0; i < 32; i++) memcpy(&out[i], buf[w][i], sizeof(T));
+    g_wbar[w]->arrive_and_wait();
+}
 typedef unsigned short u16;
 inline float to_f32(u16 x) {
 #if IS_BF16
@@ -102,6 +112,55 @@ inline u16 from_f32(float f) {
 #else
     _Float16 h = (_Float16)f; u16 x; memcpy(&x, &h, 2); return x;
 #endif
+}
+// The tensor-core kernel's PTX pieces (s2_decode.cu's `#ifndef S2_EMU` block), with their semantics:
+// cp.async copies land only when a wait_group retires their group (a read before the wait sees stale
+// shared memory), ldmatrix and mma.sync exchange fragments across the warp in the PTX layouts.
+#define S2_EMU 1
+struct AsyncCopy { uint4* dst; uint4 val; };
+thread_local std::vector<AsyncCopy> t_pending;
+thread_local std::vector<std::vector<AsyncCopy>> t_groups;
+inline void cp_async16(uint4* dst, const uint4* src, unsigned bytes) {
+    t_pending.push_back({dst, bytes ? *src : uint4{0, 0, 0, 0}});
+}
+inline void cp_async_commit() { t_groups.push_back(std::move(t_pending)); t_pending.clear(); }
+template <int N> void cp_async_wait() {
+    while (t_groups.size() > (size_t)N) {
+        for (auto& c : t_groups.front()) *c.dst = c.val;
+        t_groups.erase(t_groups.begin());
+    }
+}
+inline u16 emu_half(const void* row, unsigned i) { u16 x; memcpy(&x, (const unsigned char*)row + 2 * i, 2); return x; }
+inline void ldsm4(unsigned (&r)[4], const uint4* row) {
+    const uint4* rows[32];
+    warp_all(row, rows);
+    const unsigned t = threadIdx.x % 32;
+    for (int i = 0; i < 4; i++) {
+        const uint4* rp = rows[8 * i + t / 4];
+        r[i] = emu_half(rp, 2 * (t % 4)) | ((unsigned)emu_half(rp, 2 * (t % 4) + 1) << 16);
+    }
+}
+inline void ldsm4_trans(unsigned (&r)[4], const uint4* row) {
+    const uint4* rows[32];
+    warp_all(row, rows);
+    const unsigned t = threadIdx.x % 32;
+    for (int i = 0; i < 4; i++)
+        r[i] = emu_half(rows[8 * i + 2 * (t % 4)], t / 4) | ((unsigned)emu_half(rows[8 * i + 2 * (t % 4) + 1], t / 4) << 16);
+}
+struct MmaIn { unsigned a[4], b[2]; };
+inline void mma16816(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+    MmaIn all[32];
+    warp_all(MmaIn{{a0, a1, a2, a3}, {b0, b1}}, all);
+    auto elem = [](unsigned w, unsigned k) { return to_f32((u16)(k % 2 ? w >> 16 : w & 0xffffu)); };
+    auto A = [&](unsigned i, unsigned k) { return elem(all[(i % 8) * 4 + (k % 8) / 2].a[(i >= 8) + 2 * (k >= 8)], k); };
+    auto B = [&](unsigned k, unsigned j) { return elem(all[j * 4 + (k % 8) / 2].b[k >= 8], k); };
+    const unsigned t = threadIdx.x % 32;
+    for (int x = 0; x < 4; x++) {
+        const unsigned i = t / 4 + 8 * (x / 2), j = 2 * (t % 4) + x % 2;
+        float acc = d[x];
+        for (unsigned k = 0; k < 16; k++) acc += A(i, k) * B(k, j);
+        d[x] = acc;
+    }
 }
 // With __syncthreads inside, an early `return` of some threads would deadlock the emulated barrier;
 // a thread that finishes drops out of the barrier.
