@@ -162,7 +162,17 @@ __device__ __forceinline__ void fold(float& m, float& s, u32& f, float x) {
     }
 }
 
-__device__ __noinline__ void combine_family(const Params& p, const Item& fam) {
+// Out of line for the FMA kernels (their registers), inline for the tensor-core one (no stack copy of the
+// parameters for the call).
+#if PASS == 2
+#define COMBINE_LINKAGE __forceinline__
+#else
+#define COMBINE_LINKAGE __noinline__
+#endif
+// Partials each combine thread has in flight.
+#define CB 8
+
+__device__ COMBINE_LINKAGE void combine_family(const Params& p, const Item& fam) {
     __shared__ float m_s[NT], s_s[NT], lse_s[ROWS];
     __shared__ u32 f_s[NT];
     __shared__ float4 o_s[NT];
@@ -209,15 +219,27 @@ __device__ __noinline__ void combine_family(const Params& p, const Item& fam) {
         if ((__float_as_uint(lse2) & 0x7fffffffu) > 0x7f800000u) {
             x = make_float4(quiet_nan(), quiet_nan(), quiet_nan(), quiet_nan());
         } else if (lse2 > NEG_BIG) {
-#pragma unroll 4
-            for (u32 k = ln; k < n; k += SL) {
-                const size_t slot = (size_t)(fam.slot + k) * ROWS + r;
-                const float wgt = exp2f(__ldcg(p.part_lse + slot) - lse2);
-                const float4 y = __ldcg((const float4*)p.part_o + slot * D4 + c);
-                x.x += wgt * y.x;
-                x.y += wgt * y.y;
-                x.z += wgt * y.z;
-                x.w += wgt * y.w;
+            // CB partials' loads issued together, then their sums (a chain of L2 round trips CB times
+            // shorter).
+            for (u32 k0 = ln; k0 < n; k0 += SL * CB) {
+                float wl[CB];
+                float4 y[CB];
+#pragma unroll
+                for (int b = 0; b < CB; b++) {
+                    const u32 k = k0 + b * SL;
+                    const size_t slot = (size_t)(fam.slot + min(k, n - 1)) * ROWS + r;
+                    wl[b] = k < n ? __ldcg(p.part_lse + slot) : NEG_BIG;
+                    y[b] = __ldcg((const float4*)p.part_o + slot * D4 + c);
+                }
+#pragma unroll
+                for (int b = 0; b < CB; b++) {
+                    if (!(wl[b] > NEG_BIG)) continue; // past the family, or a split without keys
+                    const float wgt = exp2f(wl[b] - lse2);
+                    x.x += wgt * y[b].x;
+                    x.y += wgt * y[b].y;
+                    x.z += wgt * y[b].z;
+                    x.w += wgt * y[b].w;
+                }
             }
         }
         if (SL == 1) {
@@ -691,6 +713,7 @@ extern "C" __global__ void __launch_bounds__(NT, 3) s2_decode_narrow(const Param
 #define CK 16                             // keys per chunk
 #define SLOT (2 * CK * W)                 // 16-byte words of one ring slot: K rows, then V rows
 #define HI_ROWS (ROWS > 8)                // rows 8..15 exist
+#define MO_STRIDE (HEAD_DIM + 8)          // floats per row of the warps' merged O (rows 8 banks apart)
 
 #if ROWS > 16 || (HEAD_DIM != 64 && HEAD_DIM != 128) || (NT % 32) != 0 || STAGES < 2
 #error "the tensor-core decode kernel takes at most 16 rows, head dim 64 or 128, whole warps, 2+ stages"
@@ -735,8 +758,10 @@ __device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, 
 }
 #endif
 
-// Two probabilities as one 32-bit A-fragment word of the storage type (x in the low half).
+// Two probabilities as one 32-bit A-fragment word of the storage type (x in the low half), and back.
 __device__ __forceinline__ u32 pack2(float x, float y) { return (u32)from_f32(x) | ((u32)from_f32(y) << 16); }
+__device__ __forceinline__ float lo_f32(u32 w) { return to_f32((u16)(w & 0xffffu)); }
+__device__ __forceinline__ float hi_f32(u32 w) { return to_f32((u16)(w >> 16)); }
 
 // Adds 1 to bit 15 (31) of the result's half where a 16-bit element of x is non-finite (exponent all ones).
 #if IS_BF16
@@ -881,9 +906,16 @@ extern "C" __global__ void __launch_bounds__(NT, 2) s2_decode_mma(const Params p
                 | ((v.w & EXP_BITS) + EXP_CARRY);
         }
         if (!__any_sync(0xffffffffu, (carry & 0x80008000u) != 0u)) {
-            // O += P V: P's A fragments are the score fragments; V's B fragments by ldmatrix.trans.
+            // O += P V: P's A fragments are the score fragments; V's B fragments by ldmatrix.trans. In bf16
+            // (8 significant bits) P is the sum of two bf16 parts, each multiplied by V.
             const u32 pa0 = pack2(s[0][0], s[0][1]), pa1 = pack2(s[0][2], s[0][3]);
             const u32 pa2 = pack2(s[1][0], s[1][1]), pa3 = pack2(s[1][2], s[1][3]);
+#if IS_BF16
+            const u32 pb0 = pack2(s[0][0] - lo_f32(pa0), s[0][1] - hi_f32(pa0));
+            const u32 pb1 = pack2(s[0][2] - lo_f32(pa1), s[0][3] - hi_f32(pa1));
+            const u32 pb2 = pack2(s[1][0] - lo_f32(pa2), s[1][1] - hi_f32(pa2));
+            const u32 pb3 = pack2(s[1][2] - lo_f32(pa3), s[1][3] - hi_f32(pa3));
+#endif
 #pragma unroll
             for (int n = 0; n < W; n += 2) {
                 u32 b[4];
@@ -891,6 +923,10 @@ extern "C" __global__ void __launch_bounds__(NT, 2) s2_decode_mma(const Params p
                 ldsm4_trans(b, slot + CK * W + swz((mtx % 2) * 8 + lane % 8, n + mtx / 2));
                 mma16816(o[n], pa0, pa1, pa2, pa3, b[0], b[1]);
                 mma16816(o[n + 1], pa0, pa1, pa2, pa3, b[2], b[3]);
+#if IS_BF16
+                mma16816(o[n], pb0, pb1, pb2, pb3, b[0], b[1]);
+                mma16816(o[n + 1], pb0, pb1, pb2, pb3, b[2], b[3]);
+#endif
             }
         } else {
             // Scalar P V in f32, skipping p = 0 (adds nothing, not 0 * a non-finite V).
@@ -930,7 +966,7 @@ extern "C" __global__ void __launch_bounds__(NT, 2) s2_decode_mma(const Params p
         f[h] |= __float_as_uint(__shfl_xor_sync(0xffffffffu, __uint_as_float(f[h]), 2));
     }
     __syncthreads(); // every warp is done with its ring
-    float* mo_s = (float*)smem; // [NW][ROWS][HEAD_DIM]
+    float* mo_s = (float*)smem; // [NW][ROWS][MO_STRIDE]
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const u32 r = g + 8 * h;
@@ -942,7 +978,7 @@ extern "C" __global__ void __launch_bounds__(NT, 2) s2_decode_mma(const Params p
         }
 #pragma unroll
         for (int n = 0; n < W; n++) {
-            float* dst = mo_s + (warp * ROWS + r) * HEAD_DIM + 8 * n + 2 * q4;
+            float* dst = mo_s + (warp * ROWS + r) * MO_STRIDE + 8 * n + 2 * q4;
             dst[0] = o[n][2 * h];
             dst[1] = o[n][2 * h + 1];
         }
@@ -960,7 +996,7 @@ extern "C" __global__ void __launch_bounds__(NT, 2) s2_decode_mma(const Params p
         for (int v = 0; v < NW; v++) {
             const float sc = mm_s[v][r] > NEG_BIG ? exp2f(mm_s[v][r] - mx) : 0.f;
             lt += ml_s[v][r] * sc;
-            const float* src = mo_s + (v * ROWS + r) * HEAD_DIM + 8 * w;
+            const float* src = mo_s + (v * ROWS + r) * MO_STRIDE + 8 * w;
 #pragma unroll
             for (int e = 0; e < 8; e++) acc[e] += sc * src[e];
         }

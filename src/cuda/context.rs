@@ -255,7 +255,9 @@ impl CudaContext {
                 f.local_size_bytes().unwrap_or(-1)
             );
         }
-        if smem > 48 * 1024 {
+        // The limit covers dynamic and static bytes together: raised whenever a kernel takes dynamic bytes
+        // (its static ones may push the sum past the default 48 KiB).
+        if smem > 0 {
             f.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
