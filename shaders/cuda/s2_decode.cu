@@ -2,7 +2,7 @@
 // shaders/shared/decode.wgsl and src/inference/worklist.rs), on KV cache pools in CUDA memory, in one launch.
 // Compiled by NVRTC (src/cuda/decode.rs) with
 //   HEAD_DIM, ROWS (query rows per item), BK (keys per step), NT (threads), IS_BF16, PASS (0 the general
-//   split kernel, 1 the narrow one).
+//   split kernel, 1 the narrow one, 2 the tensor-core one), STAGES (the tensor-core kernel's ring depth).
 //
 // One CTA per work item: its R = group * n_tok query rows against its KV blocks, K/V read as 16-byte words,
 // coalesced, one step of BK keys ahead (the next step's loads are in flight in registers while this one is
