@@ -173,6 +173,7 @@ fn json_lines(path: &str, ctx: &Context, r: &Run, measured: &[Measured]) -> std:
             "ms_per_token": m.ms_per_token,
             "kv_resident_bytes": m.kv_resident,
             "kv_dense_bytes": m.kv_dense,
+            "kv_dtype": m.kv_dtype.to_string(),
             "timed_tokens": r.tokens,
         });
         writeln!(out, "{line}")?;
@@ -216,6 +217,8 @@ struct Measured {
     ms_per_token: f64,
     kv_resident: u64,
     kv_dense: u64,
+    /// Storage type of the KV caches.
+    kv_dtype: DType,
     tokens: Vec<u32>,
 }
 
@@ -223,7 +226,7 @@ fn run(ctx: &Context, r: &Run) -> s2attn::Result<Vec<Measured>> {
     let c = &r.config;
     println!(
         "after each prompt: 1 warm-up and {} timed tokens; {} layers, d_model {}, {} heads / {} KV heads x {}, ffn {}, \
-         vocab {}, {} weights, f32 KV cache; S2 block {}, local {} blocks, stride {}\n",
+         vocab {}, {} weights; S2 block {}, local {} blocks, stride {}\n",
         r.tokens,
         c.layers.len(),
         c.d_model,
@@ -291,16 +294,17 @@ fn run(ctx: &Context, r: &Run) -> s2attn::Result<Vec<Measured>> {
                     ms_per_token,
                     kv_resident: reports.iter().map(|m| m.resident_bytes()).sum(),
                     kv_dense: reports.iter().map(|m| m.dense_bytes).sum(),
+                    kv_dtype: model.kv_dtype(),
                     tokens: [first, second].into_iter().chain(generated).collect(),
                 };
                 let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
                 println!(
-                "{stack:>26} prompt {prompt_len:>7}: prefill {:8.3} s ({:9.0} tokens/s; attention in {}, {} rows per \
+                "{stack:>26} prompt {prompt_len:>7}: prefill {:8.3} s ({:9.0} tokens/s; attention and KV cache in {}, {} rows per \
                  matmul pass; ops planned in {plan_s:.2} s); decode {:8.1} tokens/s, {:7.3} ms/token; KV {:9.1} MiB resident of {:9.1} MiB dense; \
                  weights {:7.1} MiB",
                 m.prefill_s,
                 prompt_len as f64 / m.prefill_s,
-                model.prefill_dtype(),
+                m.kv_dtype,
                 state.prefill_rows(),
                 1e3 / m.ms_per_token,
                 m.ms_per_token,

@@ -1,7 +1,7 @@
 // Y[M, N] = X[M, K] · W[K, N], or Y += X · W (`accumulate`: the residual add, fused), f32 activations and
-// accumulation, weights row-major [K, N] (f32 or f16, see weights.wgsl). A workgroup computes 64
-// columns of TM rows; its WG threads are 64 columns times WG / 64 slices of K (so a single row, as in a
-// decode step, still keeps many loads in flight), reduced in workgroup memory at the end. X rows are
+// accumulation, weights row-major [K, N] (f32 or f16, rows padded as weights.wgsl says): the chunks of
+// rows of a prefill (one row runs on matvec.wgsl). A workgroup computes 64 columns of TM rows; its WG
+// threads are 64 columns times WG / 64 slices of K, reduced in workgroup memory at the end. X rows are
 // staged in workgroup memory per chunk of TILE_K.
 
 struct MatmulParams {
@@ -21,11 +21,11 @@ const MAX_TM: u32 = 8u;
 const MAX_WG: u32 = 256u;
 
 override WG: u32 = 256u;   // a multiple of COLS, at most MAX_WG
-override TM: u32 = 1u;     // rows per workgroup, at most MAX_TM
+override TM: u32 = 8u;     // rows per workgroup, at most MAX_TM
 
 @group(0) @binding(0) var<uniform> params: MatmulParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> w: array<u32>;
+@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 
 #include weights.wgsl
@@ -39,6 +39,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let slice = lid / COLS;
     let n = wid.x * COLS + lid % COLS;
     let m0 = wid.y * TM;
+    let ws = row_stride(params.n);
     var acc: array<f32, MAX_TM>;
     for (var t = 0u; t < MAX_TM; t++) {
         acc[t] = 0.0;
@@ -57,7 +58,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         if n < params.n {
             let kend = min(TILE_K, params.k - k0);
             for (var kk = slice; kk < kend; kk += slices) {
-                let wv = weight((k0 + kk) * params.n + n);
+                let wv = weight((k0 + kk) * ws + n);
                 for (var t = 0u; t < TM; t++) {
                     acc[t] += xs[t * TILE_K + kk] * wv;
                 }

@@ -88,8 +88,10 @@ pub struct ModelConfig {
     /// Prompt rows per prefill matmul pass (the prefill of a fresh state runs each layer's matmuls over
     /// the prompt in chunks of this many rows, then its attention over the whole prompt at once).
     pub prefill_chunk: u32,
-    /// Storage type of Q, K and V in the prefill's forward attention op (f32 or f16); `None`: f16 where
-    /// the device has cooperative matrices (the tensor-core kernel), f32 elsewhere.
+    /// Storage type of Q, K and V in the attention (f32 or f16): the prefill's forward op, the KV caches
+    /// and the decode kernels (activations stay f32; Q/K/V are cast on the way in, the output on the way
+    /// out); `None`: f16 where the device has cooperative matrices (the tensor-core kernel), f32
+    /// elsewhere.
     pub prefill_dtype: Option<DType>,
 }
 

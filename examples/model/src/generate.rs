@@ -1,8 +1,10 @@
 //! Prefill and token generation: [`Model::prefill`], [`Model::step`], [`Model::generate`]. Every call
 //! records the whole forward pass (all layers: norms, projections, RoPE, KV append, attention, MLP; then
 //! the final norm, LM head and argmax) into one encoder and submits it once per prompt chunk or token.
+//! Where the KV caches hold f16, each layer's rotated QKV rows are packed into f16 for the append and the
+//! decode kernels, and the attention output is unpacked into the f32 activations.
 
-use super::ops::{dispatch, elementwise, matmul_groups, Bound, MATMUL_TM};
+use super::ops::{dispatch, elementwise, Bound};
 use super::state::{LayerOps, State};
 use super::transformer::Model;
 use s2attn::TensorView;
@@ -31,18 +33,40 @@ impl Model {
         let gpu = &self.gpu;
         let pos0 = state.len;
         let (d, qkv_cols, q) = (c.d_model, c.qkv_cols(), c.heads * c.head_dim);
-        let State { caches, decodes, seqs, buffers: b, embed, layers, final_norm, lm_head, argmax, staging, .. } =
-            state;
+        let State {
+            caches,
+            decodes,
+            seqs,
+            buffers: b,
+            packed,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            argmax,
+            staging,
+            ..
+        } = state;
+        // The decode kernels' QKV rows and output: the f32 activations, or their copies in the cache's type.
+        let (qkv, attn) = packed.as_ref().map_or((&b.qkv, &b.attn), |p| (&p.qkv, &p.attn));
         dispatch(gpu, encoder, staging, embed, &[m, d, pos0, c.vocab], elementwise(m as u64 * d as u64))?;
         for (l, ops) in layers.iter().enumerate() {
             self.encode_pre_attention(encoder, staging, ops, m, 0, pos0)?;
+            if let Some(p) = packed.as_ref() {
+                let copy = [m, qkv_cols, 0, qkv_cols, 0, qkv_cols];
+                dispatch(gpu, encoder, staging, &p.pack, &copy, elementwise(m as u64 * qkv_cols as u64 / 2))?;
+            }
             let row = qkv_cols as u64;
-            let k = TensorView::strided(&b.qkv, q as u64, row);
-            let v = TensorView::strided(&b.qkv, (q + c.kv_heads * c.head_dim) as u64, row);
+            let k = TensorView::strided(qkv, q as u64, row);
+            let v = TensorView::strided(qkv, (q + c.kv_heads * c.head_dim) as u64, row);
             caches[l].append_encoded(encoder, seqs[l], &k, &v, m)?;
-            let q_view = TensorView::strided(&b.qkv, 0, row);
-            let out = TensorView::new(&b.attn);
+            let q_view = TensorView::strided(qkv, 0, row);
+            let out = TensorView::new(attn);
             decodes[l].encode(encoder, &caches[l], &[seqs[l]], m, &q_view, &out, (&b.lse, 0))?;
+            if let Some(p) = packed.as_ref() {
+                let copy = [m, q, 0, q, 0, q];
+                dispatch(gpu, encoder, staging, &p.unpack, &copy, elementwise(m as u64 * q as u64 / 2))?;
+            }
             self.encode_post_attention(encoder, staging, ops, m, 0)?;
         }
         if predict {
@@ -65,11 +89,11 @@ impl Model {
     ) -> Result<()> {
         let (c, gpu) = (&self.config, &self.gpu);
         let mode = usize::from(m > 1);
-        let tm = [1, MATMUL_TM][mode];
+        let groups = |n| self.pipelines.matmul_groups(mode, m, n);
         let (d, qkv_cols) = (c.d_model, c.qkv_cols());
         dispatch(gpu, encoder, staging, &ops.attn_norm, &[m, d, x_row, c.norm_eps.to_bits()], (m as u64, 1))?;
         let qkv_params = [m, qkv_cols, d, 0, 0, d, 0, qkv_cols];
-        dispatch(gpu, encoder, staging, &ops.qkv[mode], &qkv_params, matmul_groups(m, qkv_cols, tm))?;
+        dispatch(gpu, encoder, staging, &ops.qkv[mode], &qkv_params, groups(qkv_cols))?;
         let rope = [m, c.heads + c.kv_heads, c.head_dim, qkv_cols, pos0, c.rope_theta.to_bits()];
         let pairs = m as u64 * (c.heads + c.kv_heads) as u64 * (c.head_dim / 2) as u64;
         dispatch(gpu, encoder, staging, &ops.rope, &rope, elementwise(pairs))
@@ -87,17 +111,17 @@ impl Model {
     ) -> Result<()> {
         let (c, gpu) = (&self.config, &self.gpu);
         let mode = usize::from(m > 1);
-        let tm = [1, MATMUL_TM][mode];
+        let groups = |n| self.pipelines.matmul_groups(mode, m, n);
         let (d, q, f) = (c.d_model, c.heads * c.head_dim, c.ffn);
         let x_off = x_row * d;
         let wo = [m, d, q, 1, 0, q, x_off, d];
-        dispatch(gpu, encoder, staging, &ops.wo[mode], &wo, matmul_groups(m, d, tm))?;
+        dispatch(gpu, encoder, staging, &ops.wo[mode], &wo, groups(d))?;
         dispatch(gpu, encoder, staging, &ops.mlp_norm, &[m, d, x_row, c.norm_eps.to_bits()], (m as u64, 1))?;
         let gu = [m, 2 * f, d, 0, 0, d, 0, 2 * f];
-        dispatch(gpu, encoder, staging, &ops.gu[mode], &gu, matmul_groups(m, 2 * f, tm))?;
+        dispatch(gpu, encoder, staging, &ops.gu[mode], &gu, groups(2 * f))?;
         dispatch(gpu, encoder, staging, &ops.swiglu, &[m, f], elementwise(m as u64 * f as u64))?;
         let down = [m, d, f, 1, 0, f, x_off, d];
-        dispatch(gpu, encoder, staging, &ops.down[mode], &down, matmul_groups(m, d, tm))
+        dispatch(gpu, encoder, staging, &ops.down[mode], &down, groups(d))
     }
 
     /// Records the final norm of residual row `x_row`, the LM head and the argmax into `ids[id_slot]`.
@@ -113,7 +137,7 @@ impl Model {
         let d = c.d_model;
         dispatch(gpu, encoder, staging, final_norm, &[1, d, x_row, c.norm_eps.to_bits()], (1, 1))?;
         let lm = [1, c.vocab, d, 0, 0, d, 0, c.vocab];
-        dispatch(gpu, encoder, staging, lm_head, &lm, matmul_groups(1, c.vocab, 1))?;
+        dispatch(gpu, encoder, staging, lm_head, &lm, self.pipelines.matmul_groups(0, 1, c.vocab))?;
         dispatch(gpu, encoder, staging, argmax, &[c.vocab, id_slot], (1, 1))
     }
 

@@ -14,17 +14,33 @@ const SLOT_BYTES: u64 = 256;
 const PARAM_BYTES: u64 = 32;
 /// Workgroup size of the element-wise kernels.
 const WG: u32 = 64;
-/// Matmul workgroup: 64 columns times 4 slices of K.
+/// Matmul workgroup (chunks of rows): 64 columns times 4 slices of K.
 const MATMUL_WG: u32 = 256;
 /// Rows per matmul workgroup for chunks of rows (prefill).
-pub(super) const MATMUL_TM: u32 = 8;
+const MATMUL_TM: u32 = 8;
+/// Columns per matmul workgroup for chunks of rows (both kernels).
+const MATMUL_COLS: u32 = 64;
+/// One-row matmul workgroup: `TN` 16-byte words along N times `256 / TN` slices of K.
+const MATVEC_WG: u32 = 256;
+/// 16-byte words of a weight row per one-row matmul workgroup, by pipeline: the widest that leaves at
+/// least `MATVEC_MIN_GROUPS` workgroups is used (longer runs of a row per workgroup read faster; more
+/// workgroups keep more loads in flight).
+const MATVEC_TN: [u32; 3] = [2, 4, 8];
+/// Workgroups a one-row matmul should have at least, where the narrowest rows still give them.
+const MATVEC_MIN_GROUPS: u64 = 256;
+/// Weight rows an invocation of the one-row matmul loads per loop step.
+const MATVEC_ROWS: u32 = 4;
 
 /// The model's pipelines.
 pub(super) struct Pipelines {
     pub embed: wgpu::ComputePipeline,
     pub norm: wgpu::ComputePipeline,
-    /// Matmuls by rows per workgroup: `[1, MATMUL_TM]` (a decode step, a prefill chunk).
-    pub matmul: [wgpu::ComputePipeline; 2],
+    /// One-row matmuls (a decode step) by the `MATVEC_TN` entry they were made with.
+    pub matvec: [wgpu::ComputePipeline; 3],
+    /// The chunk-of-rows matmul (a prefill chunk).
+    pub matmul: wgpu::ComputePipeline,
+    /// Columns in a 16-byte word of weights.
+    word_cols: u32,
     pub rope: wgpu::ComputePipeline,
     pub swiglu: wgpu::ComputePipeline,
     pub argmax: wgpu::ComputePipeline,
@@ -37,21 +53,52 @@ impl Pipelines {
     /// Pipelines for weights stored as `weights` and a prefill attention in `attention`.
     pub fn new(ctx: &WgpuContext, weights: DType, attention: DType) -> Result<Self> {
         let f16 = u32::from(weights == DType::F16);
+        let matvec = |tn: u32| {
+            pipeline(ctx, Kernel::Matvec, &[("TN", tn), ("ROWS", MATVEC_ROWS), ("W_F16", f16), ("WG", MATVEC_WG)])
+        };
+        let chunk = pipeline(ctx, Kernel::Matmul, &[("TM", MATMUL_TM), ("W_F16", f16), ("WG", MATMUL_WG)])?;
         let a16 = u32::from(attention == DType::F16);
         let cast = |src: u32, dst: u32| pipeline(ctx, Kernel::Cast, &[("WG", WG), ("SRC_F16", src), ("DST_F16", dst)]);
         Ok(Self {
             embed: pipeline(ctx, Kernel::Embed, &[("WG", WG), ("W_F16", f16)])?,
             norm: pipeline(ctx, Kernel::RmsNorm, &[("W_F16", f16)])?,
-            matmul: [
-                pipeline(ctx, Kernel::Matmul, &[("TM", 1), ("W_F16", f16), ("WG", MATMUL_WG)])?,
-                pipeline(ctx, Kernel::Matmul, &[("TM", MATMUL_TM), ("W_F16", f16), ("WG", MATMUL_WG)])?,
-            ],
+            matvec: [matvec(MATVEC_TN[0])?, matvec(MATVEC_TN[1])?, matvec(MATVEC_TN[2])?],
+            matmul: chunk,
+            // A 16-byte word holds 8 f16 or 4 f32.
+            word_cols: if weights == DType::F16 { 8 } else { 4 },
             rope: pipeline(ctx, Kernel::Rope, &[("WG", WG)])?,
             swiglu: pipeline(ctx, Kernel::Swiglu, &[("WG", WG)])?,
             argmax: pipeline(ctx, Kernel::Argmax, &[])?,
             pack: cast(0, a16)?,
             unpack: cast(a16, 0)?,
         })
+    }
+
+    /// The `MATVEC_TN` entry of the one-row matmul producing `n` columns.
+    fn matvec_index(&self, n: u32) -> usize {
+        let groups = |tn: u32| (n as u64).div_ceil((tn * self.word_cols) as u64);
+        (0..MATVEC_TN.len()).rev().find(|&i| groups(MATVEC_TN[i]) >= MATVEC_MIN_GROUPS).unwrap_or(0)
+    }
+
+    /// The matmul pipeline of row mode `mode` (`0`: one row, `1`: a chunk) producing `n` columns.
+    pub fn matmul_for(&self, mode: usize, n: u32) -> &wgpu::ComputePipeline {
+        match mode {
+            0 => &self.matvec[self.matvec_index(n)],
+            _ => &self.matmul,
+        }
+    }
+
+    /// Workgroups of [`Pipelines::matmul_for`]`(mode, n)` producing `[m, n]`.
+    pub fn matmul_groups(&self, mode: usize, m: u32, n: u32) -> (u64, u32) {
+        match mode {
+            0 => self.matvec_groups(self.matvec_index(n), n),
+            _ => ((n as u64).div_ceil(MATMUL_COLS as u64), m.div_ceil(MATMUL_TM)),
+        }
+    }
+
+    /// Workgroups of one-row matmul `matvec[index]` producing `n` columns.
+    fn matvec_groups(&self, index: usize, n: u32) -> (u64, u32) {
+        ((n as u64).div_ceil((MATVEC_TN[index] * self.word_cols) as u64), 1)
     }
 }
 
@@ -160,7 +207,154 @@ pub(super) fn elementwise(n: u64) -> (u64, u32) {
     (n.div_ceil(WG as u64), 1)
 }
 
-/// Workgroups of a matmul producing `[m, n]` with `tm` rows per workgroup.
-pub(super) fn matmul_groups(m: u32, n: u32, tm: u32) -> (u64, u32) {
-    ((n as u64).div_ceil(64), m.div_ceil(tm))
+#[cfg(test)]
+mod tests {
+    //! The matmul kernels (one row, chunks of rows) against a CPU matmul on random inputs of odd sizes, f32 and f16 weights, uploaded
+    //! as the model uploads them; outputs poisoned first, so a column left unwritten or one written past
+    //! N shows.
+
+    use super::*;
+    use crate::transformer::{upload_weights, Tensor};
+    use crate::weights::Rng;
+    use s2attn::{Backend, Context, ContextOptions};
+    use wgpu::util::DeviceExt;
+
+    /// A wgpu context (lavapipe in CI; the wgpu backend where the default is CUDA).
+    fn context() -> Context {
+        let ctx = Context::new().unwrap_or_else(|e| panic!("no GPU adapter (lavapipe in CI): {e}"));
+        if ctx.wgpu().is_some() {
+            return ctx;
+        }
+        let mut options = ContextOptions::from_env().unwrap_or_else(|e| panic!("{e}"));
+        options.backend = Backend::Wgpu;
+        Context::with_options(&options).unwrap_or_else(|e| panic!("no wgpu adapter: {e}"))
+    }
+
+    /// One matmul of `m` rows on the device (`kernel`: a one-row `matvec` entry, or `None` for the chunk
+    /// kernel): `[m, n] (+)= x [m, k] · w [k, n]`, X rows `x_stride` apart from `x_off`, Y rows `y_stride`
+    /// apart from `y_off` in a buffer that starts as `y0`. Returns the whole Y buffer.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        gpu: &WgpuContext,
+        pipelines: &Pipelines,
+        kernel: Option<usize>,
+        weights: (DType, &[f32]),
+        [m, k, n]: [u32; 3],
+        x: &[f32],
+        (x_off, x_stride): (u32, u32),
+        (y_off, y_stride, accumulate): (u32, u32, bool),
+        y0: &[f32],
+    ) -> Vec<f32> {
+        let w = upload_weights(gpu, weights.0, "test weights", weights.1, Tensor::Matrix(k as u64, n as u64))
+            .expect("weights upload");
+        let storage = |label, data: &[f32], usage| {
+            gpu.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytemuck::cast_slice(data),
+                usage: wgpu::BufferUsages::STORAGE | usage,
+            })
+        };
+        let xb = storage("test x", x, wgpu::BufferUsages::empty());
+        let yb = storage("test y", y0, wgpu::BufferUsages::COPY_SRC);
+        let bytes = (y0.len() * 4) as u64;
+        let read = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("test readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let params = params_buffer(gpu, 1);
+        let mut binder = Binder::new(gpu, &params);
+        let (pipeline, groups) = match kernel {
+            Some(i) => (&pipelines.matvec[i], pipelines.matvec_groups(i, n)),
+            None => (&pipelines.matmul, pipelines.matmul_groups(1, m, n)),
+        };
+        let op = binder.bind(pipeline, &[&xb, &w, &yb]).expect("bind");
+        let mut staging = vec![0; staging_words(binder.slots())];
+        let mut encoder = gpu.device().create_command_encoder(&Default::default());
+        let p = [m, n, k, u32::from(accumulate), x_off, x_stride, y_off, y_stride];
+        dispatch(gpu, &mut encoder, &mut staging, &op, &p, groups).expect("dispatch");
+        encoder.copy_buffer_to_buffer(&yb, 0, &read, 0, bytes);
+        gpu.queue().write_buffer(&params, 0, bytemuck::cast_slice(&staging));
+        gpu.queue().submit([encoder.finish()]);
+        bytemuck::pod_collect_to_vec(&gpu.read_buffer(&read, bytes).expect("readback"))
+    }
+
+    #[test]
+    fn matmuls_match_a_cpu_matmul_at_odd_sizes() {
+        let ctx = context();
+        let gpu = ctx.wgpu().expect("a wgpu context");
+        let mut rng = Rng(0x5eed_1234_abcd_0001);
+        // (m, k, n): N odd, below one word, a multiple of 8 with a partial last workgroup; K odd, 1, and
+        // not a multiple of the slices or of the rows per loop step; M past one tile of chunk rows.
+        let shapes = [
+            (1, 37, 101),
+            (1, 1, 3),
+            (1, 131, 264),
+            (1, 258, 9),
+            (11, 37, 101),
+            (8, 131, 72),
+            (3, 1, 5),
+            (70, 45, 131),
+        ];
+        for dtype in [DType::F32, DType::F16] {
+            let pipelines = Pipelines::new(gpu, dtype, DType::F32).expect("pipelines");
+            let round = crate::weights::rounding(dtype);
+            for (m, k, n) in shapes {
+                let w: Vec<f32> = rng.vec((k * n) as usize).into_iter().map(round).collect();
+                // One row: every width of the one-row kernel; more: the chunk kernel.
+                let kernels: Vec<Option<usize>> =
+                    if m == 1 { (0..MATVEC_TN.len()).map(Some).collect() } else { vec![None] };
+                for (kernel, accumulate) in kernels.into_iter().flat_map(|k| [(k, false), (k, true)]) {
+                    // X rows and Y rows strided, with room before and between them.
+                    let (x_off, x_stride) = (3, k + 2);
+                    let (y_off, y_stride) = (5, n + 3);
+                    let x = rng.vec((x_off + m * x_stride) as usize);
+                    let poison = f32::from_bits(0x7fc0_dead);
+                    let mut y0 = vec![poison; (y_off + m * y_stride + 4) as usize];
+                    let at = |r: u32, c: u32| (y_off + r * y_stride + c) as usize;
+                    let init = rng.vec((m * n) as usize);
+                    if accumulate {
+                        for (i, v) in init.iter().enumerate() {
+                            y0[at(i as u32 / n, i as u32 % n)] = *v;
+                        }
+                    }
+                    let y = run(
+                        gpu,
+                        &pipelines,
+                        kernel,
+                        (dtype, &w),
+                        [m, k, n],
+                        &x,
+                        (x_off, x_stride),
+                        (y_off, y_stride, accumulate),
+                        &y0,
+                    );
+                    let what =
+                        format!("{dtype} weights, m {m} k {k} n {n}, kernel {kernel:?}, accumulate {accumulate}");
+                    let mut expected = y0.clone();
+                    for r in 0..m {
+                        for c in 0..n {
+                            let (mut sum, mut mag) = (0f64, 0f64);
+                            for kk in 0..k {
+                                let t =
+                                    x[(x_off + r * x_stride + kk) as usize] as f64 * w[(kk * n + c) as usize] as f64;
+                                (sum, mag) = (sum + t, mag + t.abs());
+                            }
+                            let base = if accumulate { init[(r * n + c) as usize] as f64 } else { 0.0 };
+                            let (got, want) = (y[at(r, c)] as f64, base + sum);
+                            assert!(
+                                (got - want).abs() <= 1e-5 * (1.0 + mag),
+                                "{what}: y[{r}, {c}] = {got}, expected {want}"
+                            );
+                            expected[at(r, c)] = y[at(r, c)];
+                        }
+                    }
+                    // Nothing outside the output's rows and columns was written.
+                    let same = y.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{what}: a value outside Y's [m, n] changed");
+                }
+            }
+        }
+    }
 }

@@ -1,9 +1,10 @@
 //! The prefill of a fresh [`State`] through the library's forward kernels: layer by layer, the matmuls
 //! run over the prompt in chunks of [`State::prefill_rows`] rows (the residual stream of the whole
 //! prompt stays on the GPU), each chunk's rotated Q/K/V are packed into whole-prompt tensors in the
-//! attention op's storage type (f16 on tensor-core devices) while its K/V rows go into the layer's paged
-//! cache (`KvCache::append_encoded`), then one [`Attention`] pass covers the whole prompt and the output
-//! projection and MLP run chunk by chunk again. The whole-prompt tensors live for the call only.
+//! attention op's storage type (f16 on tensor-core devices, as the paged caches) and its packed K/V rows
+//! go into the layer's paged cache (`KvCache::append_encoded`), then one [`Attention`] pass covers the
+//! whole prompt and the output projection and MLP run chunk by chunk again. The whole-prompt tensors live
+//! for the call only.
 
 use super::ops::{self, dispatch, elementwise, Binder, Bound};
 use super::state::{bind_layer, LayerOps, State};
@@ -103,7 +104,7 @@ impl Model {
             bound.push((ops, casts));
         }
         let final_norm = binder.bind(&p.norm, &[&x, &self.final_norm, &b.last])?;
-        let lm_head = binder.bind(&p.matmul[0], &[&b.last, &self.lm_head, &b.logits])?;
+        let lm_head = binder.bind(p.matmul_for(0, c.vocab), &[&b.last, &self.lm_head, &b.logits])?;
         let argmax = binder.bind(&p.argmax, &[&b.logits, &b.ids])?;
         let mut staging = vec![0u32; ops::staging_words(binder.slots())];
 
@@ -114,7 +115,6 @@ impl Model {
         let new_encoder = || gpu.device().create_command_encoder(&Default::default());
         let mut encoder = new_encoder();
         dispatch(gpu, &mut encoder, &mut staging, &embed, &[n, d, 0, c.vocab], elementwise(n64 * d as u64))?;
-        let qkv_row = qkv_cols as u64;
         for (l, (ops, casts)) in bound.iter().enumerate() {
             for (r0, m) in chunks() {
                 self.encode_pre_attention(&mut encoder, &mut staging, ops, m, r0, r0)?;
@@ -124,8 +124,9 @@ impl Model {
                     let copy = [m, cols, col0, qkv_cols, r0 * cols, cols];
                     dispatch(gpu, &mut encoder, &mut staging, op, &copy, elementwise(m as u64 * cols as u64 / 2))?;
                 }
-                let k = TensorView::strided(&b.qkv, q as u64, qkv_row);
-                let v = TensorView::strided(&b.qkv, (q + kv) as u64, qkv_row);
+                // The chunk's K/V rows, just packed in the caches' storage type.
+                let k = TensorView::strided(&k_all, r0 as u64 * kv as u64, kv as u64);
+                let v = TensorView::strided(&v_all, r0 as u64 * kv as u64, kv as u64);
                 state.caches[l].append_encoded(&mut encoder, state.seqs[l], &k, &v, m)?;
                 self.submit_with(&params, &staging, std::mem::replace(&mut encoder, new_encoder()));
             }

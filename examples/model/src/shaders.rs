@@ -15,8 +15,12 @@ pub enum Kernel {
     Embed,
     /// `shaders/rmsnorm.wgsl`: RMSNorm.
     RmsNorm,
-    /// `shaders/matmul.wgsl`: activations times f32 or f16 weights, optionally added to the output.
+    /// `shaders/matmul.wgsl`: a chunk of activation rows times f32 or f16 weights, optionally added to
+    /// the output.
     Matmul,
+    /// `shaders/matvec.wgsl`: one activation row times f32 or f16 weights (read in 16-byte words),
+    /// optionally added to the output.
+    Matvec,
     /// `shaders/rope.wgsl`: rotary position embedding of Q and K, in place.
     Rope,
     /// `shaders/swiglu.wgsl`: the SiLU-gated MLP activation.
@@ -28,10 +32,18 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// Every kernel (the naga test validates each). All take f32 activations; f16 weights are words
-    /// unpacked in the kernel (an override constant).
-    pub const ALL: &'static [Kernel] =
-        &[Kernel::Embed, Kernel::RmsNorm, Kernel::Matmul, Kernel::Rope, Kernel::Swiglu, Kernel::Argmax, Kernel::Cast];
+    /// Every kernel (the naga test validates each). All take f32 activations; f16 weights are pairs in
+    /// 32-bit words unpacked in the kernel (an override constant).
+    pub const ALL: &'static [Kernel] = &[
+        Kernel::Embed,
+        Kernel::RmsNorm,
+        Kernel::Matmul,
+        Kernel::Matvec,
+        Kernel::Rope,
+        Kernel::Swiglu,
+        Kernel::Argmax,
+        Kernel::Cast,
+    ];
 
     /// File name under `shaders/`.
     pub fn name(self) -> &'static str {
@@ -39,6 +51,7 @@ impl Kernel {
             Kernel::Embed => "embed.wgsl",
             Kernel::RmsNorm => "rmsnorm.wgsl",
             Kernel::Matmul => "matmul.wgsl",
+            Kernel::Matvec => "matvec.wgsl",
             Kernel::Rope => "rope.wgsl",
             Kernel::Swiglu => "swiglu.wgsl",
             Kernel::Argmax => "argmax.wgsl",
@@ -51,6 +64,7 @@ impl Kernel {
             Kernel::Embed => include_str!("../shaders/embed.wgsl"),
             Kernel::RmsNorm => include_str!("../shaders/rmsnorm.wgsl"),
             Kernel::Matmul => include_str!("../shaders/matmul.wgsl"),
+            Kernel::Matvec => include_str!("../shaders/matvec.wgsl"),
             Kernel::Rope => include_str!("../shaders/rope.wgsl"),
             Kernel::Swiglu => include_str!("../shaders/swiglu.wgsl"),
             Kernel::Argmax => include_str!("../shaders/argmax.wgsl"),

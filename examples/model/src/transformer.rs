@@ -15,6 +15,10 @@ use wgpu::util::DeviceExt;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Elements the rows of a matmul's weights are padded to a multiple of (`ROW_ALIGN` of
+/// `shaders/weights.wgsl`): whole 16-byte words in f16 and in f32.
+const ROW_ALIGN: u64 = 8;
+
 /// One layer's weight buffers.
 pub(super) struct LayerBuffers {
     pub attn_norm: wgpu::Buffer,
@@ -31,7 +35,8 @@ pub struct Model {
     pub(super) gpu: WgpuContext,
     pub(super) config: ModelConfig,
     pub(super) pipelines: Pipelines,
-    /// Storage type of the prefill attention's Q/K/V (see [`ModelConfig::prefill_dtype`]).
+    /// Storage type of the attention's Q/K/V (the prefill's forward op, the KV caches, the decode
+    /// kernels; see [`ModelConfig::prefill_dtype`]).
     pub(super) attention_dtype: DType,
     pub(super) embed: wgpu::Buffer,
     pub(super) layers: Vec<LayerBuffers>,
@@ -72,60 +77,31 @@ impl Model {
             config.prefill_dtype.unwrap_or(if gpu.caps().coop_f16_16x16 { DType::F16 } else { DType::F32 });
         let pipelines = Pipelines::new(&gpu, config.weight_dtype, attention_dtype)?;
         let mut weight_bytes = 0;
-        let mut upload = |name: &'static str, values: &[f32], expected: u64| -> Result<wgpu::Buffer> {
-            if values.len() as u64 != expected {
-                return Err(Error::Length {
-                    tensor: name,
-                    got: values.len(),
-                    expected: expected as usize,
-                    layout: "see ModelConfig and Weights".into(),
-                });
-            }
-            let bytes: Vec<u8> = match config.weight_dtype {
-                DType::F16 => {
-                    // Pairs of f16 per word: pad to a whole word.
-                    let mut h: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
-                    h.resize(h.len().next_multiple_of(2), half::f16::ZERO);
-                    bytemuck::cast_slice(&h).to_vec()
-                }
-                _ => bytemuck::cast_slice(values).to_vec(),
-            };
-            let max = gpu.caps().max_storage_binding;
-            if bytes.len() as u64 > max {
-                return Err(Error::DeviceLimit {
-                    what: format!("the {name} weights"),
-                    limit: "max_storage_buffer_binding_size",
-                    needed: bytes.len() as u64,
-                    max,
-                });
-            }
-            weight_bytes += bytes.len() as u64;
-            Ok(gpu.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(name),
-                contents: &bytes,
-                usage: wgpu::BufferUsages::STORAGE,
-            }))
+        let mut upload = |name: &'static str, values: &[f32], shape: Tensor| -> Result<wgpu::Buffer> {
+            let buffer = upload_weights(&gpu, config.weight_dtype, name, values, shape)?;
+            weight_bytes += buffer.size();
+            Ok(buffer)
         };
         let c = &config;
         let (d, v, f) = (c.d_model as u64, c.vocab as u64, c.ffn as u64);
         let q = (c.heads * c.head_dim) as u64;
-        let embed = upload("embed", &weights.embed, v * d)?;
+        let embed = upload("embed", &weights.embed, Tensor::Table(v, d))?;
         let layers = weights
             .layers
             .iter()
             .map(|l| {
                 Ok(LayerBuffers {
-                    attn_norm: upload("attn_norm", &l.attn_norm, d)?,
-                    wqkv: upload("wqkv", &l.wqkv, d * c.qkv_cols() as u64)?,
-                    wo: upload("wo", &l.wo, q * d)?,
-                    mlp_norm: upload("mlp_norm", &l.mlp_norm, d)?,
-                    wgu: upload("wgu", &l.wgu, d * 2 * f)?,
-                    wdown: upload("wdown", &l.wdown, f * d)?,
+                    attn_norm: upload("attn_norm", &l.attn_norm, Tensor::Table(1, d))?,
+                    wqkv: upload("wqkv", &l.wqkv, Tensor::Matrix(d, c.qkv_cols() as u64))?,
+                    wo: upload("wo", &l.wo, Tensor::Matrix(q, d))?,
+                    mlp_norm: upload("mlp_norm", &l.mlp_norm, Tensor::Table(1, d))?,
+                    wgu: upload("wgu", &l.wgu, Tensor::Matrix(d, 2 * f))?,
+                    wdown: upload("wdown", &l.wdown, Tensor::Matrix(f, d))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let final_norm = upload("final_norm", &weights.final_norm, d)?;
-        let lm_head = upload("lm_head", &weights.lm_head, d * v)?;
+        let final_norm = upload("final_norm", &weights.final_norm, Tensor::Table(1, d))?;
+        let lm_head = upload("lm_head", &weights.lm_head, Tensor::Matrix(d, v))?;
         Ok(Self {
             ctx: ctx.clone(),
             gpu,
@@ -152,8 +128,84 @@ impl Model {
         self.attention_dtype
     }
 
+    /// Storage type of the KV caches' K and V, and of the decode kernels' Q and output: the prefill
+    /// attention's ([`Model::prefill_dtype`]).
+    pub fn kv_dtype(&self) -> DType {
+        self.attention_dtype
+    }
+
     /// Bytes of weights on the device.
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
     }
+}
+
+/// The shape of a weight tensor, `(rows, columns)`, and how the kernels read it.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Tensor {
+    /// Rows stored back to back (embeddings, norm weights).
+    Table(u64, u64),
+    /// A matmul's `[K, N]`: rows padded to whole 16-byte words ([`ROW_ALIGN`] elements).
+    Matrix(u64, u64),
+}
+
+/// A storage buffer of `values` (`shape`, row-major) in `dtype` as `shaders/weights.wgsl` reads them:
+/// f32 bits or pairs of f16 per 32-bit word, matrix rows padded with zeros to [`ROW_ALIGN`] elements,
+/// the whole padded to 16-byte words.
+pub(super) fn upload_weights(
+    gpu: &WgpuContext,
+    dtype: DType,
+    name: &'static str,
+    values: &[f32],
+    shape: Tensor,
+) -> Result<wgpu::Buffer> {
+    let (rows, cols, stride) = match shape {
+        Tensor::Table(rows, cols) => (rows, cols, cols),
+        Tensor::Matrix(rows, cols) => (rows, cols, cols.next_multiple_of(ROW_ALIGN)),
+    };
+    if values.len() as u64 != rows * cols {
+        return Err(Error::Length {
+            tensor: name,
+            got: values.len(),
+            expected: (rows * cols) as usize,
+            layout: "see ModelConfig and Weights".into(),
+        });
+    }
+    let es = if dtype == DType::F16 { 2 } else { 4 };
+    let max = gpu.caps().max_storage_binding;
+    let size = (rows * stride * es).next_multiple_of(16).max(16);
+    if size > max {
+        return Err(Error::DeviceLimit {
+            what: format!("the {name} weights"),
+            limit: "max_storage_buffer_binding_size",
+            needed: size,
+            max,
+        });
+    }
+    // Rows padded to `stride` elements, the whole to `size` bytes.
+    fn padded<T: bytemuck::Pod + Default>(values: &[f32], cols: u64, stride: u64, len: u64, f: fn(f32) -> T) -> Vec<T> {
+        let mut out = Vec::with_capacity(len as usize);
+        for row in values.chunks(cols as usize) {
+            out.extend(row.iter().map(|&v| f(v)));
+            out.resize(out.len() + (stride - cols) as usize, T::default());
+        }
+        out.resize(len as usize, T::default());
+        out
+    }
+    let (halves, words);
+    let bytes: &[u8] = match dtype {
+        DType::F16 => {
+            halves = padded(values, cols, stride, size / 2, half::f16::from_f32);
+            bytemuck::cast_slice(&halves)
+        }
+        _ => {
+            words = padded(values, cols, stride, size / 4, |v| v);
+            bytemuck::cast_slice(&words)
+        }
+    };
+    Ok(gpu.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(name),
+        contents: bytes,
+        usage: wgpu::BufferUsages::STORAGE,
+    }))
 }

@@ -34,16 +34,23 @@ pub struct Weights {
     pub lm_head: Vec<f32>,
 }
 
-/// xorshift64* numbers in [-1, 1).
-struct Rng(u64);
+/// xorshift64* numbers in [-1, 1), from the seed in the field.
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> f32 {
+    /// The next number.
+    pub(crate) fn next(&mut self) -> f32 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
         (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    /// The next `n` numbers.
+    #[cfg(test)]
+    pub(crate) fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next()).collect()
     }
 }
 

@@ -2,8 +2,9 @@
 //! the prefill and after every generated token, greedy tokens, the pipelined `generate` path against
 //! step-by-step decoding, with f32 and f16 weights and a hybrid (dense + S2) stack whose S2 layer masks
 //! part of the context and evicts pages. The prompt (40 tokens) is longer than a prefill chunk (16
-//! rows): a fresh state prefills through the forward attention op (f32 and f16 Q/K/V), a prompt fed in
-//! two parts runs its second part on the decode kernels over the caches.
+//! rows): a fresh state prefills through the forward attention op, a prompt fed in two parts runs its
+//! second part on the decode kernels over the caches; attention (forward op, KV caches, decode
+//! kernels) in f32 and in f16.
 
 mod common;
 
@@ -102,14 +103,31 @@ fn logits_and_greedy_tokens_match_the_reference_f16_weights() {
     check_against_reference(tiny(DType::F16), None, 1e-4);
 }
 
-#[test]
-fn prefill_through_the_forward_op_in_f16_matches_the_reference() {
+/// The tiny model with its attention in f16: the forward op's Q/K/V, the KV caches and the decode
+/// kernels' operands.
+fn tiny_f16_attention() -> ModelConfig {
     let mut config = tiny(DType::F32);
     config.prefill_dtype = Some(DType::F16);
+    config
+}
+
+#[test]
+fn prefill_through_the_forward_op_in_f16_matches_the_reference() {
+    let config = tiny_f16_attention();
     let model = Model::random(wgpu_context(), config.clone(), SEED).expect("model");
-    assert_eq!(model.prefill_dtype(), DType::F16);
-    // f16 Q/K/V (10-bit mantissas) in the prompt's attention; decode steps stay f32.
+    assert_eq!((model.prefill_dtype(), model.kv_dtype()), (DType::F16, DType::F16));
+    // A page holds block_size tokens of K and V in f16.
+    let state = State::new(&model, 64).expect("state");
+    let page = (config.block_size * config.head_dim * 2 * 2) as u64;
+    assert!(state.memory_report().iter().all(|r| r.page_bytes == page), "{:?}", state.memory_report());
+    // f16 Q/K/V (10-bit mantissas) in the prompt's attention, the caches and the decode steps.
     check_against_reference(config, None, 5e-3);
+}
+
+#[test]
+fn prompt_fed_in_two_parts_with_an_f16_kv_cache_matches_the_reference() {
+    // The second part's chunks run on the f16 decode kernels over the f16 caches.
+    check_against_reference(tiny_f16_attention(), Some(24), 5e-3);
 }
 
 #[test]
