@@ -28,8 +28,9 @@ const MAX_ROWS: u32 = 64;
 const MMA_ROWS: u32 = 16;
 /// Keys of one tensor-core chunk (one mma k-step of P V).
 const MMA_KEYS: u32 = 16;
-/// Depth of each warp's cp.async ring in the tensor-core kernel.
-const MMA_STAGES: u32 = 3;
+/// Depths of each warp's cp.async ring in the tensor-core kernel, deepest first: the deepest whose shared
+/// memory fits the device (3 on Hopper and A100: two chunks in flight per warp; 2 on GPUs of ~100 KiB).
+const MMA_STAGES: [u32; 2] = [3, 2];
 
 /// The form of the split kernel a [`CudaDecode`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,8 +39,9 @@ enum Form {
     General,
     /// At most 4 rows: Q, K, V and O in registers.
     Narrow,
-    /// At most 16 rows, head dim 64 or 128, sm_80 or newer: `mma.sync` over per-warp cp.async rings.
-    TensorCore,
+    /// At most 16 rows, head dim 64 or 128, sm_80 or newer: `mma.sync` over per-warp cp.async rings of
+    /// `stages` slots.
+    TensorCore { stages: u32 },
 }
 
 /// One part of a call: a work list and the K/V pools of its KV cache segment.
@@ -96,9 +98,11 @@ pub struct CudaDecode {
 impl fmt::Display for CudaDecode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let form = match self.form {
-            Form::General => "",
-            Form::Narrow => " narrow (Q/K/V/O in registers)",
-            Form::TensorCore => " tensor-core (mma.sync m16n8k16, a cp.async ring per warp)",
+            Form::General => String::new(),
+            Form::Narrow => " narrow (Q/K/V/O in registers)".into(),
+            Form::TensorCore { stages } => {
+                format!(" tensor-core (mma.sync m16n8k16, a {stages}-slot cp.async ring per warp)")
+            }
         };
         write!(
             f,
@@ -137,20 +141,24 @@ impl CudaDecode {
             .find(|&t| block_size % t == 0 && t % groups == 0 && t / groups <= NARROW_KEYS)
     }
 
-    /// Dynamic shared bytes of the tensor-core kernel where it applies (at most 16 rows, head dim 64 or
-    /// 128, pages of whole 16-key chunks, compute capability 8.0 or newer, the rings and the static
-    /// pieces within `max_smem` bytes): the warps' rings.
-    fn tensor_core_smem(arch: (i32, i32), rows: u32, head_dim: u32, block_size: u32, max_smem: u32) -> Option<u32> {
+    /// The ring depth and dynamic shared bytes (the warps' rings) of the tensor-core kernel where it
+    /// applies: at most 16 rows, head dim 64 or 128, pages of whole 16-key chunks, compute capability 8.0
+    /// or newer, the rings and the static pieces within `max_smem` bytes.
+    fn tensor_core_smem(
+        arch: (i32, i32),
+        rows: u32,
+        head_dim: u32,
+        block_size: u32,
+        max_smem: u32,
+    ) -> Option<(u32, u32)> {
         let warps = THREADS / 32;
-        let rings = MMA_STAGES * warps * 2 * MMA_KEYS * head_dim * 2;
         // A scalar chunk's probabilities, the warps' row statistics, the combine.
         let fixed = warps * MMA_ROWS * MMA_KEYS * 4 + 3 * warps * MMA_ROWS * 4 + combine_smem(rows);
-        let fits = arch.0 >= 8
-            && rows <= MMA_ROWS
-            && matches!(head_dim, 64 | 128)
-            && block_size % MMA_KEYS == 0
-            && rings + fixed <= max_smem;
-        fits.then_some(rings)
+        let shape = arch.0 >= 8 && rows <= MMA_ROWS && matches!(head_dim, 64 | 128) && block_size % MMA_KEYS == 0;
+        MMA_STAGES
+            .into_iter()
+            .map(|stages| (stages, stages * warps * 2 * MMA_KEYS * head_dim * 2))
+            .find(|&(_, rings)| shape && rings + fixed <= max_smem)
     }
 
     /// Compiles (or fetches) the kernels for items of `rows` query rows over `block_size`-key pages: the
@@ -195,11 +203,15 @@ impl CudaDecode {
             Self::tensor_core_smem(ctx.arch(), rows, head_dim, block_size, caps.max_workgroup_storage),
             Self::narrow_tile(rows, head_dim, block_size),
         ) {
-            (Some(smem), _) => (Form::TensorCore, MMA_KEYS, smem),
+            (Some((stages, smem)), _) => (Form::TensorCore { stages }, MMA_KEYS, smem),
             (None, Some(t)) => (Form::Narrow, t, 16 * ((t * head_dim / 8).max(2 * THREADS) + t)),
             (None, None) => (Form::General, tile_kv, split_smem(rows, tile_kv, head_dim)),
         };
         let bf16 = (dtype == DType::BF16) as i64;
+        let stages = match form {
+            Form::TensorCore { stages } => stages,
+            _ => 0,
+        };
         let kernel = |pass: i64, entry: &str, smem: u32| -> Result<CudaFunction> {
             let defines = [
                 ("HEAD_DIM", head_dim as i64),
@@ -208,7 +220,7 @@ impl CudaDecode {
                 ("NT", THREADS as i64),
                 ("IS_BF16", bf16),
                 ("PASS", pass),
-                ("STAGES", MMA_STAGES as i64),
+                ("STAGES", stages as i64),
             ];
             let key = KernelKey::new("s2_decode.cu", ctx.arch(), &defines);
             ctx.kernel(&key, S2_DECODE_SRC, entry, smem)
@@ -217,7 +229,7 @@ impl CudaDecode {
             Form::General => kernel(0, "s2_decode_split", smem)?,
             // Static shared memory: no dynamic bytes at launch.
             Form::Narrow => kernel(1, "s2_decode_narrow", 0)?,
-            Form::TensorCore => kernel(2, "s2_decode_mma", smem)?,
+            Form::TensorCore { .. } => kernel(2, "s2_decode_mma", smem)?,
         };
         Ok(Self { ctx: ctx.clone(), split, rows, tile_kv, smem, form, head_dim, num_heads, dtype })
     }

@@ -21,7 +21,9 @@
 #define HEAD_DIM 128
 #endif
 #define BK 64
+#ifndef STAGES
 #define STAGES 3
+#endif
 #define NT 128
 #define PASS SPLIT_PASS
 namespace A {

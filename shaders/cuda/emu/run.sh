@@ -2,7 +2,7 @@
 # Runs, on the CPU (g++ over emu.h; needs g++ 12 or newer for _Float16 and std::barrier), fp16 and bf16, with
 # finite and with non-finite inputs:
 # - decode_check.cc over the decode kernels (general PASS 0, narrow PASS 1, tensor-core PASS 2 at head dims 128
-#   and 64) with their fused combine;
+#   and 64, ring depths 3 and 2) with their fused combine;
 # - exact_check.cc over the exact forward and backward (s2_exact.cu) at head dims 32, 64, 96 and 128,
 #   causal and not.
 # `bash shaders/cuda/emu/run.sh`; the builds run on all cores.
@@ -21,10 +21,11 @@ builds=()
 for nf in 0 1; do
   for bf in 0 1; do
     for cfg in "4 1 1" "1 1 1" "4 2 1" "2 1 1" "4 1 0" "8 2 0" "1 1 0" "16 1 0" "1 1 2" "4 1 2" "8 2 2" "16 1 2" \
-               "4 1 2 64" "16 2 2 64"; do
+               "4 1 2 64" "16 2 2 64" "4 1 2 128 2" "16 1 2 64 2"; do
       set -- $cfg
       d=${4:-128}
-      builds+=("decode_check.cc run_decode_${nf}_${bf}_$1_$2_$3_$d -DIS_BF16=$bf -DROWS=$1 -DNTOK=$2 -DSPLIT_PASS=$3 -DNONFINITE=$nf -DHEAD_DIM=$d")
+      st=${5:-3}
+      builds+=("decode_check.cc run_decode_${nf}_${bf}_$1_$2_$3_${d}_$st -DIS_BF16=$bf -DROWS=$1 -DNTOK=$2 -DSPLIT_PASS=$3 -DNONFINITE=$nf -DHEAD_DIM=$d -DSTAGES=$st")
     done
   done
 done
