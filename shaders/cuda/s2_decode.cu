@@ -141,6 +141,33 @@ __device__ __forceinline__ float lse_out(float lse2) {
 }
 
 
+// Two values as one 32-bit word of the storage type, x in the low half.
+__device__ __forceinline__ u32 pack2(float x, float y) { return (u32)from_f32(x) | ((u32)from_f32(y) << 16); }
+
+// A split item's end for row r's 16-byte word w: its 8 unnormalised O sums `o` with the row's flags, base-2
+// max m and sum l go out as the row's output (unsplit: O and the natural-log LSE) or as its partial (O / l
+// and the base-2 LSE, for the combine).
+__device__ __forceinline__ void store_word(const Params& p, const Item& it, u32 r, u32 w, const float (&o)[8],
+                                           u32 flags, float m, float l) {
+    const float inv = o_scale(flags, l, it.nsplit);
+    if (it.nsplit == 1) {
+        u32 words[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) words[e] = pack2(o[2 * e] * inv, o[2 * e + 1] * inv);
+        *(uint4*)(p.o + row_index(p, it, r) + 8 * w) = make_uint4(words[0], words[1], words[2], words[3]);
+    } else {
+        float4* dst = (float4*)(p.part_o + ((size_t)it.slot * ROWS + r) * HEAD_DIM + 8 * w);
+        dst[0] = make_float4(o[0] * inv, o[1] * inv, o[2] * inv, o[3] * inv);
+        dst[1] = make_float4(o[4] * inv, o[5] * inv, o[6] * inv, o[7] * inv);
+    }
+    if (w == 0) {
+        const float lse2 = partial_lse2(flags, m, l);
+        if (it.nsplit == 1) p.lse[lse_index(p, it, r)] = lse_out(lse2);
+        else p.part_lse[it.slot * ROWS + r] = lse2;
+    }
+}
+
+
 // Combine: the CTA of a split family's last item merges the family's nsplit partials by their base-2 LSE;
 // the splits are spread over the threads (LL lanes per row for the LSE, SL lanes per output float4 for O)
 // and the lanes meet in shared memory (the WGSL twin: shaders/decode_combine.wgsl). The partials were
@@ -244,9 +271,7 @@ __device__ COMBINE_LINKAGE void combine_family(const Params& p, const Item& fam)
         }
         if (SL == 1) {
             if (row_valid(fam, r, p.n_tok)) {
-                const u32 lo = (u32)from_f32(x.x) | ((u32)from_f32(x.y) << 16);
-                const u32 hi = (u32)from_f32(x.z) | ((u32)from_f32(x.w) << 16);
-                *(uint2*)(p.o + row_index(p, fam, r) + 4 * c) = make_uint2(lo, hi);
+                *(uint2*)(p.o + row_index(p, fam, r) + 4 * c) = make_uint2(pack2(x.x, x.y), pack2(x.z, x.w));
             }
         } else {
             o_s[tid] = x;
@@ -261,9 +286,7 @@ __device__ COMBINE_LINKAGE void combine_family(const Params& p, const Item& fam)
             add4(x, o_s[s * N4 + tid]);
         }
         if (row_valid(fam, r, p.n_tok)) {
-            const u32 lo = (u32)from_f32(x.x) | ((u32)from_f32(x.y) << 16);
-            const u32 hi = (u32)from_f32(x.z) | ((u32)from_f32(x.w) << 16);
-            *(uint2*)(p.o + row_index(p, fam, r) + 4 * c) = make_uint2(lo, hi);
+            *(uint2*)(p.o + row_index(p, fam, r) + 4 * c) = make_uint2(pack2(x.x, x.y), pack2(x.z, x.w));
         }
     }
 #endif
@@ -454,26 +477,7 @@ extern "C" __global__ void __launch_bounds__(NT) s2_decode_split(const Params p)
         if (!active_o || ks != 0) break;
         const u32 o = tid + j * NT;
         const u32 r = o / W, w = o % W;
-        if (o < NOUT && row_valid(it, r, p.n_tok)) {
-            const float l = l_r[j];
-            const float inv = o_scale(f_r[j], l, it.nsplit);
-            if (it.nsplit == 1) {
-                u32 words[4];
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    words[e] = (u32)from_f32(acc[j][2 * e] * inv) | ((u32)from_f32(acc[j][2 * e + 1] * inv) << 16);
-                *(uint4*)(p.o + row_index(p, it, r) + 8 * w) = make_uint4(words[0], words[1], words[2], words[3]);
-            } else {
-                float4* dst = (float4*)(p.part_o + ((size_t)it.slot * ROWS + r) * HEAD_DIM + 8 * w);
-                dst[0] = make_float4(acc[j][0] * inv, acc[j][1] * inv, acc[j][2] * inv, acc[j][3] * inv);
-                dst[1] = make_float4(acc[j][4] * inv, acc[j][5] * inv, acc[j][6] * inv, acc[j][7] * inv);
-            }
-            if (w == 0) {
-                const float lse2 = partial_lse2(f_r[j], m_r[j], l);
-                if (it.nsplit == 1) p.lse[lse_index(p, it, r)] = lse_out(lse2);
-                else p.part_lse[it.slot * ROWS + r] = lse2;
-            }
-        }
+        if (o < NOUT && row_valid(it, r, p.n_tok)) store_word(p, it, r, w, acc[j], f_r[j], m_r[j], l_r[j]);
     }
     if (it.nsplit > 1) finish_split(p, it);
 }
@@ -679,23 +683,7 @@ extern "C" __global__ void __launch_bounds__(NT, 3) s2_decode_narrow(const Param
                 o[0] += a.x; o[1] += a.y; o[2] += a.z; o[3] += a.w;
                 o[4] += b.x; o[5] += b.y; o[6] += b.z; o[7] += b.w;
             }
-            const float inv = o_scale(flag_s[r], lt[r], it.nsplit);
-            if (it.nsplit == 1) {
-                u32 words[4];
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    words[e] = (u32)from_f32(o[2 * e] * inv) | ((u32)from_f32(o[2 * e + 1] * inv) << 16);
-                *(uint4*)(p.o + row_index(p, it, r) + 8 * w) = make_uint4(words[0], words[1], words[2], words[3]);
-            } else {
-                float4* dst = (float4*)(p.part_o + ((size_t)it.slot * ROWS + r) * HEAD_DIM + 8 * w);
-                dst[0] = make_float4(o[0] * inv, o[1] * inv, o[2] * inv, o[3] * inv);
-                dst[1] = make_float4(o[4] * inv, o[5] * inv, o[6] * inv, o[7] * inv);
-            }
-            if (w == 0) {
-                const float lse2 = partial_lse2(flag_s[r], mx[r], lt[r]);
-                if (it.nsplit == 1) p.lse[lse_index(p, it, r)] = lse_out(lse2);
-                else p.part_lse[it.slot * ROWS + r] = lse2;
-            }
+            store_word(p, it, r, w, o, flag_s[r], mx[r], lt[r]);
         }
     }
     if (it.nsplit > 1) finish_split(p, it);
@@ -758,8 +746,7 @@ __device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, 
 }
 #endif
 
-// Two probabilities as one 32-bit A-fragment word of the storage type (x in the low half), and back.
-__device__ __forceinline__ u32 pack2(float x, float y) { return (u32)from_f32(x) | ((u32)from_f32(y) << 16); }
+// A 32-bit word of two storage-type elements (an mma A fragment) back in f32.
 __device__ __forceinline__ float lo_f32(u32 w) { return to_f32((u16)(w & 0xffffu)); }
 __device__ __forceinline__ float hi_f32(u32 w) { return to_f32((u16)(w >> 16)); }
 
@@ -1000,22 +987,7 @@ extern "C" __global__ void __launch_bounds__(NT, 2) s2_decode_mma(const Params p
 #pragma unroll
             for (int e = 0; e < 8; e++) acc[e] += sc * src[e];
         }
-        const float inv = o_scale(flags, lt, it.nsplit);
-        if (it.nsplit == 1) {
-            u32 words[4];
-#pragma unroll
-            for (int e = 0; e < 4; e++) words[e] = pack2(acc[2 * e] * inv, acc[2 * e + 1] * inv);
-            *(uint4*)(p.o + row_index(p, it, r) + 8 * w) = make_uint4(words[0], words[1], words[2], words[3]);
-        } else {
-            float4* dst = (float4*)(p.part_o + ((size_t)it.slot * ROWS + r) * HEAD_DIM + 8 * w);
-            dst[0] = make_float4(acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv);
-            dst[1] = make_float4(acc[4] * inv, acc[5] * inv, acc[6] * inv, acc[7] * inv);
-        }
-        if (w == 0) {
-            const float lse2 = partial_lse2(flags, mx, lt);
-            if (it.nsplit == 1) p.lse[lse_index(p, it, r)] = lse_out(lse2);
-            else p.part_lse[it.slot * ROWS + r] = lse2;
-        }
+        store_word(p, it, r, w, acc, flags, mx, lt);
     }
     if (it.nsplit > 1) finish_split(p, it);
 }

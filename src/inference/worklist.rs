@@ -129,15 +129,8 @@ impl SplitPolicy {
         let (lo, hi) = (self.min_wave.max(1) as u64, self.max_wave.max(self.min_wave).max(1) as u64);
         let waves: Vec<u64> = (0..4u64).map(|i| lo + (hi - lo) * i / 3).collect();
         let total: u64 = lens.iter().map(|&n| n as u64).sum();
-        // Items and longest item when split at `b` blocks.
-        let shape = |b: u32| -> (u64, u64) {
-            lens.iter().fold((0, 0), |(items, len), &n| {
-                let (k, chunk) = split_family(n, b);
-                (items + k as u64, len.max(chunk as u64))
-            })
-        };
         let cost = |b: u32| -> Option<u64> {
-            let (items, len) = shape(b);
+            let (items, len) = split_shape(lens, b);
             let split = b < longest;
             if split && items > self.max_partial_slots() {
                 return None;
@@ -326,17 +319,18 @@ fn split_family(n: u32, b: u32) -> (u32, u32) {
     (items, n.div_ceil(items))
 }
 
+/// Families of `lens` KV blocks split at `b` blocks per item: their item count and the blocks of the
+/// longest item.
+fn split_shape(lens: &[u32], b: u32) -> (u64, u64) {
+    lens.iter().fold((0, 0), |(items, len), &n| {
+        let (k, chunk) = split_family(n, b);
+        (items + k as u64, len.max(chunk as u64))
+    })
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{split_family, SplitPolicy};
-
-    /// Items and longest item of families `lens` split at `b` blocks.
-    fn split(lens: &[u32], b: u32) -> (u32, u32) {
-        lens.iter().fold((0, 0), |(items, len), &n| {
-            let (k, chunk) = split_family(n, b);
-            (items + k, len.max(chunk))
-        })
-    }
+    use super::{split_shape as split, SplitPolicy};
 
     #[test]
     fn few_long_families_fill_one_wave() {
@@ -376,7 +370,7 @@ mod tests {
             for lens in [vec![2048u32; 3], vec![144; 700], vec![37, 1, 500, 9, 144]] {
                 let b = policy.blocks_per_split(&lens);
                 if b != u32::MAX {
-                    assert!(split(&lens, b).0 as u64 <= policy.max_partial_slots(), "{policy:?} {lens:?}");
+                    assert!(split(&lens, b).0 <= policy.max_partial_slots(), "{policy:?} {lens:?}");
                     assert!(b >= policy.min_blocks_per_split);
                 }
             }

@@ -294,7 +294,7 @@ fn run(ctx: &Context, r: &Run) -> s2attn::Result<Vec<Measured>> {
                     ms_per_token,
                     kv_resident: reports.iter().map(|m| m.resident_bytes()).sum(),
                     kv_dense: reports.iter().map(|m| m.dense_bytes).sum(),
-                    kv_dtype: model.kv_dtype(),
+                    kv_dtype: model.prefill_dtype(),
                     tokens: [first, second].into_iter().chain(generated).collect(),
                 };
                 let mib = |b: u64| b as f64 / (1u64 << 20) as f64;

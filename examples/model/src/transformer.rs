@@ -123,14 +123,9 @@ impl Model {
         &self.config
     }
 
-    /// Storage type of Q/K/V in the prefill's forward attention op.
+    /// Storage type of the attention's Q/K/V: the prefill's forward op, the KV caches' K and V, and the
+    /// decode kernels' Q and output.
     pub fn prefill_dtype(&self) -> DType {
-        self.attention_dtype
-    }
-
-    /// Storage type of the KV caches' K and V, and of the decode kernels' Q and output: the prefill
-    /// attention's ([`Model::prefill_dtype`]).
-    pub fn kv_dtype(&self) -> DType {
         self.attention_dtype
     }
 

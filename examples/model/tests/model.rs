@@ -115,7 +115,7 @@ fn tiny_f16_attention() -> ModelConfig {
 fn prefill_through_the_forward_op_in_f16_matches_the_reference() {
     let config = tiny_f16_attention();
     let model = Model::random(wgpu_context(), config.clone(), SEED).expect("model");
-    assert_eq!((model.prefill_dtype(), model.kv_dtype()), (DType::F16, DType::F16));
+    assert_eq!(model.prefill_dtype(), DType::F16);
     // A page holds block_size tokens of K and V in f16.
     let state = State::new(&model, 64).expect("state");
     let page = (config.block_size * config.head_dim * 2 * 2) as u64;
