@@ -240,33 +240,35 @@ fn run(ctx: &Context, r: &Run) -> s2attn::Result<Vec<Measured>> {
         c.local_blocks,
         c.vert_stride
     );
-    // A checkpoint's weights are read once, for both stacks.
+    // The weights (a checkpoint's, or random ones) are made once, for both stacks.
+    let t = Instant::now();
     let weights = match &r.checkpoint {
         Some(checkpoint) => {
-            let t = Instant::now();
             let hf = HfConfig { model: c.clone(), ..checkpoint.config.clone() };
             let w = Weights::from_safetensors(&hf, &checkpoint.shards)?;
             println!("weights read from {} shards in {:.1} s", checkpoint.shards.len(), t.elapsed().as_secs_f64());
-            Some(w)
+            w
         }
-        None => None,
+        None => {
+            let w = Weights::random(c, 7);
+            println!("random weights drawn in {:.1} s", t.elapsed().as_secs_f64());
+            w
+        }
     };
     let hybrid = format!("hybrid S2 ({})", c.pattern());
     let stacks = [("dense".to_string(), c.clone().all_dense()), (hybrid, c.clone())];
     let mut measured = Vec::new();
     for (stack, config) in stacks.into_iter().filter(|(name, _)| name.starts_with(r.only.as_str())) {
         // A run that fails (e.g. the device's memory) is reported and the others go on.
-        let model = match &weights {
-            Some(w) => Model::from_weights(ctx, config, w),
-            None => Model::random(ctx, config, 7),
-        };
-        let model = match model {
+        let t = Instant::now();
+        let model = match Model::from_weights(ctx, config, &weights) {
             Ok(model) => model,
             Err(e) => {
                 eprintln!("{stack:>26}: the model does not load: {e}");
                 continue;
             }
         };
+        println!("{stack:>26}: weights uploaded in {:.1} s", t.elapsed().as_secs_f64());
         for &prompt_len in &r.prompts {
             let one = || -> s2attn::Result<Measured> {
                 // A deterministic prompt of valid ids.

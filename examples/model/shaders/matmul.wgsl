@@ -4,16 +4,7 @@
 // threads are 64 columns times WG / 64 slices of K, reduced in workgroup memory at the end. X rows are
 // staged in workgroup memory per chunk of TILE_K.
 
-struct MatmulParams {
-    m: u32,
-    n: u32,
-    k: u32,
-    accumulate: u32,
-    x_off: u32,      // element offset of X row 0
-    x_stride: u32,   // elements between X rows
-    y_off: u32,
-    y_stride: u32,
-}
+#include matmul_io.wgsl
 
 const COLS: u32 = 64u;
 const TILE_K: u32 = 64u;
@@ -22,11 +13,6 @@ const MAX_WG: u32 = 256u;
 
 override WG: u32 = 256u;   // a multiple of COLS, at most MAX_WG
 override TM: u32 = 8u;     // rows per workgroup, at most MAX_TM
-
-@group(0) @binding(0) var<uniform> params: MatmulParams;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
 
 #include weights.wgsl
 

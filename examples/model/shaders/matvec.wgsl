@@ -7,16 +7,7 @@
 // sums are reduced in workgroup memory at the end. Words past the padded row (in the last workgroup)
 // are not read, columns past N not written.
 
-struct MatmulParams {
-    m: u32,          // rows of X: one (the kernel reads row 0)
-    n: u32,
-    k: u32,
-    accumulate: u32,
-    x_off: u32,      // element offset of the X row
-    x_stride: u32,
-    y_off: u32,      // element offset of the Y row
-    y_stride: u32,
-}
+#include matmul_io.wgsl
 
 const MAX_WG: u32 = 256u;
 const MAX_ROWS: u32 = 8u;
@@ -24,11 +15,6 @@ const MAX_ROWS: u32 = 8u;
 override WG: u32 = 256u;   // a power of two, at most MAX_WG
 override TN: u32 = 4u;     // words along N per workgroup: a power of two dividing WG
 override ROWS: u32 = 4u;   // weight rows per loop step of an invocation, 1 to MAX_ROWS
-
-@group(0) @binding(0) var<uniform> params: MatmulParams;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
 
 #include weights.wgsl
 

@@ -98,7 +98,8 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// A hybrid model of `layers` layers as the paper recommends: layer 0 dense, the others S2 (block 64,
     /// 16 local blocks, vertical stride 16); MLP width 4 `d_model`, f32 weights, prefill matmuls in chunks
-    /// of 512 rows, the prefill attention's dtype chosen by the device.
+    /// of 2048 rows (16 row tiles of the cooperative-matrix matmul), the prefill attention's dtype chosen
+    /// by the device.
     pub fn new(vocab: u32, d_model: u32, heads: u32, kv_heads: u32, head_dim: u32, layers: u32) -> Self {
         let layers = (0..layers as usize)
             .map(|i| if DenseLayers::First.is_dense(i) { LayerAttention::Dense } else { LayerAttention::S2 })
@@ -117,7 +118,7 @@ impl ModelConfig {
             block_size: 64,
             local_blocks: 16,
             vert_stride: 16,
-            prefill_chunk: 512,
+            prefill_chunk: 2048,
             prefill_dtype: None,
         }
     }

@@ -20,6 +20,10 @@ const MATMUL_WG: u32 = 256;
 const MATMUL_TM: u32 = 8;
 /// Columns per matmul workgroup for chunks of rows (both kernels).
 const MATMUL_COLS: u32 = 64;
+/// Rows and columns per workgroup of the cooperative-matrix matmul.
+const COOP_TILE: u32 = 128;
+/// Subgroup size the cooperative-matrix matmul is written for (8 subgroups of it per workgroup).
+const COOP_SUBGROUP: u32 = 32;
 /// One-row matmul workgroup: `TN` 16-byte words along N times `256 / TN` slices of K.
 const MATVEC_WG: u32 = 256;
 /// 16-byte words of a weight row per one-row matmul workgroup, by pipeline: the widest that leaves at
@@ -39,6 +43,8 @@ pub(super) struct Pipelines {
     pub matvec: [wgpu::ComputePipeline; 3],
     /// The chunk-of-rows matmul (a prefill chunk).
     pub matmul: wgpu::ComputePipeline,
+    /// Whether chunks of rows run on the cooperative-matrix matmul (else on `matmul.wgsl`).
+    pub chunk_coop: bool,
     /// Columns in a 16-byte word of weights.
     word_cols: u32,
     pub rope: wgpu::ComputePipeline,
@@ -50,13 +56,20 @@ pub(super) struct Pipelines {
 }
 
 impl Pipelines {
-    /// Pipelines for weights stored as `weights` and a prefill attention in `attention`.
+    /// Pipelines for weights stored as `weights` and a prefill attention in `attention`. Chunks of rows
+    /// run on cooperative matrices where the weights and the attention are f16 and the device has
+    /// 16x16x16 f16 matrices, f16 shader arithmetic and a subgroup size fixed at 32 (their activations
+    /// are then rounded to f16, as the attention's operands are); on `matmul.wgsl` elsewhere.
     pub fn new(ctx: &WgpuContext, weights: DType, attention: DType) -> Result<Self> {
         let f16 = u32::from(weights == DType::F16);
+        let chunk_coop = weights == DType::F16 && attention == DType::F16 && coop_matmul_runs(ctx);
         let matvec = |tn: u32| {
             pipeline(ctx, Kernel::Matvec, &[("TN", tn), ("ROWS", MATVEC_ROWS), ("W_F16", f16), ("WG", MATVEC_WG)])
         };
-        let chunk = pipeline(ctx, Kernel::Matmul, &[("TM", MATMUL_TM), ("W_F16", f16), ("WG", MATMUL_WG)])?;
+        let chunk = match chunk_coop {
+            true => pipeline(ctx, Kernel::MatmulCoop, &[("W_F16", 1)])?,
+            false => pipeline(ctx, Kernel::Matmul, &[("TM", MATMUL_TM), ("W_F16", f16), ("WG", MATMUL_WG)])?,
+        };
         let a16 = u32::from(attention == DType::F16);
         let cast = |src: u32, dst: u32| pipeline(ctx, Kernel::Cast, &[("WG", WG), ("SRC_F16", src), ("DST_F16", dst)]);
         Ok(Self {
@@ -64,6 +77,7 @@ impl Pipelines {
             norm: pipeline(ctx, Kernel::RmsNorm, &[("W_F16", f16)])?,
             matvec: [matvec(MATVEC_TN[0])?, matvec(MATVEC_TN[1])?, matvec(MATVEC_TN[2])?],
             matmul: chunk,
+            chunk_coop,
             // A 16-byte word holds 8 f16 or 4 f32.
             word_cols: if weights == DType::F16 { 8 } else { 4 },
             rope: pipeline(ctx, Kernel::Rope, &[("WG", WG)])?,
@@ -92,6 +106,7 @@ impl Pipelines {
     pub fn matmul_groups(&self, mode: usize, m: u32, n: u32) -> (u64, u32) {
         match mode {
             0 => self.matvec_groups(self.matvec_index(n), n),
+            _ if self.chunk_coop => ((n as u64).div_ceil(COOP_TILE as u64), m.div_ceil(COOP_TILE)),
             _ => ((n as u64).div_ceil(MATMUL_COLS as u64), m.div_ceil(MATMUL_TM)),
         }
     }
@@ -100,6 +115,15 @@ impl Pipelines {
     fn matvec_groups(&self, index: usize, n: u32) -> (u64, u32) {
         ((n as u64).div_ceil((MATVEC_TN[index] * self.word_cols) as u64), 1)
     }
+}
+
+/// Whether the cooperative-matrix matmul runs on `ctx`: 16x16x16 f16 matrices, f16 arithmetic, subgroups
+/// of exactly `COOP_SUBGROUP` invocations, and its 256-invocation workgroup.
+fn coop_matmul_runs(ctx: &WgpuContext) -> bool {
+    let caps = ctx.caps();
+    let info = &ctx.capabilities().info;
+    let fixed = info.subgroup_min_size == COOP_SUBGROUP && info.subgroup_max_size == COOP_SUBGROUP;
+    caps.coop_f16_16x16 && caps.shader_f16 && caps.subgroups && fixed && caps.max_invocations >= 8 * COOP_SUBGROUP
 }
 
 /// A pipeline with its bind group and params slot.
@@ -209,7 +233,8 @@ pub(super) fn elementwise(n: u64) -> (u64, u32) {
 
 #[cfg(test)]
 mod tests {
-    //! The matmul kernels (one row, chunks of rows) against a CPU matmul on random inputs of odd sizes, f32 and f16 weights, uploaded
+    //! The matmul kernels (one row, chunks of rows: on cooperative matrices for f16 weights where the
+    //! device has them) against a CPU matmul on random inputs of odd sizes, f32 and f16 weights, uploaded
     //! as the model uploads them; outputs poisoned first, so a column left unwritten or one written past
     //! N shows.
 
@@ -286,7 +311,8 @@ mod tests {
         let gpu = ctx.wgpu().expect("a wgpu context");
         let mut rng = Rng(0x5eed_1234_abcd_0001);
         // (m, k, n): N odd, below one word, a multiple of 8 with a partial last workgroup; K odd, 1, and
-        // not a multiple of the slices or of the rows per loop step; M past one tile of chunk rows.
+        // not a multiple of the slices or of the rows per loop step (or of a cooperative-matrix chunk);
+        // M past one tile of chunk rows (of either chunk kernel), K over several chunks.
         let shapes = [
             (1, 37, 101),
             (1, 1, 3),
@@ -296,9 +322,16 @@ mod tests {
             (8, 131, 72),
             (3, 1, 5),
             (70, 45, 131),
+            (150, 77, 131),
+            (130, 300, 40),
         ];
-        for dtype in [DType::F32, DType::F16] {
-            let pipelines = Pipelines::new(gpu, dtype, DType::F32).expect("pipelines");
+        // (weights, attention): the attention's storage type picks the cooperative-matrix chunk kernel
+        // for f16 weights where the device has it.
+        for (dtype, attention) in [(DType::F32, DType::F32), (DType::F16, DType::F32), (DType::F16, DType::F16)] {
+            let pipelines = Pipelines::new(gpu, dtype, attention).expect("pipelines");
+            if attention == DType::F16 && !pipelines.chunk_coop {
+                eprintln!("no cooperative matrices on {}: chunks ran on matmul.wgsl", gpu.adapter_name());
+            }
             let round = crate::weights::rounding(dtype);
             for (m, k, n) in shapes {
                 let w: Vec<f32> = rng.vec((k * n) as usize).into_iter().map(round).collect();
@@ -330,8 +363,11 @@ mod tests {
                         (y_off, y_stride, accumulate),
                         &y0,
                     );
-                    let what =
-                        format!("{dtype} weights, m {m} k {k} n {n}, kernel {kernel:?}, accumulate {accumulate}");
+                    let what = format!(
+                        "{dtype} weights, {attention} attention, m {m} k {k} n {n}, kernel {kernel:?}, accumulate {accumulate}"
+                    );
+                    // The cooperative-matrix kernel rounds X to f16 (a relative 2^-11 per product).
+                    let rel = if kernel.is_none() && pipelines.chunk_coop { 6e-4 } else { 1e-5 };
                     let mut expected = y0.clone();
                     for r in 0..m {
                         for c in 0..n {
@@ -344,7 +380,7 @@ mod tests {
                             let base = if accumulate { init[(r * n + c) as usize] as f64 } else { 0.0 };
                             let (got, want) = (y[at(r, c)] as f64, base + sum);
                             assert!(
-                                (got - want).abs() <= 1e-5 * (1.0 + mag),
+                                (got - want).abs() <= rel * (1.0 + mag),
                                 "{what}: y[{r}, {c}] = {got}, expected {want}"
                             );
                             expected[at(r, c)] = y[at(r, c)];

@@ -1,12 +1,16 @@
 //! The model kernels' WGSL sources (`shaders/*.wgsl` of this crate), embedded with `include_str!`, and
-//! their composition: the kernels that read weights take the accessor with `#include weights.wgsl`.
+//! their composition: the kernels that read weights take the accessor with `#include weights.wgsl`, the
+//! matmuls their params and bindings with `#include matmul_io.wgsl`.
 //! They compile through [`WgpuContext::wgsl_pipeline`], so the library caches them as its own.
 
 use s2attn::gpu::WgpuContext;
 use s2attn::{Error, Result};
 
-/// The weight accessor, the one piece the kernels include.
-const WEIGHTS: &str = include_str!("../shaders/weights.wgsl");
+/// The pieces the kernels include: the weight accessor, the matmuls' params and bindings.
+const SHARED: &[(&str, &str)] = &[
+    ("weights.wgsl", include_str!("../shaders/weights.wgsl")),
+    ("matmul_io.wgsl", include_str!("../shaders/matmul_io.wgsl")),
+];
 
 /// A model kernel source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -18,6 +22,9 @@ pub enum Kernel {
     /// `shaders/matmul.wgsl`: a chunk of activation rows times f32 or f16 weights, optionally added to
     /// the output.
     Matmul,
+    /// `shaders/matmul_coop.wgsl`: a chunk of activation rows times f16 weights on 16x16 f16 cooperative
+    /// matrices (f32 activations split into two f16 parts), optionally added to the output.
+    MatmulCoop,
     /// `shaders/matvec.wgsl`: one activation row times f32 or f16 weights (read in 16-byte words),
     /// optionally added to the output.
     Matvec,
@@ -38,6 +45,7 @@ impl Kernel {
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::Matmul,
+        Kernel::MatmulCoop,
         Kernel::Matvec,
         Kernel::Rope,
         Kernel::Swiglu,
@@ -51,6 +59,7 @@ impl Kernel {
             Kernel::Embed => "embed.wgsl",
             Kernel::RmsNorm => "rmsnorm.wgsl",
             Kernel::Matmul => "matmul.wgsl",
+            Kernel::MatmulCoop => "matmul_coop.wgsl",
             Kernel::Matvec => "matvec.wgsl",
             Kernel::Rope => "rope.wgsl",
             Kernel::Swiglu => "swiglu.wgsl",
@@ -64,6 +73,7 @@ impl Kernel {
             Kernel::Embed => include_str!("../shaders/embed.wgsl"),
             Kernel::RmsNorm => include_str!("../shaders/rmsnorm.wgsl"),
             Kernel::Matmul => include_str!("../shaders/matmul.wgsl"),
+            Kernel::MatmulCoop => include_str!("../shaders/matmul_coop.wgsl"),
             Kernel::Matvec => include_str!("../shaders/matvec.wgsl"),
             Kernel::Rope => include_str!("../shaders/rope.wgsl"),
             Kernel::Swiglu => include_str!("../shaders/swiglu.wgsl"),
@@ -78,10 +88,13 @@ pub fn compose(kernel: Kernel) -> Result<String> {
     let mut out = String::new();
     for line in kernel.source().lines() {
         match line.trim().strip_prefix("#include ") {
-            Some("weights.wgsl") => out.push_str(WEIGHTS),
-            Some(path) => {
-                return Err(Error::Shader { name: kernel.name().into(), message: format!("unknown include `{path}`") })
-            }
+            Some(path) => match SHARED.iter().find(|(name, _)| *name == path) {
+                Some((_, piece)) => out.push_str(piece),
+                None => {
+                    let message = format!("unknown include `{path}`");
+                    return Err(Error::Shader { name: kernel.name().into(), message });
+                }
+            },
             None => out.push_str(line),
         }
         out.push('\n');

@@ -56,30 +56,45 @@ impl Rng {
 
 impl Weights {
     /// Weights from `seed`: matrices uniform with variance 1 / fan-in, embeddings uniform in [-1, 1),
-    /// norm weights near 1; rounded to `config.weight_dtype`.
+    /// norm weights near 1; rounded to `config.weight_dtype`. Each tensor draws from a stream of its own,
+    /// so the layers are drawn in parallel (a 7B model's weights in seconds).
     pub fn random(config: &ModelConfig, seed: u64) -> Self {
-        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         let round = rounding(config.weight_dtype);
-        let mut draw = |n: u32, scale: f32, offset: f32| -> Vec<f32> {
+        let draw = |stream: u64, n: u32, scale: f32, offset: f32| -> Vec<f32> {
+            let mixed = (seed ^ stream.wrapping_mul(0xd1b5_4a32_d192_ed03)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let mut rng = Rng(mixed | 1);
             (0..n).map(|_| round(offset + scale * rng.next())).collect()
         };
         let fan = |fan_in: u32| (3.0 / fan_in as f32).sqrt();
         let (d, q) = (config.d_model, config.heads * config.head_dim);
-        let embed = draw(config.vocab * d, 1.0, 0.0);
-        let layers = (0..config.layers.len())
-            .map(|_| LayerWeights {
-                attn_norm: draw(d, 0.1, 1.0),
-                wqkv: draw(d * config.qkv_cols(), fan(d), 0.0),
-                wo: draw(q * d, fan(q), 0.0),
-                mlp_norm: draw(d, 0.1, 1.0),
-                wgu: draw(d * 2 * config.ffn, fan(d), 0.0),
-                wdown: draw(config.ffn * d, fan(config.ffn), 0.0),
-            })
-            .collect();
-        let final_norm = draw(d, 0.1, 1.0);
-        let lm_head = draw(d * config.vocab, fan(d), 0.0);
-        Self { embed, layers, final_norm, lm_head }
+        let layer = |l: u64| {
+            let stream = 8 * (l + 1);
+            LayerWeights {
+                attn_norm: draw(stream, d, 0.1, 1.0),
+                wqkv: draw(stream + 1, d * config.qkv_cols(), fan(d), 0.0),
+                wo: draw(stream + 2, q * d, fan(q), 0.0),
+                mlp_norm: draw(stream + 3, d, 0.1, 1.0),
+                wgu: draw(stream + 4, d * 2 * config.ffn, fan(d), 0.0),
+                wdown: draw(stream + 5, config.ffn * d, fan(config.ffn), 0.0),
+            }
+        };
+        std::thread::scope(|s| {
+            let embed = s.spawn(|| draw(0, config.vocab * d, 1.0, 0.0));
+            let lm_head = s.spawn(|| draw(1, d * config.vocab, fan(d), 0.0));
+            let layers: Vec<_> = (0..config.layers.len() as u64).map(|l| s.spawn(move || layer(l))).collect();
+            Self {
+                embed: join(embed),
+                layers: layers.into_iter().map(join).collect(),
+                final_norm: draw(2, d, 0.1, 1.0),
+                lm_head: join(lm_head),
+            }
+        })
     }
+}
+
+/// The value of a drawing thread (its panic goes on in the caller).
+fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
 /// The rounding of a weight to its storage type (what [`Weights`] hold: values of `dtype` as f32).

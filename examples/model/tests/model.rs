@@ -125,6 +125,15 @@ fn prefill_through_the_forward_op_in_f16_matches_the_reference() {
 }
 
 #[test]
+fn f16_weights_with_f16_attention_match_the_reference() {
+    // The prefill's chunks of rows run on the cooperative-matrix matmul where the device has it
+    // (activations rounded to f16 on the way in).
+    let mut config = tiny(DType::F16);
+    config.prefill_dtype = Some(DType::F16);
+    check_against_reference(config, None, 5e-3);
+}
+
+#[test]
 fn prompt_fed_in_two_parts_with_an_f16_kv_cache_matches_the_reference() {
     // The second part's chunks run on the f16 decode kernels over the f16 caches.
     check_against_reference(tiny_f16_attention(), Some(24), 5e-3);
