@@ -76,48 +76,65 @@ impl Model {
             })
         };
         let n64 = n as u64;
-        let x = mk("model prefill x", n64 * d as u64 * 4);
+        // The residual stream in windows of whole chunks, each within one storage binding (a 128k prompt
+        // of d_model 4096 in f32 is 2 GiB).
+        let rows = state.rows;
+        let row_bytes = d as u64 * 4;
+        let chunks_per_window = (self.residual_window_bytes / (rows as u64 * row_bytes)).max(1);
+        let window = (chunks_per_window * rows as u64).min(n64) as u32;
+        let xs: Vec<wgpu::Buffer> = (0..n.div_ceil(window))
+            .map(|i| mk("model prefill x", window.min(n - i * window) as u64 * row_bytes))
+            .collect();
         let q_all = mk("model prefill q", n64 * q as u64 * dt.size());
         let k_all = mk("model prefill k", n64 * kv as u64 * dt.size());
         let v_all = mk("model prefill v", n64 * kv as u64 * dt.size());
         let o_all = mk("model prefill out", n64 * q as u64 * dt.size());
         let lse = mk("model prefill lse", n64 * c.heads as u64 * 4);
 
-        // Bound ops on a params buffer of their own: per layer 12 (both matmul modes) plus 4 copies.
+        // Bound ops on a params buffer of their own: per window an embedding and per layer 12 (both
+        // matmul modes), per layer 4 copies, and the prediction's 3.
         let layers = c.layers.len();
-        let params = ops::params_buffer(gpu, 4 + 16 * layers);
+        let params = ops::params_buffer(gpu, 3 + 4 * layers + xs.len() * (1 + 12 * layers));
         let p = &self.pipelines;
         let b = &state.buffers;
         let mut binder = Binder::new(gpu, &params);
-        let embed = binder.bind(&p.embed, &[&b.ids, &self.embed, &x])?;
-        let mut bound: Vec<(LayerOps, Casts)> = Vec::with_capacity(layers);
-        for w in &self.layers {
-            let ops = bind_layer(&mut binder, self, w, &x, b)?;
-            let casts = Casts {
+        let mut embeds = Vec::with_capacity(xs.len());
+        let mut window_ops: Vec<Vec<LayerOps>> = Vec::with_capacity(xs.len());
+        for x in &xs {
+            embeds.push(binder.bind(&p.embed, &[&b.ids, &self.embed, x])?);
+            window_ops.push(self.layers.iter().map(|w| bind_layer(&mut binder, self, w, x, b)).collect::<Result<_>>()?);
+        }
+        let mut casts: Vec<Casts> = Vec::with_capacity(layers);
+        for _ in &self.layers {
+            casts.push(Casts {
                 pack: [
                     binder.bind(&p.pack, &[&b.qkv, &q_all])?,
                     binder.bind(&p.pack, &[&b.qkv, &k_all])?,
                     binder.bind(&p.pack, &[&b.qkv, &v_all])?,
                 ],
                 unpack: binder.bind(&p.unpack, &[&o_all, &b.attn])?,
-            };
-            bound.push((ops, casts));
+            });
         }
-        let final_norm = binder.bind(&p.norm, &[&x, &self.final_norm, &b.last])?;
+        let last_x = xs.last().ok_or_else(|| Error::Shape("an empty prompt".into()))?;
+        let final_norm = binder.bind(&p.norm, &[last_x, &self.final_norm, &b.last])?;
         let lm_head = binder.bind(p.matmul_for(0, c.vocab), &[&b.last, &self.lm_head, &b.logits])?;
         let argmax = binder.bind(&p.argmax, &[&b.logits, &b.ids])?;
         let mut staging = vec![0u32; ops::staging_words(binder.slots())];
 
         let attention = self.prefill_ops(n)?;
 
-        let rows = state.rows;
-        let chunks = || (0..n).step_by(rows as usize).map(move |r0| (r0, rows.min(n - r0)));
+        // Chunks as (first row, rows, window, first row in the window): a window holds whole chunks.
+        let chunks =
+            || (0..n).step_by(rows as usize).map(move |r0| (r0, rows.min(n - r0), (r0 / window) as usize, r0 % window));
         let new_encoder = || gpu.device().create_command_encoder(&Default::default());
         let mut encoder = new_encoder();
-        dispatch(gpu, &mut encoder, &mut staging, &embed, &[n, d, 0, c.vocab], elementwise(n64 * d as u64))?;
-        for (l, (ops, casts)) in bound.iter().enumerate() {
-            for (r0, m) in chunks() {
-                self.encode_pre_attention(&mut encoder, &mut staging, ops, m, r0, r0)?;
+        for (i, embed) in embeds.iter().enumerate() {
+            let (r0, m) = (i as u32 * window, window.min(n - i as u32 * window));
+            dispatch(gpu, &mut encoder, &mut staging, embed, &[m, d, r0, c.vocab], elementwise(m as u64 * d as u64))?;
+        }
+        for (l, casts) in casts.iter().enumerate() {
+            for (r0, m, w, x_row) in chunks() {
+                self.encode_pre_attention(&mut encoder, &mut staging, &window_ops[w][l], m, x_row, r0)?;
                 let [pq, pk, pv] = &casts.pack;
                 let pack = [(pq, q, 0), (pk, kv, q), (pv, kv, q + kv)];
                 for (op, cols, col0) in pack {
@@ -135,16 +152,66 @@ impl Model {
             let (qv, kv_, vv, ov) =
                 (TensorView::new(&q_all), TensorView::new(&k_all), TensorView::new(&v_all), TensorView::new(&o_all));
             op.encode(&mut encoder, &qv, &kv_, &vv, &ov, (&lse, 0))?;
-            for (r0, m) in chunks() {
+            for (r0, m, w, x_row) in chunks() {
                 let copy = [m, q, r0 * q, q, 0, q];
                 dispatch(gpu, &mut encoder, &mut staging, &casts.unpack, &copy, elementwise(m as u64 * q as u64 / 2))?;
-                self.encode_post_attention(&mut encoder, &mut staging, ops, m, r0)?;
+                self.encode_post_attention(&mut encoder, &mut staging, &window_ops[w][l], m, x_row)?;
                 self.submit_with(&params, &staging, std::mem::replace(&mut encoder, new_encoder()));
             }
         }
-        self.encode_predict(&mut encoder, &mut staging, [&final_norm, &lm_head, &argmax], n - 1, n)?;
+        let last_row = (n - 1) % window;
+        self.encode_predict(&mut encoder, &mut staging, [&final_norm, &lm_head, &argmax], last_row, n)?;
         self.submit_with(&params, &staging, encoder);
         state.len = n;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A prompt whose residual stream spans several windows gives the same logits and tokens as one in
+    //! a single window.
+
+    use crate::{Model, ModelConfig, State};
+    use s2attn::{Backend, Context, ContextOptions, DType};
+
+    /// A wgpu context (lavapipe in CI; the wgpu backend where the default is CUDA).
+    fn context() -> Context {
+        let ctx = Context::new().unwrap_or_else(|e| panic!("no GPU adapter (lavapipe in CI): {e}"));
+        if ctx.wgpu().is_some() {
+            return ctx;
+        }
+        let mut options = ContextOptions::from_env().unwrap_or_else(|e| panic!("{e}"));
+        options.backend = Backend::Wgpu;
+        Context::with_options(&options).unwrap_or_else(|e| panic!("no wgpu adapter: {e}"))
+    }
+
+    #[test]
+    fn residual_windows_change_nothing() {
+        let ctx = context();
+        let mut config = ModelConfig::new(97, 64, 4, 2, 32, 2);
+        config.weight_dtype = DType::F16;
+        (config.ffn, config.block_size, config.local_blocks, config.vert_stride) = (96, 16, 1, 2);
+        config.prefill_chunk = 8;
+        let prompt: Vec<u32> = (0..45u32).map(|i| (i * 37 + 11) % 97).collect();
+        let run = |window_rows: Option<u64>| {
+            let mut model = Model::random(&ctx, config.clone(), 3).expect("model");
+            if let Some(rows) = window_rows {
+                model.residual_window_bytes = rows * config.d_model as u64 * 4;
+            }
+            let mut state = State::new(&model, 64).expect("state");
+            let first = model.prefill(&mut state, &prompt).expect("prefill");
+            let second = model.step(&mut state).expect("step");
+            ((first, second), model.logits(&state).expect("logits"))
+        };
+        let whole = run(None);
+        // Two chunks per window (windows of 16, 16 and 13 rows); and one row, which still takes a whole
+        // chunk (six windows, the last of 5 rows).
+        for rows in [16, 1] {
+            let windowed = run(Some(rows));
+            assert_eq!(windowed.0, whole.0, "tokens, windows of {rows} rows");
+            let same = windowed.1.iter().zip(&whole.1).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "logits differ with windows of {rows} rows");
+        }
     }
 }

@@ -46,6 +46,8 @@ pub struct Model {
     pub(super) id: u64,
     /// Forward ops of the prefill by prompt length, most recently used last.
     pub(super) prefill_ops: Mutex<Vec<(u32, PrefillOps)>>,
+    /// Most bytes of one window of the prefill's residual stream (a storage binding's limit).
+    pub(super) residual_window_bytes: u64,
 }
 
 impl std::fmt::Debug for Model {
@@ -102,6 +104,7 @@ impl Model {
             .collect::<Result<Vec<_>>>()?;
         let final_norm = upload("final_norm", &weights.final_norm, Tensor::Table(1, d))?;
         let lm_head = upload("lm_head", &weights.lm_head, Tensor::Matrix(d, v))?;
+        let residual_window_bytes = gpu.caps().max_storage_binding;
         Ok(Self {
             ctx: ctx.clone(),
             gpu,
@@ -115,6 +118,7 @@ impl Model {
             weight_bytes,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             prefill_ops: Mutex::new(Vec::new()),
+            residual_window_bytes,
         })
     }
 
