@@ -181,14 +181,31 @@ pub(super) fn upload_weights(
             max,
         });
     }
-    // Rows padded to `stride` elements, the whole to `size` bytes.
-    fn padded<T: bytemuck::Pod + Default>(values: &[f32], cols: u64, stride: u64, len: u64, f: fn(f32) -> T) -> Vec<T> {
-        let mut out = Vec::with_capacity(len as usize);
-        for row in values.chunks(cols as usize) {
-            out.extend(row.iter().map(|&v| f(v)));
-            out.resize(out.len() + (stride - cols) as usize, T::default());
-        }
-        out.resize(len as usize, T::default());
+    // Rows padded to `stride` elements, the whole to `size` bytes; converted in parallel in runs of rows
+    // (a 7B model's weights are billions of values).
+    fn padded<T: bytemuck::Pod + Default + Send>(
+        values: &[f32],
+        cols: u64,
+        stride: u64,
+        len: u64,
+        f: fn(f32) -> T,
+    ) -> Vec<T> {
+        let mut out = vec![T::default(); len as usize];
+        let rows = values.len() / cols.max(1) as usize;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let run = rows.div_ceil(threads).max(1);
+        std::thread::scope(|s| {
+            let src = values.chunks(run * cols as usize);
+            for (dst, src) in out.chunks_mut(run * stride as usize).zip(src) {
+                s.spawn(move || {
+                    for (row, dst) in src.chunks(cols as usize).zip(dst.chunks_mut(stride as usize)) {
+                        for (d, &v) in dst.iter_mut().zip(row) {
+                            *d = f(v);
+                        }
+                    }
+                });
+            }
+        });
         out
     }
     let (halves, words);
