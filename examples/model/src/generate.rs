@@ -4,7 +4,7 @@
 //! Where the KV caches hold f16, each layer's rotated QKV rows are packed into f16 for the append and the
 //! decode kernels, and the attention output is unpacked into the f32 activations.
 
-use super::ops::{dispatch, elementwise, Bound};
+use super::ops::{dispatch, elementwise, pass, Bound};
 use super::state::{LayerOps, State};
 use super::transformer::Model;
 use s2attn::TensorView;
@@ -49,12 +49,15 @@ impl Model {
         } = state;
         // The decode kernels' QKV rows and output: the f32 activations, or their copies in the cache's type.
         let (qkv, attn) = packed.as_ref().map_or((&b.qkv, &b.attn), |p| (&p.qkv, &p.attn));
-        dispatch(gpu, encoder, staging, embed, &[m, d, pos0, c.vocab], elementwise(m as u64 * d as u64))?;
+        dispatch(gpu, &mut pass(encoder), staging, embed, &[m, d, pos0, c.vocab], elementwise(m as u64 * d as u64))?;
         for (l, ops) in layers.iter().enumerate() {
-            self.encode_pre_attention(encoder, staging, ops, m, 0, pos0)?;
-            if let Some(p) = packed.as_ref() {
-                let copy = [m, qkv_cols, 0, qkv_cols, 0, qkv_cols];
-                dispatch(gpu, encoder, staging, &p.pack, &copy, elementwise(m as u64 * qkv_cols as u64 / 2))?;
+            {
+                let mut pass = pass(encoder);
+                self.encode_pre_attention(&mut pass, staging, ops, m, 0, pos0)?;
+                if let Some(p) = packed.as_ref() {
+                    let copy = [m, qkv_cols, 0, qkv_cols, 0, qkv_cols];
+                    dispatch(gpu, &mut pass, staging, &p.pack, &copy, elementwise(m as u64 * qkv_cols as u64 / 2))?;
+                }
             }
             let row = qkv_cols as u64;
             let k = TensorView::strided(qkv, q as u64, row);
@@ -63,14 +66,15 @@ impl Model {
             let q_view = TensorView::strided(qkv, 0, row);
             let out = TensorView::new(attn);
             decodes[l].encode(encoder, &caches[l], &[seqs[l]], m, &q_view, &out, (&b.lse, 0))?;
+            let mut pass = pass(encoder);
             if let Some(p) = packed.as_ref() {
                 let copy = [m, q, 0, q, 0, q];
-                dispatch(gpu, encoder, staging, &p.unpack, &copy, elementwise(m as u64 * q as u64 / 2))?;
+                dispatch(gpu, &mut pass, staging, &p.unpack, &copy, elementwise(m as u64 * q as u64 / 2))?;
             }
-            self.encode_post_attention(encoder, staging, ops, m, 0)?;
+            self.encode_post_attention(&mut pass, staging, ops, m, 0)?;
         }
         if predict {
-            self.encode_predict(encoder, staging, [final_norm, lm_head, argmax], m - 1, pos0 + m)?;
+            self.encode_predict(&mut pass(encoder), staging, [final_norm, lm_head, argmax], m - 1, pos0 + m)?;
         }
         state.len += m;
         Ok(())
@@ -80,7 +84,7 @@ impl Model {
     /// the bound `x`, at positions `pos0..`: RMSNorm, the QKV projection and RoPE (into the chunk's QKV).
     pub(super) fn encode_pre_attention(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        pass: &mut wgpu::ComputePass<'_>,
         staging: &mut [u32],
         ops: &LayerOps,
         m: u32,
@@ -91,19 +95,19 @@ impl Model {
         let mode = usize::from(m > 1);
         let groups = |n| self.pipelines.matmul_groups(mode, m, n);
         let (d, qkv_cols) = (c.d_model, c.qkv_cols());
-        dispatch(gpu, encoder, staging, &ops.attn_norm, &[m, d, x_row, c.norm_eps.to_bits()], (m as u64, 1))?;
+        dispatch(gpu, pass, staging, &ops.attn_norm, &[m, d, x_row, c.norm_eps.to_bits()], (m as u64, 1))?;
         let qkv_params = [m, qkv_cols, d, 0, 0, d, 0, qkv_cols];
-        dispatch(gpu, encoder, staging, &ops.qkv[mode], &qkv_params, groups(qkv_cols))?;
+        dispatch(gpu, pass, staging, &ops.qkv[mode], &qkv_params, groups(qkv_cols))?;
         let rope = [m, c.heads + c.kv_heads, c.head_dim, qkv_cols, pos0, c.rope_theta.to_bits()];
         let pairs = m as u64 * (c.heads + c.kv_heads) as u64 * (c.head_dim / 2) as u64;
-        dispatch(gpu, encoder, staging, &ops.rope, &rope, elementwise(pairs))
+        dispatch(gpu, pass, staging, &ops.rope, &rope, elementwise(pairs))
     }
 
     /// Records a layer's ops after attention (its output in the chunk's `attn` rows) for `m` rows whose
     /// residual stream starts at row `x_row`: the output projection, the MLP and both residual adds.
     pub(super) fn encode_post_attention(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        pass: &mut wgpu::ComputePass<'_>,
         staging: &mut [u32],
         ops: &LayerOps,
         m: u32,
@@ -115,19 +119,19 @@ impl Model {
         let (d, q, f) = (c.d_model, c.heads * c.head_dim, c.ffn);
         let x_off = x_row * d;
         let wo = [m, d, q, 1, 0, q, x_off, d];
-        dispatch(gpu, encoder, staging, &ops.wo[mode], &wo, groups(d))?;
-        dispatch(gpu, encoder, staging, &ops.mlp_norm, &[m, d, x_row, c.norm_eps.to_bits()], (m as u64, 1))?;
+        dispatch(gpu, pass, staging, &ops.wo[mode], &wo, groups(d))?;
+        dispatch(gpu, pass, staging, &ops.mlp_norm, &[m, d, x_row, c.norm_eps.to_bits()], (m as u64, 1))?;
         let gu = [m, 2 * f, d, 0, 0, d, 0, 2 * f];
-        dispatch(gpu, encoder, staging, &ops.gu[mode], &gu, groups(2 * f))?;
-        dispatch(gpu, encoder, staging, &ops.swiglu, &[m, f], elementwise(m as u64 * f as u64))?;
+        dispatch(gpu, pass, staging, &ops.gu[mode], &gu, groups(2 * f))?;
+        dispatch(gpu, pass, staging, &ops.swiglu, &[m, f], elementwise(m as u64 * f as u64))?;
         let down = [m, d, f, 1, 0, f, x_off, d];
-        dispatch(gpu, encoder, staging, &ops.down[mode], &down, groups(d))
+        dispatch(gpu, pass, staging, &ops.down[mode], &down, groups(d))
     }
 
     /// Records the final norm of residual row `x_row`, the LM head and the argmax into `ids[id_slot]`.
     pub(super) fn encode_predict(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        pass: &mut wgpu::ComputePass<'_>,
         staging: &mut [u32],
         [final_norm, lm_head, argmax]: [&Bound; 3],
         x_row: u32,
@@ -135,10 +139,10 @@ impl Model {
     ) -> Result<()> {
         let (c, gpu) = (&self.config, &self.gpu);
         let d = c.d_model;
-        dispatch(gpu, encoder, staging, final_norm, &[1, d, x_row, c.norm_eps.to_bits()], (1, 1))?;
+        dispatch(gpu, pass, staging, final_norm, &[1, d, x_row, c.norm_eps.to_bits()], (1, 1))?;
         let lm = [1, c.vocab, d, 0, 0, d, 0, c.vocab];
-        dispatch(gpu, encoder, staging, lm_head, &lm, self.pipelines.matmul_groups(0, 1, c.vocab))?;
-        dispatch(gpu, encoder, staging, argmax, &[c.vocab, id_slot], (1, 1))
+        dispatch(gpu, pass, staging, lm_head, &lm, self.pipelines.matmul_groups(0, 1, c.vocab))?;
+        dispatch(gpu, pass, staging, argmax, &[c.vocab, id_slot], (1, 1))
     }
 
     /// Writes the staged params and submits `encoder`.

@@ -193,11 +193,17 @@ pub(super) fn staging_words(slots: usize) -> usize {
     slots * (SLOT_BYTES / 4) as usize
 }
 
-/// Records one recorded-op dispatch: `params` (up to 8 words) into its slot of `staging`, `groups`
-/// workgroups (spread over x and y when more than one dimension takes).
+/// A compute pass for a run of model dispatches (wgpu orders each dispatch after the writes it reads,
+/// without a pass per dispatch).
+pub(super) fn pass(encoder: &mut wgpu::CommandEncoder) -> wgpu::ComputePass<'_> {
+    encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("s2attn model"), timestamp_writes: None })
+}
+
+/// Records one bound-op dispatch into `pass`: `params` (up to 8 words) into its slot of `staging`,
+/// `groups` workgroups (spread over x and y when more than one dimension takes).
 pub(super) fn dispatch(
     ctx: &WgpuContext,
-    encoder: &mut wgpu::CommandEncoder,
+    pass: &mut wgpu::ComputePass<'_>,
     staging: &mut [u32],
     op: &Bound,
     params: &[u32],
@@ -218,8 +224,6 @@ pub(super) fn dispatch(
             max,
         });
     }
-    let mut pass = encoder
-        .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("s2attn model"), timestamp_writes: None });
     pass.set_pipeline(&op.pipeline);
     pass.set_bind_group(0, &op.group, &[]);
     pass.dispatch_workgroups(x as u32, y as u32, 1);
@@ -298,7 +302,7 @@ mod tests {
         let mut staging = vec![0; staging_words(binder.slots())];
         let mut encoder = gpu.device().create_command_encoder(&Default::default());
         let p = [m, n, k, u32::from(accumulate), x_off, x_stride, y_off, y_stride];
-        dispatch(gpu, &mut encoder, &mut staging, &op, &p, groups).expect("dispatch");
+        dispatch(gpu, &mut pass(&mut encoder), &mut staging, &op, &p, groups).expect("dispatch");
         encoder.copy_buffer_to_buffer(&yb, 0, &read, 0, bytes);
         gpu.queue().write_buffer(&params, 0, bytemuck::cast_slice(&staging));
         gpu.queue().submit([encoder.finish()]);

@@ -6,7 +6,7 @@
 //! whole prompt and the output projection and MLP run chunk by chunk again. The whole-prompt tensors live
 //! for the call only.
 
-use super::ops::{self, dispatch, elementwise, Binder, Bound};
+use super::ops::{self, dispatch, elementwise, pass, Binder, Bound};
 use super::state::{bind_layer, LayerOps, State};
 use super::transformer::Model;
 use crate::LayerAttention;
@@ -128,18 +128,26 @@ impl Model {
             || (0..n).step_by(rows as usize).map(move |r0| (r0, rows.min(n - r0), (r0 / window) as usize, r0 % window));
         let new_encoder = || gpu.device().create_command_encoder(&Default::default());
         let mut encoder = new_encoder();
-        for (i, embed) in embeds.iter().enumerate() {
-            let (r0, m) = (i as u32 * window, window.min(n - i as u32 * window));
-            dispatch(gpu, &mut encoder, &mut staging, embed, &[m, d, r0, c.vocab], elementwise(m as u64 * d as u64))?;
+        {
+            let mut pass = pass(&mut encoder);
+            for (i, embed) in embeds.iter().enumerate() {
+                let (r0, m) = (i as u32 * window, window.min(n - i as u32 * window));
+                let groups = elementwise(m as u64 * d as u64);
+                dispatch(gpu, &mut pass, &mut staging, embed, &[m, d, r0, c.vocab], groups)?;
+            }
         }
         for (l, casts) in casts.iter().enumerate() {
             for (r0, m, w, x_row) in chunks() {
-                self.encode_pre_attention(&mut encoder, &mut staging, &window_ops[w][l], m, x_row, r0)?;
-                let [pq, pk, pv] = &casts.pack;
-                let pack = [(pq, q, 0), (pk, kv, q), (pv, kv, q + kv)];
-                for (op, cols, col0) in pack {
-                    let copy = [m, cols, col0, qkv_cols, r0 * cols, cols];
-                    dispatch(gpu, &mut encoder, &mut staging, op, &copy, elementwise(m as u64 * cols as u64 / 2))?;
+                {
+                    let mut pass = pass(&mut encoder);
+                    self.encode_pre_attention(&mut pass, &mut staging, &window_ops[w][l], m, x_row, r0)?;
+                    let [pq, pk, pv] = &casts.pack;
+                    let pack = [(pq, q, 0), (pk, kv, q), (pv, kv, q + kv)];
+                    for (op, cols, col0) in pack {
+                        let copy = [m, cols, col0, qkv_cols, r0 * cols, cols];
+                        let groups = elementwise(m as u64 * cols as u64 / 2);
+                        dispatch(gpu, &mut pass, &mut staging, op, &copy, groups)?;
+                    }
                 }
                 // The chunk's K/V rows, just packed in the caches' storage type.
                 let k = TensorView::strided(&k_all, r0 as u64 * kv as u64, kv as u64);
@@ -153,14 +161,19 @@ impl Model {
                 (TensorView::new(&q_all), TensorView::new(&k_all), TensorView::new(&v_all), TensorView::new(&o_all));
             op.encode(&mut encoder, &qv, &kv_, &vv, &ov, (&lse, 0))?;
             for (r0, m, w, x_row) in chunks() {
-                let copy = [m, q, r0 * q, q, 0, q];
-                dispatch(gpu, &mut encoder, &mut staging, &casts.unpack, &copy, elementwise(m as u64 * q as u64 / 2))?;
-                self.encode_post_attention(&mut encoder, &mut staging, &window_ops[w][l], m, x_row)?;
+                {
+                    let mut pass = pass(&mut encoder);
+                    let copy = [m, q, r0 * q, q, 0, q];
+                    let groups = elementwise(m as u64 * q as u64 / 2);
+                    dispatch(gpu, &mut pass, &mut staging, &casts.unpack, &copy, groups)?;
+                    self.encode_post_attention(&mut pass, &mut staging, &window_ops[w][l], m, x_row)?;
+                }
                 self.submit_with(&params, &staging, std::mem::replace(&mut encoder, new_encoder()));
             }
         }
         let last_row = (n - 1) % window;
-        self.encode_predict(&mut encoder, &mut staging, [&final_norm, &lm_head, &argmax], last_row, n)?;
+        let predict = [&final_norm, &lm_head, &argmax];
+        self.encode_predict(&mut pass(&mut encoder), &mut staging, predict, last_row, n)?;
         self.submit_with(&params, &staging, encoder);
         state.len = n;
         Ok(())
