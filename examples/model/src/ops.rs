@@ -18,7 +18,7 @@ const WG: u32 = 64;
 const MATMUL_WG: u32 = 256;
 /// Rows per matmul workgroup for chunks of rows (prefill).
 const MATMUL_TM: u32 = 8;
-/// Columns per matmul workgroup for chunks of rows (both kernels).
+/// Columns per workgroup of `matmul.wgsl` (chunks of rows).
 const MATMUL_COLS: u32 = 64;
 /// Rows and columns per workgroup of the cooperative-matrix matmul.
 const COOP_TILE: u32 = 128;

@@ -1,6 +1,6 @@
 //! The prefill of a fresh [`State`] through the library's forward kernels: layer by layer, the matmuls
 //! run over the prompt in chunks of [`State::prefill_rows`] rows (the residual stream of the whole
-//! prompt stays on the GPU), each chunk's rotated Q/K/V are packed into whole-prompt tensors in the
+//! prompt stays on the GPU, in windows of whole chunks that each fit one storage binding), each chunk's rotated Q/K/V are packed into whole-prompt tensors in the
 //! attention op's storage type (f16 on tensor-core devices, as the paged caches) and its packed K/V rows
 //! go into the layer's paged cache (`KvCache::append_encoded`), then one [`Attention`] pass covers the
 //! whole prompt and the output projection and MLP run chunk by chunk again. The whole-prompt tensors live
