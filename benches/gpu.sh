@@ -14,7 +14,9 @@
 #             fp16 on every backend of BACKENDS (dense rows of this library up to 16k), and bf16 on CUDA
 #   backward  forward + backward (dQ, dK, dV) at the same shape, vert_stride 16, 16k/64k/128k, fp16
 #   decode    one query token per sequence against 32k/128k tokens of paged S2 cache, 8 and 32 KV heads,
-#             batch 1 and 16 (--preset decode), then the decode_loop example
+#             batch 1 and 16 (--preset decode); then the decode_bench example on each backend of BACKENDS (the
+#             device's copy bandwidth, each step against its KV read time at that bandwidth, windows of 1 and 4
+#             query tokens) and the decode_loop example
 #   peers     FlashAttention-2 and cuDNN (dense causal, PyTorch SDPA) and FlexAttention with the S2 mask, through
 #             torch_peers.py, at the points of the other suites named in the same run (of all of them if alone)
 #   fuzz      the differential test (tests/differential.rs) on every backend of BACKENDS: FUZZ_CASES random problems
@@ -172,6 +174,11 @@ suite_backward() {
 
 suite_decode() {
     bench decode --preset decode --kv-heads 8,32 --batch 1,16 --seq 32k,128k --backend "$BACKENDS"
+    local be
+    for be in ${BACKENDS//,/ }; do   # copy bandwidth, the floor ratio and speculative windows of 4 tokens
+        S2ATTN_BACKEND=$be timeout 300 decode_bench --window 1,4 --no-dense > "$OUT_DIR/decode-bench-$be.log" 2>&1
+        say "decode: decode_bench ($be) rc=$? $(grep -a 'copy bandwidth' "$OUT_DIR/decode-bench-$be.log")"
+    done
     PROMPT=32768 LAYERS=4 TOKENS=64 HEADS=32 KV_HEADS=8 HEAD_DIM=128 timeout 300 decode_loop \
         > "$OUT_DIR/decode-loop.log" 2>&1
     say "decode: decode_loop rc=$? $(tail -2 "$OUT_DIR/decode-loop.log" | paste -sd' ' | cut -c1-200)"

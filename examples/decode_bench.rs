@@ -1,12 +1,14 @@
-//! Decode benchmark: one decode step (one query token per sequence) over the paged KV cache, S2
-//! against dense attention on the same kernels, at 32k and 128k context, batch 1 and 16, 32 query heads,
-//! 8 and 32 KV heads, head dim 128, f16, block 64, local 16 blocks, vert_stride 16. Kernel time from GPU
-//! timestamps (median), KV bytes the step reads, the cache's memory report, the dense/S2 speedup, and the
-//! ratio to the time of reading the step's KV bytes once at the device's measured copy bandwidth. Ends
-//! with markdown rows for BENCHMARKS.md.
+//! Decode benchmark: one decode step over the paged KV cache (one query token per sequence, or a
+//! speculative window of several), S2 against dense attention on the same kernels, at 32k and 128k
+//! context, batch 1 and 16, 32 query heads, 8 and 32 KV heads, head dim 128, f16, block 64, local 16
+//! blocks, vert_stride 16. Kernel time from GPU timestamps or CUDA events (median), KV bytes the step
+//! reads, the cache's memory report, the dense/S2 speedup, the ratio to the time of reading the step's KV
+//! bytes once at the device's measured copy bandwidth, and for windows of several tokens the ratio to one
+//! token. Ends with markdown rows for BENCHMARKS.md.
 //!
 //! `cargo run --release --example decode_bench -- [--ctx 32768,131072] [--batch 1,16] [--kv-heads 8,32]
-//! [--iters 20] [--warmup 5] [--no-dense]` (env: `S2ATTN_ADAPTER`, `S2ATTN_BACKEND`).
+//! [--window 1,4] [--iters 20] [--warmup 5] [--no-dense]` (env: `S2ATTN_ADAPTER`, and `S2ATTN_BACKEND`:
+//! the wgpu decode kernels unless it names `cuda`, which needs `--features cuda`).
 //!
 //! A cache larger than one storage binding (dense at 128k, batch 16) spreads over several segments; one
 //! decode call then runs one split pass per segment, all inside the one timed compute pass.
@@ -28,14 +30,23 @@ struct Args {
     ctx: Vec<u32>,
     batch: Vec<u32>,
     kv_heads: Vec<u32>,
+    /// Query tokens per sequence per step (1: plain decode; more: a speculative window).
+    window: Vec<u32>,
     iters: u32,
     warmup: u32,
     dense: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut a =
-        Args { ctx: vec![32768, 131072], batch: vec![1, 16], kv_heads: vec![8, 32], iters: 20, warmup: 5, dense: true };
+    let mut a = Args {
+        ctx: vec![32768, 131072],
+        batch: vec![1, 16],
+        kv_heads: vec![8, 32],
+        window: vec![1],
+        iters: 20,
+        warmup: 5,
+        dense: true,
+    };
     let mut it = std::env::args().skip(1);
     let list = |v: Option<String>, name: &str| -> Result<Vec<u32>, String> {
         let v = v.ok_or(format!("{name} needs a value"))?;
@@ -46,16 +57,20 @@ fn parse_args() -> Result<Args, String> {
             "--ctx" => a.ctx = list(it.next(), "--ctx")?,
             "--batch" => a.batch = list(it.next(), "--batch")?,
             "--kv-heads" => a.kv_heads = list(it.next(), "--kv-heads")?,
+            "--window" => a.window = list(it.next(), "--window")?,
             "--iters" => a.iters = list(it.next(), "--iters")?[0],
             "--warmup" => a.warmup = list(it.next(), "--warmup")?[0],
             "--no-dense" => a.dense = false,
             "--help" | "-h" => {
                 return Err("usage: decode_bench [--ctx 32768,131072] [--batch 1,16] [--kv-heads 8,32] \
-                            [--iters 20] [--warmup 5] [--no-dense]"
+                            [--window 1,4] [--iters 20] [--warmup 5] [--no-dense]"
                     .into())
             }
             other => return Err(format!("unknown argument `{other}` (try --help)")),
         }
+    }
+    if a.window.contains(&0) {
+        return Err("--window: a step queries at least one token per sequence".into());
     }
     Ok(a)
 }
@@ -90,17 +105,16 @@ impl Rng {
     }
 }
 
-/// One layout's decode step at one (context, batch).
+/// One layout's decode steps at one (context, batch).
 struct Measured {
-    ms: f64,
-    /// KV bytes the step reads (attended pages, K and V).
-    read_bytes: u64,
+    /// One per window, in the order asked.
+    steps: Vec<Step>,
     report: MemoryReport,
     explain: String,
 }
 
 fn run(args: &Args) -> s2attn::Result<()> {
-    // The decode kernels are WGSL: take the wgpu device the environment names (never CUDA under Auto).
+    // The wgpu decode kernels unless the environment names CUDA (never CUDA under Auto).
     let mut options = ContextOptions::from_env()?;
     if options.backend == Backend::Auto {
         options.backend = Backend::Wgpu;
@@ -114,56 +128,89 @@ fn run(args: &Args) -> s2attn::Result<()> {
         for &ctx_len in &args.ctx {
             for &batch in &args.batch {
                 let s2 = Layout::s2(S2Config::new(HEADS, BLOCK, LOCAL, STRIDE).kv_heads(kv_heads))?;
-                let sparse = measure(&ctx, &s2, ctx_len, batch, args)?;
+                let sparse = measure(&ctx, &s2, ctx_len, batch, &args.window, args)?;
                 let dense = if args.dense {
-                    Some(measure(&ctx, &Layout::dense(HEADS, kv_heads, BLOCK, true)?, ctx_len, batch, args)?)
+                    Some(measure(&ctx, &Layout::dense(HEADS, kv_heads, BLOCK, true)?, ctx_len, batch, &[1], args)?)
                 } else {
                     None
                 };
-                let ideal_ms = sparse.read_bytes as f64 / bw * 1e3;
                 println!("ctx {ctx_len} batch {batch} kv_heads {kv_heads}");
-                println!(
-                    "  S2    {:.4} ms, reads {:.1} MB ({:.1} GB/s), {:.2}x the read time at copy bandwidth\n        {}\n        {}",
-                    sparse.ms,
-                    sparse.read_bytes as f64 / 1e6,
-                    sparse.read_bytes as f64 / sparse.ms / 1e6,
-                    sparse.ms / ideal_ms,
-                    sparse.report,
-                    sparse.explain
-                );
-                if let Some(d) = &dense {
+                println!("  S2    {}\n        {}", sparse.report, sparse.explain);
+                let one = sparse.steps.iter().find(|s| s.window == 1).map(|s| s.ms);
+                for step in &sparse.steps {
+                    let ideal_ms = step.read_bytes as f64 / bw * 1e3;
+                    let vs_one = match one {
+                        Some(one) if step.window > 1 => format!(", {:.2}x one token", step.ms / one),
+                        _ => String::new(),
+                    };
+                    println!(
+                        "  S2    window {}: {:.4} ms, reads {:.1} MB ({:.1} GB/s), {:.2}x the read time at copy bandwidth{vs_one}",
+                        step.window,
+                        step.ms,
+                        step.read_bytes as f64 / 1e6,
+                        step.read_bytes as f64 / step.ms / 1e6,
+                        step.ms / ideal_ms,
+                    );
+                }
+                let dense_one = dense.as_ref().map(|d| &d.steps[0]);
+                if let (Some(d), Some(one)) = (dense_one, one) {
                     println!(
                         "  dense {:.4} ms, reads {:.1} MB ({:.1} GB/s); S2 is {:.2}x faster\n        {}",
                         d.ms,
                         d.read_bytes as f64 / 1e6,
                         d.read_bytes as f64 / d.ms / 1e6,
-                        d.ms / sparse.ms,
-                        d.explain
+                        d.ms / one,
+                        dense.as_ref().map_or("", |d| d.explain.as_str())
                     );
                 }
-                rows.push(format!(
-                    "| {} | {ctx_len} | {batch} | {kv_heads} | {:.4} | {} | {} | {:.3} | {:.2} |",
-                    ctx.adapter_name(),
-                    sparse.ms,
-                    dense.as_ref().map_or("-".into(), |d| format!("{:.4}", d.ms)),
-                    dense.as_ref().map_or("-".into(), |d| format!("{:.2}x", d.ms / sparse.ms)),
-                    sparse.report.fraction(),
-                    sparse.ms / ideal_ms,
-                ));
+                for step in &sparse.steps {
+                    let dense_ms = dense_one.filter(|_| step.window == 1).map(|d| d.ms);
+                    rows.push(format!(
+                        "| {} | {} | {ctx_len} | {batch} | {kv_heads} | {} | {:.4} | {} | {} | {:.3} | {:.2} | {} |",
+                        ctx.adapter_name(),
+                        ctx.backend_name(),
+                        step.window,
+                        step.ms,
+                        dense_ms.map_or("-".into(), |d| format!("{d:.4}")),
+                        dense_ms.map_or("-".into(), |d| format!("{:.2}x", d / step.ms)),
+                        sparse.report.fraction(),
+                        step.ms / (step.read_bytes as f64 / bw * 1e3),
+                        one.filter(|_| step.window > 1).map_or("-".into(), |o| format!("{:.2}x", step.ms / o)),
+                    ));
+                }
             }
         }
     }
     println!(
-        "\n| device | context | batch | KV heads | S2 decode ms | dense decode ms | speedup | KV cache / dense bytes | S2 time / KV read time at copy bandwidth |"
+        "\n| device | backend | context | batch | KV heads | window | S2 decode ms | dense decode ms | speedup | KV cache / dense bytes | S2 time / KV read time at copy bandwidth | window / one token |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     rows.iter().for_each(|r| println!("{r}"));
     Ok(())
 }
 
-/// Fills a cache with `batch` sequences of `ctx_len` random tokens and times one decode step.
-fn measure(ctx: &Context, layout: &Layout, ctx_len: u32, batch: u32, args: &Args) -> s2attn::Result<Measured> {
-    let config = KvCacheConfig::new(HEAD_DIM, DType::F16, ctx_len).sequences(batch);
+/// One timed decode step of a window.
+struct Step {
+    /// Query tokens per sequence.
+    window: u32,
+    /// Median time.
+    ms: f64,
+    /// KV bytes the step reads (attended pages, K and V).
+    read_bytes: u64,
+}
+
+/// Fills a cache with `batch` sequences of `ctx_len` random tokens and times one decode step of each
+/// window in `windows`.
+fn measure(
+    ctx: &Context,
+    layout: &Layout,
+    ctx_len: u32,
+    batch: u32,
+    windows: &[u32],
+    args: &Args,
+) -> s2attn::Result<Measured> {
+    let max_window = windows.iter().copied().max().unwrap_or(1);
+    let config = KvCacheConfig::new(HEAD_DIM, DType::F16, ctx_len).sequences(batch).query_window(max_window);
     let mut cache = KvCache::new(ctx, layout, config)?;
     let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ ctx_len as u64);
     let kv_row = (layout.num_kv_heads() * HEAD_DIM) as usize;
@@ -182,46 +229,80 @@ fn measure(ctx: &Context, layout: &Layout, ctx_len: u32, batch: u32, args: &Args
     ctx.wait()?;
     let fill_s = t.elapsed().as_secs_f64();
     let decode = Decode::new(&cache)?;
-    let q = rng.f16s((batch * HEADS * HEAD_DIM) as usize);
-    let timing = decode.time(&cache, &seqs, &q, args.warmup, args.iters)?;
-    let blocks: usize = decode.work_lists(&cache, &seqs, 1)?.iter().map(|(_, l)| l.entries().len()).sum();
-    let explain = format!(
-        "{} (fill {fill_s:.1} s, {} timestamps, min {:.4} / max {:.4} ms)",
-        decode.explain(&cache, &seqs, 1)?,
-        if timing.gpu_timestamps { "GPU" } else { "wall-clock" },
-        timing.min_ms(),
-        timing.max_ms()
-    );
-    Ok(Measured {
-        ms: timing.median_ms(),
-        read_bytes: blocks as u64 * 2 * (BLOCK * HEAD_DIM) as u64 * 2,
-        report: cache.memory_report(),
-        explain,
-    })
+    let mut steps = Vec::with_capacity(windows.len());
+    let mut explain = format!("fill {fill_s:.1} s");
+    for &window in windows {
+        let q = rng.f16s((batch * window * HEADS * HEAD_DIM) as usize);
+        let timing = decode.time(&cache, &seqs, &q, args.warmup, args.iters)?;
+        let blocks: usize = decode.work_lists(&cache, &seqs, window)?.iter().map(|(_, l)| l.entries().len()).sum();
+        explain += &format!(
+            "\n        window {window}: {} ({} timing, min {:.4} / max {:.4} ms)",
+            decode.explain(&cache, &seqs, window)?,
+            if timing.gpu_timestamps { "GPU" } else { "wall-clock" },
+            timing.min_ms(),
+            timing.max_ms()
+        );
+        steps.push(Step {
+            window,
+            ms: timing.median_ms(),
+            read_bytes: blocks as u64 * 2 * (BLOCK * HEAD_DIM) as u64 * 2,
+        });
+    }
+    Ok(Measured { steps, report: cache.memory_report(), explain })
 }
 
 /// Device-to-device copy bandwidth in bytes per second (bytes read plus bytes written), from the wall
-/// clock around waited submits of 8 back-to-back copies.
+/// clock around waited runs of 8 back-to-back copies of up to 1 GiB, on the context's own device (a
+/// wgpu buffer copy, or a CUDA device-to-device copy on its stream).
 fn copy_bandwidth(ctx: &Context) -> s2attn::Result<f64> {
+    let (size, copies) = copier(ctx)?;
+    copies(2)?;
+    let best = (0..3).map(|_| copies(8)).collect::<s2attn::Result<Vec<f64>>>()?.into_iter().fold(f64::MAX, f64::min);
+    Ok(2.0 * 8.0 * size as f64 / best)
+}
+
+/// Bytes per copy and a function timing `n` copies (seconds, waited).
+type Copier<'a> = (u64, Box<dyn Fn(u32) -> s2attn::Result<f64> + 'a>);
+
+fn copier(ctx: &Context) -> s2attn::Result<Copier<'_>> {
+    #[cfg(feature = "cuda")]
+    if let Some(c) = ctx.cuda() {
+        let size = 1usize << 30;
+        let fail = |e: cudarc::driver::DriverError| s2attn::Error::Unsupported(format!("CUDA copy: {e}"));
+        let stream = c.stream().clone();
+        let src = stream.alloc_zeros::<u8>(size).map_err(fail)?;
+        let dst = std::cell::RefCell::new(stream.alloc_zeros::<u8>(size).map_err(fail)?);
+        return Ok((
+            size as u64,
+            Box::new(move |n| {
+                let t = Instant::now();
+                for _ in 0..n {
+                    stream.memcpy_dtod(&src, &mut *dst.borrow_mut()).map_err(fail)?;
+                }
+                stream.synchronize().map_err(fail)?;
+                Ok(t.elapsed().as_secs_f64())
+            }),
+        ));
+    }
     let Some(w) = ctx.wgpu() else {
-        return Err(s2attn::Error::Unsupported("decode_bench needs a wgpu device".into()));
+        return Err(s2attn::Error::Unsupported("decode_bench: no device to copy on".into()));
     };
     let size = (1u64 << 30).min(w.caps().max_buffer / 2) & !3;
     let mk = |usage| {
         w.device().create_buffer(&wgpu::BufferDescriptor { label: Some("bw"), size, usage, mapped_at_creation: false })
     };
     let (src, dst) = (mk(wgpu::BufferUsages::COPY_SRC), mk(wgpu::BufferUsages::COPY_DST));
-    let copies = |n: u32| -> s2attn::Result<f64> {
-        let mut encoder = w.device().create_command_encoder(&Default::default());
-        for _ in 0..n {
-            encoder.copy_buffer_to_buffer(&src, 0, &dst, 0, size);
-        }
-        let t = Instant::now();
-        w.queue().submit([encoder.finish()]);
-        w.wait()?;
-        Ok(t.elapsed().as_secs_f64())
-    };
-    copies(2)?;
-    let best = (0..3).map(|_| copies(8)).collect::<s2attn::Result<Vec<f64>>>()?.into_iter().fold(f64::MAX, f64::min);
-    Ok(2.0 * 8.0 * size as f64 / best)
+    Ok((
+        size,
+        Box::new(move |n| {
+            let mut encoder = w.device().create_command_encoder(&Default::default());
+            for _ in 0..n {
+                encoder.copy_buffer_to_buffer(&src, 0, &dst, 0, size);
+            }
+            let t = Instant::now();
+            w.queue().submit([encoder.finish()]);
+            w.wait()?;
+            Ok(t.elapsed().as_secs_f64())
+        }),
+    ))
 }
