@@ -23,6 +23,8 @@ const HEAD_DIM: u32 = 128;
 const BLOCK: u32 = 64;
 const LOCAL: u32 = 16;
 const STRIDE: u32 = 16;
+/// Workgroups of the compute copy that measures the wgpu device's bandwidth (a grid-stride loop).
+const COPY_WORKGROUPS: u32 = 4096;
 /// Tokens appended per call while filling a sequence.
 const CHUNK: u32 = 4096;
 
@@ -195,7 +197,7 @@ struct Step {
     window: u32,
     /// Median time.
     ms: f64,
-    /// KV bytes the step reads (attended pages, K and V).
+    /// KV bytes the step reads at least once (attended pages, K and V).
     read_bytes: u64,
 }
 
@@ -234,7 +236,12 @@ fn measure(
     for &window in windows {
         let q = rng.f16s((batch * window * HEADS * HEAD_DIM) as usize);
         let timing = decode.time(&cache, &seqs, &q, args.warmup, args.iters)?;
-        let blocks: usize = decode.work_lists(&cache, &seqs, window)?.iter().map(|(_, l)| l.entries().len()).sum();
+        // Distinct blocks (a window split into several families reads some blocks more than once).
+        let blocks: usize = decode
+            .work_lists(&cache, &seqs, window)?
+            .iter()
+            .map(|(_, l)| l.entries().iter().map(|e| e.base).collect::<std::collections::HashSet<u32>>().len())
+            .sum();
         explain += &format!(
             "\n        window {window}: {} ({} timing, min {:.4} / max {:.4} ms)",
             decode.explain(&cache, &seqs, window)?,
@@ -253,7 +260,7 @@ fn measure(
 
 /// Device-to-device copy bandwidth in bytes per second (bytes read plus bytes written), from the wall
 /// clock around waited runs of 8 back-to-back copies of up to 1 GiB, on the context's own device (a
-/// wgpu buffer copy, or a CUDA device-to-device copy on its stream).
+/// compute kernel copying 16-byte words on wgpu, a device-to-device copy on the CUDA stream).
 fn copy_bandwidth(ctx: &Context) -> s2attn::Result<f64> {
     let (size, copies) = copier(ctx)?;
     copies(2)?;
@@ -287,17 +294,41 @@ fn copier(ctx: &Context) -> s2attn::Result<Copier<'_>> {
     let Some(w) = ctx.wgpu() else {
         return Err(s2attn::Error::Unsupported("decode_bench: no device to copy on".into()));
     };
-    let size = (1u64 << 30).min(w.caps().max_buffer / 2) & !3;
+    let device = w.device();
+    let size = (1u64 << 30).min(w.caps().max_buffer / 2).min(w.caps().max_storage_binding) & !15;
     let mk = |usage| {
-        w.device().create_buffer(&wgpu::BufferDescriptor { label: Some("bw"), size, usage, mapped_at_creation: false })
+        device.create_buffer(&wgpu::BufferDescriptor { label: Some("bw"), size, usage, mapped_at_creation: false })
     };
-    let (src, dst) = (mk(wgpu::BufferUsages::COPY_SRC), mk(wgpu::BufferUsages::COPY_DST));
+    let (src, dst) = (mk(wgpu::BufferUsages::STORAGE), mk(wgpu::BufferUsages::STORAGE));
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("copy"),
+        source: wgpu::ShaderSource::Wgsl(include_str!("common/copy.wgsl").into()),
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("copy"),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    let bind = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("copy"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[
+            wgpu::BindGroupEntry { binding: 0, resource: src.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 1, resource: dst.as_entire_binding() },
+        ],
+    });
     Ok((
         size,
         Box::new(move |n| {
-            let mut encoder = w.device().create_command_encoder(&Default::default());
+            let mut encoder = device.create_command_encoder(&Default::default());
             for _ in 0..n {
-                encoder.copy_buffer_to_buffer(&src, 0, &dst, 0, size);
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                pass.set_pipeline(&pipeline);
+                pass.set_bind_group(0, &bind, &[]);
+                pass.dispatch_workgroups(COPY_WORKGROUPS, 1, 1);
             }
             let t = Instant::now();
             w.queue().submit([encoder.finish()]);

@@ -725,13 +725,23 @@ fn decode_f16_at(layout: &Layout, d: u32, lens: &[u32], q_len: u32, policy: Spli
 #[test]
 fn decode_at_head_dim_128_f16_on_the_narrow_and_the_general_kernel() {
     let policies = [SplitPolicy::never(), SplitPolicy::split_to(1), SplitPolicy::default()];
-    // GQA groups of 1, 4 (narrow, 1 token; 2 tokens = 8 rows: general) and 8 (general), block 64 and 16.
-    let cases =
-        [(4, 4, 64, 1, true), (8, 2, 64, 1, true), (8, 2, 64, 2, false), (8, 1, 16, 1, false), (4, 2, 16, 2, true)];
+    // GQA groups of 1, 4 and 8, block 64 and 16. Group 4: one token is narrow; windows of 2 and 4 tokens
+    // (8 and 16 rows) run as 2 and 4 one-token families on the narrow kernel; 5 tokens would need 5 such
+    // families and run as one family of 20 rows on the general kernel, as group 8 (8 rows a token) does.
+    let cases = [
+        (4, 4, 64, 1, true),
+        (8, 2, 64, 1, true),
+        (8, 2, 64, 2, true),
+        (8, 2, 64, 4, true),
+        (8, 2, 64, 5, false),
+        (8, 1, 16, 1, false),
+        (4, 2, 16, 2, true),
+    ];
     for (i, (heads, kv, block, q_len, narrow)) in cases.into_iter().enumerate() {
         let layout = s2(S2Config::new(heads, block, 2, 3).kv_heads(kv));
         for (j, policy) in policies.into_iter().enumerate() {
-            let explain = decode_f16_at(&layout, 128, &[2, 200, 131], q_len, policy, 900 + (10 * i + j) as u64);
+            let lens = [q_len.max(2), 200, 131];
+            let explain = decode_f16_at(&layout, 128, &lens, q_len, policy, 900 + (10 * i + j) as u64);
             assert_eq!(explain.contains("narrow"), narrow, "{explain}");
         }
     }

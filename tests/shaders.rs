@@ -1,7 +1,7 @@
 //! Shader tests (no GPU): every WGSL kernel, composed for each of its storage types, validates with naga;
 //! every `.wgsl` file under `shaders/` ends up in some composed kernel, so no file escapes validation; and
 //! the cooperative-matrix kernels, which no CI adapter runs, resolve their override constants and compile
-//! to SPIR-V at every tile their planners may pick.
+//! to SPIR-V at every tile their planners may pick. The examples' own WGSL (`examples/common/`) validates too.
 
 use s2attn::gpu::shaders::{compose, validate, Kernel};
 use s2attn::Error;
@@ -91,6 +91,17 @@ fn every_wgsl_file_is_part_of_some_kernel() {
             "{} is not part of any kernel in Kernel::ALL: add it to a kernel (or Kernel::ALL) so that it is validated",
             file.display()
         );
+    }
+}
+
+#[test]
+fn the_examples_own_shaders_validate() {
+    let mut files = Vec::new();
+    wgsl_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/common"), &mut files);
+    assert!(!files.is_empty(), "no WGSL under examples/common");
+    for path in files {
+        let source = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        validate(&path.display().to_string(), &source).unwrap_or_else(|e| panic!("{e}"));
     }
 }
 

@@ -19,6 +19,10 @@ use crate::gpu::{TensorView, Timing, WgpuContext};
 use crate::layout::Layout;
 use crate::plan::DType;
 use std::collections::HashMap;
+
+/// Families per (sequence, KV head) a call may split its query tokens into to run on the narrow decode
+/// kernel (whose rows are few) rather than in one family on the general one.
+const NARROW_FAMILIES: u32 = 4;
 use std::sync::{Arc, Mutex};
 
 /// The decode op for one [`KvCache`]: Q `[sequences, q_len, heads, head_dim]` → O of the same shape and
@@ -123,10 +127,22 @@ impl Decode {
             return Ok(k.clone());
         }
         let group = self.layout.num_heads() / self.layout.num_kv_heads();
-        // All `q_len` tokens in one item where the device allows; else fewer per item (the work list then
-        // gives each sequence and KV head several items), down to one token.
-        let choices: Vec<u32> = (1..=q_len).rev().collect();
-        let plan = plan_attend_for(ctx.caps(), self.dtype, self.head_dim, group, &choices, self.layout.block_size())?;
+        let plan_for = |choices: &[u32]| {
+            plan_attend_for(ctx.caps(), self.dtype, self.head_dim, group, choices, self.layout.block_size())
+        };
+        // A short window whose rows exceed the narrow kernel's runs as up to `NARROW_FAMILIES` families
+        // of fewer tokens on it (each reads the same KV blocks, mostly from cache) rather than as one
+        // family on the general kernel, whose FMA work grows with the rows.
+        let narrow = (1..=q_len)
+            .rev()
+            .take_while(|&n| q_len.div_ceil(n) <= NARROW_FAMILIES)
+            .find_map(|n| plan_for(&[n]).ok().filter(|p| p.narrow));
+        // Else all `q_len` tokens in one item where the device allows; else fewer per item (the work list
+        // then gives each sequence and KV head several items), down to one token.
+        let plan = match narrow {
+            Some(plan) => plan,
+            None => plan_for(&(1..=q_len).rev().collect::<Vec<u32>>())?,
+        };
         let k = Arc::new(GpuAttend::new(ctx, self.dtype, self.head_dim, self.layout.num_heads(), plan)?);
         kernels.insert(q_len, k.clone());
         Ok(k)
