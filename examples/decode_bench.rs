@@ -140,7 +140,6 @@ fn run(args: &Args) -> s2attn::Result<()> {
                 println!("  S2    {}\n        {}", sparse.report, sparse.explain);
                 let one = sparse.steps.iter().find(|s| s.window == 1).map(|s| s.ms);
                 for step in &sparse.steps {
-                    let ideal_ms = step.read_bytes as f64 / bw * 1e3;
                     let vs_one = match one {
                         Some(one) if step.window > 1 => format!(", {:.2}x one token", step.ms / one),
                         _ => String::new(),
@@ -151,18 +150,19 @@ fn run(args: &Args) -> s2attn::Result<()> {
                         step.ms,
                         step.read_bytes as f64 / 1e6,
                         step.read_bytes as f64 / step.ms / 1e6,
-                        step.ms / ideal_ms,
+                        step.over_floor(bw),
                     );
                 }
                 let dense_one = dense.as_ref().map(|d| &d.steps[0]);
-                if let (Some(d), Some(one)) = (dense_one, one) {
+                if let (Some(dense), Some(one)) = (&dense, one) {
+                    let d = &dense.steps[0];
                     println!(
                         "  dense {:.4} ms, reads {:.1} MB ({:.1} GB/s); S2 is {:.2}x faster\n        {}",
                         d.ms,
                         d.read_bytes as f64 / 1e6,
                         d.read_bytes as f64 / d.ms / 1e6,
                         d.ms / one,
-                        dense.as_ref().map_or("", |d| d.explain.as_str())
+                        dense.explain
                     );
                 }
                 for step in &sparse.steps {
@@ -176,7 +176,7 @@ fn run(args: &Args) -> s2attn::Result<()> {
                         dense_ms.map_or("-".into(), |d| format!("{d:.4}")),
                         dense_ms.map_or("-".into(), |d| format!("{:.2}x", d / step.ms)),
                         sparse.report.fraction(),
-                        step.ms / (step.read_bytes as f64 / bw * 1e3),
+                        step.over_floor(bw),
                         one.filter(|_| step.window > 1).map_or("-".into(), |o| format!("{:.2}x", step.ms / o)),
                     ));
                 }
@@ -199,6 +199,13 @@ struct Step {
     ms: f64,
     /// KV bytes the step reads at least once (attended pages, K and V).
     read_bytes: u64,
+}
+
+impl Step {
+    /// The time over that of reading `read_bytes` once at `bandwidth` bytes per second.
+    fn over_floor(&self, bandwidth: f64) -> f64 {
+        self.ms / (self.read_bytes as f64 / bandwidth * 1e3)
+    }
 }
 
 /// Fills a cache with `batch` sequences of `ctx_len` random tokens and times one decode step of each
@@ -262,14 +269,14 @@ fn measure(
 /// clock around waited runs of 8 back-to-back copies of up to 1 GiB, on the context's own device (a
 /// compute kernel copying 16-byte words on wgpu, a device-to-device copy on the CUDA stream).
 fn copy_bandwidth(ctx: &Context) -> s2attn::Result<f64> {
-    let (size, copies) = copier(ctx)?;
+    let (size, mut copies) = copier(ctx)?;
     copies(2)?;
     let best = (0..3).map(|_| copies(8)).collect::<s2attn::Result<Vec<f64>>>()?.into_iter().fold(f64::MAX, f64::min);
     Ok(2.0 * 8.0 * size as f64 / best)
 }
 
 /// Bytes per copy and a function timing `n` copies (seconds, waited).
-type Copier<'a> = (u64, Box<dyn Fn(u32) -> s2attn::Result<f64> + 'a>);
+type Copier<'a> = (u64, Box<dyn FnMut(u32) -> s2attn::Result<f64> + 'a>);
 
 fn copier(ctx: &Context) -> s2attn::Result<Copier<'_>> {
     #[cfg(feature = "cuda")]
@@ -278,13 +285,13 @@ fn copier(ctx: &Context) -> s2attn::Result<Copier<'_>> {
         let fail = |e: cudarc::driver::DriverError| s2attn::Error::Unsupported(format!("CUDA copy: {e}"));
         let stream = c.stream().clone();
         let src = stream.alloc_zeros::<u8>(size).map_err(fail)?;
-        let dst = std::cell::RefCell::new(stream.alloc_zeros::<u8>(size).map_err(fail)?);
+        let mut dst = stream.alloc_zeros::<u8>(size).map_err(fail)?;
         return Ok((
             size as u64,
             Box::new(move |n| {
                 let t = Instant::now();
                 for _ in 0..n {
-                    stream.memcpy_dtod(&src, &mut *dst.borrow_mut()).map_err(fail)?;
+                    stream.memcpy_dtod(&src, &mut dst).map_err(fail)?;
                 }
                 stream.synchronize().map_err(fail)?;
                 Ok(t.elapsed().as_secs_f64())

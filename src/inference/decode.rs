@@ -19,11 +19,11 @@ use crate::gpu::{TensorView, Timing, WgpuContext};
 use crate::layout::Layout;
 use crate::plan::DType;
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// Families per (sequence, KV head) a call may split its query tokens into to run on the narrow decode
 /// kernel (whose rows are few) rather than in one family on the general one.
 const NARROW_FAMILIES: u32 = 4;
-use std::sync::{Arc, Mutex};
 
 /// The decode op for one [`KvCache`]: Q `[sequences, q_len, heads, head_dim]` → O of the same shape and
 /// LSE `[sequences, heads, q_len]`, the queried tokens being the last `q_len` of each sequence.
