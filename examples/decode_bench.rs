@@ -154,8 +154,7 @@ fn run(args: &Args) -> s2attn::Result<()> {
                     );
                 }
                 let dense_one = dense.as_ref().map(|d| &d.steps[0]);
-                if let (Some(dense), Some(one)) = (&dense, one) {
-                    let d = &dense.steps[0];
+                if let (Some(dense), Some(d), Some(one)) = (&dense, dense_one, one) {
                     println!(
                         "  dense {:.4} ms, reads {:.1} MB ({:.1} GB/s); S2 is {:.2}x faster\n        {}",
                         d.ms,
