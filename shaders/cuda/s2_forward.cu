@@ -117,6 +117,8 @@ struct Params {
     TensorMap k_map, v_map; // wgmma kernel: K and V as [batch][seq][kv_heads][D] u16, boxes of 64 x 64, 128B swizzle
 };
 
+// The PTX pieces; shaders/cuda/emu/sm90.h gives them C++ semantics for the CPU emulation (S2_EMU).
+#ifndef S2_EMU
 __device__ __forceinline__ u32 smem_addr(const void* p) {
     u64 a;
     asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
@@ -179,8 +181,10 @@ __device__ __forceinline__ float fast_log2(float x) {
     asm("lg2.approx.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
 }
+#endif
 
 #if USE_WGMMA
+#ifndef S2_EMU
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 // Waits until at most N committed wgmma groups of this warpgroup are pending.
@@ -242,6 +246,7 @@ __device__ __forceinline__ void fence_regs(float* r) {
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
+#endif
 
 // Shared-memory matrix descriptor (PTX ISA "Matrix Descriptor") of a 128-byte-swizzled operand: start address,
 // leading / stride byte offsets (each >> 4), base offset 0 (every swizzle atom is 1024-byte aligned), layout
@@ -252,6 +257,7 @@ __device__ __forceinline__ u64 make_desc(u32 addr, u32 lbo, u32 sbo) {
            ((u64)((sbo >> 4) & 0x3FFFu) << 32) | ((u64)1 << 62);
 }
 
+#ifndef S2_EMU
 // D[64 x 64] (+)= A[64 x 16] (registers, mma.sync A layout per warp) * B[16 x 64] (shared memory,
 // descriptor); `accumulate` 0 overwrites D. Asynchronous: fence before, commit + wait after.
 template <int TRANS_B>
@@ -293,6 +299,7 @@ __device__ __forceinline__ void wgmma_n128(float* d, const u32 (&a)[4], u64 desc
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate), "n"(TRANS_B));
 }
+#endif  // S2_EMU
 #endif
 
 #define NEG_INF __int_as_float(0xff800000)

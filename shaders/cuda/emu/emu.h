@@ -1,7 +1,8 @@
 // CPU emulation of the CUDA subset shaders/cuda/s2_decode.cu and s2_exact.cu use, for decode_check.cc and
-// exact_check.cc (see run.sh): one std::thread per CUDA thread, std::barrier for __syncthreads and, per
-// warp, for the warp collectives (shuffles, votes: every lane writes its value, all wait, each reads),
-// static "shared" memory (one block at a time).
+// exact_check.cc (see run.sh), and the base that sm90.h (s2_forward.cu's sm_90 wgmma kernel, wgmma_check.cc)
+// builds on: one std::thread per CUDA thread, std::barrier for __syncthreads and, per warp, for the warp
+// collectives (shuffles, votes: every lane writes its value, all wait, each reads), static "shared" memory
+// (one block at a time), cp.async, ldmatrix and mma.sync.
 #include <math.h>
 #include <stddef.h>
 #include <string.h>
@@ -22,7 +23,9 @@ struct uint2 { unsigned x, y; };
 struct float4 { float x, y, z, w; };
 struct dim3 { unsigned x, y, z; };
 thread_local dim3 threadIdx, blockIdx;
-static uint4 g_dyn[8192];
+// Dynamic shared memory, as large as sm_90's opt-in maximum per block (227 KB); byte offsets into it are the
+// emulated shared-window addresses (sm90.h), so the swizzle atoms' 1024-byte alignment is that of the offsets.
+alignas(1024) static uint4 g_dyn[232448 / 16];
 static dim3 gridDim;
 static std::barrier<>* g_bar;
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
@@ -162,11 +165,15 @@ inline void mma16816(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsig
         d[x] = acc;
     }
 }
+// Optional hooks (sm90.h): before each block's threads start, and in each thread after the kernel returned.
+static void (*g_block_start)(unsigned block, unsigned threads) = nullptr;
+static void (*g_thread_exit)() = nullptr;
 // With __syncthreads inside, an early `return` of some threads would deadlock the emulated barrier;
 // a thread that finishes drops out of the barrier.
 template <class F> void launch(unsigned blocks, unsigned threads, F kernel) {
     gridDim = {blocks, 1, 1};
     for (unsigned b = 0; b < blocks; b++) {
+        if (g_block_start) g_block_start(b, threads);
         std::barrier<> bar(threads);
         g_bar = &bar;
         std::vector<std::unique_ptr<SpinBarrier>> wbars;
@@ -180,6 +187,7 @@ template <class F> void launch(unsigned blocks, unsigned threads, F kernel) {
                 threadIdx = {t, 0, 0};
                 blockIdx = {b, 0, 0};
                 kernel();
+                if (g_thread_exit) g_thread_exit();
                 bar.arrive_and_drop();
                 g_wbar[t / 32]->arrive_and_drop();
             });

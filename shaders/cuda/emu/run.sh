@@ -4,7 +4,10 @@
 # - decode_check.cc over the decode kernels (general PASS 0, narrow PASS 1, tensor-core PASS 2 at head dims 128
 #   and 64, ring depths 3 and 2) with their fused combine;
 # - exact_check.cc over the exact forward and backward (s2_exact.cu) at head dims 32, 64, 96 and 128,
-#   causal and not.
+#   causal and not;
+# - wgmma_check.cc over the sm_90 wgmma forward (s2_forward.cu built with USE_WGMMA=1, its PTX emulated by sm90.h)
+#   at head dims 128 and 64: causal and not, one and two sequences, blocks of 64 and 128, strided tokens, 2 or 3
+#   persistent CTAs.
 # `bash shaders/cuda/emu/run.sh`; the builds run on all cores.
 set -e
 here=$(cd "$(dirname "$0")" && pwd)
@@ -16,8 +19,21 @@ sed -e '/^__device__ __forceinline__ float to_f32(u16 x) {/,/^}/d' -e '/^__devic
     "$here/../s2_decode.cu" > "$tmp/k_emu.cu"
 # The exact kernels take their conversions from emu.h under EXACT_EMU.
 cp "$here/../s2_exact.cu" "$tmp/k_exact.cu"
-cp "$here/emu.h" "$here/decode_check.cc" "$here/exact_check.cc" "$tmp/"
+# The forward's PTX helpers are in `#ifndef S2_EMU` blocks (emu.h defines S2_EMU; sm90.h has their emulations); in the
+# kernel body, the two setmaxnreg statements go and the dynamic shared memory declaration points into g_dyn.
+sed -e '/asm volatile("setmaxnreg\./d' \
+    -e 's/extern __shared__ __align__(1024) unsigned char smem_raw_\[\];/unsigned char* smem_raw_ = emu_dyn_smem();/' \
+    "$here/../s2_forward.cu" > "$tmp/k_fwd.cu"
+if ! grep -q 'smem_raw_ = emu_dyn_smem();' "$tmp/k_fwd.cu" || grep -q 'asm volatile("setmaxnreg' "$tmp/k_fwd.cu"; then
+  echo "run.sh: s2_forward.cu no longer has the lines its emulation edits" >&2
+  exit 1
+fi
+cp "$here/emu.h" "$here/sm90.h" "$here/decode_check.cc" "$here/exact_check.cc" "$here/wgmma_check.cc" "$tmp/"
 builds=()
+for cfg in "0 128" "1 128" "0 64" "1 64"; do
+  set -- $cfg
+  builds+=("wgmma_check.cc run_wgmma_$1_$2 -DIS_BF16=$1 -DHEAD_DIM=$2")
+done
 for nf in 0 1; do
   for bf in 0 1; do
     for cfg in "4 1 1" "1 1 1" "4 2 1" "2 1 1" "4 1 0" "8 2 0" "1 1 0" "16 1 0" "1 1 2" "4 1 2" "8 2 2" "16 1 2" \
@@ -33,9 +49,21 @@ for cfg in "0 64" "1 128" "1 32" "0 96"; do
   set -- $cfg
   builds+=("exact_check.cc run_exact_$1_$2 -DIS_BF16=$1 -DHEAD_DIM=$2")
 done
-printf '%s\n' "${builds[@]}" | (cd "$tmp" && xargs -P "$(nproc)" -L 1 sh -c 'out=$1; shift; g++ -std=c++20 -O1 -w -pthread "$0" -o "$out" "$@"')
+printf '%s\n' "${builds[@]}" | (cd "$tmp" && xargs -P "$(nproc)" -L 1 sh -c 'out=$1; shift; g++ -std=c++20 -O1 -w -Wno-psabi -pthread "$0" -o "$out" "$@"')
 cd "$tmp"
 for b in run_decode_*; do ./"$b"; done
 for b in run_exact_*; do
   for args in "" nonfinite "nonfinite noncausal"; do ./"$b" $args; done
 done
+# Binary (IS_BF16, HEAD_DIM), then wgmma_check.cc's arguments.
+while read -r b args; do ./"$b" $args </dev/null; done <<'EOF'
+run_wgmma_0_128
+run_wgmma_0_128 seq=600 batch=2 ctas=2 strided
+run_wgmma_0_128 block=128 seq=700 noncausal
+run_wgmma_1_128 noncausal strided
+run_wgmma_1_128 seq=600 batch=2 ctas=2
+run_wgmma_0_64 noncausal strided
+run_wgmma_0_64 block=128 seq=300 ctas=2
+run_wgmma_1_64 seq=640
+run_wgmma_1_64 seq=130 batch=2 noncausal
+EOF
