@@ -20,6 +20,7 @@
 #define __shared__ static
 struct uint4 { unsigned x, y, z, w; };
 struct uint2 { unsigned x, y; };
+struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
 struct dim3 { unsigned x, y, z; };
 thread_local dim3 threadIdx, blockIdx;
@@ -30,6 +31,7 @@ static dim3 gridDim;
 static std::barrier<>* g_bar;
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
+inline float2 make_float2(float a, float b) { return {a, b}; }
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 inline uint4 __ldg(const uint4* p) { return *p; }
 inline void __syncthreads() { g_bar->arrive_and_wait(); }

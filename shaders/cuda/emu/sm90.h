@@ -1,9 +1,13 @@
-// CPU emulation of the sm_90 pieces shaders/cuda/s2_forward.cu's wgmma kernel (USE_WGMMA=1) uses, on top of
-// emu.h, for wgmma_check.cc (see run.sh): the PTX helpers of its `#ifndef S2_EMU` blocks with their PTX
-// semantics, checked where the kernel could break them:
+// CPU emulation of the sm_90 pieces the wgmma kernels use (shaders/cuda/s2_forward.cu with USE_WGMMA=1, for
+// wgmma_check.cc; see run.sh), on top of emu.h: the PTX helpers of their `#ifndef S2_EMU` blocks with their PTX
+// semantics, checked where a kernel could break them:
 // - shared memory: `cvta.to.shared` gives the byte offset into emu.h's g_dyn; the launch's dynamic window starts
 //   off a 1024-byte boundary (the kernel aligns its swizzle atoms itself) and every emulated access outside it
 //   is an error; the window is poisoned (all bits set) before each block.
+// - proxies: the async proxy (TMA and bulk copies, wgmma operand reads) sees shared memory through its own copy,
+//   g_dyn_async: the TMA and bulk copies write both copies, wgmma reads the async one, and fence.proxy.async
+//   copies the window's generic bytes into it. A wgmma operand written by generic stores or cp.async with no
+//   proxy fence after them is read stale (poison), which shows.
 // - cp.async (the Ampere form, 16 bytes, zero fill) copies its source when issued and lands later:
 //   cp.async.mbarrier.arrive.noinc hands the thread's uncommitted copies to the mbarrier, and they land
 //   together with that arrival either at once or only when some thread waits on the mbarrier (half each, by
@@ -15,17 +19,20 @@
 // - TMA (cp.async.bulk.tensor, tiled, from a tensor map the check program encodes with emu_tensor_map_4d into
 //   the kernel's TensorMap): copies the box at once into shared memory in the map's swizzle (128B: the 16-byte
 //   chunk at address bits 4-6 XOR address bits 7-9), zero-fills coordinates out of the tensor, then completes
-//   the box's bytes on the mbarrier.
+//   the box's bytes on the mbarrier. The non-tensor bulk copy (cp.async.bulk.shared::cluster.global, 16-byte
+//   aligned, a multiple of 16 bytes) likewise.
 // - named barriers (bar.sync / bar.arrive id, n): per-id generations that complete at n arrivals (arrive does
 //   not wait); a count that differs within a generation is an error.
-// - wgmma.mma_async m64nNk16 (f32 += f16/bf16, A in registers, B by a 128B-swizzled shared-memory descriptor,
-//   K-major or transposed): warpgroup-collective, asynchronous: issue records the operands (the A fragments
-//   of every thread, a hash of the B elements, the accumulator address); the math happens only when
-//   wgmma.wait_group retires the op's group, each thread computing its own accumulators from its quad's A
-//   fragments and the shared memory of that moment. Errors: an issue with no wgmma.fence since the last
-//   wait, operands that differ across the warpgroup, A or accumulator registers written, or the B elements
-//   changed, between issue and retirement, ops left pending at exit.
-// - setmaxnreg (deleted from the kernel by run.sh), wgmma.fence and the register fences are no-ops.
+// - wgmma.mma_async m64nNk16 (f32 += f16/bf16; B by a 128B-swizzled shared-memory descriptor, K-major or
+//   transposed; A in registers, or (the SS form) by a K-major descriptor like B's, A element (m, k) where B's
+//   (k, n = m) would be): warpgroup-collective, asynchronous: issue records the operands (the A fragments of
+//   every thread or A's descriptor, a hash of the shared-memory elements this thread's accumulators read, the
+//   accumulator address); the math happens only when wgmma.wait_group retires the op's group, each thread
+//   computing its own accumulators from its quad's A fragments (or A's rows in shared memory) and the shared
+//   memory of that moment. Errors: an issue with no wgmma.fence since the last wait, operands that differ
+//   across the warpgroup, A or accumulator registers written, or the shared-memory operands changed, between
+//   issue and retirement, ops left pending at exit.
+// - setmaxnreg (deleted from the kernels by run.sh), wgmma.fence and the register fences are no-ops.
 // Waits sleep on futexes (2 cores, 384 threads); one that makes no progress for EMU_DEADLOCK_S seconds ends
 // the run as a deadlock (exit status 1). Other errors are counted in g_emu_errors (the first few printed).
 #include <stdint.h>
@@ -103,6 +110,10 @@ template <class P> void emu_wait(std::atomic<u32>& w, P ready, const char* what)
 #define EMU_DYN_OFFSET 0x10u
 static u32 g_win_lo, g_win_hi, g_threads;
 inline unsigned char* emu_dyn_smem() { return (unsigned char*)g_dyn + EMU_DYN_OFFSET; }
+// The async proxy's view of shared memory (same offsets as g_dyn); g_proxy_mu orders its writers (the TMA and bulk
+// copies, fence.proxy.async).
+alignas(1024) static unsigned char g_dyn_async[sizeof(g_dyn)];
+static std::mutex g_proxy_mu;
 inline u32 smem_addr(const void* p) {
     const ptrdiff_t off = (const unsigned char*)p - (const unsigned char*)g_dyn;
     if (off < 0 || off >= (ptrdiff_t)sizeof(g_dyn)) emu_fatal("cvta.to.shared of a pointer outside shared memory");
@@ -117,6 +128,15 @@ inline unsigned char* emu_smem(u32 addr, u32 n, const char* what) {
     }
     return (unsigned char*)g_dyn + addr;
 }
+// The same bytes as the async proxy sees them.
+inline unsigned char* emu_smem_async(u32 addr, u32 n, const char* what) {
+    return g_dyn_async + (emu_smem(addr, n, what) - (unsigned char*)g_dyn);
+}
+// fence.proxy.async.shared::cta: the generic proxy's writes so far become visible to the async proxy.
+inline void fence_proxy_async() {
+    std::lock_guard<std::mutex> lock(g_proxy_mu);
+    memcpy(g_dyn_async + g_win_lo, (unsigned char*)g_dyn + g_win_lo, g_win_hi - g_win_lo);
+}
 
 // ---- Conversions and approximate math (the kernel's PTX helpers) ----
 // cvt.rn.{f16,bf16}x2.f32, `lo` in the low half.
@@ -128,11 +148,17 @@ inline float fast_exp2(float x) {  // ex2.approx.ftz.f32: subnormal inputs and r
 }
 inline float fast_log2(float x) { return log2f(x); }  // lg2.approx.f32
 
-// ---- ldmatrix (x4, not transposed) from a shared-window address ----
+// ---- ldmatrix (x4, plain or transposed) from a shared-window address, and mma.sync with the A fragments as
+// an array (s2_forward.cu's signatures) ----
 inline void ldmatrix_x4(u32 (&r)[4], u32 addr) {
     if (addr % 16) emu_error("ldmatrix row address %#x not 16-byte aligned", addr);
     ldsm4(r, (const uint4*)emu_smem(addr, 16, "ldmatrix"));
 }
+inline void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
+    if (addr % 16) emu_error("ldmatrix row address %#x not 16-byte aligned", addr);
+    ldsm4_trans(r, (const uint4*)emu_smem(addr, 16, "ldmatrix"));
+}
+inline void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) { mma16816(c, a[0], a[1], a[2], a[3], b0, b1); }
 
 // ---- mbarriers: one 64-bit shared word; bits 0-19 pending arrivals, 20-39 expected arrivals, 40-60 the
 // transaction count (signed), 61-62 a tag (01: initialised), 63 the current phase's parity ----
@@ -308,7 +334,9 @@ template <class M> void tma_load_4d(u32 dst, const M* map, int c0, int c1, int c
     if ((uintptr_t)m.addr % 16 || m.strides[0] % 16 || m.strides[1] % 16 || m.strides[2] % 16)
         emu_error("cp.async.bulk.tensor: global address or strides not 16-byte aligned");
     unsigned char* smem = emu_smem(dst, bytes, "cp.async.bulk.tensor");
+    unsigned char* smem_async = emu_smem_async(dst, bytes, "cp.async.bulk.tensor");
     const int c[4] = {c0, c1, c2, c3};
+    std::unique_lock<std::mutex> lock(g_proxy_mu);
     for (u32 i3 = 0; i3 < m.box[3]; i3++)
         for (u32 i2 = 0; i2 < m.box[2]; i2++)
             for (u32 i1 = 0; i1 < m.box[1]; i1++)
@@ -318,16 +346,30 @@ template <class M> void tma_load_4d(u32 dst, const M* map, int c0, int c1, int c
                     bool in = true;
                     for (int d = 0; d < 4; d++) in &= x[d] >= 0 && x[d] < (long long)m.dims[d];
                     const u32 lin = dst + ((i3 * m.box[2] + i2) * m.box[1] + i1) * row + i0 * m.elem_bytes;
-                    unsigned char* out = smem + (emu_swizzle(lin, m.swizzle_bytes) - dst);
+                    const u32 at = emu_swizzle(lin, m.swizzle_bytes) - dst;
                     if (in)
-                        memcpy(out,
+                        memcpy(smem + at,
                                (const unsigned char*)m.addr + x[0] * m.elem_bytes + x[1] * m.strides[0] +
                                    x[2] * m.strides[1] + x[3] * m.strides[2],
                                m.elem_bytes);
                     else
-                        memset(out, 0, m.elem_bytes);
+                        memset(smem + at, 0, m.elem_bytes);
+                    memcpy(smem_async + at, smem + at, m.elem_bytes);
                 }
+    lock.unlock();
     mb_update(bar, 0, -(int)bytes, "cp.async.bulk.tensor complete_tx");
+}
+// cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [dst], [src], bytes, [bar]
+inline void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+    if (dst % 16 || (uintptr_t)src % 16 || bytes % 16 || bytes == 0)
+        emu_error("cp.async.bulk: destination %#x, source %p or size %u not a multiple of 16", dst, src, bytes);
+    unsigned char* smem = emu_smem(dst, bytes, "cp.async.bulk");
+    {
+        std::lock_guard<std::mutex> lock(g_proxy_mu);
+        memcpy(smem, src, bytes);
+        memcpy(emu_smem_async(dst, bytes, "cp.async.bulk"), src, bytes);
+    }
+    mb_update(bar, 0, -(int)bytes, "cp.async.bulk complete_tx");
 }
 
 // ---- Named barriers: per id, one 64-bit word: arrivals (bits 0-15), the generation's count (16-31) and the
@@ -360,15 +402,15 @@ template <int N> void fence_u32(u32*) {}
 #define EMU_WG_RING 32
 // What each thread contributes to its k-th wgmma (slot k % EMU_WG_RING), read by the others of its warpgroup.
 struct WgRec {
-    u64 desc;
+    u64 desc, desc_a;  // desc_a: the SS form's A descriptor (0: A in registers)
     u32 n, trans, scale, a[4];
 };
 static WgRec g_wg_ring[EMU_MAX_THREADS][EMU_WG_RING];
 static std::atomic<u32> g_wg_issued[EMU_MAX_THREADS], g_wg_retired[EMU_MAX_THREADS];  // ops per thread
 struct WgOp {
-    u64 k, desc, bhash;
+    u64 k, desc, desc_a, bhash;
     u32 n, trans, scale, a[4];
-    const u32* a_reg;
+    const u32* a_reg;  // null in the SS form
     float* d;
     bool snap;  // dsnap holds the accumulators as they must be when the op runs
     float dsnap[128];
@@ -388,30 +430,52 @@ inline u32 wg_b_addr(u64 desc, u32 trans, u32 k, u32 n) {
                           : start + (n / 8) * sbo + (n % 8) * 128 + k * 2;
     return emu_swizzle(lin, 128);
 }
+// Operand elements as the async proxy reads them: B (k, n), and the SS form's A (m, k) (K-major: where a K-major
+// B's (k, n = m) is).
 inline u16 wg_b(u64 desc, u32 trans, u32 k, u32 n) {
     u16 x;
-    memcpy(&x, emu_smem(wg_b_addr(desc, trans, k, n), 2, "wgmma B operand"), 2);
+    memcpy(&x, emu_smem_async(wg_b_addr(desc, trans, k, n), 2, "wgmma B operand"), 2);
     return x;
 }
-// A hash of the B elements this thread's accumulators read (its columns 2t, 2t + 1 of every 8).
+inline u16 wg_a(u64 desc_a, u32 m, u32 k) {
+    u16 x;
+    memcpy(&x, emu_smem_async(wg_b_addr(desc_a, 0, k, m), 2, "wgmma A operand"), 2);
+    return x;
+}
+// This thread's accumulator rows within its warpgroup's 64: g and g + 8 of its warp's 16.
+inline u32 wg_row(u32 h) { return (threadIdx.x % 128) / 32 * 16 + (threadIdx.x % 32) / 4 + 8 * h; }
+// A hash of the shared-memory elements this thread's accumulators read: B's columns 2t, 2t + 1 of every 8, and
+// in the SS form A's rows wg_row(0), wg_row(1).
 inline u64 wg_b_hash(const WgOp& op) {
     const u32 t = threadIdx.x % 4;
     u64 h = 1469598103934665603ull;
-    for (u32 k = 0; k < 16; k++)
+    for (u32 k = 0; k < 16; k++) {
         for (u32 j = 0; j < op.n; j += 8)
             for (u32 e = 0; e < 2; e++) h = (h ^ wg_b(op.desc, op.trans, k, j + 2 * t + e)) * 1099511628211ull;
+        if (op.desc_a)
+            for (u32 r = 0; r < 2; r++) h = (h ^ wg_a(op.desc_a, wg_row(r), k)) * 1099511628211ull;
+    }
     return h;
 }
-inline void emu_wgmma(u32 n, u32 trans, float* d, const u32 (&a)[4], u64 desc, int accumulate) {
-    const unsigned tid = threadIdx.x, wg0 = tid / 128 * 128;
-    if (!t_wg_fenced) emu_error("wgmma.mma_async with no wgmma.fence since the last wgmma.wait_group");
+// The descriptor checks: 128B swizzle, no base offset, reserved bits clear, rows inside a swizzle row.
+inline void wg_check_desc(u64 desc, u32 trans, const char* what) {
     if ((desc >> 62) != 1)
-        emu_error("wgmma descriptor %#llx: layout type %llu, only 128B swizzle emulated", desc, desc >> 62);
-    if (((desc >> 49) & 7u) != 0) emu_error("wgmma descriptor %#llx: non-zero base offset not emulated", desc);
-    if (desc & 0x3ffe0000c000c000ull) emu_error("wgmma descriptor %#llx: reserved bits set", desc);
+        emu_error("wgmma %s descriptor %#llx: layout type %llu, only 128B swizzle emulated", what, desc, desc >> 62);
+    if (((desc >> 49) & 7u) != 0) emu_error("wgmma %s descriptor %#llx: non-zero base offset not emulated", what, desc);
+    if (desc & 0x3ffe0000c000c000ull) emu_error("wgmma %s descriptor %#llx: reserved bits set", what, desc);
     const u32 start = (u32)(desc & 0x3fffu) << 4;
     if (trans ? start % 128 != 0 : start % 128 > 96)
-        emu_error("wgmma descriptor start %#x: the operand's rows cross a 128-byte swizzle row", start);
+        emu_error("wgmma %s descriptor start %#x: the operand's rows cross a 128-byte swizzle row", what, start);
+}
+// One thread's part of a wgmma: A from registers `a`, or (a null, the SS form) from descriptor `desc_a`.
+inline void emu_wgmma(u32 n, u32 trans, float* d, const u32* a, u64 desc_a, u64 desc, int accumulate) {
+    const unsigned tid = threadIdx.x, wg0 = tid / 128 * 128;
+    if (!t_wg_fenced) emu_error("wgmma.mma_async with no wgmma.fence since the last wgmma.wait_group");
+    wg_check_desc(desc, trans, "B");
+    if (!a) {
+        if (!desc_a) emu_error("wgmma A descriptor 0");
+        wg_check_desc(desc_a, 0, "A");
+    }
     const u64 k = t_wg_issued;
     if (k >= EMU_WG_RING)  // the slot's previous op must be retired by every reader
         for (unsigned q = wg0; q < wg0 + 128; q++)
@@ -420,10 +484,12 @@ inline void emu_wgmma(u32 n, u32 trans, float* d, const u32 (&a)[4], u64 desc, i
     WgOp op;
     op.k = k;
     op.desc = desc;
+    op.desc_a = a ? 0 : desc_a;
     op.n = n;
     op.trans = trans;
     op.scale = accumulate != 0;
-    memcpy(op.a, a, sizeof op.a);
+    if (a) memcpy(op.a, a, sizeof op.a);
+    else memset(op.a, 0, sizeof op.a);
     op.a_reg = a;
     op.d = d;
     op.snap = true;
@@ -432,17 +498,24 @@ inline void emu_wgmma(u32 n, u32 trans, float* d, const u32 (&a)[4], u64 desc, i
         for (auto& o : g) op.snap &= o.d != d;
     if (op.snap) memcpy(op.dsnap, d, n / 2 * sizeof(float));
     op.bhash = wg_b_hash(op);
-    g_wg_ring[tid][k % EMU_WG_RING] = {desc, n, trans, op.scale, {a[0], a[1], a[2], a[3]}};
+    g_wg_ring[tid][k % EMU_WG_RING] = {desc, op.desc_a, n, trans, op.scale, {op.a[0], op.a[1], op.a[2], op.a[3]}};
     g_wg_issued[tid].store(k + 1);
     emu_wake(g_wg_issued[tid]);
     t_wg_issued = k + 1;
     t_wg_open.push_back(op);
 }
 template <int TRANS_B> void wgmma_n64(float* d, const u32 (&a)[4], u64 desc, int accumulate) {
-    emu_wgmma(64, TRANS_B, d, a, desc, accumulate);
+    emu_wgmma(64, TRANS_B, d, a, 0, desc, accumulate);
 }
 template <int TRANS_B> void wgmma_n128(float* d, const u32 (&a)[4], u64 desc, int accumulate) {
-    emu_wgmma(128, TRANS_B, d, a, desc, accumulate);
+    emu_wgmma(128, TRANS_B, d, a, 0, desc, accumulate);
+}
+// The SS form (both operands K-major from shared memory).
+inline void wgmma_ss_n64(float* d, u64 desc_a, u64 desc_b, int accumulate) {
+    emu_wgmma(64, 0, d, nullptr, desc_a, desc_b, accumulate);
+}
+inline void wgmma_ss_n128(float* d, u64 desc_a, u64 desc_b, int accumulate) {
+    emu_wgmma(128, 0, d, nullptr, desc_a, desc_b, accumulate);
 }
 inline void wgmma_fence() { t_wg_fenced = true; }
 inline void wgmma_commit() {
@@ -458,17 +531,22 @@ inline void wg_retire(WgOp& op) {
         emu_wait(g_wg_issued[q], [&] { return g_wg_issued[q].load() > op.k; },
                  "the warpgroup's threads to issue a wgmma");
     const WgRec& lead = g_wg_ring[wg0][op.k % EMU_WG_RING];
-    if (lead.desc != op.desc || lead.n != op.n || lead.trans != op.trans || lead.scale != op.scale)
-        emu_error("wgmma %llu: descriptor, shape, transpose or scale-d differ from the warpgroup's thread 0", op.k);
-    if (memcmp(op.a_reg, op.a, sizeof op.a))
+    if (lead.desc != op.desc || lead.desc_a != op.desc_a || lead.n != op.n || lead.trans != op.trans ||
+        lead.scale != op.scale)
+        emu_error("wgmma %llu: descriptors, shape, transpose or scale-d differ from the warpgroup's thread 0", op.k);
+    if (op.a_reg && memcmp(op.a_reg, op.a, sizeof op.a))
         emu_error("wgmma %llu: A fragment registers written between the issue and wait_group", op.k);
     if (op.snap && memcmp(op.d, op.dsnap, op.n / 2 * sizeof(float)))
         emu_error("wgmma %llu: accumulator registers written between the issue and wait_group", op.k);
     if (wg_b_hash(op) != op.bhash)
-        emu_error("wgmma %llu: its shared-memory B operand changed between the issue and wait_group", op.k);
+        emu_error("wgmma %llu: its shared-memory operands changed between the issue and wait_group", op.k);
     float A[2][16];
     for (u32 h = 0; h < 2; h++)
         for (u32 kk = 0; kk < 16; kk++) {
+            if (op.desc_a) {
+                A[h][kk] = to_f32(wg_a(op.desc_a, wg_row(h), kk));
+                continue;
+            }
             const u32 w = g_wg_ring[warp0 + 4 * g + (kk % 8) / 2][op.k % EMU_WG_RING].a[h + 2 * (kk >= 8)];
             A[h][kk] = to_f32((u16)(kk % 2 ? w >> 16 : w & 0xffffu));
         }
@@ -515,6 +593,7 @@ inline void sm90_block_start(unsigned, unsigned threads) {
     g_win_hi = EMU_DYN_OFFSET + g_smem_bytes;
     if (g_win_hi > sizeof(g_dyn)) emu_fatal("%u bytes of dynamic shared memory do not fit", g_smem_bytes);
     memset(g_dyn, 0xff, sizeof(g_dyn));
+    memset(g_dyn_async, 0xff, sizeof(g_dyn_async));
     for (auto& b : g_named) b.store(0);
     for (auto& b : g_named_seq) b.store(0);
     for (auto& b : g_mb_seq) b.store(0);
