@@ -28,7 +28,8 @@ if ! grep -q 'smem_raw_ = emu_dyn_smem();' "$tmp/k_fwd.cu" || grep -q 'asm volat
   echo "run.sh: s2_forward.cu no longer has the lines its emulation edits" >&2
   exit 1
 fi
-cp "$here/emu.h" "$here/sm90.h" "$here/decode_check.cc" "$here/exact_check.cc" "$here/wgmma_check.cc" "$tmp/"
+cp "$here/emu.h" "$here/sm90.h" "$here/checks.h" "$here/decode_check.cc" "$here/exact_check.cc" "$here/wgmma_check.cc" \
+   "$tmp/"
 builds=()
 for cfg in "0 128" "1 128" "0 64" "1 64"; do
   set -- $cfg

@@ -1,11 +1,11 @@
 // Checks the sm_90 wgmma forward kernel of shaders/cuda/s2_forward.cu (USE_WGMMA=1: warp specialised, TMA,
 // mbarriers, named barriers, wgmma) on the CPU: compiled by g++ over emu.h and sm90.h (a std::thread per CUDA
 // thread, 384 per CTA; the CTAs of the persistent grid run one after the other, each walking its work items),
-// against an f64 reference attention over the token mask of the block rule below. MergeQ row lists (tiles of
-// 128 rows, both row-mask forms) are built here from that rule as src/plan/mergeq.rs builds them; K and V come
-// through tensor maps encoded as the host encodes them (src/cuda/forward.rs: dims {D, kv_heads, seq, batch},
-// box {64, 1, 64, 1}, 128B swizzle, rows past the end zero-filled); dynamic shared memory is what the host
-// allocates (`wgmma_smem_bytes`, src/cuda/plan.rs). 4 heads in 2 patterns over 2 KV heads (GQA).
+// against an f64 reference attention over the token mask of checks.h's block rule. MergeQ row lists (tiles of
+// 128 rows, both row-mask forms) are built from that rule as src/plan/mergeq.rs builds them (checks.h); K and V
+// come through tensor maps encoded as the host encodes them (src/cuda/forward.rs: dims {D, kv_heads, seq,
+// batch}, box {64, 1, 64, 1}, 128B swizzle, rows past the end zero-filled); dynamic shared memory is what the
+// host allocates (`wgmma_smem_bytes`, src/cuda/plan.rs). 4 heads in 2 patterns over 2 KV heads (GQA).
 // Arguments (key=value): seq (tokens, default 421: a partial last block and a last tile whose second
 // warpgroup has no row), batch (1), block (layout block size, 64 or 128: two query blocks per tile, or two key
 // chunks per block), ctas (3: items wrap around the persistent CTAs), and the flags noncausal (one query block
@@ -15,6 +15,7 @@
 // 1e-3, an unwritten or stray element, or a set non-finite flag. Build and run all configurations with run.sh.
 #include "emu.h"
 #include "sm90.h"
+#include "checks.h"
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -35,87 +36,27 @@ static const u32 H = 4, HK = 2, GROUP = H / HK, HPP = 2, PATTERNS = H / HPP, D =
 static u32 SEQ = 421, BATCH = 1, BS = 64, CTAS = 3;
 static bool CAUSAL = true, STRIDED = false;
 
-// Whether query block qb of `pattern` attends key block kb, as the block index holds it (causal: kb <= qb): a
-// local window of two blocks, a vertical stride (3 + pattern, phase stride - 1), and in pattern 1 the odd query
-// blocks also attend the blocks 3 to 6 back, which their tile's even block does not (but for a stride block):
-// bit-mask entries, and with blocks of 64 runs of three chunks that a tile's first warpgroup skips after one it
-// computed (a warpgroup that held that chunk's K/V stage across them would deadlock the 4-stage ring); without
-// causality also the next block, and pattern 1's query block 4 attends nothing.
-static bool attend(u32 pattern, u32 qb, u32 kb) {
-    if (CAUSAL && kb > qb) return false;
-    if (!CAUSAL && pattern == 1 && qb == 4) return false;
-    if (kb == qb || kb + 1 == qb) return true;
-    if (kb % (3 + pattern) == 2 + pattern) return true;
-    if (pattern == 1 && qb % 2 == 1 && kb + 3 <= qb && kb + 6 >= qb) return true;
-    return !CAUSAL && kb == qb + 1;
-}
-
 int main(int argc, char** argv) {
-    for (int i = 1; i < argc; i++) {
-        std::string a = argv[i];
-        auto val = [&](const char* key) { return (u32)atoi(a.c_str() + strlen(key) + 1); };
-        if (a == "noncausal") CAUSAL = false;
-        else if (a == "strided") STRIDED = true;
-        else if (a.rfind("seq=", 0) == 0) SEQ = val("seq");
-        else if (a.rfind("batch=", 0) == 0) BATCH = val("batch");
-        else if (a.rfind("block=", 0) == 0) BS = val("block");
-        else if (a.rfind("ctas=", 0) == 0) CTAS = val("ctas");
-        else {
-            fprintf(stderr, "unknown argument %s\n", argv[i]);
-            return 2;
-        }
-    }
+    if (!parse_args(argc, argv, {{"seq", &SEQ}, {"batch", &BATCH}, {"block", &BS}, {"ctas", &CTAS}},
+                    {{"noncausal", &CAUSAL, false}, {"strided", &STRIDED, true}}))
+        return 2;
     if (BS % BLOCK_K != 0 || (TILE > BS && TILE / BS > 31)) {
         fprintf(stderr, "block %u: the kernel walks blocks in chunks of %u keys\n", BS, BLOCK_K);
         return 2;
     }
-    const u32 nb = (SEQ + BS - 1) / BS, tiles = (SEQ + TILE - 1) / TILE;
+    const u32 tiles = (SEQ + TILE - 1) / TILE;
 
-    // MergeQ row lists, per pattern and tile: [kv_block, rowmask] pairs, the row mask a prefix row count where
-    // the rows up to the last attending block may all attend (the rest being fully causal-masked or past the
-    // end), else bit b per query block b of the tile (src/plan/mergeq.rs).
-    std::vector<u32> row_ptr{0}, entries;
-    u32 prefix_entries = 0, bit_entries = 0;
-    for (u32 pat = 0; pat < PATTERNS; pat++)
-        for (u32 t = 0; t < tiles; t++) {
-            if (TILE <= BS) {
-                const u32 qb = t * TILE / BS;
-                for (u32 kb = 0; kb < nb; kb++)
-                    if (attend(pat, qb, kb)) entries.insert(entries.end(), {kb, TILE}), prefix_entries++;
-            } else {
-                const u32 per = TILE / BS, first = t * per;
-                for (u32 kb = 0; kb < nb; kb++) {
-                    u32 bits = 0, dont_care = 0;
-                    for (u32 b = 0; b < per; b++) {
-                        const u32 qb = first + b;
-                        if (qb < nb && attend(pat, qb, kb)) bits |= 1u << b;
-                        else if (qb >= nb || (CAUSAL && qb < kb)) dont_care |= 1u << b;
-                    }
-                    if (!bits) continue;
-                    const u32 covered = 32 - __builtin_clz(bits), prefix = (1u << covered) - 1;
-                    if ((prefix & ~(bits | dont_care)) == 0) {
-                        entries.insert(entries.end(), {kb, covered * BS});
-                        prefix_entries++;
-                    } else {
-                        entries.insert(entries.end(), {kb, ROWMASK_BITS | bits});
-                        bit_entries++;
-                    }
-                }
-            }
-            row_ptr.push_back(entries.size() / 2);
-        }
-    if (entries.empty()) entries = {0, 0};
+    // MergeQ row lists of 128-row tiles (checks.h).
+    const EmuLists rows = mergeq_lists(CAUSAL, PATTERNS, SEQ, BS, TILE);
+    const std::vector<u32>& row_ptr = rows.ptr;
+    const std::vector<u32>& entries = rows.entries;
+    const u32 prefix_entries = rows.prefix, bit_entries = rows.bits;
 
     // Inputs, token strides past heads * D when strided (the padding holds NaN: a read of it would show).
     const u32 q_tok = H * D + (STRIDED ? 8 : 0), kv_tok = HK * D + (STRIDED ? 24 : 0),
               o_tok = H * D + (STRIDED ? 16 : 0);
     const size_t nq = (size_t)BATCH * SEQ * q_tok, nkv = (size_t)BATCH * SEQ * kv_tok;
-    std::mt19937 rng(5 + D + SEQ);
-    std::uniform_real_distribution<float> U(-1.5f, 1.5f);
-    auto nonzero = [&] {
-        float x = U(rng);
-        return from_f32(fabsf(x) < 1e-3f ? 0.5f : x);
-    };
+    NonZero nonzero(5 + D + SEQ);
     std::vector<u16> q(nq, 0xffff), k(nkv, 0xffff), v(nkv, 0xffff);
     auto qi = [&](u32 b, u32 t, u32 h, u32 c) { return ((size_t)b * SEQ + t) * q_tok + h * D + c; };
     auto ki = [&](u32 b, u32 t, u32 h, u32 c) { return ((size_t)b * SEQ + t) * kv_tok + h * D + c; };
@@ -166,15 +107,11 @@ int main(int argc, char** argv) {
             for (u32 i = 0; i < SEQ; i++) {
                 std::vector<u32> keys;
                 std::vector<double> s;
-                double m = -INFINITY;
-                for (u32 j = 0; j < SEQ; j++) {
-                    if (!attend(h / HPP, i / BS, j / BS) || (CAUSAL && j > i)) continue;
+                const double m = row_scores(CAUSAL, h / HPP, BS, SEQ, i, scale, [&](u32 j) {
                     double x = 0;
                     for (u32 c = 0; c < D; c++) x += f(q[qi(b, i, h, c)]) * f(k[ki(b, j, h / GROUP, c)]);
-                    keys.push_back(j);
-                    s.push_back(x * scale);
-                    m = std::max(m, x * scale);
-                }
+                    return x;
+                }, keys, s);
                 double l = 0;
                 for (double x : s) l += exp(x - m);
                 const float got_lse = lse[(size_t)b * H * SEQ + (size_t)h * SEQ + i];
