@@ -7,7 +7,8 @@
 // - proxies: the async proxy (TMA and bulk copies, wgmma operand reads) sees shared memory through its own copy,
 //   g_dyn_async: the TMA and bulk copies write both copies, wgmma reads the async one, and fence.proxy.async
 //   copies the window's generic bytes into it. A wgmma operand written by generic stores or cp.async with no
-//   proxy fence after them is read stale (poison), which shows.
+//   proxy fence after them is read stale (poison), which shows. Coarser than the hardware: any thread's fence
+//   publishes every generic write made so far, so a missing fence shows only where no later fence covers it.
 // - cp.async (the Ampere form, 16 bytes, zero fill) copies its source when issued and lands later:
 //   cp.async.mbarrier.arrive.noinc hands the thread's uncommitted copies to the mbarrier, and they land
 //   together with that arrival either at once or only when some thread waits on the mbarrier (half each, by
