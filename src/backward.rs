@@ -70,7 +70,7 @@ impl AttentionGrad {
         let index = layout.index(shape.seq_len);
         #[cfg(feature = "cuda")]
         if let Some(cuda) = ctx.cuda() {
-            let plan = crate::cuda::plan_backward_cuda(&shape, layout, cuda.caps().max_workgroup_storage)?;
+            let plan = crate::cuda::plan_backward_cuda(&shape, layout, cuda.caps())?;
             let mergeq = layout.mergeq(shape.seq_len, plan.dq.tile_q);
             let columns = ColumnPlan::build(&index, layout.block_size(), layout.causal(), plan.dkdv.tile_q);
             let engine = Engine::Cuda(crate::cuda::CudaBackward::new(cuda, layout, shape, &plan, &mergeq, &columns)?);

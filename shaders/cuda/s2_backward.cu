@@ -21,11 +21,14 @@
 #ifndef PASS
 #define PASS 0
 #endif
-#if GROUP_ROWS != 16
-#error "the backward kernels give each warp 16 rows (BLOCK_Q = 16 * WARPS)"
+#if PASS != 2 && GROUP_ROWS != 16
+#error "the mma.sync backward kernels give each warp 16 rows (BLOCK_Q = 16 * WARPS)"
 #endif
-#if PASS == 1 && BLOCK_K != 64
-#error "the dK/dV pass walks query tiles of 64 rows"
+#if PASS >= 1 && BLOCK_K != 64
+#error "the dK/dV passes walk query tiles of 64 rows"
+#endif
+#if PASS == 2 && !USE_WGMMA
+#error "the wgmma dK/dV pass builds on the forward's wgmma configuration (USE_WGMMA=1)"
 #endif
 
 #define POS_INF __int_as_float(0x7f800000)
@@ -62,6 +65,12 @@ struct BwdParams {
     u32 causal;
     float scale_log2;
     float scale;
+    // The wgmma dK/dV pass (PASS 2) only: its persistent schedule and the TMA maps of its tiles.
+    const u32* sched;        // work items (key tile, KV head, batch), longest column walks first; CTA c takes c, + grid, ...
+    u32 items;
+    u32 key_tiles;           // 64-key tiles per sequence
+    TensorMap q_map, do_map; // Q and dO as [batch][seq][heads][D] u16, boxes of 64 x 64, 128B swizzle
+    TensorMap k_map, v_map;  // K and V as [batch][seq][kv_heads][D]
 };
 
 __device__ __forceinline__ float to_f32(u16 x) {
@@ -327,7 +336,7 @@ extern "C" __global__ void __launch_bounds__(NT, 2) s2_backward_dq(const BwdPara
 }
 #endif
 
-#if PASS == 1
+#if PASS == 1 || PASS == 2
 struct ColWalk {
     u32 hh, e, e_end;  // query head within the GQA group, entry, end of that head's column list
 };
@@ -352,6 +361,9 @@ __device__ __forceinline__ bool next_col(ColWalk& w, const BwdParams& p, u32 kvh
         col_head(w, p, kvh, kv_block);
     }
 }
+#endif
+
+#if PASS == 1
 
 extern "C" __global__ void __launch_bounds__(NT, 2) s2_backward_dkdv(const BwdParams p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -486,5 +498,333 @@ extern "C" __global__ void __launch_bounds__(NT, 2) s2_backward_dkdv(const BwdPa
     __syncthreads();
     store_rows<BLOCK_Q>(p.dk + kv_off, p.kv_tok, k_s, key0, seq, tid);
     store_rows<BLOCK_Q>(p.dv + kv_off, p.kv_tok, v_s, key0, seq, tid);
+}
+#endif
+
+#if PASS == 2
+// ---- dK/dV pass on wgmma (sm_90a): warp specialised, TMA, persistent ----
+// Work item = one tile of KT = 64 keys of one KV head and sequence; it walks the column lists of its KV block for
+// every query head of the GQA group (query tiles of QT = 64 rows), as PASS 1 does. Warps 0-7: two consumer
+// warpgroups that both hold all 64 keys (warp w % 4 owns 16 of them) and take the walk's steps in turn (step i
+// of the CTA goes to warpgroup i % 2), each summing its own dK and dV in registers; the epilogue adds warpgroup
+// 1's sums to warpgroup 0's through shared memory in a fixed order, so the result is deterministic. Warps 8-11:
+// the producer warpgroup, whose thread 0 loads the item's K and V tile and, per step, the Q and dO tiles (TMA,
+// 128-byte swizzled) and the tile's LSE * log2(e) and D rows (bulk copies) into a ring of BW_STAGES stages.
+// Per step, on tensor cores: S^T = K Q^T and dP^T = V dO^T (both operands from shared memory), then
+// P^T = exp2(S^T * scale * log2(e) - LSE) and dS^T = P^T (dP^T - D) in registers, dV += P^T dO and
+// dK += dS^T Q (register A operands, Q and dO read transposed).
+#define KT 64                      // keys per work item
+#define QT BLOCK_K                 // query rows per step: the column plan's tile
+#define BW_STAGES 4                // Q / dO ring: each warpgroup computes one stage while its next one loads
+#define QD_TILE (QT * HEAD_DIM)    // elements of one staged Q (or dO) tile: HEAD_DIM / 64 atoms of 64 rows x 128 B
+#define KV_TILE (KT * HEAD_DIM)    // elements of the item's K (or V) tile, same layout
+#define BW_PRODUCER_REGS 24        // the producer only issues copies from one thread
+#define BW_CONSUMER_REGS 240       // dK and dV (2 x HEAD_DIM / 2 f32), S^T and dP^T (2 x 32) per thread
+#if (QD_TILE * 2) % 1024 != 0 || (KV_TILE * 2) % 1024 != 0
+#error "the tiles must keep the 1024-byte alignment of the swizzle atoms"
+#endif
+
+// D[64 x 64] (+)= A[64 x 16] * B[16 x 64], both from shared memory (descriptors, K-major).
+__device__ __forceinline__ void wgmma_ss_n64(float* d, u64 desc_a, u64 desc_b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "setp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." MMA_TYPE "." MMA_TYPE " {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// A bulk copy of `bytes` (a multiple of 16, 16-byte aligned) from global `src` to shared `dst`, completing `bar`
+// with its byte count.
+__device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+
+// K-major operand descriptor of a 64-row tile (keys of K / V, queries of Q / dO) at k-step kd of HEAD_DIM: 32 bytes
+// further inside the 128-byte rows per step, the next 64-column atom every 4 steps; SBO = 8 rows.
+#define TILE_DESC(base, kd) make_desc((base) + ((kd) / 4) * (64 * 128) + ((kd) % 4) * 32, 16, 1024)
+
+struct BwdItem {
+    u32 kt, kvh, b;
+};
+
+__device__ __forceinline__ BwdItem bwd_item(const BwdParams& p, u32 w) {
+    const u32 x = p.sched[w];
+    const u32 kv_heads = p.num_heads / p.kv_group;
+    BwdItem it;
+    it.kt = x % p.key_tiles;
+    it.kvh = (x / p.key_tiles) % kv_heads;
+    it.b = x / (p.key_tiles * kv_heads);
+    return it;
+}
+
+// Adds (warpgroup 0) or hands over (warpgroup 1) one accumulator array through `red` (thread-major float4s, so
+// both warpgroups' thread x meet the same 64 keys x columns), between barriers of both warpgroups.
+__device__ __forceinline__ void reduce_pair(float (&acc)[ND][4], float4* red, int wg, int x) {
+    if (wg == 1) {
+#pragma unroll
+        for (int n = 0; n < ND; ++n) red[n * 128 + x] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
+    }
+    named_sync(1, 256);
+    if (wg == 0) {
+#pragma unroll
+        for (int n = 0; n < ND; ++n) {
+            const float4 r = red[n * 128 + x];
+            acc[n][0] += r.x;
+            acc[n][1] += r.y;
+            acc[n][2] += r.z;
+            acc[n][3] += r.w;
+        }
+    }
+    named_sync(1, 256);
+}
+
+// Element offset of (key row r, column col) in the epilogue's 16-bit staging tile: 16-byte chunks XOR r % 8, so
+// that the accumulator writes and the row reads are conflict-free.
+__device__ __forceinline__ u32 red_off(u32 r, u32 col) { return r * HEAD_DIM + (((col / 8) ^ (r % 8)) * 8) + col % 8; }
+
+extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dkdv_wgmma(const __grid_constant__ BwdParams p) {
+    extern __shared__ __align__(1024) unsigned char smem_raw_[];
+    unsigned char* smem_raw = smem_raw_ + ((1024u - (smem_addr(smem_raw_) & 1023u)) & 1023u);
+    u16* k_s = (u16*)smem_raw;                          // [KV_TILE]
+    u16* v_s = k_s + KV_TILE;                           // [KV_TILE]
+    u16* q_s = v_s + KV_TILE;                           // [BW_STAGES][QD_TILE]
+    u16* do_s = q_s + BW_STAGES * QD_TILE;              // [BW_STAGES][QD_TILE]
+    float* red_s = (float*)(do_s + BW_STAGES * QD_TILE);  // [KT * HEAD_DIM]: the epilogue's
+    float* stat_s = red_s + KT * HEAD_DIM;              // [BW_STAGES][2][QT]: LSE * log2(e), D
+    u64* bars = (u64*)(stat_s + BW_STAGES * 2 * QT);    // full[BW_STAGES], empty[BW_STAGES], kv_full, kv_empty
+    const u32 full0 = smem_addr(bars), empty0 = full0 + 8 * BW_STAGES;
+    const u32 kv_full = empty0 + 8 * BW_STAGES, kv_empty = kv_full + 8;
+
+    const int tid = threadIdx.x;
+    const int warp = tid / 32, lane = tid % 32;
+    const u32 seq = p.seq_len;
+
+    if (tid == 0) {
+        for (int s = 0; s < BW_STAGES; ++s) {
+            mbar_init(full0 + 8 * s, 1);      // the producer's arrival (plus the stage's bytes)
+            mbar_init(empty0 + 8 * s, 4);     // one arrival per warp of the warpgroup that took the step
+        }
+        mbar_init(kv_full, 1);
+        mbar_init(kv_empty, WARPS);           // every consumer warp, after its last step of the item
+    }
+    __syncthreads();  // the only CTA-wide barrier
+
+    if (warp >= WARPS) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(BW_PRODUCER_REGS));
+        if (tid == WARPS * 32) {
+            u32 i = 0, n = 0;
+            for (u32 w = blockIdx.x; w < p.items; w += gridDim.x, ++n) {
+                const BwdItem it = bwd_item(p, w);
+                const u32 key0 = it.kt * KT;
+                mbar_wait(kv_empty, (n & 1u) ^ 1u);
+                mbar_arrive_expect_tx(kv_full, 2 * KV_TILE * 2);
+#pragma unroll
+                for (int a = 0; a < HEAD_DIM / 64; ++a) {
+                    tma_load_4d(smem_addr(k_s) + a * KT * 128, &p.k_map, a * 64, it.kvh, key0, it.b, kv_full);
+                    tma_load_4d(smem_addr(v_s) + a * KT * 128, &p.v_map, a * 64, it.kvh, key0, it.b, kv_full);
+                }
+                const u32 kv_block = key0 / p.block_size;
+                ColWalk wk;
+                wk.hh = 0;
+                col_head(wk, p, it.kvh, kv_block);
+                bool has = next_col(wk, p, it.kvh, kv_block, key0);
+                while (has) {
+                    const u32 s = i % BW_STAGES;
+                    mbar_wait(empty0 + 8 * s, ((i / BW_STAGES) & 1u) ^ 1u);
+                    const u32 head = it.kvh * p.kv_group + wk.hh;
+                    const u32 q0 = p.col_entries[2 * wk.e] * QT;
+                    const u32 full = full0 + 8 * s;
+                    mbar_arrive_expect_tx(full, 2 * QD_TILE * 2 + 2 * QT * 4);
+#pragma unroll
+                    for (int a = 0; a < HEAD_DIM / 64; ++a) {
+                        tma_load_4d(smem_addr(q_s + s * QD_TILE) + a * QT * 128, &p.q_map, a * 64, head, q0, it.b, full);
+                        tma_load_4d(smem_addr(do_s + s * QD_TILE) + a * QT * 128, &p.do_map, a * 64, head, q0, it.b, full);
+                    }
+                    const long long at = ((long long)it.b * p.num_heads + head) * p.seq_pad + q0;
+                    bulk_load(smem_addr(stat_s + s * 2 * QT), p.lse2 + at, QT * 4, full);
+                    bulk_load(smem_addr(stat_s + s * 2 * QT + QT), p.delta + at, QT * 4, full);
+                    ++i;
+                    ++wk.e;
+                    has = next_col(wk, p, it.kvh, kv_block, key0);
+                }
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(BW_CONSUMER_REGS));
+        const u32 wg = warp / 4;
+        const int g = lane / 4, t = lane % 4;
+        const u32 wk0 = (warp % 4) * 16;  // this warp's first key row in the tile
+        const u32 k_base = smem_addr(k_s), v_base = smem_addr(v_s);
+        u32 i = 0, n = 0;
+        for (u32 w = blockIdx.x; w < p.items; w += gridDim.x, ++n) {
+            const BwdItem it = bwd_item(p, w);
+            const u32 key0 = it.kt * KT;
+            const u32 kw0 = key0 + wk0;
+            const u32 kv_block = key0 / p.block_size;
+            float dk[ND][4], dv[ND][4];
+#pragma unroll
+            for (int nd = 0; nd < ND; ++nd)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) dk[nd][e] = dv[nd][e] = 0.f;
+            mbar_wait(kv_full, n & 1u);
+
+            ColWalk wk;
+            wk.hh = 0;
+            col_head(wk, p, it.kvh, kv_block);
+            bool has = next_col(wk, p, it.kvh, kv_block, key0);
+            while (has) {
+                if ((i & 1u) == wg) {
+                    const u32 s = i % BW_STAGES;
+                    const u32 rm = p.col_entries[2 * wk.e + 1];
+                    const u32 q0 = p.col_entries[2 * wk.e] * QT;
+                    const int att = rows_attend(rm, 0, QT, p.block_size);
+                    const bool need_mask =
+                        (att & 2) == 0 || q0 + QT > seq || kw0 + 16u > seq || (p.causal && kw0 + 15u > q0);
+                    const u32 qs_base = smem_addr(q_s + s * QD_TILE), dos_base = smem_addr(do_s + s * QD_TILE);
+                    const float* lse_s = stat_s + s * 2 * QT;
+                    const float* dl_s = lse_s + QT;
+                    mbar_wait(full0 + 8 * s, (i / BW_STAGES) & 1u);
+
+                    float st[NK][4], dpt[NK][4];
+                    fence_regs<NK * 4>(&st[0][0]);
+                    fence_regs<NK * 4>(&dpt[0][0]);
+                    wgmma_fence();
+#pragma unroll
+                    for (int kd = 0; kd < KD; ++kd)
+                        wgmma_ss_n64(&st[0][0], TILE_DESC(k_base, kd), TILE_DESC(qs_base, kd), kd > 0);
+#pragma unroll
+                    for (int kd = 0; kd < KD; ++kd)
+                        wgmma_ss_n64(&dpt[0][0], TILE_DESC(v_base, kd), TILE_DESC(dos_base, kd), kd > 0);
+                    wgmma_commit();
+                    wgmma_wait<0>();
+                    fence_regs<NK * 4>(&st[0][0]);
+                    fence_regs<NK * 4>(&dpt[0][0]);
+
+                    if (need_mask) {
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            const u32 kj = kw0 + g + h * 8;
+#pragma unroll
+                            for (int c = 0; c < NK; ++c)
+#pragma unroll
+                                for (int e = 0; e < 2; ++e) {
+                                    const u32 r = c * 8 + 2 * t + e;
+                                    const u32 qi = q0 + r;
+                                    const bool ok = row_attends(rm, r, p.block_size) && qi < seq && kj < seq &&
+                                                    !(p.causal && kj > qi);
+                                    if (!ok) st[c][2 * h + e] = NEG_INF;
+                                }
+                        }
+                    }
+                    // P^T into st, dS^T into dpt; then both as wgmma A fragments (rounded to the storage type).
+                    u32 pa[KK][4], da[KK][4];
+#pragma unroll
+                    for (int c = 0; c < NK; ++c) {
+                        const float2 l2 = *(const float2*)(lse_s + c * 8 + 2 * t);
+                        const float2 dl = *(const float2*)(dl_s + c * 8 + 2 * t);
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            const float p0 = fast_exp2(fmaf(st[c][2 * h], p.scale_log2, -l2.x));
+                            const float p1 = fast_exp2(fmaf(st[c][2 * h + 1], p.scale_log2, -l2.y));
+                            st[c][2 * h] = p0;
+                            st[c][2 * h + 1] = p1;
+                            dpt[c][2 * h] = p0 * (dpt[c][2 * h] - dl.x);
+                            dpt[c][2 * h + 1] = p1 * (dpt[c][2 * h + 1] - dl.y);
+                        }
+                    }
+#pragma unroll
+                    for (int kk = 0; kk < KK; ++kk) {
+                        pa[kk][0] = pack2(st[2 * kk][0], st[2 * kk][1]);
+                        pa[kk][1] = pack2(st[2 * kk][2], st[2 * kk][3]);
+                        pa[kk][2] = pack2(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+                        pa[kk][3] = pack2(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+                        da[kk][0] = pack2(dpt[2 * kk][0], dpt[2 * kk][1]);
+                        da[kk][1] = pack2(dpt[2 * kk][2], dpt[2 * kk][3]);
+                        da[kk][2] = pack2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+                        da[kk][3] = pack2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+                    }
+                    fence_regs<ND * 4>(&dv[0][0]);
+                    fence_regs<ND * 4>(&dk[0][0]);
+                    wgmma_fence();
+                    // dV += P^T dO and dK += dS^T Q: a k-step is 16 query rows (2048 bytes), B read transposed
+                    // (N = head dim across the 64-column atoms, LBO = one atom).
+#pragma unroll
+                    for (int kk = 0; kk < KK; ++kk) {
+#if HEAD_DIM == 128
+                        wgmma_n128<1>(&dv[0][0], pa[kk], V_DESC(dos_base, kk), 1);
+#else
+                        wgmma_n64<1>(&dv[0][0], pa[kk], V_DESC(dos_base, kk), 1);
+#endif
+                    }
+#pragma unroll
+                    for (int kk = 0; kk < KK; ++kk) {
+#if HEAD_DIM == 128
+                        wgmma_n128<1>(&dk[0][0], da[kk], V_DESC(qs_base, kk), 1);
+#else
+                        wgmma_n64<1>(&dk[0][0], da[kk], V_DESC(qs_base, kk), 1);
+#endif
+                    }
+                    wgmma_commit();
+                    wgmma_wait<0>();
+                    fence_regs<ND * 4>(&dv[0][0]);
+                    fence_regs<ND * 4>(&dk[0][0]);
+                    fence_u32<KK * 4>(&pa[0][0]);
+                    fence_u32<KK * 4>(&da[0][0]);
+                    __syncwarp();
+                    if (lane == 0) mbar_arrive(empty0 + 8 * s);
+                }
+                ++i;
+                ++wk.e;
+                has = next_col(wk, p, it.kvh, kv_block, key0);
+            }
+            // This warp is done with the item's K and V: the producer may load the next item's.
+            __syncwarp();
+            if (lane == 0) mbar_arrive(kv_empty);
+
+            // Epilogue: warpgroup 1's sums into warpgroup 0's (dV, then dK), which stages both in 16 bits; then all
+            // 256 consumer threads store the rows below seq.
+            const int x = tid % 128;
+            float4* red4 = (float4*)red_s;
+            reduce_pair(dv, red4, wg, x);
+            reduce_pair(dk, red4, wg, x);
+            u16* dk_st = (u16*)red_s;
+            u16* dv_st = dk_st + KT * HEAD_DIM;
+            if (wg == 0) {
+                const u32 kj = kw0 + g;
+                const int valid = kj >= seq ? 0 : kj + 8u >= seq ? 1 : 2;
+                flag_nonfinite(p.flag, dk, valid);
+                flag_nonfinite(p.flag, dv, valid);
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+#pragma unroll
+                    for (int nd = 0; nd < ND; ++nd) {
+                        const u32 r = wk0 + g + h * 8, col = nd * 8 + 2 * t;
+                        *(u32*)(dk_st + red_off(r, col)) = pack2(dk[nd][2 * h] * p.scale, dk[nd][2 * h + 1] * p.scale);
+                        *(u32*)(dv_st + red_off(r, col)) = pack2(dv[nd][2 * h], dv[nd][2 * h + 1]);
+                    }
+            }
+            named_sync(1, 256);
+            const long long kv_off = (long long)it.b * p.kv_batch + (long long)it.kvh * HEAD_DIM;
+#pragma unroll 4
+            for (int j = tid; j < 2 * KT * CPR; j += 256) {
+                const int which = j / (KT * CPR), r = (j / CPR) % KT, c = j % CPR;
+                if (key0 + r < seq) {
+                    const u16* src = (which ? dv_st : dk_st) + red_off(r, c * 8);
+                    u16* dst = (which ? p.dv : p.dk) + kv_off + (long long)(key0 + r) * p.kv_tok + c * 8;
+                    *(uint4*)dst = *(const uint4*)src;
+                }
+            }
+            named_sync(1, 256);  // the staging area is free for the next item
+        }
+    }
 }
 #endif

@@ -1,6 +1,7 @@
 //! Host side of the CUDA backward (`shaders/cuda/s2_backward.cu`): the plan (tiles, shared memory), the
-//! two kernels (dQ pass with D fused, then the dK/dV pass over the column lists), the row and column lists
-//! and the D / LSE scratch on the device, launches on host slices, and CUDA-event timing. Every run clears
+//! two kernels (dQ pass with D fused, then the dK/dV pass over the column lists: on `wgmma` with TMA loads on
+//! sm_90, else on `mma.sync`), the row and column lists, the wgmma pass's schedule and the D / LSE scratch on the
+//! device, launches on host slices, and CUDA-event timing. Every run clears
 //! the non-finite flag, runs both passes and then the exact kernel, which redoes dQ, dK and dV only when a
 //! pass flagged a non-finite gradient ([`super::exact`]).
 //! [`crate::AttentionGrad`] runs it on a CUDA [`crate::Context`].
@@ -8,10 +9,12 @@
 use super::compile::{KernelKey, S2_FORWARD_SRC};
 use super::context::{cuda_err, CudaContext};
 use super::exact::{Exact, ExactParams, Pass};
+use super::forward::{tile_tensor_map, TensorMap};
+use super::plan::{arch_of, WGMMA_WARPS};
 use crate::error::{Error, Result};
 use crate::gpu::Timing;
 use crate::layout::Layout;
-use crate::plan::{BackwardPlan, ColumnPlan, DType, DispatchPlan, KernelVariant, MergeQPlan, Shape};
+use crate::plan::{BackwardPlan, ColumnPlan, DType, DeviceCaps, DispatchPlan, KernelVariant, MergeQPlan, Shape};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig};
 use cudarc::driver::{PushKernelArg, ValidAsZeroBits};
 use std::sync::{Arc, Mutex};
@@ -26,7 +29,18 @@ pub const CUDA_BACKWARD_HEAD_DIMS: &[u32] = &[32, 64, 96, 128];
 const TILE_Q: u32 = 64;
 /// Warps of the dQ pass: 16 query rows each.
 const DQ_WARPS: u32 = TILE_Q / 16;
+/// Keys per work item of the wgmma dK/dV pass (`KT` in `s2_backward.cu`).
+const WGMMA_KEY_TILE: u32 = 64;
+/// Q / dO ring stages of the wgmma dK/dV pass (`BW_STAGES`).
+const WGMMA_BWD_STAGES: u32 = 4;
 
+/// Shared memory of the wgmma dK/dV pass: the item's K and V tiles, the ring of Q and dO tiles (all 128-byte
+/// swizzled), the f32 staging of the epilogue's reduction, the ring's LSE and D rows, its mbarriers and 1 KB of
+/// alignment slack.
+fn wgmma_dkdv_smem_bytes(head_dim: u32) -> u32 {
+    let tiles = (2 * WGMMA_KEY_TILE + 2 * WGMMA_BWD_STAGES * TILE_Q) * head_dim * 2;
+    tiles + WGMMA_KEY_TILE * head_dim * 4 + WGMMA_BWD_STAGES * 2 * TILE_Q * 4 + 8 * (2 * WGMMA_BWD_STAGES + 2) + 1024
+}
 /// The kernels' parameter block; mirrors `struct BwdParams` in `shaders/cuda/s2_backward.cu`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -63,6 +77,13 @@ struct Params {
     causal: u32,
     scale_log2: f32,
     scale: f32,
+    sched: u64,
+    items: u32,
+    key_tiles: u32,
+    q_map: TensorMap,
+    do_map: TensorMap,
+    k_map: TensorMap,
+    v_map: TensorMap,
 }
 
 // SAFETY: plain-old-data with the C layout the kernels declare.
@@ -74,10 +95,12 @@ fn smem_bytes(rows: u32, step: u32, head_dim: u32, stats: bool) -> u32 {
     (2 * rows + 4 * step) * (head_dim + 8) * 2 + if stats { 4 * step * 4 } else { 0 }
 }
 
-/// Plans the CUDA backward: the dQ pass in query tiles of 64 rows (four warps) and key chunks of
-/// `min(64, block)`, the dK/dV pass in key tiles of `min(64, block)` (16 keys a warp) and query steps of
-/// 64 rows.
-pub fn plan_backward_cuda(shape: &Shape, layout: &Layout, max_smem: u32) -> Result<BackwardPlan> {
+/// Plans the CUDA backward on a device with `caps`: the dQ pass in query tiles of 64 rows (four warps) and key
+/// chunks of `min(64, block)`; the dK/dV pass in query steps of 64 rows, on sm_90 at head dims 64 and 128 with
+/// blocks of 64 keys or more on `wgmma` (key tiles of 64, two consumer warpgroups taking the steps in turn),
+/// elsewhere on `mma.sync` in key tiles of `min(64, block)` (16 keys a warp).
+pub fn plan_backward_cuda(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result<BackwardPlan> {
+    let max_smem = caps.max_workgroup_storage;
     if !matches!(shape.dtype, DType::F16 | DType::BF16) {
         return Err(Error::Unsupported("the CUDA backward runs f16 and bf16; use those, or f32 on wgpu".into()));
     }
@@ -104,6 +127,33 @@ pub fn plan_backward_cuda(shape: &Shape, layout: &Layout, max_smem: u32) -> Resu
             reason,
         })
     };
+    let wgmma_bytes = wgmma_dkdv_smem_bytes(d);
+    let wgmma = arch_of(caps) == Some((9, 0))
+        && (d == 64 || d == 128)
+        && layout.block_size() >= WGMMA_KEY_TILE
+        && wgmma_bytes <= max_smem;
+    let dkdv = if wgmma {
+        DispatchPlan {
+            variant: KernelVariant::CudaWgmma,
+            tile_q: TILE_Q,
+            tile_kv: WGMMA_KEY_TILE,
+            workgroup_size: (WGMMA_WARPS + 4) * 32,
+            workgroup_bytes: wgmma_bytes,
+            reason: format!(
+                "wgmma m64n64k16 (S^T, dP^T) / m64n{d}k16 (dV, dK), warp specialised: producer thread (K/V tile, Q/dO \
+                 by TMA, 128B-swizzled, {WGMMA_BWD_STAGES}-stage mbarrier ring) + 2 consumer warpgroups taking the \
+                 steps in turn over the same 64 keys, summed in a fixed order; persistent, GQA summed in the CTA"
+            ),
+        }
+    } else {
+        plan(
+            TILE_Q,
+            chunk,
+            chunk / 16,
+            smem_bytes(chunk, TILE_Q, d, true),
+            "mma.sync m16n8k16, 16 keys per warp, 2-stage cp.async Q/dO, GQA summed in the CTA".into(),
+        )?
+    };
     Ok(BackwardPlan {
         dq: plan(
             TILE_Q,
@@ -112,14 +162,34 @@ pub fn plan_backward_cuda(shape: &Shape, layout: &Layout, max_smem: u32) -> Resu
             smem_bytes(TILE_Q, chunk, d, false),
             "mma.sync m16n8k16, 16 rows per warp, 2-stage cp.async K/V, D fused".into(),
         )?,
-        dkdv: plan(
-            TILE_Q,
-            chunk,
-            chunk / 16,
-            smem_bytes(chunk, TILE_Q, d, true),
-            "mma.sync m16n8k16, 16 keys per warp, 2-stage cp.async Q/dO, GQA summed in the CTA".into(),
-        )?,
+        dkdv,
     })
+}
+
+/// The wgmma dK/dV pass's work items, `(batch * kv_heads + kv_head) * key_tiles + key_tile`, longest first: an
+/// item's cost is the length of the column lists it walks (every query head of its GQA group), so the long
+/// stripe-block items start first and the short ones fill in behind them.
+fn wgmma_schedule(layout: &Layout, shape: &Shape, columns: &ColumnPlan, key_tiles: u32) -> Vec<u32> {
+    let (heads, kv_heads) = (layout.num_heads(), layout.num_kv_heads());
+    let (group, per_pattern) = (heads / kv_heads, heads / layout.num_patterns());
+    let ptr = columns.col_ptr();
+    let mut items: Vec<(u32, u32)> = Vec::with_capacity((shape.batch * kv_heads * key_tiles) as usize);
+    for b in 0..shape.batch {
+        for kvh in 0..kv_heads {
+            for kt in 0..key_tiles {
+                let block = kt * WGMMA_KEY_TILE / layout.block_size();
+                let cost = (0..group)
+                    .map(|hh| {
+                        let slot = (((kvh * group + hh) / per_pattern) * columns.kv_blocks() + block) as usize;
+                        ptr[slot + 1] - ptr[slot]
+                    })
+                    .sum::<u32>();
+                items.push((cost, (b * kv_heads + kvh) * key_tiles + kt));
+            }
+        }
+    }
+    items.sort_by_key(|&(cost, _)| std::cmp::Reverse(cost));
+    items.into_iter().map(|(_, item)| item).collect()
 }
 
 /// One compiled kernel and its launch shape.
@@ -145,10 +215,12 @@ pub struct CudaBackward {
     kv_heads: u32,
     base: Params,
     kernels: [Launch; 2],
+    /// Whether the dK/dV pass runs on wgmma (its launches carry the TMA maps of Q, dO, K and V).
+    wgmma: bool,
     /// The exact kernel, run after both passes (a no-op unless they flagged a non-finite gradient).
     exact: Exact,
-    /// Row and column lists and the D / LSE scratch, read by the kernels through `base`.
-    _owned: ([CudaSlice<u32>; 4], [CudaSlice<f32>; 2]),
+    /// Row and column lists, the wgmma pass's schedule and the D / LSE scratch, read by the kernels through `base`.
+    _owned: ([CudaSlice<u32>; 5], [CudaSlice<f32>; 2]),
     host: Mutex<Option<HostBuffers>>,
 }
 
@@ -188,7 +260,8 @@ impl CudaBackward {
         let source = format!("{S2_FORWARD_SRC}\n#line 1 \"s2_backward.cu\"\n{S2_BACKWARD_SRC}");
         let seq = shape.seq_len;
         let kernel = |pass: i64, p: &DispatchPlan, rows: u32, step: u32, entry: &str, grid| -> Result<_> {
-            let warps = p.workgroup_size / 32;
+            let wgmma = p.variant == KernelVariant::CudaWgmma;
+            let warps = if wgmma { WGMMA_WARPS } else { p.workgroup_size / 32 };
             let defines = [
                 ("HEAD_DIM", shape.head_dim as i64),
                 ("BLOCK_Q", rows as i64),
@@ -196,23 +269,30 @@ impl CudaBackward {
                 ("WARPS", warps as i64),
                 ("IS_BF16", bf16),
                 ("PASS", pass),
+                ("USE_WGMMA", wgmma as i64),
+                ("MIN_BLOCKS", 1),
             ];
-            let key = KernelKey::new("s2_backward.cu", ctx.arch(), &defines);
+            let mut key = KernelKey::new("s2_backward.cu", ctx.arch(), &defines);
+            key.arch_specific = wgmma;
             let func = ctx.kernel(&key, &source, entry, p.workgroup_bytes)?;
             Ok(Launch { func, grid, threads: p.workgroup_size, smem: p.workgroup_bytes })
         };
         let (heads, kv_heads) = (layout.num_heads(), layout.num_kv_heads());
-        let key_tile = plan.dkdv.workgroup_size / 32 * 16;
+        let wgmma = plan.dkdv.variant == KernelVariant::CudaWgmma;
+        let key_tiles = seq.div_ceil(WGMMA_KEY_TILE);
+        let sched = if wgmma { wgmma_schedule(layout, &shape, columns, key_tiles) } else { Vec::new() };
+        let dkdv = if wgmma {
+            // The forward's wgmma configuration (8 consumer warps, 128 x 64 tiles) under the pass's own kernel.
+            let grid = (sched.len().min(ctx.multiprocessors().max(1) as usize).max(1) as u32, 1, 1);
+            kernel(2, &plan.dkdv, 128, TILE_Q, "s2_backward_dkdv_wgmma", grid)?
+        } else {
+            let key_tile = plan.dkdv.workgroup_size / 32 * 16;
+            let grid = (seq.div_ceil(key_tile), kv_heads, shape.batch);
+            kernel(1, &plan.dkdv, key_tile, TILE_Q, "s2_backward_dkdv", grid)?
+        };
         let kernels = [
             kernel(0, &plan.dq, TILE_Q, plan.dq.tile_kv, "s2_backward_dq", (mergeq.tiles(), heads, shape.batch))?,
-            kernel(
-                1,
-                &plan.dkdv,
-                key_tile,
-                TILE_Q,
-                "s2_backward_dkdv",
-                (seq.div_ceil(key_tile), kv_heads, shape.batch),
-            )?,
+            dkdv,
         ];
         let stream = ctx.stream();
         let flat = |e: Vec<[u32; 2]>| e.into_iter().flatten().collect::<Vec<u32>>();
@@ -221,6 +301,7 @@ impl CudaBackward {
             upload(stream, &flat(mergeq.gpu_entries()))?,
             upload(stream, columns.col_ptr())?,
             upload(stream, &flat(columns.gpu_entries()))?,
+            upload(stream, &sched)?,
         ];
         let seq_pad = seq.div_ceil(TILE_Q) * TILE_Q;
         let stats = shape.batch as usize * heads as usize * seq_pad as usize;
@@ -235,6 +316,9 @@ impl CudaBackward {
             row_entries: ptr(&lists[1]),
             col_ptr: ptr(&lists[2]),
             col_entries: ptr(&lists[3]),
+            sched: ptr(&lists[4]),
+            items: sched.len() as u32,
+            key_tiles,
             q_tok: h * d,
             q_batch: seq as i64 * h * d,
             kv_tok: hk * d,
@@ -261,6 +345,7 @@ impl CudaBackward {
             kv_heads,
             base,
             kernels,
+            wgmma,
             exact,
             _owned: (lists, scratch),
             host: Mutex::default(),
@@ -278,7 +363,15 @@ impl CudaBackward {
     /// `p` must address live device buffers of this context sized for the op's shape.
     unsafe fn launch(&self, stream: &CudaStream, p: &Params) -> Result<()> {
         let flag = self.exact.clear(stream)?;
-        let p = &Params { flag, ..*p };
+        let mut p = Params { flag, ..*p };
+        if self.wgmma {
+            let (h, hk) = (self.heads, self.kv_heads);
+            p.q_map = tile_tensor_map(p.q, &self.shape, h, p.q_tok, p.q_batch, TILE_Q)?;
+            p.do_map = tile_tensor_map(p.d_o, &self.shape, h, p.q_tok, p.q_batch, TILE_Q)?;
+            p.k_map = tile_tensor_map(p.k, &self.shape, hk, p.kv_tok, p.kv_batch, WGMMA_KEY_TILE)?;
+            p.v_map = tile_tensor_map(p.v, &self.shape, hk, p.kv_tok, p.kv_batch, WGMMA_KEY_TILE)?;
+        }
+        let p = &p;
         for k in &self.kernels {
             let cfg = LaunchConfig { grid_dim: k.grid, block_dim: (k.threads, 1, 1), shared_mem_bytes: k.smem };
             let mut args = stream.launch_builder(&k.func);
@@ -411,5 +504,70 @@ impl CudaBackward {
             let run = || unsafe { self.launch(stream, p) };
             self.ctx.time_events("running the CUDA backward", warmup, iters, run)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::plan::register_arch;
+    use crate::layout::S2Config;
+
+    fn caps(name: &str) -> DeviceCaps {
+        DeviceCaps {
+            name: name.into(),
+            backend: "cuda".into(),
+            max_workgroup_storage: 227 * 1024,
+            max_invocations: 1024,
+            max_dispatch: i32::MAX as u32,
+            ..DeviceCaps::default()
+        }
+    }
+
+    #[test]
+    fn hopper_takes_wgmma_dkdv_for_head_dims_64_128_and_blocks_of_64_keys_or_more() {
+        let hopper = caps("backward-planner-test sm_90 device");
+        register_arch(&hopper.name, (9, 0));
+        let ampere = caps("backward-planner-test sm_80 device");
+        register_arch(&ampere.name, (8, 0));
+        let shape = |d| Shape::new(1, 4096, d, DType::F16);
+        for (block, d, on_hopper) in [(64, 128, true), (128, 64, true), (64, 96, false), (32, 128, false)] {
+            let layout = Layout::s2(S2Config::new(8, block, 4, 4)).unwrap();
+            let plan = plan_backward_cuda(&shape(d), &layout, &hopper).unwrap();
+            assert_eq!(plan.dkdv.variant == KernelVariant::CudaWgmma, on_hopper, "block {block}, d {d}: {plan}");
+            assert_eq!(plan.dq.variant, KernelVariant::CudaMma, "{plan}");
+            if on_hopper {
+                assert_eq!((plan.dkdv.tile_q, plan.dkdv.tile_kv, plan.dkdv.workgroup_size), (64, 64, 384));
+                assert!(plan.dkdv.workgroup_bytes <= 227 * 1024, "{plan}");
+            }
+            let plan = plan_backward_cuda(&shape(d), &layout, &ampere).unwrap();
+            assert_eq!(plan.dkdv.variant, KernelVariant::CudaMma, "sm_80: {plan}");
+        }
+    }
+
+    #[test]
+    fn wgmma_schedule_holds_every_item_once_longest_walks_first() {
+        let layout = Layout::s2(S2Config::new(8, 64, 2, 4).kv_heads(4)).unwrap();
+        let (batch, seq) = (2, 1000);
+        let shape = Shape::new(batch, seq, 128, DType::F16);
+        let columns = ColumnPlan::build(&layout.index(seq), 64, true, TILE_Q);
+        let key_tiles = seq.div_ceil(WGMMA_KEY_TILE);
+        let sched = wgmma_schedule(&layout, &shape, &columns, key_tiles);
+        let mut sorted = sched.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..batch * 4 * key_tiles).collect::<Vec<_>>());
+        // Each item's cost, recomputed from the column plan: the steps of both query heads of its KV head.
+        let ptr = columns.col_ptr();
+        let cost = |x: u32| {
+            let (kt, kvh) = (x % key_tiles, (x / key_tiles) % 4);
+            (0..2)
+                .map(|hh| {
+                    let slot = (((kvh * 2 + hh) / (8 / layout.num_patterns())) * columns.kv_blocks() + kt) as usize;
+                    ptr[slot + 1] - ptr[slot]
+                })
+                .sum::<u32>()
+        };
+        assert!(sched.windows(2).all(|w| cost(w[0]) >= cost(w[1])), "not longest first");
+        assert!(cost(sched[0]) > cost(sched[sched.len() - 1]), "a stripe block walks more than a local one");
     }
 }

@@ -40,10 +40,10 @@ impl CudaTensor {
     }
 }
 
-/// An opaque `CUtensorMap` as the kernel declares it (`struct TensorMap`, 64-byte aligned).
+/// An opaque `CUtensorMap` as the kernels declare it (`struct TensorMap`, 64-byte aligned).
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default)]
-struct TensorMap([u64; 16]);
+pub(super) struct TensorMap([u64; 16]);
 
 /// The kernel's parameter block; mirrors `struct Params` in `shaders/cuda/s2_forward.cu`.
 #[repr(C)]
@@ -88,13 +88,20 @@ struct LaunchParams {
 // SAFETY: plain-old-data with the C layout the kernel declares.
 unsafe impl DeviceRepr for LaunchParams {}
 
-/// The wgmma kernel's TMA tensor map of K or V: `[batch][seq][kv_heads][head_dim]` 16-bit elements at `ptr`, tokens
-/// and sequences `p.kv_tok` / `p.kv_batch` elements apart, read in boxes of 64 columns x `rows` tokens of one head,
-/// stored 128-byte swizzled (the wgmma kernel's K/V stage layout), rows past the end zero-filled.
-fn kv_tensor_map(ptr: u64, p: &Params, shape: &Shape, kv_heads: u32, rows: u32) -> Result<TensorMap> {
+/// A wgmma kernel's TMA tensor map of a `[batch][seq][heads][head_dim]` tensor of 16-bit elements at `ptr`, tokens
+/// and sequences `tok` / `batch` elements apart, read in boxes of 64 columns x `rows` tokens of one head, stored
+/// 128-byte swizzled (the layout the kernels' descriptors read), rows past the end zero-filled.
+pub(super) fn tile_tensor_map(
+    ptr: u64,
+    shape: &Shape,
+    heads: u32,
+    tok: i64,
+    batch: i64,
+    rows: u32,
+) -> Result<TensorMap> {
     use cudarc::driver::sys;
-    let dims = [shape.head_dim as u64, kv_heads as u64, shape.seq_len as u64, shape.batch as u64];
-    let strides = [shape.head_dim as u64 * 2, p.kv_tok as u64 * 2, p.kv_batch as u64 * 2];
+    let dims = [shape.head_dim as u64, heads as u64, shape.seq_len as u64, shape.batch as u64];
+    let strides = [shape.head_dim as u64 * 2, tok as u64 * 2, batch as u64 * 2];
     let boxes = [64u32, 1, rows, 1];
     let steps = [1u32; 4];
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
@@ -341,8 +348,9 @@ impl CudaForward {
         let params = &Params { flag, ..*params };
         let mut lp = LaunchParams { p: *params, k_map: TensorMap::default(), v_map: TensorMap::default() };
         if self.tma {
-            lp.k_map = kv_tensor_map(params.k, params, &self.shape, self.num_kv_heads, 64)?;
-            lp.v_map = kv_tensor_map(params.v, params, &self.shape, self.num_kv_heads, 64)?;
+            let (hk, tok, batch) = (self.num_kv_heads, params.kv_tok, params.kv_batch);
+            lp.k_map = tile_tensor_map(params.k, &self.shape, hk, tok, batch, 64)?;
+            lp.v_map = tile_tensor_map(params.v, &self.shape, hk, tok, batch, 64)?;
         }
         let cfg = LaunchConfig { grid_dim: self.grid, block_dim: (self.threads, 1, 1), shared_mem_bytes: self.smem };
         let mut args = stream.launch_builder(&self.func);

@@ -18,7 +18,7 @@ pub(crate) fn register_arch(name: &str, arch: (i32, i32)) {
     ARCHS.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(HashMap::new).insert(name.to_string(), arch);
 }
 
-fn arch_of(caps: &DeviceCaps) -> Option<(i32, i32)> {
+pub(crate) fn arch_of(caps: &DeviceCaps) -> Option<(i32, i32)> {
     ARCHS.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|m| m.get(&caps.name).copied())
 }
 
