@@ -2,7 +2,9 @@
 //! dO is fresh random, the gradients are poisoned (0xff bytes: NaN) before every run. Covers head dims
 //! 64 and 128, block sizes 16/32/64/128 (key tiles of 16 to 64 keys, MergeQ row masks, key tiles in the
 //! second half of a 128-token block), odd lengths, batch, GQA, dense heads, bidirectional layouts, fp16
-//! and bf16, and bitwise determinism. Every test needs a CUDA device and skips with a message without one.
+//! and bf16, and bitwise determinism; on sm_90 (the wgmma dK/dV pass at head dims 64 and 128, blocks of 64
+//! and 128) also CTAs that take many work items. Every test needs a CUDA device and skips with a message
+//! without one.
 //!
 //! Tolerances (‖grad − ref‖ / ‖ref‖ for each of dQ, dK, dV): fp16 5e-3, bf16 1.5e-2 (P and dS are rounded
 //! to 8 significant bits before their matrix products).
@@ -143,4 +145,17 @@ fn tiny_lengths() {
     for seq in [1, 17, 64] {
         check::<half::f16>(&format!("seq {seq}"), &layout, Shape::new(1, seq, 64, DType::F16), seq as u64);
     }
+}
+
+/// On sm_90 the dK/dV pass runs on wgmma, persistent over (key tile, KV head, sequence) items: enough items that
+/// every CTA takes several (its ring and K/V tile change hands across items), GQA with a dense head, and a
+/// bidirectional layout at head dim 64 in bf16.
+#[test]
+fn many_items_per_cta_dense_head_and_bidirectional_blocks_of_64() {
+    let mut c = S2Config::new(8, 64, 2, 4).kv_heads(4);
+    c.num_dense_heads = 1;
+    check::<half::f16>("d128 bs64 gqa dense head batch3 seq2100", &s2(c), Shape::new(3, 2100, 128, DType::F16), 8);
+    let mut c = S2Config::new(4, 64, 1, 3);
+    c.direction = Direction::Bidirectional { left: 2, right: 1 };
+    check::<half::bf16>("bf16 d64 bs64 bidirectional seq700", &s2(c), Shape::new(1, 700, 64, DType::BF16), 9);
 }
