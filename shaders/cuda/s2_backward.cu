@@ -1,5 +1,5 @@
-// S2-Attention backward on tensor cores (mma.sync m16n8k16, ldmatrix, cp.async double buffering), fp16 or
-// bf16 with f32 accumulation. Compiled by NVRTC after the text of s2_forward.cu (src/cuda/backward.rs
+// S2-Attention backward on tensor cores (mma.sync m16n8k16, ldmatrix, cp.async double buffering; on sm_90 wgmma
+// with TMA), fp16 or bf16 with f32 accumulation. Compiled by NVRTC after the text of s2_forward.cu (src/cuda/backward.rs
 // concatenates the two), whose primitives it uses: cp_async16, ldmatrix_x4(_trans), mma16816, pack2,
 // fast_exp2, row_attends / rows_attend, Walk / next_chunk / step_chunk, load_rows, and the tile macros
 // (NT, NK, KK, ND, KD, LDS, CPR, KV_STAGE) derived from the same defines. PASS picks the kernel:
@@ -13,6 +13,10 @@
 //   = 64 rows; src/plan/column.rs) with Q, dO, LSE and D prefetched a step ahead; per step (transposed)
 //   S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q. Each warp owns 16 keys and skips the steps
 //   its keys don't take part in.
+// PASS 2, s2_backward_dkdv_wgmma, and PASS 3, s2_backward_dq_wgmma (sm_90a, head dims 64 and 128, blocks of 64
+//   keys or more; compiled over the forward's wgmma configuration, USE_WGMMA=1): the same two passes on wgmma,
+//   warp specialised (a producer thread loads every tile by TMA into mbarrier rings, two consumer warpgroups
+//   compute) and persistent over host-sorted work items, longest walks first. See their sections below.
 // Deterministic: no atomics; every output row is written once by one CTA that sums in a fixed order.
 // Non-finite inputs: the epilogues set `flag` when a gradient they write is non-finite (a masked pair's
 // P = 0 times a non-finite value inside an MMA is NaN); the exact kernel launched after both passes
@@ -21,14 +25,14 @@
 #ifndef PASS
 #define PASS 0
 #endif
-#if PASS != 2 && GROUP_ROWS != 16
+#if PASS < 2 && GROUP_ROWS != 16
 #error "the mma.sync backward kernels give each warp 16 rows (BLOCK_Q = 16 * WARPS)"
 #endif
 #if PASS >= 1 && BLOCK_K != 64
-#error "the dK/dV passes walk query tiles of 64 rows"
+#error "the dK/dV passes walk query tiles of 64 rows, the wgmma dQ pass key chunks of 64"
 #endif
-#if PASS == 2 && !USE_WGMMA
-#error "the wgmma dK/dV pass builds on the forward's wgmma configuration (USE_WGMMA=1)"
+#if PASS >= 2 && !USE_WGMMA
+#error "the wgmma passes build on the forward's wgmma configuration (USE_WGMMA=1)"
 #endif
 
 #define POS_INF __int_as_float(0x7f800000)
@@ -67,7 +71,9 @@ struct BwdParams {
     float scale;
     // The wgmma dK/dV pass (PASS 2) only: its persistent schedule and the TMA maps of its tiles.
     const u32* sched;        // work items (key tile, KV head, batch), longest column walks first; CTA c takes c, + grid, ...
+    const u32* dq_sched;     // the wgmma dQ pass's (PASS 3) work items (query tile, head, batch), longest row walks first
     u32 items;
+    u32 dq_items;
     u32 key_tiles;           // 64-key tiles per sequence
     TensorMap q_map, do_map; // Q and dO as [batch][seq][heads][D] u16, boxes of 64 x 64, 128B swizzle
     TensorMap k_map, v_map;  // K and V as [batch][seq][kv_heads][D]
@@ -501,28 +507,8 @@ extern "C" __global__ void __launch_bounds__(NT, 2) s2_backward_dkdv(const BwdPa
 }
 #endif
 
-#if PASS == 2
-// ---- dK/dV pass on wgmma (sm_90a): warp specialised, TMA, persistent ----
-// Work item = one tile of KT = 64 keys of one KV head and sequence; it walks the column lists of its KV block for
-// every query head of the GQA group (query tiles of QT = 64 rows), as PASS 1 does. Warps 0-7: two consumer
-// warpgroups that both hold all 64 keys (warp w % 4 owns 16 of them) and take the walk's steps in turn (step i
-// of the CTA goes to warpgroup i % 2), each summing its own dK and dV in registers; the epilogue adds warpgroup
-// 1's sums to warpgroup 0's through shared memory in a fixed order, so the result is deterministic. Warps 8-11:
-// the producer warpgroup, whose thread 0 loads the item's K and V tile and, per step, the Q and dO tiles (TMA,
-// 128-byte swizzled) and the tile's LSE * log2(e) and D rows (bulk copies) into a ring of BW_STAGES stages.
-// Per step, on tensor cores: S^T = K Q^T and dP^T = V dO^T (both operands from shared memory), then
-// P^T = exp2(S^T * scale * log2(e) - LSE) and dS^T = P^T (dP^T - D) in registers, dV += P^T dO and
-// dK += dS^T Q (register A operands, Q and dO read transposed).
-#define KT 64                      // keys per work item
-#define QT BLOCK_K                 // query rows per step: the column plan's tile
-#define BW_STAGES 4                // Q / dO ring: each warpgroup computes one stage while its next one loads
-#define QD_TILE (QT * HEAD_DIM)    // elements of one staged Q (or dO) tile: HEAD_DIM / 64 atoms of 64 rows x 128 B
-#define KV_TILE (KT * HEAD_DIM)    // elements of the item's K (or V) tile, same layout
-#define BW_PRODUCER_REGS 24        // the producer only issues copies from one thread
-#define BW_CONSUMER_REGS 240       // dK and dV (2 x HEAD_DIM / 2 f32), S^T and dP^T (2 x 32) per thread
-#if (QD_TILE * 2) % 1024 != 0 || (KV_TILE * 2) % 1024 != 0
-#error "the tiles must keep the 1024-byte alignment of the swizzle atoms"
-#endif
+#if PASS >= 2
+// ---- Shared by the wgmma passes ----
 
 // D[64 x 64] (+)= A[64 x 16] * B[16 x 64], both from shared memory (descriptors, K-major).
 __device__ __forceinline__ void wgmma_ss_n64(float* d, u64 desc_a, u64 desc_b, int accumulate) {
@@ -551,6 +537,30 @@ __device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u
 // K-major operand descriptor of a 64-row tile (keys of K / V, queries of Q / dO) at k-step kd of HEAD_DIM: 32 bytes
 // further inside the 128-byte rows per step, the next 64-column atom every 4 steps; SBO = 8 rows.
 #define TILE_DESC(base, kd) make_desc((base) + ((kd) / 4) * (64 * 128) + ((kd) % 4) * 32, 16, 1024)
+#endif
+
+#if PASS == 2
+// ---- dK/dV pass on wgmma (sm_90a): warp specialised, TMA, persistent ----
+// Work item = one tile of KT = 64 keys of one KV head and sequence; it walks the column lists of its KV block for
+// every query head of the GQA group (query tiles of QT = 64 rows), as PASS 1 does. Warps 0-7: two consumer
+// warpgroups that both hold all 64 keys (warp w % 4 owns 16 of them) and take the walk's steps in turn (step i
+// of the CTA goes to warpgroup i % 2), each summing its own dK and dV in registers; the epilogue adds warpgroup
+// 1's sums to warpgroup 0's through shared memory in a fixed order, so the result is deterministic. Warps 8-11:
+// the producer warpgroup, whose thread 0 loads the item's K and V tile and, per step, the Q and dO tiles (TMA,
+// 128-byte swizzled) and the tile's LSE * log2(e) and D rows (bulk copies) into a ring of BW_STAGES stages.
+// Per step, on tensor cores: S^T = K Q^T and dP^T = V dO^T (both operands from shared memory), then
+// P^T = exp2(S^T * scale * log2(e) - LSE) and dS^T = P^T (dP^T - D) in registers, dV += P^T dO and
+// dK += dS^T Q (register A operands, Q and dO read transposed).
+#define KT 64                      // keys per work item
+#define QT BLOCK_K                 // query rows per step: the column plan's tile
+#define BW_STAGES 4                // Q / dO ring: each warpgroup computes one stage while its next one loads
+#define QD_TILE (QT * HEAD_DIM)    // elements of one staged Q (or dO) tile: HEAD_DIM / 64 atoms of 64 rows x 128 B
+#define KV_TILE (KT * HEAD_DIM)    // elements of the item's K (or V) tile, same layout
+#define BW_PRODUCER_REGS 24        // the producer only issues copies from one thread
+#define BW_CONSUMER_REGS 240       // dK and dV (2 x HEAD_DIM / 2 f32), S^T and dP^T (2 x 32) per thread
+#if (QD_TILE * 2) % 1024 != 0 || (KV_TILE * 2) % 1024 != 0
+#error "the tiles must keep the 1024-byte alignment of the swizzle atoms"
+#endif
 
 struct BwdItem {
     u32 kt, kvh, b;
@@ -824,6 +834,282 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dkdv_wgmma(const
                 }
             }
             named_sync(1, 256);  // the staging area is free for the next item
+        }
+    }
+}
+#endif
+
+#if PASS == 3
+// ---- dQ pass on wgmma (sm_90a): warp specialised, TMA, persistent ----
+// Work item = one tile of BLOCK_Q = 128 query rows of one head and sequence, walking the forward's MergeQ row list
+// in 64-key chunks, as PASS 0 does. Warps 0-7: two consumer warpgroups of 64 rows each (warp w % 4 owns 16); at an
+// item's start each writes D = rowsum(dO * O) and LSE * log2(e) of its rows into the scratch rows the dK/dV pass
+// reads (+inf past the end and for rows without keys, so that P vanishes there). Per chunk it takes part in:
+// S = Q K^T and dP = dO V^T (operands from shared memory), dS = P (dP - D) with P = exp2(S * scale * log2(e) - LSE)
+// in registers, dQ += dS K (K read transposed). Warps 8-11: the producer warpgroup, whose thread 0 loads each
+// item's Q and dO tiles (DQ_QBUFS buffers, so the next item's load under this item's last chunks) and the K / V
+// chunks (a ring of DQ_STAGES), all by TMA, 128-byte swizzled. A warpgroup releases every chunk (skipped or
+// computed) once its products are done, so no stage is held across chunks.
+#define DQ_STAGES 2
+#define DQ_QBUFS 2
+#define ROWS_TILE (BLOCK_Q * HEAD_DIM)  // Q (or dO) of one item: per warpgroup its 64 rows, HEAD_DIM / 64 atoms
+#define GROUP_TILE (64 * HEAD_DIM)      // one warpgroup's part
+#define KC_TILE (BLOCK_K * HEAD_DIM)    // one 64-key chunk of K (or V)
+#define DQ_PRODUCER_REGS 24
+#define DQ_CONSUMER_REGS 240
+#if BLOCK_Q != 128
+#error "the wgmma dQ pass runs two warpgroups of 64 rows"
+#endif
+
+extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dq_wgmma(const __grid_constant__ BwdParams p) {
+    extern __shared__ __align__(1024) unsigned char smem_raw_[];
+    unsigned char* smem_raw = smem_raw_ + ((1024u - (smem_addr(smem_raw_) & 1023u)) & 1023u);
+    u16* q_s = (u16*)smem_raw;                        // [DQ_QBUFS][ROWS_TILE]
+    u16* do_s = q_s + DQ_QBUFS * ROWS_TILE;           // [DQ_QBUFS][ROWS_TILE]
+    u16* k_s = do_s + DQ_QBUFS * ROWS_TILE;           // [DQ_STAGES][KC_TILE]
+    u16* v_s = k_s + DQ_STAGES * KC_TILE;             // [DQ_STAGES][KC_TILE]
+    u64* bars = (u64*)(v_s + DQ_STAGES * KC_TILE);    // full[DQ_STAGES], empty[DQ_STAGES], q_full[DQ_QBUFS], q_empty[DQ_QBUFS]
+    const u32 full0 = smem_addr(bars), empty0 = full0 + 8 * DQ_STAGES;
+    const u32 qfull0 = empty0 + 8 * DQ_STAGES, qempty0 = qfull0 + 8 * DQ_QBUFS;
+
+    const int tid = threadIdx.x;
+    const int warp = tid / 32, lane = tid % 32;
+    const u32 seq = p.seq_len;
+
+    if (tid == 0) {
+        for (int s = 0; s < DQ_STAGES; ++s) {
+            mbar_init(full0 + 8 * s, 1);
+            mbar_init(empty0 + 8 * s, WARPS);  // one arrival per consumer warp, skipped or not
+        }
+        for (int s = 0; s < DQ_QBUFS; ++s) {
+            mbar_init(qfull0 + 8 * s, 1);
+            mbar_init(qempty0 + 8 * s, WARPS);
+        }
+    }
+    __syncthreads();  // the only CTA-wide barrier
+
+    // The forward's walk over the row list, through a Params that carries what it reads.
+    Params wp = {};
+    wp.entries = p.row_entries;
+    wp.row_ptr = p.row_ptr;
+    wp.seq_len = seq;
+    wp.block_size = p.block_size;
+    wp.causal = p.causal;
+
+    if (warp >= WARPS) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(DQ_PRODUCER_REGS));
+        if (tid == WARPS * 32) {
+            u32 i = 0, n = 0;
+            for (u32 w = blockIdx.x; w < p.dq_items; w += gridDim.x, ++n) {
+                const u32 x = p.dq_sched[w];
+                const u32 tile = x % p.q_tiles, head = (x / p.q_tiles) % p.num_heads, b = x / (p.q_tiles * p.num_heads);
+                const u32 row0 = tile * BLOCK_Q;
+                const u32 row_last = min(row0 + BLOCK_Q, seq) - 1u;
+                const u32 qb = n % DQ_QBUFS;
+                mbar_wait(qempty0 + 8 * qb, ((n / DQ_QBUFS) & 1u) ^ 1u);
+                mbar_arrive_expect_tx(qfull0 + 8 * qb, 2 * ROWS_TILE * 2);
+#pragma unroll
+                for (int half = 0; half < 2; ++half)
+#pragma unroll
+                    for (int a = 0; a < HEAD_DIM / 64; ++a) {
+                        const u32 off = (half * GROUP_TILE + a * 64 * 64) * 2;
+                        const int r = row0 + half * 64;
+                        tma_load_4d(smem_addr(q_s + qb * ROWS_TILE) + off, &p.q_map, a * 64, head, r, b, qfull0 + 8 * qb);
+                        tma_load_4d(smem_addr(do_s + qb * ROWS_TILE) + off, &p.do_map, a * 64, head, r, b, qfull0 + 8 * qb);
+                    }
+                const u32 kvh = head / p.kv_group;
+                const u32 slot = (head / p.heads_per_pattern) * p.q_tiles + tile;
+                Walk wk;
+                wk.e = p.row_ptr[slot];
+                wk.e_end = p.row_ptr[slot + 1];
+                wk.c = 0;
+                bool has = next_chunk(wk, wp, row_last);
+                while (has) {
+                    const u32 s = i % DQ_STAGES;
+                    mbar_wait(empty0 + 8 * s, ((i / DQ_STAGES) & 1u) ^ 1u);
+                    const u32 k0 = p.row_entries[2 * wk.e] * p.block_size + wk.c * BLOCK_K;
+                    mbar_arrive_expect_tx(full0 + 8 * s, 2 * KC_TILE * 2);
+#pragma unroll
+                    for (int a = 0; a < HEAD_DIM / 64; ++a) {
+                        const u32 off = a * BLOCK_K * 128;
+                        tma_load_4d(smem_addr(k_s + s * KC_TILE) + off, &p.k_map, a * 64, kvh, k0, b, full0 + 8 * s);
+                        tma_load_4d(smem_addr(v_s + s * KC_TILE) + off, &p.v_map, a * 64, kvh, k0, b, full0 + 8 * s);
+                    }
+                    ++i;
+                    step_chunk(wk, wp);
+                    has = next_chunk(wk, wp, row_last);
+                }
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(DQ_CONSUMER_REGS));
+        const u32 wg = warp / 4;
+        const int g = lane / 4, t = lane % 4;
+        const u32 gr0 = wg * 64;                  // first tile row of this warpgroup
+        const u32 wr0 = gr0 + (warp % 4) * 16;    // first tile row of this warp
+        u32 i = 0, n = 0;
+        for (u32 w = blockIdx.x; w < p.dq_items; w += gridDim.x, ++n) {
+            const u32 x = p.dq_sched[w];
+            const u32 tile = x % p.q_tiles, head = (x / p.q_tiles) % p.num_heads, b = x / (p.q_tiles * p.num_heads);
+            const u32 row0 = tile * BLOCK_Q;
+            const u32 row_last = min(row0 + BLOCK_Q, seq) - 1u;
+            const u32 gq0 = row0 + gr0;
+            const long long q_off = (long long)b * p.q_batch + (long long)head * HEAD_DIM;
+
+            // D = rowsum(dO * O) and LSE * log2(e) of this warp's 16 rows: lanes 2r and 2r + 1 take row r's halves.
+            float delta_r[2], lse_r[2];
+            {
+                const u32 r = wr0 + lane / 2;
+                const u32 tok = row0 + r;
+                float acc = 0.f, l2 = POS_INF;
+                if (tok < seq) {
+                    const long long at = q_off + (long long)tok * p.q_tok + (lane % 2) * (HEAD_DIM / 2);
+#pragma unroll
+                    for (int c = 0; c < HEAD_DIM / 2; c += 8) {
+                        const uint4 ov = *(const uint4*)(p.o + at + c);
+                        const uint4 dv = *(const uint4*)(p.d_o + at + c);
+                        acc += dot2(ov.x, dv.x) + dot2(ov.y, dv.y) + dot2(ov.z, dv.z) + dot2(ov.w, dv.w);
+                    }
+                    const float l = p.lse[(long long)b * p.lse_batch + (long long)head * seq + tok];
+                    if (l != NEG_INF) l2 = l * LOG2E_F;
+                }
+                acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+                if (lane % 2 == 0) {
+                    const long long at = ((long long)b * p.num_heads + head) * p.seq_pad + row0 + r;
+                    p.lse2[at] = l2;
+                    p.delta[at] = acc;
+                }
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    delta_r[h] = __shfl_sync(0xffffffffu, acc, 2 * g + 16 * h);
+                    lse_r[h] = __shfl_sync(0xffffffffu, l2, 2 * g + 16 * h);
+                }
+            }
+
+            float dq[ND][4];
+#pragma unroll
+            for (int nd = 0; nd < ND; ++nd)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) dq[nd][e] = 0.f;
+            const u32 qb = n % DQ_QBUFS;
+            u16* qpart = q_s + qb * ROWS_TILE + wg * GROUP_TILE;
+            const u32 q_base = smem_addr(qpart);
+            const u32 do_base = smem_addr(do_s + qb * ROWS_TILE + wg * GROUP_TILE);
+            mbar_wait(qfull0 + 8 * qb, (n / DQ_QBUFS) & 1u);
+
+            const u32 slot = (head / p.heads_per_pattern) * p.q_tiles + tile;
+            Walk cur;
+            cur.e = p.row_ptr[slot];
+            cur.e_end = p.row_ptr[slot + 1];
+            cur.c = 0;
+            bool has = next_chunk(cur, wp, row_last);
+            while (has) {
+                const u32 s = i % DQ_STAGES;
+                const u32 rm = p.row_entries[2 * cur.e + 1];
+                const u32 k0 = p.row_entries[2 * cur.e] * p.block_size + cur.c * BLOCK_K;
+                const int att = rows_attend(rm, gr0, 64, p.block_size);
+                const bool skip = (att & 1) == 0 || gq0 >= seq || (p.causal && k0 > gq0 + 63u);
+                const bool need_mask = (att & 2) == 0 || k0 + BLOCK_K > seq || (p.causal && k0 + BLOCK_K - 1u > gq0);
+                mbar_wait(full0 + 8 * s, (i / DQ_STAGES) & 1u);
+                if (!skip) {
+                    const u32 k_base = smem_addr(k_s + s * KC_TILE), v_base = smem_addr(v_s + s * KC_TILE);
+                    float sc[NK][4], dp[NK][4];
+                    fence_regs<NK * 4>(&sc[0][0]);
+                    fence_regs<NK * 4>(&dp[0][0]);
+                    wgmma_fence();
+#pragma unroll
+                    for (int kd = 0; kd < KD; ++kd)
+                        wgmma_ss_n64(&sc[0][0], TILE_DESC(q_base, kd), TILE_DESC(k_base, kd), kd > 0);
+#pragma unroll
+                    for (int kd = 0; kd < KD; ++kd)
+                        wgmma_ss_n64(&dp[0][0], TILE_DESC(do_base, kd), TILE_DESC(v_base, kd), kd > 0);
+                    wgmma_commit();
+                    wgmma_wait<0>();
+                    fence_regs<NK * 4>(&sc[0][0]);
+                    fence_regs<NK * 4>(&dp[0][0]);
+                    if (need_mask) {
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            const u32 tr = wr0 + g + h * 8;
+                            const u32 qi = row0 + tr;
+                            const bool row_ok = row_attends(rm, tr, p.block_size);
+#pragma unroll
+                            for (int c = 0; c < NK; ++c)
+#pragma unroll
+                                for (int e = 0; e < 2; ++e) {
+                                    const u32 kj = k0 + c * 8 + 2 * t + e;
+                                    const bool ok = row_ok && kj < seq && !(p.causal && kj > qi);
+                                    if (!ok) sc[c][2 * h + e] = NEG_INF;
+                                }
+                        }
+                    }
+                    // dS = P (dP - D) as wgmma A fragments, rounded to the storage type.
+                    u32 da[KK][4];
+#pragma unroll
+                    for (int c = 0; c < NK; ++c)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h)
+#pragma unroll
+                            for (int e = 0; e < 2; ++e) {
+                                const float pr = fast_exp2(fmaf(sc[c][2 * h + e], p.scale_log2, -lse_r[h]));
+                                dp[c][2 * h + e] = pr * (dp[c][2 * h + e] - delta_r[h]);
+                            }
+#pragma unroll
+                    for (int kk = 0; kk < KK; ++kk) {
+                        da[kk][0] = pack2(dp[2 * kk][0], dp[2 * kk][1]);
+                        da[kk][1] = pack2(dp[2 * kk][2], dp[2 * kk][3]);
+                        da[kk][2] = pack2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
+                        da[kk][3] = pack2(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+                    }
+                    fence_regs<ND * 4>(&dq[0][0]);
+                    wgmma_fence();
+                    // dQ += dS K: a k-step is 16 keys (2048 bytes), K read transposed (N = head dim).
+#pragma unroll
+                    for (int kk = 0; kk < KK; ++kk) {
+#if HEAD_DIM == 128
+                        wgmma_n128<1>(&dq[0][0], da[kk], V_DESC(k_base, kk), 1);
+#else
+                        wgmma_n64<1>(&dq[0][0], da[kk], V_DESC(k_base, kk), 1);
+#endif
+                    }
+                    wgmma_commit();
+                    wgmma_wait<0>();
+                    fence_regs<ND * 4>(&dq[0][0]);
+                    fence_u32<KK * 4>(&da[0][0]);
+                }
+                __syncwarp();
+                if (lane == 0) mbar_arrive(empty0 + 8 * s);
+                ++i;
+                step_chunk(cur, wp);
+                has = next_chunk(cur, wp, row_last);
+            }
+
+            // Epilogue: dQ * scale into this warpgroup's part of its Q buffer (its products are done), then the
+            // warpgroup's 64 rows out; the buffers go back to the producer after every warp's reads.
+            {
+                const u32 r = row0 + wr0 + g;
+                flag_nonfinite(p.flag, dq, r >= seq ? 0 : r + 8u >= seq ? 1 : 2);
+            }
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int nd = 0; nd < ND; ++nd) {
+                    const u32 r = wr0 - gr0 + g + h * 8, col = nd * 8 + 2 * t;
+                    const u32 off = (col / 64) * 64 * 64 + r * 64 + ((((col % 64) / 8) ^ (r % 8)) * 8) + col % 8;
+                    *(u32*)(qpart + off) = pack2(dq[nd][2 * h] * p.scale, dq[nd][2 * h + 1] * p.scale);
+                }
+            named_sync(3 + wg, 128);
+#pragma unroll 4
+            for (int j = tid % 128; j < 64 * CPR; j += 128) {
+                const u32 r = j / CPR, c = j % CPR;
+                const u32 tok = gq0 + r;
+                if (tok < seq) {
+                    const u32 off = (c / 8) * 64 * 64 + r * 64 + (((c % 8) ^ (r % 8)) * 8);
+                    *(uint4*)(p.dq + q_off + (long long)tok * p.q_tok + c * 8) = *(const uint4*)(qpart + off);
+                }
+            }
+            __syncwarp();
+            if (lane == 0) mbar_arrive(qempty0 + 8 * qb);
         }
     }
 }

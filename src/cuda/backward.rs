@@ -29,6 +29,11 @@ pub const CUDA_BACKWARD_HEAD_DIMS: &[u32] = &[32, 64, 96, 128];
 const TILE_Q: u32 = 64;
 /// Warps of the dQ pass: 16 query rows each.
 const DQ_WARPS: u32 = TILE_Q / 16;
+/// Query rows per work item of the wgmma dQ pass (`BLOCK_Q`: two consumer warpgroups of 64 rows).
+const WGMMA_DQ_TILE: u32 = 128;
+/// K/V ring stages (`DQ_STAGES`) and Q/dO buffers (`DQ_QBUFS`) of the wgmma dQ pass.
+const WGMMA_DQ_STAGES: u32 = 2;
+const WGMMA_DQ_QBUFS: u32 = 2;
 /// Keys per work item of the wgmma dK/dV pass (`KT` in `s2_backward.cu`).
 const WGMMA_KEY_TILE: u32 = 64;
 /// Q / dO ring stages of the wgmma dK/dV pass (`BW_STAGES`).
@@ -37,6 +42,13 @@ const WGMMA_BWD_STAGES: u32 = 4;
 /// Shared memory of the wgmma dK/dV pass: the item's K and V tiles, the ring of Q and dO tiles (all 128-byte
 /// swizzled), the f32 staging of the epilogue's reduction, the ring's LSE and D rows, its mbarriers and 1 KB of
 /// alignment slack.
+/// Shared memory of the wgmma dQ pass: its Q and dO buffers, the K/V ring (128-byte swizzled), the mbarriers and
+/// 1 KB of alignment slack.
+fn wgmma_dq_smem_bytes(head_dim: u32) -> u32 {
+    let tiles = (2 * WGMMA_DQ_QBUFS * WGMMA_DQ_TILE + 2 * WGMMA_DQ_STAGES * 64) * head_dim * 2;
+    tiles + 8 * 2 * (WGMMA_DQ_STAGES + WGMMA_DQ_QBUFS) + 1024
+}
+
 fn wgmma_dkdv_smem_bytes(head_dim: u32) -> u32 {
     let tiles = (2 * WGMMA_KEY_TILE + 2 * WGMMA_BWD_STAGES * TILE_Q) * head_dim * 2;
     tiles + WGMMA_KEY_TILE * head_dim * 4 + WGMMA_BWD_STAGES * 2 * TILE_Q * 4 + 8 * (2 * WGMMA_BWD_STAGES + 2) + 1024
@@ -78,7 +90,9 @@ struct Params {
     scale_log2: f32,
     scale: f32,
     sched: u64,
+    dq_sched: u64,
     items: u32,
+    dq_items: u32,
     key_tiles: u32,
     q_map: TensorMap,
     do_map: TensorMap,
@@ -131,7 +145,7 @@ pub fn plan_backward_cuda(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> 
     let wgmma = arch_of(caps) == Some((9, 0))
         && (d == 64 || d == 128)
         && layout.block_size() >= WGMMA_KEY_TILE
-        && wgmma_bytes <= max_smem;
+        && wgmma_bytes.max(wgmma_dq_smem_bytes(d)) <= max_smem;
     let dkdv = if wgmma {
         DispatchPlan {
             variant: KernelVariant::CudaWgmma,
@@ -154,16 +168,29 @@ pub fn plan_backward_cuda(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> 
             "mma.sync m16n8k16, 16 keys per warp, 2-stage cp.async Q/dO, GQA summed in the CTA".into(),
         )?
     };
-    Ok(BackwardPlan {
-        dq: plan(
+    let dq = if wgmma {
+        DispatchPlan {
+            variant: KernelVariant::CudaWgmma,
+            tile_q: WGMMA_DQ_TILE,
+            tile_kv: 64,
+            workgroup_size: (WGMMA_WARPS + 4) * 32,
+            workgroup_bytes: wgmma_dq_smem_bytes(d),
+            reason: format!(
+                "wgmma m64n64k16 (S, dP) / m64n{d}k16 (dQ), warp specialised: producer thread (Q/dO tiles, \
+                 {WGMMA_DQ_STAGES}-stage K/V ring by TMA, 128B-swizzled) + 2 consumer warpgroups x 64 rows; \
+                 persistent, D fused"
+            ),
+        }
+    } else {
+        plan(
             TILE_Q,
             chunk,
             DQ_WARPS,
             smem_bytes(TILE_Q, chunk, d, false),
             "mma.sync m16n8k16, 16 rows per warp, 2-stage cp.async K/V, D fused".into(),
-        )?,
-        dkdv,
-    })
+        )?
+    };
+    Ok(BackwardPlan { dq, dkdv })
 }
 
 /// The wgmma dK/dV pass's work items, `(batch * kv_heads + kv_head) * key_tiles + key_tile`, longest first: an
@@ -185,6 +212,24 @@ fn wgmma_schedule(layout: &Layout, shape: &Shape, columns: &ColumnPlan, key_tile
                     })
                     .sum::<u32>();
                 items.push((cost, (b * kv_heads + kvh) * key_tiles + kt));
+            }
+        }
+    }
+    items.sort_by_key(|&(cost, _)| std::cmp::Reverse(cost));
+    items.into_iter().map(|(_, item)| item).collect()
+}
+
+/// The wgmma dQ pass's work items, `(batch * heads + head) * q_tiles + tile`, longest row list first.
+fn wgmma_dq_schedule(layout: &Layout, shape: &Shape, mergeq: &MergeQPlan) -> Vec<u32> {
+    let (heads, tiles) = (layout.num_heads(), mergeq.tiles());
+    let per_pattern = heads / layout.num_patterns();
+    let ptr = mergeq.row_ptr();
+    let mut items: Vec<(u32, u32)> = Vec::with_capacity((shape.batch * heads * tiles) as usize);
+    for b in 0..shape.batch {
+        for head in 0..heads {
+            for tile in 0..tiles {
+                let slot = ((head / per_pattern) * tiles + tile) as usize;
+                items.push((ptr[slot + 1] - ptr[slot], (b * heads + head) * tiles + tile));
             }
         }
     }
@@ -215,12 +260,14 @@ pub struct CudaBackward {
     kv_heads: u32,
     base: Params,
     kernels: [Launch; 2],
-    /// Whether the dK/dV pass runs on wgmma (its launches carry the TMA maps of Q, dO, K and V).
+    /// Whether both passes run on wgmma (their launches carry the TMA maps of Q, dO, K and V).
     wgmma: bool,
+    /// Query rows per tile of the dQ pass's row lists (which the exact kernel walks too).
+    dq_tile: u32,
     /// The exact kernel, run after both passes (a no-op unless they flagged a non-finite gradient).
     exact: Exact,
     /// Row and column lists, the wgmma pass's schedule and the D / LSE scratch, read by the kernels through `base`.
-    _owned: ([CudaSlice<u32>; 5], [CudaSlice<f32>; 2]),
+    _owned: ([CudaSlice<u32>; 6], [CudaSlice<f32>; 2]),
     host: Mutex<Option<HostBuffers>>,
 }
 
@@ -250,8 +297,11 @@ impl CudaBackward {
         mergeq: &MergeQPlan,
         columns: &ColumnPlan,
     ) -> Result<Self> {
-        if mergeq.tile_q() != TILE_Q || columns.tile_q() != TILE_Q || mergeq.seq_len() != shape.seq_len {
-            return Err(Error::Shape(format!("the CUDA backward walks lists of {TILE_Q}-row tiles")));
+        if mergeq.tile_q() != plan.dq.tile_q || columns.tile_q() != TILE_Q || mergeq.seq_len() != shape.seq_len {
+            return Err(Error::Shape(format!(
+                "the CUDA backward walks row lists of {}-row tiles and column lists of {TILE_Q}",
+                plan.dq.tile_q
+            )));
         }
         if layout.num_heads() > 65_535 || shape.batch > 65_535 {
             return Err(Error::Shape("heads and batch must each be at most 65535 (CUDA grid y and z)".into()));
@@ -278,7 +328,7 @@ impl CudaBackward {
             Ok(Launch { func, grid, threads: p.workgroup_size, smem: p.workgroup_bytes })
         };
         let (heads, kv_heads) = (layout.num_heads(), layout.num_kv_heads());
-        let wgmma = plan.dkdv.variant == KernelVariant::CudaWgmma;
+        let wgmma = plan.dkdv.variant == KernelVariant::CudaWgmma && plan.dq.variant == KernelVariant::CudaWgmma;
         let key_tiles = seq.div_ceil(WGMMA_KEY_TILE);
         let sched = if wgmma { wgmma_schedule(layout, &shape, columns, key_tiles) } else { Vec::new() };
         let dkdv = if wgmma {
@@ -290,10 +340,14 @@ impl CudaBackward {
             let grid = (seq.div_ceil(key_tile), kv_heads, shape.batch);
             kernel(1, &plan.dkdv, key_tile, TILE_Q, "s2_backward_dkdv", grid)?
         };
-        let kernels = [
-            kernel(0, &plan.dq, TILE_Q, plan.dq.tile_kv, "s2_backward_dq", (mergeq.tiles(), heads, shape.batch))?,
-            dkdv,
-        ];
+        let dq_sched = if wgmma { wgmma_dq_schedule(layout, &shape, mergeq) } else { Vec::new() };
+        let dq = if wgmma {
+            let grid = (dq_sched.len().min(ctx.multiprocessors().max(1) as usize).max(1) as u32, 1, 1);
+            kernel(3, &plan.dq, WGMMA_DQ_TILE, 64, "s2_backward_dq_wgmma", grid)?
+        } else {
+            kernel(0, &plan.dq, TILE_Q, plan.dq.tile_kv, "s2_backward_dq", (mergeq.tiles(), heads, shape.batch))?
+        };
+        let kernels = [dq, dkdv];
         let stream = ctx.stream();
         let flat = |e: Vec<[u32; 2]>| e.into_iter().flatten().collect::<Vec<u32>>();
         let lists = [
@@ -302,8 +356,10 @@ impl CudaBackward {
             upload(stream, columns.col_ptr())?,
             upload(stream, &flat(columns.gpu_entries()))?,
             upload(stream, &sched)?,
+            upload(stream, &dq_sched)?,
         ];
-        let seq_pad = seq.div_ceil(TILE_Q) * TILE_Q;
+        // Scratch rows for every row a dQ tile covers (a multiple of the dK/dV pass's 64-row steps too).
+        let seq_pad = seq.div_ceil(plan.dq.tile_q) * plan.dq.tile_q;
         let stats = shape.batch as usize * heads as usize * seq_pad as usize;
         let scratch = [alloc::<f32>(stream, stats)?, alloc::<f32>(stream, stats)?];
         let ptr = |s: &CudaSlice<u32>| s.device_ptr(stream).0;
@@ -317,7 +373,9 @@ impl CudaBackward {
             col_ptr: ptr(&lists[2]),
             col_entries: ptr(&lists[3]),
             sched: ptr(&lists[4]),
+            dq_sched: ptr(&lists[5]),
             items: sched.len() as u32,
+            dq_items: dq_sched.len() as u32,
             key_tiles,
             q_tok: h * d,
             q_batch: seq as i64 * h * d,
@@ -346,6 +404,7 @@ impl CudaBackward {
             base,
             kernels,
             wgmma,
+            dq_tile: plan.dq.tile_q,
             exact,
             _owned: (lists, scratch),
             host: Mutex::default(),
@@ -411,7 +470,7 @@ impl CudaBackward {
             kv_group: p.kv_group,
             heads_per_pattern: p.heads_per_pattern,
             q_tiles: p.q_tiles,
-            tile_q: TILE_Q,
+            tile_q: self.dq_tile,
             kv_blocks: p.kv_blocks,
             col_tile: TILE_Q,
             block_size: p.block_size,
@@ -525,7 +584,7 @@ mod tests {
     }
 
     #[test]
-    fn hopper_takes_wgmma_dkdv_for_head_dims_64_128_and_blocks_of_64_keys_or_more() {
+    fn hopper_takes_wgmma_for_head_dims_64_128_and_blocks_of_64_keys_or_more() {
         let hopper = caps("backward-planner-test sm_90 device");
         register_arch(&hopper.name, (9, 0));
         let ampere = caps("backward-planner-test sm_80 device");
@@ -535,13 +594,14 @@ mod tests {
             let layout = Layout::s2(S2Config::new(8, block, 4, 4)).unwrap();
             let plan = plan_backward_cuda(&shape(d), &layout, &hopper).unwrap();
             assert_eq!(plan.dkdv.variant == KernelVariant::CudaWgmma, on_hopper, "block {block}, d {d}: {plan}");
-            assert_eq!(plan.dq.variant, KernelVariant::CudaMma, "{plan}");
+            assert_eq!(plan.dq.variant, plan.dkdv.variant, "both passes on one kind of kernel: {plan}");
             if on_hopper {
                 assert_eq!((plan.dkdv.tile_q, plan.dkdv.tile_kv, plan.dkdv.workgroup_size), (64, 64, 384));
-                assert!(plan.dkdv.workgroup_bytes <= 227 * 1024, "{plan}");
+                assert_eq!((plan.dq.tile_q, plan.dq.tile_kv, plan.dq.workgroup_size), (128, 64, 384));
+                assert!(plan.dkdv.workgroup_bytes.max(plan.dq.workgroup_bytes) <= 227 * 1024, "{plan}");
             }
             let plan = plan_backward_cuda(&shape(d), &layout, &ampere).unwrap();
-            assert_eq!(plan.dkdv.variant, KernelVariant::CudaMma, "sm_80: {plan}");
+            assert_eq!((plan.dq.variant, plan.dkdv.variant), (KernelVariant::CudaMma, KernelVariant::CudaMma));
         }
     }
 
