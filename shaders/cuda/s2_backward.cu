@@ -79,6 +79,9 @@ struct BwdParams {
     TensorMap k_map, v_map;  // K and V as [batch][seq][kv_heads][D]
 };
 
+// The PTX pieces (here and in the wgmma passes' section); shaders/cuda/emu/sm90.h gives them C++ semantics for the
+// CPU emulation (S2_EMU), as it does s2_forward.cu's.
+#ifndef S2_EMU
 __device__ __forceinline__ float to_f32(u16 x) {
 #if IS_BF16
     return __uint_as_float((u32)x << 16);
@@ -88,6 +91,7 @@ __device__ __forceinline__ float to_f32(u16 x) {
     return f;
 #endif
 }
+#endif
 
 __device__ __forceinline__ float dot2(u32 a, u32 b) {
     return to_f32((u16)(a & 0xffffu)) * to_f32((u16)(b & 0xffffu)) + to_f32((u16)(a >> 16)) * to_f32((u16)(b >> 16));
@@ -510,6 +514,7 @@ extern "C" __global__ void __launch_bounds__(NT, 2) s2_backward_dkdv(const BwdPa
 #if PASS >= 2
 // ---- Shared by the wgmma passes ----
 
+#ifndef S2_EMU
 // D[64 x 64] (+)= A[64 x 16] * B[16 x 64], both from shared memory (descriptors, K-major).
 __device__ __forceinline__ void wgmma_ss_n64(float* d, u64 desc_a, u64 desc_b, int accumulate) {
     asm volatile(
@@ -533,6 +538,7 @@ __device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u
                  "l"(src), "r"(bytes), "r"(bar)
                  : "memory");
 }
+#endif
 
 // K-major operand descriptor of a 64-row tile (keys of K / V, queries of Q / dO) at k-step kd of HEAD_DIM: 32 bytes
 // further inside the 128-byte rows per step, the next 64-column atom every 4 steps; SBO = 8 rows.
