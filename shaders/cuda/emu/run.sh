@@ -7,7 +7,10 @@
 #   causal and not;
 # - wgmma_check.cc over the sm_90 wgmma forward (s2_forward.cu built with USE_WGMMA=1, its PTX emulated by sm90.h)
 #   at head dims 128 and 64: causal and not, one and two sequences, blocks of 64 and 128, strided tokens, 2 or 3
-#   persistent CTAs.
+#   persistent CTAs;
+# - backward_wgmma_check.cc over the sm_90 wgmma backward (s2_backward.cu's dQ pass PASS 3, then its dK/dV pass
+#   PASS 2, each compiled after s2_forward.cu's text as the host compiles them) at head dims 128 and 64: causal and
+#   not, blocks of 64 and 128, one and two sequences, one and two query heads per pattern, 2 or 3 persistent CTAs.
 # `bash shaders/cuda/emu/run.sh`; the builds run on all cores.
 set -e
 here=$(cd "$(dirname "$0")" && pwd)
@@ -28,12 +31,23 @@ if ! grep -q 'smem_raw_ = emu_dyn_smem();' "$tmp/k_fwd.cu" || grep -q 'asm volat
   echo "run.sh: s2_forward.cu no longer has the lines its emulation edits" >&2
   exit 1
 fi
+# The backward as the host compiles it (s2_forward.cu, then s2_backward.cu), edited the same way; its kernels lose
+# `extern "C"` (the check holds two passes' builds, each with the forward's kernel, in two namespaces).
+{ cat "$here/../s2_forward.cu"; echo '#line 1 "s2_backward.cu"'; cat "$here/../s2_backward.cu"; } |
+  sed -e '/asm volatile("setmaxnreg\./d' \
+      -e 's/extern __shared__ __align__(1024) unsigned char smem_raw_\[\];/unsigned char* smem_raw_ = emu_dyn_smem();/' \
+      -e 's/^extern "C" __global__/__global__/' > "$tmp/k_bwd.cu"
+if [ "$(grep -c 'smem_raw_ = emu_dyn_smem();' "$tmp/k_bwd.cu")" != 3 ] || grep -q 'asm volatile("setmaxnreg' "$tmp/k_bwd.cu"; then
+  echo "run.sh: s2_backward.cu no longer has the lines its emulation edits" >&2
+  exit 1
+fi
 cp "$here/emu.h" "$here/sm90.h" "$here/checks.h" "$here/decode_check.cc" "$here/exact_check.cc" "$here/wgmma_check.cc" \
-   "$tmp/"
+   "$here/backward_wgmma_check.cc" "$tmp/"
 builds=()
 for cfg in "0 128" "1 128" "0 64" "1 64"; do
   set -- $cfg
   builds+=("wgmma_check.cc run_wgmma_$1_$2 -DIS_BF16=$1 -DHEAD_DIM=$2")
+  builds+=("backward_wgmma_check.cc run_bwd_$1_$2 -DIS_BF16=$1 -DHEAD_DIM=$2")
 done
 for nf in 0 1; do
   for bf in 0 1; do
@@ -67,4 +81,15 @@ run_wgmma_0_64 noncausal strided
 run_wgmma_0_64 block=128 seq=300 ctas=2
 run_wgmma_1_64 seq=640
 run_wgmma_1_64 seq=130 batch=2 noncausal
+EOF
+# Binary (IS_BF16, HEAD_DIM), then backward_wgmma_check.cc's arguments.
+while read -r b args; do ./"$b" $args </dev/null; done <<'EOF'
+run_bwd_0_128
+run_bwd_0_128 noncausal
+run_bwd_1_128 block=128 seq=421 batch=2 ctas=2
+run_bwd_1_128 noncausal seq=130 batch=2
+run_bwd_0_64 seq=520 batch=2 hpp=2 ctas=2
+run_bwd_0_64 noncausal block=128 seq=560 hpp=2 ctas=2
+run_bwd_1_64 block=128 seq=200 ctas=2
+run_bwd_1_64 noncausal seq=333 batch=2 hpp=2
 EOF
