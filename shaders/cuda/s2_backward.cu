@@ -1114,6 +1114,9 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dq_wgmma(const _
                     *(uint4*)(p.dq + q_off + (long long)tok * p.q_tok + c * 8) = *(const uint4*)(qpart + off);
                 }
             }
+            // The staging writes went through the generic proxy; the next TMA into this buffer goes through the
+            // async one.
+            fence_proxy_async();
             __syncwarp();
             if (lane == 0) mbar_arrive(qempty0 + 8 * qb);
         }

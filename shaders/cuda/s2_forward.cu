@@ -235,6 +235,9 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
     while (!mbar_test(bar, parity)) {
     }
 }
+// Makes the generic proxy's writes to shared memory that this thread has seen (its stores, its landed cp.async)
+// visible to the async proxy (wgmma operands, TMA).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // Named barriers over `n` threads (multiples of 32): sync waits, arrive only counts.
 __device__ __forceinline__ void named_sync(u32 id, u32 n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 __device__ __forceinline__ void named_arrive(u32 id, u32 n) {
