@@ -22,7 +22,7 @@ sed -e '/^__device__ __forceinline__ float to_f32(u16 x) {/,/^}/d' -e '/^__devic
     "$here/../s2_decode.cu" > "$tmp/k_emu.cu"
 # The exact kernels take their conversions from emu.h under EXACT_EMU.
 cp "$here/../s2_exact.cu" "$tmp/k_exact.cu"
-# The forward's PTX helpers are in `#ifndef S2_EMU` blocks (emu.h defines S2_EMU; sm90.h has their emulations); in the
+# The forward's PTX functions are in `#ifndef S2_EMU` blocks (emu.h defines S2_EMU; sm90.h has their emulations); in the
 # kernel body, the two setmaxnreg statements go and the dynamic shared memory declaration points into g_dyn.
 sed -e '/asm volatile("setmaxnreg\./d' \
     -e 's/extern __shared__ __align__(1024) unsigned char smem_raw_\[\];/unsigned char* smem_raw_ = emu_dyn_smem();/' \

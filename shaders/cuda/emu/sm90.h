@@ -1,6 +1,6 @@
 // CPU emulation of the sm_90 pieces the wgmma kernels use (shaders/cuda/s2_forward.cu with USE_WGMMA=1, for
 // wgmma_check.cc; s2_backward.cu's PASS 2 and 3, for backward_wgmma_check.cc; see run.sh), on top of emu.h: the
-// PTX helpers of their `#ifndef S2_EMU` blocks with their PTX semantics, checked where a kernel could break them:
+// PTX functions of their `#ifndef S2_EMU` blocks with their PTX semantics, checked where a kernel could break them:
 // - shared memory: `cvta.to.shared` gives the byte offset into emu.h's g_dyn; the launch's dynamic window starts
 //   off a 1024-byte boundary (the kernel aligns its swizzle atoms itself) and every emulated access outside it
 //   is an error; the window is poisoned (all bits set) before each block.
@@ -139,7 +139,7 @@ inline void fence_proxy_async() {
     memcpy(g_dyn_async + g_win_lo, (unsigned char*)g_dyn + g_win_lo, g_win_hi - g_win_lo);
 }
 
-// ---- Conversions and approximate math (the kernel's PTX helpers) ----
+// ---- Conversions and approximate math (the kernel's PTX functions) ----
 // cvt.rn.{f16,bf16}x2.f32, `lo` in the low half.
 inline u32 pack2(float lo, float hi) { return (u32)from_f32(lo) | ((u32)from_f32(hi) << 16); }
 inline float fast_exp2(float x) {  // ex2.approx.ftz.f32: subnormal inputs and results flush to zero
@@ -531,9 +531,9 @@ inline void wg_retire(WgOp& op) {
     for (unsigned q : {warp0 + 4 * g, warp0 + 4 * g + 1, warp0 + 4 * g + 2, warp0 + 4 * g + 3, wg0})
         emu_wait(g_wg_issued[q], [&] { return g_wg_issued[q].load() > op.k; },
                  "the warpgroup's threads to issue a wgmma");
-    const WgRec& lead = g_wg_ring[wg0][op.k % EMU_WG_RING];
-    if (lead.desc != op.desc || lead.desc_a != op.desc_a || lead.n != op.n || lead.trans != op.trans ||
-        lead.scale != op.scale)
+    const WgRec& first = g_wg_ring[wg0][op.k % EMU_WG_RING];
+    if (first.desc != op.desc || first.desc_a != op.desc_a || first.n != op.n || first.trans != op.trans ||
+        first.scale != op.scale)
         emu_error("wgmma %llu: descriptors, shape, transpose or scale-d differ from the warpgroup's thread 0", op.k);
     if (op.a_reg && memcmp(op.a_reg, op.a, sizeof op.a))
         emu_error("wgmma %llu: A fragment registers written between the issue and wait_group", op.k);
