@@ -1,8 +1,9 @@
 // S2-Attention backward on tensor cores (mma.sync m16n8k16, ldmatrix, cp.async double buffering; on sm_90 wgmma
-// with TMA), fp16 or bf16 with f32 accumulation. Compiled by NVRTC after the text of s2_forward.cu (src/cuda/backward.rs
-// concatenates the two), whose primitives it uses: cp_async16, ldmatrix_x4(_trans), mma16816, pack2,
-// fast_exp2, row_attends / rows_attend, Walk / next_chunk / step_chunk, load_rows, and the tile macros
-// (NT, NK, KK, ND, KD, LDS, CPR, KV_STAGE) derived from the same defines. PASS picks the kernel:
+// with TMA), fp16 or bf16 with f32 accumulation. Compiled by NVRTC after the text of s2_forward.cu
+// (src/cuda/backward.rs concatenates the two), whose primitives it uses: cp_async16, ldmatrix_x4(_trans),
+// mma16816, pack2, fast_exp2, row_attends / rows_attend, Walk / next_chunk / step_chunk, load_rows, and the tile
+// macros (NT, NK, KK, ND, KD, LDS, CPR, KV_STAGE) derived from the same defines; on wgmma also its PTX pieces,
+// make_desc, issue_rs_mn and pack_frags. PASS picks the kernel:
 //
 // PASS 0, s2_backward_dq: one CTA per (query tile of BLOCK_Q = 16 * WARPS rows, head, batch) walking the
 //   forward's MergeQ row list in chunks of BLOCK_K keys. First writes D = rowsum(dO * O) and LSE * log2(e)
@@ -70,8 +71,9 @@ struct BwdParams {
     float scale_log2;
     float scale;
     // The wgmma dK/dV pass (PASS 2) only: its persistent schedule and the TMA maps of its tiles.
-    const u32* sched;        // work items (key tile, KV head, batch), longest column walks first; CTA c takes c, + grid, ...
-    const u32* dq_sched;     // the wgmma dQ pass's (PASS 3) work items (query tile, head, batch), longest row walks first
+    const u32* sched;        // work items (key tile, KV head, batch), longest column walks first; CTA c takes
+                             // items c, c + grid, ...
+    const u32* dq_sched;     // the wgmma dQ pass's (PASS 3) work items (query tile, head, batch), longest first
     u32 items;
     u32 dq_items;
     u32 key_tiles;           // 64-key tiles per sequence
@@ -178,6 +180,40 @@ __device__ __forceinline__ void store_rows(u16* dst, long long tok, const u16* s
     }
 }
 
+// D = rowsum(dO * O) and LSE * log2(e) of a warp's 16 rows wr0.. of the tile at row0 (of `head`, sequence b): lanes
+// 2r and 2r + 1 take row r's halves, `drow` being this lane's half of dO row wr0 + lane / 2 (in shared or global
+// memory). Writes both into the scratch rows the dK/dV pass reads (+inf LSE past the end and for rows without keys,
+// so that P vanishes there without masking) and returns each thread's rows g and g + 8 in delta_r / lse_r.
+__device__ __forceinline__ void warp_row_stats(const BwdParams& p, long long q_off, const u16* drow, u32 b, u32 head,
+                                               u32 row0, u32 wr0, int lane, float (&delta_r)[2], float (&lse_r)[2]) {
+    const u32 r = wr0 + lane / 2;
+    const u32 tok = row0 + r;
+    float acc = 0.f, l2 = POS_INF;
+    if (tok < p.seq_len) {
+        const u16* orow = p.o + q_off + (long long)tok * p.q_tok + (lane % 2) * (HEAD_DIM / 2);
+#pragma unroll
+        for (int c = 0; c < HEAD_DIM / 2; c += 8) {
+            const uint4 ov = *(const uint4*)(orow + c);
+            const uint4 dv = *(const uint4*)(drow + c);
+            acc += dot2(ov.x, dv.x) + dot2(ov.y, dv.y) + dot2(ov.z, dv.z) + dot2(ov.w, dv.w);
+        }
+        const float l = p.lse[(long long)b * p.lse_batch + (long long)head * p.seq_len + tok];
+        if (l != NEG_INF) l2 = l * LOG2E_F;
+    }
+    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    if (lane % 2 == 0) {
+        const long long at = ((long long)b * p.num_heads + head) * p.seq_pad + row0 + r;
+        p.lse2[at] = l2;
+        p.delta[at] = acc;
+    }
+    const int g = lane / 4;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        delta_r[h] = __shfl_sync(0xffffffffu, acc, 2 * g + 16 * h);
+        lse_r[h] = __shfl_sync(0xffffffffu, l2, 2 * g + 16 * h);
+    }
+}
+
 #if PASS == 0
 extern "C" __global__ void __launch_bounds__(NT, 2) s2_backward_dq(const BwdParams p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -231,34 +267,8 @@ extern "C" __global__ void __launch_bounds__(NT, 2) s2_backward_dq(const BwdPara
     cp_async_wait<1>();
     __syncthreads();
     float delta_r[2], lse_r[2];
-    {
-        const u32 r = wr0 + lane / 2;
-        const u32 tok = row0 + r;
-        float acc = 0.f, l2 = POS_INF;
-        if (tok < seq) {
-            const u16* orow = p.o + q_off + (long long)tok * p.q_tok + (lane % 2) * (HEAD_DIM / 2);
-            const u16* drow = do_s + r * LDS + (lane % 2) * (HEAD_DIM / 2);
-#pragma unroll
-            for (int c = 0; c < HEAD_DIM / 2; c += 8) {
-                uint4 ov = *(const uint4*)(orow + c);
-                uint4 dv = *(const uint4*)(drow + c);
-                acc += dot2(ov.x, dv.x) + dot2(ov.y, dv.y) + dot2(ov.z, dv.z) + dot2(ov.w, dv.w);
-            }
-            float l = p.lse[(long long)b * p.lse_batch + (long long)head * seq + tok];
-            if (l != NEG_INF) l2 = l * LOG2E_F;
-        }
-        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-        if (lane % 2 == 0) {
-            long long at = ((long long)b * p.num_heads + head) * p.seq_pad + row0 + r;
-            p.lse2[at] = l2;
-            p.delta[at] = acc;
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            delta_r[h] = __shfl_sync(0xffffffffu, acc, 2 * g + 16 * h);
-            lse_r[h] = __shfl_sync(0xffffffffu, l2, 2 * g + 16 * h);
-        }
-    }
+    warp_row_stats(p, q_off, do_s + (wr0 + lane / 2) * LDS + (lane % 2) * (HEAD_DIM / 2), b, head, row0, wr0, lane,
+                   delta_r, lse_r);
 
     float dq[ND][4];
 #pragma unroll
@@ -543,6 +553,13 @@ __device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u
 // K-major operand descriptor of a 64-row tile (keys of K / V, queries of Q / dO) at k-step kd of HEAD_DIM: 32 bytes
 // further inside the 128-byte rows per step, the next 64-column atom every 4 steps; SBO = 8 rows.
 #define TILE_DESC(base, kd) make_desc((base) + ((kd) / 4) * (64 * 128) + ((kd) % 4) * 32, 16, 1024)
+
+// acc = A B^T over HEAD_DIM for two 64-row tiles in shared memory (S = Q K^T, dP = dO V^T, or transposed with the
+// keys as A). Issue only; commit by caller.
+__device__ __forceinline__ void issue_ss_products(float (&acc)[NK][4], u32 a_base, u32 b_base) {
+#pragma unroll
+    for (int kd = 0; kd < KD; ++kd) wgmma_ss_n64(&acc[0][0], TILE_DESC(a_base, kd), TILE_DESC(b_base, kd), kd > 0);
+}
 #endif
 
 #if PASS == 2
@@ -714,12 +731,8 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dkdv_wgmma(const
                     fence_regs<NK * 4>(&st[0][0]);
                     fence_regs<NK * 4>(&dpt[0][0]);
                     wgmma_fence();
-#pragma unroll
-                    for (int kd = 0; kd < KD; ++kd)
-                        wgmma_ss_n64(&st[0][0], TILE_DESC(k_base, kd), TILE_DESC(qs_base, kd), kd > 0);
-#pragma unroll
-                    for (int kd = 0; kd < KD; ++kd)
-                        wgmma_ss_n64(&dpt[0][0], TILE_DESC(v_base, kd), TILE_DESC(dos_base, kd), kd > 0);
+                    issue_ss_products(st, k_base, qs_base);
+                    issue_ss_products(dpt, v_base, dos_base);
                     wgmma_commit();
                     wgmma_wait<0>();
                     fence_regs<NK * 4>(&st[0][0]);
@@ -757,38 +770,15 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dkdv_wgmma(const
                             dpt[c][2 * h + 1] = p1 * (dpt[c][2 * h + 1] - dl.y);
                         }
                     }
-#pragma unroll
-                    for (int kk = 0; kk < KK; ++kk) {
-                        pa[kk][0] = pack2(st[2 * kk][0], st[2 * kk][1]);
-                        pa[kk][1] = pack2(st[2 * kk][2], st[2 * kk][3]);
-                        pa[kk][2] = pack2(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-                        pa[kk][3] = pack2(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-                        da[kk][0] = pack2(dpt[2 * kk][0], dpt[2 * kk][1]);
-                        da[kk][1] = pack2(dpt[2 * kk][2], dpt[2 * kk][3]);
-                        da[kk][2] = pack2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-                        da[kk][3] = pack2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
-                    }
+                    pack_frags(pa, st);
+                    pack_frags(da, dpt);
                     fence_regs<ND * 4>(&dv[0][0]);
                     fence_regs<ND * 4>(&dk[0][0]);
                     wgmma_fence();
                     // dV += P^T dO and dK += dS^T Q: a k-step is 16 query rows (2048 bytes), B read transposed
                     // (N = head dim across the 64-column atoms, LBO = one atom).
-#pragma unroll
-                    for (int kk = 0; kk < KK; ++kk) {
-#if HEAD_DIM == 128
-                        wgmma_n128<1>(&dv[0][0], pa[kk], V_DESC(dos_base, kk), 1);
-#else
-                        wgmma_n64<1>(&dv[0][0], pa[kk], V_DESC(dos_base, kk), 1);
-#endif
-                    }
-#pragma unroll
-                    for (int kk = 0; kk < KK; ++kk) {
-#if HEAD_DIM == 128
-                        wgmma_n128<1>(&dk[0][0], da[kk], V_DESC(qs_base, kk), 1);
-#else
-                        wgmma_n64<1>(&dk[0][0], da[kk], V_DESC(qs_base, kk), 1);
-#endif
-                    }
+                    issue_rs_mn(dv, pa, dos_base);
+                    issue_rs_mn(dk, da, qs_base);
                     wgmma_commit();
                     wgmma_wait<0>();
                     fence_regs<ND * 4>(&dv[0][0]);
@@ -867,6 +857,12 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dkdv_wgmma(const
 #error "the wgmma dQ pass runs two warpgroups of 64 rows"
 #endif
 
+// Element offset of (row r, column col) in a warpgroup's part of a Q / dO buffer: the TMA's 128-byte-swizzled layout
+// (64-column atoms of 64 rows, 16-byte chunk c of row r at c ^ (r % 8)).
+__device__ __forceinline__ u32 group_off(u32 r, u32 col) {
+    return (col / 64) * 64 * 64 + r * 64 + ((((col % 64) / 8) ^ (r % 8)) * 8) + col % 8;
+}
+
 extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dq_wgmma(const __grid_constant__ BwdParams p) {
     extern __shared__ __align__(1024) unsigned char smem_raw_[];
     unsigned char* smem_raw = smem_raw_ + ((1024u - (smem_addr(smem_raw_) & 1023u)) & 1023u);
@@ -874,7 +870,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dq_wgmma(const _
     u16* do_s = q_s + DQ_QBUFS * ROWS_TILE;           // [DQ_QBUFS][ROWS_TILE]
     u16* k_s = do_s + DQ_QBUFS * ROWS_TILE;           // [DQ_STAGES][KC_TILE]
     u16* v_s = k_s + DQ_STAGES * KC_TILE;             // [DQ_STAGES][KC_TILE]
-    u64* bars = (u64*)(v_s + DQ_STAGES * KC_TILE);    // full[DQ_STAGES], empty[DQ_STAGES], q_full[DQ_QBUFS], q_empty[DQ_QBUFS]
+    u64* bars = (u64*)(v_s + DQ_STAGES * KC_TILE);    // full, empty [DQ_STAGES]; q_full, q_empty [DQ_QBUFS]
     const u32 full0 = smem_addr(bars), empty0 = full0 + 8 * DQ_STAGES;
     const u32 qfull0 = empty0 + 8 * DQ_STAGES, qempty0 = qfull0 + 8 * DQ_QBUFS;
 
@@ -962,35 +958,10 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dq_wgmma(const _
             const u32 gq0 = row0 + gr0;
             const long long q_off = (long long)b * p.q_batch + (long long)head * HEAD_DIM;
 
-            // D = rowsum(dO * O) and LSE * log2(e) of this warp's 16 rows: lanes 2r and 2r + 1 take row r's halves.
+            // D and LSE * log2(e) of this warp's 16 rows, dO read from global memory.
             float delta_r[2], lse_r[2];
-            {
-                const u32 r = wr0 + lane / 2;
-                const u32 tok = row0 + r;
-                float acc = 0.f, l2 = POS_INF;
-                if (tok < seq) {
-                    const long long at = q_off + (long long)tok * p.q_tok + (lane % 2) * (HEAD_DIM / 2);
-#pragma unroll
-                    for (int c = 0; c < HEAD_DIM / 2; c += 8) {
-                        const uint4 ov = *(const uint4*)(p.o + at + c);
-                        const uint4 dv = *(const uint4*)(p.d_o + at + c);
-                        acc += dot2(ov.x, dv.x) + dot2(ov.y, dv.y) + dot2(ov.z, dv.z) + dot2(ov.w, dv.w);
-                    }
-                    const float l = p.lse[(long long)b * p.lse_batch + (long long)head * seq + tok];
-                    if (l != NEG_INF) l2 = l * LOG2E_F;
-                }
-                acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-                if (lane % 2 == 0) {
-                    const long long at = ((long long)b * p.num_heads + head) * p.seq_pad + row0 + r;
-                    p.lse2[at] = l2;
-                    p.delta[at] = acc;
-                }
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    delta_r[h] = __shfl_sync(0xffffffffu, acc, 2 * g + 16 * h);
-                    lse_r[h] = __shfl_sync(0xffffffffu, l2, 2 * g + 16 * h);
-                }
-            }
+            const long long do_at = q_off + (long long)(row0 + wr0 + lane / 2) * p.q_tok + (lane % 2) * (HEAD_DIM / 2);
+            warp_row_stats(p, q_off, p.d_o + do_at, b, head, row0, wr0, lane, delta_r, lse_r);
 
             float dq[ND][4];
 #pragma unroll
@@ -1023,12 +994,8 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dq_wgmma(const _
                     fence_regs<NK * 4>(&sc[0][0]);
                     fence_regs<NK * 4>(&dp[0][0]);
                     wgmma_fence();
-#pragma unroll
-                    for (int kd = 0; kd < KD; ++kd)
-                        wgmma_ss_n64(&sc[0][0], TILE_DESC(q_base, kd), TILE_DESC(k_base, kd), kd > 0);
-#pragma unroll
-                    for (int kd = 0; kd < KD; ++kd)
-                        wgmma_ss_n64(&dp[0][0], TILE_DESC(do_base, kd), TILE_DESC(v_base, kd), kd > 0);
+                    issue_ss_products(sc, q_base, k_base);
+                    issue_ss_products(dp, do_base, v_base);
                     wgmma_commit();
                     wgmma_wait<0>();
                     fence_regs<NK * 4>(&sc[0][0]);
@@ -1060,24 +1027,11 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dq_wgmma(const _
                                 const float pr = fast_exp2(fmaf(sc[c][2 * h + e], p.scale_log2, -lse_r[h]));
                                 dp[c][2 * h + e] = pr * (dp[c][2 * h + e] - delta_r[h]);
                             }
-#pragma unroll
-                    for (int kk = 0; kk < KK; ++kk) {
-                        da[kk][0] = pack2(dp[2 * kk][0], dp[2 * kk][1]);
-                        da[kk][1] = pack2(dp[2 * kk][2], dp[2 * kk][3]);
-                        da[kk][2] = pack2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-                        da[kk][3] = pack2(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
-                    }
+                    pack_frags(da, dp);
                     fence_regs<ND * 4>(&dq[0][0]);
                     wgmma_fence();
                     // dQ += dS K: a k-step is 16 keys (2048 bytes), K read transposed (N = head dim).
-#pragma unroll
-                    for (int kk = 0; kk < KK; ++kk) {
-#if HEAD_DIM == 128
-                        wgmma_n128<1>(&dq[0][0], da[kk], V_DESC(k_base, kk), 1);
-#else
-                        wgmma_n64<1>(&dq[0][0], da[kk], V_DESC(k_base, kk), 1);
-#endif
-                    }
+                    issue_rs_mn(dq, da, k_base);
                     wgmma_commit();
                     wgmma_wait<0>();
                     fence_regs<ND * 4>(&dq[0][0]);
@@ -1101,8 +1055,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dq_wgmma(const _
 #pragma unroll
                 for (int nd = 0; nd < ND; ++nd) {
                     const u32 r = wr0 - gr0 + g + h * 8, col = nd * 8 + 2 * t;
-                    const u32 off = (col / 64) * 64 * 64 + r * 64 + ((((col % 64) / 8) ^ (r % 8)) * 8) + col % 8;
-                    *(u32*)(qpart + off) = pack2(dq[nd][2 * h] * p.scale, dq[nd][2 * h + 1] * p.scale);
+                    *(u32*)(qpart + group_off(r, col)) = pack2(dq[nd][2 * h] * p.scale, dq[nd][2 * h + 1] * p.scale);
                 }
             named_sync(3 + wg, 128);
 #pragma unroll 4
@@ -1110,8 +1063,8 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dq_wgmma(const _
                 const u32 r = j / CPR, c = j % CPR;
                 const u32 tok = gq0 + r;
                 if (tok < seq) {
-                    const u32 off = (c / 8) * 64 * 64 + r * 64 + (((c % 8) ^ (r % 8)) * 8);
-                    *(uint4*)(p.dq + q_off + (long long)tok * p.q_tok + c * 8) = *(const uint4*)(qpart + off);
+                    u16* dst = p.dq + q_off + (long long)tok * p.q_tok + c * 8;
+                    *(uint4*)dst = *(const uint4*)(qpart + group_off(r, c * 8));
                 }
             }
             // The staging writes went through the generic proxy; the next TMA into this buffer goes through the

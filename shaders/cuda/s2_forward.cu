@@ -737,17 +737,31 @@ __device__ __forceinline__ Item item_of(u32 w, const Params& p) {
     return it;
 }
 
-// O += P V for one chunk, V as B (N-major, transpose bit): a k-step of 16 keys is 16 rows of 128 bytes (2048
-// bytes), LBO = one 64-column atom (BLOCK_K * 128 bytes), SBO = 8 rows (1024). Issue only; commit by caller.
+// acc += A B over 64 rows of B: A = KK register fragments of 16 columns (P for O += P V; in the backward P^T or dS
+// and dS^T), B = 64 rows x HEAD_DIM in shared memory read transposed (N-major, transpose bit: V, or dO, Q, K): a
+// k-step of 16 rows is 16 x 128 bytes (2048 bytes), LBO = one 64-column atom (BLOCK_K * 128 bytes), SBO = 8 rows
+// (1024). Issue only; commit by caller.
 #define V_DESC(v_base, kk) make_desc((v_base) + (kk) * 16 * 128, BLOCK_K * 128, 1024)
-__device__ __forceinline__ void issue_pv(float (&o)[MT][ND][4], const u32 (&pa)[KK][4], u32 v_base) {
+__device__ __forceinline__ void issue_rs_mn(float (&acc)[ND][4], const u32 (&a)[KK][4], u32 b_base) {
 #pragma unroll
     for (int kk = 0; kk < KK; ++kk) {
 #if HEAD_DIM == 128
-        wgmma_n128<1>(&o[0][0][0], pa[kk], V_DESC(v_base, kk), 1);
+        wgmma_n128<1>(&acc[0][0], a[kk], V_DESC(b_base, kk), 1);
 #else
-        wgmma_n64<1>(&o[0][0][0], pa[kk], V_DESC(v_base, kk), 1);
+        wgmma_n64<1>(&acc[0][0], a[kk], V_DESC(b_base, kk), 1);
 #endif
+    }
+}
+
+// The accumulators of a 64-column score tile (NK 8-column tiles, a warp's 16 rows) as KK wgmma A fragments of 16
+// columns each, rounded to the storage type.
+__device__ __forceinline__ void pack_frags(u32 (&a)[KK][4], const float (&s)[NK][4]) {
+#pragma unroll
+    for (int kk = 0; kk < KK; ++kk) {
+        a[kk][0] = pack2(s[2 * kk][0], s[2 * kk][1]);
+        a[kk][1] = pack2(s[2 * kk][2], s[2 * kk][3]);
+        a[kk][2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        a[kk][3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
 }
 
@@ -757,7 +771,7 @@ __device__ __forceinline__ void issue_pv(float (&o)[MT][ND][4], const u32 (&pa)[
 __device__ __forceinline__ void pv_now_and_release(float (&o)[MT][ND][4], u32 (&pa)[KK][4], u32 v_base,
                                                    u32 empty_bar, int lane) {
     wgmma_fence();
-    issue_pv(o, pa, v_base);
+    issue_rs_mn(o[0], pa, v_base);
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs<ND * 4>(&o[0][0][0]);
@@ -935,7 +949,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const __grid_cons
                         wgmma_n64<0>(&sc[0][0][0], qa[kd],
                                      make_desc(k_base + (kd / 4) * (BLOCK_K * 128) + (kd % 4) * 32, 16, 1024), kd > 0);
                     wgmma_commit();
-                    issue_pv(o_acc, pp, smem_addr(v_s + p_stage * KV_STAGE));
+                    issue_rs_mn(o_acc[0], pp, smem_addr(v_s + p_stage * KV_STAGE));
                     wgmma_commit();
                     named_arrive(2 - wg, 2 * 128);
                     wgmma_wait<1>();
@@ -946,13 +960,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const __grid_cons
                     const bool rescale = softmax_step(sc, row_m, row_l, alpha, p.scale_log2);
                     // P is packed before the next fence: wgmma may read its A registers only after one.
                     u32 pn[KK][4];
-#pragma unroll
-                    for (int kk = 0; kk < KK; ++kk) {
-                        pn[kk][0] = pack2(sc[0][2 * kk][0], sc[0][2 * kk][1]);
-                        pn[kk][1] = pack2(sc[0][2 * kk][2], sc[0][2 * kk][3]);
-                        pn[kk][2] = pack2(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
-                        pn[kk][3] = pack2(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
-                    }
+                    pack_frags(pn, sc[0]);
                     wgmma_wait<0>();
                     fence_regs<ND * 4>(&o_acc[0][0][0]);
                     fence_u32<KK * 4>(&pp[0][0]);

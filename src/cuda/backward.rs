@@ -200,23 +200,16 @@ fn wgmma_schedule(layout: &Layout, shape: &Shape, columns: &ColumnPlan, key_tile
     let (heads, kv_heads) = (layout.num_heads(), layout.num_kv_heads());
     let (group, per_pattern) = (heads / kv_heads, heads / layout.num_patterns());
     let ptr = columns.col_ptr();
-    let mut items: Vec<(u32, u32)> = Vec::with_capacity((shape.batch * kv_heads * key_tiles) as usize);
-    for b in 0..shape.batch {
-        for kvh in 0..kv_heads {
-            for kt in 0..key_tiles {
-                let block = kt * WGMMA_KEY_TILE / layout.block_size();
-                let cost = (0..group)
-                    .map(|hh| {
-                        let slot = (((kvh * group + hh) / per_pattern) * columns.kv_blocks() + block) as usize;
-                        ptr[slot + 1] - ptr[slot]
-                    })
-                    .sum::<u32>();
-                items.push((cost, (b * kv_heads + kvh) * key_tiles + kt));
-            }
-        }
-    }
-    items.sort_by_key(|&(cost, _)| std::cmp::Reverse(cost));
-    items.into_iter().map(|(_, item)| item).collect()
+    longest_first((0..shape.batch * kv_heads * key_tiles).map(|x| {
+        let (kt, kvh) = (x % key_tiles, x / key_tiles % kv_heads);
+        let block = kt * WGMMA_KEY_TILE / layout.block_size();
+        (0..group)
+            .map(|hh| {
+                let slot = (((kvh * group + hh) / per_pattern) * columns.kv_blocks() + block) as usize;
+                ptr[slot + 1] - ptr[slot]
+            })
+            .sum()
+    }))
 }
 
 /// The wgmma dQ pass's work items, `(batch * heads + head) * q_tiles + tile`, longest row list first.
@@ -224,15 +217,15 @@ fn wgmma_dq_schedule(layout: &Layout, shape: &Shape, mergeq: &MergeQPlan) -> Vec
     let (heads, tiles) = (layout.num_heads(), mergeq.tiles());
     let per_pattern = heads / layout.num_patterns();
     let ptr = mergeq.row_ptr();
-    let mut items: Vec<(u32, u32)> = Vec::with_capacity((shape.batch * heads * tiles) as usize);
-    for b in 0..shape.batch {
-        for head in 0..heads {
-            for tile in 0..tiles {
-                let slot = ((head / per_pattern) * tiles + tile) as usize;
-                items.push((ptr[slot + 1] - ptr[slot], (b * heads + head) * tiles + tile));
-            }
-        }
-    }
+    longest_first((0..shape.batch * heads * tiles).map(|x| {
+        let slot = ((x / tiles % heads / per_pattern) * tiles + x % tiles) as usize;
+        ptr[slot + 1] - ptr[slot]
+    }))
+}
+
+/// Item indices `0..n`, given each one's cost in index order, sorted by cost, largest first (ties in index order).
+fn longest_first(costs: impl Iterator<Item = u32>) -> Vec<u32> {
+    let mut items: Vec<(u32, u32)> = costs.zip(0..).collect();
     items.sort_by_key(|&(cost, _)| std::cmp::Reverse(cost));
     items.into_iter().map(|(_, item)| item).collect()
 }
@@ -328,12 +321,14 @@ impl CudaBackward {
             Ok(Launch { func, grid, threads: p.workgroup_size, smem: p.workgroup_bytes })
         };
         let (heads, kv_heads) = (layout.num_heads(), layout.num_kv_heads());
+        // The wgmma passes are persistent: one CTA per SM, at most one per work item.
+        let persistent_grid = |items: usize| (items.min(ctx.multiprocessors().max(1) as usize).max(1) as u32, 1, 1);
         let wgmma = plan.dkdv.variant == KernelVariant::CudaWgmma && plan.dq.variant == KernelVariant::CudaWgmma;
         let key_tiles = seq.div_ceil(WGMMA_KEY_TILE);
         let sched = if wgmma { wgmma_schedule(layout, &shape, columns, key_tiles) } else { Vec::new() };
         let dkdv = if wgmma {
             // The forward's wgmma configuration (8 consumer warps, 128 x 64 tiles) under the pass's own kernel.
-            let grid = (sched.len().min(ctx.multiprocessors().max(1) as usize).max(1) as u32, 1, 1);
+            let grid = persistent_grid(sched.len());
             kernel(2, &plan.dkdv, 128, TILE_Q, "s2_backward_dkdv_wgmma", grid)?
         } else {
             let key_tile = plan.dkdv.workgroup_size / 32 * 16;
@@ -342,7 +337,7 @@ impl CudaBackward {
         };
         let dq_sched = if wgmma { wgmma_dq_schedule(layout, &shape, mergeq) } else { Vec::new() };
         let dq = if wgmma {
-            let grid = (dq_sched.len().min(ctx.multiprocessors().max(1) as usize).max(1) as u32, 1, 1);
+            let grid = persistent_grid(dq_sched.len());
             kernel(3, &plan.dq, WGMMA_DQ_TILE, 64, "s2_backward_dq_wgmma", grid)?
         } else {
             kernel(0, &plan.dq, TILE_Q, plan.dq.tile_kv, "s2_backward_dq", (mergeq.tiles(), heads, shape.batch))?
