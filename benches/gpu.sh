@@ -12,7 +12,8 @@
 #             one line per binary in summary.txt
 #   forward   S2 forward, 32 heads, head dim 128, block 64, local 16, batch 1: 16k/64k/128k x vert_stride 16/64,
 #             fp16 on every backend of BACKENDS (dense rows of this library up to 16k), and bf16 on CUDA
-#   backward  forward + backward (dQ, dK, dV) at the same shape, vert_stride 16, 16k/64k/128k, fp16
+#   backward  forward + backward (dQ, dK, dV) at the same shape, vert_stride 16, 16k/64k/128k, fp16 on every
+#             backend of BACKENDS, and bf16 on CUDA
 #   decode    one query token per sequence against 32k/128k tokens of paged S2 cache, 8 and 32 KV heads,
 #             batch 1 and 16 (--preset decode); then the decode_bench example on each backend of BACKENDS (the
 #             device's copy bandwidth, each step against its KV read time at that bandwidth, windows of 1 and 4
@@ -170,6 +171,8 @@ suite_forward() {
 suite_backward() {
     bench backward $shape --mode fwd+bwd --seq 16k,64k,128k --vert-stride 16 --dtype f16 --backend "$BACKENDS" \
         --iters 5 --warmup 1 --no-dense
+    has cuda && bench backward $shape --mode fwd+bwd --seq 16k,64k,128k --vert-stride 16 --dtype bf16 --backend cuda \
+        --iters 5 --warmup 1 --no-dense
 }
 
 suite_decode() {
@@ -198,7 +201,8 @@ suite_peers() {  # the peers at the points of the suites named with it
         "--mode fwd --seq 16384 65536 131072 --vert-stride 64 --impls flex-s2"
         "--mode fwd --seq 16384 65536 131072 --vert-stride 16 --dtype bf16 --impls flex-s2"
         "--mode fwd --seq 16384 65536 131072 --vert-stride 64 --dtype bf16 --impls flex-s2")
-    [[ $want == *" backward "* ]] && lines+=("--mode fwd+bwd --seq 16384 65536 131072 --vert-stride 16 --iters 3")
+    [[ $want == *" backward "* ]] && lines+=("--mode fwd+bwd --seq 16384 65536 131072 --vert-stride 16 --iters 3"
+        "--mode fwd+bwd --seq 16384 65536 131072 --vert-stride 16 --dtype bf16 --iters 3 --impls torch-flash flex-s2")
     if [[ $want == *" decode "* ]]; then
         local kv b
         for kv in 8 32; do for b in 1 16; do
