@@ -550,15 +550,18 @@ __device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u
 }
 #endif
 
-// K-major operand descriptor of a 64-row tile (keys of K / V, queries of Q / dO) at k-step kd of HEAD_DIM: 32 bytes
+// Bytes from a K-major 64-row tile's start (keys of K / V, queries of Q / dO) to k-step kd of HEAD_DIM: 32 bytes
 // further inside the 128-byte rows per step, the next 64-column atom every 4 steps; SBO = 8 rows.
-#define TILE_DESC(base, kd) make_desc((base) + ((kd) / 4) * (64 * 128) + ((kd) % 4) * 32, 16, 1024)
+#define TILE_STEP(kd) (((kd) / 4) * (64 * 128) + ((kd) % 4) * 32)
 
 // acc = A B^T over HEAD_DIM for two 64-row tiles in shared memory (S = Q K^T, dP = dO V^T, or transposed with the
 // keys as A). Issue only; commit by caller.
 __device__ __forceinline__ void issue_ss_products(float (&acc)[NK][4], u32 a_base, u32 b_base) {
+    const u32 a0 = desc_start(a_base), b0 = desc_start(b_base);
 #pragma unroll
-    for (int kd = 0; kd < KD; ++kd) wgmma_ss_n64(&acc[0][0], TILE_DESC(a_base, kd), TILE_DESC(b_base, kd), kd > 0);
+    for (int kd = 0; kd < KD; ++kd)
+        wgmma_ss_n64(&acc[0][0], desc_from(a0 + TILE_STEP(kd) / 16, 16, 1024), desc_from(b0 + TILE_STEP(kd) / 16, 16, 1024),
+                     kd > 0);
 }
 #endif
 

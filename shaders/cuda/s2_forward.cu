@@ -255,10 +255,15 @@ __device__ __forceinline__ void fence_regs(float* r) {
 // leading / stride byte offsets (each >> 4), base offset 0 (every swizzle atom is 1024-byte aligned), layout
 // type 1 (128-byte swizzle) in bits 62-63. K-major: rows of 128 bytes, `sbo` = 1024 between 8-row groups, `lbo`
 // unused (1); MN-major: `lbo` between 64-column atoms along N, `sbo` = 1024 between 8-row groups along K.
-__device__ __forceinline__ u64 make_desc(u32 addr, u32 lbo, u32 sbo) {
-    return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)((lbo >> 4) & 0x3FFFu) << 16) |
-           ((u64)((sbo >> 4) & 0x3FFFu) << 32) | ((u64)1 << 62);
+// A descriptor's start address field: the shared address in 16-byte units (14 bits).
+__device__ __forceinline__ u32 desc_start(u32 addr) { return (addr & 0x3FFFFu) >> 4; }
+// The descriptor at start address `start` (desc_start units). A chain's k-steps take `desc_start(base) + bytes / 16`
+// with constant bytes: one 32-bit add each (the start stays below 2^14 inside the shared window, so the sum never
+// reaches the LBO field), the high word a constant.
+__device__ __forceinline__ u64 desc_from(u32 start, u32 lbo, u32 sbo) {
+    return (u64)(start + (((lbo >> 4) & 0x3FFFu) << 16)) | ((u64)(((sbo >> 4) & 0x3FFFu) | (1u << 30)) << 32);
 }
+__device__ __forceinline__ u64 make_desc(u32 addr, u32 lbo, u32 sbo) { return desc_from(desc_start(addr), lbo, sbo); }
 
 #ifndef S2_EMU
 // D[64 x 64] (+)= A[64 x 16] (registers, mma.sync A layout per warp) * B[16 x 64] (shared memory,
@@ -741,14 +746,14 @@ __device__ __forceinline__ Item item_of(u32 w, const Params& p) {
 // and dS^T), B = 64 rows x HEAD_DIM in shared memory read transposed (N-major, transpose bit: V, or dO, Q, K): a
 // k-step of 16 rows is 16 x 128 bytes (2048 bytes), LBO = one 64-column atom (BLOCK_K * 128 bytes), SBO = 8 rows
 // (1024). Issue only; commit by caller.
-#define V_DESC(v_base, kk) make_desc((v_base) + (kk) * 16 * 128, BLOCK_K * 128, 1024)
 __device__ __forceinline__ void issue_rs_mn(float (&acc)[ND][4], const u32 (&a)[KK][4], u32 b_base) {
+    const u32 b0 = desc_start(b_base);
 #pragma unroll
     for (int kk = 0; kk < KK; ++kk) {
 #if HEAD_DIM == 128
-        wgmma_n128<1>(&acc[0][0], a[kk], V_DESC(b_base, kk), 1);
+        wgmma_n128<1>(&acc[0][0], a[kk], desc_from(b0 + kk * 16 * 128 / 16, BLOCK_K * 128, 1024), 1);
 #else
-        wgmma_n64<1>(&acc[0][0], a[kk], V_DESC(b_base, kk), 1);
+        wgmma_n64<1>(&acc[0][0], a[kk], desc_from(b0 + kk * 16 * 128 / 16, BLOCK_K * 128, 1024), 1);
 #endif
     }
 }
@@ -901,7 +906,11 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const __grid_cons
 
             bool have_p = false;  // P of an earlier chunk waits for its P V
             u32 p_stage = 0;
-            u32 pp[KK][4];
+            u32 pp[KK][4];        // that P; zeros while there is none
+#pragma unroll
+            for (int kk = 0; kk < KK; ++kk)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) pp[kk][e] = 0u;
             while (has) {
                 const u32 s = i % STAGES;
                 const u32 rm = p.entries[2 * cur.e + 1];
@@ -918,6 +927,10 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const __grid_cons
                         fence_regs<ND * 4>(&o_acc[0][0][0]);
                         pv_now_and_release(o_acc, pp, smem_addr(v_s + p_stage * KV_STAGE), empty0 + 8 * p_stage, lane);
                         have_p = false;
+#pragma unroll
+                        for (int kk = 0; kk < KK; ++kk)
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) pp[kk][e] = 0u;
                     }
                     named_sync(1 + wg, 2 * 128);
                     named_arrive(2 - wg, 2 * 128);
@@ -929,13 +942,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const __grid_cons
                     // The P V of the previous chunk goes right after S; on a tile's first chunk (or after a
                     // flush) it is a P V of zeros against this chunk's V, which keeps the wgmma sequence
                     // unconditional (a conditional issue makes ptxas serialise every wgmma: C7520).
-                    if (!have_p) {
-#pragma unroll
-                        for (int kk = 0; kk < KK; ++kk)
-#pragma unroll
-                            for (int e = 0; e < 4; ++e) pp[kk][e] = 0u;
-                        p_stage = s;
-                    }
+                    if (!have_p) p_stage = s;
                     fence_regs<NK * 4>(&sc[0][0][0]);
                     fence_regs<ND * 4>(&o_acc[0][0][0]);
                     fence_u32<KK * 4>(&pp[0][0]);
@@ -944,10 +951,11 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const __grid_cons
                     // S = Q K^T; K chunk as B (K-major): a k-step of 16 columns advances the start 32 bytes inside
                     // a 128-byte row (the hardware applies the XOR to the resulting addresses), every 4 k-steps
                     // the next 64-column atom (BLOCK_K * 128 bytes); SBO = 8 rows (1024), LBO unused (16).
+                    const u32 k16 = desc_start(k_base);
 #pragma unroll
                     for (int kd = 0; kd < KD; ++kd)
                         wgmma_n64<0>(&sc[0][0][0], qa[kd],
-                                     make_desc(k_base + (kd / 4) * (BLOCK_K * 128) + (kd % 4) * 32, 16, 1024), kd > 0);
+                                     desc_from(k16 + ((kd / 4) * (BLOCK_K * 128) + (kd % 4) * 32) / 16, 16, 1024), kd > 0);
                     wgmma_commit();
                     issue_rs_mn(o_acc[0], pp, smem_addr(v_s + p_stage * KV_STAGE));
                     wgmma_commit();
@@ -958,9 +966,6 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const __grid_cons
                     if (need_mask) mask_scores(sc, p, rm, wr0, row0, k0, g, t);
                     float alpha[MT][2];
                     const bool rescale = softmax_step(sc, row_m, row_l, alpha, p.scale_log2);
-                    // P is packed before the next fence: wgmma may read its A registers only after one.
-                    u32 pn[KK][4];
-                    pack_frags(pn, sc[0]);
                     wgmma_wait<0>();
                     fence_regs<ND * 4>(&o_acc[0][0][0]);
                     fence_u32<KK * 4>(&pp[0][0]);
@@ -969,10 +974,8 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const __grid_cons
                         if (lane == 0) mbar_arrive(empty0 + 8 * p_stage);
                     }
                     rescale_o(o_acc, alpha, rescale);
-#pragma unroll
-                    for (int kk = 0; kk < KK; ++kk)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) pp[kk][e] = pn[kk][e];
+                    // P straight into the registers the previous P V has finished reading (no copy per chunk).
+                    pack_frags(pp, sc[0]);
                     p_stage = s;
                     have_p = true;
                 }
