@@ -263,6 +263,19 @@ fn large_grid_bf16_d64() {
     check_large::<half::bf16>("large grid, bf16 d64", &s2(4, 2, 64, 3, 4), Shape::new(9, 1000, 64, DType::BF16), 74);
 }
 
+/// A softmax scale of 2 (23x the usual 1/sqrt(128)) spreads the scores over hundreds of log2 units, so rows'
+/// maxima jump far along their walks: the kernels' lazy O rescale (only once a maximum has risen past a slack)
+/// must still keep every P, sum and O relative to one maximum per row. (Were it to overflow, the exact kernel
+/// would redo the op; `shaders/cuda/emu/wgmma_check.cc qscale=12` checks that the wgmma kernel alone gets such
+/// rows right without raising the flag.)
+#[test]
+fn large_scores_rescale_o_when_maxima_jump() {
+    let layout = s2(4, 2, 64, 3, 4);
+    check_large::<half::f16>("scale 2, f16 d128", &layout, Shape::new(2, 1100, 128, DType::F16).with_scale(2.0), 81);
+    check_large::<half::bf16>("scale 2, bf16 d128", &layout, Shape::new(2, 1100, 128, DType::BF16).with_scale(2.0), 82);
+    check_large::<half::f16>("scale 2, f16 d64", &layout, Shape::new(2, 1000, 64, DType::F16).with_scale(2.0), 83);
+}
+
 #[test]
 fn large_grid_block_128_and_dense_bidirectional() {
     check_large::<half::f16>("large grid, block 128", &s2(2, 2, 128, 2, 3), Shape::new(17, 1000, 128, DType::F16), 75);

@@ -435,9 +435,14 @@ __device__ __forceinline__ void mask_scores(float (&s)[MT][NK][4], const Params&
         }
 }
 
-// Online softmax step (base 2, scale folded in): the scores become probabilities relative to the new
-// running maxima, the row sums are updated, `alpha` gets each row's rescale factor of O; returns whether any
-// of this thread's maxima moved.
+// How far (base 2) a row's maximum may rise above the one its P, sum and O are kept relative to before they are
+// rescaled: P then stays below 2^8 (f16, bf16 and the f32 sums hold that with room to spare), and after the first
+// chunks of a long list the rescale of O, which a new maximum of any of a warp's rows costs every time, is rare.
+#define RESCALE_SLACK 8.f
+
+// Online softmax step (base 2, scale folded in): the scores become probabilities relative to the running maxima
+// (each raised only once the row's maximum exceeds it by RESCALE_SLACK), the row sums are updated, `alpha` gets each
+// row's rescale factor of O; returns whether any of this thread's running maxima moved.
 __device__ __forceinline__ bool softmax_step(float (&s)[MT][NK][4], float (&row_m)[MT][2], float (&row_l)[MT][2],
                                              float (&alpha)[MT][2], float scale_log2) {
     bool rescale = false;
@@ -449,6 +454,7 @@ __device__ __forceinline__ bool softmax_step(float (&s)[MT][NK][4], float (&row_
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             float m_new = fmaxf(row_m[mt][h], mx * scale_log2);
+            if (!(m_new > row_m[mt][h] + RESCALE_SLACK)) m_new = row_m[mt][h];
             float m_use = (m_new == NEG_INF) ? 0.f : m_new;
             alpha[mt][h] = fast_exp2(row_m[mt][h] - m_use);
             rescale |= m_new != row_m[mt][h];

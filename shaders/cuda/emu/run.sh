@@ -7,7 +7,7 @@
 #   causal and not;
 # - wgmma_check.cc over the sm_90 wgmma forward (s2_forward.cu built with USE_WGMMA=1, its PTX emulated by sm90.h)
 #   at head dims 128 and 64: causal and not, one and two sequences, blocks of 64 and 128, strided tokens, 2 or 3
-#   persistent CTAs;
+#   persistent CTAs, and Q scaled up 12x (scores whose row maxima jump far along a walk: the lazy O rescale);
 # - backward_wgmma_check.cc over the sm_90 wgmma backward (s2_backward.cu's dQ pass PASS 3, then its dK/dV pass
 #   PASS 2, each compiled after s2_forward.cu's text as the host compiles them) at head dims 128 and 64: causal and
 #   not, blocks of 64 and 128, one and two sequences, one and two query heads per pattern, 2 or 3 persistent CTAs.
@@ -81,6 +81,8 @@ run_wgmma_0_64 noncausal strided
 run_wgmma_0_64 block=128 seq=300 ctas=2
 run_wgmma_1_64 seq=640
 run_wgmma_1_64 seq=130 batch=2 noncausal
+run_wgmma_0_128 seq=1000 qscale=12
+run_wgmma_1_64 seq=1000 qscale=12 noncausal
 EOF
 # Binary (IS_BF16, HEAD_DIM), then backward_wgmma_check.cc's arguments.
 while read -r b args; do ./"$b" $args </dev/null; done <<'EOF'

@@ -33,11 +33,11 @@ namespace F {
 }
 
 static const u32 H = 4, HK = 2, GROUP = H / HK, HPP = 2, PATTERNS = H / HPP, D = HEAD_DIM, TILE = 128;
-static u32 SEQ = 421, BATCH = 1, BS = 64, CTAS = 3;
+static u32 SEQ = 421, BATCH = 1, BS = 64, CTAS = 3, QSCALE = 1;
 static bool CAUSAL = true, STRIDED = false;
 
 int main(int argc, char** argv) {
-    if (!parse_args(argc, argv, {{"seq", &SEQ}, {"batch", &BATCH}, {"block", &BS}, {"ctas", &CTAS}},
+    if (!parse_args(argc, argv, {{"seq", &SEQ}, {"batch", &BATCH}, {"block", &BS}, {"ctas", &CTAS}, {"qscale", &QSCALE}},
                     {{"noncausal", &CAUSAL, false}, {"strided", &STRIDED, true}}))
         return 2;
     if (BS % BLOCK_K != 0 || (TILE > BS && TILE / BS > 31)) {
@@ -64,7 +64,7 @@ int main(int argc, char** argv) {
     for (u32 b = 0; b < BATCH; b++)
         for (u32 t = 0; t < SEQ; t++) {
             for (u32 h = 0; h < H; h++)
-                for (u32 c = 0; c < D; c++) q[qi(b, t, h, c)] = nonzero();
+                for (u32 c = 0; c < D; c++) q[qi(b, t, h, c)] = from_f32(to_f32(nonzero()) * (float)QSCALE);
             for (u32 h = 0; h < HK; h++)
                 for (u32 c = 0; c < D; c++) k[ki(b, t, h, c)] = nonzero(), v[ki(b, t, h, c)] = nonzero();
         }
@@ -146,11 +146,11 @@ int main(int argc, char** argv) {
         for (u32 c = H * D; c < o_tok; c++) stray += o[r * o_tok + c] != 0xffff;
 
     const double rel = sqrt(num / (den > 0 ? den : 1));
-    printf("%s D %u, seq %u, batch %u, block %u, %s%s, %u CTAs for %u items (entries: %u prefix, %u bit-mask; "
+    printf("%s D %u, seq %u, batch %u, block %u, %s%s, Q x %u, %u CTAs for %u items (entries: %u prefix, %u bit-mask; "
            "%zu keyless rows): rel err %.2e, LSE max err %.2e, unwritten %zu, stray writes %zu, keyless rows wrong "
            "%zu, flag %u, emulation errors %u, %.1f s\n",
            IS_BF16 ? "bf16" : "f16", D, SEQ, BATCH, BS, CAUSAL ? "causal" : "non-causal", STRIDED ? ", strided" : "",
-           ctas, p.items, prefix_entries, bit_entries, keyless, rel, lse_err, unwritten, stray, keyless_bad, flag,
+           QSCALE, ctas, p.items, prefix_entries, bit_entries, keyless, rel, lse_err, unwritten, stray, keyless_bad, flag,
            g_emu_errors.load(), secs);
     const bool ok = g_emu_errors.load() == 0 && rel < 5e-3 && lse_err < 1e-3 && unwritten == 0 && stray == 0 &&
                     keyless_bad == 0 && flag == 0;
