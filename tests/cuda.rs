@@ -266,7 +266,7 @@ fn large_grid_bf16_d64() {
 /// A softmax scale of 2 (23x the usual 1/sqrt(128)) spreads the scores over hundreds of log2 units, so rows'
 /// maxima jump far along their walks: the kernels' lazy O rescale (only once a maximum has risen past a slack)
 /// must still keep every P, sum and O relative to one maximum per row. (Were it to overflow, the exact kernel
-/// would redo the op; `shaders/cuda/emu/wgmma_check.cc qscale=12` checks that the wgmma kernel alone gets such
+/// would redo the op; `shaders/cuda/emu/forward_check.cc qscale=12` checks that each kernel alone gets such
 /// rows right without raising the flag.)
 #[test]
 fn large_scores_rescale_o_when_maxima_jump() {

@@ -1,4 +1,4 @@
-// The host-side pieces the wgmma checks (wgmma_check.cc, backward_wgmma_check.cc) share: their layouts' block
+// The host-side pieces the wgmma checks (forward_check.cc, backward_wgmma_check.cc) share: their layouts' block
 // rule, the kernels' lists built from it as the host builds them (MergeQ row lists, src/plan/mergeq.rs; column
 // lists, src/plan/column.rs), random 16-bit inputs that are never zero, and their command lines. Included after
 // emu.h.

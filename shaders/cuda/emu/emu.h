@@ -1,6 +1,6 @@
 // CPU emulation of the CUDA subset shaders/cuda/s2_decode.cu and s2_exact.cu use, for decode_check.cc and
 // exact_check.cc (see run.sh), and the base that sm90.h (the sm_90 wgmma kernels of s2_forward.cu and
-// s2_backward.cu, wgmma_check.cc and backward_wgmma_check.cc) builds on: one std::thread per CUDA thread,
+// s2_backward.cu, forward_check.cc and backward_wgmma_check.cc) builds on: one std::thread per CUDA thread,
 // std::barrier for __syncthreads and, per warp, for the warp collectives (shuffles, votes: every lane writes its
 // value, all wait, each reads), static "shared" memory (one block at a time), cp.async, ldmatrix and mma.sync.
 #include <math.h>
@@ -172,8 +172,10 @@ static void (*g_block_start)(unsigned block, unsigned threads) = nullptr;
 static void (*g_thread_exit)() = nullptr;
 // With __syncthreads inside, an early `return` of some threads would deadlock the emulated barrier;
 // a thread that finishes drops out of the barrier.
-template <class F> void launch(unsigned blocks, unsigned threads, F kernel) {
-    gridDim = {blocks, 1, 1};
+// Blocks run one after the other, x fastest; the hooks see a block's linear index.
+template <class F> void launch(dim3 grid, unsigned threads, F kernel) {
+    gridDim = grid;
+    const unsigned blocks = grid.x * grid.y * grid.z;
     for (unsigned b = 0; b < blocks; b++) {
         if (g_block_start) g_block_start(b, threads);
         std::barrier<> bar(threads);
@@ -187,7 +189,7 @@ template <class F> void launch(unsigned blocks, unsigned threads, F kernel) {
         for (unsigned t = 0; t < threads; t++)
             ts.emplace_back([&, t, b] {
                 threadIdx = {t, 0, 0};
-                blockIdx = {b, 0, 0};
+                blockIdx = {b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y)};
                 kernel();
                 if (g_thread_exit) g_thread_exit();
                 bar.arrive_and_drop();
@@ -196,3 +198,4 @@ template <class F> void launch(unsigned blocks, unsigned threads, F kernel) {
         for (auto& th : ts) th.join();
     }
 }
+template <class F> void launch(unsigned blocks, unsigned threads, F kernel) { launch(dim3{blocks, 1, 1}, threads, kernel); }

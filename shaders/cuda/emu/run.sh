@@ -5,9 +5,10 @@
 #   and 64, ring depths 3 and 2) with their fused combine;
 # - exact_check.cc over the exact forward and backward (s2_exact.cu) at head dims 32, 64, 96 and 128,
 #   causal and not;
-# - wgmma_check.cc over the sm_90 wgmma forward (s2_forward.cu built with USE_WGMMA=1, its PTX emulated by sm90.h)
-#   at head dims 128 and 64: causal and not, one and two sequences, blocks of 64 and 128, strided tokens, 2 or 3
-#   persistent CTAs, and Q scaled up 12x (scores whose row maxima jump far along a walk: the lazy O rescale);
+# - forward_check.cc over the sm_90 wgmma forward (s2_forward.cu built with USE_WGMMA=1, its PTX emulated by
+#   sm90.h) at head dims 128 and 64: causal and not, one and two sequences, blocks of 64 and 128, strided tokens, 2
+#   or 3 persistent CTAs, and Q scaled up 12x (scores whose row maxima jump far along a walk: the lazy O rescale);
+#   and over the mma.sync forward (USE_WGMMA=0) in the planner's tile shapes (128 rows on 4 or 8 warps, 64 on 4);
 # - backward_wgmma_check.cc over the sm_90 wgmma backward (s2_backward.cu's dQ pass PASS 3, then its dK/dV pass
 #   PASS 2, each compiled after s2_forward.cu's text as the host compiles them) at head dims 128 and 64: causal and
 #   not, blocks of 64 and 128, one and two sequences, one and two query heads per pattern, 2 or 3 persistent CTAs.
@@ -26,8 +27,10 @@ cp "$here/../s2_exact.cu" "$tmp/k_exact.cu"
 # kernel body, the two setmaxnreg statements go and the dynamic shared memory declaration points into g_dyn.
 sed -e '/asm volatile("setmaxnreg\./d' \
     -e 's/extern __shared__ __align__(1024) unsigned char smem_raw_\[\];/unsigned char* smem_raw_ = emu_dyn_smem();/' \
+    -e 's/extern __shared__ __align__(16) unsigned char smem_raw\[\];/unsigned char* smem_raw = emu_dyn_smem();/' \
     "$here/../s2_forward.cu" > "$tmp/k_fwd.cu"
-if ! grep -q 'smem_raw_ = emu_dyn_smem();' "$tmp/k_fwd.cu" || grep -q 'asm volatile("setmaxnreg' "$tmp/k_fwd.cu"; then
+if ! grep -q 'smem_raw_ = emu_dyn_smem();' "$tmp/k_fwd.cu" || ! grep -q 'smem_raw = emu_dyn_smem();' "$tmp/k_fwd.cu" ||
+   grep -q 'asm volatile("setmaxnreg' "$tmp/k_fwd.cu"; then
   echo "run.sh: s2_forward.cu no longer has the lines its emulation edits" >&2
   exit 1
 fi
@@ -41,13 +44,18 @@ if [ "$(grep -c 'smem_raw_ = emu_dyn_smem();' "$tmp/k_bwd.cu")" != 3 ] || grep -
   echo "run.sh: s2_backward.cu no longer has the lines its emulation edits" >&2
   exit 1
 fi
-cp "$here/emu.h" "$here/sm90.h" "$here/checks.h" "$here/decode_check.cc" "$here/exact_check.cc" "$here/wgmma_check.cc" \
+cp "$here/emu.h" "$here/sm90.h" "$here/checks.h" "$here/decode_check.cc" "$here/exact_check.cc" "$here/forward_check.cc" \
    "$here/backward_wgmma_check.cc" "$tmp/"
 builds=()
 for cfg in "0 128" "1 128" "0 64" "1 64"; do
   set -- $cfg
-  builds+=("wgmma_check.cc run_wgmma_$1_$2 -DIS_BF16=$1 -DHEAD_DIM=$2")
+  builds+=("forward_check.cc run_wgmma_$1_$2 -DIS_BF16=$1 -DHEAD_DIM=$2")
   builds+=("backward_wgmma_check.cc run_bwd_$1_$2 -DIS_BF16=$1 -DHEAD_DIM=$2")
+done
+# mma.sync forward builds: IS_BF16, HEAD_DIM, BLOCK_Q, WARPS, MIN_BLOCKS (src/cuda/forward.rs's rule).
+for cfg in "0 128 128 4 2" "1 64 128 4 2" "0 64 64 4 3" "1 128 128 8 1"; do
+  set -- $cfg
+  builds+=("forward_check.cc run_mma_$1_$2_$3_$4 -DUSE_WGMMA=0 -DIS_BF16=$1 -DHEAD_DIM=$2 -DBLOCK_Q=$3 -DWARPS=$4 -DMIN_BLOCKS=$5")
 done
 for nf in 0 1; do
   for bf in 0 1; do
@@ -70,7 +78,7 @@ for b in run_decode_*; do ./"$b"; done
 for b in run_exact_*; do
   for args in "" nonfinite "nonfinite noncausal"; do ./"$b" $args; done
 done
-# Binary (IS_BF16, HEAD_DIM), then wgmma_check.cc's arguments.
+# Binary (IS_BF16, HEAD_DIM[, BLOCK_Q, WARPS]), then forward_check.cc's arguments.
 while read -r b args; do ./"$b" $args </dev/null; done <<'EOF'
 run_wgmma_0_128
 run_wgmma_0_128 seq=600 batch=2 ctas=2 strided
@@ -83,6 +91,11 @@ run_wgmma_1_64 seq=640
 run_wgmma_1_64 seq=130 batch=2 noncausal
 run_wgmma_0_128 seq=1000 qscale=12
 run_wgmma_1_64 seq=1000 qscale=12 noncausal
+run_mma_0_128_128_4 seq=600 batch=2 strided
+run_mma_0_128_128_4 seq=1000 qscale=12
+run_mma_1_64_128_4 block=128 seq=700 noncausal qscale=12
+run_mma_0_64_64_4 seq=421 noncausal strided
+run_mma_1_128_128_8 seq=600 qscale=12
 EOF
 # Binary (IS_BF16, HEAD_DIM), then backward_wgmma_check.cc's arguments.
 while read -r b args; do ./"$b" $args </dev/null; done <<'EOF'

@@ -1,18 +1,22 @@
-// Checks the sm_90 wgmma forward kernel of shaders/cuda/s2_forward.cu (USE_WGMMA=1: warp specialised, TMA,
-// mbarriers, named barriers, wgmma) on the CPU: compiled by g++ over emu.h and sm90.h (a std::thread per CUDA
-// thread, 384 per CTA; the CTAs of the persistent grid run one after the other, each walking its work items),
-// against an f64 reference attention over the token mask of checks.h's block rule. MergeQ row lists (tiles of
-// 128 rows, both row-mask forms) are built from that rule as src/plan/mergeq.rs builds them (checks.h); K and V
-// come through tensor maps encoded as the host encodes them (src/cuda/forward.rs: dims {D, kv_heads, seq,
-// batch}, box {64, 1, 64, 1}, 128B swizzle, rows past the end zero-filled); dynamic shared memory is what the
-// host allocates (`wgmma_smem_bytes`, src/cuda/plan.rs). 4 heads in 2 patterns over 2 KV heads (GQA).
+// Checks the forward kernels of shaders/cuda/s2_forward.cu on the CPU, compiled by g++ over emu.h and sm90.h (a
+// std::thread per CUDA thread; CTAs run one after the other): the sm_90 wgmma kernel (USE_WGMMA=1, the default
+// build: warp specialised, TMA, mbarriers, named barriers, wgmma; 384 threads, the persistent grid's CTAs each
+// walking their work items) and the mma.sync kernel (USE_WGMMA=0 with BLOCK_Q and WARPS as the planner builds it:
+// ldmatrix, mma.sync m16n8k16, cp.async; one CTA per (tile, head, sequence)). Both run against an f64 reference
+// attention over the token mask of checks.h's block rule. MergeQ row lists (tiles of BLOCK_Q rows, both row-mask
+// forms) are built from that rule as src/plan/mergeq.rs builds them (checks.h); for the wgmma kernel K and V come
+// through tensor maps encoded as the host encodes them (src/cuda/forward.rs: dims {D, kv_heads, seq, batch}, box
+// {64, 1, 64, 1}, 128B swizzle, rows past the end zero-filled); dynamic shared memory is what the host allocates
+// (`wgmma_smem_bytes` and `smem_bytes`, src/cuda/plan.rs). 4 heads in 2 patterns over 2 KV heads (GQA).
 // Arguments (key=value): seq (tokens, default 421: a partial last block and a last tile whose second
 // warpgroup has no row), batch (1), block (layout block size, 64 or 128: two query blocks per tile, or two key
-// chunks per block), ctas (3: items wrap around the persistent CTAs), and the flags noncausal (one query block
-// of pattern 1 then has no key: O 0, LSE -inf) and strided (token strides past heads * D: the padding must stay
-// untouched). Inputs are random and never zero; O, LSE and guard regions around them are poisoned first.
-// Exit status 1 on an emulation error (sm90.h), a relative error of O above 5e-3, an LSE off by more than
-// 1e-3, an unwritten or stray element, or a set non-finite flag. Build and run all configurations with run.sh.
+// chunks per block), ctas (3: items wrap around the persistent CTAs of the wgmma kernel), qscale (1: Q is scaled
+// by it, so that with 12 rows' maxima jump far along their walks and the lazy O rescale is exercised), and the
+// flags noncausal (one query block of pattern 1 then has no key: O 0, LSE -inf) and strided (token strides past
+// heads * D: the padding must stay untouched). Inputs are random and never zero; O, LSE and guard regions around
+// them are poisoned first. Exit status 1 on an emulation error (sm90.h), a relative error of O above 5e-3, an LSE
+// off by more than 1e-3, an unwritten or stray element, or a set non-finite flag. Build and run all
+// configurations with run.sh.
 #include "emu.h"
 #include "sm90.h"
 #include "checks.h"
@@ -23,16 +27,20 @@
 #include <cmath>
 #include <string>
 #include <algorithm>
+#ifndef USE_WGMMA
+#define USE_WGMMA 1
+#endif
+#if USE_WGMMA
 #define BLOCK_Q 128
-#define BLOCK_K 64
 #define WARPS 8
 #define MIN_BLOCKS 1
-#define USE_WGMMA 1
+#endif
+#define BLOCK_K 64
 namespace F {
 #include "k_fwd.cu"
 }
 
-static const u32 H = 4, HK = 2, GROUP = H / HK, HPP = 2, PATTERNS = H / HPP, D = HEAD_DIM, TILE = 128;
+static const u32 H = 4, HK = 2, GROUP = H / HK, HPP = 2, PATTERNS = H / HPP, D = HEAD_DIM, TILE = BLOCK_Q;
 static u32 SEQ = 421, BATCH = 1, BS = 64, CTAS = 3, QSCALE = 1;
 static bool CAUSAL = true, STRIDED = false;
 
@@ -85,6 +93,7 @@ int main(int argc, char** argv) {
     p.seq_len = SEQ; p.num_heads = H; p.kv_group = GROUP; p.heads_per_pattern = HPP; p.tiles = tiles;
     p.block_size = BS; p.causal = CAUSAL; p.scale_log2 = scale * 1.4426950408889634f;
     p.items = tiles * H * BATCH;
+#if USE_WGMMA
     // The host's tensor maps (kv_tensor_map): [batch][seq][kv_heads][D] u16, boxes of 64 columns x 64 tokens.
     const u64 dims[4] = {D, HK, SEQ, BATCH}, strides[3] = {D * 2ull, kv_tok * 2ull, (u64)SEQ * kv_tok * 2};
     const u32 box[4] = {64, 1, 64, 1};
@@ -93,9 +102,16 @@ int main(int argc, char** argv) {
     // wgmma_smem_bytes(head_dim, WGMMA_STAGES = 4, WGMMA_Q_BUFS = 2).
     g_smem_bytes = (2 * 128 * (D + 8) + 4 * 2 * 64 * D) * 2 + 8 * 2 * (4 + 2) + 1024;
     const u32 ctas = std::min(p.items, CTAS);
+    const dim3 grid{ctas, 1, 1};
+#else
+    // smem_bytes(tile_q, tile_kv, head_dim); the plain grid (tiles, heads, sequences).
+    g_smem_bytes = (BLOCK_Q + 4 * BLOCK_K) * (D + 8) * 2;
+    const dim3 grid{tiles, H, BATCH};
+    const u32 ctas = tiles * H * BATCH;
+#endif
     sm90_install();
     const auto t0 = std::chrono::steady_clock::now();
-    launch(ctas, NT, [&] { F::s2_forward(p); });
+    launch(grid, NT, [&] { F::s2_forward(p); });
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
     // Reference, f64: softmax attention over the active pairs (block rule, causality, the sequence's end).
@@ -146,10 +162,10 @@ int main(int argc, char** argv) {
         for (u32 c = H * D; c < o_tok; c++) stray += o[r * o_tok + c] != 0xffff;
 
     const double rel = sqrt(num / (den > 0 ? den : 1));
-    printf("%s D %u, seq %u, batch %u, block %u, %s%s, Q x %u, %u CTAs for %u items (entries: %u prefix, %u bit-mask; "
+    printf("%s %s D %u, seq %u, batch %u, block %u, %s%s, Q x %u, %u CTAs for %u items (entries: %u prefix, %u bit-mask; "
            "%zu keyless rows): rel err %.2e, LSE max err %.2e, unwritten %zu, stray writes %zu, keyless rows wrong "
            "%zu, flag %u, emulation errors %u, %.1f s\n",
-           IS_BF16 ? "bf16" : "f16", D, SEQ, BATCH, BS, CAUSAL ? "causal" : "non-causal", STRIDED ? ", strided" : "",
+           USE_WGMMA ? "wgmma" : (WARPS == 4 ? "mma.sync 4 warps" : "mma.sync 8 warps"), IS_BF16 ? "bf16" : "f16", D, SEQ, BATCH, BS, CAUSAL ? "causal" : "non-causal", STRIDED ? ", strided" : "",
            QSCALE, ctas, p.items, prefix_entries, bit_entries, keyless, rel, lse_err, unwritten, stray, keyless_bad, flag,
            g_emu_errors.load(), secs);
     const bool ok = g_emu_errors.load() == 0 && rel < 5e-3 && lse_err < 1e-3 && unwritten == 0 && stray == 0 &&
