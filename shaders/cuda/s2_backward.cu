@@ -71,9 +71,10 @@ struct BwdParams {
     float scale_log2;
     float scale;
     // The wgmma dK/dV pass (PASS 2) only: its persistent schedule and the TMA maps of its tiles.
-    const u32* sched;        // work items (key tile, KV head, batch), longest column walks first; CTA c takes
-                             // items c, c + grid, ...
-    const u32* dq_sched;     // the wgmma dQ pass's (PASS 3) work items (query tile, head, batch), longest first
+    const u32* sched;        // work items (key tile, KV head, batch), KV head by KV head, longest column walks
+                             // first within one; CTA c takes items c, c + grid, ...
+    const u32* dq_sched;     // the wgmma dQ pass's (PASS 3) work items (query tile, head, batch), head by head,
+                             // longest first within one
     u32 items;
     u32 dq_items;
     u32 key_tiles;           // 64-key tiles per sequence

@@ -193,40 +193,45 @@ pub fn plan_backward_cuda(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> 
     Ok(BackwardPlan { dq, dkdv })
 }
 
-/// The wgmma dK/dV pass's work items, `(batch * kv_heads + kv_head) * key_tiles + key_tile`, longest first: an
-/// item's cost is the length of the column lists it walks (every query head of its GQA group), so the long
-/// stripe-block items start first and the short ones fill in behind them.
+/// The wgmma dK/dV pass's work items, `(batch * kv_heads + kv_head) * key_tiles + key_tile`, one KV head of one
+/// sequence after another and within it longest first: an item's cost is the length of the column lists it walks
+/// (every query head of its GQA group), so the long stripe-block items start first and the short ones fill in
+/// behind them, while the CTAs running at once read the same heads' Q and dO (from L2: interleaving every head's
+/// stripe items instead made this pass DRAM-bound).
 fn wgmma_schedule(layout: &Layout, shape: &Shape, columns: &ColumnPlan, key_tiles: u32) -> Vec<u32> {
     let (heads, kv_heads) = (layout.num_heads(), layout.num_kv_heads());
     let (group, per_pattern) = (heads / kv_heads, heads / layout.num_patterns());
     let ptr = columns.col_ptr();
-    longest_first((0..shape.batch * kv_heads * key_tiles).map(|x| {
+    longest_first_by_head((0..shape.batch * kv_heads * key_tiles).map(|x| {
         let (kt, kvh) = (x % key_tiles, x / key_tiles % kv_heads);
         let block = kt * WGMMA_KEY_TILE / layout.block_size();
-        (0..group)
+        let cost = (0..group)
             .map(|hh| {
                 let slot = (((kvh * group + hh) / per_pattern) * columns.kv_blocks() + block) as usize;
                 ptr[slot + 1] - ptr[slot]
             })
-            .sum()
+            .sum();
+        (x / key_tiles, cost)
     }))
 }
 
-/// The wgmma dQ pass's work items, `(batch * heads + head) * q_tiles + tile`, longest row list first.
+/// The wgmma dQ pass's work items, `(batch * heads + head) * q_tiles + tile`, one head of one sequence after
+/// another (its K and V stay in L2), within it the longest row list first.
 fn wgmma_dq_schedule(layout: &Layout, shape: &Shape, mergeq: &MergeQPlan) -> Vec<u32> {
     let (heads, tiles) = (layout.num_heads(), mergeq.tiles());
     let per_pattern = heads / layout.num_patterns();
     let ptr = mergeq.row_ptr();
-    longest_first((0..shape.batch * heads * tiles).map(|x| {
+    longest_first_by_head((0..shape.batch * heads * tiles).map(|x| {
         let slot = ((x / tiles % heads / per_pattern) * tiles + x % tiles) as usize;
-        ptr[slot + 1] - ptr[slot]
+        (x / tiles, ptr[slot + 1] - ptr[slot])
     }))
 }
 
-/// Item indices `0..n`, given each one's cost in index order, sorted by cost, largest first (ties in index order).
-fn longest_first(costs: impl Iterator<Item = u32>) -> Vec<u32> {
-    let mut items: Vec<(u32, u32)> = costs.zip(0..).collect();
-    items.sort_by_key(|&(cost, _)| std::cmp::Reverse(cost));
+/// Item indices `0..n`, given each one's `(head, cost)` in index order, sorted by head, then by cost, largest first
+/// (ties in index order).
+fn longest_first_by_head(keys: impl Iterator<Item = (u32, u32)>) -> Vec<u32> {
+    let mut items: Vec<((u32, u32), u32)> = keys.zip(0..).collect();
+    items.sort_by_key(|&((head, cost), _)| (head, std::cmp::Reverse(cost)));
     items.into_iter().map(|(_, item)| item).collect()
 }
 
@@ -601,7 +606,7 @@ mod tests {
     }
 
     #[test]
-    fn wgmma_schedule_holds_every_item_once_longest_walks_first() {
+    fn wgmma_schedule_holds_every_item_once_head_by_head_longest_walks_first() {
         let layout = Layout::s2(S2Config::new(8, 64, 2, 4).kv_heads(4)).unwrap();
         let (batch, seq) = (2, 1000);
         let shape = Shape::new(batch, seq, 128, DType::F16);
@@ -622,7 +627,12 @@ mod tests {
                 })
                 .sum::<u32>()
         };
-        assert!(sched.windows(2).all(|w| cost(w[0]) >= cost(w[1])), "not longest first");
+        let head = |x: u32| x / key_tiles;
+        assert!(sched.windows(2).all(|w| head(w[0]) <= head(w[1])), "not one KV head after another");
+        assert!(
+            sched.windows(2).all(|w| head(w[0]) != head(w[1]) || cost(w[0]) >= cost(w[1])),
+            "not longest first within a KV head"
+        );
         assert!(cost(sched[0]) > cost(sched[sched.len() - 1]), "a stripe block walks more than a local one");
     }
 }

@@ -7,8 +7,8 @@
 // block rule, at the kernels' softmax scale 1 / sqrt(D). The forward's O (rounded to the storage type) and
 // natural-log LSE, which the dQ pass reads, come from the same f64 attention. Lists and schedules are built as the
 // host builds them: MergeQ row lists of 128-row tiles (both row-mask forms) for the dQ pass, column lists of 64-row
-// query tiles for the dK/dV pass (checks.h), both passes' work items longest walk first (`wgmma_dq_schedule`,
-// `wgmma_schedule` in src/cuda/backward.rs); Q, dO, K and V come through tensor maps encoded as `tile_tensor_map`
+// query tiles for the dK/dV pass (checks.h), both passes' work items head by head, longest walk first
+// (`wgmma_dq_schedule`, `wgmma_schedule` in src/cuda/backward.rs); Q, dO, K and V come through tensor maps encoded as `tile_tensor_map`
 // encodes them (dims {D, heads, seq, batch}, box {64, 1, 64, 1}, 128B swizzle, rows past the end zero-filled);
 // dynamic shared memory is what the host allocates (`wgmma_dq_smem_bytes`, `wgmma_dkdv_smem_bytes`). 4 query
 // heads over 2 KV heads (GQA: the dK/dV pass walks two heads' column lists per item).
@@ -74,7 +74,8 @@ int main(int argc, char** argv) {
     const EmuLists cols = column_lists(CAUSAL, PATTERNS, SEQ, BS, COL_TILE);
     const std::vector<u32>& row_ptr = rows.ptr;
     const std::vector<u32>& col_ptr = cols.ptr;
-    // The persistent passes' work items, longest walk first (a stable sort, as the host's).
+    // The persistent passes' work items, one head (of a sequence) after another and within it the longest walk first
+    // (stable sorts, as the host's).
     std::vector<std::pair<u32, u32>> dq_items, kv_items;
     for (u32 b = 0; b < BATCH; b++)
         for (u32 h = 0; h < H; h++)
@@ -92,13 +93,15 @@ int main(int argc, char** argv) {
                 }
                 kv_items.push_back({cost, (b * HK + kvh) * key_tiles + kt});
             }
-    auto longest_first = [](std::vector<std::pair<u32, u32>>& items) {
-        std::stable_sort(items.begin(), items.end(), [](auto& a, auto& b) { return a.first > b.first; });
+    auto longest_first = [](std::vector<std::pair<u32, u32>>& items, u32 per_head) {
+        for (size_t i = 0; i < items.size(); i += per_head)
+            std::stable_sort(items.begin() + i, items.begin() + i + per_head,
+                             [](auto& a, auto& b) { return a.first > b.first; });
         std::vector<u32> out;
         for (auto& it : items) out.push_back(it.second);
         return out;
     };
-    const std::vector<u32> dq_sched = longest_first(dq_items), sched = longest_first(kv_items);
+    const std::vector<u32> dq_sched = longest_first(dq_items, q_tiles), sched = longest_first(kv_items, key_tiles);
 
     // Inputs, contiguous as the host lays them out: Q, dO, O [batch][seq][heads][D], K, V [batch][seq][kv_heads][D].
     const u32 q_tok = H * D, kv_tok = HK * D;
