@@ -1,4 +1,4 @@
-// The host-side pieces the wgmma checks (forward_check.cc, backward_wgmma_check.cc) share: their layouts' block
+// The host-side pieces the wgmma checks (forward_check.cc, backward_check.cc) share: their layouts' block
 // rule, the kernels' lists built from it as the host builds them (MergeQ row lists, src/plan/mergeq.rs; column
 // lists, src/plan/column.rs), random 16-bit inputs that are never zero, and their command lines. Included after
 // emu.h.
@@ -70,19 +70,43 @@ inline EmuLists mergeq_lists(bool causal, unsigned patterns, unsigned seq, unsig
     return l;
 }
 
-// Column lists, per pattern and KV block: the query tiles of `tile` rows (tile <= bs) of the query blocks that
-// attend it, each block a run of whole tiles with the row mask Prefix(tile).
+// Column lists, per pattern and KV block: the query tiles of `tile` rows of the query blocks that attend it, in
+// ascending order. With tile <= bs each block is a run of whole tiles with the row mask Prefix(tile); with larger
+// tiles, one entry per tile holding an attending block, its row mask encoded as in mergeq_lists (blocks masked
+// whole by causality or past the end may join a prefix).
 inline EmuLists column_lists(bool causal, unsigned patterns, unsigned seq, unsigned bs, unsigned tile) {
     EmuLists l;
-    const unsigned nb = (seq + bs - 1) / bs, tiles = (seq + tile - 1) / tile, per = bs / tile;
+    const unsigned nb = (seq + bs - 1) / bs, tiles = (seq + tile - 1) / tile;
     for (unsigned pat = 0; pat < patterns; pat++)
         for (unsigned kb = 0; kb < nb; kb++) {
-            for (unsigned qb = 0; qb < nb; qb++)
-                if (block_rule(causal, pat, qb, kb))
-                    for (unsigned t = qb * per; t < (qb + 1) * per && t < tiles; t++) {
-                        l.entries.insert(l.entries.end(), {t, tile});
-                        l.prefix++;
+            if (tile <= bs) {
+                const unsigned per = bs / tile;
+                for (unsigned qb = 0; qb < nb; qb++)
+                    if (block_rule(causal, pat, qb, kb))
+                        for (unsigned t = qb * per; t < (qb + 1) * per && t < tiles; t++) {
+                            l.entries.insert(l.entries.end(), {t, tile});
+                            l.prefix++;
+                        }
+            } else {
+                const unsigned per = tile / bs;
+                for (unsigned t = 0; t < tiles; t++) {
+                    unsigned bits = 0, dont_care = 0;
+                    for (unsigned b = 0; b < per; b++) {
+                        const unsigned qb = t * per + b;
+                        if (qb < nb && block_rule(causal, pat, qb, kb)) bits |= 1u << b;
+                        else if (qb >= nb || (causal && qb < kb)) dont_care |= 1u << b;
                     }
+                    if (!bits) continue;
+                    const unsigned covered = 32 - __builtin_clz(bits), prefix = (1u << covered) - 1;
+                    if ((prefix & ~(bits | dont_care)) == 0) {
+                        l.entries.insert(l.entries.end(), {t, covered * bs});
+                        l.prefix++;
+                    } else {
+                        l.entries.insert(l.entries.end(), {t, EMU_ROWMASK_BITS | bits});
+                        l.bits++;
+                    }
+                }
+            }
             l.ptr.push_back(l.entries.size() / 2);
         }
     if (l.entries.empty()) l.entries = {0, 0};

@@ -1,6 +1,6 @@
 // CPU emulation of the CUDA subset shaders/cuda/s2_decode.cu and s2_exact.cu use, for decode_check.cc and
 // exact_check.cc (see run.sh), and the base that sm90.h (the sm_90 wgmma kernels of s2_forward.cu and
-// s2_backward.cu, forward_check.cc and backward_wgmma_check.cc) builds on: one std::thread per CUDA thread,
+// s2_backward.cu, forward_check.cc and backward_check.cc) builds on: one std::thread per CUDA thread,
 // std::barrier for __syncthreads and, per warp, for the warp collectives (shuffles, votes: every lane writes its
 // value, all wait, each reads), static "shared" memory (one block at a time), cp.async, ldmatrix and mma.sync.
 #include <math.h>

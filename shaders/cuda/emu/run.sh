@@ -9,9 +9,11 @@
 #   sm90.h) at head dims 128 and 64: causal and not, one and two sequences, blocks of 64 and 128, strided tokens, 2
 #   or 3 persistent CTAs, and Q scaled up 12x (scores whose row maxima jump far along a walk: the lazy O rescale);
 #   and over the mma.sync forward (USE_WGMMA=0) in the planner's tile shapes (128 rows on 4 or 8 warps, 64 on 4);
-# - backward_wgmma_check.cc over the sm_90 wgmma backward (s2_backward.cu's dQ pass PASS 3, then its dK/dV pass
+# - backward_check.cc over the sm_90 wgmma backward (s2_backward.cu's dQ pass PASS 3, then its dK/dV pass
 #   PASS 2, each compiled after s2_forward.cu's text as the host compiles them) at head dims 128 and 64: causal and
-#   not, blocks of 64 and 128, one and two sequences, one and two query heads per pattern, 2 or 3 persistent CTAs.
+#   not, blocks of 64 and 128, one and two sequences, one and two query heads per pattern, 2 or 3 persistent CTAs;
+#   and over the mma.sync backward (PASS 0, then PASS 1; USE_WGMMA=0) in the planner's shapes at head dims 32, 64, 96
+#   and 128, blocks of 16 to 128.
 # `bash shaders/cuda/emu/run.sh`; the builds run on all cores.
 set -e
 here=$(cd "$(dirname "$0")" && pwd)
@@ -39,18 +41,25 @@ fi
 { cat "$here/../s2_forward.cu"; echo '#line 1 "s2_backward.cu"'; cat "$here/../s2_backward.cu"; } |
   sed -e '/asm volatile("setmaxnreg\./d' \
       -e 's/extern __shared__ __align__(1024) unsigned char smem_raw_\[\];/unsigned char* smem_raw_ = emu_dyn_smem();/' \
+      -e 's/extern __shared__ __align__(16) unsigned char smem_raw\[\];/unsigned char* smem_raw = emu_dyn_smem();/' \
       -e 's/^extern "C" __global__/__global__/' > "$tmp/k_bwd.cu"
-if [ "$(grep -c 'smem_raw_ = emu_dyn_smem();' "$tmp/k_bwd.cu")" != 3 ] || grep -q 'asm volatile("setmaxnreg' "$tmp/k_bwd.cu"; then
+if [ "$(grep -c 'smem_raw_ = emu_dyn_smem();' "$tmp/k_bwd.cu")" != 3 ] ||
+   [ "$(grep -c 'smem_raw = emu_dyn_smem();' "$tmp/k_bwd.cu")" != 3 ] || grep -q 'asm volatile("setmaxnreg' "$tmp/k_bwd.cu"; then
   echo "run.sh: s2_backward.cu no longer has the lines its emulation edits" >&2
   exit 1
 fi
 cp "$here/emu.h" "$here/sm90.h" "$here/checks.h" "$here/decode_check.cc" "$here/exact_check.cc" "$here/forward_check.cc" \
-   "$here/backward_wgmma_check.cc" "$tmp/"
+   "$here/backward_check.cc" "$tmp/"
 builds=()
 for cfg in "0 128" "1 128" "0 64" "1 64"; do
   set -- $cfg
   builds+=("forward_check.cc run_wgmma_$1_$2 -DIS_BF16=$1 -DHEAD_DIM=$2")
-  builds+=("backward_wgmma_check.cc run_bwd_$1_$2 -DIS_BF16=$1 -DHEAD_DIM=$2")
+  builds+=("backward_check.cc run_bwd_$1_$2 -DIS_BF16=$1 -DHEAD_DIM=$2")
+done
+# mma.sync backward builds: IS_BF16, HEAD_DIM, CHUNK (min(64, block)).
+for cfg in "0 128 64" "1 64 64" "0 32 32" "1 96 16"; do
+  set -- $cfg
+  builds+=("backward_check.cc run_bwd_mma_$1_$2_$3 -DUSE_WGMMA=0 -DIS_BF16=$1 -DHEAD_DIM=$2 -DCHUNK=$3")
 done
 # mma.sync forward builds: IS_BF16, HEAD_DIM, BLOCK_Q, WARPS, MIN_BLOCKS (src/cuda/forward.rs's rule).
 for cfg in "0 128 128 4 2" "1 64 128 4 2" "0 64 64 4 3" "1 128 128 8 1"; do
@@ -97,7 +106,7 @@ run_mma_1_64_128_4 block=128 seq=700 noncausal qscale=12
 run_mma_0_64_64_4 seq=421 noncausal strided
 run_mma_1_128_128_8 seq=600 qscale=12
 EOF
-# Binary (IS_BF16, HEAD_DIM), then backward_wgmma_check.cc's arguments.
+# Binary (wgmma: IS_BF16, HEAD_DIM; mma.sync: IS_BF16, HEAD_DIM, CHUNK), then backward_check.cc's arguments.
 while read -r b args; do ./"$b" $args </dev/null; done <<'EOF'
 run_bwd_0_128
 run_bwd_0_128 noncausal
@@ -107,4 +116,12 @@ run_bwd_0_64 seq=520 batch=2 hpp=2 ctas=2
 run_bwd_0_64 noncausal block=128 seq=560 hpp=2 ctas=2
 run_bwd_1_64 block=128 seq=200 ctas=2
 run_bwd_1_64 noncausal seq=333 batch=2 hpp=2
+run_bwd_mma_0_128_64
+run_bwd_mma_0_128_64 noncausal block=128 seq=421 batch=2 hpp=2
+run_bwd_mma_1_64_64 seq=520 batch=2 hpp=2
+run_bwd_mma_1_64_64 block=128 seq=300 noncausal
+run_bwd_mma_0_32_32 block=32 seq=277 batch=2
+run_bwd_mma_0_32_32 block=32 seq=200 noncausal hpp=2
+run_bwd_mma_1_96_16 block=16 seq=150
+run_bwd_mma_1_96_16 block=16 seq=97 noncausal hpp=2 batch=2
 EOF

@@ -1,5 +1,5 @@
 // CPU emulation of the sm_90 pieces the wgmma kernels use (shaders/cuda/s2_forward.cu with USE_WGMMA=1, for
-// forward_check.cc; s2_backward.cu's PASS 2 and 3, for backward_wgmma_check.cc; see run.sh), on top of emu.h: the
+// forward_check.cc; s2_backward.cu's PASS 2 and 3, for backward_check.cc; see run.sh), on top of emu.h: the
 // PTX functions of their `#ifndef S2_EMU` blocks with their PTX semantics, checked where a kernel could break them:
 // - shared memory: `cvta.to.shared` gives the byte offset into emu.h's g_dyn; the launch's dynamic window starts
 //   off a 1024-byte boundary (the kernel aligns its swizzle atoms itself) and every emulated access outside it

@@ -1,21 +1,26 @@
-// Checks the sm_90 wgmma backward kernels of shaders/cuda/s2_backward.cu on the CPU: the dQ pass (PASS 3,
-// s2_backward_dq_wgmma, which also writes the LSE * log2(e) and D = rowsum(dO * O) scratch) and then the dK/dV
-// pass (PASS 2, s2_backward_dkdv_wgmma, which reads that scratch by bulk copies), each compiled by g++ over emu.h
-// and sm90.h as NVRTC compiles it (s2_forward.cu's text, then s2_backward.cu's, USE_WGMMA=1; run.sh builds
-// k_bwd.cu) and run on a persistent grid of a few CTAs of 384 threads, one CTA after the other. The result is
-// compared with an f64 reference: the analytic gradients of softmax attention over the token mask of checks.h's
-// block rule, at the kernels' softmax scale 1 / sqrt(D). The forward's O (rounded to the storage type) and
-// natural-log LSE, which the dQ pass reads, come from the same f64 attention. Lists and schedules are built as the
-// host builds them: MergeQ row lists of 128-row tiles (both row-mask forms) for the dQ pass, column lists of 64-row
-// query tiles for the dK/dV pass (checks.h), both passes' work items head by head, longest walk first
-// (`wgmma_dq_schedule`, `wgmma_schedule` in src/cuda/backward.rs); Q, dO, K and V come through tensor maps encoded as `tile_tensor_map`
-// encodes them (dims {D, heads, seq, batch}, box {64, 1, 64, 1}, 128B swizzle, rows past the end zero-filled);
-// dynamic shared memory is what the host allocates (`wgmma_dq_smem_bytes`, `wgmma_dkdv_smem_bytes`). 4 query
+// Checks the backward kernels of shaders/cuda/s2_backward.cu on the CPU, each compiled by g++ over emu.h and sm90.h
+// as NVRTC compiles it (s2_forward.cu's text, then s2_backward.cu's; run.sh builds k_bwd.cu) and run one CTA after
+// the other. USE_WGMMA=1 (default): the sm_90 wgmma passes, the dQ pass (PASS 3, s2_backward_dq_wgmma, which also
+// writes the LSE * log2(e) and D = rowsum(dO * O) scratch) and then the dK/dV pass (PASS 2, s2_backward_dkdv_wgmma,
+// which reads that scratch by bulk copies), on a persistent grid of a few CTAs of 384 threads. USE_WGMMA=0: the
+// mma.sync passes in the planner's shapes (src/cuda/backward.rs) for blocks of CHUNK keys or more (CHUNK = min(64,
+// block), a build define): the dQ pass (PASS 0, s2_backward_dq: 64-row tiles of 4 warps, CHUNK-key chunks, grid
+// (tiles, heads, batch)) and the dK/dV pass (PASS 1, s2_backward_dkdv: CHUNK-key tiles of CHUNK / 16 warps, 64-row
+// steps, grid (key tiles, KV heads, batch)).
+// The result is compared with an f64 reference: the analytic gradients of softmax attention over the token mask of
+// checks.h's block rule, at the kernels' softmax scale 1 / sqrt(D). The forward's O (rounded to the storage type)
+// and natural-log LSE, which the dQ pass reads, come from the same f64 attention. Lists and schedules are built as
+// the host builds them: MergeQ row lists (wgmma: 128-row tiles, mma.sync: 64; both row-mask forms) for the dQ pass,
+// column lists of 64-row query tiles (checks.h) for the dK/dV pass, the wgmma passes' work items head by head,
+// longest walk first (`wgmma_dq_schedule`, `wgmma_schedule` in src/cuda/backward.rs); for wgmma, Q, dO, K and V
+// come through tensor maps encoded as `tile_tensor_map` encodes them (dims {D, heads, seq, batch}, box {64, 1, 64,
+// 1}, 128B swizzle, rows past the end zero-filled); dynamic shared memory is what the host allocates. 4 query
 // heads over 2 KV heads (GQA: the dK/dV pass walks two heads' column lists per item).
-// Arguments (key=value): seq (tokens, default 333: a partial last block and last tile), batch (1), block (64 or
-// 128), ctas (3: items wrap around the persistent CTAs), hpp (query heads per pattern, 1 or 2; default 1, so the
-// two heads of a KV head walk different lists), and the flag noncausal (the layout also attends the next block,
-// and one query block of pattern 1 has no key: its dQ is 0, its scratch LSE +inf).
+// Arguments (key=value): seq (tokens, default 333: a partial last block and last tile), batch (1), block (wgmma: 64
+// or 128; mma.sync: CHUNK, or 128 with CHUNK 64), ctas (wgmma: 3, items wrap around the persistent CTAs), hpp
+// (query heads per pattern, 1 or 2; default 1, so the two heads of a KV head walk different lists), and the flag
+// noncausal (the layout also attends the next block, and one query block of pattern 1 has no key: its dQ is 0,
+// its scratch LSE +inf).
 // Inputs are random and never zero; dQ, dK, dV and the scratch, with guard regions around each, are poisoned
 // (NaN) first. Exit status 1 on an emulation error (sm90.h), a relative error ||g - ref|| / ||ref|| of dQ, dK or
 // dV above 5e-3 (fp16) or 1.5e-2 (bf16), a scratch value off, an unwritten or stray element, a changed input, or
@@ -30,23 +35,54 @@
 #include <cmath>
 #include <string>
 #include <algorithm>
+#ifndef USE_WGMMA
+#define USE_WGMMA 1
+#endif
+#define MIN_BLOCKS 1
+#if USE_WGMMA
 #define BLOCK_Q 128
 #define BLOCK_K 64
 #define WARPS 8
-#define MIN_BLOCKS 1
-#define USE_WGMMA 1
-namespace B3 {
+namespace BQ {
 #define PASS 3
 #include "k_bwd.cu"
 #undef PASS
-}  // namespace B3
-namespace B2 {
+}  // namespace BQ
+namespace BK {
 #define PASS 2
 #include "k_bwd.cu"
 #undef PASS
-}  // namespace B2
+}  // namespace BK
+static const unsigned DQ_TILE = 128;
+#else
+#ifndef CHUNK
+#define CHUNK 64
+#endif
+// The dQ pass: 64 query rows on 4 warps, chunks of CHUNK keys.
+#define BLOCK_Q 64
+#define BLOCK_K CHUNK
+#define WARPS 4
+namespace BQ {
+#define PASS 0
+#include "k_bwd.cu"
+#undef PASS
+}  // namespace BQ
+#undef BLOCK_Q
+#undef BLOCK_K
+#undef WARPS
+// The dK/dV pass: CHUNK keys, 16 a warp, steps of 64 query rows.
+#define BLOCK_Q CHUNK
+#define BLOCK_K 64
+#define WARPS (CHUNK / 16)
+namespace BK {
+#define PASS 1
+#include "k_bwd.cu"
+#undef PASS
+}  // namespace BK
+static const unsigned DQ_TILE = 64;
+#endif
 
-static const u32 H = 4, HK = 2, GROUP = H / HK, D = HEAD_DIM, DQ_TILE = 128, COL_TILE = 64, KEY_TILE = 64;
+static const u32 H = 4, HK = 2, GROUP = H / HK, D = HEAD_DIM, COL_TILE = 64, KEY_TILE = USE_WGMMA ? 64 : BLOCK_Q;
 static u32 SEQ = 333, BATCH = 1, BS = 64, CTAS = 3, HPP = 1;
 static bool CAUSAL = true;
 
@@ -61,8 +97,10 @@ int main(int argc, char** argv) {
     if (!parse_args(argc, argv, {{"seq", &SEQ}, {"batch", &BATCH}, {"block", &BS}, {"ctas", &CTAS}, {"hpp", &HPP}},
                     {{"noncausal", &CAUSAL, false}}))
         return 2;
-    if ((BS != 64 && BS != 128) || (HPP != 1 && HPP != 2)) {
-        fprintf(stderr, "block %u, hpp %u: the wgmma backward runs blocks of 64 or 128; hpp 1 or 2\n", BS, HPP);
+    if ((USE_WGMMA ? (BS != 64 && BS != 128) : std::min(BS, 64u) != BLOCK_Q || (BS != 16 && BS != 32 && BS != 64 && BS != 128)) ||
+        (HPP != 1 && HPP != 2)) {
+        fprintf(stderr, "block %u, hpp %u: the wgmma build runs blocks of 64 or 128, the mma.sync build blocks of which "
+                "%u is min(64, block); hpp 1 or 2\n", BS, HPP, (unsigned)(USE_WGMMA ? 64 : BLOCK_Q));
         return 2;
     }
     const u32 PATTERNS = H / HPP;
@@ -179,7 +217,7 @@ int main(int argc, char** argv) {
     const std::vector<float> lse0 = lse;
     u32 flag = 0;
 
-    B3::BwdParams p{};
+    BQ::BwdParams p{};
     p.q = q.data(); p.k = k.data(); p.v = v.data(); p.o = o.data(); p.d_o = d_o.data();
     p.dq = dq; p.dk = dk; p.dv = dv; p.lse = lse.data(); p.lse2 = lse2; p.delta = delta;
     p.row_ptr = row_ptr.data(); p.row_entries = rows.entries.data();
@@ -199,20 +237,33 @@ int main(int argc, char** argv) {
     emu_tensor_map_4d(p.do_map, d_o.data(), q_dims, q_strides, box, 2, 128);
     emu_tensor_map_4d(p.k_map, k.data(), kv_dims, kv_strides, box, 2, 128);
     emu_tensor_map_4d(p.v_map, v.data(), kv_dims, kv_strides, box, 2, 128);
-    B2::BwdParams p2;
-    fill(p2, *(const B2::BwdParams*)(const void*)&p);
+    BK::BwdParams p2;
+    fill(p2, *(const BK::BwdParams*)(const void*)&p);
 
     sm90_install();
-    const u32 dq_ctas = std::min((u32)dq_sched.size(), CTAS), kv_ctas = std::min((u32)sched.size(), CTAS);
     const auto t0 = std::chrono::steady_clock::now();
+#if USE_WGMMA
+    const u32 dq_ctas = std::min((u32)dq_sched.size(), CTAS), kv_ctas = std::min((u32)sched.size(), CTAS);
+    const size_t dq_work = dq_sched.size(), kv_work = sched.size();
     // wgmma_dq_smem_bytes(D): 2 Q/dO buffers of 128 rows, a 2-stage K/V ring of 64 keys, 8 mbarriers, 1 KB slack.
     g_smem_bytes = (2 * 2 * 128 + 2 * 2 * 64) * D * 2 + 8 * 2 * (2 + 2) + 1024;
-    launch(dq_ctas, NT, [&] { B3::s2_backward_dq_wgmma(p); });
+    launch(dq_ctas, 384, [&] { BQ::s2_backward_dq_wgmma(p); });
     const unsigned dq_errors = g_emu_errors.load();
     // wgmma_dkdv_smem_bytes(D): K and V of 64 keys, a 4-stage Q/dO ring of 64 rows, the f32 reduction tile, the
     // ring's LSE / D rows, 10 mbarriers, 1 KB slack.
     g_smem_bytes = (2 * 64 + 2 * 4 * 64) * D * 2 + 64 * D * 4 + 4 * 2 * 64 * 4 + 8 * (2 * 4 + 2) + 1024;
-    launch(kv_ctas, NT, [&] { B2::s2_backward_dkdv_wgmma(p2); });
+    launch(kv_ctas, 384, [&] { BK::s2_backward_dkdv_wgmma(p2); });
+#else
+    // One CTA per work item; smem_bytes(rows, step, D, stats) in src/cuda/backward.rs: 2 resident tiles of `rows`,
+    // 2 stages of 2 tiles of `step` rows, rows padded by 8 elements, the dK/dV pass's LSE / D stages.
+    const u32 dq_ctas = q_tiles * H * BATCH, kv_ctas = key_tiles * HK * BATCH;
+    const size_t dq_work = dq_ctas, kv_work = kv_ctas;
+    g_smem_bytes = (2 * 64 + 4 * CHUNK) * (D + 8) * 2;
+    launch(dim3{q_tiles, H, BATCH}, 4 * 32, [&] { BQ::s2_backward_dq(p); });
+    const unsigned dq_errors = g_emu_errors.load();
+    g_smem_bytes = (2 * CHUNK + 4 * 64) * (D + 8) * 2 + 4 * 64 * 4;
+    launch(dim3{key_tiles, HK, BATCH}, CHUNK / 16 * 32, [&] { BK::s2_backward_dkdv(p2); });
+#endif
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
     // The scratch: LSE * log2(e) (+inf for rows past the end or without keys) and D of every padded row.
@@ -258,12 +309,12 @@ int main(int argc, char** argv) {
                      memcmp(lse.data(), lse0.data(), lse.size() * 4) != 0;
 
     const double tol = IS_BF16 ? 1.5e-2 : 5e-3;
-    printf("%s D %u, seq %u, batch %u, block %u, %s, %u heads per pattern; dQ pass %u CTAs for %zu items (row entries: "
-           "%u prefix, %u bit-mask; %zu keyless rows), dK/dV pass %u CTAs for %zu items (%u column entries): rel err "
+    printf("%s %s D %u, seq %u, batch %u, block %u, %s, %u heads per pattern; dQ pass %u CTAs for %zu items (row entries: "
+           "%u prefix, %u bit-mask; %zu keyless rows), dK/dV pass %u CTAs for %zu items (column entries: %u prefix, %u bit-mask): rel err "
            "dQ %.2e, dK %.2e, dV %.2e; scratch LSE2 max err %.2e, D max rel err %.2e, wrong %zu; unwritten %zu, stray "
            "writes %zu, inputs changed %zu, flag %u, emulation errors %u (dQ pass %u), %.1f s\n",
-           IS_BF16 ? "bf16" : "f16", D, SEQ, BATCH, BS, CAUSAL ? "causal" : "non-causal", HPP, dq_ctas, dq_sched.size(),
-           rows.prefix, rows.bits, keyless, kv_ctas, sched.size(), cols.prefix, e_dq, e_dk, e_dv,
+           USE_WGMMA ? "wgmma" : "mma.sync", IS_BF16 ? "bf16" : "f16", D, SEQ, BATCH, BS, CAUSAL ? "causal" : "non-causal", HPP, dq_ctas, dq_work,
+           rows.prefix, rows.bits, keyless, kv_ctas, kv_work, cols.prefix, cols.bits, e_dq, e_dk, e_dv,
            lse2_err, delta_err, scratch_bad, unwritten, stray, inputs_changed, flag, g_emu_errors.load(), dq_errors,
            secs);
     const bool ok = g_emu_errors.load() == 0 && e_dq < tol && e_dk < tol && e_dv < tol && lse2_err < 1e-3 &&
