@@ -101,6 +101,8 @@ struct Params {
     const u32* row_ptr;    // patterns * tiles + 1
     const u32* entries;    // [kv_block, rowmask] pairs
     u32* flag;             // set to 1 by an epilogue that writes a non-finite O or LSE (s2_exact.cu redoes the op)
+    const u32* sched;      // wgmma kernel: work items (item_of's numbering) CTA by CTA, each CTA's in ascending order
+    const u32* cta_ptr;    // wgmma kernel: CTA c takes sched[cta_ptr[c] .. cta_ptr[c + 1]] (gridDim.x + 1 offsets)
     long long q_tok, q_batch;
     long long kv_tok, kv_batch;
     long long o_tok, o_batch;
@@ -113,7 +115,6 @@ struct Params {
     u32 block_size;
     u32 causal;
     float scale_log2;      // softmax scale * log2(e)
-    u32 items;             // work items (tiles * heads * batch): the wgmma kernel's persistent loop
     TensorMap k_map, v_map; // wgmma kernel: K and V as [batch][seq][kv_heads][D] u16, boxes of 64 x 64, 128B swizzle
 };
 
@@ -734,9 +735,9 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) s2_forward(const Pa
 // release stages on `empty` mbarriers (one arrival per consumer warp), so the main loop has no CTA-wide
 // barrier. Within a warpgroup S_j = Q K_j^T is issued before P_{j-1} V_{j-1}, so the softmax of S_j runs
 // while that P V is on the tensor cores; the warpgroups take turns issuing their GEMMs (ping-pong, named
-// barriers 1 and 2), so one's softmax overlaps the other's GEMMs. Grid = SMs: each CTA walks work items
-// blockIdx.x, + gridDim.x, ... The tile walk, skips and masks are the mma.sync kernel's, per warpgroup
-// (64 rows).
+// barriers 1 and 2), so one's softmax overlaps the other's GEMMs. Grid = SMs: each CTA walks the work items the
+// host dealt it (`sched`, `cta_ptr`: in the plain grid's order, each to the CTA with the least work so far, so the
+// CTAs finish together). The tile walk, skips and masks are the mma.sync kernel's, per warpgroup (64 rows).
 
 struct Item {
     u32 tile, head, b;
@@ -837,8 +838,9 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const __grid_cons
             // thread 0 also issues the K/V stages' TMA copies.
             const int ptid = tid - WARPS * 32;
             u32 i = 0, n = 0;
-            for (u32 w = blockIdx.x; w < p.items; w += gridDim.x, ++n) {
-                const Item it = item_of(w, p);
+            const u32 j_end = p.cta_ptr[blockIdx.x + 1];
+            for (u32 j = p.cta_ptr[blockIdx.x]; j < j_end; ++j, ++n) {
+                const Item it = item_of(p.sched[j], p);
                 const u32 kvh = it.head / p.kv_group;
                 const u32 row0 = it.tile * BLOCK_Q;
                 const u32 row_last = min(row0 + BLOCK_Q, seq) - 1u;
@@ -885,8 +887,9 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_forward(const __grid_cons
         const u32 wr0 = gr0 + (warp % 4) * 16;       // first tile row of this warp's accumulators
         if (wg == 1) named_arrive(1, 2 * 128);       // warpgroup 0 issues first
         u32 i = 0, n = 0;
-        for (u32 w = blockIdx.x; w < p.items; w += gridDim.x, ++n) {
-            const Item it = item_of(w, p);
+        const u32 j_end = p.cta_ptr[blockIdx.x + 1];
+        for (u32 j = p.cta_ptr[blockIdx.x]; j < j_end; ++j, ++n) {
+            const Item it = item_of(p.sched[j], p);
             const u32 row0 = it.tile * BLOCK_Q;
             const u32 row_last = min(row0 + BLOCK_Q, seq) - 1u;
             const u32 gq0 = row0 + gr0;              // first query token of the warpgroup

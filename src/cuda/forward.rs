@@ -6,7 +6,7 @@
 use super::compile::{KernelKey, S2_FORWARD_SRC};
 use super::context::{cuda_err, CudaContext};
 use super::exact::{Exact, ExactParams, Pass};
-use super::plan::{is_wgmma, wgmma_smem_bytes, WARPS, WGMMA_Q_BUFS, WGMMA_STAGES, WGMMA_WARPS};
+use super::plan::{deal_items, is_wgmma, wgmma_smem_bytes, WARPS, WGMMA_Q_BUFS, WGMMA_STAGES, WGMMA_WARPS};
 use crate::error::{Error, Result};
 use crate::gpu::Timing;
 use crate::layout::Layout;
@@ -57,6 +57,8 @@ struct Params {
     row_ptr: u64,
     entries: u64,
     flag: u64,
+    sched: u64,
+    cta_ptr: u64,
     q_tok: i64,
     q_batch: i64,
     kv_tok: i64,
@@ -72,7 +74,6 @@ struct Params {
     block_size: u32,
     causal: u32,
     scale_log2: f32,
-    items: u32,
 }
 
 /// What a launch passes: `Params` and the kernel's trailing tensor maps (the wgmma kernel's; zero for mma.sync),
@@ -154,8 +155,9 @@ pub struct CudaForward {
     /// The exact kernel, run after the tensor-core one (a no-op unless the latter flagged a non-finite output),
     /// and its parameters but for the tensors and the flag (boxed: the op stays small to move).
     exact: Box<(Exact, ExactParams)>,
-    /// The tile offsets and lists; owned here, read by the kernel through the addresses in `base`.
-    _lists: (CudaSlice<u32>, CudaSlice<u32>),
+    /// The tile offsets and lists and the wgmma kernel's dealt work items; owned here, read by the kernel
+    /// through the addresses in `base`.
+    _lists: Box<[CudaSlice<u32>; 4]>,
     host: Mutex<Option<HostBuffers>>,
 }
 
@@ -238,16 +240,45 @@ impl CudaForward {
             words.extend([0, 0]);
         }
         let entries = stream.clone_htod(&words).map_err(cuda_err("uploading the tile lists"))?;
+        // The wgmma kernel is persistent: a 1-D grid of one CTA per SM (at most one per work item), each walking the
+        // work items dealt to it. An item's cost: its tile's chunks (a list entry is block_size / tile_kv of them)
+        // and about two chunks' worth for its Q load and epilogue.
+        let items = mergeq.tiles() * layout.num_heads() * shape.batch;
+        let ctas = if wgmma { items.min(ctx.multiprocessors().max(1)).max(1) } else { 1 };
+        let (sched, cta_ptr) = if wgmma {
+            let chunks_per_entry = (layout.block_size() / plan.tile_kv).max(1) as u64;
+            let (tiles, row_ptr) = (mergeq.tiles(), mergeq.row_ptr());
+            let per_b = tiles * layout.num_heads();
+            let heads_per_pattern = layout.num_heads() / layout.num_patterns();
+            let costs: Vec<u64> = (0..items)
+                .map(|w| {
+                    // item_of in s2_forward.cu: tile fastest (reversed), then head, then batch.
+                    let r = w % per_b;
+                    let (head, tile) = (r / tiles, tiles - 1 - r % tiles);
+                    let slot = ((head / heads_per_pattern) * tiles + tile) as usize;
+                    2 + chunks_per_entry * (row_ptr[slot + 1] - row_ptr[slot]) as u64
+                })
+                .collect();
+            deal_items(&costs, ctas)
+        } else {
+            (vec![0], vec![0, 0])
+        };
+        let sched = stream.clone_htod(&sched).map_err(cuda_err("uploading the work items"))?;
+        let cta_ptr = stream.clone_htod(&cta_ptr).map_err(cuda_err("uploading the work items"))?;
         let lists = {
             let (r, _r) = row_ptr.device_ptr(stream);
             let (e, _e) = entries.device_ptr(stream);
-            (r, e)
+            let (w, _w) = sched.device_ptr(stream);
+            let (c, _c) = cta_ptr.device_ptr(stream);
+            (r, e, w, c)
         };
         let (h, hk, d) = (layout.num_heads() as i64, layout.num_kv_heads() as i64, shape.head_dim as i64);
         let seq = shape.seq_len as i64;
         let base = Params {
             row_ptr: lists.0,
             entries: lists.1,
+            sched: lists.2,
+            cta_ptr: lists.3,
             q_tok: h * d,
             q_batch: seq * h * d,
             kv_tok: hk * d,
@@ -263,11 +294,8 @@ impl CudaForward {
             block_size: layout.block_size(),
             causal: layout.causal() as u32,
             scale_log2: shape.softmax_scale() * std::f32::consts::LOG2_E,
-            items: mergeq.tiles() * layout.num_heads() * shape.batch,
             ..Params::default()
         };
-        // The wgmma kernel is persistent: a 1-D grid of one CTA per SM (at most one per work item), each walking
-        // the work items blockIdx.x, + gridDim.x, ...
         let exact = Exact::new(ctx, &shape, Pass::Forward)?;
         let exact_base = ExactParams {
             row_ptr: base.row_ptr,
@@ -286,11 +314,7 @@ impl CudaForward {
             scale: shape.softmax_scale(),
             ..ExactParams::default()
         };
-        let grid = if wgmma {
-            (base.items.min(ctx.multiprocessors().max(1)), 1, 1)
-        } else {
-            (mergeq.tiles(), layout.num_heads(), shape.batch)
-        };
+        let grid = if wgmma { (ctas, 1, 1) } else { (mergeq.tiles(), layout.num_heads(), shape.batch) };
         Ok(Self {
             ctx: ctx.clone(),
             shape,
@@ -303,7 +327,7 @@ impl CudaForward {
             func,
             tma,
             exact: Box::new((exact, exact_base)),
-            _lists: (row_ptr, entries),
+            _lists: Box::new([row_ptr, entries, sched, cta_ptr]),
             host: Mutex::default(),
         })
     }

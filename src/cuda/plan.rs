@@ -36,6 +36,34 @@ pub(crate) const WGMMA_STAGES: u32 = 4;
 /// the next tile's Q while the consumers finish this one.
 pub(crate) const WGMMA_Q_BUFS: u32 = 2;
 
+/// A persistent kernel's work items dealt to `ctas` CTAs: the items in their own order (`costs[w]` is item w's
+/// estimated time), each to the CTA with the least work so far (the lowest index among equals), as a CTA that
+/// takes the next item when it finishes one would get them. Returns the items CTA by CTA, each CTA's in
+/// ascending order, and `ctas + 1` offsets: CTA c runs `sched[cta_ptr[c]..cta_ptr[c + 1]]`. Against dealing
+/// item w to CTA w % ctas, the CTAs finish closer together where items differ in length and there are few per
+/// CTA (the forward at 16k tokens: ~31 tiles a CTA, the longest 10x the shortest).
+pub(crate) fn deal_items(costs: &[u64], ctas: u32) -> (Vec<u32>, Vec<u32>) {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let ctas = ctas.max(1) as usize;
+    let mut per_cta: Vec<Vec<u32>> = vec![Vec::new(); ctas];
+    let mut load: BinaryHeap<Reverse<(u64, usize)>> = (0..ctas).map(|c| Reverse((0, c))).collect();
+    for (w, &cost) in costs.iter().enumerate() {
+        if let Some(Reverse((t, c))) = load.pop() {
+            per_cta[c].push(w as u32);
+            load.push(Reverse((t + cost, c)));
+        }
+    }
+    let mut cta_ptr = Vec::with_capacity(ctas + 1);
+    cta_ptr.push(0);
+    let mut sched = Vec::with_capacity(costs.len());
+    for items in per_cta {
+        sched.extend(items);
+        cta_ptr.push(sched.len() as u32);
+    }
+    (sched, cta_ptr)
+}
+
 /// Shared memory of the wgmma kernel: `q_bufs` padded Q tiles, a ring of `stages` K and V chunks in the
 /// 128-byte-swizzled layout, the ring's mbarriers (8 bytes each: full and empty per stage and per Q buffer) and
 /// 1 KB of alignment slack.
@@ -160,6 +188,40 @@ pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dealt_items_are_a_permutation_in_order_per_cta_and_balanced() {
+        // Costs like a head's tiles at 16k (longest first, 10x spread), 32 heads, over 132 CTAs.
+        let costs: Vec<u64> = (0..32).flat_map(|_| (0..128u64).rev().map(|t| 4 + t / 4)).collect();
+        let (sched, ptr) = deal_items(&costs, 132);
+        assert_eq!(ptr.len(), 133);
+        assert_eq!(*ptr.last().unwrap() as usize, costs.len());
+        let mut seen = vec![false; costs.len()];
+        for &w in &sched {
+            assert!(!seen[w as usize], "item {w} dealt twice");
+            seen[w as usize] = true;
+        }
+        let loads: Vec<u64> = (0..132)
+            .map(|c| {
+                let items = &sched[ptr[c] as usize..ptr[c + 1] as usize];
+                assert!(items.windows(2).all(|p| p[0] < p[1]), "CTA {c}'s items out of order");
+                assert!(!items.is_empty(), "CTA {c} has no item");
+                items.iter().map(|&w| costs[w as usize]).sum()
+            })
+            .collect();
+        let ideal = costs.iter().sum::<u64>() as f64 / 132.0;
+        let round_robin = (0..132).map(|c| costs.iter().skip(c).step_by(132).sum::<u64>()).max().unwrap();
+        let dealt = *loads.iter().max().unwrap();
+        assert!((dealt as f64) < ideal * 1.02, "dealt {dealt} against an ideal {ideal}");
+        assert!(dealt < round_robin, "dealt {dealt}, round robin {round_robin}");
+    }
+
+    #[test]
+    fn dealing_fewer_items_than_ctas_leaves_the_rest_empty() {
+        let (sched, ptr) = deal_items(&[5, 1, 3], 4);
+        assert_eq!(sched, vec![0, 1, 2]);
+        assert_eq!(ptr, vec![0, 1, 2, 3, 3]);
+    }
     use crate::layout::S2Config;
 
     fn h100() -> DeviceCaps {

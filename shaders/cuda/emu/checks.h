@@ -113,6 +113,28 @@ inline EmuLists column_lists(bool causal, unsigned patterns, unsigned seq, unsig
     return l;
 }
 
+// A persistent kernel's work items dealt to `ctas` CTAs as the host deals them (`deal_items`, src/cuda/plan.rs): in
+// their own order, each to the CTA with the least work so far (the lowest index among equals); `sched` gets the
+// items CTA by CTA and `cta_ptr` the ctas + 1 offsets.
+inline void deal_items(const std::vector<unsigned long long>& costs, unsigned ctas, std::vector<unsigned>& sched,
+                       std::vector<unsigned>& cta_ptr) {
+    std::vector<std::vector<unsigned>> per(ctas);
+    std::vector<unsigned long long> load(ctas, 0);
+    for (unsigned w = 0; w < costs.size(); w++) {
+        unsigned c = 0;
+        for (unsigned i = 1; i < ctas; i++)
+            if (load[i] < load[c]) c = i;
+        per[c].push_back(w);
+        load[c] += costs[w];
+    }
+    sched.clear();
+    cta_ptr.assign(1, 0);
+    for (auto& items : per) {
+        sched.insert(sched.end(), items.begin(), items.end());
+        cta_ptr.push_back(sched.size());
+    }
+}
+
 // Uniform values in [-1.5, 1.5), none of magnitude below 1e-3 (those become 0.5), in the storage type.
 struct NonZero {
     std::mt19937 rng;

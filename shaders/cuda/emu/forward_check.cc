@@ -10,9 +10,9 @@
 // (`wgmma_smem_bytes` and `smem_bytes`, src/cuda/plan.rs). 4 heads in 2 patterns over 2 KV heads (GQA).
 // Arguments (key=value): seq (tokens, default 421: a partial last block and a last tile whose second
 // warpgroup has no row), batch (1), block (layout block size, 64 or 128: two query blocks per tile, or two key
-// chunks per block), ctas (3: items wrap around the persistent CTAs of the wgmma kernel), qscale (1: Q is scaled
-// by it, so that with 12 rows' maxima jump far along their walks and the lazy O rescale is exercised), and the
-// flags noncausal (one query block of pattern 1 then has no key: O 0, LSE -inf) and strided (token strides past
+// chunks per block), ctas (3: the persistent CTAs of the wgmma kernel, the items dealt to them as the host deals
+// them), qscale (1: Q is scaled by it, so that with 12 rows' maxima jump far along their walks and the lazy O
+// rescale is exercised), and the flags noncausal (one query block of pattern 1 then has no key: O 0, LSE -inf) and strided (token strides past
 // heads * D: the padding must stay untouched). Inputs are random and never zero; O, LSE and guard regions around
 // them are poisoned first. Exit status 1 on an emulation error (sm90.h), a relative error of O above 5e-3, an LSE
 // off by more than 1e-3, an unwritten or stray element, or a set non-finite flag. Build and run all
@@ -92,8 +92,18 @@ int main(int argc, char** argv) {
     p.o_tok = o_tok; p.o_batch = (long long)SEQ * o_tok; p.lse_batch = (long long)H * SEQ;
     p.seq_len = SEQ; p.num_heads = H; p.kv_group = GROUP; p.heads_per_pattern = HPP; p.tiles = tiles;
     p.block_size = BS; p.causal = CAUSAL; p.scale_log2 = scale * 1.4426950408889634f;
-    p.items = tiles * H * BATCH;
+    const u32 items = tiles * H * BATCH;
 #if USE_WGMMA
+    // The work items dealt to the CTAs as the host deals them: an item's cost is its tile's chunks and two more.
+    std::vector<unsigned long long> costs;
+    for (u32 w = 0; w < items; w++) {
+        const u32 r = w % (tiles * H), head = r / tiles, tile = tiles - 1 - r % tiles, slot = (head / HPP) * tiles + tile;
+        costs.push_back(2 + (unsigned long long)std::max(1u, BS / 64) * (row_ptr[slot + 1] - row_ptr[slot]));
+    }
+    const u32 ctas = std::min(items, CTAS);
+    std::vector<u32> sched, cta_ptr;
+    deal_items(costs, ctas, sched, cta_ptr);
+    p.sched = sched.data(); p.cta_ptr = cta_ptr.data();
     // The host's tensor maps (kv_tensor_map): [batch][seq][kv_heads][D] u16, boxes of 64 columns x 64 tokens.
     const u64 dims[4] = {D, HK, SEQ, BATCH}, strides[3] = {D * 2ull, kv_tok * 2ull, (u64)SEQ * kv_tok * 2};
     const u32 box[4] = {64, 1, 64, 1};
@@ -101,7 +111,6 @@ int main(int argc, char** argv) {
     emu_tensor_map_4d(p.v_map, v.data(), dims, strides, box, 2, 128);
     // wgmma_smem_bytes(head_dim, WGMMA_STAGES = 4, WGMMA_Q_BUFS = 2).
     g_smem_bytes = (2 * 128 * (D + 8) + 4 * 2 * 64 * D) * 2 + 8 * 2 * (4 + 2) + 1024;
-    const u32 ctas = std::min(p.items, CTAS);
     const dim3 grid{ctas, 1, 1};
 #else
     // smem_bytes(tile_q, tile_kv, head_dim); the plain grid (tiles, heads, sequences).
@@ -166,7 +175,7 @@ int main(int argc, char** argv) {
            "%zu keyless rows): rel err %.2e, LSE max err %.2e, unwritten %zu, stray writes %zu, keyless rows wrong "
            "%zu, flag %u, emulation errors %u, %.1f s\n",
            USE_WGMMA ? "wgmma" : (WARPS == 4 ? "mma.sync 4 warps" : "mma.sync 8 warps"), IS_BF16 ? "bf16" : "f16", D, SEQ, BATCH, BS, CAUSAL ? "causal" : "non-causal", STRIDED ? ", strided" : "",
-           QSCALE, ctas, p.items, prefix_entries, bit_entries, keyless, rel, lse_err, unwritten, stray, keyless_bad, flag,
+           QSCALE, ctas, items, prefix_entries, bit_entries, keyless, rel, lse_err, unwritten, stray, keyless_bad, flag,
            g_emu_errors.load(), secs);
     const bool ok = g_emu_errors.load() == 0 && rel < 5e-3 && lse_err < 1e-3 && unwritten == 0 && stray == 0 &&
                     keyless_bad == 0 && flag == 0;
