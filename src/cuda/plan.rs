@@ -188,6 +188,7 @@ pub fn plan_forward(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::S2Config;
 
     #[test]
     fn dealt_items_are_a_permutation_in_order_per_cta_and_balanced() {
@@ -222,7 +223,6 @@ mod tests {
         assert_eq!(sched, vec![0, 1, 2]);
         assert_eq!(ptr, vec![0, 1, 2, 3, 3]);
     }
-    use crate::layout::S2Config;
 
     fn h100() -> DeviceCaps {
         DeviceCaps {

@@ -32,6 +32,20 @@ struct EmuLists {
 };
 static const unsigned EMU_ROWMASK_BITS = 1u << 31;
 
+// Appends the entry [id, row mask] of a tile whose query blocks `bits` take part: a prefix row count where the
+// smallest prefix covering them adds only `dont_care` blocks (masked whole by causality or past the end), else
+// the bits (`row_mask` in src/plan/column.rs, `MergeQPlan::build`).
+inline void push_masked(EmuLists& l, unsigned id, unsigned bits, unsigned dont_care, unsigned bs) {
+    const unsigned covered = 32 - __builtin_clz(bits), prefix = (1u << covered) - 1;
+    if ((prefix & ~(bits | dont_care)) == 0) {
+        l.entries.insert(l.entries.end(), {id, covered * bs});
+        l.prefix++;
+    } else {
+        l.entries.insert(l.entries.end(), {id, EMU_ROWMASK_BITS | bits});
+        l.bits++;
+    }
+}
+
 // MergeQ row lists, per pattern and tile of `tile` rows: [kv_block, rowmask] pairs, the row mask a prefix row count
 // where the rows up to the last attending block may all attend (the rest being fully causal-masked or past the
 // end), else bit b per query block b of the tile.
@@ -53,15 +67,7 @@ inline EmuLists mergeq_lists(bool causal, unsigned patterns, unsigned seq, unsig
                         if (qb < nb && block_rule(causal, pat, qb, kb)) bits |= 1u << b;
                         else if (qb >= nb || (causal && qb < kb)) dont_care |= 1u << b;
                     }
-                    if (!bits) continue;
-                    const unsigned covered = 32 - __builtin_clz(bits), prefix = (1u << covered) - 1;
-                    if ((prefix & ~(bits | dont_care)) == 0) {
-                        l.entries.insert(l.entries.end(), {kb, covered * bs});
-                        l.prefix++;
-                    } else {
-                        l.entries.insert(l.entries.end(), {kb, EMU_ROWMASK_BITS | bits});
-                        l.bits++;
-                    }
+                    if (bits) push_masked(l, kb, bits, dont_care, bs);
                 }
             }
             l.ptr.push_back(l.entries.size() / 2);
@@ -96,15 +102,7 @@ inline EmuLists column_lists(bool causal, unsigned patterns, unsigned seq, unsig
                         if (qb < nb && block_rule(causal, pat, qb, kb)) bits |= 1u << b;
                         else if (qb >= nb || (causal && qb < kb)) dont_care |= 1u << b;
                     }
-                    if (!bits) continue;
-                    const unsigned covered = 32 - __builtin_clz(bits), prefix = (1u << covered) - 1;
-                    if ((prefix & ~(bits | dont_care)) == 0) {
-                        l.entries.insert(l.entries.end(), {t, covered * bs});
-                        l.prefix++;
-                    } else {
-                        l.entries.insert(l.entries.end(), {t, EMU_ROWMASK_BITS | bits});
-                        l.bits++;
-                    }
+                    if (bits) push_masked(l, t, bits, dont_care, bs);
                 }
             }
             l.ptr.push_back(l.entries.size() / 2);

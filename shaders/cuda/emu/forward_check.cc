@@ -12,11 +12,11 @@
 // warpgroup has no row), batch (1), block (layout block size, 64 or 128: two query blocks per tile, or two key
 // chunks per block), ctas (3: the persistent CTAs of the wgmma kernel, the items dealt to them as the host deals
 // them), qscale (1: Q is scaled by it, so that with 12 rows' maxima jump far along their walks and the lazy O
-// rescale is exercised), and the flags noncausal (one query block of pattern 1 then has no key: O 0, LSE -inf) and strided (token strides past
-// heads * D: the padding must stay untouched). Inputs are random and never zero; O, LSE and guard regions around
-// them are poisoned first. Exit status 1 on an emulation error (sm90.h), a relative error of O above 5e-3, an LSE
-// off by more than 1e-3, an unwritten or stray element, or a set non-finite flag. Build and run all
-// configurations with run.sh.
+// rescale is exercised), and the flags noncausal (one query block of pattern 1 then has no key: O 0, LSE -inf)
+// and strided (token strides past heads * D: the padding must stay untouched). Inputs are random and never
+// zero; O, LSE and guard regions around them are poisoned first. Exit status 1 on an emulation error (sm90.h), a
+// relative error of O above 5e-3, an LSE off by more than 1e-3, an unwritten or stray element, or a set
+// non-finite flag. Build and run all configurations with run.sh.
 #include "emu.h"
 #include "sm90.h"
 #include "checks.h"
