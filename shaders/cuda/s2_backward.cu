@@ -17,7 +17,8 @@
 // PASS 2, s2_backward_dkdv_wgmma, and PASS 3, s2_backward_dq_wgmma (sm_90a, head dims 64 and 128, blocks of 64
 //   keys or more; compiled over the forward's wgmma configuration, USE_WGMMA=1): the same two passes on wgmma,
 //   warp specialised (a producer thread loads every tile by TMA into mbarrier rings, two consumer warpgroups
-//   compute) and persistent over host-sorted work items, longest walks first. See their sections below.
+//   compute) and persistent over host-sorted work items, longest walks first; the dK/dV pass's items pair two
+//   key tiles whose column lists mostly agree. See their sections below.
 // Deterministic: no atomics; every output row is written once by one CTA that sums in a fixed order.
 // Non-finite inputs: the epilogues set `flag` when a gradient they write is non-finite (a masked pair's
 // P = 0 times a non-finite value inside an MMA is NaN); the exact kernel launched after both passes
@@ -71,8 +72,9 @@ struct BwdParams {
     float scale_log2;
     float scale;
     // The wgmma dK/dV pass (PASS 2) only: its persistent schedule and the TMA maps of its tiles.
-    const u32* sched;        // work items (key tile, KV head, batch), KV head by KV head, longest column walks
-                             // first within one; CTA c takes items c, c + grid, ...
+    const u32* sched;        // work items as word pairs: (key tile, KV head, batch), the partner key tile (or
+                             // NO_TILE); KV head by KV head, longest walks first within one; CTA c takes items c,
+                             // c + grid, ...
     const u32* dq_sched;     // the wgmma dQ pass's (PASS 3) work items (query tile, head, batch), head by head,
                              // longest first within one
     u32 items;
@@ -357,7 +359,7 @@ extern "C" __global__ void __launch_bounds__(NT, 2) s2_backward_dq(const BwdPara
 }
 #endif
 
-#if PASS == 1 || PASS == 2
+#if PASS == 1
 struct ColWalk {
     u32 hh, e, e_end;  // query head within the GQA group, entry, end of that head's column list
 };
@@ -382,9 +384,6 @@ __device__ __forceinline__ bool next_col(ColWalk& w, const BwdParams& p, u32 kvh
         col_head(w, p, kvh, kv_block);
     }
 }
-#endif
-
-#if PASS == 1
 
 extern "C" __global__ void __launch_bounds__(NT, 2) s2_backward_dkdv(const BwdParams p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -568,21 +567,24 @@ __device__ __forceinline__ void issue_ss_products(float (&acc)[NK][4], u32 a_bas
 
 #if PASS == 2
 // ---- dK/dV pass on wgmma (sm_90a): warp specialised, TMA, persistent ----
-// Work item = one tile of KT = 64 keys of one KV head and sequence; it walks the column lists of its KV block for
-// every query head of the GQA group (query tiles of QT = 64 rows), as PASS 1 does. Warps 0-7: two consumer
-// warpgroups that both hold all 64 keys (warp w % 4 owns 16 of them) and take the walk's steps in turn (step i
-// of the CTA goes to warpgroup i % 2), each summing its own dK and dV in registers; the epilogue adds warpgroup
-// 1's sums to warpgroup 0's through shared memory in a fixed order, so the result is deterministic. Warps 8-11:
-// the producer warpgroup, whose thread 0 loads the item's K and V tile and, per step, the Q and dO tiles (TMA,
-// 128-byte swizzled) and the tile's LSE * log2(e) and D rows (bulk copies) into a ring of BW_STAGES stages.
-// Per step, on tensor cores: S^T = K Q^T and dP^T = V dO^T (both operands from shared memory), then
-// P^T = exp2(S^T * scale * log2(e) - LSE) and dS^T = P^T (dP^T - D) in registers, dV += P^T dO and
-// dK += dS^T Q (register A operands, Q and dO read transposed).
-#define KT 64                      // keys per work item
+// Work item = two tiles of KT = 64 keys of one KV head and sequence whose column lists mostly agree (the host pairs
+// them: two stripe blocks vert_stride apart, two neighbouring local blocks; `wgmma_schedule` in
+// src/cuda/backward.rs), or one tile (its partner NO_TILE). Warpgroup t owns tile t: its K and V, and its dK and dV
+// summed in registers. The CTA walks the union of the two tiles' column lists for every query head of the GQA
+// group (query tiles of QT = 64 rows, ascending per head); each step's Q and dO tile is loaded once and used by
+// every warpgroup whose list holds it, so a pair reads the Q / dO stream of one tile, not of two (the pass is bound
+// by those reads). Warps 8-11: the producer warpgroup, whose thread 0 loads the item's K and V tiles and, per step,
+// the Q and dO tiles (TMA, 128-byte swizzled) and the tile's LSE * log2(e) and D rows (bulk copies) into a ring of
+// BW_STAGES stages. Per step and warpgroup, on tensor cores: S^T = K Q^T and dP^T = V dO^T (both operands from
+// shared memory), then P^T = exp2(S^T * scale * log2(e) - LSE) and dS^T = P^T (dP^T - D) in registers,
+// dV += P^T dO and dK += dS^T Q (register A operands, Q and dO read transposed). Each warpgroup sums its tile's
+// steps in walk order and writes its own rows: deterministic.
+#define KT 64                      // keys per tile (one per warpgroup)
 #define QT BLOCK_K                 // query rows per step: the column plan's tile
-#define BW_STAGES 4                // Q / dO ring: each warpgroup computes one stage while its next one loads
+#define BW_STAGES 3                // Q / dO ring (both warpgroups read each stage)
 #define QD_TILE (QT * HEAD_DIM)    // elements of one staged Q (or dO) tile: HEAD_DIM / 64 atoms of 64 rows x 128 B
-#define KV_TILE (KT * HEAD_DIM)    // elements of the item's K (or V) tile, same layout
+#define KV_TILE (KT * HEAD_DIM)    // elements of one K (or V) tile, same layout
+#define NO_TILE 0xffffffffu        // an item's missing second tile
 #define BW_PRODUCER_REGS 24        // the producer only issues copies from one thread
 #define BW_CONSUMER_REGS 240       // dK and dV (2 x HEAD_DIM / 2 f32), S^T and dP^T (2 x 32) per thread
 #if (QD_TILE * 2) % 1024 != 0 || (KV_TILE * 2) % 1024 != 0
@@ -590,38 +592,82 @@ __device__ __forceinline__ void issue_ss_products(float (&acc)[NK][4], u32 a_bas
 #endif
 
 struct BwdItem {
-    u32 kt, kvh, b;
+    u32 kt[2], kvh, b;  // key tiles (kt[1] may be NO_TILE), KV head, sequence
 };
 
 __device__ __forceinline__ BwdItem bwd_item(const BwdParams& p, u32 w) {
-    const u32 x = p.sched[w];
+    const u32 x = p.sched[2 * w];
     const u32 kv_heads = p.num_heads / p.kv_group;
     BwdItem it;
-    it.kt = x % p.key_tiles;
+    it.kt[0] = x % p.key_tiles;
+    it.kt[1] = p.sched[2 * w + 1];
     it.kvh = (x / p.key_tiles) % kv_heads;
     it.b = x / (p.key_tiles * kv_heads);
     return it;
 }
 
-// Adds (warpgroup 0) or hands over (warpgroup 1) one accumulator array through `red` (thread-major float4s, so
-// both warpgroups' thread x meet the same 64 keys x columns), between barriers of both warpgroups.
-__device__ __forceinline__ void reduce_pair(float (&acc)[ND][4], float4* red, int wg, int x) {
-    if (wg == 1) {
+// The merged walk of a pair's column lists: for query head hh of the group, a cursor into each tile's list.
+struct PairWalk {
+    u32 hh;
+    u32 e[2], end[2];  // each tile's entry and list end (equal for a missing tile)
+    u32 q_tile;        // the step's query tile
+    u32 in;            // bit t: tile t's list holds the step, at entry e[t]
+};
+
+__device__ __forceinline__ void pair_head(PairWalk& w, const BwdParams& p, u32 kvh, const u32 (&blk)[2]) {
+    const u32 head = kvh * p.kv_group + w.hh;
+    const u32 base = (head / p.heads_per_pattern) * p.kv_blocks;
 #pragma unroll
-        for (int n = 0; n < ND; ++n) red[n * 128 + x] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
+    for (int t = 0; t < 2; ++t) {
+        const bool has = blk[t] != NO_TILE;
+        w.e[t] = has ? p.col_ptr[base + blk[t]] : 0u;
+        w.end[t] = has ? p.col_ptr[base + blk[t] + 1] : 0u;
     }
-    named_sync(1, 256);
-    if (wg == 0) {
+}
+
+// Finds the walk's next step from the cursors on (inclusive): the lowest query tile either list holds, past the
+// tiles that causality masks whole for that list's keys (key0), across the group's heads. False when every list
+// is exhausted.
+__device__ __forceinline__ bool pair_next(PairWalk& w, const BwdParams& p, u32 kvh, const u32 (&blk)[2],
+                                          const u32 (&key0)[2]) {
+    for (;;) {
+        u32 q[2];
 #pragma unroll
-        for (int n = 0; n < ND; ++n) {
-            const float4 r = red[n * 128 + x];
-            acc[n][0] += r.x;
-            acc[n][1] += r.y;
-            acc[n][2] += r.z;
-            acc[n][3] += r.w;
+        for (int t = 0; t < 2; ++t) {
+            q[t] = NO_TILE;
+            for (; w.e[t] < w.end[t]; ++w.e[t]) {
+                const u32 qt = p.col_entries[2 * w.e[t]];
+                if (!p.causal || min(qt * QT + QT, p.seq_len) - 1u >= key0[t]) {
+                    q[t] = qt;
+                    break;
+                }
+            }
         }
+        const u32 m = min(q[0], q[1]);
+        if (m != NO_TILE) {
+            w.q_tile = m;
+            w.in = (q[0] == m ? 1u : 0u) | (q[1] == m ? 2u : 0u);
+            return true;
+        }
+        if (w.hh + 1u >= p.kv_group) return false;
+        ++w.hh;
+        pair_head(w, p, kvh, blk);
     }
-    named_sync(1, 256);
+}
+
+__device__ __forceinline__ void pair_advance(PairWalk& w) {
+    w.e[0] += w.in & 1u;
+    w.e[1] += w.in >> 1;
+}
+
+// The item's tiles as the walk reads them: KV block and first key of each (NO_TILE where missing).
+__device__ __forceinline__ void item_tiles(const BwdParams& p, const BwdItem& it, u32 (&blk)[2], u32 (&key0)[2]) {
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+        const bool has = it.kt[t] != NO_TILE;
+        key0[t] = has ? it.kt[t] * KT : 0u;
+        blk[t] = has ? key0[t] / p.block_size : NO_TILE;
+    }
 }
 
 // Element offset of (key row r, column col) in the epilogue's 16-bit staging tile: 16-byte chunks XOR r % 8, so
@@ -631,12 +677,12 @@ __device__ __forceinline__ u32 red_off(u32 r, u32 col) { return r * HEAD_DIM + (
 extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dkdv_wgmma(const __grid_constant__ BwdParams p) {
     extern __shared__ __align__(1024) unsigned char smem_raw_[];
     unsigned char* smem_raw = smem_raw_ + ((1024u - (smem_addr(smem_raw_) & 1023u)) & 1023u);
-    u16* k_s = (u16*)smem_raw;                          // [KV_TILE]
-    u16* v_s = k_s + KV_TILE;                           // [KV_TILE]
-    u16* q_s = v_s + KV_TILE;                           // [BW_STAGES][QD_TILE]
+    u16* k_s = (u16*)smem_raw;                          // [2][KV_TILE]: tile t's K
+    u16* v_s = k_s + 2 * KV_TILE;                       // [2][KV_TILE]
+    u16* q_s = v_s + 2 * KV_TILE;                       // [BW_STAGES][QD_TILE]
     u16* do_s = q_s + BW_STAGES * QD_TILE;              // [BW_STAGES][QD_TILE]
-    float* red_s = (float*)(do_s + BW_STAGES * QD_TILE);  // [KT * HEAD_DIM]: the epilogue's
-    float* stat_s = red_s + KT * HEAD_DIM;              // [BW_STAGES][2][QT]: LSE * log2(e), D
+    u16* out_s = do_s + BW_STAGES * QD_TILE;            // [2][2][KT * HEAD_DIM]: each warpgroup's dK, dV staging
+    float* stat_s = (float*)(out_s + 4 * KT * HEAD_DIM);  // [BW_STAGES][2][QT]: LSE * log2(e), D
     u64* bars = (u64*)(stat_s + BW_STAGES * 2 * QT);    // full[BW_STAGES], empty[BW_STAGES], kv_full, kv_empty
     const u32 full0 = smem_addr(bars), empty0 = full0 + 8 * BW_STAGES;
     const u32 kv_full = empty0 + 8 * BW_STAGES, kv_empty = kv_full + 8;
@@ -648,7 +694,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dkdv_wgmma(const
     if (tid == 0) {
         for (int s = 0; s < BW_STAGES; ++s) {
             mbar_init(full0 + 8 * s, 1);      // the producer's arrival (plus the stage's bytes)
-            mbar_init(empty0 + 8 * s, 4);     // one arrival per warp of the warpgroup that took the step
+            mbar_init(empty0 + 8 * s, WARPS); // every consumer warp, once it is done with the step (or skips it)
         }
         mbar_init(kv_full, 1);
         mbar_init(kv_empty, WARPS);           // every consumer warp, after its last step of the item
@@ -661,24 +707,26 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dkdv_wgmma(const
             u32 i = 0, n = 0;
             for (u32 w = blockIdx.x; w < p.items; w += gridDim.x, ++n) {
                 const BwdItem it = bwd_item(p, w);
-                const u32 key0 = it.kt * KT;
+                u32 blk[2], key0[2];
+                item_tiles(p, it, blk, key0);
+                const u32 tiles = it.kt[1] == NO_TILE ? 1u : 2u;
                 mbar_wait(kv_empty, (n & 1u) ^ 1u);
-                mbar_arrive_expect_tx(kv_full, 2 * KV_TILE * 2);
+                mbar_arrive_expect_tx(kv_full, tiles * 2 * KV_TILE * 2);
+                for (u32 t = 0; t < tiles; ++t)
 #pragma unroll
-                for (int a = 0; a < HEAD_DIM / 64; ++a) {
-                    tma_load_4d(smem_addr(k_s) + a * KT * 128, &p.k_map, a * 64, it.kvh, key0, it.b, kv_full);
-                    tma_load_4d(smem_addr(v_s) + a * KT * 128, &p.v_map, a * 64, it.kvh, key0, it.b, kv_full);
-                }
-                const u32 kv_block = key0 / p.block_size;
-                ColWalk wk;
+                    for (int a = 0; a < HEAD_DIM / 64; ++a) {
+                        const u32 off = a * KT * 128;
+                        tma_load_4d(smem_addr(k_s + t * KV_TILE) + off, &p.k_map, a * 64, it.kvh, key0[t], it.b, kv_full);
+                        tma_load_4d(smem_addr(v_s + t * KV_TILE) + off, &p.v_map, a * 64, it.kvh, key0[t], it.b, kv_full);
+                    }
+                PairWalk wk;
                 wk.hh = 0;
-                col_head(wk, p, it.kvh, kv_block);
-                bool has = next_col(wk, p, it.kvh, kv_block, key0);
-                while (has) {
+                pair_head(wk, p, it.kvh, blk);
+                while (pair_next(wk, p, it.kvh, blk, key0)) {
                     const u32 s = i % BW_STAGES;
                     mbar_wait(empty0 + 8 * s, ((i / BW_STAGES) & 1u) ^ 1u);
                     const u32 head = it.kvh * p.kv_group + wk.hh;
-                    const u32 q0 = p.col_entries[2 * wk.e] * QT;
+                    const u32 q0 = wk.q_tile * QT;
                     const u32 full = full0 + 8 * s;
                     mbar_arrive_expect_tx(full, 2 * QD_TILE * 2 + 2 * QT * 4);
 #pragma unroll
@@ -690,8 +738,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dkdv_wgmma(const
                     bulk_load(smem_addr(stat_s + s * 2 * QT), p.lse2 + at, QT * 4, full);
                     bulk_load(smem_addr(stat_s + s * 2 * QT + QT), p.delta + at, QT * 4, full);
                     ++i;
-                    ++wk.e;
-                    has = next_col(wk, p, it.kvh, kv_block, key0);
+                    pair_advance(wk);
                 }
             }
         }
@@ -699,37 +746,43 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dkdv_wgmma(const
         asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(BW_CONSUMER_REGS));
         const u32 wg = warp / 4;
         const int g = lane / 4, t = lane % 4;
-        const u32 wk0 = (warp % 4) * 16;  // this warp's first key row in the tile
-        const u32 k_base = smem_addr(k_s), v_base = smem_addr(v_s);
+        const u32 wk0 = (warp % 4) * 16;  // this warp's first key row in its tile
+        const u32 k_base = smem_addr(k_s + wg * KV_TILE), v_base = smem_addr(v_s + wg * KV_TILE);
         u32 i = 0, n = 0;
         for (u32 w = blockIdx.x; w < p.items; w += gridDim.x, ++n) {
             const BwdItem it = bwd_item(p, w);
-            const u32 key0 = it.kt * KT;
-            const u32 kw0 = key0 + wk0;
-            const u32 kv_block = key0 / p.block_size;
+            u32 blk[2], key0[2];
+            item_tiles(p, it, blk, key0);
+            // (Selects, not indexing by wg, which would put the arrays in local memory.)
+            const u32 my_key0 = wg ? key0[1] : key0[0];
+            const bool mine = (wg ? it.kt[1] : it.kt[0]) != NO_TILE;
+            const u32 kw0 = my_key0 + wk0;
             float dk[ND][4], dv[ND][4];
 #pragma unroll
             for (int nd = 0; nd < ND; ++nd)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) dk[nd][e] = dv[nd][e] = 0.f;
+            // Every warp waits for the item's tiles, a warpgroup without one too: its arrivals on kv_empty must not
+            // count towards the previous item's.
             mbar_wait(kv_full, n & 1u);
 
-            ColWalk wk;
+            PairWalk wk;
             wk.hh = 0;
-            col_head(wk, p, it.kvh, kv_block);
-            bool has = next_col(wk, p, it.kvh, kv_block, key0);
-            while (has) {
-                if ((i & 1u) == wg) {
-                    const u32 s = i % BW_STAGES;
-                    const u32 rm = p.col_entries[2 * wk.e + 1];
-                    const u32 q0 = p.col_entries[2 * wk.e] * QT;
+            pair_head(wk, p, it.kvh, blk);
+            while (pair_next(wk, p, it.kvh, blk, key0)) {
+                const u32 s = i % BW_STAGES;
+                // A warpgroup whose list skips the step waits for the stage all the same, so that its arrival on the
+                // stage's empty barrier belongs to this round of the ring.
+                mbar_wait(full0 + 8 * s, (i / BW_STAGES) & 1u);
+                if ((wk.in >> wg) & 1u) {
+                    const u32 rm = p.col_entries[2 * (wg ? wk.e[1] : wk.e[0]) + 1];
+                    const u32 q0 = wk.q_tile * QT;
                     const int att = rows_attend(rm, 0, QT, p.block_size);
                     const bool need_mask =
                         (att & 2) == 0 || q0 + QT > seq || kw0 + 16u > seq || (p.causal && kw0 + 15u > q0);
                     const u32 qs_base = smem_addr(q_s + s * QD_TILE), dos_base = smem_addr(do_s + s * QD_TILE);
                     const float* lse_s = stat_s + s * 2 * QT;
                     const float* dl_s = lse_s + QT;
-                    mbar_wait(full0 + 8 * s, (i / BW_STAGES) & 1u);
 
                     float st[NK][4], dpt[NK][4];
                     fence_regs<NK * 4>(&st[0][0]);
@@ -789,51 +842,45 @@ extern "C" __global__ void __launch_bounds__(NT, 1) s2_backward_dkdv_wgmma(const
                     fence_regs<ND * 4>(&dk[0][0]);
                     fence_u32<KK * 4>(&pa[0][0]);
                     fence_u32<KK * 4>(&da[0][0]);
-                    __syncwarp();
-                    if (lane == 0) mbar_arrive(empty0 + 8 * s);
                 }
+                __syncwarp();
+                if (lane == 0) mbar_arrive(empty0 + 8 * s);
                 ++i;
-                ++wk.e;
-                has = next_col(wk, p, it.kvh, kv_block, key0);
+                pair_advance(wk);
             }
             // This warp is done with the item's K and V: the producer may load the next item's.
             __syncwarp();
             if (lane == 0) mbar_arrive(kv_empty);
+            if (!mine) continue;
 
-            // Epilogue: warpgroup 1's sums into warpgroup 0's (dV, then dK), which stages both in 16 bits; then all
-            // 256 consumer threads store the rows below seq.
-            const int x = tid % 128;
-            float4* red4 = (float4*)red_s;
-            reduce_pair(dv, red4, wg, x);
-            reduce_pair(dk, red4, wg, x);
-            u16* dk_st = (u16*)red_s;
+            // Epilogue: the warpgroup stages its tile's dK and dV in 16 bits, then its 128 threads store the rows
+            // below seq.
+            u16* dk_st = out_s + wg * 2 * KT * HEAD_DIM;
             u16* dv_st = dk_st + KT * HEAD_DIM;
-            if (wg == 0) {
-                const u32 kj = kw0 + g;
-                const int valid = kj >= seq ? 0 : kj + 8u >= seq ? 1 : 2;
-                flag_nonfinite(p.flag, dk, valid);
-                flag_nonfinite(p.flag, dv, valid);
+            const u32 kj = kw0 + g;
+            const int valid = kj >= seq ? 0 : kj + 8u >= seq ? 1 : 2;
+            flag_nonfinite(p.flag, dk, valid);
+            flag_nonfinite(p.flag, dv, valid);
 #pragma unroll
-                for (int h = 0; h < 2; ++h)
+            for (int h = 0; h < 2; ++h)
 #pragma unroll
-                    for (int nd = 0; nd < ND; ++nd) {
-                        const u32 r = wk0 + g + h * 8, col = nd * 8 + 2 * t;
-                        *(u32*)(dk_st + red_off(r, col)) = pack2(dk[nd][2 * h] * p.scale, dk[nd][2 * h + 1] * p.scale);
-                        *(u32*)(dv_st + red_off(r, col)) = pack2(dv[nd][2 * h], dv[nd][2 * h + 1]);
-                    }
-            }
-            named_sync(1, 256);
+                for (int nd = 0; nd < ND; ++nd) {
+                    const u32 r = wk0 + g + h * 8, col = nd * 8 + 2 * t;
+                    *(u32*)(dk_st + red_off(r, col)) = pack2(dk[nd][2 * h] * p.scale, dk[nd][2 * h + 1] * p.scale);
+                    *(u32*)(dv_st + red_off(r, col)) = pack2(dv[nd][2 * h], dv[nd][2 * h + 1]);
+                }
+            named_sync(1 + wg, 128);
             const long long kv_off = (long long)it.b * p.kv_batch + (long long)it.kvh * HEAD_DIM;
 #pragma unroll 4
-            for (int j = tid; j < 2 * KT * CPR; j += 256) {
+            for (int j = tid % 128; j < 2 * KT * CPR; j += 128) {
                 const int which = j / (KT * CPR), r = (j / CPR) % KT, c = j % CPR;
-                if (key0 + r < seq) {
+                if (my_key0 + r < seq) {
                     const u16* src = (which ? dv_st : dk_st) + red_off(r, c * 8);
-                    u16* dst = (which ? p.dv : p.dk) + kv_off + (long long)(key0 + r) * p.kv_tok + c * 8;
+                    u16* dst = (which ? p.dv : p.dk) + kv_off + (long long)(my_key0 + r) * p.kv_tok + c * 8;
                     *(uint4*)dst = *(const uint4*)src;
                 }
             }
-            named_sync(1, 256);  // the staging area is free for the next item
+            named_sync(1 + wg, 128);  // the staging area is free for the warpgroup's next item
         }
     }
 }

@@ -14,7 +14,8 @@ use super::plan::{arch_of, WGMMA_WARPS};
 use crate::error::{Error, Result};
 use crate::gpu::Timing;
 use crate::layout::Layout;
-use crate::plan::{BackwardPlan, ColumnPlan, DType, DeviceCaps, DispatchPlan, KernelVariant, MergeQPlan, Shape};
+use crate::plan::Shape;
+use crate::plan::{BackwardPlan, ColumnPlan, DType, DeviceCaps, DispatchPlan, KernelVariant, MergeQPlan, QueryEntry};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig};
 use cudarc::driver::{PushKernelArg, ValidAsZeroBits};
 use std::sync::{Arc, Mutex};
@@ -34,14 +35,13 @@ const WGMMA_DQ_TILE: u32 = 128;
 /// K/V ring stages (`DQ_STAGES`) and Q/dO buffers (`DQ_QBUFS`) of the wgmma dQ pass.
 const WGMMA_DQ_STAGES: u32 = 2;
 const WGMMA_DQ_QBUFS: u32 = 2;
-/// Keys per work item of the wgmma dK/dV pass (`KT` in `s2_backward.cu`).
+/// Keys per tile of the wgmma dK/dV pass (`KT` in `s2_backward.cu`); a work item holds up to two tiles.
 const WGMMA_KEY_TILE: u32 = 64;
 /// Q / dO ring stages of the wgmma dK/dV pass (`BW_STAGES`).
-const WGMMA_BWD_STAGES: u32 = 4;
+const WGMMA_BWD_STAGES: u32 = 3;
+/// A wgmma dK/dV work item's missing second key tile (`NO_TILE`).
+const NO_TILE: u32 = u32::MAX;
 
-/// Shared memory of the wgmma dK/dV pass: the item's K and V tiles, the ring of Q and dO tiles (all 128-byte
-/// swizzled), the f32 staging of the epilogue's reduction, the ring's LSE and D rows, its mbarriers and 1 KB of
-/// alignment slack.
 /// Shared memory of the wgmma dQ pass: its Q and dO buffers, the K/V ring (128-byte swizzled), the mbarriers and
 /// 1 KB of alignment slack.
 fn wgmma_dq_smem_bytes(head_dim: u32) -> u32 {
@@ -49,9 +49,12 @@ fn wgmma_dq_smem_bytes(head_dim: u32) -> u32 {
     tiles + 8 * 2 * (WGMMA_DQ_STAGES + WGMMA_DQ_QBUFS) + 1024
 }
 
+/// Shared memory of the wgmma dK/dV pass: the item's two K and V tiles, the ring of Q and dO tiles (all 128-byte
+/// swizzled), each warpgroup's 16-bit staging of its dK and dV, the ring's LSE and D rows, its mbarriers and 1 KB of
+/// alignment slack.
 fn wgmma_dkdv_smem_bytes(head_dim: u32) -> u32 {
-    let tiles = (2 * WGMMA_KEY_TILE + 2 * WGMMA_BWD_STAGES * TILE_Q) * head_dim * 2;
-    tiles + WGMMA_KEY_TILE * head_dim * 4 + WGMMA_BWD_STAGES * 2 * TILE_Q * 4 + 8 * (2 * WGMMA_BWD_STAGES + 2) + 1024
+    let tiles = (2 * 2 * WGMMA_KEY_TILE + 2 * WGMMA_BWD_STAGES * TILE_Q + 2 * 2 * WGMMA_KEY_TILE) * head_dim * 2;
+    tiles + WGMMA_BWD_STAGES * 2 * TILE_Q * 4 + 8 * (2 * WGMMA_BWD_STAGES + 2) + 1024
 }
 /// The kernels' parameter block; mirrors `struct BwdParams` in `shaders/cuda/s2_backward.cu`.
 #[repr(C)]
@@ -111,7 +114,7 @@ fn smem_bytes(rows: u32, step: u32, head_dim: u32, stats: bool) -> u32 {
 
 /// Plans the CUDA backward on a device with `caps`: the dQ pass in query tiles of 64 rows (four warps) and key
 /// chunks of `min(64, block)`; the dK/dV pass in query steps of 64 rows, on sm_90 at head dims 64 and 128 with
-/// blocks of 64 keys or more on `wgmma` (key tiles of 64, two consumer warpgroups taking the steps in turn),
+/// blocks of 64 keys or more on `wgmma` (pairs of 64-key tiles, one per consumer warpgroup, sharing the steps),
 /// elsewhere on `mma.sync` in key tiles of `min(64, block)` (16 keys a warp).
 pub fn plan_backward_cuda(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> Result<BackwardPlan> {
     let max_smem = caps.max_workgroup_storage;
@@ -154,9 +157,10 @@ pub fn plan_backward_cuda(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> 
             workgroup_size: (WGMMA_WARPS + 4) * 32,
             workgroup_bytes: wgmma_bytes,
             reason: format!(
-                "wgmma m64n64k16 (S^T, dP^T) / m64n{d}k16 (dV, dK), warp specialised: producer thread (K/V tile, Q/dO \
-                 by TMA, 128B-swizzled, {WGMMA_BWD_STAGES}-stage mbarrier ring) + 2 consumer warpgroups taking the \
-                 steps in turn over the same 64 keys, summed in a fixed order; persistent, GQA summed in the CTA"
+                "wgmma m64n64k16 (S^T, dP^T) / m64n{d}k16 (dV, dK), warp specialised: producer thread (two K/V \
+                 tiles, Q/dO by TMA, 128B-swizzled, {WGMMA_BWD_STAGES}-stage mbarrier ring) + 2 consumer warpgroups, \
+                 one per key tile of a pair whose column lists mostly agree, each Q/dO step read once for both; \
+                 persistent, GQA summed in the CTA"
             ),
         }
     } else {
@@ -193,26 +197,72 @@ pub fn plan_backward_cuda(shape: &Shape, layout: &Layout, caps: &DeviceCaps) -> 
     Ok(BackwardPlan { dq, dkdv })
 }
 
-/// The wgmma dK/dV pass's work items, `(batch * kv_heads + kv_head) * key_tiles + key_tile`, one KV head of one
-/// sequence after another and within it longest first: an item's cost is the length of the column lists it walks
-/// (every query head of its GQA group), so the long stripe-block items start first and the short ones fill in
-/// behind them, while the CTAs running at once read the same heads' Q and dO (from L2: interleaving every head's
-/// stripe items instead made this pass DRAM-bound).
-fn wgmma_schedule(layout: &Layout, shape: &Shape, columns: &ColumnPlan, key_tiles: u32) -> Vec<u32> {
+/// The wgmma dK/dV pass's work items: `[(batch * kv_heads + kv_head) * key_tiles + tile, partner]`, two key tiles
+/// of one KV head and sequence (the partner [`NO_TILE`] for a KV head's odd tile out), one per consumer warpgroup,
+/// which walk the union of their column lists and read each Q / dO step once for both. A KV head's tiles are paired
+/// by the column lists of its first query head: sorted by last query tile, then first, and neighbours paired, so
+/// that two stripe blocks `vert_stride` apart (their lists agree but for the first one's first `local` tiles) or two
+/// neighbouring local blocks (all but one tile each) share an item and the pass, bound by its Q / dO reads, reads
+/// about half the tiles it would with one key tile per item. Items go one KV head of one sequence after another and
+/// within it longest walk first (the union over the GQA group), so the long stripe items start first and the short
+/// ones fill in behind them, while the CTAs running at once read the same heads' Q and dO from L2.
+fn wgmma_schedule(layout: &Layout, shape: &Shape, columns: &ColumnPlan, key_tiles: u32) -> Vec<[u32; 2]> {
     let (heads, kv_heads) = (layout.num_heads(), layout.num_kv_heads());
     let (group, per_pattern) = (heads / kv_heads, heads / layout.num_patterns());
-    let ptr = columns.col_ptr();
-    longest_first_by_head((0..shape.batch * kv_heads * key_tiles).map(|x| {
-        let (kt, kvh) = (x % key_tiles, x / key_tiles % kv_heads);
-        let block = kt * WGMMA_KEY_TILE / layout.block_size();
-        let cost = (0..group)
-            .map(|hh| {
-                let slot = (((kvh * group + hh) / per_pattern) * columns.kv_blocks() + block) as usize;
-                ptr[slot + 1] - ptr[slot]
-            })
-            .sum();
-        (x / key_tiles, cost)
-    }))
+    let column = |head: u32, kt: u32| columns.column(head / per_pattern, kt * WGMMA_KEY_TILE / layout.block_size());
+    let per_head: Vec<Vec<[u32; 2]>> = (0..kv_heads)
+        .map(|kvh| {
+            let first = kvh * group;
+            let span = |kt: u32| {
+                let c = column(first, kt);
+                (c.last().map_or(0, |e| e.q_tile), c.first().map_or(0, |e| e.q_tile), kt)
+            };
+            let mut tiles: Vec<u32> = (0..key_tiles).collect();
+            tiles.sort_by_key(|&kt| span(kt));
+            let mut pairs: Vec<(u32, [u32; 2])> = tiles
+                .chunks(2)
+                .map(|pair| {
+                    let partner = pair.get(1).copied().unwrap_or(NO_TILE);
+                    let cost = (first..first + group)
+                        .map(|h| {
+                            let other = if partner == NO_TILE { &[][..] } else { column(h, partner) };
+                            union_len(column(h, pair[0]), other)
+                        })
+                        .sum();
+                    (cost, [pair[0], partner])
+                })
+                .collect();
+            pairs.sort_by_key(|&(cost, _)| std::cmp::Reverse(cost));
+            pairs.into_iter().map(|(_, pair)| pair).collect()
+        })
+        .collect();
+    (0..shape.batch)
+        .flat_map(|b| per_head.iter().zip(0..).map(move |(pairs, kvh)| (b * kv_heads + kvh, pairs)))
+        .flat_map(|(head, pairs)| pairs.iter().map(move |&[kt, partner]| [head * key_tiles + kt, partner]))
+        .collect()
+}
+
+/// Reverses every other round of `ctas` items, where CTA `c` takes items `c`, `c + ctas`, ...: in a list sorted
+/// longest first (per KV head), a CTA that took one of a round's longer items takes one of the next round's shorter
+/// ones. The rounds keep their items (the CTAs running at once still read the same heads), and the CTAs' loads
+/// even out: for the paper's layout, the longest CTA's walk over the mean goes from 14% / 8% / 6% with plain rounds
+/// to 4% / 2% / 2.5% at 16k / 64k / 128k tokens on 132 CTAs.
+fn snake_rounds<T>(items: &mut [T], ctas: usize) {
+    for round in items.chunks_mut(ctas.max(1)).skip(1).step_by(2) {
+        round.reverse();
+    }
+}
+
+/// The number of distinct query tiles in two ascending column lists (the steps of their merged walk).
+fn union_len(a: &[QueryEntry], b: &[QueryEntry]) -> u32 {
+    let (mut i, mut j, mut n) = (0, 0, 0);
+    while i < a.len() || j < b.len() {
+        let (qa, qb) = (a.get(i).map_or(u32::MAX, |e| e.q_tile), b.get(j).map_or(u32::MAX, |e| e.q_tile));
+        i += (qa <= qb) as usize;
+        j += (qb <= qa) as usize;
+        n += 1;
+    }
+    n
 }
 
 /// The wgmma dQ pass's work items, `(batch * heads + head) * q_tiles + tile`, one head of one sequence after
@@ -330,10 +380,11 @@ impl CudaBackward {
         let persistent_grid = |items: usize| (items.min(ctx.multiprocessors().max(1) as usize).max(1) as u32, 1, 1);
         let wgmma = plan.dkdv.variant == KernelVariant::CudaWgmma && plan.dq.variant == KernelVariant::CudaWgmma;
         let key_tiles = seq.div_ceil(WGMMA_KEY_TILE);
-        let sched = if wgmma { wgmma_schedule(layout, &shape, columns, key_tiles) } else { Vec::new() };
+        let mut sched = if wgmma { wgmma_schedule(layout, &shape, columns, key_tiles) } else { Vec::new() };
         let dkdv = if wgmma {
             // The forward's wgmma configuration (8 consumer warps, 128 x 64 tiles) under the pass's own kernel.
             let grid = persistent_grid(sched.len());
+            snake_rounds(&mut sched, grid.0 as usize);
             kernel(2, &plan.dkdv, 128, TILE_Q, "s2_backward_dkdv_wgmma", grid)?
         } else {
             let key_tile = plan.dkdv.workgroup_size / 32 * 16;
@@ -355,7 +406,7 @@ impl CudaBackward {
             upload(stream, &flat(mergeq.gpu_entries()))?,
             upload(stream, columns.col_ptr())?,
             upload(stream, &flat(columns.gpu_entries()))?,
-            upload(stream, &sched)?,
+            upload(stream, &sched.iter().flatten().copied().collect::<Vec<u32>>())?,
             upload(stream, &dq_sched)?,
         ];
         // Scratch rows for every row a dQ tile covers (a multiple of the dK/dV pass's 64-row steps too).
@@ -606,33 +657,86 @@ mod tests {
     }
 
     #[test]
-    fn wgmma_schedule_holds_every_item_once_head_by_head_longest_walks_first() {
+    fn wgmma_schedule_pairs_every_key_tile_once_head_by_head_longest_walks_first() {
         let layout = Layout::s2(S2Config::new(8, 64, 2, 4).kv_heads(4)).unwrap();
         let (batch, seq) = (2, 1000);
         let shape = Shape::new(batch, seq, 128, DType::F16);
         let columns = ColumnPlan::build(&layout.index(seq), 64, true, TILE_Q);
         let key_tiles = seq.div_ceil(WGMMA_KEY_TILE);
         let sched = wgmma_schedule(&layout, &shape, &columns, key_tiles);
-        let mut sorted = sched.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, (0..batch * 4 * key_tiles).collect::<Vec<_>>());
-        // Each item's cost, recomputed from the column plan: the steps of both query heads of its KV head.
-        let ptr = columns.col_ptr();
-        let cost = |x: u32| {
-            let (kt, kvh) = (x % key_tiles, (x / key_tiles) % 4);
+        let head = |item: [u32; 2]| item[0] / key_tiles;
+        let mut tiles: Vec<u32> = sched
+            .iter()
+            .flat_map(|&item| [Some(item[0]), (item[1] != NO_TILE).then(|| head(item) * key_tiles + item[1])])
+            .flatten()
+            .collect();
+        tiles.sort_unstable();
+        assert_eq!(tiles, (0..batch * 4 * key_tiles).collect::<Vec<_>>(), "every key tile once");
+        assert_eq!(sched.len() as u32, batch * 4 * key_tiles.div_ceil(2), "pairs, one odd tile out per KV head");
+        // Each item's walk, recomputed from the column plan: the query tiles either tile's list holds, for both
+        // query heads of its KV head.
+        let steps = |item: [u32; 2]| {
+            let kvh = head(item) % 4;
             (0..2)
                 .map(|hh| {
-                    let slot = (((kvh * 2 + hh) / (8 / layout.num_patterns())) * columns.kv_blocks() + kt) as usize;
-                    ptr[slot + 1] - ptr[slot]
+                    let pattern = (kvh * 2 + hh) / (8 / layout.num_patterns());
+                    let mut q: Vec<u32> = [item[0] % key_tiles, item[1]]
+                        .into_iter()
+                        .filter(|&kt| kt != NO_TILE)
+                        .flat_map(|kt| columns.column(pattern, kt).iter().map(|e| e.q_tile))
+                        .collect();
+                    q.sort_unstable();
+                    q.dedup();
+                    q.len() as u32
                 })
                 .sum::<u32>()
         };
-        let head = |x: u32| x / key_tiles;
         assert!(sched.windows(2).all(|w| head(w[0]) <= head(w[1])), "not one KV head after another");
         assert!(
-            sched.windows(2).all(|w| head(w[0]) != head(w[1]) || cost(w[0]) >= cost(w[1])),
+            sched.windows(2).all(|w| head(w[0]) != head(w[1]) || steps(w[0]) >= steps(w[1])),
             "not longest first within a KV head"
         );
-        assert!(cost(sched[0]) > cost(sched[sched.len() - 1]), "a stripe block walks more than a local one");
+        assert!(steps(sched[0]) > steps(sched[sched.len() - 1]), "a stripe pair walks more than a local one");
+    }
+
+    #[test]
+    fn snake_rounds_reverse_every_other_round_and_even_out_sorted_loads() {
+        let mut items: Vec<u32> = (0..10).collect();
+        snake_rounds(&mut items, 4);
+        assert_eq!(items, [0, 1, 2, 3, 7, 6, 5, 4, 8, 9]);
+        // Two heads' costs, each sorted longest first, on 8 CTAs taking items c, c + 8, ...
+        let costs: Vec<u32> = (0..2).flat_map(|_| (1..=24).rev()).collect();
+        let worst = |list: &[u32]| (0..8).map(|c| list.iter().skip(c).step_by(8).sum::<u32>()).max().unwrap();
+        let mut snaked = costs.clone();
+        snake_rounds(&mut snaked, 8);
+        assert!(worst(&snaked) < worst(&costs), "{} against {}", worst(&snaked), worst(&costs));
+    }
+
+    #[test]
+    fn wgmma_pairs_read_about_half_the_query_tiles_of_single_key_tiles() {
+        // The paper's pattern at 16k tokens: every head's stripe blocks, local 16, vert_stride 16 and 64.
+        for vs in [16, 64] {
+            let layout = Layout::s2(S2Config::new(4, 64, 16, vs)).unwrap();
+            let seq = 16384;
+            let shape = Shape::new(1, seq, 128, DType::F16);
+            let columns = ColumnPlan::build(&layout.index(seq), 64, true, TILE_Q);
+            let key_tiles = seq.div_ceil(WGMMA_KEY_TILE);
+            let sched = wgmma_schedule(&layout, &shape, &columns, key_tiles);
+            let per_pattern = 4 / layout.num_patterns();
+            let list = |kvh: u32, kt: u32| columns.column(kvh / per_pattern, kt);
+            let paired: u32 = sched
+                .iter()
+                .map(|&[x, partner]| {
+                    let (kvh, kt) = (x / key_tiles, x % key_tiles);
+                    union_len(list(kvh, kt), if partner == NO_TILE { &[] } else { list(kvh, partner) })
+                })
+                .sum();
+            let single: u32 = (0..4)
+                .flat_map(|kvh| (0..key_tiles).map(move |kt| (kvh, kt)))
+                .map(|(h, kt)| list(h, kt).len() as u32)
+                .sum();
+            let ratio = paired as f64 / single as f64;
+            assert!((0.5..0.58).contains(&ratio), "vert_stride {vs}: pairs walk {paired} steps, single tiles {single}");
+        }
     }
 }

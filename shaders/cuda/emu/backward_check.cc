@@ -12,7 +12,8 @@
 // and natural-log LSE, which the dQ pass reads, come from the same f64 attention. Lists and schedules are built as
 // the host builds them: MergeQ row lists (wgmma: 128-row tiles, mma.sync: 64; both row-mask forms) for the dQ pass,
 // column lists of 64-row query tiles (checks.h) for the dK/dV pass, the wgmma passes' work items head by head,
-// longest walk first (`wgmma_dq_schedule`, `wgmma_schedule` in src/cuda/backward.rs); for wgmma, Q, dO, K and V
+// longest walk first, the dK/dV pass's pairing two key tiles (`wgmma_dq_schedule`, `wgmma_schedule` in
+// src/cuda/backward.rs); for wgmma, Q, dO, K and V
 // come through tensor maps encoded as `tile_tensor_map` encodes them (dims {D, heads, seq, batch}, box {64, 1, 64,
 // 1}, 128B swizzle, rows past the end zero-filled); dynamic shared memory is what the host allocates. 4 query
 // heads over 2 KV heads (GQA: the dK/dV pass walks two heads' column lists per item).
@@ -35,6 +36,7 @@
 #include <cmath>
 #include <string>
 #include <algorithm>
+#include <tuple>
 #ifndef USE_WGMMA
 #define USE_WGMMA 1
 #endif
@@ -113,23 +115,16 @@ int main(int argc, char** argv) {
     const std::vector<u32>& row_ptr = rows.ptr;
     const std::vector<u32>& col_ptr = cols.ptr;
     // The persistent passes' work items, one head (of a sequence) after another and within it the longest walk first
-    // (stable sorts, as the host's).
-    std::vector<std::pair<u32, u32>> dq_items, kv_items;
+    // (stable sorts, as the host's). The dK/dV pass's items pair two key tiles of a KV head as `wgmma_schedule` does
+    // (then `snake_rounds` reverses every other round):
+    // the tiles sorted by the last, then the first query tile of their column list (of the KV head's first query
+    // head), neighbours paired (the odd one out with NO_TILE); an item's walk is the union of its tiles' lists.
+    std::vector<std::pair<u32, u32>> dq_items;
     for (u32 b = 0; b < BATCH; b++)
         for (u32 h = 0; h < H; h++)
             for (u32 t = 0; t < q_tiles; t++) {
                 const u32 slot = (h / HPP) * q_tiles + t;
                 dq_items.push_back({row_ptr[slot + 1] - row_ptr[slot], (b * H + h) * q_tiles + t});
-            }
-    for (u32 b = 0; b < BATCH; b++)
-        for (u32 kvh = 0; kvh < HK; kvh++)
-            for (u32 kt = 0; kt < key_tiles; kt++) {
-                u32 cost = 0;
-                for (u32 hh = 0; hh < GROUP; hh++) {
-                    const u32 slot = ((kvh * GROUP + hh) / HPP) * nb + kt * KEY_TILE / BS;
-                    cost += col_ptr[slot + 1] - col_ptr[slot];
-                }
-                kv_items.push_back({cost, (b * HK + kvh) * key_tiles + kt});
             }
     auto longest_first = [](std::vector<std::pair<u32, u32>>& items, u32 per_head) {
         for (size_t i = 0; i < items.size(); i += per_head)
@@ -139,7 +134,56 @@ int main(int argc, char** argv) {
         for (auto& it : items) out.push_back(it.second);
         return out;
     };
-    const std::vector<u32> dq_sched = longest_first(dq_items, q_tiles), sched = longest_first(kv_items, key_tiles);
+    const std::vector<u32> dq_sched = longest_first(dq_items, q_tiles);
+    auto col_tiles = [&](u32 head, u32 kt) {  // the query tiles of a key tile's column list
+        std::vector<u32> out;
+        const u32 slot = (head / HPP) * nb + kt * KEY_TILE / BS;
+        for (u32 e = col_ptr[slot]; e < col_ptr[slot + 1]; e++) out.push_back(cols.entries[2 * e]);
+        return out;
+    };
+    std::vector<u32> sched;  // word pairs
+#if USE_WGMMA
+    std::vector<std::vector<std::pair<u32, std::pair<u32, u32>>>> head_pairs(HK);  // (cost, (tile, partner))
+    for (u32 kvh = 0; kvh < HK; kvh++) {
+        std::vector<std::tuple<u32, u32, u32>> order;
+        for (u32 kt = 0; kt < key_tiles; kt++) {
+            const std::vector<u32> c = col_tiles(kvh * GROUP, kt);
+            order.push_back({c.empty() ? 0 : c.back(), c.empty() ? 0 : c.front(), kt});
+        }
+        std::sort(order.begin(), order.end());
+        for (size_t i = 0; i < order.size(); i += 2) {
+            const u32 a = std::get<2>(order[i]), partner = i + 1 < order.size() ? std::get<2>(order[i + 1]) : NO_TILE;
+            u32 cost = 0;
+            for (u32 hh = 0; hh < GROUP; hh++) {
+                std::vector<u32> u = col_tiles(kvh * GROUP + hh, a);
+                if (partner != NO_TILE) {
+                    const std::vector<u32> c = col_tiles(kvh * GROUP + hh, partner);
+                    u.insert(u.end(), c.begin(), c.end());
+                }
+                std::sort(u.begin(), u.end());
+                cost += std::unique(u.begin(), u.end()) - u.begin();
+            }
+            head_pairs[kvh].push_back({cost, {a, partner}});
+        }
+        std::stable_sort(head_pairs[kvh].begin(), head_pairs[kvh].end(),
+                         [](auto& x, auto& y) { return x.first > y.first; });
+    }
+    for (u32 b = 0; b < BATCH; b++)
+        for (u32 kvh = 0; kvh < HK; kvh++)
+            for (auto& it : head_pairs[kvh]) {
+                sched.push_back((b * HK + kvh) * key_tiles + it.second.first);
+                sched.push_back(it.second.second);
+            }
+    // Every other round of as many items as CTAs reversed (`snake_rounds`).
+    const size_t round = std::min<size_t>(sched.size() / 2, CTAS);
+    for (size_t r = round; r < sched.size() / 2; r += 2 * round) {
+        const size_t end = std::min(r + round, sched.size() / 2);
+        for (size_t a = r, z = end - 1; a < z; a++, z--) {
+            std::swap(sched[2 * a], sched[2 * z]);
+            std::swap(sched[2 * a + 1], sched[2 * z + 1]);
+        }
+    }
+#endif
 
     // Inputs, contiguous as the host lays them out: Q, dO, O [batch][seq][heads][D], K, V [batch][seq][kv_heads][D].
     const u32 q_tok = H * D, kv_tok = HK * D;
@@ -227,7 +271,7 @@ int main(int argc, char** argv) {
     p.seq_len = SEQ; p.seq_pad = seq_pad; p.num_heads = H; p.kv_group = GROUP; p.heads_per_pattern = HPP;
     p.q_tiles = q_tiles; p.kv_blocks = nb; p.block_size = BS; p.causal = CAUSAL;
     p.scale_log2 = scale * 1.4426950408889634f; p.scale = scale;
-    p.sched = sched.data(); p.dq_sched = dq_sched.data(); p.items = sched.size(); p.dq_items = dq_sched.size();
+    p.sched = sched.data(); p.dq_sched = dq_sched.data(); p.items = sched.size() / 2; p.dq_items = dq_sched.size();
     p.key_tiles = key_tiles;
     // The host's tensor maps (tile_tensor_map): [batch][seq][heads][D] u16, boxes of 64 columns x 64 tokens.
     const u32 box[4] = {64, 1, 64, 1};
@@ -243,15 +287,15 @@ int main(int argc, char** argv) {
     sm90_install();
     const auto t0 = std::chrono::steady_clock::now();
 #if USE_WGMMA
-    const u32 dq_ctas = std::min((u32)dq_sched.size(), CTAS), kv_ctas = std::min((u32)sched.size(), CTAS);
-    const size_t dq_work = dq_sched.size(), kv_work = sched.size();
+    const u32 dq_ctas = std::min((u32)dq_sched.size(), CTAS), kv_ctas = std::min((u32)sched.size() / 2, CTAS);
+    const size_t dq_work = dq_sched.size(), kv_work = sched.size() / 2;
     // wgmma_dq_smem_bytes(D): 2 Q/dO buffers of 128 rows, a 2-stage K/V ring of 64 keys, 8 mbarriers, 1 KB slack.
     g_smem_bytes = (2 * 2 * 128 + 2 * 2 * 64) * D * 2 + 8 * 2 * (2 + 2) + 1024;
     launch(dq_ctas, 384, [&] { BQ::s2_backward_dq_wgmma(p); });
     const unsigned dq_errors = g_emu_errors.load();
-    // wgmma_dkdv_smem_bytes(D): K and V of 64 keys, a 4-stage Q/dO ring of 64 rows, the f32 reduction tile, the
-    // ring's LSE / D rows, 10 mbarriers, 1 KB slack.
-    g_smem_bytes = (2 * 64 + 2 * 4 * 64) * D * 2 + 64 * D * 4 + 4 * 2 * 64 * 4 + 8 * (2 * 4 + 2) + 1024;
+    // wgmma_dkdv_smem_bytes(D): two tiles of K and V of 64 keys, a 3-stage Q/dO ring of 64 rows, each warpgroup's
+    // 16-bit dK / dV staging, the ring's LSE / D rows, 8 mbarriers, 1 KB slack.
+    g_smem_bytes = (2 * 2 * 64 + 2 * 3 * 64 + 2 * 2 * 64) * D * 2 + 3 * 2 * 64 * 4 + 8 * (2 * 3 + 2) + 1024;
     launch(kv_ctas, 384, [&] { BK::s2_backward_dkdv_wgmma(p2); });
 #else
     // One CTA per work item; smem_bytes(rows, step, D, stats) in src/cuda/backward.rs: 2 resident tiles of `rows`,

@@ -116,6 +116,7 @@ run_bwd_0_64 seq=520 batch=2 hpp=2 ctas=2
 run_bwd_0_64 noncausal block=128 seq=560 hpp=2 ctas=2
 run_bwd_1_64 block=128 seq=200 ctas=2
 run_bwd_1_64 noncausal seq=333 batch=2 hpp=2
+run_bwd_0_64 seq=130 ctas=4
 run_bwd_mma_0_128_64
 run_bwd_mma_0_128_64 noncausal block=128 seq=300 hpp=2
 run_bwd_mma_1_64_64 seq=520 batch=2 hpp=2
