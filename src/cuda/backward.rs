@@ -14,8 +14,9 @@ use super::plan::{arch_of, WGMMA_WARPS};
 use crate::error::{Error, Result};
 use crate::gpu::Timing;
 use crate::layout::Layout;
-use crate::plan::Shape;
-use crate::plan::{BackwardPlan, ColumnPlan, DType, DeviceCaps, DispatchPlan, KernelVariant, MergeQPlan, QueryEntry};
+use crate::plan::{
+    BackwardPlan, ColumnPlan, DType, DeviceCaps, DispatchPlan, KernelVariant, MergeQPlan, QueryEntry, Shape,
+};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig};
 use cudarc::driver::{PushKernelArg, ValidAsZeroBits};
 use std::sync::{Arc, Mutex};
