@@ -4,17 +4,19 @@
 //! blocks, vert_stride 16. Kernel time from GPU timestamps or CUDA events (median), KV bytes the step
 //! reads, the cache's memory report, the dense/S2 speedup, the ratio to the time of reading the step's KV
 //! bytes once at the device's measured copy bandwidth, and for windows of several tokens the ratio to one
-//! token. Ends with markdown rows for BENCHMARKS.md.
+//! token; on wgpu also the host's time to record one step of a token loop (`--host-steps` steps, a token
+//! appended to every sequence between them). Ends with markdown rows for BENCHMARKS.md.
 //!
 //! `cargo run --release --example decode_bench -- [--ctx 32768,131072] [--batch 1,16] [--kv-heads 8,32]
-//! [--window 1,4] [--iters 20] [--warmup 5] [--no-dense]` (env: `S2ATTN_ADAPTER`, and `S2ATTN_BACKEND`:
-//! the wgpu decode kernels unless it names `cuda`, which needs `--features cuda`).
+//! [--window 1,4] [--iters 20] [--warmup 5] [--no-dense] [--host-steps 64]` (env: `S2ATTN_ADAPTER`, and
+//! `S2ATTN_BACKEND`: the wgpu decode kernels unless it names `cuda`, which needs `--features cuda`).
 //!
 //! A cache larger than one storage binding (dense at 128k, batch 16) spreads over several segments; one
 //! decode call then runs one split pass per segment, all inside the one timed compute pass.
 
 use s2attn::{
     Backend, Context, ContextOptions, DType, Decode, KvCache, KvCacheConfig, Layout, MemoryReport, S2Config, SeqId,
+    TensorView,
 };
 use std::time::Instant;
 
@@ -37,6 +39,8 @@ struct Args {
     iters: u32,
     warmup: u32,
     dense: bool,
+    /// Steps of the host-side token loop after the timed steps (wgpu only).
+    host_steps: u32,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -48,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
         iters: 20,
         warmup: 5,
         dense: true,
+        host_steps: 64,
     };
     let mut it = std::env::args().skip(1);
     let list = |v: Option<String>, name: &str| -> Result<Vec<u32>, String> {
@@ -63,9 +68,10 @@ fn parse_args() -> Result<Args, String> {
             "--iters" => a.iters = list(it.next(), "--iters")?[0],
             "--warmup" => a.warmup = list(it.next(), "--warmup")?[0],
             "--no-dense" => a.dense = false,
+            "--host-steps" => a.host_steps = list(it.next(), "--host-steps")?[0],
             "--help" | "-h" => {
                 return Err("usage: decode_bench [--ctx 32768,131072] [--batch 1,16] [--kv-heads 8,32] \
-                            [--window 1,4] [--iters 20] [--warmup 5] [--no-dense]"
+                            [--window 1,4] [--iters 20] [--warmup 5] [--no-dense] [--host-steps 64]"
                     .into())
             }
             other => return Err(format!("unknown argument `{other}` (try --help)")),
@@ -218,7 +224,9 @@ fn measure(
     args: &Args,
 ) -> s2attn::Result<Measured> {
     let max_window = windows.iter().copied().max().unwrap_or(1);
-    let config = KvCacheConfig::new(HEAD_DIM, DType::F16, ctx_len).sequences(batch).query_window(max_window);
+    // Room for the token loop of `host_steps` after the timed steps.
+    let config =
+        KvCacheConfig::new(HEAD_DIM, DType::F16, ctx_len + args.host_steps).sequences(batch).query_window(max_window);
     let mut cache = KvCache::new(ctx, layout, config)?;
     let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ ctx_len as u64);
     let kv_row = (layout.num_kv_heads() * HEAD_DIM) as usize;
@@ -261,7 +269,56 @@ fn measure(
             read_bytes: blocks as u64 * 2 * (BLOCK * HEAD_DIM) as u64 * 2,
         });
     }
-    Ok(Measured { steps, report: cache.memory_report(), explain })
+    let report = cache.memory_report();
+    if let Some(us) = host_step_us(ctx, &mut cache, &decode, &seqs, &mut rng, args.host_steps)? {
+        explain += &format!("\n        host: {us:.1} us recording one decode step, over {} steps", args.host_steps);
+    }
+    Ok(Measured { steps, report, explain })
+}
+
+/// The host's share of a token loop's step on wgpu: the time `Decode::encode` takes to record one step
+/// (its work lists patched, or rebuilt from the page tables where a block boundary was crossed), with one
+/// token appended to every sequence between steps (not timed) and each step run to completion; mean over
+/// `steps` steps (`None` on CUDA, which has no recording path, or for 0 steps).
+fn host_step_us(
+    ctx: &Context,
+    cache: &mut KvCache,
+    decode: &Decode,
+    seqs: &[SeqId],
+    rng: &mut Rng,
+    steps: u32,
+) -> s2attn::Result<Option<f64>> {
+    let Some(w) = ctx.wgpu() else { return Ok(None) };
+    if steps == 0 {
+        return Ok(None);
+    }
+    let (device, queue) = (w.device(), w.queue());
+    let rows = seqs.len() as u64 * (HEADS * HEAD_DIM) as u64;
+    let buffer = |label, size| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    };
+    let (q, out, lse) = (buffer("q", rows * 2), buffer("out", rows * 2), buffer("lse", rows / HEAD_DIM as u64 * 4));
+    queue.write_buffer(&q, 0, bytemuck::cast_slice(&rng.f16s(rows as usize)));
+    let kv_row = (cache.layout().num_kv_heads() * HEAD_DIM) as usize;
+    let (k, v) = (rng.f16s(kv_row), rng.f16s(kv_row));
+    let mut recording = 0.0;
+    for _ in 0..steps {
+        for &s in seqs {
+            cache.append(s, &k, &v)?;
+        }
+        let mut encoder = device.create_command_encoder(&Default::default());
+        let t = Instant::now();
+        decode.encode(&mut encoder, cache, seqs, 1, &TensorView::new(&q), &TensorView::new(&out), (&lse, 0))?;
+        recording += t.elapsed().as_secs_f64();
+        queue.submit([encoder.finish()]);
+        ctx.wait()?;
+    }
+    Ok(Some(recording * 1e6 / steps as f64))
 }
 
 /// Device-to-device copy bandwidth in bytes per second (bytes read plus bytes written), from the wall

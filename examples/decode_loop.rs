@@ -3,7 +3,8 @@
 //! layer, appends the token's K/V from a device QKV buffer (`KvCache::append_encoded`) and decodes its
 //! query (`Decode::encode`). The QKV rows are fixed random data standing in for the projections (the
 //! full transformer, with norms, matmuls, RoPE, MLP and argmax, is not here yet). The prompt's K/V are
-//! appended from the device in chunks. Prints tokens/s, time per token and KV memory.
+//! appended from the device in chunks. Prints tokens/s, time per token, the host's recording time per
+//! token (every layer's append and decode encoded, before the submit) and KV memory.
 //!
 //! `PROMPT=32768 LAYERS=4 TOKENS=64 HEADS=32 KV_HEADS=8 HEAD_DIM=128 cargo run --release --example decode_loop`
 //! (those are the defaults; `PROMPT=131072` for 128k).
@@ -66,11 +67,13 @@ fn run(s: &Sizes) -> s2attn::Result<()> {
     let all_dense: Vec<&Layout> = vec![&dense; s.layers as usize];
     let hybrid: Vec<&Layout> = (0..s.layers).map(|i| if i == 0 { &dense } else { &sparse }).collect();
     for (name, layers) in [("dense", all_dense), ("hybrid S2 (layer 0 dense)", hybrid)] {
-        let (per_token_ms, kv_bytes, dense_bytes) = measure(&ctx, s, &layers)?;
+        let (per_token_ms, host_us, kv_bytes, dense_bytes) = measure(&ctx, s, &layers)?;
         println!(
-            "{name:>26}: {:8.1} tokens/s, {:7.3} ms/token, KV {:8.1} MiB resident (dense {:8.1} MiB)",
+            "{name:>26}: {:8.1} tokens/s, {:7.3} ms/token, host recording {:6.1} us/token, KV {:8.1} MiB \
+             resident (dense {:8.1} MiB)",
             1e3 / per_token_ms,
             per_token_ms,
+            host_us,
             kv_bytes as f64 / (1u64 << 20) as f64,
             dense_bytes as f64 / (1u64 << 20) as f64
         );
@@ -78,8 +81,9 @@ fn run(s: &Sizes) -> s2attn::Result<()> {
     Ok(())
 }
 
-/// Prefills every layer's cache, then times the token loop: (ms per token, resident KV bytes, dense bytes).
-fn measure(ctx: &Context, s: &Sizes, layers: &[&Layout]) -> s2attn::Result<(f64, u64, u64)> {
+/// Prefills every layer's cache, then times the token loop: (ms per token, host recording us per token,
+/// resident KV bytes, dense bytes).
+fn measure(ctx: &Context, s: &Sizes, layers: &[&Layout]) -> s2attn::Result<(f64, f64, u64, u64)> {
     let wgpu = ctx.wgpu().ok_or_else(|| s2attn::Error::Unsupported("decode_loop needs a wgpu device".into()))?;
     let (device, queue) = (wgpu.device(), wgpu.queue());
     let max_len = s.prompt + s.tokens;
@@ -139,25 +143,35 @@ fn measure(ctx: &Context, s: &Sizes, layers: &[&Layout]) -> s2attn::Result<(f64,
         usage: wgpu::BufferUsages::STORAGE,
         mapped_at_creation: false,
     });
-    let step = |caches: &mut [KvCache]| -> s2attn::Result<()> {
+    // One token: every layer's append and decode in one encoder, one submit; returns the recording time.
+    let step = |caches: &mut [KvCache]| -> s2attn::Result<f64> {
+        let t = Instant::now();
         let mut encoder = device.create_command_encoder(&Default::default());
         for (i, ((cache, op), &seq)) in caches.iter_mut().zip(&ops).zip(&seqs).enumerate() {
             cache.append_encoded(&mut encoder, seq, &k_view, &v_view, 1)?;
             let o = TensorView::strided(&out, i as u64 * q_cols, q_cols);
             op.encode(&mut encoder, cache, &[seq], 1, &q_view, &o, (&lse, i as u64 * s.heads as u64))?;
         }
+        let recorded = t.elapsed().as_secs_f64();
         queue.submit([encoder.finish()]);
-        Ok(())
+        Ok(recorded)
     };
     // One warm-up token (kernels compiled, buffers sized), then the timed loop.
     step(&mut caches)?;
     ctx.wait()?;
     let t = Instant::now();
+    let mut recording = 0.0;
     for _ in 1..s.tokens {
-        step(&mut caches)?;
+        recording += step(&mut caches)?;
     }
     ctx.wait()?;
-    let per_token_ms = t.elapsed().as_secs_f64() * 1e3 / (s.tokens - 1).max(1) as f64;
+    let timed = (s.tokens - 1).max(1) as f64;
+    let per_token_ms = t.elapsed().as_secs_f64() * 1e3 / timed;
     let reports: Vec<_> = caches.iter().map(|c| c.memory_report()).collect();
-    Ok((per_token_ms, reports.iter().map(|r| r.resident_bytes()).sum(), reports.iter().map(|r| r.dense_bytes).sum()))
+    Ok((
+        per_token_ms,
+        recording * 1e6 / timed,
+        reports.iter().map(|r| r.resident_bytes()).sum(),
+        reports.iter().map(|r| r.dense_bytes).sum(),
+    ))
 }

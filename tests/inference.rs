@@ -616,6 +616,36 @@ fn steady_state_decode_creates_no_buffers() {
 }
 
 #[test]
+fn token_loops_patch_their_work_lists_between_query_blocks() {
+    // GQA with stripes and a local window, two sequences a block apart in phase, one token per step and
+    // speculative windows of 3 (their tokens straddle block boundaries at some steps): every step judged
+    // against the oracle, and the work lists rebuilt from the page tables only when a sequence's queried
+    // tokens enter another block (in debug builds each patched list is also held to a fresh build).
+    let layout = s2(S2Config::new(4, 16, 2, 3).kv_heads(2));
+    for (dtype, q_len, window) in [(DType::F32, 1, 1), (DType::F16, 3, 3), (DType::F32, 1, 3)] {
+        let config = KvCacheConfig::new(D, dtype, 400).sequences(2).query_window(window);
+        let mut f = Fixture::new(&layout, dtype, config, 950 + q_len as u64);
+        let (mut a, mut b) = (f.add(), f.add());
+        f.append(&mut a, 100);
+        f.append(&mut b, 41);
+        let steps: u64 = 96;
+        for i in 0..steps {
+            f.append(&mut a, 1);
+            f.append(&mut b, 1);
+            f.check_decode(&[&a, &b], q_len, &format!("{dtype} q_len {q_len}: step {i}"));
+        }
+        // Per sequence and 16 steps: each queried token enters a new block once (the last one's step also
+        // allocates the new page), and pages are freed once (when the window's first token moves on).
+        let per_seq = steps.div_ceil(16) * (q_len as u64 + 1);
+        let builds = f.decode.work_list_builds();
+        assert!((2..=2 * per_seq + 1).contains(&builds), "{dtype} q_len {q_len}: {builds} builds in {steps} steps");
+        // Another order of the same sequences is another call: built afresh, and right.
+        f.check_decode(&[&b, &a], q_len, &format!("{dtype} q_len {q_len}: swapped"));
+        assert_eq!(f.decode.work_list_builds(), builds + 1);
+    }
+}
+
+#[test]
 fn append_encoded_from_device_buffers_equals_the_host_append() {
     // One cache filled by the host path, one by `append_encoded` from an interleaved [K | V | pad] buffer
     // (strided views at an offset), with the same rows: a prompt in one call (some of its blocks are never

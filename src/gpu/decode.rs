@@ -376,7 +376,10 @@ impl GpuAttend {
         let bound = call.max_entries;
         for ((list, _), part) in call.parts.iter().zip(&mut held.parts) {
             created += part.items.reserve(ctx, list.items().len() as u64 * item, 2 * bound * item) as usize;
-            created += part.entries.reserve(ctx, list.entries().len() as u64 * entry, bound * entry) as usize;
+            if part.entries.reserve(ctx, list.entries().len() as u64 * entry, bound * entry) {
+                part.entries_tag = None;
+                created += 1;
+            }
             created += part.families.reserve(ctx, list.split_families().len() as u64 * item, bound * item) as usize;
         }
         let slots = call.parts.iter().map(|(list, _)| list.partial_slots().end).max().unwrap_or(0) as u64;
@@ -453,14 +456,21 @@ impl GpuAttend {
         // Per part: (split bind group, items), (combine bind group, split families).
         let mut groups = Vec::with_capacity(call.parts.len());
         for (i, ((list, kv), params)) in call.parts.iter().zip(&params).enumerate() {
-            let part = &held.parts[i];
+            let part = &mut held.parts[i];
             let families = list.split_families();
             queue.write_buffer(&part.split_params, 0, bytemuck::bytes_of(params));
             let combine_params = Params { n_items: families.len() as u32, ..*params };
             queue.write_buffer(&part.combine_params, 0, bytemuck::bytes_of(&combine_params));
+            // A list patched from the last step's keeps its entries, whose device copy is still in place.
+            let entries: &[u8] = if part.entries_tag == Some(list.upload_tag()) {
+                &[]
+            } else {
+                part.entries_tag = Some(list.upload_tag());
+                bytemuck::cast_slice(list.entries())
+            };
             for (buffer, bytes) in [
                 (&part.items, bytemuck::cast_slice::<_, u8>(list.items())),
-                (&part.entries, bytemuck::cast_slice(list.entries())),
+                (&part.entries, entries),
                 (&part.families, bytemuck::cast_slice(families)),
             ] {
                 if !bytes.is_empty() {

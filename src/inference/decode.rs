@@ -1,16 +1,18 @@
 //! `Decode`: attention of the last few tokens of many sequences against their KV history in a
 //! [`KvCache`], on the portable WGSL decode kernels.
 //!
-//! Per call the host flattens the cache's page tables into a [`WorkList`] (like vLLM's per-call block
-//! tables): one family per (sequence, KV head) whose rows are the query heads of that KV head's group
-//! times the queried tokens, so a GQA group reads each page once; entries are the resident pages its
-//! rows attend. Long families are split over several workgroups ([`SplitPolicy`], flash-decoding, sized to
+//! The host flattens the cache's page tables into a [`WorkList`] (like vLLM's per-call block tables):
+//! one family per (sequence, KV head) whose rows are the query heads of that KV head's group times the
+//! queried tokens, so a GQA group reads each page once; entries are the resident pages its rows attend.
+//! A token loop's next step patches the last step's lists (`step_plan.rs`) until a sequence crosses a
+//! block boundary, so per step the host touches its items, not its pages. Long families are split over several workgroups ([`SplitPolicy`], flash-decoding, sized to
 //! the device's wave of resident workgroups) and merged by their LSE: on wgpu in a combine pass after the
 //! split pass (WGSL has no device-scope fence between workgroups), on CUDA by the last item of each family
 //! to finish, in the same launch.
 
 use super::kv_cache::{KvCache, SeqId};
 use super::pool_storage::PoolDevice;
+use super::step_plan::{SeqState, StepPlan};
 use super::worklist::{RowShape, SplitPolicy, WorkItem, WorkList, WorkListBuilder};
 use crate::attention::{Element, Output};
 use crate::error::{Error, Result};
@@ -35,6 +37,10 @@ pub struct Decode {
     dtype: DType,
     scale: f32,
     policy: SplitPolicy,
+    /// The last call's work lists per queried tokens, patched step to step.
+    plans: Mutex<HashMap<u32, StepPlan>>,
+    /// Work lists built from the page tables so far (calls whose lists were not patched).
+    builds: std::sync::atomic::AtomicU64,
 }
 
 /// The kernels of a [`Decode`], by queried tokens per sequence, on the cache's device.
@@ -76,6 +82,8 @@ impl Decode {
             dtype: cache.config().dtype,
             scale: 1.0 / (head_dim as f32).sqrt(),
             policy: SplitPolicy::default(),
+            plans: Mutex::default(),
+            builds: Default::default(),
         };
         op.plan_text(1)?;
         // On CUDA the single-token kernel's occupancy says exactly how many items run at once.
@@ -99,7 +107,16 @@ impl Decode {
     /// Overrides when long histories are split over several workgroups.
     pub fn with_split_policy(mut self, policy: SplitPolicy) -> Self {
         self.policy = policy;
+        self.plans = Mutex::default();
         self
+    }
+
+    /// Calls so far whose work lists were built from the page tables. A call over the same sequences as
+    /// the last one of its `q_len`, each longer by tokens that stay in its query blocks and without pages
+    /// allocated or freed since, patches that call's lists instead: a token loop builds them about once per
+    /// block of each sequence, not every step.
+    pub fn work_list_builds(&self) -> u64 {
+        self.builds.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Device buffers this op has created so far: constant over steady-state calls (the work list goes
@@ -275,6 +292,39 @@ impl Decode {
         Ok(lists)
     }
 
+    /// Runs `f` on the work lists of a call ([`Decode::work_lists`]), patched from the last call of the
+    /// same `q_len` where that gives what a fresh build would ([`StepPlan::advance`]): in a token loop the
+    /// host walks the page tables once per query block, not every step.
+    fn with_lists<R>(
+        &self,
+        cache: &KvCache,
+        seqs: &[SeqId],
+        q_len: u32,
+        f: impl FnOnce(&[(usize, WorkList)]) -> Result<R>,
+    ) -> Result<R> {
+        if cache.id() != self.cache_id {
+            return Err(Error::Shape("cache: this Decode op was built for another KvCache".into()));
+        }
+        let states = seqs
+            .iter()
+            .map(|&s| cache.step_state(s).map(|(len, epoch)| SeqState { len, epoch }))
+            .collect::<Result<Vec<_>>>()?;
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        let patched = plans.get_mut(&q_len).is_some_and(|p| p.advance(seqs, &states, q_len, self.layout.block_size()));
+        if !patched {
+            plans.remove(&q_len);
+            let lists = self.work_lists(cache, seqs, q_len)?;
+            self.builds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            plans.insert(q_len, StepPlan::new(seqs, states, lists));
+        }
+        let plan = plans.get(&q_len).ok_or_else(|| Error::Device("decode work lists went missing".into()))?;
+        debug_assert!(
+            !patched || self.work_lists(cache, seqs, q_len).is_ok_and(|fresh| fresh == plan.lists),
+            "patched decode work lists differ from a fresh build"
+        );
+        f(&plan.lists)
+    }
+
     /// Whether every block the rows attend is resident (the eviction rule's promise).
     fn all_resident(&self, cache: &KvCache, seq: SeqId, kvh: u32, rows: &WorkItem) -> bool {
         let Ok(table) = cache.page_table(seq, kvh) else { return false };
@@ -359,18 +409,19 @@ impl Decode {
     pub fn run<T: Element>(&self, cache: &KvCache, seqs: &[SeqId], q: &[T]) -> Result<Output<T>> {
         self.check_dtype::<T>()?;
         let q_len = self.q_len_of(seqs, q.len())?;
-        let lists = self.work_lists(cache, seqs, q_len)?;
         let tokens = seqs.len() as u64 * q_len as u64;
         let lse_len = tokens * self.layout.num_heads() as u64;
-        #[cfg(feature = "cuda")]
-        if let Engine::Cuda { .. } = &self.engine {
-            let parts = Self::cuda_parts(cache, &lists)?;
-            let (out, lse) = self.cuda_kernel(q_len)?.run(&parts, self.scale, bytemuck::cast_slice(q), lse_len)?;
-            return Ok(Output { out: bytemuck::pod_collect_to_vec(&out), lse });
-        }
-        let (out, lse) =
-            self.kernel(q_len)?.run_host(&self.call(cache, &lists)?, bytemuck::cast_slice(q), tokens, lse_len)?;
-        Ok(Output { out: bytemuck::pod_collect_to_vec(&out), lse })
+        self.with_lists(cache, seqs, q_len, |lists| {
+            #[cfg(feature = "cuda")]
+            if let Engine::Cuda { .. } = &self.engine {
+                let parts = Self::cuda_parts(cache, lists)?;
+                let (out, lse) = self.cuda_kernel(q_len)?.run(&parts, self.scale, bytemuck::cast_slice(q), lse_len)?;
+                return Ok(Output { out: bytemuck::pod_collect_to_vec(&out), lse });
+            }
+            let (out, lse) =
+                self.kernel(q_len)?.run_host(&self.call(cache, lists)?, bytemuck::cast_slice(q), tokens, lse_len)?;
+            Ok(Output { out: bytemuck::pod_collect_to_vec(&out), lse })
+        })
     }
 
     /// Times the kernels alone on device-resident `q` (as [`Decode::run`]): `warmup` untimed calls, then
@@ -385,15 +436,23 @@ impl Decode {
     ) -> Result<Timing> {
         self.check_dtype::<T>()?;
         let q_len = self.q_len_of(seqs, q.len())?;
-        let lists = self.work_lists(cache, seqs, q_len)?;
         let tokens = seqs.len() as u64 * q_len as u64;
         let lse_len = tokens * self.layout.num_heads() as u64;
-        #[cfg(feature = "cuda")]
-        if let Engine::Cuda { .. } = &self.engine {
-            let parts = Self::cuda_parts(cache, &lists)?;
-            return self.cuda_kernel(q_len)?.time(&parts, self.scale, bytemuck::cast_slice(q), lse_len, warmup, iters);
-        }
-        self.kernel(q_len)?.time(&self.call(cache, &lists)?, bytemuck::cast_slice(q), tokens, lse_len, warmup, iters)
+        self.with_lists(cache, seqs, q_len, |lists| {
+            #[cfg(feature = "cuda")]
+            if let Engine::Cuda { .. } = &self.engine {
+                let parts = Self::cuda_parts(cache, lists)?;
+                return self.cuda_kernel(q_len)?.time(
+                    &parts,
+                    self.scale,
+                    bytemuck::cast_slice(q),
+                    lse_len,
+                    warmup,
+                    iters,
+                );
+            }
+            self.kernel(q_len)?.time(&self.call(cache, lists)?, bytemuck::cast_slice(q), tokens, lse_len, warmup, iters)
+        })
     }
 
     /// Records a call into the caller's `encoder` on caller-owned buffers: `q` and `out` hold
@@ -412,9 +471,10 @@ impl Decode {
         out: &TensorView<'_>,
         lse: (&wgpu::Buffer, u64),
     ) -> Result<()> {
-        let lists = self.work_lists(cache, seqs, q_len)?;
         let tokens = seqs.len() as u64 * q_len as u64;
         let io = RowIo { q: *q, o: *out, lse, tokens, lse_len: tokens * self.layout.num_heads() as u64 };
-        self.kernel(q_len)?.encode(encoder, &self.call(cache, &lists)?, &io, None)
+        self.with_lists(cache, seqs, q_len, |lists| {
+            self.kernel(q_len)?.encode(encoder, &self.call(cache, lists)?, &io, None)
+        })
     }
 }

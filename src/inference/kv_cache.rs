@@ -36,6 +36,10 @@ impl SeqId {
     pub fn get(self) -> u64 {
         self.0
     }
+    #[cfg(test)]
+    pub(crate) fn for_tests(id: u64) -> Self {
+        Self(id)
+    }
 }
 
 impl fmt::Display for SeqId {
@@ -154,6 +158,9 @@ struct Sequence {
     segment: usize,
     /// One page table per KV head.
     tables: Vec<PageTable>,
+    /// Changes whenever a page of the sequence is allocated or freed (work lists built from its page
+    /// tables stay valid while it does not).
+    epoch: u64,
 }
 
 /// One K pool and one V pool of pages, with their free list.
@@ -326,7 +333,7 @@ impl KvCache {
             .unwrap_or(0);
         self.segments[segment].sequences += 1;
         let tables = vec![PageTable::default(); self.layout.num_kv_heads() as usize];
-        self.seqs.insert(id, Sequence { len: 0, segment, tables });
+        self.seqs.insert(id, Sequence { len: 0, segment, tables, epoch: 0 });
         SeqId(id)
     }
 
@@ -511,11 +518,16 @@ impl KvCache {
         let s = &self.seqs[&seq.0];
         let mut evict = Vec::new();
         let mut fresh = Vec::new();
+        // Every resident page was kept for the first future query block of the length before; only when
+        // that block moves can a page have become unneeded (so a token loop scans the tables once a block).
+        let scan = qb_min != self.qb_min(len0);
         for (kvh, table) in s.tables.iter().enumerate() {
             let kvh = kvh as u32;
-            evict.extend(
-                table.resident().filter(|&(kb, _)| !self.retention.keeps(kvh, kb, qb_min)).map(|(kb, _)| (kvh, kb)),
-            );
+            if scan {
+                evict.extend(
+                    table.resident().filter(|&(kb, _)| !self.retention.keeps(kvh, kb, qb_min)).map(|(kb, _)| (kvh, kb)),
+                );
+            }
             fresh.extend(
                 touched
                     .clone()
@@ -535,6 +547,9 @@ impl KvCache {
         }
 
         let s = self.seqs.get_mut(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
+        if !evict.is_empty() || !fresh.is_empty() {
+            s.epoch += 1;
+        }
         for (kvh, kb) in evict {
             if let Some(page) = s.tables[kvh as usize].remove(kb) {
                 segment.pool.release(page);
@@ -631,6 +646,11 @@ impl KvCache {
     }
     pub(crate) fn id(&self) -> u64 {
         self.id
+    }
+    /// The length of `seq` and the epoch of its page tables (changes whenever a page is allocated or freed).
+    pub(crate) fn step_state(&self, seq: SeqId) -> Result<(u32, u64)> {
+        let s = self.sequence(seq)?;
+        Ok((s.len, s.epoch))
     }
     /// Resident pages of `seq` for `kv_head` with the sequence's length (for the decode work list).
     pub(crate) fn resident(&self, seq: SeqId, kv_head: u32) -> Result<(u32, impl Iterator<Item = (u32, KvPage)> + '_)> {

@@ -14,6 +14,7 @@ mod kv_cache;
 mod page_table;
 mod pool_storage;
 mod retention;
+mod step_plan;
 mod varlen;
 mod worklist;
 

@@ -9,6 +9,7 @@
 
 use crate::layout::Layout;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One workgroup's job, as the kernel reads it (`WorkItem` in `shaders/shared/decode.wgsl`).
 ///
@@ -184,7 +185,8 @@ impl RowShape {
 }
 
 /// A call's work list: items for the split pass, combine records for the split families, entries.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Two lists are equal when they hold the same work (whatever their upload tags).
+#[derive(Clone, Debug)]
 pub struct WorkList {
     shape: RowShape,
     items: Vec<WorkItem>,
@@ -193,7 +195,26 @@ pub struct WorkList {
     slots: Range<u32>,
     blocks_per_split: u32,
     family_count: usize,
+    /// Tells the entries of this build apart from any other's (see [`WorkList::upload_tag`]).
+    upload_tag: u64,
 }
+
+impl PartialEq for WorkList {
+    fn eq(&self, other: &Self) -> bool {
+        self.shape == other.shape
+            && self.items == other.items
+            && self.families == other.families
+            && self.entries == other.entries
+            && self.slots == other.slots
+            && self.blocks_per_split == other.blocks_per_split
+            && self.family_count == other.family_count
+    }
+}
+
+impl Eq for WorkList {}
+
+/// Upload tags, unique in the process.
+static NEXT_UPLOAD_TAG: AtomicU64 = AtomicU64::new(1);
 
 impl WorkList {
     /// Row and key layout.
@@ -223,6 +244,22 @@ impl WorkList {
     /// Blocks per split item chosen by the [`SplitPolicy`] (`u32::MAX`: no split).
     pub fn blocks_per_split(&self) -> u32 {
         self.blocks_per_split
+    }
+    /// A number no list with other entries has: a device copy of the entries made from a list of the same
+    /// tag can be reused. Each build takes a fresh one; a list that [`crate::Decode`] patches from one step
+    /// of a token loop to the next keeps its own.
+    pub fn upload_tag(&self) -> u64 {
+        self.upload_tag
+    }
+    /// The same query tokens `shift(tok0)` positions later in sequences as many keys longer: adds it to
+    /// each item's and combine record's key count and first position. Valid only while every shifted row
+    /// stays in its query block and the sequences keep their pages (the entries stay those of a fresh build).
+    pub(crate) fn shift_keys(&mut self, shift: impl Fn(u32) -> u32) {
+        for item in self.items.iter_mut().chain(self.families.iter_mut()) {
+            let d = shift(item.tok0);
+            item.kv_len += d;
+            item.pos0 += d;
+        }
     }
 }
 
@@ -308,6 +345,7 @@ impl<'a> WorkListBuilder<'a> {
             slots: first_slot..slots,
             blocks_per_split: bps,
             family_count: self.families.len(),
+            upload_tag: NEXT_UPLOAD_TAG.fetch_add(1, Ordering::Relaxed),
         }
     }
 }

@@ -63,6 +63,9 @@ pub(super) struct PartBuffers {
     pub items: Grown,
     pub entries: Grown,
     pub families: Grown,
+    /// The upload tag of the work list whose entries `entries` holds (`WorkList::upload_tag`; none after
+    /// the buffer was replaced).
+    pub entries_tag: Option<u64>,
 }
 
 impl PartBuffers {
@@ -79,6 +82,7 @@ impl PartBuffers {
             items: Grown::new(ctx, "s2attn decode items", list),
             entries: Grown::new(ctx, "s2attn decode entries", list),
             families: Grown::new(ctx, "s2attn decode families", list),
+            entries_tag: None,
         }
     }
 }
