@@ -5,10 +5,10 @@
 //! one family per (sequence, KV head) whose rows are the query heads of that KV head's group times the
 //! queried tokens, so a GQA group reads each page once; entries are the resident pages its rows attend.
 //! A token loop's next step patches the last step's lists (`step_plan.rs`) until a sequence crosses a
-//! block boundary, so per step the host touches its items, not its pages. Long families are split over several workgroups ([`SplitPolicy`], flash-decoding, sized to
-//! the device's wave of resident workgroups) and merged by their LSE: on wgpu in a combine pass after the
-//! split pass (WGSL has no device-scope fence between workgroups), on CUDA by the last item of each family
-//! to finish, in the same launch.
+//! block boundary, so per step the host touches its items, not its pages. Long families are split over
+//! several workgroups ([`SplitPolicy`], flash-decoding, sized to the device's wave of resident workgroups)
+//! and merged by their LSE: on wgpu in a combine pass after the split pass (WGSL has no device-scope fence
+//! between workgroups), on CUDA by the last item of each family to finish, in the same launch.
 
 use super::kv_cache::{KvCache, SeqId};
 use super::pool_storage::PoolDevice;
@@ -222,9 +222,7 @@ impl Decode {
     /// segment the sequences live in, as `(segment, list)`; rows are numbered by the sequences' positions
     /// in `seqs`, partial slots of different lists do not overlap.
     pub fn work_lists(&self, cache: &KvCache, seqs: &[SeqId], q_len: u32) -> Result<Vec<(usize, WorkList)>> {
-        if cache.id() != self.cache_id {
-            return Err(Error::Shape("cache: this Decode op was built for another KvCache".into()));
-        }
+        self.check_cache(cache)?;
         if seqs.is_empty() {
             return Err(Error::Shape("seqs: a decode call needs at least one sequence".into()));
         }
@@ -292,6 +290,13 @@ impl Decode {
         Ok(lists)
     }
 
+    fn check_cache(&self, cache: &KvCache) -> Result<()> {
+        if cache.id() != self.cache_id {
+            return Err(Error::Shape("cache: this Decode op was built for another KvCache".into()));
+        }
+        Ok(())
+    }
+
     /// Runs `f` on the work lists of a call ([`Decode::work_lists`]), patched from the last call of the
     /// same `q_len` where that gives what a fresh build would ([`StepPlan::advance`]): in a token loop the
     /// host walks the page tables once per query block, not every step.
@@ -302,9 +307,7 @@ impl Decode {
         q_len: u32,
         f: impl FnOnce(&[(usize, WorkList)]) -> Result<R>,
     ) -> Result<R> {
-        if cache.id() != self.cache_id {
-            return Err(Error::Shape("cache: this Decode op was built for another KvCache".into()));
-        }
+        self.check_cache(cache)?;
         let states = seqs
             .iter()
             .map(|&s| cache.step_state(s).map(|(len, epoch)| SeqState { len, epoch }))
