@@ -815,3 +815,148 @@ fn decode_minus_inf_scores_contribute_nothing_and_all_minus_inf_rows_are_nan() {
         panic!("{e}");
     }
 }
+
+/// Records an append of `n` fresh random tokens to `seq` into `encoder` from a device buffer (K and V rows
+/// interleaved per token) and extends its history; returns the buffer, to keep it alive until the submit.
+fn append_recorded(f: &mut Fixture, encoder: &mut wgpu::CommandEncoder, seq: &mut Seq, n: u32) -> wgpu::Buffer {
+    let row = f.kv_row();
+    let (k, v) = (f.rng.tensor(n as usize * row, f.dtype), f.rng.tensor(n as usize * row, f.dtype));
+    let kv: Vec<f32> = k.chunks(row).zip(v.chunks(row)).flat_map(|(a, b)| a.iter().chain(b).copied()).collect();
+    let buf = upload(&common::to_bytes(f.dtype, &kv));
+    let (kv_view, v_view) =
+        (TensorView::strided(&buf, 0, 2 * row as u64), TensorView::strided(&buf, row as u64, 2 * row as u64));
+    f.cache.append_encoded(encoder, seq.id, &kv_view, &v_view, n).unwrap_or_else(|e| panic!("append_encoded: {e}"));
+    seq.k.extend(k);
+    seq.v.extend(v);
+    buf
+}
+
+/// A decode or varlen call recorded into a shared encoder, judged after the one submit.
+struct Recorded {
+    what: String,
+    tokens: usize,
+    out: wgpu::Buffer,
+    lse: wgpu::Buffer,
+    want: Reference,
+    /// Decode's LSE is `[sequences, heads, q_len]` (q_len 1 here); varlen's `[heads, total_q]` like the oracle's.
+    per_token_lse: bool,
+}
+
+#[test]
+fn one_encoder_holds_several_appends_and_calls_of_each_op() {
+    // Appends of one cache and calls of one Decode and one VarlenAttention op, all recorded into one encoder
+    // and submitted once: each recorded call keeps its own parameters and work lists, so every output
+    // matches the oracle on the history as it stood when the call was recorded.
+    let layout = s2(S2Config::new(4, 16, 2, 3).kv_heads(2));
+    let (device, queue) = common::device();
+    for (i, dtype) in F32_F16.into_iter().enumerate() {
+        let es = dtype.size();
+        let mut f = Fixture::new(&layout, dtype, KvCacheConfig::new(D, dtype, 256).sequences(2), 1_300 + i as u64);
+        let (mut a, mut b) = (f.add(), f.add());
+        f.append(&mut a, 70);
+        f.append(&mut b, 19);
+        let h = layout.num_heads();
+        let row = (h * D) as u64;
+        let mut encoder = device.create_command_encoder(&Default::default());
+        let mut keep = Vec::new();
+        let mut calls = Vec::new();
+        // Appends to both sequences, decodes, more appends (a's crosses a block and evicts), decodes again
+        // (the same sequences, then the other order), and two varlen calls of different shapes.
+        for (step, (na, nb)) in [(1u32, 3u32), (10, 1), (0, 0)].into_iter().enumerate() {
+            if na > 0 {
+                keep.push(append_recorded(&mut f, &mut encoder, &mut a, na));
+                keep.push(append_recorded(&mut f, &mut encoder, &mut b, nb));
+            }
+            let order: [&Seq; 2] = if step < 2 { [&a, &b] } else { [&b, &a] };
+            let q = f.rng.tensor((2 * row) as usize, dtype);
+            let q_buf = upload(&common::to_bytes(dtype, &q));
+            let (out, lse) = (poisoned(2 * row * es), poisoned(2 * h as u64 * 4));
+            f.decode
+                .encode(
+                    &mut encoder,
+                    &f.cache,
+                    &[order[0].id, order[1].id],
+                    1,
+                    &TensorView::new(&q_buf),
+                    &TensorView::new(&out),
+                    (&lse, 0),
+                )
+                .unwrap_or_else(|e| panic!("decode encode, step {step}: {e}"));
+            let want = f.oracle(&order, 1, &q);
+            calls.push(Recorded {
+                what: format!("decode {step} ({dtype})"),
+                tokens: 2,
+                out,
+                lse,
+                want,
+                per_token_lse: true,
+            });
+            keep.push(q_buf);
+        }
+        let op = VarlenAttention::new(wgpu_context(), &layout, D, dtype).expect("varlen op");
+        let kv_row = f.kv_row();
+        for (j, (q_lens, k_lens)) in [([3u32, 20u32], [9u32, 20u32]), ([1, 5], [40, 5])].into_iter().enumerate() {
+            let lens = SeqLens::from_lens(&q_lens, &k_lens).expect("lens");
+            let q = f.rng.tensor(lens.total_q() as usize * row as usize, dtype);
+            let k = f.rng.tensor(lens.total_k() as usize * kv_row, dtype);
+            let v = f.rng.tensor(lens.total_k() as usize * kv_row, dtype);
+            let (q_buf, k_buf, v_buf) = (
+                upload(&common::to_bytes(dtype, &q)),
+                upload(&common::to_bytes(dtype, &k)),
+                upload(&common::to_bytes(dtype, &v)),
+            );
+            let out = poisoned(lens.total_q() as u64 * row * es);
+            let lse = poisoned(lens.total_q() as u64 * h as u64 * 4);
+            op.encode(
+                &mut encoder,
+                &lens,
+                &TensorView::new(&q_buf),
+                &TensorView::new(&k_buf),
+                &TensorView::new(&v_buf),
+                &TensorView::new(&out),
+                (&lse, 0),
+            )
+            .unwrap_or_else(|e| panic!("varlen encode {j}: {e}"));
+            let want = varlen_reference(&layout, &lens, D, 1.0 / (D as f64).sqrt(), &q, &k, &v);
+            let tokens = lens.total_q() as usize;
+            calls.push(Recorded {
+                what: format!("varlen {j} ({dtype})"),
+                tokens,
+                out,
+                lse,
+                want,
+                per_token_lse: false,
+            });
+            keep.extend([q_buf, k_buf, v_buf]);
+        }
+        queue.submit([encoder.finish()]);
+        for c in &calls {
+            let out = from_bytes(dtype, &read_back(&c.out));
+            let lse: Vec<f32> = bytemuck::pod_collect_to_vec(&read_back(&c.lse));
+            let lse = if c.per_token_lse {
+                (0..h as usize)
+                    .flat_map(|hd| (0..c.tokens).map(move |t| (hd, t)))
+                    .map(|(hd, t)| lse[t * h as usize + hd])
+                    .collect()
+            } else {
+                lse
+            };
+            judge(&c.what, dtype, &out, &lse, &c.want);
+        }
+        // The pools hold what the host path would have written: decoding now matches the oracle too.
+        f.check_decode(&[&a, &b], 1, &format!("decode after the recorded appends ({dtype})"));
+        // The same call recorded many times into one encoder (as a timing loop does) shares one upload set.
+        let (q_buf, out, lse) = (poisoned(2 * row * es), poisoned(2 * row * es), poisoned(2 * h as u64 * 4));
+        let record = |f: &Fixture, n: usize| {
+            let mut encoder = device.create_command_encoder(&Default::default());
+            for _ in 0..n {
+                let (qv, ov) = (TensorView::new(&q_buf), TensorView::new(&out));
+                f.decode.encode(&mut encoder, &f.cache, &[a.id, b.id], 1, &qv, &ov, (&lse, 0)).expect("decode encode");
+            }
+            queue.submit([encoder.finish()]);
+            f.decode.buffers_created()
+        };
+        let once = record(&f, 1);
+        assert_eq!(record(&f, 20), once, "identical calls in one encoder created buffers ({dtype})");
+    }
+}

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::inference::WorkList;
 use crate::inference::{WorkEntry, WorkItem};
 use crate::plan::{DType, DeviceCaps};
-use buffers::{BindKey, CallBuffers, PartBuffers};
+use buffers::{BindKey, CallBuffers, HostBuffers, PartBuffers, PartContents, UploadSet};
 use std::fmt;
 use std::sync::Mutex;
 use wgpu::util::DeviceExt;
@@ -280,6 +280,8 @@ pub(crate) struct GpuAttend {
     split: wgpu::ComputePipeline,
     combine: wgpu::ComputePipeline,
     buffers: Mutex<CallBuffers>,
+    /// The host path's staging, locked for a whole host call.
+    host: Mutex<HostBuffers>,
 }
 
 impl GpuAttend {
@@ -329,7 +331,8 @@ impl GpuAttend {
             ],
         )?;
         let buffers = Mutex::new(CallBuffers::new(ctx));
-        Ok(Self { ctx: ctx.clone(), dtype, head_dim, num_heads, plan, split, combine, buffers })
+        let host = Mutex::new(HostBuffers::new(ctx));
+        Ok(Self { ctx: ctx.clone(), dtype, head_dim, num_heads, plan, split, combine, buffers, host })
     }
 
     pub(crate) fn plan(&self) -> &AttendPlan {
@@ -339,6 +342,7 @@ impl GpuAttend {
     /// Device buffers created so far (constant once the calls stop growing).
     pub(crate) fn buffers_created(&self) -> usize {
         self.buffers.lock().unwrap_or_else(|e| e.into_inner()).created
+            + self.host.lock().unwrap_or_else(|e| e.into_inner()).created
     }
 
     /// Checks a Q/O view of `tokens` rows; returns (offset, token stride) in vec4 units.
@@ -361,27 +365,37 @@ impl GpuAttend {
         super::forward::check_binding(&self.ctx, name, buffer, needed)
     }
 
-    /// Grows the reused buffers to hold `call` (capped by its bound); forgets the cached bind groups when
-    /// one was replaced.
-    fn reserve(&self, held: &mut CallBuffers, call: &Call<'_>) {
+    /// Grows an upload set's buffers to hold `call` (capped by its bound); returns the buffers created.
+    fn reserve_set(&self, set: &mut UploadSet, call: &Call<'_>) -> usize {
         let ctx = &self.ctx;
         let mut created = 0;
-        while held.parts.len() < call.parts.len() {
-            held.parts.push(PartBuffers::new(ctx, std::mem::size_of::<Params>() as u64));
+        while set.parts.len() < call.parts.len() {
+            set.parts.push(PartBuffers::new(ctx, std::mem::size_of::<Params>() as u64));
             created += PartBuffers::BUFFERS;
         }
         let (item, entry) = (std::mem::size_of::<WorkItem>() as u64, std::mem::size_of::<WorkEntry>() as u64);
         // Entries of one part are at most its pool's pages; families too (each holds a page); items at
-        // most entries plus families; partial slots at most the items of all parts.
+        // most entries plus families.
         let bound = call.max_entries;
-        for ((list, _), part) in call.parts.iter().zip(&mut held.parts) {
-            created += part.items.reserve(ctx, list.items().len() as u64 * item, 2 * bound * item) as usize;
-            if part.entries.reserve(ctx, list.entries().len() as u64 * entry, bound * entry) {
-                part.entries_tag = None;
-                created += 1;
+        for ((list, _), part) in call.parts.iter().zip(&mut set.parts) {
+            let grown = [
+                part.items.reserve(ctx, list.items().len() as u64 * item, 2 * bound * item),
+                part.entries.reserve(ctx, list.entries().len() as u64 * entry, bound * entry),
+                part.families.reserve(ctx, list.split_families().len() as u64 * item, bound * item),
+            ];
+            let n = grown.iter().filter(|&&g| g).count();
+            if n > 0 {
+                part.held = None;
+                created += n;
             }
-            created += part.families.reserve(ctx, list.split_families().len() as u64 * item, bound * item) as usize;
         }
+        created
+    }
+
+    /// Grows the partials to hold `call` (partial slots are at most the items of all parts); forgets the
+    /// cached bind groups when `created` (this call's new buffers so far) or a partial buffer is new.
+    fn reserve_partials(&self, held: &mut CallBuffers, call: &Call<'_>, mut created: usize) {
+        let ctx = &self.ctx;
         let slots = call.parts.iter().map(|(list, _)| list.partial_slots().end).max().unwrap_or(0) as u64;
         let slot_bound = call.max_slots;
         let rows = self.plan.rows as u64;
@@ -395,8 +409,8 @@ impl GpuAttend {
     }
 
     /// Records a call into `encoder` as one compute pass: the split pass of every part, then the combine
-    /// pass of every part that split a family. The work list goes to reused buffers with
-    /// `queue.write_buffer`, which lands at the next submit: submit before encoding this op again.
+    /// pass of every part that split a family. The work list goes into an upload set of its own until the
+    /// recorded work has run (`gpu/upload_sets.rs`), so calls may share an encoder.
     pub(crate) fn encode(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -450,41 +464,65 @@ impl GpuAttend {
                 neg_inf: f32::NEG_INFINITY,
             });
         }
-        let mut held = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
-        self.reserve(&mut held, call);
-        let queue = self.ctx.queue();
+        let contents: Vec<PartContents> = call
+            .parts
+            .iter()
+            .zip(&params)
+            .map(|((list, _), params)| PartContents {
+                params: bytemuck::bytes_of(params).to_vec(),
+                items_tag: list.items_tag(),
+                entries_tag: list.upload_tag(),
+            })
+            .collect();
+        let mut guard = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
+        let held = &mut *guard;
+        held.parts_seen = held.parts_seen.max(call.parts.len());
+        let taken =
+            held.uploads.take(encoder, "decode", |set| set.holds(&contents), || UploadSet { parts: Vec::new() })?;
+        let (set_index, holds) = (taken.index, taken.holds);
+        let set = taken.value;
+        let created = if holds { 0 } else { self.reserve_set(set, call) };
+        if !holds {
+            let queue = self.ctx.queue();
+            for (((list, _), params), (part, contents)) in
+                call.parts.iter().zip(&params).zip(set.parts.iter_mut().zip(contents))
+            {
+                let families = list.split_families();
+                let combine_params = Params { n_items: families.len() as u32, ..*params };
+                // A list patched from the last step's keeps its entries, whose device copy may still be in place.
+                let same_entries = part.held.as_ref().is_some_and(|h| h.entries_tag == contents.entries_tag);
+                let entries: &[u8] = if same_entries { &[] } else { bytemuck::cast_slice(list.entries()) };
+                for (buffer, bytes) in [
+                    (&part.split_params, bytemuck::bytes_of(params)),
+                    (&part.combine_params, bytemuck::bytes_of(&combine_params)),
+                    (part.items.get(), bytemuck::cast_slice::<_, u8>(list.items())),
+                    (part.entries.get(), entries),
+                    (part.families.get(), bytemuck::cast_slice(families)),
+                ] {
+                    if !bytes.is_empty() {
+                        queue.write_buffer(buffer, 0, bytes);
+                    }
+                }
+                part.held = Some(contents);
+            }
+        }
+        self.reserve_partials(held, call, created);
         // Per part: (split bind group, items), (combine bind group, split families).
         let mut groups = Vec::with_capacity(call.parts.len());
-        for (i, ((list, kv), params)) in call.parts.iter().zip(&params).enumerate() {
-            let part = &mut held.parts[i];
+        for (i, (list, kv)) in call.parts.iter().enumerate() {
             let families = list.split_families();
-            queue.write_buffer(&part.split_params, 0, bytemuck::bytes_of(params));
-            let combine_params = Params { n_items: families.len() as u32, ..*params };
-            queue.write_buffer(&part.combine_params, 0, bytemuck::bytes_of(&combine_params));
-            // A list patched from the last step's keeps its entries, whose device copy is still in place.
-            let entries: &[u8] = if part.entries_tag == Some(list.upload_tag()) {
-                &[]
-            } else {
-                part.entries_tag = Some(list.upload_tag());
-                bytemuck::cast_slice(list.entries())
+            let key = BindKey {
+                set: set_index,
+                part: i,
+                buffers: [io.q.buffer, io.o.buffer, io.lse.0, kv.k, kv.v].map(|b| b.clone()),
             };
-            for (buffer, bytes) in [
-                (&part.items, bytemuck::cast_slice::<_, u8>(list.items())),
-                (&part.entries, entries),
-                (&part.families, bytemuck::cast_slice(families)),
-            ] {
-                if !bytes.is_empty() {
-                    queue.write_buffer(buffer.get(), 0, bytes);
-                }
-            }
-            let key = BindKey { part: i, buffers: [io.q.buffer, io.o.buffer, io.lse.0, kv.k, kv.v].map(|b| b.clone()) };
-            let (split, combine) = held.binds(key, |held| self.bind_groups(held, i, io, kv));
+            let (split, combine) = held.binds(key, |held| self.bind_groups(held, set_index, i, io, kv));
             groups.push((
                 (split, list.items().len() as u32),
                 (!families.is_empty()).then_some((combine, families.len() as u32)),
             ));
         }
-        drop(held);
+        drop(guard);
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("s2attn decode"),
             timestamp_writes: timestamps,
@@ -504,15 +542,16 @@ impl GpuAttend {
         Ok(())
     }
 
-    /// The split and combine bind groups of part `i` on the caller's buffers.
+    /// The split and combine bind groups of part `i` of upload set `set` on the caller's buffers.
     fn bind_groups(
         &self,
         held: &CallBuffers,
+        set: usize,
         i: usize,
         io: &RowIo<'_>,
         kv: &KvSource<'_>,
     ) -> (wgpu::BindGroup, wgpu::BindGroup) {
-        let part = &held.parts[i];
+        let part = &held.uploads.get(set).parts[i];
         let (part_o, part_lse) = (held.part_o.get(), held.part_lse.get());
         let bind = |pipeline: &wgpu::ComputePipeline, entries: &[(u32, &wgpu::Buffer)]| {
             let entries: Vec<wgpu::BindGroupEntry> = entries
@@ -566,32 +605,34 @@ impl GpuAttend {
         let device = self.ctx.device();
         let o_bytes = q.len() as u64;
         let lse_bytes = lse_len * 4;
-        let (q_buf, out, lse, readback) = {
-            let mut held = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
-            let h = &mut held.host;
-            let created = h.q.reserve(&self.ctx, o_bytes, 0) as usize
-                + h.out.reserve(&self.ctx, o_bytes, 0) as usize
-                + h.lse.reserve(&self.ctx, lse_bytes, 0) as usize
-                + h.readback.reserve(&self.ctx, o_bytes + lse_bytes, 0) as usize;
-            let bufs = (h.q.get().clone(), h.out.get().clone(), h.lse.get().clone(), h.readback.get().clone());
-            held.created += created;
-            bufs
-        };
+        // Held until the readback: another host call on this op would overwrite Q before this one's submit.
+        let mut host = self.host.lock().unwrap_or_else(|e| e.into_inner());
+        let h = &mut *host;
+        h.created += [
+            h.q.reserve(&self.ctx, o_bytes, 0),
+            h.out.reserve(&self.ctx, o_bytes, 0),
+            h.lse.reserve(&self.ctx, lse_bytes, 0),
+            h.readback.reserve(&self.ctx, o_bytes + lse_bytes, 0),
+        ]
+        .iter()
+        .filter(|&&c| c)
+        .count();
+        let (q_buf, out, lse, readback) = (h.q.get(), h.out.get(), h.lse.get(), h.readback.get());
         // Q's bytes padded to whole words (f16 rows are whole vec4s, so this only guards odd inputs).
         if q.len() % 4 == 0 {
-            self.ctx.queue().write_buffer(&q_buf, 0, q);
+            self.ctx.queue().write_buffer(q_buf, 0, q);
         } else {
             let mut padded = q.to_vec();
             padded.resize(q.len().next_multiple_of(4), 0);
-            self.ctx.queue().write_buffer(&q_buf, 0, &padded);
+            self.ctx.queue().write_buffer(q_buf, 0, &padded);
         }
         let mut encoder = device.create_command_encoder(&Default::default());
-        let io = RowIo { q: TensorView::new(&q_buf), o: TensorView::new(&out), lse: (&lse, 0), tokens, lse_len };
+        let io = RowIo { q: TensorView::new(q_buf), o: TensorView::new(out), lse: (lse, 0), tokens, lse_len };
         self.encode(&mut encoder, call, &io, None)?;
-        encoder.copy_buffer_to_buffer(&out, 0, &readback, 0, o_bytes);
-        encoder.copy_buffer_to_buffer(&lse, 0, &readback, o_bytes, lse_bytes);
+        encoder.copy_buffer_to_buffer(out, 0, readback, 0, o_bytes);
+        encoder.copy_buffer_to_buffer(lse, 0, readback, o_bytes, lse_bytes);
         self.ctx.queue().submit([encoder.finish()]);
-        let bytes = read_buffer(&self.ctx, &readback, o_bytes + lse_bytes)?;
+        let bytes = read_buffer(&self.ctx, readback, o_bytes + lse_bytes)?;
         let (o, l) = bytes.split_at(o_bytes as usize);
         Ok((o.to_vec(), bytemuck::pod_collect_to_vec(l)))
     }

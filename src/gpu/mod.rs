@@ -8,6 +8,7 @@ mod redo;
 pub mod shaders;
 mod timing;
 mod tune;
+mod upload_sets;
 
 pub(crate) use backward::GpuBackward;
 pub use backward::GradBuffers;
@@ -18,3 +19,4 @@ pub use forward::{TensorView, Timing};
 pub(crate) use timing::Stamps;
 pub use timing::TimestampQueries;
 pub(crate) use tune::ForwardTuner;
+pub(crate) use upload_sets::UploadSets;

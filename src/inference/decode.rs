@@ -460,9 +460,11 @@ impl Decode {
 
     /// Records a call into the caller's `encoder` on caller-owned buffers: `q` and `out` hold
     /// `[seqs.len() * q_len]` token rows of `[heads, head_dim]`, `lse` receives `[seqs.len(), heads,
-    /// q_len]` f32 from its first element. Nothing is submitted; submit before the cache changes again.
-    /// The work list is written into buffers this op reuses (`queue.write_buffer`, applied at the next
-    /// submit), so submit before encoding this op again; different `Decode` ops may share an encoder.
+    /// q_len]` f32 from its first element. Nothing is submitted. The call's work list goes into upload
+    /// buffers of its own until its work has run, so one encoder may hold several calls of this op and
+    /// the [`KvCache::append_encoded`]s between them, each call reading the cache as it stood when
+    /// recorded. Submit before host calls change the cache ([`KvCache::append`] writes land at the next
+    /// submit, ahead of all recorded work).
     #[allow(clippy::too_many_arguments)]
     pub fn encode(
         &self,

@@ -2,11 +2,13 @@
 //! buffers into a caller's encoder (`KvCache::append_encoded`), so that a decode loop whose K/V
 //! projections run on the GPU never leaves it. The page offsets of the touched blocks go into a buffer
 //! sized once for the longest append the cache allows; the params into a uniform buffer; both written
-//! with `queue.write_buffer` (applied at the next submit), bind groups cached per set of buffers.
+//! with `queue.write_buffer` (applied at the next submit) into an upload set of their own until the
+//! recorded append has run (`gpu/upload_sets.rs`), so one encoder may hold several appends; bind groups
+//! cached per set of buffers.
 
 use crate::error::{Error, Result};
 use crate::gpu::shaders::Kernel;
-use crate::gpu::{TensorView, WgpuContext};
+use crate::gpu::{TensorView, UploadSets, WgpuContext};
 use crate::plan::DType;
 
 /// Invocations per workgroup.
@@ -69,32 +71,47 @@ pub(super) fn source_words(
     Ok((words(view.offset)?, words(stride)?))
 }
 
+/// One append's uploads: its params and page offsets, and what they hold.
+struct AppendUploads {
+    params: wgpu::Buffer,
+    pages: wgpu::Buffer,
+    held: Option<(AppendParams, Vec<u32>)>,
+}
+
+/// A fresh upload set: the params' uniform buffer and room for `max_pages` page offsets.
+fn new_uploads(ctx: &WgpuContext, max_pages: u64) -> AppendUploads {
+    let mk = |label, size, usage| {
+        ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let copy = wgpu::BufferUsages::COPY_DST;
+    AppendUploads {
+        params: mk("s2attn kv append params", 64, wgpu::BufferUsages::UNIFORM | copy),
+        pages: mk("s2attn kv append pages", (max_pages * 4).max(16), wgpu::BufferUsages::STORAGE | copy),
+        held: None,
+    }
+}
+
 /// The append kernel with its reused buffers.
 pub(super) struct Appender {
     ctx: WgpuContext,
     pipeline: wgpu::ComputePipeline,
-    params: wgpu::Buffer,
-    pages: wgpu::Buffer,
-    /// ([source K, source V, pool K, pool V], bind group), least recently used first.
-    binds: Vec<([wgpu::Buffer; 4], wgpu::BindGroup)>,
+    /// The most page offsets one append writes.
+    max_pages: u64,
+    uploads: UploadSets<AppendUploads>,
+    /// (upload set, [source K, source V, pool K, pool V], bind group), least recently used first.
+    binds: Vec<(usize, [wgpu::Buffer; 4], wgpu::BindGroup)>,
 }
 
 impl Appender {
     /// Compiles the kernel; `max_pages` is the most page offsets one append writes.
     pub(super) fn new(ctx: &WgpuContext, max_pages: u64) -> Result<Self> {
         let pipeline = ctx.pipeline(Kernel::KvAppend, DType::F32, &[("WG", WG)])?;
-        let mk = |label, size, usage| {
-            ctx.device().create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size,
-                usage,
-                mapped_at_creation: false,
-            })
-        };
-        let copy = wgpu::BufferUsages::COPY_DST;
-        let params = mk("s2attn kv append params", 64, wgpu::BufferUsages::UNIFORM | copy);
-        let pages = mk("s2attn kv append pages", (max_pages * 4).max(16), wgpu::BufferUsages::STORAGE | copy);
-        Ok(Self { ctx: ctx.clone(), pipeline, params, pages, binds: Vec::new() })
+        Ok(Self { ctx: ctx.clone(), pipeline, max_pages, uploads: UploadSets::new(), binds: Vec::new() })
     }
 
     /// Records one append: `page_words` is `[kv_heads, blocks]` page offsets in words (`u32::MAX`: skip).
@@ -106,25 +123,36 @@ impl Appender {
         src: [&wgpu::Buffer; 2],
         pool: [&wgpu::Buffer; 2],
     ) -> Result<()> {
-        if page_words.len() as u64 * 4 > self.pages.size() {
+        if page_words.len() as u64 > self.max_pages {
             return Err(Error::Shape(format!(
                 "an append touching {} pages exceeds the cache's capacity",
                 page_words.len()
             )));
         }
-        let queue = self.ctx.queue();
-        queue.write_buffer(&self.params, 0, bytemuck::bytes_of(params));
-        queue.write_buffer(&self.pages, 0, bytemuck::cast_slice(page_words));
+        let (ctx, max_pages) = (&self.ctx, self.max_pages);
+        let same = |u: &AppendUploads| {
+            u.held.as_ref().is_some_and(|(p, w)| bytemuck::bytes_of(p) == bytemuck::bytes_of(params) && w == page_words)
+        };
+        let taken = self.uploads.take(encoder, "append_encoded", same, || new_uploads(ctx, max_pages))?;
+        let set = taken.index;
+        if !taken.holds {
+            let up = taken.value;
+            let queue = self.ctx.queue();
+            queue.write_buffer(&up.params, 0, bytemuck::bytes_of(params));
+            queue.write_buffer(&up.pages, 0, bytemuck::cast_slice(page_words));
+            up.held = Some((*params, page_words.to_vec()));
+        }
         let key = [src[0], src[1], pool[0], pool[1]].map(|b| b.clone());
-        let group = match self.binds.iter().position(|(k, _)| *k == key) {
+        let group = match self.binds.iter().position(|(s, k, _)| *s == set && *k == key) {
             Some(pos) => {
                 let hit = self.binds.remove(pos);
-                let group = hit.1.clone();
+                let group = hit.2.clone();
                 self.binds.push(hit);
                 group
             }
             None => {
-                let buffers = [&self.params, src[0], src[1], pool[0], pool[1], &self.pages];
+                let up = self.uploads.get(set);
+                let buffers = [&up.params, src[0], src[1], pool[0], pool[1], &up.pages];
                 let entries: Vec<wgpu::BindGroupEntry> = buffers
                     .iter()
                     .enumerate()
@@ -135,10 +163,10 @@ impl Appender {
                     layout: &self.pipeline.get_bind_group_layout(0),
                     entries: &entries,
                 });
-                if self.binds.len() == BIND_CACHE {
+                if self.binds.len() >= BIND_CACHE * self.uploads.len() {
                     self.binds.remove(0);
                 }
-                self.binds.push((key, group.clone()));
+                self.binds.push((set, key, group.clone()));
                 group
             }
         };

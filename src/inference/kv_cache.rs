@@ -434,10 +434,12 @@ impl KvCache {
     /// small scatter kernel; nothing is submitted): `k` and `v` are `[tokens, kv_heads, head_dim]` rows in
     /// the cache's dtype (strided views allowed, e.g. the K and V columns of an interleaved QKV buffer;
     /// offsets and strides in whole 32-bit words). The page tables change now, as with
-    /// [`KvCache::append`]; the rows land when the encoder is submitted, so submit before this cache's
-    /// pages are read, and before the next `append_encoded` of this cache (its page offsets go into a
-    /// reused buffer at the next submit). Fails without changing anything as `append` does, and on views
-    /// too small or misaligned.
+    /// [`KvCache::append`]; the rows land when the encoder's work runs. One encoder may hold several
+    /// appends (of any sequences) and [`Decode::encode`](crate::Decode::encode) calls between them, each
+    /// seeing the cache as it stood when recorded; submit it before host calls read or change this cache
+    /// ([`Decode::run`](crate::Decode::run), [`KvCache::append`]: host writes land at the next submit,
+    /// ahead of all recorded work). Fails without changing anything as `append` does, and on views too
+    /// small or misaligned.
     pub fn append_encoded(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,

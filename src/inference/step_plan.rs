@@ -52,8 +52,11 @@ impl StepPlan {
         }
         // Rows of sequence `si` are query tokens si * q_len .. (si + 1) * q_len.
         let shift: Vec<u32> = self.states.iter().zip(states).map(|(old, new)| new.len - old.len).collect();
-        for (_, list) in &mut self.lists {
-            list.shift_keys(|tok0| shift[(tok0 / q_len) as usize]);
+        // Unchanged lengths keep the lists as they are (and their upload tags, so their device copies serve).
+        if shift.iter().any(|&d| d > 0) {
+            for (_, list) in &mut self.lists {
+                list.shift_keys(|tok0| shift[(tok0 / q_len) as usize]);
+            }
         }
         self.states.copy_from_slice(states);
         true

@@ -262,7 +262,8 @@ impl VarlenAttention {
 
     /// Records a call into the caller's `encoder` on caller-owned buffers (strided views allowed; K and V
     /// must share a token stride). `lse` receives `[heads, total_q]` f32 from its first element. The work
-    /// list goes into buffers this op reuses (written at the next submit): submit before encoding it again.
+    /// list goes into upload buffers of its own until the recorded work has run, so one encoder may hold
+    /// several calls.
     #[allow(clippy::too_many_arguments)]
     pub fn encode(
         &self,

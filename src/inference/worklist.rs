@@ -197,6 +197,9 @@ pub struct WorkList {
     family_count: usize,
     /// Tells the entries of this build apart from any other's (see [`WorkList::upload_tag`]).
     upload_tag: u64,
+    /// Tells these items and combine records apart from any other list's: fresh at every build and
+    /// every patch ([`WorkList::shift_keys`]).
+    items_tag: u64,
 }
 
 impl PartialEq for WorkList {
@@ -251,10 +254,16 @@ impl WorkList {
     pub fn upload_tag(&self) -> u64 {
         self.upload_tag
     }
+    /// As [`WorkList::upload_tag`] for the items and combine records: a device copy made from a list of
+    /// the same tag holds these. Changes with every build and every patch.
+    pub(crate) fn items_tag(&self) -> u64 {
+        self.items_tag
+    }
     /// The same query tokens `shift(tok0)` positions later in sequences as many keys longer: adds it to
     /// each item's and combine record's key count and first position. Valid only while every shifted row
     /// stays in its query block and the sequences keep their pages (the entries stay those of a fresh build).
     pub(crate) fn shift_keys(&mut self, shift: impl Fn(u32) -> u32) {
+        self.items_tag = NEXT_UPLOAD_TAG.fetch_add(1, Ordering::Relaxed);
         for item in self.items.iter_mut().chain(self.families.iter_mut()) {
             let d = shift(item.tok0);
             item.kv_len += d;
@@ -346,6 +355,7 @@ impl<'a> WorkListBuilder<'a> {
             blocks_per_split: bps,
             family_count: self.families.len(),
             upload_tag: NEXT_UPLOAD_TAG.fetch_add(1, Ordering::Relaxed),
+            items_tag: NEXT_UPLOAD_TAG.fetch_add(1, Ordering::Relaxed),
         }
     }
 }

@@ -1,10 +1,11 @@
 //! Device buffers the decode kernels reuse from call to call, so that steady-state decoding creates no
 //! buffers and no bind groups: per call part (KV cache segment) the params, work items, entries and
-//! combine records, written with `queue.write_buffer`; the shared partials; the host path's staging; and
-//! the bind groups of the last few sets of caller buffers. Buffers grow geometrically (never past a
-//! bound the caller knows, e.g. the pages of a cache) and never shrink.
+//! combine records, written with `queue.write_buffer`, in upload sets (one per call whose work has not
+//! run yet, `gpu/upload_sets.rs`); the shared partials; the host path's staging; and the bind groups of
+//! the last few sets of caller buffers. Buffers grow geometrically (never past a bound the caller knows,
+//! e.g. the pages of a cache) and never shrink.
 
-use crate::gpu::WgpuContext;
+use crate::gpu::{UploadSets, WgpuContext};
 
 /// Bind groups kept per distinct set of caller buffers (an app usually alternates between a few).
 const BIND_CACHE: usize = 8;
@@ -56,6 +57,16 @@ fn create(ctx: &WgpuContext, label: &str, size: u64, usage: wgpu::BufferUsages) 
     ctx.device().create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
 }
 
+/// What one call part uploads: its split params as bytes, and the tags of its work list's items and
+/// combine records (`WorkList::items_tag`) and of its entries (`WorkList::upload_tag`): equal tags, equal
+/// contents.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct PartContents {
+    pub params: Vec<u8>,
+    pub items_tag: u64,
+    pub entries_tag: u64,
+}
+
 /// The buffers of one call part.
 pub(super) struct PartBuffers {
     pub split_params: wgpu::Buffer,
@@ -63,9 +74,8 @@ pub(super) struct PartBuffers {
     pub items: Grown,
     pub entries: Grown,
     pub families: Grown,
-    /// The upload tag of the work list whose entries `entries` holds (`WorkList::upload_tag`; none after
-    /// the buffer was replaced).
-    pub entries_tag: Option<u64>,
+    /// What the buffers hold (none before the first write and after a buffer was replaced).
+    pub held: Option<PartContents>,
 }
 
 impl PartBuffers {
@@ -82,56 +92,82 @@ impl PartBuffers {
             items: Grown::new(ctx, "s2attn decode items", list),
             entries: Grown::new(ctx, "s2attn decode entries", list),
             families: Grown::new(ctx, "s2attn decode families", list),
-            entries_tag: None,
+            held: None,
         }
     }
 }
 
-/// The host path's staging: Q in, O and LSE out, one readback buffer.
+/// The upload buffers of one call: one [`PartBuffers`] per part (at least as many as the call has).
+pub(super) struct UploadSet {
+    pub parts: Vec<PartBuffers>,
+}
+
+impl UploadSet {
+    /// Whether the set's first parts hold `contents`, part for part.
+    pub(super) fn holds(&self, contents: &[PartContents]) -> bool {
+        self.parts.len() >= contents.len()
+            && self.parts.iter().zip(contents).all(|(part, c)| part.held.as_ref() == Some(c))
+    }
+}
+
+/// The host path's staging: Q in, O and LSE out, one readback buffer (held for a whole host call).
 pub(super) struct HostBuffers {
     pub q: Grown,
     pub out: Grown,
     pub lse: Grown,
     pub readback: Grown,
+    /// Buffers created so far.
+    pub created: usize,
 }
 
-/// The caller buffers a part's bind groups hold: Q, O, LSE, K, V, and the part's index.
+impl HostBuffers {
+    /// Small buffers, grown on first use.
+    pub(super) fn new(ctx: &WgpuContext) -> Self {
+        let storage = wgpu::BufferUsages::STORAGE;
+        let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        let readback = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+        Self {
+            q: Grown::new(ctx, "s2attn decode q", storage | copy),
+            out: Grown::new(ctx, "s2attn decode out", storage | copy),
+            lse: Grown::new(ctx, "s2attn decode lse", storage | copy),
+            readback: Grown::new(ctx, "s2attn decode readback", readback),
+            created: 4,
+        }
+    }
+}
+
+/// The caller buffers a part's bind groups hold: Q, O, LSE, K, V, and the upload set's and part's index.
 #[derive(Clone, PartialEq, Eq)]
 pub(super) struct BindKey {
+    pub set: usize,
     pub part: usize,
     pub buffers: [wgpu::Buffer; 5],
 }
 
 /// Everything an op reuses across calls, behind one lock.
 pub(super) struct CallBuffers {
-    pub parts: Vec<PartBuffers>,
+    pub uploads: UploadSets<UploadSet>,
     pub part_o: Grown,
     pub part_lse: Grown,
-    pub host: HostBuffers,
     /// (key, split bind group, combine bind group), least recently used first.
     binds: Vec<(BindKey, wgpu::BindGroup, wgpu::BindGroup)>,
+    /// The most parts a call had.
+    pub parts_seen: usize,
     /// Buffers created so far.
     pub created: usize,
 }
 
 impl CallBuffers {
-    /// The partials and the host staging, small; parts are added on first use.
+    /// The partials, small; upload sets and their parts are added on first use.
     pub(super) fn new(ctx: &WgpuContext) -> Self {
         let storage = wgpu::BufferUsages::STORAGE;
-        let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-        let readback = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
         Self {
-            parts: Vec::new(),
+            uploads: UploadSets::new(),
             part_o: Grown::new(ctx, "s2attn decode partial O", storage),
             part_lse: Grown::new(ctx, "s2attn decode partial LSE", storage),
-            host: HostBuffers {
-                q: Grown::new(ctx, "s2attn decode q", storage | copy),
-                out: Grown::new(ctx, "s2attn decode out", storage | copy),
-                lse: Grown::new(ctx, "s2attn decode lse", storage | copy),
-                readback: Grown::new(ctx, "s2attn decode readback", readback),
-            },
             binds: Vec::new(),
-            created: 6,
+            parts_seen: 0,
+            created: 2,
         }
     }
 
@@ -153,7 +189,7 @@ impl CallBuffers {
             return groups;
         }
         let (split, combine) = make(self);
-        if self.binds.len() >= BIND_CACHE * self.parts.len().max(1) {
+        if self.binds.len() >= BIND_CACHE * self.uploads.len().max(1) * self.parts_seen.max(1) {
             self.binds.remove(0);
         }
         self.binds.push((key, split.clone(), combine.clone()));
