@@ -9,7 +9,8 @@
 #
 # Suites (each writes JSON lines to $OUT_DIR/<suite>.jsonl, its logs to $OUT_DIR/<suite>*.log):
 #   tests     every test binary with a GPU path (wgpu ones on Vulkan, CUDA ones on CUDA) and the quickstart example;
-#             one line per binary in summary.txt
+#             one line per binary in summary.txt; a binary past TEST_TIMEOUT has its threads' states logged
+#             (tests-NAME.log.threads) before it is killed
 #   forward   S2 forward, 32 heads, head dim 128, block 64, local 16, batch 1: 16k/64k/128k x vert_stride 16/64,
 #             fp16 on every backend of BACKENDS (dense rows of this library up to 16k), and bf16 on CUDA
 #   backward  forward + backward (dQ, dK, dV) at the same shape, vert_stride 16, 16k/64k/128k, fp16 on every
@@ -112,6 +113,33 @@ PY
     > "$OUT_DIR/device.log"
 say "suites: $* (OUT_DIR=$OUT_DIR, BACKENDS=$BACKENDS); $(head -2 "$OUT_DIR/device.log" | tail -1)"
 
+# watched SECS LOG CMD...: runs CMD with its output in LOG and kills it after SECS seconds; a run that
+# outlives them first appends its threads' states to LOG.threads (name, scheduler state, user and system
+# ticks, kernel wait channel, and backtraces where gdb exists), twice 5 s apart, so a hang shows whether
+# it spins on a CPU (a driver's compiler, a host loop) or sleeps waiting on the GPU. Returns CMD's status
+# (124 when killed).
+watched() {
+    local secs=$1 log=$2; shift 2
+    "$@" > "$log" 2>&1 &
+    local pid=$! t=0
+    while kill -0 "$pid" 2>/dev/null && [ "$t" -lt "$secs" ]; do
+        sleep 1; t=$((t + 1))
+        if [ "$t" -eq $((secs - 6)) ] || [ "$t" -eq $((secs - 1)) ]; then
+            {
+                echo "== $* at ${t}s"
+                for d in /proc/"$pid"/task/*; do
+                    echo "$(cat "$d/comm" 2>/dev/null) $(awk '{print "state=" $3, "utime=" $14, "stime=" $15}' "$d/stat" 2>/dev/null) wchan=$(cat "$d/wchan" 2>/dev/null)"
+                done
+                command -v gdb >/dev/null && timeout 30 gdb -batch -p "$pid" -ex "thread apply all bt 16" 2>&1 | grep -aE '^(#|Thread)'
+            } >> "$log.threads" 2>&1
+        fi
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -9 "$pid"; wait "$pid" 2>/dev/null; return 124
+    fi
+    wait "$pid"
+}
+
 suite_tests() {
     local bin dir
     dir=$(dirname "$(command -v s2attn-bench)")
@@ -119,7 +147,7 @@ suite_tests() {
         for bin in "$dir"/test-*; do
             local name=${bin##*/} be=vulkan
             case $name in test-bench_cli | test-c_api | test-differential) continue ;; test-cuda*) be=cuda ;; esac
-            S2ATTN_BACKEND=$be timeout "$TEST_TIMEOUT" "$bin" > "$OUT_DIR/tests-${name#test-}.log" 2>&1
+            S2ATTN_BACKEND=$be watched "$TEST_TIMEOUT" "$OUT_DIR/tests-${name#test-}.log" "$bin"
             say "tests: $name rc=$? $(grep -a 'test result' "$OUT_DIR/tests-${name#test-}.log" | tail -1)"
         done
     elif command -v cargo >/dev/null; then
