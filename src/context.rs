@@ -22,8 +22,8 @@ pub enum Backend {
 }
 
 /// How to pick a device. [`ContextOptions::from_env`] reads `S2ATTN_BACKEND` (`auto`, `cuda`, `wgpu`, or a
-/// wgpu API: `vulkan`, `gl`, `metal`, `dx12`) and `S2ATTN_ADAPTER` (a case-insensitive substring of the
-/// adapter name).
+/// wgpu API: `vulkan`, `gl`, `metal`, `dx12`), `S2ATTN_ADAPTER` (a case-insensitive substring of the
+/// adapter name) and `S2ATTN_WAIT_TIMEOUT` (seconds, see [`ContextOptions::wait_timeout`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ContextOptions {
     /// Backend family.
@@ -34,12 +34,19 @@ pub struct ContextOptions {
     pub adapter: Option<String>,
     /// CUDA device ordinal.
     pub cuda_device: usize,
+    /// The longest a wgpu context waits for the GPU to finish submitted work before a call fails with
+    /// [`Error::Timeout`] instead of blocking on, e.g. on a hung device (none: wait as long as it takes).
+    /// Changeable later with [`WgpuContext::set_wait_timeout`].
+    pub wait_timeout: Option<std::time::Duration>,
 }
 
 impl ContextOptions {
     /// Options from `S2ATTN_BACKEND` and `S2ATTN_ADAPTER`.
     pub fn from_env() -> Result<Self> {
         let mut o = Self { adapter: std::env::var("S2ATTN_ADAPTER").ok(), ..Self::default() };
+        if let Ok(t) = std::env::var("S2ATTN_WAIT_TIMEOUT") {
+            o.wait_timeout = Some(parse_wait_timeout(&t)?);
+        }
         if let Ok(b) = std::env::var("S2ATTN_BACKEND") {
             match b.to_ascii_lowercase().as_str() {
                 "" | "auto" => {}
@@ -60,9 +67,22 @@ impl ContextOptions {
             backend: Backend::Wgpu,
             wgpu_backend: api.map(str::to_string),
             adapter: adapter.map(str::to_string),
-            cuda_device: 0,
+            ..Self::default()
         }
     }
+}
+
+/// `S2ATTN_WAIT_TIMEOUT`'s value: a positive, finite number of seconds.
+fn parse_wait_timeout(value: &str) -> Result<std::time::Duration> {
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e9)
+        .map(std::time::Duration::from_secs_f64)
+        .ok_or_else(|| {
+            Error::Unsupported(format!("S2ATTN_WAIT_TIMEOUT must be a positive number of seconds, got `{value}`"))
+        })
 }
 
 #[derive(Clone)]
@@ -217,6 +237,22 @@ impl Context {
             Device::Wgpu(c) => c.wait(),
             #[cfg(feature = "cuda")]
             Device::Cuda(c) => c.wait(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_wait_timeout;
+    use std::time::Duration;
+
+    #[test]
+    fn wait_timeouts_parse_as_positive_seconds_and_anything_else_is_named() {
+        assert_eq!(parse_wait_timeout("120"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_wait_timeout(" 0.5 "), Ok(Duration::from_millis(500)));
+        for bad in ["", "0", "-3", "nan", "inf", "2m", "1e12"] {
+            let e = parse_wait_timeout(bad).expect_err(bad).to_string();
+            assert!(e.contains("S2ATTN_WAIT_TIMEOUT") && e.contains(&format!("`{bad}`")), "{bad}: {e}");
         }
     }
 }

@@ -98,6 +98,11 @@ pub enum Error {
     /// The device could not be created or was lost.
     #[error("device error: {0}")]
     Device(String),
+    /// The GPU did not finish submitted work within the context's wait timeout
+    /// ([`ContextOptions::wait_timeout`](crate::ContextOptions::wait_timeout)): the device may be hung, or
+    /// the work longer than the timeout allows. The work may still finish later.
+    #[error("the GPU did not finish the submitted work within the wait timeout of {0:?}; the device may be hung")]
+    Timeout(std::time::Duration),
     /// One device of a call split across several devices failed; no partial output is returned.
     #[error("device {index} ({device}) failed: {message}")]
     DeviceFailed {

@@ -90,6 +90,8 @@ enum {
     S2ATTN_ERR_PAGE_TABLE_OVERFLOW = 29,
     /** The KV cache's page pool has too few free pages. */
     S2ATTN_ERR_CACHE_FULL = 30,
+    /** The GPU did not finish within the context's wait timeout (S2ATTN_WAIT_TIMEOUT); it may be hung. */
+    S2ATTN_ERR_TIMEOUT = 31,
     /** An error newer than this header; the message says what it is. */
     S2ATTN_ERR_OTHER = 99
 };

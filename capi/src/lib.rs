@@ -74,6 +74,8 @@ pub const S2ATTN_ERR_UNKNOWN_SEQUENCE: Status = 28;
 pub const S2ATTN_ERR_PAGE_TABLE_OVERFLOW: Status = 29;
 /// [`Error::CacheFull`].
 pub const S2ATTN_ERR_CACHE_FULL: Status = 30;
+/// [`Error::Timeout`].
+pub const S2ATTN_ERR_TIMEOUT: Status = 31;
 /// An [`Error`] variant newer than this list (the message still says what went wrong).
 pub const S2ATTN_ERR_OTHER: Status = 99;
 
@@ -111,6 +113,7 @@ pub fn status_of(e: &Error) -> Status {
         Error::UnknownSequence(_) => S2ATTN_ERR_UNKNOWN_SEQUENCE,
         Error::PageTableOverflow { .. } => S2ATTN_ERR_PAGE_TABLE_OVERFLOW,
         Error::CacheFull { .. } => S2ATTN_ERR_CACHE_FULL,
+        Error::Timeout(_) => S2ATTN_ERR_TIMEOUT,
         _ => S2ATTN_ERR_OTHER,
     }
 }
@@ -294,6 +297,7 @@ pub extern "C" fn s2attn_status_name(status: Status) -> *const c_char {
         S2ATTN_ERR_UNKNOWN_SEQUENCE => c"S2ATTN_ERR_UNKNOWN_SEQUENCE",
         S2ATTN_ERR_PAGE_TABLE_OVERFLOW => c"S2ATTN_ERR_PAGE_TABLE_OVERFLOW",
         S2ATTN_ERR_CACHE_FULL => c"S2ATTN_ERR_CACHE_FULL",
+        S2ATTN_ERR_TIMEOUT => c"S2ATTN_ERR_TIMEOUT",
         S2ATTN_ERR_OTHER => c"S2ATTN_ERR_OTHER",
         _ => c"S2ATTN_ERR_UNKNOWN",
     };
@@ -782,6 +786,7 @@ mod tests {
             S2ATTN_ERR_UNKNOWN_SEQUENCE,
             S2ATTN_ERR_PAGE_TABLE_OVERFLOW,
             S2ATTN_ERR_CACHE_FULL,
+            S2ATTN_ERR_TIMEOUT,
             S2ATTN_ERR_OTHER,
         ];
         let mut names = std::collections::HashSet::new();

@@ -7,7 +7,9 @@ use crate::error::{Error, Result};
 use crate::plan::{DType, DeviceCaps};
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// What a device is and can do, as reported to users and used by the planner.
 #[derive(Clone, Debug)]
@@ -71,6 +73,8 @@ struct Inner {
     queue: wgpu::Queue,
     capabilities: Capabilities,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+    /// [`WgpuContext::wait`]'s timeout in nanoseconds (0: none).
+    wait_timeout_ns: AtomicU64,
 }
 
 /// A GPU device with its queue and pipeline cache. `Clone` shares it.
@@ -202,7 +206,9 @@ impl WgpuContext {
                 }
             )));
         };
-        Self::open(instance, adapter)
+        let ctx = Self::open(instance, adapter)?;
+        ctx.set_wait_timeout(options.wait_timeout);
+        Ok(ctx)
     }
 
     fn open(instance: wgpu::Instance, adapter: wgpu::Adapter) -> Result<Self> {
@@ -296,6 +302,7 @@ impl WgpuContext {
             queue,
             capabilities: Capabilities { info, features, limits, coop_shapes, caps },
             pipelines: Mutex::default(),
+            wait_timeout_ns: AtomicU64::new(0),
         }))
     }
 
@@ -324,13 +331,32 @@ impl WgpuContext {
         backend_name(self.0.capabilities.info.backend)
     }
 
-    /// Blocks until all submitted work has finished.
+    /// Blocks until all submitted work has finished, or fails with [`Error::Timeout`] past the wait
+    /// timeout ([`WgpuContext::set_wait_timeout`]).
     pub fn wait(&self) -> Result<()> {
-        self.0
-            .device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map(|_| ())
-            .map_err(|e| Error::Device(format!("waiting for the GPU: {e}")))
+        let timeout = self.wait_timeout();
+        match self.0.device.poll(wgpu::PollType::Wait { submission_index: None, timeout }) {
+            Ok(_) => Ok(()),
+            Err(wgpu::PollError::Timeout) => Err(Error::Timeout(timeout.unwrap_or_default())),
+            Err(e) => Err(Error::Device(format!("waiting for the GPU: {e}"))),
+        }
+    }
+
+    /// Sets the longest [`WgpuContext::wait`] (and every call that waits for results) blocks before
+    /// failing with [`Error::Timeout`]; `None` (the default unless
+    /// [`ContextOptions::wait_timeout`](crate::ContextOptions::wait_timeout) set one) waits as long as it
+    /// takes. Shared by every clone of this context.
+    pub fn set_wait_timeout(&self, timeout: Option<Duration>) {
+        let ns = timeout.map_or(0, |t| u64::try_from(t.as_nanos()).unwrap_or(u64::MAX).max(1));
+        self.0.wait_timeout_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// The wait timeout (see [`WgpuContext::set_wait_timeout`]).
+    pub fn wait_timeout(&self) -> Option<Duration> {
+        match self.0.wait_timeout_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
     }
 
     /// Maps a `MAP_READ` buffer after the queue drains and copies its first `len` bytes out.
@@ -504,7 +530,69 @@ fn is_llvmpipe(info: &wgpu::AdapterInfo) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::gl_without_compute;
+    use super::{gl_without_compute, ContextOptions, Duration, Error, WgpuContext};
+
+    /// Submits a kernel that keeps the device busy for a while (milliseconds on a GPU, about a second on
+    /// lavapipe): 256 workgroups of 64 invocations, each 60000 dependent steps (under llvmpipe's loop cap).
+    fn submit_busy_work(ctx: &WgpuContext) {
+        let device = ctx.device();
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("busy"),
+            source: wgpu::ShaderSource::Wgsl(
+                "@group(0) @binding(0) var<storage, read_write> out: array<u32>;
+                 @compute @workgroup_size(64)
+                 fn main(@builtin(global_invocation_id) id: vec3<u32>) {
+                     var x = id.x;
+                     for (var i = 0u; i < 60000u; i++) { x = x * 1664525u + 1013904223u; }
+                     out[id.x] = x;
+                 }"
+                .into(),
+            ),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("busy"),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let out = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("busy out"),
+            size: 256 * 64 * 4,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("busy"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[wgpu::BindGroupEntry { binding: 0, resource: out.as_entire_binding() }],
+        });
+        let mut encoder = device.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &group, &[]);
+            pass.dispatch_workgroups(256, 1, 1);
+        }
+        ctx.queue().submit([encoder.finish()]);
+    }
+
+    #[test]
+    fn a_wait_past_the_timeout_fails_with_timeout_and_the_work_still_finishes() {
+        let timeout = Duration::from_micros(1);
+        let options = ContextOptions { wait_timeout: Some(timeout), ..Default::default() };
+        let ctx = WgpuContext::with_options(&options).expect("a wgpu adapter (lavapipe in CI)");
+        assert_eq!(ctx.wait_timeout(), Some(timeout));
+        submit_busy_work(&ctx);
+        match ctx.wait() {
+            Err(Error::Timeout(t)) => assert_eq!(t, timeout),
+            other => panic!("expected a timeout after {timeout:?}, got {other:?}"),
+        }
+        ctx.set_wait_timeout(None);
+        assert_eq!(ctx.wait_timeout(), None);
+        ctx.wait().expect("the work finishes without a timeout");
+    }
 
     fn gl(version: &str) -> wgpu::AdapterInfo {
         let mut info = wgpu::AdapterInfo::new(wgpu::DeviceType::Other, wgpu::Backend::Gl);
