@@ -5,10 +5,12 @@
 //! reads, the cache's memory report, the dense/S2 speedup, the ratio to the time of reading the step's KV
 //! bytes once at the device's measured copy bandwidth, and for windows of several tokens the ratio to one
 //! token; on wgpu also the host's time to record one step of a token loop (`--host-steps` steps, a token
-//! appended to every sequence between them). Ends with markdown rows for BENCHMARKS.md.
+//! appended to every sequence between them; `--stagger T` first gives sequence i another i * T tokens
+//! modulo the block, so that the sequences cross block boundaries at different steps, as in a real batch).
+//! Ends with markdown rows for BENCHMARKS.md.
 //!
 //! `cargo run --release --example decode_bench -- [--ctx 32768,131072] [--batch 1,16] [--kv-heads 8,32]
-//! [--window 1,4] [--iters 20] [--warmup 5] [--no-dense] [--host-steps 64]` (env: `S2ATTN_ADAPTER`, and
+//! [--window 1,4] [--iters 20] [--warmup 5] [--no-dense] [--host-steps 64] [--stagger 0]` (env: `S2ATTN_ADAPTER`, and
 //! `S2ATTN_BACKEND`: the wgpu decode kernels unless it names `cuda`, which needs `--features cuda`).
 //!
 //! A cache larger than one storage binding (dense at 128k, batch 16) spreads over several segments; one
@@ -41,6 +43,8 @@ struct Args {
     dense: bool,
     /// Steps of the host-side token loop after the timed steps (wgpu only).
     host_steps: u32,
+    /// Tokens between consecutive sequences' phases in the host-side token loop (modulo the block).
+    stagger: u32,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -53,6 +57,7 @@ fn parse_args() -> Result<Args, String> {
         warmup: 5,
         dense: true,
         host_steps: 64,
+        stagger: 0,
     };
     let mut it = std::env::args().skip(1);
     let list = |v: Option<String>, name: &str| -> Result<Vec<u32>, String> {
@@ -69,9 +74,10 @@ fn parse_args() -> Result<Args, String> {
             "--warmup" => a.warmup = list(it.next(), "--warmup")?[0],
             "--no-dense" => a.dense = false,
             "--host-steps" => a.host_steps = list(it.next(), "--host-steps")?[0],
+            "--stagger" => a.stagger = list(it.next(), "--stagger")?[0],
             "--help" | "-h" => {
                 return Err("usage: decode_bench [--ctx 32768,131072] [--batch 1,16] [--kv-heads 8,32] \
-                            [--window 1,4] [--iters 20] [--warmup 5] [--no-dense] [--host-steps 64]"
+                            [--window 1,4] [--iters 20] [--warmup 5] [--no-dense] [--host-steps 64] [--stagger 0]"
                     .into())
             }
             other => return Err(format!("unknown argument `{other}` (try --help)")),
@@ -224,9 +230,9 @@ fn measure(
     args: &Args,
 ) -> s2attn::Result<Measured> {
     let max_window = windows.iter().copied().max().unwrap_or(1);
-    // Room for the token loop of `host_steps` after the timed steps.
-    let config =
-        KvCacheConfig::new(HEAD_DIM, DType::F16, ctx_len + args.host_steps).sequences(batch).query_window(max_window);
+    // Room for the token loop of `host_steps` after the timed steps, and its stagger.
+    let room = ctx_len + args.host_steps + BLOCK;
+    let config = KvCacheConfig::new(HEAD_DIM, DType::F16, room).sequences(batch).query_window(max_window);
     let mut cache = KvCache::new(ctx, layout, config)?;
     let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ ctx_len as u64);
     let kv_row = (layout.num_kv_heads() * HEAD_DIM) as usize;
@@ -270,8 +276,11 @@ fn measure(
         });
     }
     let report = cache.memory_report();
-    if let Some(us) = host_step_us(ctx, &mut cache, &decode, &seqs, &mut rng, args.host_steps)? {
-        explain += &format!("\n        host: {us:.1} us recording one decode step, over {} steps", args.host_steps);
+    if let Some(us) = host_step_us(ctx, &mut cache, &decode, &seqs, &mut rng, args.host_steps, args.stagger)? {
+        let stagger =
+            if args.stagger > 0 { format!(", sequences {} tokens apart", args.stagger) } else { String::new() };
+        explain +=
+            &format!("\n        host: {us:.1} us recording one decode step, over {} steps{stagger}", args.host_steps);
     }
     Ok(Measured { steps, report, explain })
 }
@@ -287,6 +296,7 @@ fn host_step_us(
     seqs: &[SeqId],
     rng: &mut Rng,
     steps: u32,
+    stagger: u32,
 ) -> s2attn::Result<Option<f64>> {
     let Some(w) = ctx.wgpu() else { return Ok(None) };
     if steps == 0 {
@@ -306,6 +316,13 @@ fn host_step_us(
     queue.write_buffer(&q, 0, bytemuck::cast_slice(&rng.f16s(rows as usize)));
     let kv_row = (cache.layout().num_kv_heads() * HEAD_DIM) as usize;
     let (k, v) = (rng.f16s(kv_row), rng.f16s(kv_row));
+    for (i, &s) in seqs.iter().enumerate() {
+        let extra = (i as u32 * stagger % BLOCK) as usize;
+        if extra > 0 {
+            let (ks, vs) = (rng.f16s(extra * kv_row), rng.f16s(extra * kv_row));
+            cache.append(s, &ks, &vs)?;
+        }
+    }
     let mut recording = 0.0;
     for _ in 0..steps {
         for &s in seqs {

@@ -617,10 +617,10 @@ fn steady_state_decode_creates_no_buffers() {
 
 #[test]
 fn token_loops_patch_their_work_lists_between_query_blocks() {
-    // GQA with stripes and a local window, two sequences a block apart in phase, one token per step and
-    // speculative windows of 3 (their tokens straddle block boundaries at some steps): every step judged
-    // against the oracle, and the work lists rebuilt from the page tables only when a sequence's queried
-    // tokens enter another block (in debug builds each patched list is also held to a fresh build).
+    // GQA with stripes and a local window, two sequences out of phase, one token per step and speculative
+    // windows of 3 (their tokens straddle block boundaries at some steps): every step judged against the
+    // oracle, the work lists rebuilt only when a sequence's queried tokens enter another block, and then
+    // only that sequence's page tables walked (in debug builds each list is also held to a fresh build).
     let layout = s2(S2Config::new(4, 16, 2, 3).kv_heads(2));
     for (dtype, q_len, window) in [(DType::F32, 1, 1), (DType::F16, 3, 3), (DType::F32, 1, 3)] {
         let config = KvCacheConfig::new(D, dtype, 400).sequences(2).query_window(window);
@@ -629,16 +629,24 @@ fn token_loops_patch_their_work_lists_between_query_blocks() {
         f.append(&mut a, 100);
         f.append(&mut b, 41);
         let steps: u64 = 96;
+        let mut per_build = 0;
         for i in 0..steps {
             f.append(&mut a, 1);
             f.append(&mut b, 1);
             f.check_decode(&[&a, &b], q_len, &format!("{dtype} q_len {q_len}: step {i}"));
+            if i == 0 {
+                per_build = f.decode.page_walks();
+            }
         }
         // Per sequence and 16 steps: each queried token enters a new block once (the last one's step also
         // allocates the new page), and pages are freed once (when the window's first token moves on).
         let per_seq = steps.div_ceil(16) * (q_len as u64 + 1);
         let builds = f.decode.work_list_builds();
         assert!((2..=2 * per_seq + 1).contains(&builds), "{dtype} q_len {q_len}: {builds} builds in {steps} steps");
+        // The sequences cross blocks at different steps: each rebuild after the first walks the page tables
+        // of the one that crossed; the other's families keep their entries.
+        let walks = f.decode.page_walks();
+        assert!(walks <= per_build / 2 * (builds + 1), "{dtype} q_len {q_len}: {walks} page walks in {builds} builds");
         // Another order of the same sequences is another call: built afresh, and right.
         f.check_decode(&[&b, &a], q_len, &format!("{dtype} q_len {q_len}: swapped"));
         assert_eq!(f.decode.work_list_builds(), builds + 1);

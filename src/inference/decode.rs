@@ -39,8 +39,10 @@ pub struct Decode {
     policy: SplitPolicy,
     /// The last call's work lists per queried tokens, patched step to step.
     plans: Mutex<HashMap<u32, StepPlan>>,
-    /// Work lists built from the page tables so far (calls whose lists were not patched).
+    /// Work lists built so far (calls whose lists were not patched).
     builds: std::sync::atomic::AtomicU64,
+    /// Families whose blocks those builds read from the page tables.
+    page_walks: std::sync::atomic::AtomicU64,
 }
 
 /// The kernels of a [`Decode`], by queried tokens per sequence, on the cache's device.
@@ -84,6 +86,7 @@ impl Decode {
             policy: SplitPolicy::default(),
             plans: Mutex::default(),
             builds: Default::default(),
+            page_walks: Default::default(),
         };
         op.plan_text(1)?;
         // On CUDA the single-token kernel's occupancy says exactly how many items run at once.
@@ -117,6 +120,14 @@ impl Decode {
     /// block of each sequence, not every step.
     pub fn work_list_builds(&self) -> u64 {
         self.builds.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Families (one KV head of one sequence, per group of queried tokens) whose KV blocks the builds so far
+    /// read from the page tables. A build after the last call over the same sequences in the same order
+    /// takes the blocks of every sequence that kept its pages and query blocks from that call's lists, so
+    /// in a token loop only the sequences that crossed a block boundary walk their page tables.
+    pub fn page_walks(&self) -> u64 {
+        self.page_walks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Device buffers this op has created so far: constant over steady-state calls (the work list goes
@@ -222,6 +233,19 @@ impl Decode {
     /// segment the sequences live in, as `(segment, list)`; rows are numbered by the sequences' positions
     /// in `seqs`, partial slots of different lists do not overlap.
     pub fn work_lists(&self, cache: &KvCache, seqs: &[SeqId], q_len: u32) -> Result<Vec<(usize, WorkList)>> {
+        self.build_lists(cache, seqs, q_len, None).map(|(lists, _)| lists)
+    }
+
+    /// [`Decode::work_lists`], taking the entries of the families of every sequence `reuse` marks from the
+    /// lists of an earlier call over the same sequences in the same order (`StepPlan::unchanged`) instead
+    /// of walking its page tables; also returns the families that walked theirs.
+    fn build_lists(
+        &self,
+        cache: &KvCache,
+        seqs: &[SeqId],
+        q_len: u32,
+        reuse: Option<(&StepPlan, &[bool])>,
+    ) -> Result<(Vec<(usize, WorkList)>, u64)> {
         self.check_cache(cache)?;
         if seqs.is_empty() {
             return Err(Error::Shape("seqs: a decode call needs at least one sequence".into()));
@@ -252,9 +276,15 @@ impl Decode {
         used.dedup();
         let mut lists = Vec::with_capacity(used.len());
         let mut first_slot = 0;
+        let mut walked = 0;
         for segment in used {
             let mut builder = WorkListBuilder::new(&self.layout, shape);
+            // The earlier call's list of this segment, whose families come in the same order as these.
+            let earlier = reuse
+                .and_then(|(plan, same)| plan.lists.iter().find(|(s, _)| *s == segment).map(|(_, list)| (list, same)));
+            let mut family = 0;
             for (si, &seq) in seqs.iter().enumerate().filter(|&(i, _)| segments[i] == segment) {
+                let reused = earlier.filter(|(_, same)| same.get(si).copied().unwrap_or(false)).map(|(list, _)| list);
                 let si = si as u32;
                 for kvh in 0..hk_n {
                     let len = cache.resident(seq, kvh)?.0;
@@ -279,7 +309,14 @@ impl Decode {
                             self.all_resident(cache, seq, kvh, &rows),
                             "{seq}: a page KV head {kvh} needs was evicted"
                         );
-                        builder.family(rows, resident.map(|(kb, page)| (kb, page.index() * bs * d4)));
+                        match reused {
+                            Some(list) => builder.family_of_entries(rows, list.entries_of_family(family)),
+                            None => {
+                                walked += 1;
+                                builder.family(rows, resident.map(|(kb, page)| (kb, page.index() * bs * d4)));
+                            }
+                        }
+                        family += 1;
                     }
                 }
             }
@@ -287,7 +324,7 @@ impl Decode {
             first_slot = list.partial_slots().end;
             lists.push((segment, list));
         }
-        Ok(lists)
+        Ok((lists, walked))
     }
 
     fn check_cache(&self, cache: &KvCache) -> Result<()> {
@@ -313,17 +350,23 @@ impl Decode {
             .map(|&s| cache.step_state(s).map(|(len, epoch)| SeqState { len, epoch }))
             .collect::<Result<Vec<_>>>()?;
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-        let patched = plans.get_mut(&q_len).is_some_and(|p| p.advance(seqs, &states, q_len, self.layout.block_size()));
+        let bs = self.layout.block_size();
+        let patched = plans.get_mut(&q_len).is_some_and(|p| p.advance(seqs, &states, q_len, bs));
         if !patched {
-            plans.remove(&q_len);
-            let lists = self.work_lists(cache, seqs, q_len)?;
+            // Sequences that kept their pages and query blocks take their families' entries from the last
+            // call's lists; the others walk their page tables.
+            let earlier = plans.remove(&q_len);
+            let same = earlier.as_ref().and_then(|p| p.unchanged(seqs, &states, q_len, bs));
+            let reuse = earlier.as_ref().zip(same.as_deref());
+            let (lists, walked) = self.build_lists(cache, seqs, q_len, reuse)?;
             self.builds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.page_walks.fetch_add(walked, std::sync::atomic::Ordering::Relaxed);
             plans.insert(q_len, StepPlan::new(seqs, states, lists));
         }
         let plan = plans.get(&q_len).ok_or_else(|| Error::Device("decode work lists went missing".into()))?;
         debug_assert!(
-            !patched || self.work_lists(cache, seqs, q_len).is_ok_and(|fresh| fresh == plan.lists),
-            "patched decode work lists differ from a fresh build"
+            self.work_lists(cache, seqs, q_len).is_ok_and(|fresh| fresh == plan.lists),
+            "patched or partly reused decode work lists differ from a fresh build"
         );
         f(&plan.lists)
     }

@@ -5,7 +5,9 @@
 //! token enters another query block or a sequence's pages change (a page allocated or freed, both at
 //! block boundaries). Between those the lists differ only in each item's key count and query position,
 //! so a step patches those (O(items)) instead of walking every resident page again (O(pages)); the
-//! entries keep their upload tag, so the device copy of them is reused too.
+//! entries keep their upload tag, so the device copy of them is reused too. A step that must rebuild
+//! (some sequence crossed a query block or changed pages) still takes the entries of every other
+//! sequence's families from these lists: only the sequences that changed walk their page tables.
 
 use super::kv_cache::SeqId;
 use super::worklist::WorkList;
@@ -39,15 +41,7 @@ impl StepPlan {
     /// the lists a fresh build gives: other sequences or order, a sequence shorter than before or with
     /// other pages, or a queried token in another query block of `block_size` tokens than before.
     pub(crate) fn advance(&mut self, seqs: &[SeqId], states: &[SeqState], q_len: u32, block_size: u32) -> bool {
-        if self.seqs != seqs || self.states.len() != states.len() || q_len == 0 {
-            return false;
-        }
-        let same_blocks =
-            |old: u32, new: u32| (0..q_len).all(|t| (old + t - q_len) / block_size == (new + t - q_len) / block_size);
-        let reusable = self.states.iter().zip(states).all(|(old, new)| {
-            old.epoch == new.epoch && new.len >= old.len && old.len >= q_len && same_blocks(old.len, new.len)
-        });
-        if !reusable {
+        if !self.unchanged(seqs, states, q_len, block_size).is_some_and(|same| same.iter().all(|&s| s)) {
             return false;
         }
         // Rows of sequence `si` are query tokens si * q_len .. (si + 1) * q_len.
@@ -60,6 +54,32 @@ impl StepPlan {
         }
         self.states.copy_from_slice(states);
         true
+    }
+
+    /// Per sequence of a call over the same `seqs` in the same order (else `None`): whether its families'
+    /// entries in these lists are those a fresh build gives now in `states` (same pages, no shorter, every
+    /// queried token in the same query block of `block_size` tokens as before).
+    pub(crate) fn unchanged(
+        &self,
+        seqs: &[SeqId],
+        states: &[SeqState],
+        q_len: u32,
+        block_size: u32,
+    ) -> Option<Vec<bool>> {
+        if self.seqs != seqs || self.states.len() != states.len() || q_len == 0 {
+            return None;
+        }
+        let same_blocks =
+            |old: u32, new: u32| (0..q_len).all(|t| (old + t - q_len) / block_size == (new + t - q_len) / block_size);
+        Some(
+            self.states
+                .iter()
+                .zip(states)
+                .map(|(old, new)| {
+                    old.epoch == new.epoch && new.len >= old.len && old.len >= q_len && same_blocks(old.len, new.len)
+                })
+                .collect(),
+        )
     }
 }
 
@@ -98,5 +118,19 @@ mod tests {
         let mut p = plan(&[6]);
         assert!(!p.advance(&seqs[..1], &states(&[7], 0), 4, 4));
         assert!(plan(&[6]).advance(&seqs[..1], &states(&[6], 0), 4, 4));
+    }
+
+    #[test]
+    fn a_rebuild_keeps_the_sequences_that_did_not_change() {
+        let seqs: Vec<SeqId> = (0..3).map(SeqId::for_tests).collect();
+        let p = plan(&[127, 100, 60]);
+        // The first crosses into query block 2, the others stay: only the first walks its page tables.
+        assert_eq!(p.unchanged(&seqs, &states(&[129, 101, 63], 0), 1, 64), Some(vec![false, true, true]));
+        // Other pages (epoch), a shorter sequence: walked too.
+        let moved = [SeqState { len: 128, epoch: 0 }, SeqState { len: 100, epoch: 1 }, SeqState { len: 59, epoch: 0 }];
+        assert_eq!(p.unchanged(&seqs, &moved, 1, 64), Some(vec![true, false, false]));
+        // Other sequences or another order: nothing to take from.
+        assert_eq!(p.unchanged(&seqs[..2], &states(&[127, 100], 0), 1, 64), None);
+        assert_eq!(p.unchanged(&[seqs[1], seqs[0], seqs[2]], &states(&[127, 100, 60], 0), 1, 64), None);
     }
 }

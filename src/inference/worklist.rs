@@ -195,6 +195,8 @@ pub struct WorkList {
     slots: Range<u32>,
     blocks_per_split: u32,
     family_count: usize,
+    /// Each family's entries, in the order the families were added (before splitting).
+    family_entries: Vec<Range<u32>>,
     /// Tells the entries of this build apart from any other's (see [`WorkList::upload_tag`]).
     upload_tag: u64,
     /// Tells these items and combine records apart from any other list's: fresh at every build and
@@ -211,6 +213,7 @@ impl PartialEq for WorkList {
             && self.slots == other.slots
             && self.blocks_per_split == other.blocks_per_split
             && self.family_count == other.family_count
+            && self.family_entries == other.family_entries
     }
 }
 
@@ -243,6 +246,10 @@ impl WorkList {
     /// Families (before splitting).
     pub fn families(&self) -> usize {
         self.family_count
+    }
+    /// The entries of family `k` (in the order the families were added; none past the last).
+    pub(crate) fn entries_of_family(&self, k: usize) -> &[WorkEntry] {
+        self.family_entries.get(k).map_or(&[], |r| &self.entries[r.start as usize..r.end as usize])
     }
     /// Blocks per split item chosen by the [`SplitPolicy`] (`u32::MAX`: no split).
     pub fn blocks_per_split(&self) -> u32 {
@@ -322,6 +329,14 @@ impl<'a> WorkListBuilder<'a> {
         self.families.push((rows, e0..self.entries.len() as u32));
     }
 
+    /// Adds a family whose entries are already known (those [`WorkListBuilder::family`] gave the same rows'
+    /// query blocks against the same resident blocks).
+    pub(crate) fn family_of_entries(&mut self, rows: WorkItem, entries: &[WorkEntry]) {
+        let e0 = self.entries.len() as u32;
+        self.entries.extend_from_slice(entries);
+        self.families.push((rows, e0..self.entries.len() as u32));
+    }
+
     /// Splits the families by `policy` into items and combine records, numbering partial slots from
     /// `first_slot`.
     pub(crate) fn finish(self, policy: &SplitPolicy, first_slot: u32) -> WorkList {
@@ -354,6 +369,7 @@ impl<'a> WorkListBuilder<'a> {
             slots: first_slot..slots,
             blocks_per_split: bps,
             family_count: self.families.len(),
+            family_entries: self.families.iter().map(|(_, r)| r.clone()).collect(),
             upload_tag: NEXT_UPLOAD_TAG.fetch_add(1, Ordering::Relaxed),
             items_tag: NEXT_UPLOAD_TAG.fetch_add(1, Ordering::Relaxed),
         }
