@@ -44,7 +44,9 @@ pub use backward::{AttentionGrad, Grads};
 pub use context::{Backend, Context, ContextOptions};
 pub use error::{Error, Result};
 pub use gpu::{TensorView, Timing};
-pub use inference::{varlen_forward, Decode, KvCache, KvCacheConfig, MemoryReport, SeqId, SeqLens, VarlenAttention};
+pub use inference::{
+    varlen_forward, Decode, EncodedAppend, KvCache, KvCacheConfig, MemoryReport, SeqId, SeqLens, VarlenAttention,
+};
 pub use layout::{BlockIndex, BlockMask, Direction, Layout, S2Config};
 pub use multi::{Assignment, MultiDevice, MultiPlan, Split};
 pub use plan::{DType, DispatchPlan, KernelVariant, MergeQPlan, Shape};

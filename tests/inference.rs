@@ -11,8 +11,8 @@ use common::{from_bytes, poisoned, read_back, tolerance, upload, wgpu_context, R
 use s2attn::cpu::{attend_worklist, rel_l2_error, varlen_reference, Reference};
 use s2attn::inference::SplitPolicy;
 use s2attn::{
-    Attention, BlockMask, DType, Decode, Error, KvCache, KvCacheConfig, Layout, S2Config, SeqId, SeqLens, Shape,
-    TensorView, VarlenAttention,
+    Attention, BlockMask, DType, Decode, EncodedAppend, Error, KvCache, KvCacheConfig, Layout, S2Config, SeqId,
+    SeqLens, Shape, TensorView, VarlenAttention,
 };
 
 const D: u32 = 32;
@@ -967,4 +967,98 @@ fn one_encoder_holds_several_appends_and_calls_of_each_op() {
         let once = record(&f, 1);
         assert_eq!(record(&f, 20), once, "identical calls in one encoder created buffers ({dtype})");
     }
+}
+
+#[test]
+fn a_batch_of_appends_is_one_call_and_all_or_nothing() {
+    // Three sequences appended in one call per step from one interleaved [K | V] buffer (prompt chunks for
+    // some, single tokens for others): the pools equal those the host path fills with the same rows, and
+    // decoding matches the oracle. A batch with a sequence twice, a bad member, or more pages than the pool
+    // has for all of its members fails and changes nothing.
+    let layout = s2(S2Config::new(4, 16, 2, 3).kv_heads(2));
+    let (device, queue) = common::device();
+    for (i, dtype) in F32_F16.into_iter().enumerate() {
+        let config = KvCacheConfig::new(D, dtype, 256).sequences(3);
+        let mut host = Fixture::new(&layout, dtype, config.clone(), 1_400 + i as u64);
+        let mut dev = Fixture::new(&layout, dtype, config, 0);
+        let mut seqs: Vec<Seq> = (0..3).map(|_| host.add()).collect();
+        let ids: Vec<SeqId> = (0..3).map(|_| dev.cache.add_sequence()).collect();
+        let row = host.kv_row();
+        let stride = 2 * row as u64;
+        for (step, counts) in [[40u32, 1, 17], [1, 1, 1], [1, 30, 1], [1, 1, 1]].into_iter().enumerate() {
+            // The host path appends the rows; the same rows, sequence after sequence, go into one buffer.
+            let mut inter = Vec::new();
+            let mut starts = Vec::new();
+            for (s, &n) in seqs.iter_mut().zip(&counts) {
+                let before = s.k.len();
+                host.append(s, n);
+                starts.push((inter.len() / (2 * row)) as u64);
+                for t in 0..n as usize {
+                    inter.extend_from_slice(&s.k[before + t * row..][..row]);
+                    inter.extend_from_slice(&s.v[before + t * row..][..row]);
+                }
+            }
+            let buf = upload(&common::to_bytes(dtype, &inter));
+            let batch: Vec<EncodedAppend> = (0..3)
+                .map(|j| EncodedAppend {
+                    seq: ids[j],
+                    k: TensorView::strided(&buf, starts[j] * stride, stride),
+                    v: TensorView::strided(&buf, starts[j] * stride + row as u64, stride),
+                    tokens: counts[j],
+                })
+                .collect();
+            let mut encoder = device.create_command_encoder(&Default::default());
+            dev.cache.append_encoded_batch(&mut encoder, &batch).unwrap_or_else(|e| panic!("step {step}: {e}"));
+            queue.submit([encoder.finish()]);
+        }
+        let (hk, hv) = host.cache.pools(0).expect("host pools");
+        let (dk, dv) = dev.cache.pools(0).expect("device pools");
+        assert!(read_back(hk) == read_back(dk), "K pools differ ({dtype})");
+        assert!(read_back(hv) == read_back(dv), "V pools differ ({dtype})");
+        let views: Vec<Seq> =
+            seqs.iter().zip(&ids).map(|(s, &id)| Seq { id, k: s.k.clone(), v: s.v.clone() }).collect();
+        dev.check_decode(&views.iter().collect::<Vec<_>>(), 1, &format!("decode after batched appends ({dtype})"));
+
+        // Failing batches change nothing.
+        let lens = |f: &Fixture| ids.iter().map(|&id| f.cache.seq_len(id).expect("len")).collect::<Vec<_>>();
+        let before = (lens(&dev), dev.cache.free_pages());
+        let rows = upload(&common::to_bytes(dtype, &vec![0.5; 4 * row]));
+        let small = upload(&common::to_bytes(dtype, &vec![0.5; row]));
+        let view = |b| TensorView::new(b);
+        let good = |seq| EncodedAppend { seq, k: view(&rows), v: view(&rows), tokens: 2 };
+        let cases: [(&str, Vec<EncodedAppend>); 3] = [
+            ("a sequence twice", vec![good(ids[0]), good(ids[1]), good(ids[0])]),
+            (
+                "a view too small",
+                vec![good(ids[0]), EncodedAppend { seq: ids[1], k: view(&small), v: view(&small), tokens: 2 }],
+            ),
+            ("no tokens", vec![good(ids[2]), EncodedAppend { tokens: 0, ..good(ids[1]) }]),
+        ];
+        for (what, batch) in cases {
+            let mut encoder = device.create_command_encoder(&Default::default());
+            assert!(dev.cache.append_encoded_batch(&mut encoder, &batch).is_err(), "{what}: accepted");
+            assert_eq!((lens(&dev), dev.cache.free_pages()), before, "{what}: the cache changed");
+        }
+    }
+    // Room for one sequence's append but not for two: the batch of both fails whole; one alone fits.
+    let dtype = DType::F32;
+    let mut probe = Fixture::new(&layout, dtype, KvCacheConfig::new(D, dtype, 256), 1_500);
+    let mut s = probe.add();
+    probe.append(&mut s, 100);
+    let need = probe.cache.memory_report().resident_pages as u32;
+    let config = KvCacheConfig::new(D, dtype, 256).sequences(2).max_pages(need + need / 2);
+    let mut f = Fixture::new(&layout, dtype, config, 1_501);
+    let (a, b) = (f.cache.add_sequence(), f.cache.add_sequence());
+    let rows = upload(&common::to_bytes(dtype, &vec![0.5; 100 * f.kv_row()]));
+    let append = |seq| EncodedAppend { seq, k: TensorView::new(&rows), v: TensorView::new(&rows), tokens: 100 };
+    let free = f.cache.free_pages();
+    let mut encoder = device.create_command_encoder(&Default::default());
+    match f.cache.append_encoded_batch(&mut encoder, &[append(a), append(b)]) {
+        Err(Error::CacheFull { .. }) => {}
+        other => panic!("two appends past the pool: {other:?}"),
+    }
+    assert_eq!((f.cache.seq_len(a).ok(), f.cache.seq_len(b).ok(), f.cache.free_pages()), (Some(0), Some(0), free));
+    f.cache.append_encoded_batch(&mut encoder, &[append(a)]).expect("one append fits");
+    queue.submit([encoder.finish()]);
+    assert_eq!(f.cache.seq_len(a).ok(), Some(100));
 }

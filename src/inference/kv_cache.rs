@@ -27,6 +27,30 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// One append of [`KvCache::append_encoded_batch`]: `tokens` rows of `[kv_heads, head_dim]` for `seq`,
+/// K and V read from device buffers (views as [`KvCache::append_encoded`] takes them).
+#[derive(Clone, Copy, Debug)]
+pub struct EncodedAppend<'a> {
+    /// The sequence appended to.
+    pub seq: SeqId,
+    /// Its K rows.
+    pub k: TensorView<'a>,
+    /// Its V rows.
+    pub v: TensorView<'a>,
+    /// Tokens appended (at least 1).
+    pub tokens: u32,
+}
+
+/// What an append changes in one sequence's page tables: pages to free, blocks that get a page, lengths.
+struct Claim {
+    seq: SeqId,
+    segment: usize,
+    len0: u32,
+    len1: u32,
+    evict: Vec<(u32, u32)>,
+    fresh: Vec<(u32, u32)>,
+}
+
 /// A sequence in a [`KvCache`], handed out by [`KvCache::add_sequence`]. Ids are never reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SeqId(u64);
@@ -439,7 +463,7 @@ impl KvCache {
     /// seeing the cache as it stood when recorded; submit it before host calls read or change this cache
     /// ([`Decode::run`](crate::Decode::run), [`KvCache::append`]: host writes land at the next submit,
     /// ahead of all recorded work). Fails without changing anything as `append` does, and on views too
-    /// small or misaligned.
+    /// small or misaligned. A batch's appends are one dispatch with [`KvCache::append_encoded_batch`].
     pub fn append_encoded(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
@@ -448,57 +472,129 @@ impl KvCache {
         v: &TensorView<'_>,
         tokens: u32,
     ) -> Result<()> {
-        if tokens == 0 {
-            return Err(Error::Shape("append_encoded: tokens must be at least 1".into()));
-        }
+        self.append_encoded_batch(encoder, &[EncodedAppend { seq, k: *k, v: *v, tokens }])
+    }
+
+    /// Records the appends of a batch of distinct sequences as [`KvCache::append_encoded`] does, as one
+    /// dispatch per pool segment and pair of source buffers (a decode step of a batch whose K and V rows
+    /// sit in one buffer appends every sequence in one dispatch). All or nothing: every append is checked,
+    /// and the pool's room for all of them, before any page table changes.
+    pub fn append_encoded_batch(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        appends: &[EncodedAppend<'_>],
+    ) -> Result<()> {
         let (hk, d) = (self.layout.num_kv_heads(), self.config.head_dim);
         let row = hk as u64 * d as u64;
         let dtype = self.config.dtype;
-        let wgpu = self.wgpu_ctx("append_encoded")?;
-        let (k_off, k_stride) = kv_append::source_words(wgpu, "k", k, tokens, row, dtype)?;
-        let (v_off, v_stride) = kv_append::source_words(wgpu, "v", v, tokens, row, dtype)?;
         let ctx = self.wgpu_ctx("append_encoded")?.clone();
-        let s = self.sequence(seq)?;
-        let pool_words = self.segments[s.segment].pools.bytes() / 4;
-        if pool_words > u32::MAX as u64 {
-            return Err(Error::Unsupported(format!(
-                "append_encoded addresses pool segments in 32-bit words; this one has {pool_words} (cap segment_pages)"
-            )));
+        // Check every append: views, lengths, sequences (each once), 32-bit addressing of its segment.
+        let mut sources = Vec::with_capacity(appends.len());
+        let mut plans = Vec::with_capacity(appends.len());
+        for (i, a) in appends.iter().enumerate() {
+            if a.tokens == 0 {
+                return Err(Error::Shape(format!(
+                    "append_encoded: appends[{i}] ({}): tokens must be at least 1",
+                    a.seq
+                )));
+            }
+            if appends[..i].iter().any(|b| b.seq == a.seq) {
+                return Err(Error::Shape(format!("append_encoded_batch: {} appears more than once", a.seq)));
+            }
+            let (k_off, k_stride) = kv_append::source_words(&ctx, "k", &a.k, a.tokens, row, dtype)?;
+            let (v_off, v_stride) = kv_append::source_words(&ctx, "v", &a.v, a.tokens, row, dtype)?;
+            let s = self.sequence(a.seq)?;
+            let pool_words = self.segments[s.segment].pools.bytes() / 4;
+            if pool_words > u32::MAX as u64 {
+                return Err(Error::Unsupported(format!(
+                    "append_encoded addresses pool segments in 32-bit words; this one has {pool_words} (cap segment_pages)"
+                )));
+            }
+            sources.push((k_off, k_stride, v_off, v_stride));
+            plans.push(self.plan_claim(a.seq, a.tokens as u64)?);
+        }
+        // The pool's room for all of them, segment by segment.
+        for segment in 0..self.segments.len() {
+            let (fresh, evict) = plans
+                .iter()
+                .filter(|p| p.segment == segment)
+                .fold((0u64, 0u64), |(f, e), p| (f + p.fresh.len() as u64, e + p.evict.len() as u64));
+            let free = self.segments[segment].pool.free() as u64;
+            if fresh > free + evict {
+                return Err(Error::CacheFull {
+                    what: format!(
+                        "appending a batch of {} sequences (segment {segment} of {})",
+                        appends.len(),
+                        self.segments.len()
+                    ),
+                    needed: fresh - evict,
+                    free,
+                    capacity: self.segments[segment].pool.capacity() as u64,
+                });
+            }
         }
         if self.appender.is_none() {
             let max_pages = hk as u64 * (self.layout.blocks(self.config.max_seq_len) as u64 + 1);
             self.appender = Some(kv_append::Appender::new(&ctx, max_pages)?);
         }
-        let (len0, len1) = self.claim(seq, tokens as u64)?;
+        let appender = self.appender.as_ref().ok_or_else(|| Error::Device("the append kernel is missing".into()))?;
+        // The dispatches' sizes, before anything changes.
+        let mut groups: Vec<(usize, &wgpu::Buffer, &wgpu::Buffer, Vec<usize>)> = Vec::new();
+        for (i, (a, p)) in appends.iter().zip(&plans).enumerate() {
+            match groups.iter_mut().find(|g| g.0 == p.segment && g.1 == a.k.buffer && g.2 == a.v.buffer) {
+                Some(g) => g.3.push(i),
+                None => groups.push((p.segment, a.k.buffer, a.v.buffer, vec![i])),
+            }
+        }
+        for (_, _, _, members) in &groups {
+            let tokens: u64 = members.iter().map(|&i| appends[i].tokens as u64).sum();
+            appender.dispatch_size(tokens * row * dtype.size() / 4, tokens)?;
+        }
+        // Apply: page tables, then one dispatch per group.
+        let mut lens = Vec::with_capacity(plans.len());
+        for plan in plans {
+            lens.push(self.apply_claim(plan)?);
+        }
         let bs = self.layout.block_size();
-        let (first, last) = (len0 / bs, (len1 - 1) / bs);
         let row_words = (d as u64 * dtype.size() / 4) as u32;
-        let s = &self.seqs[&seq.0];
-        let page_words: Vec<u32> = s
-            .tables
-            .iter()
-            .flat_map(|table| {
-                (first..=last).map(move |kb| table.get(kb).map_or(u32::MAX, |p| p.index() * bs * row_words))
-            })
-            .collect();
-        let params = kv_append::AppendParams {
-            tokens,
-            kv_heads: hk,
-            row_words,
-            block_size: bs,
-            len0,
-            first_block: first,
-            blocks: last - first + 1,
-            k_off,
-            k_stride,
-            v_off,
-            v_stride,
-            pad: 0,
-        };
-        let (pool_k, pool_v) =
-            self.segments[s.segment].pools.wgpu().ok_or_else(|| Error::Device("no wgpu pools".into()))?;
-        let appender = self.appender.as_mut().ok_or_else(|| Error::Device("the append kernel is missing".into()))?;
-        appender.encode(encoder, &params, &page_words, [k.buffer, v.buffer], [pool_k, pool_v])
+        for (segment, k_buf, v_buf, members) in groups {
+            let batch: Vec<(kv_append::AppendParams, Vec<u32>)> = members
+                .iter()
+                .map(|&i| {
+                    let (len0, len1) = lens[i];
+                    let (first, last) = (len0 / bs, (len1 - 1) / bs);
+                    let (k_off, k_stride, v_off, v_stride) = sources[i];
+                    let tables = &self.seqs[&appends[i].seq.0].tables;
+                    let page_words: Vec<u32> = tables
+                        .iter()
+                        .flat_map(|table| {
+                            (first..=last).map(move |kb| table.get(kb).map_or(u32::MAX, |p| p.index() * bs * row_words))
+                        })
+                        .collect();
+                    let params = kv_append::AppendParams {
+                        tokens: appends[i].tokens,
+                        kv_heads: hk,
+                        row_words,
+                        block_size: bs,
+                        len0,
+                        first_block: first,
+                        blocks: last - first + 1,
+                        k_off,
+                        k_stride,
+                        v_off,
+                        v_stride,
+                        ..Default::default()
+                    };
+                    (params, page_words)
+                })
+                .collect();
+            let (pool_k, pool_v) =
+                self.segments[segment].pools.wgpu().ok_or_else(|| Error::Device("no wgpu pools".into()))?;
+            let appender =
+                self.appender.as_mut().ok_or_else(|| Error::Device("the append kernel is missing".into()))?;
+            appender.encode(encoder, &batch, [k_buf, v_buf], [pool_k, pool_v])?;
+        }
+        Ok(())
     }
 
     /// Makes room for `new_tokens` more tokens of `seq`: frees the pages no future query needs any more,
@@ -506,7 +602,29 @@ impl KvCache {
     /// page table's capacity and the pool's room first and changes nothing when either fails. Returns the
     /// length before and after.
     fn claim(&mut self, seq: SeqId, new_tokens: u64) -> Result<(u32, u32)> {
-        let len0 = self.sequence(seq)?.len;
+        let plan = self.plan_claim(seq, new_tokens)?;
+        let segment = &self.segments[plan.segment];
+        let room = segment.pool.free() as u64 + plan.evict.len() as u64;
+        if plan.fresh.len() as u64 > room {
+            return Err(Error::CacheFull {
+                what: format!(
+                    "appending {} tokens to {seq} (segment {} of {})",
+                    plan.len1 - plan.len0,
+                    plan.segment,
+                    self.segments.len()
+                ),
+                needed: plan.fresh.len() as u64 - plan.evict.len() as u64,
+                free: segment.pool.free() as u64,
+                capacity: segment.pool.capacity() as u64,
+            });
+        }
+        self.apply_claim(plan)
+    }
+
+    /// What [`KvCache::claim`] would change, without changing it (the pool's room is the caller's check).
+    fn plan_claim(&self, seq: SeqId, new_tokens: u64) -> Result<Claim> {
+        let s = self.sequence(seq)?;
+        let len0 = s.len;
         let tokens = len0 as u64 + new_tokens;
         if tokens > self.config.max_seq_len as u64 {
             return Err(Error::PageTableOverflow { seq: seq.0, tokens, capacity: self.config.max_seq_len as u64 });
@@ -515,9 +633,6 @@ impl KvCache {
         let bs = self.layout.block_size();
         let qb_min = self.qb_min(len1);
         let touched = len0 / bs..=(len1 - 1) / bs;
-
-        // Plan: pages to free and blocks that need a new page; check the pool's room before changing anything.
-        let s = &self.seqs[&seq.0];
         let mut evict = Vec::new();
         let mut fresh = Vec::new();
         // Every resident page was kept for the first future query block of the length before; only when
@@ -537,34 +652,28 @@ impl KvCache {
                     .map(|kb| (kvh, kb)),
             );
         }
-        let (n_segments, segment) = (self.segments.len(), &mut self.segments[s.segment]);
-        let room = segment.pool.free() as u64 + evict.len() as u64;
-        if fresh.len() as u64 > room {
-            return Err(Error::CacheFull {
-                what: format!("appending {} tokens to {seq} (segment {} of {n_segments})", len1 - len0, s.segment),
-                needed: fresh.len() as u64 - evict.len() as u64,
-                free: segment.pool.free() as u64,
-                capacity: segment.pool.capacity() as u64,
-            });
-        }
+        Ok(Claim { seq, segment: s.segment, len0, len1, evict, fresh })
+    }
 
-        let s = self.seqs.get_mut(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
-        if !evict.is_empty() || !fresh.is_empty() {
+    /// Applies a planned claim whose room was checked; returns the length before and after.
+    fn apply_claim(&mut self, plan: Claim) -> Result<(u32, u32)> {
+        let segment = &mut self.segments[plan.segment];
+        let s = self.seqs.get_mut(&plan.seq.0).ok_or(Error::UnknownSequence(plan.seq.0))?;
+        if !plan.evict.is_empty() || !plan.fresh.is_empty() {
             s.epoch += 1;
         }
-        for (kvh, kb) in evict {
+        for (kvh, kb) in plan.evict {
             if let Some(page) = s.tables[kvh as usize].remove(kb) {
                 segment.pool.release(page);
             }
         }
-        for (kvh, kb) in fresh {
+        for (kvh, kb) in plan.fresh {
             let page =
                 segment.pool.alloc().ok_or_else(|| Error::Device("KV page pool accounting is inconsistent".into()))?;
             s.tables[kvh as usize].insert(kb, page);
         }
-        s.len = len1;
-
-        Ok((len0, len1))
+        s.len = plan.len1;
+        Ok((plan.len0, plan.len1))
     }
 
     /// Pages in use and what a dense cache would hold.

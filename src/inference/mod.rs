@@ -19,7 +19,7 @@ mod varlen;
 mod worklist;
 
 pub use decode::Decode;
-pub use kv_cache::{KvCache, KvCacheConfig, MemoryReport, SeqId};
+pub use kv_cache::{EncodedAppend, KvCache, KvCacheConfig, MemoryReport, SeqId};
 pub use page_table::{KvPage, PageTable};
 pub use varlen::{varlen_forward, SeqLens, VarlenAttention};
 pub use worklist::{RowShape, SplitPolicy, WorkEntry, WorkItem, WorkList};
