@@ -1061,4 +1061,38 @@ fn a_batch_of_appends_is_one_call_and_all_or_nothing() {
     f.cache.append_encoded_batch(&mut encoder, &[append(a)]).expect("one append fits");
     queue.submit([encoder.finish()]);
     assert_eq!(f.cache.seq_len(a).ok(), Some(100));
+
+    // A full pool where one member's new pages are those another member frees: with a window of 3 queried
+    // tokens, A's next token moves its first future query block on (two pages freed, none needed) while B's
+    // starts a block (two needed). The batch [B, A] fits because every member's pages are freed first.
+    let config = |pages| KvCacheConfig::new(D, dtype, 256).sequences(2).query_window(3).max_pages(pages);
+    let (len_a, len_b) = (16 * 6 + 2, 16 * 3);
+    let setup = |pages| {
+        let mut f = Fixture::new(&layout, dtype, config(pages), 1_502);
+        let (mut a, mut b) = (f.add(), f.add());
+        f.append(&mut a, len_a);
+        f.append(&mut b, len_b);
+        (f, a, b)
+    };
+    let (mut probe, mut pa, mut pb) = setup(64);
+    let used = probe.cache.memory_report().resident_pages as u32;
+    let free = probe.cache.free_pages();
+    probe.append(&mut pa, 1);
+    assert_eq!(probe.cache.free_pages(), free + 2, "A's token frees two pages and takes none");
+    probe.append(&mut pb, 1);
+    assert_eq!(probe.cache.free_pages(), free, "B's token takes two pages");
+    let (mut f, mut a, mut b) = setup(used);
+    assert_eq!(f.cache.free_pages(), 0);
+    let row = f.kv_row();
+    let rows = upload(&common::to_bytes(dtype, &f.rng.tensor(row, dtype)));
+    let one = |seq| EncodedAppend { seq, k: TensorView::new(&rows), v: TensorView::new(&rows), tokens: 1 };
+    let mut encoder = device.create_command_encoder(&Default::default());
+    f.cache.append_encoded_batch(&mut encoder, &[one(b.id), one(a.id)]).expect("B's pages are the ones A frees");
+    queue.submit([encoder.finish()]);
+    let token: Vec<f32> = from_bytes(dtype, &read_back(&rows));
+    for s in [&mut a, &mut b] {
+        s.k.extend_from_slice(&token);
+        s.v.extend_from_slice(&token);
+    }
+    f.check_decode(&[&a, &b], 1, "decode after a batch that reused freed pages");
 }

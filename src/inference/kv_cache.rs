@@ -550,10 +550,14 @@ impl KvCache {
             let tokens: u64 = members.iter().map(|&i| appends[i].tokens as u64).sum();
             appender.dispatch_size(tokens * row * dtype.size() / 4, tokens)?;
         }
-        // Apply: page tables, then one dispatch per group.
+        // Apply: every member's freed pages first (another member's new pages may be those), then the new
+        // pages, then one dispatch per group.
+        for plan in &plans {
+            self.release_claim(plan);
+        }
         let mut lens = Vec::with_capacity(plans.len());
         for plan in plans {
-            lens.push(self.apply_claim(plan)?);
+            lens.push(self.fill_claim(plan)?);
         }
         let bs = self.layout.block_size();
         let row_words = (d as u64 * dtype.size() / 4) as u32;
@@ -618,7 +622,8 @@ impl KvCache {
                 capacity: segment.pool.capacity() as u64,
             });
         }
-        self.apply_claim(plan)
+        self.release_claim(&plan);
+        self.fill_claim(plan)
     }
 
     /// What [`KvCache::claim`] would change, without changing it (the pool's room is the caller's check).
@@ -655,17 +660,24 @@ impl KvCache {
         Ok(Claim { seq, segment: s.segment, len0, len1, evict, fresh })
     }
 
-    /// Applies a planned claim whose room was checked; returns the length before and after.
-    fn apply_claim(&mut self, plan: Claim) -> Result<(u32, u32)> {
+    /// Frees the pages a planned claim no longer needs (the first half of applying it).
+    fn release_claim(&mut self, plan: &Claim) {
+        let segment = &mut self.segments[plan.segment];
+        let Some(s) = self.seqs.get_mut(&plan.seq.0) else { return };
+        for &(kvh, kb) in &plan.evict {
+            if let Some(page) = s.tables[kvh as usize].remove(kb) {
+                segment.pool.release(page);
+            }
+        }
+    }
+
+    /// Gives the planned claim's blocks their pages and sets the new length (the second half of applying a
+    /// claim whose room was checked, after [`KvCache::release_claim`]); returns the length before and after.
+    fn fill_claim(&mut self, plan: Claim) -> Result<(u32, u32)> {
         let segment = &mut self.segments[plan.segment];
         let s = self.seqs.get_mut(&plan.seq.0).ok_or(Error::UnknownSequence(plan.seq.0))?;
         if !plan.evict.is_empty() || !plan.fresh.is_empty() {
             s.epoch += 1;
-        }
-        for (kvh, kb) in plan.evict {
-            if let Some(page) = s.tables[kvh as usize].remove(kb) {
-                segment.pool.release(page);
-            }
         }
         for (kvh, kb) in plan.fresh {
             let page =
