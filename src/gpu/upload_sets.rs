@@ -24,6 +24,14 @@ struct Slot<T> {
     users: Arc<AtomicUsize>,
 }
 
+/// The error of a call past [`MAX_SETS`] calls in flight.
+pub(crate) fn too_many(what: &str) -> Error {
+    Error::Unsupported(format!(
+        "{what}: {MAX_SETS} calls recorded whose work has not run yet; submit their encoders and let the device \
+         finish (poll or wait) before recording more"
+    ))
+}
+
 /// Ends one recorded call's use of a set when dropped: when its work has run (the callback ran) or its
 /// encoder was dropped unsubmitted (the callback was dropped unrun).
 struct Release(Arc<AtomicUsize>);
@@ -60,6 +68,13 @@ impl<T> UploadSets<T> {
         self.slots.len()
     }
 
+    /// How many calls could take a set now whatever their contents (idle sets and room for new ones), so
+    /// that a caller can check before changing anything that its next takes will succeed.
+    pub(crate) fn available(&self) -> usize {
+        let idle = self.slots.iter().filter(|s| s.users.load(Ordering::Acquire) == 0).count();
+        idle + (MAX_SETS - self.slots.len())
+    }
+
     /// Set `index` (as [`Taken::index`] named it).
     pub(crate) fn get(&self, index: usize) -> &T {
         &self.slots[index].value
@@ -84,10 +99,7 @@ impl<T> UploadSets<T> {
             self.slots.push(Slot { value: make(), users: Arc::new(AtomicUsize::new(0)) });
             (self.slots.len() - 1, false)
         } else {
-            return Err(Error::Unsupported(format!(
-                "{what}: {MAX_SETS} calls recorded whose work has not run yet; submit their encoders and let the \
-                 device finish (poll or wait) before recording more"
-            )));
+            return Err(too_many(what));
         };
         let slot = &mut self.slots[index];
         slot.users.fetch_add(1, Ordering::AcqRel);
@@ -121,6 +133,7 @@ mod tests {
         let e3 = enc(());
         assert_eq!(sets.take(&e3, "t", |&v| v == 4, || 4).map(|t| (t.index, t.holds)).ok(), Some((0, false)));
         assert_eq!(sets.len(), 3);
+        assert_eq!(sets.available(), MAX_SETS - 1, "e3 holds one of the three");
         // A submitted encoder's sets come back once its work has run.
         wgpu.queue().submit([e3.finish()]);
         wgpu.wait().ok();

@@ -132,6 +132,14 @@ impl Appender {
         Ok(Self { ctx: ctx.clone(), pipeline, max_pages, uploads: UploadSets::new(), binds: Vec::new() })
     }
 
+    /// Fails, naming why, unless `batches` more batches can be recorded now (upload sets for them).
+    pub(super) fn check_room(&self, batches: usize) -> Result<()> {
+        if self.uploads.available() < batches {
+            return Err(crate::gpu::too_many_uploads("append_encoded"));
+        }
+        Ok(())
+    }
+
     /// The dispatch of `words` words (x, y), or the device limit it exceeds.
     pub(super) fn dispatch_size(&self, words: u64, tokens: u64) -> Result<(u32, u32)> {
         let max = self.ctx.caps().max_dispatch.max(1) as u64;

@@ -550,6 +550,7 @@ impl KvCache {
             let tokens: u64 = members.iter().map(|&i| appends[i].tokens as u64).sum();
             appender.dispatch_size(tokens * row * dtype.size() / 4, tokens)?;
         }
+        appender.check_room(groups.len())?;
         // Apply: every member's freed pages first (another member's new pages may be those), then the new
         // pages, then one dispatch per group.
         for plan in &plans {
