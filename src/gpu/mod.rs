@@ -14,7 +14,7 @@ pub(crate) use backward::GpuBackward;
 pub use backward::GradBuffers;
 pub use context::{parse_backend, AdapterSummary, Capabilities, WgpuContext};
 pub use decode::{plan_attend, plan_attend_for, AttendPlan};
-pub(crate) use forward::{read_buffer, GpuForward};
+pub(crate) use forward::{new_buffer, read_buffer, GpuForward};
 pub use forward::{TensorView, Timing};
 pub(crate) use timing::Stamps;
 pub use timing::TimestampQueries;

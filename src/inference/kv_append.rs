@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::shaders::Kernel;
-use crate::gpu::{TensorView, UploadSets, WgpuContext};
+use crate::gpu::{new_buffer, TensorView, UploadSets, WgpuContext};
 use crate::plan::DType;
 
 /// Invocations per workgroup.
@@ -99,8 +99,7 @@ struct AppendUploads {
 }
 
 fn buffer(ctx: &WgpuContext, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
-    let usage = usage | wgpu::BufferUsages::COPY_DST;
-    ctx.device().create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+    new_buffer(ctx.device(), label, size, usage | wgpu::BufferUsages::COPY_DST)
 }
 
 /// A fresh upload set with room for one append of `max_pages` page offsets.

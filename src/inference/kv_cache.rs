@@ -513,26 +513,7 @@ impl KvCache {
             sources.push((k_off, k_stride, v_off, v_stride));
             plans.push(self.plan_claim(a.seq, a.tokens as u64)?);
         }
-        // The pool's room for all of them, segment by segment.
-        for segment in 0..self.segments.len() {
-            let (fresh, evict) = plans
-                .iter()
-                .filter(|p| p.segment == segment)
-                .fold((0u64, 0u64), |(f, e), p| (f + p.fresh.len() as u64, e + p.evict.len() as u64));
-            let free = self.segments[segment].pool.free() as u64;
-            if fresh > free + evict {
-                return Err(Error::CacheFull {
-                    what: format!(
-                        "appending a batch of {} sequences (segment {segment} of {})",
-                        appends.len(),
-                        self.segments.len()
-                    ),
-                    needed: fresh - evict,
-                    free,
-                    capacity: self.segments[segment].pool.capacity() as u64,
-                });
-            }
-        }
+        self.check_room(&plans)?;
         if self.appender.is_none() {
             let max_pages = hk as u64 * (self.layout.blocks(self.config.max_seq_len) as u64 + 1);
             self.appender = Some(kv_append::Appender::new(&ctx, max_pages)?);
@@ -608,23 +589,33 @@ impl KvCache {
     /// length before and after.
     fn claim(&mut self, seq: SeqId, new_tokens: u64) -> Result<(u32, u32)> {
         let plan = self.plan_claim(seq, new_tokens)?;
-        let segment = &self.segments[plan.segment];
-        let room = segment.pool.free() as u64 + plan.evict.len() as u64;
-        if plan.fresh.len() as u64 > room {
-            return Err(Error::CacheFull {
-                what: format!(
-                    "appending {} tokens to {seq} (segment {} of {})",
-                    plan.len1 - plan.len0,
-                    plan.segment,
-                    self.segments.len()
-                ),
-                needed: plan.fresh.len() as u64 - plan.evict.len() as u64,
-                free: segment.pool.free() as u64,
-                capacity: segment.pool.capacity() as u64,
-            });
-        }
+        self.check_room(std::slice::from_ref(&plan))?;
         self.release_claim(&plan);
         self.fill_claim(plan)
+    }
+
+    /// Whether the pool has room for all of `plans` (claims of distinct sequences), segment by segment:
+    /// the pages they take at most the free pages and those they free; else [`Error::CacheFull`].
+    fn check_room(&self, plans: &[Claim]) -> Result<()> {
+        for (segment, pool) in self.segments.iter().map(|s| &s.pool).enumerate() {
+            let of_segment: Vec<&Claim> = plans.iter().filter(|p| p.segment == segment).collect();
+            let fresh: u64 = of_segment.iter().map(|p| p.fresh.len() as u64).sum();
+            let evict: u64 = of_segment.iter().map(|p| p.evict.len() as u64).sum();
+            let free = pool.free() as u64;
+            if fresh > free + evict {
+                let what = match of_segment[..] {
+                    [p] => format!("appending {} tokens to {}", p.len1 - p.len0, p.seq),
+                    _ => format!("appending a batch of {} sequences", plans.len()),
+                };
+                return Err(Error::CacheFull {
+                    what: format!("{what} (segment {segment} of {})", self.segments.len()),
+                    needed: fresh - evict,
+                    free,
+                    capacity: pool.capacity() as u64,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// What [`KvCache::claim`] would change, without changing it (the pool's room is the caller's check).

@@ -5,7 +5,7 @@
 //! the last few sets of caller buffers. Buffers grow geometrically (never past a bound the caller knows,
 //! e.g. the pages of a cache) and never shrink.
 
-use crate::gpu::{UploadSets, WgpuContext};
+use crate::gpu::{new_buffer, UploadSets, WgpuContext};
 
 /// Bind groups kept per distinct set of caller buffers (an app usually alternates between a few).
 const BIND_CACHE: usize = 8;
@@ -54,7 +54,7 @@ impl Grown {
 }
 
 fn create(ctx: &WgpuContext, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
-    ctx.device().create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+    new_buffer(ctx.device(), label, size, usage)
 }
 
 /// What one call part uploads: its split params as bytes, and the tags of its work list's items and
