@@ -9,8 +9,9 @@
 #
 # Suites (each writes JSON lines to $OUT_DIR/<suite>.jsonl, its logs to $OUT_DIR/<suite>*.log):
 #   tests     every test binary with a GPU path (wgpu ones on Vulkan, CUDA ones on CUDA) and the quickstart example;
-#             one line per binary in summary.txt; a wgpu wait past WAIT_TIMEOUT fails its test (Error::Timeout), and a
-#             binary past TEST_TIMEOUT has its threads' states logged (tests-NAME.log.threads) before it is killed
+#             one line per binary in summary.txt; a wait (wgpu or CUDA) past WAIT_TIMEOUT fails its test
+#             (Error::Timeout), and a binary past TEST_TIMEOUT has its threads' states logged (tests-NAME.log.threads)
+#             before it is killed
 #   forward   S2 forward, 32 heads, head dim 128, block 64, local 16, batch 1: 16k/64k/128k x vert_stride 16/64,
 #             fp16 on every backend of BACKENDS (dense rows of this library up to 16k), and bf16 on CUDA
 #   backward  forward + backward (dQ, dK, dV) at the same shape, vert_stride 16, 16k/64k/128k, fp16 on every
@@ -46,7 +47,7 @@
 # Environment: OUT_DIR (default $OUT, else bench-out/<date-time>), BACKENDS (default vulkan,cuda), PEERS (path of
 # torch_peers.py; default .gpu/peers/torch_peers.py), LLAMA (llama.cpp's test-backend-ops; default
 # .gpu/peers/llama-cpp/test-backend-ops), LLAMA_SEQ, LLAMA_PATHS, TEST_TIMEOUT (seconds per test binary, default 300),
-# WAIT_TIMEOUT (seconds the tests' wgpu contexts wait for the GPU, as S2ATTN_WAIT_TIMEOUT; default 120),
+# WAIT_TIMEOUT (seconds the tests' contexts wait for the GPU, as S2ATTN_WAIT_TIMEOUT; default 120),
 # CARGO_FEATURES (for the cargo fallback, default "--features cuda").
 # At the end every log is packed into $OUT_DIR/logs.tar.gz, and report.md holds the tables of
 # `s2attn-bench report FILE...` (one per device and mode, ours against the peers of the same run; the paper

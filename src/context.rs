@@ -34,9 +34,9 @@ pub struct ContextOptions {
     pub adapter: Option<String>,
     /// CUDA device ordinal.
     pub cuda_device: usize,
-    /// The longest a wgpu context waits for the GPU to finish submitted work before a call fails with
-    /// [`Error::Timeout`] instead of blocking on, e.g. on a hung device (none: wait as long as it takes).
-    /// Changeable later with [`WgpuContext::set_wait_timeout`].
+    /// The longest a context (wgpu or CUDA) waits for the GPU to finish submitted work before a call fails
+    /// with [`Error::Timeout`] instead of blocking on, e.g. on a hung device (none: wait as long as it
+    /// takes). Changeable later with [`Context::set_wait_timeout`].
     pub wait_timeout: Option<std::time::Duration>,
 }
 
@@ -85,6 +85,26 @@ fn parse_wait_timeout(value: &str) -> Result<std::time::Duration> {
         })
 }
 
+/// A context's wait timeout, shared by its clones: nanoseconds, 0 for none.
+#[derive(Debug, Default)]
+pub(crate) struct WaitTimeout(std::sync::atomic::AtomicU64);
+
+impl WaitTimeout {
+    /// Sets it (`None`: wait as long as it takes).
+    pub(crate) fn set(&self, timeout: Option<std::time::Duration>) {
+        let ns = timeout.map_or(0, |t| u64::try_from(t.as_nanos()).unwrap_or(u64::MAX).max(1));
+        self.0.store(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The timeout, if any.
+    pub(crate) fn get(&self) -> Option<std::time::Duration> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            ns => Some(std::time::Duration::from_nanos(ns)),
+        }
+    }
+}
+
 #[derive(Clone)]
 enum Device {
     Wgpu(WgpuContext),
@@ -126,7 +146,9 @@ impl Context {
 
     #[cfg(feature = "cuda")]
     fn open_cuda(options: &ContextOptions) -> Result<Self> {
-        Ok(Self(Device::Cuda(crate::cuda::CudaContext::open(options.cuda_device)?)))
+        let ctx = crate::cuda::CudaContext::open(options.cuda_device)?;
+        ctx.set_wait_timeout(options.wait_timeout);
+        Ok(Self(Device::Cuda(ctx)))
     }
 
     #[cfg(not(feature = "cuda"))]
@@ -231,7 +253,26 @@ impl Context {
         }
     }
 
-    /// Blocks until all submitted work has finished.
+    /// Sets the longest a call waits for the GPU before failing with [`Error::Timeout`] (`None`: as long as
+    /// it takes; see [`ContextOptions::wait_timeout`]). Shared by every clone of this context.
+    pub fn set_wait_timeout(&self, timeout: Option<std::time::Duration>) {
+        match &self.0 {
+            Device::Wgpu(c) => c.set_wait_timeout(timeout),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(c) => c.set_wait_timeout(timeout),
+        }
+    }
+
+    /// The wait timeout (see [`Context::set_wait_timeout`]).
+    pub fn wait_timeout(&self) -> Option<std::time::Duration> {
+        match &self.0 {
+            Device::Wgpu(c) => c.wait_timeout(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(c) => c.wait_timeout(),
+        }
+    }
+
+    /// Blocks until all submitted work has finished ([`Error::Timeout`] past the wait timeout).
     pub fn wait(&self) -> Result<()> {
         match &self.0 {
             Device::Wgpu(c) => c.wait(),

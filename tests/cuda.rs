@@ -7,34 +7,16 @@
 //! bf16 1.5e-2, since bf16 keeps 8 significant bits (the probabilities P are rounded to bf16 before P V).
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use s2attn::cpu::{attention_reference, rel_l2_error};
 use s2attn::cuda::{cudarc, CudaTensor};
 use s2attn::{
     Attention, Backend, BlockMask, Context, ContextOptions, DType, Error, KernelVariant, Layout, S2Config, Shape,
 };
-use std::sync::OnceLock;
 
 const F16_TOL: f64 = 5e-3;
 const BF16_TOL: f64 = 1.5e-2;
-
-/// The CUDA context, or `None` (after saying why) on machines without one.
-fn cuda() -> Option<&'static Context> {
-    static CTX: OnceLock<Option<Context>> = OnceLock::new();
-    CTX.get_or_init(open_cuda).as_ref()
-}
-
-fn open_cuda() -> Option<Context> {
-    match Context::with_options(&ContextOptions { backend: Backend::Cuda, ..Default::default() }) {
-        Ok(c) => {
-            eprintln!("CUDA device:\n{}", c.describe());
-            Some(c)
-        }
-        Err(e) => {
-            eprintln!("skipping the CUDA tests: no usable CUDA device ({e})");
-            None
-        }
-    }
-}
 
 /// xorshift64*: fresh, reproducible-per-seed uniform values in [-1, 1).
 struct Rng(u64);
@@ -137,7 +119,7 @@ fn s2(heads: u32, kv: u32, bs: u32, local: u32, stride: u32) -> Layout {
 
 #[test]
 fn paper_pattern_f16_and_bf16_both_head_dims() {
-    let Some(ctx) = cuda() else { return };
+    let Some(ctx) = common::cuda_context() else { return };
     for d in [64, 128] {
         let layout = s2(4, 4, 64, 4, 4);
         check::<half::f16>(ctx, &format!("f16 d{d} seq 1000"), &layout, Shape::new(1, 1000, d, DType::F16), d as u64);
@@ -153,7 +135,7 @@ fn paper_pattern_f16_and_bf16_both_head_dims() {
 
 #[test]
 fn every_block_size_with_odd_lengths() {
-    let Some(ctx) = cuda() else { return };
+    let Some(ctx) = common::cuda_context() else { return };
     for (bs, seq) in [(16, 333), (32, 517), (64, 1029), (128, 901)] {
         let layout = s2(4, 2, bs, 3, 3);
         check::<half::f16>(
@@ -168,7 +150,7 @@ fn every_block_size_with_odd_lengths() {
 
 #[test]
 fn other_head_dims() {
-    let Some(ctx) = cuda() else { return };
+    let Some(ctx) = common::cuda_context() else { return };
     for d in [32, 96, 256] {
         let layout = s2(2, 2, 64, 2, 3);
         check::<half::f16>(ctx, &format!("d{d}"), &layout, Shape::new(1, 700, d, DType::F16), 100 + d as u64);
@@ -177,7 +159,7 @@ fn other_head_dims() {
 
 #[test]
 fn batch_and_gqa_and_scale() {
-    let Some(ctx) = cuda() else { return };
+    let Some(ctx) = common::cuda_context() else { return };
     let layout = s2(8, 2, 32, 4, 5);
     check::<half::f16>(ctx, "batch 3 gqa 8/2", &layout, Shape::new(3, 300, 64, DType::F16), 11);
     check::<half::bf16>(
@@ -191,7 +173,7 @@ fn batch_and_gqa_and_scale() {
 
 #[test]
 fn dense_and_all_local_and_tiny() {
-    let Some(ctx) = cuda() else { return };
+    let Some(ctx) = common::cuda_context() else { return };
     let dense = Layout::dense(4, 4, 64, true).unwrap_or_else(|e| panic!("{e}"));
     check::<half::f16>(ctx, "dense causal", &dense, Shape::new(1, 777, 128, DType::F16), 21);
     let local = s2(4, 4, 16, 2, 1 << 20);
@@ -209,7 +191,7 @@ fn dense_and_all_local_and_tiny() {
 
 #[test]
 fn bidirectional_layouts() {
-    let Some(ctx) = cuda() else { return };
+    let Some(ctx) = common::cuda_context() else { return };
     let layout = Layout::s2(S2Config::new(4, 32, 2, 4).bidirectional(2, 1)).unwrap_or_else(|e| panic!("{e}"));
     check::<half::f16>(ctx, "bidirectional", &layout, Shape::new(1, 413, 64, DType::F16), 31);
     let dense = Layout::dense(2, 2, 64, false).unwrap_or_else(|e| panic!("{e}"));
@@ -218,7 +200,7 @@ fn bidirectional_layouts() {
 
 #[test]
 fn custom_masks_with_block_row_masks_and_empty_rows() {
-    let Some(ctx) = cuda() else { return };
+    let Some(ctx) = common::cuda_context() else { return };
     // Query block 1 skips KV block 0 while blocks 0 and 2 keep it: with 16-token blocks merged into
     // 64/128-row tiles this needs per-block row masks, and query block 3 has no key at all.
     let (bs, nb) = (16, 24);
@@ -233,7 +215,7 @@ fn custom_masks_with_block_row_masks_and_empty_rows() {
 /// Checks a grid of >= 264 CTAs, which takes 128-row tiles: four 32-row warps on mma.sync, or two 64-row
 /// warpgroups on wgmma on sm_90 (head dim 128).
 fn check_large<T: Half>(what: &str, layout: &Layout, shape: Shape, seed: u64) {
-    let Some(ctx) = cuda() else { return };
+    let Some(ctx) = common::cuda_context() else { return };
     let op = check::<T>(ctx, what, layout, shape, seed);
     assert!(op.plan().tile_q >= 128, "{what}: {}", op.explain());
     let eligible = op.plan().tile_kv == 64 && op.plan().tile_q == 128 && shape.head_dim == 128;
@@ -297,7 +279,7 @@ fn large_grid_custom_mask() {
 
 #[test]
 fn repeated_runs_agree() {
-    let Some(ctx) = cuda() else { return };
+    let Some(ctx) = common::cuda_context() else { return };
     let layout = s2(4, 4, 64, 4, 4);
     let shape = Shape::new(4, 4096, 128, DType::F16);
     let op = Attention::new(ctx, &layout, shape).unwrap_or_else(|e| panic!("{e}"));
@@ -315,7 +297,7 @@ fn repeated_runs_agree() {
 
 #[test]
 fn embedding_paths_match_the_host_path() {
-    let Some(ctx) = cuda() else { return };
+    let Some(ctx) = common::cuda_context() else { return };
     let Some(cuda) = ctx.cuda() else { panic!("a CUDA context without a CUDA device") };
     let layout = s2(4, 2, 64, 3, 4);
     let shape = Shape::new(2, 513, 64, DType::F16);
@@ -389,7 +371,7 @@ fn embedding_paths_match_the_host_path() {
 
 #[test]
 fn auto_backend_takes_cuda_and_f32_is_refused_clearly() {
-    let Some(ctx) = cuda() else { return };
+    let Some(ctx) = common::cuda_context() else { return };
     let auto = Context::with_options(&ContextOptions::default()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(auto.backend(), Backend::Cuda, "Auto must take CUDA when it is built in and present");
     let layout = s2(2, 2, 64, 2, 2);

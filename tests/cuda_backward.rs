@@ -10,24 +10,13 @@
 //! to 8 significant bits before their matrix products).
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use s2attn::cpu::{attention_backward_reference, rel_l2_error};
-use s2attn::{Attention, AttentionGrad, Backend, Context, ContextOptions, DType, Direction, Layout, S2Config, Shape};
-use std::sync::OnceLock;
+use s2attn::{Attention, AttentionGrad, DType, Direction, Layout, S2Config, Shape};
 
 const F16_TOL: f64 = 5e-3;
 const BF16_TOL: f64 = 1.5e-2;
-
-fn cuda() -> Option<&'static Context> {
-    static CTX: OnceLock<Option<Context>> = OnceLock::new();
-    CTX.get_or_init(|| match Context::with_options(&ContextOptions { backend: Backend::Cuda, ..Default::default() }) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            eprintln!("skipping the CUDA backward tests: no usable CUDA device ({e})");
-            None
-        }
-    })
-    .as_ref()
-}
 
 /// xorshift64*: uniform values in [-1, 1).
 struct Rng(u64);
@@ -67,7 +56,7 @@ fn widen<T: Half>(x: &[T]) -> Vec<f32> {
 
 /// Forward on CUDA, backward on CUDA, gradients vs the oracle; returns the worst relative error.
 fn check<T: Half>(what: &str, layout: &Layout, shape: Shape, seed: u64) -> f64 {
-    let Some(ctx) = cuda() else { return 0.0 };
+    let Some(ctx) = common::cuda_context() else { return 0.0 };
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let per_head = shape.batch as usize * shape.seq_len as usize * shape.head_dim as usize;
     let mut gen = |heads: u32| (0..per_head * heads as usize).map(|_| T::from(rng.next())).collect::<Vec<T>>();

@@ -15,23 +15,7 @@ mod common;
 
 use s2attn::cpu::{rel_l2_error, varlen_reference};
 use s2attn::inference::SplitPolicy;
-use s2attn::{
-    Backend, Context, ContextOptions, DType, Decode, Error, KvCache, KvCacheConfig, Layout, S2Config, SeqLens,
-};
-use std::sync::OnceLock;
-
-/// The CUDA context, or `None` (after saying why) on machines without one.
-fn cuda() -> Option<&'static Context> {
-    static CTX: OnceLock<Option<Context>> = OnceLock::new();
-    CTX.get_or_init(|| match Context::with_options(&ContextOptions { backend: Backend::Cuda, ..Default::default() }) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            eprintln!("skipping the CUDA decode tests: no usable CUDA device ({e})");
-            None
-        }
-    })
-    .as_ref()
-}
+use s2attn::{Context, DType, Decode, Error, KvCache, KvCacheConfig, Layout, S2Config, SeqLens};
 
 /// xorshift64*: uniform values in [-1, 1), rounded to the storage type.
 fn random(n: usize, seed: u64, dtype: DType) -> Vec<f32> {
@@ -142,7 +126,7 @@ fn tol(dtype: DType) -> f64 {
 
 #[test]
 fn cuda_decode_matches_the_oracle_over_groups_lengths_and_splits() {
-    let Some(ctx) = cuda() else { return };
+    let Some(ctx) = common::cuda_context() else { return };
     let policies = [
         ("never split", SplitPolicy::never()),
         ("one block per split", SplitPolicy::split_to(1)),
@@ -189,7 +173,7 @@ fn cuda_decode_matches_the_oracle_over_groups_lengths_and_splits() {
 
 #[test]
 fn cuda_decode_runs_one_pass_per_cache_segment() {
-    let Some(ctx) = cuda() else { return };
+    let Some(ctx) = common::cuda_context() else { return };
     let layout = Layout::s2(S2Config::new(8, 64, 2, 4).kv_heads(2)).expect("layout");
     let config = KvCacheConfig::new(128, DType::F16, 2000);
     let per_seq = KvCache::pages_per_sequence(&layout, &config).expect("pages");
@@ -200,7 +184,7 @@ fn cuda_decode_runs_one_pass_per_cache_segment() {
 
 #[test]
 fn cuda_cache_refuses_the_wgpu_entry_points_clearly() {
-    let Some(ctx) = cuda() else { return };
+    let Some(ctx) = common::cuda_context() else { return };
     let layout = Layout::s2(S2Config::new(4, 16, 2, 2)).expect("layout");
     let cache = KvCache::new(ctx, &layout, KvCacheConfig::new(64, DType::F16, 256)).expect("cache");
     assert!(matches!(cache.pools(0), Err(Error::Unsupported(_))), "pools() of a CUDA cache");
@@ -215,7 +199,7 @@ fn cuda_cache_refuses_the_wgpu_entry_points_clearly() {
 /// dim 32) and general (8 at head dim 96) kernels, fp16 and bf16.
 #[test]
 fn cuda_decode_gives_ieee_results_for_non_finite_inputs() {
-    let Some(ctx) = cuda() else { return };
+    let Some(ctx) = common::cuda_context() else { return };
     if let Err(e) = common::nonfinite::judge_minus_inf_decodes(
         ctx,
         &[(4, 128, DType::F16), (8, 128, DType::BF16), (4, 32, DType::BF16), (8, 96, DType::F16)],

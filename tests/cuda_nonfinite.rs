@@ -17,20 +17,7 @@
 mod common;
 
 use common::oracle::{Problem, Rule};
-use s2attn::{Attention, AttentionGrad, Backend, Context, ContextOptions, DType, Element, Layout, S2Config, Shape};
-use std::sync::OnceLock;
-
-fn cuda() -> Option<&'static Context> {
-    static CTX: OnceLock<Option<Context>> = OnceLock::new();
-    CTX.get_or_init(|| match Context::with_options(&ContextOptions { backend: Backend::Cuda, ..Default::default() }) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            eprintln!("skipping the CUDA non-finite tests: no usable CUDA device ({e})");
-            None
-        }
-    })
-    .as_ref()
-}
+use s2attn::{Attention, AttentionGrad, DType, Element, Layout, S2Config, Shape};
 
 /// One problem: an S2 layout (causal), its shape, and whether to run the backward too.
 struct Case {
@@ -93,7 +80,7 @@ fn poison(c: &Case, q: &mut [f32], k: &mut [f32], v: &mut [f32]) {
 }
 
 fn run<T: Element>(c: &Case, dtype: DType, tol: f64) {
-    let Some(ctx) = cuda() else { return };
+    let Some(ctx) = common::cuda_context() else { return };
     let cfg =
         S2Config::new(c.heads, c.block, c.local, c.vs).kv_heads(c.kv_heads).homo_head(false).offset(0).dense_heads(0);
     let layout = Layout::s2(cfg).unwrap_or_else(|e| panic!("{e}"));

@@ -596,11 +596,12 @@ impl CudaBackward {
             let stream = self.ctx.stream();
             // SAFETY: the op's own buffers, sized for the shape when they were allocated.
             unsafe { self.launch(stream, p)? };
+            self.ctx.finish(stream, "running the CUDA backward")?;
             let mut out = Vec::with_capacity(3);
             for g in &bufs.grads {
                 out.push(stream.clone_dtoh(g).map_err(cuda_err("copying a gradient back"))?);
             }
-            stream.synchronize().map_err(cuda_err("running the CUDA backward"))?;
+            stream.synchronize().map_err(cuda_err("copying the gradients back"))?;
             let [dq, dk, dv]: [Vec<u8>; 3] = out.try_into().map_err(|_| Error::Cuda("gradients missing".into()))?;
             Ok([dq, dk, dv])
         })

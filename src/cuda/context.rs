@@ -8,6 +8,7 @@ use cudarc::driver::sys::CUdevice_attribute as Attr;
 use cudarc::driver::{CudaFunction, CudaStream, PushKernelArg};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 const S2_HOLD_SRC: &str = include_str!("../../shaders/cuda/s2_hold.cu");
 
@@ -25,6 +26,7 @@ struct Inner {
     nvrtc: (i32, i32),
     total_mem: usize,
     kernels: Mutex<HashMap<KernelKey, CudaFunction>>,
+    wait_timeout: crate::context::WaitTimeout,
 }
 
 /// A CUDA device: the driver context, the stream kernels run on, and the kernels compiled for it so far.
@@ -128,6 +130,7 @@ impl CudaContext {
             nvrtc,
             total_mem,
             kernels: Mutex::default(),
+            wait_timeout: Default::default(),
         })))
     }
 
@@ -186,7 +189,7 @@ impl CudaContext {
             end.record(stream).map_err(cuda_err("recording an event"))?;
             events.push((start, end));
         }
-        stream.synchronize().map_err(cuda_err(what))?;
+        self.finish(stream, what)?;
         let samples_ms = events
             .iter()
             .map(|(s, e)| s.elapsed_ms(e).map(f64::from).map_err(cuda_err("reading an event")))
@@ -233,9 +236,49 @@ impl CudaContext {
         )
     }
 
-    /// Blocks until all work on the op stream has finished, reporting any asynchronous error.
+    /// Blocks until all work on the op stream has finished, reporting any asynchronous error; fails with
+    /// [`Error::Timeout`] past the wait timeout ([`CudaContext::set_wait_timeout`]).
     pub fn wait(&self) -> Result<()> {
-        self.0.stream.synchronize().map_err(driver_err("synchronizing the stream"))
+        self.finish(&self.0.stream, "synchronizing the stream")
+    }
+
+    /// Sets the longest [`CudaContext::wait`] (and every call that waits for results) blocks before failing
+    /// with [`Error::Timeout`]; `None` (the default unless
+    /// [`ContextOptions::wait_timeout`](crate::ContextOptions::wait_timeout) set one) waits as long as it
+    /// takes. The work itself goes on; a later wait waits for it. Shared by every clone of this context.
+    pub fn set_wait_timeout(&self, timeout: Option<Duration>) {
+        self.0.wait_timeout.set(timeout);
+    }
+
+    /// The wait timeout (see [`CudaContext::set_wait_timeout`]).
+    pub fn wait_timeout(&self) -> Option<Duration> {
+        self.0.wait_timeout.get()
+    }
+
+    /// Blocks until the work enqueued on `stream` so far has finished: a plain synchronize without a wait
+    /// timeout, else an event polled (yielding, then sleeping up to 1 ms between queries) until it completes
+    /// or the timeout passes ([`Error::Timeout`]). `what` names the work in errors.
+    pub(crate) fn finish(&self, stream: &CudaStream, what: &'static str) -> Result<()> {
+        let Some(timeout) = self.wait_timeout() else {
+            return stream.synchronize().map_err(cuda_err(what));
+        };
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
+        let done = stream.record_event(flags).map_err(cuda_err(what))?;
+        let start = Instant::now();
+        let mut pause = Duration::from_micros(20);
+        while !done.try_is_complete().map_err(cuda_err(what))? {
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Err(Error::Timeout(timeout));
+            }
+            if waited < Duration::from_micros(200) {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(pause.min(timeout - waited));
+                pause = (pause * 2).min(Duration::from_millis(1));
+            }
+        }
+        Ok(())
     }
 
     /// The kernel `key` from `source` (function `entry`), compiled for this device: from memory, else the
@@ -312,5 +355,30 @@ mod tests {
         ctx.stream().synchronize().expect("synchronize");
         let ms = start.elapsed_ms(&end).expect("elapsed");
         assert!((19.9..2000.0).contains(&ms), "a 20 ms hold took {ms} ms");
+    }
+
+    /// A wait shorter than the work on the stream fails with `Error::Timeout`, the work goes on, and a wait
+    /// without a timeout then sees it through; skipped where no CUDA device opens.
+    #[test]
+    fn a_wait_past_its_timeout_fails_and_the_work_goes_on() {
+        let Ok(ctx) = CudaContext::open(0) else {
+            eprintln!("no CUDA device: skipped");
+            return;
+        };
+        let timeout = std::time::Duration::from_millis(5);
+        ctx.set_wait_timeout(Some(timeout));
+        assert_eq!(ctx.wait_timeout(), Some(timeout));
+        ctx.hold(300_000_000).expect("hold");
+        let t = std::time::Instant::now();
+        assert_eq!(ctx.wait(), Err(crate::Error::Timeout(timeout)));
+        assert!(t.elapsed() < std::time::Duration::from_millis(250), "the timed-out wait took {:?}", t.elapsed());
+        ctx.set_wait_timeout(None);
+        assert_eq!(ctx.wait_timeout(), None);
+        ctx.wait().expect("a wait without a timeout");
+        assert!(t.elapsed() >= std::time::Duration::from_millis(299), "the hold ended early: {:?}", t.elapsed());
+        // A timeout longer than the work lets the wait succeed.
+        ctx.set_wait_timeout(Some(std::time::Duration::from_secs(10)));
+        ctx.hold(2_000_000).expect("hold");
+        ctx.wait().expect("a wait within its timeout");
     }
 }

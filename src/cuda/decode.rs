@@ -358,9 +358,10 @@ impl CudaDecode {
         let io = (q_dev.device_ptr(stream).0, o.device_ptr(stream).0, lse.device_ptr(stream).0);
         // SAFETY: the work lists, partials and I/O buffers above are alive and sized for the call.
         unsafe { self.launch(stream, &params, io)? };
+        self.ctx.finish(stream, "running the CUDA decode")?;
         let out = stream.clone_dtoh(&o).map_err(cuda_err("reading the decode output"))?;
         let lse = stream.clone_dtoh(&lse).map_err(cuda_err("reading the LSE"))?;
-        stream.synchronize().map_err(cuda_err("running the CUDA decode"))?;
+        stream.synchronize().map_err(cuda_err("reading the decode output"))?;
         Ok((out[..q.len()].to_vec(), bytemuck::pod_collect_to_vec(&lse[..lse_len as usize * 4])))
     }
 

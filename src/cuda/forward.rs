@@ -554,9 +554,10 @@ impl CudaForward {
             let stream = self.ctx.stream();
             let HostBuffers { q, k, v, o, lse } = b;
             self.forward_slices::<u8, f32>(q, k, v, o, lse)?;
+            self.ctx.finish(stream, "running s2_forward")?;
             let out = stream.clone_dtoh(o).map_err(cuda_err("copying the output back"))?;
             let lse = stream.clone_dtoh(lse).map_err(cuda_err("copying the LSE back"))?;
-            stream.synchronize().map_err(cuda_err("running s2_forward"))?;
+            stream.synchronize().map_err(cuda_err("copying the output back"))?;
             Ok((out, lse))
         })
     }

@@ -7,7 +7,6 @@ use crate::error::{Error, Result};
 use crate::plan::{DType, DeviceCaps};
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -73,8 +72,8 @@ struct Inner {
     queue: wgpu::Queue,
     capabilities: Capabilities,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
-    /// [`WgpuContext::wait`]'s timeout in nanoseconds (0: none).
-    wait_timeout_ns: AtomicU64,
+    /// [`WgpuContext::wait`]'s timeout.
+    wait_timeout: crate::context::WaitTimeout,
 }
 
 /// A GPU device with its queue and pipeline cache. `Clone` shares it.
@@ -302,7 +301,7 @@ impl WgpuContext {
             queue,
             capabilities: Capabilities { info, features, limits, coop_shapes, caps },
             pipelines: Mutex::default(),
-            wait_timeout_ns: AtomicU64::new(0),
+            wait_timeout: Default::default(),
         }))
     }
 
@@ -347,16 +346,12 @@ impl WgpuContext {
     /// [`ContextOptions::wait_timeout`](crate::ContextOptions::wait_timeout) set one) waits as long as it
     /// takes. Shared by every clone of this context.
     pub fn set_wait_timeout(&self, timeout: Option<Duration>) {
-        let ns = timeout.map_or(0, |t| u64::try_from(t.as_nanos()).unwrap_or(u64::MAX).max(1));
-        self.0.wait_timeout_ns.store(ns, Ordering::Relaxed);
+        self.0.wait_timeout.set(timeout);
     }
 
     /// The wait timeout (see [`WgpuContext::set_wait_timeout`]).
     pub fn wait_timeout(&self) -> Option<Duration> {
-        match self.0.wait_timeout_ns.load(Ordering::Relaxed) {
-            0 => None,
-            ns => Some(Duration::from_nanos(ns)),
-        }
+        self.0.wait_timeout.get()
     }
 
     /// Maps a `MAP_READ` buffer after the queue drains and copies its first `len` bytes out.

@@ -124,6 +124,28 @@ pub fn context() -> &'static Context {
     })
 }
 
+/// The CUDA context the CUDA tests share (the environment's options with the CUDA backend, so
+/// `S2ATTN_WAIT_TIMEOUT` holds), opened once per test binary; `None`, after saying why, on machines without
+/// a usable CUDA device (or a build without the `cuda` feature).
+pub fn cuda_context() -> Option<&'static Context> {
+    static CTX: OnceLock<Option<Context>> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let options =
+            ContextOptions { backend: s2attn::Backend::Cuda, ..ContextOptions::from_env().unwrap_or_default() };
+        match Context::with_options(&options) {
+            Ok(c) => {
+                eprintln!("CUDA device:\n{}", c.describe());
+                Some(c)
+            }
+            Err(e) => {
+                eprintln!("skipping the CUDA tests: no usable CUDA device ({e})");
+                None
+            }
+        }
+    })
+    .as_ref()
+}
+
 /// The same context as [`context`] (always a wgpu one), under the name the caller-owned-buffer tests use.
 pub fn wgpu_context() -> &'static Context {
     context()
