@@ -338,11 +338,14 @@ pub(crate) fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverErro
 #[cfg(test)]
 mod tests {
     use super::CudaContext;
+    use std::time::{Duration, Instant};
 
-    /// The hold kernel keeps the stream busy for the time asked (the timing loop relies on it); skipped
-    /// where no CUDA device opens.
+    /// The hold kernel keeps the stream busy for the time asked (the timing loop relies on it); a wait with a
+    /// timeout shorter than the work on the stream fails with `Error::Timeout` while the work goes on, and a
+    /// wait without one then sees it through. One test, so that no other test of this binary loads a module
+    /// on the device while the timed wait runs. Skipped where no CUDA device opens.
     #[test]
-    fn hold_keeps_the_stream_busy_for_its_time() {
+    fn hold_keeps_the_stream_busy_and_a_wait_past_its_timeout_fails() {
         let Ok(ctx) = CudaContext::open(0) else {
             eprintln!("no CUDA device: skipped");
             return;
@@ -355,29 +358,20 @@ mod tests {
         ctx.stream().synchronize().expect("synchronize");
         let ms = start.elapsed_ms(&end).expect("elapsed");
         assert!((19.9..2000.0).contains(&ms), "a 20 ms hold took {ms} ms");
-    }
 
-    /// A wait shorter than the work on the stream fails with `Error::Timeout`, the work goes on, and a wait
-    /// without a timeout then sees it through; skipped where no CUDA device opens.
-    #[test]
-    fn a_wait_past_its_timeout_fails_and_the_work_goes_on() {
-        let Ok(ctx) = CudaContext::open(0) else {
-            eprintln!("no CUDA device: skipped");
-            return;
-        };
-        let timeout = std::time::Duration::from_millis(5);
+        let timeout = Duration::from_millis(5);
         ctx.set_wait_timeout(Some(timeout));
         assert_eq!(ctx.wait_timeout(), Some(timeout));
         ctx.hold(300_000_000).expect("hold");
-        let t = std::time::Instant::now();
+        let t = Instant::now();
         assert_eq!(ctx.wait(), Err(crate::Error::Timeout(timeout)));
-        assert!(t.elapsed() < std::time::Duration::from_millis(250), "the timed-out wait took {:?}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_millis(250), "the timed-out wait took {:?}", t.elapsed());
         ctx.set_wait_timeout(None);
         assert_eq!(ctx.wait_timeout(), None);
         ctx.wait().expect("a wait without a timeout");
-        assert!(t.elapsed() >= std::time::Duration::from_millis(299), "the hold ended early: {:?}", t.elapsed());
+        assert!(t.elapsed() >= Duration::from_millis(299), "the hold ended early: {:?}", t.elapsed());
         // A timeout longer than the work lets the wait succeed.
-        ctx.set_wait_timeout(Some(std::time::Duration::from_secs(10)));
+        ctx.set_wait_timeout(Some(Duration::from_secs(10)));
         ctx.hold(2_000_000).expect("hold");
         ctx.wait().expect("a wait within its timeout");
     }

@@ -115,9 +115,9 @@ mod tests {
 
     #[test]
     fn sets_are_shared_by_contents_reused_once_idle_and_released_by_dropped_encoders() {
-        let ctx = crate::Context::with_options(&crate::context::ContextOptions::default()).expect("a wgpu adapter");
-        let wgpu = ctx.wgpu().expect("a wgpu context");
-        let device = wgpu.device();
+        let ctx = crate::gpu::WgpuContext::with_options(&crate::context::ContextOptions::default())
+            .expect("a wgpu adapter (lavapipe in CI)");
+        let device = ctx.device();
         let mut sets: UploadSets<u32> = UploadSets::new();
         let enc = |_: ()| device.create_command_encoder(&Default::default());
         // Two different contents recorded into one encoder: two sets; the same contents again: shared.
@@ -135,8 +135,8 @@ mod tests {
         assert_eq!(sets.len(), 3);
         assert_eq!(sets.available(), MAX_SETS - 1, "e3 holds one of the three");
         // A submitted encoder's sets come back once its work has run.
-        wgpu.queue().submit([e3.finish()]);
-        wgpu.wait().ok();
+        ctx.queue().submit([e3.finish()]);
+        ctx.wait().ok();
         let e4 = enc(());
         assert_eq!(sets.take(&e4, "t", |&v| v == 5, || 5).map(|t| t.index).ok(), Some(0));
     }
