@@ -280,3 +280,34 @@ fn unknown_backend_in_the_environment() {
     }
     assert!(matches!(new, Err(Error::NoAdapter(_))), "Context::new() with a bad S2ATTN_BACKEND: {new:?}");
 }
+
+#[test]
+fn a_kernel_past_the_workgroup_memory_limit_is_refused_by_name() {
+    // wgpu builds such a pipeline without a word and the driver may run it into a hang; the library's
+    // pipeline builder counts each kernel's workgroup variables (override constants applied) first.
+    let ctx = context().wgpu().expect("a wgpu context");
+    let max = ctx.capabilities().limits.max_compute_workgroup_storage_size;
+    let source = "override N: u32 = 4u;\n\
+        var<workgroup> tile: array<vec4<f32>, N>;\n\
+        var<workgroup> flags: array<atomic<u32>, 4>;\n\
+        @group(0) @binding(0) var<storage, read_write> out: array<f32>;\n\
+        @compute @workgroup_size(64)\n\
+        fn main(@builtin(local_invocation_index) i: u32) {\n\
+            tile[i % N] = vec4<f32>(f32(i));\n\
+            atomicAdd(&flags[i % 4u], 1u);\n\
+            workgroupBarrier();\n\
+            out[i] = tile[(i + 1u) % N].x + f32(atomicLoad(&flags[0]));\n\
+        }\n";
+    // The tile alone fills the limit; with the 16 bytes of flags it is over by 16.
+    let n = max / 16;
+    // SAFETY: the kernel has no loops.
+    match unsafe { ctx.wgsl_pipeline("workgroup memory probe", source, &[("N", n)]) } {
+        Err(Error::DeviceLimit { limit, needed, max: m, .. }) => {
+            assert_eq!(limit, "max_compute_workgroup_storage_size");
+            assert_eq!((needed, m), (max as u64 + 16, max as u64));
+        }
+        other => panic!("expected DeviceLimit, got {:?}", other.map(|_| ())),
+    }
+    // SAFETY: as above.
+    unsafe { ctx.wgsl_pipeline("workgroup memory probe", source, &[("N", n - 1)]) }.expect("exactly at the limit");
+}

@@ -360,16 +360,27 @@ impl WgpuContext {
     }
 
     /// Refuses a kernel the device cannot run, naming the limit, before wgpu would fail with a bare
-    /// validation error: its storage buffers per stage, and its workgroup size (`WG`).
+    /// validation error (or, for workgroup memory, build it and leave the driver to hang or fault): its
+    /// storage buffers per stage, its workgroup memory, and its workgroup size (`WG`).
     fn check_kernel_limits(&self, name: &str, source: &str, constants: &[(&'static str, u32)]) -> Result<()> {
         let limits = &self.0.capabilities.limits;
-        let buffers = shaders::storage_buffers(name, source)?;
-        if buffers > limits.max_storage_buffers_per_shader_stage {
+        let needs = shaders::kernel_needs(name, source, constants)?;
+        if needs.storage_buffers > limits.max_storage_buffers_per_shader_stage {
             return Err(Error::DeviceLimit {
                 what: format!("the {name} kernel"),
                 limit: "max_storage_buffers_per_shader_stage",
-                needed: buffers as u64,
+                needed: needs.storage_buffers as u64,
                 max: limits.max_storage_buffers_per_shader_stage as u64,
+            });
+        }
+        // wgpu does not check this one; past it, a driver may build the pipeline anyway and the kernel
+        // then hangs or faults the device.
+        if needs.workgroup_bytes > limits.max_compute_workgroup_storage_size as u64 {
+            return Err(Error::DeviceLimit {
+                what: format!("the {name} kernel's workgroup memory"),
+                limit: "max_compute_workgroup_storage_size",
+                needed: needs.workgroup_bytes,
+                max: limits.max_compute_workgroup_storage_size as u64,
             });
         }
         if let Some(&(_, wg)) = constants.iter().find(|(name, _)| *name == "WG") {
@@ -401,8 +412,9 @@ impl WgpuContext {
 
     /// The compute pipeline of WGSL `source` (entry point `main`) with `constants` (override name, value),
     /// compiled on first use and cached for the context's lifetime, as the crate's own kernels are: the
-    /// device's limits are checked first (storage buffers per stage, the workgroup size of an override
-    /// named `WG`), index bounds checks stay on and wgpu's loop bounding is off. `name` labels the shader
+    /// device's limits are checked first (storage buffers per stage, workgroup memory with the constants
+    /// applied, the workgroup size of an override named `WG`: [`Error::DeviceLimit`] names the one passed),
+    /// index bounds checks stay on and wgpu's loop bounding is off. `name` labels the shader
     /// in errors. Code outside the crate builds its own kernels with this (the example transformer does).
     ///
     /// # Safety

@@ -77,15 +77,39 @@ impl fmt::Display for AttendPlan {
     }
 }
 
+impl AttendPlan {
+    /// The split kernel of this plan and its override constants at `head_dim` for `dtype` storage.
+    fn split_kernel(&self, dtype: DType, head_dim: u32) -> (Kernel, Vec<(&'static str, u32)>) {
+        let (d, half) = (("D", head_dim), ("HALF", (dtype == DType::F16) as u32));
+        if self.narrow {
+            let red = (self.tile_kv * self.workgroup_size / (self.tile_kv / self.loads)).max(4 * self.workgroup_size);
+            (Kernel::DecodeSplitNarrow, vec![d, ("R", self.rows), ("BK", self.tile_kv), half, ("RED", red)])
+        } else {
+            let constants = vec![
+                d,
+                ("R", self.rows),
+                ("BK", self.tile_kv),
+                ("WG", self.workgroup_size),
+                half,
+                ("NL", self.loads),
+                ("NA", self.accumulators),
+                ("KS", self.key_splits),
+            ];
+            (Kernel::DecodeSplit, constants)
+        }
+    }
+}
+
 /// Elements of `dtype` in one 16-byte word.
 fn word_elems(dtype: DType) -> u32 {
     (16 / dtype.size()) as u32
 }
 
-/// Workgroup bytes of the split kernel: Q rows (f32), padded K and plain V chunks (16-byte words), scores.
+/// Workgroup bytes of the split kernel: Q rows (f32), padded K and plain V chunks (16-byte words), scores,
+/// and a flags word per row.
 fn split_bytes(rows: u32, tile_kv: u32, head_dim: u32, dtype: DType) -> u32 {
     let w = head_dim / word_elems(dtype);
-    4 * rows * head_dim + 16 * tile_kv * (2 * w + 1) + 4 * rows * tile_kv
+    4 * rows * head_dim + 16 * tile_kv * (2 * w + 1) + 4 * rows * tile_kv + 4 * rows
 }
 
 /// [`plan_attend_for`] f32 storage: whether a row count fits, for any storage type (f32 words hold the
@@ -129,7 +153,8 @@ fn plan_narrow(
         .into_iter()
         .find(|&t| block_size % t == 0 && t % groups == 0 && t / groups <= NARROW_KEYS)?;
     let red = (tile_kv * w).max(4 * NARROW_WORKGROUP);
-    let bytes = 16 * (red + tile_kv);
+    // The reduction buffer and the chunk's scores (vec4s), and the 4 rows' flags words.
+    let bytes = 16 * (red + tile_kv) + 4 * NARROW_ROWS;
     (bytes <= caps.max_workgroup_storage).then_some(AttendPlan {
         rows,
         n_tok,
@@ -293,30 +318,8 @@ impl GpuAttend {
         plan: AttendPlan,
     ) -> Result<Self> {
         let d = ("D", head_dim);
-        let half = ("HALF", (dtype == DType::F16) as u32);
-        let split = if plan.narrow {
-            let red = (plan.tile_kv * plan.workgroup_size / (plan.tile_kv / plan.loads)).max(4 * plan.workgroup_size);
-            ctx.pipeline(
-                Kernel::DecodeSplitNarrow,
-                dtype,
-                &[d, ("R", plan.rows), ("BK", plan.tile_kv), half, ("RED", red)],
-            )?
-        } else {
-            ctx.pipeline(
-                Kernel::DecodeSplit,
-                dtype,
-                &[
-                    d,
-                    ("R", plan.rows),
-                    ("BK", plan.tile_kv),
-                    ("WG", plan.workgroup_size),
-                    ("HALF", (dtype == DType::F16) as u32),
-                    ("NL", plan.loads),
-                    ("NA", plan.accumulators),
-                    ("KS", plan.key_splits),
-                ],
-            )?
-        };
+        let (kernel, constants) = plan.split_kernel(dtype, head_dim);
+        let split = ctx.pipeline(kernel, dtype, &constants)?;
         let n4 = plan.rows * head_dim / 4;
         let combine = ctx.pipeline(
             Kernel::DecodeCombine,
@@ -698,4 +701,54 @@ fn scratch(ctx: &WgpuContext, label: &str, size: u64, usage: wgpu::BufferUsages)
         usage,
         mapped_at_creation: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{plan_attend_for, AttendPlan};
+    use crate::gpu::shaders::{compose, kernel_needs};
+    use crate::plan::{DType, DeviceCaps};
+    use std::collections::HashSet;
+
+    /// The planner's workgroup bytes of every split kernel it picks cover what the kernel's variables take
+    /// once its override constants are applied (a plan that undercounts runs a kernel past the device's
+    /// limit), on devices of 16, 32, 48 and 64 KiB of workgroup memory.
+    #[test]
+    fn planned_workgroup_bytes_cover_the_split_kernels_own() {
+        let mut seen = HashSet::new();
+        for storage in [16384, 32768, 49152, 65536] {
+            let caps = DeviceCaps { max_workgroup_storage: storage, ..DeviceCaps::h100_vulkan() };
+            for dtype in [DType::F32, DType::F16] {
+                for head_dim in [64, 128, 256] {
+                    for group in [1, 4, 8] {
+                        for n_tok in [1, 5] {
+                            for block in [16, 64] {
+                                let Ok(plan) = plan_attend_for(&caps, dtype, head_dim, group, &[n_tok], block) else {
+                                    continue;
+                                };
+                                assert!(plan.workgroup_bytes <= storage, "{plan} on {storage} B");
+                                let (kernel, constants) = plan.split_kernel(dtype, head_dim);
+                                if seen.insert((kernel, dtype, constants.clone())) {
+                                    check(&plan, dtype, head_dim, &constants);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(seen.len() > 20, "only {} distinct kernels checked", seen.len());
+    }
+
+    fn check(plan: &AttendPlan, dtype: DType, head_dim: u32, constants: &[(&'static str, u32)]) {
+        let (kernel, _) = plan.split_kernel(dtype, head_dim);
+        let source = compose(kernel, dtype).expect("compose");
+        let needs = kernel_needs(kernel.name(), &source, constants).expect("kernel needs");
+        assert!(
+            needs.workgroup_bytes <= plan.workgroup_bytes as u64,
+            "{plan} ({dtype}, head dim {head_dim}): the kernel takes {} B, the plan counts {}",
+            needs.workgroup_bytes,
+            plan.workgroup_bytes
+        );
+    }
 }

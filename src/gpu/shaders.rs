@@ -182,26 +182,126 @@ pub fn validate(name: &str, source: &str) -> Result<()> {
     Ok(())
 }
 
-/// Storage buffers the entry point `main` of composed WGSL binds (what
-/// `max_storage_buffers_per_shader_stage` limits).
-pub fn storage_buffers(name: &str, source: &str) -> Result<u32> {
-    let module = naga::front::wgsl::parse_str(source)
-        .map_err(|e| Error::Shader { name: name.into(), message: e.emit_to_string(source) })?;
+/// What the entry point `main` of a kernel needs of the device, for the limits it is checked against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelNeeds {
+    /// Storage buffers it binds (`max_storage_buffers_per_shader_stage`).
+    pub storage_buffers: u32,
+    /// Bytes of workgroup memory its variables take with the override constants applied, each placed at
+    /// its alignment (`max_compute_workgroup_storage_size`).
+    pub workgroup_bytes: u64,
+}
+
+/// [`KernelNeeds`] of composed WGSL built with `constants` (override name, value): parsed, validated and
+/// its overrides resolved by naga, as wgpu does when it builds the pipeline.
+pub fn kernel_needs(name: &str, source: &str, constants: &[(&str, u32)]) -> Result<KernelNeeds> {
+    let shader_err = |message: String| Error::Shader { name: name.into(), message };
+    let module = naga::front::wgsl::parse_str(source).map_err(|e| shader_err(e.emit_to_string(source)))?;
     let mut validator =
         naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all());
-    let info = validator
-        .validate(&module)
-        .map_err(|e| Error::Shader { name: name.into(), message: e.emit_to_string(source) })?;
+    let info = validator.validate(&module).map_err(|e| shader_err(e.emit_to_string(source)))?;
+    let values: naga::back::PipelineConstants = constants.iter().map(|&(k, v)| (k.to_string(), v as f64)).collect();
+    // naga panics (rather than erring) on some malformed override uses; either is this kernel's error.
+    let resolved = std::panic::catch_unwind(|| {
+        naga::back::pipeline_constants::process_overrides(&module, &info, None, &values)
+            .map(|(m, i)| (m.into_owned(), i.into_owned()))
+            .map_err(|e| format!("resolving the override constants: {e}"))
+    })
+    .map_err(|_| shader_err("naga panicked resolving the override constants".into()))?;
+    let (module, info) = resolved.map_err(shader_err)?;
     let main = module
         .entry_points
         .iter()
         .position(|e| e.name == "main")
-        .ok_or_else(|| Error::Shader { name: name.into(), message: "no entry point `main`".into() })?;
+        .ok_or_else(|| shader_err("no entry point `main`".into()))?;
     let uses = info.get_entry_point(main);
-    let count = module
-        .global_variables
-        .iter()
-        .filter(|&(h, g)| matches!(g.space, naga::AddressSpace::Storage { .. }) && !uses[h].is_empty())
-        .count();
-    Ok(count as u32)
+    let mut layouter = naga::proc::Layouter::default();
+    layouter.update(module.to_ctx()).map_err(|e| shader_err(format!("laying out the types: {e}")))?;
+    let used = || module.global_variables.iter().filter(|&(h, _)| !uses[h].is_empty());
+    let storage_buffers = used().filter(|(_, g)| matches!(g.space, naga::AddressSpace::Storage { .. })).count() as u32;
+    let workgroup_bytes = used().filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup).fold(0u64, |at, (_, g)| {
+        let layout = layouter[g.ty];
+        layout.alignment.round_up(at as u32) as u64 + layout.size as u64
+    });
+    Ok(KernelNeeds { storage_buffers, workgroup_bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{compose, kernel_needs, overrides, Kernel};
+    use crate::gpu::backward::backward_kernels;
+    use crate::gpu::forward::forward_kernel;
+    use crate::layout::{Layout, S2Config};
+    use crate::plan::{
+        coop_candidates, coop_dkdv_candidates, coop_dkdv_subgroups, coop_dkdv_workgroup_bytes, coop_dq_candidates,
+        coop_dq_workgroup_bytes, coop_workgroup_bytes, plan_backward_portable, plan_portable, DType, DeviceCaps,
+        DispatchPlan, Shape, COOP_HEAD_DIMS, PORTABLE_HEAD_DIMS,
+    };
+    use std::collections::HashMap;
+
+    /// A kernel, its storage type and override constants.
+    type Build = (Kernel, DType, Vec<(&'static str, u32)>);
+
+    /// Checks that `kernel` built with `constants` takes at most `planned` bytes of workgroup memory.
+    struct Checker(HashMap<Build, u64>);
+
+    impl Checker {
+        fn check(&mut self, kernel: Kernel, dtype: DType, constants: Vec<(&'static str, u32)>, planned: u32) {
+            let key = (kernel, dtype, constants);
+            let needs = *self.0.entry(key.clone()).or_insert_with(|| {
+                let source = compose(kernel, dtype).expect("compose");
+                kernel_needs(kernel.name(), &source, &key.2).expect("kernel needs").workgroup_bytes
+            });
+            assert!(needs <= planned as u64, "{kernel:?} {dtype} {:?}: takes {needs} B, planned {planned}", key.2);
+        }
+        fn plan(&mut self, kernel: Kernel, dtype: DType, plan: &DispatchPlan, head_dim: u32) {
+            self.check(kernel, dtype, overrides(plan, head_dim), plan.workgroup_bytes);
+        }
+    }
+
+    /// Every tile the forward and backward planners may pick (coop candidates on an H100-class Vulkan
+    /// adapter; portable plans on 16 to 64 KiB of workgroup memory) takes no more workgroup memory than the
+    /// planner counted, so the pipeline builder's limit check never refuses a planned kernel and a
+    /// planner's count is never below what the device is asked for.
+    #[test]
+    fn planned_workgroup_bytes_cover_each_kernels_own() {
+        let mut c = Checker(HashMap::new());
+        let h100 = DeviceCaps::h100_vulkan();
+        for block in [16, 32, 64, 128] {
+            let layout = Layout::s2(S2Config::new(4, block, 2, 3).kv_heads(2)).expect("layout");
+            for &d in COOP_HEAD_DIMS {
+                let shape = Shape::new(1, 2048, d, DType::F16);
+                for t in coop_candidates(&shape, &layout, &h100) {
+                    let constants = vec![("D", d), ("BQ", t.tile_q), ("BK", t.tile_kv), ("WG", t.tile_q / 16 * 32)];
+                    c.check(Kernel::ForwardCoop, DType::F16, constants, coop_workgroup_bytes(t, d));
+                }
+                for t in coop_dq_candidates(&shape, &layout, &h100) {
+                    let constants = vec![("D", d), ("BQ", t.tile_q), ("BK", t.tile_kv), ("WG", t.tile_q / 16 * 32)];
+                    c.check(Kernel::BackwardCoopDq, DType::F16, constants, coop_dq_workgroup_bytes(t, d));
+                }
+                for t in coop_dkdv_candidates(&shape, &layout, &h100) {
+                    let wg = coop_dkdv_subgroups(t) * 32;
+                    let constants = vec![("D", d), ("BQ", t.tile_q), ("BK", t.tile_kv), ("WG", wg)];
+                    c.check(Kernel::BackwardCoopDkDv, DType::F16, constants, coop_dkdv_workgroup_bytes(t, d));
+                }
+            }
+            for storage in [16384, 32768, 49152, 65536] {
+                let caps = DeviceCaps { max_workgroup_storage: storage, coop_f16_16x16: false, ..h100.clone() };
+                for &d in PORTABLE_HEAD_DIMS {
+                    for dtype in [DType::F32, DType::F16] {
+                        let shape = Shape::new(1, 2048, d, dtype);
+                        if let Ok(plan) = plan_portable(&shape, &layout, &caps) {
+                            c.plan(forward_kernel(&plan).expect("kernel"), dtype, &plan, d);
+                        }
+                        if let Ok(plan) = plan_backward_portable(&shape, &layout, &caps) {
+                            let (dq, dkdv) = backward_kernels(&plan).expect("kernels");
+                            c.plan(dq, dtype, &plan.dq, d);
+                            c.plan(dkdv, dtype, &plan.dkdv, d);
+                        }
+                    }
+                }
+            }
+        }
+        assert!(c.0.len() > 30, "only {} distinct kernels checked", c.0.len());
+    }
 }

@@ -222,9 +222,10 @@ impl fmt::Display for DispatchPlan {
     }
 }
 
-/// Workgroup bytes the portable kernel uses for a (tile_q, tile_kv, head_dim) choice.
+/// Workgroup bytes the portable kernel uses for a (tile_q, tile_kv, head_dim) choice: the Q tile, the K/V
+/// chunk, the scores and four words per query row (max, sum, flags, rescale).
 pub fn portable_workgroup_bytes(tile_q: u32, tile_kv: u32, head_dim: u32) -> u32 {
-    4 * ((tile_q + tile_kv) * head_dim + tile_q * tile_kv + 3 * tile_q)
+    4 * ((tile_q + tile_kv) * head_dim + tile_q * tile_kv + 4 * tile_q)
 }
 
 /// The portable kernel's invocations per workgroup.
