@@ -134,6 +134,16 @@ const char *s2attn_context_adapter_name(const s2attn_context *ctx);
 /** The backend's name ("vulkan", "metal", "dx12", "gl", "cuda"); valid while ctx lives; NULL if ctx is NULL. */
 const char *s2attn_context_backend_name(const s2attn_context *ctx);
 
+/**
+ * Sets the longest a call on ctx (and on the ops and caches made from it) waits for the GPU before failing with
+ * S2ATTN_ERR_TIMEOUT instead of blocking on a hung device; seconds <= 0 waits as long as it takes (the default,
+ * unless S2ATTN_WAIT_TIMEOUT set one for s2attn_context_create). NaN or infinity: S2ATTN_ERR_INVALID_ARGUMENT.
+ */
+s2attn_status s2attn_context_set_wait_timeout(const s2attn_context *ctx, double seconds);
+
+/** The wait timeout of ctx in seconds; 0 for none or a NULL ctx. */
+double s2attn_context_wait_timeout(const s2attn_context *ctx);
+
 /** Releases a context (NULL is a no-op). */
 void s2attn_context_free(s2attn_context *ctx);
 

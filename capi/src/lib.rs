@@ -402,6 +402,37 @@ pub unsafe extern "C" fn s2attn_context_backend_name(ctx: *const S2attnContext) 
     unsafe { ctx.as_ref() }.map_or(std::ptr::null(), |c| c.backend.as_ptr())
 }
 
+/// Sets the longest a call on `ctx` (and on the ops and caches made from it) waits for the GPU before
+/// failing with [`S2ATTN_ERR_TIMEOUT`] instead of blocking on a hung device; `seconds` <= 0 waits as long as
+/// it takes (the default, unless `S2ATTN_WAIT_TIMEOUT` set one for [`s2attn_context_create`]). A NaN or
+/// infinite `seconds` is [`S2ATTN_ERR_INVALID_ARGUMENT`].
+///
+/// # Safety
+/// `ctx` is null or a live context.
+#[no_mangle]
+pub unsafe extern "C" fn s2attn_context_set_wait_timeout(ctx: *const S2attnContext, seconds: f64) -> Status {
+    call(|| {
+        // SAFETY: forwarded caller contract.
+        let c = unsafe { handle(ctx, "ctx") }?;
+        if !seconds.is_finite() {
+            return Err(Fail::Arg(format!("the wait timeout must be a finite number of seconds, got {seconds}")));
+        }
+        // Past ~31 years a timeout is none in practice (and Duration's range is not reached).
+        c.ctx.set_wait_timeout((seconds > 0.0).then(|| std::time::Duration::from_secs_f64(seconds.min(1e9))));
+        Ok(())
+    })
+}
+
+/// The wait timeout of `ctx` in seconds (see [`s2attn_context_set_wait_timeout`]); 0 for none or a NULL `ctx`.
+///
+/// # Safety
+/// `ctx` is null or a live context.
+#[no_mangle]
+pub unsafe extern "C" fn s2attn_context_wait_timeout(ctx: *const S2attnContext) -> f64 {
+    // SAFETY: caller contract.
+    unsafe { ctx.as_ref() }.and_then(|c| c.ctx.wait_timeout()).map_or(0.0, |t| t.as_secs_f64())
+}
+
 /// Releases a context (NULL is a no-op). Ops created from it keep the device alive until they are freed.
 ///
 /// # Safety

@@ -496,6 +496,18 @@ static void check_errors(const s2attn_context *ctx) {
     CHECK(strcmp(s2attn_status_name(S2ATTN_ERR_LENGTH), "S2ATTN_ERR_LENGTH") == 0, "status name");
     CHECK(strcmp(s2attn_status_name(12345), "S2ATTN_ERR_UNKNOWN") == 0, "unknown status name");
 
+    /* The wait timeout: set, read back, cleared; a NaN or infinite one and a NULL context refused. */
+    CHECK(s2attn_context_wait_timeout(ctx) == 0.0, "no wait timeout by default");
+    MUST(s2attn_context_set_wait_timeout(ctx, 30.5));
+    CHECK(s2attn_context_wait_timeout(ctx) == 30.5, "the wait timeout reads back");
+    EXPECT_STATUS(S2ATTN_ERR_INVALID_ARGUMENT, s2attn_context_set_wait_timeout(ctx, NAN));
+    EXPECT_STATUS(S2ATTN_ERR_INVALID_ARGUMENT, s2attn_context_set_wait_timeout(ctx, INFINITY));
+    CHECK(s2attn_context_wait_timeout(ctx) == 30.5, "a refused timeout changes nothing");
+    EXPECT_STATUS(S2ATTN_ERR_NULL_POINTER, s2attn_context_set_wait_timeout(NULL, 1.0));
+    CHECK(s2attn_context_wait_timeout(NULL) == 0.0, "a NULL context has none");
+    MUST(s2attn_context_set_wait_timeout(ctx, 0.0));
+    CHECK(s2attn_context_wait_timeout(ctx) == 0.0, "0 clears the wait timeout");
+
     /* Null out-pointers and handles. */
     EXPECT_STATUS(S2ATTN_ERR_NULL_POINTER, s2attn_context_create(NULL));
     CHECK(strstr(s2attn_last_error(), "out") != NULL, "the message names the argument");
