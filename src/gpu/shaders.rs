@@ -231,11 +231,12 @@ mod tests {
     use super::{compose, kernel_needs, overrides, Kernel};
     use crate::gpu::backward::backward_kernels;
     use crate::gpu::forward::forward_kernel;
+    use crate::gpu::plan_attend_for;
     use crate::layout::{Layout, S2Config};
     use crate::plan::{
         coop_candidates, coop_dkdv_candidates, coop_dkdv_subgroups, coop_dkdv_workgroup_bytes, coop_dq_candidates,
-        coop_dq_workgroup_bytes, coop_workgroup_bytes, plan_backward_portable, plan_portable, DType, DeviceCaps,
-        DispatchPlan, Shape, COOP_HEAD_DIMS, PORTABLE_HEAD_DIMS,
+        coop_dq_workgroup_bytes, coop_workgroup_bytes, coop_workgroup_size, plan_backward_portable, plan_portable,
+        DType, DeviceCaps, DispatchPlan, Shape, COOP_HEAD_DIMS, COOP_SUBGROUP_SIZE, PORTABLE_HEAD_DIMS,
     };
     use std::collections::HashMap;
 
@@ -259,10 +260,10 @@ mod tests {
         }
     }
 
-    /// Every tile the forward and backward planners may pick (coop candidates on an H100-class Vulkan
-    /// adapter; portable plans on 16 to 64 KiB of workgroup memory) takes no more workgroup memory than the
-    /// planner counted, so the pipeline builder's limit check never refuses a planned kernel and a
-    /// planner's count is never below what the device is asked for.
+    /// Every tile the forward, backward and decode planners may pick (coop candidates on an H100-class
+    /// Vulkan adapter; portable and decode plans on 16 to 64 KiB of workgroup memory) takes no more
+    /// workgroup memory than the planner counted, so the pipeline builder's limit check never refuses a
+    /// planned kernel and a planner's count is never below what the device is asked for.
     #[test]
     fn planned_workgroup_bytes_cover_each_kernels_own() {
         let mut c = Checker(HashMap::new());
@@ -272,15 +273,16 @@ mod tests {
             for &d in COOP_HEAD_DIMS {
                 let shape = Shape::new(1, 2048, d, DType::F16);
                 for t in coop_candidates(&shape, &layout, &h100) {
-                    let constants = vec![("D", d), ("BQ", t.tile_q), ("BK", t.tile_kv), ("WG", t.tile_q / 16 * 32)];
+                    let constants = vec![("D", d), ("BQ", t.tile_q), ("BK", t.tile_kv), ("WG", coop_workgroup_size(t))];
                     c.check(Kernel::ForwardCoop, DType::F16, constants, coop_workgroup_bytes(t, d));
                 }
                 for t in coop_dq_candidates(&shape, &layout, &h100) {
-                    let constants = vec![("D", d), ("BQ", t.tile_q), ("BK", t.tile_kv), ("WG", t.tile_q / 16 * 32)];
+                    // One subgroup per 16 query rows, as the forward.
+                    let constants = vec![("D", d), ("BQ", t.tile_q), ("BK", t.tile_kv), ("WG", coop_workgroup_size(t))];
                     c.check(Kernel::BackwardCoopDq, DType::F16, constants, coop_dq_workgroup_bytes(t, d));
                 }
                 for t in coop_dkdv_candidates(&shape, &layout, &h100) {
-                    let wg = coop_dkdv_subgroups(t) * 32;
+                    let wg = coop_dkdv_subgroups(t) * COOP_SUBGROUP_SIZE;
                     let constants = vec![("D", d), ("BQ", t.tile_q), ("BK", t.tile_kv), ("WG", wg)];
                     c.check(Kernel::BackwardCoopDkDv, DType::F16, constants, coop_dkdv_workgroup_bytes(t, d));
                 }
@@ -298,10 +300,18 @@ mod tests {
                             c.plan(dq, dtype, &plan.dq, d);
                             c.plan(dkdv, dtype, &plan.dkdv, d);
                         }
+                        // Decode items of GQA groups 1, 4 and 8, one token and windows of 5.
+                        for (group, n_tok) in [1, 4, 8].into_iter().flat_map(|g| [(g, 1), (g, 5)]) {
+                            if let Ok(plan) = plan_attend_for(&caps, dtype, d, group, &[n_tok], block) {
+                                assert!(plan.workgroup_bytes <= storage, "{plan} on {storage} B");
+                                let (kernel, constants) = plan.split_kernel(dtype, d);
+                                c.check(kernel, dtype, constants, plan.workgroup_bytes);
+                            }
+                        }
                     }
                 }
             }
         }
-        assert!(c.0.len() > 30, "only {} distinct kernels checked", c.0.len());
+        assert!(c.0.len() > 50, "only {} distinct kernels checked", c.0.len());
     }
 }

@@ -14,6 +14,8 @@ pub use column::{backward_workgroup_bytes, plan_backward_portable, BackwardPlan,
 pub use coop::{
     coop_candidates, coop_workgroup_bytes, plan_coop, CoopTile, TuneTarget, COOP_HEAD_DIMS, COOP_TAU, TUNE_MAX_SEQ,
 };
+#[cfg(test)]
+pub(crate) use coop::{coop_workgroup_size, COOP_SUBGROUP_SIZE};
 pub use coop_backward::{
     coop_dkdv_candidates, coop_dkdv_subgroups, coop_dkdv_workgroup_bytes, coop_dq_candidates, coop_dq_workgroup_bytes,
     longest_first_order, plan_backward_coop, plan_backward_wgpu, SubgroupInfo,
