@@ -480,8 +480,13 @@ impl GpuAttend {
         let mut guard = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
         let held = &mut *guard;
         held.parts_seen = held.parts_seen.max(call.parts.len());
-        let taken =
-            held.uploads.take(encoder, "decode", |set| set.holds(&contents), || UploadSet { parts: Vec::new() })?;
+        let taken = held.uploads.take(
+            || self.ctx.wait(),
+            encoder,
+            "decode",
+            |set| set.holds(&contents),
+            || UploadSet { parts: Vec::new() },
+        )?;
         let (set_index, holds) = (taken.index, taken.holds);
         let set = taken.value;
         let created = if holds { 0 } else { self.reserve_set(set, call) };

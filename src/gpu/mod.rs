@@ -19,4 +19,4 @@ pub use forward::{TensorView, Timing};
 pub(crate) use timing::Stamps;
 pub use timing::TimestampQueries;
 pub(crate) use tune::ForwardTuner;
-pub(crate) use upload_sets::{too_many as too_many_uploads, UploadSets};
+pub(crate) use upload_sets::UploadSets;

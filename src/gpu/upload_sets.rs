@@ -8,14 +8,19 @@
 //! new one. A set is in use from the call that takes it until the work recorded with it has run on the
 //! GPU, or its encoder was dropped unsubmitted: the encoder reports both (`on_submitted_work_done`, whose
 //! callback is dropped with an unsubmitted encoder). A token loop that submits and waits each step keeps
-//! reusing one set; calls recorded together, or submitted without waiting, take one set each.
+//! reusing one set; calls recorded together, or submitted without waiting, take one set each. A loop that
+//! never waits is held back at [`MAX_SETS`] sets in use: the next call waits for the submitted work (which
+//! frees its sets) and fails only when encoders not yet submitted hold every set.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+#[cfg(doc)]
+use super::WgpuContext;
 use crate::error::{Error, Result};
 
-/// The most sets an op keeps: calls whose work has not run yet beyond this many are refused.
+/// The most sets an op keeps: past this many calls whose work has not run yet, a call waits for the
+/// submitted work, and is refused if unsubmitted encoders still hold every set.
 const MAX_SETS: usize = 64;
 
 /// One set and the count of recorded calls that read it.
@@ -24,11 +29,11 @@ struct Slot<T> {
     users: Arc<AtomicUsize>,
 }
 
-/// The error of a call past [`MAX_SETS`] calls in flight.
-pub(crate) fn too_many(what: &str) -> Error {
+/// The error of a call past [`MAX_SETS`] calls recorded into encoders not yet submitted.
+fn too_many(what: &str) -> Error {
     Error::Unsupported(format!(
-        "{what}: {MAX_SETS} calls recorded whose work has not run yet; submit their encoders and let the device \
-         finish (poll or wait) before recording more"
+        "{what}: {MAX_SETS} calls recorded into encoders not yet submitted (or dropped); submit them before \
+         recording more"
     ))
 }
 
@@ -68,11 +73,25 @@ impl<T> UploadSets<T> {
         self.slots.len()
     }
 
-    /// How many calls could take a set now whatever their contents (idle sets and room for new ones), so
-    /// that a caller can check before changing anything that its next takes will succeed.
-    pub(crate) fn available(&self) -> usize {
+    /// How many calls could take a set now whatever their contents (idle sets and room for new ones).
+    fn available(&self) -> usize {
         let idle = self.slots.iter().filter(|s| s.users.load(Ordering::Acquire) == 0).count();
         idle + (MAX_SETS - self.slots.len())
+    }
+
+    /// Makes sure `calls` more calls can take a set whatever their contents, so that a caller can check
+    /// before changing anything that its next takes will succeed: if too few sets are free, runs `wait`
+    /// (which waits for the submitted work, so frees the sets it held: [`WgpuContext::wait`], whose
+    /// [`Error::Timeout`] it passes on); fails, naming `what`, if encoders not yet submitted still hold too
+    /// many.
+    pub(crate) fn make_room(&self, wait: impl FnOnce() -> Result<()>, what: &str, calls: usize) -> Result<()> {
+        if self.available() < calls {
+            wait()?;
+            if self.available() < calls {
+                return Err(too_many(what));
+            }
+        }
+        Ok(())
     }
 
     /// Set `index` (as [`Taken::index`] named it).
@@ -81,25 +100,29 @@ impl<T> UploadSets<T> {
     }
 
     /// Takes a set for a call recorded into `encoder`: one that `holds` the call's contents, else one no
-    /// recorded work reads, else a new one from `make`. The caller writes the contents unless
-    /// [`Taken::holds`]. `what` names the op in the error past [`MAX_SETS`] calls in flight.
+    /// recorded work reads, else a new one from `make`; with [`MAX_SETS`] sets in use, it first runs `wait`
+    /// (see [`UploadSets::make_room`], whose errors name `what`). The caller writes the contents unless
+    /// [`Taken::holds`].
     pub(crate) fn take(
         &mut self,
+        wait: impl FnOnce() -> Result<()>,
         encoder: &wgpu::CommandEncoder,
         what: &str,
         holds: impl Fn(&T) -> bool,
         make: impl FnOnce() -> T,
     ) -> Result<Taken<'_, T>> {
-        let idle = |s: &Slot<T>| s.users.load(Ordering::Acquire) == 0;
-        let (index, holds) = if let Some(i) = self.slots.iter().position(|s| holds(&s.value)) {
-            (i, true)
-        } else if let Some(i) = self.slots.iter().position(idle) {
-            (i, false)
-        } else if self.slots.len() < MAX_SETS {
-            self.slots.push(Slot { value: make(), users: Arc::new(AtomicUsize::new(0)) });
-            (self.slots.len() - 1, false)
-        } else {
-            return Err(too_many(what));
+        let (index, holds) = match self.slots.iter().position(|s| holds(&s.value)) {
+            Some(i) => (i, true),
+            None => {
+                self.make_room(wait, what, 1)?;
+                match self.slots.iter().position(|s| s.users.load(Ordering::Acquire) == 0) {
+                    Some(i) => (i, false),
+                    None => {
+                        self.slots.push(Slot { value: make(), users: Arc::new(AtomicUsize::new(0)) });
+                        (self.slots.len() - 1, false)
+                    }
+                }
+            }
         };
         let slot = &mut self.slots[index];
         slot.users.fetch_add(1, Ordering::AcqRel);
@@ -112,32 +135,84 @@ impl<T> UploadSets<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::WgpuContext;
+    use std::cell::RefCell;
+
+    fn context() -> WgpuContext {
+        WgpuContext::with_options(&crate::context::ContextOptions::default()).expect("a wgpu adapter (lavapipe in CI)")
+    }
 
     #[test]
     fn sets_are_shared_by_contents_reused_once_idle_and_released_by_dropped_encoders() {
-        let ctx = crate::gpu::WgpuContext::with_options(&crate::context::ContextOptions::default())
-            .expect("a wgpu adapter (lavapipe in CI)");
+        let ctx = context();
         let device = ctx.device();
         let mut sets: UploadSets<u32> = UploadSets::new();
         let enc = |_: ()| device.create_command_encoder(&Default::default());
+        let mut take = |e: &wgpu::CommandEncoder, v: u32| {
+            sets.take(|| ctx.wait(), e, "t", |&x| x == v, || v).map(|t| (t.index, t.holds)).ok()
+        };
         // Two different contents recorded into one encoder: two sets; the same contents again: shared.
         let e1 = enc(());
-        assert_eq!(sets.take(&e1, "t", |&v| v == 1, || 1).map(|t| (t.index, t.holds)).ok(), Some((0, false)));
-        assert_eq!(sets.take(&e1, "t", |&v| v == 2, || 2).map(|t| (t.index, t.holds)).ok(), Some((1, false)));
-        assert_eq!(sets.take(&e1, "t", |&v| v == 1, || 9).map(|t| (t.index, t.holds)).ok(), Some((0, true)));
+        assert_eq!(take(&e1, 1), Some((0, false)));
+        assert_eq!(take(&e1, 2), Some((1, false)));
+        assert_eq!(take(&e1, 1), Some((0, true)));
         // While e1 is alive both sets are in use: new contents need a third set.
         let e2 = enc(());
-        assert_eq!(sets.take(&e2, "t", |&v| v == 3, || 3).map(|t| t.index).ok(), Some(2));
+        assert_eq!(take(&e2, 3), Some((2, false)));
         // Dropping the encoders unsubmitted releases their sets.
         drop((e1, e2));
         let e3 = enc(());
-        assert_eq!(sets.take(&e3, "t", |&v| v == 4, || 4).map(|t| (t.index, t.holds)).ok(), Some((0, false)));
-        assert_eq!(sets.len(), 3);
-        assert_eq!(sets.available(), MAX_SETS - 1, "e3 holds one of the three");
+        assert_eq!(take(&e3, 4), Some((0, false)));
         // A submitted encoder's sets come back once its work has run.
         ctx.queue().submit([e3.finish()]);
         ctx.wait().ok();
         let e4 = enc(());
-        assert_eq!(sets.take(&e4, "t", |&v| v == 5, || 5).map(|t| t.index).ok(), Some(0));
+        assert_eq!(take(&e4, 5), Some((0, false)));
+        assert_eq!(sets.len(), 3);
+        assert_eq!(sets.available(), MAX_SETS - 1, "e4 holds one of the three");
+    }
+
+    #[test]
+    fn past_the_cap_a_call_waits_for_submitted_work_and_fails_only_on_unsubmitted_encoders() {
+        let ctx = context();
+        let device = ctx.device();
+        let mut sets: UploadSets<u32> = UploadSets::new();
+        // Every set held by an encoder of its own.
+        let pending: RefCell<Vec<wgpu::CommandEncoder>> = RefCell::new(Vec::new());
+        for v in 0..MAX_SETS as u32 {
+            let e = device.create_command_encoder(&Default::default());
+            assert!(sets.take(|| ctx.wait(), &e, "t", |&x| x == v, || v).is_ok());
+            pending.borrow_mut().push(e);
+        }
+        assert_eq!((sets.len(), sets.available()), (MAX_SETS, 0));
+        // The sets' encoders not yet submitted: waiting frees none, and the call is refused by name.
+        let e = device.create_command_encoder(&Default::default());
+        match sets.take(|| ctx.wait(), &e, "probe", |&x| x == 1000, || 0) {
+            Err(Error::Unsupported(m)) => assert!(m.contains("probe") && m.contains("not yet submitted"), "{m}"),
+            other => panic!("expected a refusal, got {:?}", other.map(|t| t.index)),
+        }
+        assert!(matches!(sets.make_room(|| ctx.wait(), "probe", 1), Err(Error::Unsupported(_))));
+        // Submitted (as a token loop that never waits leaves them): the call waits for their work and
+        // takes a freed set instead of failing.
+        let submit_then_wait = || {
+            ctx.queue().submit(pending.borrow_mut().drain(..).map(|e| e.finish()));
+            ctx.wait()
+        };
+        let taken = sets.take(submit_then_wait, &e, "probe", |&x| x == 1000, || 0).map(|t| (t.index, t.holds));
+        assert_eq!(taken.ok(), Some((0, false)));
+        assert_eq!(sets.len(), MAX_SETS, "no set past the cap");
+        assert_eq!(sets.available(), MAX_SETS - 1);
+        // A wait that fails (a timeout) fails the call with its error.
+        let held: Vec<wgpu::CommandEncoder> = (1..MAX_SETS as u32)
+            .map(|v| {
+                let e = device.create_command_encoder(&Default::default());
+                assert!(sets.take(|| ctx.wait(), &e, "t", |&x| x == 2000 + v, || 0).is_ok());
+                e
+            })
+            .collect();
+        let timeout = || Err(Error::Timeout(std::time::Duration::from_millis(1)));
+        assert!(matches!(sets.make_room(timeout, "probe", 1), Err(Error::Timeout(_))));
+        drop((held, e));
+        assert!(sets.make_room(|| ctx.wait(), "probe", MAX_SETS).is_ok(), "dropped encoders free their sets");
     }
 }

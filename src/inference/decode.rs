@@ -507,7 +507,10 @@ impl Decode {
     /// buffers of its own until its work has run, so one encoder may hold several calls of this op and
     /// the [`KvCache::append_encoded`]s between them, each call reading the cache as it stood when
     /// recorded. Submit before host calls change the cache ([`KvCache::append`] writes land at the next
-    /// submit, ahead of all recorded work).
+    /// submit, ahead of all recorded work). A loop that submits without waiting is held back at 64 calls
+    /// whose work has not run: the next call waits for the submitted work (bounded by the context's wait
+    /// timeout); calls recorded into encoders not yet submitted count too, and past 64 of those the call
+    /// fails with [`Error::Unsupported`](crate::Error::Unsupported).
     #[allow(clippy::too_many_arguments)]
     pub fn encode(
         &self,

@@ -131,12 +131,10 @@ impl Appender {
         Ok(Self { ctx: ctx.clone(), pipeline, max_pages, uploads: UploadSets::new(), binds: Vec::new() })
     }
 
-    /// Fails, naming why, unless `batches` more batches can be recorded now (upload sets for them).
+    /// Fails, naming why, unless `batches` more batches can be recorded now (upload sets for them; waits
+    /// for submitted work to free them if it must).
     pub(super) fn check_room(&self, batches: usize) -> Result<()> {
-        if self.uploads.available() < batches {
-            return Err(crate::gpu::too_many_uploads("append_encoded"));
-        }
-        Ok(())
+        self.uploads.make_room(|| self.ctx.wait(), "append_encoded", batches)
     }
 
     /// The dispatch of `words` words (x, y), or the device limit it exceeds.
@@ -194,7 +192,8 @@ impl Appender {
         let header = BatchHeader { appends: params.len() as u32, words: total, pad: [0; 2] };
         let (ctx, max_pages) = (&self.ctx, self.max_pages);
         let same = |u: &AppendUploads| u.held.as_ref().is_some_and(|(p, w)| *p == params && *w == pages);
-        let taken = self.uploads.take(encoder, "append_encoded", same, || new_uploads(ctx, max_pages))?;
+        let taken =
+            self.uploads.take(|| ctx.wait(), encoder, "append_encoded", same, || new_uploads(ctx, max_pages))?;
         let set = taken.index;
         if !taken.holds {
             let up = taken.value;

@@ -464,6 +464,8 @@ impl KvCache {
     /// ([`Decode::run`](crate::Decode::run), [`KvCache::append`]: host writes land at the next submit,
     /// ahead of all recorded work). Fails without changing anything as `append` does, and on views too
     /// small or misaligned. A batch's appends are one dispatch with [`KvCache::append_encoded_batch`].
+    /// Past 64 recorded appends whose work has not run, the next waits for the submitted work, as
+    /// [`Decode::encode`](crate::Decode::encode) does.
     pub fn append_encoded(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
