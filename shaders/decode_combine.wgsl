@@ -48,7 +48,7 @@ fn main(
     if id >= params.n_items {
         return;
     }
-    let fam = items[id];
+    let fam = load_item(id);
     let d4 = D / 4u;
     let n = fam.nsplit;
     // LSE: lane `lane` of row r folds partials lane, lane + LL, ... (four loads in flight).

@@ -49,7 +49,7 @@ fn main(
     if id >= params.n_items {
         return;
     }
-    let it = items[id];
+    let it = load_item(id);
     let d4 = D / 4u;
     let causal = params.causal != 0u;
     let key_end = item_key_end(it);

@@ -654,6 +654,43 @@ fn token_loops_patch_their_work_lists_between_query_blocks() {
 }
 
 #[test]
+fn a_token_loop_step_moves_the_key_shift_not_the_work_list() {
+    // Two sequences, one token per step, inside their query blocks: each step patches the lists by their
+    // key shift alone, which the kernels add, so the device copy of the items serves again; a step in
+    // which the sequences grow by different counts rewrites the items. Every step judged against the
+    // oracle, in debug builds each list also held to a fresh build.
+    let layout = s2(S2Config::new(4, 16, 2, 3).kv_heads(2));
+    for dtype in [DType::F32, DType::F16] {
+        let mut f = Fixture::new(&layout, dtype, KvCacheConfig::new(D, dtype, 400).sequences(2), 990);
+        let (mut a, mut b) = (f.add(), f.add());
+        // The next queried tokens, 97.. and 33.., lie in blocks 6 (96..112) and 2 (32..48).
+        f.append(&mut a, 97);
+        f.append(&mut b, 33);
+        f.check_decode(&[&a, &b], 1, &format!("{dtype}: first call"));
+        let (builds, uploads) = (f.decode.work_list_builds(), f.decode.work_list_uploads());
+        assert_eq!(uploads, 1, "{dtype}: the first call writes its items");
+        for i in 0..5 {
+            f.append(&mut a, 1);
+            f.append(&mut b, 1);
+            f.check_decode(&[&a, &b], 1, &format!("{dtype}: step {i}"));
+        }
+        assert_eq!(f.decode.work_list_builds(), builds, "{dtype}: steps inside the blocks patch the lists");
+        assert_eq!(f.decode.work_list_uploads(), uploads, "{dtype}: the key shift moves them, not the items");
+        f.append(&mut a, 2);
+        f.append(&mut b, 1);
+        f.check_decode(&[&a, &b], 1, &format!("{dtype}: uneven step"));
+        assert_eq!(f.decode.work_list_builds(), builds, "{dtype}: an uneven step still patches");
+        assert_eq!(f.decode.work_list_uploads(), uploads + 1, "{dtype}: an uneven step writes the items");
+        for i in 0..3 {
+            f.append(&mut a, 1);
+            f.append(&mut b, 1);
+            f.check_decode(&[&a, &b], 1, &format!("{dtype}: step {i} after the uneven one"));
+        }
+        assert_eq!(f.decode.work_list_uploads(), uploads + 1, "{dtype}: even steps again move the key shift");
+    }
+}
+
+#[test]
 fn append_encoded_from_device_buffers_equals_the_host_append() {
     // One cache filled by the host path, one by `append_encoded` from an interleaved [K | V | pad] buffer
     // (strided views at an offset), with the same rows: a prompt in one call (some of its blocks are never

@@ -57,7 +57,9 @@ struct Params {
     float scale_log2;
     u32 kv_tok_stride;    // 4-element units from one key to the next
     u32 lse_head_stride;
+    u32 key_shift;        // added to every item's kv_len and pos0 (the work list's key shift)
 };
+
 
 __device__ __forceinline__ float to_f32(u16 x) {
 #if IS_BF16
@@ -316,6 +318,7 @@ extern "C" __global__ void __launch_bounds__(NT) s2_decode_split(const Params p)
     const u32 id = blockIdx.x + blockIdx.y * gridDim.x;
     if (id >= p.n_items) return;
     const Item it = p.items[id];
+    const u32 pos0 = it.pos0 + p.key_shift; // the call's key shift moves the item's keys (as kv_len below)
     const u32 tid = threadIdx.x;
     extern __shared__ uint4 smem[];
     uint4* k_s = smem;                                  // [BK][KP]
@@ -325,8 +328,8 @@ extern "C" __global__ void __launch_bounds__(NT) s2_decode_split(const Params p)
     float* red = p_s + ROWS * BK;                       // key-split partials: [(KS - 1) * NOUT][9]
 
     const bool causal = p.causal != 0;
-    u32 key_end = it.kv_len;
-    if (causal) key_end = min(key_end, it.pos0 + it.n_valid);
+    u32 key_end = it.kv_len + p.key_shift;
+    if (causal) key_end = min(key_end, pos0 + it.n_valid);
     const u32 tok_stride = p.kv_tok_stride / 2;         // 16-byte words (2-byte elements)
 
     for (u32 i = tid; i < ROWS * HEAD_DIM; i += NT) {
@@ -396,7 +399,7 @@ extern "C" __global__ void __launch_bounds__(NT) s2_decode_split(const Params p)
         for (u32 r = tid / BK; r < ROWS; r += NT / BK) {
             float s = NEG_BIG;
             const u32 word = r < 32 ? entry.z : entry.w;
-            if (row_valid(it, r, p.n_tok) && kpos < key_end && (!causal || kpos <= it.pos0 + r % p.n_tok)
+            if (row_valid(it, r, p.n_tok) && kpos < key_end && (!causal || kpos <= pos0 + r % p.n_tok)
                 && ((word >> (r % 32)) & 1u)) {
                 float dot = 0.f;
 #pragma unroll
@@ -502,14 +505,15 @@ extern "C" __global__ void __launch_bounds__(NT, 3) s2_decode_narrow(const Param
     const u32 id = blockIdx.x + blockIdx.y * gridDim.x;
     if (id >= p.n_items) return;
     const Item it = p.items[id];
+    const u32 pos0 = it.pos0 + p.key_shift; // the call's key shift moves the item's keys (as kv_len below)
     __shared__ float4 red_s[RED];
     __shared__ float4 s_s[BK];
     __shared__ u32 flag_s[4]; // row flags
     u32 flags = 0u;           // of the keys this thread scores (tid < BK), two bits per row
     const u32 tid = threadIdx.x, w = tid % W, g = tid / W;
     const bool causal = p.causal != 0;
-    u32 key_end = it.kv_len;
-    if (causal) key_end = min(key_end, it.pos0 + it.n_valid);
+    u32 key_end = it.kv_len + p.key_shift;
+    if (causal) key_end = min(key_end, pos0 + it.n_valid);
     const u32 tok_stride = p.kv_tok_stride / 2;
     if (tid < 4) flag_s[tid] = 0u;
 
@@ -595,7 +599,7 @@ extern "C" __global__ void __launch_bounds__(NT, 3) s2_decode_narrow(const Param
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const bool live = r < ROWS && row_valid(it, r, p.n_tok) && kpos < key_end
-                    && (!causal || kpos <= it.pos0 + r % p.n_tok) && ((entry.z >> r) & 1u);
+                    && (!causal || kpos <= pos0 + r % p.n_tok) && ((entry.z >> r) & 1u);
                 if (!live) lane(sc, r) = NEG_BIG;
                 if (r < ROWS) flags |= score_flags(lane(sc, r)) << (2 * r);
             }
@@ -763,6 +767,7 @@ extern "C" __global__ void __launch_bounds__(NT, 2) s2_decode_mma(const Params p
     const u32 id = blockIdx.x + blockIdx.y * gridDim.x;
     if (id >= p.n_items) return;
     const Item it = p.items[id];
+    const u32 pos0 = it.pos0 + p.key_shift; // the call's key shift moves the item's keys (as kv_len below)
     extern __shared__ uint4 smem[];
     __shared__ float pscr_s[NW][16][CK];          // a scalar chunk's probabilities
     __shared__ float mm_s[NW][16], ml_s[NW][16];  // each warp's row maxima and sums
@@ -771,8 +776,8 @@ extern "C" __global__ void __launch_bounds__(NT, 2) s2_decode_mma(const Params p
     const u32 g = lane / 4, q4 = lane % 4;        // fragment row (and row + 8), column pair
     uint4* ring = smem + warp * STAGES * SLOT;
     const bool causal = p.causal != 0;
-    u32 key_end = it.kv_len;
-    if (causal) key_end = min(key_end, it.pos0 + it.n_valid);
+    u32 key_end = it.kv_len + p.key_shift;
+    if (causal) key_end = min(key_end, pos0 + it.n_valid);
     const u32 tok_stride = p.kv_tok_stride / 2;
 
     // Q's A fragments, unscaled: rows g (and g + 8), columns 16 ks + 2 q4 (+ 8).
@@ -851,7 +856,7 @@ extern "C" __global__ void __launch_bounds__(NT, 2) s2_decode_mma(const Params p
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     const u32 kpos = k0 + 8 * j + 2 * q4 + e;
-                    const bool live = row_ok && kpos < key_end && (!causal || kpos <= it.pos0 + r % p.n_tok);
+                    const bool live = row_ok && kpos < key_end && (!causal || kpos <= pos0 + r % p.n_tok);
                     float x = live ? s[j][2 * h + e] * p.scale_log2 : NEG_BIG;
                     f[h] |= score_flags(x);
                     s[j][2 * h + e] = x;

@@ -26,6 +26,7 @@ struct AttendParams {
     lse_head_stride: u32, // f32 units from one head's LSE row to the next
     n_items: u32,
     neg_inf: f32,         // -inf, written for rows with no active key
+    key_shift: u32,       // added to every item's kv_len and pos0 (the work list's key shift)
 }
 
 struct WorkItem {
@@ -60,6 +61,15 @@ const LN2: f32 = 0.6931471805599453;
 // The work item of this workgroup (2-D dispatch when the list exceeds one dimension).
 fn item_id(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wg.y * nwg.x + wg.x;
+}
+
+// Item (or combine record) `id` as the kernels use it: the call's key shift added to its key count and
+// first position (a token loop's step moves every sequence on without rewriting the items).
+fn load_item(id: u32) -> WorkItem {
+    var it = items[id];
+    it.kv_len += params.key_shift;
+    it.pos0 += params.key_shift;
+    return it;
 }
 
 fn q_index(it: WorkItem, r: u32, c4: u32, d4: u32) -> u32 {

@@ -73,7 +73,11 @@ pub fn attend_worklist(
         vec![Row { m: f32::NEG_INFINITY, l: 0.0, acc: vec![0.0; d] }; (list.partial_slots().end * rows) as usize];
     let o_at = |it: &WorkItem, r: u32| ((it.tok0 + r % n_tok) * sh.num_heads + it.head0 + r / n_tok) as usize * d;
     let lse_at = |it: &WorkItem, r: u32| (it.lse0 + (r / n_tok) * sh.lse_head_stride + r % n_tok) as usize;
-    for it in list.items() {
+    // Items and combine records as the kernels read them: the list's key shift added.
+    let shift = list.key_shift();
+    let run = |it: &WorkItem| WorkItem { kv_len: it.kv_len + shift, pos0: it.pos0 + shift, ..*it };
+    for it in list.items().iter().map(run) {
+        let it = &it;
         for r in (0..rows).filter(|r| r % n_tok < it.n_valid) {
             let pos = it.pos0 + r % n_tok;
             let qrow = &q[o_at(it, r)..][..d];
@@ -107,7 +111,8 @@ pub fn attend_worklist(
             }
         }
     }
-    for fam in list.split_families() {
+    for fam in list.split_families().iter().map(run) {
+        let fam = &fam;
         for r in (0..rows).filter(|r| r % n_tok < fam.n_valid) {
             let parts = &partials[((fam.slot * rows + r) as usize)..];
             let parts: Vec<&Row> = (0..fam.nsplit as usize).map(|s| &parts[s * rows as usize]).collect();

@@ -77,6 +77,7 @@ struct Params {
     scale_log2: f32,
     kv_tok_stride: u32,
     lse_head_stride: u32,
+    key_shift: u32,
 }
 
 // SAFETY: plain-old-data with the C layout the kernel declares.
@@ -303,6 +304,7 @@ impl CudaDecode {
                 scale_log2: scale * std::f32::consts::LOG2_E,
                 kv_tok_stride: shape.kv_tok_stride,
                 lse_head_stride: shape.lse_head_stride,
+                key_shift: list.key_shift(),
                 items: items.device_ptr(stream).0,
                 n_items: list.items().len() as u32,
                 families: families.device_ptr(stream).0,

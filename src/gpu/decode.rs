@@ -237,6 +237,7 @@ pub fn plan_attend_for(
     })
 }
 
+/// `AttendParams` of `shaders/shared/decode.wgsl`, padded to 16 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
@@ -256,6 +257,8 @@ struct Params {
     lse_head_stride: u32,
     n_items: u32,
     neg_inf: f32,
+    key_shift: u32,
+    pad: [u32; 3],
 }
 
 /// Where one call reads K and V: buffers (pools or packed tensors) and element offsets.
@@ -340,6 +343,11 @@ impl GpuAttend {
 
     pub(crate) fn plan(&self) -> &AttendPlan {
         &self.plan
+    }
+
+    /// Calls so far that wrote their work items to the device (see [`crate::Decode::work_list_uploads`]).
+    pub(crate) fn item_uploads(&self) -> u64 {
+        self.buffers.lock().unwrap_or_else(|e| e.into_inner()).item_uploads
     }
 
     /// Device buffers created so far (constant once the calls stop growing).
@@ -465,6 +473,8 @@ impl GpuAttend {
                 lse_head_stride: shape.lse_head_stride,
                 n_items: list.items().len() as u32,
                 neg_inf: f32::NEG_INFINITY,
+                key_shift: list.key_shift(),
+                pad: [0; 3],
             });
         }
         let contents: Vec<PartContents> = call
@@ -492,20 +502,28 @@ impl GpuAttend {
         let created = if holds { 0 } else { self.reserve_set(set, call) };
         if !holds {
             let queue = self.ctx.queue();
+            let mut items_written = false;
             for (((list, _), params), (part, contents)) in
                 call.parts.iter().zip(&params).zip(set.parts.iter_mut().zip(contents))
             {
                 let families = list.split_families();
                 let combine_params = Params { n_items: families.len() as u32, ..*params };
-                // A list patched from the last step's keeps its entries, whose device copy may still be in place.
+                // A list patched from the last step's keeps its entries, and a step that only moved its key
+                // shift its items too: their device copies may still be in place.
                 let same_entries = part.held.as_ref().is_some_and(|h| h.entries_tag == contents.entries_tag);
+                let same_items = part.held.as_ref().is_some_and(|h| h.items_tag == contents.items_tag);
                 let entries: &[u8] = if same_entries { &[] } else { bytemuck::cast_slice(list.entries()) };
+                let (items, families): (&[u8], &[u8]) = match same_items {
+                    true => (&[], &[]),
+                    false => (bytemuck::cast_slice(list.items()), bytemuck::cast_slice(families)),
+                };
+                items_written |= !same_items;
                 for (buffer, bytes) in [
                     (&part.split_params, bytemuck::bytes_of(params)),
                     (&part.combine_params, bytemuck::bytes_of(&combine_params)),
-                    (part.items.get(), bytemuck::cast_slice::<_, u8>(list.items())),
+                    (part.items.get(), items),
                     (part.entries.get(), entries),
-                    (part.families.get(), bytemuck::cast_slice(families)),
+                    (part.families.get(), families),
                 ] {
                     if !bytes.is_empty() {
                         queue.write_buffer(buffer, 0, bytes);
@@ -513,6 +531,7 @@ impl GpuAttend {
                 }
                 part.held = Some(contents);
             }
+            held.item_uploads += items_written as u64;
         }
         self.reserve_partials(held, call, created);
         // Per part: (split bind group, items), (combine bind group, split families).

@@ -5,7 +5,9 @@
 //! one family per (sequence, KV head) whose rows are the query heads of that KV head's group times the
 //! queried tokens, so a GQA group reads each page once; entries are the resident pages its rows attend.
 //! A token loop's next step patches the last step's lists (`step_plan.rs`) until a sequence crosses a
-//! block boundary, so per step the host touches its items, not its pages. Long families are split over
+//! block boundary: where every sequence grew by the same tokens, by the lists' key shift, one word of the
+//! call's parameters that the kernels add (the device copy of the items serves again), else item by item;
+//! per step the host touches neither pages nor, in the common case, items. Long families are split over
 //! several workgroups ([`SplitPolicy`], flash-decoding, sized to the device's wave of resident workgroups)
 //! and merged by their LSE: on wgpu in a combine pass after the split pass (WGSL has no device-scope fence
 //! between workgroups), on CUDA by the last item of each family to finish, in the same launch.
@@ -130,17 +132,30 @@ impl Decode {
         self.page_walks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Calls so far that wrote their work items to the device. A step of a token loop in which every
+    /// sequence grew by the same tokens and stayed in its query blocks moves the lists by their key shift
+    /// (one word of the call's parameters, [`WorkList::key_shift`](crate::inference::WorkList::key_shift)),
+    /// and the device copy of the items serves again. (The CUDA path uploads each call's work list: 0.)
+    pub fn work_list_uploads(&self) -> u64 {
+        self.sum_over_wgpu_kernels(|k| k.item_uploads())
+    }
+
     /// Device buffers this op has created so far: constant over steady-state calls (the work list goes
     /// into reused buffers that grow geometrically, never past what the cache's pool can need).
     /// (The CUDA path uploads each call's work list into fresh allocations: 0.)
     pub fn buffers_created(&self) -> usize {
+        self.sum_over_wgpu_kernels(|k| k.buffers_created())
+    }
+
+    /// The sum of `count` over the wgpu kernels made so far (0 on CUDA).
+    fn sum_over_wgpu_kernels<T: std::iter::Sum<T>>(&self, count: impl Fn(&GpuAttend) -> T) -> T {
         match &self.engine {
             Engine::Wgpu { kernels, .. } => {
                 let kernels = kernels.lock().unwrap_or_else(|e| e.into_inner());
-                kernels.values().map(|k| k.buffers_created()).sum()
+                kernels.values().map(|k| count(k)).sum()
             }
             #[cfg(feature = "cuda")]
-            Engine::Cuda { .. } => 0,
+            Engine::Cuda { .. } => std::iter::empty().sum(),
         }
     }
 

@@ -200,15 +200,22 @@ pub struct WorkList {
     /// Tells the entries of this build apart from any other's (see [`WorkList::upload_tag`]).
     upload_tag: u64,
     /// Tells these items and combine records apart from any other list's: fresh at every build and
-    /// every patch ([`WorkList::shift_keys`]).
+    /// every patch of the items ([`WorkList::shift_keys`]); [`WorkList::shift_all_keys`] keeps it.
     items_tag: u64,
+    /// Added by the kernels to every item's and combine record's key count and first position.
+    key_shift: u32,
 }
 
 impl PartialEq for WorkList {
     fn eq(&self, other: &Self) -> bool {
+        // Items as the kernels see them: their key counts and positions with the list's key shift added.
+        let same = |a: &[WorkItem], b: &[WorkItem]| {
+            a.len() == b.len()
+                && a.iter().zip(b).all(|(x, y)| shifted(x, self.key_shift) == shifted(y, other.key_shift))
+        };
         self.shape == other.shape
-            && self.items == other.items
-            && self.families == other.families
+            && same(&self.items, &other.items)
+            && same(&self.families, &other.families)
             && self.entries == other.entries
             && self.slots == other.slots
             && self.blocks_per_split == other.blocks_per_split
@@ -219,6 +226,11 @@ impl PartialEq for WorkList {
 
 impl Eq for WorkList {}
 
+/// `item` with `d` added to its key count and first position (what the kernels read it as).
+fn shifted(item: &WorkItem, d: u32) -> WorkItem {
+    WorkItem { kv_len: item.kv_len + d, pos0: item.pos0 + d, ..*item }
+}
+
 /// Upload tags, unique in the process.
 static NEXT_UPLOAD_TAG: AtomicU64 = AtomicU64::new(1);
 
@@ -227,13 +239,22 @@ impl WorkList {
     pub fn shape(&self) -> &RowShape {
         &self.shape
     }
-    /// Work items (one workgroup each).
+    /// Work items (one workgroup each), as stored: the kernels add [`WorkList::key_shift`] to each one's
+    /// key count and first position.
     pub fn items(&self) -> &[WorkItem] {
         &self.items
     }
-    /// One combine record per split family: its rows, first partial slot and split count.
+    /// One combine record per split family: its rows, first partial slot and split count (stored as
+    /// [`WorkList::items`] are).
     pub fn split_families(&self) -> &[WorkItem] {
         &self.families
+    }
+    /// What the kernels add to every item's and combine record's `kv_len` and `pos0`: the tokens every
+    /// sequence of a token loop grew by since the items were last written, so that a step in which each
+    /// sequence gains the same number of tokens changes one word of the call's parameters instead of
+    /// every item (0 for a fresh build).
+    pub fn key_shift(&self) -> u32 {
+        self.key_shift
     }
     /// KV block entries.
     pub fn entries(&self) -> &[WorkEntry] {
@@ -266,16 +287,22 @@ impl WorkList {
     pub(crate) fn items_tag(&self) -> u64 {
         self.items_tag
     }
-    /// The same query tokens `shift(tok0)` positions later in sequences as many keys longer: adds it to
-    /// each item's and combine record's key count and first position. Valid only while every shifted row
-    /// stays in its query block and the sequences keep their pages (the entries stay those of a fresh build).
+    /// The same query tokens `shift(tok0)` positions later in sequences as many keys longer: adds it (and
+    /// the pending [`WorkList::key_shift`], which becomes 0) to each item's and combine record's key count
+    /// and first position. Valid only while every shifted row stays in its query block and the sequences
+    /// keep their pages (the entries stay those of a fresh build).
     pub(crate) fn shift_keys(&mut self, shift: impl Fn(u32) -> u32) {
         self.items_tag = NEXT_UPLOAD_TAG.fetch_add(1, Ordering::Relaxed);
+        let pending = std::mem::take(&mut self.key_shift);
         for item in self.items.iter_mut().chain(self.families.iter_mut()) {
-            let d = shift(item.tok0);
-            item.kv_len += d;
-            item.pos0 += d;
+            *item = shifted(item, shift(item.tok0) + pending);
         }
+    }
+
+    /// As [`WorkList::shift_keys`] with the same `d` for every sequence: only the key shift grows, and
+    /// the items (and their upload tag) stay as they are.
+    pub(crate) fn shift_all_keys(&mut self, d: u32) {
+        self.key_shift += d;
     }
 }
 
@@ -372,6 +399,7 @@ impl<'a> WorkListBuilder<'a> {
             family_entries: self.families.iter().map(|(_, r)| r.clone()).collect(),
             upload_tag: NEXT_UPLOAD_TAG.fetch_add(1, Ordering::Relaxed),
             items_tag: NEXT_UPLOAD_TAG.fetch_add(1, Ordering::Relaxed),
+            key_shift: 0,
         }
     }
 }

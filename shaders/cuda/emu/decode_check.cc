@@ -1,10 +1,11 @@
 // Checks shaders/cuda/s2_decode.cu on the CPU (no GPU, no CUDA toolkit): the kernels compiled by g++ over
 // emu.h, one std::thread per CUDA thread, against an f64 softmax reference over a hand-built work list
 // (two KV heads, shuffled pages, partial row masks, a skipped block, causal end, one family split in 3
-// and combined by its last item). With NONFINITE=1 the inputs also hold a NaN in one Q row, +inf K elements that make the
-// first two blocks of each KV head score -inf (a whole split of the split family) and a NaN V element:
-// outputs must be NaN exactly where the IEEE reference's are. Build and run all configurations with run.sh;
-// exit status 1 on an error above 2e-3 or a NaN in the wrong place.
+// and combined by its last item, items stored 5 keys short of the call's key shift). With NONFINITE=1 the
+// inputs also hold a NaN in one Q row, +inf K elements that make the first two blocks of each KV head score
+// -inf (a whole split of the split family) and a NaN V element: outputs must be NaN exactly where the IEEE
+// reference's are. Build and run all configurations with run.sh; exit status 1 on an error above 2e-3 or a
+// NaN in the wrong place.
 #include "emu.h"
 #include <cstdio>
 #include <cstdlib>
@@ -72,7 +73,8 @@ int main() {
     u32 slots = 0;
     for (u32 f = 0; f < HK; f++) {
         auto [e0, e1] = fam_range[f];
-        It base{f * group, 0, pos0, n_tok, kv_len, e0, e1, 0, f * group * n_tok, 1, 0, 0};
+        // Stored 5 keys short, as a token loop's lists are after 5 steps: the call's key shift adds them.
+        It base{f * group, 0, pos0 - 5, n_tok, kv_len - 5, e0, e1, 0, f * group * n_tok, 1, 0, 0};
         if (f == 0) {
             u32 n = e1 - e0, ns = 3, chunk = (n + ns - 1) / ns;
             for (u32 s = 0; s < ns; s++) {
@@ -98,6 +100,7 @@ int main() {
     p.families = (const A::Item*)fams.data(); p.done = done.data();
     p.n_items = items.size(); p.num_heads = H; p.n_tok = n_tok; p.block_size = BS; p.causal = 1;
     p.scale_log2 = scale * 1.4426950408889634f; p.kv_tok_stride = D / 4; p.lse_head_stride = n_tok;
+    p.key_shift = 5;
 #if SPLIT_PASS == 1
     launch(items.size(), 128, [&] { A::s2_decode_narrow(p); });
 #elif SPLIT_PASS == 2

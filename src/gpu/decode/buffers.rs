@@ -155,6 +155,8 @@ pub(super) struct CallBuffers {
     pub parts_seen: usize,
     /// Buffers created so far.
     pub created: usize,
+    /// Calls so far that wrote their work items (and combine records) to the device.
+    pub item_uploads: u64,
 }
 
 impl CallBuffers {
@@ -168,6 +170,7 @@ impl CallBuffers {
             binds: Vec::new(),
             parts_seen: 0,
             created: 2,
+            item_uploads: 0,
         }
     }
 
