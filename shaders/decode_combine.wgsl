@@ -45,7 +45,7 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let id = item_id(wg, nwg);
-    if id >= params.n_items {
+    if id >= params.n_families {
         return;
     }
     let fam = load_item(id);

@@ -24,9 +24,10 @@ struct AttendParams {
     kv_tok_stride: u32,   // from one key of a block to the next
     lse_off: u32,         // f32 units
     lse_head_stride: u32, // f32 units from one head's LSE row to the next
-    n_items: u32,
+    n_items: u32,         // split items (the split pass's workgroups)
     neg_inf: f32,         // -inf, written for rows with no active key
     key_shift: u32,       // added to every item's kv_len and pos0 (the work list's key shift)
+    n_families: u32,      // combine records (the combine pass's workgroups)
 }
 
 struct WorkItem {

@@ -258,7 +258,8 @@ struct Params {
     n_items: u32,
     neg_inf: f32,
     key_shift: u32,
-    pad: [u32; 3],
+    n_families: u32,
+    pad: [u32; 2],
 }
 
 /// Where one call reads K and V: buffers (pools or packed tensors) and element offsets.
@@ -474,7 +475,8 @@ impl GpuAttend {
                 n_items: list.items().len() as u32,
                 neg_inf: f32::NEG_INFINITY,
                 key_shift: list.key_shift(),
-                pad: [0; 3],
+                n_families: list.split_families().len() as u32,
+                pad: [0; 2],
             });
         }
         let contents: Vec<PartContents> = call
@@ -506,8 +508,6 @@ impl GpuAttend {
             for (((list, _), params), (part, contents)) in
                 call.parts.iter().zip(&params).zip(set.parts.iter_mut().zip(contents))
             {
-                let families = list.split_families();
-                let combine_params = Params { n_items: families.len() as u32, ..*params };
                 // A list patched from the last step's keeps its entries, and a step that only moved its key
                 // shift its items too: their device copies may still be in place.
                 let same_entries = part.held.as_ref().is_some_and(|h| h.entries_tag == contents.entries_tag);
@@ -515,12 +515,11 @@ impl GpuAttend {
                 let entries: &[u8] = if same_entries { &[] } else { bytemuck::cast_slice(list.entries()) };
                 let (items, families): (&[u8], &[u8]) = match same_items {
                     true => (&[], &[]),
-                    false => (bytemuck::cast_slice(list.items()), bytemuck::cast_slice(families)),
+                    false => (bytemuck::cast_slice(list.items()), bytemuck::cast_slice(list.split_families())),
                 };
                 items_written |= !same_items;
                 for (buffer, bytes) in [
-                    (&part.split_params, bytemuck::bytes_of(params)),
-                    (&part.combine_params, bytemuck::bytes_of(&combine_params)),
+                    (&part.params, bytemuck::bytes_of(params)),
                     (part.items.get(), items),
                     (part.entries.get(), entries),
                     (part.families.get(), families),
@@ -594,7 +593,7 @@ impl GpuAttend {
         let split = bind(
             &self.split,
             &[
-                (0, &part.split_params),
+                (0, &part.params),
                 (1, io.q.buffer),
                 (2, kv.k),
                 (3, kv.v),
@@ -608,14 +607,7 @@ impl GpuAttend {
         );
         let combine = bind(
             &self.combine,
-            &[
-                (0, &part.combine_params),
-                (4, io.o.buffer),
-                (5, part.families.get()),
-                (7, part_o),
-                (8, part_lse),
-                (9, io.lse.0),
-            ],
+            &[(0, &part.params), (4, io.o.buffer), (5, part.families.get()), (7, part_o), (8, part_lse), (9, io.lse.0)],
         );
         (split, combine)
     }

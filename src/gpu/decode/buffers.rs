@@ -57,7 +57,7 @@ fn create(ctx: &WgpuContext, label: &str, size: u64, usage: wgpu::BufferUsages) 
     new_buffer(ctx.device(), label, size, usage)
 }
 
-/// What one call part uploads: its split params as bytes, and the tags of its work list's items and
+/// What one call part uploads: its parameters as bytes, and the tags of its work list's items and
 /// combine records (`WorkList::items_tag`) and of its entries (`WorkList::upload_tag`): equal tags, equal
 /// contents.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -69,8 +69,8 @@ pub(super) struct PartContents {
 
 /// The buffers of one call part.
 pub(super) struct PartBuffers {
-    pub split_params: wgpu::Buffer,
-    pub combine_params: wgpu::Buffer,
+    /// The call's parameters, read by both passes.
+    pub params: wgpu::Buffer,
     pub items: Grown,
     pub entries: Grown,
     pub families: Grown,
@@ -80,15 +80,14 @@ pub(super) struct PartBuffers {
 
 impl PartBuffers {
     /// Buffers created by [`PartBuffers::new`].
-    pub(super) const BUFFERS: usize = 5;
+    pub(super) const BUFFERS: usize = 4;
 
-    /// Two uniform buffers of `params_bytes` and three small work list buffers.
+    /// A uniform buffer of `params_bytes` and three small work list buffers.
     pub(super) fn new(ctx: &WgpuContext, params_bytes: u64) -> Self {
         let uniform = wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST;
         let list = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
         Self {
-            split_params: create(ctx, "s2attn decode params", params_bytes, uniform),
-            combine_params: create(ctx, "s2attn combine params", params_bytes, uniform),
+            params: create(ctx, "s2attn decode params", params_bytes, uniform),
             items: Grown::new(ctx, "s2attn decode items", list),
             entries: Grown::new(ctx, "s2attn decode entries", list),
             families: Grown::new(ctx, "s2attn decode families", list),
