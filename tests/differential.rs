@@ -538,16 +538,22 @@ fn lengths(c: &Case, rng: &mut Rng, min: u32) -> Vec<u32> {
 }
 
 /// Decode: `batch` sequences of random lengths appended to the paged cache in up to three chunks, then the
-/// last `window` tokens of each queried at once.
+/// last `window` tokens of each queried at once; then a short token loop on the same op (`Loop`), each step
+/// judged against the oracle.
 fn run_decode(ctx: &Context, c: &Case, window: u32) -> Result<(), String> {
     let mut rng = Rng::new(c.seed);
     let lens = lengths(c, &mut rng, window);
     let max_len = *lens.iter().max().unwrap_or(&window);
-    let (layout, rule) = layouts(c, max_len.div_ceil(c.block))?;
-    let config = KvCacheConfig::new(c.d, c.dtype, max_len).sequences(c.batch).query_window(window);
+    let token_loop = Loop::new(c, window);
+    let cap = max_len + token_loop.growth();
+    let (layout, rule) = layouts(c, cap.div_ceil(c.block))?;
+    let mut config = KvCacheConfig::new(c.d, c.dtype, cap).sequences(c.batch).query_window(window);
+    if token_loop.segment_per_sequence {
+        let pages = KvCache::pages_per_sequence(&layout, &config).map_err(|e| format!("pages_per_sequence: {e}"))?;
+        config = config.segment_pages(pages);
+    }
     let mut cache = KvCache::new(ctx, &layout, config).map_err(|e| format!("KvCache::new: {e}"))?;
     let row_kv = (c.kv_heads * c.d) as usize;
-    let row_q = (c.heads * c.d) as usize;
     let mut history: Vec<(Vec<f32>, Vec<f32>)> = lens
         .iter()
         .map(|&len| inputs(&Case { nonfinite: None, ..c.clone() }, &mut rng, 0, len))
@@ -566,31 +572,114 @@ fn run_decode(ctx: &Context, c: &Case, window: u32) -> Result<(), String> {
         let mut at = 0;
         while at < len {
             let n = if len - at > 1 && rng.chance(0.5) { rng.range(1, len - at) } else { len - at };
-            let (ks, vs) = (
-                &k[at as usize * row_kv..(at + n) as usize * row_kv],
-                &v[at as usize * row_kv..(at + n) as usize * row_kv],
-            );
-            match c.dtype {
-                DType::F32 => run_as::<f32, _>(&[ks, vs], |x| cache.append(id, &x[0], &x[1]))?,
-                _ => run_as::<half::f16, _>(&[ks, vs], |x| cache.append(id, &x[0], &x[1]))?,
-            }
+            let rows = at as usize * row_kv..(at + n) as usize * row_kv;
+            append(&mut cache, c.dtype, id, &k[rows.clone()], &v[rows])?;
             at += n;
         }
         seqs.push((id, k, v));
     }
+    let decode = Decode::new(&cache).map_err(|e| format!("Decode::new: {e}"))?;
     // Q holds the case's non-finite value when it names Q.
     let q_case = Case { nonfinite: c.nonfinite.filter(|n| n.tensor == Tensor::Q), ..c.clone() };
     let (q, _, _) = inputs(&q_case, &mut rng, c.batch * window, 0);
-    let decode = Decode::new(&cache).map_err(|e| format!("Decode::new: {e}"))?;
-    let ids: Vec<_> = seqs.iter().map(|s| s.0).collect();
+    let all: Vec<usize> = (0..seqs.len()).collect();
+    decode_step(ctx, c, &rule, &decode, &cache, &seqs, &all, window, &q).map_err(|e| format!("step 0: {e}"))?;
+
+    let mut rng = token_loop.rng;
+    for step in 1..=token_loop.steps {
+        // Every sequence grows by the same tokens (the lists move their key shift), or each by its own
+        // (some not at all; the lists are patched or rebuilt), now and then past a block boundary.
+        let even = rng.chance(0.6);
+        let shared = if rng.chance(0.3) { rng.range(1, c.block) } else { rng.range(1, window) };
+        for (id, k, v) in seqs.iter_mut() {
+            let grow = match even {
+                true => shared,
+                false if rng.chance(0.2) => rng.range(1, c.block),
+                false => rng.range(0, 3),
+            };
+            if grow == 0 {
+                continue;
+            }
+            let (_, nk, nv) = inputs(&Case { nonfinite: None, ..c.clone() }, &mut rng, 0, grow);
+            append(&mut cache, c.dtype, *id, &nk, &nv)?;
+            k.extend(nk);
+            v.extend(nv);
+        }
+        // Mostly every sequence in order; sometimes a subset in another order (a new plan).
+        let mut order = all.clone();
+        if rng.chance(0.2) {
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.below(i as u32 + 1) as usize);
+            }
+            order.truncate(rng.range(1, order.len() as u32) as usize);
+        }
+        let (q, _, _) = inputs(&Case { nonfinite: None, ..c.clone() }, &mut rng, order.len() as u32 * window, 0);
+        decode_step(ctx, c, &rule, &decode, &cache, &seqs, &order, window, &q)
+            .map_err(|e| format!("token loop step {step} ({}): {e}", if even { "even" } else { "uneven" }))?;
+    }
+    Ok(())
+}
+
+/// The token loop a decode case runs after its first call, drawn from its own stream of the case's seed (the
+/// first call's inputs are those of a case without it): up to 4 steps, the cache's segments one sequence each
+/// in one case of five.
+struct Loop {
+    steps: u32,
+    segment_per_sequence: bool,
+    block: u32,
+    window: u32,
+    rng: Rng,
+}
+
+impl Loop {
+    fn new(c: &Case, window: u32) -> Self {
+        let mut rng = Rng::new(c.seed ^ 0x5eed_100b);
+        let steps = if rng.chance(0.3) { 0 } else { rng.range(1, 4) };
+        let segment_per_sequence = rng.chance(0.2);
+        Self { steps, segment_per_sequence, block: c.block, window, rng }
+    }
+
+    /// The most tokens one sequence gains over the loop.
+    fn growth(&self) -> u32 {
+        self.steps * self.block.max(self.window)
+    }
+}
+
+/// Appends `k`, `v` (`[tokens, kv_heads, d]`) to `id` in the case's dtype.
+fn append(cache: &mut KvCache, dtype: DType, id: s2attn::SeqId, k: &[f32], v: &[f32]) -> Result<(), String> {
+    match dtype {
+        DType::F32 => run_as::<f32, _>(&[k, v], |x| cache.append(id, &x[0], &x[1])),
+        _ => run_as::<half::f16, _>(&[k, v], |x| cache.append(id, &x[0], &x[1])),
+    }
+}
+
+/// One decode call over the sequences `order` names (indices into `seqs`, whose K and V histories the
+/// oracle reads), `q` their last `window` tokens' queries, judged against the oracle.
+#[allow(clippy::too_many_arguments)]
+fn decode_step(
+    ctx: &Context,
+    c: &Case,
+    rule: &Rule,
+    decode: &Decode,
+    cache: &KvCache,
+    seqs: &[(s2attn::SeqId, Vec<f32>, Vec<f32>)],
+    order: &[usize],
+    window: u32,
+    q: &[f32],
+) -> Result<(), String> {
+    let ids: Vec<_> = order.iter().map(|&i| seqs[i].0).collect();
     let (out, lse) = match c.dtype {
-        DType::F32 => run_as::<f32, _>(&[&q], |x| decode.run(&cache, &ids, &x[0])).map(|o| (o.out, o.lse))?,
-        _ => run_as::<half::f16, _>(&[&q], |x| decode.run(&cache, &ids, &x[0])).map(|o| (widen(&o.out), o.lse))?,
+        DType::F32 => run_as::<f32, _>(&[q], |x| decode.run(cache, &ids, &x[0])).map(|o| (o.out, o.lse))?,
+        _ => run_as::<half::f16, _>(&[q], |x| decode.run(cache, &ids, &x[0])).map(|o| (widen(&o.out), o.lse))?,
     };
+    let row_q = (c.heads * c.d) as usize;
+    let row_kv = (c.kv_heads * c.d) as usize;
     let (mut want_o, mut want_lse) = (Vec::new(), Vec::new());
-    for (b, ((_, k, v), &len)) in seqs.iter().zip(&lens).enumerate() {
+    for (b, &i) in order.iter().enumerate() {
+        let (_, k, v) = &seqs[i];
+        let len = (k.len() / row_kv) as u32;
         let pos: Vec<u32> = (len - window..len).collect();
-        let p = oracle_problem(c, &rule, &pos, seq_slice(&q, b, window as usize, row_q), k, v);
+        let p = oracle_problem(c, rule, &pos, seq_slice(q, b, window as usize, row_q), k, v);
         let f = p.forward();
         want_o.extend(f.out);
         // Decode's LSE is [sequences, heads, window], as the oracle's per sequence.
