@@ -44,6 +44,8 @@ pub use backward::{AttentionGrad, Grads};
 pub use context::{Backend, Context, ContextOptions};
 pub use error::{Error, Result};
 pub use gpu::{TensorView, Timing};
+#[cfg(feature = "cuda")]
+pub use inference::CudaRows;
 pub use inference::{
     varlen_forward, Decode, EncodedAppend, KvCache, KvCacheConfig, MemoryReport, SeqId, SeqLens, VarlenAttention,
 };

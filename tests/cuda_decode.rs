@@ -4,7 +4,8 @@
 //! 4 rows, else the general one): mixed lengths across page
 //! boundaries, GQA groups of 1/2/4/8, speculative queries, split
 //! policies from never to one block per split, several cache segments, fp16 and bf16, non-finite inputs
-//! (NaN and -inf scores, NaN V), and the wgpu-only entry points refusing clearly. Every test needs a CUDA
+//! (NaN and -inf scores, NaN V), a token loop on device buffers (`KvCache::append_cuda` from a fused QKV
+//! buffer, `Decode::run_cuda`), and the wgpu-only entry points and bad device buffers refusing clearly. Every test needs a CUDA
 //! device and skips with a message without one.
 //!
 //! Tolerances (‖out − ref‖ / ‖ref‖, outputs poisoned before each run): fp16 2e-3 (f16 storage, f32
@@ -15,7 +16,7 @@ mod common;
 
 use s2attn::cpu::{rel_l2_error, varlen_reference};
 use s2attn::inference::SplitPolicy;
-use s2attn::{Context, DType, Decode, Error, KvCache, KvCacheConfig, Layout, S2Config, SeqLens};
+use s2attn::{Context, CudaRows, DType, Decode, Error, KvCache, KvCacheConfig, Layout, S2Config, SeqLens};
 
 /// xorshift64*: uniform values in [-1, 1), rounded to the storage type.
 fn random(n: usize, seed: u64, dtype: DType) -> Vec<f32> {
@@ -182,6 +183,92 @@ fn cuda_decode_runs_one_pass_per_cache_segment() {
     assert!(e < 2e-3 && l < 1e-4, "three segments: out {e:.3e}, lse {l:.3e}");
 }
 
+/// A token loop that never leaves the device: prompts and then one token per step appended by
+/// `KvCache::append_cuda` from the K and V columns of an interleaved QKV buffer, each step decoded by
+/// `Decode::run_cuda` from device queries into device outputs; the outputs read back at some steps (across
+/// block boundaries, an uneven step, a subset of the sequences) and judged against the oracle on the full
+/// histories.
+#[test]
+fn cuda_token_loop_on_device_buffers_matches_the_oracle() {
+    let Some(ctx) = common::cuda_context() else { return };
+    let stream = ctx.cuda().expect("a CUDA context").stream().clone();
+    let (h, hk, d, block) = (8u32, 2u32, 128u32, 64u32);
+    let layout = Layout::s2(S2Config::new(h, block, 2, 4).kv_heads(hk)).expect("layout");
+    let dtype = DType::F16;
+    let prompts = [150u32, 64, 1];
+    let steps = 70u32;
+    let max = prompts.iter().max().expect("prompts") + steps;
+    let config = KvCacheConfig::new(d, dtype, max).sequences(prompts.len() as u32);
+    let mut cache = KvCache::new(ctx, &layout, config).expect("CUDA KV cache");
+    let ids: Vec<_> = prompts.iter().map(|_| cache.add_sequence()).collect();
+    let (row_q, row_kv) = ((h * d) as usize, (hk * d) as usize);
+    let qkv_row = row_q + 2 * row_kv;
+    let rows =
+        CudaRows { k_offset: row_q as u64, v_offset: (row_q + row_kv) as u64, token_stride: Some(qkv_row as u64) };
+    let f16 = |x: &[f32]| x.iter().map(|&y| half::f16::from_f32(y).to_bits()).collect::<Vec<u16>>();
+    let mut ks: Vec<Vec<f32>> = vec![Vec::new(); prompts.len()];
+    let mut vs: Vec<Vec<f32>> = vec![Vec::new(); prompts.len()];
+    // Appends `tokens[i]` tokens to `which[i]` from one QKV buffer (their rows one after the other).
+    let append =
+        |cache: &mut KvCache, ks: &mut [Vec<f32>], vs: &mut [Vec<f32>], which: &[usize], tokens: &[u32], seed: u64| {
+            let total: u32 = tokens.iter().sum();
+            let qkv = random(total as usize * qkv_row, seed, dtype);
+            let mut at = 0usize;
+            for (&i, &n) in which.iter().zip(tokens) {
+                for t in at..at + n as usize {
+                    let r = &qkv[t * qkv_row..(t + 1) * qkv_row];
+                    ks[i].extend_from_slice(&r[row_q..row_q + row_kv]);
+                    vs[i].extend_from_slice(&r[row_q + row_kv..]);
+                }
+                at += n as usize;
+            }
+            let dev = stream.clone_htod(&f16(&qkv)).expect("upload qkv");
+            let batch: Vec<_> = which.iter().zip(tokens).map(|(&i, &n)| (ids[i], n)).collect();
+            cache.append_cuda(&batch, &dev, &dev, rows).expect("append_cuda");
+        };
+    append(&mut cache, &mut ks, &mut vs, &[0, 1, 2], &prompts, 1);
+    let op = Decode::new(&cache).expect("CUDA decode");
+    for step in 0..=steps {
+        // Step 40 appends to the first sequence only; step 41 decodes the last two, in reverse.
+        let which: Vec<usize> = match step {
+            0 => vec![0, 1, 2],
+            40 => vec![0],
+            41 => vec![2, 1],
+            _ => vec![0, 1, 2],
+        };
+        if step > 0 {
+            let grow = if step == 40 { vec![0] } else { vec![0, 1, 2] };
+            append(&mut cache, &mut ks, &mut vs, &grow, &vec![1; grow.len()], 100 + step as u64);
+        }
+        let seqs: Vec<_> = which.iter().map(|&i| ids[i]).collect();
+        let q = random(which.len() * row_q, 1000 + step as u64, dtype);
+        let q_dev = stream.clone_htod(&f16(&q)).expect("upload q");
+        let mut out = stream.alloc_zeros::<u16>(q.len()).expect("out");
+        let mut lse = stream.alloc_zeros::<f32>(which.len() * h as usize).expect("lse");
+        op.run_cuda(&cache, &seqs, 1, &q_dev, &mut out, &mut lse).expect("run_cuda");
+        if ![0, 1, 13, 14, 40, 41, 50, steps].contains(&step) {
+            continue;
+        }
+        let out = stream.clone_dtoh(&out).expect("read out");
+        let out: Vec<f32> = out.iter().map(|&x| half::f16::from_bits(x).to_f32()).collect();
+        let lse = stream.clone_dtoh(&lse).expect("read lse");
+        let lens: Vec<u32> = which.iter().map(|&i| (ks[i].len() / row_kv) as u32).collect();
+        let k_all: Vec<f32> = which.iter().flat_map(|&i| ks[i].iter().copied()).collect();
+        let v_all: Vec<f32> = which.iter().flat_map(|&i| vs[i].iter().copied()).collect();
+        let seq_lens = SeqLens::from_lens(&vec![1; which.len()], &lens).expect("lens");
+        let want = varlen_reference(&layout, &seq_lens, d, 1.0 / (d as f64).sqrt(), &q, &k_all, &v_all);
+        let e = rel_l2_error(out.iter().map(|&x| x as f64), &want.out);
+        // Decode's LSE is [sequences, heads]; the oracle's [heads, sequences].
+        let n = which.len() as u32;
+        let lse_packed: Vec<f64> = (0..h)
+            .flat_map(|hd| (0..n).map(move |t| (hd, t)))
+            .map(|(hd, t)| lse[(t * h + hd) as usize] as f64)
+            .collect();
+        let l = rel_l2_error(lse_packed, &want.lse);
+        assert!(e < 2e-3 && l < 1e-4, "step {step} ({lens:?} tokens): out {e:.3e}, lse {l:.3e}");
+    }
+}
+
 #[test]
 fn cuda_cache_refuses_the_wgpu_entry_points_clearly() {
     let Some(ctx) = common::cuda_context() else { return };
@@ -191,6 +278,27 @@ fn cuda_cache_refuses_the_wgpu_entry_points_clearly() {
     assert!(cache.cuda_pools(0).is_ok());
     let f32_cache = KvCache::new(ctx, &layout, KvCacheConfig::new(64, DType::F32, 256)).expect("f32 cache");
     assert!(matches!(Decode::new(&f32_cache), Err(Error::Unsupported(_))), "f32 decode on CUDA");
+    // Device appends and decodes with buffers too small or misplaced fail by name and change nothing.
+    let stream = ctx.cuda().expect("a CUDA context").stream().clone();
+    let mut cache = cache;
+    let id = cache.add_sequence();
+    let row = 4 * 64;
+    let small = stream.alloc_zeros::<u16>(row - 1).expect("alloc");
+    let rows = stream.alloc_zeros::<u16>(2 * row).expect("alloc");
+    let too_small = cache.append_cuda(&[(id, 1)], &small, &rows, CudaRows::default());
+    assert!(matches!(too_small, Err(Error::BufferTooSmall { tensor: "k", .. })), "{too_small:?}");
+    let odd = CudaRows { k_offset: 1, ..CudaRows::default() };
+    assert!(matches!(cache.append_cuda(&[(id, 1)], &rows, &rows, odd), Err(Error::Shape(_))), "odd offset");
+    let narrow = CudaRows { token_stride: Some(row as u64 - 2), ..CudaRows::default() };
+    assert!(matches!(cache.append_cuda(&[(id, 1)], &rows, &rows, narrow), Err(Error::Shape(_))), "narrow stride");
+    assert_eq!(cache.seq_len(id).expect("len"), 0, "a refused append changed the cache");
+    cache.append_cuda(&[(id, 2)], &rows, &rows, CudaRows::default()).expect("append_cuda");
+    let op = Decode::new(&cache).expect("decode");
+    let q = stream.alloc_zeros::<u16>(row).expect("alloc");
+    let mut out = stream.alloc_zeros::<u16>(row - 8).expect("alloc");
+    let mut lse = stream.alloc_zeros::<f32>(4).expect("alloc");
+    let r = op.run_cuda(&cache, &[id], 1, &q, &mut out, &mut lse);
+    assert!(matches!(r, Err(Error::BufferTooSmall { tensor: "out", .. })), "{r:?}");
 }
 
 /// Non-finite inputs as IEEE softmax attention gives them (`common::nonfinite`): a NaN Q row is NaN,

@@ -4,7 +4,7 @@
 # defines, prints ptxas's report (registers, spills, stack) and writes the machine code (SASS) to
 # $OUT_DIR/<kernel>-<arch>.sass, for reading where a kernel's instructions went without a GPU (where the wgmma waits
 # sit against the softmax, what spills inside a loop).
-# KERNEL is s2_forward, s2_backward, s2_decode or s2_exact; the defines are those src/cuda builds the kernel with,
+# KERNEL is s2_forward, s2_backward, s2_decode, s2_exact or kv_append; the defines are those src/cuda builds the kernel with,
 # for instance the wgmma forward at head dim 128:
 #   shaders/cuda/sass.sh s2_forward sm_90a HEAD_DIM=128 BLOCK_Q=128 BLOCK_K=64 WARPS=8 IS_BF16=0 MIN_BLOCKS=1 USE_WGMMA=1
 # and the wgmma dK/dV pass: s2_backward sm_90a ... PASS=2 (with the forward's wgmma defines).
@@ -16,7 +16,7 @@ kernel=$1 arch=$2; shift 2
 here=$(cd "$(dirname "$0")" && pwd)
 tools=${TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/s2attn-cuda-tools}
 out=${OUT_DIR:-/tmp}
-case $kernel in s2_forward | s2_backward | s2_decode | s2_exact) ;; *) echo "unknown kernel '$kernel'" >&2; exit 2 ;; esac
+case $kernel in s2_forward | s2_backward | s2_decode | s2_exact | kv_append) ;; *) echo "unknown kernel '$kernel'" >&2; exit 2 ;; esac
 if [ ! -x "$tools/nvidia/cu13/bin/nvdisasm" ]; then
     mkdir -p "$tools"
     python3 -m pip download -q --no-deps -d "$tools" nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm

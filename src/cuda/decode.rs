@@ -335,6 +335,26 @@ impl CudaDecode {
         Ok(())
     }
 
+    /// Enqueues a call on `stream` over device queries and outputs at `io` (the addresses of Q, O and the
+    /// LSE) and returns without waiting; the call's work lists and partials are freed in stream order after
+    /// the launch.
+    ///
+    /// # Safety
+    /// `io` must address live device buffers sized for the call (Q and O `[tokens, heads, head_dim]` of the
+    /// dtype, the LSE as the work lists index it, f32), alive until the stream has run the call.
+    pub(crate) unsafe fn enqueue(
+        &self,
+        stream: &Arc<CudaStream>,
+        parts: &[DecodePart<'_>],
+        scale: f32,
+        io: (u64, u64, u64),
+    ) -> Result<()> {
+        let (params, _owned, _partials) = self.prepare(stream, parts, scale)?;
+        // SAFETY: forwarded to the caller; the work lists and partials above outlive the launch (their frees
+        // are ordered after it on `stream`).
+        unsafe { self.launch(stream, &params, io) }
+    }
+
     fn io(&self, stream: &Arc<CudaStream>, q: &[u8], lse_len: u64) -> Result<[CudaSlice<u8>; 3]> {
         let q_dev = stream.clone_htod(q).map_err(cuda_err("uploading the decode queries"))?;
         let mut o = stream.alloc_zeros::<u8>(q.len().max(16)).map_err(cuda_err("allocating the decode output"))?;

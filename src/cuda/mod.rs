@@ -10,6 +10,7 @@
 //! - [`CudaForward`]: one planned op, on host slices or on device memory the caller owns
 //!   ([`CudaTensor`], cudarc slices); reachable from [`crate::Attention`] through
 //!   [`crate::Attention::forward_cuda`] and friends;
+//! - `kv_append`: the append kernel behind `KvCache::append_cuda`;
 //! - [`CudaBackward`]: the backward (dQ pass, then dK/dV pass), run by [`crate::AttentionGrad`] on a CUDA
 //!   context.
 //!
@@ -23,6 +24,7 @@ mod context;
 mod decode;
 mod exact;
 mod forward;
+mod kv_append;
 mod plan;
 
 pub use backward::{plan_backward_cuda, CudaBackward, CUDA_BACKWARD_HEAD_DIMS};
@@ -30,6 +32,7 @@ pub use compile::cache_dir;
 pub use context::CudaContext;
 pub use decode::{CudaDecode, DecodePart};
 pub use forward::{CudaForward, CudaTensor};
+pub(crate) use kv_append::{AppendRows, CudaAppender, RowShape};
 pub use plan::{plan_forward, CUDA_HEAD_DIMS};
 
 /// The cudarc crate this backend is built on, re-exported so that callers name the same versions of

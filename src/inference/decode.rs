@@ -485,6 +485,59 @@ impl Decode {
         })
     }
 
+    /// Runs a call on CUDA device buffers (a cache in CUDA memory), enqueued on the context's stream without
+    /// waiting: `q` and `out` hold `[seqs.len() * q_len]` token rows of `[heads, head_dim]` in the cache's
+    /// dtype (any element type of its size, or bytes), `lse` receives `[seqs.len(), heads, q_len]` f32.
+    /// The call reads the cache as the stream finds it, so appends enqueued before it
+    /// ([`KvCache::append_cuda`]) are in; cudarc orders later work on `out` and `lse` after it. Fails with
+    /// [`Error::Unsupported`] on a wgpu cache, and on buffers too small or of another element size.
+    #[cfg(feature = "cuda")]
+    pub fn run_cuda<T, L>(
+        &self,
+        cache: &KvCache,
+        seqs: &[SeqId],
+        q_len: u32,
+        q: &impl cudarc::driver::DevicePtr<T>,
+        out: &mut impl cudarc::driver::DevicePtrMut<T>,
+        lse: &mut impl cudarc::driver::DevicePtrMut<L>,
+    ) -> Result<()> {
+        let Engine::Cuda { ctx, .. } = &self.engine else {
+            return Err(Error::Unsupported("Decode::run_cuda: this Decode op runs on wgpu".into()));
+        };
+        if seqs.is_empty() {
+            return Err(Error::Shape("seqs: a decode call needs at least one sequence".into()));
+        }
+        let es = self.dtype.size() as usize;
+        for (tensor, size) in [("q", std::mem::size_of::<T>()), ("lse", std::mem::size_of::<L>())] {
+            let want = if tensor == "lse" { 4 } else { es };
+            if size != want && !(tensor == "q" && size == 1) {
+                let expected = if tensor == "lse" { "f32" } else { self.dtype.name() };
+                return Err(Error::DType { tensor, expected, got: "an element of another size" });
+            }
+        }
+        let tokens = seqs.len() as u64 * q_len as u64;
+        let lse_len = tokens * self.layout.num_heads() as u64;
+        let rows = (tokens * self.layout.num_heads() as u64 * self.head_dim as u64) as usize * es;
+        for (tensor, got, needed) in
+            [("q", q.num_bytes(), rows), ("out", out.num_bytes(), rows), ("lse", lse.num_bytes(), lse_len as usize * 4)]
+        {
+            if got < needed {
+                return Err(Error::BufferTooSmall { tensor, got: got as u64, needed: needed as u64 });
+            }
+        }
+        let stream = ctx.stream().clone();
+        self.with_lists(cache, seqs, q_len, |lists| {
+            let parts = Self::cuda_parts(cache, lists)?;
+            let kernel = self.cuda_kernel(q_len)?;
+            let (qp, _q) = q.device_ptr(&stream);
+            let (op, _o) = out.device_ptr_mut(&stream);
+            let (lp, _l) = lse.device_ptr_mut(&stream);
+            // SAFETY: Q, O and the LSE were checked to hold the call's rows; their guards record the launch
+            // for cudarc's ordering when they drop, after it.
+            unsafe { kernel.enqueue(&stream, &parts, self.scale, (qp, op, lp)) }
+        })
+    }
+
     /// Times the kernels alone on device-resident `q` (as [`Decode::run`]): `warmup` untimed calls, then
     /// `iters` timed ones with GPU timestamps where the device has them.
     pub fn time<T: Element>(

@@ -27,6 +27,11 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+#[cfg(feature = "cuda")]
+mod cuda_append;
+#[cfg(feature = "cuda")]
+pub use cuda_append::CudaRows;
+
 /// One append of [`KvCache::append_encoded_batch`]: `tokens` rows of `[kv_heads, head_dim]` for `seq`,
 /// K and V read from device buffers (views as [`KvCache::append_encoded`] takes them).
 #[derive(Clone, Copy, Debug)]
@@ -208,6 +213,9 @@ pub struct KvCache {
     next_seq: u64,
     /// The kernel of [`KvCache::append_encoded`], compiled on first use.
     appender: Option<kv_append::Appender>,
+    /// The kernel of `KvCache::append_cuda`, compiled on first use.
+    #[cfg(feature = "cuda")]
+    cuda_appender: Option<crate::cuda::CudaAppender>,
 }
 
 impl fmt::Debug for KvCache {
@@ -251,6 +259,8 @@ impl KvCache {
             seqs: HashMap::new(),
             next_seq: 0,
             appender: None,
+            #[cfg(feature = "cuda")]
+            cuda_appender: None,
         })
     }
 
@@ -490,19 +500,10 @@ impl KvCache {
         let row = hk as u64 * d as u64;
         let dtype = self.config.dtype;
         let ctx = self.wgpu_ctx("append_encoded")?.clone();
-        // Check every append: views, lengths, sequences (each once), 32-bit addressing of its segment.
+        // Check every append: views, lengths, sequences, 32-bit addressing of its segment.
         let mut sources = Vec::with_capacity(appends.len());
-        let mut plans = Vec::with_capacity(appends.len());
-        for (i, a) in appends.iter().enumerate() {
-            if a.tokens == 0 {
-                return Err(Error::Shape(format!(
-                    "append_encoded: appends[{i}] ({}): tokens must be at least 1",
-                    a.seq
-                )));
-            }
-            if appends[..i].iter().any(|b| b.seq == a.seq) {
-                return Err(Error::Shape(format!("append_encoded_batch: {} appears more than once", a.seq)));
-            }
+        let mut segments = Vec::with_capacity(appends.len());
+        for a in appends {
             let (k_off, k_stride) = kv_append::source_words(&ctx, "k", &a.k, a.tokens, row, dtype)?;
             let (v_off, v_stride) = kv_append::source_words(&ctx, "v", &a.v, a.tokens, row, dtype)?;
             let s = self.sequence(a.seq)?;
@@ -513,9 +514,8 @@ impl KvCache {
                 )));
             }
             sources.push((k_off, k_stride, v_off, v_stride));
-            plans.push(self.plan_claim(a.seq, a.tokens as u64)?);
+            segments.push(s.segment);
         }
-        self.check_room(&plans)?;
         if self.appender.is_none() {
             let max_pages = hk as u64 * (self.layout.blocks(self.config.max_seq_len) as u64 + 1);
             self.appender = Some(kv_append::Appender::new(&ctx, max_pages)?);
@@ -523,10 +523,10 @@ impl KvCache {
         let appender = self.appender.as_ref().ok_or_else(|| Error::Device("the append kernel is missing".into()))?;
         // The dispatches' sizes, before anything changes.
         let mut groups: Vec<(usize, &wgpu::Buffer, &wgpu::Buffer, Vec<usize>)> = Vec::new();
-        for (i, (a, p)) in appends.iter().zip(&plans).enumerate() {
-            match groups.iter_mut().find(|g| g.0 == p.segment && g.1 == a.k.buffer && g.2 == a.v.buffer) {
+        for (i, (a, &segment)) in appends.iter().zip(&segments).enumerate() {
+            match groups.iter_mut().find(|g| g.0 == segment && g.1 == a.k.buffer && g.2 == a.v.buffer) {
                 Some(g) => g.3.push(i),
-                None => groups.push((p.segment, a.k.buffer, a.v.buffer, vec![i])),
+                None => groups.push((segment, a.k.buffer, a.v.buffer, vec![i])),
             }
         }
         for (_, _, _, members) in &groups {
@@ -534,15 +534,8 @@ impl KvCache {
             appender.dispatch_size(tokens * row * dtype.size() / 4, tokens)?;
         }
         appender.check_room(groups.len())?;
-        // Apply: every member's freed pages first (another member's new pages may be those), then the new
-        // pages, then one dispatch per group.
-        for plan in &plans {
-            self.release_claim(plan);
-        }
-        let mut lens = Vec::with_capacity(plans.len());
-        for plan in plans {
-            lens.push(self.fill_claim(plan)?);
-        }
+        let batch: Vec<(SeqId, u32)> = appends.iter().map(|a| (a.seq, a.tokens)).collect();
+        let lens = self.claim_batch("append_encoded_batch", &batch)?;
         let bs = self.layout.block_size();
         let row_words = (d as u64 * dtype.size() / 4) as u32;
         for (segment, k_buf, v_buf, members) in groups {
@@ -550,15 +543,9 @@ impl KvCache {
                 .iter()
                 .map(|&i| {
                     let (len0, len1) = lens[i];
-                    let (first, last) = (len0 / bs, (len1 - 1) / bs);
+                    let (first, blocks, pages) = self.touched_pages(appends[i].seq, len0, len1);
                     let (k_off, k_stride, v_off, v_stride) = sources[i];
-                    let tables = &self.seqs[&appends[i].seq.0].tables;
-                    let page_words: Vec<u32> = tables
-                        .iter()
-                        .flat_map(|table| {
-                            (first..=last).map(move |kb| table.get(kb).map_or(u32::MAX, |p| p.index() * bs * row_words))
-                        })
-                        .collect();
+                    let page_words = pages.into_iter().map(|p| p.map_or(u32::MAX, |p| p * bs * row_words)).collect();
                     let params = kv_append::AppendParams {
                         tokens: appends[i].tokens,
                         kv_heads: hk,
@@ -566,7 +553,7 @@ impl KvCache {
                         block_size: bs,
                         len0,
                         first_block: first,
-                        blocks: last - first + 1,
+                        blocks,
                         k_off,
                         k_stride,
                         v_off,
@@ -583,6 +570,44 @@ impl KvCache {
             appender.encode(encoder, &batch, [k_buf, v_buf], [pool_k, pool_v])?;
         }
         Ok(())
+    }
+
+    /// Claims room for a batch of appends to distinct sequences (`(seq, tokens)`, tokens >= 1), all or
+    /// nothing: every claim is planned and the pool's room for all of them checked before any page table
+    /// changes. Returns each append's length before and after.
+    fn claim_batch(&mut self, what: &str, appends: &[(SeqId, u32)]) -> Result<Vec<(u32, u32)>> {
+        let mut plans = Vec::with_capacity(appends.len());
+        for (i, &(seq, tokens)) in appends.iter().enumerate() {
+            if tokens == 0 {
+                return Err(Error::Shape(format!("{what}: appends[{i}] ({seq}): tokens must be at least 1")));
+            }
+            if appends[..i].iter().any(|b| b.0 == seq) {
+                return Err(Error::Shape(format!("{what}: {seq} appears more than once")));
+            }
+            plans.push(self.plan_claim(seq, tokens as u64)?);
+        }
+        self.check_room(&plans)?;
+        // Every member's freed pages first (another member's new pages may be those), then the new pages.
+        for plan in &plans {
+            self.release_claim(plan);
+        }
+        plans.into_iter().map(|plan| self.fill_claim(plan)).collect()
+    }
+
+    /// The blocks an append that took `seq` from `len0` to `len1` tokens touched, as (first block, blocks,
+    /// `[kv_heads, blocks]` page indices; `None` where no future query needs the block).
+    fn touched_pages(&self, seq: SeqId, len0: u32, len1: u32) -> (u32, u32, Vec<Option<u32>>) {
+        let bs = self.layout.block_size();
+        let (first, last) = (len0 / bs, (len1 - 1) / bs);
+        let pages = match self.seqs.get(&seq.0) {
+            Some(s) => s
+                .tables
+                .iter()
+                .flat_map(|table| (first..=last).map(move |kb| table.get(kb).map(|p| p.index())))
+                .collect(),
+            None => Vec::new(),
+        };
+        (first, last - first + 1, pages)
     }
 
     /// Makes room for `new_tokens` more tokens of `seq`: frees the pages no future query needs any more,

@@ -6,7 +6,8 @@
 //! a host-built [`WorkList`], which says for each workgroup which query rows it computes and where the KV
 //! blocks they attend lie. On a CUDA context the cache's pools live in CUDA memory (`pool_storage.rs`:
 //! the page planning, retention and page tables are the same) and [`Decode`] runs the CUDA twins of those
-//! kernels (`shaders/cuda/s2_decode.cu`) over the same work lists.
+//! kernels (`shaders/cuda/s2_decode.cu`) over the same work lists, on host data or (`Decode::run_cuda`,
+//! `KvCache::append_cuda`) on the caller's device buffers.
 
 mod decode;
 mod kv_append;
@@ -19,6 +20,8 @@ mod varlen;
 mod worklist;
 
 pub use decode::Decode;
+#[cfg(feature = "cuda")]
+pub use kv_cache::CudaRows;
 pub use kv_cache::{EncodedAppend, KvCache, KvCacheConfig, MemoryReport, SeqId};
 pub use page_table::{KvPage, PageTable};
 pub use varlen::{varlen_forward, SeqLens, VarlenAttention};

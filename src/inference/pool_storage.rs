@@ -59,6 +59,15 @@ impl PoolDevice {
         }
     }
 
+    /// The CUDA device, if the pools live there.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda(&self) -> Option<&crate::cuda::CudaContext> {
+        match self {
+            Self::Cuda(c) => Some(c),
+            Self::Wgpu(_) => None,
+        }
+    }
+
     /// K and V pools of `bytes` each for every segment; a failed allocation is a [`Error::Device`].
     pub(crate) fn alloc(&self, sizes: impl Iterator<Item = u64>) -> Result<Vec<PoolPair>> {
         match self {
@@ -150,6 +159,17 @@ impl PoolPair {
     /// The CUDA allocations (K, V), if the pools live there.
     #[cfg(feature = "cuda")]
     pub(crate) fn cuda(&self) -> Option<(&cudarc::driver::CudaSlice<u8>, &cudarc::driver::CudaSlice<u8>)> {
+        match self {
+            Self::Cuda { k, v } => Some((k, v)),
+            Self::Wgpu { .. } => None,
+        }
+    }
+
+    /// The CUDA allocations (K, V) for writing, if the pools live there.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_mut(
+        &mut self,
+    ) -> Option<(&mut cudarc::driver::CudaSlice<u8>, &mut cudarc::driver::CudaSlice<u8>)> {
         match self {
             Self::Cuda { k, v } => Some((k, v)),
             Self::Wgpu { .. } => None,

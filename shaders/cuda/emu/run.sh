@@ -14,6 +14,8 @@
 #   not, blocks of 64 and 128, one and two sequences, one and two query heads per pattern, 2 or 3 persistent CTAs;
 #   and over the mma.sync backward (PASS 0, then PASS 1; USE_WGMMA=0) in the planner's shapes at head dims 32, 64, 96
 #   and 128, blocks of 16 to 128.
+# - append_check.cc over the KV append (kv_append.cu): a batch of appends with strided sources, shuffled pages and
+#   a block no future query needs.
 # `bash shaders/cuda/emu/run.sh`; the builds run on all cores.
 set -e
 here=$(cd "$(dirname "$0")" && pwd)
@@ -48,9 +50,10 @@ if [ "$(grep -c 'smem_raw_ = emu_dyn_smem();' "$tmp/k_bwd.cu")" != 3 ] ||
   echo "run.sh: s2_backward.cu no longer has the lines its emulation edits" >&2
   exit 1
 fi
+cp "$here/../kv_append.cu" "$here/append_check.cc" "$tmp/"
 cp "$here/emu.h" "$here/sm90.h" "$here/checks.h" "$here/decode_check.cc" "$here/exact_check.cc" "$here/forward_check.cc" \
    "$here/backward_check.cc" "$tmp/"
-builds=()
+builds=("append_check.cc run_append")
 for cfg in "0 128" "1 128" "0 64" "1 64"; do
   set -- $cfg
   builds+=("forward_check.cc run_wgmma_$1_$2 -DIS_BF16=$1 -DHEAD_DIM=$2")
@@ -83,6 +86,7 @@ for cfg in "0 64" "1 128" "1 32" "0 96"; do
 done
 printf '%s\n' "${builds[@]}" | (cd "$tmp" && xargs -P "$(nproc)" -L 1 sh -c 'out=$1; shift; g++ -std=c++20 -O1 -w -Wno-psabi -pthread "$0" -o "$out" "$@"')
 cd "$tmp"
+./run_append
 for b in run_decode_*; do ./"$b"; done
 for b in run_exact_*; do
   for args in "" nonfinite "nonfinite noncausal"; do ./"$b" $args; done
