@@ -34,7 +34,8 @@
 #             synchronization validation to the logs); one line per binary with its message counts
 #   e2e       the decode example (`decode` of s2attn-model) at model sizes with random f16 weights: PRESET
 #             phi3-small and llama-7b (E2E_PRESETS), prompts 8k/32k/128k (E2E_PROMPTS), all-dense vs hybrid S2,
-#             on Vulkan: prefill time, decode tokens/s, KV bytes as JSON lines in e2e.jsonl (not in report.md)
+#             on each of BACKENDS (Vulkan: the wgpu model; CUDA: its CUDA twin): prefill time, decode tokens/s,
+#             KV bytes as JSON lines in e2e.jsonl (not in report.md)
 #   llama     llama.cpp's Vulkan flash attention (GGML_OP_FLASH_ATTN_EXT), dense causal, 32 heads, head dim 128, f16
 #             K/V, batch 1: prefill (query rows = KV length) and decode (one query row) at LLAMA_SEQ (default 4k, 8k,
 #             16k, 32k), through benches/peers/llama_cpp_json.py and the test-backend-ops that
@@ -269,11 +270,13 @@ suite_validate() {  # the wgpu test binaries under the Khronos validation layer
 suite_e2e() {  # the decode example at model sizes, all-dense vs hybrid S2
     local preset log
     command -v decode >/dev/null || { say "e2e: no decode example (s2attn-model) on PATH"; return; }
-    for preset in ${E2E_PRESETS:-phi3-small llama-7b}; do
-        log="$OUT_DIR/e2e-$preset.log"
-        PRESET=$preset PROMPT=${E2E_PROMPTS:-8192,32768,131072} TOKENS=${E2E_TOKENS:-32} JSON="$OUT_DIR/e2e.jsonl" \
-            S2ATTN_BACKEND=vulkan timeout "${E2E_TIMEOUT:-900}" decode > "$log" 2>&1
-        say "e2e: $preset rc=$? $(grep -a '^| [dh]' "$log" | paste -sd' ' | cut -c1-600)"
+    for backend in ${BACKENDS//,/ }; do
+        for preset in ${E2E_PRESETS:-phi3-small llama-7b}; do
+            log="$OUT_DIR/e2e-$preset-$backend.log"
+            PRESET=$preset PROMPT=${E2E_PROMPTS:-8192,32768,131072} TOKENS=${E2E_TOKENS:-32} JSON="$OUT_DIR/e2e.jsonl" \
+                S2ATTN_BACKEND=$backend timeout "${E2E_TIMEOUT:-900}" decode > "$log" 2>&1
+            say "e2e: $preset on $backend rc=$? $(grep -a '^| [dh]' "$log" | paste -sd' ' | cut -c1-600)"
+        done
     done
 }
 

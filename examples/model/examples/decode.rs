@@ -19,6 +19,9 @@
 //!   `CHUNK` (prefill rows per matmul pass), `WEIGHTS` (`f32` or `f16`), `LOCAL` and `STRIDE` (the S2
 //!   layers' local blocks and vertical stride, block 64).
 //! - `ONLY` (`dense` or `hybrid`: one of the two runs).
+//! - `S2ATTN_BACKEND=cuda` (a build with `--features cuda`): the model's CUDA twin (`CudaModel`: cuBLAS
+//!   matmuls, the library's CUDA forward, KV append and decode on device buffers, f16 weights) instead of
+//!   the wgpu model.
 //! - `JSON`: a file to which one JSON line per (stack, prompt) run is appended (`"mode": "e2e"`).
 //! - `CHECKPOINT`: a Hugging Face checkpoint directory (`config.json` and safetensors; Llama or Phi-3
 //!   names) whose shape and weights the model runs instead of a preset's random ones (the shape variables
@@ -27,7 +30,7 @@
 //! The Phi-3-small shape at 8k, 32k and 128k, both stacks:
 //! `PRESET=phi3-small PROMPT=8192,32768,131072 TOKENS=32 cargo run --release -p s2attn-model --example decode`.
 
-use s2attn::{Backend, Context, ContextOptions, DType};
+use s2attn::{Backend, Context, ContextOptions, DType, MemoryReport};
 use s2attn_model::{Checkpoint, DenseLayers, HfConfig, Model, ModelConfig, State, Weights};
 use std::time::Instant;
 
@@ -129,9 +132,13 @@ fn settings() -> Result<Run, String> {
 }
 
 fn main() {
-    let result = settings().and_then(|r| {
+    let result = settings().and_then(|mut r| {
         let ctx = context().map_err(|e| e.to_string())?;
         println!("{}", ctx.describe());
+        // The CUDA model stores f16 weights: the small default's f32 becomes f16 there unless WEIGHTS says.
+        if ctx.wgpu().is_none() && std::env::var_os("WEIGHTS").is_none() {
+            r.config.weight_dtype = DType::F16;
+        }
         let measured = run(&ctx, &r).map_err(|e| e.to_string())?;
         if measured.is_empty() {
             return Err("no run completed (see the errors above)".to_string());
@@ -261,70 +268,157 @@ fn run(ctx: &Context, r: &Run) -> s2attn::Result<Vec<Measured>> {
     for (stack, config) in stacks.into_iter().filter(|(name, _)| name.starts_with(r.only.as_str())) {
         // A run that fails (e.g. the device's memory) is reported and the others go on.
         let t = Instant::now();
-        let model = match Model::from_weights(ctx, config, &weights) {
-            Ok(model) => model,
-            Err(e) => {
-                eprintln!("{stack:>26}: the model does not load: {e}");
-                continue;
-            }
+        let loaded = match ctx.wgpu() {
+            Some(_) => Model::from_weights(ctx, config, &weights).map(|m| measure(&m, &stack, r, t, &mut measured)),
+            #[cfg(feature = "cuda")]
+            None => s2attn_model::CudaModel::from_weights(ctx, config, &weights)
+                .map(|m| measure(&m, &stack, r, t, &mut measured)),
+            #[cfg(not(feature = "cuda"))]
+            None => Err(s2attn::Error::Unsupported("the model runs on CUDA in a build with --features cuda".into())),
         };
-        println!("{stack:>26}: weights uploaded in {:.1} s", t.elapsed().as_secs_f64());
-        for &prompt_len in &r.prompts {
-            let one = || -> s2attn::Result<Measured> {
-                // A deterministic prompt of valid ids.
-                let prompt: Vec<u32> =
-                    (0..prompt_len as u64).map(|i| ((i * 2_654_435_761) % c.vocab as u64) as u32).collect();
-                let mut state = State::new(&model, prompt_len + r.tokens + 2)?;
-                // Planning and compiling the prompt's attention ops (and autotuning them, first time on a
-                // device) is not part of the timed prefill.
-                let t = Instant::now();
-                model.prepare_prefill(prompt_len)?;
-                let plan_s = t.elapsed().as_secs_f64();
-                let t = Instant::now();
-                let first = model.prefill(&mut state, &prompt)?;
-                let prefill_s = t.elapsed().as_secs_f64();
-                // One warm-up token, then the timed loop (one submit per token, ids read back at the end).
-                let second = model.step(&mut state)?;
-                let t = Instant::now();
-                let generated = model.generate(&mut state, r.tokens)?;
-                let ms_per_token = t.elapsed().as_secs_f64() * 1e3 / r.tokens as f64;
-                let reports = state.memory_report();
-                let m = Measured {
-                    stack: stack.clone(),
-                    prompt: prompt_len,
-                    prefill_s,
-                    ms_per_token,
-                    kv_resident: reports.iter().map(|m| m.resident_bytes()).sum(),
-                    kv_dense: reports.iter().map(|m| m.dense_bytes).sum(),
-                    kv_dtype: model.prefill_dtype(),
-                    tokens: [first, second].into_iter().chain(generated).collect(),
-                };
-                let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-                println!(
+        if let Err(e) = loaded {
+            eprintln!("{stack:>26}: the model does not load: {e}");
+        }
+    }
+    Ok(measured)
+}
+
+/// What the runs need of a model on either backend (the wgpu [`Model`] and `CudaModel`).
+trait Lm {
+    type State;
+    fn new_state(&self, max_seq_len: u32) -> s2attn::Result<Self::State>;
+    fn prepare_prefill(&self, prompt_len: u32) -> s2attn::Result<()>;
+    fn prefill(&self, state: &mut Self::State, prompt: &[u32]) -> s2attn::Result<u32>;
+    fn step(&self, state: &mut Self::State) -> s2attn::Result<u32>;
+    fn generate(&self, state: &mut Self::State, n: u32) -> s2attn::Result<Vec<u32>>;
+    fn memory_reports(&self, state: &Self::State) -> Vec<MemoryReport>;
+    fn prefill_rows(&self, state: &Self::State) -> u32;
+    fn kv_dtype(&self) -> DType;
+    fn weight_bytes(&self) -> u64;
+}
+
+impl Lm for Model {
+    type State = State;
+    fn new_state(&self, max_seq_len: u32) -> s2attn::Result<State> {
+        State::new(self, max_seq_len)
+    }
+    fn prepare_prefill(&self, prompt_len: u32) -> s2attn::Result<()> {
+        Model::prepare_prefill(self, prompt_len)
+    }
+    fn prefill(&self, state: &mut State, prompt: &[u32]) -> s2attn::Result<u32> {
+        Model::prefill(self, state, prompt)
+    }
+    fn step(&self, state: &mut State) -> s2attn::Result<u32> {
+        Model::step(self, state)
+    }
+    fn generate(&self, state: &mut State, n: u32) -> s2attn::Result<Vec<u32>> {
+        Model::generate(self, state, n)
+    }
+    fn memory_reports(&self, state: &State) -> Vec<MemoryReport> {
+        state.memory_report()
+    }
+    fn prefill_rows(&self, state: &State) -> u32 {
+        state.prefill_rows()
+    }
+    fn kv_dtype(&self) -> DType {
+        self.prefill_dtype()
+    }
+    fn weight_bytes(&self) -> u64 {
+        Model::weight_bytes(self)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Lm for s2attn_model::CudaModel {
+    type State = s2attn_model::CudaState;
+    fn new_state(&self, max_seq_len: u32) -> s2attn::Result<Self::State> {
+        s2attn_model::CudaState::new(self, max_seq_len)
+    }
+    fn prepare_prefill(&self, prompt_len: u32) -> s2attn::Result<()> {
+        s2attn_model::CudaModel::prepare_prefill(self, prompt_len)
+    }
+    fn prefill(&self, state: &mut Self::State, prompt: &[u32]) -> s2attn::Result<u32> {
+        s2attn_model::CudaModel::prefill(self, state, prompt)
+    }
+    fn step(&self, state: &mut Self::State) -> s2attn::Result<u32> {
+        s2attn_model::CudaModel::step(self, state)
+    }
+    fn generate(&self, state: &mut Self::State, n: u32) -> s2attn::Result<Vec<u32>> {
+        s2attn_model::CudaModel::generate(self, state, n)
+    }
+    fn memory_reports(&self, state: &Self::State) -> Vec<MemoryReport> {
+        state.memory_report()
+    }
+    fn prefill_rows(&self, state: &Self::State) -> u32 {
+        state.prefill_rows(self)
+    }
+    fn kv_dtype(&self) -> DType {
+        self.prefill_dtype()
+    }
+    fn weight_bytes(&self) -> u64 {
+        s2attn_model::CudaModel::weight_bytes(self)
+    }
+}
+
+/// Every prompt length of `r` on `model` (loaded in the time since `t`), pushed to `measured`; a length
+/// that fails is reported and the others go on.
+fn measure<M: Lm>(model: &M, stack: &str, r: &Run, t: Instant, measured: &mut Vec<Measured>) {
+    let c = &r.config;
+    println!("{stack:>26}: weights uploaded in {:.1} s", t.elapsed().as_secs_f64());
+    for &prompt_len in &r.prompts {
+        let one = || -> s2attn::Result<Measured> {
+            // A deterministic prompt of valid ids.
+            let prompt: Vec<u32> =
+                (0..prompt_len as u64).map(|i| ((i * 2_654_435_761) % c.vocab as u64) as u32).collect();
+            let mut state = model.new_state(prompt_len + r.tokens + 2)?;
+            // Planning and compiling the prompt's attention ops (and autotuning them, first time on a
+            // device) is not part of the timed prefill.
+            let t = Instant::now();
+            model.prepare_prefill(prompt_len)?;
+            let plan_s = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let first = model.prefill(&mut state, &prompt)?;
+            let prefill_s = t.elapsed().as_secs_f64();
+            // One warm-up token, then the timed loop (no readback until the end).
+            let second = model.step(&mut state)?;
+            let t = Instant::now();
+            let generated = model.generate(&mut state, r.tokens)?;
+            let ms_per_token = t.elapsed().as_secs_f64() * 1e3 / r.tokens as f64;
+            let reports = model.memory_reports(&state);
+            let m = Measured {
+                stack: stack.to_string(),
+                prompt: prompt_len,
+                prefill_s,
+                ms_per_token,
+                kv_resident: reports.iter().map(|m| m.resident_bytes()).sum(),
+                kv_dense: reports.iter().map(|m| m.dense_bytes).sum(),
+                kv_dtype: model.kv_dtype(),
+                tokens: [first, second].into_iter().chain(generated).collect(),
+            };
+            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+            println!(
                 "{stack:>26} prompt {prompt_len:>7}: prefill {:8.3} s ({:9.0} tokens/s; attention and KV cache in {}, {} rows per \
                  matmul pass; ops planned in {plan_s:.2} s); decode {:8.1} tokens/s, {:7.3} ms/token; KV {:9.1} MiB resident of {:9.1} MiB dense; \
                  weights {:7.1} MiB",
                 m.prefill_s,
                 prompt_len as f64 / m.prefill_s,
                 m.kv_dtype,
-                state.prefill_rows(),
+                model.prefill_rows(&state),
                 1e3 / m.ms_per_token,
                 m.ms_per_token,
                 mib(m.kv_resident),
                 mib(m.kv_dense),
                 mib(model.weight_bytes())
             );
-                let shown: Vec<String> = m.tokens.iter().take(12).map(|t| t.to_string()).collect();
-                println!("{:>26}  tokens: {} ...", "", shown.join(" "));
-                Ok(m)
-            };
-            match one() {
-                Ok(m) => measured.push(m),
-                Err(e) => eprintln!("{stack:>26} prompt {prompt_len:>7}: failed: {e}"),
-            }
+            let shown: Vec<String> = m.tokens.iter().take(12).map(|t| t.to_string()).collect();
+            println!("{:>26}  tokens: {} ...", "", shown.join(" "));
+            Ok(m)
+        };
+        match one() {
+            Ok(m) => measured.push(m),
+            Err(e) => eprintln!("{stack:>26} prompt {prompt_len:>7}: failed: {e}"),
         }
     }
-    Ok(measured)
 }
 
 #[cfg(test)]

@@ -183,6 +183,18 @@ impl ModelConfig {
         }
     }
 
+    /// The length of a prompt of `tokens` if it can be fed: not empty, every token in the vocabulary.
+    pub fn check_prompt(&self, tokens: &[u32]) -> Result<u32> {
+        let n = u32::try_from(tokens.len()).map_err(|_| Error::Shape("prompt longer than 2^32 tokens".into()))?;
+        if n == 0 {
+            return Err(Error::Shape("prefill: the prompt is empty".into()));
+        }
+        if let Some(t) = tokens.iter().find(|&&t| t >= self.vocab) {
+            return Err(Error::Shape(format!("token {t} is outside the vocabulary of {}", self.vocab)));
+        }
+        Ok(n)
+    }
+
     /// Checks the sizes fit together.
     pub fn validate(&self) -> Result<()> {
         let positive = [

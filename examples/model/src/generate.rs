@@ -5,24 +5,14 @@
 //! decode kernels, and the attention output is unpacked into the f32 activations.
 
 use super::ops::{dispatch, elementwise, pass, Bound};
-use super::state::{LayerOps, State};
+use super::state::{check_room, LayerOps, State};
 use super::transformer::Model;
 use s2attn::TensorView;
 use s2attn::{Error, Result};
 
 impl Model {
     fn check_state(&self, state: &State, tokens: u32) -> Result<()> {
-        if state.model_id != self.id {
-            return Err(Error::Shape("state: made for another Model".into()));
-        }
-        // One id slot past the last token holds the prediction.
-        if state.len as u64 + tokens as u64 > state.max_seq_len as u64 {
-            return Err(Error::Shape(format!(
-                "{} more tokens after {} exceed the state's max_seq_len {}",
-                tokens, state.len, state.max_seq_len
-            )));
-        }
-        Ok(())
+        check_room(self.id, state.model_id, state.len, state.max_seq_len, tokens)
     }
 
     /// Records the forward pass of `m` rows at positions `state.len..state.len + m` (their ids already in
@@ -173,13 +163,7 @@ impl Model {
     /// paged caches on the GPU; more prompt after earlier tokens runs in chunks of
     /// [`State::decode_prefill_rows`] rows on the decode kernels over the caches, one submit each.
     pub fn prefill(&self, state: &mut State, tokens: &[u32]) -> Result<u32> {
-        let n = u32::try_from(tokens.len()).map_err(|_| Error::Shape("prompt longer than 2^32 tokens".into()))?;
-        if n == 0 {
-            return Err(Error::Shape("prefill: the prompt is empty".into()));
-        }
-        if let Some(t) = tokens.iter().find(|&&t| t >= self.config.vocab) {
-            return Err(Error::Shape(format!("token {t} is outside the vocabulary of {}", self.config.vocab)));
-        }
+        let n = self.config.check_prompt(tokens)?;
         self.check_state(state, n)?;
         let start = state.len;
         self.gpu.queue().write_buffer(&state.buffers.ids, start as u64 * 4, bytemuck::cast_slice(tokens));

@@ -18,6 +18,9 @@
 //!
 //! [`reference::logits`] is the CPU f64 oracle of the same model.
 //!
+//! With the `cuda` feature, `CudaModel` and `CudaState` run the same model on a CUDA device (cuBLAS
+//! matmuls, the library's CUDA attention, decode and KV append on device buffers).
+//!
 //! [`Checkpoint`] reads a Hugging Face checkpoint of the Llama or Phi-3 family (`config.json` and
 //! safetensors shards) into a [`ModelConfig`] and [`Weights`] for [`Model::from_weights`].
 //!
@@ -26,6 +29,8 @@
 
 mod checkpoint;
 mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod generate;
 mod ops;
 mod prefill;
@@ -37,6 +42,8 @@ mod weights;
 
 pub use checkpoint::{Checkpoint, HfConfig};
 pub use config::{DenseLayers, LayerAttention, ModelConfig};
+#[cfg(feature = "cuda")]
+pub use cuda::{CudaModel, CudaState};
 pub use state::State;
 pub use transformer::Model;
 pub use weights::{LayerWeights, Weights};

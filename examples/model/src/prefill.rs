@@ -9,12 +9,11 @@
 use super::ops::{self, dispatch, elementwise, pass, Binder, Bound};
 use super::state::{bind_layer, LayerOps, State};
 use super::transformer::Model;
-use crate::LayerAttention;
-use s2attn::Attention;
-use s2attn::Shape;
+use crate::{LayerAttention, ModelConfig};
 use s2attn::TensorView;
+use s2attn::{Attention, Context, DType, Shape};
 use s2attn::{Error, Result};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A layer's pack (Q, K, V) and unpack (attention output) copies.
 struct Casts {
@@ -28,6 +27,36 @@ const KEPT_LENGTHS: usize = 4;
 /// The forward ops of one prompt length, one per kind of layer (the layers of a kind share the layout).
 pub(super) type PrefillOps = Vec<(LayerAttention, Arc<Attention>)>;
 
+/// A model's prefill forward ops by prompt length, made on first use, the last few lengths kept (most
+/// recently used last).
+#[derive(Default)]
+pub(super) struct KeptOps(Mutex<Vec<(u32, PrefillOps)>>);
+
+impl KeptOps {
+    /// The ops of `config`'s layers for a prompt of `n` tokens with Q/K/V in `dtype` on `ctx`.
+    pub(super) fn get(&self, ctx: &Context, config: &ModelConfig, dtype: DType, n: u32) -> Result<PrefillOps> {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pos) = kept.iter().position(|(len, _)| *len == n) {
+            let entry = kept.remove(pos);
+            let ops = entry.1.clone();
+            kept.push(entry);
+            return Ok(ops);
+        }
+        let shape = Shape::new(1, n, config.head_dim, dtype);
+        let mut ops: PrefillOps = Vec::new();
+        for (l, kind) in config.layers.iter().enumerate() {
+            if !ops.iter().any(|(k, _)| k == kind) {
+                ops.push((*kind, Arc::new(Attention::new(ctx, &config.layout(l)?, shape)?)));
+            }
+        }
+        if kept.len() >= KEPT_LENGTHS {
+            kept.remove(0);
+        }
+        kept.push((n, ops.clone()));
+        Ok(ops)
+    }
+}
+
 impl Model {
     /// Plans and compiles the forward attention ops a prefill of `prompt_len` tokens on a fresh state
     /// runs (one per kind of layer), so that [`Model::prefill`] then spends no time on them; the model
@@ -38,26 +67,7 @@ impl Model {
 
     /// The forward ops for `n` tokens, made on first use.
     fn prefill_ops(&self, n: u32) -> Result<PrefillOps> {
-        let mut kept = self.prefill_ops.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(pos) = kept.iter().position(|(len, _)| *len == n) {
-            let entry = kept.remove(pos);
-            let ops = entry.1.clone();
-            kept.push(entry);
-            return Ok(ops);
-        }
-        let c = &self.config;
-        let shape = Shape::new(1, n, c.head_dim, self.attention_dtype);
-        let mut ops: PrefillOps = Vec::new();
-        for (l, kind) in c.layers.iter().enumerate() {
-            if !ops.iter().any(|(k, _)| k == kind) {
-                ops.push((*kind, Arc::new(Attention::new(&self.ctx, &c.layout(l)?, shape)?)));
-            }
-        }
-        if kept.len() >= KEPT_LENGTHS {
-            kept.remove(0);
-        }
-        kept.push((n, ops.clone()));
-        Ok(ops)
+        self.prefill_ops.get(&self.ctx, &self.config, self.attention_dtype, n)
     }
 
     /// Runs the prompt `ids[0..n]` (already uploaded) through every layer, leaving the greedy next token

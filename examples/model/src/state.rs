@@ -252,3 +252,17 @@ fn decode_prefill_rows(model: &Model, max_seq_len: u32) -> Result<u32> {
             Error::Unsupported(format!("no decode kernel for head_dim {} and {group} heads per KV head", c.head_dim))
         })
 }
+
+/// Whether a state of `len` tokens made for model `state_model` may take `tokens` more on model `model`
+/// (one id slot past the last token holds the prediction).
+pub(crate) fn check_room(model: u64, state_model: u64, len: u32, max_seq_len: u32, tokens: u32) -> Result<()> {
+    if state_model != model {
+        return Err(Error::Shape("state: made for another model".into()));
+    }
+    if len as u64 + tokens as u64 > max_seq_len as u64 {
+        return Err(Error::Shape(format!(
+            "{tokens} more tokens after {len} exceed the state's max_seq_len {max_seq_len}"
+        )));
+    }
+    Ok(())
+}

@@ -3,14 +3,13 @@
 
 use super::config::ModelConfig;
 use super::ops::Pipelines;
-use super::prefill::PrefillOps;
+use super::prefill::KeptOps;
 use super::weights::Weights;
 use s2attn::gpu::WgpuContext;
 use s2attn::Context;
 use s2attn::DType;
 use s2attn::{Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use wgpu::util::DeviceExt;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -44,8 +43,8 @@ pub struct Model {
     pub(super) lm_head: wgpu::Buffer,
     weight_bytes: u64,
     pub(super) id: u64,
-    /// Forward ops of the prefill by prompt length, most recently used last.
-    pub(super) prefill_ops: Mutex<Vec<(u32, PrefillOps)>>,
+    /// Forward ops of the prefill by prompt length.
+    pub(super) prefill_ops: KeptOps,
     /// Most bytes of one window of the prefill's residual stream (a storage binding's limit).
     pub(super) residual_window_bytes: u64,
 }
@@ -66,15 +65,8 @@ impl Model {
 
     /// A model with the given weights (stored in `config.weight_dtype`).
     pub fn from_weights(ctx: &Context, config: ModelConfig, weights: &Weights) -> Result<Self> {
-        config.validate()?;
+        weights.check(&config)?;
         let gpu = ctx.wgpu().ok_or_else(|| Error::Unsupported("the model runs on a wgpu device".into()))?.clone();
-        if weights.layers.len() != config.layers.len() {
-            return Err(Error::Shape(format!(
-                "weights of {} layers for a model of {}",
-                weights.layers.len(),
-                config.layers.len()
-            )));
-        }
         let attention_dtype =
             config.prefill_dtype.unwrap_or(if gpu.caps().coop_f16_16x16 { DType::F16 } else { DType::F32 });
         let pipelines = Pipelines::new(&gpu, config.weight_dtype, attention_dtype)?;
@@ -117,7 +109,7 @@ impl Model {
             lm_head,
             weight_bytes,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            prefill_ops: Mutex::new(Vec::new()),
+            prefill_ops: KeptOps::default(),
             residual_window_bytes,
         })
     }

@@ -55,6 +55,20 @@ impl Rng {
 }
 
 impl Weights {
+    /// Whether these weights fit `config`: a valid configuration with as many layers as these weights
+    /// (each tensor's length is checked where it is uploaded).
+    pub fn check(&self, config: &ModelConfig) -> s2attn::Result<()> {
+        config.validate()?;
+        if self.layers.len() != config.layers.len() {
+            return Err(s2attn::Error::Shape(format!(
+                "weights of {} layers for a model of {}",
+                self.layers.len(),
+                config.layers.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// Weights from `seed`: matrices uniform with variance 1 / fan-in, embeddings uniform in [-1, 1),
     /// norm weights near 1; rounded to `config.weight_dtype`. Each tensor draws from a stream of its own,
     /// so the layers are drawn in parallel (a 7B model's weights in seconds).

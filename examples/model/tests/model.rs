@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::wgpu_context;
+use common::{judge_logits, wgpu_context};
 use s2attn::DType;
 use s2attn_model::{reference, DenseLayers, Model, ModelConfig, State, Weights};
 
@@ -34,12 +34,6 @@ fn tiny(weights: DType) -> ModelConfig {
 fn prompt(vocab: u32) -> Vec<u32> {
     let mut rng = Rng::new(5);
     (0..PROMPT).map(|_| (rng.next_u64() % vocab as u64) as u32).collect()
-}
-
-fn argmax(x: &[f64]) -> (usize, f64) {
-    let mut order: Vec<usize> = (0..x.len()).collect();
-    order.sort_by(|&a, &b| x[b].total_cmp(&x[a]));
-    (order[0], x[order[0]] - x[order[1]])
 }
 
 /// Prefills the prompt (in one call, or split at `split`: the rest fed after), steps, and holds every
@@ -75,21 +69,7 @@ fn check_against_reference(config: ModelConfig, split: Option<usize>, rel: f64) 
     // The reference reads every fed token; position PROMPT - 1 + i predicts token PROMPT + i.
     let fed = &tokens[..PROMPT + STEPS];
     let reference = reference::logits(&config, &w, fed).expect("reference");
-    let mut decided = 0;
-    for (i, gpu) in gpu_logits.iter().enumerate() {
-        let pos = PROMPT - 1 + i;
-        let want = &reference[pos];
-        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
-        let err = gpu.iter().zip(want).fold(0f64, |m, (&g, &r)| m.max((g as f64 - r).abs()));
-        let tol = rel * (1.0 + scale);
-        assert!(err <= tol, "{weights} weights, position {pos}: max |logit error| {err:e} > {tol:e} (scale {scale})");
-        // Greedy agreement wherever the reference's top two are further apart than the error allows.
-        let (best, margin) = argmax(want);
-        if margin > 10.0 * tol {
-            decided += 1;
-            assert_eq!(tokens[pos + 1] as usize, best, "position {pos}: GPU argmax vs reference");
-        }
-    }
+    let decided = judge_logits(&reference, PROMPT - 1, &tokens, &gpu_logits, rel, &format!("{weights} weights"));
     assert!(decided > STEPS / 2, "too few clear argmaxes ({decided}) to judge greedy sampling");
 }
 
