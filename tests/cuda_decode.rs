@@ -228,6 +228,7 @@ fn cuda_token_loop_on_device_buffers_matches_the_oracle() {
         };
     append(&mut cache, &mut ks, &mut vs, &[0, 1, 2], &prompts, 1);
     let op = Decode::new(&cache).expect("CUDA decode");
+    let mut uploads = 0;
     for step in 0..=steps {
         // Step 40 appends to the first sequence only; step 41 decodes the last two, in reverse.
         let which: Vec<usize> = match step {
@@ -246,6 +247,13 @@ fn cuda_token_loop_on_device_buffers_matches_the_oracle() {
         let mut out = stream.alloc_zeros::<u16>(q.len()).expect("out");
         let mut lse = stream.alloc_zeros::<f32>(which.len() * h as usize).expect("lse");
         op.run_cuda(&cache, &seqs, 1, &q_dev, &mut out, &mut lse).expect("run_cuda");
+        // Steps 3 to 13 cross no block boundary: each moves the lists' key shift, no work list upload.
+        if step == 2 {
+            uploads = op.work_list_uploads();
+        }
+        if step == 13 {
+            assert_eq!(op.work_list_uploads(), uploads, "even steps uploaded work lists");
+        }
         if ![0, 1, 13, 14, 40, 41, 50, steps].contains(&step) {
             continue;
         }

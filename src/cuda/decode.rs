@@ -83,9 +83,66 @@ struct Params {
 // SAFETY: plain-old-data with the C layout the kernel declares.
 unsafe impl DeviceRepr for Params {}
 
+/// Device copies of one call part's work list (items and combine records, entries) with the tags of the
+/// list they were made from, and its split families' done counts.
+#[derive(Default)]
+struct HeldPart {
+    items: Option<CudaSlice<u32>>,
+    families: Option<CudaSlice<u32>>,
+    entries: Option<CudaSlice<u32>>,
+    done: Option<CudaSlice<u32>>,
+    items_tag: Option<u64>,
+    entries_tag: Option<u64>,
+}
+
+/// What a [`CudaDecode`] keeps from call to call: each part's device copies, the partials, and how many
+/// work list uploads it made. Every call runs on the context's one stream, so a call reusing a buffer runs
+/// after the last one that read it.
+#[derive(Default)]
+struct Held {
+    parts: Vec<HeldPart>,
+    part_o: Option<CudaSlice<f32>>,
+    part_lse: Option<CudaSlice<f32>>,
+    uploads: u64,
+}
+
+/// Writes `words` (at least one word) at the start of `slot`, replacing it with a larger buffer where it is
+/// too small.
+fn put(stream: &Arc<CudaStream>, slot: &mut Option<CudaSlice<u32>>, words: &[u32]) -> Result<()> {
+    let words: &[u32] = if words.is_empty() { &[0; 4] } else { words };
+    match slot {
+        Some(b) if b.len() >= words.len() => {
+            let mut view = b.slice_mut(0..words.len());
+            stream.memcpy_htod(words, &mut view).map_err(cuda_err("uploading the decode work list"))
+        }
+        _ => {
+            let b = stream
+                .alloc_zeros::<u32>(words.len().next_power_of_two())
+                .map_err(cuda_err("allocating the decode work list"))?;
+            *slot = Some(b);
+            put(stream, slot, words)
+        }
+    }
+}
+
+/// The address of `slot` holding at least `len` zero-initialised elements (a larger buffer, zeroed, where it
+/// is too small).
+fn grown<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    slot: &mut Option<CudaSlice<T>>,
+    len: usize,
+) -> Result<u64> {
+    if slot.as_ref().is_none_or(|b| b.len() < len) {
+        let b = stream.alloc_zeros::<T>(len.next_power_of_two()).map_err(cuda_err("allocating the decode partials"))?;
+        *slot = Some(b);
+    }
+    Ok(slot.as_ref().map_or(0, |b| b.device_ptr(stream).0))
+}
+
 /// The decode kernel for one (dtype, head dim, rows, key step).
 pub struct CudaDecode {
     ctx: CudaContext,
+    held: std::sync::Mutex<Held>,
     split: CudaFunction,
     rows: u32,
     tile_kv: u32,
@@ -232,7 +289,8 @@ impl CudaDecode {
             Form::Narrow => kernel(1, "s2_decode_narrow", 0)?,
             Form::TensorCore { .. } => kernel(2, "s2_decode_mma", smem)?,
         };
-        Ok(Self { ctx: ctx.clone(), split, rows, tile_kv, smem, form, head_dim, num_heads, dtype })
+        let held = std::sync::Mutex::new(Held::default());
+        Ok(Self { ctx: ctx.clone(), held, split, rows, tile_kv, smem, form, head_dim, num_heads, dtype })
     }
 
     /// Dynamic shared bytes of a launch (the narrow kernel's are static).
@@ -254,29 +312,27 @@ impl CudaDecode {
         Ok(n.max(1))
     }
 
-    /// Uploads the parts' work lists and allocates the partials and the split families' done counts
-    /// (zero; the kernel leaves them zero); returns the kernel parameters of each part with Q/O/LSE left
-    /// for the caller, and the owned device buffers.
-    #[allow(clippy::type_complexity)]
+    /// The kernel parameters of each part, with Q/O/LSE left for the caller, over the device copies of the
+    /// parts' work lists and the partials in `held`: a list is uploaded only where its tags say its contents
+    /// changed (a token loop's even steps move only the key shift, a parameter), buffers grow as needed, and
+    /// the split families' done counts are zero (fresh, or left zero by the kernel's last call).
     fn prepare(
         &self,
+        held: &mut Held,
         stream: &Arc<CudaStream>,
         parts: &[DecodePart<'_>],
         scale: f32,
-    ) -> Result<(Vec<Params>, Vec<CudaSlice<u32>>, [CudaSlice<f32>; 2])> {
-        let up = |words: &[u32]| -> Result<CudaSlice<u32>> {
-            let words: &[u32] = if words.is_empty() { &[0; 4] } else { words };
-            stream.clone_htod(words).map_err(cuda_err("uploading the decode work list"))
-        };
+    ) -> Result<Vec<Params>> {
         let slots = parts.iter().map(|p| p.list.partial_slots().end).max().unwrap_or(0).max(1) as usize;
         let rows = self.rows as usize;
-        let part_o = stream
-            .alloc_zeros::<f32>(slots * rows * self.head_dim as usize)
-            .map_err(cuda_err("allocating the decode partials"))?;
-        let part_lse = stream.alloc_zeros::<f32>(slots * rows).map_err(cuda_err("allocating the decode partials"))?;
-        let mut owned = Vec::new();
+        let part_o = grown(stream, &mut held.part_o, slots * rows * self.head_dim as usize)?;
+        let part_lse = grown(stream, &mut held.part_lse, slots * rows)?;
+        if held.parts.len() < parts.len() {
+            held.parts.resize_with(parts.len(), HeldPart::default);
+        }
         let mut params = Vec::new();
-        for part in parts {
+        let mut wrote = false;
+        for (part, h) in parts.iter().zip(held.parts.iter_mut()) {
             let list = part.list;
             let shape = list.shape();
             if shape.rows() != self.rows {
@@ -285,18 +341,26 @@ impl CudaDecode {
             if shape.kv_tok_stride % 2 != 0 {
                 return Err(Error::Shape("k/v token stride must be a multiple of 8 elements".into()));
             }
-            let items = up(bytemuck::cast_slice(list.items()))?;
-            let entries = up(bytemuck::cast_slice(list.entries()))?;
-            let families = up(bytemuck::cast_slice(list.split_families()))?;
-            let done = stream
-                .alloc_zeros::<u32>(list.split_families().len().max(1))
-                .map_err(cuda_err("allocating the decode done counts"))?;
+            if h.items_tag != Some(list.items_tag()) {
+                h.items_tag = None;
+                put(stream, &mut h.items, bytemuck::cast_slice(list.items()))?;
+                put(stream, &mut h.families, bytemuck::cast_slice(list.split_families()))?;
+                h.items_tag = Some(list.items_tag());
+                wrote = true;
+            }
+            if h.entries_tag != Some(list.upload_tag()) {
+                h.entries_tag = None;
+                put(stream, &mut h.entries, bytemuck::cast_slice(list.entries()))?;
+                h.entries_tag = Some(list.upload_tag());
+            }
+            let done = grown(stream, &mut h.done, list.split_families().len().max(1))?;
+            let ptr = |b: &Option<CudaSlice<u32>>| b.as_ref().map_or(0, |b| b.device_ptr(stream).0);
             params.push(Params {
                 k: part.k.device_ptr(stream).0,
                 v: part.v.device_ptr(stream).0,
-                entries: entries.device_ptr(stream).0,
-                part_o: part_o.device_ptr(stream).0,
-                part_lse: part_lse.device_ptr(stream).0,
+                entries: ptr(&h.entries),
+                part_o,
+                part_lse,
                 num_heads: self.num_heads,
                 n_tok: shape.n_tok,
                 block_size: shape.block_size,
@@ -305,15 +369,21 @@ impl CudaDecode {
                 kv_tok_stride: shape.kv_tok_stride,
                 lse_head_stride: shape.lse_head_stride,
                 key_shift: list.key_shift(),
-                items: items.device_ptr(stream).0,
+                items: ptr(&h.items),
                 n_items: list.items().len() as u32,
-                families: families.device_ptr(stream).0,
-                done: done.device_ptr(stream).0,
+                families: ptr(&h.families),
+                done,
                 ..Params::default()
             });
-            owned.extend([items, entries, families, done]);
         }
-        Ok((params, owned, [part_o, part_lse]))
+        held.uploads += u64::from(wrote);
+        Ok(params)
+    }
+
+    /// Calls so far that uploaded work items (a part's items and combine records, where the list's tag
+    /// differed from what its device copy held).
+    pub(crate) fn work_list_uploads(&self) -> u64 {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).uploads
     }
 
     /// Launches every part's kernel (one launch per part) with `q`/`o`/`lse` addresses.
@@ -349,9 +419,10 @@ impl CudaDecode {
         scale: f32,
         io: (u64, u64, u64),
     ) -> Result<()> {
-        let (params, _owned, _partials) = self.prepare(stream, parts, scale)?;
-        // SAFETY: forwarded to the caller; the work lists and partials above outlive the launch (their frees
-        // are ordered after it on `stream`).
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let params = self.prepare(&mut held, stream, parts, scale)?;
+        // SAFETY: forwarded to the caller; the device copies stay while the lock is held, and a later call
+        // that replaces one frees it in stream order, after this launch.
         unsafe { self.launch(stream, &params, io) }
     }
 
@@ -375,11 +446,20 @@ impl CudaDecode {
     /// LSE).
     pub fn run(&self, parts: &[DecodePart<'_>], scale: f32, q: &[u8], lse_len: u64) -> Result<(Vec<u8>, Vec<f32>)> {
         let stream = self.ctx.stream();
-        let (params, _owned, _partials) = self.prepare(stream, parts, scale)?;
         let [q_dev, o, lse] = self.io(stream, q, lse_len)?;
-        let io = (q_dev.device_ptr(stream).0, o.device_ptr(stream).0, lse.device_ptr(stream).0);
-        // SAFETY: the work lists, partials and I/O buffers above are alive and sized for the call.
-        unsafe { self.launch(stream, &params, io)? };
+        {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            let params = self.prepare(&mut held, stream, parts, scale)?;
+            // A host call starts from zeroed done counts whatever the last call left (`time` compares the
+            // timed calls with one).
+            for done in held.parts.iter_mut().take(parts.len()).filter_map(|h| h.done.as_mut()) {
+                stream.memset_zeros(done).map_err(cuda_err("zeroing the decode done counts"))?;
+            }
+            let io = (q_dev.device_ptr(stream).0, o.device_ptr(stream).0, lse.device_ptr(stream).0);
+            // SAFETY: the device copies (held under the lock) and I/O buffers above are alive and sized for
+            // the call.
+            unsafe { self.launch(stream, &params, io)? };
+        }
         self.ctx.finish(stream, "running the CUDA decode")?;
         let out = stream.clone_dtoh(&o).map_err(cuda_err("reading the decode output"))?;
         let lse = stream.clone_dtoh(&lse).map_err(cuda_err("reading the LSE"))?;
@@ -399,12 +479,15 @@ impl CudaDecode {
         iters: u32,
     ) -> Result<Timing> {
         let stream = self.ctx.stream();
-        let (params, _owned, _partials) = self.prepare(stream, parts, scale)?;
         let [q_dev, o, lse] = self.io(stream, q, lse_len)?;
-        let io = (q_dev.device_ptr(stream).0, o.device_ptr(stream).0, lse.device_ptr(stream).0);
-        // SAFETY: as in `run`.
-        let run = || unsafe { self.launch(stream, &params, io) };
-        let timing = self.ctx.time_events("running the CUDA decode", warmup, iters, run)?;
+        let timing = {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            let params = self.prepare(&mut held, stream, parts, scale)?;
+            let io = (q_dev.device_ptr(stream).0, o.device_ptr(stream).0, lse.device_ptr(stream).0);
+            // SAFETY: as in `run`.
+            let run = || unsafe { self.launch(stream, &params, io) };
+            self.ctx.time_events("running the CUDA decode", warmup, iters, run)?
+        };
         // The timed calls reused the done counts: the last one's output must be a fresh call's, bit for bit
         // (a count left over would have skipped combines and timed less work).
         let timed = stream.clone_dtoh(&o).map_err(cuda_err("reading the decode output"))?;

@@ -135,14 +135,19 @@ impl Decode {
     /// Calls so far that wrote their work items to the device. A step of a token loop in which every
     /// sequence grew by the same tokens and stayed in its query blocks moves the lists by their key shift
     /// (one word of the call's parameters, [`WorkList::key_shift`](crate::inference::WorkList::key_shift)),
-    /// and the device copy of the items serves again. (The CUDA path uploads each call's work list: 0.)
+    /// and the device copy of the items serves again (on wgpu and on CUDA).
     pub fn work_list_uploads(&self) -> u64 {
+        #[cfg(feature = "cuda")]
+        if let Engine::Cuda { kernels, .. } = &self.engine {
+            let kernels = kernels.lock().unwrap_or_else(|e| e.into_inner());
+            return kernels.values().map(|k| k.work_list_uploads()).sum();
+        }
         self.sum_over_wgpu_kernels(|k| k.item_uploads())
     }
 
     /// Device buffers this op has created so far: constant over steady-state calls (the work list goes
     /// into reused buffers that grow geometrically, never past what the cache's pool can need).
-    /// (The CUDA path uploads each call's work list into fresh allocations: 0.)
+    /// (wgpu buffers; the CUDA path's device copies are not counted: 0.)
     pub fn buffers_created(&self) -> usize {
         self.sum_over_wgpu_kernels(|k| k.buffers_created())
     }
