@@ -2,7 +2,8 @@
 // the CUDA twin of shaders/kv_append.wgsl. A batch of appends (one per sequence, their tokens one after the other
 // in the source rows) into one pool segment is one launch, one thread per 32-bit word of a token's K (and V) row of
 // one KV head, grid-strided; the batch's words are numbered append after append. Storage-type agnostic (a word is
-// two f16 or bf16 elements), so one build serves every dtype.
+// two f16 or bf16 elements), so one build serves every dtype. A small batch (a decode step's) carries its appends
+// and page indices in the launch's parameters instead of device buffers, so a step uploads nothing.
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -18,14 +19,19 @@ struct Append {
     u64 words0;      // the batch's index of its first word
 };
 
-// Mirrors `BatchParams` in src/inference/kv_cache/cuda_append.rs.
+// Appends and page indices a batch may carry in its parameters.
+#define INLINE_APPENDS 4
+#define INLINE_PAGES 64
+
+// Mirrors `BatchParams` in src/cuda/kv_append.rs.
 struct Batch {
     const u32* src_k;     // token 0's K row (words)
     const u32* src_v;
     u32* pool_k;          // the segment's pools, [pages, block_size, row_words]
     u32* pool_v;
-    const Append* appends;
-    const u32* pages;     // page index of each touched block, 0xffffffff where no future query needs it
+    const Append* appends; // null: `inline_appends`
+    const u32* pages;     // page index of each touched block, 0xffffffff where no future query needs it (null:
+                          // `inline_pages`)
     u64 words;            // words of every append
     u32 n_appends;
     u32 kv_heads;
@@ -33,18 +39,22 @@ struct Batch {
     u32 block_size;       // tokens per page
     u32 token_stride;     // words from one source token's rows to the next
     u32 pad;
+    Append inline_appends[INLINE_APPENDS];
+    u32 inline_pages[INLINE_PAGES];
 };
 
-extern "C" __global__ void kv_append(const Batch b) {
+extern "C" __global__ void kv_append(const __grid_constant__ Batch b) {
+    const Append* appends = b.appends ? b.appends : b.inline_appends;
+    const u32* pages = b.pages ? b.pages : b.inline_pages;
     const u64 step = (u64)gridDim.x * blockDim.x;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < b.words; i += step) {
         // The append holding word i: the last whose first word is <= i (words0 ascends from 0).
         u32 lo = 0, hi = b.n_appends;
         while (hi - lo > 1) {
             const u32 mid = (lo + hi) / 2;
-            if (b.appends[mid].words0 <= i) lo = mid; else hi = mid;
+            if (appends[mid].words0 <= i) lo = mid; else hi = mid;
         }
-        const Append a = b.appends[lo];
+        const Append a = appends[lo];
         const u64 j = i - a.words0;
         const u64 per_token = (u64)b.kv_heads * b.row_words;
         const u32 t = (u32)(j / per_token);
@@ -52,7 +62,7 @@ extern "C" __global__ void kv_append(const Batch b) {
         const u32 kvh = col / b.row_words;
         const u32 w = col % b.row_words;
         const u32 pos = a.len0 + t;
-        const u32 page = b.pages[a.pages0 + kvh * a.blocks + pos / b.block_size - a.first_block];
+        const u32 page = pages[a.pages0 + kvh * a.blocks + pos / b.block_size - a.first_block];
         if (page == 0xffffffffu) continue;
         const u64 dst = ((u64)page * b.block_size + pos % b.block_size) * b.row_words + w;
         const u64 src = (u64)(a.src_token0 + t) * b.token_stride + col;

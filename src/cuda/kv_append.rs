@@ -1,6 +1,7 @@
 //! [`CudaAppender`]: the CUDA KV append kernel (`shaders/cuda/kv_append.cu`, the twin of
 //! `shaders/kv_append.wgsl`) behind `KvCache::append_cuda`: the appends of a batch into one pool segment in
-//! one launch, each append's params and page indices uploaded for the launch and freed in stream order.
+//! one launch. A small batch (a decode step's) carries its appends and page indices in the launch's
+//! parameters; a larger one uploads them for the launch (freed in stream order).
 
 use super::compile::KernelKey;
 use super::context::{cuda_err, CudaContext};
@@ -13,6 +14,10 @@ const KV_APPEND_SRC: &str = include_str!("../../shaders/cuda/kv_append.cu");
 const THREADS: u32 = 256;
 /// CTAs per SM the grid-strided launch asks for at most.
 const CTAS_PER_SM: u32 = 8;
+/// Appends and page indices a batch may carry in its parameters (`INLINE_APPENDS`, `INLINE_PAGES` of the
+/// kernel).
+const INLINE_APPENDS: usize = 4;
+const INLINE_PAGES: usize = 64;
 
 /// One append of a batch: `tokens` source rows from `src_token0` on, into a sequence of `len0` tokens whose
 /// touched blocks `first_block..first_block + blocks` have the page indices `pages` (`[kv_heads, blocks]`,
@@ -42,7 +47,7 @@ struct AppendItem {
 
 /// Mirrors `struct Batch` in `shaders/cuda/kv_append.cu`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct BatchParams {
     src_k: u64,
     src_v: u64,
@@ -57,6 +62,8 @@ struct BatchParams {
     block_size: u32,
     token_stride: u32,
     pad: u32,
+    inline_appends: [AppendItem; INLINE_APPENDS],
+    inline_pages: [u32; INLINE_PAGES],
 }
 
 // SAFETY: plain-old-data with the C layout the kernel declares.
@@ -129,17 +136,13 @@ impl CudaAppender {
             pages.extend_from_slice(&a.pages);
             words += a.tokens as u64 * per_token;
         }
-        let items_dev = stream
-            .clone_htod(bytemuck::cast_slice::<AppendItem, u32>(&items))
-            .map_err(cuda_err("uploading the KV append params"))?;
-        let pages_dev = stream.clone_htod(&pages).map_err(cuda_err("uploading the KV append pages"))?;
-        let params = BatchParams {
+        let mut params = BatchParams {
             src_k: src.0,
             src_v: src.1,
             pool_k: pool.0,
             pool_v: pool.1,
-            appends: items_dev.device_ptr(stream).0,
-            pages: pages_dev.device_ptr(stream).0,
+            appends: 0,
+            pages: 0,
             words,
             n_appends: items.len() as u32,
             kv_heads: shape.kv_heads,
@@ -147,7 +150,23 @@ impl CudaAppender {
             block_size: shape.block_size,
             token_stride: shape.token_stride,
             pad: 0,
+            inline_appends: [AppendItem::default(); INLINE_APPENDS],
+            inline_pages: [0; INLINE_PAGES],
         };
+        // A small batch travels in the parameters; a larger one in buffers uploaded for this launch.
+        let mut uploaded = None;
+        if items.len() <= INLINE_APPENDS && pages.len() <= INLINE_PAGES {
+            params.inline_appends[..items.len()].copy_from_slice(&items);
+            params.inline_pages[..pages.len()].copy_from_slice(&pages);
+        } else {
+            let items_dev = stream
+                .clone_htod(bytemuck::cast_slice::<AppendItem, u32>(&items))
+                .map_err(cuda_err("uploading the KV append params"))?;
+            let pages_dev = stream.clone_htod(&pages).map_err(cuda_err("uploading the KV append pages"))?;
+            params.appends = items_dev.device_ptr(stream).0;
+            params.pages = pages_dev.device_ptr(stream).0;
+            uploaded = Some((items_dev, pages_dev));
+        }
         let ctas = words.div_ceil(THREADS as u64).clamp(1, (self.ctx.multiprocessors() * CTAS_PER_SM) as u64) as u32;
         let cfg = LaunchConfig { grid_dim: (ctas, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let mut args = stream.launch_builder(&self.kernel);
@@ -155,6 +174,7 @@ impl CudaAppender {
         // SAFETY: forwarded to the caller for the sources and pools; the params and pages uploaded above
         // live until their stream-ordered frees, after the launch.
         unsafe { args.launch(cfg) }.map_err(cuda_err("launching the CUDA KV append"))?;
+        drop(uploaded);
         Ok(())
     }
 }

@@ -3,13 +3,17 @@
 // segment, two KV heads of 64 words (head dim 128 in f16), pages of 16 tokens, the source rows strided as the K
 // and V columns of an interleaved QKV buffer: a prompt over several blocks in shuffled pages, one of whose blocks
 // no future query needs (not written), an append within one page, and one that starts mid-page and crosses into
-// the next; the grid smaller than the words, so threads stride. Every pool word must hold what the host puts
-// there, the rest its poison. Exit status 1 on any difference.
+// the next; the grid smaller than the words, so threads stride. Run twice: the appends and page indices in device
+// buffers, then carried in the launch's parameters. Every pool word must hold what the host puts there, the rest its
+// poison. Exit status 1 on any difference.
 #include "emu.h"
 #include <cstdio>
 #include <random>
 #include <algorithm>
 static dim3 blockDim;
+#ifndef __grid_constant__
+#define __grid_constant__
+#endif
 namespace A {
 #include "kv_append.cu"
 }
@@ -59,25 +63,36 @@ int main() {
                 }
             }
     }
-    A::Batch b{};
-    b.src_k = qkv.data() + Q_WORDS;
-    b.src_v = qkv.data() + Q_WORDS + HK * RW;
-    b.pool_k = pool_k.data();
-    b.pool_v = pool_v.data();
-    b.appends = appends.data();
-    b.pages = pages.data();
-    b.words = words;
-    b.n_appends = (u32)appends.size();
-    b.kv_heads = HK;
-    b.row_words = RW;
-    b.block_size = BS;
-    b.token_stride = STRIDE;
-    blockDim = {64, 1, 1};
-    launch(5, 64, [&] { A::kv_append(b); });
     size_t bad = 0;
-    for (size_t i = 0; i < pool_k.size(); i++) bad += (pool_k[i] != want_k[i]) + (pool_v[i] != want_v[i]);
-    const size_t skipped = std::count(pool_k.begin(), pool_k.end(), POISON);
-    printf("kv_append: %u tokens of 3 appends, %llu words, %zu pool words left unwritten, %zu wrong\n", total, words,
-           skipped, bad);
+    for (int inl = 0; inl < 2; inl++) {
+        std::fill(pool_k.begin(), pool_k.end(), POISON);
+        std::fill(pool_v.begin(), pool_v.end(), POISON);
+        A::Batch b{};
+        b.src_k = qkv.data() + Q_WORDS;
+        b.src_v = qkv.data() + Q_WORDS + HK * RW;
+        b.pool_k = pool_k.data();
+        b.pool_v = pool_v.data();
+        b.appends = inl ? nullptr : appends.data();
+        b.pages = inl ? nullptr : pages.data();
+        if (inl) {
+            if (appends.size() > INLINE_APPENDS || pages.size() > INLINE_PAGES) return 2;
+            std::copy(appends.begin(), appends.end(), b.inline_appends);
+            std::copy(pages.begin(), pages.end(), b.inline_pages);
+        }
+        b.words = words;
+        b.n_appends = (u32)appends.size();
+        b.kv_heads = HK;
+        b.row_words = RW;
+        b.block_size = BS;
+        b.token_stride = STRIDE;
+        blockDim = {64, 1, 1};
+        launch(5, 64, [&] { A::kv_append(b); });
+        size_t wrong = 0;
+        for (size_t i = 0; i < pool_k.size(); i++) wrong += (pool_k[i] != want_k[i]) + (pool_v[i] != want_v[i]);
+        const size_t skipped = std::count(pool_k.begin(), pool_k.end(), POISON);
+        printf("kv_append (%s): %u tokens of 3 appends, %llu words, %zu pool words left unwritten, %zu wrong\n",
+               inl ? "in the parameters" : "in device buffers", total, words, skipped, wrong);
+        bad += wrong;
+    }
     return bad ? 1 : 0;
 }
