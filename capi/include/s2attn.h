@@ -403,8 +403,8 @@ s2attn_status s2attn_decode_run_buffers(const s2attn_decode *decode, const s2att
 /*
  * Caller CUDA memory (define S2ATTN_CUDA before including this header to declare it). The op must have
  * been created on a CUDA context (s2attn_context_create_with("cuda", ...)); the pointers are CUdeviceptr
- * values of that context's device. The call is always exported: a library built without the `cuda`
- * feature, or an op on wgpu, returns S2ATTN_ERR_UNSUPPORTED.
+ * values of that context's device. The calls are always exported: a library built without the `cuda`
+ * feature, or an op or cache on wgpu, returns S2ATTN_ERR_UNSUPPORTED.
  */
 #ifdef S2ATTN_CUDA
 /** A tensor in CUDA memory: `ptr` (16-byte aligned), tokens `token_stride` elements apart (a multiple of 8; 0: contiguous). */
@@ -420,6 +420,25 @@ typedef struct s2attn_cuda_tensor {
  */
 s2attn_status s2attn_forward_cuda(const s2attn_op *op, const s2attn_cuda_tensor *q, const s2attn_cuda_tensor *k,
                                   const s2attn_cuda_tensor *v, const s2attn_cuda_tensor *out, unsigned long long lse);
+
+/**
+ * Appends `tokens` tokens to `seq` of a cache made on a CUDA context from CUDA memory: k->ptr and v->ptr
+ * address token 0's [kv_heads, head_dim] rows in the cache's dtype (on 32-bit words), consecutive tokens
+ * token_stride elements apart (the same for k and v; 0: packed rows), e.g. the K and V columns of an
+ * interleaved QKV buffer. Enqueued on the context's stream without waiting; changes nothing when it fails.
+ */
+s2attn_status s2attn_kv_cache_append_cuda(const s2attn_kv_cache *cache, uint64_t seq, const s2attn_cuda_tensor *k,
+                                          const s2attn_cuda_tensor *v, uint32_t tokens);
+
+/**
+ * One decode step on CUDA memory: the last q_len tokens of each of the n_seqs sequences attend their cached
+ * history; q and out address [n_seqs, q_len, heads, head_dim] rows in the cache's dtype (contiguous,
+ * 16-byte aligned), the f32 log-sum-exp [n_seqs, heads, q_len] goes to `lse`. Enqueued on the context's
+ * stream without waiting.
+ */
+s2attn_status s2attn_decode_run_cuda(const s2attn_decode *decode, const s2attn_kv_cache *cache,
+                                     const uint64_t *seqs, size_t n_seqs, uint32_t q_len, unsigned long long q,
+                                     unsigned long long out, unsigned long long lse);
 #endif
 
 #ifdef __cplusplus

@@ -2,10 +2,9 @@
 //! read from host memory) and the entry points that run on them without a host round trip: the forward
 //! pass, KV-cache appends and decode steps reading and writing buffer views at element offsets and token
 //! strides (Q/K/V interleaved in one QKV buffer work as they are). Each call records its passes, submits
-//! and returns; `s2attn_buffer_read` and `s2attn_context_synchronize` wait for the device. Also the
-//! CUDA entry point on caller `CUdeviceptr`s, which answers `S2ATTN_ERR_UNSUPPORTED` in a build without
-//! the `cuda` feature. Same conventions as the parent module: pointers, sizes and devices checked, panics
-//! caught, a status per call.
+//! and returns; `s2attn_buffer_read` and `s2attn_context_synchronize` wait for the device (`cuda.rs` has
+//! the same on caller CUDA memory). Same conventions as the parent module: pointers, sizes and devices
+//! checked, panics caught, a status per call.
 
 use super::inference::{S2attnDecode, S2attnKvCache};
 use super::{call, check_ptr, clear_out, handle, put, Fail, Ffi, S2attnContext, S2attnOp, Status};
@@ -31,17 +30,6 @@ pub struct S2attnTensorView {
     /// First element, in elements of the op's dtype.
     pub offset: u64,
     /// Elements from one token to the next; 0 means contiguous.
-    pub token_stride: u64,
-}
-
-/// `s2attn_cuda_tensor`: a tensor in caller CUDA memory (a `CUdeviceptr`), consecutive tokens
-/// `token_stride` elements apart (0: contiguous).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct S2attnCudaTensor {
-    /// Device address of the first element (16-byte aligned).
-    pub ptr: u64,
-    /// Elements from one token to the next (a multiple of 8); 0 means contiguous.
     pub token_stride: u64,
 }
 
@@ -369,53 +357,4 @@ pub unsafe extern "C" fn s2attn_decode_run_buffers(
         gpu.queue().submit([encoder.finish()]);
         Ok(())
     })
-}
-
-/// Runs the op on caller CUDA memory (`CUdeviceptr`s of the op's CUDA context) on the op's stream:
-/// `q`, `k`, `v`, `out` in the op's dtype, the f32 LSE `[batch, heads, seq]` at `lse`. Returns without
-/// waiting (`s2attn_context_synchronize` waits). `S2ATTN_ERR_UNSUPPORTED` when the library was built
-/// without the `cuda` feature or the op runs on wgpu.
-///
-/// # Safety
-/// `op` is null or live; each tensor is null or readable; the pointers address live device memory of the
-/// op's context holding the whole tensors, valid until the work has finished.
-#[no_mangle]
-pub unsafe extern "C" fn s2attn_forward_cuda(
-    op: *const S2attnOp,
-    q: *const S2attnCudaTensor,
-    k: *const S2attnCudaTensor,
-    v: *const S2attnCudaTensor,
-    out: *const S2attnCudaTensor,
-    lse: u64,
-) -> Status {
-    call(|| {
-        // SAFETY: forwarded caller contract.
-        let op = unsafe { handle(op, "op") }?;
-        // SAFETY: forwarded caller contract.
-        let t = unsafe { [handle(q, "q")?, handle(k, "k")?, handle(v, "v")?, handle(out, "out")?] };
-        if lse == 0 {
-            return Err(Fail::Null("lse"));
-        }
-        forward_cuda(op, t.map(|x| *x), lse)
-    })
-}
-
-#[cfg(feature = "cuda")]
-fn forward_cuda(op: &S2attnOp, [q, k, v, out]: [S2attnCudaTensor; 4], lse: u64) -> Ffi<()> {
-    use s2attn::cuda::CudaTensor;
-    let tensor = |t: S2attnCudaTensor| -> Ffi<CudaTensor> {
-        if t.ptr == 0 {
-            return Err(Fail::Null("a CUDA tensor's ptr"));
-        }
-        Ok(if t.token_stride == 0 { CudaTensor::new(t.ptr) } else { CudaTensor::strided(t.ptr, t.token_stride) })
-    };
-    let (q, k, v, out) = (tensor(q)?, tensor(k)?, tensor(v)?, tensor(out)?);
-    // SAFETY: the entry point's contract: live device memory of the op's context holding whole tensors.
-    unsafe { op.op.forward_cuda_raw(None, &q, &k, &v, &out, lse) }?;
-    Ok(())
-}
-
-#[cfg(not(feature = "cuda"))]
-fn forward_cuda(_: &S2attnOp, _: [S2attnCudaTensor; 4], _: u64) -> Ffi<()> {
-    Err(Error::Unsupported("s2attn_forward_cuda: this library was built without the `cuda` feature".into()).into())
 }

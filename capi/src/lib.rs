@@ -19,6 +19,7 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 pub mod buffers;
+pub mod cuda;
 pub mod inference;
 
 /// A status code (`s2attn_status` in C): 0 on success, else one of the `S2ATTN_ERR_*` constants.

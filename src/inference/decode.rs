@@ -531,15 +531,49 @@ impl Decode {
             }
         }
         let stream = ctx.stream().clone();
+        let (qp, _q) = q.device_ptr(&stream);
+        let (op, _o) = out.device_ptr_mut(&stream);
+        let (lp, _l) = lse.device_ptr_mut(&stream);
+        // SAFETY: Q, O and the LSE were checked to hold the call's rows; their guards record the launch for
+        // cudarc's ordering when they drop, after it.
+        unsafe { self.run_cuda_raw(cache, seqs, q_len, qp, op, lp) }
+    }
+
+    /// [`Decode::run_cuda`] on raw device addresses (`CUdeviceptr`s of the cache's CUDA context, as a C
+    /// caller holds them): `q` and `out` `[seqs.len() * q_len, heads, head_dim]` in the cache's dtype, `lse`
+    /// `[seqs.len(), heads, q_len]` f32.
+    ///
+    /// # Safety
+    /// The addresses must hold those tensors in live device memory of the cache's context, valid until the
+    /// stream has run the call.
+    #[cfg(feature = "cuda")]
+    pub unsafe fn run_cuda_raw(
+        &self,
+        cache: &KvCache,
+        seqs: &[SeqId],
+        q_len: u32,
+        q: u64,
+        out: u64,
+        lse: u64,
+    ) -> Result<()> {
+        let Engine::Cuda { ctx, .. } = &self.engine else {
+            return Err(Error::Unsupported("Decode::run_cuda: this Decode op runs on wgpu".into()));
+        };
+        if seqs.is_empty() {
+            return Err(Error::Shape("seqs: a decode call needs at least one sequence".into()));
+        }
+        if q == 0 || out == 0 || lse == 0 || q % 16 != 0 || out % 16 != 0 || lse % 4 != 0 {
+            return Err(Error::Shape(
+                "Decode::run_cuda: q and out must be device addresses on 16 bytes (the kernels' row loads), lse on 4"
+                    .into(),
+            ));
+        }
+        let stream = ctx.stream().clone();
         self.with_lists(cache, seqs, q_len, |lists| {
             let parts = Self::cuda_parts(cache, lists)?;
             let kernel = self.cuda_kernel(q_len)?;
-            let (qp, _q) = q.device_ptr(&stream);
-            let (op, _o) = out.device_ptr_mut(&stream);
-            let (lp, _l) = lse.device_ptr_mut(&stream);
-            // SAFETY: Q, O and the LSE were checked to hold the call's rows; their guards record the launch
-            // for cudarc's ordering when they drop, after it.
-            unsafe { kernel.enqueue(&stream, &parts, self.scale, (qp, op, lp)) }
+            // SAFETY: the caller's promise for Q, O and the LSE.
+            unsafe { kernel.enqueue(&stream, &parts, self.scale, (q, out, lse)) }
         })
     }
 

@@ -3,8 +3,8 @@
  * free, s2attn_forward_buffers on strided views into one interleaved QKV buffer (against attention
  * computed here in double precision for a dense causal GQA layout, and against the host path
  * s2attn_forward for an S2 layout; f32 and f16), KV-cache appends and decode steps on buffers (against
- * the host-memory cache and decode path), s2attn_context_synchronize, s2attn_forward_cuda's status on a
- * wgpu op, and the error codes for null pointers, views past their buffer, misaligned offsets and bad
+ * the host-memory cache and decode path), s2attn_context_synchronize, the CUDA entry points' statuses on
+ * a wgpu op and cache, and the error codes for null pointers, views past their buffer, misaligned offsets and bad
  * sizes. Built and run by tests/c_api.rs; exits non-zero with a message per failed check.
  */
 #define S2ATTN_CUDA
@@ -292,6 +292,17 @@ static void check_decode(const s2attn_context *ctx, int dtype) {
     EXPECT_STATUS(S2ATTN_ERR_BUFFER_TOO_SMALL, s2attn_decode_run_buffers(dd, dev, &sd, 1, 1, &tq, &to, blse, 1));
     MUST(s2attn_decode_run_buffers(dd, dev, &sd, 1, 1, &tq, &to, NULL, 0));
     MUST(s2attn_context_synchronize(ctx));
+    /* CUDA memory: this cache lives on wgpu (and the library may lack CUDA): unsupported, not a crash; null
+     * handles and pointers by name. Nothing changes. */
+    s2attn_cuda_tensor ck = {0x1000, ROW}, cv = {0x1100, ROW};
+    EXPECT_STATUS(S2ATTN_ERR_UNSUPPORTED, s2attn_kv_cache_append_cuda(dev, sd, &ck, &cv, 1));
+    EXPECT_STATUS(S2ATTN_ERR_NULL_POINTER, s2attn_kv_cache_append_cuda(NULL, sd, &ck, &cv, 1));
+    EXPECT_STATUS(S2ATTN_ERR_NULL_POINTER, s2attn_kv_cache_append_cuda(dev, sd, &ck, NULL, 1));
+    EXPECT_STATUS(S2ATTN_ERR_UNSUPPORTED, s2attn_decode_run_cuda(dd, dev, &sd, 1, 1, 0x1000, 0x2000, 0x3000));
+    EXPECT_STATUS(S2ATTN_ERR_NULL_POINTER, s2attn_decode_run_cuda(dd, dev, &sd, 1, 1, 0x1000, 0, 0x3000));
+    EXPECT_STATUS(S2ATTN_ERR_NULL_POINTER, s2attn_decode_run_cuda(NULL, dev, &sd, 1, 1, 0x1000, 0x2000, 0x3000));
+    MUST(s2attn_kv_cache_seq_len(dev, sd, &n));
+    CHECK(n == (uint32_t)total, "a refused CUDA append changed the sequence (%u tokens)", n);
 
     s2attn_buffer_free(bqkv), s2attn_buffer_free(bout), s2attn_buffer_free(blse);
     s2attn_decode_free(dh), s2attn_decode_free(dd);

@@ -39,11 +39,7 @@ impl KvCache {
         v: &impl DevicePtr<T>,
         rows: CudaRows,
     ) -> Result<()> {
-        let ctx = self
-            .ctx
-            .cuda()
-            .ok_or_else(|| Error::Unsupported("KvCache::append_cuda: this cache's pools are wgpu buffers".into()))?
-            .clone();
+        let ctx = self.cuda_ctx()?;
         if appends.is_empty() {
             return Ok(());
         }
@@ -53,30 +49,66 @@ impl KvCache {
         if elem != es && elem != 1 {
             return Err(Error::DType { tensor: "k", expected: dtype.name(), got: "an element of another size" });
         }
-        let (hk, d, bs) = (self.layout.num_kv_heads(), self.config.head_dim, self.layout.block_size());
-        let row = hk as u64 * d as u64;
+        let row = self.layout.num_kv_heads() as u64 * self.config.head_dim as u64;
         let stride = rows.token_stride.unwrap_or(row);
-        let words = |x: u64| (x * es % 4 == 0).then_some(x * es / 4);
-        let (Some(_), Some(_), Some(stride_words)) = (words(rows.k_offset), words(rows.v_offset), words(stride)) else {
+        if (rows.k_offset * es) % 4 != 0 || (rows.v_offset * es) % 4 != 0 {
             return Err(Error::Shape(format!(
-                "append_cuda: k_offset {}, v_offset {} and token_stride {stride} must be whole 32-bit words ({dtype})",
+                "append_cuda: k_offset {} and v_offset {} must be whole 32-bit words ({dtype})",
                 rows.k_offset, rows.v_offset
-            )));
-        };
-        if stride < row {
-            return Err(Error::Shape(format!(
-                "append_cuda: token_stride {stride} is below a token's K (or V) row, kv_heads * head_dim = {row}"
             )));
         }
         let tokens: u64 = appends.iter().map(|&(_, n)| n as u64).sum();
-        let token_stride = u32::try_from(stride_words)
-            .map_err(|_| Error::Shape(format!("append_cuda: token_stride {stride} exceeds 2^32 words")))?;
         for (name, bytes, offset) in [("k", k.num_bytes(), rows.k_offset), ("v", v.num_bytes(), rows.v_offset)] {
-            let needed = (offset + tokens.max(1).saturating_sub(1) * stride + row) * es;
+            let needed = (offset + tokens.max(1).saturating_sub(1) * stride.max(row) + row) * es;
             if (bytes as u64) < needed {
                 return Err(Error::BufferTooSmall { tensor: name, got: bytes as u64, needed });
             }
         }
+        let stream = ctx.stream().clone();
+        let (k_ptr, _k) = k.device_ptr(&stream);
+        let (v_ptr, _v) = v.device_ptr(&stream);
+        // SAFETY: both buffers were checked to hold every row the batch reads and stay borrowed (their
+        // guards record the launch for cudarc's ordering when they drop, after it).
+        unsafe {
+            self.append_cuda_raw(appends, k_ptr + rows.k_offset * es, v_ptr + rows.v_offset * es, rows.token_stride)
+        }
+    }
+
+    /// [`KvCache::append_cuda`] from raw device addresses (`CUdeviceptr`s of the cache's CUDA context, as a
+    /// C caller holds them): token `t` of the batch has its K row at `k + t * token_stride` elements and its
+    /// V row at `v + t * token_stride` (`None`: `kv_heads * head_dim`, packed rows).
+    ///
+    /// # Safety
+    /// `k` and `v` must address live device memory of the cache's context holding every row the batch
+    /// reads, valid until the stream has run the launch.
+    pub unsafe fn append_cuda_raw(
+        &mut self,
+        appends: &[(SeqId, u32)],
+        k: u64,
+        v: u64,
+        token_stride: Option<u64>,
+    ) -> Result<()> {
+        let ctx = self.cuda_ctx()?;
+        if appends.is_empty() {
+            return Ok(());
+        }
+        let dtype = self.config.dtype;
+        let es = dtype.size();
+        let (hk, d, bs) = (self.layout.num_kv_heads(), self.config.head_dim, self.layout.block_size());
+        let row = hk as u64 * d as u64;
+        let stride = token_stride.unwrap_or(row);
+        if stride < row || (stride * es) % 4 != 0 {
+            return Err(Error::Shape(format!(
+                "append_cuda: token_stride {stride} must be whole 32-bit words ({dtype}) and at least a token's K \
+                 (or V) row, kv_heads * head_dim = {row}"
+            )));
+        }
+        if k == 0 || v == 0 || k % 4 != 0 || v % 4 != 0 {
+            return Err(Error::Shape("append_cuda: k and v must be device addresses on a 32-bit word".into()));
+        }
+        let token_stride = u32::try_from(stride * es / 4)
+            .map_err(|_| Error::Shape(format!("append_cuda: token_stride {stride} exceeds 2^32 words")))?;
+        let tokens: u64 = appends.iter().map(|&(_, n)| n as u64).sum();
         if u32::try_from(tokens).is_err() {
             return Err(Error::Shape(format!("append_cuda: a batch of {tokens} tokens exceeds 2^32")));
         }
@@ -95,12 +127,6 @@ impl KvCache {
         }
         let shape = RowShape { kv_heads: hk, row_words: (d as u64 * es / 4) as u32, block_size: bs, token_stride };
         let stream = ctx.stream().clone();
-        let (k_ptr, _k) = k.device_ptr(&stream);
-        let (v_ptr, _v) = v.device_ptr(&stream);
-        let src = (k_ptr + rows.k_offset * es, v_ptr + rows.v_offset * es);
-        if src.0 % 4 != 0 || src.1 % 4 != 0 {
-            return Err(Error::Shape("append_cuda: k and v must start on a 32-bit word".into()));
-        }
         let mut used = segments.clone();
         used.sort_unstable();
         used.dedup();
@@ -115,11 +141,17 @@ impl KvCache {
                 .ok_or_else(|| Error::Device("KV pool on another device than its cache".into()))?;
             let (pk, _pk) = cudarc::driver::DevicePtrMut::device_ptr_mut(pool_k, &stream);
             let (pv, _pv) = cudarc::driver::DevicePtrMut::device_ptr_mut(pool_v, &stream);
-            // SAFETY: the sources were checked to hold every row the batch reads and are borrowed (their
-            // guards record the launch for cudarc's ordering); the pools are the segment's own, which the
-            // page indices address.
-            unsafe { appender.launch(&stream, &members, shape, src, (pk, pv))? };
+            // SAFETY: the sources are the caller's promise; the pools are the segment's own, which the page
+            // indices address.
+            unsafe { appender.launch(&stream, &members, shape, (k, v), (pk, pv))? };
         }
         Ok(())
+    }
+
+    fn cuda_ctx(&self) -> Result<crate::cuda::CudaContext> {
+        self.ctx
+            .cuda()
+            .cloned()
+            .ok_or_else(|| Error::Unsupported("KvCache::append_cuda: this cache's pools are wgpu buffers".into()))
     }
 }
