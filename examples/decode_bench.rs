@@ -4,7 +4,7 @@
 //! blocks, vert_stride 16. Kernel time from GPU timestamps or CUDA events (median), KV bytes the step
 //! reads, the cache's memory report, the dense/S2 speedup, the ratio to the time of reading the step's KV
 //! bytes once at the device's measured copy bandwidth, and for windows of several tokens the ratio to one
-//! token; on wgpu also the host's time to record one step of a token loop (`--host-steps` steps, a token
+//! token; also the host's time to record one step of a token loop (`--host-steps` steps, a token
 //! appended to every sequence between them; `--stagger T` first gives sequence i another i * T tokens
 //! modulo the block, so that the sequences cross block boundaries at different steps, as in a real batch).
 //! Ends with markdown rows for BENCHMARKS.md.
@@ -285,10 +285,11 @@ fn measure(
     Ok(Measured { steps, report, explain })
 }
 
-/// The host's share of a token loop's step on wgpu: the time `Decode::encode` takes to record one step
-/// (its work lists patched, or rebuilt from the page tables where a block boundary was crossed), with one
-/// token appended to every sequence between steps (not timed) and each step run to completion; mean over
-/// `steps` steps (`None` on CUDA, which has no recording path, or for 0 steps).
+/// The host's share of a token loop's step: the time `Decode::encode` (wgpu) or `Decode::run_cuda` (CUDA,
+/// enqueueing on device buffers) takes to record one step (its work lists patched, or rebuilt from the page
+/// tables where a block boundary was crossed, and on CUDA uploaded where they changed), with one token
+/// appended to every sequence between steps (not timed) and each step run to completion; mean over `steps`
+/// steps (`None` for 0 steps).
 fn host_step_us(
     ctx: &Context,
     cache: &mut KvCache,
@@ -298,22 +299,11 @@ fn host_step_us(
     steps: u32,
     stagger: u32,
 ) -> s2attn::Result<Option<f64>> {
-    let Some(w) = ctx.wgpu() else { return Ok(None) };
     if steps == 0 {
         return Ok(None);
     }
-    let (device, queue) = (w.device(), w.queue());
     let rows = seqs.len() as u64 * (HEADS * HEAD_DIM) as u64;
-    let buffer = |label, size| {
-        device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        })
-    };
-    let (q, out, lse) = (buffer("q", rows * 2), buffer("out", rows * 2), buffer("lse", rows / HEAD_DIM as u64 * 4));
-    queue.write_buffer(&q, 0, bytemuck::cast_slice(&rng.f16s(rows as usize)));
+    let q = rng.f16s(rows as usize);
     let kv_row = (cache.layout().num_kv_heads() * HEAD_DIM) as usize;
     let (k, v) = (rng.f16s(kv_row), rng.f16s(kv_row));
     for (i, &s) in seqs.iter().enumerate() {
@@ -324,14 +314,45 @@ fn host_step_us(
         }
     }
     let mut recording = 0.0;
-    for _ in 0..steps {
+    let mut step = |cache: &mut KvCache, record: &mut dyn FnMut(&KvCache) -> s2attn::Result<()>| {
         for &s in seqs {
             cache.append(s, &k, &v)?;
         }
-        let mut encoder = device.create_command_encoder(&Default::default());
         let t = Instant::now();
-        decode.encode(&mut encoder, cache, seqs, 1, &TensorView::new(&q), &TensorView::new(&out), (&lse, 0))?;
+        record(cache)?;
         recording += t.elapsed().as_secs_f64();
+        Ok::<(), s2attn::Error>(())
+    };
+    #[cfg(feature = "cuda")]
+    if let Some(c) = ctx.cuda() {
+        let fail = |e: cudarc::driver::DriverError| s2attn::Error::Unsupported(format!("CUDA buffers: {e}"));
+        let stream = c.stream().clone();
+        let q = stream.clone_htod(&q.iter().map(|x| x.to_bits()).collect::<Vec<u16>>()).map_err(fail)?;
+        let mut out = stream.alloc_zeros::<u16>(rows as usize).map_err(fail)?;
+        let mut lse = stream.alloc_zeros::<f32>((rows / HEAD_DIM as u64) as usize).map_err(fail)?;
+        for _ in 0..steps {
+            step(cache, &mut |cache| decode.run_cuda(cache, seqs, 1, &q, &mut out, &mut lse))?;
+            ctx.wait()?;
+        }
+        return Ok(Some(recording * 1e6 / steps as f64));
+    }
+    let Some(w) = ctx.wgpu() else { return Ok(None) };
+    let (device, queue) = (w.device(), w.queue());
+    let buffer = |label, size| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    };
+    let (qb, out, lse) = (buffer("q", rows * 2), buffer("out", rows * 2), buffer("lse", rows / HEAD_DIM as u64 * 4));
+    queue.write_buffer(&qb, 0, bytemuck::cast_slice(&q));
+    for _ in 0..steps {
+        let mut encoder = device.create_command_encoder(&Default::default());
+        step(cache, &mut |cache| {
+            decode.encode(&mut encoder, cache, seqs, 1, &TensorView::new(&qb), &TensorView::new(&out), (&lse, 0))
+        })?;
         queue.submit([encoder.finish()]);
         ctx.wait()?;
     }
