@@ -74,6 +74,11 @@ export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} PYTHONUNBUFFERED=1
 for d in /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-*/targets/x86_64-linux/lib; do
     [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}" && break   # NVRTC for the cuda backend
 done
+# A stage compressed to fit what travels (`tar cf - -C .gpu/bin . | xz > .gpu/bin.tar.xz`, then .gpu/bin removed)
+# unpacks here, once.
+if [ -f .gpu/bin.tar.xz ] && [ ! -d .gpu/bin ]; then
+    mkdir -p .gpu/bin && xz -dc .gpu/bin.tar.xz | tar xf - -C .gpu/bin && export PATH="$PWD/.gpu/bin:$PATH"
+fi
 command -v s2attn-bench >/dev/null || export PATH="$PWD/target/release:$PWD/target/release/examples:$PATH"
 command -v s2attn-bench >/dev/null || { echo "no s2attn-bench: stage .gpu/ and source .gpu/env.sh, or cargo build --release" >&2; exit 2; }
 
