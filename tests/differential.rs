@@ -11,7 +11,8 @@
 //! - `oracle_gradients_match_finite_differences`: the oracle's analytic gradients.
 //!
 //! Each case is one mode: the forward (O and LSE), the backward (dQ, dK, dV from the backend's own forward),
-//! decode from the paged KV cache (the last token or a speculative window), or variable-length (chunked)
+//! decode from the paged KV cache (the last token or a speculative window, then a short token loop whose odd steps
+//! run on device buffers: `Decode::encode` on wgpu, `Decode::run_cuda` on CUDA), or variable-length (chunked)
 //! prefill. Some cases put one NaN or infinity into Q, K or V: the outputs must be non-finite exactly where
 //! the oracle's are, on every kernel: the portable WGSL kernels and the CUDA decode kernels compute them
 //! directly; the tensor-core forward and backward kernels (WGSL cooperative matrices, CUDA) flag a
@@ -583,7 +584,7 @@ fn run_decode(ctx: &Context, c: &Case, window: u32) -> Result<(), String> {
     let q_case = Case { nonfinite: c.nonfinite.filter(|n| n.tensor == Tensor::Q), ..c.clone() };
     let (q, _, _) = inputs(&q_case, &mut rng, c.batch * window, 0);
     let all: Vec<usize> = (0..seqs.len()).collect();
-    decode_step(ctx, c, &rule, &decode, &cache, &seqs, &all, window, &q).map_err(|e| format!("step 0: {e}"))?;
+    decode_step(ctx, c, &rule, &decode, &cache, &seqs, &all, window, &q, false).map_err(|e| format!("step 0: {e}"))?;
 
     let mut rng = token_loop.rng;
     for step in 1..=token_loop.steps {
@@ -614,8 +615,12 @@ fn run_decode(ctx: &Context, c: &Case, window: u32) -> Result<(), String> {
             order.truncate(rng.range(1, order.len() as u32) as usize);
         }
         let (q, _, _) = inputs(&Case { nonfinite: None, ..c.clone() }, &mut rng, order.len() as u32 * window, 0);
-        decode_step(ctx, c, &rule, &decode, &cache, &seqs, &order, window, &q)
-            .map_err(|e| format!("token loop step {step} ({}): {e}", if even { "even" } else { "uneven" }))?;
+        // Odd steps through the entry points an app's token loop uses, on device buffers.
+        let on_device = step % 2 == 1;
+        decode_step(ctx, c, &rule, &decode, &cache, &seqs, &order, window, &q, on_device).map_err(|e| {
+            let how = if on_device { ", device buffers" } else { "" };
+            format!("token loop step {step} ({}{how}): {e}", if even { "even" } else { "uneven" })
+        })?;
     }
     Ok(())
 }
@@ -654,7 +659,8 @@ fn append(cache: &mut KvCache, dtype: DType, id: s2attn::SeqId, k: &[f32], v: &[
 }
 
 /// One decode call over the sequences `order` names (indices into `seqs`, whose K and V histories the
-/// oracle reads), `q` their last `window` tokens' queries, judged against the oracle.
+/// oracle reads), `q` their last `window` tokens' queries, judged against the oracle; on host data, or
+/// with `on_device` on device buffers.
 #[allow(clippy::too_many_arguments)]
 fn decode_step(
     ctx: &Context,
@@ -666,11 +672,15 @@ fn decode_step(
     order: &[usize],
     window: u32,
     q: &[f32],
+    on_device: bool,
 ) -> Result<(), String> {
     let ids: Vec<_> = order.iter().map(|&i| seqs[i].0).collect();
-    let (out, lse) = match c.dtype {
-        DType::F32 => run_as::<f32, _>(&[q], |x| decode.run(cache, &ids, &x[0])).map(|o| (o.out, o.lse))?,
-        _ => run_as::<half::f16, _>(&[q], |x| decode.run(cache, &ids, &x[0])).map(|o| (widen(&o.out), o.lse))?,
+    let (out, lse) = match (on_device, c.dtype) {
+        (true, _) => decode_on_device(ctx, c, decode, cache, &ids, window, q)?,
+        (false, DType::F32) => run_as::<f32, _>(&[q], |x| decode.run(cache, &ids, &x[0])).map(|o| (o.out, o.lse))?,
+        (false, _) => {
+            run_as::<half::f16, _>(&[q], |x| decode.run(cache, &ids, &x[0])).map(|o| (widen(&o.out), o.lse))?
+        }
     };
     let row_q = (c.heads * c.d) as usize;
     let row_kv = (c.kv_heads * c.d) as usize;
@@ -688,6 +698,74 @@ fn decode_step(
     let tol = tolerance(c.dtype, is_cuda(ctx));
     judge("O", &out, &want_o, tol)?;
     judge("LSE", &lse, &want_lse, tol)
+}
+
+/// A decode call through the entry points a token loop uses, on device buffers whose outputs start
+/// poisoned: `Decode::encode` into a fresh encoder on wgpu, `Decode::run_cuda` on CUDA; (O, LSE) read back.
+fn decode_on_device(
+    ctx: &Context,
+    c: &Case,
+    decode: &Decode,
+    cache: &KvCache,
+    ids: &[s2attn::SeqId],
+    window: u32,
+    q: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>), String> {
+    let es = c.dtype.size() as usize;
+    let bytes: Vec<u8> = match c.dtype {
+        DType::F32 => bytemuck::cast_slice(q).to_vec(),
+        _ => q.iter().flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes()).collect(),
+    };
+    let values = |b: &[u8]| -> Vec<f32> {
+        match c.dtype {
+            DType::F32 => bytemuck::pod_collect_to_vec(b),
+            _ => b.chunks_exact(2).map(|h| half::f16::from_bits(u16::from_le_bytes([h[0], h[1]])).to_f32()).collect(),
+        }
+    };
+    let lse_len = ids.len() * window as usize * c.heads as usize;
+    let refused = |e: s2attn::Error| format!("the library refused: {e}");
+    #[cfg(feature = "cuda")]
+    if let Some(cuda) = ctx.cuda() {
+        let stream = cuda.stream().clone();
+        let fail = |e: s2attn::cuda::cudarc::driver::DriverError| format!("CUDA buffers: {e}");
+        let q_dev = stream.clone_htod(&bytes).map_err(fail)?;
+        let mut out = stream.clone_htod(&vec![0xffu8; bytes.len()]).map_err(fail)?;
+        let mut lse = stream.clone_htod(&vec![f32::NAN; lse_len]).map_err(fail)?;
+        decode.run_cuda(cache, ids, window, &q_dev, &mut out, &mut lse).map_err(refused)?;
+        let out = stream.clone_dtoh(&out).map_err(fail)?;
+        let lse = stream.clone_dtoh(&lse).map_err(fail)?;
+        stream.synchronize().map_err(fail)?;
+        return Ok((values(&out), lse));
+    }
+    let w = ctx.wgpu().ok_or("no wgpu device")?;
+    let device = w.device();
+    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+    let buffer = |contents: &[u8]| {
+        use wgpu::util::DeviceExt;
+        let mut padded = contents.to_vec();
+        padded.resize(contents.len().next_multiple_of(4).max(4), 0);
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("test"), contents: &padded, usage })
+    };
+    let readback = |size| {
+        let usage = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("test readback"),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let (q_buf, out, lse) = (buffer(&bytes), buffer(&vec![0xff; bytes.len()]), buffer(&vec![0xff; lse_len * 4]));
+    let (read_out, read_lse) = (readback(out.size()), readback(lse.size()));
+    let mut encoder = device.create_command_encoder(&Default::default());
+    let view = |b| s2attn::TensorView::new(b);
+    decode.encode(&mut encoder, cache, ids, window, &view(&q_buf), &view(&out), (&lse, 0)).map_err(refused)?;
+    encoder.copy_buffer_to_buffer(&out, 0, &read_out, 0, out.size());
+    encoder.copy_buffer_to_buffer(&lse, 0, &read_lse, 0, lse.size());
+    w.queue().submit([encoder.finish()]);
+    let out = w.read_buffer(&read_out, (q.len() * es) as u64).map_err(refused)?;
+    let lse = w.read_buffer(&read_lse, (lse_len * 4) as u64).map_err(refused)?;
+    Ok((values(&out), bytemuck::pod_collect_to_vec(&lse)))
 }
 
 /// Variable-length prefill: `batch` packed sequences, each querying its last `q_len <= k_len` tokens.
