@@ -406,8 +406,7 @@ impl CudaDecode {
     }
 
     /// Enqueues a call on `stream` over device queries and outputs at `io` (the addresses of Q, O and the
-    /// LSE) and returns without waiting; the call's work lists and partials are freed in stream order after
-    /// the launch.
+    /// LSE) and returns without waiting; the work lists' device copies stay for the next call.
     ///
     /// # Safety
     /// `io` must address live device buffers sized for the call (Q and O `[tokens, heads, head_dim]` of the
@@ -419,8 +418,30 @@ impl CudaDecode {
         scale: f32,
         io: (u64, u64, u64),
     ) -> Result<()> {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.launch_held(stream, parts, scale, io, false) }
+    }
+
+    /// [`CudaDecode::prepare`] and [`CudaDecode::launch`] under the lock of the device copies; with
+    /// `zero_counts`, the split families' done counts are zeroed first whatever the last call left.
+    ///
+    /// # Safety
+    /// As [`CudaDecode::enqueue`].
+    unsafe fn launch_held(
+        &self,
+        stream: &Arc<CudaStream>,
+        parts: &[DecodePart<'_>],
+        scale: f32,
+        io: (u64, u64, u64),
+        zero_counts: bool,
+    ) -> Result<()> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let params = self.prepare(&mut held, stream, parts, scale)?;
+        if zero_counts {
+            for done in held.parts.iter_mut().take(parts.len()).filter_map(|h| h.done.as_mut()) {
+                stream.memset_zeros(done).map_err(cuda_err("zeroing the decode done counts"))?;
+            }
+        }
         // SAFETY: forwarded to the caller; the device copies stay while the lock is held, and a later call
         // that replaces one frees it in stream order, after this launch.
         unsafe { self.launch(stream, &params, io) }
@@ -447,19 +468,11 @@ impl CudaDecode {
     pub fn run(&self, parts: &[DecodePart<'_>], scale: f32, q: &[u8], lse_len: u64) -> Result<(Vec<u8>, Vec<f32>)> {
         let stream = self.ctx.stream();
         let [q_dev, o, lse] = self.io(stream, q, lse_len)?;
-        {
-            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-            let params = self.prepare(&mut held, stream, parts, scale)?;
-            // A host call starts from zeroed done counts whatever the last call left (`time` compares the
-            // timed calls with one).
-            for done in held.parts.iter_mut().take(parts.len()).filter_map(|h| h.done.as_mut()) {
-                stream.memset_zeros(done).map_err(cuda_err("zeroing the decode done counts"))?;
-            }
-            let io = (q_dev.device_ptr(stream).0, o.device_ptr(stream).0, lse.device_ptr(stream).0);
-            // SAFETY: the device copies (held under the lock) and I/O buffers above are alive and sized for
-            // the call.
-            unsafe { self.launch(stream, &params, io)? };
-        }
+        let io = (q_dev.device_ptr(stream).0, o.device_ptr(stream).0, lse.device_ptr(stream).0);
+        // A host call starts from zeroed done counts whatever the last call left (`time` compares the timed
+        // calls with one).
+        // SAFETY: the I/O buffers above are alive and sized for the call.
+        unsafe { self.launch_held(stream, parts, scale, io, true)? };
         self.ctx.finish(stream, "running the CUDA decode")?;
         let out = stream.clone_dtoh(&o).map_err(cuda_err("reading the decode output"))?;
         let lse = stream.clone_dtoh(&lse).map_err(cuda_err("reading the LSE"))?;

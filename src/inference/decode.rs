@@ -506,12 +506,7 @@ impl Decode {
         out: &mut impl cudarc::driver::DevicePtrMut<T>,
         lse: &mut impl cudarc::driver::DevicePtrMut<L>,
     ) -> Result<()> {
-        let Engine::Cuda { ctx, .. } = &self.engine else {
-            return Err(Error::Unsupported("Decode::run_cuda: this Decode op runs on wgpu".into()));
-        };
-        if seqs.is_empty() {
-            return Err(Error::Shape("seqs: a decode call needs at least one sequence".into()));
-        }
+        let ctx = self.cuda_ctx()?;
         let es = self.dtype.size() as usize;
         for (tensor, size) in [("q", std::mem::size_of::<T>()), ("lse", std::mem::size_of::<L>())] {
             let want = if tensor == "lse" { 4 } else { es };
@@ -556,9 +551,7 @@ impl Decode {
         out: u64,
         lse: u64,
     ) -> Result<()> {
-        let Engine::Cuda { ctx, .. } = &self.engine else {
-            return Err(Error::Unsupported("Decode::run_cuda: this Decode op runs on wgpu".into()));
-        };
+        let ctx = self.cuda_ctx()?;
         if seqs.is_empty() {
             return Err(Error::Shape("seqs: a decode call needs at least one sequence".into()));
         }
@@ -575,6 +568,15 @@ impl Decode {
             // SAFETY: the caller's promise for Q, O and the LSE.
             unsafe { kernel.enqueue(&stream, &parts, self.scale, (q, out, lse)) }
         })
+    }
+
+    /// The CUDA context of a `run_cuda` call; [`Error::Unsupported`] on a wgpu op.
+    #[cfg(feature = "cuda")]
+    fn cuda_ctx(&self) -> Result<&crate::cuda::CudaContext> {
+        match &self.engine {
+            Engine::Cuda { ctx, .. } => Ok(ctx),
+            Engine::Wgpu { .. } => Err(Error::Unsupported("Decode::run_cuda: this Decode op runs on wgpu".into())),
+        }
     }
 
     /// Times the kernels alone on device-resident `q` (as [`Decode::run`]): `warmup` untimed calls, then
