@@ -260,28 +260,45 @@ impl CudaModel {
         self.weight_bytes
     }
 
-    /// `y[m, n]` (rows `ldy` apart) = `x[m, k]` (rows `ldx` apart) times the row-major `w[k, n]`, plus `y`
-    /// with `accumulate`; `x` and `w` f16, `y` f32 (`y_f32`) or f16, f32 accumulation.
-    ///
-    /// # Safety
-    /// The addresses must hold the operands of those shapes on this model's device.
+    /// `y[y_row0.., :n] = x[x_row0.., :k] w` (plus what `y` held with `accumulate`) over `m` rows: `x` row-major
+    /// `[_, k]` f16, `w` the row-major `[k, n]` f16 weights, `y` row-major `[_, n]` in f32 or f16 (its element
+    /// type), f32 accumulation. Fails where a buffer is too small for its rows.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn gemm(
+    fn matmul<Y>(
         &self,
         (m, n, k): (u32, u32, u32),
-        x: u64,
-        ldx: u32,
-        w: u64,
-        y: u64,
-        ldy: u32,
-        y_f32: bool,
+        x: &CudaSlice<u16>,
+        x_row0: u32,
+        w: &CudaSlice<u16>,
+        y: &mut CudaSlice<Y>,
+        y_row0: u32,
         accumulate: bool,
     ) -> Result<()> {
-        let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
+        let (m64, n64, k64) = (m as u64, n as u64, k as u64);
+        for (what, len, needed) in [
+            ("matmul input", x.len(), (x_row0 as u64 + m64) * k64),
+            ("matmul weights", w.len(), k64 * n64),
+            ("matmul output", y.len(), (y_row0 as u64 + m64) * n64),
+        ] {
+            if (len as u64) < needed {
+                return Err(Error::BufferTooSmall { tensor: what, got: len as u64, needed });
+            }
+        }
+        let y_size = std::mem::size_of::<Y>() as u64;
         let f16 = blas_sys::cudaDataType::CUDA_R_16F;
-        let y_type = if y_f32 { blas_sys::cudaDataType::CUDA_R_32F } else { f16 };
-        // Row-major y = x w is column-major y^T = w^T x^T: cuBLAS sees w as n x k (ld n), x as k x m (ld ldx).
-        // SAFETY: forwarded to the caller; alpha and beta are host f32 (the handle's default pointer mode).
+        let y_type = match y_size {
+            4 => blas_sys::cudaDataType::CUDA_R_32F,
+            2 => f16,
+            _ => return Err(Error::DType { tensor: "matmul output", expected: "f32 or f16", got: "another size" }),
+        };
+        let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
+        let (xp, _x) = x.device_ptr(&self.stream);
+        let (wp, _w) = w.device_ptr(&self.stream);
+        let (yp, _y) = y.device_ptr_mut(&self.stream);
+        let (xp, yp) = (xp + x_row0 as u64 * k64 * 2, yp + y_row0 as u64 * n64 * y_size);
+        // Row-major y = x w is column-major y^T = w^T x^T: cuBLAS sees w as n x k (ld n), x as k x m (ld k).
+        // SAFETY: the three buffers were checked to hold the rows read and written; alpha and beta are host
+        // f32 (the handle's default pointer mode); the guards order the stream's later work after the call.
         unsafe {
             blas::gemm_ex(
                 *self.blas.handle(),
@@ -291,21 +308,28 @@ impl CudaModel {
                 m as i32,
                 k as i32,
                 (&alpha as *const f32).cast(),
-                w as *const _,
+                wp as *const _,
                 f16,
                 n as i32,
-                x as *const _,
+                xp as *const _,
                 f16,
-                ldx as i32,
+                k as i32,
                 (&beta as *const f32).cast(),
-                y as *mut _,
+                yp as *mut _,
                 y_type,
-                ldy as i32,
+                n as i32,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
         .map_err(cuda_err("a cuBLAS matmul"))
+    }
+
+    /// Where a layer's K and V rows sit in its fused QKV rows (for `KvCache::append_cuda`).
+    fn kv_rows(&self) -> CudaRows {
+        let c = &self.config;
+        let (q, kv) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        CudaRows { k_offset: q as u64, v_offset: (q + kv) as u64, token_stride: Some(c.qkv_cols() as u64) }
     }
 
     /// Plans and compiles the forward attention ops a prefill of `prompt_len` tokens on a fresh state runs
@@ -357,13 +381,7 @@ impl CudaModel {
         let c = &self.config;
         let (d, cols) = (c.d_model, c.qkv_cols());
         self.norm(x, 0, &layer.attn_norm, h, rows)?;
-        {
-            let (hp, _h) = h.device_ptr(&self.stream);
-            let (wp, _w) = layer.wqkv.device_ptr(&self.stream);
-            let (qp, _q) = qkv.device_ptr_mut(&self.stream);
-            // SAFETY: h is rows x d, wqkv d x cols, qkv rows x cols.
-            unsafe { self.gemm((rows, cols, d), hp, d, wp, qp, cols, false, false)? };
-        }
+        self.matmul((rows, cols, d), h, 0, &layer.wqkv, qkv, 0, false)?;
         let (heads, hd, theta) = (c.heads + c.kv_heads, c.head_dim, c.rope_theta);
         let mut l = self.stream.launch_builder(&self.kernels.rope);
         l.arg(qkv).arg(&rows).arg(&heads).arg(&hd).arg(&cols).arg(&pos0).arg(&theta);
@@ -390,45 +408,21 @@ impl CudaModel {
         if rows > mlp.rows {
             return Err(Error::Shape(format!("{rows} rows for MLP buffers of {}", mlp.rows)));
         }
-        let x_off = row0 as u64 * d as u64 * 4;
-        {
-            let (ap, _a) = attn.device_ptr(&self.stream);
-            let (wp, _w) = layer.wo.device_ptr(&self.stream);
-            let (xp, _x) = x.device_ptr_mut(&self.stream);
-            let a_off = row0 as u64 * q as u64 * 2;
-            // SAFETY: attn from row0 rows x q, wo q x d, x from row0 rows x d (f32), accumulated.
-            unsafe { self.gemm((rows, d, q), ap + a_off, q, wp, xp + x_off, d, true, true)? };
-        }
+        self.matmul((rows, d, q), attn, row0, &layer.wo, x, row0, true)?;
         self.norm(x, row0, &layer.mlp_norm, &mut mlp.h, rows)?;
-        {
-            let (hp, _h) = mlp.h.device_ptr(&self.stream);
-            let (wp, _w) = layer.wgu.device_ptr(&self.stream);
-            let (gp, _g) = mlp.gu.device_ptr_mut(&self.stream);
-            // SAFETY: h rows x d, wgu d x 2f, gu rows x 2f.
-            unsafe { self.gemm((rows, 2 * f, d), hp, d, wp, gp, 2 * f, false, false)? };
-        }
+        self.matmul((rows, 2 * f, d), &mlp.h, 0, &layer.wgu, &mut mlp.gu, 0, false)?;
         let mut l = self.stream.launch_builder(&self.kernels.swiglu);
         l.arg(&mlp.gu).arg(&mut mlp.gated).arg(&rows).arg(&f);
         // SAFETY: gu rows x 2f, gated rows x f.
         unsafe { l.launch(elementwise(rows as u64 * f as u64)) }.map_err(cuda_err("launching swiglu"))?;
-        let (mp, _m) = mlp.gated.device_ptr(&self.stream);
-        let (wp, _w) = layer.wdown.device_ptr(&self.stream);
-        let (xp, _x) = x.device_ptr_mut(&self.stream);
-        // SAFETY: gated rows x f, wdown f x d, x from row0 rows x d (f32), accumulated.
-        unsafe { self.gemm((rows, d, f), mp, f, wp, xp + x_off, d, true, true) }
+        self.matmul((rows, d, f), &mlp.gated, 0, &layer.wdown, x, row0, true)
     }
 
     /// The final norm of residual row `row`, the LM head and the argmax into `ids[slot]`.
     fn predict(&self, act: &mut Activations, row: u32, ids: &mut CudaSlice<u32>, slot: u32) -> Result<()> {
         let c = &self.config;
         self.norm(&act.x, row, &self.final_norm, &mut act.h, 1)?;
-        {
-            let (hp, _h) = act.h.device_ptr(&self.stream);
-            let (wp, _w) = self.lm_head.device_ptr(&self.stream);
-            let (lp, _l) = act.logits.device_ptr_mut(&self.stream);
-            // SAFETY: h 1 x d, lm_head d x vocab, logits vocab (f32).
-            unsafe { self.gemm((1, c.vocab, c.d_model), hp, c.d_model, wp, lp, c.vocab, true, false)? };
-        }
+        self.matmul((1, c.vocab, c.d_model), &act.h, 0, &self.lm_head, &mut act.logits, 0, false)?;
         let mut l = self.stream.launch_builder(&self.kernels.argmax);
         l.arg(&act.logits).arg(&c.vocab).arg(ids).arg(&slot);
         // SAFETY: logits holds vocab values, ids slot + 1 ids.
@@ -468,8 +462,7 @@ impl CudaModel {
         self.embed_rows(&state.ids, 0, &mut act.x, n)?;
         for (l, layer) in self.layers.iter().enumerate() {
             self.pre_attention(layer, &act.x, &mut act.h, &mut act.qkv, n, 0)?;
-            let rows = CudaRows { k_offset: q as u64, v_offset: (q + kv) as u64, token_stride: Some(cols as u64) };
-            state.caches[l].append_cuda(&[(state.seqs[l], n)], &act.qkv, &act.qkv, rows)?;
+            state.caches[l].append_cuda(&[(state.seqs[l], n)], &act.qkv, &act.qkv, self.kv_rows())?;
             let op = ops
                 .iter()
                 .find(|(kind, _)| *kind == c.layers[l])
@@ -504,13 +497,12 @@ impl CudaModel {
     fn token(&self, state: &mut CudaState, predict: bool) -> Result<()> {
         let c = &self.config;
         let pos = state.len;
-        let (q, kv, cols) = (c.heads * c.head_dim, c.kv_heads * c.head_dim, c.qkv_cols());
+        let q = c.heads * c.head_dim;
         let CudaState { caches, decodes, seqs, ids, act, .. } = state;
         self.embed_rows(ids, pos, &mut act.x, 1)?;
         for (l, layer) in self.layers.iter().enumerate() {
             self.pre_attention(layer, &act.x, &mut act.h, &mut act.qkv, 1, pos)?;
-            let rows = CudaRows { k_offset: q as u64, v_offset: (q + kv) as u64, token_stride: Some(cols as u64) };
-            caches[l].append_cuda(&[(seqs[l], 1)], &act.qkv, &act.qkv, rows)?;
+            caches[l].append_cuda(&[(seqs[l], 1)], &act.qkv, &act.qkv, self.kv_rows())?;
             // One row: its Q columns are contiguous.
             let q_view = act.qkv.slice(0..q as usize);
             decodes[l].run_cuda(&caches[l], &[seqs[l]], 1, &q_view, &mut act.attn, &mut act.lse)?;
