@@ -9,7 +9,6 @@
 use super::inference::{S2attnDecode, S2attnKvCache};
 use super::{call, check_ptr, clear_out, handle, put, Fail, Ffi, S2attnContext, S2attnOp, Status};
 use s2attn::gpu::{TensorView, WgpuContext};
-use s2attn::inference::SeqId;
 use s2attn::Error;
 use std::ffi::c_void;
 use std::sync::Mutex;
@@ -341,10 +340,8 @@ pub unsafe extern "C" fn s2attn_decode_run_buffers(
         // SAFETY: forwarded caller contract.
         let (decode, cache) = unsafe { (handle(decode, "decode")?, handle(cache, "cache")?) };
         let state = cache.lock();
-        // SAFETY: forwarded caller contract; `input` checks null, alignment and size.
-        let ids: &[u8] = unsafe { super::input(seqs.cast(), n_seqs, 8, "seqs") }?;
-        let ids: Vec<SeqId> =
-            super::inference::cast::<u64>(ids, "seqs")?.iter().map(|&s| state.seq(s)).collect::<Ffi<_>>()?;
+        // SAFETY: forwarded caller contract.
+        let ids = unsafe { state.seq_ids(seqs, n_seqs) }?;
         let gpu = cache.ctx.require_wgpu("the buffer entry points")?.clone();
         // SAFETY: forwarded caller contract.
         let (q, o) = unsafe { (view(q, gpu.device(), "q")?, view(out, gpu.device(), "out")?) };

@@ -157,10 +157,8 @@ pub unsafe extern "C" fn s2attn_decode_run_cuda(
             }
         }
         let state = cache.lock();
-        // SAFETY: forwarded caller contract; `input` checks null, alignment and size.
-        let ids: &[u8] = unsafe { super::input(seqs.cast(), n_seqs, 8, "seqs") }?;
-        let ids: Vec<SeqId> =
-            super::inference::cast::<u64>(ids, "seqs")?.iter().map(|&s| state.seq(s)).collect::<Ffi<_>>()?;
+        // SAFETY: forwarded caller contract.
+        let ids = unsafe { state.seq_ids(seqs, n_seqs) }?;
         // SAFETY: the entry point's contract.
         unsafe { decode_cuda(&decode.decode, &state.cache, &ids, q_len, [q, out, lse]) }
     })

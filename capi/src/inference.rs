@@ -81,6 +81,16 @@ impl CacheState {
     pub(super) fn seq(&self, id: u64) -> Ffi<SeqId> {
         self.ids.get(&id).copied().ok_or(Fail::Lib(Error::UnknownSequence(id)))
     }
+
+    /// The sequences of the `n_seqs` caller ids at `seqs`.
+    ///
+    /// # Safety
+    /// `seqs` is null or valid for `n_seqs` ids (`input` checks null, alignment and size).
+    pub(super) unsafe fn seq_ids(&self, seqs: *const u64, n_seqs: usize) -> Ffi<Vec<SeqId>> {
+        // SAFETY: forwarded caller contract.
+        let ids: &[u8] = unsafe { input(seqs.cast(), n_seqs, 8, "seqs") }?;
+        cast::<u64>(ids, "seqs")?.iter().map(|&s| self.seq(s)).collect()
+    }
 }
 
 /// `s2attn_decode`: a [`Decode`] op for one cache.
@@ -316,9 +326,8 @@ pub unsafe extern "C" fn s2attn_decode_run(
         let state = cache.lock();
         let config = state.cache.config();
         let (es, head_dim) = (config.dtype.size() as usize, config.head_dim as usize);
-        // SAFETY: forwarded caller contract; `input` checks null, alignment and size.
-        let ids: &[u8] = unsafe { input(seqs.cast(), n_seqs, 8, "seqs") }?;
-        let ids: Vec<SeqId> = cast::<u64>(ids, "seqs")?.iter().map(|&s| state.seq(s)).collect::<Ffi<_>>()?;
+        // SAFETY: forwarded caller contract.
+        let ids = unsafe { state.seq_ids(seqs, n_seqs) }?;
         let rows = |n: usize| format!("[n_seqs {n_seqs}, q_len, heads, {n}]");
         if out_elems != q_elems {
             return Err(
